@@ -1,0 +1,282 @@
+//! The dirty map: what the WAL holds that the data file does not have yet.
+//!
+//! Keys are block numbers; each entry covers a run of blocks written by one WAL entry. Entries
+//! never overlap: a newer write splits or removes the older entries it covers, so a lookup
+//! returns only the newest state of every block. Ranges matter because one TRIM or
+//! WRITE_ZEROES can cover the whole volume (mkfs does exactly that), which must cost one entry,
+//! not millions. Data runs hold `Bytes`, so splitting a run slices its buffer instead of
+//! copying it.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::types::{Lsn, BLOCK_SIZE};
+
+/// The state of a run of blocks that lives in the WAL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BlockState {
+    /// New contents, `BLOCK_SIZE` bytes per block.
+    Data(Bytes),
+    /// Reads as zeroes. `punch` means the data file may deallocate it (TRIM, or WRITE_ZEROES
+    /// without NO_HOLE).
+    Zero { punch: bool },
+}
+
+impl BlockState {
+    /// The part of this state that covers blocks `[from, from + count)` relative to its start.
+    fn slice(&self, from: u64, count: u64) -> BlockState {
+        match self {
+            BlockState::Data(b) => {
+                let start = (from * BLOCK_SIZE) as usize;
+                BlockState::Data(b.slice(start..start + (count * BLOCK_SIZE) as usize))
+            }
+            BlockState::Zero { punch } => BlockState::Zero { punch: *punch },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Extent {
+    /// One past the last block.
+    pub end: u64,
+    /// The WAL entry this state came from.
+    pub lsn: Lsn,
+    pub state: BlockState,
+}
+
+/// A run of blocks `[start, end)` and where its contents are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub start: u64,
+    pub end: u64,
+    /// `None`: the data file holds it.
+    pub state: Option<BlockState>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct DirtyMap {
+    extents: BTreeMap<u64, Extent>,
+    /// Payload bytes held (for memory accounting and the status report).
+    data_bytes: u64,
+}
+
+impl DirtyMap {
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+
+    pub fn data_bytes(&self) -> u64 {
+        self.data_bytes
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Extent)> {
+        self.extents.iter().map(|(s, e)| (*s, e))
+    }
+
+    /// Records that blocks `[start, end)` now have `state` (written by `lsn`).
+    pub fn insert(&mut self, start: u64, end: u64, lsn: Lsn, state: BlockState) {
+        debug_assert!(start < end);
+        if let BlockState::Data(b) = &state {
+            debug_assert_eq!(b.len() as u64, (end - start) * BLOCK_SIZE);
+        }
+        self.remove_range(start, end);
+        self.add(start, Extent { end, lsn, state });
+    }
+
+    fn add(&mut self, start: u64, extent: Extent) {
+        if let BlockState::Data(b) = &extent.state {
+            self.data_bytes += b.len() as u64;
+        }
+        self.extents.insert(start, extent);
+    }
+
+    fn take(&mut self, start: u64) -> Option<Extent> {
+        let e = self.extents.remove(&start)?;
+        if let BlockState::Data(b) = &e.state {
+            self.data_bytes -= b.len() as u64;
+        }
+        Some(e)
+    }
+
+    /// Removes blocks `[start, end)` from the map, trimming the entries that straddle it.
+    fn remove_range(&mut self, start: u64, end: u64) {
+        // An entry that starts before `start` and reaches into the range.
+        if let Some((&s, e)) = self.extents.range(..start).next_back() {
+            if e.end > start {
+                let e = self.take(s).expect("present");
+                self.add(
+                    s,
+                    Extent {
+                        end: start,
+                        lsn: e.lsn,
+                        state: e.state.slice(0, start - s),
+                    },
+                );
+                if e.end > end {
+                    self.add(
+                        end,
+                        Extent {
+                            end: e.end,
+                            lsn: e.lsn,
+                            state: e.state.slice(end - s, e.end - end),
+                        },
+                    );
+                }
+            }
+        }
+        // Entries that start inside the range.
+        let inside: Vec<u64> = self.extents.range(start..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            let e = self.take(s).expect("present");
+            if e.end > end {
+                self.add(
+                    end,
+                    Extent {
+                        end: e.end,
+                        lsn: e.lsn,
+                        state: e.state.slice(end - s, e.end - end),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The entries overlapping `[start, end)`, clipped to it, in order. Gaps are not reported.
+    pub fn overlapping(&self, start: u64, end: u64) -> Vec<Piece> {
+        let mut out = Vec::new();
+        if let Some((&s, e)) = self.extents.range(..start).next_back() {
+            if e.end > start {
+                let to = e.end.min(end);
+                out.push(Piece {
+                    start,
+                    end: to,
+                    state: Some(e.state.slice(start - s, to - start)),
+                });
+            }
+        }
+        for (&s, e) in self.extents.range(start..end) {
+            let to = e.end.min(end);
+            out.push(Piece {
+                start: s,
+                end: to,
+                state: Some(if to == e.end {
+                    e.state.clone()
+                } else {
+                    e.state.slice(0, to - s)
+                }),
+            });
+        }
+        out
+    }
+}
+
+/// Where every block of `[start, end)` is: the newest map first, then the older one, then the
+/// data file. Returns contiguous pieces that tile the range exactly.
+pub(crate) fn resolve(layers: &[&DirtyMap], start: u64, end: u64) -> Vec<Piece> {
+    let Some((top, rest)) = layers.split_first() else {
+        return vec![Piece {
+            start,
+            end,
+            state: None,
+        }];
+    };
+    let mut out = Vec::new();
+    let mut at = start;
+    for piece in top.overlapping(start, end) {
+        if piece.start > at {
+            out.extend(resolve(rest, at, piece.start));
+        }
+        at = piece.end;
+        out.push(piece);
+    }
+    if at < end {
+        out.extend(resolve(rest, at, end));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn data(blocks: u64, fill: u8) -> BlockState {
+        BlockState::Data(Bytes::from(vec![fill; (blocks * BLOCK_SIZE) as usize]))
+    }
+
+    /// Reference model: one state per block.
+    fn model_apply(model: &mut Vec<Option<u8>>, start: u64, end: u64, v: Option<u8>) {
+        for b in start..end {
+            model[b as usize] = v;
+        }
+    }
+
+    fn block_value(pieces: &[Piece], b: u64) -> Option<Option<u8>> {
+        let p = pieces.iter().find(|p| p.start <= b && b < p.end)?;
+        match &p.state {
+            None => Some(None),
+            Some(BlockState::Zero { .. }) => Some(Some(0)),
+            Some(BlockState::Data(bytes)) => {
+                let off = ((b - p.start) * BLOCK_SIZE) as usize;
+                Some(Some(bytes[off]))
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn dirty_map_matches_a_per_block_model(
+            ops in proptest::collection::vec((0u64..64, 1u64..16, 0u8..4), 1..40)
+        ) {
+            let mut map = DirtyMap::default();
+            let mut model = vec![None; 80];
+            for (i, (start, len, kind)) in ops.iter().enumerate() {
+                let end = start + len;
+                let fill = (i as u8).wrapping_mul(7).wrapping_add(1) | 1;
+                if *kind == 0 {
+                    map.insert(*start, end, Lsn(i as u64 + 1), BlockState::Zero { punch: true });
+                    model_apply(&mut model, *start, end, Some(0));
+                } else {
+                    map.insert(*start, end, Lsn(i as u64 + 1), data(*len, fill));
+                    model_apply(&mut model, *start, end, Some(fill));
+                }
+            }
+            let pieces = resolve(&[&map], 0, 80);
+            // Pieces tile the range exactly.
+            let mut at = 0;
+            for p in &pieces {
+                prop_assert_eq!(p.start, at);
+                prop_assert!(p.end > p.start);
+                at = p.end;
+            }
+            prop_assert_eq!(at, 80);
+            for b in 0..80u64 {
+                let got = block_value(&pieces, b).unwrap();
+                prop_assert_eq!(got, model[b as usize], "block {}", b);
+            }
+            let expected_bytes: u64 = map.iter().map(|(_, e)| match &e.state {
+                BlockState::Data(b) => b.len() as u64, _ => 0 }).sum();
+            prop_assert_eq!(map.data_bytes(), expected_bytes);
+            // Entries never overlap.
+            let mut last_end = 0;
+            for (s, e) in map.iter() {
+                prop_assert!(s >= last_end);
+                last_end = e.end;
+            }
+        }
+    }
+
+    #[test]
+    fn dirty_map_newer_layer_wins_over_older() {
+        let mut old = DirtyMap::default();
+        old.insert(0, 10, Lsn(1), data(10, 1));
+        let mut new = DirtyMap::default();
+        new.insert(3, 5, Lsn(2), data(2, 2));
+        let pieces = resolve(&[&new, &old], 0, 12);
+        assert_eq!(block_value(&pieces, 2), Some(Some(1)));
+        assert_eq!(block_value(&pieces, 3), Some(Some(2)));
+        assert_eq!(block_value(&pieces, 5), Some(Some(1)));
+        assert_eq!(block_value(&pieces, 11), Some(None));
+    }
+}

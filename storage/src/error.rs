@@ -1,0 +1,57 @@
+use std::io;
+use std::path::PathBuf;
+
+use crate::types::{Epoch, Lsn};
+
+/// Everything the storage engine can fail with. Each variant names the object it is about, so
+/// a one-line log message is enough to act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}: no volume store here (create one with `blockrep create`)")]
+    NotAStore(PathBuf),
+    #[error("{0}: already exists; refusing to overwrite it")]
+    AlreadyExists(PathBuf),
+    #[error("{0}: the store is in use by another process (its lock file is held)")]
+    Locked(PathBuf),
+    #[error("{path}: superblock unreadable: {reason}")]
+    BadSuperblock { path: PathBuf, reason: String },
+    #[error("{path}: WAL header unreadable: {reason}")]
+    BadWalHeader { path: PathBuf, reason: String },
+    #[error(
+        "{path}: corrupt WAL record at file offset {offset} (expected LSN {lsn}): {reason}; \
+         later records prove it was durable, so the store refuses to open rather than lose data"
+    )]
+    CorruptWal {
+        path: PathBuf,
+        offset: u64,
+        lsn: Lsn,
+        reason: String,
+    },
+    #[error("invalid volume geometry: {0}")]
+    BadGeometry(String),
+    #[error("request out of range: offset {offset} length {length} on a volume of {size} bytes")]
+    OutOfRange { offset: u64, length: u64, size: u64 },
+    #[error("epoch {requested} is not above the store's epoch {current}")]
+    EpochRegression { requested: Epoch, current: Epoch },
+    #[error("the store failed earlier and accepts no more writes: {0}")]
+    Failed(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl StorageError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> StorageError {
+        StorageError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

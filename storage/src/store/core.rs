@@ -1,0 +1,175 @@
+//! The state shared by writers, readers, the WAL writer and the flusher, behind one mutex.
+//!
+//! The mutex is held only for in-memory work: assigning an LSN and a WAL position, updating
+//! the dirty map, queueing the record. No I/O ever happens under it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::dirty::{BlockState, DirtyMap, Piece};
+use crate::error::{Result, StorageError};
+use crate::types::{Epoch, Lsn, WalPos, BLOCK_SIZE};
+use crate::wal::record::{RecordKind, WalRecord, HEADER_LEN};
+use crate::wal::WalLayout;
+
+/// A record that has its place in the log but is not written yet.
+pub(crate) struct Queued {
+    pub pos: WalPos,
+    pub record: WalRecord,
+}
+
+pub(crate) struct DurableWaiter {
+    pub target: Lsn,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+pub(crate) struct Core {
+    pub epoch: Epoch,
+    pub next_lsn: Lsn,
+    /// Where the next record goes.
+    pub head: WalPos,
+    /// The oldest position still needed (the entry after the checkpoint).
+    pub tail: WalPos,
+    pub checkpoint_lsn: Lsn,
+    /// Writes since the flusher last froze the map.
+    pub active: DirtyMap,
+    /// The map the flusher is writing to the data file right now.
+    pub flushing: Option<Arc<DirtyMap>>,
+    pub queue: Vec<Queued>,
+    /// Highest LSN written to the WAL file (maybe not synced).
+    pub written: Lsn,
+    /// Highest LSN fsynced in the WAL.
+    pub durable: Lsn,
+    /// Highest LSN somebody is waiting to see durable.
+    pub sync_target: Lsn,
+    pub waiters: Vec<DurableWaiter>,
+    /// Set by the first I/O failure; the store then refuses writes (a failed fsync leaves the
+    /// page cache in an unknown state, so retrying it could report durability falsely).
+    pub failed: Option<String>,
+    /// Bumped after every checkpoint; lets read-modify-write detect that a block it read from
+    /// the data file may have changed underneath it.
+    pub checkpoint_gen: u64,
+    pub closing: bool,
+    pub flush_requested: bool,
+    pub writer_stop: bool,
+    pub flusher_stop: bool,
+}
+
+impl Core {
+    pub fn check_writable(&self) -> Result<()> {
+        if let Some(msg) = &self.failed {
+            return Err(StorageError::Failed(msg.clone()));
+        }
+        if self.closing {
+            return Err(StorageError::Closed);
+        }
+        Ok(())
+    }
+
+    pub fn wal_used(&self) -> u64 {
+        self.head.0 - self.tail.0
+    }
+
+    /// The newest state of one block, if the WAL holds it.
+    pub fn lookup_block(&self, block: u64) -> Option<BlockState> {
+        let from = |m: &DirtyMap| {
+            m.overlapping(block, block + 1)
+                .into_iter()
+                .next()
+                .and_then(|p| p.state)
+        };
+        from(&self.active).or_else(|| self.flushing.as_deref().and_then(from))
+    }
+
+    /// Where every block of `[start, end)` is.
+    pub fn resolve(&self, start: u64, end: u64) -> Vec<Piece> {
+        match self.flushing.as_deref() {
+            Some(f) => crate::dirty::resolve(&[&self.active, f], start, end),
+            None => crate::dirty::resolve(&[&self.active], start, end),
+        }
+    }
+
+    /// Gives the next LSN to a new entry and queues it for the WAL writer, or returns `None`
+    /// when the ring has no room for it yet (the caller waits for the flusher).
+    ///
+    /// LSN order, WAL order and dirty-map order are the same because all three are decided
+    /// here, under one lock.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_append(
+        &mut self,
+        layout: &WalLayout,
+        kind: RecordKind,
+        offset: u64,
+        length: u64,
+        payload: Bytes,
+        payload_crc: u32,
+    ) -> Option<Lsn> {
+        let size = (HEADER_LEN + payload.len()) as u64;
+        let room = layout.room(self.head);
+        let pad = if room < size { room } else { 0 };
+        if self.wal_used() + pad + size > layout.capacity {
+            return None;
+        }
+        let lsn = self.next_lsn;
+        if pad > 0 {
+            let marker = WalRecord::new(lsn, self.epoch, RecordKind::Wrap, 0, 0, Bytes::new());
+            self.queue.push(Queued {
+                pos: self.head,
+                record: marker,
+            });
+            self.head = WalPos(self.head.0 + pad);
+        }
+        let first = offset / BLOCK_SIZE;
+        let end = first + length / BLOCK_SIZE;
+        let state = match kind {
+            RecordKind::Write => BlockState::Data(payload.clone()),
+            RecordKind::Trim => BlockState::Zero { punch: true },
+            RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
+            RecordKind::Wrap => unreachable!("wrap markers are not appended by callers"),
+        };
+        self.active.insert(first, end, lsn, state);
+        let record = WalRecord {
+            lsn,
+            epoch: self.epoch,
+            kind,
+            offset,
+            length,
+            payload,
+            payload_crc,
+        };
+        self.queue.push(Queued {
+            pos: self.head,
+            record,
+        });
+        self.head = WalPos(self.head.0 + size);
+        self.next_lsn = lsn.next();
+        Some(lsn)
+    }
+
+    /// Completes every waiter whose target is durable now.
+    pub fn complete_waiters(&mut self) {
+        let durable = self.durable;
+        let mut i = 0;
+        while i < self.waiters.len() {
+            if self.waiters[i].target <= durable {
+                let w = self.waiters.swap_remove(i);
+                let _ = w.done.send(Ok(()));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Records a fatal I/O failure and fails everybody waiting for durability.
+    pub fn fail(&mut self, msg: String) {
+        if self.failed.is_none() {
+            tracing::error!("storage failure, refusing further writes: {msg}");
+            self.failed = Some(msg.clone());
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.done.send(Err(msg.clone()));
+        }
+    }
+}

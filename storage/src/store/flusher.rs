@@ -1,0 +1,175 @@
+//! The flusher: moves what the WAL holds into the data file and recycles the WAL.
+//!
+//! A checkpoint freezes the dirty map at LSN `target` (new writes go to a fresh map), makes
+//! the WAL durable through `target`, writes the frozen blocks to the data file, fdatasyncs it,
+//! and only then records `checkpoint_lsn = target` in the superblock and releases the WAL
+//! before it. The data file therefore holds exactly the volume as of a durable LSN: never a
+//! write the WAL could still lose.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::Shared;
+use crate::dirty::{BlockState, DirtyMap};
+use crate::io::{Allocate, Completion};
+use crate::types::BLOCK_SIZE;
+
+/// Start a checkpoint once the WAL is this full, so writers rarely wait for space.
+pub(crate) const EAGER_FRACTION: u64 = 4;
+const MAX_IOVECS: usize = 1024;
+const MAX_WRITE: u64 = 16 << 20;
+const MAX_OUTSTANDING: usize = 64;
+
+pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
+    loop {
+        {
+            let mut core = shared.lock_core();
+            if !core.flush_requested && !core.flusher_stop {
+                core = shared
+                    .flusher_cv
+                    .wait_timeout(core, interval)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            if core.flusher_stop {
+                return;
+            }
+            core.flush_requested = false;
+            if core.failed.is_some() {
+                continue;
+            }
+        }
+        if let Err(msg) = shared.checkpoint() {
+            shared.lock_core().fail(msg);
+            shared.space.notify_waiters();
+        }
+    }
+}
+
+impl Shared {
+    /// One checkpoint (see the module doc). Returns an error message on I/O failure.
+    /// Serialized by `checkpoint_lock`, so `close` can run a last one safely.
+    pub(crate) fn checkpoint(&self) -> Result<(), String> {
+        let _one_at_a_time = self
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (target, new_tail, frozen) = {
+            let mut core = self.lock_core();
+            if let Some(msg) = &core.failed {
+                return Err(msg.clone());
+            }
+            if core.active.is_empty() && core.tail == core.head {
+                return Ok(());
+            }
+            let frozen = Arc::new(std::mem::take(&mut core.active));
+            core.flushing = Some(frozen.clone());
+            (core.next_lsn.prev(), core.head, frozen)
+        };
+        self.wait_durable_blocking(target)?;
+        self.write_to_data_file(&frozen)?;
+        self.io
+            .datasync(&self.data)
+            .wait()
+            .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
+        {
+            let mut sb = self.superblock.lock().unwrap_or_else(|p| p.into_inner());
+            sb.checkpoint_lsn = target;
+            sb.wal_tail = new_tail;
+            sb.persist(&self.sb_file, &self.sb_path)
+                .map_err(|e| e.to_string())?;
+        }
+        {
+            let mut core = self.lock_core();
+            core.tail = new_tail;
+            core.checkpoint_lsn = target;
+            core.flushing = None;
+            core.checkpoint_gen += 1;
+        }
+        self.space.notify_waiters();
+        tracing::debug!(lsn = target.0, "checkpoint");
+        Ok(())
+    }
+
+    fn write_to_data_file(&self, frozen: &DirtyMap) -> Result<(), String> {
+        let path = self.data_path.display();
+        let mut pending: Vec<Completion> = Vec::new();
+        let mut run: Vec<Bytes> = Vec::new();
+        let mut run_start = 0u64;
+        let mut run_end = 0u64;
+        let mut run_bytes = 0u64;
+        let wait_all = |pending: &mut Vec<Completion>| -> Result<(), String> {
+            let mut first = None;
+            for c in pending.drain(..) {
+                if let Err(e) = c.wait() {
+                    first.get_or_insert(format!("write {path}: {e}"));
+                }
+            }
+            first.map_or(Ok(()), Err)
+        };
+        for (start, extent) in frozen.iter() {
+            match &extent.state {
+                BlockState::Data(bytes) => {
+                    let joins = !run.is_empty()
+                        && start == run_end
+                        && run.len() < MAX_IOVECS
+                        && run_bytes < MAX_WRITE;
+                    if !joins && !run.is_empty() {
+                        pending.push(self.io.write(
+                            &self.data,
+                            run_start * BLOCK_SIZE,
+                            std::mem::take(&mut run),
+                        ));
+                        run_bytes = 0;
+                    }
+                    if run.is_empty() {
+                        run_start = start;
+                    }
+                    run.push(bytes.clone());
+                    run_bytes += bytes.len() as u64;
+                    run_end = extent.end;
+                }
+                BlockState::Zero { punch } => {
+                    let mode = if *punch {
+                        Allocate::PunchHole
+                    } else {
+                        Allocate::ZeroRange
+                    };
+                    let (offset, len) = (start * BLOCK_SIZE, (extent.end - start) * BLOCK_SIZE);
+                    if let Err(e) = self.io.allocate(&self.data, mode, offset, len).wait() {
+                        // Filesystems without hole punching still get zeroes.
+                        tracing::debug!("fallocate {mode:?} failed ({e}); writing zeroes");
+                        self.write_zeroes_blocking(offset, len)?;
+                    }
+                }
+            }
+            if pending.len() >= MAX_OUTSTANDING {
+                wait_all(&mut pending)?;
+            }
+        }
+        if !run.is_empty() {
+            pending.push(self.io.write(&self.data, run_start * BLOCK_SIZE, run));
+        }
+        wait_all(&mut pending)
+    }
+
+    fn write_zeroes_blocking(&self, offset: u64, len: u64) -> Result<(), String> {
+        let chunk = Bytes::from(vec![0u8; MAX_WRITE as usize]);
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(MAX_WRITE);
+            self.io
+                .write(&self.data, at, vec![chunk.slice(..n as usize)])
+                .wait()
+                .map_err(|e| format!("write {}: {e}", self.data_path.display()))?;
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn eager_threshold(capacity: u64) -> u64 {
+    capacity / EAGER_FRACTION
+}

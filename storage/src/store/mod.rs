@@ -1,0 +1,995 @@
+//! A volume store: the directory that holds one volume, and the engine that serves it.
+//!
+//! ```text
+//! DIR/superblock  identity and checkpoint (two slots, see `superblock`)
+//! DIR/wal         the write-ahead log ring
+//! DIR/data        the volume image as of the checkpoint (sparse)
+//! DIR/lock        flock'ed while a process has the store open
+//! ```
+
+mod core;
+mod flusher;
+mod wal_writer;
+
+use std::fs::{self, File};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{oneshot, Notify};
+
+use self::core::{Core, DurableWaiter};
+use crate::dirty::{BlockState, DirtyMap};
+use crate::error::{Result, StorageError};
+use crate::io::{IoEngine, IoMode};
+use crate::superblock::{Superblock, FLAG_CLEAN};
+use crate::types::{Epoch, Lsn, VolumeId, BLOCK_SIZE};
+use crate::wal::record::RecordKind;
+use crate::wal::{self, ReplayInput, ReplayOutcome, WalLayout, MIN_WAL_CAPACITY};
+
+const SUPERBLOCK: &str = "superblock";
+const WAL: &str = "wal";
+const DATA: &str = "data";
+const LOCK: &str = "lock";
+
+/// Largest single request the engine takes (matches the NBD frontend's maximum payload).
+pub const MAX_REQUEST: u64 = 32 << 20;
+
+/// Geometry chosen when a store is created.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub size: u64,
+    pub wal_capacity: u64,
+}
+
+impl CreateOptions {
+    pub const DEFAULT_WAL_CAPACITY: u64 = 256 << 20;
+}
+
+/// Runtime settings.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    pub io_mode: IoMode,
+    /// How often the flusher checkpoints when the WAL is not filling up.
+    pub flush_interval: Duration,
+    /// Open only to read (export, inspection): no threads, no superblock writes.
+    pub read_only: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            io_mode: IoMode::Auto,
+            flush_interval: Duration::from_secs(1),
+            read_only: false,
+        }
+    }
+}
+
+/// One contiguous part of a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadSegment {
+    Data(Bytes),
+    /// This many bytes read as zeroes (a hole, a trim, written zeroes).
+    Zeroes(u64),
+}
+
+impl ReadSegment {
+    pub fn len(&self) -> u64 {
+        match self {
+            ReadSegment::Data(b) => b.len() as u64,
+            ReadSegment::Zeroes(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Allocation state of a byte range, as NBD's `base:allocation` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    pub length: u64,
+    /// Not allocated (never written, or trimmed).
+    pub hole: bool,
+    /// Known to read as zeroes.
+    pub zero: bool,
+}
+
+/// A point-in-time summary for `blockrep inspect` and the metrics.
+#[derive(Debug, Clone)]
+pub struct StoreInfo {
+    pub volume_id: VolumeId,
+    pub volume_size: u64,
+    pub epoch: Epoch,
+    pub next_lsn: Lsn,
+    pub durable_lsn: Lsn,
+    pub checkpoint_lsn: Lsn,
+    pub wal_capacity: u64,
+    pub wal_used: u64,
+    pub dirty_bytes: u64,
+    pub io_engine: &'static str,
+}
+
+pub(crate) struct Shared {
+    io: IoEngine,
+    layout: WalLayout,
+    volume_size: u64,
+    volume_id: VolumeId,
+    wal: Arc<File>,
+    wal_path: PathBuf,
+    data: Arc<File>,
+    data_path: PathBuf,
+    sb_file: File,
+    sb_path: PathBuf,
+    superblock: Mutex<Superblock>,
+    core: Mutex<Core>,
+    /// Wakes the WAL writer.
+    writer_cv: Condvar,
+    /// Wakes the flusher.
+    flusher_cv: Condvar,
+    /// Signalled when the flusher frees WAL space (or the store fails).
+    space: Notify,
+    /// Mirror of `core.durable` for lock-free reads.
+    durable: AtomicU64,
+    checkpoint_lock: Mutex<()>,
+}
+
+impl Shared {
+    fn lock_core(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock would be a bug in in-memory bookkeeping; the state
+        // is still the best we have, so keep serving rather than poisoning every caller.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers interest in `target` becoming durable and wakes the writer.
+    fn durable_waiter(&self, target: Lsn) -> Result<Option<oneshot::Receiver<Result<(), String>>>> {
+        let mut core = self.lock_core();
+        if let Some(msg) = &core.failed {
+            return Err(StorageError::Failed(msg.clone()));
+        }
+        if core.durable >= target {
+            return Ok(None);
+        }
+        let (done, rx) = oneshot::channel();
+        core.waiters.push(DurableWaiter { target, done });
+        if core.sync_target < target {
+            core.sync_target = target;
+        }
+        self.writer_cv.notify_one();
+        Ok(Some(rx))
+    }
+
+    fn wait_durable_blocking(&self, target: Lsn) -> Result<(), String> {
+        match self.durable_waiter(target).map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(rx) => rx
+                .blocking_recv()
+                .unwrap_or_else(|_| Err("the WAL writer stopped".into())),
+        }
+    }
+
+    async fn wait_durable(&self, target: Lsn) -> Result<()> {
+        match self.durable_waiter(target)? {
+            None => Ok(()),
+            Some(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(msg)) => Err(StorageError::Failed(msg)),
+                Err(_) => Err(StorageError::Closed),
+            },
+        }
+    }
+
+    fn request_flush(&self, core: &mut Core) {
+        if !core.flush_requested {
+            core.flush_requested = true;
+            self.flusher_cv.notify_one();
+        }
+    }
+}
+
+/// An open volume store. All methods take `&self`; share it behind an `Arc`.
+pub struct Store {
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    threads: Mutex<Vec<thread::JoinHandle<()>>>,
+    read_only: bool,
+    /// Held for the life of the store; the flock is released when it closes.
+    _lock: File,
+    replay: ReplayOutcome,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |e| StorageError::io(path, e)
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(path))
+}
+
+impl Store {
+    /// Creates a new, empty store at `dir`, which must not exist yet. The store is built in a
+    /// sibling temporary directory and renamed into place, so a crash never leaves a
+    /// half-made store under the final name.
+    pub fn create(dir: &Path, opts: &CreateOptions) -> Result<VolumeId> {
+        if opts.size == 0 || opts.size % BLOCK_SIZE != 0 {
+            return Err(StorageError::BadGeometry(format!(
+                "size {} must be a positive multiple of {BLOCK_SIZE} bytes",
+                opts.size
+            )));
+        }
+        if opts.wal_capacity < MIN_WAL_CAPACITY || opts.wal_capacity % BLOCK_SIZE != 0 {
+            return Err(StorageError::BadGeometry(format!(
+                "WAL size {} must be a multiple of {BLOCK_SIZE} and at least {} MiB",
+                opts.wal_capacity,
+                MIN_WAL_CAPACITY >> 20
+            )));
+        }
+        if dir.exists() {
+            return Err(StorageError::AlreadyExists(dir.to_path_buf()));
+        }
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = dir.file_name().ok_or_else(|| {
+            StorageError::BadGeometry(format!("{} is not a directory name", dir.display()))
+        })?;
+        let tmp = parent.join(format!(
+            ".{}.creating-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let id = VolumeId::random();
+        let result = (|| -> Result<()> {
+            let create = |name: &str| {
+                let p = tmp.join(name);
+                File::options()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&p)
+                    .map_err(io_err(&p))
+                    .map(|f| (f, p))
+            };
+            let (lock, _) = create(LOCK)?;
+            drop(lock);
+            let (data, data_path) = create(DATA)?;
+            data.set_len(opts.size).map_err(io_err(&data_path))?;
+            data.sync_all().map_err(io_err(&data_path))?;
+            let (walf, wal_path) = create(WAL)?;
+            walf.set_len(wal::WAL_HEADER_LEN + opts.wal_capacity)
+                .map_err(io_err(&wal_path))?;
+            preallocate(&walf, wal::WAL_HEADER_LEN + opts.wal_capacity);
+            wal::write_header(&walf, &wal_path, id, opts.wal_capacity)?;
+            walf.sync_all().map_err(io_err(&wal_path))?;
+            let (sbf, sb_path) = create(SUPERBLOCK)?;
+            let mut sb = Superblock::new(id, opts.size, opts.wal_capacity);
+            sb.persist_both(&sbf, &sb_path)?;
+            sbf.sync_all().map_err(io_err(&sb_path))?;
+            sync_dir(&tmp)
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        fs::rename(&tmp, dir).map_err(io_err(dir))?;
+        sync_dir(&parent)?;
+        Ok(id)
+    }
+
+    /// Reads a store's superblock without opening (or locking) the store.
+    pub fn read_superblock(dir: &Path) -> Result<Superblock> {
+        let path = dir.join(SUPERBLOCK);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StorageError::NotAStore(dir.to_path_buf()),
+            _ => StorageError::io(&path, e),
+        })?;
+        Superblock::read(&file, &path)
+    }
+
+    /// Opens a store: takes its lock, replays the WAL from the checkpoint, and (unless
+    /// read-only) starts the WAL writer and the flusher.
+    pub fn open(dir: &Path, opts: &OpenOptions) -> Result<Store> {
+        if !dir.join(SUPERBLOCK).exists() {
+            return Err(StorageError::NotAStore(dir.to_path_buf()));
+        }
+        let lock_path = dir.join(LOCK);
+        let lock = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        // SAFETY: flock on a descriptor owned by `lock`.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                StorageError::Locked(dir.to_path_buf())
+            } else {
+                StorageError::io(&lock_path, e)
+            });
+        }
+        let open_file = |name: &str| {
+            let p = dir.join(name);
+            File::options()
+                .read(true)
+                .write(!opts.read_only)
+                .open(&p)
+                .map_err(io_err(&p))
+                .map(|f| (f, p))
+        };
+        let (sb_file, sb_path) = open_file(SUPERBLOCK)?;
+        let mut sb = Superblock::read(&sb_file, &sb_path)?;
+        let (wal_file, wal_path) = open_file(WAL)?;
+        wal::check_header(&wal_file, &wal_path, sb.volume_id, sb.wal_capacity)?;
+        let (data_file, data_path) = open_file(DATA)?;
+        let io = IoEngine::new(opts.io_mode).map_err(io_err(dir))?;
+        let wal = Arc::new(wal_file);
+        let layout = WalLayout {
+            capacity: sb.wal_capacity,
+        };
+        let mut dirty = DirtyMap::default();
+        let replay = wal::replay(
+            ReplayInput {
+                io: &io,
+                file: &wal,
+                path: wal_path.clone(),
+                layout,
+                volume_size: sb.volume_size,
+                start: sb.wal_tail,
+                first_lsn: sb.checkpoint_lsn.next(),
+                clean: sb.is_clean(),
+            },
+            |rec| {
+                let first = rec.offset / BLOCK_SIZE;
+                let end = first + rec.length / BLOCK_SIZE;
+                let state = match rec.kind {
+                    RecordKind::Write => BlockState::Data(rec.payload),
+                    RecordKind::Trim => BlockState::Zero { punch: true },
+                    RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
+                    RecordKind::Wrap => return,
+                };
+                dirty.insert(first, end, rec.lsn, state);
+            },
+        )?;
+        if let Some(at) = replay.torn_at {
+            tracing::warn!(
+                "{}: cut a torn record at file offset {at}; the log ends at LSN {}",
+                wal_path.display(),
+                replay.next_lsn.prev()
+            );
+        }
+        if replay.entries > 0 {
+            tracing::info!(
+                "{}: replayed {} WAL entries (LSN {}..{})",
+                dir.display(),
+                replay.entries,
+                sb.checkpoint_lsn.next(),
+                replay.next_lsn.prev()
+            );
+        }
+        if !opts.read_only {
+            // From now on the log may hold entries the data file lacks.
+            sb.flags &= !FLAG_CLEAN;
+            sb.persist(&sb_file, &sb_path)?;
+        }
+        let last = replay.next_lsn.prev();
+        let core = Core {
+            epoch: sb.epoch.max(replay.last_epoch),
+            next_lsn: replay.next_lsn,
+            head: replay.head,
+            tail: sb.wal_tail,
+            checkpoint_lsn: sb.checkpoint_lsn,
+            active: dirty,
+            flushing: None,
+            queue: Vec::new(),
+            written: last,
+            durable: last,
+            sync_target: last,
+            waiters: Vec::new(),
+            failed: None,
+            checkpoint_gen: 0,
+            closing: opts.read_only,
+            flush_requested: false,
+            writer_stop: false,
+            flusher_stop: false,
+        };
+        let shared = Arc::new(Shared {
+            io,
+            layout,
+            volume_size: sb.volume_size,
+            volume_id: sb.volume_id,
+            wal,
+            wal_path,
+            data: Arc::new(data_file),
+            data_path,
+            sb_file,
+            sb_path,
+            superblock: Mutex::new(sb),
+            core: Mutex::new(core),
+            writer_cv: Condvar::new(),
+            flusher_cv: Condvar::new(),
+            space: Notify::new(),
+            durable: AtomicU64::new(last.0),
+            checkpoint_lock: Mutex::new(()),
+        });
+        let mut threads = Vec::new();
+        if !opts.read_only {
+            let s = shared.clone();
+            threads.push(
+                thread::Builder::new()
+                    .name("blockrep-wal".into())
+                    .spawn(move || wal_writer::run(s))
+                    .map_err(io_err(dir))?,
+            );
+            let s = shared.clone();
+            let interval = opts.flush_interval;
+            threads.push(
+                thread::Builder::new()
+                    .name("blockrep-flusher".into())
+                    .spawn(move || flusher::run(s, interval))
+                    .map_err(io_err(dir))?,
+            );
+        }
+        Ok(Store {
+            shared,
+            dir: dir.to_path_buf(),
+            threads: Mutex::new(threads),
+            read_only: opts.read_only,
+            _lock: lock,
+            replay,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn size(&self) -> u64 {
+        self.shared.volume_size
+    }
+
+    pub fn volume_id(&self) -> VolumeId {
+        self.shared.volume_id
+    }
+
+    /// What WAL replay found when the store was opened.
+    pub fn replay_outcome(&self) -> &ReplayOutcome {
+        &self.replay
+    }
+
+    pub fn io_engine(&self) -> &'static str {
+        self.shared.io.name()
+    }
+
+    /// Starts serving at a new epoch: `requested`, or the stored epoch plus one. The epoch is
+    /// fsynced in the superblock before this returns, so no entry of the new epoch can exist
+    /// on disk without the epoch itself.
+    pub fn begin_epoch(&self, requested: Option<Epoch>) -> Result<Epoch> {
+        let mut sb = self
+            .shared
+            .superblock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let current = sb.epoch.max(self.shared.lock_core().epoch);
+        let epoch = requested.unwrap_or(current.next());
+        if epoch <= current {
+            return Err(StorageError::EpochRegression {
+                requested: epoch,
+                current,
+            });
+        }
+        sb.epoch = epoch;
+        sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
+        self.shared.lock_core().epoch = epoch;
+        Ok(epoch)
+    }
+
+    pub fn info(&self) -> StoreInfo {
+        let core = self.shared.lock_core();
+        StoreInfo {
+            volume_id: self.shared.volume_id,
+            volume_size: self.shared.volume_size,
+            epoch: core.epoch,
+            next_lsn: core.next_lsn,
+            durable_lsn: core.durable,
+            checkpoint_lsn: core.checkpoint_lsn,
+            wal_capacity: self.shared.layout.capacity,
+            wal_used: core.wal_used(),
+            dirty_bytes: core.active.data_bytes()
+                + core.flushing.as_ref().map_or(0, |f| f.data_bytes()),
+            io_engine: self.shared.io.name(),
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.shared.volume_size => Ok(()),
+            _ => Err(StorageError::OutOfRange {
+                offset,
+                length: len,
+                size: self.shared.volume_size,
+            }),
+        }
+    }
+
+    /// Reads `len` bytes at `offset`. Every write acknowledged before the call is visible.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
+        self.check_range(offset, len)?;
+        if len > MAX_REQUEST {
+            return Err(StorageError::OutOfRange {
+                offset,
+                length: len,
+                size: self.shared.volume_size,
+            });
+        }
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset + len;
+        let pieces = self
+            .shared
+            .lock_core()
+            .resolve(offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
+        // Submit every data-file read first so they run concurrently.
+        enum Part {
+            Ready(ReadSegment),
+            Reading(crate::io::Completion),
+        }
+        let mut parts = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let from = (p.start * BLOCK_SIZE).max(offset);
+            let to = (p.end * BLOCK_SIZE).min(end);
+            let n = to - from;
+            parts.push(match p.state {
+                None => Part::Reading(self.shared.io.read(&self.shared.data, from, n as usize)),
+                Some(BlockState::Zero { .. }) => Part::Ready(ReadSegment::Zeroes(n)),
+                Some(BlockState::Data(bytes)) => {
+                    let skip = (from - p.start * BLOCK_SIZE) as usize;
+                    Part::Ready(ReadSegment::Data(bytes.slice(skip..skip + n as usize)))
+                }
+            });
+        }
+        let mut out: Vec<ReadSegment> = Vec::with_capacity(parts.len());
+        for part in parts {
+            let seg = match part {
+                Part::Ready(s) => s,
+                Part::Reading(c) => {
+                    ReadSegment::Data(c.await.map_err(io_err(&self.shared.data_path))?)
+                }
+            };
+            match (out.last_mut(), seg) {
+                (Some(ReadSegment::Zeroes(a)), ReadSegment::Zeroes(b)) => *a += b,
+                (_, seg) => out.push(seg),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads into one contiguous buffer (zeroes filled in).
+    pub async fn read_contiguous(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let segments = self.read(offset, len).await?;
+        if let [ReadSegment::Data(b)] = segments.as_slice() {
+            return Ok(b.clone());
+        }
+        let mut buf = BytesMut::with_capacity(len as usize);
+        for s in segments {
+            match s {
+                ReadSegment::Data(b) => buf.extend_from_slice(&b),
+                ReadSegment::Zeroes(n) => buf.resize(buf.len() + n as usize, 0),
+            }
+        }
+        Ok(buf.freeze())
+    }
+
+    /// Writes `data` at `offset` (any alignment). Returns the entry's LSN. With `fua`, returns
+    /// only once the entry is durable.
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<Lsn> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        if len > MAX_REQUEST {
+            return Err(StorageError::OutOfRange {
+                offset,
+                length: len,
+                size: self.shared.volume_size,
+            });
+        }
+        if len == 0 {
+            return self.current_lsn(fua).await;
+        }
+        let first = offset / BLOCK_SIZE;
+        let end = (offset + len).div_ceil(BLOCK_SIZE);
+        let head_skip = (offset - first * BLOCK_SIZE) as usize;
+        // The payload covers whole blocks; the client's bytes go in the middle. Copying here
+        // (rather than keeping the caller's buffer) keeps the dirty map's memory exact.
+        let mut payload = BytesMut::zeroed(((end - first) * BLOCK_SIZE) as usize);
+        payload[head_skip..head_skip + data.len()].copy_from_slice(data);
+        let mut edges: Vec<u64> = Vec::new();
+        if head_skip != 0 || (len < BLOCK_SIZE && first == end - 1) {
+            edges.push(first);
+        }
+        if (offset + len) % BLOCK_SIZE != 0 && !edges.contains(&(end - 1)) {
+            edges.push(end - 1);
+        }
+        let lsn = if edges.is_empty() {
+            let payload = payload.freeze();
+            let crc = crc32c::crc32c(&payload);
+            self.append(RecordKind::Write, first, end, payload, crc)
+                .await?
+        } else {
+            self.read_modify_write(offset, len, first, end, payload, &edges)
+                .await?
+        };
+        if fua {
+            self.shared.wait_durable(lsn).await?;
+        }
+        Ok(lsn)
+    }
+
+    /// The partial blocks at the edges of a write keep the bytes the write does not cover.
+    /// Those bytes are read and the entry appended under one lock when the WAL holds the
+    /// blocks; when only the data file does, the bytes are read outside the lock and the
+    /// checkpoint generation proves that nothing changed them in the meantime. Either way the
+    /// patched blocks and the new entry are one atomic step, so overlapping concurrent
+    /// sub-block writes never lose each other's bytes.
+    async fn read_modify_write(
+        &self,
+        offset: u64,
+        len: u64,
+        first: u64,
+        end: u64,
+        mut payload: BytesMut,
+        edges: &[u64],
+    ) -> Result<Lsn> {
+        let bs = BLOCK_SIZE as usize;
+        let start_byte = first * BLOCK_SIZE;
+        let keep = |block: u64| -> (usize, usize) {
+            // The part of `block` (relative to the payload) the client's bytes do not cover:
+            // returned as (covered_from, covered_to) within the block.
+            let b0 = block * BLOCK_SIZE;
+            let from = offset.max(b0) - b0;
+            let to = (offset + len).min(b0 + BLOCK_SIZE) - b0;
+            (from as usize, to as usize)
+        };
+        let mut fetched: Vec<(u64, Bytes)> = Vec::new();
+        let mut fetched_gen = u64::MAX;
+        loop {
+            let mut space = pin!(self.shared.space.notified());
+            space.as_mut().enable();
+            let need_fetch = {
+                let mut core = self.shared.lock_core();
+                core.check_writable()?;
+                let mut missing = false;
+                for &b in edges {
+                    let old = match core.lookup_block(b) {
+                        Some(BlockState::Data(d)) => Some(d),
+                        Some(BlockState::Zero { .. }) => Some(Bytes::from_static(&[0; 4096])),
+                        None if fetched_gen == core.checkpoint_gen => fetched
+                            .iter()
+                            .find(|(fb, _)| *fb == b)
+                            .map(|(_, d)| d.clone()),
+                        None => None,
+                    };
+                    let Some(old) = old else {
+                        missing = true;
+                        break;
+                    };
+                    let (from, to) = keep(b);
+                    let at = ((b * BLOCK_SIZE) - start_byte) as usize;
+                    payload[at..at + from].copy_from_slice(&old[..from]);
+                    payload[at + to..at + bs].copy_from_slice(&old[to..]);
+                }
+                if missing {
+                    Some(core.checkpoint_gen)
+                } else {
+                    let frozen = Bytes::copy_from_slice(&payload);
+                    let crc = crc32c::crc32c(&frozen);
+                    if let Some(lsn) = core.try_append(
+                        &self.shared.layout,
+                        RecordKind::Write,
+                        start_byte,
+                        (end - first) * BLOCK_SIZE,
+                        frozen,
+                        crc,
+                    ) {
+                        self.after_append(&mut core);
+                        return Ok(lsn);
+                    }
+                    self.shared.request_flush(&mut core);
+                    None
+                }
+            };
+            match need_fetch {
+                Some(gen) => {
+                    fetched.clear();
+                    for &b in edges {
+                        let data = self
+                            .shared
+                            .io
+                            .read(&self.shared.data, b * BLOCK_SIZE, bs)
+                            .await
+                            .map_err(io_err(&self.shared.data_path))?;
+                        fetched.push((b, data));
+                    }
+                    fetched_gen = gen;
+                }
+                None => space.await,
+            }
+        }
+    }
+
+    /// Appends one entry for blocks `[first, end)`, waiting for WAL space if the ring is full
+    /// (writers are slowed down, never failed, by a full WAL).
+    async fn append(
+        &self,
+        kind: RecordKind,
+        first: u64,
+        end: u64,
+        payload: Bytes,
+        crc: u32,
+    ) -> Result<Lsn> {
+        loop {
+            let mut space = pin!(self.shared.space.notified());
+            space.as_mut().enable();
+            {
+                let mut core = self.shared.lock_core();
+                core.check_writable()?;
+                if let Some(lsn) = core.try_append(
+                    &self.shared.layout,
+                    kind,
+                    first * BLOCK_SIZE,
+                    (end - first) * BLOCK_SIZE,
+                    payload.clone(),
+                    crc,
+                ) {
+                    self.after_append(&mut core);
+                    return Ok(lsn);
+                }
+                self.shared.request_flush(&mut core);
+            }
+            space.await;
+        }
+    }
+
+    fn after_append(&self, core: &mut Core) {
+        self.shared.writer_cv.notify_one();
+        if core.wal_used() >= flusher::eager_threshold(self.shared.layout.capacity) {
+            self.shared.request_flush(core);
+        }
+    }
+
+    async fn current_lsn(&self, durable: bool) -> Result<Lsn> {
+        let lsn = self.shared.lock_core().next_lsn.prev();
+        if durable {
+            self.shared.wait_durable(lsn).await?;
+        }
+        Ok(lsn)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeroes. `punch` allows deallocating it. Partial
+    /// blocks at the edges are zeroed by read-modify-write.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, punch: bool, fua: bool) -> Result<Lsn> {
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let inner_first = offset.div_ceil(BLOCK_SIZE);
+        let inner_end = end / BLOCK_SIZE;
+        let mut lsn = self.shared.lock_core().next_lsn.prev();
+        if inner_first >= inner_end {
+            // No whole block inside: it is a small write of zeroes.
+            if len > 0 {
+                lsn = self.write(offset, &vec![0u8; len as usize], false).await?;
+            }
+        } else {
+            let head = inner_first * BLOCK_SIZE - offset;
+            if head > 0 {
+                self.write(offset, &vec![0u8; head as usize], false).await?;
+            }
+            lsn = self
+                .append(
+                    RecordKind::WriteZeroes { punch },
+                    inner_first,
+                    inner_end,
+                    Bytes::new(),
+                    crc32c::crc32c(&[]),
+                )
+                .await?;
+            let tail = end - inner_end * BLOCK_SIZE;
+            if tail > 0 {
+                lsn = self
+                    .write(inner_end * BLOCK_SIZE, &vec![0u8; tail as usize], false)
+                    .await?;
+            }
+        }
+        if fua {
+            self.shared.wait_durable(lsn).await?;
+        }
+        Ok(lsn)
+    }
+
+    /// Discards the whole blocks inside `[offset, offset+len)`; partial blocks are left as
+    /// they are (NBD lets a server round a TRIM inward).
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<Lsn> {
+        self.check_range(offset, len)?;
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let end = (offset + len) / BLOCK_SIZE;
+        if first >= end {
+            return self.current_lsn(fua).await;
+        }
+        let lsn = self
+            .append(
+                RecordKind::Trim,
+                first,
+                end,
+                Bytes::new(),
+                crc32c::crc32c(&[]),
+            )
+            .await?;
+        if fua {
+            self.shared.wait_durable(lsn).await?;
+        }
+        Ok(lsn)
+    }
+
+    /// Makes every entry appended before the call durable. Returns the LSN it covers.
+    pub async fn flush(&self) -> Result<Lsn> {
+        self.current_lsn(true).await
+    }
+
+    /// Waits until `lsn` is durable in the WAL.
+    pub async fn wait_durable(&self, lsn: Lsn) -> Result<()> {
+        self.shared.wait_durable(lsn).await
+    }
+
+    /// Allocation of `[offset, offset+len)`, clipped to the volume: never-written and trimmed
+    /// ranges are holes that read as zeroes. Adjacent ranges with equal state are merged.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Allocation>> {
+        if offset >= self.shared.volume_size {
+            return Err(StorageError::OutOfRange {
+                offset,
+                length: len,
+                size: self.shared.volume_size,
+            });
+        }
+        let end = offset.saturating_add(len).min(self.shared.volume_size);
+        let pieces = self
+            .shared
+            .lock_core()
+            .resolve(offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
+        let mut out: Vec<Allocation> = Vec::new();
+        let mut push = |length: u64, hole: bool, zero: bool| {
+            if length == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some(a) if a.hole == hole && a.zero == zero => a.length += length,
+                _ => out.push(Allocation { length, hole, zero }),
+            }
+        };
+        for p in pieces {
+            let from = (p.start * BLOCK_SIZE).max(offset);
+            let to = (p.end * BLOCK_SIZE).min(end);
+            match p.state {
+                Some(BlockState::Data(_)) => push(to - from, false, false),
+                Some(BlockState::Zero { punch }) => push(to - from, punch, true),
+                None => {
+                    let mut at = from;
+                    while at < to {
+                        let (is_data, until) = data_file_extent(&self.shared.data, at, to);
+                        push(until - at, !is_data, !is_data);
+                        at = until;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes everything durable, checkpoints, marks the store clean and stops its threads.
+    /// Called on graceful shutdown; afterwards every call fails with `Closed`.
+    pub fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let target = {
+            let mut core = self.shared.lock_core();
+            if core.closing {
+                return Ok(());
+            }
+            core.closing = true;
+            core.next_lsn.prev()
+        };
+        let mut result = self
+            .shared
+            .wait_durable_blocking(target)
+            .and_then(|_| self.shared.checkpoint())
+            .map_err(StorageError::Failed);
+        if result.is_ok() {
+            let empty = {
+                let core = self.shared.lock_core();
+                core.head == core.tail && core.active.is_empty()
+            };
+            if empty {
+                let mut sb = self
+                    .shared
+                    .superblock
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                sb.flags |= FLAG_CLEAN;
+                result = sb.persist(&self.shared.sb_file, &self.shared.sb_path);
+            }
+        }
+        self.stop_threads();
+        result
+    }
+
+    fn stop_threads(&self) {
+        {
+            let mut core = self.shared.lock_core();
+            core.writer_stop = true;
+            core.flusher_stop = true;
+        }
+        self.shared.writer_cv.notify_all();
+        self.shared.flusher_cv.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Without `close` this is like a crash of the process: what was written stays in the
+        // files, nothing more is promised.
+        self.stop_threads();
+    }
+}
+
+/// Whether the data file has data at `at`, and where that state ends (at most `to`).
+fn data_file_extent(file: &File, at: u64, to: u64) -> (bool, u64) {
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on a descriptor owned by `file`.
+    let next_data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+    if next_data < 0 {
+        // ENXIO: no data after `at`. Any other error: report data, which is always safe.
+        let hole = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        return (!hole, to);
+    }
+    let next_data = next_data as u64;
+    if next_data > at {
+        return (false, next_data.min(to));
+    }
+    // SAFETY: as above.
+    let next_hole = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_HOLE) };
+    if next_hole < 0 {
+        return (true, to);
+    }
+    (true, (next_hole as u64).clamp(at + 1, to))
+}
+
+/// Reserves the WAL's blocks up front so appends never hit ENOSPC in the middle of the log.
+fn preallocate(file: &File, len: u64) {
+    // SAFETY: fallocate on a descriptor owned by `file`.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if rc != 0 {
+        tracing::debug!(
+            "could not preallocate the WAL ({}); it stays sparse",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

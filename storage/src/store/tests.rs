@@ -1,0 +1,468 @@
+use std::sync::Arc;
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap()
+}
+
+fn create(dir: &Path, size: u64, wal: u64) -> PathBuf {
+    let path = dir.join("vol");
+    Store::create(
+        &path,
+        &CreateOptions {
+            size,
+            wal_capacity: wal,
+        },
+    )
+    .unwrap();
+    path
+}
+
+fn open(path: &Path) -> Store {
+    Store::open(path, &OpenOptions::default()).unwrap()
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8))
+        .collect()
+}
+
+#[test]
+fn write_read_roundtrip_across_checkpoint_and_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    store.begin_epoch(None).unwrap();
+    let a = pattern(1, 3 * 4096);
+    rt.block_on(store.write(8192, &a, false)).unwrap();
+    assert_eq!(
+        rt.block_on(store.read_contiguous(8192, a.len() as u64))
+            .unwrap(),
+        a
+    );
+    store.shared.checkpoint().unwrap();
+    assert_eq!(
+        rt.block_on(store.read_contiguous(8192, a.len() as u64))
+            .unwrap(),
+        a
+    );
+    let b = pattern(2, 4096);
+    rt.block_on(store.write(12288, &b, true)).unwrap();
+    store.close().unwrap();
+    drop(store);
+    let store = open(&path);
+    let got = rt
+        .block_on(store.read_contiguous(8192, a.len() as u64))
+        .unwrap();
+    assert_eq!(&got[..4096], &a[..4096]);
+    assert_eq!(&got[4096..8192], &b[..]);
+    assert_eq!(&got[8192..], &a[8192..]);
+}
+
+#[test]
+fn acknowledged_flush_survives_crash_without_close() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    for i in 0..50u64 {
+        rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))
+            .unwrap();
+    }
+    let flushed = rt.block_on(store.flush()).unwrap();
+    assert_eq!(flushed, Lsn(50));
+    drop(store); // no close: like kill -9 after the flush reply
+    let store = open(&path);
+    assert_eq!(store.replay_outcome().next_lsn, Lsn(51));
+    for i in 0..50u64 {
+        let got = rt.block_on(store.read_contiguous(i * 4096, 4096)).unwrap();
+        assert_eq!(got, pattern(i as u8, 4096), "block {i}");
+    }
+}
+
+#[test]
+fn unaligned_writes_read_modify_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    let base = pattern(9, 16384);
+    rt.block_on(store.write(0, &base, false)).unwrap();
+    store.shared.checkpoint().unwrap(); // the edges now come from the data file
+    let patch = pattern(77, 5000);
+    rt.block_on(store.write(1000, &patch, false)).unwrap();
+    let mut expect = base.clone();
+    expect[1000..6000].copy_from_slice(&patch);
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 16384)).unwrap(),
+        expect
+    );
+    // A tiny write inside one block that is still in the WAL.
+    rt.block_on(store.write(4097, &[0xee; 3], false)).unwrap();
+    expect[4097..4100].copy_from_slice(&[0xee; 3]);
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 16384)).unwrap(),
+        expect
+    );
+    // Unaligned read.
+    assert_eq!(
+        rt.block_on(store.read_contiguous(4095, 7)).unwrap(),
+        &expect[4095..4102]
+    );
+}
+
+#[test]
+fn concurrent_overlapping_sub_block_writes_lose_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = Arc::new(open(&path));
+    // 512 writers, each owning 8 distinct bytes spread over 4 blocks; checkpoints run in
+    // between so some edges come from the data file and some from the WAL.
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..512u64 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let off = i * 32 + (i % 3);
+                s.write(off, &[(i % 250) as u8 + 1; 8], false)
+                    .await
+                    .unwrap();
+            }));
+            if i % 100 == 0 {
+                let s = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    tokio::task::spawn_blocking(move || s.shared.checkpoint().unwrap())
+                        .await
+                        .unwrap();
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let got = rt.block_on(store.read_contiguous(0, 4 * 4096)).unwrap();
+    for i in 0..512u64 {
+        let off = (i * 32 + (i % 3)) as usize;
+        assert_eq!(&got[off..off + 8], &[(i % 250) as u8 + 1; 8], "writer {i}");
+    }
+}
+
+#[test]
+fn full_wal_back_pressures_writers_instead_of_failing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 64 MiB of WAL, 200 MiB of writes: the ring must be recycled several times.
+    let path = create(tmp.path(), 64 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = Arc::new(open(&path));
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..4u64 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..50u64 {
+                    let off = ((w * 50 + i) % 64) * MIB;
+                    s.write(off, &vec![(w * 50 + i) as u8; MIB as usize], false)
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    assert!(store.info().wal_used <= 64 * MIB);
+    rt.block_on(store.flush()).unwrap();
+    drop(store);
+    let store = open(&path);
+    // Each MiB slot holds the last value written to it by some writer; all bytes agree.
+    for slot in 0..64u64 {
+        let got = rt.block_on(store.read_contiguous(slot * MIB, MIB)).unwrap();
+        assert!(got.iter().all(|&b| b == got[0]), "slot {slot} is torn");
+    }
+}
+
+#[test]
+fn trim_and_zeroes_read_as_zero_and_report_holes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    rt.block_on(store.write(0, &pattern(5, MIB as usize), false))
+        .unwrap();
+    rt.block_on(store.trim(4096, 8192, false)).unwrap();
+    rt.block_on(store.write_zeroes(100, 50, true, false))
+        .unwrap();
+    let got = rt.block_on(store.read_contiguous(0, 3 * 4096)).unwrap();
+    assert!(got[100..150].iter().all(|&b| b == 0));
+    assert_eq!(got[99], pattern(5, 100)[99]);
+    assert!(got[4096..12288].iter().all(|&b| b == 0));
+    let status = store.block_status(0, 4 * MIB).unwrap();
+    assert_eq!(
+        status[0],
+        Allocation {
+            length: 4096,
+            hole: false,
+            zero: false
+        }
+    );
+    assert_eq!(
+        status[1],
+        Allocation {
+            length: 8192,
+            hole: true,
+            zero: true
+        }
+    );
+    assert_eq!(
+        status.last().unwrap().hole,
+        true,
+        "never-written tail is a hole"
+    );
+    let total: u64 = status.iter().map(|a| a.length).sum();
+    assert_eq!(total, 4 * MIB);
+    // After a checkpoint the data file has the hole punched.
+    store.shared.checkpoint().unwrap();
+    let status = store.block_status(4096, 8192).unwrap();
+    assert_eq!(
+        status,
+        vec![Allocation {
+            length: 8192,
+            hole: true,
+            zero: true
+        }]
+    );
+    // A whole-volume trim is a single dirty entry, not a million.
+    rt.block_on(store.trim(0, 4 * MIB, false)).unwrap();
+    assert_eq!(store.shared.lock_core().active.iter().count(), 1);
+}
+
+#[test]
+fn out_of_range_requests_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    assert!(matches!(
+        rt.block_on(store.write(MIB - 10, &[1; 20], false)),
+        Err(StorageError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        rt.block_on(store.read(u64::MAX - 1, 10)),
+        Err(StorageError::OutOfRange { .. })
+    ));
+    assert!(rt.block_on(store.read(MIB - 10, 10)).is_ok());
+}
+
+#[test]
+fn store_lock_refuses_a_second_opener() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), MIB, 64 * MIB);
+    let _first = open(&path);
+    let err = Store::open(&path, &OpenOptions::default()).err().unwrap();
+    assert!(matches!(err, StorageError::Locked(_)), "{err}");
+}
+
+#[test]
+fn epoch_never_goes_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), MIB, 64 * MIB);
+    let store = open(&path);
+    assert_eq!(store.begin_epoch(None).unwrap(), Epoch(1));
+    assert_eq!(store.begin_epoch(Some(Epoch(5))).unwrap(), Epoch(5));
+    assert!(matches!(
+        store.begin_epoch(Some(Epoch(5))),
+        Err(StorageError::EpochRegression { .. })
+    ));
+    drop(store);
+    assert_eq!(Store::read_superblock(&path).unwrap().epoch, Epoch(5));
+}
+
+/// Writes `n` one-block entries and flushes, without a checkpoint, then "crashes".
+fn store_with_log(n: u64) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = Store::open(
+        &path,
+        &OpenOptions {
+            flush_interval: Duration::from_secs(3600),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    for i in 0..n {
+        rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))
+            .unwrap();
+        // A flush per write, so each record's durable hint covers the one before it.
+        rt.block_on(store.flush()).unwrap();
+    }
+    drop(store);
+    (tmp, path)
+}
+
+fn record_offset(k: u64) -> u64 {
+    // Entry k (1-based) of one-block writes starts here in the WAL file.
+    wal::WAL_HEADER_LEN + (k - 1) * (64 + 4096)
+}
+
+fn corrupt(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = File::options().write(true).open(path.join(WAL)).unwrap();
+    f.write_all_at(&[0xa5; 16], offset).unwrap();
+}
+
+#[test]
+fn wal_torn_tail_is_truncated() {
+    let (_tmp, path) = store_with_log(10);
+    // Tear the payload of the last entry.
+    corrupt(&path, record_offset(10) + 64 + 100);
+    let store = open(&path);
+    let out = store.replay_outcome();
+    assert_eq!(out.next_lsn, Lsn(10), "entry 10 is cut");
+    assert_eq!(out.torn_at, Some(record_offset(10)));
+    let rt = rt();
+    assert_eq!(
+        rt.block_on(store.read_contiguous(8 * 4096, 4096)).unwrap(),
+        pattern(8, 4096)
+    );
+    // New writes continue from the cut, and survive another crash.
+    rt.block_on(store.write(0, &[7; 4096], true)).unwrap();
+    drop(store);
+    let store = open(&path);
+    assert_eq!(store.replay_outcome().next_lsn, Lsn(11));
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 4096)).unwrap(),
+        vec![7u8; 4096]
+    );
+}
+
+#[test]
+fn wal_mid_log_corruption_refuses_to_open_naming_file_and_offset() {
+    let (_tmp, path) = store_with_log(10);
+    corrupt(&path, record_offset(4) + 64 + 10);
+    let err = Store::open(&path, &OpenOptions::default()).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, StorageError::CorruptWal { lsn: Lsn(4), .. }),
+        "{msg}"
+    );
+    assert!(msg.contains(&path.join(WAL).display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&format!("offset {}", record_offset(4))),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wal_unsynced_batch_torn_in_the_middle_is_a_torn_tail() {
+    // Entries 1..=5 flushed; 6..=8 written in one batch without a flush, then entry 6 torn
+    // while 7 and 8 reached the disk: nothing proves 6 durable, so it is a tail, not
+    // corruption.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = Store::open(
+        &path,
+        &OpenOptions {
+            flush_interval: Duration::from_secs(3600),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    for i in 0..8u64 {
+        rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))
+            .unwrap();
+        if i < 5 {
+            rt.block_on(store.flush()).unwrap();
+        }
+    }
+    // Let the writer put 6..8 in the file without syncing.
+    std::thread::sleep(Duration::from_millis(200));
+    drop(store);
+    corrupt(&path, record_offset(6) + 64 + 5);
+    let store = open(&path);
+    assert_eq!(store.replay_outcome().next_lsn, Lsn(6));
+}
+
+#[test]
+fn replay_ignores_records_of_a_previous_lap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 64 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    // ~3 laps of the ring with checkpoints in between.
+    for i in 0..200u64 {
+        rt.block_on(store.write((i % 60) * MIB, &vec![i as u8; MIB as usize], false))
+            .unwrap();
+    }
+    rt.block_on(store.flush()).unwrap();
+    drop(store);
+    let store = open(&path);
+    for i in 140..200u64 {
+        let got = rt
+            .block_on(store.read_contiguous((i % 60) * MIB, 4096))
+            .unwrap();
+        assert_eq!(got[0], i as u8, "slot {}", i % 60);
+    }
+}
+
+#[test]
+fn read_only_open_replays_without_writing() {
+    let (_tmp, path) = store_with_log(3);
+    let before = std::fs::read(path.join(SUPERBLOCK)).unwrap();
+    let store = Store::open(
+        &path,
+        &OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let rt = rt();
+    assert_eq!(
+        rt.block_on(store.read_contiguous(4096, 4096)).unwrap(),
+        pattern(1, 4096)
+    );
+    assert!(rt.block_on(store.write(0, &[1], false)).is_err());
+    drop(store);
+    assert_eq!(std::fs::read(path.join(SUPERBLOCK)).unwrap(), before);
+}
+
+#[test]
+fn create_refuses_existing_dir_and_bad_geometry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), MIB, 64 * MIB);
+    assert!(matches!(
+        Store::create(
+            &path,
+            &CreateOptions {
+                size: MIB,
+                wal_capacity: 64 * MIB
+            }
+        ),
+        Err(StorageError::AlreadyExists(_))
+    ));
+    let other = tmp.path().join("b");
+    assert!(matches!(
+        Store::create(
+            &other,
+            &CreateOptions {
+                size: 1000,
+                wal_capacity: 64 * MIB
+            }
+        ),
+        Err(StorageError::BadGeometry(_))
+    ));
+    assert!(!other.exists());
+}

@@ -1,0 +1,123 @@
+//! The WAL writer thread: writes queued records and runs group commit.
+//!
+//! Each round takes everything queued so far, writes it with as few vectored writes as the
+//! ring allows, and fdatasyncs once if anybody wants durability. Waiters that arrive while a
+//! round runs are served by the next round's single fdatasync; that is the group commit.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::Shared;
+use crate::types::Lsn;
+use crate::wal::record::HEADER_LEN;
+
+/// Linux refuses more iovecs than this in one call.
+const MAX_IOVECS: usize = 1024;
+
+pub(crate) fn run(shared: Arc<Shared>) {
+    loop {
+        let (batch, hint, want_sync) = {
+            let mut core = shared.lock_core();
+            loop {
+                if core.failed.is_none()
+                    && (!core.queue.is_empty() || core.sync_target > core.durable)
+                {
+                    break;
+                }
+                if core.writer_stop {
+                    return;
+                }
+                core = shared
+                    .writer_cv
+                    .wait(core)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            let batch = std::mem::take(&mut core.queue);
+            (batch, core.durable, core.sync_target > core.durable)
+        };
+        let last = batch
+            .iter()
+            .rev()
+            .find(|q| q.record.kind != crate::wal::record::RecordKind::Wrap)
+            .map(|q| q.record.lsn);
+        let mut result = write_batch(&shared, &batch, hint);
+        if result.is_ok() && want_sync {
+            result = shared
+                .io
+                .datasync(&shared.wal)
+                .wait()
+                .map(|_| ())
+                .map_err(|e| format!("fdatasync {}: {e}", shared.wal_path.display()));
+        }
+        let mut core = shared.lock_core();
+        match result {
+            Ok(()) => {
+                if let Some(lsn) = last {
+                    core.written = core.written.max(lsn);
+                }
+                if want_sync {
+                    // Everything handed to the writer so far is now on stable storage.
+                    let written = core.written;
+                    core.durable = core.durable.max(written);
+                    shared
+                        .durable
+                        .store(core.durable.0, std::sync::atomic::Ordering::Release);
+                    core.complete_waiters();
+                }
+            }
+            Err(msg) => {
+                core.fail(msg);
+                drop(core);
+                shared.space.notify_waiters();
+            }
+        }
+    }
+}
+
+/// Writes the batch: one vectored write per physically contiguous run of records.
+fn write_batch(shared: &Shared, batch: &[super::core::Queued], hint: Lsn) -> Result<(), String> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut headers = BytesMut::with_capacity(batch.len() * HEADER_LEN);
+    for q in batch {
+        headers.extend_from_slice(&q.record.encode_header(hint));
+    }
+    let headers = headers.freeze();
+    let mut pending = Vec::new();
+    let mut run: Vec<Bytes> = Vec::new();
+    let mut run_at = 0u64;
+    let mut run_end = 0u64;
+    for (i, q) in batch.iter().enumerate() {
+        let at = shared.layout.file_offset(q.pos);
+        let contiguous = !run.is_empty() && at == run_end && run.len() + 2 <= MAX_IOVECS;
+        if !contiguous && !run.is_empty() {
+            pending.push(
+                shared
+                    .io
+                    .write(&shared.wal, run_at, std::mem::take(&mut run)),
+            );
+        }
+        if run.is_empty() {
+            run_at = at;
+            run_end = at;
+        }
+        run.push(headers.slice(i * HEADER_LEN..(i + 1) * HEADER_LEN));
+        run_end += HEADER_LEN as u64;
+        if !q.record.payload.is_empty() {
+            run.push(q.record.payload.clone());
+            run_end += q.record.payload.len() as u64;
+        }
+    }
+    if !run.is_empty() {
+        pending.push(shared.io.write(&shared.wal, run_at, run));
+    }
+    let mut first_err = None;
+    for c in pending {
+        if let Err(e) = c.wait() {
+            first_err.get_or_insert_with(|| format!("write {}: {e}", shared.wal_path.display()));
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}

@@ -1,0 +1,292 @@
+//! Listeners, the accept loop, and graceful shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::connection;
+use crate::handshake::{self, HandshakeError};
+use crate::volume::BlockVolume;
+use crate::ServerStats;
+
+/// A client that has not finished negotiating by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Where to listen: `host:port` or `unix:/path/to/socket`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ListenAddr, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path, as in unix:/run/blockrep.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        match s.rsplit_once(':') {
+            Some((_, port)) if port.parse::<u16>().is_ok() => Ok(ListenAddr::Tcp(s.to_string())),
+            _ => Err(format!(
+                "{s:?} is not host:port or unix:/path (for example 127.0.0.1:10809)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: String, reason: String },
+    #[error("no export to serve")]
+    NoExports,
+}
+
+/// The exports a server offers, by name. The empty name selects the first one.
+pub struct Exports<V> {
+    list: Vec<(String, Arc<V>)>,
+}
+
+impl<V> Exports<V> {
+    pub fn new() -> Exports<V> {
+        Exports { list: Vec::new() }
+    }
+
+    pub fn add(&mut self, name: impl Into<String>, volume: Arc<V>) {
+        self.list.push((name.into(), volume));
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(String, Arc<V>)> {
+        self.list.iter()
+    }
+
+    pub(crate) fn find(&self, name: &str) -> Option<Arc<V>> {
+        if name.is_empty() {
+            return self.list.first().map(|(_, v)| v.clone());
+        }
+        self.list
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+impl<V> Default for Exports<V> {
+    fn default() -> Self {
+        Exports::new()
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// An NBD server bound to its listeners, ready to run.
+pub struct Server<V> {
+    exports: Arc<Exports<V>>,
+    listeners: Vec<Listener>,
+    stats: Arc<ServerStats>,
+}
+
+impl<V: BlockVolume> Server<V> {
+    /// Binds every address. A Unix socket path left behind by a dead server is replaced; one
+    /// a live server still answers on is an error.
+    pub async fn bind(addrs: &[ListenAddr], exports: Exports<V>) -> Result<Server<V>, ServerError> {
+        if exports.list.is_empty() {
+            return Err(ServerError::NoExports);
+        }
+        let mut listeners = Vec::new();
+        for addr in addrs {
+            let bind_err = |reason: String| ServerError::Bind {
+                addr: addr.to_string(),
+                reason,
+            };
+            let listener = match addr {
+                ListenAddr::Tcp(a) => Listener::Tcp(
+                    TcpListener::bind(a)
+                        .await
+                        .map_err(|e| bind_err(e.to_string()))?,
+                ),
+                ListenAddr::Unix(path) => {
+                    remove_stale_socket(path).map_err(bind_err)?;
+                    Listener::Unix(
+                        UnixListener::bind(path).map_err(|e| bind_err(e.to_string()))?,
+                        path.clone(),
+                    )
+                }
+            };
+            listeners.push(listener);
+        }
+        Ok(Server {
+            exports: Arc::new(exports),
+            listeners,
+            stats: Arc::new(ServerStats::default()),
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.listeners
+            .iter()
+            .map(|l| match l {
+                Listener::Tcp(t) => ListenAddr::Tcp(
+                    t.local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|_| "?".into()),
+                ),
+                Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets every connection finish
+    /// the requests it has read, and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut accepts = JoinSet::new();
+        let mut sockets = Vec::new();
+        for listener in self.listeners {
+            if let Listener::Unix(_, p) = &listener {
+                sockets.push(p.clone());
+            }
+            accepts.spawn(accept_loop(
+                listener,
+                self.exports.clone(),
+                shutdown.clone(),
+                limit.clone(),
+                self.stats.clone(),
+            ));
+        }
+        while accepts.join_next().await.is_some() {}
+        for p in sockets {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> Result<(), String> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err("another server is listening on this socket".into());
+    }
+    std::fs::remove_file(path).map_err(|e| format!("cannot remove stale socket: {e}"))
+}
+
+async fn accept_loop<V: BlockVolume>(
+    listener: Listener,
+    exports: Arc<Exports<V>>,
+    shutdown: CancellationToken,
+    limit: Arc<Semaphore>,
+    stats: Arc<ServerStats>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            // Reap finished connections so the set does not grow.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            a = accept(&listener) => a,
+        };
+        let (reader, writer, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "refusing connection: {MAX_CONNECTIONS} clients already connected");
+            continue;
+        };
+        let exports = exports.clone();
+        let shutdown = shutdown.clone();
+        let stats = stats.clone();
+        conns.spawn(async move {
+            handle_client(reader, writer, &peer, &exports, shutdown, stats).await;
+            drop(permit);
+        });
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+async fn accept(listener: &Listener) -> std::io::Result<(Reader, Writer, String)> {
+    Ok(match listener {
+        Listener::Tcp(l) => {
+            let (s, addr) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w), addr.to_string())
+        }
+        Listener::Unix(l, path) => {
+            let (s, _) = l.accept().await?;
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w), format!("unix:{}", path.display()))
+        }
+    })
+}
+
+async fn handle_client<V: BlockVolume>(
+    mut reader: Reader,
+    mut writer: Writer,
+    peer: &str,
+    exports: &Exports<V>,
+    shutdown: CancellationToken,
+    stats: Arc<ServerStats>,
+) {
+    let negotiated = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake::negotiate(&mut reader, &mut writer, exports, shutdown.is_cancelled()),
+    )
+    .await;
+    let neg = match negotiated {
+        Err(_) => {
+            tracing::info!(%peer, "handshake timed out");
+            return;
+        }
+        Ok(Ok(Some(neg))) => neg,
+        Ok(Ok(None)) => return,
+        Ok(Err(HandshakeError::Io(e))) => {
+            tracing::debug!(%peer, "client left during the handshake: {e}");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(%peer, "handshake failed: {e}");
+            return;
+        }
+    };
+    tracing::debug!(%peer, export = %neg.export, structured = neg.structured, "client connected");
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    connection::serve(reader, writer, neg, shutdown, stats.clone(), peer).await;
+    stats.connections.fetch_sub(1, Ordering::Relaxed);
+}

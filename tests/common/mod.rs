@@ -1,0 +1,191 @@
+//! Shared harness for the end-to-end tests: real `blockrep` processes on loopback, real
+//! third-party clients. A missing client tool is a failure, never a skip: `scripts/test`
+//! installs them.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1 << 20;
+
+/// The `blockrep` binary built for this test run.
+pub fn blockrep() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blockrep"))
+}
+
+/// Runs a command to completion, capturing output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command and panics with its output unless it succeeds; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fails loudly if a client tool is not installed.
+pub fn require(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed; run ./scripts/test (it installs every tool the tests use)"
+    );
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Creates a store of `size` bytes under `parent` and returns its path.
+pub fn create_store(parent: &Path, name: &str, size: u64) -> PathBuf {
+    let dir = parent.join(name);
+    run_ok(
+        blockrep()
+            .arg("create")
+            .arg(&dir)
+            .arg("--size")
+            .arg(size.to_string())
+            .arg("--wal-size")
+            .arg("64MiB"),
+    );
+    dir
+}
+
+/// A `blockrep serve` process.
+pub struct Served {
+    pub child: Child,
+    pub store: PathBuf,
+    pub port: u16,
+    pub stderr_log: PathBuf,
+}
+
+impl Served {
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: the process gets no chance to flush or close anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `blockrep serve STORE --nbd 127.0.0.1:PORT [extra...]` and waits until it
+/// accepts connections.
+pub fn serve(store: &Path, extra: &[&str]) -> Served {
+    let port = free_port();
+    let stderr_log = store.with_extension(format!("serve-{port}.log"));
+    let log = std::fs::File::create(&stderr_log).expect("log file");
+    let mut child = blockrep()
+        .arg("serve")
+        .arg(store)
+        .arg("--nbd")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn blockrep serve");
+    // The first stdout line says the server is listening.
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(first)) = lines.next() {
+            let _ = tx.send(first);
+        }
+        for _ in lines {}
+    });
+    let first = rx.recv_timeout(Duration::from_secs(60));
+    let served = Served {
+        child,
+        store: store.to_path_buf(),
+        port,
+        stderr_log,
+    };
+    match first {
+        Ok(line) if line.contains("serving") => {}
+        other => panic!(
+            "blockrep serve did not start ({other:?}); its log:\n{}",
+            served.log()
+        ),
+    }
+    wait_for_port(port);
+    served
+}
+
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no `rand` crate.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The path of `/usr/bin/python3`, which has the libnbd binding (the pyenv python does not).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";

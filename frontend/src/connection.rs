@@ -7,6 +7,7 @@
 //! when too much is in flight, so a flood of requests turns into TCP back-pressure rather than
 //! memory growth.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,13 +90,26 @@ pub(crate) async fn serve<R, W, V>(
             Ok(p) => p,
             Err(_) => break End::Broken("budget closed".into()),
         };
-        let ctx = ctx.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let reply = handle(&ctx, req).await;
-            // The permit travels with the reply and is released once it is on the wire.
-            let _ = tx.send((reply, permit));
-        });
+        // Most requests finish without waiting (a write lands in memory, a read hits memory
+        // or the page cache), so try each one right here first; only those that must wait
+        // (FUA, FLUSH, a disk read, a full WAL) become tasks of their own. The permit travels
+        // with the reply and is released once the reply is on the wire.
+        let mut request = Box::pin(handle(ctx.clone(), req));
+        let mut probe = std::task::Context::from_waker(std::task::Waker::noop());
+        match request.as_mut().poll(&mut probe) {
+            std::task::Poll::Ready(reply) => {
+                let _ = tx.send((reply, permit));
+            }
+            std::task::Poll::Pending => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    // Polling again under the task's own waker re-registers every wake-up
+                    // the first poll set up with the no-op waker.
+                    let reply = request.await;
+                    let _ = tx.send((reply, permit));
+                });
+            }
+        }
     };
     match &end {
         End::Broken(reason) => tracing::warn!(%peer, "closing connection: {reason}"),
@@ -174,7 +188,8 @@ fn allowed_flags(cmd: u16, structured: bool) -> u16 {
     }
 }
 
-async fn handle<V: BlockVolume>(ctx: &Ctx<V>, req: Request) -> Reply {
+async fn handle<V: BlockVolume>(ctx: Arc<Ctx<V>>, req: Request) -> Reply {
+    let ctx = &*ctx;
     let started = std::time::Instant::now();
     let reply = match execute(ctx, &req).await {
         Ok(reply) => reply,

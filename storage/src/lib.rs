@@ -9,6 +9,7 @@
 //! It must never know about NBD, replicas or the network: the frontend talks to it through
 //! the binary's volume adapter, and replication (later) drives it through its public API.
 
+mod arena;
 mod dirty;
 pub mod error;
 pub mod io;

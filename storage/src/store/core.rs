@@ -38,6 +38,11 @@ pub(crate) struct Core {
     /// The map the flusher is writing to the data file right now.
     pub flushing: Option<Arc<DirtyMap>>,
     pub queue: Vec<Queued>,
+    /// Bytes in `queue`.
+    pub queued_bytes: u64,
+    /// The WAL writer is parked and needs a wake-up (waking it costs a syscall, so appends
+    /// only do it when a batch is worth writing).
+    pub writer_waiting: bool,
     /// Highest LSN written to the WAL file (maybe not synced).
     pub written: Lsn,
     /// Highest LSN fsynced in the WAL.
@@ -119,6 +124,7 @@ impl Core {
                 pos: self.head,
                 record: marker,
             });
+            self.queued_bytes += HEADER_LEN as u64;
             self.head = WalPos(self.head.0 + pad);
         }
         let first = offset / BLOCK_SIZE;
@@ -143,6 +149,7 @@ impl Core {
             pos: self.head,
             record,
         });
+        self.queued_bytes += size;
         self.head = WalPos(self.head.0 + size);
         self.next_lsn = lsn.next();
         Some(lsn)

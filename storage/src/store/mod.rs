@@ -162,7 +162,7 @@ impl Shared {
         if core.sync_target < target {
             core.sync_target = target;
         }
-        self.writer_cv.notify_one();
+        self.wake_writer(&mut core);
         Ok(Some(rx))
     }
 
@@ -183,6 +183,13 @@ impl Shared {
                 Ok(Err(msg)) => Err(StorageError::Failed(msg)),
                 Err(_) => Err(StorageError::Closed),
             },
+        }
+    }
+
+    fn wake_writer(&self, core: &mut Core) {
+        if core.writer_waiting {
+            core.writer_waiting = false;
+            self.writer_cv.notify_one();
         }
     }
 
@@ -395,6 +402,8 @@ impl Store {
             active: dirty,
             flushing: None,
             queue: Vec::new(),
+            queued_bytes: 0,
+            writer_waiting: false,
             written: last,
             durable: last,
             sync_target: last,
@@ -554,7 +563,10 @@ impl Store {
             let to = (p.end * BLOCK_SIZE).min(end);
             let n = to - from;
             parts.push(match p.state {
-                None => Part::Reading(self.shared.io.read(&self.shared.data, from, n as usize)),
+                None => match crate::io::read_if_cached(&self.shared.data, from, n as usize) {
+                    Some(bytes) => Part::Ready(ReadSegment::Data(bytes)),
+                    None => Part::Reading(self.shared.io.read(&self.shared.data, from, n as usize)),
+                },
                 Some(BlockState::Zero { .. }) => Part::Ready(ReadSegment::Zeroes(n)),
                 Some(BlockState::Data(bytes)) => {
                     let skip = (from - p.start * BLOCK_SIZE) as usize;
@@ -612,10 +624,6 @@ impl Store {
         let first = offset / BLOCK_SIZE;
         let end = (offset + len).div_ceil(BLOCK_SIZE);
         let head_skip = (offset - first * BLOCK_SIZE) as usize;
-        // The payload covers whole blocks; the client's bytes go in the middle. Copying here
-        // (rather than keeping the caller's buffer) keeps the dirty map's memory exact.
-        let mut payload = BytesMut::zeroed(((end - first) * BLOCK_SIZE) as usize);
-        payload[head_skip..head_skip + data.len()].copy_from_slice(data);
         let mut edges: Vec<u64> = Vec::new();
         if head_skip != 0 || (len < BLOCK_SIZE && first == end - 1) {
             edges.push(first);
@@ -624,11 +632,17 @@ impl Store {
             edges.push(end - 1);
         }
         let lsn = if edges.is_empty() {
-            let payload = payload.freeze();
+            // The payload is copied rather than kept: the caller's buffer may be part of a
+            // larger allocation that the dirty map would otherwise pin.
+            let payload = crate::arena::copy(&[data]);
             let crc = crc32c::crc32c(&payload);
             self.append(RecordKind::Write, first, end, payload, crc)
                 .await?
         } else {
+            // Whole blocks, with the client's bytes in the middle; the edges are filled in
+            // under the lock.
+            let mut payload = BytesMut::zeroed(((end - first) * BLOCK_SIZE) as usize);
+            payload[head_skip..head_skip + data.len()].copy_from_slice(data);
             self.read_modify_write(offset, len, first, end, payload, &edges)
                 .await?
         };
@@ -694,7 +708,7 @@ impl Store {
                 if missing {
                     Some(core.checkpoint_gen)
                 } else {
-                    let frozen = Bytes::copy_from_slice(&payload);
+                    let frozen = crate::arena::copy(&[&payload]);
                     let crc = crc32c::crc32c(&frozen);
                     if let Some(lsn) = core.try_append(
                         &self.shared.layout,
@@ -764,7 +778,9 @@ impl Store {
     }
 
     fn after_append(&self, core: &mut Core) {
-        self.shared.writer_cv.notify_one();
+        if core.queued_bytes >= wal_writer::BATCH_BYTES {
+            self.shared.wake_writer(core);
+        }
         if core.wal_used() >= flusher::eager_threshold(self.shared.layout.capacity) {
             self.shared.request_flush(core);
         }

@@ -3,6 +3,11 @@
 //! Each round takes everything queued so far, writes it with as few vectored writes as the
 //! ring allows, and fdatasyncs once if anybody wants durability. Waiters that arrive while a
 //! round runs are served by the next round's single fdatasync; that is the group commit.
+//!
+//! A plain write needs nothing from this thread before it is acknowledged (it is visible from
+//! the dirty map at once), so the writer is only woken for a sync or a full batch; otherwise
+//! it collects appends for up to [`LINGER`]. That keeps wake-ups, and their syscalls, off the
+//! request path.
 
 use std::sync::Arc;
 
@@ -14,26 +19,48 @@ use crate::wal::record::HEADER_LEN;
 
 /// Linux refuses more iovecs than this in one call.
 const MAX_IOVECS: usize = 1024;
+/// Queue this much and the writer is woken at once.
+pub(crate) const BATCH_BYTES: u64 = 1 << 20;
+/// How long queued records may wait for a batch to fill.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 pub(crate) fn run(shared: Arc<Shared>) {
     loop {
         let (batch, hint, want_sync) = {
             let mut core = shared.lock_core();
+            let mut lingered = false;
             loop {
-                if core.failed.is_none()
-                    && (!core.queue.is_empty() || core.sync_target > core.durable)
-                {
-                    break;
+                if core.failed.is_none() {
+                    let sync = core.sync_target > core.durable;
+                    let full = core.queued_bytes >= BATCH_BYTES;
+                    if sync || full || (lingered && !core.queue.is_empty()) {
+                        break;
+                    }
                 }
                 if core.writer_stop {
-                    return;
+                    if core.queue.is_empty() || core.failed.is_some() {
+                        return;
+                    }
+                    break;
                 }
-                core = shared
-                    .writer_cv
-                    .wait(core)
-                    .unwrap_or_else(|p| p.into_inner());
+                core.writer_waiting = true;
+                core = if core.queue.is_empty() {
+                    shared
+                        .writer_cv
+                        .wait(core)
+                        .unwrap_or_else(|p| p.into_inner())
+                } else {
+                    lingered = true;
+                    shared
+                        .writer_cv
+                        .wait_timeout(core, LINGER)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                };
+                core.writer_waiting = false;
             }
             let batch = std::mem::take(&mut core.queue);
+            core.queued_bytes = 0;
             (batch, core.durable, core.sync_target > core.durable)
         };
         let last = batch

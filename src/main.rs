@@ -132,6 +132,7 @@ fn run(command: Command) -> Result<()> {
                 &CreateOptions {
                     size,
                     wal_capacity: wal_size,
+                    volume_id: None,
                 },
             )?;
             println!("created volume {id} ({}) in {}", human(size), dir.display());
@@ -145,6 +146,7 @@ fn run(command: Command) -> Result<()> {
                     &CreateOptions {
                         size,
                         wal_capacity: CreateOptions::DEFAULT_WAL_CAPACITY,
+                        volume_id: None,
                     },
                 )?;
                 println!("created volume {id} ({}) in {}", human(size), dir.display());

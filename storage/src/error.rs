@@ -39,6 +39,10 @@ pub enum StorageError {
     OutOfRange { offset: u64, length: u64, size: u64 },
     #[error("epoch {requested} is not above the store's epoch {current}")]
     EpochRegression { requested: Epoch, current: Epoch },
+    #[error("WAL entry {requested} is no longer retained (the oldest is {oldest})")]
+    WalRecycled { requested: Lsn, oldest: Lsn },
+    #[error("replicated entry {got} does not follow the store's last entry (expected {expected})")]
+    LsnGap { expected: Lsn, got: Lsn },
     #[error("the store failed earlier and accepts no more writes: {0}")]
     Failed(String),
     #[error("the store is closed")]

@@ -22,9 +22,37 @@ const CRC_AT: usize = SLOT_SIZE - 4;
 /// A clean store needs no defensive scan past the end of its log at the next open.
 pub(crate) const FLAG_CLEAN: u32 = 1;
 
+/// What a store is doing for its volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Serves the volume (or has never been anything else).
+    #[default]
+    Primary,
+    /// Receives the WAL of a primary.
+    Replica,
+}
+
+impl Role {
+    fn encode(self) -> u8 {
+        match self {
+            Role::Primary => 0,
+            Role::Replica => 1,
+        }
+    }
+    fn decode(b: u8) -> Result<Role, String> {
+        match b {
+            0 => Ok(Role::Primary),
+            1 => Ok(Role::Replica),
+            other => Err(format!("unknown role {other}")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
     pub volume_id: VolumeId,
+    /// This copy's own identity (every store of a volume has a different one).
+    pub store_id: VolumeId,
     pub volume_size: u64,
     pub block_size: u32,
     pub epoch: Epoch,
@@ -33,8 +61,17 @@ pub struct Superblock {
     pub checkpoint_lsn: Lsn,
     /// Logical WAL position of the entry `checkpoint_lsn + 1` (where recovery starts).
     pub wal_tail: WalPos,
+    /// LSN of the entry at `wal_tail`. It is `checkpoint_lsn + 1` unless WAL is retained for a
+    /// lagging replica, in which case replay re-applies entries the data file already has
+    /// (harmless: they are replayed in order and the newest wins).
+    pub wal_tail_lsn: Lsn,
     pub wal_capacity: u64,
     pub flags: u32,
+    /// The highest LSN this store knows to be committed under the volume's commit mode.
+    pub committed_lsn: Lsn,
+    pub role: Role,
+    /// The store that claimed `epoch` (a replica refuses another store at the same epoch).
+    pub epoch_owner: VolumeId,
     /// Bumped by every update; picks the newer of the two slots.
     pub(crate) seq: u64,
 }
@@ -43,13 +80,18 @@ impl Superblock {
     pub(crate) fn new(volume_id: VolumeId, volume_size: u64, wal_capacity: u64) -> Superblock {
         Superblock {
             volume_id,
+            store_id: VolumeId::random(),
             volume_size,
             block_size: BLOCK_SIZE as u32,
             epoch: Epoch(0),
             checkpoint_lsn: Lsn::ZERO,
             wal_tail: WalPos(0),
+            wal_tail_lsn: Lsn(1),
             wal_capacity,
             flags: FLAG_CLEAN,
+            committed_lsn: Lsn::ZERO,
+            role: Role::Primary,
+            epoch_owner: VolumeId([0; 16]),
             seq: 0,
         }
     }
@@ -71,6 +113,11 @@ impl Superblock {
         b[64..72].copy_from_slice(&self.wal_tail.0.to_le_bytes());
         b[72..80].copy_from_slice(&self.wal_capacity.to_le_bytes());
         b[80..84].copy_from_slice(&self.flags.to_le_bytes());
+        b[84..100].copy_from_slice(&self.store_id.0);
+        b[100..108].copy_from_slice(&self.committed_lsn.0.to_le_bytes());
+        b[108..116].copy_from_slice(&self.wal_tail_lsn.0.to_le_bytes());
+        b[116] = self.role.encode();
+        b[120..136].copy_from_slice(&self.epoch_owner.0);
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -105,6 +152,11 @@ impl Superblock {
             wal_tail: WalPos(u64_at(64)),
             wal_capacity: u64_at(72),
             flags: u32_at(80),
+            store_id: VolumeId(b[84..100].try_into().expect("16 bytes")),
+            committed_lsn: Lsn(u64_at(100)),
+            wal_tail_lsn: Lsn(u64_at(108)),
+            role: Role::decode(b[116])?,
+            epoch_owner: VolumeId(b[120..136].try_into().expect("16 bytes")),
         };
         if u64::from(sb.block_size) != BLOCK_SIZE {
             return Err(format!("block size {} is not {BLOCK_SIZE}", sb.block_size));

@@ -3,10 +3,11 @@
 //! The mutex is held only for in-memory work: assigning an LSN and a WAL position, updating
 //! the dirty map, queueing the record. No I/O ever happens under it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::dirty::{BlockState, DirtyMap, Piece};
 use crate::error::{Result, StorageError};
@@ -26,8 +27,23 @@ pub(crate) struct DurableWaiter {
 }
 
 pub(crate) struct Core {
+    /// The epoch new entries are written at (a primary's own; a replica's adopted one).
     pub epoch: Epoch,
+    /// Epoch of the newest entry; wrap markers carry it so replay's epoch order holds even
+    /// when a replica receives entries of an older epoch.
+    pub last_epoch: Epoch,
     pub next_lsn: Lsn,
+    /// Highest LSN known committed under the volume's commit mode (set by replication);
+    /// stamped into every record header so it survives a crash.
+    pub committed: Lsn,
+    /// Every entry in the WAL, oldest first: where to find it for a replica's catch-up.
+    pub index: VecDeque<(Lsn, WalPos)>,
+    /// LSN of the entry at `tail`.
+    pub tail_lsn: Lsn,
+    /// The oldest entry a lagging replica still needs; checkpoints keep the WAL from here.
+    pub retention_pin: Option<Lsn>,
+    /// Receives a copy of every appended entry, in LSN order (the replication shipper).
+    pub tap: Option<mpsc::UnboundedSender<WalRecord>>,
     /// Where the next record goes.
     pub head: WalPos,
     /// The oldest position still needed (the entry after the checkpoint).
@@ -101,7 +117,6 @@ impl Core {
     ///
     /// LSN order, WAL order and dirty-map order are the same because all three are decided
     /// here, under one lock.
-    #[allow(clippy::too_many_arguments)]
     pub fn try_append(
         &mut self,
         layout: &WalLayout,
@@ -111,33 +126,8 @@ impl Core {
         payload: Bytes,
         payload_crc: u32,
     ) -> Option<Lsn> {
-        let size = (HEADER_LEN + payload.len()) as u64;
-        let room = layout.room(self.head);
-        let pad = if room < size { room } else { 0 };
-        if self.wal_used() + pad + size > layout.capacity {
-            return None;
-        }
-        let lsn = self.next_lsn;
-        if pad > 0 {
-            let marker = WalRecord::new(lsn, self.epoch, RecordKind::Wrap, 0, 0, Bytes::new());
-            self.queue.push(Queued {
-                pos: self.head,
-                record: marker,
-            });
-            self.queued_bytes += HEADER_LEN as u64;
-            self.head = WalPos(self.head.0 + pad);
-        }
-        let first = offset / BLOCK_SIZE;
-        let end = first + length / BLOCK_SIZE;
-        let state = match kind {
-            RecordKind::Write => BlockState::Data(payload.clone()),
-            RecordKind::Trim => BlockState::Zero { punch: true },
-            RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
-            RecordKind::Wrap => unreachable!("wrap markers are not appended by callers"),
-        };
-        self.active.insert(first, end, lsn, state);
         let record = WalRecord {
-            lsn,
+            lsn: self.next_lsn,
             epoch: self.epoch,
             kind,
             offset,
@@ -145,6 +135,47 @@ impl Core {
             payload,
             payload_crc,
         };
+        self.try_push(layout, record)
+    }
+
+    /// Appends `record` as the next entry; its LSN must be `next_lsn` (callers check).
+    /// Returns `None` when the ring has no room for it yet.
+    pub fn try_push(&mut self, layout: &WalLayout, record: WalRecord) -> Option<Lsn> {
+        debug_assert_eq!(record.lsn, self.next_lsn);
+        debug_assert!(record.kind != RecordKind::Wrap);
+        let size = record.encoded_len();
+        let room = layout.room(self.head);
+        let pad = if room < size { room } else { 0 };
+        if self.wal_used() + pad + size > layout.capacity {
+            return None;
+        }
+        let lsn = record.lsn;
+        if pad > 0 {
+            let marker = WalRecord::new(lsn, self.last_epoch, RecordKind::Wrap, 0, 0, Bytes::new());
+            self.queue.push(Queued {
+                pos: self.head,
+                record: marker,
+            });
+            self.queued_bytes += HEADER_LEN as u64;
+            self.head = WalPos(self.head.0 + pad);
+        }
+        let first = record.offset / BLOCK_SIZE;
+        let end = first + record.length / BLOCK_SIZE;
+        let state = match record.kind {
+            RecordKind::Write => BlockState::Data(record.payload.clone()),
+            RecordKind::Trim => BlockState::Zero { punch: true },
+            RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
+            RecordKind::Wrap => unreachable!("wrap markers are not appended by callers"),
+        };
+        self.active.insert(first, end, lsn, state);
+        if let Some(tap) = &self.tap {
+            // Sent under the lock, so the shipper sees entries in LSN order.
+            if tap.send(record.clone()).is_err() {
+                self.tap = None;
+            }
+        }
+        self.index.push_back((lsn, self.head));
+        self.last_epoch = record.epoch;
         self.queue.push(Queued {
             pos: self.head,
             record,
@@ -153,6 +184,30 @@ impl Core {
         self.head = WalPos(self.head.0 + size);
         self.next_lsn = lsn.next();
         Some(lsn)
+    }
+
+    /// Where the WAL may be released up to after a checkpoint at `target` whose head was
+    /// `head`: everything, unless a lagging replica still needs entries from `pin` on.
+    pub fn release_point(&self, target: Lsn, head: WalPos) -> (WalPos, Lsn) {
+        match self.retention_pin {
+            Some(pin) if pin <= target => {
+                let i = self.index.partition_point(|(lsn, _)| *lsn < pin);
+                match self.index.get(i) {
+                    Some(&(lsn, pos)) => (pos, lsn),
+                    None => (head, target.next()),
+                }
+            }
+            _ => (head, target.next()),
+        }
+    }
+
+    /// Forgets index entries before the new tail.
+    pub fn release(&mut self, tail: WalPos, tail_lsn: Lsn) {
+        self.tail = tail;
+        self.tail_lsn = tail_lsn;
+        while self.index.front().is_some_and(|(lsn, _)| *lsn < tail_lsn) {
+            self.index.pop_front();
+        }
     }
 
     /// Completes every waiter whose target is durable now.

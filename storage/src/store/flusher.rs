@@ -56,12 +56,13 @@ impl Shared {
             .checkpoint_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let (target, new_tail, frozen) = {
+        let (target, head, frozen) = {
             let mut core = self.lock_core();
             if let Some(msg) = &core.failed {
                 return Err(msg.clone());
             }
-            if core.active.is_empty() && core.tail == core.head {
+            let (releasable, _) = core.release_point(core.next_lsn.prev(), core.head);
+            if core.active.is_empty() && core.tail == releasable {
                 return Ok(());
             }
             let frozen = Arc::new(std::mem::take(&mut core.active));
@@ -74,16 +75,24 @@ impl Shared {
             .datasync(&self.data)
             .wait()
             .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
+        // The WAL before the checkpoint may go, except what a lagging replica still needs.
+        let (new_tail, new_tail_lsn, committed) = {
+            let core = self.lock_core();
+            let (tail, tail_lsn) = core.release_point(target, head);
+            (tail, tail_lsn, core.committed)
+        };
         {
             let mut sb = self.superblock.lock().unwrap_or_else(|p| p.into_inner());
             sb.checkpoint_lsn = target;
             sb.wal_tail = new_tail;
+            sb.wal_tail_lsn = new_tail_lsn;
+            sb.committed_lsn = sb.committed_lsn.max(committed);
             sb.persist(&self.sb_file, &self.sb_path)
                 .map_err(|e| e.to_string())?;
         }
         {
             let mut core = self.lock_core();
-            core.tail = new_tail;
+            core.release(new_tail, new_tail_lsn);
             core.checkpoint_lsn = target;
             core.flushing = None;
             core.checkpoint_gen += 1;

@@ -27,7 +27,7 @@ use self::core::{Core, DurableWaiter};
 use crate::dirty::{BlockState, DirtyMap};
 use crate::error::{Result, StorageError};
 use crate::io::{IoEngine, IoMode};
-use crate::superblock::{Superblock, FLAG_CLEAN};
+use crate::superblock::{Role, Superblock, FLAG_CLEAN};
 use crate::types::{Epoch, Lsn, VolumeId, BLOCK_SIZE};
 use crate::wal::record::RecordKind;
 use crate::wal::{self, ReplayInput, ReplayOutcome, WalLayout, MIN_WAL_CAPACITY};
@@ -45,6 +45,8 @@ pub const MAX_REQUEST: u64 = 32 << 20;
 pub struct CreateOptions {
     pub size: u64,
     pub wal_capacity: u64,
+    /// Join an existing volume (a replica created for it); `None` makes a new volume.
+    pub volume_id: Option<VolumeId>,
 }
 
 impl CreateOptions {
@@ -257,7 +259,7 @@ impl Store {
         ));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let id = VolumeId::random();
+        let id = opts.volume_id.unwrap_or_else(VolumeId::random);
         let result = (|| -> Result<()> {
             let create = |name: &str| {
                 let p = tmp.join(name);
@@ -348,6 +350,13 @@ impl Store {
             capacity: sb.wal_capacity,
         };
         let mut dirty = DirtyMap::default();
+        let mut index = std::collections::VecDeque::new();
+        // Stores written before the tail LSN was recorded start at the checkpoint.
+        let first_lsn = if sb.wal_tail_lsn == Lsn::ZERO {
+            sb.checkpoint_lsn.next()
+        } else {
+            sb.wal_tail_lsn
+        };
         let replay = wal::replay(
             ReplayInput {
                 io: &io,
@@ -356,10 +365,11 @@ impl Store {
                 layout,
                 volume_size: sb.volume_size,
                 start: sb.wal_tail,
-                first_lsn: sb.checkpoint_lsn.next(),
+                first_lsn,
                 clean: sb.is_clean(),
             },
-            |rec| {
+            |pos, rec| {
+                index.push_back((rec.lsn, pos));
                 let first = rec.offset / BLOCK_SIZE;
                 let end = first + rec.length / BLOCK_SIZE;
                 let state = match rec.kind {
@@ -383,7 +393,7 @@ impl Store {
                 "{}: replayed {} WAL entries (LSN {}..{})",
                 dir.display(),
                 replay.entries,
-                sb.checkpoint_lsn.next(),
+                first_lsn,
                 replay.next_lsn.prev()
             );
         }
@@ -392,9 +402,19 @@ impl Store {
             sb.flags &= !FLAG_CLEAN;
             sb.persist(&sb_file, &sb_path)?;
         }
-        let last = replay.next_lsn.prev();
+        let last = replay.next_lsn.prev().max(sb.checkpoint_lsn);
         let core = Core {
             epoch: sb.epoch.max(replay.last_epoch),
+            last_epoch: if replay.entries > 0 {
+                replay.last_epoch
+            } else {
+                sb.epoch
+            },
+            committed: sb.committed_lsn.max(replay.commit_hint),
+            index,
+            tail_lsn: first_lsn,
+            retention_pin: None,
+            tap: None,
             next_lsn: replay.next_lsn,
             head: replay.head,
             tail: sb.wal_tail,
@@ -501,9 +521,205 @@ impl Store {
             });
         }
         sb.epoch = epoch;
+        sb.epoch_owner = sb.store_id;
+        sb.role = Role::Primary;
         sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
         self.shared.lock_core().epoch = epoch;
         Ok(epoch)
+    }
+
+    /// A copy of the superblock as last persisted.
+    pub fn superblock(&self) -> Superblock {
+        self.shared
+            .superblock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// This store's own identity (distinct for every copy of a volume).
+    pub fn store_id(&self) -> VolumeId {
+        self.superblock().store_id
+    }
+
+    /// The newest entry's LSN (`Lsn(0)` for an empty store).
+    pub fn head(&self) -> Lsn {
+        self.shared.lock_core().next_lsn.prev()
+    }
+
+    /// The highest LSN durable in this store's WAL.
+    pub fn durable(&self) -> Lsn {
+        Lsn(self
+            .shared
+            .durable
+            .load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// The highest LSN this store knows to be committed.
+    pub fn committed(&self) -> Lsn {
+        self.shared.lock_core().committed
+    }
+
+    /// Records that the volume's commit mode is met through `lsn`. The knowledge reaches disk
+    /// with the next WAL record header or checkpoint.
+    pub fn set_committed(&self, lsn: Lsn) {
+        let mut core = self.shared.lock_core();
+        if lsn > core.committed {
+            core.committed = lsn;
+        }
+    }
+
+    /// From now on, every appended entry is also sent here, in LSN order. Replaces any
+    /// earlier subscriber.
+    pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<crate::WalRecord> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.shared.lock_core().tap = Some(tx);
+        rx
+    }
+
+    /// Keeps WAL entries from `pin` on (for a replica that will need them), or releases the
+    /// hold with `None`. Entries already released are not brought back.
+    pub fn set_retention_pin(&self, pin: Option<Lsn>) {
+        let mut core = self.shared.lock_core();
+        let changed = core.retention_pin != pin;
+        core.retention_pin = pin;
+        if changed {
+            // A released pin may free space at once.
+            self.shared.request_flush(&mut core);
+        }
+    }
+
+    /// The oldest LSN still in the WAL.
+    pub fn oldest_retained(&self) -> Lsn {
+        self.shared.lock_core().tail_lsn
+    }
+
+    /// Reads entries `from..` out of the WAL, up to about `max_bytes` of payload (always at
+    /// least one entry if any exists). Fails with `WalRecycled` when `from` is no longer
+    /// retained.
+    pub async fn read_wal(&self, from: Lsn, max_bytes: u64) -> Result<Vec<crate::WalRecord>> {
+        let (positions, queued) = {
+            let core = self.shared.lock_core();
+            if from < core.tail_lsn {
+                return Err(StorageError::WalRecycled {
+                    requested: from,
+                    oldest: core.tail_lsn,
+                });
+            }
+            // Entries already in the file are read from it; newer ones are still in the
+            // writer's queue and are taken from memory.
+            let start = core.index.partition_point(|(lsn, _)| *lsn < from);
+            let mut positions = Vec::new();
+            let mut bytes = 0u64;
+            let mut next = from;
+            for (i, &(lsn, pos)) in core.index.iter().enumerate().skip(start) {
+                if lsn > core.written || (bytes >= max_bytes && !positions.is_empty()) {
+                    break;
+                }
+                let end = core.index.get(i + 1).map_or(core.head, |&(_, p)| p);
+                // A record never straddles the end of the ring; what follows it there is a
+                // wrap marker's padding.
+                let len = (end.0 - pos.0).min(self.shared.layout.room(pos));
+                bytes += len;
+                positions.push((lsn, pos, len));
+                next = lsn.next();
+            }
+            let mut queued = Vec::new();
+            if bytes < max_bytes || positions.is_empty() {
+                for q in core.queue.iter() {
+                    if q.record.lsn < next || q.record.kind == crate::RecordKind::Wrap {
+                        continue;
+                    }
+                    if bytes >= max_bytes && !(positions.is_empty() && queued.is_empty()) {
+                        break;
+                    }
+                    bytes += q.record.encoded_len();
+                    queued.push(q.record.clone());
+                }
+            }
+            (positions, queued)
+        };
+        let mut records = if positions.is_empty() {
+            Vec::new()
+        } else {
+            wal::read_entries(
+                &self.shared.io,
+                &self.shared.wal,
+                &self.shared.wal_path,
+                self.shared.layout,
+                &positions,
+            )
+            .await?
+        };
+        // The ring may have been reused while it was read: trust only what is still retained.
+        let oldest = self.oldest_retained();
+        if oldest > from {
+            return Err(StorageError::WalRecycled {
+                requested: from,
+                oldest,
+            });
+        }
+        records.extend(queued);
+        Ok(records)
+    }
+
+    /// Appends an entry received from the primary, with its own LSN and epoch. Its LSN must
+    /// be exactly the next one; the caller (the replica's protocol core) has already dropped
+    /// duplicates and refused gaps. Waits for WAL space like any write.
+    pub async fn append_replicated(&self, record: crate::WalRecord) -> Result<Lsn> {
+        self.check_range(record.offset, record.length)?;
+        loop {
+            let mut space = pin!(self.shared.space.notified());
+            space.as_mut().enable();
+            {
+                let mut core = self.shared.lock_core();
+                core.check_writable()?;
+                if record.lsn != core.next_lsn {
+                    return Err(StorageError::LsnGap {
+                        expected: core.next_lsn,
+                        got: record.lsn,
+                    });
+                }
+                if let Some(lsn) = core.try_push(&self.shared.layout, record.clone()) {
+                    self.after_append(&mut core);
+                    return Ok(lsn);
+                }
+                self.shared.request_flush(&mut core);
+            }
+            space.await;
+        }
+    }
+
+    /// Makes this store a replica at `epoch`, claimed by the primary store `owner`. The
+    /// epoch is fsynced before this returns. The caller decides whether the claim is valid.
+    pub fn adopt_epoch(&self, epoch: Epoch, owner: VolumeId) -> Result<()> {
+        let mut sb = self
+            .shared
+            .superblock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if epoch < sb.epoch {
+            return Err(StorageError::EpochRegression {
+                requested: epoch,
+                current: sb.epoch,
+            });
+        }
+        if sb.epoch == epoch && sb.epoch_owner == owner && sb.role == Role::Replica {
+            return Ok(());
+        }
+        sb.epoch = epoch;
+        sb.epoch_owner = owner;
+        sb.role = Role::Replica;
+        sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
+        self.shared.lock_core().epoch = epoch;
+        Ok(())
+    }
+
+    /// True while the store has never held an entry: it can join any volume of its size.
+    pub fn is_blank(&self) -> bool {
+        let sb = self.superblock();
+        let core = self.shared.lock_core();
+        core.next_lsn == Lsn(1) && sb.checkpoint_lsn == Lsn::ZERO && sb.epoch == Epoch(0)
     }
 
     pub fn info(&self) -> StoreInfo {

@@ -61,7 +61,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
             }
             let batch = std::mem::take(&mut core.queue);
             core.queued_bytes = 0;
-            (batch, core.durable, core.sync_target > core.durable)
+            let hints = (core.durable, core.committed);
+            (batch, hints, core.sync_target > core.durable)
         };
         let last = batch
             .iter()
@@ -103,13 +104,17 @@ pub(crate) fn run(shared: Arc<Shared>) {
 }
 
 /// Writes the batch: one vectored write per physically contiguous run of records.
-fn write_batch(shared: &Shared, batch: &[super::core::Queued], hint: Lsn) -> Result<(), String> {
+fn write_batch(
+    shared: &Shared,
+    batch: &[super::core::Queued],
+    (durable_hint, commit_hint): (Lsn, Lsn),
+) -> Result<(), String> {
     if batch.is_empty() {
         return Ok(());
     }
     let mut headers = BytesMut::with_capacity(batch.len() * HEADER_LEN);
     for q in batch {
-        headers.extend_from_slice(&q.record.encode_header(hint));
+        headers.extend_from_slice(&q.record.encode_header(durable_hint, commit_hint));
     }
     let headers = headers.freeze();
     let mut pending = Vec::new();

@@ -93,6 +93,8 @@ pub struct ReplayOutcome {
     pub entries: u64,
     /// File offset of a torn tail that was cut, if the log did not end cleanly.
     pub torn_at: Option<u64>,
+    /// The highest commit hint found in the replayed records.
+    pub commit_hint: Lsn,
 }
 
 /// Reads the ring through a window so replay costs one read per megabyte, not per record.
@@ -126,8 +128,9 @@ impl<'a> RingReader<'a> {
         Ok(self.window.slice(at..at + len as usize))
     }
 
-    /// The record at `pos` if it is intact (magic, checksum, fits in the ring); no LSN checks.
-    fn record_at(&mut self, pos: WalPos) -> Result<Option<WalRecord>> {
+    /// The record at `pos` if it is intact (magic, checksum, fits in the ring), with its
+    /// commit hint; no LSN checks.
+    fn record_at(&mut self, pos: WalPos) -> Result<Option<(WalRecord, Lsn)>> {
         let room = self.layout.room(pos);
         let offset = self.layout.file_offset(pos);
         let header = self.get(offset, HEADER_LEN as u64)?;
@@ -138,7 +141,7 @@ impl<'a> RingReader<'a> {
             return Ok(None);
         }
         let payload = self.get(offset + HEADER_LEN as u64, u64::from(h.payload_len))?;
-        Ok(h.verify(payload))
+        Ok(h.verify(payload).map(|r| (r, h.commit_hint)))
     }
 
     /// Just the header at `pos` (for the cheap first test of the defensive scan).
@@ -146,6 +149,60 @@ impl<'a> RingReader<'a> {
         let header = self.get(self.layout.file_offset(pos), HEADER_LEN as u64)?;
         Ok(RecordHeader::parse(&header))
     }
+}
+
+/// Reads the records at `entries` (LSN, position, bytes it spans), coalescing neighbours into
+/// large reads. Used to serve retained WAL to a lagging replica.
+pub(crate) async fn read_entries(
+    io: &IoEngine,
+    file: &Arc<File>,
+    path: &Path,
+    layout: WalLayout,
+    entries: &[(Lsn, WalPos, u64)],
+) -> Result<Vec<WalRecord>> {
+    const MAX_READ: u64 = 8 << 20;
+    // (file offset, length, entries covered)
+    let mut reads: Vec<(u64, u64, std::ops::Range<usize>)> = Vec::new();
+    for (i, &(_, pos, len)) in entries.iter().enumerate() {
+        let at = layout.file_offset(pos);
+        match reads.last_mut() {
+            Some((off, n, range)) if *off + *n == at && *n + len <= MAX_READ => {
+                *n += len;
+                range.end = i + 1;
+            }
+            _ => reads.push((at, len, i..i + 1)),
+        }
+    }
+    let pending: Vec<_> = reads
+        .iter()
+        .map(|(off, n, _)| io.read(file, *off, *n as usize))
+        .collect();
+    let mut out = Vec::with_capacity(entries.len());
+    for ((off, _, range), done) in reads.into_iter().zip(pending) {
+        let buf = done.await.map_err(|e| StorageError::io(path, e))?;
+        for &(lsn, pos, len) in &entries[range] {
+            let rel = (layout.file_offset(pos) - off) as usize;
+            let bytes = buf.slice(rel..rel + len as usize);
+            let rec = RecordHeader::parse(&bytes).and_then(|h| {
+                let end = HEADER_LEN + h.payload_len as usize;
+                (end <= bytes.len())
+                    .then(|| h.verify(bytes.slice(HEADER_LEN..end)))
+                    .flatten()
+            });
+            match rec {
+                Some(rec) if rec.lsn == lsn => out.push(rec),
+                _ => {
+                    return Err(StorageError::CorruptWal {
+                        path: path.to_path_buf(),
+                        offset: layout.file_offset(pos),
+                        lsn,
+                        reason: "a retained entry is unreadable".into(),
+                    })
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Checks that a record is one the volume could have produced.
@@ -188,7 +245,7 @@ pub(crate) struct ReplayInput<'a> {
 /// lose acknowledged data. Without such proof the entry was never promised durable.
 pub(crate) fn replay(
     input: ReplayInput<'_>,
-    mut apply: impl FnMut(WalRecord),
+    mut apply: impl FnMut(WalPos, WalRecord),
 ) -> Result<ReplayOutcome> {
     let mut reader = RingReader {
         io: input.io,
@@ -203,11 +260,12 @@ pub(crate) fn replay(
     let mut expected = input.first_lsn;
     let mut last_epoch = Epoch(0);
     let mut entries = 0u64;
+    let mut commit_hint = Lsn::ZERO;
     let end_reason = loop {
         if pos.0 - input.start.0 >= capacity {
             break None; // a whole lap: the ring cannot hold more
         }
-        let rec = match reader.record_at(pos)? {
+        let (rec, hint) = match reader.record_at(pos)? {
             Some(r) => r,
             None => break Some("no intact record (torn write or end of log)".to_string()),
         };
@@ -227,11 +285,13 @@ pub(crate) fn replay(
             pos = WalPos(pos.0 + input.layout.room(pos));
             continue;
         }
+        let at = pos;
         pos = WalPos(pos.0 + rec.encoded_len());
         expected = expected.next();
         last_epoch = rec.epoch;
         entries += 1;
-        apply(rec);
+        commit_hint = commit_hint.max(hint);
+        apply(at, rec);
     };
 
     let mut torn_at = None;
@@ -261,6 +321,7 @@ pub(crate) fn replay(
         last_epoch,
         entries,
         torn_at,
+        commit_hint,
     })
 }
 
@@ -277,7 +338,7 @@ fn find_durable_successor(
     while pos.0 < limit {
         if let Some(h) = reader.header_at(pos)? {
             if h.lsn > missing && h.durable_hint >= missing {
-                if let Some(rec) = reader.record_at(pos)? {
+                if let Some((rec, _)) = reader.record_at(pos)? {
                     return Ok(Some((rec.lsn, reader.layout.file_offset(pos))));
                 }
             }

@@ -5,12 +5,14 @@
 //!  8 lsn u64                16 epoch u64
 //! 24 kind u8, flags u8, 0u16 28 payload_len u32
 //! 32 offset u64 (bytes)     40 length u64 (bytes affected)
-//! 48 durable_hint u64       56 reserved u64
+//! 48 durable_hint u64       56 commit_hint u64
 //! ```
 //! All integers are little-endian; offset and length are block-aligned. The CRC starts from the
 //! payload's CRC so a record shipped to a replica can carry the payload checksum computed once.
 //! `durable_hint` is the highest LSN the writer knew to be fsynced when it wrote the record;
 //! recovery uses it to tell a torn tail (safe to cut) from corruption of acknowledged data.
+//! `commit_hint` is the highest LSN the writer knew to be committed under the volume's commit
+//! mode; it is how a replica's knowledge of the committed prefix survives a crash for free.
 
 use bytes::Bytes;
 
@@ -99,7 +101,7 @@ impl WalRecord {
         (HEADER_LEN + self.payload.len()) as u64
     }
 
-    pub(crate) fn encode_header(&self, durable_hint: Lsn) -> [u8; HEADER_LEN] {
+    pub(crate) fn encode_header(&self, durable_hint: Lsn, commit_hint: Lsn) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         h[8..16].copy_from_slice(&self.lsn.0.to_le_bytes());
@@ -111,6 +113,7 @@ impl WalRecord {
         h[32..40].copy_from_slice(&self.offset.to_le_bytes());
         h[40..48].copy_from_slice(&self.length.to_le_bytes());
         h[48..56].copy_from_slice(&durable_hint.0.to_le_bytes());
+        h[56..64].copy_from_slice(&commit_hint.0.to_le_bytes());
         let crc = crc32c::crc32c_append(self.payload_crc, &h[8..]);
         h[4..8].copy_from_slice(&crc.to_le_bytes());
         h
@@ -128,6 +131,7 @@ pub(crate) struct RecordHeader {
     pub offset: u64,
     pub length: u64,
     pub durable_hint: Lsn,
+    pub commit_hint: Lsn,
     raw: [u8; HEADER_LEN],
 }
 
@@ -149,6 +153,7 @@ impl RecordHeader {
             offset: u64_at(32),
             length: u64_at(40),
             durable_hint: Lsn(u64_at(48)),
+            commit_hint: Lsn(u64_at(56)),
             raw,
         })
     }
@@ -198,9 +203,10 @@ mod tests {
         ) {
             let rec = WalRecord::new(Lsn(lsn), Epoch(epoch), kind, offset, payload.len() as u64,
                 Bytes::from(payload));
-            let h = rec.encode_header(Lsn(hint));
+            let h = rec.encode_header(Lsn(hint), Lsn(hint / 2));
             let parsed = RecordHeader::parse(&h).expect("header parses");
             prop_assert_eq!(parsed.durable_hint, Lsn(hint));
+            prop_assert_eq!(parsed.commit_hint, Lsn(hint / 2));
             prop_assert_eq!(parsed.encoded_len(), rec.encoded_len());
             prop_assert_eq!(parsed.verify(rec.payload.clone()), Some(rec));
         }
@@ -212,7 +218,7 @@ mod tests {
         ) {
             let rec = WalRecord::new(Lsn(9), Epoch(2), RecordKind::Write, 4096,
                 payload.len() as u64, Bytes::from(payload));
-            let mut bytes = rec.encode_header(Lsn(3)).to_vec();
+            let mut bytes = rec.encode_header(Lsn(3), Lsn(2)).to_vec();
             bytes.extend_from_slice(&rec.payload);
             let bit = bit % (bytes.len() * 8);
             bytes[bit / 8] ^= 1 << (bit % 8);

@@ -59,6 +59,9 @@ pub struct Superblock {
     /// Every WAL entry up to and including this LSN is in the data file, which has been
     /// fdatasynced; the WAL before `wal_tail` may be reused.
     pub checkpoint_lsn: Lsn,
+    /// Epoch of the entry `checkpoint_lsn` (so the epoch of a store's last entry is known
+    /// even when its WAL is empty).
+    pub checkpoint_epoch: Epoch,
     /// Logical WAL position of the entry `checkpoint_lsn + 1` (where recovery starts).
     pub wal_tail: WalPos,
     /// LSN of the entry at `wal_tail`. It is `checkpoint_lsn + 1` unless WAL is retained for a
@@ -85,6 +88,7 @@ impl Superblock {
             block_size: BLOCK_SIZE as u32,
             epoch: Epoch(0),
             checkpoint_lsn: Lsn::ZERO,
+            checkpoint_epoch: Epoch(0),
             wal_tail: WalPos(0),
             wal_tail_lsn: Lsn(1),
             wal_capacity,
@@ -118,6 +122,7 @@ impl Superblock {
         b[108..116].copy_from_slice(&self.wal_tail_lsn.0.to_le_bytes());
         b[116] = self.role.encode();
         b[120..136].copy_from_slice(&self.epoch_owner.0);
+        b[136..144].copy_from_slice(&self.checkpoint_epoch.0.to_le_bytes());
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -157,6 +162,7 @@ impl Superblock {
             wal_tail_lsn: Lsn(u64_at(108)),
             role: Role::decode(b[116])?,
             epoch_owner: VolumeId(b[120..136].try_into().expect("16 bytes")),
+            checkpoint_epoch: Epoch(u64_at(136)),
         };
         if u64::from(sb.block_size) != BLOCK_SIZE {
             return Err(format!("block size {} is not {BLOCK_SIZE}", sb.block_size));

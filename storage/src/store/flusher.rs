@@ -56,7 +56,7 @@ impl Shared {
             .checkpoint_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let (target, head, frozen) = {
+        let (target, head, frozen, target_epoch) = {
             let mut core = self.lock_core();
             if let Some(msg) = &core.failed {
                 return Err(msg.clone());
@@ -67,7 +67,7 @@ impl Shared {
             }
             let frozen = Arc::new(std::mem::take(&mut core.active));
             core.flushing = Some(frozen.clone());
-            (core.next_lsn.prev(), core.head, frozen)
+            (core.next_lsn.prev(), core.head, frozen, core.last_epoch)
         };
         self.wait_durable_blocking(target)?;
         self.write_to_data_file(&frozen)?;
@@ -84,6 +84,7 @@ impl Shared {
         {
             let mut sb = self.superblock.lock().unwrap_or_else(|p| p.into_inner());
             sb.checkpoint_lsn = target;
+            sb.checkpoint_epoch = target_epoch;
             sb.wal_tail = new_tail;
             sb.wal_tail_lsn = new_tail_lsn;
             sb.committed_lsn = sb.committed_lsn.max(committed);

@@ -408,7 +408,7 @@ impl Store {
             last_epoch: if replay.entries > 0 {
                 replay.last_epoch
             } else {
-                sb.epoch
+                sb.checkpoint_epoch
             },
             committed: sb.committed_lsn.max(replay.commit_hint),
             index,
@@ -587,6 +587,18 @@ impl Store {
             // A released pin may free space at once.
             self.shared.request_flush(&mut core);
         }
+    }
+
+    /// Bytes of WAL from entry `lsn` to the head (0 if `lsn` is not in the WAL).
+    pub fn wal_bytes_since(&self, lsn: Lsn) -> u64 {
+        let core = self.shared.lock_core();
+        let i = core.index.partition_point(|(l, _)| *l < lsn);
+        core.index.get(i).map_or(0, |&(_, pos)| core.head.0 - pos.0)
+    }
+
+    /// The epoch of the newest entry (the store's epoch if it has none since its checkpoint).
+    pub fn head_epoch(&self) -> Epoch {
+        self.shared.lock_core().last_epoch
     }
 
     /// The oldest LSN still in the WAL.

@@ -1,0 +1,116 @@
+//! The commit rule: the highest LSN a commit mode considers durable.
+
+use blockrep_storage::Lsn;
+
+use super::CommitMode;
+
+/// One replica as the rule sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Vote {
+    /// Only in-sync replicas count; a catching-up or rebuilding one never does.
+    pub in_sync: bool,
+    /// Durable on that replica (reported after its own fsync; never "received").
+    pub durable: Lsn,
+}
+
+/// The highest LSN that meets `mode`, given the primary's own durable LSN and its replicas.
+///
+/// Invariant (*commit counts only durable, in-sync copies*): a replica contributes only
+/// through a durable LSN it reported after fsync, and only while in sync. `sync-all` with a
+/// replica out of sync commits nothing new: it never silently downgrades.
+pub fn committed(mode: CommitMode, local_durable: Lsn, replicas: &[Vote]) -> Lsn {
+    match mode {
+        CommitMode::BestEffort => local_durable,
+        CommitMode::SyncAll => {
+            if replicas.is_empty() || replicas.iter().any(|r| !r.in_sync) {
+                return Lsn::ZERO;
+            }
+            replicas
+                .iter()
+                .map(|r| r.durable)
+                .fold(local_durable, Lsn::min)
+        }
+        CommitMode::SyncQuorum => {
+            let copies = replicas.len() + 1;
+            let majority = copies / 2 + 1;
+            let mut durable: Vec<Lsn> = std::iter::once(local_durable)
+                .chain(replicas.iter().filter(|r| r.in_sync).map(|r| r.durable))
+                .collect();
+            if durable.len() < majority {
+                return Lsn::ZERO;
+            }
+            // The majority-th highest durable LSN is durable on a majority.
+            durable.sort_unstable_by(|a, b| b.cmp(a));
+            durable[majority - 1]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(in_sync: bool, d: u64) -> Vote {
+        Vote {
+            in_sync,
+            durable: Lsn(d),
+        }
+    }
+
+    #[test]
+    fn commit_sync_all_needs_every_replica_in_sync() {
+        let m = CommitMode::SyncAll;
+        assert_eq!(committed(m, Lsn(10), &[v(true, 8), v(true, 9)]), Lsn(8));
+        assert_eq!(committed(m, Lsn(5), &[v(true, 8), v(true, 9)]), Lsn(5));
+        assert_eq!(
+            committed(m, Lsn(10), &[v(true, 10), v(false, 10)]),
+            Lsn::ZERO
+        );
+        assert_eq!(committed(m, Lsn(10), &[]), Lsn::ZERO, "never vacuous");
+    }
+
+    #[test]
+    fn commit_sync_quorum_takes_the_majority_value() {
+        let m = CommitMode::SyncQuorum;
+        // 3 copies, majority 2.
+        assert_eq!(committed(m, Lsn(10), &[v(true, 7), v(false, 9)]), Lsn(7));
+        assert_eq!(committed(m, Lsn(10), &[v(true, 12), v(true, 3)]), Lsn(10));
+        assert_eq!(
+            committed(m, Lsn(10), &[v(false, 12), v(false, 12)]),
+            Lsn::ZERO
+        );
+        // 5 copies, majority 3: catching-up replicas with a high LSN do not count.
+        assert_eq!(
+            committed(
+                m,
+                Lsn(10),
+                &[v(true, 9), v(true, 4), v(false, 10), v(false, 10)]
+            ),
+            Lsn(4)
+        );
+        assert_eq!(
+            committed(
+                m,
+                Lsn(10),
+                &[v(true, 9), v(false, 10), v(false, 10), v(false, 10)]
+            ),
+            Lsn::ZERO
+        );
+        assert_eq!(
+            committed(
+                m,
+                Lsn(10),
+                &[v(true, 9), v(true, 4), v(true, 6), v(false, 10)]
+            ),
+            Lsn(6)
+        );
+    }
+
+    #[test]
+    fn commit_best_effort_is_local() {
+        assert_eq!(
+            committed(CommitMode::BestEffort, Lsn(4), &[v(false, 0)]),
+            Lsn(4)
+        );
+    }
+}

@@ -1,0 +1,927 @@
+//! The primary's side of replication, one `Peer` per configured replica.
+//!
+//! ```text
+//!  Disconnected ──Connect──► Connecting ──transport up / Hello──► Handshake
+//!       ▲                                                          │ HelloOk(durable R)
+//!       │ session lost, barrier timeout,                           ├─ R == head ─────────► InSync
+//!       │ handshake timeout                                        ├─ R <  head, retained ► CatchingUp ─► InSync
+//!       └──────────────────────────────────────────────────────────┤   (retained WAL is streamed to a frozen
+//!                                                                   │    target, then live shipping takes over)
+//!                                                                   └─ otherwise ──────────► NeedsRebuild
+//! ```
+//! Only InSync peers receive live entries and count toward the commit mode. Every input that
+//! names a session is checked against the peer's current session; anything else is stale and
+//! ignored. A frame from a higher epoch fences this primary for good.
+
+use std::collections::VecDeque;
+
+use blockrep_storage::{Epoch, Lsn, VolumeId, WalRecord};
+
+use super::commit::{self, Vote};
+use super::{CommitMode, Millis, ReplicaId, SessionId};
+use crate::wire::{Body, Frame};
+
+/// Static settings of a primary.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    pub volume_id: VolumeId,
+    pub volume_size: u64,
+    pub store_id: VolumeId,
+    pub epoch: Epoch,
+    pub mode: CommitMode,
+    pub replicas: Vec<ReplicaId>,
+    /// A FLUSH that cannot meet the mode by then fails (EIO at the NBD boundary).
+    pub barrier_timeout: Millis,
+    /// A replica that does not finish the handshake by then is disconnected.
+    pub handshake_timeout: Millis,
+    /// Reconnect delays grow from `reconnect_min` to `reconnect_max`.
+    pub reconnect_min: Millis,
+    pub reconnect_max: Millis,
+    /// WAL kept for lagging replicas is bounded: past either budget the replica needs a
+    /// rebuild and stops holding the WAL.
+    pub retention_bytes: u64,
+    pub retention_time: Millis,
+    /// Entries shipped per catch-up read.
+    pub catch_up_batch_bytes: u64,
+}
+
+impl PrimaryConfig {
+    pub fn new(
+        volume_id: VolumeId,
+        volume_size: u64,
+        store_id: VolumeId,
+        epoch: Epoch,
+        mode: CommitMode,
+        replicas: Vec<ReplicaId>,
+    ) -> PrimaryConfig {
+        PrimaryConfig {
+            volume_id,
+            volume_size,
+            store_id,
+            epoch,
+            mode,
+            replicas,
+            barrier_timeout: 5_000,
+            handshake_timeout: 5_000,
+            reconnect_min: 100,
+            reconnect_max: 2_000,
+            retention_bytes: 128 << 20,
+            retention_time: 5 * 60_000,
+            catch_up_batch_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Where a replica is in the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    Disconnected,
+    Connecting,
+    Handshake,
+    CatchingUp,
+    InSync,
+    /// Its gap is not in the retained WAL, or its log diverged: only a rebuild brings it back.
+    NeedsRebuild,
+    /// It refused the session for a reason other than our epoch (wrong volume...).
+    Refused,
+}
+
+impl PeerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerState::Disconnected => "disconnected",
+            PeerState::Connecting => "connecting",
+            PeerState::Handshake => "handshake",
+            PeerState::CatchingUp => "catching_up",
+            PeerState::InSync => "in_sync",
+            PeerState::NeedsRebuild => "needs_rebuild",
+            PeerState::Refused => "refused",
+        }
+    }
+
+    pub const ALL: [PeerState; 7] = [
+        PeerState::Disconnected,
+        PeerState::Connecting,
+        PeerState::Handshake,
+        PeerState::CatchingUp,
+        PeerState::InSync,
+        PeerState::NeedsRebuild,
+        PeerState::Refused,
+    ];
+}
+
+/// Why a barrier (FLUSH) failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarrierFailure {
+    /// sync-all: some replica was not durable through the target in time.
+    ReplicaMissing,
+    /// sync-quorum: no majority was durable through the target in time.
+    QuorumLost,
+    /// A newer primary exists; this one accepts nothing any more.
+    Fenced,
+}
+
+impl BarrierFailure {
+    pub fn name(self) -> &'static str {
+        match self {
+            BarrierFailure::ReplicaMissing => "replica_missing",
+            BarrierFailure::QuorumLost => "quorum_lost",
+            BarrierFailure::Fenced => "fenced",
+        }
+    }
+}
+
+/// Everything that can happen to a primary.
+#[derive(Debug)]
+pub enum Event {
+    /// Time passed; `pinned_bytes` is how much WAL lies between the current pin (the last
+    /// `PinWal`) and the head: what lagging replicas are holding.
+    Tick { now: Millis, pinned_bytes: u64 },
+    /// The store appended these entries (in LSN order, none skipped).
+    Appended { records: Vec<WalRecord> },
+    /// The primary's own WAL is durable through `lsn`.
+    LocalDurable { lsn: Lsn },
+    /// A FLUSH wants the mode's durability through `target`.
+    Barrier { id: u64, target: Lsn, now: Millis },
+    /// The transport for `session` is up.
+    Connected {
+        replica: ReplicaId,
+        session: SessionId,
+        now: Millis,
+    },
+    /// The transport for `session` could not be set up, or went down.
+    Disconnected {
+        replica: ReplicaId,
+        session: SessionId,
+        now: Millis,
+        reason: String,
+    },
+    Received {
+        replica: ReplicaId,
+        session: SessionId,
+        frame: Frame,
+        now: Millis,
+    },
+    /// Retained entries read for a catch-up (`ReadWal`).
+    WalRead {
+        replica: ReplicaId,
+        session: SessionId,
+        records: Vec<WalRecord>,
+        now: Millis,
+    },
+    /// The entries a catch-up needs are no longer retained.
+    WalGone {
+        replica: ReplicaId,
+        session: SessionId,
+    },
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Open a transport to the replica's current address for `session`.
+    Connect {
+        replica: ReplicaId,
+        session: SessionId,
+    },
+    Send {
+        replica: ReplicaId,
+        session: SessionId,
+        frame: Frame,
+    },
+    /// Tear the session's transport down.
+    Close {
+        replica: ReplicaId,
+        session: SessionId,
+        reason: String,
+    },
+    /// Read retained WAL entries `from..` for a catch-up; answer with `WalRead` or `WalGone`.
+    ReadWal {
+        replica: ReplicaId,
+        session: SessionId,
+        from: Lsn,
+        max_bytes: u64,
+    },
+    /// Keep the WAL from this LSN on (`None`: keep nothing extra).
+    PinWal {
+        from: Option<Lsn>,
+    },
+    BarrierDone {
+        id: u64,
+    },
+    BarrierFailed {
+        id: u64,
+        reason: BarrierFailure,
+    },
+    /// The mode is met through `lsn` (persist the knowledge; report it).
+    Committed {
+        lsn: Lsn,
+    },
+    /// A higher epoch exists: refuse every write from now on.
+    Fenced {
+        epoch: Epoch,
+        reason: String,
+    },
+    /// A replica changed state (for logs and metrics).
+    StateChanged {
+        replica: ReplicaId,
+        state: PeerState,
+        why: String,
+    },
+}
+
+#[derive(Debug)]
+struct Peer {
+    id: ReplicaId,
+    state: PeerState,
+    session: Option<SessionId>,
+    /// Durable on the replica, from its handshake and barrier acks.
+    durable: Lsn,
+    /// Whether `durable` is known (a replica never heard from holds no WAL).
+    has_progress: bool,
+    /// Next entry a catch-up will read.
+    catch_up_next: Lsn,
+    /// The replica's last entry has this epoch; the first entry a catch-up reads (the one at
+    /// the replica's durable LSN) must match it, or the logs diverged.
+    verify_epoch: Option<Epoch>,
+    /// Highest barrier target sent in this session, and when the oldest unanswered one went.
+    asked: Lsn,
+    asked_since: Option<Millis>,
+    /// When the current state began (handshake timeout, retention time).
+    since: Millis,
+    reconnect_at: Millis,
+    backoff: Millis,
+    store_id: Option<VolumeId>,
+}
+
+#[derive(Debug)]
+struct PendingBarrier {
+    id: u64,
+    target: Lsn,
+    deadline: Millis,
+}
+
+/// Counters for the metrics.
+#[derive(Debug, Default, Clone)]
+pub struct PrimaryCounters {
+    pub barriers_done: u64,
+    pub barriers_failed: u64,
+    pub sessions: u64,
+    pub catch_ups: u64,
+    pub rebuilds_needed: u64,
+}
+
+/// A replica as reported by [`PrimaryCore::peers`].
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub id: ReplicaId,
+    pub state: PeerState,
+    pub durable: Lsn,
+    pub session: Option<SessionId>,
+}
+
+pub struct PrimaryCore {
+    cfg: PrimaryConfig,
+    peers: Vec<Peer>,
+    head: Lsn,
+    /// Epoch of the entry at `head`.
+    head_epoch: Epoch,
+    local_durable: Lsn,
+    committed: Lsn,
+    barriers: VecDeque<PendingBarrier>,
+    fenced: Option<Epoch>,
+    next_session: u64,
+    pin: Option<Lsn>,
+    counters: PrimaryCounters,
+    out: Vec<Action>,
+}
+
+impl PrimaryCore {
+    /// A primary whose store holds entries through `head` (written at `head_epoch`), all
+    /// durable locally, and knows `committed` to be committed.
+    pub fn new(
+        cfg: PrimaryConfig,
+        head: Lsn,
+        head_epoch: Epoch,
+        committed: Lsn,
+        now: Millis,
+    ) -> PrimaryCore {
+        let peers = cfg
+            .replicas
+            .iter()
+            .map(|id| Peer {
+                id: id.clone(),
+                state: PeerState::Disconnected,
+                session: None,
+                durable: Lsn::ZERO,
+                has_progress: false,
+                catch_up_next: Lsn::ZERO,
+                verify_epoch: None,
+                asked: Lsn::ZERO,
+                asked_since: None,
+                since: now,
+                reconnect_at: now,
+                backoff: cfg.reconnect_min,
+                store_id: None,
+            })
+            .collect();
+        PrimaryCore {
+            cfg,
+            peers,
+            head,
+            head_epoch,
+            local_durable: head,
+            committed,
+            barriers: VecDeque::new(),
+            fenced: None,
+            next_session: 1,
+            pin: None,
+            counters: PrimaryCounters::default(),
+            out: Vec::new(),
+        }
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.cfg.epoch
+    }
+
+    pub fn mode(&self) -> CommitMode {
+        self.cfg.mode
+    }
+
+    pub fn head(&self) -> Lsn {
+        self.head
+    }
+
+    pub fn committed(&self) -> Lsn {
+        self.committed
+    }
+
+    pub fn fenced(&self) -> Option<Epoch> {
+        self.fenced
+    }
+
+    pub fn counters(&self) -> &PrimaryCounters {
+        &self.counters
+    }
+
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .map(|p| PeerStatus {
+                id: p.id.clone(),
+                state: p.state,
+                durable: p.durable,
+                session: p.session,
+            })
+            .collect()
+    }
+
+    /// Feeds one event; returns what to do, in order.
+    pub fn step(&mut self, event: Event) -> Vec<Action> {
+        match event {
+            Event::Tick { now, pinned_bytes } => self.tick(now, pinned_bytes),
+            Event::Appended { records } => self.appended(records),
+            Event::LocalDurable { lsn } => {
+                if lsn > self.local_durable {
+                    self.local_durable = lsn;
+                    self.evaluate();
+                }
+            }
+            Event::Barrier { id, target, now } => self.barrier(id, target, now),
+            Event::Connected {
+                replica,
+                session,
+                now,
+            } => self.connected(&replica, session, now),
+            Event::Disconnected {
+                replica,
+                session,
+                now,
+                reason,
+            } => {
+                if let Some(i) = self.current(&replica, session) {
+                    self.drop_session(i, now, &reason);
+                }
+            }
+            Event::Received {
+                replica,
+                session,
+                frame,
+                now,
+            } => {
+                if let Some(i) = self.current(&replica, session) {
+                    self.received(i, frame, now);
+                }
+            }
+            Event::WalRead {
+                replica,
+                session,
+                records,
+                now,
+            } => {
+                if let Some(i) = self.current(&replica, session) {
+                    self.wal_read(i, records, now);
+                }
+            }
+            Event::WalGone { replica, session } => {
+                if let Some(i) = self.current(&replica, session) {
+                    self.needs_rebuild(i, "the entries it lacks are no longer retained");
+                }
+            }
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// The peer index for `replica` if `session` is its current session.
+    fn current(&self, replica: &ReplicaId, session: SessionId) -> Option<usize> {
+        self.peers
+            .iter()
+            .position(|p| &p.id == replica && p.session == Some(session))
+    }
+
+    fn set_state(&mut self, i: usize, state: PeerState, now: Millis, why: &str) {
+        let p = &mut self.peers[i];
+        if p.state != state {
+            p.state = state;
+            p.since = now;
+            self.out.push(Action::StateChanged {
+                replica: p.id.clone(),
+                state,
+                why: why.to_string(),
+            });
+        }
+    }
+
+    fn send(&mut self, i: usize, body: Body) {
+        let p = &self.peers[i];
+        if let Some(session) = p.session {
+            self.out.push(Action::Send {
+                replica: p.id.clone(),
+                session,
+                frame: Frame {
+                    epoch: self.cfg.epoch,
+                    body,
+                },
+            });
+        }
+    }
+
+    fn tick(&mut self, now: Millis, pinned_bytes: u64) {
+        if self.fenced.is_some() {
+            return;
+        }
+        // FLUSHes that ran out of time fail; the mode never downgrades to let them pass.
+        while self.barriers.front().is_some_and(|b| b.deadline <= now) {
+            let b = self.barriers.pop_front().expect("front exists");
+            let reason = match self.cfg.mode {
+                CommitMode::SyncQuorum => BarrierFailure::QuorumLost,
+                _ => BarrierFailure::ReplicaMissing,
+            };
+            self.counters.barriers_failed += 1;
+            self.out.push(Action::BarrierFailed { id: b.id, reason });
+        }
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            match p.state {
+                // A replica that does not answer a barrier in time is degraded, in every mode:
+                // it stops counting and recovers through a fresh handshake.
+                PeerState::InSync | PeerState::CatchingUp
+                    if p.asked_since
+                        .is_some_and(|t| now >= t + self.cfg.barrier_timeout) =>
+                {
+                    self.drop_session(i, now, "no barrier acknowledgement in time");
+                }
+                PeerState::Connecting | PeerState::Handshake
+                    if now >= p.since + self.cfg.handshake_timeout =>
+                {
+                    self.drop_session(i, now, "handshake timed out");
+                }
+                PeerState::Disconnected | PeerState::Refused if now >= p.reconnect_at => {
+                    self.connect(i, now);
+                }
+                _ => {}
+            }
+        }
+        self.enforce_retention(now, pinned_bytes);
+    }
+
+    fn connect(&mut self, i: usize, now: Millis) {
+        let session = SessionId(self.next_session);
+        self.next_session += 1;
+        self.counters.sessions += 1;
+        let p = &mut self.peers[i];
+        p.session = Some(session);
+        p.asked = Lsn::ZERO;
+        p.asked_since = None;
+        let id = p.id.clone();
+        self.set_state(i, PeerState::Connecting, now, "connecting");
+        self.out.push(Action::Connect {
+            replica: id,
+            session,
+        });
+    }
+
+    fn connected(&mut self, replica: &ReplicaId, session: SessionId, now: Millis) {
+        let Some(i) = self.current(replica, session) else {
+            return;
+        };
+        if self.peers[i].state != PeerState::Connecting {
+            return;
+        }
+        self.set_state(i, PeerState::Handshake, now, "transport up");
+        self.send(
+            i,
+            Body::Hello {
+                volume_id: self.cfg.volume_id,
+                volume_size: self.cfg.volume_size,
+                primary_store: self.cfg.store_id,
+                head: self.head,
+                committed: self.committed,
+            },
+        );
+    }
+
+    /// Ends the current session (the transport is gone or must go) and schedules a retry.
+    fn drop_session(&mut self, i: usize, now: Millis, reason: &str) {
+        let p = &mut self.peers[i];
+        let Some(session) = p.session.take() else {
+            return;
+        };
+        let id = p.id.clone();
+        p.asked_since = None;
+        p.reconnect_at = now + p.backoff;
+        p.backoff = (p.backoff * 2).min(self.cfg.reconnect_max);
+        self.out.push(Action::Close {
+            replica: id,
+            session,
+            reason: reason.to_string(),
+        });
+        if !matches!(p.state, PeerState::NeedsRebuild | PeerState::Refused) {
+            self.set_state(i, PeerState::Disconnected, now, reason);
+        }
+        self.update_pin();
+        self.evaluate();
+    }
+
+    fn needs_rebuild(&mut self, i: usize, why: &str) {
+        self.counters.rebuilds_needed += 1;
+        let now = self.peers[i].since;
+        self.peers[i].has_progress = false;
+        self.set_state(i, PeerState::NeedsRebuild, now, why);
+        if let Some(session) = self.peers[i].session.take() {
+            self.out.push(Action::Close {
+                replica: self.peers[i].id.clone(),
+                session,
+                reason: why.to_string(),
+            });
+        }
+        self.update_pin();
+        self.evaluate();
+    }
+
+    fn received(&mut self, i: usize, frame: Frame, now: Millis) {
+        if let Body::Reject { reason, message } = &frame.body {
+            if frame.epoch > self.cfg.epoch {
+                self.fence(
+                    frame.epoch,
+                    format!(
+                        "replica {} is at epoch {}: {message}",
+                        self.peers[i].id, frame.epoch
+                    ),
+                );
+                return;
+            }
+            let why = format!("refused: {reason:?}: {message}");
+            let p = &mut self.peers[i];
+            p.backoff = self.cfg.reconnect_max;
+            self.set_state(i, PeerState::Refused, now, &why);
+            self.drop_session(i, now, &why);
+            return;
+        }
+        if frame.epoch != self.cfg.epoch {
+            // Replicas answer at the epoch we gave them; anything else is a protocol error.
+            self.drop_session(i, now, "reply at a different epoch");
+            return;
+        }
+        match frame.body {
+            Body::HelloOk {
+                replica_store,
+                durable,
+                durable_epoch,
+                ..
+            } if self.peers[i].state == PeerState::Handshake => {
+                self.peers[i].store_id = Some(replica_store);
+                self.handshake(i, durable, durable_epoch, now);
+            }
+            Body::BarrierAck { durable } => {
+                let p = &mut self.peers[i];
+                if durable > p.durable {
+                    p.durable = durable;
+                }
+                if p.durable >= p.asked {
+                    p.asked_since = None;
+                }
+                p.backoff = self.cfg.reconnect_min;
+                self.update_pin();
+                self.evaluate();
+            }
+            other => {
+                let why = format!("unexpected {} frame", other.name());
+                self.drop_session(i, now, &why);
+            }
+        }
+    }
+
+    /// Decides how the replica rejoins, from facts only: where its log ends (LSN and epoch of
+    /// its last entry) and where ours does.
+    fn handshake(&mut self, i: usize, durable: Lsn, durable_epoch: Epoch, now: Millis) {
+        let p = &mut self.peers[i];
+        p.durable = durable;
+        p.has_progress = true;
+        p.verify_epoch = None;
+        if durable > self.head {
+            // It holds entries we do not: an old primary's unacknowledged tail. It must be
+            // truncated or rebuilt, never merged.
+            let why = format!("its log ({durable}) is ahead of ours ({})", self.head);
+            self.needs_rebuild(i, &why);
+            return;
+        }
+        if durable == self.head {
+            if durable != Lsn::ZERO && durable_epoch != self.head_epoch {
+                let why = format!(
+                    "its entry {durable} is from epoch {durable_epoch}, ours from {}: the logs diverged",
+                    self.head_epoch
+                );
+                self.needs_rebuild(i, &why);
+                return;
+            }
+            self.set_state(i, PeerState::InSync, now, "zero gap");
+            self.resend_barriers(i, now);
+            self.evaluate();
+            return;
+        }
+        // Read from its last entry (to check it is ours) unless it has none.
+        let p = &mut self.peers[i];
+        if durable == Lsn::ZERO {
+            p.catch_up_next = Lsn(1);
+        } else {
+            p.catch_up_next = durable;
+            p.verify_epoch = Some(durable_epoch);
+        }
+        self.counters.catch_ups += 1;
+        let from = p.catch_up_next;
+        self.set_state(
+            i,
+            PeerState::CatchingUp,
+            now,
+            &format!("catching up from {} to {}", durable.next(), self.head),
+        );
+        self.update_pin();
+        self.request_wal(i, from);
+    }
+
+    fn request_wal(&mut self, i: usize, from: Lsn) {
+        let p = &self.peers[i];
+        if let Some(session) = p.session {
+            self.out.push(Action::ReadWal {
+                replica: p.id.clone(),
+                session,
+                from,
+                max_bytes: self.cfg.catch_up_batch_bytes,
+            });
+        }
+    }
+
+    fn wal_read(&mut self, i: usize, mut records: Vec<WalRecord>, now: Millis) {
+        if self.peers[i].state != PeerState::CatchingUp {
+            return;
+        }
+        let next = self.peers[i].catch_up_next;
+        // Entries the core has not seen appended yet will come through live shipping.
+        records.retain(|r| r.lsn >= next && r.lsn <= self.head);
+        if records.first().is_some_and(|r| r.lsn != next) {
+            self.needs_rebuild(i, "retained WAL has a hole");
+            return;
+        }
+        if let Some(epoch) = self.peers[i].verify_epoch.take() {
+            // The replica's last entry must be the one we have at that LSN.
+            match records.first() {
+                Some(first) if first.epoch == epoch => {
+                    records.remove(0);
+                    self.peers[i].catch_up_next = next.next();
+                }
+                Some(first) => {
+                    let why = format!(
+                        "its entry {next} is from epoch {epoch}, ours from {}: the logs diverged",
+                        first.epoch
+                    );
+                    self.needs_rebuild(i, &why);
+                    return;
+                }
+                None => {
+                    self.needs_rebuild(i, "cannot check its last entry against ours");
+                    return;
+                }
+            }
+        }
+        if let Some(last) = records.last() {
+            self.peers[i].catch_up_next = last.lsn.next();
+            self.send(
+                i,
+                Body::Entries {
+                    committed: self.committed,
+                    records,
+                },
+            );
+        }
+        let next = self.peers[i].catch_up_next;
+        if next > self.head {
+            // Caught up: live shipping continues from head + 1 with no gap and no duplicate.
+            self.set_state(i, PeerState::InSync, now, "caught up");
+            self.resend_barriers(i, now);
+            self.update_pin();
+        } else {
+            self.request_wal(i, next);
+        }
+    }
+
+    fn appended(&mut self, records: Vec<WalRecord>) {
+        let Some(last) = records.last().map(|r| r.lsn) else {
+            return;
+        };
+        debug_assert_eq!(records[0].lsn, self.head.next(), "entries arrive in order");
+        self.head = last;
+        self.head_epoch = records.last().map_or(self.head_epoch, |r| r.epoch);
+        if self.fenced.is_some() {
+            return;
+        }
+        let in_sync: Vec<usize> = (0..self.peers.len())
+            .filter(|&i| self.peers[i].state == PeerState::InSync)
+            .collect();
+        for i in in_sync {
+            self.send(
+                i,
+                Body::Entries {
+                    committed: self.committed,
+                    records: records.clone(),
+                },
+            );
+        }
+    }
+
+    fn barrier(&mut self, id: u64, target: Lsn, now: Millis) {
+        if self.fenced.is_some() {
+            self.out.push(Action::BarrierFailed {
+                id,
+                reason: BarrierFailure::Fenced,
+            });
+            return;
+        }
+        self.barriers.push_back(PendingBarrier {
+            id,
+            target,
+            deadline: now + self.cfg.barrier_timeout,
+        });
+        for i in 0..self.peers.len() {
+            if self.peers[i].state == PeerState::InSync {
+                self.ask(i, target, now);
+            }
+        }
+        self.evaluate();
+    }
+
+    /// Asks an in-sync replica to report durability through `target` (once per target).
+    fn ask(&mut self, i: usize, target: Lsn, now: Millis) {
+        let p = &mut self.peers[i];
+        if p.durable >= target || p.asked >= target {
+            return;
+        }
+        p.asked = target;
+        p.asked_since.get_or_insert(now);
+        let committed = self.committed;
+        self.send(
+            i,
+            Body::Barrier {
+                lsn: target,
+                committed,
+            },
+        );
+    }
+
+    /// A replica that just became in sync is asked for the barriers still pending.
+    fn resend_barriers(&mut self, i: usize, now: Millis) {
+        if let Some(max) = self.barriers.iter().map(|b| b.target).max() {
+            self.ask(i, max.min(self.head), now);
+        }
+    }
+
+    /// Recomputes the committed LSN and completes the barriers it covers.
+    fn evaluate(&mut self) {
+        let votes: Vec<Vote> = self
+            .peers
+            .iter()
+            .map(|p| Vote {
+                in_sync: p.state == PeerState::InSync,
+                durable: p.durable,
+            })
+            .collect();
+        let c = commit::committed(self.cfg.mode, self.local_durable, &votes);
+        if c > self.committed {
+            self.committed = c;
+            self.out.push(Action::Committed { lsn: c });
+        }
+        let committed = self.committed;
+        let mut i = 0;
+        while i < self.barriers.len() {
+            if self.barriers[i].target <= committed {
+                let b = self.barriers.remove(i).expect("index in range");
+                self.counters.barriers_done += 1;
+                self.out.push(Action::BarrierDone { id: b.id });
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The oldest entry `p` still needs from the WAL, if it is recoverable at all.
+    fn peer_pin(p: &Peer) -> Option<Lsn> {
+        if !p.has_progress || matches!(p.state, PeerState::NeedsRebuild | PeerState::Refused) {
+            return None;
+        }
+        Some(match p.state {
+            PeerState::CatchingUp => p.catch_up_next.min(p.durable.next()),
+            _ => p.durable.next(),
+        })
+    }
+
+    /// The WAL is kept from the oldest entry a recoverable replica has not made durable.
+    fn update_pin(&mut self) {
+        let pin = self.peers.iter().filter_map(Self::peer_pin).min();
+        if pin != self.pin {
+            self.pin = pin;
+            self.out.push(Action::PinWal { from: pin });
+        }
+    }
+
+    /// One dead replica must never stop writes: past the byte or time budget, the replica
+    /// holding the oldest pin gives it up and will need a rebuild. One per tick: the next
+    /// tick measures the WAL the new pin holds.
+    fn enforce_retention(&mut self, now: Millis, pinned_bytes: u64) {
+        let Some(pin) = self.pin else { return };
+        let Some(i) = self
+            .peers
+            .iter()
+            .position(|p| Self::peer_pin(p) == Some(pin))
+        else {
+            return;
+        };
+        let p = &self.peers[i];
+        let over_bytes = pinned_bytes > self.cfg.retention_bytes;
+        let away = !matches!(p.state, PeerState::InSync | PeerState::CatchingUp);
+        let over_time = away && now >= p.since + self.cfg.retention_time;
+        if !(over_bytes || over_time) {
+            return;
+        }
+        let why = if over_bytes {
+            format!(
+                "the WAL kept for it exceeds {} bytes",
+                self.cfg.retention_bytes
+            )
+        } else {
+            format!("away longer than {} ms", self.cfg.retention_time)
+        };
+        self.needs_rebuild(i, &why);
+    }
+
+    fn fence(&mut self, epoch: Epoch, reason: String) {
+        if self.fenced.is_some() {
+            return;
+        }
+        self.fenced = Some(epoch);
+        self.out.push(Action::Fenced {
+            epoch,
+            reason: reason.clone(),
+        });
+        for b in std::mem::take(&mut self.barriers) {
+            self.counters.barriers_failed += 1;
+            self.out.push(Action::BarrierFailed {
+                id: b.id,
+                reason: BarrierFailure::Fenced,
+            });
+        }
+        for p in &mut self.peers {
+            if let Some(session) = p.session.take() {
+                self.out.push(Action::Close {
+                    replica: p.id.clone(),
+                    session,
+                    reason: "fenced by a higher epoch".into(),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "primary_tests.rs"]
+mod tests;

@@ -1,0 +1,535 @@
+use bytes::Bytes;
+
+use super::*;
+use crate::wire::{Body, RejectReason};
+
+const E: Epoch = Epoch(3);
+
+fn rid(n: &str) -> ReplicaId {
+    ReplicaId(n.into())
+}
+
+fn rec(lsn: u64, epoch: Epoch) -> WalRecord {
+    WalRecord::new(
+        Lsn(lsn),
+        epoch,
+        blockrep_storage::RecordKind::Write,
+        0,
+        4096,
+        Bytes::from(vec![lsn as u8; 4096]),
+    )
+}
+
+fn core(mode: CommitMode, replicas: &[&str], head: u64) -> PrimaryCore {
+    let cfg = PrimaryConfig::new(
+        VolumeId([1; 16]),
+        1 << 30,
+        VolumeId([2; 16]),
+        E,
+        mode,
+        replicas.iter().map(|r| rid(r)).collect(),
+    );
+    PrimaryCore::new(cfg, Lsn(head), E, Lsn(head), 0)
+}
+
+fn sessions(actions: &[Action]) -> Vec<(ReplicaId, SessionId)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Connect { replica, session } => Some((replica.clone(), *session)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn frames_to(actions: &[Action], who: &str) -> Vec<Body> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { replica, frame, .. } if replica.0 == who => Some(frame.body.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reply(c: &mut PrimaryCore, r: &ReplicaId, s: SessionId, body: Body, now: Millis) -> Vec<Action> {
+    c.step(Event::Received {
+        replica: r.clone(),
+        session: s,
+        frame: Frame { epoch: E, body },
+        now,
+    })
+}
+
+/// Connects every replica and answers its hello with `durable` (epoch `E`).
+fn bring_up(c: &mut PrimaryCore, durable: u64) -> Vec<(ReplicaId, SessionId)> {
+    let a = c.step(Event::Tick {
+        now: 0,
+        pinned_bytes: 0,
+    });
+    let s = sessions(&a);
+    for (r, sid) in &s {
+        let a = c.step(Event::Connected {
+            replica: r.clone(),
+            session: *sid,
+            now: 0,
+        });
+        assert!(matches!(frames_to(&a, &r.0)[..], [Body::Hello { .. }]));
+        reply(
+            c,
+            r,
+            *sid,
+            Body::HelloOk {
+                replica_store: VolumeId([9; 16]),
+                durable: Lsn(durable),
+                durable_epoch: E,
+                committed: Lsn(0),
+            },
+            0,
+        );
+    }
+    s
+}
+
+fn done(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::BarrierDone { id } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn failed(actions: &[Action]) -> Vec<(u64, BarrierFailure)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::BarrierFailed { id, reason } => Some((*id, *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn state(c: &PrimaryCore, r: &str) -> PeerState {
+    c.peers().into_iter().find(|p| p.id.0 == r).unwrap().state
+}
+
+#[test]
+fn zero_gap_handshake_goes_in_sync_and_ships_live_entries() {
+    let mut c = core(CommitMode::SyncAll, &["a", "b"], 10);
+    bring_up(&mut c, 10);
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+    let a = c.step(Event::Appended {
+        records: vec![rec(11, E), rec(12, E)],
+    });
+    for r in ["a", "b"] {
+        match &frames_to(&a, r)[..] {
+            [Body::Entries { records, .. }] => {
+                assert_eq!(
+                    records.iter().map(|r| r.lsn.0).collect::<Vec<_>>(),
+                    vec![11, 12]
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn sync_all_barrier_needs_every_replica_durable() {
+    let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Appended {
+        records: vec![rec(1, E)],
+    });
+    let a = c.step(Event::Barrier {
+        id: 7,
+        target: Lsn(1),
+        now: 10,
+    });
+    assert!(matches!(
+        frames_to(&a, "a")[..],
+        [Body::Barrier { lsn: Lsn(1), .. }]
+    ));
+    assert!(done(&c.step(Event::LocalDurable { lsn: Lsn(1) })).is_empty());
+    let a = reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        11,
+    );
+    assert!(
+        done(&a).is_empty(),
+        "one replica is not enough for sync-all"
+    );
+    let a = reply(
+        &mut c,
+        &s[1].0,
+        s[1].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        12,
+    );
+    assert_eq!(done(&a), vec![7]);
+    assert!(a.contains(&Action::Committed { lsn: Lsn(1) }));
+}
+
+#[test]
+fn sync_all_with_a_replica_missing_fails_after_the_timeout_and_never_downgrades() {
+    let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Disconnected {
+        replica: s[1].0.clone(),
+        session: s[1].1,
+        now: 5,
+        reason: "gone".into(),
+    });
+    c.step(Event::Appended {
+        records: vec![rec(1, E)],
+    });
+    c.step(Event::Barrier {
+        id: 1,
+        target: Lsn(1),
+        now: 10,
+    });
+    c.step(Event::LocalDurable { lsn: Lsn(1) });
+    let a = reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        11,
+    );
+    assert!(done(&a).is_empty());
+    assert!(failed(&c.step(Event::Tick {
+        now: 5009,
+        pinned_bytes: 0
+    }))
+    .is_empty());
+    let a = c.step(Event::Tick {
+        now: 5010,
+        pinned_bytes: 0,
+    });
+    assert_eq!(failed(&a), vec![(1, BarrierFailure::ReplicaMissing)]);
+    assert_eq!(c.committed(), Lsn(0));
+}
+
+#[test]
+fn sync_quorum_commits_with_one_replica_down() {
+    let mut c = core(CommitMode::SyncQuorum, &["a", "b"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Disconnected {
+        replica: s[1].0.clone(),
+        session: s[1].1,
+        now: 5,
+        reason: "gone".into(),
+    });
+    c.step(Event::Appended {
+        records: vec![rec(1, E)],
+    });
+    c.step(Event::Barrier {
+        id: 1,
+        target: Lsn(1),
+        now: 10,
+    });
+    c.step(Event::LocalDurable { lsn: Lsn(1) });
+    let a = reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        11,
+    );
+    assert_eq!(done(&a), vec![1]);
+}
+
+#[test]
+fn best_effort_completes_on_the_local_fsync_and_marks_a_silent_replica() {
+    let mut c = core(CommitMode::BestEffort, &["a"], 0);
+    bring_up(&mut c, 0);
+    c.step(Event::Appended {
+        records: vec![rec(1, E)],
+    });
+    c.step(Event::Barrier {
+        id: 1,
+        target: Lsn(1),
+        now: 10,
+    });
+    let a = c.step(Event::LocalDurable { lsn: Lsn(1) });
+    assert_eq!(done(&a), vec![1]);
+    // The replica never answers its barrier: it is degraded, even though nothing failed.
+    let a = c.step(Event::Tick {
+        now: 5010,
+        pinned_bytes: 0,
+    });
+    assert!(a.iter().any(|x| matches!(x, Action::Close { .. })));
+    assert_eq!(state(&c, "a"), PeerState::Disconnected);
+}
+
+#[test]
+fn a_received_but_not_durable_lsn_never_counts() {
+    // The only durability input is BarrierAck (sent after the replica's fsync); a barrier
+    // ack below the target does not complete it.
+    let mut c = core(CommitMode::SyncAll, &["a"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Appended {
+        records: vec![rec(1, E), rec(2, E)],
+    });
+    c.step(Event::Barrier {
+        id: 1,
+        target: Lsn(2),
+        now: 0,
+    });
+    c.step(Event::LocalDurable { lsn: Lsn(2) });
+    let a = reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        1,
+    );
+    assert!(done(&a).is_empty());
+    assert_eq!(c.committed(), Lsn(1));
+}
+
+#[test]
+fn stale_session_results_are_ignored() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Disconnected {
+        replica: s[0].0.clone(),
+        session: s[0].1,
+        now: 1,
+        reason: "x".into(),
+    });
+    c.step(Event::Appended {
+        records: vec![rec(1, E)],
+    });
+    c.step(Event::Barrier {
+        id: 1,
+        target: Lsn(1),
+        now: 1,
+    });
+    c.step(Event::LocalDurable { lsn: Lsn(1) });
+    // A late ack from the dead session must not count.
+    let a = reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        2,
+    );
+    assert!(done(&a).is_empty());
+    assert!(a.is_empty());
+}
+
+#[test]
+fn a_higher_epoch_fences_the_primary() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Appended {
+        records: vec![rec(1, E)],
+    });
+    c.step(Event::Barrier {
+        id: 4,
+        target: Lsn(1),
+        now: 0,
+    });
+    let a = c.step(Event::Received {
+        replica: s[0].0.clone(),
+        session: s[0].1,
+        frame: Frame {
+            epoch: Epoch(4),
+            body: Body::Reject {
+                reason: RejectReason::StaleEpoch,
+                message: "newer primary".into(),
+            },
+        },
+        now: 1,
+    });
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Fenced {
+            epoch: Epoch(4),
+            ..
+        }
+    )));
+    assert_eq!(failed(&a), vec![(4, BarrierFailure::Fenced)]);
+    let a = c.step(Event::Barrier {
+        id: 5,
+        target: Lsn(1),
+        now: 2,
+    });
+    assert_eq!(failed(&a), vec![(5, BarrierFailure::Fenced)]);
+    // And nothing is shipped any more.
+    let a = c.step(Event::Appended {
+        records: vec![rec(2, E)],
+    });
+    assert!(a.is_empty());
+}
+
+#[test]
+fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 10);
+    let a = c.step(Event::Tick {
+        now: 0,
+        pinned_bytes: 0,
+    });
+    let (r, sid) = sessions(&a)[0].clone();
+    c.step(Event::Connected {
+        replica: r.clone(),
+        session: sid,
+        now: 0,
+    });
+    let a = reply(
+        &mut c,
+        &r,
+        sid,
+        Body::HelloOk {
+            replica_store: VolumeId([9; 16]),
+            durable: Lsn(6),
+            durable_epoch: E,
+            committed: Lsn(0),
+        },
+        0,
+    );
+    assert_eq!(state(&c, "a"), PeerState::CatchingUp);
+    assert!(a.contains(&Action::PinWal { from: Some(Lsn(6)) }));
+    // It asks for the replica's last entry too, to check the histories match.
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::ReadWal { from: Lsn(6), .. })));
+    // Meanwhile a live entry arrives; it is not shipped to a catching-up replica.
+    let a = c.step(Event::Appended {
+        records: vec![rec(11, E)],
+    });
+    assert!(frames_to(&a, "a").is_empty());
+    let a = c.step(Event::WalRead {
+        replica: r.clone(),
+        session: sid,
+        records: (6..=8).map(|l| rec(l, E)).collect(),
+        now: 1,
+    });
+    match &frames_to(&a, "a")[..] {
+        [Body::Entries { records, .. }] => {
+            assert_eq!(
+                records.iter().map(|r| r.lsn.0).collect::<Vec<_>>(),
+                vec![7, 8]
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::ReadWal { from: Lsn(9), .. })));
+    // The read returns past the core's head (12 is not appended yet): only through 11.
+    let a = c.step(Event::WalRead {
+        replica: r.clone(),
+        session: sid,
+        records: (9..=12).map(|l| rec(l, E)).collect(),
+        now: 2,
+    });
+    match &frames_to(&a, "a")[..] {
+        [Body::Entries { records, .. }] => {
+            assert_eq!(
+                records.iter().map(|r| r.lsn.0).collect::<Vec<_>>(),
+                vec![9, 10, 11]
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+    let a = c.step(Event::Appended {
+        records: vec![rec(12, E)],
+    });
+    assert!(
+        matches!(&frames_to(&a, "a")[..], [Body::Entries { records, .. }] if records[0].lsn == Lsn(12))
+    );
+}
+
+#[test]
+fn a_diverged_replica_needs_a_rebuild() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 10);
+    let a = c.step(Event::Tick {
+        now: 0,
+        pinned_bytes: 0,
+    });
+    let (r, sid) = sessions(&a)[0].clone();
+    c.step(Event::Connected {
+        replica: r.clone(),
+        session: sid,
+        now: 0,
+    });
+    reply(
+        &mut c,
+        &r,
+        sid,
+        Body::HelloOk {
+            replica_store: VolumeId([9; 16]),
+            durable: Lsn(6),
+            durable_epoch: Epoch(2),
+            committed: Lsn(0),
+        },
+        0,
+    );
+    let a = c.step(Event::WalRead {
+        replica: r,
+        session: sid,
+        records: vec![rec(6, E)],
+        now: 1,
+    });
+    assert_eq!(state(&c, "a"), PeerState::NeedsRebuild);
+    assert!(a.iter().any(|x| matches!(x, Action::Close { .. })));
+}
+
+#[test]
+fn a_replica_ahead_of_the_primary_is_never_merged() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 5);
+    bring_up(&mut c, 9);
+    assert_eq!(state(&c, "a"), PeerState::NeedsRebuild);
+}
+
+#[test]
+fn retention_budget_releases_a_lagging_replica() {
+    let mut c = core(CommitMode::BestEffort, &["a", "b"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Appended {
+        records: (1..=3).map(|l| rec(l, E)).collect(),
+    });
+    reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(3) },
+        1,
+    );
+    // b never acks anything and goes away: its pin (1) holds the WAL.
+    let a = c.step(Event::Disconnected {
+        replica: s[1].0.clone(),
+        session: s[1].1,
+        now: 2,
+        reason: "x".into(),
+    });
+    assert!(!a.iter().any(|x| matches!(x, Action::PinWal { .. })));
+    let a = c.step(Event::Tick {
+        now: 3,
+        pinned_bytes: 200 << 20,
+    });
+    assert_eq!(state(&c, "b"), PeerState::NeedsRebuild);
+    assert!(a.contains(&Action::PinWal { from: Some(Lsn(4)) }));
+    // The in-sync replica is not punished for the stale measure on the next tick.
+    c.step(Event::Tick {
+        now: 4,
+        pinned_bytes: 0,
+    });
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+}
+
+#[test]
+fn commit_mode_validation_refuses_vacuous_configurations() {
+    assert!(CommitMode::SyncAll.validate(0).is_err());
+    assert!(CommitMode::SyncQuorum.validate(1).is_err());
+    assert!(CommitMode::SyncQuorum.validate(2).is_ok());
+    assert!(CommitMode::BestEffort.validate(0).is_ok());
+}

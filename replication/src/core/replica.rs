@@ -1,0 +1,365 @@
+//! The replica's side of replication.
+//!
+//! A replica serves at most one primary session at a time. It accepts a primary only at an
+//! epoch at least its own (persisted before it answers), and only the store that claimed an
+//! epoch may use it. After that it accepts WAL and barrier frames only at exactly its current
+//! epoch, and entries only in LSN order: a duplicate is ignored, a gap is refused. It reports
+//! durability only after its own fsync.
+
+use blockrep_storage::{Epoch, Lsn, VolumeId, WalRecord};
+
+use crate::wire::{Body, Frame, RejectReason, ReportedRole};
+
+/// One connection to this replica, as the driver numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(pub u64);
+
+/// What the replica knows about its own store.
+#[derive(Debug, Clone)]
+pub struct ReplicaState {
+    pub volume_id: VolumeId,
+    pub volume_size: u64,
+    pub store_id: VolumeId,
+    /// Never held an entry: may join any volume of its size.
+    pub blank: bool,
+    pub epoch: Epoch,
+    /// The primary store that claimed `epoch`.
+    pub epoch_owner: VolumeId,
+    /// Newest entry in the store (appended; durable once the store says so).
+    pub head: Lsn,
+    /// Epoch of the entry at `head`.
+    pub head_epoch: Epoch,
+    pub durable: Lsn,
+    pub committed: Lsn,
+    /// The store was promoted (a primary no longer accepts a primary's stream).
+    pub promoted: bool,
+    pub needs_rebuild: bool,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Received {
+        conn: ConnId,
+        frame: Frame,
+    },
+    Closed {
+        conn: ConnId,
+    },
+    /// The store is durable through `durable` (answer to `Sync`).
+    Synced {
+        conn: ConnId,
+        durable: Lsn,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Send {
+        conn: ConnId,
+        frame: Frame,
+    },
+    Close {
+        conn: ConnId,
+        reason: String,
+    },
+    /// Make the blank store part of `volume_id` (before answering the primary).
+    AdoptVolume {
+        volume_id: VolumeId,
+    },
+    /// Persist `epoch`, claimed by `owner` (before answering the primary).
+    AdoptEpoch {
+        epoch: Epoch,
+        owner: VolumeId,
+    },
+    /// Append this entry to the store (in order; the driver performs appends one by one).
+    Append {
+        record: WalRecord,
+    },
+    /// Answer with `Synced` once the store is durable through `lsn`.
+    Sync {
+        conn: ConnId,
+        lsn: Lsn,
+    },
+    SetCommitted {
+        lsn: Lsn,
+    },
+}
+
+pub struct ReplicaCore {
+    s: ReplicaState,
+    active: Option<ConnId>,
+    /// The active session's hello waits for the store to be durable through its head.
+    greeting: Option<ConnId>,
+    out: Vec<Action>,
+}
+
+impl ReplicaCore {
+    pub fn new(state: ReplicaState) -> ReplicaCore {
+        ReplicaCore {
+            s: state,
+            active: None,
+            greeting: None,
+            out: Vec::new(),
+        }
+    }
+
+    pub fn state(&self) -> &ReplicaState {
+        &self.s
+    }
+
+    pub fn active(&self) -> Option<ConnId> {
+        self.active
+    }
+
+    pub fn step(&mut self, event: Event) -> Vec<Action> {
+        match event {
+            Event::Received { conn, frame } => self.received(conn, frame),
+            Event::Closed { conn } => {
+                if self.active == Some(conn) {
+                    self.active = None;
+                    self.greeting = None;
+                }
+            }
+            Event::Synced { conn, durable } => {
+                if durable > self.s.durable {
+                    self.s.durable = durable;
+                }
+                if self.active != Some(conn) {
+                    return std::mem::take(&mut self.out);
+                }
+                if self.greeting == Some(conn) {
+                    // The log is durable through its head: report exactly that.
+                    self.greeting = None;
+                    self.send(
+                        conn,
+                        Body::HelloOk {
+                            replica_store: self.s.store_id,
+                            durable: self.s.head,
+                            durable_epoch: self.s.head_epoch,
+                            committed: self.s.committed,
+                        },
+                    );
+                } else {
+                    self.send(
+                        conn,
+                        Body::BarrierAck {
+                            durable: self.s.durable,
+                        },
+                    );
+                }
+            }
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn send(&mut self, conn: ConnId, body: Body) {
+        self.out.push(Action::Send {
+            conn,
+            frame: Frame {
+                epoch: self.s.epoch,
+                body,
+            },
+        });
+    }
+
+    fn reject(&mut self, conn: ConnId, reason: RejectReason, message: String) {
+        tracing::info!(conn = conn.0, ?reason, "refusing: {message}");
+        self.send(
+            conn,
+            Body::Reject {
+                reason,
+                message: message.clone(),
+            },
+        );
+        self.out.push(Action::Close {
+            conn,
+            reason: message,
+        });
+        if self.active == Some(conn) {
+            self.active = None;
+            self.greeting = None;
+        }
+    }
+
+    fn received(&mut self, conn: ConnId, frame: Frame) {
+        match frame.body {
+            Body::Probe => {
+                let body = Body::ProbeReply {
+                    volume_id: self.s.volume_id,
+                    store_id: self.s.store_id,
+                    role: if self.s.promoted {
+                        ReportedRole::Primary
+                    } else {
+                        ReportedRole::Replica
+                    },
+                    head: self.s.head,
+                    committed: self.s.committed,
+                    needs_rebuild: self.s.needs_rebuild,
+                };
+                self.send(conn, body);
+            }
+            Body::Hello {
+                volume_id,
+                volume_size,
+                primary_store,
+                committed,
+                ..
+            } => self.hello(
+                conn,
+                frame.epoch,
+                volume_id,
+                volume_size,
+                primary_store,
+                committed,
+            ),
+            Body::Entries { committed, records } => {
+                if !self.current(conn, frame.epoch) {
+                    return;
+                }
+                for record in records {
+                    if record.lsn <= self.s.head {
+                        continue; // a duplicate (a resent entry): already have it
+                    }
+                    if record.lsn != self.s.head.next() {
+                        let msg = format!(
+                            "entry {} does not follow {}; refusing the gap",
+                            record.lsn, self.s.head
+                        );
+                        self.reject(conn, RejectReason::Gap, msg);
+                        return;
+                    }
+                    self.s.head = record.lsn;
+                    self.s.head_epoch = record.epoch;
+                    self.out.push(Action::Append { record });
+                }
+                self.learn_committed(committed);
+            }
+            Body::Barrier { lsn, committed } => {
+                if !self.current(conn, frame.epoch) {
+                    return;
+                }
+                self.learn_committed(committed);
+                // Durability is reported only after the store's own fsync (never "received").
+                self.out.push(Action::Sync {
+                    conn,
+                    lsn: lsn.min(self.s.head),
+                });
+            }
+            other => {
+                let msg = format!("a replica does not expect a {} frame", other.name());
+                self.reject(conn, RejectReason::Protocol, msg);
+            }
+        }
+    }
+
+    /// Whether `conn` is the active session at our epoch; refuses it otherwise.
+    fn current(&mut self, conn: ConnId, epoch: Epoch) -> bool {
+        if epoch != self.s.epoch {
+            let msg = format!(
+                "frame at epoch {epoch}, this replica is at {}",
+                self.s.epoch
+            );
+            self.reject(conn, RejectReason::StaleEpoch, msg);
+            return false;
+        }
+        if self.active != Some(conn) || self.greeting == Some(conn) {
+            self.reject(
+                conn,
+                RejectReason::Protocol,
+                "no session: send hello first".into(),
+            );
+            return false;
+        }
+        true
+    }
+
+    fn learn_committed(&mut self, committed: Lsn) {
+        if committed > self.s.committed {
+            self.s.committed = committed;
+            self.out.push(Action::SetCommitted { lsn: committed });
+        }
+    }
+
+    fn hello(
+        &mut self,
+        conn: ConnId,
+        epoch: Epoch,
+        volume_id: VolumeId,
+        volume_size: u64,
+        primary: VolumeId,
+        committed: Lsn,
+    ) {
+        if self.s.promoted {
+            let msg = "this store was promoted; it no longer follows a primary".to_string();
+            self.reject(conn, RejectReason::NotReplica, msg);
+            return;
+        }
+        if volume_size != self.s.volume_size {
+            let msg = format!(
+                "volume size {volume_size} differs from this store's {}",
+                self.s.volume_size
+            );
+            self.reject(conn, RejectReason::WrongVolume, msg);
+            return;
+        }
+        if volume_id != self.s.volume_id {
+            if !self.s.blank {
+                let msg = format!(
+                    "this store belongs to volume {}, not {volume_id}",
+                    self.s.volume_id
+                );
+                self.reject(conn, RejectReason::WrongVolume, msg);
+                return;
+            }
+            self.out.push(Action::AdoptVolume { volume_id });
+            self.s.volume_id = volume_id;
+        }
+        if epoch < self.s.epoch {
+            let msg = format!(
+                "epoch {epoch} is stale; this replica is at {}",
+                self.s.epoch
+            );
+            self.reject(conn, RejectReason::StaleEpoch, msg);
+            return;
+        }
+        let unclaimed = self.s.epoch_owner == VolumeId([0; 16]);
+        if epoch == self.s.epoch && !unclaimed && self.s.epoch_owner != primary {
+            let msg = format!(
+                "epoch {epoch} already belongs to primary store {}",
+                self.s.epoch_owner
+            );
+            self.reject(conn, RejectReason::EpochOwned, msg);
+            return;
+        }
+        if epoch > self.s.epoch || self.s.epoch_owner != primary {
+            // Persisted before we answer, so the claim survives a crash.
+            self.out.push(Action::AdoptEpoch {
+                epoch,
+                owner: primary,
+            });
+            self.s.epoch = epoch;
+            self.s.epoch_owner = primary;
+        }
+        if let Some(old) = self.active.replace(conn) {
+            if old != conn {
+                self.out.push(Action::Close {
+                    conn: old,
+                    reason: "superseded by a new session".into(),
+                });
+            }
+        }
+        self.s.blank = false;
+        self.learn_committed(committed);
+        // Entries appended but not yet fsynced (from an earlier session) are made durable
+        // first, so the LSN we report is one we can stand by.
+        self.greeting = Some(conn);
+        self.out.push(Action::Sync {
+            conn,
+            lsn: self.s.head,
+        });
+    }
+}
+
+#[cfg(test)]
+#[path = "replica_tests.rs"]
+mod tests;

@@ -1,0 +1,295 @@
+use bytes::Bytes;
+
+use super::*;
+
+const VOL: VolumeId = VolumeId([1; 16]);
+const P1: VolumeId = VolumeId([2; 16]);
+const P2: VolumeId = VolumeId([3; 16]);
+const C: ConnId = ConnId(1);
+
+fn state(epoch: u64, head: u64) -> ReplicaState {
+    ReplicaState {
+        volume_id: VOL,
+        volume_size: 1 << 30,
+        store_id: VolumeId([7; 16]),
+        blank: false,
+        epoch: Epoch(epoch),
+        epoch_owner: if epoch > 0 { P1 } else { VolumeId([0; 16]) },
+        head: Lsn(head),
+        head_epoch: Epoch(epoch),
+        durable: Lsn(head),
+        committed: Lsn(0),
+        promoted: false,
+        needs_rebuild: false,
+    }
+}
+
+fn hello(epoch: u64, primary: VolumeId) -> Frame {
+    Frame {
+        epoch: Epoch(epoch),
+        body: Body::Hello {
+            volume_id: VOL,
+            volume_size: 1 << 30,
+            primary_store: primary,
+            head: Lsn(0),
+            committed: Lsn(0),
+        },
+    }
+}
+
+fn entries(epoch: u64, lsns: &[u64]) -> Frame {
+    Frame {
+        epoch: Epoch(epoch),
+        body: Body::Entries {
+            committed: Lsn(0),
+            records: lsns
+                .iter()
+                .map(|&l| {
+                    WalRecord::new(
+                        Lsn(l),
+                        Epoch(epoch),
+                        blockrep_storage::RecordKind::Write,
+                        0,
+                        4096,
+                        Bytes::from(vec![0u8; 4096]),
+                    )
+                })
+                .collect(),
+        },
+    }
+}
+
+fn rejected(actions: &[Action]) -> Option<RejectReason> {
+    actions.iter().find_map(|a| match a {
+        Action::Send {
+            frame:
+                Frame {
+                    body: Body::Reject { reason, .. },
+                    ..
+                },
+            ..
+        } => Some(*reason),
+        _ => None,
+    })
+}
+
+/// Runs a hello through to its HelloOk.
+fn greet(r: &mut ReplicaCore, conn: ConnId, epoch: u64, primary: VolumeId) -> Vec<Action> {
+    let mut a = r.step(Event::Received {
+        conn,
+        frame: hello(epoch, primary),
+    });
+    let head = r.state().head;
+    a.extend(r.step(Event::Synced {
+        conn,
+        durable: head,
+    }));
+    a
+}
+
+#[test]
+fn replica_rejects_stale_epoch_hello_and_keeps_serving() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: hello(4, P1),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::StaleEpoch));
+    // The reject carries the replica's own epoch, so the old primary learns it is fenced.
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::Send { frame, .. } if frame.epoch == Epoch(5))));
+    let a = greet(&mut r, ConnId(2), 5, P1);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            frame: Frame {
+                body: Body::HelloOk { .. },
+                ..
+            },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn replica_refuses_a_second_primary_claiming_the_same_epoch() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: hello(5, P2),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::EpochOwned));
+}
+
+#[test]
+fn replica_adopts_a_higher_epoch_before_answering_and_supersedes_the_old_session() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    let a = greet(&mut r, ConnId(2), 6, P2);
+    let adopt = a
+        .iter()
+        .position(|x| matches!(x, Action::AdoptEpoch { epoch: Epoch(6), owner } if *owner == P2));
+    let ok = a.iter().position(|x| {
+        matches!(
+            x,
+            Action::Send {
+                frame: Frame {
+                    body: Body::HelloOk { .. },
+                    ..
+                },
+                ..
+            }
+        )
+    });
+    assert!(
+        adopt.unwrap() < ok.unwrap(),
+        "the epoch is persisted before the answer"
+    );
+    assert!(a.contains(&Action::Close {
+        conn: C,
+        reason: "superseded by a new session".into()
+    }));
+    // The old primary's stream is now refused.
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[11]),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::StaleEpoch));
+}
+
+#[test]
+fn replica_ignores_duplicates_and_refuses_gaps() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[9, 10, 11, 12]),
+    });
+    let appended: Vec<u64> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Append { record } => Some(record.lsn.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(appended, vec![11, 12]);
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[14]),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::Gap));
+    assert!(!a.iter().any(|x| matches!(x, Action::Append { .. })));
+}
+
+#[test]
+fn replica_reports_durable_only_after_its_fsync() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[11, 12]),
+    });
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: Frame {
+            epoch: Epoch(5),
+            body: Body::Barrier {
+                lsn: Lsn(12),
+                committed: Lsn(10),
+            },
+        },
+    });
+    assert!(a.contains(&Action::Sync {
+        conn: C,
+        lsn: Lsn(12)
+    }));
+    assert!(!a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            frame: Frame {
+                body: Body::BarrierAck { .. },
+                ..
+            },
+            ..
+        }
+    )));
+    let a = r.step(Event::Synced {
+        conn: C,
+        durable: Lsn(12),
+    });
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            frame: Frame {
+                body: Body::BarrierAck { durable: Lsn(12) },
+                ..
+            },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn replica_hello_reports_a_durable_head_with_its_epoch() {
+    let mut s = state(5, 10);
+    s.durable = Lsn(8); // appended but not yet synced: 9 and 10
+    let mut r = ReplicaCore::new(s);
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: hello(5, P1),
+    });
+    assert!(a.contains(&Action::Sync {
+        conn: C,
+        lsn: Lsn(10)
+    }));
+    assert!(!a.iter().any(|x| matches!(x, Action::Send { .. })));
+    let a = r.step(Event::Synced {
+        conn: C,
+        durable: Lsn(10),
+    });
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            frame: Frame {
+                body: Body::HelloOk {
+                    durable: Lsn(10),
+                    durable_epoch: Epoch(5),
+                    ..
+                },
+                ..
+            },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn replica_refuses_another_volume_unless_blank() {
+    let mut s = state(0, 0);
+    s.volume_id = VolumeId([8; 16]);
+    let mut r = ReplicaCore::new(s.clone());
+    s.blank = false;
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: hello(1, P1),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::WrongVolume));
+    s.blank = true;
+    let mut r = ReplicaCore::new(s);
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: hello(1, P1),
+    });
+    assert!(a.contains(&Action::AdoptVolume { volume_id: VOL }));
+}
+
+#[test]
+fn replica_frames_before_hello_are_refused() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[11]),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::Protocol));
+}

@@ -1,0 +1,635 @@
+//! The replication wire format: one frame format for data and control.
+//!
+//! ```text
+//! header (24 bytes, little-endian):
+//!   0 magic u32 "BRRP"   4 version u8   5 kind u8   6 reserved u16
+//!   8 body_len u32      12 crc32c u32 (header bytes 0..12 and 16..24, then the body)
+//!  16 epoch u64          (the sender's epoch; every frame carries it)
+//! body: kind-specific, below
+//! ```
+//! A WAL entry inside `Entries` also carries the CRC32C of its payload, checked on decode and
+//! kept as the entry's checksum in the receiver's WAL. Anything that does not decode is an
+//! error the receiver answers by closing the connection with a logged reason; nothing here
+//! panics on input.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use blockrep_storage::{Epoch, Lsn, RecordKind, VolumeId, WalRecord};
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"BRRP");
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 24;
+/// One frame never exceeds this (a 32 MiB write plus its framing fits easily).
+pub const MAX_BODY: usize = 40 << 20;
+
+const ENTRY_HEADER_LEN: usize = 48;
+
+/// Why a receiver refused a frame or a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The frame's epoch is not the receiver's current epoch.
+    StaleEpoch,
+    /// Another primary already claimed this epoch.
+    EpochOwned,
+    /// The store belongs to another volume (or has another size).
+    WrongVolume,
+    /// An entry did not follow the last one received.
+    Gap,
+    /// The receiver is not a replica (for example a promoted primary).
+    NotReplica,
+    /// The frame made no sense in this state.
+    Protocol,
+    /// The receiver's store failed.
+    StorageFailed,
+}
+
+impl RejectReason {
+    fn code(self) -> u16 {
+        match self {
+            RejectReason::StaleEpoch => 1,
+            RejectReason::EpochOwned => 2,
+            RejectReason::WrongVolume => 3,
+            RejectReason::Gap => 4,
+            RejectReason::NotReplica => 5,
+            RejectReason::Protocol => 6,
+            RejectReason::StorageFailed => 7,
+        }
+    }
+    fn from_code(c: u16) -> Option<RejectReason> {
+        Some(match c {
+            1 => RejectReason::StaleEpoch,
+            2 => RejectReason::EpochOwned,
+            3 => RejectReason::WrongVolume,
+            4 => RejectReason::Gap,
+            5 => RejectReason::NotReplica,
+            6 => RejectReason::Protocol,
+            7 => RejectReason::StorageFailed,
+            _ => return None,
+        })
+    }
+}
+
+/// A store's role as reported to a promotion candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportedRole {
+    Primary,
+    Replica,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// Primary → replica, first frame of a session.
+    Hello {
+        volume_id: VolumeId,
+        volume_size: u64,
+        primary_store: VolumeId,
+        head: Lsn,
+        committed: Lsn,
+    },
+    /// Replica → primary: the session is accepted; its log ends at `durable` (fsynced), whose
+    /// entry was written at `durable_epoch`. Same LSN and epoch means the same history.
+    HelloOk {
+        replica_store: VolumeId,
+        durable: Lsn,
+        durable_epoch: Epoch,
+        committed: Lsn,
+    },
+    /// Primary → replica: entries in LSN order, and the primary's committed LSN.
+    Entries {
+        committed: Lsn,
+        records: Vec<WalRecord>,
+    },
+    /// Primary → replica: report once everything through `lsn` is durable.
+    Barrier { lsn: Lsn, committed: Lsn },
+    /// Replica → primary: everything through `durable` is fsynced here.
+    BarrierAck { durable: Lsn },
+    /// Either way: refused, with the refuser's epoch and a reason for the log.
+    Reject {
+        reason: RejectReason,
+        message: String,
+    },
+    /// Promotion candidate → member: what do you hold?
+    Probe,
+    /// Member → candidate.
+    ProbeReply {
+        volume_id: VolumeId,
+        store_id: VolumeId,
+        role: ReportedRole,
+        head: Lsn,
+        committed: Lsn,
+        needs_rebuild: bool,
+    },
+}
+
+impl Body {
+    fn kind(&self) -> u8 {
+        match self {
+            Body::Hello { .. } => 1,
+            Body::HelloOk { .. } => 2,
+            Body::Entries { .. } => 3,
+            Body::Barrier { .. } => 4,
+            Body::BarrierAck { .. } => 5,
+            Body::Reject { .. } => 6,
+            Body::Probe => 7,
+            Body::ProbeReply { .. } => 8,
+        }
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Body::Hello { .. } => "hello",
+            Body::HelloOk { .. } => "hello-ok",
+            Body::Entries { .. } => "entries",
+            Body::Barrier { .. } => "barrier",
+            Body::BarrierAck { .. } => "barrier-ack",
+            Body::Reject { .. } => "reject",
+            Body::Probe => "probe",
+            Body::ProbeReply { .. } => "probe-reply",
+        }
+    }
+}
+
+/// A frame: the sender's epoch and a body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub epoch: Epoch,
+    pub body: Body,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("bad frame magic {0:#010x}")]
+    BadMagic(u32),
+    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
+    BadVersion(u8),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame body of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("frame checksum mismatch")]
+    BadChecksum,
+    #[error("entry {0} payload checksum mismatch")]
+    BadEntryChecksum(u64),
+    #[error("malformed {kind} frame: {why}")]
+    Malformed {
+        kind: &'static str,
+        why: &'static str,
+    },
+}
+
+fn kind_code(k: RecordKind) -> (u8, u8) {
+    match k {
+        RecordKind::Write => (1, 0),
+        RecordKind::Trim => (2, 0),
+        RecordKind::WriteZeroes { punch } => (3, u8::from(punch)),
+        RecordKind::Wrap => (0xfe, 0),
+    }
+}
+
+fn kind_from(code: u8, flags: u8) -> Option<RecordKind> {
+    match code {
+        1 => Some(RecordKind::Write),
+        2 => Some(RecordKind::Trim),
+        3 => Some(RecordKind::WriteZeroes {
+            punch: flags & 1 != 0,
+        }),
+        _ => None,
+    }
+}
+
+/// Appends the encoding of `frame` to `dst`.
+pub fn encode(frame: &Frame, dst: &mut BytesMut) {
+    let start = dst.len();
+    dst.put_u32_le(MAGIC);
+    dst.put_u8(VERSION);
+    dst.put_u8(frame.body.kind());
+    dst.put_u16_le(0);
+    dst.put_u32_le(0); // body length, patched below
+    dst.put_u32_le(0); // crc, patched below
+    dst.put_u64_le(frame.epoch.0);
+    let body_start = dst.len();
+    match &frame.body {
+        Body::Hello {
+            volume_id,
+            volume_size,
+            primary_store,
+            head,
+            committed,
+        } => {
+            dst.put_slice(&volume_id.0);
+            dst.put_u64_le(*volume_size);
+            dst.put_slice(&primary_store.0);
+            dst.put_u64_le(head.0);
+            dst.put_u64_le(committed.0);
+        }
+        Body::HelloOk {
+            replica_store,
+            durable,
+            durable_epoch,
+            committed,
+        } => {
+            dst.put_slice(&replica_store.0);
+            dst.put_u64_le(durable.0);
+            dst.put_u64_le(durable_epoch.0);
+            dst.put_u64_le(committed.0);
+        }
+        Body::Entries { committed, records } => {
+            dst.put_u64_le(committed.0);
+            dst.put_u32_le(records.len() as u32);
+            for r in records {
+                let (k, f) = kind_code(r.kind);
+                dst.put_u64_le(r.lsn.0);
+                dst.put_u64_le(r.epoch.0);
+                dst.put_u8(k);
+                dst.put_u8(f);
+                dst.put_u16_le(0);
+                dst.put_u32_le(r.payload.len() as u32);
+                dst.put_u64_le(r.offset);
+                dst.put_u64_le(r.length);
+                dst.put_u32_le(r.payload_crc);
+                dst.put_u32_le(0);
+                dst.put_slice(&r.payload);
+            }
+        }
+        Body::Barrier { lsn, committed } => {
+            dst.put_u64_le(lsn.0);
+            dst.put_u64_le(committed.0);
+        }
+        Body::BarrierAck { durable } => dst.put_u64_le(durable.0),
+        Body::Reject { reason, message } => {
+            let msg = &message.as_bytes()[..message.len().min(1024)];
+            dst.put_u16_le(reason.code());
+            dst.put_u16_le(msg.len() as u16);
+            dst.put_slice(msg);
+        }
+        Body::Probe => {}
+        Body::ProbeReply {
+            volume_id,
+            store_id,
+            role,
+            head,
+            committed,
+            needs_rebuild,
+        } => {
+            dst.put_slice(&volume_id.0);
+            dst.put_slice(&store_id.0);
+            dst.put_u8(match role {
+                ReportedRole::Primary => 0,
+                ReportedRole::Replica => 1,
+            });
+            dst.put_u8(u8::from(*needs_rebuild));
+            dst.put_u64_le(head.0);
+            dst.put_u64_le(committed.0);
+        }
+    }
+    let body_len = (dst.len() - body_start) as u32;
+    dst[start + 8..start + 12].copy_from_slice(&body_len.to_le_bytes());
+    let crc = frame_crc(&dst[start..start + HEADER_LEN], &dst[body_start..]);
+    dst[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn frame_crc(header: &[u8], body: &[u8]) -> u32 {
+    let c = crc32c::crc32c(&header[0..12]);
+    let c = crc32c::crc32c_append(c, &header[16..HEADER_LEN]);
+    crc32c::crc32c_append(c, body)
+}
+
+/// How many bytes the frame starting at `buf` needs in total, once its header is complete.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let magic = u32::from_le_bytes(buf[0..4].try_into().expect("4"));
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    if buf[4] != VERSION {
+        return Err(WireError::BadVersion(buf[4]));
+    }
+    let body = u32::from_le_bytes(buf[8..12].try_into().expect("4")) as usize;
+    if body > MAX_BODY {
+        return Err(WireError::TooLarge(body));
+    }
+    Ok(Some(HEADER_LEN + body))
+}
+
+/// A cursor that fails instead of panicking when the body is too short.
+struct Reader {
+    buf: Bytes,
+    kind: &'static str,
+}
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), WireError> {
+        if self.buf.remaining() < n {
+            Err(WireError::Malformed {
+                kind: self.kind,
+                why: "body too short",
+            })
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16_le())
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32_le())
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64_le())
+    }
+    fn lsn(&mut self) -> Result<Lsn, WireError> {
+        self.u64().map(Lsn)
+    }
+    fn id(&mut self) -> Result<VolumeId, WireError> {
+        self.need(16)?;
+        let mut id = [0u8; 16];
+        self.buf.copy_to_slice(&mut id);
+        Ok(VolumeId(id))
+    }
+    fn bytes(&mut self, n: usize) -> Result<Bytes, WireError> {
+        self.need(n)?;
+        Ok(self.buf.split_to(n))
+    }
+    fn done(&self) -> Result<(), WireError> {
+        if self.buf.has_remaining() {
+            Err(WireError::Malformed {
+                kind: self.kind,
+                why: "trailing bytes",
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Decodes one complete frame (exactly `frame_len` bytes). Entry payloads are slices of
+/// `frame`, not copies.
+pub fn decode(frame: Bytes) -> Result<Frame, WireError> {
+    let total = match frame_len(&frame)? {
+        Some(n) => n,
+        None => {
+            return Err(WireError::Malformed {
+                kind: "frame",
+                why: "shorter than a header",
+            })
+        }
+    };
+    if frame.len() != total {
+        return Err(WireError::Malformed {
+            kind: "frame",
+            why: "length does not match the header",
+        });
+    }
+    let stored = u32::from_le_bytes(frame[12..16].try_into().expect("4"));
+    if frame_crc(&frame[..HEADER_LEN], &frame[HEADER_LEN..]) != stored {
+        return Err(WireError::BadChecksum);
+    }
+    let kind = frame[5];
+    let epoch = Epoch(u64::from_le_bytes(frame[16..24].try_into().expect("8")));
+    let name = match kind {
+        1 => "hello",
+        2 => "hello-ok",
+        3 => "entries",
+        4 => "barrier",
+        5 => "barrier-ack",
+        6 => "reject",
+        7 => "probe",
+        8 => "probe-reply",
+        other => return Err(WireError::UnknownKind(other)),
+    };
+    let mut r = Reader {
+        buf: frame.slice(HEADER_LEN..),
+        kind: name,
+    };
+    let body = match kind {
+        1 => Body::Hello {
+            volume_id: r.id()?,
+            volume_size: r.u64()?,
+            primary_store: r.id()?,
+            head: r.lsn()?,
+            committed: r.lsn()?,
+        },
+        2 => Body::HelloOk {
+            replica_store: r.id()?,
+            durable: r.lsn()?,
+            durable_epoch: Epoch(r.u64()?),
+            committed: r.lsn()?,
+        },
+        3 => {
+            let committed = r.lsn()?;
+            let count = r.u32()? as usize;
+            // Every entry takes at least its header, so a lying count cannot make us
+            // allocate more than the frame could hold.
+            if count > r.buf.remaining() / ENTRY_HEADER_LEN {
+                return Err(WireError::Malformed {
+                    kind: name,
+                    why: "entry count exceeds the body",
+                });
+            }
+            let mut records = Vec::with_capacity(count);
+            for _ in 0..count {
+                let lsn = r.lsn()?;
+                let epoch = Epoch(r.u64()?);
+                let k = r.u8()?;
+                let f = r.u8()?;
+                r.u16()?;
+                let payload_len = r.u32()? as usize;
+                let offset = r.u64()?;
+                let length = r.u64()?;
+                let payload_crc = r.u32()?;
+                r.u32()?;
+                let payload = r.bytes(payload_len)?;
+                let kind = kind_from(k, f).ok_or(WireError::Malformed {
+                    kind: name,
+                    why: "unknown entry kind",
+                })?;
+                if crc32c::crc32c(&payload) != payload_crc {
+                    return Err(WireError::BadEntryChecksum(lsn.0));
+                }
+                records.push(WalRecord {
+                    lsn,
+                    epoch,
+                    kind,
+                    offset,
+                    length,
+                    payload,
+                    payload_crc,
+                });
+            }
+            Body::Entries { committed, records }
+        }
+        4 => Body::Barrier {
+            lsn: r.lsn()?,
+            committed: r.lsn()?,
+        },
+        5 => Body::BarrierAck { durable: r.lsn()? },
+        6 => {
+            let code = r.u16()?;
+            let n = r.u16()? as usize;
+            let msg = r.bytes(n)?;
+            Body::Reject {
+                reason: RejectReason::from_code(code).ok_or(WireError::Malformed {
+                    kind: name,
+                    why: "unknown reason",
+                })?,
+                message: String::from_utf8_lossy(&msg).into_owned(),
+            }
+        }
+        7 => Body::Probe,
+        8 => Body::ProbeReply {
+            volume_id: r.id()?,
+            store_id: r.id()?,
+            role: match r.u8()? {
+                0 => ReportedRole::Primary,
+                1 => ReportedRole::Replica,
+                _ => {
+                    return Err(WireError::Malformed {
+                        kind: name,
+                        why: "unknown role",
+                    })
+                }
+            },
+            needs_rebuild: r.u8()? != 0,
+            head: r.lsn()?,
+            committed: r.lsn()?,
+        },
+        _ => unreachable!("kind checked above"),
+    };
+    r.done()?;
+    Ok(Frame { epoch, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id() -> impl Strategy<Value = VolumeId> {
+        any::<[u8; 16]>().prop_map(VolumeId)
+    }
+
+    fn record() -> impl Strategy<Value = WalRecord> {
+        (
+            1u64..1000,
+            0u64..9,
+            prop_oneof![
+                Just(RecordKind::Write),
+                Just(RecordKind::Trim),
+                any::<bool>().prop_map(|punch| RecordKind::WriteZeroes { punch })
+            ],
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..300),
+        )
+            .prop_map(|(lsn, epoch, kind, offset, payload)| {
+                WalRecord::new(
+                    Lsn(lsn),
+                    Epoch(epoch),
+                    kind,
+                    offset,
+                    payload.len() as u64,
+                    Bytes::from(payload),
+                )
+            })
+    }
+
+    fn body() -> impl Strategy<Value = Body> {
+        prop_oneof![
+            (id(), any::<u64>(), id(), any::<u64>(), any::<u64>()).prop_map(|(v, s, p, h, c)| {
+                Body::Hello {
+                    volume_id: v,
+                    volume_size: s,
+                    primary_store: p,
+                    head: Lsn(h),
+                    committed: Lsn(c),
+                }
+            }),
+            (id(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(r, d, e, c)| {
+                Body::HelloOk {
+                    replica_store: r,
+                    durable: Lsn(d),
+                    durable_epoch: Epoch(e),
+                    committed: Lsn(c),
+                }
+            }),
+            (any::<u64>(), proptest::collection::vec(record(), 0..5)).prop_map(|(c, records)| {
+                Body::Entries {
+                    committed: Lsn(c),
+                    records,
+                }
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(l, c)| Body::Barrier {
+                lsn: Lsn(l),
+                committed: Lsn(c)
+            }),
+            any::<u64>().prop_map(|d| Body::BarrierAck { durable: Lsn(d) }),
+            ("[a-z ]{0,40}").prop_map(|m| Body::Reject {
+                reason: RejectReason::StaleEpoch,
+                message: m
+            }),
+            Just(Body::Probe),
+            (
+                id(),
+                id(),
+                any::<bool>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>()
+            )
+                .prop_map(|(v, s, r, h, c, n)| Body::ProbeReply {
+                    volume_id: v,
+                    store_id: s,
+                    role: if r {
+                        ReportedRole::Replica
+                    } else {
+                        ReportedRole::Primary
+                    },
+                    head: Lsn(h),
+                    committed: Lsn(c),
+                    needs_rebuild: n,
+                }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn wire_frames_roundtrip(epoch in any::<u64>(), body in body()) {
+            let frame = Frame { epoch: Epoch(epoch), body };
+            let mut buf = BytesMut::new();
+            encode(&frame, &mut buf);
+            prop_assert_eq!(frame_len(&buf).unwrap(), Some(buf.len()));
+            prop_assert_eq!(decode(buf.freeze()).unwrap(), frame);
+        }
+
+        #[test]
+        fn wire_any_corruption_is_refused_not_panicked(
+            body in body(), at in any::<usize>(), flip in 1u8..=255,
+        ) {
+            let mut buf = BytesMut::new();
+            encode(&Frame { epoch: Epoch(3), body }, &mut buf);
+            let i = at % buf.len();
+            buf[i] ^= flip;
+            let len = frame_len(&buf);
+            if let Ok(Some(n)) = len {
+                if n == buf.len() {
+                    prop_assert!(decode(buf.freeze()).is_err());
+                }
+            }
+        }
+
+        #[test]
+        fn wire_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = frame_len(&bytes);
+            let _ = decode(Bytes::from(bytes));
+        }
+    }
+}

@@ -194,14 +194,19 @@ fn serve_store(dir: &Path, args: &ServeArgs) -> Result<()> {
             read_only: false,
         },
     )?);
-    let epoch = store.begin_epoch(args.epoch.map(Epoch))?;
     let rt = runtime()?;
+    let shutdown = CancellationToken::new();
+    // Signal handlers go in before anything is announced, so a SIGTERM sent as soon as the
+    // "serving" line appears is a clean stop, never a kill.
+    let signals = rt.block_on(async { install_signal_handlers(shutdown.clone()) })?;
     let mut exports = Exports::new();
     exports.add(
         args.export.clone(),
         Arc::new(LocalVolume::new(store.clone())),
     );
     let server = rt.block_on(Server::bind(&args.nbd, exports))?;
+    // Only a start that will serve begins a new epoch.
+    let epoch = store.begin_epoch(args.epoch.map(Epoch))?;
     let info = store.info();
     for addr in server.local_addrs() {
         let uri = match &addr {
@@ -218,9 +223,7 @@ fn serve_store(dir: &Path, args: &ServeArgs) -> Result<()> {
     if let Some(ListenAddr::Tcp(a)) = server.local_addrs().first() {
         println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'");
     }
-    let shutdown = CancellationToken::new();
     rt.block_on(async {
-        let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
         server.run(shutdown.clone()).await;
         signals.abort();
     });
@@ -230,20 +233,18 @@ fn serve_store(dir: &Path, args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
+/// Installs SIGTERM and SIGINT handlers that cancel `shutdown`; must run inside the runtime.
+fn install_signal_handlers(shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
-    }
-    shutdown.cancel();
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        shutdown.cancel();
+    }))
 }
 
 #[derive(serde::Serialize)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use crate::proto::*;
 use crate::server::Exports;
@@ -61,7 +62,7 @@ struct Session<'a, R, W, V> {
     /// The export and whether base:allocation was selected for it by SET_META_CONTEXT.
     meta: Option<(String, bool)>,
     no_zeroes: bool,
-    shutting_down: bool,
+    shutdown: &'a CancellationToken,
 }
 
 /// Runs the handshake. Returns `Ok(None)` when the client ended it politely (ABORT).
@@ -69,7 +70,7 @@ pub(crate) async fn negotiate<R, W, V>(
     r: &mut R,
     w: &mut W,
     exports: &Exports<V>,
-    shutting_down: bool,
+    shutdown: &CancellationToken,
 ) -> Result<Option<Negotiated<V>>, HandshakeError>
 where
     R: AsyncRead + Unpin,
@@ -95,7 +96,7 @@ where
         structured: false,
         meta: None,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
-        shutting_down,
+        shutdown,
     };
     loop {
         let magic = s.r.read_u64().await?;
@@ -176,7 +177,7 @@ where
         option: u32,
         data: &[u8],
     ) -> Result<Option<Option<Negotiated<V>>>, HandshakeError> {
-        if self.shutting_down && option != OPT_ABORT {
+        if self.shutdown.is_cancelled() && option != OPT_ABORT {
             self.error(option, REP_ERR_SHUTDOWN, "server is shutting down")
                 .await?;
             return Ok(None);

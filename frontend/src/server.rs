@@ -190,8 +190,12 @@ impl<V: BlockVolume> Server<V> {
 }
 
 fn remove_stale_socket(path: &Path) -> Result<(), String> {
-    if !path.exists() {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err("the path exists and is not a socket; refusing to replace it".into());
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err("another server is listening on this socket".into());
@@ -264,11 +268,15 @@ async fn handle_client<V: BlockVolume>(
     shutdown: CancellationToken,
     stats: Arc<ServerStats>,
 ) {
-    let negotiated = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake::negotiate(&mut reader, &mut writer, exports, shutdown.is_cancelled()),
-    )
-    .await;
+    // A client idling anywhere in the handshake must not hold up a shutdown.
+    let negotiated = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return,
+        n = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            handshake::negotiate(&mut reader, &mut writer, exports, &shutdown),
+        ) => n,
+    };
     let neg = match negotiated {
         Err(_) => {
             tracing::info!(%peer, "handshake timed out");

@@ -1,18 +1,51 @@
-//! The adapter that lets the NBD frontend serve a local store.
+//! The adapter that lets the NBD frontend serve a store, locally or replicated.
 
 use std::sync::Arc;
 
 use blockrep_frontend::{BlockVolume, Extent, ReadChunk, VolumeError, VolumeResult};
-use blockrep_storage::{ReadSegment, StorageError, Store};
+use blockrep_replication::driver::primary::PrimaryHandle;
+use blockrep_storage::{Lsn, ReadSegment, StorageError, Store};
 use bytes::Bytes;
 
-pub struct LocalVolume {
+/// A store served over NBD. With a replication handle, FLUSH and FUA are barriers across
+/// the replicas under the volume's commit mode; without one they are the local fsync.
+pub struct StoreVolume {
     store: Arc<Store>,
+    primary: Option<PrimaryHandle>,
 }
 
-impl LocalVolume {
-    pub fn new(store: Arc<Store>) -> LocalVolume {
-        LocalVolume { store }
+impl StoreVolume {
+    pub fn new(store: Arc<Store>, primary: Option<PrimaryHandle>) -> StoreVolume {
+        StoreVolume { store, primary }
+    }
+
+    /// Writes are refused once a newer primary has fenced this one.
+    fn check_not_fenced(&self) -> VolumeResult<()> {
+        match self.primary.as_ref().and_then(|p| p.fenced()) {
+            Some(epoch) => Err(VolumeError::Io(format!(
+                "this primary was fenced by epoch {epoch}; it accepts no more writes"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes everything through `target` durable as the commit mode demands: the local WAL
+    /// fsync always (it gates everything), and the replicas' acknowledgements if replicated.
+    async fn commit(&self, target: Lsn) -> VolumeResult<()> {
+        let Some(primary) = &self.primary else {
+            return self.store.wait_durable(target).await.map_err(volume_error);
+        };
+        self.check_not_fenced()?;
+        let local = async {
+            let r = self.store.wait_durable(target).await;
+            if r.is_ok() {
+                primary.local_durable(target);
+            }
+            r
+        };
+        let (local, replicated) = tokio::join!(local, primary.barrier(target));
+        local.map_err(volume_error)?;
+        replicated.map_err(|e| VolumeError::Io(format!("flush through {target}: {e}")))
     }
 }
 
@@ -24,7 +57,7 @@ fn volume_error(e: StorageError) -> VolumeError {
     }
 }
 
-impl BlockVolume for LocalVolume {
+impl BlockVolume for StoreVolume {
     fn size(&self) -> u64 {
         self.store.size()
     }
@@ -45,11 +78,16 @@ impl BlockVolume for LocalVolume {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> VolumeResult<()> {
-        self.store
-            .write(offset, &data, fua)
+        self.check_not_fenced()?;
+        let lsn = self
+            .store
+            .write(offset, &data, false)
             .await
-            .map(|_| ())
-            .map_err(volume_error)
+            .map_err(volume_error)?;
+        if fua {
+            self.commit(lsn).await?;
+        }
+        Ok(())
     }
 
     async fn write_zeroes(
@@ -62,23 +100,35 @@ impl BlockVolume for LocalVolume {
     ) -> VolumeResult<()> {
         // Zeroing is a metadata entry in the WAL, always cheaper than writing zeroes, so a
         // FAST_ZERO request never has to be refused.
-        self.store
-            .write_zeroes(offset, len, may_trim, fua)
+        self.check_not_fenced()?;
+        let lsn = self
+            .store
+            .write_zeroes(offset, len, may_trim, false)
             .await
-            .map(|_| ())
-            .map_err(volume_error)
+            .map_err(volume_error)?;
+        if fua {
+            self.commit(lsn).await?;
+        }
+        Ok(())
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> VolumeResult<()> {
-        self.store
-            .trim(offset, len, fua)
+        self.check_not_fenced()?;
+        let lsn = self
+            .store
+            .trim(offset, len, false)
             .await
-            .map(|_| ())
-            .map_err(volume_error)
+            .map_err(volume_error)?;
+        if fua {
+            self.commit(lsn).await?;
+        }
+        Ok(())
     }
 
+    /// Covers every write acknowledged before it, on any connection: the store's head.
     async fn flush(&self) -> VolumeResult<()> {
-        self.store.flush().await.map(|_| ()).map_err(volume_error)
+        self.check_not_fenced()?;
+        self.commit(self.store.head()).await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> VolumeResult<Vec<Extent>> {

@@ -103,19 +103,15 @@ enum Listener {
 }
 
 /// An NBD server bound to its listeners, ready to run.
-pub struct Server<V> {
-    exports: Arc<Exports<V>>,
+pub struct Server {
     listeners: Vec<Listener>,
     stats: Arc<ServerStats>,
 }
 
-impl<V: BlockVolume> Server<V> {
+impl Server {
     /// Binds every address. A Unix socket path left behind by a dead server is replaced; one
-    /// a live server still answers on is an error.
-    pub async fn bind(addrs: &[ListenAddr], exports: Exports<V>) -> Result<Server<V>, ServerError> {
-        if exports.list.is_empty() {
-            return Err(ServerError::NoExports);
-        }
+    /// a live server still answers on is an error. Nothing is served until [`Server::run`].
+    pub async fn bind(addrs: &[ListenAddr]) -> Result<Server, ServerError> {
         let mut listeners = Vec::new();
         for addr in addrs {
             let bind_err = |reason: String| ServerError::Bind {
@@ -139,7 +135,6 @@ impl<V: BlockVolume> Server<V> {
             listeners.push(listener);
         }
         Ok(Server {
-            exports: Arc::new(exports),
             listeners,
             stats: Arc::new(ServerStats::default()),
         })
@@ -164,9 +159,17 @@ impl<V: BlockVolume> Server<V> {
         self.stats.clone()
     }
 
-    /// Serves until `shutdown` is cancelled, then stops accepting, lets every connection finish
-    /// the requests it has read, and returns.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Serves `exports` until `shutdown` is cancelled, then stops accepting, lets every
+    /// connection finish the requests it has read, and returns.
+    pub async fn run<V: BlockVolume>(
+        self,
+        exports: Exports<V>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServerError> {
+        if exports.list.is_empty() {
+            return Err(ServerError::NoExports);
+        }
+        let exports = Arc::new(exports);
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut accepts = JoinSet::new();
         let mut sockets = Vec::new();
@@ -176,7 +179,7 @@ impl<V: BlockVolume> Server<V> {
             }
             accepts.spawn(accept_loop(
                 listener,
-                self.exports.clone(),
+                exports.clone(),
                 shutdown.clone(),
                 limit.clone(),
                 self.stats.clone(),
@@ -186,6 +189,7 @@ impl<V: BlockVolume> Server<V> {
         for p in sockets {
             let _ = std::fs::remove_file(p);
         }
+        Ok(())
     }
 }
 

@@ -10,4 +10,5 @@
 //! drive the very same code.
 
 pub mod core;
+pub mod driver;
 pub mod wire;

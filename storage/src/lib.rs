@@ -23,7 +23,7 @@ pub use io::IoMode;
 pub use store::{
     Allocation, CreateOptions, OpenOptions, ReadSegment, Store, StoreInfo, MAX_REQUEST,
 };
-pub use superblock::{Role, Superblock};
+pub use superblock::{epoch_at, Role, Superblock};
 pub use types::{Epoch, Lsn, VolumeId, WalPos, BLOCK_SIZE};
 pub use wal::record::{RecordKind, WalRecord};
 pub use wal::ReplayOutcome;

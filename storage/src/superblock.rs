@@ -17,6 +17,9 @@ const MAGIC: &[u8; 8] = b"BLKREPSB";
 const FORMAT_VERSION: u32 = 1;
 pub(crate) const SLOT_SIZE: usize = 4096;
 const CRC_AT: usize = SLOT_SIZE - 4;
+const HISTORY_AT: usize = 256;
+/// Epoch changes remembered in the superblock.
+pub const EPOCH_HISTORY: usize = 128;
 
 /// Set while a writer has the store open; cleared by a clean close that left the WAL empty.
 /// A clean store needs no defensive scan past the end of its log at the next open.
@@ -75,6 +78,10 @@ pub struct Superblock {
     pub role: Role,
     /// The store that claimed `epoch` (a replica refuses another store at the same epoch).
     pub epoch_owner: VolumeId,
+    /// Where each epoch begins in this store's log, oldest first: `(epoch, first LSN)`. It
+    /// gives the epoch of any LSN, which is how two logs are compared (same LSN and same epoch
+    /// means the same history). Bounded to the newest [`EPOCH_HISTORY`] changes.
+    pub epoch_history: Vec<(Epoch, Lsn)>,
     /// Bumped by every update; picks the newer of the two slots.
     pub(crate) seq: u64,
 }
@@ -96,6 +103,7 @@ impl Superblock {
             committed_lsn: Lsn::ZERO,
             role: Role::Primary,
             epoch_owner: VolumeId([0; 16]),
+            epoch_history: Vec::new(),
             seq: 0,
         }
     }
@@ -123,6 +131,13 @@ impl Superblock {
         b[116] = self.role.encode();
         b[120..136].copy_from_slice(&self.epoch_owner.0);
         b[136..144].copy_from_slice(&self.checkpoint_epoch.0.to_le_bytes());
+        let history = &self.epoch_history[self.epoch_history.len().saturating_sub(EPOCH_HISTORY)..];
+        b[144..146].copy_from_slice(&(history.len() as u16).to_le_bytes());
+        for (i, (e, lsn)) in history.iter().enumerate() {
+            let at = HISTORY_AT + i * 16;
+            b[at..at + 8].copy_from_slice(&e.0.to_le_bytes());
+            b[at + 8..at + 16].copy_from_slice(&lsn.0.to_le_bytes());
+        }
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -163,6 +178,18 @@ impl Superblock {
             role: Role::decode(b[116])?,
             epoch_owner: VolumeId(b[120..136].try_into().expect("16 bytes")),
             checkpoint_epoch: Epoch(u64_at(136)),
+            epoch_history: {
+                let n = u16::from_le_bytes([b[144], b[145]]) as usize;
+                if n > EPOCH_HISTORY {
+                    return Err(format!("epoch history of {n} entries"));
+                }
+                (0..n)
+                    .map(|i| {
+                        let at = HISTORY_AT + i * 16;
+                        (Epoch(u64_at(at)), Lsn(u64_at(at + 8)))
+                    })
+                    .collect()
+            },
         };
         if u64::from(sb.block_size) != BLOCK_SIZE {
             return Err(format!("block size {} is not {BLOCK_SIZE}", sb.block_size));
@@ -208,6 +235,16 @@ impl Superblock {
     }
 }
 
+/// The epoch of entry `lsn` according to `history` (see [`Superblock::epoch_history`]);
+/// `None` if it is older than the history remembers.
+pub fn epoch_at(history: &[(Epoch, Lsn)], lsn: Lsn) -> Option<Epoch> {
+    if lsn == Lsn::ZERO {
+        return Some(Epoch(0));
+    }
+    let i = history.partition_point(|(_, start)| *start <= lsn);
+    (i > 0).then(|| history[i - 1].0)
+}
+
 fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
@@ -229,6 +266,7 @@ mod tests {
         let mut sb = Superblock::new(VolumeId([7; 16]), 1 << 30, 64 << 20);
         sb.epoch = Epoch(3);
         sb.checkpoint_lsn = Lsn(42);
+        sb.epoch_history = vec![(Epoch(1), Lsn(1)), (Epoch(3), Lsn(40))];
         sb.wal_tail = WalPos(8192);
         sb
     }

@@ -6,6 +6,7 @@
 
 pub mod commit;
 pub mod primary;
+pub mod promotion;
 pub mod replica;
 
 use std::fmt;

@@ -241,9 +241,6 @@ struct Peer {
     has_progress: bool,
     /// Next entry a catch-up will read.
     catch_up_next: Lsn,
-    /// The replica's last entry has this epoch; the first entry a catch-up reads (the one at
-    /// the replica's durable LSN) must match it, or the logs diverged.
-    verify_epoch: Option<Epoch>,
     /// Highest barrier target sent in this session, and when the oldest unanswered one went.
     asked: Lsn,
     asked_since: Option<Millis>,
@@ -252,6 +249,7 @@ struct Peer {
     reconnect_at: Millis,
     backoff: Millis,
     store_id: Option<VolumeId>,
+    why: String,
 }
 
 #[derive(Debug)]
@@ -278,14 +276,16 @@ pub struct PeerStatus {
     pub state: PeerState,
     pub durable: Lsn,
     pub session: Option<SessionId>,
+    /// Why it entered its state.
+    pub why: String,
 }
 
 pub struct PrimaryCore {
     cfg: PrimaryConfig,
     peers: Vec<Peer>,
     head: Lsn,
-    /// Epoch of the entry at `head`.
-    head_epoch: Epoch,
+    /// Where each epoch begins in our log: the epoch of any LSN, to compare logs by.
+    history: Vec<(Epoch, Lsn)>,
     local_durable: Lsn,
     committed: Lsn,
     barriers: VecDeque<PendingBarrier>,
@@ -297,12 +297,13 @@ pub struct PrimaryCore {
 }
 
 impl PrimaryCore {
-    /// A primary whose store holds entries through `head` (written at `head_epoch`), all
-    /// durable locally, and knows `committed` to be committed.
+    /// A primary whose store holds entries through `head` (its epoch history is `history`,
+    /// see `Superblock::epoch_history`), all durable locally, and knows `committed` to be
+    /// committed.
     pub fn new(
         cfg: PrimaryConfig,
         head: Lsn,
-        head_epoch: Epoch,
+        history: Vec<(Epoch, Lsn)>,
         committed: Lsn,
         now: Millis,
     ) -> PrimaryCore {
@@ -316,20 +317,20 @@ impl PrimaryCore {
                 durable: Lsn::ZERO,
                 has_progress: false,
                 catch_up_next: Lsn::ZERO,
-                verify_epoch: None,
                 asked: Lsn::ZERO,
                 asked_since: None,
                 since: now,
                 reconnect_at: now,
                 backoff: cfg.reconnect_min,
                 store_id: None,
+                why: "not contacted yet".into(),
             })
             .collect();
         PrimaryCore {
             cfg,
             peers,
             head,
-            head_epoch,
+            history,
             local_durable: head,
             committed,
             barriers: VecDeque::new(),
@@ -373,6 +374,7 @@ impl PrimaryCore {
                 state: p.state,
                 durable: p.durable,
                 session: p.session,
+                why: p.why.clone(),
             })
             .collect()
     }
@@ -445,6 +447,7 @@ impl PrimaryCore {
         if p.state != state {
             p.state = state;
             p.since = now;
+            p.why = why.to_string();
             self.out.push(Action::StateChanged {
                 replica: p.id.clone(),
                 state,
@@ -634,12 +637,11 @@ impl PrimaryCore {
     }
 
     /// Decides how the replica rejoins, from facts only: where its log ends (LSN and epoch of
-    /// its last entry) and where ours does.
+    /// its last entry) and our log. Same LSN and epoch means the same history up to there.
     fn handshake(&mut self, i: usize, durable: Lsn, durable_epoch: Epoch, now: Millis) {
         let p = &mut self.peers[i];
         p.durable = durable;
         p.has_progress = true;
-        p.verify_epoch = None;
         if durable > self.head {
             // It holds entries we do not: an old primary's unacknowledged tail. It must be
             // truncated or rebuilt, never merged.
@@ -647,35 +649,39 @@ impl PrimaryCore {
             self.needs_rebuild(i, &why);
             return;
         }
-        if durable == self.head {
-            if durable != Lsn::ZERO && durable_epoch != self.head_epoch {
+        match blockrep_storage::epoch_at(&self.history, durable) {
+            // An empty log is a prefix of every log.
+            _ if durable == Lsn::ZERO => {}
+            Some(e) if e == durable_epoch => {}
+            Some(e) => {
                 let why = format!(
-                    "its entry {durable} is from epoch {durable_epoch}, ours from {}: the logs diverged",
-                    self.head_epoch
+                    "its entry {durable} is from epoch {durable_epoch}, ours from {e}: the logs diverged"
                 );
                 self.needs_rebuild(i, &why);
                 return;
             }
+            None => {
+                let why =
+                    format!("entry {durable} is older than our epoch history; cannot compare logs");
+                self.needs_rebuild(i, &why);
+                return;
+            }
+        }
+        if durable == self.head {
             self.set_state(i, PeerState::InSync, now, "zero gap");
             self.resend_barriers(i, now);
             self.evaluate();
             return;
         }
-        // Read from its last entry (to check it is ours) unless it has none.
         let p = &mut self.peers[i];
-        if durable == Lsn::ZERO {
-            p.catch_up_next = Lsn(1);
-        } else {
-            p.catch_up_next = durable;
-            p.verify_epoch = Some(durable_epoch);
-        }
+        p.catch_up_next = durable.next();
         self.counters.catch_ups += 1;
         let from = p.catch_up_next;
         self.set_state(
             i,
             PeerState::CatchingUp,
             now,
-            &format!("catching up from {} to {}", durable.next(), self.head),
+            &format!("catching up from {from} to {}", self.head),
         );
         self.update_pin();
         self.request_wal(i, from);
@@ -704,27 +710,6 @@ impl PrimaryCore {
             self.needs_rebuild(i, "retained WAL has a hole");
             return;
         }
-        if let Some(epoch) = self.peers[i].verify_epoch.take() {
-            // The replica's last entry must be the one we have at that LSN.
-            match records.first() {
-                Some(first) if first.epoch == epoch => {
-                    records.remove(0);
-                    self.peers[i].catch_up_next = next.next();
-                }
-                Some(first) => {
-                    let why = format!(
-                        "its entry {next} is from epoch {epoch}, ours from {}: the logs diverged",
-                        first.epoch
-                    );
-                    self.needs_rebuild(i, &why);
-                    return;
-                }
-                None => {
-                    self.needs_rebuild(i, "cannot check its last entry against ours");
-                    return;
-                }
-            }
-        }
         if let Some(last) = records.last() {
             self.peers[i].catch_up_next = last.lsn.next();
             self.send(
@@ -752,7 +737,11 @@ impl PrimaryCore {
         };
         debug_assert_eq!(records[0].lsn, self.head.next(), "entries arrive in order");
         self.head = last;
-        self.head_epoch = records.last().map_or(self.head_epoch, |r| r.epoch);
+        for r in &records {
+            if self.history.last().is_none_or(|(e, _)| *e != r.epoch) {
+                self.history.push((r.epoch, r.lsn));
+            }
+        }
         if self.fenced.is_some() {
             return;
         }

@@ -29,7 +29,8 @@ fn core(mode: CommitMode, replicas: &[&str], head: u64) -> PrimaryCore {
         mode,
         replicas.iter().map(|r| rid(r)).collect(),
     );
-    PrimaryCore::new(cfg, Lsn(head), E, Lsn(head), 0)
+    let history = if head > 0 { vec![(E, Lsn(1))] } else { vec![] };
+    PrimaryCore::new(cfg, Lsn(head), history, Lsn(head), 0)
 }
 
 fn sessions(actions: &[Action]) -> Vec<(ReplicaId, SessionId)> {
@@ -395,11 +396,10 @@ fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
         0,
     );
     assert_eq!(state(&c, "a"), PeerState::CatchingUp);
-    assert!(a.contains(&Action::PinWal { from: Some(Lsn(6)) }));
-    // It asks for the replica's last entry too, to check the histories match.
+    assert!(a.contains(&Action::PinWal { from: Some(Lsn(7)) }));
     assert!(a
         .iter()
-        .any(|x| matches!(x, Action::ReadWal { from: Lsn(6), .. })));
+        .any(|x| matches!(x, Action::ReadWal { from: Lsn(7), .. })));
     // Meanwhile a live entry arrives; it is not shipped to a catching-up replica.
     let a = c.step(Event::Appended {
         records: vec![rec(11, E)],
@@ -408,7 +408,7 @@ fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
     let a = c.step(Event::WalRead {
         replica: r.clone(),
         session: sid,
-        records: (6..=8).map(|l| rec(l, E)).collect(),
+        records: (7..=8).map(|l| rec(l, E)).collect(),
         now: 1,
     });
     match &frames_to(&a, "a")[..] {
@@ -450,7 +450,62 @@ fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
 
 #[test]
 fn a_diverged_replica_needs_a_rebuild() {
-    let mut c = core(CommitMode::SyncAll, &["a"], 10);
+    // Our log: epoch 2 from LSN 1, epoch 3 (E) from LSN 5. The replica's entry 6 is from
+    // epoch 2: it came from an old primary that we never followed.
+    let cfg = PrimaryConfig::new(
+        VolumeId([1; 16]),
+        1 << 30,
+        VolumeId([2; 16]),
+        E,
+        CommitMode::SyncAll,
+        vec![rid("a")],
+    );
+    let mut c = PrimaryCore::new(
+        cfg,
+        Lsn(10),
+        vec![(Epoch(2), Lsn(1)), (E, Lsn(5))],
+        Lsn(10),
+        0,
+    );
+    let a = c.step(Event::Tick {
+        now: 0,
+        pinned_bytes: 0,
+    });
+    let (r, sid) = sessions(&a)[0].clone();
+    c.step(Event::Connected {
+        replica: r.clone(),
+        session: sid,
+        now: 0,
+    });
+    let a = reply(
+        &mut c,
+        &r,
+        sid,
+        Body::HelloOk {
+            replica_store: VolumeId([9; 16]),
+            durable: Lsn(6),
+            durable_epoch: Epoch(2),
+            committed: Lsn(0),
+        },
+        0,
+    );
+    assert_eq!(state(&c, "a"), PeerState::NeedsRebuild);
+    assert!(a.iter().any(|x| matches!(x, Action::Close { .. })));
+    // The same replica with entry 4 of epoch 2 shares our history: it catches up.
+    let mut c = PrimaryCore::new(
+        PrimaryConfig::new(
+            VolumeId([1; 16]),
+            1 << 30,
+            VolumeId([2; 16]),
+            E,
+            CommitMode::SyncAll,
+            vec![rid("a")],
+        ),
+        Lsn(10),
+        vec![(Epoch(2), Lsn(1)), (E, Lsn(5))],
+        Lsn(10),
+        0,
+    );
     let a = c.step(Event::Tick {
         now: 0,
         pinned_bytes: 0,
@@ -467,20 +522,13 @@ fn a_diverged_replica_needs_a_rebuild() {
         sid,
         Body::HelloOk {
             replica_store: VolumeId([9; 16]),
-            durable: Lsn(6),
+            durable: Lsn(4),
             durable_epoch: Epoch(2),
             committed: Lsn(0),
         },
         0,
     );
-    let a = c.step(Event::WalRead {
-        replica: r,
-        session: sid,
-        records: vec![rec(6, E)],
-        now: 1,
-    });
-    assert_eq!(state(&c, "a"), PeerState::NeedsRebuild);
-    assert!(a.iter().any(|x| matches!(x, Action::Close { .. })));
+    assert_eq!(state(&c, "a"), PeerState::CatchingUp);
 }
 
 #[test]

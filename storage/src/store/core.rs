@@ -42,6 +42,8 @@ pub(crate) struct Core {
     pub tail_lsn: Lsn,
     /// The oldest entry a lagging replica still needs; checkpoints keep the WAL from here.
     pub retention_pin: Option<Lsn>,
+    /// Where each epoch begins in the log (see `Superblock::epoch_history`).
+    pub epoch_history: Vec<(Epoch, Lsn)>,
     /// Receives a copy of every appended entry, in LSN order (the replication shipper).
     pub tap: Option<mpsc::UnboundedSender<WalRecord>>,
     /// Where the next record goes.
@@ -175,6 +177,13 @@ impl Core {
             }
         }
         self.index.push_back((lsn, self.head));
+        if self
+            .epoch_history
+            .last()
+            .is_none_or(|(e, _)| *e != record.epoch)
+        {
+            self.epoch_history.push((record.epoch, lsn));
+        }
         self.last_epoch = record.epoch;
         self.queue.push(Queued {
             pos: self.head,

@@ -76,10 +76,16 @@ impl Shared {
             .wait()
             .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
         // The WAL before the checkpoint may go, except what a lagging replica still needs.
-        let (new_tail, new_tail_lsn, committed) = {
+        let (new_tail, new_tail_lsn, committed, history) = {
             let core = self.lock_core();
             let (tail, tail_lsn) = core.release_point(target, head);
-            (tail, tail_lsn, core.committed)
+            let history: Vec<_> = core
+                .epoch_history
+                .iter()
+                .copied()
+                .filter(|(_, start)| *start <= target)
+                .collect();
+            (tail, tail_lsn, core.committed, history)
         };
         {
             let mut sb = self.superblock.lock().unwrap_or_else(|p| p.into_inner());
@@ -88,6 +94,7 @@ impl Shared {
             sb.wal_tail = new_tail;
             sb.wal_tail_lsn = new_tail_lsn;
             sb.committed_lsn = sb.committed_lsn.max(committed);
+            sb.epoch_history = history;
             sb.persist(&self.sb_file, &self.sb_path)
                 .map_err(|e| e.to_string())?;
         }

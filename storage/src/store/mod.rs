@@ -123,13 +123,13 @@ pub(crate) struct Shared {
     io: IoEngine,
     layout: WalLayout,
     volume_size: u64,
-    volume_id: VolumeId,
     wal: Arc<File>,
     wal_path: PathBuf,
     data: Arc<File>,
     data_path: PathBuf,
     sb_file: File,
     sb_path: PathBuf,
+    /// Lock order: `superblock` before `core`, never the reverse.
     superblock: Mutex<Superblock>,
     core: Mutex<Core>,
     /// Wakes the WAL writer.
@@ -351,6 +351,7 @@ impl Store {
         };
         let mut dirty = DirtyMap::default();
         let mut index = std::collections::VecDeque::new();
+        let mut epoch_history = sb.epoch_history.clone();
         // Stores written before the tail LSN was recorded start at the checkpoint.
         let first_lsn = if sb.wal_tail_lsn == Lsn::ZERO {
             sb.checkpoint_lsn.next()
@@ -370,6 +371,13 @@ impl Store {
             },
             |pos, rec| {
                 index.push_back((rec.lsn, pos));
+                if rec.kind != RecordKind::Wrap
+                    && crate::superblock::epoch_at(&epoch_history, rec.lsn) != Some(rec.epoch)
+                {
+                    // A replayed entry older than the checkpoint is already in the history.
+                    epoch_history.retain(|(_, start)| *start < rec.lsn);
+                    epoch_history.push((rec.epoch, rec.lsn));
+                }
                 let first = rec.offset / BLOCK_SIZE;
                 let end = first + rec.length / BLOCK_SIZE;
                 let state = match rec.kind {
@@ -414,6 +422,7 @@ impl Store {
             index,
             tail_lsn: first_lsn,
             retention_pin: None,
+            epoch_history,
             tap: None,
             next_lsn: replay.next_lsn,
             head: replay.head,
@@ -439,7 +448,6 @@ impl Store {
             io,
             layout,
             volume_size: sb.volume_size,
-            volume_id: sb.volume_id,
             wal,
             wal_path,
             data: Arc::new(data_file),
@@ -491,7 +499,7 @@ impl Store {
     }
 
     pub fn volume_id(&self) -> VolumeId {
-        self.shared.volume_id
+        self.superblock().volume_id
     }
 
     /// What WAL replay found when the store was opened.
@@ -599,6 +607,21 @@ impl Store {
     /// The epoch of the newest entry (the store's epoch if it has none since its checkpoint).
     pub fn head_epoch(&self) -> Epoch {
         self.shared.lock_core().last_epoch
+    }
+
+    /// The epoch entry `lsn` was written at, if the store still knows (see
+    /// [`Superblock::epoch_history`]). `Lsn(0)` is epoch 0 by definition.
+    pub fn epoch_at(&self, lsn: Lsn) -> Option<Epoch> {
+        let core = self.shared.lock_core();
+        if lsn > core.next_lsn.prev() {
+            return None;
+        }
+        crate::superblock::epoch_at(&core.epoch_history, lsn)
+    }
+
+    /// Where each epoch begins in this store's log.
+    pub fn epoch_history(&self) -> Vec<(Epoch, Lsn)> {
+        self.shared.lock_core().epoch_history.clone()
     }
 
     /// The oldest LSN still in the WAL.
@@ -727,6 +750,34 @@ impl Store {
         Ok(())
     }
 
+    /// Makes a blank store part of the volume `volume_id` (a replica joining it). Refused
+    /// for a store that has held anything.
+    pub fn adopt_volume(&self, volume_id: VolumeId) -> Result<()> {
+        if !self.is_blank() {
+            return Err(StorageError::BadGeometry(format!(
+                "{}: only a blank store can join another volume",
+                self.dir.display()
+            )));
+        }
+        let mut sb = self
+            .shared
+            .superblock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        wal::write_header(
+            &self.shared.wal,
+            &self.shared.wal_path,
+            volume_id,
+            sb.wal_capacity,
+        )?;
+        self.shared
+            .wal
+            .sync_data()
+            .map_err(io_err(&self.shared.wal_path))?;
+        sb.volume_id = volume_id;
+        sb.persist(&self.shared.sb_file, &self.shared.sb_path)
+    }
+
     /// True while the store has never held an entry: it can join any volume of its size.
     pub fn is_blank(&self) -> bool {
         let sb = self.superblock();
@@ -735,9 +786,11 @@ impl Store {
     }
 
     pub fn info(&self) -> StoreInfo {
+        // Lock order: superblock before core (as in `begin_epoch`); never both at once here.
+        let volume_id = self.volume_id();
         let core = self.shared.lock_core();
         StoreInfo {
-            volume_id: self.shared.volume_id,
+            volume_id,
             volume_size: self.shared.volume_size,
             epoch: core.epoch,
             next_lsn: core.next_lsn,

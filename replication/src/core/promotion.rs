@@ -1,0 +1,147 @@
+//! Whether a store may be promoted to primary: it must be able to recover the whole
+//! committed prefix (the V2 candidate rule; see docs/PROTOCOL.md).
+
+use blockrep_storage::{Epoch, Lsn};
+
+use super::CommitMode;
+
+/// What a store knows about itself, or reports when probed.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub name: String,
+    /// Newest entry it can recover (after crash recovery, every entry in its log).
+    pub head: Lsn,
+    /// Highest LSN it knows to be committed.
+    pub committed: Lsn,
+    pub epoch: Epoch,
+    pub needs_rebuild: bool,
+}
+
+/// Decides promotion of `candidate`, given the members that answered a probe out of
+/// `configured` replicas (the candidate's own replica list), under `mode`. Returns the reason
+/// for a refusal.
+///
+/// Invariant (*a promoted node holds the committed prefix*): the candidate's log reaches
+/// every LSN any reachable member knows to be committed; under sync-quorum it also reaches the
+/// longest log of a majority, which by quorum intersection holds every committed entry even
+/// when nobody has learnt the newest commit yet.
+pub fn check(
+    candidate: &Facts,
+    members: &[Facts],
+    configured: usize,
+    mode: CommitMode,
+) -> Result<(), String> {
+    if candidate.needs_rebuild {
+        return Err(format!(
+            "{} is waiting for a rebuild; its data is incomplete",
+            candidate.name
+        ));
+    }
+    let known = members
+        .iter()
+        .map(|m| (m.committed, m.name.as_str()))
+        .chain(std::iter::once((candidate.committed, "itself")))
+        .max_by_key(|(c, _)| *c)
+        .unwrap_or((Lsn::ZERO, "itself"));
+    if candidate.head < known.0 {
+        return Err(format!(
+            "{} holds entries through {} but {} knows entries through {} are committed; \
+             promoting it would lose acknowledged writes",
+            candidate.name, candidate.head, known.1, known.0
+        ));
+    }
+    if mode == CommitMode::SyncQuorum {
+        let copies = configured + 1;
+        let majority = copies / 2 + 1;
+        let reachable = members.len() + 1;
+        if reachable < majority {
+            return Err(format!(
+                "only {reachable} of {copies} copies answered; a majority ({majority}) is \
+                 needed to prove nothing committed is missing"
+            ));
+        }
+        if let Some(m) = members
+            .iter()
+            .filter(|m| !m.needs_rebuild)
+            .max_by_key(|m| m.head)
+            .filter(|m| m.head > candidate.head)
+        {
+            return Err(format!(
+                "{} holds entries through {}, more than {} ({}): promote the most complete copy",
+                m.name, m.head, candidate.name, candidate.head
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The lowest epoch a promotion may use: above everything the candidate and the members have
+/// seen.
+pub fn next_epoch(candidate: &Facts, members: &[Facts]) -> Epoch {
+    members
+        .iter()
+        .map(|m| m.epoch)
+        .chain(std::iter::once(candidate.epoch))
+        .max()
+        .unwrap_or(Epoch(0))
+        .next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(name: &str, head: u64, committed: u64) -> Facts {
+        Facts {
+            name: name.into(),
+            head: Lsn(head),
+            committed: Lsn(committed),
+            epoch: Epoch(1),
+            needs_rebuild: false,
+        }
+    }
+
+    #[test]
+    fn promotion_refuses_a_candidate_missing_the_committed_prefix() {
+        let err = check(&f("r1", 5, 5), &[f("r2", 10, 8)], 2, CommitMode::SyncAll).unwrap_err();
+        assert!(err.contains("r2 knows entries through 8"), "{err}");
+        assert!(check(&f("r1", 8, 5), &[f("r2", 10, 8)], 2, CommitMode::SyncAll).is_ok());
+    }
+
+    #[test]
+    fn promotion_refuses_a_rebuilding_candidate() {
+        let mut c = f("r1", 10, 10);
+        c.needs_rebuild = true;
+        assert!(check(&c, &[], 2, CommitMode::SyncAll).is_err());
+    }
+
+    #[test]
+    fn promotion_under_quorum_needs_a_majority_and_the_longest_log() {
+        // 3 copies: the candidate plus one member is a majority.
+        assert!(check(
+            &f("r1", 10, 5),
+            &[f("r2", 10, 5)],
+            2,
+            CommitMode::SyncQuorum
+        )
+        .is_ok());
+        let err = check(&f("r1", 10, 5), &[], 2, CommitMode::SyncQuorum).unwrap_err();
+        assert!(err.contains("majority"), "{err}");
+        // The newest commit (12) is not known by anyone, but r2's log holds it.
+        let err = check(
+            &f("r1", 10, 5),
+            &[f("r2", 12, 5)],
+            2,
+            CommitMode::SyncQuorum,
+        )
+        .unwrap_err();
+        assert!(err.contains("r2 holds entries through 12"), "{err}");
+    }
+
+    #[test]
+    fn promotion_epoch_is_above_everything_seen() {
+        let mut m = f("r2", 1, 1);
+        m.epoch = Epoch(7);
+        assert_eq!(next_epoch(&f("r1", 1, 1), &[m]), Epoch(8));
+    }
+}

@@ -1,0 +1,473 @@
+//! The primary's driver: ships the store's WAL to its replicas and answers barriers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockrep_storage::{Epoch, Lsn, StorageError, Store};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::{millis, FrameCodec, CONNECT_TIMEOUT};
+use crate::core::primary::{
+    Action, BarrierFailure, Event, PeerState, PeerStatus, PrimaryConfig, PrimaryCore,
+    PrimaryCounters,
+};
+use crate::core::{ReplicaId, SessionId};
+use crate::wire::Frame;
+
+const TICK: Duration = Duration::from_millis(50);
+/// Frames queued for one replica beyond this many bytes mean it cannot keep up: the session
+/// is dropped and the replica recovers by catch-up instead of growing our memory.
+const MAX_QUEUED_BYTES: u64 = 256 << 20;
+
+enum Input {
+    Event(Event),
+    Barrier {
+        target: Lsn,
+        done: oneshot::Sender<Result<(), BarrierFailure>>,
+    },
+    SetAddress {
+        replica: ReplicaId,
+        addr: String,
+    },
+}
+
+/// What the primary reports about replication (for status and metrics).
+#[derive(Debug, Clone, Default)]
+pub struct PrimaryStatus {
+    pub epoch: Epoch,
+    pub head: Lsn,
+    pub committed: Lsn,
+    pub fenced: Option<Epoch>,
+    pub peers: Vec<PeerStatus>,
+    pub counters: PrimaryCounters,
+}
+
+/// The handle the volume uses: barriers, fencing, status.
+#[derive(Clone)]
+pub struct PrimaryHandle {
+    tx: mpsc::UnboundedSender<Input>,
+    fenced: Arc<AtomicU64>,
+    status: Arc<Mutex<PrimaryStatus>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("the barrier failed: {}", .0.name())]
+    Barrier(BarrierFailure),
+    #[error("replication stopped")]
+    Stopped,
+}
+
+impl PrimaryHandle {
+    /// Resolves once `target` meets the commit mode on the replicas (the caller makes it
+    /// durable locally and reports that with [`PrimaryHandle::local_durable`]).
+    pub async fn barrier(&self, target: Lsn) -> Result<(), ReplicationError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Barrier { target, done })
+            .map_err(|_| ReplicationError::Stopped)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(f)) => Err(ReplicationError::Barrier(f)),
+            Err(_) => Err(ReplicationError::Stopped),
+        }
+    }
+
+    /// The primary's own WAL is durable through `lsn`.
+    pub fn local_durable(&self, lsn: Lsn) {
+        let _ = self.tx.send(Input::Event(Event::LocalDurable { lsn }));
+    }
+
+    /// The epoch that fenced this primary, if one did: from then on it must refuse writes.
+    pub fn fenced(&self) -> Option<Epoch> {
+        match self.fenced.load(Ordering::Acquire) {
+            0 => None,
+            e => Some(Epoch(e)),
+        }
+    }
+
+    /// Points a replica at a new address (it keeps its identity and progress).
+    pub fn set_address(&self, replica: ReplicaId, addr: String) {
+        let _ = self.tx.send(Input::SetAddress { replica, addr });
+    }
+
+    pub fn status(&self) -> PrimaryStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+struct Conn {
+    session: SessionId,
+    tx: mpsc::UnboundedSender<Frame>,
+    queued: Arc<AtomicU64>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts replication for `store` (which must already be serving at `cfg.epoch`) on the
+/// current tokio runtime.
+pub fn start(
+    store: Arc<Store>,
+    cfg: PrimaryConfig,
+    addrs: HashMap<ReplicaId, String>,
+    shutdown: CancellationToken,
+) -> PrimaryHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let fenced = Arc::new(AtomicU64::new(0));
+    let status = Arc::new(Mutex::new(PrimaryStatus::default()));
+    let handle = PrimaryHandle {
+        tx: tx.clone(),
+        fenced: fenced.clone(),
+        status: status.clone(),
+    };
+    let start = tokio::time::Instant::now();
+    let core = PrimaryCore::new(
+        cfg,
+        store.head(),
+        store.epoch_history(),
+        store.committed(),
+        0,
+    );
+    let driver = Driver {
+        tap: store.subscribe(),
+        store,
+        core,
+        addrs,
+        conns: HashMap::new(),
+        barriers: HashMap::new(),
+        next_barrier: 1,
+        pin: None,
+        in_tx: tx,
+        fenced,
+        status,
+        start,
+        last_logged: HashMap::new(),
+    };
+    tokio::spawn(driver.run(rx, shutdown));
+    handle
+}
+
+struct Driver {
+    store: Arc<Store>,
+    tap: mpsc::UnboundedReceiver<blockrep_storage::WalRecord>,
+    core: PrimaryCore,
+    addrs: HashMap<ReplicaId, String>,
+    conns: HashMap<ReplicaId, Conn>,
+    barriers: HashMap<u64, oneshot::Sender<Result<(), BarrierFailure>>>,
+    next_barrier: u64,
+    pin: Option<Lsn>,
+    in_tx: mpsc::UnboundedSender<Input>,
+    fenced: Arc<AtomicU64>,
+    status: Arc<Mutex<PrimaryStatus>>,
+    start: tokio::time::Instant,
+    last_logged: HashMap<ReplicaId, String>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut inputs: mpsc::UnboundedReceiver<Input>,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(256);
+        loop {
+            // New entries first: a barrier must never overtake the entries it covers.
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                n = self.tap.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        break; // the store closed
+                    }
+                    Event::Appended { records: std::mem::take(&mut batch) }
+                }
+                Some(input) = inputs.recv() => match input {
+                    Input::Event(e) => e,
+                    Input::Barrier { target, done } => {
+                        let id = self.next_barrier;
+                        self.next_barrier += 1;
+                        self.barriers.insert(id, done);
+                        Event::Barrier { id, target, now: millis(self.start) }
+                    }
+                    Input::SetAddress { replica, addr } => {
+                        tracing::info!(%replica, %addr, "replica address updated");
+                        self.addrs.insert(replica, addr);
+                        continue;
+                    }
+                },
+                _ = ticker.tick() => {
+                    // Feed the local durability we have anyway, then let time act.
+                    let durable = self.store.durable();
+                    for a in self.core.step(Event::LocalDurable { lsn: durable }) {
+                        self.execute(a);
+                    }
+                    let pinned_bytes = self.pin.map_or(0, |p| self.store.wal_bytes_since(p));
+                    Event::Tick { now: millis(self.start), pinned_bytes }
+                }
+            };
+            for action in self.core.step(event) {
+                self.execute(action);
+            }
+            self.publish();
+        }
+        for (_, c) in self.conns.drain() {
+            if let Some(r) = c.reader {
+                r.abort();
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.epoch = self.core.epoch();
+        s.head = self.core.head();
+        s.committed = self.core.committed();
+        s.fenced = self.core.fenced();
+        s.peers = self.core.peers();
+        s.counters = self.core.counters().clone();
+    }
+
+    fn execute(&mut self, action: Action) {
+        match action {
+            Action::Connect { replica, session } => self.connect(replica, session),
+            Action::Send {
+                replica,
+                session,
+                frame,
+            } => {
+                let Some(c) = self.conns.get(&replica).filter(|c| c.session == session) else {
+                    return;
+                };
+                let size = frame_size(&frame);
+                if c.queued.load(Ordering::Relaxed) + size > MAX_QUEUED_BYTES {
+                    let _ = self.in_tx.send(Input::Event(Event::Disconnected {
+                        replica,
+                        session,
+                        now: millis(self.start),
+                        reason: "replica cannot keep up (send queue full)".into(),
+                    }));
+                    return;
+                }
+                c.queued.fetch_add(size, Ordering::Relaxed);
+                let _ = c.tx.send(frame);
+            }
+            Action::Close {
+                replica,
+                session,
+                reason,
+            } => {
+                if self
+                    .conns
+                    .get(&replica)
+                    .is_some_and(|c| c.session == session)
+                {
+                    if let Some(c) = self.conns.remove(&replica) {
+                        if let Some(r) = c.reader {
+                            r.abort();
+                        }
+                    }
+                    tracing::debug!(%replica, %session, "replication session closed: {reason}");
+                }
+            }
+            Action::ReadWal {
+                replica,
+                session,
+                from,
+                max_bytes,
+            } => {
+                let store = self.store.clone();
+                let tx = self.in_tx.clone();
+                let start = self.start;
+                tokio::spawn(async move {
+                    let event = match store.read_wal(from, max_bytes).await {
+                        Ok(records) => Event::WalRead {
+                            replica,
+                            session,
+                            records,
+                            now: millis(start),
+                        },
+                        Err(StorageError::WalRecycled { .. }) => {
+                            Event::WalGone { replica, session }
+                        }
+                        Err(e) => Event::Disconnected {
+                            replica,
+                            session,
+                            now: millis(start),
+                            reason: format!("cannot read the WAL: {e}"),
+                        },
+                    };
+                    let _ = tx.send(Input::Event(event));
+                });
+            }
+            Action::PinWal { from } => {
+                self.pin = from;
+                self.store.set_retention_pin(from);
+            }
+            Action::BarrierDone { id } => {
+                if let Some(done) = self.barriers.remove(&id) {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Action::BarrierFailed { id, reason } => {
+                if let Some(done) = self.barriers.remove(&id) {
+                    let _ = done.send(Err(reason));
+                }
+            }
+            Action::Committed { lsn } => self.store.set_committed(lsn),
+            Action::Fenced { epoch, reason } => {
+                self.fenced.store(epoch.0, Ordering::Release);
+                tracing::error!(
+                    "fenced: a primary at epoch {epoch} exists ({reason}); this node refuses \
+                     every write and flush from now on"
+                );
+            }
+            Action::StateChanged {
+                replica,
+                state,
+                why,
+            } => {
+                // Retries cycle through connecting and disconnected; say each reason once.
+                let line = format!("{}: {why}", state.name());
+                if self.last_logged.get(&replica) == Some(&line) {
+                    return;
+                }
+                match state {
+                    PeerState::Connecting | PeerState::Handshake => {
+                        tracing::debug!(%replica, state = state.name(), "{why}")
+                    }
+                    PeerState::NeedsRebuild | PeerState::Refused => {
+                        tracing::warn!(%replica, state = state.name(), "{why}")
+                    }
+                    _ => tracing::info!(%replica, state = state.name(), "{why}"),
+                }
+                if !matches!(state, PeerState::Connecting | PeerState::Handshake) {
+                    self.last_logged.insert(replica, line);
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self, replica: ReplicaId, session: SessionId) {
+        if let Some(old) = self.conns.remove(&replica) {
+            if let Some(r) = old.reader {
+                r.abort();
+            }
+        }
+        let Some(addr) = self.addrs.get(&replica).cloned() else {
+            let _ = self.in_tx.send(Input::Event(Event::Disconnected {
+                replica,
+                session,
+                now: millis(self.start),
+                reason: "no address configured".into(),
+            }));
+            return;
+        };
+        let (tx, rx) = mpsc::unbounded_channel::<Frame>();
+        let queued = Arc::new(AtomicU64::new(0));
+        let in_tx = self.in_tx.clone();
+        let start = self.start;
+        let q = queued.clone();
+        let r = replica.clone();
+        let reader = tokio::spawn(async move {
+            let gone = |reason: String| {
+                Input::Event(Event::Disconnected {
+                    replica: r.clone(),
+                    session,
+                    now: millis(start),
+                    reason,
+                })
+            };
+            let stream =
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        let _ = in_tx.send(gone(format!("cannot connect to {addr}: {e}")));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = in_tx.send(gone(format!("connecting to {addr} timed out")));
+                        return;
+                    }
+                };
+            let _ = stream.set_nodelay(true);
+            let (rd, wr) = stream.into_split();
+            tokio::spawn(write_frames(wr, rx, q));
+            let _ = in_tx.send(Input::Event(Event::Connected {
+                replica: r.clone(),
+                session,
+                now: millis(start),
+            }));
+            let mut frames = FramedRead::with_capacity(rd, FrameCodec, 64 << 10);
+            let reason = loop {
+                match frames.next().await {
+                    Some(Ok(frame)) => {
+                        let ev = Event::Received {
+                            replica: r.clone(),
+                            session,
+                            frame,
+                            now: millis(start),
+                        };
+                        if in_tx.send(Input::Event(ev)).is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => break format!("bad frame from replica: {e}"),
+                    None => break "replica closed the connection".to_string(),
+                }
+            };
+            let _ = in_tx.send(gone(reason));
+        });
+        self.conns.insert(
+            replica,
+            Conn {
+                session,
+                tx,
+                queued,
+                reader: Some(reader),
+            },
+        );
+    }
+}
+
+fn frame_size(frame: &Frame) -> u64 {
+    match &frame.body {
+        crate::wire::Body::Entries { records, .. } => {
+            records.iter().map(|r| r.payload.len() as u64 + 48).sum()
+        }
+        _ => 64,
+    }
+}
+
+async fn write_frames(
+    w: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+    queued: Arc<AtomicU64>,
+) {
+    let mut sink = FramedWrite::new(w, FrameCodec);
+    while let Some(frame) = rx.recv().await {
+        let mut sent = frame_size(&frame);
+        if sink.feed(frame).await.is_err() {
+            return;
+        }
+        while let Ok(frame) = rx.try_recv() {
+            sent += frame_size(&frame);
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+        queued.fetch_sub(sent, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,260 @@
+//! A replica node: accepts primary sessions on a TCP port and applies what they ship.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use blockrep_storage::{Role, StorageError, Store};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::FrameCodec;
+use crate::core::replica::{Action, ConnId, Event, ReplicaCore, ReplicaState};
+use crate::wire::{Body, Frame, RejectReason};
+
+/// What a replica node reports about itself.
+#[derive(Debug, Clone)]
+pub struct ReplicaStatus {
+    pub epoch: blockrep_storage::Epoch,
+    pub head: blockrep_storage::Lsn,
+    pub durable: blockrep_storage::Lsn,
+    pub committed: blockrep_storage::Lsn,
+    pub connected: bool,
+}
+
+fn initial_state(store: &Store) -> ReplicaState {
+    let sb = store.superblock();
+    ReplicaState {
+        volume_id: sb.volume_id,
+        volume_size: sb.volume_size,
+        store_id: sb.store_id,
+        blank: store.is_blank(),
+        epoch: sb.epoch,
+        epoch_owner: sb.epoch_owner,
+        head: store.head(),
+        head_epoch: store.head_epoch(),
+        durable: store.durable(),
+        committed: store.committed(),
+        promoted: false,
+        needs_rebuild: false,
+    }
+}
+
+enum Input {
+    Event(Event),
+    Accepted {
+        conn: ConnId,
+        tx: mpsc::UnboundedSender<Frame>,
+        peer: String,
+    },
+}
+
+/// Serves replication on `listener` until `shutdown`. The store must not be serving as a
+/// primary (a promoted store refuses primaries; see [`ReplicaCore`]).
+pub async fn run(
+    store: Arc<Store>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    status: Option<tokio::sync::watch::Sender<ReplicaStatus>>,
+) -> Result<(), StorageError> {
+    let mut state = initial_state(&store);
+    state.promoted = store.superblock().role == Role::Primary && store.superblock().epoch.0 > 0;
+    if state.promoted {
+        tracing::warn!(
+            "this store last served as a primary (epoch {}); it will refuse primaries until \
+             it is rebuilt as a replica",
+            state.epoch
+        );
+    }
+    let mut core = ReplicaCore::new(state);
+    let (in_tx, mut inputs) = mpsc::unbounded_channel::<Input>();
+    let mut conns: HashMap<ConnId, (mpsc::UnboundedSender<Frame>, String)> = HashMap::new();
+    let mut next_conn = 1u64;
+    loop {
+        let input = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(input) = inputs.recv() => input,
+            accepted = listener.accept() => {
+                match accepted {
+                    Ok((stream, addr)) => {
+                        let _ = stream.set_nodelay(true);
+                        let conn = ConnId(next_conn);
+                        next_conn += 1;
+                        spawn_connection(stream, conn, addr.to_string(), in_tx.clone());
+                    }
+                    Err(e) => tracing::warn!("accept failed: {e}"),
+                }
+                continue;
+            }
+        };
+        let event = match input {
+            Input::Accepted { conn, tx, peer } => {
+                tracing::debug!(conn = conn.0, %peer, "replication connection");
+                conns.insert(conn, (tx, peer));
+                continue;
+            }
+            Input::Event(e) => e,
+        };
+        if let Event::Closed { conn } = &event {
+            conns.remove(conn);
+        }
+        for action in core.step(event) {
+            execute(&store, &mut core, &mut conns, &in_tx, action).await;
+        }
+        if let Some(tx) = &status {
+            let s = core.state();
+            let _ = tx.send(ReplicaStatus {
+                epoch: s.epoch,
+                head: s.head,
+                durable: s.durable,
+                committed: s.committed,
+                connected: core.active().is_some(),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn execute(
+    store: &Arc<Store>,
+    core: &mut ReplicaCore,
+    conns: &mut HashMap<ConnId, (mpsc::UnboundedSender<Frame>, String)>,
+    in_tx: &mpsc::UnboundedSender<Input>,
+    action: Action,
+) {
+    match action {
+        Action::Send { conn, frame } => {
+            if let Some((tx, _)) = conns.get(&conn) {
+                let _ = tx.send(frame);
+            }
+        }
+        Action::Close { conn, reason } => {
+            if let Some((_, peer)) = conns.remove(&conn) {
+                tracing::info!(%peer, "closing replication session: {reason}");
+            }
+        }
+        Action::AdoptVolume { volume_id } => {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.adopt_volume(volume_id)).await {
+                Ok(Ok(())) => tracing::info!("blank store joined volume {volume_id}"),
+                other => fail_storage(core, conns, in_tx, format!("cannot join volume: {other:?}")),
+            }
+        }
+        Action::AdoptEpoch { epoch, owner } => {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.adopt_epoch(epoch, owner)).await {
+                Ok(Ok(())) => tracing::info!("following primary store {owner} at epoch {epoch}"),
+                other => fail_storage(
+                    core,
+                    conns,
+                    in_tx,
+                    format!("cannot adopt epoch {epoch}: {other:?}"),
+                ),
+            }
+        }
+        Action::Append { record } => {
+            let lsn = record.lsn;
+            if let Err(e) = store.append_replicated(record).await {
+                fail_storage(
+                    core,
+                    conns,
+                    in_tx,
+                    format!("cannot append entry {lsn}: {e}"),
+                );
+            }
+        }
+        Action::Sync { conn, lsn } => {
+            let store = store.clone();
+            let in_tx = in_tx.clone();
+            tokio::spawn(async move {
+                match store.wait_durable(lsn).await {
+                    Ok(()) => {
+                        let durable = store.durable();
+                        let _ = in_tx.send(Input::Event(Event::Synced { conn, durable }));
+                    }
+                    Err(e) => {
+                        tracing::error!("replica store cannot sync: {e}");
+                        let _ = in_tx.send(Input::Event(Event::Closed { conn }));
+                    }
+                }
+            });
+        }
+        Action::SetCommitted { lsn } => store.set_committed(lsn),
+    }
+}
+
+/// A storage failure ends every session; the primary will see the replica as gone.
+fn fail_storage(
+    core: &mut ReplicaCore,
+    conns: &mut HashMap<ConnId, (mpsc::UnboundedSender<Frame>, String)>,
+    in_tx: &mpsc::UnboundedSender<Input>,
+    msg: String,
+) {
+    tracing::error!("{msg}");
+    let epoch = core.state().epoch;
+    for (conn, (tx, _)) in conns.drain() {
+        let _ = tx.send(Frame {
+            epoch,
+            body: Body::Reject {
+                reason: RejectReason::StorageFailed,
+                message: msg.clone(),
+            },
+        });
+        let _ = in_tx.send(Input::Event(Event::Closed { conn }));
+    }
+}
+
+fn spawn_connection(
+    stream: tokio::net::TcpStream,
+    conn: ConnId,
+    peer: String,
+    in_tx: mpsc::UnboundedSender<Input>,
+) {
+    let (r, w) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+    let _ = in_tx.send(Input::Accepted {
+        conn,
+        tx,
+        peer: peer.clone(),
+    });
+    tokio::spawn(async move {
+        let mut sink = FramedWrite::new(w, FrameCodec);
+        while let Some(frame) = rx.recv().await {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+            while let Ok(frame) = rx.try_recv() {
+                if sink.feed(frame).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut frames = FramedRead::with_capacity(r, FrameCodec, 256 << 10);
+        loop {
+            match frames.next().await {
+                Some(Ok(frame)) => {
+                    if in_tx
+                        .send(Input::Event(Event::Received { conn, frame }))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(%peer, "closing replication connection: {e}");
+                    break;
+                }
+                None => break,
+            }
+        }
+        let _ = in_tx.send(Input::Event(Event::Closed { conn }));
+    });
+}

@@ -1,0 +1,403 @@
+//! Running nodes: a primary (`serve`), a replica (`replica`), and the local cluster (`up`).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use blockrep_frontend::{Exports, ListenAddr, Server};
+use blockrep_replication::core::primary::{PeerState, PrimaryConfig};
+use blockrep_replication::core::promotion::{self, Facts};
+use blockrep_replication::core::{CommitMode, ReplicaId};
+use blockrep_replication::driver::{self, primary::PrimaryHandle};
+use blockrep_replication::wire::Body;
+use blockrep_storage::{CreateOptions, Epoch, IoMode, OpenOptions, Role, Store, VolumeId};
+use tokio_util::sync::CancellationToken;
+
+use crate::volume::StoreVolume;
+use crate::{human, runtime, DEFAULT_NBD};
+
+#[derive(clap::Args, Clone)]
+pub struct ServeArgs {
+    /// Where to serve NBD: host:port or unix:/path (repeatable).
+    #[arg(long = "nbd", default_value = DEFAULT_NBD)]
+    pub nbd: Vec<ListenAddr>,
+    /// Export name (clients may also use the empty default name).
+    #[arg(long, default_value = "blockrep")]
+    pub export: String,
+    /// I/O backend: auto (io_uring when available), uring, plain.
+    #[arg(long, default_value = "auto")]
+    pub io_engine: IoMode,
+    /// Serve at this epoch (default: one above every epoch seen).
+    #[arg(long)]
+    pub epoch: Option<u64>,
+    /// Checkpoint interval in milliseconds when the WAL is not filling up.
+    #[arg(long, default_value_t = 1000)]
+    pub flush_interval_ms: u64,
+    /// A replica of this volume, NAME=HOST:PORT (repeatable). NAME is its stable identity.
+    #[arg(long = "replica", value_parser = parse_replica)]
+    pub replicas: Vec<(ReplicaId, String)>,
+    /// What FLUSH waits for: sync-all, sync-quorum or best-effort (default: sync-all with
+    /// replicas, best-effort without).
+    #[arg(long)]
+    pub commit: Option<CommitMode>,
+    /// A FLUSH that cannot meet the commit mode fails (EIO) after this long.
+    #[arg(long, default_value_t = 5000)]
+    pub barrier_timeout_ms: u64,
+    /// Promote this store even if it may lack acknowledged data (logged loudly).
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_replica(s: &str) -> Result<(ReplicaId, String), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=HOST:PORT (for example r1=10.0.0.2:10900)"))?;
+    if name.is_empty() || !addr.contains(':') {
+        return Err(format!("{s:?} is not NAME=HOST:PORT"));
+    }
+    Ok((ReplicaId(name.to_string()), addr.to_string()))
+}
+
+fn open_store(dir: &Path, io_mode: IoMode, flush_interval_ms: u64) -> Result<Arc<Store>> {
+    Ok(Arc::new(Store::open(
+        dir,
+        &OpenOptions {
+            io_mode,
+            flush_interval: Duration::from_millis(flush_interval_ms.max(1)),
+            read_only: false,
+        },
+    )?))
+}
+
+/// `blockrep serve`.
+pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
+    let store = open_store(dir, args.io_engine, args.flush_interval_ms)?;
+    let rt = runtime()?;
+    let shutdown = CancellationToken::new();
+    let signals = rt.block_on(async { install_signal_handlers(shutdown.clone()) })?;
+    let result = rt.block_on(serve_primary(dir, store.clone(), args, shutdown));
+    signals.abort();
+    drop(rt);
+    tracing::info!("shutting down: making acknowledged writes durable");
+    store.close().context("closing the store")?;
+    result
+}
+
+/// Everything a primary does once its store is open, until `shutdown`.
+async fn serve_primary(
+    dir: &Path,
+    store: Arc<Store>,
+    args: &ServeArgs,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let mode = args.commit.unwrap_or(if args.replicas.is_empty() {
+        CommitMode::BestEffort
+    } else {
+        CommitMode::SyncAll
+    });
+    mode.validate(args.replicas.len()).map_err(|e| anyhow!(e))?;
+    let epoch = choose_epoch(dir, &store, args, mode).await?;
+    let server = Server::bind(&args.nbd).await?;
+    // Only a start that will serve begins a new epoch; it is durable before anything else.
+    let epoch = store.begin_epoch(epoch)?;
+    let primary = if args.replicas.is_empty() {
+        None
+    } else {
+        Some(start_replication(&store, args, mode, epoch, shutdown.clone()).await?)
+    };
+    let info = store.info();
+    for addr in server.local_addrs() {
+        let uri = match &addr {
+            ListenAddr::Tcp(a) => format!("nbd://{a}/{}", args.export),
+            ListenAddr::Unix(p) => format!("nbd+unix:///{}?socket={}", args.export, p.display()),
+        };
+        println!(
+            "blockrep: serving {} ({}, epoch {epoch}, {} with {} replica(s), I/O {}) at {uri}",
+            dir.display(),
+            human(info.volume_size),
+            mode,
+            args.replicas.len(),
+            store.io_engine()
+        );
+    }
+    if let Some(ListenAddr::Tcp(a)) = server.local_addrs().first() {
+        println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'");
+    }
+    let mut exports = Exports::new();
+    exports.add(
+        args.export.clone(),
+        Arc::new(StoreVolume::new(store.clone(), primary)),
+    );
+    server.run(exports, shutdown).await?;
+    Ok(())
+}
+
+/// The epoch to serve at. A store that last served as a replica is being promoted: it must
+/// be able to recover the whole committed prefix, which its replica peers are asked about.
+async fn choose_epoch(
+    dir: &Path,
+    store: &Store,
+    args: &ServeArgs,
+    mode: CommitMode,
+) -> Result<Option<Epoch>> {
+    let sb = store.superblock();
+    if !(sb.role == Role::Replica && sb.epoch > Epoch(0)) {
+        return Ok(args.epoch.map(Epoch));
+    }
+    let me = Facts {
+        name: dir.display().to_string(),
+        head: store.head(),
+        committed: store.committed(),
+        epoch: sb.epoch,
+        needs_rebuild: false,
+    };
+    let mut members = Vec::new();
+    for (id, addr) in &args.replicas {
+        match driver::probe(addr, sb.epoch).await {
+            Ok((
+                epoch,
+                Body::ProbeReply {
+                    volume_id,
+                    head,
+                    committed,
+                    needs_rebuild,
+                    ..
+                },
+            )) if volume_id == sb.volume_id => members.push(Facts {
+                name: id.0.clone(),
+                head,
+                committed,
+                epoch,
+                needs_rebuild,
+            }),
+            Ok((_, Body::ProbeReply { volume_id, .. })) => {
+                tracing::warn!(replica = %id, "belongs to volume {volume_id}, not ours; ignored")
+            }
+            Ok((_, other)) => {
+                tracing::warn!(replica = %id, "answered the probe with {}", other.name())
+            }
+            Err(e) => tracing::warn!(replica = %id, "unreachable for the promotion check: {e}"),
+        }
+    }
+    match promotion::check(&me, &members, args.replicas.len(), mode) {
+        Ok(()) => tracing::info!(
+            "promoting {} (head {}, committed {}) with {} of {} replica(s) consulted",
+            dir.display(),
+            me.head,
+            me.committed,
+            members.len(),
+            args.replicas.len()
+        ),
+        Err(why) if args.force => {
+            tracing::warn!("FORCED promotion of {}: {why}", dir.display())
+        }
+        Err(why) => bail!(
+            "refusing to promote {}: {why}; --force promotes it anyway and loses what it lacks",
+            dir.display()
+        ),
+    }
+    let min = promotion::next_epoch(&me, &members);
+    match args.epoch.map(Epoch) {
+        Some(e) if e < min => bail!(
+            "--epoch {e} is not above epoch {} that this volume has already seen",
+            min.0 - 1
+        ),
+        Some(e) => Ok(Some(e)),
+        None => Ok(Some(min)),
+    }
+}
+
+async fn start_replication(
+    store: &Arc<Store>,
+    args: &ServeArgs,
+    mode: CommitMode,
+    epoch: Epoch,
+    shutdown: CancellationToken,
+) -> Result<PrimaryHandle> {
+    let sb = store.superblock();
+    let mut cfg = PrimaryConfig::new(
+        sb.volume_id,
+        sb.volume_size,
+        sb.store_id,
+        epoch,
+        mode,
+        args.replicas.iter().map(|(id, _)| id.clone()).collect(),
+    );
+    cfg.barrier_timeout = args.barrier_timeout_ms;
+    cfg.retention_bytes = sb.wal_capacity / 2;
+    let addrs: HashMap<ReplicaId, String> = args.replicas.iter().cloned().collect();
+    let handle = driver::primary::start(store.clone(), cfg, addrs, shutdown);
+    // Give replicas a moment to answer, so a newer epoch (or a replica of another volume)
+    // stops us before we serve a single request.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let status = handle.status();
+        if let Some(e) = status.fenced {
+            bail!("a replica has seen epoch {e}, newer than ours ({epoch}); refusing to serve");
+        }
+        if let Some(p) = status.peers.iter().find(|p| p.state == PeerState::Refused) {
+            bail!("replica {} refused this primary: {}", p.id, p.why);
+        }
+        // Settled: every replica has been tried and is past its handshake, one way or another.
+        let settled = status.peers.iter().all(|p| {
+            !matches!(p.state, PeerState::Connecting | PeerState::Handshake)
+                && p.why != "not contacted yet"
+        });
+        if settled || tokio::time::Instant::now() >= deadline {
+            for p in &status.peers {
+                tracing::info!(replica = %p.id, state = p.state.name(), "{}", p.why);
+            }
+            return Ok(handle);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Installs SIGTERM and SIGINT handlers that cancel `shutdown`; must run inside the runtime,
+/// before anything is announced, so a SIGTERM sent as soon as a node says it is ready is a
+/// clean stop.
+fn install_signal_handlers(shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        shutdown.cancel();
+    }))
+}
+
+/// `blockrep replica`.
+pub fn replica(dir: &Path, listen: &str, size: Option<u64>, io_mode: IoMode) -> Result<()> {
+    if !dir.exists() {
+        let Some(size) = size else {
+            bail!(
+                "{}: no store here; create one with `blockrep create {0} --size SIZE` or pass \
+                 --size (a blank store joins the volume of the first primary that connects)",
+                dir.display()
+            );
+        };
+        Store::create(
+            dir,
+            &CreateOptions {
+                size,
+                wal_capacity: CreateOptions::DEFAULT_WAL_CAPACITY,
+                volume_id: None,
+            },
+        )?;
+    }
+    let store = open_store(dir, io_mode, 1000)?;
+    let rt = runtime()?;
+    let shutdown = CancellationToken::new();
+    let result = rt.block_on(async {
+        let signals = install_signal_handlers(shutdown.clone())?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let sb = store.superblock();
+        println!(
+            "blockrep: replica {} (volume {}, epoch {}, head {}) listening on {}",
+            dir.display(),
+            sb.volume_id,
+            sb.epoch,
+            store.head(),
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        let r = driver::replica::run(store.clone(), listener, shutdown, None).await;
+        signals.abort();
+        r.map_err(anyhow::Error::from)
+    });
+    drop(rt);
+    store.close().context("closing the store")?;
+    result
+}
+
+/// `blockrep up`: a primary and `replicas` local replicas in one process.
+pub fn up(
+    dir: &Path,
+    size: u64,
+    nbd: Vec<ListenAddr>,
+    replicas: usize,
+    commit: CommitMode,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let primary_dir = dir.join("primary");
+    let volume_id = if primary_dir.exists() {
+        Store::read_superblock(&primary_dir)?.volume_id
+    } else {
+        let id = create(&primary_dir, size, None)?;
+        println!(
+            "created volume {id} ({}) in {}",
+            human(size),
+            primary_dir.display()
+        );
+        id
+    };
+    let size = Store::read_superblock(&primary_dir)?.volume_size;
+    let mut replica_stores = Vec::new();
+    for i in 1..=replicas {
+        let d = dir.join(format!("replica-{i}"));
+        if !d.exists() {
+            create(&d, size, Some(volume_id))?;
+        }
+        replica_stores.push((format!("r{i}"), open_store(&d, IoMode::Auto, 1000)?));
+    }
+    let store = open_store(&primary_dir, IoMode::Auto, 1000)?;
+    let rt = runtime()?;
+    let shutdown = CancellationToken::new();
+    let result = rt.block_on(async {
+        let signals = install_signal_handlers(shutdown.clone())?;
+        let mut addrs = Vec::new();
+        for (name, s) in &replica_stores {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?.to_string();
+            tokio::spawn(driver::replica::run(
+                s.clone(),
+                listener,
+                shutdown.clone(),
+                None,
+            ));
+            addrs.push((ReplicaId(name.clone()), addr));
+        }
+        let args = ServeArgs {
+            nbd,
+            export: "blockrep".into(),
+            io_engine: IoMode::Auto,
+            epoch: None,
+            flush_interval_ms: 1000,
+            replicas: addrs,
+            commit: Some(commit),
+            barrier_timeout_ms: 5000,
+            force: false,
+        };
+        let r = serve_primary(&primary_dir, store.clone(), &args, shutdown.clone()).await;
+        shutdown.cancel();
+        signals.abort();
+        r
+    });
+    drop(rt);
+    tracing::info!("shutting down: making acknowledged writes durable");
+    store.close().context("closing the primary store")?;
+    for (_, s) in replica_stores {
+        s.close().context("closing a replica store")?;
+    }
+    result
+}
+
+fn create(dir: &Path, size: u64, volume_id: Option<VolumeId>) -> Result<VolumeId> {
+    Ok(Store::create(
+        dir,
+        &CreateOptions {
+            size,
+            wal_capacity: CreateOptions::DEFAULT_WAL_CAPACITY,
+            volume_id,
+        },
+    )?)
+}

@@ -31,8 +31,9 @@ pub struct ReplicaState {
     pub head_epoch: Epoch,
     pub durable: Lsn,
     pub committed: Lsn,
-    /// The store was promoted (a primary no longer accepts a primary's stream).
-    pub promoted: bool,
+    /// The store last served as a primary (reported to promotion probes; an old primary
+    /// may rejoin as a replica, and the primary's log comparison decides how).
+    pub was_primary: bool,
     pub needs_rebuild: bool,
 }
 
@@ -187,7 +188,7 @@ impl ReplicaCore {
                 let body = Body::ProbeReply {
                     volume_id: self.s.volume_id,
                     store_id: self.s.store_id,
-                    role: if self.s.promoted {
+                    role: if self.s.was_primary {
                         ReportedRole::Primary
                     } else {
                         ReportedRole::Replica
@@ -289,11 +290,6 @@ impl ReplicaCore {
         primary: VolumeId,
         committed: Lsn,
     ) {
-        if self.s.promoted {
-            let msg = "this store was promoted; it no longer follows a primary".to_string();
-            self.reject(conn, RejectReason::NotReplica, msg);
-            return;
-        }
         if volume_size != self.s.volume_size {
             let msg = format!(
                 "volume size {volume_size} differs from this store's {}",
@@ -339,6 +335,7 @@ impl ReplicaCore {
             });
             self.s.epoch = epoch;
             self.s.epoch_owner = primary;
+            self.s.was_primary = false;
         }
         if let Some(old) = self.active.replace(conn) {
             if old != conn {

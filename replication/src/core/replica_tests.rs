@@ -19,7 +19,7 @@ fn state(epoch: u64, head: u64) -> ReplicaState {
         head_epoch: Epoch(epoch),
         durable: Lsn(head),
         committed: Lsn(0),
-        promoted: false,
+        was_primary: false,
         needs_rebuild: false,
     }
 }

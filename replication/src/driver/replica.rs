@@ -37,7 +37,7 @@ fn initial_state(store: &Store) -> ReplicaState {
         head_epoch: store.head_epoch(),
         durable: store.durable(),
         committed: store.committed(),
-        promoted: false,
+        was_primary: sb.role == Role::Primary && sb.epoch.0 > 0,
         needs_rebuild: false,
     }
 }
@@ -51,23 +51,14 @@ enum Input {
     },
 }
 
-/// Serves replication on `listener` until `shutdown`. The store must not be serving as a
-/// primary (a promoted store refuses primaries; see [`ReplicaCore`]).
+/// Serves replication on `listener` until `shutdown`.
 pub async fn run(
     store: Arc<Store>,
     listener: TcpListener,
     shutdown: CancellationToken,
     status: Option<tokio::sync::watch::Sender<ReplicaStatus>>,
 ) -> Result<(), StorageError> {
-    let mut state = initial_state(&store);
-    state.promoted = store.superblock().role == Role::Primary && store.superblock().epoch.0 > 0;
-    if state.promoted {
-        tracing::warn!(
-            "this store last served as a primary (epoch {}); it will refuse primaries until \
-             it is rebuilt as a replica",
-            state.epoch
-        );
-    }
+    let state = initial_state(&store);
     let mut core = ReplicaCore::new(state);
     let (in_tx, mut inputs) = mpsc::unbounded_channel::<Input>();
     let mut conns: HashMap<ConnId, (mpsc::UnboundedSender<Frame>, String)> = HashMap::new();

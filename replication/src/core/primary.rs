@@ -43,6 +43,10 @@ pub struct PrimaryConfig {
     pub retention_time: Millis,
     /// Entries shipped per catch-up read.
     pub catch_up_batch_bytes: u64,
+    /// In-sync replicas are asked for their durable progress this often when the head has
+    /// moved, even without FLUSHes: it keeps the retention pin and the lag figures current,
+    /// and a replica that stops answering is found out.
+    pub progress_interval: Millis,
 }
 
 impl PrimaryConfig {
@@ -68,6 +72,7 @@ impl PrimaryConfig {
             retention_bytes: 128 << 20,
             retention_time: 5 * 60_000,
             catch_up_batch_bytes: 4 << 20,
+            progress_interval: 100,
         }
     }
 }
@@ -244,6 +249,8 @@ struct Peer {
     /// Highest barrier target sent in this session, and when the oldest unanswered one went.
     asked: Lsn,
     asked_since: Option<Millis>,
+    /// When it was last asked for progress.
+    last_ask: Millis,
     /// When the current state began (handshake timeout, retention time).
     since: Millis,
     reconnect_at: Millis,
@@ -319,6 +326,7 @@ impl PrimaryCore {
                 catch_up_next: Lsn::ZERO,
                 asked: Lsn::ZERO,
                 asked_since: None,
+                last_ask: now,
                 since: now,
                 reconnect_at: now,
                 backoff: cfg.reconnect_min,
@@ -502,6 +510,12 @@ impl PrimaryCore {
                 }
                 PeerState::Disconnected | PeerState::Refused if now >= p.reconnect_at => {
                     self.connect(i, now);
+                }
+                PeerState::InSync
+                    if self.head > p.asked && now >= p.last_ask + self.cfg.progress_interval =>
+                {
+                    let head = self.head;
+                    self.ask(i, head, now);
                 }
                 _ => {}
             }
@@ -788,6 +802,7 @@ impl PrimaryCore {
         }
         p.asked = target;
         p.asked_since.get_or_insert(now);
+        p.last_ask = now;
         let committed = self.committed;
         self.send(
             i,

@@ -581,3 +581,41 @@ fn commit_mode_validation_refuses_vacuous_configurations() {
     assert!(CommitMode::SyncQuorum.validate(2).is_ok());
     assert!(CommitMode::BestEffort.validate(0).is_ok());
 }
+
+#[test]
+fn in_sync_replicas_report_progress_without_flushes() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Appended {
+        records: (1..=5).map(|l| rec(l, E)).collect(),
+    });
+    // No FLUSH at all: the next tick past the interval asks for progress anyway.
+    let a = c.step(Event::Tick {
+        now: 50,
+        pinned_bytes: 0,
+    });
+    assert!(frames_to(&a, "a").is_empty());
+    let a = c.step(Event::Tick {
+        now: 100,
+        pinned_bytes: 0,
+    });
+    assert!(matches!(
+        frames_to(&a, "a")[..],
+        [Body::Barrier { lsn: Lsn(5), .. }]
+    ));
+    let a = reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(5) },
+        101,
+    );
+    // The pin follows, so the retention budget never blames an in-sync replica.
+    assert!(a.contains(&Action::PinWal { from: Some(Lsn(6)) }));
+    // Nothing new: no more asking.
+    let a = c.step(Event::Tick {
+        now: 500,
+        pinned_bytes: 0,
+    });
+    assert!(frames_to(&a, "a").is_empty());
+}

@@ -241,10 +241,12 @@ async fn start_replication(
             bail!("replica {} refused this primary: {}", p.id, p.why);
         }
         // Settled: every replica has been tried and is past its handshake, one way or another.
-        let settled = status.peers.iter().all(|p| {
-            !matches!(p.state, PeerState::Connecting | PeerState::Handshake)
-                && p.why != "not contacted yet"
-        });
+        // (Until the driver publishes its first status there are no peers at all.)
+        let settled = status.peers.len() == args.replicas.len()
+            && status.peers.iter().all(|p| {
+                !matches!(p.state, PeerState::Connecting | PeerState::Handshake)
+                    && p.why != "not contacted yet"
+            });
         if settled || tokio::time::Instant::now() >= deadline {
             for p in &status.peers {
                 tracing::info!(replica = %p.id, state = p.state.name(), "{}", p.why);

@@ -1,0 +1,1897 @@
+//! Replication, end to end: a `blockrep serve` primary and `blockrep replica` nodes as separate
+//! processes on loopback, driven by real NBD clients (libnbd's Python binding, fio, nbdfuse +
+//! ext4) and by hand-built replication frames.
+//!
+//! The contract under test (docs/PROTOCOL.md, /work/shared/design/decisions.md): a WRITE reply
+//! is visibility only; a FLUSH reply means every write acknowledged before it is fsynced on the
+//! primary and on the replicas the commit mode requires (sync-all: every configured replica,
+//! sync-quorum: a majority of copies, best-effort: the primary alone); a FLUSH that cannot meet
+//! its mode fails with EIO after the barrier timeout and never silently succeeds; epochs fence
+//! an old primary after a promotion; a promotion that could lose committed data is refused
+//! unless forced; a replica closes connections that send garbage and refuses stale epochs.
+//!
+//! Every child process is killed when its guard drops, and also (PR_SET_PDEATHSIG) when the
+//! test thread that started it ends, so a failing test leaves nothing behind. Every external
+//! one-shot command runs under `timeout`.
+
+mod common;
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const STORM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/write_storm.py");
+const OPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/repl_ops.py");
+const BLOCK: u64 = 4096;
+/// Blocks the write storm writes to (8 MiB); the rest of the volume must stay zero.
+const REGION_BLOCKS: u64 = 2048;
+const VOLUME: u64 = 32 * MIB;
+/// Short barrier timeout, so failing FLUSHes fail fast.
+const BARRIER_MS: u64 = 1500;
+const BARRIER: [&str; 2] = ["--barrier-timeout-ms", "1500"];
+
+// ------------------------------------------------------------------------------ helpers
+
+/// `timeout -k 5 SECS PROG`: the command is killed if it takes longer.
+fn timed(secs: u64, prog: impl AsRef<OsStr>) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg("-k").arg("5").arg(secs.to_string()).arg(prog);
+    c
+}
+
+fn blockrep_timed(secs: u64) -> Command {
+    timed(secs, env!("CARGO_BIN_EXE_blockrep"))
+}
+
+/// The child gets SIGKILL when the thread that spawned it (the test's thread) ends, even if
+/// the test binary itself is killed and no destructor runs.
+fn die_with_test(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// Removes ANSI colour sequences (the nodes run with NO_COLOR, this is a second guard).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn require_python_nbd() {
+    require(SYSTEM_PYTHON);
+    require("timeout");
+    let out = run(timed(30, SYSTEM_PYTHON).args(["-c", "import nbd"]));
+    assert!(
+        out.status.success(),
+        "{SYSTEM_PYTHON} lacks the libnbd binding (python3-libnbd): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `blockrep create DIR --size SIZE --wal-size 64MiB` (a blank store: as a replica it joins
+/// the volume of the first primary that connects).
+fn create(parent: &Path, name: &str, size: u64) -> PathBuf {
+    let dir = parent.join(name);
+    run_ok(
+        blockrep_timed(60)
+            .arg("create")
+            .arg(&dir)
+            .arg("--size")
+            .arg(size.to_string())
+            .arg("--wal-size")
+            .arg("64MiB"),
+    );
+    dir
+}
+
+fn export(store: &Path, image: &Path) {
+    run_ok(blockrep_timed(120).arg("export").arg(store).arg(image));
+}
+
+fn export_image(store: &Path, image: &Path) -> Vec<u8> {
+    export(store, image);
+    std::fs::read(image).expect("read the exported image")
+}
+
+fn inspect_json(store: &Path) -> serde_json::Value {
+    let out = run_ok(blockrep_timed(60).arg("inspect").arg(store).arg("--json"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect --json printed {out:?}: {e}"))
+}
+
+/// A file of deterministic random bytes the clients write from and the checks compare with.
+struct Data {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+fn data(dir: &Path, name: &str, seed: u64, len: usize) -> Data {
+    let path = dir.join(format!("{name}.bin"));
+    let bytes = random_bytes(seed, len);
+    std::fs::write(&path, &bytes).unwrap();
+    Data { path, bytes }
+}
+
+fn assert_holds(img: &[u8], off: u64, d: &Data, what: &str) {
+    let got = &img[off as usize..off as usize + d.bytes.len()];
+    if got != d.bytes.as_slice() {
+        let first = got.iter().zip(&d.bytes).position(|(a, b)| a != b).unwrap();
+        let zero = got.iter().all(|&b| b == 0);
+        panic!(
+            "{what}: the {} bytes written at {off} are not there (first difference at byte {}; \
+             the range is {})",
+            d.bytes.len(),
+            off + first as u64,
+            if zero { "all zero" } else { "other data" }
+        );
+    }
+}
+
+fn assert_zero(img: &[u8], off: u64, len: u64, what: &str) {
+    let got = &img[off as usize..(off + len) as usize];
+    if let Some(i) = got.iter().position(|&b| b != 0) {
+        panic!(
+            "{what}: byte {} of the range {off}+{len} is not zero",
+            off + i as u64
+        );
+    }
+}
+
+fn assert_same_image(a: &[u8], b: &[u8], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: image sizes");
+    if a != b {
+        let first = a.iter().zip(b).position(|(x, y)| x != y).unwrap();
+        let differing = a
+            .chunks(BLOCK as usize)
+            .zip(b.chunks(BLOCK as usize))
+            .filter(|(x, y)| x != y)
+            .count();
+        panic!(
+            "{what}: images differ first at byte {first} (block {}); {differing} block(s) differ",
+            first as u64 / BLOCK
+        );
+    }
+}
+
+// -------------------------------------------------------------------------------- nodes
+
+/// A `blockrep replica` or `blockrep serve` process, restartable with the same arguments and
+/// port. Its stderr (the log) is appended to one file across restarts.
+struct Node {
+    name: String,
+    store: PathBuf,
+    /// Replication port of a replica, NBD port of a primary.
+    port: u16,
+    args: Vec<OsString>,
+    ready: &'static str,
+    log: PathBuf,
+    child: Option<Child>,
+    /// The first stdout line of the latest start.
+    banner: String,
+}
+
+impl Node {
+    /// Starts the process and waits for its ready line; on failure returns the reason.
+    fn launch(
+        name: &str,
+        store: &Path,
+        port: u16,
+        args: Vec<OsString>,
+        ready: &'static str,
+    ) -> Result<Node, String> {
+        let mut n = Node {
+            name: name.to_string(),
+            store: store.to_path_buf(),
+            port,
+            args,
+            ready,
+            log: store.with_extension(format!("{name}.log")),
+            child: None,
+            banner: String::new(),
+        };
+        n.start()?;
+        Ok(n)
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut cmd = blockrep();
+        cmd.args(&self.args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        die_with_test(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn blockrep");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next().and_then(|l| l.ok()));
+            for _ in lines {}
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Some(line)) if line.contains(self.ready) => {
+                self.banner = line;
+                self.child = Some(child);
+                Ok(())
+            }
+            other => {
+                let _ = child.kill();
+                let status = child.wait();
+                Err(format!(
+                    "{} did not start (first stdout line {other:?}, status {status:?}); log:\n{}",
+                    self.name,
+                    self.log()
+                ))
+            }
+        }
+    }
+
+    fn restart(&mut self) {
+        self.start().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/", self.port)
+    }
+
+    fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+
+    fn log(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// Where the log ends now; `wait_log` looks only past a mark.
+    fn mark(&self) -> usize {
+        self.log().len()
+    }
+
+    /// Waits for a log line past `from` that contains every one of `needles`; returns it.
+    fn wait_log(&self, from: usize, needles: &[&str], secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let log = self.log();
+            if let Some(line) = log
+                .get(from..)
+                .unwrap_or("")
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no log line with {needles:?} within {secs}s; log:\n{log}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGTERM, then the exit status (fails if it takes more than 30 s).
+    fn stop(&mut self) -> ExitStatus {
+        let mut child = self
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not exit within 30s of SIGTERM; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, and the process must exit 0.
+    fn stop_ok(&mut self) {
+        let st = self.stop();
+        assert!(
+            st.success(),
+            "{}: exit status {st} after SIGTERM; log:\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
+    fn signal(&mut self, sig: i32) {
+        let child = self.child.as_ref().expect("running");
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as i32, sig) };
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal(libc::SIGCONT);
+        }
+        self.kill9();
+    }
+}
+
+fn replica(store: &Path, name: &str) -> Node {
+    let port = free_port();
+    let args = vec![
+        "replica".into(),
+        store.into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}").into(),
+    ];
+    Node::launch(name, store, port, args, "listening on").unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn primary_args(store: &Path, port: u16, replicas: &[&Node], extra: &[&str]) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "serve".into(),
+        store.into(),
+        "--nbd".into(),
+        format!("127.0.0.1:{port}").into(),
+    ];
+    for r in replicas {
+        args.push("--replica".into());
+        args.push(format!("{}={}", r.name, r.addr()).into());
+    }
+    args.extend(extra.iter().map(OsString::from));
+    args
+}
+
+fn try_primary(
+    store: &Path,
+    name: &str,
+    replicas: &[&Node],
+    extra: &[&str],
+) -> Result<Node, String> {
+    let port = free_port();
+    let args = primary_args(store, port, replicas, extra);
+    Node::launch(name, store, port, args, "serving")
+}
+
+fn primary(store: &Path, name: &str, replicas: &[&Node], extra: &[&str]) -> Node {
+    try_primary(store, name, replicas, extra).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Blank stores `p`, `r1`..`rN` (the replicas join the primary's volume), the replicas
+/// running, and the primary serving with `extra` arguments.
+fn cluster(dir: &Path, size: u64, replicas: usize, extra: &[&str]) -> (Node, Vec<Node>) {
+    let p_store = create(dir, "p", size);
+    let reps: Vec<Node> = (1..=replicas)
+        .map(|i| {
+            let name = format!("r{i}");
+            replica(&create(dir, &name, size), &name)
+        })
+        .collect();
+    let refs: Vec<&Node> = reps.iter().collect();
+    let p = primary(&p_store, "p", &refs, extra);
+    (p, reps)
+}
+
+/// The primary's log line saying `replica` is in state `state`, past `from`.
+fn wait_state(p: &Node, from: usize, replica: &str, state: &str, secs: u64) -> String {
+    let r = format!("replica={replica}");
+    let s = format!("state=\"{state}\"");
+    p.wait_log(from, &[&r, &s], secs)
+}
+
+// ------------------------------------------------------------------------------- client
+
+/// One libnbd connection (tests/clients/repl_ops.py), driven a command at a time.
+struct Client {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    rx: Receiver<String>,
+    stderr: PathBuf,
+    what: String,
+}
+
+impl Client {
+    fn connect(uri: &str, dir: &Path, name: &str) -> Client {
+        let stderr = dir.join(format!("client-{name}.stderr"));
+        let mut cmd = Command::new(SYSTEM_PYTHON);
+        cmd.arg(OPS)
+            .arg(uri)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&stderr).unwrap());
+        die_with_test(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn repl_ops.py");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut c = Client {
+            stdin: child.stdin.take(),
+            child,
+            rx,
+            stderr,
+            what: format!("client {name} of {uri}"),
+        };
+        let hello = c.answer("connect");
+        assert_eq!(hello["ok"], true, "{}: {hello}", c.what);
+        c
+    }
+
+    fn answer(&mut self, cmd: &str) -> serde_json::Value {
+        match self.rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("{}: {cmd}: bad answer {line:?}: {e}", self.what)),
+            Err(e) => {
+                let _ = self.child.kill();
+                panic!(
+                    "{}: no answer to {cmd:?} ({e}); stderr:\n{}",
+                    self.what,
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                )
+            }
+        }
+    }
+
+    fn op(&mut self, cmd: &str) -> serde_json::Value {
+        let stdin = self.stdin.as_mut().expect("client stdin");
+        writeln!(stdin, "{cmd}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("{}: cannot send {cmd:?}: {e}", self.what));
+        let v = self.answer(cmd);
+        eprintln!("{}: {cmd} -> {v}", self.what);
+        v
+    }
+
+    fn write(&mut self, off: u64, d: &Data) -> serde_json::Value {
+        self.op(&format!("write {off} {}", d.path.display()))
+    }
+
+    fn write_fua(&mut self, off: u64, d: &Data) -> serde_json::Value {
+        self.op(&format!("write {off} {} fua", d.path.display()))
+    }
+
+    fn flush(&mut self) -> serde_json::Value {
+        self.op("flush")
+    }
+
+    fn check(&mut self, off: u64, d: &Data) -> serde_json::Value {
+        self.op(&format!("check {off} {}", d.path.display()))
+    }
+
+    fn write_ok(&mut self, off: u64, d: &Data) {
+        let v = self.write(off, d);
+        assert_ok(&v, "write");
+    }
+
+    /// A FLUSH that must succeed quickly: well inside the barrier timeout.
+    fn flush_fast(&mut self, what: &str) {
+        let v = self.flush();
+        assert_ok(&v, what);
+        let secs = v["secs"].as_f64().unwrap();
+        assert!(
+            secs < 1.0,
+            "{what}: FLUSH took {secs:.3}s; with every required copy up it must not wait for \
+             the {BARRIER_MS} ms barrier timeout"
+        );
+    }
+
+    /// A FLUSH that must fail with EIO after the barrier timeout (not before, not much later).
+    fn flush_times_out(&mut self, what: &str) {
+        let v = self.flush();
+        assert_eio(&v, what);
+        let secs = v["secs"].as_f64().unwrap();
+        let timeout = BARRIER_MS as f64 / 1000.0;
+        assert!(
+            secs >= timeout - 0.05 && secs < timeout + 3.0,
+            "{what}: FLUSH failed after {secs:.3}s; the barrier timeout is {timeout}s"
+        );
+    }
+
+    fn check_equal(&mut self, off: u64, d: &Data, what: &str) {
+        let v = self.check(off, d);
+        assert_ok(&v, what);
+        assert_eq!(v["equal"], true, "{what}: reading back {off}: {v}");
+    }
+
+    fn check_zero(&mut self, off: u64, d: &Data, what: &str) {
+        let v = self.check(off, d);
+        assert_ok(&v, what);
+        assert_eq!(
+            v["zero"], true,
+            "{what}: reading {off} should give zeroes: {v}"
+        );
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.stdin.take() {
+            let _ = writeln!(s, "quit");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn assert_ok(v: &serde_json::Value, what: &str) {
+    assert_eq!(v["ok"], true, "{what}: expected success, got {v}");
+}
+
+fn assert_eio(v: &serde_json::Value, what: &str) {
+    assert_eq!(v["ok"], false, "{what}: expected EIO, got success: {v}");
+    assert_eq!(v["errno"], "EIO", "{what}: expected EIO: {v}");
+}
+
+// ------------------------------------------------------------------------- write storm
+
+/// A child process killed (SIGKILL) if the test ends without reaping it.
+struct KillOnDrop {
+    child: Child,
+    what: String,
+    stderr: Option<PathBuf>,
+}
+
+impl KillOnDrop {
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    fn wait(&mut self, secs: u64) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "{} did not exit within {secs}s; its stderr:\n{}",
+                    self.what,
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_storm(dir: &Path, uri: &str, log: &Path, seq_base: u64, flush_every: u32) -> KillOnDrop {
+    let stderr = log.with_extension("stderr");
+    let mut cmd = Command::new(SYSTEM_PYTHON);
+    cmd.arg(STORM)
+        .arg("storm")
+        .arg(uri)
+        .arg(log)
+        .arg("--blocks")
+        .arg(REGION_BLOCKS.to_string())
+        .arg("--seq-base")
+        .arg(seq_base.to_string())
+        .arg("--seed")
+        .arg(seq_base.to_string())
+        .arg("--flush-every")
+        .arg(flush_every.to_string())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr).expect("storm stderr"));
+    die_with_test(&mut cmd);
+    KillOnDrop {
+        child: cmd.spawn().expect("spawn the write storm"),
+        what: "the write storm client".into(),
+        stderr: Some(stderr),
+    }
+}
+
+/// (W, F) lines of a storm log.
+fn log_counts(log: &Path) -> (usize, usize) {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return (0, 0);
+    };
+    let w = text.lines().filter(|l| l.starts_with("W ")).count();
+    let f = text.lines().filter(|l| l.starts_with("F ")).count();
+    (w, f)
+}
+
+fn let_storm_run(
+    storm: &mut KillOnDrop,
+    log: &Path,
+    min_w: usize,
+    min_f: usize,
+    min_time: Duration,
+) {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        assert!(
+            storm.running(),
+            "the write storm stopped early; its stderr:\n{}",
+            storm.stderr_text()
+        );
+        let (w, f) = log_counts(log);
+        if w >= min_w && f >= min_f && started.elapsed() >= min_time {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the write storm made too little progress in 60s: {w} writes, {f} flushes acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `write_storm.py verify`: its JSON summary, or the failure output.
+fn verify(image: &Path, logs: &[PathBuf]) -> Result<serde_json::Value, String> {
+    let mut cmd = timed(120, SYSTEM_PYTHON);
+    cmd.arg(STORM)
+        .arg("verify")
+        .arg(image)
+        .args(logs)
+        .arg("--blocks")
+        .arg(REGION_BLOCKS.to_string());
+    let out = run(&mut cmd);
+    if out.status.code() == Some(0) {
+        let s = text(&out.stdout);
+        Ok(serde_json::from_str(&s).unwrap_or_else(|e| panic!("verify printed {s:?}: {e}")))
+    } else {
+        Err(describe(&out))
+    }
+}
+
+fn verify_ok(image: &Path, logs: &[PathBuf], what: &str) -> serde_json::Value {
+    let summary = verify(image, logs)
+        .unwrap_or_else(|e| panic!("{what}: the image breaks the durability contract:\n{e}"));
+    eprintln!("verify {what}: {summary}");
+    summary
+}
+
+// =============================================================================== tests
+
+/// Primary + 2 replicas (sync-all), a write storm with FLUSHes, SIGKILL of the primary in
+/// the middle: every write an acknowledged FLUSH covered is on each replica (and on the
+/// primary's own store after replay). As in crash_recovery.rs, SIGKILL keeps the page cache,
+/// so this checks ordering (no FLUSH acknowledged before the replicas had the writes), not
+/// fsync against power loss.
+#[test]
+fn every_acknowledged_flush_survives_primary_kill9_sync_all() {
+    require_python_nbd();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut p, mut reps) = cluster(tmp.path(), VOLUME, 2, &BARRIER);
+    assert!(
+        p.banner.contains("sync-all with 2 replica(s)"),
+        "default mode with replicas: {}",
+        p.banner
+    );
+    let log = tmp.path().join("storm.log");
+    let mut storm = spawn_storm(tmp.path(), &p.uri(), &log, 1 << 40, 48);
+    let_storm_run(&mut storm, &log, 1500, 15, Duration::from_millis(2500));
+    p.kill9();
+    let st = storm.wait(30);
+    assert!(
+        st.success(),
+        "the storm should exit quietly when the primary dies: {st}\n{}",
+        storm.stderr_text()
+    );
+    eprintln!("storm: {}", storm.stderr_text().trim());
+    let plog = p.log();
+    assert!(
+        !plog.contains("ERROR") && !plog.contains("needs_rebuild"),
+        "the primary logged trouble during a healthy storm:\n{plog}"
+    );
+    // r1 stops cleanly; r2 is killed too, the stricter case: only what it had handed to the
+    // kernel before acknowledging counts, no shutdown path helps it.
+    reps[0].stop_ok();
+    reps[1].kill9();
+    let logs = vec![log];
+    let mut images = Vec::new();
+    for r in &reps {
+        let image = tmp.path().join(format!("{}.img", r.name));
+        export(&r.store, &image);
+        let summary = verify_ok(&image, &logs, &r.name);
+        assert!(
+            summary["covered_writes"].as_u64().unwrap() >= 1000,
+            "too few flushed writes to mean anything: {summary}"
+        );
+        images.push(std::fs::read(&image).unwrap());
+    }
+    let image = tmp.path().join("p.img");
+    export(&p.store, &image);
+    verify_ok(&image, &logs, "the killed primary after replay");
+    // The replicas may differ in writes no FLUSH covered; report how much, for the record.
+    let differing = images[0]
+        .chunks(BLOCK as usize)
+        .zip(images[1].chunks(BLOCK as usize))
+        .filter(|(a, b)| a != b)
+        .count();
+    eprintln!("r1 and r2 differ in {differing} block(s) (writes no FLUSH covered)");
+}
+
+/// sync-all with a replica down: FLUSH fails with EIO after the barrier timeout, twice (no
+/// silent success), the write before it stays readable; once the replica is back and caught
+/// up, FLUSH succeeds and the replica holds the data.
+#[test]
+fn sync_all_replica_stopped_flush_fails_within_timeout() {
+    require_python_nbd();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut p, mut reps) = cluster(tmp.path(), VOLUME, 2, &BARRIER);
+    let a = data(tmp.path(), "a", 1, 256 * 1024);
+    let b = data(tmp.path(), "b", 2, 128 * 1024 + 512);
+    let mut c = Client::connect(&p.uri(), tmp.path(), "p");
+    c.write_ok(0, &a);
+    c.flush_fast("FLUSH with both replicas up");
+
+    let mark = p.mark();
+    reps[1].stop_ok();
+    wait_state(&p, mark, "r2", "disconnected", 10);
+    c.write_ok(MIB + 512, &b);
+    c.flush_times_out("FLUSH under sync-all with r2 stopped");
+    c.check_equal(MIB + 512, &b, "the write before the failed FLUSH");
+    c.flush_times_out("a second FLUSH with r2 still stopped");
+    c.check_equal(0, &a, "the flushed write");
+    // FUA is the same promise for one write.
+    let fua = data(tmp.path(), "fua", 3, 8192);
+    let v = c.write_fua(3 * MIB, &fua);
+    assert_eio(&v, "FUA write under sync-all with r2 stopped");
+    let secs = v["secs"].as_f64().unwrap();
+    assert!(
+        secs >= BARRIER_MS as f64 / 1000.0 - 0.05,
+        "the FUA write failed after {secs:.3}s, before the barrier timeout"
+    );
+
+    let mark = p.mark();
+    reps[1].restart();
+    let line = wait_state(&p, mark, "r2", "in_sync", 15);
+    assert!(
+        line.contains("caught up"),
+        "r2 lacked the write before the failed FLUSH, so it must rejoin by catch-up: {line}"
+    );
+    c.flush_fast("FLUSH after r2 caught up");
+    c.check_equal(MIB + 512, &b, "after the catch-up");
+    let v = c.write_fua(3 * MIB, &fua);
+    assert_ok(&v, "FUA write with both replicas in sync");
+    assert!(v["secs"].as_f64().unwrap() < 1.0, "{v}");
+    drop(c);
+
+    // A restarted primary (new epoch) finds both replicas at zero gap and commits at once.
+    p.stop_ok();
+    let mark = p.mark();
+    p.restart();
+    assert!(p.banner.contains("epoch 2"), "{}", p.banner);
+    for r in ["r1", "r2"] {
+        let line = wait_state(&p, mark, r, "in_sync", 10);
+        assert!(
+            line.contains("zero gap"),
+            "{r} after the primary's restart: {line}"
+        );
+    }
+    let mut c = Client::connect(&p.uri(), tmp.path(), "p-again");
+    c.check_equal(MIB + 512, &b, "after the primary's restart");
+    let d = data(tmp.path(), "d", 4, 4096);
+    c.write_ok(5 * MIB, &d);
+    c.flush_fast("FLUSH after the primary's restart");
+    drop(c);
+
+    p.stop_ok();
+    for r in &mut reps {
+        r.stop_ok();
+    }
+    let pimg = export_image(&p.store, &tmp.path().join("p.img"));
+    assert_holds(&pimg, 0, &a, "primary");
+    assert_holds(&pimg, MIB + 512, &b, "primary");
+    assert_holds(&pimg, 3 * MIB, &fua, "primary");
+    assert_holds(&pimg, 5 * MIB, &d, "primary");
+    for r in &reps {
+        let img = export_image(&r.store, &tmp.path().join(format!("{}.img", r.name)));
+        assert_holds(&img, 0, &a, &r.name);
+        assert_holds(&img, MIB + 512, &b, &r.name);
+        assert_holds(&img, 5 * MIB, &d, &r.name);
+        assert_same_image(&img, &pimg, &format!("{} against the primary", r.name));
+    }
+}
+
+/// sync-quorum with 3 copies: one replica hung (SIGSTOP) or down, FLUSH still succeeds (primary + the other
+/// replica); both replicas down, FLUSH fails with EIO. The surviving replica holds exactly
+/// what the successful FLUSH covered.
+#[test]
+fn sync_quorum_one_replica_stopped_flush_succeeds() {
+    require_python_nbd();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut extra = BARRIER.to_vec();
+    extra.extend(["--commit", "sync-quorum"]);
+    let (mut p, mut reps) = cluster(tmp.path(), VOLUME, 2, &extra);
+    assert!(
+        p.banner.contains("sync-quorum with 2 replica(s)"),
+        "{}",
+        p.banner
+    );
+    let a = data(tmp.path(), "a", 11, 64 * 1024);
+    let b = data(tmp.path(), "b", 12, 192 * 1024);
+    let c_data = data(tmp.path(), "c", 13, 64 * 1024);
+    let mut c = Client::connect(&p.uri(), tmp.path(), "p");
+    c.write_ok(0, &a);
+    c.flush_fast("FLUSH with every copy up");
+
+    // First a hung r2 (SIGSTOP: its connection stays open, it just never answers).
+    let hung = data(tmp.path(), "hung", 14, 64 * 1024);
+    let mark = p.mark();
+    reps[1].signal(libc::SIGSTOP);
+    c.write_ok(2 * MIB, &hung);
+    c.flush_fast("FLUSH under sync-quorum with r2 hung");
+    let line = wait_state(&p, mark, "r2", "disconnected", 10);
+    assert!(line.contains("no barrier acknowledgement"), "{line}");
+    reps[1].signal(libc::SIGCONT);
+    // Back in sync: by catch-up, or at zero gap if it still read the old session's entries
+    // from its socket after SIGCONT. Either way the export below must hold the write.
+    wait_state(&p, mark, "r2", "in_sync", 15);
+
+    // Then r2 really stopped.
+    let mark = p.mark();
+    reps[1].stop_ok();
+    wait_state(&p, mark, "r2", "disconnected", 10);
+    c.write_ok(4 * MIB, &b);
+    c.flush_fast("FLUSH under sync-quorum with r2 stopped (2 of 3 copies)");
+
+    let mark = p.mark();
+    reps[0].stop_ok();
+    wait_state(&p, mark, "r1", "disconnected", 10);
+    c.write_ok(8 * MIB, &c_data);
+    c.flush_times_out("FLUSH under sync-quorum with only the primary left");
+    c.check_equal(8 * MIB, &c_data, "the write before the failed FLUSH");
+    drop(c);
+    p.stop_ok();
+
+    let r1 = export_image(&reps[0].store, &tmp.path().join("r1.img"));
+    assert_holds(&r1, 0, &a, "r1");
+    assert_holds(&r1, 4 * MIB, &b, "r1 (it made the quorum for this FLUSH)");
+    assert_zero(&r1, 8 * MIB, 64 * 1024, "r1 (stopped before this write)");
+    let r2 = export_image(&reps[1].store, &tmp.path().join("r2.img"));
+    assert_holds(&r2, 0, &a, "r2");
+    assert_holds(&r2, 2 * MIB, &hung, "r2 (caught up after the hang)");
+    assert_zero(&r2, 4 * MIB, 192 * 1024, "r2 (stopped before this write)");
+    let pimg = export_image(&p.store, &tmp.path().join("p.img"));
+    assert_holds(&pimg, 8 * MIB, &c_data, "primary");
+}
+
+/// best-effort: a stopped replica does not hold FLUSH up, and the primary says it is gone.
+#[test]
+fn best_effort_flush_succeeds_and_replica_is_marked() {
+    require_python_nbd();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut extra = BARRIER.to_vec();
+    extra.extend(["--commit", "best-effort"]);
+    let (mut p, mut reps) = cluster(tmp.path(), VOLUME, 1, &extra);
+    assert!(
+        p.banner.contains("best-effort with 1 replica(s)"),
+        "{}",
+        p.banner
+    );
+    wait_state(&p, 0, "r1", "in_sync", 10);
+    let a = data(tmp.path(), "a", 21, 64 * 1024);
+    let b = data(tmp.path(), "b", 22, 64 * 1024);
+    let mut c = Client::connect(&p.uri(), tmp.path(), "p");
+    c.write_ok(0, &a);
+    c.flush_fast("FLUSH with the replica up");
+
+    let mark = p.mark();
+    reps[0].stop_ok();
+    let line = wait_state(&p, mark, "r1", "disconnected", 10);
+    eprintln!("marked: {line}");
+    // It keeps trying to reach the replica, and says so.
+    let addr = reps[0].addr();
+    p.wait_log(
+        mark,
+        &["replica=r1", &format!("cannot connect to {addr}")],
+        10,
+    );
+    c.write_ok(MIB, &b);
+    c.flush_fast("best-effort FLUSH with the replica stopped");
+    c.flush_fast("a second best-effort FLUSH");
+    c.check_equal(MIB, &b, "after the FLUSH");
+    drop(c);
+    let log = p.log();
+    assert!(!log.contains("fenced"), "{log}");
+    p.stop_ok();
+    let pimg = export_image(&p.store, &tmp.path().join("p.img"));
+    assert_holds(&pimg, 0, &a, "primary");
+    assert_holds(&pimg, MIB, &b, "primary");
+    let r1 = export_image(&reps[0].store, &tmp.path().join("r1.img"));
+    assert_holds(&r1, 0, &a, "r1 (up for this FLUSH)");
+}
+
+/// Brief S3: a client keeps writing through primary P while r1 is promoted. r2 adopts the
+/// new epoch, P is fenced: its FLUSH fails, it logs "fenced", later writes fail, and nothing
+/// written through P after the promotion reaches r1 or r2.
+#[test]
+fn zombie_primary_is_fenced_after_promotion() {
+    require_python_nbd();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut p, mut reps) = cluster(tmp.path(), VOLUME, 2, &BARRIER);
+    assert!(p.banner.contains("epoch 1"), "{}", p.banner);
+    // Writes never stop (no FLUSH of its own); FLUSHes come from another connection.
+    let log = tmp.path().join("storm.log");
+    let mut storm = spawn_storm(tmp.path(), &p.uri(), &log, 1 << 40, 0);
+    let_storm_run(&mut storm, &log, 400, 0, Duration::from_millis(800));
+    let mut c = Client::connect(&p.uri(), tmp.path(), "p");
+    // A FLUSH covers every write acknowledged before it was sent, on any connection: the
+    // W lines already in the log.
+    let covered = log_counts(&log).0;
+    c.flush_fast("FLUSH during the storm, every copy up");
+
+    // Manual failover: stop r1's replica process and promote its store.
+    reps[0].stop_ok();
+    let r2_mark = reps[1].mark();
+    let mut r1p = primary(&reps[0].store, "r1p", &[&reps[1]], &BARRIER);
+    assert!(
+        r1p.banner.contains("epoch 2"),
+        "the promotion must serve above every epoch seen: {}",
+        r1p.banner
+    );
+    reps[1].wait_log(r2_mark, &["at epoch 2"], 10);
+
+    // The zombie: a distinctive pattern through P, then FLUSH.
+    let zombie = data(tmp.path(), "zombie", 31, 256 * 1024);
+    let zombie_off = 16 * MIB;
+    let v = c.write(zombie_off, &zombie);
+    eprintln!("write through the old primary after the promotion: {v}");
+    let v = c.flush();
+    assert_eio(&v, "FLUSH through the old primary after the promotion");
+    let fenced = p.wait_log(0, &["fenced"], 10);
+    assert!(fenced.contains("epoch 2"), "{fenced}");
+    let v = c.write(zombie_off + 4 * BLOCK, &zombie);
+    assert_eio(&v, "a write through the fenced primary");
+    let v = c.flush();
+    assert_eio(&v, "a FLUSH through the fenced primary");
+    // The storm's writes fail too, so it stops.
+    let st = storm.wait(15);
+    assert!(st.success(), "{st}: {}", storm.stderr_text());
+    let storm_said = storm.stderr_text();
+    assert!(
+        storm_said.contains("server gone") && storm_said.contains("EIO"),
+        "the storm should have been stopped by EIO from the fenced primary: {storm_said}"
+    );
+    assert!(
+        p.running(),
+        "a fenced primary keeps running (reads may continue)"
+    );
+    drop(c);
+
+    // The new primary does not show the zombie's write.
+    let mut c2 = Client::connect(&r1p.uri(), tmp.path(), "r1p");
+    c2.check_zero(
+        zombie_off,
+        &zombie,
+        "the new primary, where the zombie wrote",
+    );
+    drop(c2);
+    // For the record: r2 received entries from P that r1 never had, so the new primary sees
+    // it ahead of its own log (truncating such a tail is not built yet: NeedsRebuild).
+    for l in r1p.log().lines().filter(|l| l.contains("replica=r2")) {
+        eprintln!("new primary about r2: {l}");
+    }
+
+    let st = p.stop();
+    assert!(
+        st.success(),
+        "the fenced primary on SIGTERM: {st}\n{}",
+        p.log()
+    );
+    r1p.stop_ok();
+    reps[1].stop_ok();
+    assert_eq!(
+        inspect_json(&reps[1].store)["epoch"],
+        2,
+        "r2 adopted epoch 2"
+    );
+    assert_eq!(
+        inspect_json(&reps[0].store)["epoch"],
+        2,
+        "r1 served at epoch 2"
+    );
+
+    // Every write the FLUSH covered is on both; the zombie's pattern on neither.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let flushed_log = tmp.path().join("storm-flushed.log");
+    std::fs::write(&flushed_log, format!("{text}F {covered}\n")).unwrap();
+    let logs = vec![flushed_log];
+    for (name, store) in [("r1", &reps[0].store), ("r2", &reps[1].store)] {
+        let image = tmp.path().join(format!("{name}.img"));
+        let img = export_image(store, &image);
+        assert_zero(
+            &img,
+            zombie_off,
+            zombie.bytes.len() as u64,
+            &format!("{name}: the zombie's writes after the promotion"),
+        );
+        let summary = verify_ok(&image, &logs, name);
+        assert!(
+            summary["covered_writes"].as_u64().unwrap() >= 300,
+            "{summary}"
+        );
+    }
+}
+
+/// sync-quorum, r2 stopped, writes committed on P + r1, P stopped, r1 still running as a
+/// replica. Returns (r1 running, r2 stopped, data written while r2 was up, data it lacks).
+fn ineligible_setup(dir: &Path) -> (Node, Node, Node, Data, Data) {
+    let mut extra = BARRIER.to_vec();
+    extra.extend(["--commit", "sync-quorum"]);
+    let (mut p, mut reps) = cluster(dir, VOLUME, 2, &extra);
+    let a = data(dir, "a", 41, 64 * 1024);
+    let b = data(dir, "b", 42, 64 * 1024);
+    let c_data = data(dir, "c", 43, 4096);
+    let mut c = Client::connect(&p.uri(), dir, "p");
+    c.write_ok(0, &a);
+    c.flush_fast("FLUSH with every copy up");
+    let mark = p.mark();
+    reps[1].stop_ok();
+    wait_state(&p, mark, "r2", "disconnected", 10);
+    c.write_ok(MIB, &b);
+    c.flush_fast("FLUSH on P + r1");
+    // One more round, so r1 also learns that B is committed (the committed LSN travels with
+    // the primary's later frames).
+    c.write_ok(2 * MIB, &c_data);
+    c.flush_fast("FLUSH on P + r1");
+    drop(c);
+    p.stop_ok();
+    let r2 = reps.pop().unwrap();
+    let r1 = reps.pop().unwrap();
+    (p, r1, r2, a, b)
+}
+
+#[test]
+fn promotion_refuses_an_ineligible_replica() {
+    require_python_nbd();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_p, mut r1, r2, _a, _b) = ineligible_setup(tmp.path());
+    let before = inspect_json(&r2.store);
+    assert_eq!(before["epoch"], 1, "{before:#}");
+
+    let port = free_port();
+    let t = Instant::now();
+    let out = run(blockrep_timed(30).env("NO_COLOR", "1").args(primary_args(
+        &r2.store,
+        port,
+        &[&r1],
+        &BARRIER,
+    )));
+    eprintln!("promotion of r2: {}", describe(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "promoting r2, which lacks committed writes r1 knows of, must fail: {}",
+        describe(&out)
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(!text(&out.stdout).contains("serving"), "{}", describe(&out));
+    let stderr = strip_ansi(&text(&out.stderr));
+    assert!(
+        stderr.contains("refusing to promote") && stderr.contains("r1"),
+        "the refusal should say so and name the member that knows more: {stderr}"
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing may serve NBD after a refused promotion"
+    );
+    let after = inspect_json(&r2.store);
+    assert_eq!(
+        after, before,
+        "a refused promotion must leave the store as it was"
+    );
+    assert!(r1.running(), "r1 must be unaffected by the probe");
+    r1.stop_ok();
+    assert_eq!(
+        inspect_json(&r1.store)["epoch"],
+        1,
+        "a probe must not change r1's epoch"
+    );
+}
+
+#[test]
+fn forced_promotion_is_explicit_and_logged() {
+    require_python_nbd();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_p, mut r1, r2, a, b) = ineligible_setup(tmp.path());
+    let mut r2p = primary(
+        &r2.store,
+        "r2p",
+        &[&r1],
+        &["--force", "--barrier-timeout-ms", "1500"],
+    );
+    assert!(r2p.banner.contains("epoch 2"), "{}", r2p.banner);
+    let line = r2p.wait_log(0, &["FORCED promotion"], 5);
+    assert!(
+        line.contains("WARN"),
+        "a forced promotion is logged loudly: {line}"
+    );
+    // r1 holds entries r2 never had: it cannot follow the forced primary without a rebuild.
+    wait_state(&r2p, 0, "r1", "needs_rebuild", 10);
+    let mut c = Client::connect(&r2p.uri(), tmp.path(), "r2p");
+    c.check_equal(0, &a, "what r2 had");
+    c.check_zero(
+        MIB,
+        &b,
+        "the committed write r2 lacked (lost by --force, as documented)",
+    );
+    drop(c);
+    r2p.stop_ok();
+    r1.stop_ok();
+    assert_eq!(inspect_json(&r2.store)["epoch"], 2);
+}
+
+// --------------------------------------------------------------------- raw replication
+
+/// CRC32C (Castagnoli, reflected polynomial 0x82F63B78).
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// One frame as replication/src/wire.rs lays it out.
+fn frame(kind: u8, epoch: u64, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(24 + body.len());
+    f.extend_from_slice(b"BRRP");
+    f.push(1);
+    f.push(kind);
+    f.extend_from_slice(&0u16.to_le_bytes());
+    f.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&epoch.to_le_bytes());
+    let mut covered = f[0..12].to_vec();
+    covered.extend_from_slice(&f[16..24]);
+    covered.extend_from_slice(body);
+    let crc = crc32c(&covered);
+    f[12..16].copy_from_slice(&crc.to_le_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+const K_HELLO: u8 = 1;
+const K_ENTRIES: u8 = 3;
+const K_BARRIER: u8 = 4;
+const K_REJECT: u8 = 6;
+const K_PROBE: u8 = 7;
+const K_PROBE_REPLY: u8 = 8;
+
+/// An Entries frame with one write of `payload` at `offset` as entry `lsn`.
+fn entries_body(lsn: u64, epoch: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&0u64.to_le_bytes()); // committed
+    b.extend_from_slice(&1u32.to_le_bytes()); // one record
+    b.extend_from_slice(&lsn.to_le_bytes());
+    b.extend_from_slice(&epoch.to_le_bytes());
+    b.push(1); // write
+    b.push(0);
+    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(&offset.to_le_bytes());
+    b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    b.extend_from_slice(&crc32c(payload).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+fn raw(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect to the replica");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+struct RawFrame {
+    kind: u8,
+    epoch: u64,
+    body: Vec<u8>,
+}
+
+/// Reads one frame; None at EOF. Panics on a timeout or a frame that does not check out.
+fn read_frame(s: &mut TcpStream, what: &str) -> Option<RawFrame> {
+    let mut h = [0u8; 24];
+    let mut got = 0;
+    while got < 24 {
+        match s.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return None,
+            Ok(0) => panic!("{what}: connection closed inside a frame header"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && got == 0 => return None,
+            Err(e) => panic!("{what}: reading a frame: {e}"),
+        }
+    }
+    assert_eq!(&h[0..4], b"BRRP", "{what}: magic");
+    assert_eq!(h[4], 1, "{what}: version");
+    let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+    assert!(len < 1 << 20, "{what}: body of {len} bytes");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)
+        .unwrap_or_else(|e| panic!("{what}: reading a frame body: {e}"));
+    let mut covered = h[0..12].to_vec();
+    covered.extend_from_slice(&h[16..24]);
+    covered.extend_from_slice(&body);
+    assert_eq!(
+        crc32c(&covered),
+        u32::from_le_bytes(h[12..16].try_into().unwrap()),
+        "{what}: frame checksum"
+    );
+    Some(RawFrame {
+        kind: h[5],
+        epoch: u64::from_le_bytes(h[16..24].try_into().unwrap()),
+        body,
+    })
+}
+
+/// The replica must close the connection (EOF or reset, within the read timeout) without
+/// sending anything.
+fn expect_closed_silently(s: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: the replica answered {n} bytes instead of closing"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: the replica did not close the connection: {e}"),
+    }
+}
+
+/// The replica must answer with a Reject carrying its epoch and `reason`, then close.
+fn expect_reject(s: &mut TcpStream, epoch: u64, reason: u16, what: &str) -> String {
+    let f = read_frame(s, what).unwrap_or_else(|| panic!("{what}: closed without a Reject"));
+    assert_eq!(f.kind, K_REJECT, "{what}: expected a Reject frame");
+    assert_eq!(
+        f.epoch, epoch,
+        "{what}: the Reject carries the replica's epoch"
+    );
+    let code = u16::from_le_bytes(f.body[0..2].try_into().unwrap());
+    let n = u16::from_le_bytes(f.body[2..4].try_into().unwrap()) as usize;
+    let msg = text(&f.body[4..4 + n]);
+    assert_eq!(code, reason, "{what}: reject reason ({msg})");
+    assert!(
+        read_frame(s, what).is_none(),
+        "{what}: the replica must close the connection after rejecting"
+    );
+    msg
+}
+
+#[test]
+fn replica_rejects_garbage_truncated_and_stale_epoch_frames() {
+    require_python_nbd();
+    assert_eq!(crc32c(b"123456789"), 0xE306_9283, "the test's CRC32C");
+    let tmp = tempfile::tempdir().unwrap();
+    // Epoch 7, so 6 is a stale epoch a real old primary could have had.
+    let mut extra = BARRIER.to_vec();
+    extra.extend(["--epoch", "7"]);
+    let (mut p, mut reps) = cluster(tmp.path(), VOLUME, 1, &extra);
+    assert!(p.banner.contains("epoch 7"), "{}", p.banner);
+    let a = data(tmp.path(), "a", 51, 64 * 1024);
+    let b = data(tmp.path(), "b", 52, 64 * 1024);
+    let mut c = Client::connect(&p.uri(), tmp.path(), "p");
+    c.write_ok(0, &a);
+    c.flush_fast("FLUSH before the garbage");
+    let p_mark = p.mark();
+    let addr = reps[0].addr();
+    let evil = random_bytes(53, 4096);
+    let evil_off = 4 * MIB;
+
+    // A partial frame header left hanging for the whole test must not block anything.
+    let mut stalled = raw(&addr);
+    stalled.write_all(&frame(K_PROBE, 7, &[])[..9]).unwrap();
+
+    // 1. Garbage.
+    let mut s = raw(&addr);
+    s.write_all(&random_bytes(54, 300)).unwrap();
+    expect_closed_silently(&mut s, "garbage");
+    // 2. A truncated header, then end of stream.
+    let mut s = raw(&addr);
+    s.write_all(&frame(K_BARRIER, 7, &[0u8; 16])[..10]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    expect_closed_silently(&mut s, "truncated header");
+    // 3. A whole header whose body is cut short, then end of stream.
+    let mut s = raw(&addr);
+    let f = frame(K_BARRIER, 7, &[0u8; 16]);
+    s.write_all(&f[..f.len() - 5]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    expect_closed_silently(&mut s, "truncated body");
+    // 4. A header announcing a 4 GiB body (no half-close: the length alone must do).
+    let mut s = raw(&addr);
+    let mut f = frame(K_BARRIER, 7, &[]);
+    f[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    s.write_all(&f).unwrap();
+    expect_closed_silently(&mut s, "oversized body length");
+    // 5. A bad checksum, on a frame at the replica's own epoch.
+    let mut s = raw(&addr);
+    let mut f = frame(K_ENTRIES, 7, &entries_body(1000, 7, evil_off, &evil));
+    f[12] ^= 0x40;
+    s.write_all(&f).unwrap();
+    expect_closed_silently(&mut s, "bad frame checksum");
+    // 6. An unknown kind.
+    let mut s = raw(&addr);
+    s.write_all(&frame(99, 7, &[1, 2, 3])).unwrap();
+    expect_closed_silently(&mut s, "unknown frame kind");
+    assert!(
+        reps[0].running(),
+        "the replica died after the malformed frames:\n{}",
+        reps[0].log()
+    );
+
+    // What the replica holds (a probe is answered at any epoch).
+    let mut s = raw(&addr);
+    s.write_all(&frame(K_PROBE, 0, &[])).unwrap();
+    let reply = read_frame(&mut s, "probe").expect("a probe reply");
+    assert_eq!(reply.kind, K_PROBE_REPLY);
+    assert_eq!(reply.epoch, 7, "the replica follows epoch 7");
+    let volume_id: [u8; 16] = reply.body[0..16].try_into().unwrap();
+    let head = u64::from_le_bytes(reply.body[34..42].try_into().unwrap());
+    assert!(head >= 1, "the replica holds the first write: head {head}");
+    drop(s);
+
+    // 7. Entries at a stale epoch that would be the very next entry: refused, not applied.
+    let mut s = raw(&addr);
+    s.write_all(&frame(
+        K_ENTRIES,
+        6,
+        &entries_body(head + 1, 6, evil_off, &evil),
+    ))
+    .unwrap();
+    let msg = expect_reject(&mut s, 7, 1, "entries at stale epoch 6");
+    eprintln!("stale entries rejected: {msg}");
+    // 8. A hello from a stale primary of the right volume.
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&volume_id);
+    hello.extend_from_slice(&VOLUME.to_le_bytes());
+    hello.extend_from_slice(&[0x5a; 16]); // some primary store
+    hello.extend_from_slice(&(head + 100).to_le_bytes());
+    hello.extend_from_slice(&(head + 100).to_le_bytes());
+    let mut s = raw(&addr);
+    s.write_all(&frame(K_HELLO, 6, &hello)).unwrap();
+    let msg = expect_reject(&mut s, 7, 1, "hello at stale epoch 6");
+    eprintln!("stale hello rejected: {msg}");
+    // 9. Entries at the current epoch, but without a session (no hello): refused too.
+    let mut s = raw(&addr);
+    s.write_all(&frame(
+        K_ENTRIES,
+        7,
+        &entries_body(head + 1, 7, evil_off, &evil),
+    ))
+    .unwrap();
+    let msg = expect_reject(&mut s, 7, 6, "entries without a session");
+    eprintln!("sessionless entries rejected: {msg}");
+
+    assert!(reps[0].running(), "the replica died:\n{}", reps[0].log());
+    // The real primary's session was never disturbed, and replication still works.
+    let plog = p.log();
+    let since = &plog[p_mark.min(plog.len())..];
+    assert!(
+        !since.contains("replica=r1"),
+        "the primary's session with r1 changed state while strangers talked to r1:\n{since}"
+    );
+    c.write_ok(MIB, &b);
+    c.flush_fast("FLUSH after the garbage (sync-all: r1 must acknowledge)");
+    drop(c);
+    drop(stalled);
+    p.stop_ok();
+    reps[0].stop_ok();
+    let img = export_image(&reps[0].store, &tmp.path().join("r1.img"));
+    assert_holds(&img, 0, &a, "r1");
+    assert_holds(&img, MIB, &b, "r1");
+    assert_zero(
+        &img,
+        evil_off,
+        evil.len() as u64,
+        "r1: the rejected entries",
+    );
+}
+
+// -------------------------------------------------------------- fio and ext4 (replicated)
+
+fn mounted(path: &Path) -> bool {
+    let want = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*want))
+}
+
+/// nbdfuse exposing an NBD export as `fm/nbd`, with ext4 loop-mounted on `mnt` on request.
+/// Drop unmounts both (lazily if need be) and kills nbdfuse, with timeouts throughout.
+struct FuseMount {
+    fm: PathBuf,
+    mnt: PathBuf,
+    nbdfuse: Option<Child>,
+    log: PathBuf,
+    loop_mounted: bool,
+}
+
+impl FuseMount {
+    fn start(uri: &str, dir: &Path) -> FuseMount {
+        let fm = dir.join("fuse");
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&fm).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let pidfile = dir.join("nbdfuse.pid");
+        let log = dir.join("nbdfuse.log");
+        let logf = File::create(&log).unwrap();
+        let mut cmd = Command::new("nbdfuse");
+        cmd.arg("-P")
+            .arg(&pidfile)
+            .arg(&fm)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .process_group(0);
+        die_with_test(&mut cmd);
+        let child = cmd.spawn().expect("spawn nbdfuse");
+        let mut m = FuseMount {
+            fm,
+            mnt,
+            nbdfuse: Some(child),
+            log,
+            loop_mounted: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = std::fs::read_to_string(&pidfile).is_ok_and(|s| !s.trim().is_empty());
+            if ready && mounted(&m.fm) {
+                break;
+            }
+            if let Some(st) = m.nbdfuse.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "nbdfuse exited with {st}:\n{}",
+                    std::fs::read_to_string(&m.log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "nbdfuse not ready in 30s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn dev(&self) -> PathBuf {
+        self.fm.join("nbd")
+    }
+
+    fn mount_loop(&mut self) {
+        run_ok(
+            timed(60, "mount")
+                .args(["-o", "loop"])
+                .arg(self.dev())
+                .arg(&self.mnt),
+        );
+        self.loop_mounted = true;
+    }
+
+    fn unmount_loop(&mut self) {
+        run_ok(timed(60, "umount").arg(&self.mnt));
+        self.loop_mounted = false;
+    }
+
+    fn unmount_fuse(&mut self) {
+        assert!(!self.loop_mounted);
+        run_ok(timed(30, "umount").arg(&self.fm));
+        if let Some(mut c) = self.nbdfuse.take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() >= deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("nbdfuse did not exit after its unmount");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    fn teardown(&mut self) {
+        let unmount = |p: &Path| {
+            if !mounted(p) {
+                return;
+            }
+            let ok = Command::new("timeout")
+                .args(["-k", "5", "20", "umount"])
+                .arg(p)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("timeout")
+                    .args(["-k", "5", "20", "umount", "-l"])
+                    .arg(p)
+                    .status();
+            }
+        };
+        unmount(&self.mnt);
+        self.loop_mounted = false;
+        if let Ok(out) = Command::new("timeout")
+            .args([
+                "-k",
+                "5",
+                "20",
+                "losetup",
+                "-l",
+                "-n",
+                "-O",
+                "NAME,BACK-FILE",
+            ])
+            .output()
+        {
+            let dev = self.dev();
+            let dev = dev.to_string_lossy();
+            for line in text(&out.stdout).lines() {
+                let mut f = line.split_whitespace();
+                if let (Some(name), Some(back)) = (f.next(), f.next()) {
+                    if back == dev {
+                        let _ = Command::new("timeout")
+                            .args(["-k", "5", "20", "losetup", "-d", name])
+                            .status();
+                    }
+                }
+            }
+        }
+        unmount(&self.fm);
+        if let Some(mut c) = self.nbdfuse.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Files of random sizes (some in a subdirectory) under `src`; returns their relative names.
+fn make_files(src: &Path) -> Vec<String> {
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    let mut names = Vec::new();
+    for i in 0..12u64 {
+        let r = u64::from_le_bytes(random_bytes(3000 + i, 8).try_into().unwrap());
+        let len = match i % 4 {
+            0 => r % 3000 + 1,
+            _ => r % MIB + 1,
+        };
+        let name = if i % 3 == 2 {
+            format!("sub/file-{i:02}.bin")
+        } else {
+            format!("file-{i:02}.bin")
+        };
+        std::fs::write(src.join(&name), random_bytes(4000 + i, len as usize)).unwrap();
+        names.push(name);
+    }
+    names
+}
+
+fn sha256s(dir: &Path, names: &[String]) -> String {
+    let out = run(timed(60, "sha256sum").args(names).current_dir(dir));
+    assert!(
+        out.status.success(),
+        "sha256sum in {}: {}",
+        dir.display(),
+        describe(&out)
+    );
+    let s = text(&out.stdout);
+    assert_eq!(s.lines().count(), names.len(), "{s}");
+    s
+}
+
+/// The fio job: 4 KiB random writes over 200M..232M (past the 192 MiB file system), each
+/// block verified by CRC32C, flushed at the end.
+fn fio_args(verify_only: bool) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--name=repl",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--offset=200M",
+        "--size=32M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--randseed=4242",
+        "--minimal",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if verify_only {
+        a.push("--verify_only".into());
+    } else {
+        a.extend(["--do_verify=1".into(), "--end_fsync=1".into()]);
+    }
+    a
+}
+
+fn fio_ok(cmd: &mut Command) {
+    let out = run(cmd);
+    let t = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{t}",
+        out.status
+    );
+    let lines: Vec<&str> = t.lines().filter(|l| l.starts_with("3;")).collect();
+    assert!(!lines.is_empty(), "no terse output from fio:\n{t}");
+    for l in lines {
+        let f: Vec<&str> = l.split(';').collect();
+        assert_eq!(f[4], "0", "fio job {} reported error {}:\n{t}", f[2], f[4]);
+    }
+}
+
+#[test]
+fn replicated_volume_passes_fio_verify_and_ext4_fsck() {
+    for t in [
+        "fio",
+        "nbdfuse",
+        "mkfs.ext4",
+        "e2fsck",
+        "debugfs",
+        "mount",
+        "umount",
+        "losetup",
+        "sha256sum",
+        "cp",
+        "sync",
+        "timeout",
+    ] {
+        require(t);
+    }
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing (FUSE is needed)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 256 * MIB;
+    let (mut p, mut reps) = cluster(tmp.path(), size, 2, &BARRIER);
+
+    // fio through the replicated primary: every block it wrote reads back intact.
+    let mut fio = timed(180, "fio");
+    fio.current_dir(tmp.path())
+        .args(["--ioengine=nbd", "--iodepth=16"])
+        .arg(format!("--uri={}", p.uri()))
+        .args(fio_args(false));
+    fio_ok(&mut fio);
+
+    // ext4 (192 MiB, below fio's range) through nbdfuse and a loop mount.
+    let src = tmp.path().join("src");
+    let names = make_files(&src);
+    let want = sha256s(&src, &names);
+    let mut fuse = FuseMount::start(&p.uri(), tmp.path());
+    run_ok(
+        timed(120, "mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(fuse.dev())
+            .arg("192M"),
+    );
+    fuse.mount_loop();
+    run_ok(timed(120, "cp").arg("-r").arg(src.join(".")).arg(&fuse.mnt));
+    assert_eq!(
+        sha256s(&fuse.mnt, &names),
+        want,
+        "files right after writing them"
+    );
+    run_ok(&mut timed(60, "sync"));
+    fuse.unmount_loop();
+    fuse.unmount_fuse();
+    drop(fuse);
+
+    p.stop_ok();
+    for r in &mut reps {
+        r.stop_ok();
+    }
+    let mut images = Vec::new();
+    for r in &reps {
+        let image = tmp.path().join(format!("{}.img", r.name));
+        export(&r.store, &image);
+        let out = run(timed(120, "e2fsck").arg("-fn").arg(&image));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: e2fsck -fn on the replica's image found problems:\n{}",
+            r.name,
+            describe(&out)
+        );
+        let dump = tmp.path().join(format!("{}-files", r.name));
+        std::fs::create_dir_all(&dump).unwrap();
+        run_ok(
+            timed(120, "debugfs")
+                .arg("-R")
+                .arg(format!("rdump / {}", dump.display()))
+                .arg(&image),
+        );
+        assert_eq!(
+            sha256s(&dump, &names),
+            want,
+            "{}: files read from the replica's image",
+            r.name
+        );
+        let mut fio = timed(180, "fio");
+        fio.current_dir(tmp.path())
+            .arg("--ioengine=psync")
+            .arg(format!("--filename={}", image.display()))
+            .args(fio_args(true));
+        fio_ok(&mut fio);
+        images.push(image);
+    }
+    // Everything was flushed under sync-all: both replicas hold the same image.
+    let a = std::fs::read(&images[0]).unwrap();
+    let b = std::fs::read(&images[1]).unwrap();
+    assert_same_image(&a, &b, "r1 and r2 after a clean stop");
+}
+
+/// Brief S4: a replica that was down rejoins from the primary's retained WAL (catch-up, not
+/// rebuild); once caught up it counts toward the mode again; all copies end up identical.
+#[test]
+fn restarted_replica_catches_up_without_rebuild() {
+    require_python_nbd();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut extra = BARRIER.to_vec();
+    extra.extend(["--commit", "sync-quorum"]);
+    let (mut p, mut reps) = cluster(tmp.path(), VOLUME, 2, &extra);
+    let first = data(tmp.path(), "first", 61, 64 * 1024);
+    let mut c = Client::connect(&p.uri(), tmp.path(), "p");
+    c.write_ok(0, &first);
+    c.flush_fast("FLUSH with every copy up");
+
+    let mark = p.mark();
+    reps[1].stop_ok();
+    wait_state(&p, mark, "r2", "disconnected", 10);
+    // ~4 MiB while r2 is away, committed on P + r1.
+    let chunks: Vec<Data> = (0..4)
+        .map(|i| data(tmp.path(), &format!("away-{i}"), 70 + i, MIB as usize))
+        .collect();
+    for (i, d) in chunks.iter().enumerate() {
+        c.write_ok(MIB + i as u64 * MIB, d);
+    }
+    c.flush_fast("FLUSH on P + r1 with r2 away");
+
+    let mark = p.mark();
+    reps[1].restart();
+    let line = wait_state(&p, mark, "r2", "in_sync", 15);
+    assert!(line.contains("caught up"), "{line}");
+    let since = p.log()[mark..].to_string();
+    assert!(
+        since.contains("catching up") && !since.contains("needs_rebuild"),
+        "r2 must rejoin by catch-up, never by rebuild:\n{since}"
+    );
+
+    // r2 counts again: with r1 stopped, a FLUSH can only meet the quorum through r2.
+    let mark = p.mark();
+    reps[0].stop_ok();
+    wait_state(&p, mark, "r1", "disconnected", 10);
+    let last = data(tmp.path(), "last", 80, 64 * 1024);
+    c.write_ok(6 * MIB, &last);
+    c.flush_fast("FLUSH on P + the caught-up r2");
+
+    // r1 rejoins the same way, then every copy is equal.
+    let mark = p.mark();
+    reps[0].restart();
+    let line = wait_state(&p, mark, "r1", "in_sync", 15);
+    assert!(line.contains("caught up"), "{line}");
+    let more = data(tmp.path(), "more", 81, 4096);
+    c.write_ok(7 * MIB, &more);
+    c.flush_fast("FLUSH with every copy back");
+    drop(c);
+
+    p.stop_ok();
+    for r in &mut reps {
+        r.stop_ok();
+    }
+    let pimg = export_image(&p.store, &tmp.path().join("p.img"));
+    assert_holds(&pimg, 0, &first, "primary");
+    for (i, d) in chunks.iter().enumerate() {
+        assert_holds(&pimg, MIB + i as u64 * MIB, d, "primary");
+    }
+    assert_holds(&pimg, 6 * MIB, &last, "primary");
+    assert_holds(&pimg, 7 * MIB, &more, "primary");
+    for r in &reps {
+        let img = export_image(&r.store, &tmp.path().join(format!("{}.img", r.name)));
+        assert_same_image(&img, &pimg, &format!("{} against the primary", r.name));
+    }
+}

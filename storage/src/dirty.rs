@@ -171,6 +171,63 @@ impl DirtyMap {
     }
 }
 
+/// A set of block ranges (the blocks written by WAL entries since a rebuild began).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct RangeSet {
+    /// start -> end, non-overlapping, non-adjacent.
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    pub fn insert(&mut self, mut start: u64, mut end: u64) {
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+                self.ranges.remove(&s);
+            }
+        }
+        let inside: Vec<(u64, u64)> = self
+            .ranges
+            .range(start..=end)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in inside {
+            self.ranges.remove(&s);
+            end = end.max(e);
+        }
+        self.ranges.insert(start, end);
+    }
+
+    /// The parts of `[start, end)` not in the set.
+    pub fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = start;
+        let first = self
+            .ranges
+            .range(..=start)
+            .next_back()
+            .map(|(&s, _)| s)
+            .unwrap_or(start);
+        for (&s, &e) in self.ranges.range(first..end) {
+            if e <= at {
+                continue;
+            }
+            if s > at {
+                out.push((at, s.min(end)));
+            }
+            at = at.max(e);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
+    }
+}
+
 /// Where every block of `[start, end)` is: the newest map first, then the older one, then the
 /// data file. Returns contiguous pieces that tile the range exactly.
 pub(crate) fn resolve(layers: &[&DirtyMap], start: u64, end: u64) -> Vec<Piece> {
@@ -264,6 +321,30 @@ mod tests {
                 prop_assert!(s >= last_end);
                 last_end = e.end;
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn range_set_uncovered_matches_a_bitmap(
+            inserts in proptest::collection::vec((0u64..100, 1u64..20), 0..20),
+            q in (0u64..100, 1u64..40),
+        ) {
+            let mut set = RangeSet::default();
+            let mut bits = vec![false; 200];
+            for (s, n) in inserts {
+                set.insert(s, s + n);
+                for b in s..s + n { bits[b as usize] = true; }
+            }
+            let (qs, qn) = q;
+            let mut expect = vec![false; 200];
+            for b in qs..qs + qn { expect[b as usize] = !bits[b as usize]; }
+            let mut got = vec![false; 200];
+            for (s, e) in set.uncovered(qs, qs + qn) {
+                prop_assert!(s < e);
+                for b in s..e { got[b as usize] = true; }
+            }
+            prop_assert_eq!(got, expect);
         }
     }
 

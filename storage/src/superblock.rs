@@ -24,6 +24,9 @@ pub const EPOCH_HISTORY: usize = 128;
 /// Set while a writer has the store open; cleared by a clean close that left the WAL empty.
 /// A clean store needs no defensive scan past the end of its log at the next open.
 pub(crate) const FLAG_CLEAN: u32 = 1;
+/// A rebuild began and has not finished: the store's contents are incomplete, it must not be
+/// served or promoted, and its next primary session starts the rebuild again.
+pub(crate) const FLAG_REBUILDING: u32 = 2;
 
 /// What a store is doing for its volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -82,6 +85,10 @@ pub struct Superblock {
     /// gives the epoch of any LSN, which is how two logs are compared (same LSN and same epoch
     /// means the same history). Bounded to the newest [`EPOCH_HISTORY`] changes.
     pub epoch_history: Vec<(Epoch, Lsn)>,
+    /// The log's incarnation, and the first LSN written in it: records at or after that LSN
+    /// must carry this generation (see `wal::record`).
+    pub wal_generation: u16,
+    pub generation_start: Lsn,
     /// Bumped by every update; picks the newer of the two slots.
     pub(crate) seq: u64,
 }
@@ -104,12 +111,18 @@ impl Superblock {
             role: Role::Primary,
             epoch_owner: VolumeId([0; 16]),
             epoch_history: Vec::new(),
+            wal_generation: 0,
+            generation_start: Lsn::ZERO,
             seq: 0,
         }
     }
 
     pub fn is_clean(&self) -> bool {
         self.flags & FLAG_CLEAN != 0
+    }
+
+    pub fn is_rebuilding(&self) -> bool {
+        self.flags & FLAG_REBUILDING != 0
     }
 
     fn encode(&self) -> [u8; SLOT_SIZE] {
@@ -133,6 +146,8 @@ impl Superblock {
         b[136..144].copy_from_slice(&self.checkpoint_epoch.0.to_le_bytes());
         let history = &self.epoch_history[self.epoch_history.len().saturating_sub(EPOCH_HISTORY)..];
         b[144..146].copy_from_slice(&(history.len() as u16).to_le_bytes());
+        b[146..148].copy_from_slice(&self.wal_generation.to_le_bytes());
+        b[148..156].copy_from_slice(&self.generation_start.0.to_le_bytes());
         for (i, (e, lsn)) in history.iter().enumerate() {
             let at = HISTORY_AT + i * 16;
             b[at..at + 8].copy_from_slice(&e.0.to_le_bytes());
@@ -178,6 +193,8 @@ impl Superblock {
             role: Role::decode(b[116])?,
             epoch_owner: VolumeId(b[120..136].try_into().expect("16 bytes")),
             checkpoint_epoch: Epoch(u64_at(136)),
+            wal_generation: u16::from_le_bytes([b[146], b[147]]),
+            generation_start: Lsn(u64_at(148)),
             epoch_history: {
                 let n = u16::from_le_bytes([b[144], b[145]]) as usize;
                 if n > EPOCH_HISTORY {

@@ -9,11 +9,20 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dirty::{BlockState, DirtyMap, Piece};
+use crate::dirty::{BlockState, DirtyMap, Piece, RangeSet};
 use crate::error::{Result, StorageError};
 use crate::types::{Epoch, Lsn, WalPos, BLOCK_SIZE};
 use crate::wal::record::{RecordKind, WalRecord, HEADER_LEN};
 use crate::wal::WalLayout;
+
+/// A rebuild in progress on this (replica) store.
+pub(crate) struct Rebuild {
+    /// The primary's checkpoint the base image was taken at; entries after it arrive as WAL.
+    pub base: Lsn,
+    /// Blocks written by WAL entries since the rebuild began: base blocks never overwrite
+    /// them ("WAL wins over base").
+    pub touched: RangeSet,
+}
 
 /// A record that has its place in the log but is not written yet.
 pub(crate) struct Queued {
@@ -44,6 +53,10 @@ pub(crate) struct Core {
     pub retention_pin: Option<Lsn>,
     /// Where each epoch begins in the log (see `Superblock::epoch_history`).
     pub epoch_history: Vec<(Epoch, Lsn)>,
+    /// The log's incarnation, stamped into every record header.
+    pub generation: u16,
+    /// Set while this store is being rebuilt from a primary's base image.
+    pub rebuild: Option<Rebuild>,
     /// Receives a copy of every appended entry, in LSN order (the replication shipper).
     pub tap: Option<mpsc::UnboundedSender<WalRecord>>,
     /// Where the next record goes.
@@ -170,6 +183,9 @@ impl Core {
             RecordKind::Wrap => unreachable!("wrap markers are not appended by callers"),
         };
         self.active.insert(first, end, lsn, state);
+        if let Some(r) = &mut self.rebuild {
+            r.touched.insert(first, end);
+        }
         if let Some(tap) = &self.tap {
             // Sent under the lock, so the shipper sees entries in LSN order.
             if tap.send(record.clone()).is_err() {

@@ -24,6 +24,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{oneshot, Notify};
 
 use self::core::{Core, DurableWaiter};
+use crate::superblock::FLAG_REBUILDING;
 use crate::dirty::{BlockState, DirtyMap};
 use crate::error::{Result, StorageError};
 use crate::io::{IoEngine, IoMode};
@@ -368,6 +369,10 @@ impl Store {
                 start: sb.wal_tail,
                 first_lsn,
                 clean: sb.is_clean(),
+                generation: wal::Generation {
+                    current: sb.wal_generation,
+                    start: sb.generation_start,
+                },
             },
             |pos, rec| {
                 index.push_back((rec.lsn, pos));
@@ -423,6 +428,12 @@ impl Store {
             tail_lsn: first_lsn,
             retention_pin: None,
             epoch_history,
+            generation: sb.wal_generation,
+            rebuild: sb.is_rebuilding().then(|| core::Rebuild {
+                // A rebuild interrupted by a crash must start over: nothing of it is trusted.
+                base: sb.checkpoint_lsn,
+                touched: Default::default(),
+            }),
             tap: None,
             next_lsn: replay.next_lsn,
             head: replay.head,
@@ -776,6 +787,154 @@ impl Store {
             .map_err(io_err(&self.shared.wal_path))?;
         sb.volume_id = volume_id;
         sb.persist(&self.shared.sb_file, &self.shared.sb_path)
+    }
+
+    /// True while a rebuild is incomplete: the store's contents cannot be trusted.
+    pub fn is_rebuilding(&self) -> bool {
+        self.superblock().is_rebuilding()
+    }
+
+    /// Primary side: the base for a replica's rebuild. Returns the checkpoint LSN (the data
+    /// file holds exactly the volume as of it) and the epoch history through it, and pins the
+    /// WAL after it (in the same step, so no checkpoint can release those entries first).
+    pub fn rebuild_base(&self) -> (Lsn, Vec<(Epoch, Lsn)>) {
+        let _no_checkpoint = self
+            .shared
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut core = self.shared.lock_core();
+        let base = core.checkpoint_lsn;
+        let pin = base.next();
+        core.retention_pin = Some(core.retention_pin.map_or(pin, |p| p.min(pin)));
+        let history = core
+            .epoch_history
+            .iter()
+            .copied()
+            .filter(|(_, start)| *start <= base)
+            .collect();
+        (base, history)
+    }
+
+    /// Replica side: starts a rebuild. The log is reset to begin after `base` (in a new
+    /// generation, so nothing left in the ring can be mistaken for the new entries), the
+    /// store is marked rebuilding (persisted first), and from now on entries are appended as
+    /// usual while base blocks arrive through [`Store::apply_base`].
+    pub fn begin_rebuild(&self, base: Lsn, history: Vec<(Epoch, Lsn)>) -> Result<()> {
+        let head = self.head();
+        self.shared
+            .wait_durable_blocking(head)
+            .map_err(StorageError::Failed)?;
+        let _no_checkpoint = self
+            .shared
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut sb = self
+            .shared
+            .superblock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut core = self.shared.lock_core();
+        core.check_writable()?;
+        let base_epoch = crate::superblock::epoch_at(&history, base).unwrap_or(Epoch(0));
+        sb.flags |= FLAG_REBUILDING;
+        sb.flags &= !FLAG_CLEAN;
+        sb.checkpoint_lsn = base;
+        sb.checkpoint_epoch = base_epoch;
+        sb.wal_tail = core.head;
+        sb.wal_tail_lsn = base.next();
+        sb.wal_generation = sb.wal_generation.wrapping_add(1);
+        sb.generation_start = base.next();
+        sb.epoch_history = history.clone();
+        sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
+        core.generation = sb.wal_generation;
+        core.active = DirtyMap::default();
+        core.flushing = None;
+        core.queue.clear();
+        core.queued_bytes = 0;
+        core.index.clear();
+        core.tail = core.head;
+        core.tail_lsn = base.next();
+        core.next_lsn = base.next();
+        core.written = base;
+        core.durable = base;
+        core.sync_target = base;
+        core.checkpoint_lsn = base;
+        core.checkpoint_gen += 1;
+        core.epoch_history = history;
+        core.last_epoch = base_epoch;
+        core.rebuild = Some(core::Rebuild {
+            base,
+            touched: Default::default(),
+        });
+        self.shared
+            .durable
+            .store(base.0, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Replica side: base image contents for `[offset, offset+len)` (block-aligned): `Some`
+    /// data, or `None` for a hole. Blocks already written by WAL entries since the rebuild
+    /// began are skipped. Waits while too much base data is waiting for the flusher.
+    pub async fn apply_base(&self, offset: u64, len: u64, data: Option<Bytes>) -> Result<()> {
+        const MAX_PENDING: u64 = 128 << 20;
+        self.check_range(offset, len)?;
+        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+            return Err(StorageError::BadGeometry("base chunk is not block-aligned".into()));
+        }
+        let (first, end) = (offset / BLOCK_SIZE, (offset + len) / BLOCK_SIZE);
+        loop {
+            let mut space = pin!(self.shared.space.notified());
+            space.as_mut().enable();
+            {
+                let mut core = self.shared.lock_core();
+                core.check_writable()?;
+                let pending = core.active.data_bytes()
+                    + core.flushing.as_ref().map_or(0, |f| f.data_bytes());
+                if pending < MAX_PENDING || data.is_none() {
+                    let Some(rebuild) = &core.rebuild else {
+                        return Err(StorageError::Failed("no rebuild in progress".into()));
+                    };
+                    let base = rebuild.base;
+                    for (s, e) in rebuild.touched.uncovered(first, end) {
+                        let state = match &data {
+                            Some(d) => BlockState::Data(d.slice(
+                                ((s - first) * BLOCK_SIZE) as usize..((e - first) * BLOCK_SIZE) as usize,
+                            )),
+                            None => BlockState::Zero { punch: true },
+                        };
+                        core.active.insert(s, e, base, state);
+                    }
+                    if core.active.data_bytes() >= MAX_PENDING / 4 {
+                        self.shared.request_flush(&mut core);
+                    }
+                    return Ok(());
+                }
+                self.shared.request_flush(&mut core);
+            }
+            space.await;
+        }
+    }
+
+    /// Replica side: the base image is complete and the WAL has been applied through what the
+    /// primary asked for. Everything is made durable (base blocks exist only in memory until
+    /// a checkpoint writes them), then the store stops being marked rebuilding.
+    pub fn finish_rebuild(&self) -> Result<()> {
+        let head = self.head();
+        self.shared
+            .wait_durable_blocking(head)
+            .and_then(|_| self.shared.checkpoint())
+            .map_err(StorageError::Failed)?;
+        let mut sb = self
+            .shared
+            .superblock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        sb.flags &= !FLAG_REBUILDING;
+        sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
+        self.shared.lock_core().rebuild = None;
+        Ok(())
     }
 
     /// True while the store has never held an entry: it can join any volume of its size.

@@ -61,7 +61,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
             }
             let batch = std::mem::take(&mut core.queue);
             core.queued_bytes = 0;
-            let hints = (core.durable, core.committed);
+            let hints = (core.durable, core.committed, core.generation);
             (batch, hints, core.sync_target > core.durable)
         };
         let last = batch
@@ -107,14 +107,14 @@ pub(crate) fn run(shared: Arc<Shared>) {
 fn write_batch(
     shared: &Shared,
     batch: &[super::core::Queued],
-    (durable_hint, commit_hint): (Lsn, Lsn),
+    (durable_hint, commit_hint, generation): (Lsn, Lsn, u16),
 ) -> Result<(), String> {
     if batch.is_empty() {
         return Ok(());
     }
     let mut headers = BytesMut::with_capacity(batch.len() * HEADER_LEN);
     for q in batch {
-        headers.extend_from_slice(&q.record.encode_header(durable_hint, commit_hint));
+        headers.extend_from_slice(&q.record.encode_header(durable_hint, commit_hint, generation));
     }
     let headers = headers.freeze();
     let mut pending = Vec::new();

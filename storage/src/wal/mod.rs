@@ -105,6 +105,21 @@ struct RingReader<'a> {
     layout: WalLayout,
     window_at: u64,
     window: Bytes,
+    generation: Generation,
+}
+
+/// Which records belong to the current incarnation of the log.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Generation {
+    pub current: u16,
+    /// Records from this LSN on must carry `current`; older ones predate it.
+    pub start: Lsn,
+}
+
+impl Generation {
+    fn accepts(self, lsn: Lsn, generation: u16) -> bool {
+        lsn < self.start || generation == self.current
+    }
 }
 
 const WINDOW: u64 = 1 << 20;
@@ -128,8 +143,8 @@ impl<'a> RingReader<'a> {
         Ok(self.window.slice(at..at + len as usize))
     }
 
-    /// The record at `pos` if it is intact (magic, checksum, fits in the ring), with its
-    /// commit hint; no LSN checks.
+    /// The record at `pos` if it is intact (magic, checksum, fits in the ring) and of the
+    /// right generation for its LSN, with its commit hint; no LSN order checks.
     fn record_at(&mut self, pos: WalPos) -> Result<Option<(WalRecord, Lsn)>> {
         let room = self.layout.room(pos);
         let offset = self.layout.file_offset(pos);
@@ -138,6 +153,9 @@ impl<'a> RingReader<'a> {
             return Ok(None);
         };
         if h.encoded_len() > room {
+            return Ok(None);
+        }
+        if !self.generation.accepts(h.lsn, h.generation) {
             return Ok(None);
         }
         let payload = self.get(offset + HEADER_LEN as u64, u64::from(h.payload_len))?;
@@ -233,6 +251,7 @@ pub(crate) struct ReplayInput<'a> {
     pub first_lsn: Lsn,
     /// The store was closed cleanly with an empty log: nothing after the end needs checking.
     pub clean: bool,
+    pub generation: Generation,
 }
 
 /// Replays the log from the checkpoint, handing every entry to `apply` in LSN order.
@@ -254,6 +273,7 @@ pub(crate) fn replay(
         layout: input.layout,
         window_at: 0,
         window: Bytes::new(),
+        generation: input.generation,
     };
     let capacity = input.layout.capacity;
     let mut pos = input.start;
@@ -337,7 +357,10 @@ fn find_durable_successor(
     let mut pos = WalPos(end.0 + RECORD_ALIGN);
     while pos.0 < limit {
         if let Some(h) = reader.header_at(pos)? {
-            if h.lsn > missing && h.durable_hint >= missing {
+            if h.lsn > missing
+                && h.durable_hint >= missing
+                && reader.generation.accepts(h.lsn, h.generation)
+            {
                 if let Some((rec, _)) = reader.record_at(pos)? {
                     return Ok(Some((rec.lsn, reader.layout.file_offset(pos))));
                 }

@@ -3,7 +3,7 @@
 //! ```text
 //!  0 magic u32 "WALR"        4 crc32c u32 (payload, then header bytes 8..64)
 //!  8 lsn u64                16 epoch u64
-//! 24 kind u8, flags u8, 0u16 28 payload_len u32
+//! 24 kind u8, flags u8, generation u16   28 payload_len u32
 //! 32 offset u64 (bytes)     40 length u64 (bytes affected)
 //! 48 durable_hint u64       56 commit_hint u64
 //! ```
@@ -13,6 +13,8 @@
 //! recovery uses it to tell a torn tail (safe to cut) from corruption of acknowledged data.
 //! `commit_hint` is the highest LSN the writer knew to be committed under the volume's commit
 //! mode; it is how a replica's knowledge of the committed prefix survives a crash for free.
+//! `generation` is the log's incarnation: a rebuild or a truncation starts a new one, so
+//! records an older incarnation left in the ring can never pass for new ones.
 
 use bytes::Bytes;
 
@@ -101,7 +103,12 @@ impl WalRecord {
         (HEADER_LEN + self.payload.len()) as u64
     }
 
-    pub(crate) fn encode_header(&self, durable_hint: Lsn, commit_hint: Lsn) -> [u8; HEADER_LEN] {
+    pub(crate) fn encode_header(
+        &self,
+        durable_hint: Lsn,
+        commit_hint: Lsn,
+        generation: u16,
+    ) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         h[8..16].copy_from_slice(&self.lsn.0.to_le_bytes());
@@ -109,6 +116,7 @@ impl WalRecord {
         let (kind, flags) = self.kind.encode();
         h[24] = kind;
         h[25] = flags;
+        h[26..28].copy_from_slice(&generation.to_le_bytes());
         h[28..32].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
         h[32..40].copy_from_slice(&self.offset.to_le_bytes());
         h[40..48].copy_from_slice(&self.length.to_le_bytes());
@@ -132,6 +140,7 @@ pub(crate) struct RecordHeader {
     pub length: u64,
     pub durable_hint: Lsn,
     pub commit_hint: Lsn,
+    pub generation: u16,
     raw: [u8; HEADER_LEN],
 }
 
@@ -154,6 +163,7 @@ impl RecordHeader {
             length: u64_at(40),
             durable_hint: Lsn(u64_at(48)),
             commit_hint: Lsn(u64_at(56)),
+            generation: u16::from_le_bytes([raw[26], raw[27]]),
             raw,
         })
     }
@@ -203,10 +213,11 @@ mod tests {
         ) {
             let rec = WalRecord::new(Lsn(lsn), Epoch(epoch), kind, offset, payload.len() as u64,
                 Bytes::from(payload));
-            let h = rec.encode_header(Lsn(hint), Lsn(hint / 2));
+            let h = rec.encode_header(Lsn(hint), Lsn(hint / 2), 7);
             let parsed = RecordHeader::parse(&h).expect("header parses");
             prop_assert_eq!(parsed.durable_hint, Lsn(hint));
             prop_assert_eq!(parsed.commit_hint, Lsn(hint / 2));
+            prop_assert_eq!(parsed.generation, 7);
             prop_assert_eq!(parsed.encoded_len(), rec.encoded_len());
             prop_assert_eq!(parsed.verify(rec.payload.clone()), Some(rec));
         }
@@ -218,7 +229,7 @@ mod tests {
         ) {
             let rec = WalRecord::new(Lsn(9), Epoch(2), RecordKind::Write, 4096,
                 payload.len() as u64, Bytes::from(payload));
-            let mut bytes = rec.encode_header(Lsn(3), Lsn(2)).to_vec();
+            let mut bytes = rec.encode_header(Lsn(3), Lsn(2), 1).to_vec();
             bytes.extend_from_slice(&rec.payload);
             let bit = bit % (bytes.len() * 8);
             bytes[bit / 8] ^= 1 << (bit % 8);

@@ -93,6 +93,8 @@ pub enum Body {
         durable: Lsn,
         durable_epoch: Epoch,
         committed: Lsn,
+        /// A rebuild began and did not finish: the store's contents are incomplete.
+        rebuilding: bool,
     },
     /// Primary → replica: entries in LSN order, and the primary's committed LSN.
     Entries {
@@ -110,6 +112,22 @@ pub enum Body {
     },
     /// Promotion candidate → member: what do you hold?
     Probe,
+    /// Primary → replica: reset to the primary's base at `base` (its history through it),
+    /// then take the base image (`BaseChunk`) and the WAL after it (`Entries`).
+    RebuildStart {
+        base: Lsn,
+        history: Vec<(Epoch, Lsn)>,
+    },
+    /// Primary → replica: base image contents at `offset` (block-aligned); no data = a hole.
+    BaseChunk {
+        offset: u64,
+        length: u64,
+        data: Option<Bytes>,
+    },
+    /// Primary → replica: the base image is complete; finish once durable through `target`.
+    RebuildFinish { target: Lsn },
+    /// Replica → primary: the rebuild is finished and durable through `durable`.
+    RebuildDone { durable: Lsn },
     /// Member → candidate.
     ProbeReply {
         volume_id: VolumeId,
@@ -132,6 +150,10 @@ impl Body {
             Body::Reject { .. } => 6,
             Body::Probe => 7,
             Body::ProbeReply { .. } => 8,
+            Body::RebuildStart { .. } => 9,
+            Body::BaseChunk { .. } => 10,
+            Body::RebuildFinish { .. } => 11,
+            Body::RebuildDone { .. } => 12,
         }
     }
 
@@ -146,6 +168,10 @@ impl Body {
             Body::Reject { .. } => "reject",
             Body::Probe => "probe",
             Body::ProbeReply { .. } => "probe-reply",
+            Body::RebuildStart { .. } => "rebuild-start",
+            Body::BaseChunk { .. } => "base-chunk",
+            Body::RebuildFinish { .. } => "rebuild-finish",
+            Body::RebuildDone { .. } => "rebuild-done",
         }
     }
 }
@@ -228,12 +254,39 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
             durable,
             durable_epoch,
             committed,
+            rebuilding,
         } => {
             dst.put_slice(&replica_store.0);
             dst.put_u64_le(durable.0);
             dst.put_u64_le(durable_epoch.0);
             dst.put_u64_le(committed.0);
+            dst.put_u8(u8::from(*rebuilding));
         }
+        Body::RebuildStart { base, history } => {
+            dst.put_u64_le(base.0);
+            dst.put_u16_le(history.len() as u16);
+            for (e, l) in history {
+                dst.put_u64_le(e.0);
+                dst.put_u64_le(l.0);
+            }
+        }
+        Body::BaseChunk {
+            offset,
+            length,
+            data,
+        } => {
+            dst.put_u64_le(*offset);
+            dst.put_u64_le(*length);
+            match data {
+                Some(d) => {
+                    dst.put_u8(1);
+                    dst.put_slice(d);
+                }
+                None => dst.put_u8(0),
+            }
+        }
+        Body::RebuildFinish { target } => dst.put_u64_le(target.0),
+        Body::RebuildDone { durable } => dst.put_u64_le(durable.0),
         Body::Entries { committed, records } => {
             dst.put_u64_le(committed.0);
             dst.put_u32_le(records.len() as u32);
@@ -405,6 +458,10 @@ pub fn decode(frame: Bytes) -> Result<Frame, WireError> {
         6 => "reject",
         7 => "probe",
         8 => "probe-reply",
+        9 => "rebuild-start",
+        10 => "base-chunk",
+        11 => "rebuild-finish",
+        12 => "rebuild-done",
         other => return Err(WireError::UnknownKind(other)),
     };
     let mut r = Reader {
@@ -424,7 +481,44 @@ pub fn decode(frame: Bytes) -> Result<Frame, WireError> {
             durable: r.lsn()?,
             durable_epoch: Epoch(r.u64()?),
             committed: r.lsn()?,
+            rebuilding: r.u8()? != 0,
         },
+        9 => {
+            let base = r.lsn()?;
+            let n = r.u16()? as usize;
+            let mut history = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                history.push((Epoch(r.u64()?), r.lsn()?));
+            }
+            Body::RebuildStart { base, history }
+        }
+        10 => {
+            let offset = r.u64()?;
+            let length = r.u64()?;
+            let data = match r.u8()? {
+                0 => None,
+                1 => {
+                    let n = usize::try_from(length).map_err(|_| WireError::Malformed {
+                        kind: name,
+                        why: "length",
+                    })?;
+                    Some(r.bytes(n)?)
+                }
+                _ => {
+                    return Err(WireError::Malformed {
+                        kind: name,
+                        why: "bad data flag",
+                    })
+                }
+            };
+            Body::BaseChunk {
+                offset,
+                length,
+                data,
+            }
+        }
+        11 => Body::RebuildFinish { target: r.lsn()? },
+        12 => Body::RebuildDone { durable: r.lsn()? },
         3 => {
             let committed = r.lsn()?;
             let count = r.u32()? as usize;
@@ -553,14 +647,40 @@ mod tests {
                     committed: Lsn(c),
                 }
             }),
-            (id(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(r, d, e, c)| {
-                Body::HelloOk {
+            (
+                id(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>()
+            )
+                .prop_map(|(r, d, e, c, b)| Body::HelloOk {
                     replica_store: r,
                     durable: Lsn(d),
                     durable_epoch: Epoch(e),
                     committed: Lsn(c),
-                }
-            }),
+                    rebuilding: b,
+                }),
+            (
+                any::<u64>(),
+                proptest::collection::vec((any::<u64>(), any::<u64>()), 0..4)
+            )
+                .prop_map(|(b, h)| Body::RebuildStart {
+                    base: Lsn(b),
+                    history: h.into_iter().map(|(e, l)| (Epoch(e), Lsn(l))).collect(),
+                }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..64),
+                any::<bool>()
+            )
+                .prop_map(|(o, d, hole)| Body::BaseChunk {
+                    offset: o,
+                    length: d.len() as u64,
+                    data: (!hole).then(|| Bytes::from(d)),
+                }),
+            any::<u64>().prop_map(|t| Body::RebuildFinish { target: Lsn(t) }),
+            any::<u64>().prop_map(|d| Body::RebuildDone { durable: Lsn(d) }),
             (any::<u64>(), proptest::collection::vec(record(), 0..5)).prop_map(|(c, records)| {
                 Body::Entries {
                     committed: Lsn(c),

@@ -47,6 +47,10 @@ pub struct PrimaryConfig {
     /// moved, even without FLUSHes: it keeps the retention pin and the lag figures current,
     /// and a replica that stops answering is found out.
     pub progress_interval: Millis,
+    /// Rebuild a replica that needs it as soon as it is connected (otherwise it waits).
+    pub auto_rebuild: bool,
+    /// Base image bytes per second during a rebuild (0: as fast as the link goes).
+    pub rebuild_rate: u64,
 }
 
 impl PrimaryConfig {
@@ -73,6 +77,8 @@ impl PrimaryConfig {
             retention_time: 5 * 60_000,
             catch_up_batch_bytes: 4 << 20,
             progress_interval: 100,
+            auto_rebuild: true,
+            rebuild_rate: 0,
         }
     }
 }
@@ -87,6 +93,8 @@ pub enum PeerState {
     InSync,
     /// Its gap is not in the retained WAL, or its log diverged: only a rebuild brings it back.
     NeedsRebuild,
+    /// Receiving our base image and the WAL after it; counts for nothing until it is done.
+    Rebuilding,
     /// It refused the session for a reason other than our epoch (wrong volume...).
     Refused,
 }
@@ -100,17 +108,19 @@ impl PeerState {
             PeerState::CatchingUp => "catching_up",
             PeerState::InSync => "in_sync",
             PeerState::NeedsRebuild => "needs_rebuild",
+            PeerState::Rebuilding => "rebuilding",
             PeerState::Refused => "refused",
         }
     }
 
-    pub const ALL: [PeerState; 7] = [
+    pub const ALL: [PeerState; 8] = [
         PeerState::Disconnected,
         PeerState::Connecting,
         PeerState::Handshake,
         PeerState::CatchingUp,
         PeerState::InSync,
         PeerState::NeedsRebuild,
+        PeerState::Rebuilding,
         PeerState::Refused,
     ];
 }
@@ -179,6 +189,26 @@ pub enum Event {
         replica: ReplicaId,
         session: SessionId,
     },
+    /// The base chosen for a rebuild (`BeginRebuild`): our checkpoint and the epoch history
+    /// through it; the WAL after it is pinned.
+    RebuildBase {
+        replica: ReplicaId,
+        session: SessionId,
+        base: Lsn,
+        history: Vec<(Epoch, Lsn)>,
+    },
+    /// Base image bytes sent so far.
+    BaseProgress {
+        replica: ReplicaId,
+        session: SessionId,
+        done: u64,
+        total: u64,
+    },
+    /// The whole base image is queued for the replica.
+    BaseSent {
+        replica: ReplicaId,
+        session: SessionId,
+    },
 }
 
 /// What the driver must do.
@@ -233,6 +263,19 @@ pub enum Action {
         state: PeerState,
         why: String,
     },
+    /// Choose a rebuild base (pinning the WAL after it); answer with `RebuildBase`.
+    BeginRebuild {
+        replica: ReplicaId,
+        session: SessionId,
+    },
+    /// Stream the base image (our data file as of `base` or newer) to the replica, at most
+    /// `rate` bytes per second (0: unlimited); report `BaseProgress` and `BaseSent`.
+    StreamBase {
+        replica: ReplicaId,
+        session: SessionId,
+        base: Lsn,
+        rate: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -257,6 +300,22 @@ struct Peer {
     backoff: Millis,
     store_id: Option<VolumeId>,
     why: String,
+    rebuild: Option<RebuildProgress>,
+}
+
+/// A rebuild in progress for one replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RebuildProgress {
+    /// The base LSN, once chosen.
+    pub base: Option<Lsn>,
+    /// The WAL after the base has reached our head; live entries flow to it.
+    pub live: bool,
+    /// The whole base image is queued.
+    pub base_sent: bool,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Asked to finish through this LSN.
+    pub finishing: Option<Lsn>,
 }
 
 #[derive(Debug)]
@@ -274,6 +333,8 @@ pub struct PrimaryCounters {
     pub sessions: u64,
     pub catch_ups: u64,
     pub rebuilds_needed: u64,
+    pub rebuilds_started: u64,
+    pub rebuilds_done: u64,
 }
 
 /// A replica as reported by [`PrimaryCore::peers`].
@@ -285,6 +346,7 @@ pub struct PeerStatus {
     pub session: Option<SessionId>,
     /// Why it entered its state.
     pub why: String,
+    pub rebuild: Option<RebuildProgress>,
 }
 
 pub struct PrimaryCore {
@@ -332,6 +394,7 @@ impl PrimaryCore {
                 backoff: cfg.reconnect_min,
                 store_id: None,
                 why: "not contacted yet".into(),
+                rebuild: None,
             })
             .collect();
         PrimaryCore {
@@ -383,6 +446,7 @@ impl PrimaryCore {
                 durable: p.durable,
                 session: p.session,
                 why: p.why.clone(),
+                rebuild: p.rebuild.clone(),
             })
             .collect()
     }
@@ -437,6 +501,38 @@ impl PrimaryCore {
             Event::WalGone { replica, session } => {
                 if let Some(i) = self.current(&replica, session) {
                     self.needs_rebuild(i, "the entries it lacks are no longer retained");
+                }
+            }
+            Event::RebuildBase {
+                replica,
+                session,
+                base,
+                history,
+            } => {
+                if let Some(i) = self.current(&replica, session) {
+                    self.rebuild_base(i, base, history);
+                }
+            }
+            Event::BaseProgress {
+                replica,
+                session,
+                done,
+                total,
+            } => {
+                if let Some(i) = self.current(&replica, session) {
+                    if let Some(r) = &mut self.peers[i].rebuild {
+                        r.bytes_done = done;
+                        r.bytes_total = total;
+                    }
+                }
+            }
+            Event::BaseSent { replica, session } => {
+                if let Some(i) = self.current(&replica, session) {
+                    if let Some(r) = &mut self.peers[i].rebuild {
+                        r.base_sent = true;
+                        r.bytes_done = r.bytes_total;
+                    }
+                    self.maybe_finish_rebuild(i);
                 }
             }
         }
@@ -497,7 +593,7 @@ impl PrimaryCore {
             match p.state {
                 // A replica that does not answer a barrier in time is degraded, in every mode:
                 // it stops counting and recovers through a fresh handshake.
-                PeerState::InSync | PeerState::CatchingUp
+                PeerState::InSync | PeerState::CatchingUp | PeerState::Rebuilding
                     if p.asked_since
                         .is_some_and(|t| now >= t + self.cfg.barrier_timeout) =>
                 {
@@ -511,8 +607,11 @@ impl PrimaryCore {
                 PeerState::Disconnected | PeerState::Refused if now >= p.reconnect_at => {
                     self.connect(i, now);
                 }
-                PeerState::InSync
-                    if self.head > p.asked && now >= p.last_ask + self.cfg.progress_interval =>
+                PeerState::InSync | PeerState::Rebuilding
+                    if self.head > p.asked
+                        && now >= p.last_ask + self.cfg.progress_interval
+                        && (p.state == PeerState::InSync
+                            || p.rebuild.as_ref().is_some_and(|r| r.live)) =>
                 {
                     let head = self.head;
                     self.ask(i, head, now);
@@ -581,12 +680,25 @@ impl PrimaryCore {
         self.evaluate();
     }
 
+    /// The replica can only come back by a rebuild. If its session is up (it has answered a
+    /// hello) the rebuild starts at once on that session; otherwise it starts at the next
+    /// handshake.
     fn needs_rebuild(&mut self, i: usize, why: &str) {
         self.counters.rebuilds_needed += 1;
         let now = self.peers[i].since;
+        let talking = matches!(
+            self.peers[i].state,
+            PeerState::Handshake
+                | PeerState::CatchingUp
+                | PeerState::InSync
+                | PeerState::Rebuilding
+        );
         self.peers[i].has_progress = false;
+        self.peers[i].rebuild = None;
         self.set_state(i, PeerState::NeedsRebuild, now, why);
-        if let Some(session) = self.peers[i].session.take() {
+        if talking && self.cfg.auto_rebuild && self.peers[i].session.is_some() {
+            self.begin_rebuild(i, now);
+        } else if let Some(session) = self.peers[i].session.take() {
             self.out.push(Action::Close {
                 replica: self.peers[i].id.clone(),
                 session,
@@ -595,6 +707,64 @@ impl PrimaryCore {
         }
         self.update_pin();
         self.evaluate();
+    }
+
+    fn begin_rebuild(&mut self, i: usize, now: Millis) {
+        let Some(session) = self.peers[i].session else {
+            return;
+        };
+        self.peers[i].rebuild = Some(RebuildProgress::default());
+        self.counters.rebuilds_started += 1;
+        self.set_state(
+            i,
+            PeerState::Rebuilding,
+            now,
+            "rebuilding from our base image",
+        );
+        self.out.push(Action::BeginRebuild {
+            replica: self.peers[i].id.clone(),
+            session,
+        });
+    }
+
+    /// The base is chosen (and the WAL after it pinned): reset the replica to it, start the
+    /// base image, and stream the WAL after the base as for a catch-up.
+    fn rebuild_base(&mut self, i: usize, base: Lsn, history: Vec<(Epoch, Lsn)>) {
+        if self.peers[i].state != PeerState::Rebuilding {
+            return;
+        }
+        let p = &mut self.peers[i];
+        if let Some(r) = &mut p.rebuild {
+            r.base = Some(base);
+        }
+        p.durable = base;
+        p.has_progress = true;
+        p.catch_up_next = base.next();
+        let Some(session) = p.session else { return };
+        let replica = p.id.clone();
+        self.send(i, Body::RebuildStart { base, history });
+        self.out.push(Action::StreamBase {
+            replica,
+            session,
+            base,
+            rate: self.cfg.rebuild_rate,
+        });
+        self.update_pin();
+        self.request_wal(i, base.next());
+    }
+
+    /// Both lines are done (the base image is queued, the WAL reaches our head): ask the
+    /// replica to finish, durable through our head.
+    fn maybe_finish_rebuild(&mut self, i: usize) {
+        let head = self.head;
+        let Some(r) = &mut self.peers[i].rebuild else {
+            return;
+        };
+        if !(r.base_sent && r.live) || r.finishing.is_some() {
+            return;
+        }
+        r.finishing = Some(head);
+        self.send(i, Body::RebuildFinish { target: head });
     }
 
     fn received(&mut self, i: usize, frame: Frame, now: Millis) {
@@ -626,10 +796,31 @@ impl PrimaryCore {
                 replica_store,
                 durable,
                 durable_epoch,
+                rebuilding,
                 ..
             } if self.peers[i].state == PeerState::Handshake => {
                 self.peers[i].store_id = Some(replica_store);
-                self.handshake(i, durable, durable_epoch, now);
+                if rebuilding {
+                    self.needs_rebuild(i, "its last rebuild did not finish");
+                } else {
+                    self.handshake(i, durable, durable_epoch, now);
+                }
+            }
+            Body::RebuildDone { durable } if self.peers[i].state == PeerState::Rebuilding => {
+                let target = self.peers[i].rebuild.as_ref().and_then(|r| r.finishing);
+                if target.is_none_or(|t| durable < t) {
+                    self.drop_session(i, now, "rebuild reported done too early");
+                    return;
+                }
+                // The replica counts again only now that we accept its completion.
+                let p = &mut self.peers[i];
+                p.durable = durable;
+                p.rebuild = None;
+                self.counters.rebuilds_done += 1;
+                self.set_state(i, PeerState::InSync, now, "rebuilt");
+                self.resend_barriers(i, now);
+                self.update_pin();
+                self.evaluate();
             }
             Body::BarrierAck { durable } => {
                 let p = &mut self.peers[i];
@@ -714,7 +905,8 @@ impl PrimaryCore {
     }
 
     fn wal_read(&mut self, i: usize, mut records: Vec<WalRecord>, now: Millis) {
-        if self.peers[i].state != PeerState::CatchingUp {
+        let rebuilding = self.peers[i].state == PeerState::Rebuilding;
+        if self.peers[i].state != PeerState::CatchingUp && !rebuilding {
             return;
         }
         let next = self.peers[i].catch_up_next;
@@ -735,13 +927,19 @@ impl PrimaryCore {
             );
         }
         let next = self.peers[i].catch_up_next;
-        if next > self.head {
+        if next <= self.head {
+            self.request_wal(i, next);
+        } else if rebuilding {
+            // The WAL line reaches our head: live entries flow from here on.
+            if let Some(r) = &mut self.peers[i].rebuild {
+                r.live = true;
+            }
+            self.maybe_finish_rebuild(i);
+        } else {
             // Caught up: live shipping continues from head + 1 with no gap and no duplicate.
             self.set_state(i, PeerState::InSync, now, "caught up");
             self.resend_barriers(i, now);
             self.update_pin();
-        } else {
-            self.request_wal(i, next);
         }
     }
 
@@ -760,7 +958,12 @@ impl PrimaryCore {
             return;
         }
         let in_sync: Vec<usize> = (0..self.peers.len())
-            .filter(|&i| self.peers[i].state == PeerState::InSync)
+            .filter(|&i| {
+                let p = &self.peers[i];
+                p.state == PeerState::InSync
+                    || (p.state == PeerState::Rebuilding
+                        && p.rebuild.as_ref().is_some_and(|r| r.live))
+            })
             .collect();
         for i in in_sync {
             self.send(
@@ -854,7 +1057,7 @@ impl PrimaryCore {
             return None;
         }
         Some(match p.state {
-            PeerState::CatchingUp => p.catch_up_next.min(p.durable.next()),
+            PeerState::CatchingUp | PeerState::Rebuilding => p.catch_up_next.min(p.durable.next()),
             _ => p.durable.next(),
         })
     }
@@ -882,7 +1085,10 @@ impl PrimaryCore {
         };
         let p = &self.peers[i];
         let over_bytes = pinned_bytes > self.cfg.retention_bytes;
-        let away = !matches!(p.state, PeerState::InSync | PeerState::CatchingUp);
+        let away = !matches!(
+            p.state,
+            PeerState::InSync | PeerState::CatchingUp | PeerState::Rebuilding
+        );
         let over_time = away && now >= p.since + self.cfg.retention_time;
         if !(over_bytes || over_time) {
             return;

@@ -85,6 +85,7 @@ fn bring_up(c: &mut PrimaryCore, durable: u64) -> Vec<(ReplicaId, SessionId)> {
                 durable: Lsn(durable),
                 durable_epoch: E,
                 committed: Lsn(0),
+                rebuilding: false,
             },
             0,
         );
@@ -392,6 +393,7 @@ fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
             durable: Lsn(6),
             durable_epoch: E,
             committed: Lsn(0),
+            rebuilding: false,
         },
         0,
     );
@@ -486,11 +488,13 @@ fn a_diverged_replica_needs_a_rebuild() {
             durable: Lsn(6),
             durable_epoch: Epoch(2),
             committed: Lsn(0),
+            rebuilding: false,
         },
         0,
     );
-    assert_eq!(state(&c, "a"), PeerState::NeedsRebuild);
-    assert!(a.iter().any(|x| matches!(x, Action::Close { .. })));
+    // Never merged: it is rebuilt from our base, on the same session.
+    assert_eq!(state(&c, "a"), PeerState::Rebuilding);
+    assert!(a.iter().any(|x| matches!(x, Action::BeginRebuild { .. })));
     // The same replica with entry 4 of epoch 2 shares our history: it catches up.
     let mut c = PrimaryCore::new(
         PrimaryConfig::new(
@@ -525,6 +529,7 @@ fn a_diverged_replica_needs_a_rebuild() {
             durable: Lsn(4),
             durable_epoch: Epoch(2),
             committed: Lsn(0),
+            rebuilding: false,
         },
         0,
     );
@@ -534,6 +539,19 @@ fn a_diverged_replica_needs_a_rebuild() {
 #[test]
 fn a_replica_ahead_of_the_primary_is_never_merged() {
     let mut c = core(CommitMode::SyncAll, &["a"], 5);
+    bring_up(&mut c, 9);
+    assert_eq!(state(&c, "a"), PeerState::Rebuilding);
+    // Without automatic rebuilds it waits, disconnected, in NeedsRebuild.
+    let mut cfg = PrimaryConfig::new(
+        VolumeId([1; 16]),
+        1 << 30,
+        VolumeId([2; 16]),
+        E,
+        CommitMode::SyncAll,
+        vec![rid("a")],
+    );
+    cfg.auto_rebuild = false;
+    let mut c = PrimaryCore::new(cfg, Lsn(5), vec![(E, Lsn(1))], Lsn(5), 0);
     bring_up(&mut c, 9);
     assert_eq!(state(&c, "a"), PeerState::NeedsRebuild);
 }
@@ -618,4 +636,159 @@ fn in_sync_replicas_report_progress_without_flushes() {
         pinned_bytes: 0,
     });
     assert!(frames_to(&a, "a").is_empty());
+}
+
+#[test]
+fn a_replica_beyond_retention_is_rebuilt_and_counts_only_once_accepted() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 100);
+    let a = c.step(Event::Tick {
+        now: 0,
+        pinned_bytes: 0,
+    });
+    let (r, sid) = sessions(&a)[0].clone();
+    c.step(Event::Connected {
+        replica: r.clone(),
+        session: sid,
+        now: 0,
+    });
+    // A blank replica of a volume whose first entries are long gone.
+    reply(
+        &mut c,
+        &r,
+        sid,
+        Body::HelloOk {
+            replica_store: VolumeId([9; 16]),
+            durable: Lsn(0),
+            durable_epoch: Epoch(0),
+            committed: Lsn(0),
+            rebuilding: false,
+        },
+        0,
+    );
+    let a = c.step(Event::WalGone {
+        replica: r.clone(),
+        session: sid,
+    });
+    assert_eq!(state(&c, "a"), PeerState::Rebuilding);
+    assert!(a.contains(&Action::BeginRebuild {
+        replica: r.clone(),
+        session: sid
+    }));
+    // The session stays up: the rebuild runs on it.
+    assert!(!a.iter().any(|x| matches!(x, Action::Close { .. })));
+    let a = c.step(Event::RebuildBase {
+        replica: r.clone(),
+        session: sid,
+        base: Lsn(90),
+        history: vec![(E, Lsn(1))],
+    });
+    assert!(matches!(
+        &frames_to(&a, "a")[..],
+        [Body::RebuildStart { base: Lsn(90), .. }]
+    ));
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::StreamBase { base: Lsn(90), .. })));
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::ReadWal { from: Lsn(91), .. })));
+    assert!(a.contains(&Action::PinWal {
+        from: Some(Lsn(91))
+    }));
+    // A FLUSH now cannot count on the rebuilding replica.
+    c.step(Event::Barrier {
+        id: 1,
+        target: Lsn(100),
+        now: 1,
+    });
+    c.step(Event::LocalDurable { lsn: Lsn(100) });
+    // The WAL line reaches the head; a new entry flows live.
+    c.step(Event::WalRead {
+        replica: r.clone(),
+        session: sid,
+        records: (91..=100).map(|l| rec(l, E)).collect(),
+        now: 2,
+    });
+    let a = c.step(Event::Appended {
+        records: vec![rec(101, E)],
+    });
+    assert!(matches!(&frames_to(&a, "a")[..], [Body::Entries { .. }]));
+    let a = c.step(Event::BaseSent {
+        replica: r.clone(),
+        session: sid,
+    });
+    assert!(matches!(
+        &frames_to(&a, "a")[..],
+        [Body::RebuildFinish { target: Lsn(101) }]
+    ));
+    assert!(done(&a).is_empty());
+    // Too early a "done" is not accepted.
+    let a = reply(&mut c, &r, sid, Body::RebuildDone { durable: Lsn(100) }, 3);
+    assert!(a.iter().any(|x| matches!(x, Action::Close { .. })));
+    assert_ne!(state(&c, "a"), PeerState::InSync);
+}
+
+#[test]
+fn a_completed_rebuild_makes_the_replica_count_again() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 10);
+    let a = c.step(Event::Tick {
+        now: 0,
+        pinned_bytes: 0,
+    });
+    let (r, sid) = sessions(&a)[0].clone();
+    c.step(Event::Connected {
+        replica: r.clone(),
+        session: sid,
+        now: 0,
+    });
+    // It says its last rebuild was interrupted.
+    let a = reply(
+        &mut c,
+        &r,
+        sid,
+        Body::HelloOk {
+            replica_store: VolumeId([9; 16]),
+            durable: Lsn(10),
+            durable_epoch: E,
+            committed: Lsn(0),
+            rebuilding: true,
+        },
+        0,
+    );
+    assert!(a.contains(&Action::BeginRebuild {
+        replica: r.clone(),
+        session: sid
+    }));
+    c.step(Event::RebuildBase {
+        replica: r.clone(),
+        session: sid,
+        base: Lsn(10),
+        history: vec![(E, Lsn(1))],
+    });
+    c.step(Event::WalRead {
+        replica: r.clone(),
+        session: sid,
+        records: vec![],
+        now: 1,
+    });
+    c.step(Event::Appended {
+        records: vec![rec(11, E)],
+    });
+    let a = c.step(Event::BaseSent {
+        replica: r.clone(),
+        session: sid,
+    });
+    assert!(matches!(
+        &frames_to(&a, "a")[..],
+        [Body::RebuildFinish { target: Lsn(11) }]
+    ));
+    c.step(Event::Barrier {
+        id: 3,
+        target: Lsn(11),
+        now: 2,
+    });
+    assert!(done(&c.step(Event::LocalDurable { lsn: Lsn(11) })).is_empty());
+    let a = reply(&mut c, &r, sid, Body::RebuildDone { durable: Lsn(11) }, 3);
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+    assert_eq!(done(&a), vec![3]);
 }

@@ -34,7 +34,8 @@ pub struct ReplicaState {
     /// The store last served as a primary (reported to promotion probes; an old primary
     /// may rejoin as a replica, and the primary's log comparison decides how).
     pub was_primary: bool,
-    pub needs_rebuild: bool,
+    /// A rebuild is in progress (or was interrupted): contents incomplete.
+    pub rebuilding: bool,
 }
 
 #[derive(Debug)]
@@ -48,6 +49,11 @@ pub enum Event {
     },
     /// The store is durable through `durable` (answer to `Sync`).
     Synced {
+        conn: ConnId,
+        durable: Lsn,
+    },
+    /// The rebuild finished (answer to `FinishRebuild`), durable through `durable`.
+    RebuildFinished {
         conn: ConnId,
         durable: Lsn,
     },
@@ -83,6 +89,23 @@ pub enum Action {
     },
     SetCommitted {
         lsn: Lsn,
+    },
+    /// Reset the store to the primary's base (persisted as rebuilding).
+    BeginRebuild {
+        base: Lsn,
+        history: Vec<(Epoch, Lsn)>,
+    },
+    /// Apply base image contents (`None`: a hole), never over blocks the WAL has written.
+    ApplyBase {
+        offset: u64,
+        length: u64,
+        data: Option<bytes::Bytes>,
+    },
+    /// Once durable through `target`, make the base durable and clear the rebuilding mark;
+    /// answer with `RebuildFinished`.
+    FinishRebuild {
+        conn: ConnId,
+        target: Lsn,
     },
 }
 
@@ -121,6 +144,15 @@ impl ReplicaCore {
                     self.greeting = None;
                 }
             }
+            Event::RebuildFinished { conn, durable } => {
+                self.s.rebuilding = false;
+                if durable > self.s.durable {
+                    self.s.durable = durable;
+                }
+                if self.active == Some(conn) {
+                    self.send(conn, Body::RebuildDone { durable });
+                }
+            }
             Event::Synced { conn, durable } => {
                 if durable > self.s.durable {
                     self.s.durable = durable;
@@ -138,6 +170,7 @@ impl ReplicaCore {
                             durable: self.s.head,
                             durable_epoch: self.s.head_epoch,
                             committed: self.s.committed,
+                            rebuilding: self.s.rebuilding,
                         },
                     );
                 } else {
@@ -195,7 +228,7 @@ impl ReplicaCore {
                     },
                     head: self.s.head,
                     committed: self.s.committed,
-                    needs_rebuild: self.s.needs_rebuild,
+                    needs_rebuild: self.s.rebuilding,
                 };
                 self.send(conn, body);
             }
@@ -234,6 +267,47 @@ impl ReplicaCore {
                     self.out.push(Action::Append { record });
                 }
                 self.learn_committed(committed);
+            }
+            Body::RebuildStart { base, history } => {
+                if !self.current(conn, frame.epoch) {
+                    return;
+                }
+                self.s.rebuilding = true;
+                self.s.head = base;
+                self.s.head_epoch = blockrep_storage::epoch_at(&history, base).unwrap_or(Epoch(0));
+                self.s.durable = base;
+                self.out.push(Action::BeginRebuild { base, history });
+            }
+            Body::BaseChunk {
+                offset,
+                length,
+                data,
+            } => {
+                if !self.current(conn, frame.epoch) {
+                    return;
+                }
+                if !self.s.rebuilding {
+                    self.reject(
+                        conn,
+                        RejectReason::Protocol,
+                        "base data outside a rebuild".into(),
+                    );
+                    return;
+                }
+                self.out.push(Action::ApplyBase {
+                    offset,
+                    length,
+                    data,
+                });
+            }
+            Body::RebuildFinish { target } => {
+                if !self.current(conn, frame.epoch) {
+                    return;
+                }
+                self.out.push(Action::FinishRebuild {
+                    conn,
+                    target: target.min(self.s.head),
+                });
             }
             Body::Barrier { lsn, committed } => {
                 if !self.current(conn, frame.epoch) {

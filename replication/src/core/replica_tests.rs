@@ -20,7 +20,7 @@ fn state(epoch: u64, head: u64) -> ReplicaState {
         durable: Lsn(head),
         committed: Lsn(0),
         was_primary: false,
-        needs_rebuild: false,
+        rebuilding: false,
     }
 }
 

@@ -309,6 +309,42 @@ impl Driver {
                     let _ = tx.send(Input::Event(event));
                 });
             }
+            Action::BeginRebuild { replica, session } => {
+                let store = self.store.clone();
+                let tx = self.in_tx.clone();
+                tokio::spawn(async move {
+                    if let Ok((base, history)) =
+                        tokio::task::spawn_blocking(move || store.rebuild_base()).await
+                    {
+                        let _ = tx.send(Input::Event(Event::RebuildBase {
+                            replica,
+                            session,
+                            base,
+                            history,
+                        }));
+                    }
+                });
+            }
+            Action::StreamBase {
+                replica,
+                session,
+                base,
+                rate,
+            } => {
+                let Some(c) = self.conns.get(&replica).filter(|c| c.session == session) else {
+                    return;
+                };
+                tracing::info!(%replica, "streaming the base image (checkpoint {base})");
+                tokio::spawn(stream_base(
+                    self.store.clone(),
+                    c.tx.clone(),
+                    c.queued.clone(),
+                    self.in_tx.clone(),
+                    replica,
+                    session,
+                    rate,
+                ));
+            }
             Action::PinWal { from } => {
                 self.pin = from;
                 self.store.set_retention_pin(from);
@@ -444,6 +480,7 @@ fn frame_size(frame: &Frame) -> u64 {
         crate::wire::Body::Entries { records, .. } => {
             records.iter().map(|r| r.payload.len() as u64 + 48).sum()
         }
+        crate::wire::Body::BaseChunk { data: Some(d), .. } => d.len() as u64 + 64,
         _ => 64,
     }
 }
@@ -470,4 +507,99 @@ async fn write_frames(
         }
         queued.fetch_sub(sent, Ordering::Relaxed);
     }
+}
+
+/// Sends the data file, as it is on disk, to a rebuilding replica: data in chunks, holes as
+/// ranges. It may be newer than the base (the flusher keeps running); the replica's
+/// "WAL wins" rule makes that harmless.
+async fn stream_base(
+    store: Arc<Store>,
+    tx: mpsc::UnboundedSender<Frame>,
+    queued: Arc<AtomicU64>,
+    events: mpsc::UnboundedSender<Input>,
+    replica: ReplicaId,
+    session: SessionId,
+    rate: u64,
+) {
+    const CHUNK: u64 = 1 << 20;
+    const MAX_HOLE: u64 = 1 << 30;
+    const MAX_QUEUED: u64 = 16 << 20;
+    let total = store.size();
+    let epoch = store.superblock().epoch;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let mut reported = 0u64;
+    let mut at = 0u64;
+    while at < total {
+        let span = (total - at).min(MAX_HOLE);
+        let Some(&(len, data)) = store.base_extents(at, span).first() else {
+            break;
+        };
+        let len = if data { len.min(CHUNK) } else { len };
+        let body = if data {
+            match store.read_base(at, len).await {
+                Ok(bytes) => crate::wire::Body::BaseChunk {
+                    offset: at,
+                    length: len,
+                    data: Some(bytes),
+                },
+                Err(e) => {
+                    tracing::error!(%replica, "cannot read the base image: {e}");
+                    let _ = events.send(Input::Event(Event::Disconnected {
+                        replica,
+                        session,
+                        now: 0,
+                        reason: format!("base image unreadable: {e}"),
+                    }));
+                    return;
+                }
+            }
+        } else {
+            crate::wire::Body::BaseChunk {
+                offset: at,
+                length: len,
+                data: None,
+            }
+        };
+        let frame = Frame { epoch, body };
+        let size = frame_size(&frame);
+        // Back-pressure: the replica applies base data no faster than it can.
+        while queued.load(Ordering::Relaxed) > MAX_QUEUED {
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        queued.fetch_add(size, Ordering::Relaxed);
+        if tx.send(frame).is_err() {
+            return; // the session ended
+        }
+        at += len;
+        if data {
+            sent += len;
+            if rate > 0 {
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                let elapsed = started.elapsed();
+                if due > elapsed {
+                    tokio::time::sleep(due - elapsed).await;
+                }
+            }
+        }
+        if at - reported >= 64 << 20 || at == total {
+            reported = at;
+            let _ = events.send(Input::Event(Event::BaseProgress {
+                replica: replica.clone(),
+                session,
+                done: at,
+                total,
+            }));
+        }
+    }
+    tracing::info!(
+        %replica,
+        "base image sent ({} MiB of data) in {:.1} s",
+        sent >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    let _ = events.send(Input::Event(Event::BaseSent { replica, session }));
 }

@@ -38,7 +38,7 @@ fn initial_state(store: &Store) -> ReplicaState {
         durable: store.durable(),
         committed: store.committed(),
         was_primary: sb.role == Role::Primary && sb.epoch.0 > 0,
-        needs_rebuild: false,
+        rebuilding: store.is_rebuilding(),
     }
 }
 
@@ -174,6 +174,57 @@ async fn execute(
             });
         }
         Action::SetCommitted { lsn } => store.set_committed(lsn),
+        Action::BeginRebuild { base, history } => {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.begin_rebuild(base, history)).await {
+                Ok(Ok(())) => tracing::info!("rebuilding from the primary's base at LSN {base}"),
+                other => fail_storage(
+                    core,
+                    conns,
+                    in_tx,
+                    format!("cannot start a rebuild: {other:?}"),
+                ),
+            }
+        }
+        Action::ApplyBase {
+            offset,
+            length,
+            data,
+        } => {
+            if let Err(e) = store.apply_base(offset, length, data).await {
+                fail_storage(core, conns, in_tx, format!("cannot apply base data: {e}"));
+            }
+        }
+        Action::FinishRebuild { conn, target } => {
+            let store = store.clone();
+            let in_tx = in_tx.clone();
+            tokio::spawn(async move {
+                let finished = match store.wait_durable(target).await {
+                    Ok(()) => {
+                        let s = store.clone();
+                        tokio::task::spawn_blocking(move || s.finish_rebuild())
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                let event = match finished {
+                    Ok(()) => {
+                        tracing::info!("rebuild finished, durable through {}", store.durable());
+                        Event::RebuildFinished {
+                            conn,
+                            durable: store.durable(),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot finish the rebuild: {e}");
+                        Event::Closed { conn }
+                    }
+                };
+                let _ = in_tx.send(Input::Event(event));
+            });
+        }
     }
 }
 

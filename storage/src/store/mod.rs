@@ -24,10 +24,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{oneshot, Notify};
 
 use self::core::{Core, DurableWaiter};
-use crate::superblock::FLAG_REBUILDING;
 use crate::dirty::{BlockState, DirtyMap};
 use crate::error::{Result, StorageError};
 use crate::io::{IoEngine, IoMode};
+use crate::superblock::FLAG_REBUILDING;
 use crate::superblock::{Role, Superblock, FLAG_CLEAN};
 use crate::types::{Epoch, Lsn, VolumeId, BLOCK_SIZE};
 use crate::wal::record::RecordKind;
@@ -816,6 +816,34 @@ impl Store {
         (base, history)
     }
 
+    /// Primary side: `[offset, offset+len)` of the data file as it is on disk (the flushed
+    /// image, not what the WAL holds).
+    pub async fn read_base(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.check_range(offset, len)?;
+        self.shared
+            .io
+            .read(&self.shared.data, offset, len as usize)
+            .await
+            .map_err(io_err(&self.shared.data_path))
+    }
+
+    /// Primary side: where the data file has data in `[offset, offset+len)`: runs of
+    /// (length, has data), holes being ranges that read as zeroes.
+    pub fn base_extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.shared.volume_size);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let (data, until) = data_file_extent(&self.shared.data, at, end);
+            match out.last_mut() {
+                Some((n, d)) if *d == data => *n += until - at,
+                _ => out.push((until - at, data)),
+            }
+            at = until;
+        }
+        out
+    }
+
     /// Replica side: starts a rebuild. The log is reset to begin after `base` (in a new
     /// generation, so nothing left in the ring can be mistaken for the new entries), the
     /// store is marked rebuilding (persisted first), and from now on entries are appended as
@@ -881,7 +909,9 @@ impl Store {
         const MAX_PENDING: u64 = 128 << 20;
         self.check_range(offset, len)?;
         if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
-            return Err(StorageError::BadGeometry("base chunk is not block-aligned".into()));
+            return Err(StorageError::BadGeometry(
+                "base chunk is not block-aligned".into(),
+            ));
         }
         let (first, end) = (offset / BLOCK_SIZE, (offset + len) / BLOCK_SIZE);
         loop {
@@ -890,8 +920,8 @@ impl Store {
             {
                 let mut core = self.shared.lock_core();
                 core.check_writable()?;
-                let pending = core.active.data_bytes()
-                    + core.flushing.as_ref().map_or(0, |f| f.data_bytes());
+                let pending =
+                    core.active.data_bytes() + core.flushing.as_ref().map_or(0, |f| f.data_bytes());
                 if pending < MAX_PENDING || data.is_none() {
                     let Some(rebuild) = &core.rebuild else {
                         return Err(StorageError::Failed("no rebuild in progress".into()));
@@ -900,7 +930,8 @@ impl Store {
                     for (s, e) in rebuild.touched.uncovered(first, end) {
                         let state = match &data {
                             Some(d) => BlockState::Data(d.slice(
-                                ((s - first) * BLOCK_SIZE) as usize..((e - first) * BLOCK_SIZE) as usize,
+                                ((s - first) * BLOCK_SIZE) as usize
+                                    ..((e - first) * BLOCK_SIZE) as usize,
                             )),
                             None => BlockState::Zero { punch: true },
                         };

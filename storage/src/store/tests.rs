@@ -637,7 +637,8 @@ fn rebuild_applies_base_and_wal_with_wal_winning() {
         rt.block_on(primary.write(b * 4096, &pattern(200 + b as u8, 4096), false))
             .unwrap();
     }
-    rt.block_on(primary.trim(20 * 4096, 2 * 4096, false)).unwrap();
+    rt.block_on(primary.trim(20 * 4096, 2 * 4096, false))
+        .unwrap();
     // The primary checkpoints again while the base is "being copied": the image is newer
     // than the base for some blocks, which WAL-wins makes harmless.
     primary.shared.checkpoint().unwrap();
@@ -668,7 +669,9 @@ fn rebuild_applies_base_and_wal_with_wal_winning() {
     }
     replica.begin_rebuild(base, history).unwrap();
     assert!(replica.is_rebuilding());
-    let entries = rt.block_on(primary.read_wal(base.next(), u64::MAX)).unwrap();
+    let entries = rt
+        .block_on(primary.read_wal(base.next(), u64::MAX))
+        .unwrap();
     assert_eq!(entries.len(), 4);
     // First half of the base, then the WAL, then the rest of the base: base chunks arriving
     // after a WAL entry for the same block must not overwrite it.
@@ -685,7 +688,8 @@ fn rebuild_applies_base_and_wal_with_wal_winning() {
         let data = data_file(&p_path, c * chunk, chunk);
         let all_zero = data.iter().all(|&x| x == 0);
         let data = (!all_zero).then(|| Bytes::from(data));
-        rt.block_on(replica.apply_base(c * chunk, chunk, data)).unwrap();
+        rt.block_on(replica.apply_base(c * chunk, chunk, data))
+            .unwrap();
     }
     replica.finish_rebuild().unwrap();
     assert!(!replica.is_rebuilding());
@@ -708,7 +712,9 @@ fn a_crash_during_rebuild_leaves_the_store_marked_incomplete() {
     let tmp = tempfile::tempdir().unwrap();
     let path = create(tmp.path(), 4 * MIB, 64 * MIB);
     let store = open(&path);
-    store.begin_rebuild(Lsn(100), vec![(Epoch(2), Lsn(1))]).unwrap();
+    store
+        .begin_rebuild(Lsn(100), vec![(Epoch(2), Lsn(1))])
+        .unwrap();
     drop(store);
     let store = open(&path);
     assert!(store.is_rebuilding());

@@ -114,7 +114,10 @@ fn write_batch(
     }
     let mut headers = BytesMut::with_capacity(batch.len() * HEADER_LEN);
     for q in batch {
-        headers.extend_from_slice(&q.record.encode_header(durable_hint, commit_hint, generation));
+        headers.extend_from_slice(
+            &q.record
+                .encode_header(durable_hint, commit_hint, generation),
+        );
     }
     let headers = headers.freeze();
     let mut pending = Vec::new();

@@ -21,7 +21,7 @@ use crate::codec::{Reply, Request, RequestDecoder};
 use crate::handshake::Negotiated;
 use crate::proto::*;
 use crate::volume::{BlockVolume, Extent, VolumeError};
-use crate::ServerStats;
+use crate::{Observer, Op};
 
 /// 64 MiB of requests in flight per connection, in 4 KiB units.
 const BUDGET_UNITS: u32 = 16 << 10;
@@ -35,7 +35,8 @@ struct Ctx<V> {
     size: u64,
     structured: bool,
     base_allocation: bool,
-    stats: Arc<ServerStats>,
+    export: String,
+    observer: Arc<dyn Observer>,
 }
 
 #[derive(Debug)]
@@ -51,7 +52,7 @@ pub(crate) async fn serve<R, W, V>(
     writer: W,
     neg: Negotiated<V>,
     shutdown: CancellationToken,
-    stats: Arc<ServerStats>,
+    observer: Arc<dyn Observer>,
     peer: &str,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -63,7 +64,8 @@ pub(crate) async fn serve<R, W, V>(
         volume: neg.volume,
         structured: neg.structured,
         base_allocation: neg.base_allocation,
-        stats,
+        export: neg.export,
+        observer,
     });
     let (tx, rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
     let writer_task = tokio::spawn(write_replies(writer, rx));
@@ -191,12 +193,17 @@ fn allowed_flags(cmd: u16, structured: bool) -> u16 {
 async fn handle<V: BlockVolume>(ctx: Arc<Ctx<V>>, req: Request) -> Reply {
     let ctx = &*ctx;
     let started = std::time::Instant::now();
-    let reply = match execute(ctx, &req).await {
+    let result = execute(ctx, &req).await;
+    let op = Op::from_cmd(req.cmd);
+    let bytes = match op {
+        Op::Read | Op::Write => u64::from(req.length),
+        _ => 0,
+    };
+    ctx.observer
+        .request(&ctx.export, op, bytes, started.elapsed(), result.is_ok());
+    match result {
         Ok(reply) => reply,
         Err((code, msg)) => {
-            ctx.stats
-                .errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(
                 cmd = req.cmd,
                 offset = req.offset,
@@ -209,9 +216,7 @@ async fn handle<V: BlockVolume>(ctx: Arc<Ctx<V>>, req: Request) -> Reply {
                 Reply::simple(req.cookie, code)
             }
         }
-    };
-    ctx.stats.record(req.cmd, req.length, started.elapsed());
-    reply
+    }
 }
 
 type Failure = (u32, String);

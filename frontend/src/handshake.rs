@@ -250,6 +250,10 @@ where
 
     fn finish(&mut self, export: String, volume: Arc<V>) -> Negotiated<V> {
         let base_allocation = matches!(&self.meta, Some((e, true)) if *e == export);
+        let export = self
+            .exports
+            .find_named(&export)
+            .map_or(export, |(canonical, _)| canonical);
         Negotiated {
             volume,
             export,

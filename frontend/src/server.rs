@@ -1,7 +1,6 @@
 //! Listeners, the accept loop, and graceful shutdown.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::connection;
 use crate::handshake::{self, HandshakeError};
 use crate::volume::BlockVolume;
-use crate::ServerStats;
+use crate::{NoObserver, Observer};
 
 /// A client that has not finished negotiating by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,13 +80,17 @@ impl<V> Exports<V> {
     }
 
     pub(crate) fn find(&self, name: &str) -> Option<Arc<V>> {
-        if name.is_empty() {
-            return self.list.first().map(|(_, v)| v.clone());
-        }
-        self.list
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
+        self.find_named(name).map(|(_, v)| v)
+    }
+
+    /// The export `name` selects, with its canonical name (the empty name is the first).
+    pub(crate) fn find_named(&self, name: &str) -> Option<(String, Arc<V>)> {
+        let found = if name.is_empty() {
+            self.list.first()
+        } else {
+            self.list.iter().find(|(n, _)| n == name)
+        };
+        found.map(|(n, v)| (n.clone(), v.clone()))
     }
 }
 
@@ -105,7 +108,7 @@ enum Listener {
 /// An NBD server bound to its listeners, ready to run.
 pub struct Server {
     listeners: Vec<Listener>,
-    stats: Arc<ServerStats>,
+    observer: Arc<dyn Observer>,
 }
 
 impl Server {
@@ -136,7 +139,7 @@ impl Server {
         }
         Ok(Server {
             listeners,
-            stats: Arc::new(ServerStats::default()),
+            observer: Arc::new(NoObserver),
         })
     }
 
@@ -155,8 +158,10 @@ impl Server {
             .collect()
     }
 
-    pub fn stats(&self) -> Arc<ServerStats> {
-        self.stats.clone()
+    /// Reports every request and connection to `observer` (metrics).
+    pub fn observe(mut self, observer: Arc<dyn Observer>) -> Server {
+        self.observer = observer;
+        self
     }
 
     /// Serves `exports` until `shutdown` is cancelled, then stops accepting, lets every
@@ -182,7 +187,7 @@ impl Server {
                 exports.clone(),
                 shutdown.clone(),
                 limit.clone(),
-                self.stats.clone(),
+                self.observer.clone(),
             ));
         }
         while accepts.join_next().await.is_some() {}
@@ -212,7 +217,7 @@ async fn accept_loop<V: BlockVolume>(
     exports: Arc<Exports<V>>,
     shutdown: CancellationToken,
     limit: Arc<Semaphore>,
-    stats: Arc<ServerStats>,
+    observer: Arc<dyn Observer>,
 ) {
     let mut conns = JoinSet::new();
     loop {
@@ -236,9 +241,9 @@ async fn accept_loop<V: BlockVolume>(
         };
         let exports = exports.clone();
         let shutdown = shutdown.clone();
-        let stats = stats.clone();
+        let observer = observer.clone();
         conns.spawn(async move {
-            handle_client(reader, writer, &peer, &exports, shutdown, stats).await;
+            handle_client(reader, writer, &peer, &exports, shutdown, observer).await;
             drop(permit);
         });
     }
@@ -270,7 +275,7 @@ async fn handle_client<V: BlockVolume>(
     peer: &str,
     exports: &Exports<V>,
     shutdown: CancellationToken,
-    stats: Arc<ServerStats>,
+    observer: Arc<dyn Observer>,
 ) {
     // A client idling anywhere in the handshake must not hold up a shutdown.
     let negotiated = tokio::select! {
@@ -298,7 +303,8 @@ async fn handle_client<V: BlockVolume>(
         }
     };
     tracing::debug!(%peer, export = %neg.export, structured = neg.structured, "client connected");
-    stats.connections.fetch_add(1, Ordering::Relaxed);
-    connection::serve(reader, writer, neg, shutdown, stats.clone(), peer).await;
-    stats.connections.fetch_sub(1, Ordering::Relaxed);
+    let export = neg.export.clone();
+    observer.connection(&export, 1);
+    connection::serve(reader, writer, neg, shutdown, observer.clone(), peer).await;
+    observer.connection(&export, -1);
 }

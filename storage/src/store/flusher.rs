@@ -41,7 +41,12 @@ pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
                 continue;
             }
         }
-        if let Err(msg) = shared.checkpoint() {
+        let started = std::time::Instant::now();
+        let result = shared.checkpoint();
+        if result.is_ok() {
+            shared.observer().checkpoint(started.elapsed());
+        }
+        if let Err(msg) = result {
             shared.lock_core().fail(msg);
             shared.space.notify_waiters();
         }

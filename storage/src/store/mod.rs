@@ -105,6 +105,22 @@ pub struct Allocation {
     pub zero: bool,
 }
 
+/// Told about the store's own I/O (for metrics). Called once per WAL batch, sync or
+/// checkpoint, never per request.
+pub trait StoreObserver: Send + Sync + 'static {
+    fn wal_write(&self, bytes: u64, latency: Duration);
+    fn wal_sync(&self, latency: Duration);
+    fn checkpoint(&self, latency: Duration);
+}
+
+struct NoStoreObserver;
+
+impl StoreObserver for NoStoreObserver {
+    fn wal_write(&self, _: u64, _: Duration) {}
+    fn wal_sync(&self, _: Duration) {}
+    fn checkpoint(&self, _: Duration) {}
+}
+
 /// A point-in-time summary for `blockrep inspect` and the metrics.
 #[derive(Debug, Clone)]
 pub struct StoreInfo {
@@ -142,9 +158,17 @@ pub(crate) struct Shared {
     /// Mirror of `core.durable` for lock-free reads.
     durable: AtomicU64,
     checkpoint_lock: Mutex<()>,
+    observer: std::sync::RwLock<Arc<dyn StoreObserver>>,
 }
 
 impl Shared {
+    fn observer(&self) -> Arc<dyn StoreObserver> {
+        self.observer
+            .read()
+            .map(|o| o.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
     fn lock_core(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock would be a bug in in-memory bookkeeping; the state
         // is still the best we have, so keep serving rather than poisoning every caller.
@@ -472,6 +496,7 @@ impl Store {
             space: Notify::new(),
             durable: AtomicU64::new(last.0),
             checkpoint_lock: Mutex::new(()),
+            observer: std::sync::RwLock::new(Arc::new(NoStoreObserver)),
         });
         let mut threads = Vec::new();
         if !opts.read_only {
@@ -516,6 +541,13 @@ impl Store {
     /// What WAL replay found when the store was opened.
     pub fn replay_outcome(&self) -> &ReplayOutcome {
         &self.replay
+    }
+
+    /// Reports WAL writes, syncs and checkpoints to `observer` from now on.
+    pub fn set_observer(&self, observer: Arc<dyn StoreObserver>) {
+        if let Ok(mut o) = self.shared.observer.write() {
+            *o = observer;
+        }
     }
 
     pub fn io_engine(&self) -> &'static str {

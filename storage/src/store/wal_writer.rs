@@ -69,14 +69,22 @@ pub(crate) fn run(shared: Arc<Shared>) {
             .rev()
             .find(|q| q.record.kind != crate::wal::record::RecordKind::Wrap)
             .map(|q| q.record.lsn);
+        let observer = shared.observer();
+        let started = std::time::Instant::now();
         let mut result = write_batch(&shared, &batch, hint);
+        if result.is_ok() && !batch.is_empty() {
+            let bytes = batch.iter().map(|q| q.record.encoded_len()).sum();
+            observer.wal_write(bytes, started.elapsed());
+        }
         if result.is_ok() && want_sync {
+            let started = std::time::Instant::now();
             result = shared
                 .io
                 .datasync(&shared.wal)
                 .wait()
                 .map(|_| ())
                 .map_err(|e| format!("fdatasync {}: {e}", shared.wal_path.display()));
+            observer.wal_sync(started.elapsed());
         }
         let mut core = shared.lock_core();
         match result {

@@ -1,0 +1,45 @@
+//! The status report a node serves at `/v1/status` (and `blockrep status` prints).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub volume: String,
+    pub store: String,
+    /// "primary" or "replica".
+    pub role: String,
+    pub epoch: u64,
+    pub head_lsn: u64,
+    pub durable_lsn: u64,
+    pub committed_lsn: u64,
+    pub checkpoint_lsn: u64,
+    pub wal_used_bytes: u64,
+    pub wal_capacity_bytes: u64,
+    pub commit_mode: Option<String>,
+    /// The epoch that fenced this primary, if any.
+    pub fenced_by: Option<u64>,
+    pub rebuilding: bool,
+    pub replicas: Vec<ReplicaReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaReport {
+    pub name: String,
+    pub address: String,
+    pub state: String,
+    /// Why it is in that state.
+    pub reason: String,
+    pub durable_lsn: u64,
+    pub lag_lsn: u64,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    pub rebuild: Option<RebuildReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RebuildReport {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Seconds to go at the rate so far, once there is a rate.
+    pub eta_seconds: Option<f64>,
+}

@@ -1,0 +1,363 @@
+#!/usr/bin/env bash
+# Side-by-side NBD benchmark: blockrep against the peer servers, with the method of
+# shared/design/nbd.md §6 so the numbers compare with the ones there.
+#
+#   bench/nbd-peers.sh                        full run: 3 reps x 10 s x 4 workloads x 5 servers
+#   REPS=1 RUNTIME=2 WORKLOADS="randwrite4k fsyncwrite4k" bench/nbd-peers.sh    smoke run
+#
+# Method: one 1 GiB export per server, pre-filled with the same random image (so reads read
+# real data); fio --ioengine=nbd, one job (one connection), --time_based --runtime=R
+# --ramp_time=1 --norandommap --randrepeat=0; repetitions interleaved across servers (rep 1
+# of every server, then rep 2, ...); medians reported. Every server starts fresh for each
+# rep (new copy of the image / new blockrep store / new RAM disk), and every on-disk backing
+# lives in the same directory, so they share one disk. Client and servers share the machine's
+# cores: these are "protocol + stack" numbers, not disk numbers.
+#
+# Workloads (WORKLOADS, any subset, in this order):
+#   randwrite4k   --rw=randwrite --bs=4k --iodepth=32
+#   randread4k    --rw=randread  --bs=4k --iodepth=32
+#   seqwrite1m    --rw=write     --bs=1M --iodepth=8
+#   fsyncwrite4k  --rw=randwrite --bs=4k --iodepth=1 --fsync=1  (WRITE + FLUSH per I/O)
+#
+# Servers (SERVERS, any subset):
+#   blockrep           target/release/blockrep create + serve --nbd 127.0.0.1:PORT
+#   nbdkit-file        nbdkit file IMG
+#   qemu-wb-threads    qemu-nbd -f raw --cache=writeback --aio=threads -t --shared=8 IMG
+#   qemu-wb-iouring    qemu-nbd -f raw --cache=writeback --aio=io_uring -t --shared=8 IMG (not
+#                      in the default set; nbd.md §6 has it)
+#   qemu-none-iouring  qemu-nbd -f raw --cache=none --aio=io_uring -t --shared=8 IMG
+#   nbdkit-mem         nbdkit memory 1G
+#
+# Environment:
+#   REPS (3)  RUNTIME (10 s)  RAMP (1 s)  SETTLE (2 s pause after pre-fill, before fio)
+#   WORKLOADS, SERVERS (as above)
+#   SIZE_MIB (1024)           export size
+#   BENCH_DATA_DIR            backing files, blockrep store, random image
+#                             (default: target/bench-data in the repo; must be one disk)
+#   BENCH_RESULTS_DIR         default target/bench-results
+#   PORT_BASE (10950)         servers listen on 127.0.0.1:PORT_BASE+i
+#   BLOCKREP_CREATE_ARGS      extra args for `blockrep create` (e.g. "--wal-size 512MiB")
+#   BLOCKREP_SERVE_ARGS       extra args for `blockrep serve` (e.g. "--io-engine plain")
+#   BUILD (1)                 0 = do not run cargo build --release first
+#
+# Output: target/bench-results/<timestamp>.csv (one row per server x workload x rep),
+# <timestamp>.md (medians, ratios to nbdkit-file and nbdkit-mem; also printed), and the raw
+# fio JSON and server logs under <timestamp>/.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+REPS=${REPS:-3}
+RUNTIME=${RUNTIME:-10}
+RAMP=${RAMP:-1}
+SETTLE=${SETTLE:-2}
+SIZE_MIB=${SIZE_MIB:-1024}
+WORKLOADS=${WORKLOADS:-randwrite4k randread4k seqwrite1m fsyncwrite4k}
+SERVERS=${SERVERS:-blockrep nbdkit-file qemu-wb-threads qemu-none-iouring nbdkit-mem}
+DATA_DIR=${BENCH_DATA_DIR:-$ROOT/target/bench-data}
+RESULTS_DIR=${BENCH_RESULTS_DIR:-$ROOT/target/bench-results}
+PORT_BASE=${PORT_BASE:-10950}
+BUILD=${BUILD:-1}
+read -r -a BLOCKREP_CREATE_ARGS <<<"${BLOCKREP_CREATE_ARGS:-}"
+read -r -a BLOCKREP_SERVE_ARGS <<<"${BLOCKREP_SERVE_ARGS:-}"
+SIZE_BYTES=$((SIZE_MIB * 1024 * 1024))
+BLOCKREP=$ROOT/target/release/blockrep
+export NO_COLOR=1 # plain server logs
+
+die() {
+    echo "nbd-peers: error: $*" >&2
+    exit 1
+}
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+for tool in fio nbdkit qemu-nbd nbdcopy nbdinfo python3 setsid ss; do
+    command -v "$tool" >/dev/null \
+        || die "$tool not found (apt-get install fio nbdkit qemu-utils libnbd-bin)"
+done
+fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
+for w in $WORKLOADS; do
+    case $w in randwrite4k | randread4k | seqwrite1m | fsyncwrite4k) ;;
+    *) die "unknown workload $w" ;;
+    esac
+done
+i=0
+declare -A PORT
+for s in $SERVERS; do
+    case $s in blockrep | nbdkit-file | qemu-wb-threads | qemu-wb-iouring | qemu-none-iouring | nbdkit-mem) ;;
+    *) die "unknown server $s" ;;
+    esac
+    PORT[$s]=$((PORT_BASE + i))
+    i=$((i + 1))
+done
+for s in $SERVERS; do
+    if [[ -n $(ss -Htln "sport = :${PORT[$s]}") ]]; then
+        die "port ${PORT[$s]} (for $s) is already in use; set PORT_BASE"
+    fi
+done
+
+STAMP=$(date +%Y%m%d-%H%M%S)
+RUN_DIR=$RESULTS_DIR/$STAMP
+PID_DIR=$RUN_DIR/pids
+mkdir -p "$DATA_DIR" "$RUN_DIR" "$PID_DIR"
+CSV=$RESULTS_DIR/$STAMP.csv
+MD=$RESULTS_DIR/$STAMP.md
+
+# Stop whatever we started (only our pid files), on any exit.
+stop_pidfile() {
+    local f=$1 pid
+    [[ -s $f ]] || { rm -f "$f"; return 0; }
+    pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 300); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "pid $pid ($f) ignored SIGTERM for 30 s; SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    rm -f "$f"
+}
+cleanup() {
+    local f
+    for f in "$PID_DIR"/*.pid; do
+        [[ -e $f ]] && stop_pidfile "$f"
+    done
+    # Per-run scratch (the random image is kept and reused).
+    rm -f "$DATA_DIR/work.img"
+    rm -rf "$DATA_DIR/blockrep-store"
+    rmdir "$PID_DIR" 2>/dev/null
+    return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [[ $BUILD == 1 ]]; then
+    log "cargo build --release --bin blockrep"
+    cargo build --release --bin blockrep >&2
+fi
+[[ -x $BLOCKREP ]] || die "$BLOCKREP missing (cargo build --release)"
+
+# The random image every export starts from.
+IMAGE=$DATA_DIR/random-${SIZE_MIB}M.img
+if [[ ! -f $IMAGE || $(stat -c %s "$IMAGE") -ne $SIZE_BYTES ]]; then
+    log "writing $IMAGE ($SIZE_MIB MiB of random data)"
+    head -c "$SIZE_BYTES" /dev/urandom >"$IMAGE.tmp"
+    mv "$IMAGE.tmp" "$IMAGE"
+fi
+WORK_IMG=$DATA_DIR/work.img
+STORE=$DATA_DIR/blockrep-store
+
+wait_ready() { # port pid-file name
+    local uri=nbd://127.0.0.1:$1/
+    for _ in $(seq 300); do
+        if nbdinfo --size "$uri" >/dev/null 2>&1; then
+            return 0
+        fi
+        if [[ -s $2 ]] && ! kill -0 "$(cat "$2")" 2>/dev/null; then
+            break
+        fi
+        sleep 0.1
+    done
+    die "$3 did not come up on port $1 (log: $RUN_DIR/$3.log)"
+}
+
+# Starts one fresh server with the random image; records its pid in $PID_DIR/<name>.pid.
+start_server() { # name rep
+    local name=$1 rep=$2 port=${PORT[$1]} pidf=$PID_DIR/$1.pid logf=$RUN_DIR/$1.log
+    local img_args=()
+    case $name in
+    nbdkit-file | qemu-*)
+        # A fresh copy of the image on the shared disk, written back before the server
+        # starts.
+        cp --sparse=never "$IMAGE" "$WORK_IMG"
+        sync -f "$WORK_IMG" 2>/dev/null || sync
+        img_args=("$WORK_IMG")
+        ;;
+    esac
+    echo "=== rep $rep: $name on port $port" >>"$logf"
+    case $name in
+    blockrep)
+        rm -rf "$STORE"
+        "$BLOCKREP" create "$STORE" --size "${SIZE_MIB}MiB" "${BLOCKREP_CREATE_ARGS[@]}" \
+            >>"$logf" 2>&1 || die "blockrep create failed (log: $logf)"
+        # setsid: own session, survives the caller's terminal; the pid file is written by
+        # the process that then execs the server, so it is the server's pid.
+        # shellcheck disable=SC2016 # expanded by the inner bash
+        setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$pidf" \
+            "$BLOCKREP" serve "$STORE" --nbd "127.0.0.1:$port" "${BLOCKREP_SERVE_ARGS[@]}" \
+            </dev/null >>"$logf" 2>&1 &
+        ;;
+    nbdkit-file)
+        setsid nbdkit -p "$port" -i 127.0.0.1 -P "$pidf" file "${img_args[@]}" \
+            </dev/null >>"$logf" 2>&1
+        ;;
+    nbdkit-mem)
+        setsid nbdkit -p "$port" -i 127.0.0.1 -P "$pidf" memory "$SIZE_BYTES" \
+            </dev/null >>"$logf" 2>&1
+        ;;
+    qemu-wb-threads | qemu-wb-iouring | qemu-none-iouring)
+        local cache=writeback aio=threads
+        [[ $name == qemu-wb-iouring ]] && aio=io_uring
+        [[ $name == qemu-none-iouring ]] && cache=none aio=io_uring
+        setsid qemu-nbd -f raw --cache=$cache --aio=$aio -b 127.0.0.1 -p "$port" -t \
+            --shared=8 --pid-file="$pidf" --fork "${img_args[@]}" \
+            </dev/null >>"$logf" 2>&1
+        ;;
+    esac
+    wait_ready "$port" "$pidf" "$name"
+    case $name in
+    blockrep | nbdkit-mem)
+        nbdcopy --flush "$IMAGE" "nbd://127.0.0.1:$port/" >>"$logf" 2>&1 \
+            || die "pre-filling $name failed (log: $logf)"
+        ;;
+    esac
+    sleep "$SETTLE"
+}
+
+fio_args() { # workload
+    case $1 in
+    randwrite4k) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+    randread4k) echo "--rw=randread --bs=4k --iodepth=32" ;;
+    seqwrite1m) echo "--rw=write --bs=1M --iodepth=8" ;;
+    fsyncwrite4k) echo "--rw=randwrite --bs=4k --iodepth=1 --fsync=1" ;;
+    esac
+}
+
+ERRORS=0
+echo "server,workload,rep,iops,mib_s,clat_p50_us,clat_p99_us,clat_p999_us,sync_p50_us,sync_p99_us,status" >"$CSV"
+log "results: $CSV, $MD; data: $DATA_DIR; $REPS reps x ${RUNTIME}s; servers: $SERVERS; workloads: $WORKLOADS"
+for rep in $(seq "$REPS"); do
+    for server in $SERVERS; do
+        log "rep $rep/$REPS: $server"
+        start_server "$server" "$rep"
+        for w in $WORKLOADS; do
+            json=$RUN_DIR/$server-$w-$rep.json
+            read -r -a wargs <<<"$(fio_args "$w")"
+            if fio --name="$w" --ioengine=nbd --uri="nbd://127.0.0.1:${PORT[$server]}/" \
+                "${wargs[@]}" --numjobs=1 --size="$SIZE_BYTES" \
+                --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
+                --norandommap --randrepeat=0 \
+                --output-format=json --output="$json" >"$RUN_DIR/$server-$w-$rep.err" 2>&1; then
+                row=$(python3 - "$json" "$w" <<'PY'
+import json, sys
+path, workload = sys.argv[1], sys.argv[2]
+with open(path) as f:
+    text = f.read()
+# fio may print notes before the JSON document.
+job = json.loads(text[text.index("{"):])["jobs"][0]
+d = job["read"] if workload == "randread4k" else job["write"]
+if job.get("error"):
+    raise SystemExit(f"fio job error {job['error']}")
+pct = d["clat_ns"].get("percentile", {})
+us = lambda k: f"{pct[k] / 1000:.0f}" if k in pct else ""
+sync = job.get("sync", {}).get("lat_ns", {})
+spct = sync.get("percentile", {}) if sync.get("N", 0) else {}
+sus = lambda k: f"{spct[k] / 1000:.0f}" if k in spct else ""
+print(",".join([f"{d['iops']:.0f}", f"{d['bw_bytes'] / 1048576:.1f}",
+                us("50.000000"), us("99.000000"), us("99.900000"),
+                sus("50.000000"), sus("99.000000"), "ok"]))
+PY
+                ) || row=",,,,,,,parse-error"
+            else
+                row=",,,,,,,fio-failed"
+            fi
+            [[ $row == *,ok ]] || {
+                ERRORS=$((ERRORS + 1))
+                log "  $w: ${row##*,} (see $RUN_DIR/$server-$w-$rep.err)"
+            }
+            echo "$server,$w,$rep,$row" >>"$CSV"
+            IFS=, read -r iops mibs p50 p99 _ <<<"$row"
+            log "  $w: $iops IOPS, $mibs MiB/s, clat p50 $p50 us, p99 $p99 us"
+        done
+        stop_pidfile "$PID_DIR/$server.pid"
+    done
+done
+
+# Medians and ratios.
+python3 - "$CSV" "$MD" "$REPS" "$RUNTIME" "$SERVERS" "$WORKLOADS" "$DATA_DIR" <<'PY'
+import csv, statistics, subprocess, sys, platform, os
+csv_path, md_path, reps, runtime, servers, workloads, data_dir = sys.argv[1:]
+servers, workloads = servers.split(), workloads.split()
+rows = list(csv.DictReader(open(csv_path)))
+
+def cmd(*a):
+    try:
+        return subprocess.run(a, capture_output=True, text=True).stdout.strip().splitlines()[0]
+    except Exception:
+        return "?"
+
+fs = cmd("sh", "-c", f"df -T {data_dir} | tail -1 | awk '{{print $1\" \"$2}}'")
+head = [
+    f"# NBD peer benchmark {os.path.basename(md_path)[:-3]}",
+    "",
+    f"- method: shared/design/nbd.md §6; fio --ioengine=nbd, 1 job, --time_based --runtime={runtime} "
+    f"--ramp_time=1 --norandommap --randrepeat=0; {reps} interleaved rep(s), medians",
+    f"- machine: {os.cpu_count()} cores, kernel {platform.release()}; data dir {data_dir} on {fs}",
+    f"- tools: {cmd('fio', '--version')}, {cmd('nbdkit', '--version')}, {cmd('qemu-nbd', '--version')}",
+    f"- blockrep: {cmd('git', 'rev-parse', '--short', 'HEAD')}"
+    f"{' (dirty tree)' if cmd('sh', '-c', 'git status --porcelain --untracked-files=no | head -1') not in ('', '?') else ''}"
+    f"; binary target/release/blockrep built {cmd('date', '-r', 'target/release/blockrep', '+%F %T')}",
+    "",
+]
+metric = {"randwrite4k": ("IOPS", "iops"), "randread4k": ("IOPS", "iops"),
+          "seqwrite1m": ("MiB/s", "mib_s"), "fsyncwrite4k": ("write+flush cycles/s", "iops")}
+title = {"randwrite4k": "4 KiB random write, QD32", "randread4k": "4 KiB random read, QD32",
+         "seqwrite1m": "1 MiB sequential write, QD8",
+         "fsyncwrite4k": "4 KiB random write + FLUSH after every write, QD1"}
+
+def med(vals):
+    vals = [float(v) for v in vals if v not in ("", None)]
+    return statistics.median(vals) if vals else None
+
+def fmt(v, nd=0):
+    if v is None:
+        return "n/a"
+    return f"{v:,.{nd}f}".replace(",", " ")
+
+out = head
+for w in workloads:
+    name, key = metric[w]
+    out += [f"## {title[w]} (`{w}`)", ""]
+    cols = ["server", f"{name} (median)", "clat p50 µs", "p99 µs", "p99.9 µs"]
+    if w == "fsyncwrite4k":
+        cols += ["FLUSH p50 µs", "FLUSH p99 µs"]
+    cols += ["× nbdkit-file", "× nbdkit-mem", "per run"]
+    out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    medians = {}
+    for s in servers:
+        rs = [r for r in rows if r["server"] == s and r["workload"] == w and r["status"] == "ok"]
+        medians[s] = med(r[key] for r in rs)
+    for s in servers:
+        rs = [r for r in rows if r["server"] == s and r["workload"] == w]
+        ok = [r for r in rs if r["status"] == "ok"]
+        m = medians[s]
+        nd = 1 if key == "mib_s" else 0
+        cells = [s, fmt(m, nd), fmt(med(r["clat_p50_us"] for r in ok)),
+                 fmt(med(r["clat_p99_us"] for r in ok)), fmt(med(r["clat_p999_us"] for r in ok))]
+        if w == "fsyncwrite4k":
+            cells += [fmt(med(r["sync_p50_us"] for r in ok)), fmt(med(r["sync_p99_us"] for r in ok))]
+        for ref in ("nbdkit-file", "nbdkit-mem"):
+            r = medians.get(ref)
+            cells.append(f"{m / r:.2f}" if m is not None and r else "n/a")
+        cells.append(", ".join(fmt(float(r[key]), nd) if r["status"] == "ok" else r["status"]
+                               for r in sorted(rs, key=lambda r: int(r["rep"]))))
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+bad = [r for r in rows if r["status"] != "ok"]
+if bad:
+    out += [f"**{len(bad)} failed run(s)**: " +
+            ", ".join(f"{r['server']}/{r['workload']}/rep{r['rep']} ({r['status']})" for r in bad), ""]
+out += [f"Per-run data: `{csv_path}`; fio JSON and server logs: `{csv_path[:-4]}/`.", ""]
+text = "\n".join(out)
+open(md_path, "w").write(text)
+print(text)
+PY
+
+log "wrote $MD and $CSV"
+if [[ $ERRORS -gt 0 ]]; then
+    die "$ERRORS run(s) failed; see the table"
+fi

@@ -654,18 +654,18 @@ fn a_unix_listener_never_deletes_a_regular_file_in_its_way() {
         .unwrap();
     // It should refuse at once; give it a few seconds, then stop it either way.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut status = None;
+    let mut exited = false;
     while Instant::now() < deadline {
-        if let Some(st) = child.try_wait().unwrap() {
-            status = Some(st);
+        if child.try_wait().unwrap().is_some() {
+            exited = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    if status.is_none() {
+    if !exited {
         let _ = child.kill();
-        let _ = child.wait();
     }
+    let status = child.wait().unwrap();
     let content = std::fs::read(&file).ok();
     assert_eq!(
         content.as_deref(),
@@ -673,7 +673,10 @@ fn a_unix_listener_never_deletes_a_regular_file_in_its_way() {
         "`serve --nbd unix:{}` deleted (or replaced) the regular file that was there",
         file.display()
     );
-    let status = status.expect("serve kept running on a path that is a regular file");
+    assert!(
+        exited,
+        "serve kept running on a path that is a regular file"
+    );
     assert_eq!(status.code(), Some(1));
 }
 

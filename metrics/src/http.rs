@@ -94,11 +94,7 @@ async fn status(State(a): State<Admin>) -> Json<StatusReport> {
     Json((a.status)())
 }
 
-async fn set_address(
-    State(a): State<Admin>,
-    Path(name): Path<String>,
-    body: String,
-) -> Response {
+async fn set_address(State(a): State<Admin>, Path(name): Path<String>, body: String) -> Response {
     let Some(set) = &a.set_replica_address else {
         return (StatusCode::CONFLICT, "this node is not a primary\n").into_response();
     };

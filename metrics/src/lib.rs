@@ -20,8 +20,8 @@ use prometheus::{
 
 /// Latency buckets from 10 µs to 10 s.
 pub const LATENCY_BUCKETS: [f64; 16] = [
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
-    0.025, 0.05, 0.1, 0.5, 1.0, 10.0,
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.5, 1.0, 10.0,
 ];
 
 /// Every metric family a node exports.
@@ -82,7 +82,10 @@ impl Metrics {
                 &["volume", "op"]
             )?),
             nbd_errors: reg!(IntCounterVec::new(
-                opts("nbd_errors_total", "NBD requests answered with an error, by operation."),
+                opts(
+                    "nbd_errors_total",
+                    "NBD requests answered with an error, by operation."
+                ),
                 &["volume", "op"]
             )?),
             nbd_bytes: reg!(IntCounterVec::new(
@@ -90,7 +93,10 @@ impl Metrics {
                 &["volume", "op"]
             )?),
             nbd_latency: reg!(HistogramVec::new(
-                hist("nbd_request_duration_seconds", "Time from request to reply, by operation."),
+                hist(
+                    "nbd_request_duration_seconds",
+                    "Time from request to reply, by operation."
+                ),
                 &["volume", "op"]
             )?),
             nbd_connections: reg!(IntGaugeVec::new(
@@ -98,7 +104,10 @@ impl Metrics {
                 v
             )?),
             wal_write_latency: reg!(HistogramVec::new(
-                hist("wal_append_duration_seconds", "Time to write one batch of WAL records."),
+                hist(
+                    "wal_append_duration_seconds",
+                    "Time to write one batch of WAL records."
+                ),
                 v
             )?),
             wal_write_bytes: reg!(IntCounterVec::new(
@@ -106,15 +115,24 @@ impl Metrics {
                 v
             )?),
             wal_sync_latency: reg!(HistogramVec::new(
-                hist("wal_fsync_duration_seconds", "Time of one WAL fdatasync (a group commit)."),
+                hist(
+                    "wal_fsync_duration_seconds",
+                    "Time of one WAL fdatasync (a group commit)."
+                ),
                 v
             )?),
             checkpoint_latency: reg!(HistogramVec::new(
-                hist("checkpoint_duration_seconds", "Time of one checkpoint into the data file."),
+                hist(
+                    "checkpoint_duration_seconds",
+                    "Time of one checkpoint into the data file."
+                ),
                 v
             )?),
             wal_bytes_used: reg!(IntGaugeVec::new(
-                opts("wal_used_bytes", "WAL bytes holding entries not yet released."),
+                opts(
+                    "wal_used_bytes",
+                    "WAL bytes holding entries not yet released."
+                ),
                 v
             )?),
             wal_capacity: reg!(IntGaugeVec::new(
@@ -122,27 +140,45 @@ impl Metrics {
                 v
             )?),
             lsn: reg!(IntGaugeVec::new(
-                opts("lsn", "Log sequence numbers: head, durable, committed, checkpoint."),
+                opts(
+                    "lsn",
+                    "Log sequence numbers: head, durable, committed, checkpoint."
+                ),
                 &["volume", "kind"]
             )?),
             barrier_latency: reg!(HistogramVec::new(
-                hist("barrier_duration_seconds", "Time for a FLUSH or FUA to meet the commit mode."),
+                hist(
+                    "barrier_duration_seconds",
+                    "Time for a FLUSH or FUA to meet the commit mode."
+                ),
                 &["volume", "mode"]
             )?),
             barrier_failures: reg!(IntCounterVec::new(
-                opts("barrier_failures_total", "FLUSHes that could not meet the commit mode."),
+                opts(
+                    "barrier_failures_total",
+                    "FLUSHes that could not meet the commit mode."
+                ),
                 &["volume", "mode", "reason"]
             )?),
             replica_durable_lsn: reg!(IntGaugeVec::new(
-                opts("replica_durable_lsn", "Highest LSN a replica reported durable."),
+                opts(
+                    "replica_durable_lsn",
+                    "Highest LSN a replica reported durable."
+                ),
                 vr
             )?),
             replica_lag_lsn: reg!(IntGaugeVec::new(
-                opts("replica_lag_lsn", "Entries the primary has that a replica has not made durable."),
+                opts(
+                    "replica_lag_lsn",
+                    "Entries the primary has that a replica has not made durable."
+                ),
                 vr
             )?),
             replica_lag_bytes: reg!(IntGaugeVec::new(
-                opts("replica_lag_bytes", "WAL bytes a replica has not made durable."),
+                opts(
+                    "replica_lag_bytes",
+                    "WAL bytes a replica has not made durable."
+                ),
                 vr
             )?),
             replica_lag_seconds: reg!(GaugeVec::new(
@@ -153,7 +189,10 @@ impl Metrics {
                 vr
             )?),
             replica_state: reg!(IntGaugeVec::new(
-                opts("replica_state", "1 for the state a replica is in, 0 for the others."),
+                opts(
+                    "replica_state",
+                    "1 for the state a replica is in, 0 for the others."
+                ),
                 &["volume", "replica", "state"]
             )?),
             recovery_sessions: reg!(IntCounterVec::new(
@@ -161,14 +200,23 @@ impl Metrics {
                 &["volume", "outcome"]
             )?),
             rebuild_progress: reg!(GaugeVec::new(
-                opts("rebuild_progress_ratio", "Fraction of the base image sent to a rebuilding replica."),
+                opts(
+                    "rebuild_progress_ratio",
+                    "Fraction of the base image sent to a rebuilding replica."
+                ),
                 vr
             )?),
             rebuild_bytes: reg!(IntGaugeVec::new(
-                opts("rebuild_bytes", "Base image bytes sent to a rebuilding replica."),
+                opts(
+                    "rebuild_bytes",
+                    "Base image bytes sent to a rebuilding replica."
+                ),
                 vr
             )?),
-            epoch: reg!(IntGaugeVec::new(opts("epoch", "The epoch this node serves at."), v)?),
+            epoch: reg!(IntGaugeVec::new(
+                opts("epoch", "The epoch this node serves at."),
+                v
+            )?),
             role: reg!(IntGaugeVec::new(
                 opts("role", "1 for this node's role (primary or replica)."),
                 &["volume", "role"]
@@ -215,7 +263,8 @@ impl Metrics {
     }
 
     pub fn lag_seconds(&self, volume: &str, replica: &str) -> Gauge {
-        self.replica_lag_seconds.with_label_values(&[volume, replica])
+        self.replica_lag_seconds
+            .with_label_values(&[volume, replica])
     }
 }
 
@@ -231,10 +280,16 @@ mod tests {
         h.bytes.inc_by(3 * 4096);
         h.latency.observe(0.0002);
         let text = m.render();
-        assert!(text.contains("blockrep_nbd_requests_total{op=\"write\",volume=\"vol\"} 3"), "{text}");
+        assert!(
+            text.contains("blockrep_nbd_requests_total{op=\"write\",volume=\"vol\"} 3"),
+            "{text}"
+        );
         assert!(text.contains("blockrep_nbd_bytes_total{op=\"write\",volume=\"vol\"} 12288"));
         assert!(text.contains("blockrep_nbd_request_duration_seconds_bucket{op=\"write\",volume=\"vol\",le=\"0.00025\"} 1"));
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             assert!(line.starts_with("blockrep_"), "{line}");
         }
     }

@@ -263,7 +263,7 @@ mod tests {
     }
 
     /// Reference model: one state per block.
-    fn model_apply(model: &mut Vec<Option<u8>>, start: u64, end: u64, v: Option<u8>) {
+    fn model_apply(model: &mut [Option<u8>], start: u64, end: u64, v: Option<u8>) {
         for b in start..end {
             model[b as usize] = v;
         }
@@ -331,7 +331,7 @@ mod tests {
             q in (0u64..100, 1u64..40),
         ) {
             let mut set = RangeSet::default();
-            let mut bits = vec![false; 200];
+            let mut bits = [false; 200];
             for (s, n) in inserts {
                 set.insert(s, s + n);
                 for b in s..s + n { bits[b as usize] = true; }

@@ -239,7 +239,7 @@ impl Superblock {
     /// `self.seq` is advanced first, so the write is newer than anything on disk.
     pub(crate) fn persist(&mut self, file: &File, path: &Path) -> Result<()> {
         self.seq += 1;
-        let slot = (self.seq % 2) as u64;
+        let slot = self.seq % 2;
         file.write_all_at(&self.encode(), slot * SLOT_SIZE as u64)
             .and_then(|_| file.sync_data())
             .map_err(|e| StorageError::io(path, e))
@@ -311,7 +311,7 @@ mod tests {
         sb.checkpoint_lsn = Lsn(99);
         sb.persist(&file, &path).unwrap();
         // Tear the slot just written: the reader must fall back to the other one.
-        let slot = (sb.seq % 2) as u64;
+        let slot = sb.seq % 2;
         file.write_all_at(&[0xff; 100], slot * SLOT_SIZE as u64 + 50)
             .unwrap();
         let after = Superblock::read(&file, &path).unwrap();

@@ -254,13 +254,13 @@ impl Store {
     /// sibling temporary directory and renamed into place, so a crash never leaves a
     /// half-made store under the final name.
     pub fn create(dir: &Path, opts: &CreateOptions) -> Result<VolumeId> {
-        if opts.size == 0 || opts.size % BLOCK_SIZE != 0 {
+        if opts.size == 0 || !opts.size.is_multiple_of(BLOCK_SIZE) {
             return Err(StorageError::BadGeometry(format!(
                 "size {} must be a positive multiple of {BLOCK_SIZE} bytes",
                 opts.size
             )));
         }
-        if opts.wal_capacity < MIN_WAL_CAPACITY || opts.wal_capacity % BLOCK_SIZE != 0 {
+        if opts.wal_capacity < MIN_WAL_CAPACITY || !opts.wal_capacity.is_multiple_of(BLOCK_SIZE) {
             return Err(StorageError::BadGeometry(format!(
                 "WAL size {} must be a multiple of {BLOCK_SIZE} and at least {} MiB",
                 opts.wal_capacity,
@@ -940,7 +940,7 @@ impl Store {
     pub async fn apply_base(&self, offset: u64, len: u64, data: Option<Bytes>) -> Result<()> {
         const MAX_PENDING: u64 = 128 << 20;
         self.check_range(offset, len)?;
-        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+        if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) {
             return Err(StorageError::BadGeometry(
                 "base chunk is not block-aligned".into(),
             ));
@@ -1131,7 +1131,7 @@ impl Store {
         if head_skip != 0 || (len < BLOCK_SIZE && first == end - 1) {
             edges.push(first);
         }
-        if (offset + len) % BLOCK_SIZE != 0 && !edges.contains(&(end - 1)) {
+        if !(offset + len).is_multiple_of(BLOCK_SIZE) && !edges.contains(&(end - 1)) {
             edges.push(end - 1);
         }
         let lsn = if edges.is_empty() {

@@ -228,7 +228,9 @@ fn plausible(rec: &WalRecord, volume_size: u64) -> bool {
     if rec.kind == RecordKind::Wrap {
         return rec.payload.is_empty();
     }
-    let aligned = rec.offset % BLOCK_SIZE == 0 && rec.length % BLOCK_SIZE == 0 && rec.length > 0;
+    let aligned = rec.offset.is_multiple_of(BLOCK_SIZE)
+        && rec.length.is_multiple_of(BLOCK_SIZE)
+        && rec.length > 0;
     let in_range = rec
         .offset
         .checked_add(rec.length)

@@ -2,7 +2,9 @@
 //! engine and replication. Errors become one clear line on stderr; usage errors exit with 2.
 
 mod node;
+mod observe;
 mod offline;
+mod status;
 mod volume;
 
 use std::path::PathBuf;
@@ -60,6 +62,28 @@ enum Command {
         size: Option<u64>,
         #[arg(long, default_value = "auto")]
         io_engine: IoMode,
+        #[command(flatten)]
+        observe: node::ObserveArgs,
+    },
+    /// Show a running node's state: LSNs, WAL, and each replica's state, lag and rebuild
+    /// progress (read from its admin endpoint).
+    Status {
+        /// The node's admin endpoint (its --metrics address).
+        #[arg(long, default_value = node::DEFAULT_PRIMARY_METRICS)]
+        admin: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second, with progress bars for rebuilds.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Tell a running primary where a replica lives now (NAME=HOST:PORT); it reconnects there
+    /// and the replica keeps its identity and progress.
+    SetAddress {
+        replica: String,
+        #[arg(long, default_value = node::DEFAULT_PRIMARY_METRICS)]
+        admin: String,
     },
     /// Print a store's superblock, LSNs and WAL use.
     Inspect {
@@ -143,7 +167,10 @@ fn run(command: Command) -> Result<()> {
             listen,
             size,
             io_engine,
-        } => node::replica(&dir, &listen, size, io_engine),
+            observe,
+        } => node::replica(&dir, &listen, size, io_engine, &observe),
+        Command::Status { admin, json, watch } => status::show(&admin, json, watch),
+        Command::SetAddress { replica, admin } => status::set_address(&admin, &replica),
         Command::Up {
             dir,
             size,

@@ -15,8 +15,54 @@ use blockrep_replication::wire::Body;
 use blockrep_storage::{CreateOptions, Epoch, IoMode, OpenOptions, Role, Store, VolumeId};
 use tokio_util::sync::CancellationToken;
 
+use crate::observe::{NodeKind, StatusSource, VolumeMetrics};
 use crate::volume::StoreVolume;
 use crate::{human, runtime, DEFAULT_NBD};
+
+pub const DEFAULT_PRIMARY_METRICS: &str = "127.0.0.1:9810";
+pub const DEFAULT_REPLICA_METRICS: &str = "127.0.0.1:9811";
+
+#[derive(clap::Args, Clone, Default)]
+pub struct ObserveArgs {
+    /// Where to serve /metrics, /healthz, /readyz and /v1/status (default 127.0.0.1:9810 for
+    /// a primary, :9811 for a replica; a busy default falls back to a free port).
+    #[arg(long)]
+    pub metrics: Option<String>,
+    /// The volume's name in metrics and status (default: its UUID, the same on every copy).
+    #[arg(long)]
+    pub volume_name: Option<String>,
+}
+
+/// Starts the admin endpoint. An explicitly requested address must be free; the default
+/// falls back to any free port (printed), so several nodes can share a host.
+async fn start_admin(
+    args: &ObserveArgs,
+    default: &str,
+    admin: blockrep_metrics::Admin,
+    shutdown: CancellationToken,
+) -> Result<std::net::SocketAddr> {
+    match &args.metrics {
+        Some(addr) => Ok(blockrep_metrics::serve(addr, admin, shutdown).await?),
+        None => match blockrep_metrics::serve(default, admin.clone(), shutdown.clone()).await {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                tracing::info!("{e}; serving metrics on a free port instead");
+                Ok(blockrep_metrics::serve("127.0.0.1:0", admin, shutdown).await?)
+            }
+        },
+    }
+}
+
+fn volume_metrics(store: &Store, args: &ObserveArgs) -> Result<Arc<VolumeMetrics>> {
+    let metrics = Arc::new(blockrep_metrics::Metrics::new().context("metrics")?);
+    let name = args
+        .volume_name
+        .clone()
+        .unwrap_or_else(|| store.volume_id().to_string());
+    let vm = VolumeMetrics::new(metrics, &name);
+    store.set_observer(vm.clone());
+    Ok(vm)
+}
 
 #[derive(clap::Args, Clone)]
 pub struct ServeArgs {
@@ -48,6 +94,11 @@ pub struct ServeArgs {
     /// Promote this store even if it may lack acknowledged data (logged loudly).
     #[arg(long)]
     pub force: bool,
+    /// Limit rebuild traffic to this many bytes per second (0: no limit).
+    #[arg(long, value_parser = crate::parse_size, default_value = "0")]
+    pub rebuild_rate: u64,
+    #[command(flatten)]
+    pub observe: ObserveArgs,
 }
 
 fn parse_replica(s: &str) -> Result<(ReplicaId, String), String> {
@@ -107,6 +158,42 @@ async fn serve_primary(
     } else {
         Some(start_replication(&store, args, mode, epoch, shutdown.clone()).await?)
     };
+    let metrics = volume_metrics(&store, &args.observe)?;
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let source = Arc::new(StatusSource::new(
+        store.clone(),
+        metrics.clone(),
+        NodeKind::Primary {
+            mode,
+            replication: primary.clone(),
+        },
+    ));
+    let known: Vec<String> = args.replicas.iter().map(|(id, _)| id.0.clone()).collect();
+    let set_address = primary.clone().map(|p| {
+        Arc::new(move |name: &str, addr: &str| {
+            if !known.iter().any(|k| k == name) {
+                return Err(format!(
+                    "no replica named {name:?} (known: {})",
+                    known.join(", ")
+                ));
+            }
+            p.set_address(ReplicaId(name.to_string()), addr.to_string());
+            Ok(())
+        }) as Arc<dyn Fn(&str, &str) -> Result<(), String> + Send + Sync>
+    });
+    let status_source = source.clone();
+    let admin_addr = start_admin(
+        &args.observe,
+        DEFAULT_PRIMARY_METRICS,
+        blockrep_metrics::Admin {
+            metrics: metrics.metrics.clone(),
+            status: Arc::new(move || status_source.report()),
+            ready: ready.clone(),
+            set_replica_address: set_address,
+        },
+        shutdown.clone(),
+    )
+    .await?;
     let info = store.info();
     for addr in server.local_addrs() {
         let uri = match &addr {
@@ -122,15 +209,24 @@ async fn serve_primary(
             store.io_engine()
         );
     }
+    println!(
+        "  metrics and status: http://{admin_addr}/metrics  (blockrep status --admin {admin_addr})"
+    );
     if let Some(ListenAddr::Tcp(a)) = server.local_addrs().first() {
         println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'");
     }
     let mut exports = Exports::new();
     exports.add(
         args.export.clone(),
-        Arc::new(StoreVolume::new(store.clone(), primary)),
+        Arc::new(StoreVolume::new(
+            store.clone(),
+            primary,
+            metrics.clone(),
+            mode.name(),
+        )),
     );
-    server.run(exports, shutdown).await?;
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    server.observe(metrics).run(exports, shutdown).await?;
     Ok(())
 }
 
@@ -227,6 +323,7 @@ async fn start_replication(
     );
     cfg.barrier_timeout = args.barrier_timeout_ms;
     cfg.retention_bytes = sb.wal_capacity / 2;
+    cfg.rebuild_rate = args.rebuild_rate;
     let addrs: HashMap<ReplicaId, String> = args.replicas.iter().cloned().collect();
     let handle = driver::primary::start(store.clone(), cfg, addrs, shutdown);
     // Give replicas a moment to answer, so a newer epoch (or a replica of another volume)
@@ -274,7 +371,13 @@ fn install_signal_handlers(shutdown: CancellationToken) -> Result<tokio::task::J
 }
 
 /// `blockrep replica`.
-pub fn replica(dir: &Path, listen: &str, size: Option<u64>, io_mode: IoMode) -> Result<()> {
+pub fn replica(
+    dir: &Path,
+    listen: &str,
+    size: Option<u64>,
+    io_mode: IoMode,
+    observe: &ObserveArgs,
+) -> Result<()> {
     if !dir.exists() {
         let Some(size) = size else {
             bail!(
@@ -300,9 +403,29 @@ pub fn replica(dir: &Path, listen: &str, size: Option<u64>, io_mode: IoMode) -> 
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
+        let metrics = volume_metrics(&store, observe)?;
+        let (status_tx, status_rx) = tokio::sync::watch::channel(Default::default());
+        let source = Arc::new(StatusSource::new(
+            store.clone(),
+            metrics.clone(),
+            NodeKind::Replica { status: status_rx },
+        ));
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let admin_addr = start_admin(
+            observe,
+            DEFAULT_REPLICA_METRICS,
+            blockrep_metrics::Admin {
+                metrics: metrics.metrics.clone(),
+                status: Arc::new(move || source.report()),
+                ready,
+                set_replica_address: None,
+            },
+            shutdown.clone(),
+        )
+        .await?;
         let sb = store.superblock();
         println!(
-            "blockrep: replica {} (volume {}, epoch {}, head {}) listening on {}",
+            "blockrep: replica {} (volume {}, epoch {}, head {}) listening on {}, metrics on http://{admin_addr}",
             dir.display(),
             sb.volume_id,
             sb.epoch,
@@ -312,7 +435,7 @@ pub fn replica(dir: &Path, listen: &str, size: Option<u64>, io_mode: IoMode) -> 
                 .map(|a| a.to_string())
                 .unwrap_or_default()
         );
-        let r = driver::replica::run(store.clone(), listener, shutdown, None).await;
+        let r = driver::replica::run(store.clone(), listener, shutdown, Some(status_tx)).await;
         signals.abort();
         r.map_err(anyhow::Error::from)
     });
@@ -378,6 +501,8 @@ pub fn up(
             commit: Some(commit),
             barrier_timeout_ms: 5000,
             force: false,
+            rebuild_rate: 0,
+            observe: ObserveArgs::default(),
         };
         let r = serve_primary(&primary_dir, store.clone(), &args, shutdown.clone()).await;
         shutdown.cancel();

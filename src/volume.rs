@@ -7,16 +7,31 @@ use blockrep_replication::driver::primary::PrimaryHandle;
 use blockrep_storage::{Lsn, ReadSegment, StorageError, Store};
 use bytes::Bytes;
 
+use crate::observe::VolumeMetrics;
+
 /// A store served over NBD. With a replication handle, FLUSH and FUA are barriers across
 /// the replicas under the volume's commit mode; without one they are the local fsync.
 pub struct StoreVolume {
     store: Arc<Store>,
     primary: Option<PrimaryHandle>,
+    metrics: Arc<VolumeMetrics>,
+    /// The commit mode's name, for the barrier metrics.
+    mode: &'static str,
 }
 
 impl StoreVolume {
-    pub fn new(store: Arc<Store>, primary: Option<PrimaryHandle>) -> StoreVolume {
-        StoreVolume { store, primary }
+    pub fn new(
+        store: Arc<Store>,
+        primary: Option<PrimaryHandle>,
+        metrics: Arc<VolumeMetrics>,
+        mode: &'static str,
+    ) -> StoreVolume {
+        StoreVolume {
+            store,
+            primary,
+            metrics,
+            mode,
+        }
     }
 
     /// Writes are refused once a newer primary has fenced this one.
@@ -29,9 +44,24 @@ impl StoreVolume {
         }
     }
 
-    /// Makes everything through `target` durable as the commit mode demands: the local WAL
-    /// fsync always (it gates everything), and the replicas' acknowledgements if replicated.
+    /// Makes everything through `target` durable as the commit mode demands (see
+    /// `commit_inner`), and records how long that took and why it failed.
     async fn commit(&self, target: Lsn) -> VolumeResult<()> {
+        let started = std::time::Instant::now();
+        let result = self.commit_inner(target).await;
+        let failure = result.as_ref().err().map(|e| match e {
+            VolumeError::Io(msg) if msg.contains("fenced") => "fenced",
+            VolumeError::Io(msg) if msg.contains("quorum_lost") => "quorum_lost",
+            VolumeError::Io(msg) if msg.contains("replica_missing") => "replica_missing",
+            _ => "local",
+        });
+        self.metrics.barrier(self.mode, started.elapsed(), failure);
+        result
+    }
+
+    /// The local WAL fsync always (it gates everything), and the replicas' acknowledgements
+    /// if replicated.
+    async fn commit_inner(&self, target: Lsn) -> VolumeResult<()> {
         let Some(primary) = &self.primary else {
             return self.store.wait_durable(target).await.map_err(volume_error);
         };

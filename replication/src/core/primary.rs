@@ -316,6 +316,8 @@ pub struct RebuildProgress {
     pub bytes_total: u64,
     /// Asked to finish through this LSN.
     pub finishing: Option<Lsn>,
+    /// When it started (the core's clock), for rates and ETAs.
+    pub started: Millis,
 }
 
 #[derive(Debug)]
@@ -713,7 +715,10 @@ impl PrimaryCore {
         let Some(session) = self.peers[i].session else {
             return;
         };
-        self.peers[i].rebuild = Some(RebuildProgress::default());
+        self.peers[i].rebuild = Some(RebuildProgress {
+            started: now,
+            ..RebuildProgress::default()
+        });
         self.counters.rebuilds_started += 1;
         self.set_state(
             i,

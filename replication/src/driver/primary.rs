@@ -45,6 +45,13 @@ pub struct PrimaryStatus {
     pub committed: Lsn,
     pub fenced: Option<Epoch>,
     pub peers: Vec<PeerStatus>,
+    /// Per peer (same order): seconds since the oldest entry it has not made durable was
+    /// appended (0 when it has everything).
+    pub lag_seconds: Vec<f64>,
+    /// Where each replica lives now.
+    pub addresses: HashMap<ReplicaId, String>,
+    /// The core's clock when this was published (rebuild progress `started` is on it).
+    pub now: u64,
     pub counters: PrimaryCounters,
 }
 
@@ -150,6 +157,7 @@ pub fn start(
         status,
         start,
         last_logged: HashMap::new(),
+        appended_at: std::collections::VecDeque::new(),
     };
     tokio::spawn(driver.run(rx, shutdown));
     handle
@@ -169,6 +177,9 @@ struct Driver {
     status: Arc<Mutex<PrimaryStatus>>,
     start: tokio::time::Instant,
     last_logged: HashMap<ReplicaId, String>,
+    /// When entries were appended (the last LSN of each batch, sampled): the age of the
+    /// oldest entry a replica lacks is its lag in seconds.
+    appended_at: std::collections::VecDeque<(Lsn, tokio::time::Instant)>,
 }
 
 impl Driver {
@@ -188,6 +199,9 @@ impl Driver {
                 n = self.tap.recv_many(&mut batch, 256) => {
                     if n == 0 {
                         break; // the store closed
+                    }
+                    if let Some(last) = batch.last() {
+                        self.note_appended(last.lsn);
                     }
                     Event::Appended { records: std::mem::take(&mut batch) }
                 }
@@ -215,10 +229,15 @@ impl Driver {
                     Event::Tick { now: millis(self.start), pinned_bytes }
                 }
             };
+            // Appends are the hot path; the status is refreshed by every other event and by
+            // the tick (every 50 ms) anyway.
+            let quiet = matches!(event, Event::Appended { .. });
             for action in self.core.step(event) {
                 self.execute(action);
             }
-            self.publish();
+            if !quiet {
+                self.publish();
+            }
         }
         for (_, c) in self.conns.drain() {
             if let Some(r) = c.reader {
@@ -227,13 +246,53 @@ impl Driver {
         }
     }
 
+    fn note_appended(&mut self, lsn: Lsn) {
+        const MAX_SAMPLES: usize = 100_000;
+        let now = tokio::time::Instant::now();
+        // One sample per millisecond is plenty for a lag in seconds.
+        if self
+            .appended_at
+            .back()
+            .is_none_or(|(_, t)| now.duration_since(*t) >= Duration::from_millis(1))
+        {
+            self.appended_at.push_back((lsn, now));
+        } else if let Some(last) = self.appended_at.back_mut() {
+            last.0 = lsn;
+        }
+        // Forget what every replica already has (and bound the memory either way).
+        let min_durable = self.core.peers().iter().map(|p| p.durable).min();
+        while self.appended_at.len() > MAX_SAMPLES
+            || self
+                .appended_at
+                .front()
+                .zip(min_durable)
+                .is_some_and(|((l, _), d)| *l <= d)
+        {
+            self.appended_at.pop_front();
+        }
+    }
+
+    /// Seconds since the first entry after `durable` was appended.
+    fn lag_seconds(&self, durable: Lsn) -> f64 {
+        if durable >= self.core.head() {
+            return 0.0;
+        }
+        let first_missing = self.appended_at.iter().find(|(l, _)| *l > durable);
+        first_missing.map_or(0.0, |(_, t)| t.elapsed().as_secs_f64())
+    }
+
     fn publish(&self) {
+        let peers = self.core.peers();
+        let lag_seconds = peers.iter().map(|p| self.lag_seconds(p.durable)).collect();
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.epoch = self.core.epoch();
         s.head = self.core.head();
         s.committed = self.core.committed();
         s.fenced = self.core.fenced();
-        s.peers = self.core.peers();
+        s.peers = peers;
+        s.lag_seconds = lag_seconds;
+        s.addresses = self.addrs.clone();
+        s.now = millis(self.start);
         s.counters = self.core.counters().clone();
     }
 

@@ -15,7 +15,7 @@ use crate::core::replica::{Action, ConnId, Event, ReplicaCore, ReplicaState};
 use crate::wire::{Body, Frame, RejectReason};
 
 /// What a replica node reports about itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ReplicaStatus {
     pub epoch: blockrep_storage::Epoch,
     pub head: blockrep_storage::Lsn,

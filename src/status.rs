@@ -37,7 +37,7 @@ pub fn show(admin: &str, json: bool, watch: bool) -> Result<()> {
         };
         if watch {
             // Clear the screen and redraw.
-            print!("\x1b[2J\x1b[H{text}\n");
+            println!("\x1b[2J\x1b[H{text}");
             std::io::stdout().flush()?;
             std::thread::sleep(Duration::from_secs(1));
         } else {

@@ -97,19 +97,20 @@ fn handshake_survives_random_clients() {
 }
 
 /// Writes generator cases as a seed corpus for the cargo-fuzz targets (libFuzzer finds the
-/// 8-byte IHAVEOPT magic slowly on its own; seeds plus `-dict=nbd.dict` fix that):
+/// 8-byte IHAVEOPT magic slowly on its own; seeds plus `-dict=nbd.dict` fix that). By
+/// default into a temporary directory, which checks that the corpus can be written; to seed
+/// cargo fuzz:
 ///
 ///     BLOCKREP_FUZZ_WRITE_SEEDS=fuzz/corpus cargo test -p blockrep-frontend \
-///         --test decoder_fuzz write_seed_corpus -- --ignored
+///         --test decoder_fuzz write_seed_corpus
 ///
 /// (a relative path is relative to `frontend/`; `fuzz/corpus` is git-ignored).
 #[test]
-#[ignore = "writes files; run by hand to seed cargo fuzz"]
 fn write_seed_corpus() {
-    let dir = std::path::PathBuf::from(
-        std::env::var_os("BLOCKREP_FUZZ_WRITE_SEEDS")
-            .expect("set BLOCKREP_FUZZ_WRITE_SEEDS to the corpus directory"),
-    );
+    let tmp = std::env::temp_dir().join(format!("blockrep-seeds-{}", std::process::id()));
+    let dir = std::env::var_os("BLOCKREP_FUZZ_WRITE_SEEDS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tmp.clone());
     let mut rng = Rng::new(seed());
     let decoder = dir.join("request_decoder");
     std::fs::create_dir_all(&decoder).unwrap();
@@ -137,5 +138,10 @@ fn write_seed_corpus() {
         std::fs::write(handshake.join(format!("seed-{written:03}")), input).unwrap();
         written += 1;
     }
+    for target in ["request_decoder", "handshake"] {
+        let n = std::fs::read_dir(dir.join(target)).unwrap().count();
+        assert_eq!(n, 200, "{target} seeds");
+    }
     eprintln!("wrote 200 + 200 seeds under {}", dir.display());
+    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -9,6 +9,8 @@
 mod plain;
 mod uring;
 
+pub(crate) use uring::ThreadRing;
+
 use std::fs::File;
 use std::future::Future;
 use std::io;
@@ -72,9 +74,6 @@ pub(crate) enum IoOp {
         offset: u64,
         bufs: Vec<Bytes>,
     },
-    DataSync {
-        file: Arc<File>,
-    },
     Allocate {
         file: Arc<File>,
         mode: Allocate,
@@ -121,6 +120,15 @@ impl IoEngine {
         })
     }
 
+    /// A ring for a dedicated I/O thread, when this engine uses io_uring (`None`: plain
+    /// syscalls on that thread).
+    pub(crate) fn thread_ring(&self) -> Option<ThreadRing> {
+        match *self.backend {
+            Backend::Uring(_) => ThreadRing::new().ok(),
+            Backend::Plain(_) => None,
+        }
+    }
+
     /// The backend actually in use: "io_uring" or "plain".
     pub fn name(&self) -> &'static str {
         match *self.backend {
@@ -156,10 +164,6 @@ impl IoEngine {
             offset,
             bufs,
         })
-    }
-
-    pub(crate) fn datasync(&self, file: &Arc<File>) -> Completion {
-        self.submit(IoOp::DataSync { file: file.clone() })
     }
 
     pub(crate) fn allocate(
@@ -235,6 +239,56 @@ fn io_stopped() -> io::Error {
     io::Error::other("the I/O thread stopped before completing the request")
 }
 
+/// Writes `bufs` back to back at `offset` with `pwritev` on the calling thread (for the
+/// dedicated I/O threads, which gain nothing from handing their own writes to another thread).
+pub(crate) fn pwritev_all(file: &File, offset: u64, bufs: &[Bytes]) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let mut skip = 0usize; // bytes of `bufs` already written
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    while skip < total {
+        let mut iov = Vec::with_capacity(bufs.len().min(1024));
+        let mut s = skip;
+        for b in bufs {
+            if iov.len() == 1024 {
+                break;
+            }
+            if s >= b.len() {
+                s -= b.len();
+                continue;
+            }
+            iov.push(libc::iovec {
+                iov_base: b[s..].as_ptr() as *mut _,
+                iov_len: b.len() - s,
+            });
+            s = 0;
+        }
+        // SAFETY: every iovec points into a live `Bytes` of `bufs` for the whole call.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                (offset + skip as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
+        }
+        skip += n as usize;
+    }
+    Ok(())
+}
+
 /// Runs one operation synchronously with plain syscalls. The plain backend uses it for
 /// everything; the io_uring backend uses it to finish the rare short transfer.
 pub(crate) fn run_blocking(op: &IoOp) -> IoResult {
@@ -262,7 +316,6 @@ pub(crate) fn run_blocking(op: &IoOp) -> IoResult {
             }
             Ok(Bytes::new())
         }
-        IoOp::DataSync { file } => file.sync_data().map(|_| Bytes::new()),
         IoOp::Allocate {
             file,
             mode,
@@ -308,7 +361,7 @@ mod tests {
         let a = Bytes::from(vec![1u8; 4096]);
         let b = Bytes::from(vec![2u8; 8192]);
         io.write(&file, 4096, vec![a, b]).wait().unwrap();
-        io.datasync(&file).wait().unwrap();
+        file.sync_data().unwrap();
         let got = io.read(&file, 0, 16384).wait().unwrap();
         assert_eq!(&got[..4096], &[0u8; 4096][..]);
         assert_eq!(&got[4096..8192], &[1u8; 4096][..]);

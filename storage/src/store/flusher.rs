@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use super::Shared;
 use crate::dirty::{BlockState, DirtyMap};
-use crate::io::{Allocate, Completion};
+use crate::io::{Allocate, ThreadRing};
 use crate::types::BLOCK_SIZE;
 
 /// Start a checkpoint once the WAL is this full, so writers rarely wait for space.
@@ -23,6 +23,8 @@ const MAX_WRITE: u64 = 16 << 20;
 const MAX_OUTSTANDING: usize = 64;
 
 pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
+    // Like the WAL writer, the flusher does its own I/O (its own ring, or plain syscalls).
+    let mut ring = shared.io.thread_ring();
     loop {
         {
             let mut core = shared.lock_core();
@@ -42,7 +44,7 @@ pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
             }
         }
         let started = std::time::Instant::now();
-        let result = shared.checkpoint();
+        let result = shared.checkpoint_with(ring.as_mut());
         if result.is_ok() {
             shared.observer().checkpoint(started.elapsed());
         }
@@ -54,9 +56,14 @@ pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
 }
 
 impl Shared {
+    /// One checkpoint with plain syscalls (from threads without a ring of their own).
+    pub(crate) fn checkpoint(&self) -> Result<(), String> {
+        self.checkpoint_with(None)
+    }
+
     /// One checkpoint (see the module doc). Returns an error message on I/O failure.
     /// Serialized by `checkpoint_lock`, so `close` can run a last one safely.
-    pub(crate) fn checkpoint(&self) -> Result<(), String> {
+    pub(crate) fn checkpoint_with(&self, mut ring: Option<&mut ThreadRing>) -> Result<(), String> {
         let _one_at_a_time = self
             .checkpoint_lock
             .lock()
@@ -75,11 +82,12 @@ impl Shared {
             (core.next_lsn.prev(), core.head, frozen, core.last_epoch)
         };
         self.wait_durable_blocking(target)?;
-        self.write_to_data_file(&frozen)?;
-        self.io
-            .datasync(&self.data)
-            .wait()
-            .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
+        self.write_to_data_file(&frozen, ring.as_deref_mut())?;
+        match ring {
+            Some(r) => r.write_runs(&self.data, &[], true),
+            None => self.data.sync_data(),
+        }
+        .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
         // The WAL before the checkpoint may go, except what a lagging replica still needs.
         let (new_tail, new_tail_lsn, committed, history) = {
             let core = self.lock_core();
@@ -115,21 +123,26 @@ impl Shared {
         Ok(())
     }
 
-    fn write_to_data_file(&self, frozen: &DirtyMap) -> Result<(), String> {
+    fn write_to_data_file(
+        &self,
+        frozen: &DirtyMap,
+        mut ring: Option<&mut ThreadRing>,
+    ) -> Result<(), String> {
         let path = self.data_path.display();
-        let mut pending: Vec<Completion> = Vec::new();
+        let mut runs: Vec<(u64, Vec<Bytes>)> = Vec::new();
         let mut run: Vec<Bytes> = Vec::new();
         let mut run_start = 0u64;
         let mut run_end = 0u64;
         let mut run_bytes = 0u64;
-        let wait_all = |pending: &mut Vec<Completion>| -> Result<(), String> {
-            let mut first = None;
-            for c in pending.drain(..) {
-                if let Err(e) = c.wait() {
-                    first.get_or_insert(format!("write {path}: {e}"));
-                }
-            }
-            first.map_or(Ok(()), Err)
+        let mut flush = |runs: &mut Vec<(u64, Vec<Bytes>)>| -> Result<(), String> {
+            let result = match ring.as_deref_mut() {
+                Some(r) => r.write_runs(&self.data, runs, false),
+                None => runs
+                    .iter()
+                    .try_for_each(|(at, bufs)| crate::io::pwritev_all(&self.data, *at, bufs)),
+            };
+            runs.clear();
+            result.map_err(|e| format!("write {path}: {e}"))
         };
         for (start, extent) in frozen.iter() {
             match &extent.state {
@@ -139,11 +152,7 @@ impl Shared {
                         && run.len() < MAX_IOVECS
                         && run_bytes < MAX_WRITE;
                     if !joins && !run.is_empty() {
-                        pending.push(self.io.write(
-                            &self.data,
-                            run_start * BLOCK_SIZE,
-                            std::mem::take(&mut run),
-                        ));
+                        runs.push((run_start * BLOCK_SIZE, std::mem::take(&mut run)));
                         run_bytes = 0;
                     }
                     if run.is_empty() {
@@ -167,14 +176,14 @@ impl Shared {
                     }
                 }
             }
-            if pending.len() >= MAX_OUTSTANDING {
-                wait_all(&mut pending)?;
+            if runs.len() >= MAX_OUTSTANDING {
+                flush(&mut runs)?;
             }
         }
         if !run.is_empty() {
-            pending.push(self.io.write(&self.data, run_start * BLOCK_SIZE, run));
+            runs.push((run_start * BLOCK_SIZE, run));
         }
-        wait_all(&mut pending)
+        flush(&mut runs)
     }
 
     fn write_zeroes_blocking(&self, offset: u64, len: u64) -> Result<(), String> {

@@ -25,6 +25,9 @@ pub(crate) const BATCH_BYTES: u64 = 1 << 20;
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 pub(crate) fn run(shared: Arc<Shared>) {
+    // This thread does its own I/O: through its own ring with io_uring, or plain syscalls.
+    // Handing the writes to another thread cost two context switches per group commit.
+    let mut ring = shared.io.thread_ring();
     loop {
         let (batch, hint, want_sync) = {
             let mut core = shared.lock_core();
@@ -71,20 +74,27 @@ pub(crate) fn run(shared: Arc<Shared>) {
             .map(|q| q.record.lsn);
         let observer = shared.observer();
         let started = std::time::Instant::now();
-        let mut result = write_batch(&shared, &batch, hint);
+        let runs = batch_runs(&shared, &batch, hint);
+        let result = match &mut ring {
+            Some(r) => r.write_runs(&shared.wal, &runs, want_sync),
+            None => runs
+                .iter()
+                .try_for_each(|(at, bufs)| crate::io::pwritev_all(&shared.wal, *at, bufs))
+                .and_then(|_| {
+                    if want_sync {
+                        shared.wal.sync_data()
+                    } else {
+                        Ok(())
+                    }
+                }),
+        }
+        .map_err(|e| format!("write or fdatasync {}: {e}", shared.wal_path.display()));
         if result.is_ok() && !batch.is_empty() {
             let bytes = batch.iter().map(|q| q.record.encoded_len()).sum();
             observer.wal_write(bytes, started.elapsed());
-        }
-        if result.is_ok() && want_sync {
-            let started = std::time::Instant::now();
-            result = shared
-                .io
-                .datasync(&shared.wal)
-                .wait()
-                .map(|_| ())
-                .map_err(|e| format!("fdatasync {}: {e}", shared.wal_path.display()));
-            observer.wal_sync(started.elapsed());
+            if want_sync {
+                observer.wal_sync(started.elapsed());
+            }
         }
         let mut core = shared.lock_core();
         match result {
@@ -111,14 +121,14 @@ pub(crate) fn run(shared: Arc<Shared>) {
     }
 }
 
-/// Writes the batch: one vectored write per physically contiguous run of records.
-fn write_batch(
+/// The batch as file writes: one vectored write per physically contiguous run of records.
+fn batch_runs(
     shared: &Shared,
     batch: &[super::core::Queued],
     (durable_hint, commit_hint, generation): (Lsn, Lsn, u16),
-) -> Result<(), String> {
+) -> Vec<(u64, Vec<Bytes>)> {
     if batch.is_empty() {
-        return Ok(());
+        return Vec::new();
     }
     let mut headers = BytesMut::with_capacity(batch.len() * HEADER_LEN);
     for q in batch {
@@ -136,11 +146,7 @@ fn write_batch(
         let at = shared.layout.file_offset(q.pos);
         let contiguous = !run.is_empty() && at == run_end && run.len() + 2 <= MAX_IOVECS;
         if !contiguous && !run.is_empty() {
-            pending.push(
-                shared
-                    .io
-                    .write(&shared.wal, run_at, std::mem::take(&mut run)),
-            );
+            pending.push((run_at, std::mem::take(&mut run)));
         }
         if run.is_empty() {
             run_at = at;
@@ -154,13 +160,7 @@ fn write_batch(
         }
     }
     if !run.is_empty() {
-        pending.push(shared.io.write(&shared.wal, run_at, run));
+        pending.push((run_at, run));
     }
-    let mut first_err = None;
-    for c in pending {
-        if let Err(e) = c.wait() {
-            first_err.get_or_insert_with(|| format!("write {}: {e}", shared.wal_path.display()));
-        }
-    }
-    first_err.map_or(Ok(()), Err)
+    pending
 }

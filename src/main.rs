@@ -1,10 +1,12 @@
 //! The `blockrep` binary: the command line, and the wiring of the NBD frontend, the storage
 //! engine and replication. Errors become one clear line on stderr; usage errors exit with 2.
 
+mod config;
 mod node;
 mod observe;
 mod offline;
 mod status;
+mod systemd;
 mod volume;
 
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ use anyhow::{Context, Result};
 use blockrep_frontend::ListenAddr;
 use blockrep_replication::core::CommitMode;
 use blockrep_storage::{CreateOptions, IoMode, Store};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 const DEFAULT_NBD: &str = "127.0.0.1:10809";
 
@@ -46,16 +48,24 @@ enum Command {
     },
     /// Serve the volume in DIR over NBD (as its primary, replicating to --replica nodes).
     Serve {
-        dir: PathBuf,
+        /// The store (may come from the config file's `dir`).
+        dir: Option<PathBuf>,
+        /// Settings in TOML; flags on the command line override them.
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[command(flatten)]
         serve: node::ServeArgs,
     },
     /// Run a replica node: receive a primary's WAL into the store in DIR.
     Replica {
-        dir: PathBuf,
+        /// The store (may come from the config file's `dir`).
+        dir: Option<PathBuf>,
+        /// Settings in TOML; flags on the command line override them.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Where primaries connect: host:port.
         #[arg(long)]
-        listen: String,
+        listen: Option<String>,
         /// Create a blank store of this size if DIR does not exist (it joins the volume of
         /// the first primary that connects).
         #[arg(long, value_parser = parse_size)]
@@ -126,7 +136,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -134,7 +148,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match run(cli.command) {
+    match run(cli.command, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blockrep: error: {e:#}");
@@ -143,7 +157,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> Result<()> {
+fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
+    let sub = |name: &str| {
+        matches
+            .subcommand_matches(name)
+            .cloned()
+            .unwrap_or_default()
+    };
     match command {
         Command::Create {
             dir,
@@ -161,14 +181,43 @@ fn run(command: Command) -> Result<()> {
             println!("created volume {id} ({}) in {}", human(size), dir.display());
             Ok(())
         }
-        Command::Serve { dir, serve } => node::serve(&dir, &serve),
+        Command::Serve {
+            mut dir,
+            config,
+            mut serve,
+        } => {
+            if let Some(path) = &config {
+                let file = config::ConfigFile::load(path)?;
+                config::apply_serve(&sub("serve"), &file, &mut dir, &mut serve)?;
+            }
+            let dir = dir.context("no store: give DIR, or `dir` in the config file")?;
+            node::serve(&dir, &serve)
+        }
         Command::Replica {
-            dir,
-            listen,
-            size,
-            io_engine,
-            observe,
-        } => node::replica(&dir, &listen, size, io_engine, &observe),
+            mut dir,
+            config,
+            mut listen,
+            mut size,
+            mut io_engine,
+            mut observe,
+        } => {
+            if let Some(path) = &config {
+                let file = config::ConfigFile::load(path)?;
+                config::apply_replica(
+                    &sub("replica"),
+                    &file,
+                    &mut dir,
+                    &mut listen,
+                    &mut size,
+                    &mut io_engine,
+                    &mut observe,
+                )?;
+            }
+            let dir = dir.context("no store: give DIR, or `dir` in the config file")?;
+            let listen =
+                listen.context("no --listen address (flag or `listen` in the config file)")?;
+            node::replica(&dir, &listen, size, io_engine, &observe)
+        }
         Command::Status { admin, json, watch } => status::show(&admin, json, watch),
         Command::SetAddress { replica, admin } => status::set_address(&admin, &replica),
         Command::Up {

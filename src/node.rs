@@ -101,7 +101,7 @@ pub struct ServeArgs {
     pub observe: ObserveArgs,
 }
 
-fn parse_replica(s: &str) -> Result<(ReplicaId, String), String> {
+pub(crate) fn parse_replica(s: &str) -> Result<(ReplicaId, String), String> {
     let (name, addr) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not NAME=HOST:PORT (for example r1=10.0.0.2:10900)"))?;
@@ -226,7 +226,10 @@ async fn serve_primary(
         )),
     );
     ready.store(true, std::sync::atomic::Ordering::Release);
+    crate::systemd::ready(&format!("serving {} at epoch {epoch}", dir.display()));
+    crate::systemd::spawn_watchdog();
     server.observe(metrics).run(exports, shutdown).await?;
+    crate::systemd::stopping();
     Ok(())
 }
 
@@ -435,7 +438,10 @@ pub fn replica(
                 .map(|a| a.to_string())
                 .unwrap_or_default()
         );
+        crate::systemd::ready(&format!("replica of {} listening", sb.volume_id));
+        crate::systemd::spawn_watchdog();
         let r = driver::replica::run(store.clone(), listener, shutdown, Some(status_tx)).await;
+        crate::systemd::stopping();
         signals.abort();
         r.map_err(anyhow::Error::from)
     });

@@ -29,7 +29,8 @@
 #   nbdkit-mem         nbdkit memory 1G
 #
 # Environment:
-#   REPS (3)  RUNTIME (10 s)  RAMP (1 s)  SETTLE (2 s pause after pre-fill, before fio)
+#   REPS (3)  RUNTIME (10 s)  RAMP (1 s)  SETTLE (2 s pause after pre-fill, before fio;
+#             blockrep first waits until its checkpoint has moved the pre-fill out of the WAL)
 #   WORKLOADS, SERVERS (as above)
 #   SIZE_MIB (1024)           export size
 #   BENCH_DATA_DIR            backing files, blockrep store, random image
@@ -188,7 +189,8 @@ start_server() { # name rep
         # the process that then execs the server, so it is the server's pid.
         # shellcheck disable=SC2016 # expanded by the inner bash
         setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$pidf" \
-            "$BLOCKREP" serve "$STORE" --nbd "127.0.0.1:$port" "${BLOCKREP_SERVE_ARGS[@]}" \
+            "$BLOCKREP" serve "$STORE" --nbd "127.0.0.1:$port" --metrics "127.0.0.1:$((port + 500))" \
+            "${BLOCKREP_SERVE_ARGS[@]}" \
             </dev/null >>"$logf" 2>&1 &
         ;;
     nbdkit-file)
@@ -215,6 +217,17 @@ start_server() { # name rep
             || die "pre-filling $name failed (log: $logf)"
         ;;
     esac
+    if [[ $name == blockrep ]]; then
+        # The pre-fill sits in blockrep's WAL until a checkpoint writes it to the data file
+        # (nbdkit-file did that write during its own pre-fill): wait until the WAL is empty
+        # so every server starts from a settled disk.
+        for _ in $(seq 600); do
+            used=$("$BLOCKREP" status --admin "127.0.0.1:$((port + 500))" --json 2>/dev/null \
+                | python3 -c 'import json,sys; print(json.load(sys.stdin)["wal_used_bytes"])' 2>/dev/null || echo x)
+            [[ $used == 0 ]] && break
+            sleep 0.1
+        done
+    fi
     sleep "$SETTLE"
 }
 

@@ -81,7 +81,14 @@ impl Shared {
             core.flushing = Some(frozen.clone());
             (core.next_lsn.prev(), core.head, frozen, core.last_epoch)
         };
-        self.wait_durable_blocking(target)?;
+        // The data file's own fsync makes these entries durable; the WAL only has to be
+        // durable first when entries before the checkpoint stay in it for a lagging replica
+        // (replay then reads through them, so they must be intact). Skipping that sync keeps
+        // flush-free workloads from writing every byte to disk twice.
+        let keeps_older = self.lock_core().retention_pin.is_some_and(|p| p <= target);
+        if keeps_older {
+            self.wait_durable_blocking(target)?;
+        }
         self.write_to_data_file(&frozen, ring.as_deref_mut())?;
         match ring {
             Some(r) => r.write_runs(&self.data, &[], true),
@@ -117,6 +124,15 @@ impl Shared {
             core.checkpoint_lsn = target;
             core.flushing = None;
             core.checkpoint_gen += 1;
+            // Everything through the checkpoint is durable now (in the data file), whether or
+            // not its WAL records were ever synced. Only after the superblock says so: a
+            // record's durable hint must never run ahead of what recovery will know.
+            if target > core.durable {
+                core.durable = target;
+                self.durable
+                    .store(target.0, std::sync::atomic::Ordering::Release);
+                core.complete_waiters();
+            }
         }
         self.space.notify_waiters();
         tracing::debug!(lsn = target.0, "checkpoint");

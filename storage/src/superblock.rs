@@ -241,7 +241,7 @@ impl Superblock {
         self.seq += 1;
         let slot = self.seq % 2;
         file.write_all_at(&self.encode(), slot * SLOT_SIZE as u64)
-            .and_then(|_| file.sync_data())
+            .and_then(|_| crate::io::sync_data(file))
             .map_err(|e| StorageError::io(path, e))
     }
 

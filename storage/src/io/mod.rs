@@ -239,6 +239,18 @@ fn io_stopped() -> io::Error {
     io::Error::other("the I/O thread stopped before completing the request")
 }
 
+/// Whether this build skips the fsyncs that make data durable. Only the power-loss tests build
+/// with the `no-fsync` feature, to prove their harness catches a store that forgets to sync.
+pub(crate) const SKIP_FSYNC: bool = cfg!(feature = "no-fsync");
+
+/// fdatasync, unless this is the `no-fsync` test build.
+pub(crate) fn sync_data(file: &File) -> io::Result<()> {
+    if SKIP_FSYNC {
+        return Ok(());
+    }
+    file.sync_data()
+}
+
 /// Writes `bufs` back to back at `offset` with `pwritev` on the calling thread (for the
 /// dedicated I/O threads, which gain nothing from handing their own writes to another thread).
 pub(crate) fn pwritev_all(file: &File, offset: u64, bufs: &[Bytes]) -> io::Result<()> {

@@ -425,7 +425,7 @@ impl ThreadRing {
                 super::pwritev_all(file, offset + done as u64, &rest)?;
             }
         }
-        if sync {
+        if sync && !super::SKIP_FSYNC {
             let sqe = opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()

@@ -92,7 +92,7 @@ impl Shared {
         self.write_to_data_file(&frozen, ring.as_deref_mut())?;
         match ring {
             Some(r) => r.write_runs(&self.data, &[], true),
-            None => self.data.sync_data(),
+            None => crate::io::sync_data(&self.data),
         }
         .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
         // The WAL before the checkpoint may go, except what a lagging replica still needs.

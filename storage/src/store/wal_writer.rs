@@ -82,7 +82,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 .try_for_each(|(at, bufs)| crate::io::pwritev_all(&shared.wal, *at, bufs))
                 .and_then(|_| {
                     if want_sync {
-                        shared.wal.sync_data()
+                        crate::io::sync_data(&shared.wal)
                     } else {
                         Ok(())
                     }

@@ -248,25 +248,54 @@ async fn choose_epoch(
     let me = Facts {
         name: dir.display().to_string(),
         head: store.head(),
+        head_epoch: store.head_epoch(),
         committed: store.committed(),
         epoch: sb.epoch,
         needs_rebuild: false,
     };
+    // First look without disturbing anyone: a promotion that cannot pass leaves the running
+    // primary alone.
+    let members = probe_members(args, sb.epoch, None, sb.volume_id).await;
+    decide_promotion(dir, &me, &members, args, mode)?;
+    // Then fence the members at the new epoch and decide again on what they hold once the
+    // old primary can no longer add to it.
+    let epoch = match args.epoch.map(Epoch) {
+        Some(e) if e < promotion::next_epoch(&me, &members) => bail!(
+            "--epoch {e} is not above epoch {} that this volume has already seen",
+            promotion::next_epoch(&me, &members).0 - 1
+        ),
+        Some(e) => e,
+        None => promotion::next_epoch(&me, &members),
+    };
+    let fenced = probe_members(args, epoch, Some(sb.store_id), sb.volume_id).await;
+    decide_promotion(dir, &me, &fenced, args, mode)?;
+    Ok(Some(epoch))
+}
+
+/// Probes every configured replica; those that answer for our volume are the members.
+async fn probe_members(
+    args: &ServeArgs,
+    epoch: Epoch,
+    fence: Option<blockrep_storage::VolumeId>,
+    volume: blockrep_storage::VolumeId,
+) -> Vec<Facts> {
     let mut members = Vec::new();
     for (id, addr) in &args.replicas {
-        match driver::probe(addr, sb.epoch).await {
+        match driver::probe(addr, epoch, fence).await {
             Ok((
                 epoch,
                 Body::ProbeReply {
                     volume_id,
                     head,
+                    head_epoch,
                     committed,
                     needs_rebuild,
                     ..
                 },
-            )) if volume_id == sb.volume_id => members.push(Facts {
+            )) if volume_id == volume => members.push(Facts {
                 name: id.0.clone(),
                 head,
+                head_epoch,
                 committed,
                 epoch,
                 needs_rebuild,
@@ -274,13 +303,26 @@ async fn choose_epoch(
             Ok((_, Body::ProbeReply { volume_id, .. })) => {
                 tracing::warn!(replica = %id, "belongs to volume {volume_id}, not ours; ignored")
             }
+            Ok((_, Body::Reject { message, .. })) => {
+                tracing::warn!(replica = %id, "refused the promotion probe: {message}")
+            }
             Ok((_, other)) => {
                 tracing::warn!(replica = %id, "answered the probe with {}", other.name())
             }
             Err(e) => tracing::warn!(replica = %id, "unreachable for the promotion check: {e}"),
         }
     }
-    match promotion::check(&me, &members, args.replicas.len(), mode) {
+    members
+}
+
+fn decide_promotion(
+    dir: &Path,
+    me: &Facts,
+    members: &[Facts],
+    args: &ServeArgs,
+    mode: CommitMode,
+) -> Result<()> {
+    match promotion::check(me, members, args.replicas.len(), mode) {
         Ok(()) => tracing::info!(
             "promoting {} (head {}, committed {}) with {} of {} replica(s) consulted",
             dir.display(),
@@ -297,15 +339,7 @@ async fn choose_epoch(
             dir.display()
         ),
     }
-    let min = promotion::next_epoch(&me, &members);
-    match args.epoch.map(Epoch) {
-        Some(e) if e < min => bail!(
-            "--epoch {e} is not above epoch {} that this volume has already seen",
-            min.0 - 1
-        ),
-        Some(e) => Ok(Some(e)),
-        None => Ok(Some(min)),
-    }
+    Ok(())
 }
 
 async fn start_replication(

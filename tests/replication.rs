@@ -1413,9 +1413,9 @@ fn replica_rejects_garbage_truncated_and_stale_epoch_frames() {
         reps[0].log()
     );
 
-    // What the replica holds (a probe is answered at any epoch).
+    // What the replica holds (a plain probe, without a fence, is answered at any epoch).
     let mut s = raw(&addr);
-    s.write_all(&frame(K_PROBE, 0, &[])).unwrap();
+    s.write_all(&frame(K_PROBE, 0, &[0])).unwrap();
     let reply = read_frame(&mut s, "probe").expect("a probe reply");
     assert_eq!(reply.kind, K_PROBE_REPLY);
     assert_eq!(reply.epoch, 7, "the replica follows epoch 7");

@@ -11,4 +11,5 @@
 
 pub mod core;
 pub mod driver;
+pub mod mutants;
 pub mod wire;

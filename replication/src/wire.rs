@@ -110,8 +110,10 @@ pub enum Body {
         reason: RejectReason,
         message: String,
     },
-    /// Promotion candidate → member: what do you hold?
-    Probe,
+    /// Promotion candidate → member: what do you hold? With `fence`, the member first adopts
+    /// the frame's epoch on behalf of that candidate store (persisted), so that the primary it
+    /// follows can commit nothing more while the candidate decides.
+    Probe { fence: Option<VolumeId> },
     /// Primary → replica: reset to the primary's base at `base` (its history through it),
     /// then take the base image (`BaseChunk`) and the WAL after it (`Entries`).
     RebuildStart {
@@ -134,6 +136,8 @@ pub enum Body {
         store_id: VolumeId,
         role: ReportedRole,
         head: Lsn,
+        /// Epoch of the entry at `head`: logs are compared by (head epoch, head).
+        head_epoch: Epoch,
         committed: Lsn,
         needs_rebuild: bool,
     },
@@ -148,7 +152,7 @@ impl Body {
             Body::Barrier { .. } => 4,
             Body::BarrierAck { .. } => 5,
             Body::Reject { .. } => 6,
-            Body::Probe => 7,
+            Body::Probe { .. } => 7,
             Body::ProbeReply { .. } => 8,
             Body::RebuildStart { .. } => 9,
             Body::BaseChunk { .. } => 10,
@@ -166,7 +170,7 @@ impl Body {
             Body::Barrier { .. } => "barrier",
             Body::BarrierAck { .. } => "barrier-ack",
             Body::Reject { .. } => "reject",
-            Body::Probe => "probe",
+            Body::Probe { .. } => "probe",
             Body::ProbeReply { .. } => "probe-reply",
             Body::RebuildStart { .. } => "rebuild-start",
             Body::BaseChunk { .. } => "base-chunk",
@@ -316,12 +320,19 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
             dst.put_u16_le(msg.len() as u16);
             dst.put_slice(msg);
         }
-        Body::Probe => {}
+        Body::Probe { fence } => match fence {
+            None => dst.put_u8(0),
+            Some(owner) => {
+                dst.put_u8(1);
+                dst.put_slice(&owner.0);
+            }
+        },
         Body::ProbeReply {
             volume_id,
             store_id,
             role,
             head,
+            head_epoch,
             committed,
             needs_rebuild,
         } => {
@@ -333,6 +344,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
             });
             dst.put_u8(u8::from(*needs_rebuild));
             dst.put_u64_le(head.0);
+            dst.put_u64_le(head_epoch.0);
             dst.put_u64_le(committed.0);
         }
     }
@@ -579,7 +591,18 @@ pub fn decode(frame: Bytes) -> Result<Frame, WireError> {
                 message: String::from_utf8_lossy(&msg).into_owned(),
             }
         }
-        7 => Body::Probe,
+        7 => Body::Probe {
+            fence: match r.u8()? {
+                0 => None,
+                1 => Some(r.id()?),
+                _ => {
+                    return Err(WireError::Malformed {
+                        kind: name,
+                        why: "bad fence flag",
+                    })
+                }
+            },
+        },
         8 => Body::ProbeReply {
             volume_id: r.id()?,
             store_id: r.id()?,
@@ -595,6 +618,7 @@ pub fn decode(frame: Bytes) -> Result<Frame, WireError> {
             },
             needs_rebuild: r.u8()? != 0,
             head: r.lsn()?,
+            head_epoch: Epoch(r.u64()?),
             committed: r.lsn()?,
         },
         _ => unreachable!("kind checked above"),
@@ -696,16 +720,16 @@ mod tests {
                 reason: RejectReason::StaleEpoch,
                 message: m
             }),
-            Just(Body::Probe),
+            proptest::option::of(id()).prop_map(|fence| Body::Probe { fence }),
             (
                 id(),
                 id(),
                 any::<bool>(),
-                any::<u64>(),
+                (any::<u64>(), any::<u64>()),
                 any::<u64>(),
                 any::<bool>()
             )
-                .prop_map(|(v, s, r, h, c, n)| Body::ProbeReply {
+                .prop_map(|(v, s, r, (h, he), c, n)| Body::ProbeReply {
                     volume_id: v,
                     store_id: s,
                     role: if r {
@@ -714,6 +738,7 @@ mod tests {
                         ReportedRole::Primary
                     },
                     head: Lsn(h),
+                    head_epoch: Epoch(he),
                     committed: Lsn(c),
                     needs_rebuild: n,
                 }),

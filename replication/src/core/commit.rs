@@ -18,7 +18,26 @@ pub struct Vote {
 /// Invariant (*commit counts only durable, in-sync copies*): a replica contributes only
 /// through a durable LSN it reported after fsync, and only while in sync. `sync-all` with a
 /// replica out of sync commits nothing new: it never silently downgrades.
+///
+/// Invariant (*the local fsync gates every mode*): nothing is committed beyond the primary's
+/// own durable LSN, in `sync-quorum` too. A quorum of replicas without the primary is not
+/// enough: a primary that restarts after losing its unsynced tail would otherwise serve, and
+/// overwrite, entries the cluster had already committed.
 pub fn committed(mode: CommitMode, local_durable: Lsn, replicas: &[Vote]) -> Lsn {
+    use crate::mutants::{active, Mutant};
+    let counted: Vec<Vote>;
+    let replicas = if active(Mutant::CountOutOfSyncReplica) {
+        counted = replicas
+            .iter()
+            .map(|v| Vote {
+                in_sync: true,
+                ..*v
+            })
+            .collect();
+        &counted[..]
+    } else {
+        replicas
+    };
     match mode {
         CommitMode::BestEffort => local_durable,
         CommitMode::SyncAll => {
@@ -31,17 +50,21 @@ pub fn committed(mode: CommitMode, local_durable: Lsn, replicas: &[Vote]) -> Lsn
                 .fold(local_durable, Lsn::min)
         }
         CommitMode::SyncQuorum => {
+            // The primary is always one of the majority: its own fsync gates the rule.
             let copies = replicas.len() + 1;
-            let majority = copies / 2 + 1;
-            let mut durable: Vec<Lsn> = std::iter::once(local_durable)
-                .chain(replicas.iter().filter(|r| r.in_sync).map(|r| r.durable))
+            let needed = copies / 2;
+            let mut durable: Vec<Lsn> = replicas
+                .iter()
+                .filter(|r| r.in_sync)
+                .map(|r| r.durable)
                 .collect();
-            if durable.len() < majority {
+            if durable.len() < needed {
                 return Lsn::ZERO;
             }
-            // The majority-th highest durable LSN is durable on a majority.
             durable.sort_unstable_by(|a, b| b.cmp(a));
-            durable[majority - 1]
+            // The needed-th highest replica LSN is durable on that many replicas.
+            let replicated = needed.checked_sub(1).map_or(local_durable, |k| durable[k]);
+            replicated.min(local_durable)
         }
     }
 }
@@ -104,6 +127,20 @@ mod tests {
             ),
             Lsn(6)
         );
+    }
+
+    #[test]
+    fn commit_local_fsync_gates_quorum() {
+        let m = CommitMode::SyncQuorum;
+        // Both replicas are ahead of the primary's own fsync: the primary's LSN bounds it.
+        assert_eq!(committed(m, Lsn(5), &[v(true, 12), v(true, 12)]), Lsn(5));
+        assert_eq!(
+            committed(m, Lsn::ZERO, &[v(true, 12), v(true, 12)]),
+            Lsn::ZERO
+        );
+        for mode in [CommitMode::SyncAll, CommitMode::BestEffort] {
+            assert_eq!(committed(mode, Lsn(5), &[v(true, 12), v(true, 12)]), Lsn(5));
+        }
     }
 
     #[test]

@@ -181,6 +181,7 @@ pub enum Event {
     WalRead {
         replica: ReplicaId,
         session: SessionId,
+        from: Lsn,
         records: Vec<WalRecord>,
         now: Millis,
     },
@@ -188,6 +189,8 @@ pub enum Event {
     WalGone {
         replica: ReplicaId,
         session: SessionId,
+        from: Lsn,
+        now: Millis,
     },
     /// The base chosen for a rebuild (`BeginRebuild`): our checkpoint and the epoch history
     /// through it; the WAL after it is pinned.
@@ -301,6 +304,12 @@ struct Peer {
     store_id: Option<VolumeId>,
     why: String,
     rebuild: Option<RebuildProgress>,
+    /// A rebuild already ran in this session: another need for one ends the session, so the
+    /// next starts clean and nothing from the first attempt can be mistaken for the second.
+    rebuilt_this_session: bool,
+    /// Sent to a rebuild and not back yet: between sessions it shows as NeedsRebuild rather
+    /// than Disconnected, so operators see what it is waiting for.
+    released: bool,
 }
 
 /// A rebuild in progress for one replica.
@@ -345,6 +354,9 @@ pub struct PeerStatus {
     pub id: ReplicaId,
     pub state: PeerState,
     pub durable: Lsn,
+    /// Its log is known to be a prefix of ours through `durable` (it answered a handshake
+    /// and was not sent to a rebuild since): the WAL after `durable` is kept for it.
+    pub recoverable: bool,
     pub session: Option<SessionId>,
     /// Why it entered its state.
     pub why: String,
@@ -397,6 +409,8 @@ impl PrimaryCore {
                 store_id: None,
                 why: "not contacted yet".into(),
                 rebuild: None,
+                rebuilt_this_session: false,
+                released: false,
             })
             .collect();
         PrimaryCore {
@@ -446,6 +460,7 @@ impl PrimaryCore {
                 id: p.id.clone(),
                 state: p.state,
                 durable: p.durable,
+                recoverable: Self::peer_pin(p).is_some(),
                 session: p.session,
                 why: p.why.clone(),
                 rebuild: p.rebuild.clone(),
@@ -493,16 +508,29 @@ impl PrimaryCore {
             Event::WalRead {
                 replica,
                 session,
+                from,
                 records,
                 now,
             } => {
+                // Only the answer to the read outstanding now counts: a read issued before
+                // the replica changed course (a catch-up that became a rebuild) is stale.
                 if let Some(i) = self.current(&replica, session) {
-                    self.wal_read(i, records, now);
+                    if from == self.peers[i].catch_up_next {
+                        self.wal_read(i, records, now);
+                    }
                 }
             }
-            Event::WalGone { replica, session } => {
-                if let Some(i) = self.current(&replica, session) {
-                    self.needs_rebuild(i, "the entries it lacks are no longer retained");
+            Event::WalGone {
+                replica,
+                session,
+                from,
+                now,
+            } => {
+                if let Some(i) = self
+                    .current(&replica, session)
+                    .filter(|&i| from == self.peers[i].catch_up_next)
+                {
+                    self.needs_rebuild(i, now, "the entries it lacks are no longer retained");
                 }
             }
             Event::RebuildBase {
@@ -559,6 +587,8 @@ impl PrimaryCore {
                 state,
                 why: why.to_string(),
             });
+            // What the WAL must keep depends on the state: the pin follows every change.
+            self.update_pin();
         }
     }
 
@@ -606,7 +636,11 @@ impl PrimaryCore {
                 {
                     self.drop_session(i, now, "handshake timed out");
                 }
-                PeerState::Disconnected | PeerState::Refused if now >= p.reconnect_at => {
+                // A replica that needs a rebuild is dialled like any other: the rebuild
+                // starts on the next session that reaches a handshake.
+                PeerState::Disconnected | PeerState::Refused | PeerState::NeedsRebuild
+                    if p.session.is_none() && now >= p.reconnect_at =>
+                {
                     self.connect(i, now);
                 }
                 PeerState::InSync | PeerState::Rebuilding
@@ -632,6 +666,7 @@ impl PrimaryCore {
         p.session = Some(session);
         p.asked = Lsn::ZERO;
         p.asked_since = None;
+        p.rebuilt_this_session = false;
         let id = p.id.clone();
         self.set_state(i, PeerState::Connecting, now, "connecting");
         self.out.push(Action::Connect {
@@ -675,8 +710,11 @@ impl PrimaryCore {
             session,
             reason: reason.to_string(),
         });
-        if !matches!(p.state, PeerState::NeedsRebuild | PeerState::Refused) {
-            self.set_state(i, PeerState::Disconnected, now, reason);
+        match p.state {
+            PeerState::NeedsRebuild | PeerState::Refused => {}
+            // An interrupted rebuild leaves nothing usable: the replica still needs one.
+            _ if p.released => self.set_state(i, PeerState::NeedsRebuild, now, reason),
+            _ => self.set_state(i, PeerState::Disconnected, now, reason),
         }
         self.update_pin();
         self.evaluate();
@@ -685,9 +723,9 @@ impl PrimaryCore {
     /// The replica can only come back by a rebuild. If its session is up (it has answered a
     /// hello) the rebuild starts at once on that session; otherwise it starts at the next
     /// handshake.
-    fn needs_rebuild(&mut self, i: usize, why: &str) {
+    fn needs_rebuild(&mut self, i: usize, now: Millis, why: &str) {
         self.counters.rebuilds_needed += 1;
-        let now = self.peers[i].since;
+        self.peers[i].released = true;
         let talking = matches!(
             self.peers[i].state,
             PeerState::Handshake
@@ -698,9 +736,17 @@ impl PrimaryCore {
         self.peers[i].has_progress = false;
         self.peers[i].rebuild = None;
         self.set_state(i, PeerState::NeedsRebuild, now, why);
-        if talking && self.cfg.auto_rebuild && self.peers[i].session.is_some() {
+        if talking
+            && self.cfg.auto_rebuild
+            && self.peers[i].session.is_some()
+            && !self.peers[i].rebuilt_this_session
+        {
             self.begin_rebuild(i, now);
         } else if let Some(session) = self.peers[i].session.take() {
+            let p = &mut self.peers[i];
+            p.asked_since = None;
+            p.reconnect_at = now + p.backoff;
+            p.backoff = (p.backoff * 2).min(self.cfg.reconnect_max);
             self.out.push(Action::Close {
                 replica: self.peers[i].id.clone(),
                 session,
@@ -715,6 +761,7 @@ impl PrimaryCore {
         let Some(session) = self.peers[i].session else {
             return;
         };
+        self.peers[i].rebuilt_this_session = true;
         self.peers[i].rebuild = Some(RebuildProgress {
             started: now,
             ..RebuildProgress::default()
@@ -806,7 +853,7 @@ impl PrimaryCore {
             } if self.peers[i].state == PeerState::Handshake => {
                 self.peers[i].store_id = Some(replica_store);
                 if rebuilding {
-                    self.needs_rebuild(i, "its last rebuild did not finish");
+                    self.needs_rebuild(i, now, "its last rebuild did not finish");
                 } else {
                     self.handshake(i, durable, durable_epoch, now);
                 }
@@ -821,6 +868,7 @@ impl PrimaryCore {
                 let p = &mut self.peers[i];
                 p.durable = durable;
                 p.rebuild = None;
+                p.released = false;
                 self.counters.rebuilds_done += 1;
                 self.set_state(i, PeerState::InSync, now, "rebuilt");
                 self.resend_barriers(i, now);
@@ -852,28 +900,32 @@ impl PrimaryCore {
         let p = &mut self.peers[i];
         p.durable = durable;
         p.has_progress = true;
+        p.released = false;
+        // From now on the WAL after `durable` is kept for it, whichever way it goes on.
+        self.update_pin();
         if durable > self.head {
             // It holds entries we do not: an old primary's unacknowledged tail. It must be
             // truncated or rebuilt, never merged.
             let why = format!("its log ({durable}) is ahead of ours ({})", self.head);
-            self.needs_rebuild(i, &why);
+            self.needs_rebuild(i, now, &why);
             return;
         }
         match blockrep_storage::epoch_at(&self.history, durable) {
             // An empty log is a prefix of every log.
             _ if durable == Lsn::ZERO => {}
             Some(e) if e == durable_epoch => {}
+            Some(_) if crate::mutants::active(crate::mutants::Mutant::IgnoreDivergedLog) => {}
             Some(e) => {
                 let why = format!(
                     "its entry {durable} is from epoch {durable_epoch}, ours from {e}: the logs diverged"
                 );
-                self.needs_rebuild(i, &why);
+                self.needs_rebuild(i, now, &why);
                 return;
             }
             None => {
                 let why =
                     format!("entry {durable} is older than our epoch history; cannot compare logs");
-                self.needs_rebuild(i, &why);
+                self.needs_rebuild(i, now, &why);
                 return;
             }
         }
@@ -918,7 +970,7 @@ impl PrimaryCore {
         // Entries the core has not seen appended yet will come through live shipping.
         records.retain(|r| r.lsn >= next && r.lsn <= self.head);
         if records.first().is_some_and(|r| r.lsn != next) {
-            self.needs_rebuild(i, "retained WAL has a hole");
+            self.needs_rebuild(i, now, "retained WAL has a hole");
             return;
         }
         if let Some(last) = records.last() {
@@ -1061,6 +1113,11 @@ impl PrimaryCore {
         if !p.has_progress || matches!(p.state, PeerState::NeedsRebuild | PeerState::Refused) {
             return None;
         }
+        // Released to a rebuild: only a running rebuild (its WAL after the base) holds the
+        // WAL; between sessions its old LSN means nothing.
+        if p.released && p.state != PeerState::Rebuilding {
+            return None;
+        }
         Some(match p.state {
             PeerState::CatchingUp | PeerState::Rebuilding => p.catch_up_next.min(p.durable.next()),
             _ => p.durable.next(),
@@ -1069,7 +1126,15 @@ impl PrimaryCore {
 
     /// The WAL is kept from the oldest entry a recoverable replica has not made durable.
     fn update_pin(&mut self) {
-        let pin = self.peers.iter().filter_map(Self::peer_pin).min();
+        let pin = self
+            .peers
+            .iter()
+            .filter(|p| {
+                !crate::mutants::active(crate::mutants::Mutant::RecycleNeededWal)
+                    || p.state == PeerState::InSync
+            })
+            .filter_map(Self::peer_pin)
+            .min();
         if pin != self.pin {
             self.pin = pin;
             self.out.push(Action::PinWal { from: pin });
@@ -1106,7 +1171,7 @@ impl PrimaryCore {
         } else {
             format!("away longer than {} ms", self.cfg.retention_time)
         };
-        self.needs_rebuild(i, &why);
+        self.needs_rebuild(i, now, &why);
     }
 
     fn fence(&mut self, epoch: Epoch, reason: String) {

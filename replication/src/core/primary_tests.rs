@@ -410,6 +410,7 @@ fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
     let a = c.step(Event::WalRead {
         replica: r.clone(),
         session: sid,
+        from: Lsn(7),
         records: (7..=8).map(|l| rec(l, E)).collect(),
         now: 1,
     });
@@ -429,6 +430,7 @@ fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
     let a = c.step(Event::WalRead {
         replica: r.clone(),
         session: sid,
+        from: Lsn(9),
         records: (9..=12).map(|l| rec(l, E)).collect(),
         now: 2,
     });
@@ -590,6 +592,33 @@ fn retention_budget_releases_a_lagging_replica() {
         pinned_bytes: 0,
     });
     assert_eq!(state(&c, "a"), PeerState::InSync);
+    // It is dialled again after its backoff, and the new session starts its rebuild.
+    let a = c.step(Event::Tick {
+        now: 2_000,
+        pinned_bytes: 0,
+    });
+    let again = sessions(&a);
+    assert_eq!(again.len(), 1, "{a:?}");
+    assert_eq!(again[0].0, rid("b"));
+    c.step(Event::Connected {
+        replica: rid("b"),
+        session: again[0].1,
+        now: 2_000,
+    });
+    reply(
+        &mut c,
+        &rid("b"),
+        again[0].1,
+        Body::HelloOk {
+            replica_store: VolumeId([9; 16]),
+            durable: Lsn(0),
+            durable_epoch: Epoch(0),
+            committed: Lsn(0),
+            rebuilding: true,
+        },
+        2_000,
+    );
+    assert_eq!(state(&c, "b"), PeerState::Rebuilding);
 }
 
 #[test]
@@ -668,6 +697,8 @@ fn a_replica_beyond_retention_is_rebuilt_and_counts_only_once_accepted() {
     let a = c.step(Event::WalGone {
         replica: r.clone(),
         session: sid,
+        from: Lsn(1),
+        now: 0,
     });
     assert_eq!(state(&c, "a"), PeerState::Rebuilding);
     assert!(a.contains(&Action::BeginRebuild {
@@ -706,6 +737,7 @@ fn a_replica_beyond_retention_is_rebuilt_and_counts_only_once_accepted() {
     c.step(Event::WalRead {
         replica: r.clone(),
         session: sid,
+        from: Lsn(91),
         records: (91..=100).map(|l| rec(l, E)).collect(),
         now: 2,
     });
@@ -768,6 +800,7 @@ fn a_completed_rebuild_makes_the_replica_count_again() {
     c.step(Event::WalRead {
         replica: r.clone(),
         session: sid,
+        from: Lsn(11),
         records: vec![],
         now: 1,
     });
@@ -791,4 +824,264 @@ fn a_completed_rebuild_makes_the_replica_count_again() {
     let a = reply(&mut c, &r, sid, Body::RebuildDone { durable: Lsn(11) }, 3);
     assert_eq!(state(&c, "a"), PeerState::InSync);
     assert_eq!(done(&a), vec![3]);
+}
+
+#[test]
+fn a_stale_wal_read_never_steers_a_rebuild() {
+    // A catch-up read is in flight when the replica is sent to a rebuild; its late answer
+    // (for the old `from`) must be ignored, not restart the rebuild.
+    let mut c = core(CommitMode::SyncAll, &["a"], 100);
+    let a = c.step(Event::Tick {
+        now: 0,
+        pinned_bytes: 0,
+    });
+    let (r, sid) = sessions(&a)[0].clone();
+    c.step(Event::Connected {
+        replica: r.clone(),
+        session: sid,
+        now: 0,
+    });
+    reply(
+        &mut c,
+        &r,
+        sid,
+        Body::HelloOk {
+            replica_store: VolumeId([9; 16]),
+            durable: Lsn(10),
+            durable_epoch: E,
+            committed: Lsn(0),
+            rebuilding: false,
+        },
+        0,
+    );
+    assert_eq!(state(&c, "a"), PeerState::CatchingUp);
+    // Retention gives up on it while the read from 11 is outstanding: it is rebuilt.
+    c.step(Event::Tick {
+        now: 1,
+        pinned_bytes: u64::MAX,
+    });
+    assert_eq!(state(&c, "a"), PeerState::Rebuilding);
+    c.step(Event::RebuildBase {
+        replica: r.clone(),
+        session: sid,
+        base: Lsn(90),
+        history: vec![(E, Lsn(1))],
+    });
+    // The stale answer to the catch-up read arrives.
+    let a = c.step(Event::WalGone {
+        replica: r.clone(),
+        session: sid,
+        from: Lsn(11),
+        now: 1,
+    });
+    assert!(a.is_empty(), "{a:?}");
+    assert_eq!(state(&c, "a"), PeerState::Rebuilding);
+    // A second need for a rebuild in the same session ends the session instead.
+    let a = c.step(Event::WalGone {
+        replica: r.clone(),
+        session: sid,
+        from: Lsn(91),
+        now: 1,
+    });
+    assert!(a.iter().any(|x| matches!(x, Action::Close { .. })), "{a:?}");
+    assert!(!a.iter().any(|x| matches!(x, Action::BeginRebuild { .. })));
+}
+
+// ---- timer races (protocol brief 5.2) ---------------------------------------------------
+
+/// A sync-all core with both replicas in sync, entry 1 appended and locally durable, and a
+/// FLUSH (id 1) for it issued at time 0; the barrier timeout is 5000.
+fn barrier_pending() -> (PrimaryCore, Vec<(ReplicaId, SessionId)>) {
+    let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Appended {
+        records: vec![rec(1, E)],
+    });
+    c.step(Event::Barrier {
+        id: 1,
+        target: Lsn(1),
+        now: 0,
+    });
+    c.step(Event::LocalDurable { lsn: Lsn(1) });
+    reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        1,
+    );
+    (c, s)
+}
+
+fn tick(c: &mut PrimaryCore, now: Millis) -> Vec<Action> {
+    c.step(Event::Tick {
+        now,
+        pinned_bytes: 0,
+    })
+}
+
+#[test]
+fn timer_ack_arriving_before_the_timeout_cancels_it() {
+    let (mut c, s) = barrier_pending();
+    let a = reply(
+        &mut c,
+        &s[1].0,
+        s[1].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        4_999,
+    );
+    assert_eq!(done(&a), vec![1]);
+    assert!(failed(&tick(&mut c, 5_000)).is_empty());
+    assert!(failed(&tick(&mut c, 60_000)).is_empty());
+    assert_eq!(c.committed(), Lsn(1));
+}
+
+#[test]
+fn timer_timeout_before_the_ack_fires_and_the_late_ack_is_rejected() {
+    let (mut c, s) = barrier_pending();
+    let a = tick(&mut c, 5_000);
+    assert_eq!(failed(&a), vec![(1, BarrierFailure::ReplicaMissing)]);
+    // The silent replica was dropped; its late ack comes on a dead session and counts for
+    // nothing: no completion, no commit, no durable progress.
+    let a = reply(
+        &mut c,
+        &s[1].0,
+        s[1].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        5_001,
+    );
+    assert!(done(&a).is_empty());
+    assert_eq!(c.committed(), Lsn(0));
+    let b = c
+        .peers()
+        .into_iter()
+        .find(|p| p.id == s[1].0)
+        .expect("peer b");
+    assert_ne!(b.state, PeerState::InSync);
+}
+
+#[test]
+fn timer_ack_and_timeout_in_the_same_millisecond_fire_exactly_once() {
+    // Data before timers: the ack is delivered first, then the tick finds nothing due.
+    let (mut c, s) = barrier_pending();
+    let mut all = reply(
+        &mut c,
+        &s[1].0,
+        s[1].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        5_000,
+    );
+    all.extend(tick(&mut c, 5_000));
+    assert_eq!(done(&all), vec![1]);
+    assert!(failed(&all).is_empty());
+    // The other order: the tick first fails it, and the ack cannot complete it again.
+    let (mut c, s) = barrier_pending();
+    let mut all = tick(&mut c, 5_000);
+    all.extend(reply(
+        &mut c,
+        &s[1].0,
+        s[1].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        5_000,
+    ));
+    assert!(done(&all).is_empty());
+    assert_eq!(failed(&all).len(), 1);
+}
+
+#[test]
+fn timer_quorum_edge_one_ack_plus_one_timeout_commits() {
+    let mut c = core(CommitMode::SyncQuorum, &["a", "b"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Appended {
+        records: vec![rec(1, E)],
+    });
+    c.step(Event::Barrier {
+        id: 1,
+        target: Lsn(1),
+        now: 0,
+    });
+    c.step(Event::LocalDurable { lsn: Lsn(1) });
+    let a = reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        1,
+    );
+    assert_eq!(done(&a), vec![1]);
+    // b never answers: its timeout degrades it but fails nothing already committed.
+    let a = tick(&mut c, 5_000);
+    assert!(failed(&a).is_empty());
+    assert_eq!(c.committed(), Lsn(1));
+}
+
+#[test]
+fn timer_stale_barrier_timeout_after_a_promotion_never_regresses_the_commit() {
+    let (mut c, s) = barrier_pending();
+    reply(
+        &mut c,
+        &s[1].0,
+        s[1].1,
+        Body::BarrierAck { durable: Lsn(1) },
+        2,
+    );
+    assert_eq!(c.committed(), Lsn(1));
+    c.step(Event::Appended {
+        records: vec![rec(2, E)],
+    });
+    c.step(Event::Barrier {
+        id: 2,
+        target: Lsn(2),
+        now: 3,
+    });
+    // A newer primary fences this one; its barrier fails at once, as fenced.
+    let a = c.step(Event::Received {
+        replica: s[0].0.clone(),
+        session: s[0].1,
+        frame: Frame {
+            epoch: Epoch(E.0 + 1),
+            body: Body::Reject {
+                reason: RejectReason::StaleEpoch,
+                message: "promoted".into(),
+            },
+        },
+        now: 4,
+    });
+    assert_eq!(failed(&a), vec![(2, BarrierFailure::Fenced)]);
+    // Its old timers fire later: nothing fails twice and the commit stays where it was.
+    let a = tick(&mut c, 60_000);
+    assert!(failed(&a).is_empty() && done(&a).is_empty());
+    assert_eq!(c.committed(), Lsn(1));
+}
+
+#[test]
+fn a_zero_gap_replica_pins_the_wal_from_its_durable_lsn() {
+    // Found by the simulator: an in-sync replica that joined with a zero gap did not pin the
+    // WAL, so a checkpoint could recycle entries it had not acknowledged yet.
+    let mut c = core(CommitMode::BestEffort, &["a"], 5);
+    let a = c.step(Event::Tick {
+        now: 0,
+        pinned_bytes: 0,
+    });
+    let s = sessions(&a);
+    c.step(Event::Connected {
+        replica: s[0].0.clone(),
+        session: s[0].1,
+        now: 0,
+    });
+    let a = reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::HelloOk {
+            replica_store: VolumeId([9; 16]),
+            durable: Lsn(5),
+            durable_epoch: E,
+            committed: Lsn(0),
+            rebuilding: false,
+        },
+        0,
+    );
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+    assert!(a.contains(&Action::PinWal { from: Some(Lsn(6)) }), "{a:?}");
 }

@@ -11,6 +11,9 @@ pub struct Facts {
     pub name: String,
     /// Newest entry it can recover (after crash recovery, every entry in its log).
     pub head: Lsn,
+    /// Epoch of the entry at `head`: two logs are compared by (head epoch, head), never by
+    /// LSN alone, since an old primary's tail may be longer than the log that replaced it.
+    pub head_epoch: Epoch,
     /// Highest LSN it knows to be committed.
     pub committed: Lsn,
     pub epoch: Epoch,
@@ -21,20 +24,36 @@ pub struct Facts {
 /// `configured` replicas (the candidate's own replica list), under `mode`. Returns the reason
 /// for a refusal.
 ///
-/// Invariant (*a promoted node holds the committed prefix*): the candidate's log reaches
-/// every LSN any reachable member knows to be committed; under sync-quorum it also reaches the
-/// longest log of a majority, which by quorum intersection holds every committed entry even
-/// when nobody has learnt the newest commit yet.
+/// Invariant (*a promoted node holds the committed prefix*): no reachable member's log ends
+/// at a later epoch than the candidate's (it followed a primary the candidate never did), the
+/// candidate's log reaches every LSN any reachable member knows to be committed, and under
+/// sync-quorum it is at least as complete, by (head epoch, head), as every member of a
+/// majority, which by quorum intersection holds every committed entry even when nobody has
+/// learnt the newest commit yet.
 pub fn check(
     candidate: &Facts,
     members: &[Facts],
     configured: usize,
     mode: CommitMode,
 ) -> Result<(), String> {
+    if crate::mutants::active(crate::mutants::Mutant::PromoteWithoutPrefix) {
+        return Ok(());
+    }
     if candidate.needs_rebuild {
         return Err(format!(
             "{} is waiting for a rebuild; its data is incomplete",
             candidate.name
+        ));
+    }
+    if let Some(m) = members
+        .iter()
+        .filter(|m| m.head_epoch > candidate.head_epoch)
+        .max_by_key(|m| m.head_epoch)
+    {
+        return Err(format!(
+            "{} holds entries from epoch {}, but the log of {} ends at epoch {}: it missed a \
+             later primary's writes",
+            m.name, m.head_epoch, candidate.name, candidate.head_epoch
         ));
     }
     let known = members
@@ -63,8 +82,8 @@ pub fn check(
         if let Some(m) = members
             .iter()
             .filter(|m| !m.needs_rebuild)
-            .max_by_key(|m| m.head)
-            .filter(|m| m.head > candidate.head)
+            .max_by_key(|m| (m.head_epoch, m.head))
+            .filter(|m| (m.head_epoch, m.head) > (candidate.head_epoch, candidate.head))
         {
             return Err(format!(
                 "{} holds entries through {}, more than {} ({}): promote the most complete copy",
@@ -95,6 +114,7 @@ mod tests {
         Facts {
             name: name.into(),
             head: Lsn(head),
+            head_epoch: Epoch(1),
             committed: Lsn(committed),
             epoch: Epoch(1),
             needs_rebuild: false,
@@ -136,6 +156,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("r2 holds entries through 12"), "{err}");
+    }
+
+    #[test]
+    fn promotion_compares_logs_by_epoch_before_length() {
+        // r1 is an old primary's long tail at epoch 1; r2 followed the primary of epoch 2.
+        let mut r2 = f("r2", 8, 6);
+        r2.head_epoch = Epoch(2);
+        for mode in [
+            CommitMode::SyncAll,
+            CommitMode::SyncQuorum,
+            CommitMode::BestEffort,
+        ] {
+            let err = check(&f("r1", 20, 5), &[r2.clone()], 2, mode).unwrap_err();
+            assert!(err.contains("missed a later primary"), "{err}");
+        }
+        // The other way round, the shorter log at the later epoch is the one to promote.
+        let mut c = f("r2", 8, 6);
+        c.head_epoch = Epoch(2);
+        assert!(check(&c, &[f("r1", 20, 5)], 2, CommitMode::SyncQuorum).is_ok());
     }
 
     #[test]

@@ -217,7 +217,12 @@ impl ReplicaCore {
 
     fn received(&mut self, conn: ConnId, frame: Frame) {
         match frame.body {
-            Body::Probe => {
+            Body::Probe { fence } => {
+                if let Some(owner) = fence {
+                    if !self.fence(conn, frame.epoch, owner) {
+                        return;
+                    }
+                }
                 let body = Body::ProbeReply {
                     volume_id: self.s.volume_id,
                     store_id: self.s.store_id,
@@ -227,6 +232,7 @@ impl ReplicaCore {
                         ReportedRole::Replica
                     },
                     head: self.s.head,
+                    head_epoch: self.s.head_epoch,
                     committed: self.s.committed,
                     needs_rebuild: self.s.rebuilding,
                 };
@@ -254,7 +260,9 @@ impl ReplicaCore {
                     if record.lsn <= self.s.head {
                         continue; // a duplicate (a resent entry): already have it
                     }
-                    if record.lsn != self.s.head.next() {
+                    if record.lsn != self.s.head.next()
+                        && !crate::mutants::active(crate::mutants::Mutant::AcceptLsnGap)
+                    {
                         let msg = format!(
                             "entry {} does not follow {}; refusing the gap",
                             record.lsn, self.s.head
@@ -314,6 +322,11 @@ impl ReplicaCore {
                     return;
                 }
                 self.learn_committed(committed);
+                if crate::mutants::active(crate::mutants::Mutant::ReportReceivedAsDurable) {
+                    let head = self.s.head;
+                    self.send(conn, Body::BarrierAck { durable: head });
+                    return;
+                }
                 // Durability is reported only after the store's own fsync (never "received").
                 self.out.push(Action::Sync {
                     conn,
@@ -329,7 +342,9 @@ impl ReplicaCore {
 
     /// Whether `conn` is the active session at our epoch; refuses it otherwise.
     fn current(&mut self, conn: ConnId, epoch: Epoch) -> bool {
-        if epoch != self.s.epoch {
+        if epoch != self.s.epoch
+            && !crate::mutants::active(crate::mutants::Mutant::SkipReplicaEpochCheck)
+        {
             let msg = format!(
                 "frame at epoch {epoch}, this replica is at {}",
                 self.s.epoch
@@ -344,6 +359,51 @@ impl ReplicaCore {
                 "no session: send hello first".into(),
             );
             return false;
+        }
+        true
+    }
+
+    /// A promotion candidate claims `epoch` for store `owner`.
+    ///
+    /// Invariant (*a fenced member stops following the old primary*): once the claim is
+    /// persisted, the session of the primary we followed is closed and its frames, at a lower
+    /// epoch, are refused. What we report after the fence can no longer grow, so the
+    /// candidate's promotion check decides on facts that stay true; under sync-quorum a
+    /// majority of fenced copies leaves the old primary no majority to commit with.
+    fn fence(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
+        if epoch < self.s.epoch
+            && !crate::mutants::active(crate::mutants::Mutant::SkipReplicaEpochCheck)
+        {
+            let msg = format!(
+                "epoch {epoch} is stale; this replica is at {}",
+                self.s.epoch
+            );
+            self.reject(conn, RejectReason::StaleEpoch, msg);
+            return false;
+        }
+        let unclaimed = self.s.epoch_owner == VolumeId([0; 16]);
+        if epoch == self.s.epoch && !unclaimed && self.s.epoch_owner != owner {
+            let msg = format!(
+                "epoch {epoch} already belongs to primary store {}",
+                self.s.epoch_owner
+            );
+            self.reject(conn, RejectReason::EpochOwned, msg);
+            return false;
+        }
+        if epoch > self.s.epoch || self.s.epoch_owner != owner {
+            self.out.push(Action::AdoptEpoch { epoch, owner });
+            self.s.epoch = epoch;
+            self.s.epoch_owner = owner;
+            self.s.was_primary = false;
+        }
+        if let Some(old) = self.active.take() {
+            if old != conn {
+                self.greeting = None;
+                self.out.push(Action::Close {
+                    conn: old,
+                    reason: format!("fenced by a promotion at epoch {epoch}"),
+                });
+            }
         }
         true
     }
@@ -384,7 +444,9 @@ impl ReplicaCore {
             self.out.push(Action::AdoptVolume { volume_id });
             self.s.volume_id = volume_id;
         }
-        if epoch < self.s.epoch {
+        if epoch < self.s.epoch
+            && !crate::mutants::active(crate::mutants::Mutant::SkipReplicaEpochCheck)
+        {
             let msg = format!(
                 "epoch {epoch} is stale; this replica is at {}",
                 self.s.epoch

@@ -293,3 +293,67 @@ fn replica_frames_before_hello_are_refused() {
     });
     assert_eq!(rejected(&a), Some(RejectReason::Protocol));
 }
+
+fn probe(epoch: u64, fence: Option<VolumeId>) -> Frame {
+    Frame {
+        epoch: Epoch(epoch),
+        body: Body::Probe { fence },
+    }
+}
+
+#[test]
+fn a_fenced_member_stops_following_the_old_primary() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[11]),
+    });
+    // A plain probe changes nothing.
+    let a = r.step(Event::Received {
+        conn: ConnId(2),
+        frame: probe(5, None),
+    });
+    assert!(!a.iter().any(|x| matches!(x, Action::AdoptEpoch { .. })));
+    assert_eq!(r.active(), Some(C));
+    // A fencing probe at epoch 6 for P2: persisted, the old session closed, then the answer.
+    let a = r.step(Event::Received {
+        conn: ConnId(3),
+        frame: probe(6, Some(P2)),
+    });
+    let adopt = a.iter().position(|x| {
+        *x == Action::AdoptEpoch {
+            epoch: Epoch(6),
+            owner: P2,
+        }
+    });
+    let reply = a.iter().position(|x| {
+        matches!(x, Action::Send { frame: Frame { body: Body::ProbeReply { head, .. }, epoch }, .. }
+            if *head == Lsn(11) && *epoch == Epoch(6))
+    });
+    assert!(adopt.is_some() && reply.is_some() && adopt < reply, "{a:?}");
+    assert!(a.contains(&Action::Close {
+        conn: C,
+        reason: "fenced by a promotion at epoch 6".into()
+    }));
+    // The old primary's entries and hellos are refused from now on.
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[12]),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::StaleEpoch));
+    assert_eq!(r.state().head, Lsn(11));
+    let a = r.step(Event::Received {
+        conn: ConnId(4),
+        frame: hello(5, P1),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::StaleEpoch));
+    // Another candidate at the same epoch is refused; the fencing candidate is welcome.
+    let a = r.step(Event::Received {
+        conn: ConnId(5),
+        frame: probe(6, Some(P1)),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::EpochOwned));
+    let a = greet(&mut r, ConnId(6), 6, P2);
+    assert!(rejected(&a).is_none(), "{a:?}");
+}

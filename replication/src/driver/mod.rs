@@ -58,10 +58,13 @@ pub(crate) fn millis(start: tokio::time::Instant) -> u64 {
     start.elapsed().as_millis() as u64
 }
 
-/// Asks the store behind `addr` what it holds (used before a promotion).
+/// Asks the store behind `addr` what it holds (used before a promotion). With `fence`, the
+/// member first adopts `epoch` on behalf of that candidate store and stops following its
+/// current primary.
 pub async fn probe(
     addr: &str,
     epoch: blockrep_storage::Epoch,
+    fence: Option<blockrep_storage::VolumeId>,
 ) -> Result<(blockrep_storage::Epoch, crate::wire::Body), String> {
     use futures_util::{SinkExt, StreamExt};
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
@@ -72,7 +75,7 @@ pub async fn probe(
     let mut sink = tokio_util::codec::FramedWrite::new(w, FrameCodec);
     sink.send(Frame {
         epoch,
-        body: crate::wire::Body::Probe,
+        body: crate::wire::Body::Probe { fence },
     })
     .await
     .map_err(|e| format!("{addr}: {e}"))?;

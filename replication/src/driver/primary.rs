@@ -352,12 +352,16 @@ impl Driver {
                         Ok(records) => Event::WalRead {
                             replica,
                             session,
+                            from,
                             records,
                             now: millis(start),
                         },
-                        Err(StorageError::WalRecycled { .. }) => {
-                            Event::WalGone { replica, session }
-                        }
+                        Err(StorageError::WalRecycled { .. }) => Event::WalGone {
+                            replica,
+                            session,
+                            from,
+                            now: millis(start),
+                        },
                         Err(e) => Event::Disconnected {
                             replica,
                             session,

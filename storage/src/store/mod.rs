@@ -433,6 +433,10 @@ impl Store {
             );
         }
         if !opts.read_only {
+            // Replayed entries came from the file, but maybe only from the page cache (after a
+            // kill -9 the kernel still had them): sync them before calling them durable, or a
+            // FLUSH could be answered for entries a power loss would still take.
+            crate::io::sync_data(&wal).map_err(io_err(&wal_path))?;
             // From now on the log may hold entries the data file lacks.
             sb.flags &= !FLAG_CLEAN;
             sb.persist(&sb_file, &sb_path)?;

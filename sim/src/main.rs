@@ -1,0 +1,170 @@
+//! `blockrep-sim`: sweeps seeds through the simulator, or replays one.
+
+use std::io::Write;
+use std::time::Instant;
+
+use blockrep_replication::core::CommitMode;
+use blockrep_sim::{mode_for, run, Config, Faults, Stats};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "blockrep-sim",
+    about = "Deterministic simulation of blockrep's replication protocol"
+)]
+struct Args {
+    /// How many seeds to run (from --start).
+    #[arg(long, default_value_t = 1000)]
+    seeds: u64,
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Replay one seed with a full trace.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Fault set: all (default) or none.
+    #[arg(long, default_value = "all")]
+    faults: String,
+    /// Commit mode: sync-all, sync-quorum, best-effort, or mixed (by seed).
+    #[arg(long, default_value = "mixed")]
+    mode: String,
+    /// Client steps per history.
+    #[arg(long, default_value_t = 400)]
+    steps: usize,
+    /// Switch on a deliberate protocol bug (needs `--features mutants`); the sweep stops at
+    /// the first seed that catches it.
+    #[arg(long)]
+    mutant: Option<String>,
+}
+
+fn config(args: &Args, seed: u64) -> Config {
+    let mode = match args.mode.as_str() {
+        "mixed" => mode_for(seed),
+        m => m.parse::<CommitMode>().unwrap_or_else(|e| {
+            eprintln!("{e}");
+            std::process::exit(2)
+        }),
+    };
+    let mut cfg = Config::new(seed, mode);
+    cfg.steps = args.steps;
+    cfg.faults = if args.faults == "none" {
+        Faults::none()
+    } else {
+        Faults::all()
+    };
+    cfg
+}
+
+fn main() {
+    let args = Args::parse();
+    let hunting = args.mutant.is_some();
+    if let Some(name) = &args.mutant {
+        switch_on(name);
+    }
+    if let Some(seed) = args.seed {
+        let cfg = config(&args, seed);
+        match run(cfg, true) {
+            Ok(stats) => println!("seed {seed}: ok {stats:?}"),
+            Err(f) => {
+                println!("seed {seed} ({}): VIOLATION {}", f.mode, f.violation);
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    let started = Instant::now();
+    let mut total = Stats::default();
+    let mut failures = 0u64;
+    let end = args.start + args.seeds;
+    for seed in args.start..end {
+        match run(config(&args, seed), false) {
+            Ok(s) => {
+                total.writes += s.writes;
+                total.flushes_ok += s.flushes_ok;
+                total.flushes_failed += s.flushes_failed;
+                total.crashes += s.crashes;
+                total.resets += s.resets;
+                total.partitions += s.partitions;
+                total.failovers += s.failovers;
+                total.refused_promotions += s.refused_promotions;
+                total.catch_ups += s.catch_ups;
+                total.rebuilds += s.rebuilds;
+            }
+            Err(f) if hunting => {
+                println!(
+                    "mutant {} caught by seed {} ({}) after {} histories: {}",
+                    args.mutant.as_deref().unwrap_or_default(),
+                    f.seed,
+                    f.mode,
+                    seed - args.start + 1,
+                    f.violation
+                );
+                return;
+            }
+            Err(f) => {
+                failures += 1;
+                println!("\nseed {} ({}): VIOLATION {}", f.seed, f.mode, f.violation);
+                for line in f.trace.iter().rev().take(40).rev() {
+                    println!("    {line}");
+                }
+                println!(
+                    "    replay: cargo run --release -p blockrep-sim -- --seed {} --mode {} --faults {} --steps {}",
+                    f.seed, f.mode, args.faults, args.steps
+                );
+            }
+        }
+        let done = seed - args.start + 1;
+        if done % 100 == 0 || seed + 1 == end {
+            let rate = done as f64 / started.elapsed().as_secs_f64();
+            let width = 40;
+            let filled = (done * width / args.seeds.max(1)) as usize;
+            eprint!(
+                "\r[{}{}] {done}/{} seeds  {rate:.0}/s  {failures} failing",
+                "#".repeat(filled),
+                "-".repeat(width as usize - filled),
+                args.seeds
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!();
+    println!(
+        "{} histories in {secs:.1} s ({:.0}/s), {failures} failing",
+        args.seeds,
+        args.seeds as f64 / secs
+    );
+    println!(
+        "faults injected: {} crashes, {} connection resets, {} partitions, {} failovers ({} promotions refused)",
+        total.crashes, total.resets, total.partitions, total.failovers, total.refused_promotions
+    );
+    println!(
+        "protocol: {} writes, {} flushes acknowledged (each checked against the stores), {} failed, {} catch-ups, {} rebuilds",
+        total.writes, total.flushes_ok, total.flushes_failed, total.catch_ups, total.rebuilds
+    );
+    if hunting {
+        println!("the mutant survived {} histories", args.seeds);
+        std::process::exit(1);
+    }
+    if failures > 0 {
+        std::process::exit(1);
+    }
+}
+
+#[cfg(feature = "mutants")]
+fn switch_on(name: &str) {
+    use blockrep_replication::mutants::{set, Mutant};
+    match Mutant::from_name(name) {
+        Some(m) => set(Some(m)),
+        None => {
+            let names: Vec<&str> = Mutant::ALL.iter().map(|m| m.name()).collect();
+            eprintln!("unknown mutant {name}; one of: {}", names.join(", "));
+            std::process::exit(2)
+        }
+    }
+}
+
+#[cfg(not(feature = "mutants"))]
+fn switch_on(_: &str) {
+    eprintln!("this build has no mutants: build with `--features mutants`");
+    std::process::exit(2)
+}

@@ -1,0 +1,186 @@
+//! Scripted control of a cluster, for the scenario catalogue: the same cores, network and
+//! checker as the random sweep, with the faults placed by hand.
+
+use blockrep_replication::core::primary::{PeerState, PrimaryCounters};
+use blockrep_replication::core::CommitMode;
+use blockrep_storage::{Epoch, Lsn};
+
+use super::{Cluster, Config, Faults, FlushOutcome, NodeId, Role};
+use crate::check::Violation;
+
+impl Cluster {
+    /// Three nodes under `mode`, n0 primary, no random faults; runs until every replica is in
+    /// sync.
+    pub fn scripted(mode: CommitMode) -> Cluster {
+        let mut cfg = Config::new(0, mode);
+        cfg.faults = Faults::none();
+        let mut c = Cluster::new(cfg);
+        assert!(
+            c.all_in_sync(2_000),
+            "the cluster never came up:{}",
+            c.describe()
+        );
+        c
+    }
+
+    /// Lets `ms` of simulated time pass.
+    pub fn settle(&mut self, ms: u64) {
+        let until = self.now + ms;
+        self.run_until(until);
+    }
+
+    /// Flushes on `n` and waits up to `budget_ms` for the answer.
+    pub fn flush_and_wait(&mut self, n: NodeId, budget_ms: u64) -> Option<FlushOutcome> {
+        let id = self.flush_on(n)?;
+        let deadline = self.now + budget_ms;
+        while self.now < deadline && !self.outcomes.contains_key(&id) {
+            let t = self.now + 1;
+            self.run_until(t);
+        }
+        self.outcomes.get(&id).cloned()
+    }
+
+    /// How primary `p` sees replica node `r`.
+    pub fn peer_state(&self, p: NodeId, r: NodeId) -> Option<PeerState> {
+        let Some(Role::Primary(pn)) = &self.nodes[p].role else {
+            return None;
+        };
+        let name = &self.nodes[r].name;
+        pn.core
+            .peers()
+            .into_iter()
+            .find(|peer| &peer.id.0 == name)
+            .map(|peer| peer.state)
+    }
+
+    /// Runs until primary `p` sees `r` in `state` (true) or `budget_ms` passes (false).
+    pub fn wait_for(&mut self, p: NodeId, r: NodeId, state: PeerState, budget_ms: u64) -> bool {
+        let deadline = self.now + budget_ms;
+        loop {
+            if self.peer_state(p, r) == Some(state) {
+                return true;
+            }
+            if self.now >= deadline {
+                return false;
+            }
+            let t = self.now + 1;
+            self.run_until(t);
+        }
+    }
+
+    /// Runs until `done` holds (true) or `budget_ms` passes (false).
+    pub fn run_until_true(&mut self, budget_ms: u64, done: impl Fn(&Cluster) -> bool) -> bool {
+        let deadline = self.now + budget_ms;
+        loop {
+            if done(self) {
+                return true;
+            }
+            if self.now >= deadline {
+                return false;
+            }
+            let t = self.now + 1;
+            self.run_until(t);
+        }
+    }
+
+    /// Runs until the current primary sees every replica in sync.
+    pub fn all_in_sync(&mut self, budget_ms: u64) -> bool {
+        let p = self.primary;
+        let deadline = self.now + budget_ms;
+        loop {
+            let others: Vec<NodeId> = (0..self.nodes.len()).filter(|&i| i != p).collect();
+            if others
+                .iter()
+                .all(|&r| self.peer_state(p, r) == Some(PeerState::InSync))
+            {
+                return true;
+            }
+            if self.now >= deadline {
+                return false;
+            }
+            let t = self.now + 1;
+            self.run_until(t);
+        }
+    }
+
+    /// The primary's counters (sessions, catch-ups, rebuilds...).
+    pub fn counters(&self, p: NodeId) -> Option<PrimaryCounters> {
+        match &self.nodes[p].role {
+            Some(Role::Primary(pn)) => Some(pn.core.counters().clone()),
+            _ => None,
+        }
+    }
+
+    /// Leaves `n` running but unreachable from every other node (a zombie, if primary).
+    pub fn cut_off(&mut self, n: NodeId) {
+        for i in 0..self.nodes.len() {
+            if i != n {
+                self.partition(n, i);
+            }
+        }
+    }
+
+    /// Cuts the link between `a` and `b`, resetting its connections.
+    pub fn partition(&mut self, a: NodeId, b: NodeId) {
+        self.net.partition(a, b);
+        for k in self.net.of_node(a) {
+            if k.primary == b || k.replica == b {
+                self.reset(k);
+            }
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&mut self) {
+        self.net.heal();
+    }
+
+    /// Resets (without partitioning) every connection of `n`: a brief network blip.
+    pub fn blip(&mut self, n: NodeId) {
+        for k in self.net.of_node(n) {
+            self.reset(k);
+        }
+    }
+
+    /// The value node `n` would read from `block` (its image plus its WAL).
+    pub fn value(&self, n: NodeId, block: u64) -> Option<u64> {
+        self.nodes[n].store.state().get(&block).copied()
+    }
+
+    pub fn head(&self, n: NodeId) -> Lsn {
+        self.nodes[n].store.head()
+    }
+
+    pub fn epoch(&self, n: NodeId) -> Epoch {
+        self.nodes[n].store.epoch
+    }
+
+    pub fn is_primary(&self, n: NodeId) -> bool {
+        matches!(self.nodes[n].role, Some(Role::Primary(_))) && self.nodes[n].alive
+    }
+
+    pub fn is_fenced(&self, n: NodeId) -> bool {
+        matches!(&self.nodes[n].role, Some(Role::Primary(pn)) if pn.core.fenced().is_some())
+    }
+
+    pub fn is_rebuilding(&self, n: NodeId) -> bool {
+        self.nodes[n].store.rebuilding
+    }
+
+    /// Everything the checker has flagged so far.
+    pub fn violations(&self) -> &[Violation] {
+        &self.checker.violations
+    }
+
+    /// Brings a crashed node back as a replica, whatever it was before.
+    pub fn restart_as_replica(&mut self, n: NodeId) {
+        if !self.nodes[n].alive {
+            self.start_replica(n);
+        }
+    }
+
+    /// Crash `n` with nothing unsynced surviving (the worst case for the node).
+    pub fn crash_losing_unsynced(&mut self, n: NodeId) {
+        self.crash_keeping(n, 0);
+    }
+}

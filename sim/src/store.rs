@@ -1,0 +1,219 @@
+//! A node's store, modelled in memory with the durability rules of the real one.
+//!
+//! Entries are appended in LSN order; `durable` is the fsynced prefix. A crash keeps the
+//! durable prefix and a random prefix of what was appended after it (what reached the disk
+//! before the power went: a torn tail is cut at the first broken record, so what survives is
+//! always a prefix). Epochs and rebuild marks are persisted synchronously, as the real store
+//! fsyncs its superblock before it acts on them.
+
+use std::collections::{BTreeMap, HashSet};
+
+use blockrep_storage::{epoch_at, Epoch, Lsn, RecordKind, VolumeId, WalRecord};
+use bytes::Bytes;
+
+pub const BLOCK: u64 = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub lsn: Lsn,
+    pub epoch: Epoch,
+    pub block: u64,
+    /// Every write's value is its LSN in the first primary that wrote it, so a block's
+    /// content says exactly which write it holds.
+    pub value: u64,
+}
+
+impl Entry {
+    pub fn record(&self) -> WalRecord {
+        WalRecord::new(
+            self.lsn,
+            self.epoch,
+            RecordKind::Write,
+            self.block * BLOCK,
+            BLOCK,
+            Bytes::copy_from_slice(&self.value.to_le_bytes()),
+        )
+    }
+
+    pub fn from_record(r: &WalRecord) -> Entry {
+        let mut v = [0u8; 8];
+        let n = r.payload.len().min(8);
+        v[..n].copy_from_slice(&r.payload[..n]);
+        Entry {
+            lsn: r.lsn,
+            epoch: r.epoch,
+            block: r.offset / BLOCK,
+            value: u64::from_le_bytes(v),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreRole {
+    Primary,
+    Replica,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimStore {
+    pub volume_id: VolumeId,
+    pub store_id: VolumeId,
+    /// The volume as of `image_lsn` (the data file).
+    pub image: BTreeMap<u64, u64>,
+    pub image_lsn: Lsn,
+    /// Entries after `retained_from - 1`, in order (the WAL).
+    pub log: Vec<Entry>,
+    pub retained_from: Lsn,
+    pub durable: Lsn,
+    pub epoch: Epoch,
+    pub epoch_owner: VolumeId,
+    pub role: StoreRole,
+    pub history: Vec<(Epoch, Lsn)>,
+    pub committed: Lsn,
+    pub rebuilding: bool,
+    /// Blocks written by the WAL since a rebuild began ("WAL wins over base").
+    pub touched: HashSet<u64>,
+    pub pin: Option<Lsn>,
+    pub blank: bool,
+    head: Lsn,
+}
+
+impl SimStore {
+    pub fn new(volume_id: VolumeId, store_id: VolumeId) -> SimStore {
+        SimStore {
+            volume_id,
+            store_id,
+            image: BTreeMap::new(),
+            image_lsn: Lsn::ZERO,
+            log: Vec::new(),
+            retained_from: Lsn(1),
+            durable: Lsn::ZERO,
+            epoch: Epoch(0),
+            epoch_owner: VolumeId([0; 16]),
+            role: StoreRole::Primary,
+            history: Vec::new(),
+            committed: Lsn::ZERO,
+            rebuilding: false,
+            touched: HashSet::new(),
+            pin: None,
+            blank: true,
+            head: Lsn::ZERO,
+        }
+    }
+
+    pub fn head(&self) -> Lsn {
+        self.head
+    }
+
+    pub fn head_epoch(&self) -> Epoch {
+        epoch_at(&self.history, self.head).unwrap_or(Epoch(0))
+    }
+
+    /// Appends the next entry (its LSN must follow the head).
+    pub fn append(&mut self, e: Entry) {
+        assert_eq!(e.lsn, self.head.next(), "store append out of order");
+        if self.history.last().is_none_or(|(ep, _)| *ep != e.epoch) {
+            self.history.push((e.epoch, e.lsn));
+        }
+        if self.rebuilding {
+            self.touched.insert(e.block);
+        }
+        self.log.push(e);
+        self.head = e.lsn;
+        self.blank = false;
+    }
+
+    pub fn sync(&mut self) -> Lsn {
+        self.durable = self.head;
+        self.durable
+    }
+
+    /// Power loss: keeps the durable prefix and `keep` more of the unsynced entries.
+    pub fn crash(&mut self, keep: u64) {
+        let survive = Lsn((self.durable.0 + keep).min(self.head.0));
+        self.log.retain(|e| e.lsn <= survive);
+        self.head = survive.max(self.image_lsn);
+        self.durable = self.head;
+        self.history.retain(|(_, start)| *start <= self.head);
+        self.pin = None;
+        if self.rebuilding {
+            // Base blocks lived only in memory: nothing of the rebuild is trusted.
+            self.image.clear();
+        }
+    }
+
+    /// Moves the durable entries into the image; the WAL keeps what the pin asks for.
+    pub fn checkpoint(&mut self) {
+        if self.rebuilding {
+            return;
+        }
+        let target = self.durable;
+        for e in self
+            .log
+            .iter()
+            .filter(|e| e.lsn > self.image_lsn && e.lsn <= target)
+        {
+            self.image.insert(e.block, e.value);
+        }
+        self.image_lsn = self.image_lsn.max(target);
+        let keep_from = match self.pin {
+            Some(p) if p <= target => p,
+            _ => target.next(),
+        };
+        self.retained_from = self.retained_from.max(keep_from);
+        let from = self.retained_from;
+        self.log.retain(|e| e.lsn >= from);
+    }
+
+    /// Entries `from..` if the WAL still holds them (catch-up).
+    pub fn read_wal(&self, from: Lsn, max: usize) -> Option<Vec<WalRecord>> {
+        if from < self.retained_from {
+            return None;
+        }
+        Some(
+            self.log
+                .iter()
+                .filter(|e| e.lsn >= from)
+                .take(max.max(1))
+                .map(|e| e.record())
+                .collect(),
+        )
+    }
+
+    /// The volume's content: the image plus every entry after it.
+    pub fn state(&self) -> BTreeMap<u64, u64> {
+        let mut s = self.image.clone();
+        for e in self.log.iter().filter(|e| e.lsn > self.image_lsn) {
+            s.insert(e.block, e.value);
+        }
+        s
+    }
+
+    pub fn begin_rebuild(&mut self, base: Lsn, history: Vec<(Epoch, Lsn)>) {
+        self.rebuilding = true;
+        self.image.clear();
+        self.image_lsn = base;
+        self.log.clear();
+        self.retained_from = base.next();
+        self.head = base;
+        self.durable = base;
+        self.history = history;
+        self.touched.clear();
+        self.blank = false;
+    }
+
+    pub fn apply_base(&mut self, blocks: &[(u64, u64)]) {
+        for &(b, v) in blocks {
+            if !self.touched.contains(&b) {
+                self.image.insert(b, v);
+            }
+        }
+    }
+
+    pub fn finish_rebuild(&mut self) {
+        self.durable = self.head;
+        self.rebuilding = false;
+        self.touched.clear();
+        self.checkpoint();
+    }
+}

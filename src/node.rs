@@ -492,7 +492,8 @@ pub fn up(
     replicas: usize,
     commit: CommitMode,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    // Durably: a power loss must not take the directory holding the stores away.
+    blockrep_storage::create_dir_all_durable(dir).with_context(|| format!("{}", dir.display()))?;
     let primary_dir = dir.join("primary");
     let volume_id = if primary_dir.exists() {
         Store::read_superblock(&primary_dir)?.volume_id

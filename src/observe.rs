@@ -10,7 +10,7 @@ use blockrep_replication::core::primary::PeerState;
 use blockrep_replication::core::CommitMode;
 use blockrep_replication::driver::primary::PrimaryHandle;
 use blockrep_replication::driver::replica::ReplicaStatus;
-use blockrep_storage::{Lsn, Role, Store, StoreObserver};
+use blockrep_storage::{Lsn, Store, StoreObserver};
 use prometheus::{Histogram, IntCounter, IntGauge};
 
 /// One volume's metric handles, resolved once: the request path only touches atomics.
@@ -113,6 +113,19 @@ pub struct StatusSource {
 
 impl StatusSource {
     pub fn new(store: Arc<Store>, metrics: Arc<VolumeMetrics>, kind: NodeKind) -> StatusSource {
+        // Counters exist at zero from the start: a rate over a series that appears already at
+        // 1 shows no increase, so the first burst of failures would go unseen.
+        if let NodeKind::Primary { mode, .. } = &kind {
+            let m = &metrics.metrics;
+            let v = metrics.volume.as_str();
+            for reason in ["replica_missing", "quorum_lost", "fenced", "local"] {
+                m.barrier_failures
+                    .with_label_values(&[v, mode.name(), reason]);
+            }
+            for outcome in ["catch_up", "rebuild_started", "rebuild_done"] {
+                m.recovery_sessions.with_label_values(&[v, outcome]);
+            }
+        }
         StatusSource {
             store,
             metrics,
@@ -127,9 +140,11 @@ impl StatusSource {
         let mut r = StatusReport {
             volume: self.metrics.volume.clone(),
             store: self.store.dir().display().to_string(),
-            role: match sb.role {
-                Role::Primary => "primary".into(),
-                Role::Replica => "replica".into(),
+            // What this process runs as; the superblock only changes once a primary has
+            // contacted a replica.
+            role: match self.kind {
+                NodeKind::Primary { .. } => "primary".into(),
+                NodeKind::Replica { .. } => "replica".into(),
             },
             epoch: info.epoch.0,
             head_lsn: info.next_lsn.prev().0,
@@ -149,11 +164,16 @@ impl StatusSource {
                 r.committed_lsn = s.committed.0;
                 for (i, peer) in s.peers.iter().enumerate() {
                     let lag_lsn = s.head.0.saturating_sub(peer.durable.0);
-                    let lag_bytes = if lag_lsn == 0 {
+                    let mut lag_bytes = if lag_lsn == 0 {
                         0
                     } else {
                         self.store.wal_bytes_since(Lsn(peer.durable.0 + 1))
                     };
+                    // A rebuilding replica's durable LSN is its base: what it still lacks
+                    // is the rest of the base image as well as the WAL after it.
+                    if let Some(rb) = &peer.rebuild {
+                        lag_bytes += rb.bytes_total.saturating_sub(rb.bytes_done);
+                    }
                     let rebuild = peer.rebuild.as_ref().map(|rb| {
                         let elapsed = s.now.saturating_sub(rb.started) as f64 / 1000.0;
                         let rate = rb.bytes_done as f64 / elapsed.max(0.001);

@@ -24,6 +24,8 @@ const TICK: Duration = Duration::from_millis(50);
 /// Frames queued for one replica beyond this many bytes mean it cannot keep up: the session
 /// is dropped and the replica recovers by catch-up instead of growing our memory.
 const MAX_QUEUED_BYTES: u64 = 256 << 20;
+/// How often a running rebuild reports its progress, at the least.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 enum Input {
     Event(Event),
@@ -591,6 +593,7 @@ async fn stream_base(
     let epoch = store.superblock().epoch;
     let started = tokio::time::Instant::now();
     let mut sent = 0u64;
+    let mut last_report = tokio::time::Instant::now();
     let mut reported = 0u64;
     let mut at = 0u64;
     while at < total {
@@ -648,8 +651,11 @@ async fn stream_base(
                 }
             }
         }
-        if at - reported >= 64 << 20 || at == total {
+        // Progress every 64 MiB or every second, whichever comes first: a rate-limited
+        // rebuild must not look stalled between reports.
+        if at - reported >= 64 << 20 || at == total || last_report.elapsed() >= PROGRESS_EVERY {
             reported = at;
+            last_report = tokio::time::Instant::now();
             let _ = events.send(Input::Event(Event::BaseProgress {
                 replica: replica.clone(),
                 session,

@@ -249,6 +249,30 @@ fn sync_dir(path: &Path) -> Result<()> {
         .map_err(io_err(path))
 }
 
+/// `create_dir_all` whose result survives a power loss: the parent of every directory it
+/// creates is fsynced, or a crash could take the new directories (and everything later made
+/// durable inside them) away.
+pub fn create_dir_all_durable(path: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut p = path;
+    while !p.as_os_str().is_empty() && !p.exists() {
+        missing.push(p.to_path_buf());
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => break,
+        }
+    }
+    fs::create_dir_all(path).map_err(io_err(path))?;
+    for dir in missing.iter().rev() {
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        sync_dir(&parent)?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Creates a new, empty store at `dir`, which must not exist yet. The store is built in a
     /// sibling temporary directory and renamed into place, so a crash never leaves a
@@ -283,7 +307,8 @@ impl Store {
             std::process::id()
         ));
         let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        create_dir_all_durable(&parent)?;
+        fs::create_dir(&tmp).map_err(io_err(&tmp))?;
         let id = opts.volume_id.unwrap_or_else(VolumeId::random);
         let result = (|| -> Result<()> {
             let create = |name: &str| {
@@ -439,6 +464,13 @@ impl Store {
             crate::io::sync_data(&wal).map_err(io_err(&wal_path))?;
             // From now on the log may hold entries the data file lacks.
             sb.flags &= !FLAG_CLEAN;
+            // Invariant (*a cut log never grows back*): every open starts a new WAL
+            // generation at the first LSN it will write. Records left in the ring past the
+            // point where replay stopped (after a torn page, say) carry an older generation;
+            // once new entries fill the gap up to them, replay still refuses them instead of
+            // reviving writes the log had dropped.
+            sb.wal_generation = sb.wal_generation.wrapping_add(1);
+            sb.generation_start = replay.next_lsn;
             sb.persist(&sb_file, &sb_path)?;
         }
         let last = replay.next_lsn.prev().max(sb.checkpoint_lsn);

@@ -393,6 +393,60 @@ fn wal_unsynced_batch_torn_in_the_middle_is_a_torn_tail() {
     assert_eq!(store.replay_outcome().next_lsn, Lsn(6));
 }
 
+/// Found by the power-loss tests: replay cut the log at a torn entry, new entries then
+/// filled the ring up to the old entries still lying beyond it, and the next replay took
+/// those (same epoch, intact checksums) as the continuation of the log.
+#[test]
+fn a_cut_log_never_grows_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = Store::open(
+        &path,
+        &OpenOptions {
+            flush_interval: Duration::from_secs(3600),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    // 1..=5 flushed; 6..=8 unsynced, then 6 torn by the crash while 7 and 8 reached the disk.
+    for i in 0..8u64 {
+        rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))
+            .unwrap();
+        if i < 5 {
+            rt.block_on(store.flush()).unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    drop(store);
+    corrupt(&path, record_offset(6) + 64 + 5);
+    let store = open(&path);
+    assert_eq!(store.replay_outcome().next_lsn, Lsn(6));
+    // Two new one-block entries take the places of the old 6 and 7, so the old 8 follows
+    // them in the ring with the LSN that would come next.
+    rt.block_on(store.write(40 * 4096, &[0x66; 4096], false))
+        .unwrap();
+    rt.block_on(store.write(41 * 4096, &[0x77; 4096], false))
+        .unwrap();
+    rt.block_on(store.flush()).unwrap();
+    drop(store);
+    let store = open(&path);
+    assert_eq!(
+        store.replay_outcome().next_lsn,
+        Lsn(8),
+        "the old entry 8 came back"
+    );
+    assert_eq!(
+        rt.block_on(store.read_contiguous(7 * 4096, 4096)).unwrap(),
+        vec![0u8; 4096],
+        "block 7 holds a write the log had dropped"
+    );
+    assert_eq!(
+        rt.block_on(store.read_contiguous(41 * 4096, 4096)).unwrap(),
+        vec![0x77u8; 4096]
+    );
+}
+
 #[test]
 fn replay_ignores_records_of_a_previous_lap() {
     let tmp = tempfile::tempdir().unwrap();

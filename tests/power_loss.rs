@@ -1,0 +1,1502 @@
+//! Power loss, end to end: every store lives on `blockrep-lazyfs` (tools/lazyfs), a FUSE
+//! filesystem that keeps unsynced file data and unsynced directory changes in memory until
+//! they are fsynced, and drops them on `blockrep-lazyfs crash` (optionally torn: a random,
+//! seeded subset of each file's dirty pages survives). Killing a process never loses the
+//! kernel's page cache, so the kill -9 tests in crash_recovery.rs cannot tell a store that
+//! fsyncs from one that does not; these tests can, and `harness_bites_*` proves it with a
+//! build of the store whose fsyncs are turned off (the `no-fsync` feature).
+//!
+//! A power loss is `crash` while the nodes run (they meet EIO from then on, never a later
+//! state), then kill -9; recovery then sees exactly what the filesystem's backing directory
+//! holds.
+//!
+//! The contract under test: after a power loss every write covered by an acknowledged FLUSH
+//! is there byte for byte (on the replicas the commit mode names), no 4 KiB write is torn,
+//! the superblock is readable, and recovery cuts torn WAL tails instead of refusing to open.
+//!
+//! Binaries: `blockrep` is this package's (`CARGO_BIN_EXE_blockrep`); `blockrep-lazyfs` is
+//! another workspace member, so the first test that needs it runs `cargo build -p
+//! blockrep-lazyfs` into this test binary's own target directory (normally a no-op when
+//! `cargo test --workspace` built it already) and uses that file, never one found elsewhere; the
+//! no-fsync `blockrep` is built the same way into `target/no-fsync`. Cargo holds no lock on a
+//! target directory while tests run, so these builds do not wait for the test run.
+//!
+//! Every external command runs under `timeout`; every mount is unmounted by a Drop guard
+//! (`umount`, then `umount -l`, then the daemon killed), every long-lived child gets SIGKILL
+//! (SIGTERM for the filesystem daemons) when the test thread that started it ends.
+//! Run with `cargo test --test power_loss -- --test-threads=1`.
+
+mod common;
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const STORM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/write_storm.py");
+const MAJORITY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/majority.py");
+const BLOCK: u64 = 4096;
+/// Blocks the write storm writes to (8 MiB); the rest of the volume must stay zero.
+const REGION_BLOCKS: u64 = 2048;
+const VOLUME: u64 = 32 * MIB;
+const BARRIER: [&str; 2] = ["--barrier-timeout-ms", "3000"];
+
+// ------------------------------------------------------------------------------ helpers
+
+/// `timeout -k 5 SECS PROG`: the command is killed if it takes longer.
+fn timed(secs: u64, prog: impl AsRef<OsStr>) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg("-k").arg("5").arg(secs.to_string()).arg(prog);
+    c
+}
+
+/// The child gets `sig` when the thread that spawned it (the test's thread) ends, even if
+/// the test binary dies without running destructors.
+fn die_with_test(cmd: &mut Command, sig: i32) -> &mut Command {
+    // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A temporary directory for one test, removed afterwards unless BLOCKREP_KEEP_TEST_DIRS is
+/// set (then its path is printed, for looking at the logs of a failure).
+struct TestDir {
+    path: PathBuf,
+    _remove: Option<tempfile::TempDir>,
+}
+
+impl TestDir {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn test_dir() -> TestDir {
+    let dir = tempfile::Builder::new()
+        .prefix("power-loss-")
+        .tempdir()
+        .unwrap();
+    if std::env::var_os("BLOCKREP_KEEP_TEST_DIRS").is_some() {
+        let path = dir.keep();
+        eprintln!("keeping {}", path.display());
+        return TestDir {
+            path,
+            _remove: None,
+        };
+    }
+    TestDir {
+        path: dir.path().to_path_buf(),
+        _remove: Some(dir),
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+fn require_tools() {
+    for t in ["timeout", "umount", SYSTEM_PYTHON] {
+        require(t);
+    }
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: blockrep-lazyfs needs FUSE"
+    );
+    let out = run(timed(30, SYSTEM_PYTHON).args(["-c", "import nbd"]));
+    assert!(
+        out.status.success(),
+        "{SYSTEM_PYTHON} lacks the libnbd binding (python3-libnbd): {}",
+        describe(&out)
+    );
+}
+
+/// Runs `cargo build ARGS` (serialized between tests), failing loudly on error.
+fn cargo_build(args: &[&str], what: &str) {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let started = Instant::now();
+    let out = run(timed(1500, cargo)
+        .args(["build", "--quiet"])
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR")));
+    assert!(
+        out.status.success(),
+        "building {what} failed: {}",
+        describe(&out)
+    );
+    eprintln!("built {what} in {:.1?}", started.elapsed());
+}
+
+/// The target directory and profile this test binary was built in (from the path of the
+/// `blockrep` binary cargo handed us: TARGET/PROFILE/blockrep).
+fn own_target() -> (PathBuf, String) {
+    let exe = Path::new(env!("CARGO_BIN_EXE_blockrep"));
+    let profile_dir = exe.parent().expect("binary directory");
+    let profile = profile_dir
+        .file_name()
+        .expect("profile directory")
+        .to_string_lossy()
+        .into_owned();
+    (
+        profile_dir
+            .parent()
+            .expect("target directory")
+            .to_path_buf(),
+        profile,
+    )
+}
+
+/// `blockrep-lazyfs`, built from this checkout into this test binary's target directory.
+fn lazyfs_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let (target, profile) = own_target();
+        let target_s = target.to_string_lossy().into_owned();
+        let mut args = vec![
+            "-p",
+            "blockrep-lazyfs",
+            "--bin",
+            "blockrep-lazyfs",
+            "--target-dir",
+            &target_s,
+        ];
+        match profile.as_str() {
+            "debug" => {}
+            "release" => args.push("--release"),
+            other => panic!("unexpected profile directory {other:?}"),
+        }
+        cargo_build(&args, "blockrep-lazyfs");
+        let bin = target.join(&profile).join("blockrep-lazyfs");
+        assert!(bin.exists(), "{} missing after the build", bin.display());
+        bin
+    })
+}
+
+/// The store built with `--features no-fsync` (WAL, data file and superblock never synced),
+/// in target/no-fsync of this checkout.
+fn no_fsync_blockrep() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        cargo_build(
+            &[
+                "--features",
+                "no-fsync",
+                "--target-dir",
+                "target/no-fsync",
+                "--bin",
+                "blockrep",
+            ],
+            "blockrep with --features no-fsync",
+        );
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/no-fsync/debug/blockrep");
+        assert!(bin.exists(), "{} missing after the build", bin.display());
+        bin
+    })
+}
+
+fn real_blockrep() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_blockrep"))
+}
+
+fn mounted(path: &Path) -> bool {
+    let want = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*want))
+}
+
+/// `umount P` with a timeout, then `umount -l P` if that failed. True if P is unmounted.
+fn unmount_best_effort(p: &Path) -> bool {
+    if !mounted(p) {
+        return true;
+    }
+    let ok = Command::new("timeout")
+        .args(["-k", "5", "20", "umount"])
+        .arg(p)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let _ = Command::new("timeout")
+            .args(["-k", "5", "20", "umount", "-l"])
+            .arg(p)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    !mounted(p)
+}
+
+// --------------------------------------------------------------------------- lazyfs
+
+/// A running `blockrep-lazyfs BACKING MNT`.
+struct LazyMount {
+    backing: PathBuf,
+    mnt: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl LazyMount {
+    fn start(dir: &Path, name: &str) -> LazyMount {
+        let backing = dir.join(format!("{name}-backing"));
+        let mnt = dir.join(format!("{name}-mnt"));
+        std::fs::create_dir_all(&backing).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let log = dir.join(format!("{name}-lazyfs.log"));
+        let mut cmd = Command::new(lazyfs_bin());
+        cmd.arg(&backing)
+            .arg(&mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).unwrap());
+        die_with_test(&mut cmd, libc::SIGTERM);
+        let mut child = cmd.spawn().expect("spawn blockrep-lazyfs");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next().and_then(|l| l.ok()));
+            for _ in lines {}
+        });
+        let mut m = LazyMount {
+            backing,
+            mnt,
+            child: Some(child),
+            log,
+        };
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Some(l)) if l.contains("mounted") => {}
+            other => panic!(
+                "blockrep-lazyfs did not mount ({other:?}); its log:\n{}",
+                m.log_text()
+            ),
+        }
+        assert!(mounted(&m.mnt), "{} is not in mountinfo", m.mnt.display());
+        m.mnt = m.mnt.canonicalize().unwrap();
+        m
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// `blockrep-lazyfs crash MNT [--torn --seed N]`; returns its report line.
+    fn crash(&self, torn: Option<u64>) -> String {
+        crash_all(&[self], torn, false).pop().unwrap()
+    }
+
+    /// The same with `--when-dirty`: the crash waits until some file has unsynced pages (at
+    /// most 10 s), so it meets writes in flight instead of a quiet moment.
+    fn crash_when_dirty(&self, torn: Option<u64>) -> String {
+        crash_all(&[self], torn, true).pop().unwrap()
+    }
+
+    /// From now on every fsync waits `ms` first (a slow disk: crashes then often land while
+    /// a sync is on its way, its writes already made).
+    fn set_sync_delay(&self, ms: u64) {
+        let out = run_ok(
+            timed(30, lazyfs_bin())
+                .arg("control")
+                .arg(&self.mnt)
+                .arg("sync-delay")
+                .arg(ms.to_string()),
+        );
+        assert!(out.contains("sync-delay"), "{out}");
+    }
+
+    /// Unmounts (which makes everything durable) and waits for the daemon to exit 0.
+    fn unmount(&mut self) {
+        run_ok(timed(30, "umount").arg(&self.mnt));
+        let mut c = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(
+                    st.success(),
+                    "blockrep-lazyfs exited with {st}:\n{}",
+                    self.log_text()
+                );
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "blockrep-lazyfs did not exit after the unmount:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for LazyMount {
+    fn drop(&mut self) {
+        unmount_best_effort(&self.mnt);
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+        // A killed daemon leaves a dead mount ("transport endpoint is not connected").
+        unmount_best_effort(&self.mnt);
+    }
+}
+
+/// Crashes several mounts one right after the other (the whole rack loses power); returns
+/// each report line. Torn seeds are `seed`, `seed+1`, ... per mount.
+fn crash_all(mounts: &[&LazyMount], torn: Option<u64>, when_dirty: bool) -> Vec<String> {
+    let mut cmd = timed(60, lazyfs_bin());
+    cmd.arg("crash");
+    for m in mounts {
+        cmd.arg(&m.mnt);
+    }
+    if when_dirty {
+        cmd.arg("--when-dirty");
+    }
+    if let Some(seed) = torn {
+        cmd.args(["--torn", "--seed", &seed.to_string()]);
+    }
+    let out = run_ok(&mut cmd);
+    let lines: Vec<String> = out.lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), mounts.len(), "crash printed {out:?}");
+    for l in &lines {
+        assert!(l.contains("crashed generation="), "crash printed {l:?}");
+        eprintln!("{l}");
+    }
+    lines
+}
+
+/// `key=N` out of a crash or stats line.
+fn field(line: &str, key: &str) -> u64 {
+    let k = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&k))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+// -------------------------------------------------------------------------------- nodes
+
+/// A `blockrep serve` or `blockrep replica` process of a given binary, restartable with the
+/// same arguments; its stderr goes to one log across restarts.
+struct Node {
+    name: String,
+    bin: PathBuf,
+    port: u16,
+    args: Vec<OsString>,
+    ready: &'static str,
+    log: PathBuf,
+    child: Option<Child>,
+    /// The first stdout line of the latest start.
+    banner: String,
+}
+
+impl Node {
+    fn launch(
+        bin: &Path,
+        name: &str,
+        logdir: &Path,
+        port: u16,
+        args: Vec<OsString>,
+        ready: &'static str,
+    ) -> Node {
+        let mut n = Node {
+            name: name.into(),
+            bin: bin.into(),
+            port,
+            args,
+            ready,
+            log: logdir.join(format!("{name}.log")),
+            child: None,
+            banner: String::new(),
+        };
+        n.start();
+        n
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(&self.args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        die_with_test(&mut cmd, libc::SIGKILL);
+        let mut child = cmd.spawn().expect("spawn blockrep");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next().and_then(|l| l.ok()));
+            for _ in lines {}
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Some(line)) if line.contains(self.ready) => {
+                self.banner = line;
+                self.child = Some(child);
+            }
+            other => {
+                let _ = child.kill();
+                let st = child.wait();
+                panic!(
+                    "{} did not start (first stdout line {other:?}, status {st:?}); log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; the process must exit 0 within 60 s.
+    fn stop_ok(&mut self) {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: as in `signal`.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "{} ignored SIGTERM for 60s; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            st.success(),
+            "{}: exit status {st} after SIGTERM; log:\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
+    /// Waits for a log line past byte `from` containing every needle.
+    fn wait_log(&self, from: usize, needles: &[&str], secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let log = self.log();
+            if let Some(l) = log
+                .get(from..)
+                .unwrap_or("")
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return l.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no log line with {needles:?} within {secs}s; log:\n{log}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.kill9();
+    }
+}
+
+fn serve(bin: &Path, store: &Path, logdir: &Path, name: &str, extra: &[&str]) -> Node {
+    let port = free_port();
+    let mut args: Vec<OsString> = vec![
+        "serve".into(),
+        store.into(),
+        "--nbd".into(),
+        format!("127.0.0.1:{port}").into(),
+    ];
+    args.extend(extra.iter().map(OsString::from));
+    Node::launch(bin, name, logdir, port, args, "serving")
+}
+
+fn create_store(bin: &Path, dir: &Path, size: u64) {
+    run_ok(
+        timed(120, bin)
+            .arg("create")
+            .arg(dir)
+            .arg("--size")
+            .arg(size.to_string())
+            .arg("--wal-size")
+            .arg("64MiB"),
+    );
+}
+
+fn export(store: &Path, image: &Path) {
+    let _ = std::fs::remove_file(image);
+    run_ok(
+        timed(180, real_blockrep())
+            .arg("export")
+            .arg(store)
+            .arg(image),
+    );
+}
+
+fn inspect_json(store: &Path) -> serde_json::Value {
+    let out = run_ok(
+        timed(60, real_blockrep())
+            .arg("inspect")
+            .arg(store)
+            .arg("--json"),
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect --json printed {out:?}: {e}"))
+}
+
+// -------------------------------------------------------------------------------- storm
+
+/// A child killed (SIGKILL) if the test ends without reaping it.
+struct KillOnDrop {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl KillOnDrop {
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn wait(&mut self, secs: u64) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the write storm did not exit within {secs}s:\n{}",
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_storm(uri: &str, log: &Path, seq_base: u64, flush_every: u32) -> KillOnDrop {
+    let stderr = log.with_extension("stderr");
+    let mut cmd = Command::new(SYSTEM_PYTHON);
+    cmd.arg(STORM)
+        .arg("storm")
+        .arg(uri)
+        .arg(log)
+        .arg("--blocks")
+        .arg(REGION_BLOCKS.to_string())
+        .arg("--seq-base")
+        .arg(seq_base.to_string())
+        .arg("--seed")
+        .arg(seq_base.to_string())
+        .arg("--flush-every")
+        .arg(flush_every.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr).unwrap());
+    die_with_test(&mut cmd, libc::SIGKILL);
+    KillOnDrop {
+        child: cmd.spawn().expect("spawn the write storm"),
+        stderr,
+    }
+}
+
+/// (W, F) lines of a storm log.
+fn log_counts(log: &Path) -> (usize, usize) {
+    let Ok(t) = std::fs::read_to_string(log) else {
+        return (0, 0);
+    };
+    (
+        t.lines().filter(|l| l.starts_with("W ")).count(),
+        t.lines().filter(|l| l.starts_with("F ")).count(),
+    )
+}
+
+/// Waits until the storm logged `min_w` writes and `min_f` FLUSHes and ran `min_time`.
+fn let_storm_run(
+    storm: &mut KillOnDrop,
+    log: &Path,
+    min_w: usize,
+    min_f: usize,
+    min_time: Duration,
+) {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(90);
+    loop {
+        assert!(
+            storm.running(),
+            "the write storm stopped early:\n{}",
+            storm.stderr_text()
+        );
+        let (w, f) = log_counts(log);
+        if w >= min_w && f >= min_f && started.elapsed() >= min_time {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the storm made too little progress in 90s: {w} writes, {f} flushes"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The storm must end quietly (status 0) once its server is gone.
+fn storm_ends(storm: &mut KillOnDrop) {
+    let st = storm.wait(60);
+    assert!(
+        st.success(),
+        "the storm client should exit quietly when the server dies: {st}\n{}",
+        storm.stderr_text()
+    );
+    eprintln!("{}", storm.stderr_text().trim());
+}
+
+/// `write_storm.py verify`: the JSON summary, or the failure output.
+fn verify(image: &Path, logs: &[PathBuf]) -> Result<serde_json::Value, String> {
+    let out = run(timed(180, SYSTEM_PYTHON)
+        .arg(STORM)
+        .arg("verify")
+        .arg(image)
+        .args(logs)
+        .arg("--blocks")
+        .arg(REGION_BLOCKS.to_string()));
+    if out.status.code() == Some(0) {
+        let s = text(&out.stdout);
+        Ok(serde_json::from_str(&s).unwrap_or_else(|e| panic!("verify printed {s:?}: {e}")))
+    } else {
+        Err(describe(&out))
+    }
+}
+
+fn verify_ok(image: &Path, logs: &[PathBuf], what: &str) -> serde_json::Value {
+    let summary = verify(image, logs).unwrap_or_else(|e| {
+        panic!("{what}: the image breaks the durability contract after a power loss:\n{e}")
+    });
+    eprintln!("verify {what}: {summary}");
+    summary
+}
+
+fn compare_over_nbd(uri: &str, image: &Path, what: &str) {
+    let out = run(timed(180, SYSTEM_PYTHON)
+        .arg(STORM)
+        .arg("compare")
+        .arg(uri)
+        .arg(image));
+    assert!(
+        out.status.success(),
+        "{what}: the restarted server does not serve what offline recovery exported:\n{}",
+        describe(&out)
+    );
+}
+
+// ================================================================= the harness bites
+
+/// The harness must be able to fail. The store built without its fsyncs (`no-fsync`) passes
+/// a kill -9 on lazyfs (the page cache, here lazyfs's memory, survives a killed process), but
+/// after `crash` it has lost writes that acknowledged FLUSHes covered, and the verifier says
+/// so. The same steps with the real build pass (`single_node_power_loss_*`).
+#[test]
+fn harness_bites_a_store_without_fsync_loses_flushed_writes() {
+    require_tools();
+    let bin = no_fsync_blockrep();
+    let tmp = test_dir();
+    let fs = LazyMount::start(tmp.path(), "lazy");
+    let store = fs.path("vol");
+    create_store(bin, &store, VOLUME);
+
+    // kill -9 alone: nothing is lost, whether or not anything was synced.
+    let mut node = serve(bin, &store, tmp.path(), "nofsync", &[]);
+    let log0 = tmp.path().join("storm-0.log");
+    let mut storm = spawn_storm(&node.uri(), &log0, 1 << 40, 16);
+    let_storm_run(&mut storm, &log0, 1000, 20, Duration::from_millis(1500));
+    node.kill9();
+    storm_ends(&mut storm);
+    let stats = run_ok(timed(30, lazyfs_bin()).arg("stats").arg(&fs.mnt));
+    eprintln!("before the crash: {stats}");
+    assert!(
+        field(&stats, "dirty_pages") > 0,
+        "the no-fsync store synced nothing, so lazyfs must hold dirty pages: {stats}"
+    );
+    let logs = vec![log0];
+    let image = tmp.path().join("after-kill9.img");
+    export(&store, &image);
+    let summary = verify_ok(&image, &logs, "no-fsync build after kill -9 (no crash)");
+    assert!(
+        summary["covered_writes"].as_u64().unwrap() >= 1000,
+        "{summary}"
+    );
+
+    // Another storm, then a power loss: the flushed writes are gone.
+    let mut node = serve(bin, &store, tmp.path(), "nofsync", &[]);
+    let log1 = tmp.path().join("storm-1.log");
+    let mut storm = spawn_storm(&node.uri(), &log1, 2 << 40, 16);
+    let_storm_run(&mut storm, &log1, 1000, 20, Duration::from_millis(1500));
+    let report = fs.crash(None);
+    assert!(field(&report, "dropped_pages") > 0, "{report}");
+    node.kill9();
+    storm_ends(&mut storm);
+    let logs = vec![logs[0].clone(), log1];
+    let image = tmp.path().join("after-crash.img");
+    export(&store, &image);
+    match verify(&image, &logs) {
+        Ok(summary) => panic!(
+            "the harness does not bite: a store that never fsyncs kept every flushed write \
+             through a power loss: {summary}"
+        ),
+        Err(out) => {
+            assert!(
+                out.contains("was flushed") || out.contains("lost write"),
+                "the verifier should report lost flushed writes:\n{out}"
+            );
+            eprintln!(
+                "as intended, the no-fsync build lost flushed writes:\n{}",
+                out.lines().take(8).collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+// ========================================================================= single node
+
+/// Rounds on one store on lazyfs: serve, a write storm with FLUSHes, power loss in the middle
+/// (`crash`, plain or torn with a seed), kill -9; then the superblock must read, offline
+/// recovery (export) must hold every flushed write intact (checked against every storm log
+/// so far), and the restarted server must serve exactly that.
+/// A round: torn seed (None: plain crash), FLUSH every N writes, sync delay (ms), extra
+/// arguments for `serve`.
+type Round<'a> = (Option<u64>, u32, u64, &'a [&'a str]);
+
+fn single_node_rounds(rounds: &[Round<'_>]) {
+    require_tools();
+    let tmp = test_dir();
+    let fs = LazyMount::start(tmp.path(), "lazy");
+    let store = fs.path("vol");
+    create_store(real_blockrep(), &store, VOLUME);
+    // `create` alone is durable: the store was built in a temporary directory, synced,
+    // renamed into place and its parent synced.
+    let report = fs.crash(None);
+    assert_eq!(field(&report, "dropped_names"), 0, "{report}");
+    let info = inspect_json(&store);
+    assert_eq!(
+        info["clean"], true,
+        "a new store after a power loss: {info:#}"
+    );
+    let mut logs: Vec<PathBuf> = Vec::new();
+    let mut torn_cuts = 0;
+    let mut torn_rounds = 0;
+    let mut kept_and_dropped = 0;
+    let started = Instant::now();
+    for (round, &(torn, flush_every, delay, extra)) in rounds.iter().enumerate() {
+        fs.set_sync_delay(delay);
+        let name = format!("serve-{round}");
+        let mut node = serve(real_blockrep(), &store, tmp.path(), &name, extra);
+        // The store's own I/O path reaches lazyfs through io_uring (the kernel turns its
+        // requests into FUSE ones) unless the round asks for plain threads.
+        let engine = if extra.contains(&"plain") {
+            "I/O plain"
+        } else {
+            "I/O io_uring"
+        };
+        assert!(
+            node.banner.contains(engine),
+            "round {round}: {}",
+            node.banner
+        );
+        if round > 0 {
+            // The previous round's power loss was recovered from; note how.
+            let log = node.log();
+            assert!(
+                !log.contains("refus"),
+                "round {round}: recovery refused the store:\n{log}"
+            );
+            if log.contains("cut a torn record") {
+                torn_cuts += 1;
+            }
+            compare_over_nbd(
+                &node.uri(),
+                &tmp.path().join(format!("image-{}.img", round - 1)),
+                &format!("round {round}"),
+            );
+        }
+        let log = tmp.path().join(format!("storm-{round}.log"));
+        let mut storm = spawn_storm(&node.uri(), &log, (round as u64 + 1) << 40, flush_every);
+        let_storm_run(&mut storm, &log, 600, 8, Duration::from_millis(1200));
+        let report = fs.crash_when_dirty(torn);
+        if torn.is_some() {
+            torn_rounds += 1;
+            if field(&report, "kept_pages") > 0 && field(&report, "dropped_pages") > 0 {
+                kept_and_dropped += 1;
+            }
+        }
+        node.kill9();
+        storm_ends(&mut storm);
+        logs.push(log);
+
+        let info = inspect_json(&store);
+        assert_eq!(info["in_use"], false, "round {round}: {info:#}");
+        let image = tmp.path().join(format!("image-{round}.img"));
+        export(&store, &image);
+        let summary = verify_ok(&image, &logs, &format!("round {round} ({report})"));
+        assert!(
+            summary["covered_writes"].as_u64().unwrap() >= 300 * (round as u64 + 1),
+            "too few flushed writes to mean anything: {summary}"
+        );
+    }
+    // The last round's recovery, by the server itself.
+    let mut node = serve(real_blockrep(), &store, tmp.path(), "final", &[]);
+    if node.log().contains("cut a torn record") {
+        torn_cuts += 1;
+    }
+    compare_over_nbd(
+        &node.uri(),
+        &tmp.path().join(format!("image-{}.img", rounds.len() - 1)),
+        "after the last round",
+    );
+    node.stop_ok();
+    eprintln!(
+        "{} rounds in {:.1?}: {torn_rounds} torn crashes ({kept_and_dropped} kept some pages \
+         and dropped others), {torn_cuts} recoveries cut a torn WAL tail",
+        rounds.len(),
+        started.elapsed()
+    );
+    if torn_rounds >= 4 {
+        assert!(
+            kept_and_dropped > 0,
+            "no torn crash both kept and dropped pages: torn mode is not tearing anything"
+        );
+        assert!(
+            torn_cuts > 0,
+            "no recovery after {torn_rounds} torn crashes met a torn WAL tail: the torn mode \
+             never exercised the cut"
+        );
+    }
+    // A clean unmount makes the view durable: BACKING_DIR alone now holds the store.
+    drop(node);
+    let backing_store = fs.backing.join("vol");
+    let mut fs = fs;
+    fs.unmount();
+    let image = tmp.path().join("from-backing.img");
+    export(&backing_store, &image);
+    verify_ok(
+        &image,
+        &logs,
+        "the store read from BACKING_DIR after unmounting lazyfs",
+    );
+}
+
+const FAST_CHECKPOINTS: [&str; 2] = ["--flush-interval-ms", "150"];
+const PLAIN_IO: [&str; 2] = ["--io-engine", "plain"];
+
+/// A plain power loss (every unsynced page dropped), then torn ones with seeds 1..=4. FLUSH
+/// intervals vary: with rare FLUSHes many WAL batches are written but not yet synced when the
+/// power fails (the WAL writer writes every 2 ms and syncs only for a FLUSH).
+#[test]
+fn single_node_power_loss_plain_and_torn() {
+    single_node_rounds(&[
+        (None, 256, 0, &[]),
+        (Some(1), 512, 2, &[]),
+        (Some(2), 16, 0, &FAST_CHECKPOINTS),
+        (Some(3), 2048, 1, &[]),
+        (Some(4), 128, 3, &PLAIN_IO),
+    ]);
+}
+
+/// More torn seeds (5..=10), with frequent checkpoints (so data file and superblock updates
+/// are in flight at the crash) and both I/O engines.
+#[test]
+fn single_node_power_loss_torn_seeds() {
+    single_node_rounds(&[
+        (Some(5), 1024, 2, &FAST_CHECKPOINTS),
+        (Some(6), 64, 0, &[]),
+        (Some(7), 512, 1, &PLAIN_IO),
+        (Some(8), 256, 3, &FAST_CHECKPOINTS),
+        (Some(9), 4096, 0, &PLAIN_IO),
+        (Some(10), 8, 2, &FAST_CHECKPOINTS),
+    ]);
+}
+
+/// `blockrep up` creates its data directory, then the stores in it, then serves. Every
+/// FLUSH it acknowledges must survive a power loss, which needs the data directory itself to
+/// be durable: its entry in its parent must have been fsynced.
+#[test]
+fn blockrep_up_makes_its_data_directory_durable() {
+    require_tools();
+    let tmp = test_dir();
+    let fs = LazyMount::start(tmp.path(), "lazy");
+    let data = fs.path("blockrep-data");
+    let port = free_port();
+    let args: Vec<OsString> = vec![
+        "up".into(),
+        "--dir".into(),
+        data.clone().into(),
+        "--size".into(),
+        "32MiB".into(),
+        "--replicas".into(),
+        "0".into(),
+        "--commit".into(),
+        "best-effort".into(),
+        "--nbd".into(),
+        format!("127.0.0.1:{port}").into(),
+    ];
+    let mut node = Node::launch(
+        real_blockrep(),
+        "up",
+        tmp.path(),
+        port,
+        args,
+        "created volume",
+    );
+    wait_for_port(port);
+    let log = tmp.path().join("storm.log");
+    let mut storm = spawn_storm(&node.uri(), &log, 1 << 40, 64);
+    let_storm_run(&mut storm, &log, 500, 5, Duration::from_millis(1000));
+    let report = fs.crash(None);
+    node.kill9();
+    storm_ends(&mut storm);
+    let (_, flushes) = log_counts(&log);
+    let store = data.join("primary");
+    assert!(
+        store.join("superblock").exists(),
+        "{flushes} acknowledged FLUSHes, and after the power loss ({report}) the whole store \
+         is gone: {} does not exist. `blockrep up` creates its data directory with \
+         create_dir_all (src/node.rs) and never fsyncs the directory that holds it, and \
+         Store::create (storage/src/store/mod.rs) fsyncs only the store's immediate parent, \
+         not ancestors its create_dir_all made; a restart would silently create a new, empty \
+         volume there",
+        store.display()
+    );
+    let image = tmp.path().join("up.img");
+    export(&store, &image);
+    verify_ok(&image, &[log], "blockrep up's store after the power loss");
+}
+
+// ========================================================================== replicated
+
+/// Primary and two replicas, each store on its own lazyfs; a storm with FLUSHes; every
+/// filesystem crashed (one right after the other), then every node killed: the whole rack
+/// lost power. The commit mode's promise must hold in what the disks kept, and again
+/// after the cluster restarts and settles.
+fn rack_power_loss(commit: &str, torn: Option<u64>) {
+    require_tools();
+    let tmp = test_dir();
+    let names = ["p", "r1", "r2"];
+    let mounts: Vec<LazyMount> = names
+        .iter()
+        .map(|n| LazyMount::start(tmp.path(), n))
+        .collect();
+    let stores: Vec<PathBuf> = mounts.iter().map(|m| m.path("vol")).collect();
+    for s in &stores {
+        create_store(real_blockrep(), s, VOLUME);
+    }
+    let replica_node = |i: usize| {
+        let port = free_port();
+        Node::launch(
+            real_blockrep(),
+            names[i],
+            tmp.path(),
+            port,
+            vec![
+                "replica".into(),
+                stores[i].clone().into(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}").into(),
+            ],
+            "listening on",
+        )
+    };
+    for m in &mounts {
+        m.set_sync_delay(2);
+    }
+    let mut reps = vec![replica_node(1), replica_node(2)];
+    let mut extra: Vec<String> = BARRIER.iter().map(|s| s.to_string()).collect();
+    extra.extend(["--commit".to_string(), commit.to_string()]);
+    for r in &reps {
+        extra.push("--replica".into());
+        extra.push(format!("{}=127.0.0.1:{}", r.name, r.port));
+    }
+    let extra_refs: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut p = serve(real_blockrep(), &stores[0], tmp.path(), "p", &extra_refs);
+    for r in ["r1", "r2"] {
+        p.wait_log(0, &[&format!("replica={r}"), "state=\"in_sync\""], 30);
+    }
+
+    let log = tmp.path().join("storm.log");
+    let mut storm = spawn_storm(&p.uri(), &log, 1 << 40, 128);
+    let_storm_run(&mut storm, &log, 800, 10, Duration::from_millis(2000));
+    // The power loss: the three filesystems crash one right after the other (microseconds
+    // apart) while the nodes run; the nodes only meet EIO after that, and are then killed.
+    let refs: Vec<&LazyMount> = mounts.iter().collect();
+    let reports = crash_all(&refs, torn, false);
+    p.kill9();
+    for r in &mut reps {
+        r.kill9();
+    }
+    storm_ends(&mut storm);
+    let logs = vec![log];
+
+    // What the disks kept.
+    let mut images = Vec::new();
+    for (i, s) in stores.iter().enumerate() {
+        let info = inspect_json(s);
+        assert_eq!(info["in_use"], false, "{}: {info:#}", names[i]);
+        let image = tmp.path().join(format!("{}-crashed.img", names[i]));
+        export(s, &image);
+        images.push(image);
+    }
+    let what = |i: usize| {
+        format!(
+            "{} after the power loss ({commit}, {})",
+            names[i], reports[i]
+        )
+    };
+    // The primary fsyncs its own WAL for every FLUSH in every mode.
+    let summary = verify_ok(&images[0], &logs, &what(0));
+    assert!(
+        summary["covered_writes"].as_u64().unwrap() >= 500,
+        "too few flushed writes to mean anything: {summary}"
+    );
+    match commit {
+        "sync-all" => {
+            for (i, image) in images.iter().enumerate().skip(1) {
+                verify_ok(image, &logs, &what(i));
+            }
+        }
+        "sync-quorum" => {
+            let out = run(timed(180, SYSTEM_PYTHON)
+                .arg(MAJORITY)
+                .args(&images)
+                .arg("--logs")
+                .args(&logs)
+                .arg("--blocks")
+                .arg(REGION_BLOCKS.to_string())
+                .arg("--need")
+                .arg("2"));
+            assert!(
+                out.status.success(),
+                "sync-quorum: a flushed write is not on a majority of the copies after the \
+                 power loss:\n{}",
+                describe(&out)
+            );
+            eprintln!("majority: {}", text(&out.stdout).trim());
+        }
+        other => panic!("unknown commit mode {other}"),
+    }
+
+    // The rack comes back: replicas first, then the primary (a new epoch); the replicas
+    // rejoin (catch-up or rebuild), then everything stops cleanly.
+    for r in &mut reps {
+        r.start();
+    }
+    let mark = p.log().len();
+    p.start();
+    assert!(
+        !p.log()[mark..].contains("refus"),
+        "the primary refused its store after the power loss:\n{}",
+        p.log()
+    );
+    for r in ["r1", "r2"] {
+        p.wait_log(mark, &[&format!("replica={r}"), "state=\"in_sync\""], 90);
+    }
+    p.stop_ok();
+    for r in &mut reps {
+        r.stop_ok();
+    }
+    // A clean stop leaves nothing to replay. Entries that replay finds after it are stale
+    // records of the old epoch that the power loss left intact beyond a torn tail (unsynced
+    // writes persisted out of order): catch-up rewrote the hole before them with the same
+    // LSNs and epoch, so they became contiguous with the log again, although the primary's
+    // history no longer has them.
+    for (i, s) in stores.iter().enumerate() {
+        let info = inspect_json(s);
+        assert!(
+            info["clean"] == true && info["wal_entries"] == 0,
+            "{}: after a clean stop the store still replays {} WAL entries (LSN {}..{}), \
+             past the checkpoint the clean stop wrote: stale pre-crash records resurrected \
+             (the primary's history ends at the checkpoint); {info:#}",
+            names[i],
+            info["wal_entries"],
+            info["checkpoint_lsn"].as_u64().unwrap_or(0) + 1,
+            info["head_lsn"]
+        );
+    }
+    let pimg = tmp.path().join("p-restarted.img");
+    export(&stores[0], &pimg);
+    verify_ok(&pimg, &logs, "the primary after the restart");
+    let pbytes = std::fs::read(&pimg).unwrap();
+    for i in 1..3 {
+        let img = tmp.path().join(format!("{}-restarted.img", names[i]));
+        export(&stores[i], &img);
+        verify_ok(&img, &logs, &format!("{} after the restart", names[i]));
+        let bytes = std::fs::read(&img).unwrap();
+        if bytes != pbytes {
+            let first = bytes.iter().zip(&pbytes).position(|(a, b)| a != b).unwrap();
+            panic!(
+                "{} differs from the primary after rejoining and a clean stop (first at byte \
+                 {first}, block {})",
+                names[i],
+                first as u64 / BLOCK
+            );
+        }
+    }
+}
+
+#[test]
+fn replicated_sync_all_rack_power_loss() {
+    rack_power_loss("sync-all", None);
+    rack_power_loss("sync-all", Some(21));
+}
+
+#[test]
+fn replicated_sync_quorum_rack_power_loss() {
+    rack_power_loss("sync-quorum", Some(31));
+    rack_power_loss("sync-quorum", Some(41));
+}
+
+// ============================================================================ ext4 on top
+
+/// nbdfuse exposing an NBD export as `fm/nbd`, with ext4 loop-mounted on `mnt`. Drop
+/// unmounts both (lazily if need be), detaches loop devices and kills nbdfuse.
+struct NbdFuse {
+    fm: PathBuf,
+    mnt: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl NbdFuse {
+    fn start(uri: &str, dir: &Path, name: &str) -> NbdFuse {
+        let fm = dir.join(format!("{name}-fuse"));
+        let mnt = dir.join(format!("{name}-ext4"));
+        std::fs::create_dir_all(&fm).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let pidfile = dir.join(format!("{name}-nbdfuse.pid"));
+        let log = dir.join(format!("{name}-nbdfuse.log"));
+        let logf = File::create(&log).unwrap();
+        let mut cmd = Command::new("nbdfuse");
+        cmd.arg("-P")
+            .arg(&pidfile)
+            .arg(&fm)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .process_group(0);
+        die_with_test(&mut cmd, libc::SIGKILL);
+        let m = NbdFuse {
+            fm,
+            mnt,
+            child: Some(cmd.spawn().expect("spawn nbdfuse")),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(std::fs::read_to_string(&pidfile).is_ok_and(|s| !s.trim().is_empty())
+            && mounted(&m.fm))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "nbdfuse not ready in 30s:\n{}",
+                std::fs::read_to_string(&m.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn dev(&self) -> PathBuf {
+        self.fm.join("nbd")
+    }
+
+    fn mount_ext4(&self) {
+        run_ok(
+            timed(60, "mount")
+                .args(["-o", "loop"])
+                .arg(self.dev())
+                .arg(&self.mnt),
+        );
+    }
+
+    fn unmount_ext4(&self) {
+        run_ok(timed(60, "umount").arg(&self.mnt));
+    }
+
+    /// Teardown that cannot hang: unmounts (lazily if need be), detaches loop devices backed
+    /// by our file, kills nbdfuse.
+    fn teardown(&mut self) {
+        unmount_best_effort(&self.mnt);
+        if let Ok(out) = Command::new("timeout")
+            .args([
+                "-k",
+                "5",
+                "20",
+                "losetup",
+                "-l",
+                "-n",
+                "-O",
+                "NAME,BACK-FILE",
+            ])
+            .output()
+        {
+            let dev = self.dev().to_string_lossy().into_owned();
+            for line in text(&out.stdout).lines() {
+                let mut f = line.split_whitespace();
+                if let (Some(name), Some(back)) = (f.next(), f.next()) {
+                    if back == dev {
+                        let _ = Command::new("timeout")
+                            .args(["-k", "5", "20", "losetup", "-d", name])
+                            .status();
+                    }
+                }
+            }
+        }
+        unmount_best_effort(&self.fm);
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NbdFuse {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn make_files(src: &Path) -> Vec<String> {
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    let mut names = Vec::new();
+    for i in 0..16u64 {
+        let r = u64::from_le_bytes(random_bytes(3000 + i, 8).try_into().unwrap());
+        let len = if i % 4 == 0 {
+            r % 5000 + 1
+        } else {
+            r % MIB + 1
+        };
+        let name = if i % 3 == 2 {
+            format!("sub/file-{i:02}.bin")
+        } else {
+            format!("file-{i:02}.bin")
+        };
+        std::fs::write(src.join(&name), random_bytes(4000 + i, len as usize)).unwrap();
+        names.push(name);
+    }
+    names
+}
+
+fn sha256s(dir: &Path, names: &[String]) -> String {
+    let out = run(timed(60, "sha256sum").args(names).current_dir(dir));
+    assert!(
+        out.status.success(),
+        "sha256sum in {}: {}",
+        dir.display(),
+        describe(&out)
+    );
+    text(&out.stdout)
+}
+
+/// ext4 on the volume (nbdfuse + loop), files written and `sync`ed; then, while a writer
+/// keeps creating files and syncing them, the power fails under the store (torn). After a
+/// restart the journal replays, the synced files are intact and e2fsck finds nothing.
+#[test]
+fn ext4_on_the_volume_survives_a_power_loss_under_the_store() {
+    require_tools();
+    for t in [
+        "nbdfuse",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "losetup",
+        "sha256sum",
+        "cp",
+        "sync",
+        "sh",
+        "head",
+    ] {
+        require(t);
+    }
+    let tmp = test_dir();
+    let fs = LazyMount::start(tmp.path(), "lazy");
+    let store = fs.path("vol");
+    create_store(real_blockrep(), &store, 256 * MIB);
+    let src = tmp.path().join("src");
+    let names = make_files(&src);
+    let want = sha256s(&src, &names);
+
+    let mut node = serve(real_blockrep(), &store, tmp.path(), "serve", &[]);
+    let mut nf = NbdFuse::start(&node.uri(), tmp.path(), "nbd-0");
+    run_ok(timed(180, "mkfs.ext4").args(["-q", "-F"]).arg(nf.dev()));
+    nf.mount_ext4();
+    run_ok(timed(120, "cp").arg("-r").arg(src.join(".")).arg(&nf.mnt));
+    assert_eq!(
+        sha256s(&nf.mnt, &names),
+        want,
+        "files right after writing them"
+    );
+    run_ok(&mut timed(120, "sync"));
+    // A slow disk: syncs take a while, so crashes often land while one is on its way.
+    fs.set_sync_delay(3);
+
+    for round in 0..3u64 {
+        // Filesystem traffic at the instant of the power loss: files created and synced in
+        // a loop, so the store holds WAL writes not yet covered by a FLUSH.
+        let busy = tmp.path().join(format!("busy-{round}.log"));
+        let mut cmd = Command::new("timeout");
+        cmd.args(["-k", "5", "120", "sh", "-c"])
+            .arg(
+                "i=0; while [ $i -lt 3000 ]; do \
+                 head -c $((4096 * (i % 37 + 1))) /dev/urandom > \"$1/late-$2-$i\" || exit 0; \
+                 [ $((i % 5)) -eq 4 ] && sync; i=$((i+1)); done",
+            )
+            .arg("sh")
+            .arg(&nf.mnt)
+            .arg(round.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&busy).unwrap());
+        die_with_test(&mut cmd, libc::SIGKILL);
+        let mut writer = KillOnDrop {
+            child: cmd.spawn().expect("spawn the writer"),
+            stderr: busy,
+        };
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            writer.running(),
+            "the writer stopped early: {}",
+            writer.stderr_text()
+        );
+        // The power fails under the store while ext4 is mounted and busy.
+        let report = fs.crash_when_dirty(Some(51 + round));
+        node.kill9();
+        let _ = writer.child.kill();
+        let t = Instant::now();
+        nf.teardown();
+        drop(nf);
+        let _ = writer.wait(60);
+        eprintln!(
+            "round {round}: {report}; tearing down the dead mounts took {:.1?}",
+            t.elapsed()
+        );
+
+        node = serve(real_blockrep(), &store, tmp.path(), "serve", &[]);
+        nf = NbdFuse::start(&node.uri(), tmp.path(), &format!("nbd-{}", round + 1));
+        nf.mount_ext4(); // replays the journal
+        assert_eq!(
+            sha256s(&nf.mnt, &names),
+            want,
+            "round {round}: synced files after the power loss"
+        );
+        let late = std::fs::read_dir(&nf.mnt)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("late-")
+            })
+            .count();
+        eprintln!("round {round}: {late} files written during the storms of syncs are there");
+        nf.unmount_ext4();
+        let out = run(timed(180, "e2fsck").arg("-fn").arg(nf.dev()));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "round {round}: e2fsck -fn after the power loss:\n{}",
+            describe(&out)
+        );
+        nf.mount_ext4();
+    }
+    nf.unmount_ext4();
+    drop(nf);
+    node.stop_ok();
+}

@@ -25,7 +25,12 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 CSV=$OUT/replication-$STAMP.csv
 echo "server,workload,rep,iops,clat_p50_us,clat_p99_us" > "$CSV"
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; PIDS=(); sleep 0.5; }
+# Waits for every server to exit: a peer still holding the port would answer the next run.
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    PIDS=()
+}
 trap cleanup EXIT
 
 wait_port() { for _ in $(seq 200); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
@@ -75,7 +80,11 @@ for rep in $(seq "$REPS"); do
   for s in "${SERVERS[@]}"; do
     for w in "${WORKLOADS[@]}"; do
       start "$s"
-      run_fio "$w" > "$DATA/../fio.json" || true
+      if ! run_fio "$w" > "$DATA/../fio.json"; then
+        echo "fio failed: $s $w rep $rep; server log:" >&2
+        tail -20 "$DATA"/*.log >&2
+        exit 1
+      fi
       python3 - "$DATA/../fio.json" "$s" "$w" "$rep" >> "$CSV" <<'PY'
 import json, sys
 raw = open(sys.argv[1]).read()

@@ -66,9 +66,10 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
         (Some(head), Some(used), Some(entries)) => {
             println!("head LSN       {head}");
             println!(
-                "WAL            {} of {} used ({entries} entries after the checkpoint)",
+                "WAL            {} of {} used ({entries} entries, {} past the checkpoint)",
                 human(used),
-                human(r.wal_capacity)
+                human(r.wal_capacity),
+                head.saturating_sub(r.checkpoint_lsn)
             );
         }
         _ => println!(

@@ -969,7 +969,8 @@ impl PrimaryCore {
         let next = self.peers[i].catch_up_next;
         // Entries the core has not seen appended yet will come through live shipping.
         records.retain(|r| r.lsn >= next && r.lsn <= self.head);
-        if records.first().is_some_and(|r| r.lsn != next) {
+        let contiguous = records.windows(2).all(|w| w[1].lsn == w[0].lsn.next());
+        if records.first().is_some_and(|r| r.lsn != next) || !contiguous {
             self.needs_rebuild(i, now, "retained WAL has a hole");
             return;
         }

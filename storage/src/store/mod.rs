@@ -709,47 +709,64 @@ impl Store {
     /// Reads entries `from..` out of the WAL, up to about `max_bytes` of payload (always at
     /// least one entry if any exists). Fails with `WalRecycled` when `from` is no longer
     /// retained.
+    ///
+    /// Invariant (*a WAL read has no hole*): the entries returned are exactly `from, from+1,
+    /// ...` with none missing. Entries live in three places: the file (up to `written`), the
+    /// writer's batch in flight (taken from the queue, not yet written), and the queue. The
+    /// batch in flight is in neither of the places this reads, so a read that reaches it
+    /// stops there, and a read that starts inside it waits for the writer first.
     pub async fn read_wal(&self, from: Lsn, max_bytes: u64) -> Result<Vec<crate::WalRecord>> {
-        let (positions, queued) = {
-            let core = self.shared.lock_core();
-            if from < core.tail_lsn {
-                return Err(StorageError::WalRecycled {
-                    requested: from,
-                    oldest: core.tail_lsn,
-                });
-            }
-            // Entries already in the file are read from it; newer ones are still in the
-            // writer's queue and are taken from memory.
-            let start = core.index.partition_point(|(lsn, _)| *lsn < from);
-            let mut positions = Vec::new();
-            let mut bytes = 0u64;
-            let mut next = from;
-            for (i, &(lsn, pos)) in core.index.iter().enumerate().skip(start) {
-                if lsn > core.written || (bytes >= max_bytes && !positions.is_empty()) {
-                    break;
+        let (positions, queued) = loop {
+            let found = {
+                let core = self.shared.lock_core();
+                if from < core.tail_lsn {
+                    return Err(StorageError::WalRecycled {
+                        requested: from,
+                        oldest: core.tail_lsn,
+                    });
                 }
-                let end = core.index.get(i + 1).map_or(core.head, |&(_, p)| p);
-                // A record never straddles the end of the ring; what follows it there is a
-                // wrap marker's padding.
-                let len = (end.0 - pos.0).min(self.shared.layout.room(pos));
-                bytes += len;
-                positions.push((lsn, pos, len));
-                next = lsn.next();
-            }
-            let mut queued = Vec::new();
-            if bytes < max_bytes || positions.is_empty() {
-                for q in core.queue.iter() {
-                    if q.record.lsn < next || q.record.kind == crate::RecordKind::Wrap {
-                        continue;
-                    }
-                    if bytes >= max_bytes && !(positions.is_empty() && queued.is_empty()) {
+                // Entries already in the file are read from it; newer ones are still in the
+                // writer's queue and are taken from memory.
+                let start = core.index.partition_point(|(lsn, _)| *lsn < from);
+                let mut positions = Vec::new();
+                let mut bytes = 0u64;
+                let mut next = from;
+                for (i, &(lsn, pos)) in core.index.iter().enumerate().skip(start) {
+                    if lsn > core.written || (bytes >= max_bytes && !positions.is_empty()) {
                         break;
                     }
-                    bytes += q.record.encoded_len();
-                    queued.push(q.record.clone());
+                    let end = core.index.get(i + 1).map_or(core.head, |&(_, p)| p);
+                    // A record never straddles the end of the ring; what follows it there is a
+                    // wrap marker's padding.
+                    let len = (end.0 - pos.0).min(self.shared.layout.room(pos));
+                    bytes += len;
+                    positions.push((lsn, pos, len));
+                    next = lsn.next();
                 }
+                let mut queued = Vec::new();
+                if bytes < max_bytes || positions.is_empty() {
+                    for q in core.queue.iter() {
+                        if q.record.lsn < next || q.record.kind == crate::RecordKind::Wrap {
+                            continue;
+                        }
+                        if q.record.lsn != next
+                            || (bytes >= max_bytes && !(positions.is_empty() && queued.is_empty()))
+                        {
+                            break; // the batch in flight lies between the file and the queue
+                        }
+                        bytes += q.record.encoded_len();
+                        queued.push(q.record.clone());
+                        next = next.next();
+                    }
+                }
+                // Empty although `from` exists: it is in the writer's hands.
+                let in_flight = positions.is_empty() && queued.is_empty() && from < core.next_lsn;
+                (!in_flight).then_some((positions, queued))
+            };
+            match found {
+                Some(found) => break found,
+                None => self.shared.wait_durable(from).await?,
             }
-            (positions, queued)
         };
         let mut records = if positions.is_empty() {
             Vec::new()
@@ -1469,11 +1486,16 @@ impl Store {
             .and_then(|_| self.shared.checkpoint())
             .map_err(StorageError::Failed);
         if result.is_ok() {
-            let empty = {
+            // Clean means every entry is durable and applied to the data file; the log may
+            // still hold entries below the checkpoint that a lagging replica pins, and those
+            // are history, not work for the next open.
+            let applied = {
                 let core = self.shared.lock_core();
-                core.head == core.tail && core.active.is_empty()
+                core.checkpoint_lsn >= core.next_lsn.prev()
+                    && core.active.is_empty()
+                    && core.flushing.is_none()
             };
-            if empty {
+            if applied {
                 let mut sb = self
                     .shared
                     .superblock

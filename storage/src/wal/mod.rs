@@ -251,7 +251,8 @@ pub(crate) struct ReplayInput<'a> {
     /// Where the entry `first_lsn` is (the superblock's tail).
     pub start: WalPos,
     pub first_lsn: Lsn,
-    /// The store was closed cleanly with an empty log: nothing after the end needs checking.
+    /// The store was closed cleanly (every entry durable and applied): nothing after the end
+    /// needs checking.
     pub clean: bool,
     pub generation: Generation,
 }

@@ -56,3 +56,11 @@ fn seed_1435_promotion_compares_epochs_first() {
 fn seed_9_zero_gap_join_pins_the_wal() {
     passes(9, SyncAll);
 }
+
+/// Right after a promotion, sync-all answered a FLUSH through LSN 0 from the committed
+/// high-water mark while both replicas were still connecting and one was mid-rebuild
+/// (`a_barrier_is_answered_by_the_copies_in_sync_now`).
+#[test]
+fn seed_345162_sync_all_flush_answered_without_its_replicas() {
+    passes(345162, SyncAll);
+}

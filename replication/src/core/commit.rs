@@ -24,6 +24,19 @@ pub struct Vote {
 /// enough: a primary that restarts after losing its unsynced tail would otherwise serve, and
 /// overwrite, entries the cluster had already committed.
 pub fn committed(mode: CommitMode, local_durable: Lsn, replicas: &[Vote]) -> Lsn {
+    committed_now(mode, local_durable, replicas).unwrap_or(Lsn::ZERO)
+}
+
+/// What the copies in sync *now* make durable under `mode`, or `None` when the mode cannot be
+/// met at all (sync-all with a replica out of sync, sync-quorum without a majority in sync).
+///
+/// Invariant (*a barrier is answered by the copies in sync now*): a FLUSH completes only when
+/// this is `Some(c)` with `c` at or past its target. The committed LSN is a high-water mark
+/// of what was durable once; a replica that fell into a rebuild since then no longer holds it
+/// reliably, so "target <= committed" alone would let sync-all answer a FLUSH with a replica
+/// missing (found by the simulator, seed 345162: a FLUSH through LSN 0, right after a
+/// promotion, answered while both replicas were still connecting and one was mid-rebuild).
+pub fn committed_now(mode: CommitMode, local_durable: Lsn, replicas: &[Vote]) -> Option<Lsn> {
     use crate::mutants::{active, Mutant};
     let counted: Vec<Vote>;
     let replicas = if active(Mutant::CountOutOfSyncReplica) {
@@ -39,15 +52,17 @@ pub fn committed(mode: CommitMode, local_durable: Lsn, replicas: &[Vote]) -> Lsn
         replicas
     };
     match mode {
-        CommitMode::BestEffort => local_durable,
+        CommitMode::BestEffort => Some(local_durable),
         CommitMode::SyncAll => {
             if replicas.is_empty() || replicas.iter().any(|r| !r.in_sync) {
-                return Lsn::ZERO;
+                return None;
             }
-            replicas
-                .iter()
-                .map(|r| r.durable)
-                .fold(local_durable, Lsn::min)
+            Some(
+                replicas
+                    .iter()
+                    .map(|r| r.durable)
+                    .fold(local_durable, Lsn::min),
+            )
         }
         CommitMode::SyncQuorum => {
             // The primary is always one of the majority: its own fsync gates the rule.
@@ -59,12 +74,12 @@ pub fn committed(mode: CommitMode, local_durable: Lsn, replicas: &[Vote]) -> Lsn
                 .map(|r| r.durable)
                 .collect();
             if durable.len() < needed {
-                return Lsn::ZERO;
+                return None;
             }
             durable.sort_unstable_by(|a, b| b.cmp(a));
             // The needed-th highest replica LSN is durable on that many replicas.
             let replicated = needed.checked_sub(1).map_or(local_durable, |k| durable[k]);
-            replicated.min(local_durable)
+            Some(replicated.min(local_durable))
         }
     }
 }

@@ -1091,15 +1091,16 @@ impl PrimaryCore {
                 durable: p.durable,
             })
             .collect();
-        let c = commit::committed(self.cfg.mode, self.local_durable, &votes);
+        let now = commit::committed_now(self.cfg.mode, self.local_durable, &votes);
+        let c = now.unwrap_or(Lsn::ZERO);
         if c > self.committed {
             self.committed = c;
             self.out.push(Action::Committed { lsn: c });
         }
-        let committed = self.committed;
+        let Some(answered) = now else { return };
         let mut i = 0;
         while i < self.barriers.len() {
-            if self.barriers[i].target <= committed {
+            if self.barriers[i].target <= answered {
                 let b = self.barriers.remove(i).expect("index in range");
                 self.counters.barriers_done += 1;
                 self.out.push(Action::BarrierDone { id: b.id });

@@ -218,6 +218,56 @@ fn sync_all_with_a_replica_missing_fails_after_the_timeout_and_never_downgrades(
 }
 
 #[test]
+fn a_barrier_is_answered_by_the_copies_in_sync_now() {
+    // Everything through LSN 1 was durable on both replicas once (committed = 1); then b
+    // goes away. A FLUSH through 1 (or through 0, nothing new written) is a promise about
+    // every replica *now*: sync-all must not answer it from the high-water mark.
+    let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Appended {
+        records: vec![rec(1, E)],
+    });
+    c.step(Event::Barrier {
+        id: 1,
+        target: Lsn(1),
+        now: 10,
+    });
+    c.step(Event::LocalDurable { lsn: Lsn(1) });
+    for (r, sess) in &s {
+        reply(&mut c, r, *sess, Body::BarrierAck { durable: Lsn(1) }, 11);
+    }
+    assert_eq!(c.committed(), Lsn(1));
+    c.step(Event::Disconnected {
+        replica: s[1].0.clone(),
+        session: s[1].1,
+        now: 20,
+        reason: "gone".into(),
+    });
+    for (id, target) in [(2, 1), (3, 0)] {
+        let a = c.step(Event::Barrier {
+            id,
+            target: Lsn(target),
+            now: 30,
+        });
+        assert!(done(&a).is_empty(), "FLUSH through {target} with b away");
+    }
+    let a = c.step(Event::Tick {
+        now: 5030,
+        pinned_bytes: 0,
+    });
+    let mut f = failed(&a);
+    f.sort_by_key(|(id, _)| *id);
+    assert_eq!(
+        f,
+        vec![
+            (2, BarrierFailure::ReplicaMissing),
+            (3, BarrierFailure::ReplicaMissing)
+        ]
+    );
+    assert_eq!(c.committed(), Lsn(1), "the high-water mark never goes down");
+}
+
+#[test]
 fn sync_quorum_commits_with_one_replica_down() {
     let mut c = core(CommitMode::SyncQuorum, &["a", "b"], 0);
     let s = bring_up(&mut c, 0);

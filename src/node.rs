@@ -25,7 +25,9 @@ pub const DEFAULT_REPLICA_METRICS: &str = "127.0.0.1:9811";
 #[derive(clap::Args, Clone, Default)]
 pub struct ObserveArgs {
     /// Where to serve /metrics, /healthz, /readyz and /v1/status (default 127.0.0.1:9810 for
-    /// a primary, :9811 for a replica; a busy default falls back to a free port).
+    /// a primary, :9811 for a replica; a busy default falls back to a free port). `off`
+    /// serves no endpoint and records nothing per request (bench/metrics-overhead.sh measures
+    /// what recording costs against it).
     #[arg(long)]
     pub metrics: Option<String>,
     /// The volume's name in metrics and status (default: its UUID, the same on every copy).
@@ -33,23 +35,40 @@ pub struct ObserveArgs {
     pub volume_name: Option<String>,
 }
 
-/// Starts the admin endpoint. An explicitly requested address must be free; the default
-/// falls back to any free port (printed), so several nodes can share a host.
+impl ObserveArgs {
+    fn off(&self) -> bool {
+        self.metrics.as_deref() == Some("off")
+    }
+}
+
+/// Starts the admin endpoint (none with `--metrics off`). An explicitly requested address
+/// must be free; the default falls back to any free port (printed), so several nodes can
+/// share a host.
 async fn start_admin(
     args: &ObserveArgs,
     default: &str,
     admin: blockrep_metrics::Admin,
     shutdown: CancellationToken,
-) -> Result<std::net::SocketAddr> {
-    match &args.metrics {
-        Some(addr) => Ok(blockrep_metrics::serve(addr, admin, shutdown).await?),
+) -> Result<Option<std::net::SocketAddr>> {
+    let addr = match &args.metrics {
+        Some(off) if off == "off" => return Ok(None),
+        Some(addr) => blockrep_metrics::serve(addr, admin, shutdown).await?,
         None => match blockrep_metrics::serve(default, admin.clone(), shutdown.clone()).await {
-            Ok(a) => Ok(a),
+            Ok(a) => a,
             Err(e) => {
                 tracing::info!("{e}; serving metrics on a free port instead");
-                Ok(blockrep_metrics::serve("127.0.0.1:0", admin, shutdown).await?)
+                blockrep_metrics::serve("127.0.0.1:0", admin, shutdown).await?
             }
         },
+    };
+    Ok(Some(addr))
+}
+
+/// How the start-up banner names the admin endpoint.
+fn admin_line(addr: Option<std::net::SocketAddr>) -> String {
+    match addr {
+        Some(a) => format!("http://{a}/metrics  (blockrep status --admin {a})"),
+        None => "off (--metrics off)".to_string(),
     }
 }
 
@@ -60,7 +79,9 @@ fn volume_metrics(store: &Store, args: &ObserveArgs) -> Result<Arc<VolumeMetrics
         .clone()
         .unwrap_or_else(|| store.volume_id().to_string());
     let vm = VolumeMetrics::new(metrics, &name);
-    store.set_observer(vm.clone());
+    if !args.off() {
+        store.set_observer(vm.clone());
+    }
     Ok(vm)
 }
 
@@ -209,9 +230,7 @@ async fn serve_primary(
             store.io_engine()
         );
     }
-    println!(
-        "  metrics and status: http://{admin_addr}/metrics  (blockrep status --admin {admin_addr})"
-    );
+    println!("  metrics and status: {}", admin_line(admin_addr));
     if let Some(ListenAddr::Tcp(a)) = server.local_addrs().first() {
         println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'");
     }
@@ -228,7 +247,11 @@ async fn serve_primary(
     ready.store(true, std::sync::atomic::Ordering::Release);
     crate::systemd::ready(&format!("serving {} at epoch {epoch}", dir.display()));
     crate::systemd::spawn_watchdog();
-    server.observe(metrics).run(exports, shutdown).await?;
+    if args.observe.off() {
+        server.run(exports, shutdown).await?;
+    } else {
+        server.observe(metrics).run(exports, shutdown).await?;
+    }
     crate::systemd::stopping();
     Ok(())
 }
@@ -462,7 +485,7 @@ pub fn replica(
         .await?;
         let sb = store.superblock();
         println!(
-            "blockrep: replica {} (volume {}, epoch {}, head {}) listening on {}, metrics on http://{admin_addr}",
+            "blockrep: replica {} (volume {}, epoch {}, head {}) listening on {}, metrics: {}",
             dir.display(),
             sb.volume_id,
             sb.epoch,
@@ -470,7 +493,8 @@ pub fn replica(
             listener
                 .local_addr()
                 .map(|a| a.to_string())
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            admin_line(admin_addr)
         );
         crate::systemd::ready(&format!("replica of {} listening", sb.volume_id));
         crate::systemd::spawn_watchdog();

@@ -704,3 +704,30 @@ fn sigterm_right_after_the_serving_line_is_a_clean_stop() {
         "SIGTERM right after \"serving\" did not always stop the server cleanly: {outcomes:?}"
     );
 }
+
+#[test]
+fn metrics_off_serves_no_admin_endpoint_and_the_volume_still_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = create_store(tmp.path(), "vol", 64 << 20);
+    let mut s = serve(&store, &["--metrics", "off"]);
+    let out = run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &s.uri(),
+        "-c",
+        "write -P 0xab 0 64k",
+        "-c",
+        "read -P 0xab 0 64k",
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    // The only socket the server listens on is its NBD port.
+    let pid = s.child.id();
+    let listening = run_ok(Command::new("ss").args(["-Hltnp"]));
+    let ours: Vec<&str> = listening
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .collect();
+    assert_eq!(ours.len(), 1, "listening sockets of the server: {ours:?}");
+    assert!(ours[0].contains(&format!(":{}", s.port)), "{ours:?}");
+    assert!(s.terminate().success(), "{}", s.log());
+}

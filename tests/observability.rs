@@ -978,6 +978,10 @@ fn prometheus_scrapes_a_replicated_volume_and_every_dashboard_and_alert_expressi
         );
     }
 
+    // Every node scraped once before the traffic, so every rate() below has a sample from
+    // before it (on a loaded machine the first scrape can come late).
+    prom.wait_nonempty(r#"count(up{job="blockrep"} == 1) >= 3"#, 60);
+
     // Traffic: reads, writes and flushes.
     fio_with_flushes(&p.uri(), 5, dir);
 

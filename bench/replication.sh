@@ -17,7 +17,7 @@ RUNTIME=${RUNTIME:-10}
 SIZE=${SIZE:-1GiB}
 DATA=${BENCH_DATA_DIR:-$PWD/target/bench-data/replication}
 OUT=${BENCH_RESULTS_DIR:-$PWD/target/bench-results}
-BIN=$PWD/target/release/blockrep
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep
 PORT=${PORT_BASE:-11950}
 [[ ${BUILD:-1} == 1 ]] && cargo build --release --quiet
 mkdir -p "$DATA" "$OUT"

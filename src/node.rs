@@ -64,14 +64,6 @@ async fn start_admin(
     Ok(Some(addr))
 }
 
-/// How the start-up banner names the admin endpoint.
-fn admin_line(addr: Option<std::net::SocketAddr>) -> String {
-    match addr {
-        Some(a) => format!("http://{a}/metrics  (blockrep status --admin {a})"),
-        None => "off (--metrics off)".to_string(),
-    }
-}
-
 fn volume_metrics(store: &Store, args: &ObserveArgs) -> Result<Arc<VolumeMetrics>> {
     let metrics = Arc::new(blockrep_metrics::Metrics::new().context("metrics")?);
     let name = args
@@ -174,6 +166,12 @@ async fn serve_primary(
     let server = Server::bind(&args.nbd).await?;
     // Only a start that will serve begins a new epoch; it is durable before anything else.
     let epoch = store.begin_epoch(epoch)?;
+    if mode == CommitMode::SyncQuorum {
+        // The figure-8 guard (Store::append_epoch_start): every FLUSH answered at this epoch
+        // covers an entry of this epoch on a majority.
+        let lsn = store.append_epoch_start().await?;
+        tracing::info!("epoch {epoch} starts at LSN {lsn}");
+    }
     let primary = if args.replicas.is_empty() {
         None
     } else {
@@ -230,7 +228,12 @@ async fn serve_primary(
             store.io_engine()
         );
     }
-    println!("  metrics and status: {}", admin_line(admin_addr));
+    match admin_addr {
+        Some(a) => {
+            println!("  metrics and status: http://{a}/metrics  (blockrep status --admin {a})")
+        }
+        None => println!("  metrics and status: off (--metrics off)"),
+    }
     if let Some(ListenAddr::Tcp(a)) = server.local_addrs().first() {
         println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'");
     }
@@ -485,7 +488,7 @@ pub fn replica(
         .await?;
         let sb = store.superblock();
         println!(
-            "blockrep: replica {} (volume {}, epoch {}, head {}) listening on {}, metrics: {}",
+            "blockrep: replica {} (volume {}, epoch {}, head {}) listening on {}, metrics {}",
             dir.display(),
             sb.volume_id,
             sb.epoch,
@@ -494,7 +497,7 @@ pub fn replica(
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
-            admin_line(admin_addr)
+            admin_addr.map_or("off".to_string(), |a| format!("on http://{a}"))
         );
         crate::systemd::ready(&format!("replica of {} listening", sb.volume_id));
         crate::systemd::spawn_watchdog();

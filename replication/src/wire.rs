@@ -214,6 +214,7 @@ fn kind_code(k: RecordKind) -> (u8, u8) {
         RecordKind::Trim => (2, 0),
         RecordKind::WriteZeroes { punch } => (3, u8::from(punch)),
         RecordKind::Wrap => (0xfe, 0),
+        RecordKind::EpochStart => (4, 0),
     }
 }
 
@@ -224,6 +225,7 @@ fn kind_from(code: u8, flags: u8) -> Option<RecordKind> {
         3 => Some(RecordKind::WriteZeroes {
             punch: flags & 1 != 0,
         }),
+        4 => Some(RecordKind::EpochStart),
         _ => None,
     }
 }
@@ -643,7 +645,8 @@ mod tests {
             prop_oneof![
                 Just(RecordKind::Write),
                 Just(RecordKind::Trim),
-                any::<bool>().prop_map(|punch| RecordKind::WriteZeroes { punch })
+                any::<bool>().prop_map(|punch| RecordKind::WriteZeroes { punch }),
+                Just(RecordKind::EpochStart)
             ],
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..300),

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::check::{Checker, Violation};
 use crate::net::{ConnKey, Network, NodeId};
-use crate::store::{Entry, SimStore, StoreRole, BLOCK};
+use crate::store::{Entry, SimStore, StoreRole, BLOCK, EPOCH_START};
 
 #[path = "script.rs"]
 mod script;
@@ -345,6 +345,19 @@ impl Cluster {
         node.store.epoch = epoch;
         node.store.epoch_owner = node.store.store_id;
         node.store.role = StoreRole::Primary;
+        if self.cfg.mode == CommitMode::SyncQuorum {
+            // As `serve` does (Store::append_epoch_start): a durable entry of the new epoch
+            // before anything is served.
+            let e = Entry {
+                lsn: node.store.head().next(),
+                epoch,
+                block: EPOCH_START,
+                value: 0,
+            };
+            node.store.append(e);
+            node.store.sync();
+            self.checker.wrote(e);
+        }
         let mut cfg = PrimaryConfig::new(
             self.volume,
             self.cfg.blocks * BLOCK,
@@ -1562,7 +1575,7 @@ pub fn expected_state(
         let Some(e) = epoch_at(history, lsn) else {
             continue;
         };
-        if let Some(entry) = entries.get(&(lsn, e)) {
+        if let Some(entry) = entries.get(&(lsn, e)).filter(|e| e.writes()) {
             s.insert(entry.block, entry.value);
         }
     }

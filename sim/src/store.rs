@@ -23,8 +23,26 @@ pub struct Entry {
     pub value: u64,
 }
 
+/// The `block` of an epoch-start entry, which changes no block.
+pub const EPOCH_START: u64 = u64::MAX;
+
 impl Entry {
+    /// Whether the entry writes a block (an epoch-start entry does not).
+    pub fn writes(&self) -> bool {
+        self.block != EPOCH_START
+    }
+
     pub fn record(&self) -> WalRecord {
+        if !self.writes() {
+            return WalRecord::new(
+                self.lsn,
+                self.epoch,
+                RecordKind::EpochStart,
+                0,
+                0,
+                Bytes::new(),
+            );
+        }
         WalRecord::new(
             self.lsn,
             self.epoch,
@@ -36,6 +54,14 @@ impl Entry {
     }
 
     pub fn from_record(r: &WalRecord) -> Entry {
+        if r.kind == RecordKind::EpochStart {
+            return Entry {
+                lsn: r.lsn,
+                epoch: r.epoch,
+                block: EPOCH_START,
+                value: 0,
+            };
+        }
         let mut v = [0u8; 8];
         let n = r.payload.len().min(8);
         v[..n].copy_from_slice(&r.payload[..n]);
@@ -115,7 +141,7 @@ impl SimStore {
         if self.history.last().is_none_or(|(ep, _)| *ep != e.epoch) {
             self.history.push((e.epoch, e.lsn));
         }
-        if self.rebuilding {
+        if self.rebuilding && e.writes() {
             self.touched.insert(e.block);
         }
         self.log.push(e);
@@ -151,7 +177,7 @@ impl SimStore {
         for e in self
             .log
             .iter()
-            .filter(|e| e.lsn > self.image_lsn && e.lsn <= target)
+            .filter(|e| e.lsn > self.image_lsn && e.lsn <= target && e.writes())
         {
             self.image.insert(e.block, e.value);
         }
@@ -183,7 +209,11 @@ impl SimStore {
     /// The volume's content: the image plus every entry after it.
     pub fn state(&self) -> BTreeMap<u64, u64> {
         let mut s = self.image.clone();
-        for e in self.log.iter().filter(|e| e.lsn > self.image_lsn) {
+        for e in self
+            .log
+            .iter()
+            .filter(|e| e.lsn > self.image_lsn && e.writes())
+        {
             s.insert(e.block, e.value);
         }
         s

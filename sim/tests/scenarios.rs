@@ -627,3 +627,50 @@ fn session_rebuild_completes_then_epoch_bumps() {
     );
     converge(&mut c);
 }
+
+/// Raft's "figure 8" (Ongaro's thesis, §3.6.2), in blockrep's terms. n0 (epoch 1) writes an
+/// entry at LSN 6 that only it holds, and crashes; n1 is promoted (epoch 2), writes a
+/// different entry at LSN 6 that only it holds, and crashes; n0 comes back, is promoted
+/// (epoch 3), catches n2 up with its old entry and answers a FLUSH on n0 + n2 (a majority).
+/// n0 crashes. n1 must now be refused: n2 holds n0's epoch-3 entry, so n1's epoch-2 log is
+/// older. Without that entry (the epoch-start record) n2's log ends at epoch 1, n1's
+/// (epoch 2, LSN 6) compares higher, and promoting n1 loses the acknowledged write.
+#[test]
+fn figure8_an_older_epoch_entry_commits_only_through_the_current_epoch() {
+    let mut c = Cluster::scripted(SyncQuorum);
+    let before = write(&mut c, N0, 0, 5);
+    acked(&mut c, N0);
+    // n0 alone: its entry becomes durable there (the FLUSH syncs it, then fails).
+    c.cut_off(N0);
+    let only_n0 = write(&mut c, N0, 10, 1);
+    failed(&mut c, N0);
+    c.crash_keeping(N0, 0);
+    c.heal();
+    assert!(c.promote(N1), "{}", c.describe());
+    c.cut_off(N1);
+    let only_n1 = write(&mut c, N1, 20, 1);
+    failed(&mut c, N1);
+    c.crash_keeping(N1, 0);
+    c.heal();
+    c.restart_as_replica(N0);
+    assert!(c.promote(N0), "{}", c.describe());
+    assert!(
+        c.wait_for(N0, N2, PeerState::InSync, WAIT),
+        "{}",
+        c.describe()
+    );
+    acked(&mut c, N0);
+    assert!(holds(&c, N2, &only_n0), "{}", c.describe());
+    c.crash_keeping(N0, 0);
+    c.restart_as_replica(N1);
+    assert!(
+        !c.promote(N1),
+        "n1's log must lose to n2's after n0's FLUSH at epoch 3\n{}",
+        c.describe()
+    );
+    assert!(c.promote(N2), "{}", c.describe());
+    clean(&c);
+    converge(&mut c);
+    assert!(holds(&c, N2, &before) && holds(&c, N2, &only_n0));
+    assert!(holds_none(&c, N2, &only_n1));
+}

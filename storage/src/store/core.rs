@@ -177,14 +177,17 @@ impl Core {
         let first = record.offset / BLOCK_SIZE;
         let end = first + record.length / BLOCK_SIZE;
         let state = match record.kind {
-            RecordKind::Write => BlockState::Data(record.payload.clone()),
-            RecordKind::Trim => BlockState::Zero { punch: true },
-            RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
+            RecordKind::Write => Some(BlockState::Data(record.payload.clone())),
+            RecordKind::Trim => Some(BlockState::Zero { punch: true }),
+            RecordKind::WriteZeroes { punch } => Some(BlockState::Zero { punch }),
+            RecordKind::EpochStart => None,
             RecordKind::Wrap => unreachable!("wrap markers are not appended by callers"),
         };
-        self.active.insert(first, end, lsn, state);
-        if let Some(r) = &mut self.rebuild {
-            r.touched.insert(first, end);
+        if let Some(state) = state {
+            self.active.insert(first, end, lsn, state);
+            if let Some(r) = &mut self.rebuild {
+                r.touched.insert(first, end);
+            }
         }
         if let Some(tap) = &self.tap {
             // Sent under the lock, so the shipper sees entries in LSN order.

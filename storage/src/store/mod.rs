@@ -436,7 +436,7 @@ impl Store {
                     RecordKind::Write => BlockState::Data(rec.payload),
                     RecordKind::Trim => BlockState::Zero { punch: true },
                     RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
-                    RecordKind::Wrap => return,
+                    RecordKind::Wrap | RecordKind::EpochStart => return,
                 };
                 dirty.insert(first, end, rec.lsn, state);
             },
@@ -1409,6 +1409,26 @@ impl Store {
         if fua {
             self.shared.wait_durable(lsn).await?;
         }
+        Ok(lsn)
+    }
+
+    /// Appends an entry that changes no block, at the store's current epoch, and makes it
+    /// durable. A sync-quorum primary writes one when it starts at a new epoch, before it
+    /// serves: every FLUSH it answers then covers an entry of its own epoch on a majority, so
+    /// a log that lacks it (a primary of an earlier, failed epoch) can never win a later
+    /// promotion by (head epoch, head) over the copies that hold acknowledged writes
+    /// (Raft's rule: entries of older terms commit only through one of the current term).
+    pub async fn append_epoch_start(&self) -> Result<Lsn> {
+        let lsn = self
+            .append(
+                RecordKind::EpochStart,
+                0,
+                0,
+                Bytes::new(),
+                crc32c::crc32c(&[]),
+            )
+            .await?;
+        self.shared.wait_durable(lsn).await?;
         Ok(lsn)
     }
 

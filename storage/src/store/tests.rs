@@ -814,3 +814,36 @@ fn a_wal_read_has_no_hole() {
     rt.block_on(writer).unwrap();
     assert!(reads > 100, "only {reads} reads overlapped the writer");
 }
+
+#[test]
+fn an_epoch_start_entry_changes_no_block_and_replays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    store.set_retention_pin(Some(Lsn(1)));
+    rt.block_on(store.write(0, &pattern(7, 4096), false))
+        .unwrap();
+    let epoch = store.begin_epoch(None).unwrap();
+    let lsn = rt.block_on(store.append_epoch_start()).unwrap();
+    assert_eq!(lsn, Lsn(2));
+    assert!(
+        store.info().durable_lsn >= lsn,
+        "it is durable when it returns"
+    );
+    let recs = rt.block_on(store.read_wal(Lsn(2), u64::MAX)).unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        (recs[0].kind, recs[0].epoch, recs[0].length),
+        (RecordKind::EpochStart, epoch, 0)
+    );
+    drop(store);
+    // Replay keeps it in the log (and in the epoch history) and the volume is unchanged.
+    let store = open(&path);
+    assert_eq!(store.head(), Lsn(2));
+    assert_eq!(store.head_epoch(), epoch);
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 8192)).unwrap(),
+        [pattern(7, 4096), vec![0; 4096]].concat()
+    );
+}

@@ -225,8 +225,8 @@ pub(crate) async fn read_entries(
 
 /// Checks that a record is one the volume could have produced.
 fn plausible(rec: &WalRecord, volume_size: u64) -> bool {
-    if rec.kind == RecordKind::Wrap {
-        return rec.payload.is_empty();
+    if matches!(rec.kind, RecordKind::Wrap | RecordKind::EpochStart) {
+        return rec.payload.is_empty() && rec.length == 0;
     }
     let aligned = rec.offset.is_multiple_of(BLOCK_SIZE)
         && rec.length.is_multiple_of(BLOCK_SIZE)

@@ -36,6 +36,10 @@ pub enum RecordKind {
     /// Not an entry: marks the end of a lap of the circular log; recovery continues at the
     /// start of the region. It carries the LSN the next real record will have.
     Wrap,
+    /// An entry that changes no block: the first entry a sync-quorum primary writes at a new
+    /// epoch, so that committing it (on a majority) commits every older entry before it
+    /// with a log that ends at the current epoch (see `Store::append_epoch_start`).
+    EpochStart,
 }
 
 impl RecordKind {
@@ -45,6 +49,7 @@ impl RecordKind {
             RecordKind::Trim => (2, 0),
             RecordKind::WriteZeroes { punch } => (3, u8::from(punch)),
             RecordKind::Wrap => (0xfe, 0),
+            RecordKind::EpochStart => (4, 0),
         }
     }
 
@@ -56,6 +61,7 @@ impl RecordKind {
                 punch: flags & 1 != 0,
             }),
             0xfe => Some(RecordKind::Wrap),
+            4 => Some(RecordKind::EpochStart),
             _ => None,
         }
     }
@@ -201,6 +207,7 @@ mod tests {
             Just(RecordKind::Trim),
             any::<bool>().prop_map(|punch| RecordKind::WriteZeroes { punch }),
             Just(RecordKind::Wrap),
+            Just(RecordKind::EpochStart),
         ]
     }
 

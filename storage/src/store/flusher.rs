@@ -22,6 +22,15 @@ const MAX_IOVECS: usize = 1024;
 const MAX_WRITE: u64 = 16 << 20;
 const MAX_OUTSTANDING: usize = 64;
 
+/// Whether a checkpoint may skip its fdatasync (see `checkpoint_with`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lazy {
+    /// The flusher's own checkpoints during a rebuild, when they only move base blocks.
+    DuringRebuild,
+    /// Every checkpoint that must leave the data file durable (close, finish_rebuild).
+    Never,
+}
+
 pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
     // Like the WAL writer, the flusher does its own I/O (its own ring, or plain syscalls).
     let mut ring = shared.io.thread_ring();
@@ -44,7 +53,7 @@ pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
             }
         }
         let started = std::time::Instant::now();
-        let result = shared.checkpoint_with(ring.as_mut());
+        let result = shared.checkpoint_with(ring.as_mut(), Lazy::DuringRebuild);
         if result.is_ok() {
             shared.observer().checkpoint(started.elapsed());
         }
@@ -56,14 +65,19 @@ pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
 }
 
 impl Shared {
-    /// One checkpoint with plain syscalls (from threads without a ring of their own).
+    /// One checkpoint with plain syscalls (from threads without a ring of their own); always
+    /// a durable one.
     pub(crate) fn checkpoint(&self) -> Result<(), String> {
-        self.checkpoint_with(None)
+        self.checkpoint_with(None, Lazy::Never)
     }
 
     /// One checkpoint (see the module doc). Returns an error message on I/O failure.
     /// Serialized by `checkpoint_lock`, so `close` can run a last one safely.
-    pub(crate) fn checkpoint_with(&self, mut ring: Option<&mut ThreadRing>) -> Result<(), String> {
+    pub(crate) fn checkpoint_with(
+        &self,
+        mut ring: Option<&mut ThreadRing>,
+        lazy: Lazy,
+    ) -> Result<(), String> {
         let _one_at_a_time = self
             .checkpoint_lock
             .lock()
@@ -90,6 +104,35 @@ impl Shared {
             self.wait_durable_blocking(target)?;
         }
         self.write_to_data_file(&frozen, ring.as_deref_mut())?;
+        // During a rebuild, a checkpoint that only moves base blocks (nothing new in the WAL
+        // to release) needs no fdatasync: the store stays marked rebuilding until
+        // `finish_rebuild` runs a durable checkpoint, and a crash before that discards the
+        // whole base anyway. Writeback is started now, so that last fdatasync finds little
+        // left and the disk works while the rest of the base streams in.
+        let base_only = lazy == Lazy::DuringRebuild && {
+            let core = self.lock_core();
+            core.rebuild.is_some() && target <= core.checkpoint_lsn
+        };
+        if base_only {
+            for (start, extent) in frozen.iter() {
+                crate::io::start_writeback(
+                    &self.data,
+                    start * BLOCK_SIZE,
+                    (extent.end - start) * BLOCK_SIZE,
+                );
+            }
+            let mut core = self.lock_core();
+            core.flushing = None;
+            // The data file changed under anything read from it before.
+            core.checkpoint_gen += 1;
+            drop(core);
+            tracing::debug!(
+                bytes = frozen.data_bytes(),
+                "rebuild checkpoint (writeback started)"
+            );
+            self.space.notify_waiters();
+            return Ok(());
+        }
         match ring {
             Some(r) => r.write_runs(&self.data, &[], true),
             None => crate::io::sync_data(&self.data),

@@ -990,6 +990,7 @@ impl Store {
     /// began are skipped. Waits while too much base data is waiting for the flusher.
     pub async fn apply_base(&self, offset: u64, len: u64, data: Option<Bytes>) -> Result<()> {
         const MAX_PENDING: u64 = 128 << 20;
+        const REBUILD_CHECKPOINT_BYTES: u64 = 8 << 20;
         self.check_range(offset, len)?;
         if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) {
             return Err(StorageError::BadGeometry(
@@ -1020,7 +1021,9 @@ impl Store {
                         };
                         core.active.insert(s, e, base, state);
                     }
-                    if core.active.data_bytes() >= MAX_PENDING / 4 {
+                    // Small checkpoints keep the data file's writeback going while base
+                    // data streams in, so the one that ends the rebuild has little left.
+                    if core.active.data_bytes() >= REBUILD_CHECKPOINT_BYTES {
                         self.shared.request_flush(&mut core);
                     }
                     return Ok(());
@@ -1036,10 +1039,15 @@ impl Store {
     /// a checkpoint writes them), then the store stops being marked rebuilding.
     pub fn finish_rebuild(&self) -> Result<()> {
         let head = self.head();
+        let started = std::time::Instant::now();
         self.shared
             .wait_durable_blocking(head)
             .and_then(|_| self.shared.checkpoint())
             .map_err(StorageError::Failed)?;
+        tracing::debug!(
+            "rebuild: last checkpoint took {:.0} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
         let mut sb = self
             .shared
             .superblock

@@ -224,7 +224,11 @@ impl Driver {
                 _ = ticker.tick() => {
                     // Feed the local durability we have anyway, then let time act.
                     let durable = self.store.durable();
-                    for a in self.core.step(Event::LocalDurable { lsn: durable }) {
+                    let actions = self.core.step(Event::LocalDurable { lsn: durable });
+                    if !actions.is_empty() {
+                        self.publish();
+                    }
+                    for a in actions {
                         self.execute(a);
                     }
                     let pinned_bytes = self.pin.map_or(0, |p| self.store.wal_bytes_since(p));
@@ -234,11 +238,14 @@ impl Driver {
             // Appends are the hot path; the status is refreshed by every other event and by
             // the tick (every 50 ms) anyway.
             let quiet = matches!(event, Event::Appended { .. });
-            for action in self.core.step(event) {
-                self.execute(action);
-            }
+            let actions = self.core.step(event);
+            // Published before the actions run: a client whose FLUSH the actions answer must
+            // find the status (committed LSN, peers) already saying so.
             if !quiet {
                 self.publish();
+            }
+            for action in actions {
+                self.execute(action);
             }
         }
         for (_, c) in self.conns.drain() {

@@ -1673,15 +1673,18 @@ fn r12_kill9_replica_then_primary_mid_rebuild_converges() {
     let own = reps[1].own_status();
     assert_eq!(own["rebuilding"], false, "r2 after its rebuild: {own:#}");
     let after = recoveries(&p);
-    assert_eq!(
-        (
-            after.rebuild_started - before.rebuild_started,
-            after.rebuild_done - before.rebuild_done
-        ),
-        (2, 1),
-        "two rebuilds started (the killed one and the fresh one), one done: {before:?} -> \
-         {after:?}"
+    let started = after.rebuild_started - before.rebuild_started;
+    let history = p.lines_with(mark, &["replica=r2"]).join("\n");
+    // The killed rebuild and the fresh one; on a loaded machine a session may also drop
+    // and retry (a further start), but only one rebuild ever completes.
+    assert!(
+        started >= 2 && after.rebuild_done - before.rebuild_done == 1,
+        "the killed rebuild and the fresh one started, one done: {before:?} -> {after:?}\n\
+         the primary about r2:\n{history}"
     );
+    if started > 2 {
+        eprintln!("r12: {started} rebuilds started; the primary about r2:\n{history}");
+    }
     fio.assert_running();
 
     // --- 2. SIGKILL of the primary in the middle of another rebuild.

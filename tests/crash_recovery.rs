@@ -17,7 +17,6 @@
 
 mod common;
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
@@ -38,17 +37,6 @@ const NO_CHECKPOINT: [&str; 2] = ["--flush-interval-ms", "3600000"];
 
 // ------------------------------------------------------------------------------ helpers
 
-/// `timeout -k 5 SECS PROG`: the command is killed if it takes longer.
-fn timed(secs: u64, prog: impl AsRef<OsStr>) -> Command {
-    let mut c = Command::new("timeout");
-    c.arg("-k").arg("5").arg(secs.to_string()).arg(prog);
-    c
-}
-
-fn blockrep_timed(secs: u64) -> Command {
-    timed(secs, env!("CARGO_BIN_EXE_blockrep"))
-}
-
 /// The storm script under the system python (which has the `nbd` module).
 fn storm_script(secs: u64) -> Command {
     let mut c = timed(secs, SYSTEM_PYTHON);
@@ -64,19 +52,6 @@ fn require_python_nbd() {
         "{SYSTEM_PYTHON} lacks the libnbd binding (python3-libnbd): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
 }
 
 /// A child process that is killed (SIGKILL, by its pid) if the test ends without reaping it.

@@ -17,7 +17,6 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
@@ -78,21 +77,6 @@ fn wait_until<T>(secs: u64, what: &str, mut f: impl FnMut(&mut String) -> Option
 }
 
 // ---------------------------------------------------------------------------- processes
-
-/// The child gets SIGKILL when the test thread that spawned it ends, even if no destructor
-/// runs (the test binary killed by a timeout).
-fn die_with_test(cmd: &mut Command) -> &mut Command {
-    // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
 
 /// A child process whose stdout and stderr go to a log file; killed on drop.
 struct Proc {

@@ -27,13 +27,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -45,30 +44,6 @@ const MIN_ACKS_BEFORE_KILL: usize = 200;
 const MIN_RUN_BEFORE_KILL: Duration = Duration::from_secs(3);
 
 // ------------------------------------------------------------------------------ helpers
-
-/// `timeout -k 5 SECS PROG`: the command is killed if it takes longer.
-fn timed(secs: u64, prog: impl AsRef<OsStr>) -> Command {
-    let mut c = Command::new("timeout");
-    c.arg("-k").arg("5").arg(secs.to_string()).arg(prog);
-    c
-}
-
-fn blockrep_timed(secs: u64) -> Command {
-    timed(secs, env!("CARGO_BIN_EXE_blockrep"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
 
 fn read_text(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()

@@ -28,12 +28,12 @@
 
 mod common;
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -48,13 +48,6 @@ const VOLUME: u64 = 32 * MIB;
 const BARRIER: [&str; 2] = ["--barrier-timeout-ms", "3000"];
 
 // ------------------------------------------------------------------------------ helpers
-
-/// `timeout -k 5 SECS PROG`: the command is killed if it takes longer.
-fn timed(secs: u64, prog: impl AsRef<OsStr>) -> Command {
-    let mut c = Command::new("timeout");
-    c.arg("-k").arg("5").arg(secs.to_string()).arg(prog);
-    c
-}
 
 /// The child gets `sig` when the thread that spawned it (the test's thread) ends, even if
 /// the test binary dies without running destructors.
@@ -101,19 +94,6 @@ fn test_dir() -> TestDir {
         path: dir.path().to_path_buf(),
         _remove: Some(dir),
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
 }
 
 fn require_tools() {

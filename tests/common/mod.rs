@@ -3,8 +3,10 @@
 //! installs them.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -192,3 +194,61 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 
 /// The path of `/usr/bin/python3`, which has the libnbd binding (the pyenv python does not).
 pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// `timeout -k 5 SECS PROG`: the command is killed if it takes longer.
+pub fn timed(secs: u64, prog: impl AsRef<OsStr>) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg("-k").arg("5").arg(secs.to_string()).arg(prog);
+    c
+}
+
+pub fn blockrep_timed(secs: u64) -> Command {
+    timed(secs, env!("CARGO_BIN_EXE_blockrep"))
+}
+
+/// The child gets SIGKILL when the thread that spawned it (the test's thread) ends, even if
+/// the test binary itself is killed and no destructor runs.
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// Removes ANSI colour sequences (the nodes run with NO_COLOR, this is a second guard).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

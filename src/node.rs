@@ -50,8 +50,10 @@ async fn start_admin(
     admin: blockrep_metrics::Admin,
     shutdown: CancellationToken,
 ) -> Result<Option<std::net::SocketAddr>> {
+    if args.off() {
+        return Ok(None);
+    }
     let addr = match &args.metrics {
-        Some(off) if off == "off" => return Ok(None),
         Some(addr) => blockrep_metrics::serve(addr, admin, shutdown).await?,
         None => match blockrep_metrics::serve(default, admin.clone(), shutdown.clone()).await {
             Ok(a) => a,
@@ -285,13 +287,14 @@ async fn choose_epoch(
     decide_promotion(dir, &me, &members, args, mode)?;
     // Then fence the members at the new epoch and decide again on what they hold once the
     // old primary can no longer add to it.
+    let min = promotion::next_epoch(&me, &members);
     let epoch = match args.epoch.map(Epoch) {
-        Some(e) if e < promotion::next_epoch(&me, &members) => bail!(
+        Some(e) if e < min => bail!(
             "--epoch {e} is not above epoch {} that this volume has already seen",
-            promotion::next_epoch(&me, &members).0 - 1
+            min.0 - 1
         ),
         Some(e) => e,
-        None => promotion::next_epoch(&me, &members),
+        None => min,
     };
     let fenced = probe_members(args, epoch, Some(sb.store_id), sb.volume_id).await;
     decide_promotion(dir, &me, &fenced, args, mode)?;

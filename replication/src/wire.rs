@@ -208,28 +208,6 @@ pub enum WireError {
     },
 }
 
-fn kind_code(k: RecordKind) -> (u8, u8) {
-    match k {
-        RecordKind::Write => (1, 0),
-        RecordKind::Trim => (2, 0),
-        RecordKind::WriteZeroes { punch } => (3, u8::from(punch)),
-        RecordKind::Wrap => (0xfe, 0),
-        RecordKind::EpochStart => (4, 0),
-    }
-}
-
-fn kind_from(code: u8, flags: u8) -> Option<RecordKind> {
-    match code {
-        1 => Some(RecordKind::Write),
-        2 => Some(RecordKind::Trim),
-        3 => Some(RecordKind::WriteZeroes {
-            punch: flags & 1 != 0,
-        }),
-        4 => Some(RecordKind::EpochStart),
-        _ => None,
-    }
-}
-
 /// Appends the encoding of `frame` to `dst`.
 pub fn encode(frame: &Frame, dst: &mut BytesMut) {
     let start = dst.len();
@@ -297,7 +275,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
             dst.put_u64_le(committed.0);
             dst.put_u32_le(records.len() as u32);
             for r in records {
-                let (k, f) = kind_code(r.kind);
+                let (k, f) = r.kind.encode();
                 dst.put_u64_le(r.lsn.0);
                 dst.put_u64_le(r.epoch.0);
                 dst.put_u8(k);
@@ -557,10 +535,13 @@ pub fn decode(frame: Bytes) -> Result<Frame, WireError> {
                 let payload_crc = r.u32()?;
                 r.u32()?;
                 let payload = r.bytes(payload_len)?;
-                let kind = kind_from(k, f).ok_or(WireError::Malformed {
-                    kind: name,
-                    why: "unknown entry kind",
-                })?;
+                // Wrap markers belong to the ring, never to the stream.
+                let kind = RecordKind::decode(k, f)
+                    .filter(|k| *k != RecordKind::Wrap)
+                    .ok_or(WireError::Malformed {
+                        kind: name,
+                        why: "unknown entry kind",
+                    })?;
                 if crc32c::crc32c(&payload) != payload_crc {
                     return Err(WireError::BadEntryChecksum(lsn.0));
                 }

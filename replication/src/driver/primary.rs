@@ -224,29 +224,12 @@ impl Driver {
                 _ = ticker.tick() => {
                     // Feed the local durability we have anyway, then let time act.
                     let durable = self.store.durable();
-                    let actions = self.core.step(Event::LocalDurable { lsn: durable });
-                    if !actions.is_empty() {
-                        self.publish();
-                    }
-                    for a in actions {
-                        self.execute(a);
-                    }
+                    self.step(Event::LocalDurable { lsn: durable });
                     let pinned_bytes = self.pin.map_or(0, |p| self.store.wal_bytes_since(p));
                     Event::Tick { now: millis(self.start), pinned_bytes }
                 }
             };
-            // Appends are the hot path; the status is refreshed by every other event and by
-            // the tick (every 50 ms) anyway.
-            let quiet = matches!(event, Event::Appended { .. });
-            let actions = self.core.step(event);
-            // Published before the actions run: a client whose FLUSH the actions answer must
-            // find the status (committed LSN, peers) already saying so.
-            if !quiet {
-                self.publish();
-            }
-            for action in actions {
-                self.execute(action);
-            }
+            self.step(event);
         }
         for (_, c) in self.conns.drain() {
             if let Some(r) = c.reader {
@@ -288,6 +271,22 @@ impl Driver {
         }
         let first_missing = self.appended_at.iter().find(|(l, _)| *l > durable);
         first_missing.map_or(0.0, |(_, t)| t.elapsed().as_secs_f64())
+    }
+
+    /// Runs one event through the core and carries out its actions.
+    fn step(&mut self, event: Event) {
+        // Appends are the hot path; the status is refreshed by every other event and by the
+        // tick (every 50 ms) anyway.
+        let quiet = matches!(event, Event::Appended { .. });
+        let actions = self.core.step(event);
+        // Published before the actions run: a client whose FLUSH the actions answer must find
+        // the status (committed LSN, peers) already saying so.
+        if !quiet {
+            self.publish();
+        }
+        for action in actions {
+            self.execute(action);
+        }
     }
 
     fn publish(&self) {

@@ -243,7 +243,6 @@ fn io_stopped() -> io::Error {
 /// with the `no-fsync` feature, to prove their harness catches a store that forgets to sync.
 pub(crate) const SKIP_FSYNC: bool = cfg!(feature = "no-fsync");
 
-/// fdatasync, unless this is the `no-fsync` test build.
 /// Starts writeback of `[offset, offset+len)` without waiting for it (`sync_file_range` with
 /// `SYNC_FILE_RANGE_WRITE`): no durability, only an earlier start for a later fdatasync.
 pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
@@ -257,6 +256,7 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// fdatasync, unless this is the `no-fsync` test build.
 pub(crate) fn sync_data(file: &File) -> io::Result<()> {
     if SKIP_FSYNC {
         return Ok(());

@@ -43,7 +43,8 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
-    fn encode(self) -> (u8, u8) {
+    /// The (kind, flags) bytes of the on-disk header; the replication wire uses the same.
+    pub fn encode(self) -> (u8, u8) {
         match self {
             RecordKind::Write => (1, 0),
             RecordKind::Trim => (2, 0),
@@ -53,7 +54,8 @@ impl RecordKind {
         }
     }
 
-    fn decode(kind: u8, flags: u8) -> Option<RecordKind> {
+    /// The kind a (kind, flags) pair names, if any.
+    pub fn decode(kind: u8, flags: u8) -> Option<RecordKind> {
         match kind {
             1 => Some(RecordKind::Write),
             2 => Some(RecordKind::Trim),

@@ -1185,6 +1185,29 @@ fn stop_and_compare(dir: &Path, p: &mut Node, reps: &mut [Node], what: &str) -> 
 }
 
 /// Counts lines of the primary's log since `mark` about `replica` in any rebuild state.
+/// The end of a scenario with a write storm: a last FLUSH seals the storm's log, then
+/// `stop_and_compare`, and every image holds every write the sealed log says was flushed.
+fn finish_with_storm(
+    dir: &Path,
+    p: &mut Node,
+    reps: &mut [Node],
+    storm: &mut KillOnDrop,
+    log: &Path,
+    what: &str,
+) {
+    let mut c = Client::connect(&p.uri(), dir, "final");
+    let sealed = seal_storm(storm, log, &mut c, what);
+    drop(c);
+    let images = stop_and_compare(dir, p, reps, what);
+    for img in &images {
+        verify_storm(
+            img,
+            std::slice::from_ref(&sealed),
+            &img.display().to_string(),
+        );
+    }
+}
+
 fn rebuild_lines(p: &Node, mark: usize, replica: &str) -> Vec<String> {
     let tag = format!("replica={replica}");
     p.log_since(mark)
@@ -1307,17 +1330,7 @@ fn s4_brief_outage_recovers_by_catch_up_without_rebuild() {
         rebuilds.join("\n")
     );
 
-    let mut c = Client::connect(&p.uri(), dir, "final");
-    let sealed = seal_storm(&mut storm, &log, &mut c, "S4");
-    drop(c);
-    let images = stop_and_compare(dir, &mut p, &mut reps, "S4");
-    for img in &images {
-        verify_storm(
-            img,
-            std::slice::from_ref(&sealed),
-            &img.display().to_string(),
-        );
-    }
+    finish_with_storm(dir, &mut p, &mut reps, &mut storm, &log, "S4");
 }
 
 /// Brief R3: a replica away for longer than the retention budget allows (more than half of
@@ -1960,17 +1973,7 @@ fn a10_changed_address_restart_recovers_after_address_update() {
     );
     assert!(rebuild_lines(&p, mark, "r2").is_empty());
     storm_more(&mut storm, &log, 500, 60);
-    let mut c = Client::connect(&p.uri(), dir, "final");
-    let sealed = seal_storm(&mut storm, &log, &mut c, "A10");
-    drop(c);
-    let images = stop_and_compare(dir, &mut p, &mut reps, "A10");
-    for img in &images {
-        verify_storm(
-            img,
-            std::slice::from_ref(&sealed),
-            &img.display().to_string(),
-        );
-    }
+    finish_with_storm(dir, &mut p, &mut reps, &mut storm, &log, "A10");
 }
 
 /// Brief S5: a replica flaps (5 quick cycles of stop, writes, restart; SIGKILL on two of
@@ -2042,17 +2045,7 @@ fn s5_flapping_replica_never_rebuilds() {
     assert!(rebuilds.is_empty(), "{}", rebuilds.join("\n"));
     assert_eq!(peer(&st, "r1")["state"], "in_sync");
     storm_more(&mut storm, &log, 300, 60);
-    let mut c = Client::connect(&p.uri(), dir, "final");
-    let sealed = seal_storm(&mut storm, &log, &mut c, "S5");
-    drop(c);
-    let images = stop_and_compare(dir, &mut p, &mut reps, "S5");
-    for img in &images {
-        verify_storm(
-            img,
-            std::slice::from_ref(&sealed),
-            &img.display().to_string(),
-        );
-    }
+    finish_with_storm(dir, &mut p, &mut reps, &mut storm, &log, "S5");
 }
 
 /// One mode of `primary_writes_never_stall_on_a_dead_replica...`: a healthy fio run, then the

@@ -122,7 +122,7 @@ impl StatusSource {
                 m.barrier_failures
                     .with_label_values(&[v, mode.name(), reason]);
             }
-            for outcome in ["catch_up", "rebuild_started", "rebuild_done"] {
+            for outcome in ["catch_up", "truncated", "rebuild_started", "rebuild_done"] {
                 m.recovery_sessions.with_label_values(&[v, outcome]);
             }
         }
@@ -212,6 +212,7 @@ impl StatusSource {
         let mut exported = self.exported.lock().unwrap_or_else(|p| p.into_inner());
         for (outcome, now) in [
             ("catch_up", c.catch_ups),
+            ("truncated", c.truncations),
             ("rebuild_started", c.rebuilds_started),
             ("rebuild_done", c.rebuilds_done),
         ] {

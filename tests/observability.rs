@@ -1469,7 +1469,7 @@ fn failure_and_recovery_counters_exist_at_zero_before_their_first_event() {
             missing.push(format!("blockrep_barrier_failures_total{labels:?}"));
         }
     }
-    for outcome in ["catch_up", "rebuild_started", "rebuild_done"] {
+    for outcome in ["catch_up", "truncated", "rebuild_started", "rebuild_done"] {
         let labels = [("volume", VOLUME), ("outcome", outcome)];
         if s.find("blockrep_recovery_sessions_total", &labels) != Some(0.0) {
             missing.push(format!("blockrep_recovery_sessions_total{labels:?}"));

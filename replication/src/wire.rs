@@ -130,6 +130,16 @@ pub enum Body {
     RebuildFinish { target: Lsn },
     /// Replica → primary: the rebuild is finished and durable through `durable`.
     RebuildDone { durable: Lsn },
+    /// Primary → replica: our logs share entries through `keep` and differ after it (the
+    /// replica holds an old primary's uncommitted tail): discard everything after `keep`.
+    Truncate { keep: Lsn },
+    /// Replica → primary: the answer to `Truncate`. Its log now ends at `durable` (of
+    /// `durable_epoch`); a non-empty `refusal` says why it could not cut (it needs a rebuild).
+    Truncated {
+        durable: Lsn,
+        durable_epoch: Epoch,
+        refusal: String,
+    },
     /// Member → candidate.
     ProbeReply {
         volume_id: VolumeId,
@@ -158,6 +168,8 @@ impl Body {
             Body::BaseChunk { .. } => 10,
             Body::RebuildFinish { .. } => 11,
             Body::RebuildDone { .. } => 12,
+            Body::Truncate { .. } => 13,
+            Body::Truncated { .. } => 14,
         }
     }
 
@@ -176,6 +188,8 @@ impl Body {
             Body::BaseChunk { .. } => "base-chunk",
             Body::RebuildFinish { .. } => "rebuild-finish",
             Body::RebuildDone { .. } => "rebuild-done",
+            Body::Truncate { .. } => "truncate",
+            Body::Truncated { .. } => "truncated",
         }
     }
 }
@@ -271,6 +285,16 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
         }
         Body::RebuildFinish { target } => dst.put_u64_le(target.0),
         Body::RebuildDone { durable } => dst.put_u64_le(durable.0),
+        Body::Truncate { keep } => dst.put_u64_le(keep.0),
+        Body::Truncated {
+            durable,
+            durable_epoch,
+            refusal,
+        } => {
+            dst.put_u64_le(durable.0);
+            dst.put_u64_le(durable_epoch.0);
+            put_text(dst, refusal);
+        }
         Body::Entries { committed, records } => {
             dst.put_u64_le(committed.0);
             dst.put_u32_le(records.len() as u32);
@@ -295,10 +319,8 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
         }
         Body::BarrierAck { durable } => dst.put_u64_le(durable.0),
         Body::Reject { reason, message } => {
-            let msg = &message.as_bytes()[..message.len().min(1024)];
             dst.put_u16_le(reason.code());
-            dst.put_u16_le(msg.len() as u16);
-            dst.put_slice(msg);
+            put_text(dst, message);
         }
         Body::Probe { fence } => match fence {
             None => dst.put_u8(0),
@@ -333,6 +355,18 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
     let crc = frame_crc(&dst[start..start + HEADER_LEN], &dst[body_start..]);
     dst[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
 }
+
+/// A log message: at most 1024 bytes (cut on a character boundary), length first.
+fn put_text(dst: &mut BytesMut, text: &str) {
+    let mut n = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    dst.put_u16_le(n as u16);
+    dst.put_slice(&text.as_bytes()[..n]);
+}
+
+const MAX_TEXT: usize = 1024;
 
 fn frame_crc(header: &[u8], body: &[u8]) -> u32 {
     let c = crc32c::crc32c(&header[0..12]);
@@ -405,6 +439,11 @@ impl Reader {
         self.need(n)?;
         Ok(self.buf.split_to(n))
     }
+    fn text(&mut self) -> Result<String, WireError> {
+        let n = self.u16()? as usize;
+        let bytes = self.bytes(n)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
     fn done(&self) -> Result<(), WireError> {
         if self.buf.has_remaining() {
             Err(WireError::Malformed {
@@ -454,6 +493,8 @@ pub fn decode(frame: Bytes) -> Result<Frame, WireError> {
         10 => "base-chunk",
         11 => "rebuild-finish",
         12 => "rebuild-done",
+        13 => "truncate",
+        14 => "truncated",
         other => return Err(WireError::UnknownKind(other)),
     };
     let mut r = Reader {
@@ -511,6 +552,12 @@ pub fn decode(frame: Bytes) -> Result<Frame, WireError> {
         }
         11 => Body::RebuildFinish { target: r.lsn()? },
         12 => Body::RebuildDone { durable: r.lsn()? },
+        13 => Body::Truncate { keep: r.lsn()? },
+        14 => Body::Truncated {
+            durable: r.lsn()?,
+            durable_epoch: Epoch(r.u64()?),
+            refusal: r.text()?,
+        },
         3 => {
             let committed = r.lsn()?;
             let count = r.u32()? as usize;
@@ -564,14 +611,12 @@ pub fn decode(frame: Bytes) -> Result<Frame, WireError> {
         5 => Body::BarrierAck { durable: r.lsn()? },
         6 => {
             let code = r.u16()?;
-            let n = r.u16()? as usize;
-            let msg = r.bytes(n)?;
             Body::Reject {
                 reason: RejectReason::from_code(code).ok_or(WireError::Malformed {
                     kind: name,
                     why: "unknown reason",
                 })?,
-                message: String::from_utf8_lossy(&msg).into_owned(),
+                message: r.text()?,
             }
         }
         7 => Body::Probe {
@@ -689,6 +734,12 @@ mod tests {
                 }),
             any::<u64>().prop_map(|t| Body::RebuildFinish { target: Lsn(t) }),
             any::<u64>().prop_map(|d| Body::RebuildDone { durable: Lsn(d) }),
+            any::<u64>().prop_map(|k| Body::Truncate { keep: Lsn(k) }),
+            (any::<u64>(), any::<u64>(), "[a-z ]{0,40}").prop_map(|(d, e, m)| Body::Truncated {
+                durable: Lsn(d),
+                durable_epoch: Epoch(e),
+                refusal: m,
+            }),
             (any::<u64>(), proptest::collection::vec(record(), 0..5)).prop_map(|(c, records)| {
                 Body::Entries {
                     committed: Lsn(c),

@@ -31,6 +31,8 @@ pub struct Faults {
     pub heal: f64,
     pub failover: f64,
     pub restart: f64,
+    /// A gated checkpoint goes ahead of its gate (the WAL filled up while it waited).
+    pub gate_overrun: f64,
 }
 
 impl Faults {
@@ -43,6 +45,7 @@ impl Faults {
             heal: 1.0,
             failover: 0.0,
             restart: 1.0,
+            gate_overrun: 0.0,
         }
     }
 
@@ -55,6 +58,7 @@ impl Faults {
             heal: 0.02,
             failover: 0.003,
             restart: 0.02,
+            gate_overrun: 0.05,
         }
     }
 }
@@ -99,6 +103,8 @@ pub struct Stats {
     pub failovers: u64,
     pub refused_promotions: u64,
     pub catch_ups: u64,
+    /// Replica logs cut back to the primary's instead of being rebuilt.
+    pub truncations: u64,
     pub rebuilds: u64,
     pub checks: u64,
 }
@@ -157,6 +163,13 @@ enum Ev {
         life: u64,
         conn: u64,
         lsn: Lsn,
+    },
+    /// A replica store's cut of its log (answer to `Truncate`).
+    Truncate {
+        node: NodeId,
+        life: u64,
+        conn: u64,
+        keep: Lsn,
     },
     RebuildFinish {
         node: NodeId,
@@ -930,6 +943,32 @@ impl Cluster {
                 };
                 self.replica_actions(node, actions);
             }
+            Ev::Truncate {
+                node,
+                life,
+                conn,
+                keep,
+            } => {
+                if !self.alive_life(node, life) {
+                    return;
+                }
+                let s = &mut self.nodes[node].store;
+                let refusal = s.truncate_after(keep).err();
+                let (head, head_epoch) = (s.head(), s.head_epoch());
+                if refusal.is_none() {
+                    self.stats.truncations += 1;
+                }
+                let actions = match &mut self.nodes[node].role {
+                    Some(Role::Replica(core)) => core.step(replica::Event::Truncated {
+                        conn: ConnId(conn),
+                        head,
+                        head_epoch,
+                        refusal,
+                    }),
+                    _ => return,
+                };
+                self.replica_actions(node, actions);
+            }
             Ev::RebuildFinish { node, life, conn } => {
                 if !self.alive_life(node, life) {
                     return;
@@ -1032,12 +1071,23 @@ impl Cluster {
             }
             // Stores checkpoint now and then (which also makes their entries durable).
             if self.rng.random_bool(0.2) {
+                // Replicated stores gate checkpoints (`Store::set_checkpoint_gate`) unless the
+                // WAL fills up while they wait.
+                let gate = match &self.nodes[n].role {
+                    Some(Role::Primary(pn)) => pn.core.checkpoint_gate(),
+                    Some(Role::Replica(_)) => Some(self.nodes[n].store.committed),
+                    None => None,
+                };
+                let overrun = self.rng.random_bool(self.cfg.faults.gate_overrun);
                 let s = &mut self.nodes[n].store;
                 if !s.rebuilding {
                     s.sync();
                 }
                 let kept = s.retained_from;
-                s.checkpoint();
+                match gate {
+                    Some(g) if !overrun => s.checkpoint_through(g),
+                    _ => s.checkpoint(),
+                }
                 if let Some(v) = self.recycled_needed_wal(n, kept) {
                     self.fail_on(Some(v));
                 }
@@ -1399,6 +1449,18 @@ impl Cluster {
                         })
                         .unwrap_or_default();
                     self.nodes[n].store.apply_base(&values);
+                }
+                replica::Action::Truncate { conn, keep } => {
+                    let d = 1 + self.rng.random_range(0..3u64);
+                    self.schedule(
+                        d,
+                        Ev::Truncate {
+                            node: n,
+                            life,
+                            conn: conn.0,
+                            keep,
+                        },
+                    );
                 }
                 replica::Action::FinishRebuild { conn, .. } => {
                     let d = 1 + self.rng.random_range(0..3u64);

@@ -87,6 +87,7 @@ fn main() {
                 total.failovers += s.failovers;
                 total.refused_promotions += s.refused_promotions;
                 total.catch_ups += s.catch_ups;
+                total.truncations += s.truncations;
                 total.rebuilds += s.rebuilds;
             }
             Err(f) if hunting => {
@@ -138,8 +139,8 @@ fn main() {
         total.crashes, total.resets, total.partitions, total.failovers, total.refused_promotions
     );
     println!(
-        "protocol: {} writes, {} flushes acknowledged (each checked against the stores), {} failed, {} catch-ups, {} rebuilds",
-        total.writes, total.flushes_ok, total.flushes_failed, total.catch_ups, total.rebuilds
+        "protocol: {} writes, {} flushes acknowledged (each checked against the stores), {} failed, {} catch-ups, {} logs cut in place, {} rebuilds",
+        total.writes, total.flushes_ok, total.flushes_failed, total.catch_ups, total.truncations, total.rebuilds
     );
     if hunting {
         println!("the mutant survived {} histories", args.seeds);

@@ -170,10 +170,16 @@ impl SimStore {
 
     /// Moves the durable entries into the image; the WAL keeps what the pin asks for.
     pub fn checkpoint(&mut self) {
+        self.checkpoint_through(self.durable);
+    }
+
+    /// Moves the durable entries through `target` into the image: a gated checkpoint stops at
+    /// the commit point (the real store's wait for it), one whose wait ran out does not.
+    pub fn checkpoint_through(&mut self, target: Lsn) {
         if self.rebuilding {
             return;
         }
-        let target = self.durable;
+        let target = target.min(self.durable).max(self.image_lsn);
         for e in self
             .log
             .iter()
@@ -217,6 +223,35 @@ impl SimStore {
             s.insert(e.block, e.value);
         }
         s
+    }
+
+    /// Discards the entries after `keep`, as `Store::truncate_after` does, and refuses on the
+    /// same grounds: the image holds an entry after `keep`, `keep` is committed-below, the
+    /// WAL lost entries after the image, or a rebuild is running.
+    pub fn truncate_after(&mut self, keep: Lsn) -> Result<(), String> {
+        if keep >= self.head {
+            return Ok(());
+        }
+        if self.rebuilding {
+            return Err("a rebuild is in progress".into());
+        }
+        if keep < self.image_lsn {
+            return Err(format!(
+                "the image holds entries through {}",
+                self.image_lsn
+            ));
+        }
+        if keep < self.committed {
+            return Err(format!("entries through {} are committed", self.committed));
+        }
+        if self.retained_from > self.image_lsn.next() {
+            return Err("the WAL lost entries after the image".into());
+        }
+        self.log.retain(|e| e.lsn <= keep);
+        self.head = keep;
+        self.durable = self.durable.min(keep);
+        self.history.retain(|(_, start)| *start <= keep);
+        Ok(())
     }
 
     pub fn begin_rebuild(&mut self, base: Lsn, history: Vec<(Epoch, Lsn)>) {

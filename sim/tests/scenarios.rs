@@ -593,7 +593,9 @@ fn acked_or_not(c: &mut Cluster) {
 }
 
 #[test]
-fn session_replica_ahead_of_the_new_primary_is_rebuilt_not_merged() {
+fn session_replica_ahead_of_the_new_primary_is_never_merged() {
+    // Under best-effort the tail was committed as far as n2 knew, so n2 refuses to cut it
+    // and is rebuilt; either way nothing of the tail survives.
     let mut c = Cluster::scripted(BestEffort);
     c.partition(N0, N1);
     // n2 receives an unacknowledged tail that n1 never sees.
@@ -609,6 +611,38 @@ fn session_replica_ahead_of_the_new_primary_is_rebuilt_not_merged() {
         holds_none(&c, N2, &tail),
         "the old primary's tail was merged"
     );
+}
+
+/// The common case after a failover: n2 heard an uncommitted tail (sync-all never committed
+/// it, n1 was cut off) that the new primary n1 lacks. n2 holds it only in its WAL (checkpoints
+/// wait for the commit point), so the new primary has it cut in place, with no rebuild.
+#[test]
+fn session_replica_ahead_is_cut_in_place_not_rebuilt() {
+    let mut c = Cluster::scripted(SyncAll);
+    let before = write(&mut c, N0, 0, 5);
+    acked(&mut c, N0);
+    c.partition(N0, N1);
+    let tail = write(&mut c, N0, 10, 10);
+    c.settle(20);
+    c.crash(N0);
+    c.heal();
+    c.partition(N1, N2);
+    assert!(c.promote(N1), "{}", c.describe());
+    c.heal();
+    assert!(
+        c.wait_for(N1, N2, PeerState::InSync, WAIT),
+        "{}",
+        c.describe()
+    );
+    let k = c.counters(N1).expect("primary");
+    assert!(k.truncations >= 1, "{}", c.describe());
+    assert_eq!(k.rebuilds_started, 0, "{}", c.describe());
+    assert!(holds(&c, N2, &before));
+    assert!(
+        holds_none(&c, N2, &tail),
+        "the old primary's tail was merged"
+    );
+    converge(&mut c);
 }
 
 #[test]

@@ -43,6 +43,8 @@ pub enum StorageError {
     WalRecycled { requested: Lsn, oldest: Lsn },
     #[error("replicated entry {got} does not follow the store's last entry (expected {expected})")]
     LsnGap { expected: Lsn, got: Lsn },
+    #[error("cannot cut the log after entry {keep}: {reason}")]
+    CannotTruncate { keep: Lsn, reason: String },
     #[error("the store failed earlier and accepts no more writes: {0}")]
     Failed(String),
     #[error("the store is closed")]

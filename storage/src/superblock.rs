@@ -89,6 +89,11 @@ pub struct Superblock {
     /// must carry this generation (see `wal::record`).
     pub wal_generation: u16,
     pub generation_start: Lsn,
+    /// The data file may hold entries up to this LSN: a checkpoint records its target here
+    /// (fsynced) before it writes a block. The log can be cut in place only at or after it
+    /// (see `Store::truncate_after`); a cut below it would leave blocks of discarded entries
+    /// in the data file.
+    pub data_through: Lsn,
     /// Bumped by every update; picks the newer of the two slots.
     pub(crate) seq: u64,
 }
@@ -113,6 +118,7 @@ impl Superblock {
             epoch_history: Vec::new(),
             wal_generation: 0,
             generation_start: Lsn::ZERO,
+            data_through: Lsn::ZERO,
             seq: 0,
         }
     }
@@ -148,6 +154,7 @@ impl Superblock {
         b[144..146].copy_from_slice(&(history.len() as u16).to_le_bytes());
         b[146..148].copy_from_slice(&self.wal_generation.to_le_bytes());
         b[148..156].copy_from_slice(&self.generation_start.0.to_le_bytes());
+        b[156..164].copy_from_slice(&self.data_through.0.to_le_bytes());
         for (i, (e, lsn)) in history.iter().enumerate() {
             let at = HISTORY_AT + i * 16;
             b[at..at + 8].copy_from_slice(&e.0.to_le_bytes());
@@ -195,6 +202,7 @@ impl Superblock {
             checkpoint_epoch: Epoch(u64_at(136)),
             wal_generation: u16::from_le_bytes([b[146], b[147]]),
             generation_start: Lsn(u64_at(148)),
+            data_through: Lsn(u64_at(156)),
             epoch_history: {
                 let n = u16::from_le_bytes([b[144], b[145]]) as usize;
                 if n > EPOCH_HISTORY {
@@ -285,6 +293,7 @@ mod tests {
         sb.checkpoint_lsn = Lsn(42);
         sb.epoch_history = vec![(Epoch(1), Lsn(1)), (Epoch(3), Lsn(40))];
         sb.wal_tail = WalPos(8192);
+        sb.data_through = Lsn(44);
         sb
     }
 

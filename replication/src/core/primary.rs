@@ -307,6 +307,10 @@ struct Peer {
     /// A rebuild already ran in this session: another need for one ends the session, so the
     /// next starts clean and nothing from the first attempt can be mistaken for the second.
     rebuilt_this_session: bool,
+    /// Asked to cut its log after this LSN, answer pending.
+    truncating: Option<Lsn>,
+    /// A cut already ran in this session: a second divergence goes to a rebuild.
+    truncated_this_session: bool,
     /// Sent to a rebuild and not back yet: between sessions it shows as NeedsRebuild rather
     /// than Disconnected, so operators see what it is waiting for.
     released: bool,
@@ -343,6 +347,8 @@ pub struct PrimaryCounters {
     pub barriers_failed: u64,
     pub sessions: u64,
     pub catch_ups: u64,
+    /// Replicas whose divergent tail was cut in place (instead of a rebuild).
+    pub truncations: u64,
     pub rebuilds_needed: u64,
     pub rebuilds_started: u64,
     pub rebuilds_done: u64,
@@ -410,6 +416,8 @@ impl PrimaryCore {
                 why: "not contacted yet".into(),
                 rebuild: None,
                 rebuilt_this_session: false,
+                truncating: None,
+                truncated_this_session: false,
                 released: false,
             })
             .collect();
@@ -451,6 +459,19 @@ impl PrimaryCore {
 
     pub fn counters(&self) -> &PrimaryCounters {
         &self.counters
+    }
+
+    /// How far our data file may go while the WAL has room (see
+    /// `Store::set_checkpoint_gate`): what every in-sync replica holds durably. If we are
+    /// replaced by one of them and rejoin, whatever we hold past its log is still only in
+    /// our WAL and can be cut in place. `None` when no replica is in sync: none of them
+    /// could take over without a rebuild of ours anyway.
+    pub fn checkpoint_gate(&self) -> Option<Lsn> {
+        self.peers
+            .iter()
+            .filter(|p| p.state == PeerState::InSync)
+            .map(|p| p.durable)
+            .min()
     }
 
     pub fn peers(&self) -> Vec<PeerStatus> {
@@ -667,6 +688,8 @@ impl PrimaryCore {
         p.asked = Lsn::ZERO;
         p.asked_since = None;
         p.rebuilt_this_session = false;
+        p.truncating = None;
+        p.truncated_this_session = false;
         let id = p.id.clone();
         self.set_state(i, PeerState::Connecting, now, "connecting");
         self.out.push(Action::Connect {
@@ -875,6 +898,26 @@ impl PrimaryCore {
                 self.update_pin();
                 self.evaluate();
             }
+            Body::Truncated {
+                durable,
+                durable_epoch,
+                refusal,
+            } if self.peers[i].state == PeerState::Handshake
+                && self.peers[i].truncating.is_some() =>
+            {
+                let keep = self.peers[i].truncating.take().unwrap_or(Lsn::ZERO);
+                if !refusal.is_empty() {
+                    let why = format!("it could not cut its log after {keep}: {refusal}");
+                    self.needs_rebuild(i, now, &why);
+                } else if durable != keep {
+                    let why = format!("asked to cut its log after {keep}, it ends at {durable}");
+                    self.drop_session(i, now, &why);
+                } else {
+                    self.counters.truncations += 1;
+                    self.peers[i].truncated_this_session = true;
+                    self.handshake(i, durable, durable_epoch, now);
+                }
+            }
             Body::BarrierAck { durable } => {
                 let p = &mut self.peers[i];
                 if durable > p.durable {
@@ -903,31 +946,45 @@ impl PrimaryCore {
         p.released = false;
         // From now on the WAL after `durable` is kept for it, whichever way it goes on.
         self.update_pin();
-        if durable > self.head {
-            // It holds entries we do not: an old primary's unacknowledged tail. It must be
-            // truncated or rebuilt, never merged.
-            let why = format!("its log ({durable}) is ahead of ours ({})", self.head);
-            self.needs_rebuild(i, now, &why);
-            return;
-        }
-        match blockrep_storage::epoch_at(&self.history, durable) {
-            // An empty log is a prefix of every log.
-            _ if durable == Lsn::ZERO => {}
-            Some(e) if e == durable_epoch => {}
-            Some(_) if crate::mutants::active(crate::mutants::Mutant::IgnoreDivergedLog) => {}
-            Some(e) => {
-                let why = format!(
+        let diverged = if durable > self.head {
+            // It holds entries we do not: an old primary's unacknowledged tail.
+            Some(format!(
+                "its log ({durable}) is ahead of ours ({})",
+                self.head
+            ))
+        } else {
+            match blockrep_storage::epoch_at(&self.history, durable) {
+                // An empty log is a prefix of every log.
+                _ if durable == Lsn::ZERO => None,
+                Some(e) if e == durable_epoch => None,
+                Some(_) if crate::mutants::active(crate::mutants::Mutant::IgnoreDivergedLog) => {
+                    None
+                }
+                Some(e) => Some(format!(
                     "its entry {durable} is from epoch {durable_epoch}, ours from {e}: the logs diverged"
-                );
-                self.needs_rebuild(i, now, &why);
-                return;
+                )),
+                None => {
+                    let why = format!(
+                        "entry {durable} is older than our epoch history; cannot compare logs"
+                    );
+                    self.needs_rebuild(i, now, &why);
+                    return;
+                }
             }
-            None => {
-                let why =
-                    format!("entry {durable} is older than our epoch history; cannot compare logs");
-                self.needs_rebuild(i, now, &why);
-                return;
+        };
+        if let Some(why) = diverged {
+            // Never merged: cut back to the entries both logs share, or rebuilt.
+            match common_prefix(&self.history, self.head, durable, durable_epoch) {
+                Some(keep) if !self.peers[i].truncated_this_session => {
+                    self.peers[i].truncating = Some(keep);
+                    self.peers[i].durable = keep.min(durable);
+                    self.update_pin();
+                    tracing::info!(replica = %self.peers[i].id, "{why}: asking it to cut its log after {keep}");
+                    self.send(i, Body::Truncate { keep });
+                }
+                _ => self.needs_rebuild(i, now, &why),
             }
+            return;
         }
         if durable == self.head {
             self.set_state(i, PeerState::InSync, now, "zero gap");
@@ -1202,6 +1259,26 @@ impl PrimaryCore {
             }
         }
     }
+}
+
+/// The last entry our log (`history` through `head`) shares with a replica's log that ends
+/// at `theirs`, an entry of epoch `their_epoch`; `None` when our history cannot tell.
+///
+/// Invariant (*logs agree through the shorter run of a shared epoch*): every entry of one
+/// epoch was written by that epoch's one primary, and every copy took them in LSN order on
+/// top of a prefix of that primary's log. So two logs that both hold entries of epoch `e`
+/// agree on everything up to where the shorter of their `e` runs ends: a replica whose last
+/// entry is of `e` shares our log through `min(theirs, our last entry of e)`.
+fn common_prefix(
+    history: &[(Epoch, Lsn)],
+    head: Lsn,
+    theirs: Lsn,
+    their_epoch: Epoch,
+) -> Option<Lsn> {
+    let i = history.iter().position(|(e, _)| *e == their_epoch)?;
+    let start = history[i].1;
+    let end = history.get(i + 1).map_or(head, |(_, next)| next.prev());
+    (theirs >= start && end >= start).then(|| theirs.min(end))
 }
 
 #[cfg(test)]

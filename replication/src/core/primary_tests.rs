@@ -502,11 +502,14 @@ fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
     );
 }
 
-#[test]
-fn a_diverged_replica_needs_a_rebuild() {
-    // Our log: epoch 2 from LSN 1, epoch 3 (E) from LSN 5. The replica's entry 6 is from
-    // epoch 2: it came from an old primary that we never followed.
-    let cfg = PrimaryConfig::new(
+/// A primary at head 10 whose log has epoch 2 from LSN 1 and epoch 3 (E) from LSN 5, with
+/// replica "a" connected and its hello answered with `durable` of `durable_epoch`.
+fn diverged(
+    durable: u64,
+    durable_epoch: Epoch,
+    auto_rebuild: bool,
+) -> (PrimaryCore, ReplicaId, SessionId, Vec<Action>) {
+    let mut cfg = PrimaryConfig::new(
         VolumeId([1; 16]),
         1 << 30,
         VolumeId([2; 16]),
@@ -514,6 +517,7 @@ fn a_diverged_replica_needs_a_rebuild() {
         CommitMode::SyncAll,
         vec![rid("a")],
     );
+    cfg.auto_rebuild = auto_rebuild;
     let mut c = PrimaryCore::new(
         cfg,
         Lsn(10),
@@ -537,63 +541,89 @@ fn a_diverged_replica_needs_a_rebuild() {
         sid,
         Body::HelloOk {
             replica_store: VolumeId([9; 16]),
-            durable: Lsn(6),
-            durable_epoch: Epoch(2),
+            durable: Lsn(durable),
+            durable_epoch,
             committed: Lsn(0),
             rebuilding: false,
         },
         0,
     );
-    // Never merged: it is rebuilt from our base, on the same session.
-    assert_eq!(state(&c, "a"), PeerState::Rebuilding);
-    assert!(a.iter().any(|x| matches!(x, Action::BeginRebuild { .. })));
-    // The same replica with entry 4 of epoch 2 shares our history: it catches up.
-    let mut c = PrimaryCore::new(
-        PrimaryConfig::new(
-            VolumeId([1; 16]),
-            1 << 30,
-            VolumeId([2; 16]),
-            E,
-            CommitMode::SyncAll,
-            vec![rid("a")],
-        ),
-        Lsn(10),
-        vec![(Epoch(2), Lsn(1)), (E, Lsn(5))],
-        Lsn(10),
-        0,
-    );
-    let a = c.step(Event::Tick {
-        now: 0,
-        pinned_bytes: 0,
-    });
-    let (r, sid) = sessions(&a)[0].clone();
-    c.step(Event::Connected {
-        replica: r.clone(),
-        session: sid,
-        now: 0,
-    });
-    reply(
+    (c, r, sid, a)
+}
+
+fn truncated(durable: u64, epoch: Epoch, refusal: &str) -> Body {
+    Body::Truncated {
+        durable: Lsn(durable),
+        durable_epoch: epoch,
+        refusal: refusal.into(),
+    }
+}
+
+#[test]
+fn a_diverged_replica_is_cut_back_to_the_shared_log_never_merged() {
+    // The replica's entry 6 is from epoch 2: it came from an old primary that we never
+    // followed past LSN 4, where our epoch 2 ends.
+    let (mut c, r, sid, a) = diverged(6, Epoch(2), true);
+    assert_eq!(frames_to(&a, "a"), vec![Body::Truncate { keep: Lsn(4) }]);
+    assert_eq!(state(&c, "a"), PeerState::Handshake);
+    // Cut: the logs now agree through 4, and it catches up from 5 on the same session.
+    let a = reply(&mut c, &r, sid, truncated(4, Epoch(2), ""), 1);
+    assert_eq!(state(&c, "a"), PeerState::CatchingUp);
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::ReadWal { from, .. } if *from == Lsn(5))));
+    assert_eq!(c.counters().truncations, 1);
+    assert_eq!(c.counters().rebuilds_started, 0);
+
+    // A store that refuses the cut (its data file holds a discarded entry) is rebuilt.
+    let (mut c, r, sid, _) = diverged(6, Epoch(2), true);
+    let a = reply(
         &mut c,
         &r,
         sid,
-        Body::HelloOk {
-            replica_store: VolumeId([9; 16]),
-            durable: Lsn(4),
-            durable_epoch: Epoch(2),
-            committed: Lsn(0),
-            rebuilding: false,
-        },
-        0,
+        truncated(6, Epoch(2), "data file ahead"),
+        1,
     );
+    assert_eq!(state(&c, "a"), PeerState::Rebuilding);
+    assert!(a.iter().any(|x| matches!(x, Action::BeginRebuild { .. })));
+    assert_eq!(c.counters().truncations, 0);
+
+    // An epoch our history does not hold cannot be compared: rebuilt, never cut.
+    let (c, _, _, a) = diverged(6, Epoch(1), true);
+    assert_eq!(state(&c, "a"), PeerState::Rebuilding);
+    assert!(frames_to(&a, "a")
+        .iter()
+        .all(|b| !matches!(b, Body::Truncate { .. })));
+
+    // A cut that still leaves a mismatch (the replica lied, or its log changed meanwhile)
+    // is not cut twice in one session: rebuilt.
+    let (mut c, r, sid, _) = diverged(6, Epoch(2), true);
+    reply(&mut c, &r, sid, truncated(4, Epoch(1), ""), 1);
+    assert_eq!(state(&c, "a"), PeerState::Rebuilding);
+
+    // The same replica with entry 4 of epoch 2 shares our history: it catches up.
+    let (c, _, _, a) = diverged(4, Epoch(2), true);
     assert_eq!(state(&c, "a"), PeerState::CatchingUp);
+    assert!(frames_to(&a, "a")
+        .iter()
+        .all(|b| !matches!(b, Body::Truncate { .. })));
 }
 
 #[test]
 fn a_replica_ahead_of_the_primary_is_never_merged() {
+    // Its log runs to 9 in our epoch; ours ends at 5: cut back to 5, then zero gap.
     let mut c = core(CommitMode::SyncAll, &["a"], 5);
-    bring_up(&mut c, 9);
+    let s = bring_up(&mut c, 9);
+    assert_eq!(state(&c, "a"), PeerState::Handshake);
+    let a = reply(&mut c, &s[0].0, s[0].1, truncated(5, E, ""), 1);
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+    assert!(a.iter().all(|x| !matches!(x, Action::BeginRebuild { .. })));
+    // Refused: rebuilt on the same session.
+    let mut c = core(CommitMode::SyncAll, &["a"], 5);
+    let s = bring_up(&mut c, 9);
+    reply(&mut c, &s[0].0, s[0].1, truncated(9, E, "no"), 1);
     assert_eq!(state(&c, "a"), PeerState::Rebuilding);
-    // Without automatic rebuilds it waits, disconnected, in NeedsRebuild.
+    // Refused without automatic rebuilds: it waits, disconnected, in NeedsRebuild.
     let mut cfg = PrimaryConfig::new(
         VolumeId([1; 16]),
         1 << 30,
@@ -604,7 +634,8 @@ fn a_replica_ahead_of_the_primary_is_never_merged() {
     );
     cfg.auto_rebuild = false;
     let mut c = PrimaryCore::new(cfg, Lsn(5), vec![(E, Lsn(1))], Lsn(5), 0);
-    bring_up(&mut c, 9);
+    let s = bring_up(&mut c, 9);
+    reply(&mut c, &s[0].0, s[0].1, truncated(9, E, "no"), 1);
     assert_eq!(state(&c, "a"), PeerState::NeedsRebuild);
 }
 

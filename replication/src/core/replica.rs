@@ -57,6 +57,14 @@ pub enum Event {
         conn: ConnId,
         durable: Lsn,
     },
+    /// The answer to `Truncate`: the store's log now ends at `head` (of `head_epoch`), or
+    /// the store refused the cut and says why.
+    Truncated {
+        conn: ConnId,
+        head: Lsn,
+        head_epoch: Epoch,
+        refusal: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -107,6 +115,12 @@ pub enum Action {
         conn: ConnId,
         target: Lsn,
     },
+    /// Discard every entry after `keep` (the store refuses if its data file may hold one);
+    /// answer with `Truncated`.
+    Truncate {
+        conn: ConnId,
+        keep: Lsn,
+    },
 }
 
 pub struct ReplicaCore {
@@ -151,6 +165,28 @@ impl ReplicaCore {
                 }
                 if self.active == Some(conn) {
                     self.send(conn, Body::RebuildDone { durable });
+                }
+            }
+            Event::Truncated {
+                conn,
+                head,
+                head_epoch,
+                refusal,
+            } => {
+                if refusal.is_none() {
+                    self.s.head = head;
+                    self.s.head_epoch = head_epoch;
+                    self.s.durable = self.s.durable.min(head);
+                }
+                if self.active == Some(conn) {
+                    self.send(
+                        conn,
+                        Body::Truncated {
+                            durable: self.s.head,
+                            durable_epoch: self.s.head_epoch,
+                            refusal: refusal.unwrap_or_default(),
+                        },
+                    );
                 }
             }
             Event::Synced { conn, durable } => {
@@ -316,6 +352,31 @@ impl ReplicaCore {
                     conn,
                     target: target.min(self.s.head),
                 });
+            }
+            Body::Truncate { keep } => {
+                if !self.current(conn, frame.epoch) {
+                    return;
+                }
+                if keep >= self.s.head {
+                    let body = Body::Truncated {
+                        durable: self.s.head,
+                        durable_epoch: self.s.head_epoch,
+                        refusal: String::new(),
+                    };
+                    self.send(conn, body);
+                    return;
+                }
+                if keep < self.s.committed {
+                    // The primary says entries we know committed are not in its log.
+                    let body = Body::Truncated {
+                        durable: self.s.head,
+                        durable_epoch: self.s.head_epoch,
+                        refusal: format!("entries through {} are committed", self.s.committed),
+                    };
+                    self.send(conn, body);
+                    return;
+                }
+                self.out.push(Action::Truncate { conn, keep });
             }
             Body::Barrier { lsn, committed } => {
                 if !self.current(conn, frame.epoch) {

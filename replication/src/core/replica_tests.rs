@@ -357,3 +357,70 @@ fn a_fenced_member_stops_following_the_old_primary() {
     let a = greet(&mut r, ConnId(6), 6, P2);
     assert!(rejected(&a).is_none(), "{a:?}");
 }
+
+fn sent(actions: &[Action]) -> Vec<Body> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { frame, .. } => Some(frame.body.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_cut_is_asked_of_the_store_and_never_below_what_is_known_committed() {
+    let mut s = state(2, 9);
+    s.committed = Lsn(5);
+    let mut r = ReplicaCore::new(s);
+    greet(&mut r, C, 3, P2);
+    let cut = |keep| Frame {
+        epoch: Epoch(3),
+        body: Body::Truncate { keep: Lsn(keep) },
+    };
+    // Below the commit point it knows: refused at once, the store is not touched.
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: cut(4),
+    });
+    assert!(a.iter().all(|x| !matches!(x, Action::Truncate { .. })));
+    assert!(
+        matches!(&sent(&a)[..], [Body::Truncated { durable: Lsn(9), refusal, .. }] if refusal.contains("committed"))
+    );
+    // At or after it: the store cuts, and the answer reports where the log ends now.
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: cut(6),
+    });
+    assert_eq!(
+        a,
+        vec![Action::Truncate {
+            conn: C,
+            keep: Lsn(6)
+        }]
+    );
+    let a = r.step(Event::Truncated {
+        conn: C,
+        head: Lsn(6),
+        head_epoch: Epoch(2),
+        refusal: None,
+    });
+    assert_eq!(
+        sent(&a),
+        vec![Body::Truncated {
+            durable: Lsn(6),
+            durable_epoch: Epoch(2),
+            refusal: String::new()
+        }]
+    );
+    assert_eq!(r.state().head, Lsn(6));
+    assert_eq!(r.state().durable, Lsn(6));
+    // The next entry must follow the cut: 7 is accepted, a stale 10 would be a gap.
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: entries(3, &[7]),
+    });
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::Append { record } if record.lsn == Lsn(7))));
+}

@@ -283,6 +283,7 @@ impl Driver {
         // the status (committed LSN, peers) already saying so.
         if !quiet {
             self.publish();
+            self.store.set_checkpoint_gate(self.core.checkpoint_gate());
         }
         for action in actions {
             self.execute(action);

@@ -58,6 +58,9 @@ pub async fn run(
     shutdown: CancellationToken,
     status: Option<tokio::sync::watch::Sender<ReplicaStatus>>,
 ) -> Result<(), StorageError> {
+    // The data file takes only committed entries while it can, so the tail a failover
+    // discards can be cut in place (see `Store::set_checkpoint_gate`).
+    store.set_checkpoint_gate(Some(store.committed()));
     let state = initial_state(&store);
     let mut core = ReplicaCore::new(state);
     let (in_tx, mut inputs) = mpsc::unbounded_channel::<Input>();
@@ -173,7 +176,10 @@ async fn execute(
                 }
             });
         }
-        Action::SetCommitted { lsn } => store.set_committed(lsn),
+        Action::SetCommitted { lsn } => {
+            store.set_committed(lsn);
+            store.set_checkpoint_gate(Some(lsn));
+        }
         Action::BeginRebuild { base, history } => {
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.begin_rebuild(base, history)).await {
@@ -194,6 +200,29 @@ async fn execute(
             if let Err(e) = store.apply_base(offset, length, data).await {
                 fail_storage(core, conns, in_tx, format!("cannot apply base data: {e}"));
             }
+        }
+        Action::Truncate { conn, keep } => {
+            let s = store.clone();
+            let refusal = match tokio::task::spawn_blocking(move || s.truncate_after(keep)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e @ StorageError::CannotTruncate { .. })) => Some(e.to_string()),
+                Ok(Err(e)) => {
+                    fail_storage(core, conns, in_tx, format!("cannot cut the log: {e}"));
+                    return;
+                }
+                Err(e) => Some(format!("the cut did not run: {e}")),
+            };
+            match &refusal {
+                None => tracing::info!("cut the log after entry {keep}, as the primary asked"),
+                Some(why) => tracing::warn!("refused to cut the log after entry {keep}: {why}"),
+            }
+            let event = Event::Truncated {
+                conn,
+                head: store.head(),
+                head_epoch: store.head_epoch(),
+                refusal,
+            };
+            let _ = in_tx.send(Input::Event(event));
         }
         Action::FinishRebuild { conn, target } => {
             let store = store.clone();

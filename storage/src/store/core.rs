@@ -87,6 +87,9 @@ pub(crate) struct Core {
     /// Bumped after every checkpoint; lets read-modify-write detect that a block it read from
     /// the data file may have changed underneath it.
     pub checkpoint_gen: u64,
+    /// Checkpoints wait for this LSN to reach their target before they write the data file
+    /// (see `Store::set_checkpoint_gate`); `None`: they never wait.
+    pub gate: Option<Lsn>,
     pub closing: bool,
     pub flush_requested: bool,
     pub writer_stop: bool,

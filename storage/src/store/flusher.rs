@@ -7,20 +7,27 @@
 //! write the WAL could still lose.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::Shared;
 use crate::dirty::{BlockState, DirtyMap};
 use crate::io::{Allocate, ThreadRing};
-use crate::types::BLOCK_SIZE;
+use crate::types::{Lsn, BLOCK_SIZE};
 
 /// Start a checkpoint once the WAL is this full, so writers rarely wait for space.
 pub(crate) const EAGER_FRACTION: u64 = 4;
 const MAX_IOVECS: usize = 1024;
 const MAX_WRITE: u64 = 16 << 20;
 const MAX_OUTSTANDING: usize = 64;
+/// How long a gated checkpoint, once it has frozen its target, waits for the entries that
+/// arrived while it waited to start (it holds the checkpoint lock meanwhile).
+const GATE_WAIT: Duration = Duration::from_millis(100);
+/// A gated flusher stops waiting once the WAL is this full (1/2), before writers stall.
+const GATE_PRESSURE_FRACTION: u64 = 2;
+/// How often a waiting gated flusher looks at the WAL's fill (appends do not wake it).
+const GATE_POLL: Duration = Duration::from_millis(50);
 
 /// Whether a checkpoint may skip its fdatasync (see `checkpoint_with`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +59,7 @@ pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
                 continue;
             }
         }
+        shared.wait_for_gate();
         let started = std::time::Instant::now();
         let result = shared.checkpoint_with(ring.as_mut(), Lazy::DuringRebuild);
         if result.is_ok() {
@@ -103,7 +111,6 @@ impl Shared {
         if keeps_older {
             self.wait_durable_blocking(target)?;
         }
-        self.write_to_data_file(&frozen, ring.as_deref_mut())?;
         // During a rebuild, a checkpoint that only moves base blocks (nothing new in the WAL
         // to release) needs no fdatasync: the store stays marked rebuilding until
         // `finish_rebuild` runs a durable checkpoint, and a crash before that discards the
@@ -113,6 +120,13 @@ impl Shared {
             let core = self.lock_core();
             core.rebuild.is_some() && target <= core.checkpoint_lsn
         };
+        if !base_only {
+            if lazy == Lazy::DuringRebuild {
+                self.wait_for_gate_through(target);
+            }
+            self.record_data_through(target)?;
+        }
+        self.write_to_data_file(&frozen, ring.as_deref_mut())?;
         if base_only {
             for (start, extent) in frozen.iter() {
                 crate::io::start_writeback(
@@ -180,6 +194,75 @@ impl Shared {
         self.space.notify_waiters();
         tracing::debug!(lsn = target.0, "checkpoint");
         Ok(())
+    }
+
+    /// A gated store (see `Store::set_checkpoint_gate`) starts a checkpoint only once the
+    /// gate covers what the log held when it began to wait, so that the data file holds only
+    /// entries every copy that could take over has, and a tail that a failover discards can
+    /// still be cut in place (`Store::truncate_after`). It waits as long as that takes,
+    /// without the checkpoint lock (a cut or a rebuild may run meanwhile), and stops waiting
+    /// when the WAL is half full: writers never stall on the gate. A checkpoint that goes
+    /// ahead of the commit point only means a later cut is refused and the copy is rebuilt.
+    fn wait_for_gate(&self) {
+        let mut core = self.lock_core();
+        let began = core.next_lsn.prev();
+        while core
+            .gate
+            .is_some_and(|g| g < began.min(core.next_lsn.prev()))
+            && core.rebuild.is_none()
+            && !core.flusher_stop
+            && !core.closing
+            && core.failed.is_none()
+            && core.wal_used() < self.layout.capacity / GATE_PRESSURE_FRACTION
+        {
+            core = self
+                .gate_cv
+                .wait_timeout(core, GATE_POLL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The second half of the gate: the checkpoint froze its target, which may include
+    /// entries written while `wait_for_gate` waited; give the gate a moment to pass.
+    fn wait_for_gate_through(&self, target: Lsn) {
+        let deadline = Instant::now() + GATE_WAIT;
+        let mut core = self.lock_core();
+        while core.gate.is_some_and(|g| g < target)
+            && core.rebuild.is_none()
+            && !core.flusher_stop
+            && !core.closing
+            && core.failed.is_none()
+            && core.wal_used() < self.layout.capacity / GATE_PRESSURE_FRACTION
+        {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                tracing::debug!(
+                    target = target.0,
+                    gate = core.gate.map_or(0, |g| g.0),
+                    "checkpoint goes ahead of its gate"
+                );
+                break;
+            };
+            core = self
+                .gate_cv
+                .wait_timeout(core, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Invariant (*the data file never holds an entry the superblock does not admit*):
+    /// before a checkpoint writes any block, `data_through` is raised to its target and
+    /// fsynced, even after a crash in the middle of the writes the superblock bounds what
+    /// the data file may contain.
+    pub(crate) fn record_data_through(&self, target: Lsn) -> Result<(), String> {
+        let mut sb = self.superblock.lock().unwrap_or_else(|p| p.into_inner());
+        if target <= sb.data_through {
+            return Ok(());
+        }
+        sb.data_through = target;
+        sb.persist(&self.sb_file, &self.sb_path)
+            .map_err(|e| e.to_string())
     }
 
     fn write_to_data_file(

@@ -29,7 +29,7 @@ use crate::error::{Result, StorageError};
 use crate::io::{IoEngine, IoMode};
 use crate::superblock::FLAG_REBUILDING;
 use crate::superblock::{Role, Superblock, FLAG_CLEAN};
-use crate::types::{Epoch, Lsn, VolumeId, BLOCK_SIZE};
+use crate::types::{Epoch, Lsn, VolumeId, WalPos, BLOCK_SIZE};
 use crate::wal::record::RecordKind;
 use crate::wal::{self, ReplayInput, ReplayOutcome, WalLayout, MIN_WAL_CAPACITY};
 
@@ -153,6 +153,8 @@ pub(crate) struct Shared {
     writer_cv: Condvar,
     /// Wakes the flusher.
     flusher_cv: Condvar,
+    /// Wakes a gated checkpoint when the gate moves (or the store stops).
+    gate_cv: Condvar,
     /// Signalled when the flusher frees WAL space (or the store fails).
     space: Notify,
     /// Mirror of `core.durable` for lock-free reads.
@@ -508,6 +510,7 @@ impl Store {
             waiters: Vec::new(),
             failed: None,
             checkpoint_gen: 0,
+            gate: None,
             closing: opts.read_only,
             flush_requested: false,
             writer_stop: false,
@@ -527,6 +530,7 @@ impl Store {
             core: Mutex::new(core),
             writer_cv: Condvar::new(),
             flusher_cv: Condvar::new(),
+            gate_cv: Condvar::new(),
             space: Notify::new(),
             durable: AtomicU64::new(last.0),
             checkpoint_lock: Mutex::new(()),
@@ -651,6 +655,19 @@ impl Store {
         let mut core = self.shared.lock_core();
         if lsn > core.committed {
             core.committed = lsn;
+        }
+    }
+
+    /// Checkpoints write only entries through `gate` to the data file while the WAL has
+    /// room (`None`: no gate). Replication sets it to what every copy that could take over
+    /// already holds, so that the tail a failover discards is still only in the WAL and can
+    /// be cut in place ([`Store::truncate_after`]) instead of rebuilding the whole copy. A
+    /// single node has no one to wait for.
+    pub fn set_checkpoint_gate(&self, gate: Option<Lsn>) {
+        let mut core = self.shared.lock_core();
+        if core.gate != gate {
+            core.gate = gate;
+            self.shared.gate_cv.notify_all();
         }
     }
 
@@ -1056,6 +1073,153 @@ impl Store {
         sb.flags &= !FLAG_REBUILDING;
         sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
         self.shared.lock_core().rebuild = None;
+        Ok(())
+    }
+
+    /// Replica side: discards every entry after `keep`, as if it had never been written: the
+    /// uncommitted tail an old primary (or a replica that heard more of it) holds after a
+    /// failover. The log continues at `keep + 1` in a new generation, so the discarded
+    /// records left in the ring can never be replayed (*a cut log never grows back*).
+    ///
+    /// Invariant (*a log is cut only where the data file is not ahead*): the cut is refused
+    /// when the data file may hold a discarded entry (`keep` below the checkpoint or below
+    /// `data_through`), when it would drop an entry the store knows committed, when the
+    /// entries after the checkpoint are no longer all in the WAL, or during a rebuild. The
+    /// caller then rebuilds the copy instead.
+    pub fn truncate_after(&self, keep: Lsn) -> Result<()> {
+        let head = self.head();
+        if keep >= head {
+            return Ok(());
+        }
+        let refuse = |reason: String| Err(StorageError::CannotTruncate { keep, reason });
+        // Every entry handed to the WAL writer is written first: nothing moves under the cut.
+        self.shared
+            .wait_durable_blocking(head)
+            .map_err(StorageError::Failed)?;
+        let _no_checkpoint = self
+            .shared
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut sb = self
+            .shared
+            .superblock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (start, start_lsn, generation) = {
+            let core = self.shared.lock_core();
+            core.check_writable()?;
+            if core.rebuild.is_some() {
+                return refuse("a rebuild is in progress".into());
+            }
+            if core.next_lsn.prev() != head || !core.queue.is_empty() || core.written < head {
+                return refuse("entries are still being appended".into());
+            }
+            if keep < core.checkpoint_lsn {
+                return refuse(format!(
+                    "the data file holds entries through {}",
+                    core.checkpoint_lsn
+                ));
+            }
+            if keep < sb.data_through {
+                return refuse(format!(
+                    "the data file may hold entries through {}",
+                    sb.data_through
+                ));
+            }
+            if keep < core.committed {
+                return refuse(format!("entries through {} are committed", core.committed));
+            }
+            let first = core.checkpoint_lsn.next();
+            let i = core.index.partition_point(|(lsn, _)| *lsn < first);
+            match core.index.get(i) {
+                Some(&(lsn, pos)) if lsn == first => (pos, first, core.generation),
+                _ => {
+                    return refuse(format!(
+                        "entry {first} is no longer in the WAL (the oldest is {})",
+                        core.tail_lsn
+                    ))
+                }
+            }
+        };
+        // Rebuild the dirty map from the entries kept after the checkpoint: a discarded entry
+        // may have overwritten a block whose kept value only the log still has.
+        let mut active = DirtyMap::default();
+        // Right after the last kept record (not where the first discarded one sits: a wrap
+        // marker of the discarded entry may lie between, and replay would stop at it).
+        let mut new_head = start;
+        let replay = wal::replay(
+            ReplayInput {
+                io: &self.shared.io,
+                file: &self.shared.wal,
+                path: self.shared.wal_path.clone(),
+                layout: self.shared.layout,
+                volume_size: self.shared.volume_size,
+                start,
+                first_lsn: start_lsn,
+                clean: true,
+                generation: wal::Generation {
+                    current: generation,
+                    start: sb.generation_start,
+                },
+            },
+            |pos, rec| {
+                if rec.lsn > keep {
+                    return;
+                }
+                new_head = WalPos(pos.0 + rec.encoded_len());
+                let first = rec.offset / BLOCK_SIZE;
+                let end = first + rec.length / BLOCK_SIZE;
+                let state = match rec.kind {
+                    RecordKind::Write => BlockState::Data(rec.payload),
+                    RecordKind::Trim => BlockState::Zero { punch: true },
+                    RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
+                    RecordKind::Wrap | RecordKind::EpochStart => return,
+                };
+                active.insert(first, end, rec.lsn, state);
+            },
+        )?;
+        if replay.next_lsn <= head {
+            return refuse(format!(
+                "the WAL reads back only through {}, the log ends at {head}",
+                replay.next_lsn.prev()
+            ));
+        }
+        let mut core = self.shared.lock_core();
+        let history: Vec<(Epoch, Lsn)> = core
+            .epoch_history
+            .iter()
+            .copied()
+            .filter(|(_, start)| *start <= keep)
+            .collect();
+        let keep_epoch = crate::superblock::epoch_at(&history, keep).unwrap_or(sb.checkpoint_epoch);
+        sb.flags &= !FLAG_CLEAN;
+        sb.wal_generation = sb.wal_generation.wrapping_add(1);
+        sb.generation_start = keep.next();
+        sb.epoch_history = history.clone();
+        if let Err(e) = sb.persist(&self.shared.sb_file, &self.shared.sb_path) {
+            // The superblock on disk may already cut the log; memory must not disagree.
+            core.fail(format!("persisting a cut of the log after {keep}: {e}"));
+            return Err(e);
+        }
+        core.generation = sb.wal_generation;
+        core.active = active;
+        core.flushing = None;
+        while core.index.back().is_some_and(|(lsn, _)| *lsn > keep) {
+            core.index.pop_back();
+        }
+        core.head = new_head;
+        core.next_lsn = keep.next();
+        core.written = keep;
+        core.durable = keep;
+        core.sync_target = core.sync_target.min(keep);
+        core.epoch_history = history;
+        core.last_epoch = keep_epoch;
+        core.checkpoint_gen += 1;
+        self.shared
+            .durable
+            .store(keep.0, std::sync::atomic::Ordering::Release);
+        tracing::info!("cut the log after entry {keep} (it ended at {head})");
         Ok(())
     }
 
@@ -1508,6 +1672,8 @@ impl Store {
             core.closing = true;
             core.next_lsn.prev()
         };
+        // A gated checkpoint in progress stops waiting: this one goes through.
+        self.shared.gate_cv.notify_all();
         let mut result = self
             .shared
             .wait_durable_blocking(target)
@@ -1545,6 +1711,7 @@ impl Store {
         }
         self.shared.writer_cv.notify_all();
         self.shared.flusher_cv.notify_all();
+        self.shared.gate_cv.notify_all();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();

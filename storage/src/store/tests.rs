@@ -847,3 +847,100 @@ fn an_epoch_start_entry_changes_no_block_and_replays() {
         [pattern(7, 4096), vec![0; 4096]].concat()
     );
 }
+
+/// A store whose flusher never runs on its own (checkpoints happen only when a test asks).
+fn open_without_flusher(path: &Path) -> Store {
+    Store::open(
+        path,
+        &OpenOptions {
+            flush_interval: Duration::from_secs(3600),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_log_is_cut_only_where_the_data_file_is_not_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open_without_flusher(&path);
+    store.begin_epoch(None).unwrap();
+    rt.block_on(store.write(0, &[1; 4096], false)).unwrap(); // 1
+    store.shared.checkpoint().unwrap();
+    rt.block_on(store.write(0, &[2; 4096], false)).unwrap(); // 2
+    rt.block_on(store.write(4096, &[3; 4096], false)).unwrap(); // 3
+    store.set_committed(Lsn(2));
+    // Below the checkpoint: the data file already holds entry 1.
+    let err = store.truncate_after(Lsn::ZERO).unwrap_err();
+    assert!(
+        matches!(err, StorageError::CannotTruncate { keep: Lsn(0), .. }),
+        "{err}"
+    );
+    // Below the commit point.
+    let err = store.truncate_after(Lsn(1)).unwrap_err();
+    assert!(err.to_string().contains("committed"), "{err}");
+    // Nothing changed by the refusals.
+    assert_eq!(store.head(), Lsn(3));
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 8192)).unwrap(),
+        [[2u8; 4096], [3u8; 4096]].concat()
+    );
+    // A checkpoint that started writing entry 3 (recorded in the superblock first) and
+    // crashed: the data file may hold it, so a cut before it is refused after reopening.
+    store.shared.record_data_through(Lsn(3)).unwrap();
+    drop(store);
+    let store = open_without_flusher(&path);
+    let err = store.truncate_after(Lsn(2)).unwrap_err();
+    assert!(
+        err.to_string().contains("may hold entries through 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_cut_log_keeps_the_older_value_of_a_block_and_never_revives_the_cut_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open_without_flusher(&path);
+    store.begin_epoch(None).unwrap();
+    rt.block_on(store.write(0, &[1; 4096], false)).unwrap(); // 1
+    store.shared.checkpoint().unwrap();
+    rt.block_on(store.write(4096, &[2; 4096], false)).unwrap(); // 2: kept
+    rt.block_on(store.write(4096, &[3; 4096], false)).unwrap(); // 3: cut, overwrites 2
+    rt.block_on(store.write(8192, &[4; 4096], false)).unwrap(); // 4: cut
+    rt.block_on(store.trim(0, 4096, false)).unwrap(); // 5: cut
+    rt.block_on(store.flush()).unwrap();
+    store.truncate_after(Lsn(2)).unwrap();
+    assert_eq!(store.head(), Lsn(2));
+    assert_eq!(store.durable(), Lsn(2));
+    let expect = [[1u8; 4096], [2u8; 4096], [0u8; 4096]].concat();
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 12288)).unwrap(),
+        expect
+    );
+    // The log goes on from 3 with new entries, which a crash keeps and the old ones never
+    // come back in their place.
+    rt.block_on(store.write(12288, &[5; 4096], true)).unwrap(); // the new 3
+    drop(store);
+    let store = open_without_flusher(&path);
+    assert_eq!(store.head(), Lsn(3));
+    let expect = [[1u8; 4096], [2u8; 4096], [0u8; 4096], [5u8; 4096]].concat();
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 16384)).unwrap(),
+        expect
+    );
+    // Cutting everything after the checkpoint, then a clean close and reopen.
+    store.truncate_after(Lsn(1)).unwrap();
+    store.close().unwrap();
+    drop(store);
+    let store = open_without_flusher(&path);
+    assert_eq!(store.head(), Lsn(1));
+    let expect = [[1u8; 4096], [0u8; 4096], [0u8; 4096], [0u8; 4096]].concat();
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 16384)).unwrap(),
+        expect
+    );
+}

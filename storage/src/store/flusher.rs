@@ -116,9 +116,10 @@ impl Shared {
         // `finish_rebuild` runs a durable checkpoint, and a crash before that discards the
         // whole base anyway. Writeback is started now, so that last fdatasync finds little
         // left and the disk works while the rest of the base streams in.
-        let base_only = lazy == Lazy::DuringRebuild && {
+        let rebuilding = self.lock_core().rebuild.is_some();
+        let base_only = lazy == Lazy::DuringRebuild && rebuilding && {
             let core = self.lock_core();
-            core.rebuild.is_some() && target <= core.checkpoint_lsn
+            target <= core.checkpoint_lsn
         };
         if !base_only {
             if lazy == Lazy::DuringRebuild {
@@ -126,14 +127,23 @@ impl Shared {
             }
             self.record_data_through(target)?;
         }
-        self.write_to_data_file(&frozen, ring.as_deref_mut())?;
+        // During a rebuild the data file goes to the disk directly when it can: copying the
+        // base into the page cache cost more CPU than the network and the disk together, and
+        // left all of the writeback to the checkpoint that ends the rebuild. (A rebuilding
+        // store serves no reads, so nothing is lost by bypassing the cache.)
+        let direct = rebuilding && self.write_direct(&frozen)?;
+        if !direct {
+            self.write_to_data_file(&frozen, ring.as_deref_mut())?;
+        }
         if base_only {
-            for (start, extent) in frozen.iter() {
-                crate::io::start_writeback(
-                    &self.data,
-                    start * BLOCK_SIZE,
-                    (extent.end - start) * BLOCK_SIZE,
-                );
+            if !direct {
+                for (start, extent) in frozen.iter() {
+                    crate::io::start_writeback(
+                        &self.data,
+                        start * BLOCK_SIZE,
+                        (extent.end - start) * BLOCK_SIZE,
+                    );
+                }
             }
             let mut core = self.lock_core();
             core.flushing = None;
@@ -265,6 +275,28 @@ impl Shared {
             .map_err(|e| e.to_string())
     }
 
+    /// Writes `frozen` to the data file with O_DIRECT, through an aligned buffer; `false` when
+    /// direct I/O is not available here (the caller writes through the page cache instead).
+    /// Trims and zeroes are hole punches either way.
+    fn write_direct(&self, frozen: &DirtyMap) -> Result<bool, String> {
+        let mut slot = self.direct.lock().unwrap_or_else(|p| p.into_inner());
+        let writer = slot.get_or_insert_with(|| DirectWriter::open(&self.data_path));
+        let Some(w) = writer.as_mut() else {
+            return Ok(false);
+        };
+        match w.write(self, frozen) {
+            Ok(()) => Ok(true),
+            // Some filesystems open O_DIRECT but refuse the writes: fall back for good (the
+            // range is written again through the page cache, which is harmless).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !w.wrote => {
+                tracing::debug!("direct I/O refused on {}: {e}", self.data_path.display());
+                *writer = None;
+                Ok(false)
+            }
+            Err(e) => Err(format!("write {}: {e}", self.data_path.display())),
+        }
+    }
+
     fn write_to_data_file(
         &self,
         frozen: &DirtyMap,
@@ -339,6 +371,103 @@ impl Shared {
                 .map_err(|e| format!("write {}: {e}", self.data_path.display()))?;
             at += n;
         }
+        Ok(())
+    }
+}
+
+/// The data file opened with O_DIRECT and a reusable aligned buffer. The buffer stays warm,
+/// so a copy into it is cheap, unlike the fresh page-cache pages a buffered write fills.
+pub(crate) struct DirectWriter {
+    file: std::fs::File,
+    buf: Vec<u8>,
+    /// Offset of the first `DIRECT_ALIGN`-aligned byte of `buf`.
+    start: usize,
+    /// A write went through once: later errors are real errors, not "unsupported".
+    wrote: bool,
+}
+
+const DIRECT_ALIGN: usize = 4096;
+const DIRECT_BUF: usize = 4 << 20;
+
+impl DirectWriter {
+    fn open(path: &std::path::Path) -> Option<DirectWriter> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::File::options()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| tracing::debug!("no direct I/O on {}: {e}", path.display()))
+            .ok()?;
+        let buf = vec![0u8; DIRECT_BUF + DIRECT_ALIGN];
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        (start < DIRECT_ALIGN).then_some(DirectWriter {
+            file,
+            buf,
+            start,
+            wrote: false,
+        })
+    }
+
+    fn write(&mut self, shared: &Shared, frozen: &DirtyMap) -> std::io::Result<()> {
+        let mut fill = 0usize; // bytes staged in the buffer
+        let mut at = 0u64; // data file offset of the staged bytes
+        for (start, extent) in frozen.iter() {
+            let offset = start * BLOCK_SIZE;
+            match &extent.state {
+                BlockState::Data(bytes) => {
+                    let mut src: &[u8] = bytes;
+                    while !src.is_empty() {
+                        let pos = offset + (bytes.len() - src.len()) as u64;
+                        if fill > 0 && (at + fill as u64 != pos || fill == DIRECT_BUF) {
+                            self.flush(at, fill)?;
+                            fill = 0;
+                        }
+                        if fill == 0 {
+                            at = pos;
+                        }
+                        let n = src.len().min(DIRECT_BUF - fill);
+                        let dst = self.start + fill;
+                        self.buf[dst..dst + n].copy_from_slice(&src[..n]);
+                        fill += n;
+                        src = &src[n..];
+                    }
+                }
+                BlockState::Zero { punch } => {
+                    if fill > 0 {
+                        self.flush(at, fill)?;
+                        fill = 0;
+                    }
+                    let mode = if *punch {
+                        Allocate::PunchHole
+                    } else {
+                        Allocate::ZeroRange
+                    };
+                    let len = (extent.end - start) * BLOCK_SIZE;
+                    if shared
+                        .io
+                        .allocate(&shared.data, mode, offset, len)
+                        .wait()
+                        .is_err()
+                    {
+                        shared
+                            .write_zeroes_blocking(offset, len)
+                            .map_err(std::io::Error::other)?;
+                    }
+                }
+            }
+        }
+        if fill > 0 {
+            self.flush(at, fill)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, at: u64, len: usize) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        // Data extents are whole blocks, so `len` and `at` are multiples of 4096.
+        self.file
+            .write_all_at(&self.buf[self.start..self.start + len], at)?;
+        self.wrote = true;
         Ok(())
     }
 }

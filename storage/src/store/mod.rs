@@ -160,6 +160,9 @@ pub(crate) struct Shared {
     /// Mirror of `core.durable` for lock-free reads.
     durable: AtomicU64,
     checkpoint_lock: Mutex<()>,
+    /// The data file opened with O_DIRECT, for rebuild base data (see
+    /// `flusher::DirectWriter`); opened on first use, `None` inside once it proved unusable.
+    direct: Mutex<Option<Option<flusher::DirectWriter>>>,
     observer: std::sync::RwLock<Arc<dyn StoreObserver>>,
 }
 
@@ -534,6 +537,7 @@ impl Store {
             space: Notify::new(),
             durable: AtomicU64::new(last.0),
             checkpoint_lock: Mutex::new(()),
+            direct: Mutex::new(None),
             observer: std::sync::RwLock::new(Arc::new(NoStoreObserver)),
         });
         let mut threads = Vec::new();

@@ -127,10 +127,10 @@ impl Shared {
             }
             self.record_data_through(target)?;
         }
-        // During a rebuild the data file goes to the disk directly when it can: copying the
-        // base into the page cache cost more CPU than the network and the disk together, and
-        // left all of the writeback to the checkpoint that ends the rebuild. (A rebuilding
-        // store serves no reads, so nothing is lost by bypassing the cache.)
+        // During a rebuild, long runs (the base) go to the disk directly when they can:
+        // copying the base into the page cache cost more CPU than the network and the disk
+        // together, and left all of the writeback to the checkpoint that ends the rebuild. A
+        // rebuilding store serves no reads, so nothing is lost by bypassing the cache.
         let direct = rebuilding && self.write_direct(&frozen)?;
         if !direct {
             self.write_to_data_file(&frozen, ring.as_deref_mut())?;
@@ -388,6 +388,8 @@ pub(crate) struct DirectWriter {
 
 const DIRECT_ALIGN: usize = 4096;
 const DIRECT_BUF: usize = 4 << 20;
+/// Shorter runs are written through the page cache.
+const DIRECT_MIN: usize = 256 << 10;
 
 impl DirectWriter {
     fn open(path: &std::path::Path) -> Option<DirectWriter> {
@@ -408,34 +410,31 @@ impl DirectWriter {
         })
     }
 
+    /// Runs of at least `DIRECT_MIN` bytes go through the aligned buffer with O_DIRECT;
+    /// shorter ones (the WAL's scattered blocks) through the page cache, whose writeback
+    /// sorts and merges them where one synchronous direct write per block would not.
     fn write(&mut self, shared: &Shared, frozen: &DirtyMap) -> std::io::Result<()> {
-        let mut fill = 0usize; // bytes staged in the buffer
-        let mut at = 0u64; // data file offset of the staged bytes
+        let mut run: Vec<Bytes> = Vec::new();
+        let mut run_at = 0u64;
+        let mut run_len = 0u64;
         for (start, extent) in frozen.iter() {
             let offset = start * BLOCK_SIZE;
             match &extent.state {
                 BlockState::Data(bytes) => {
-                    let mut src: &[u8] = bytes;
-                    while !src.is_empty() {
-                        let pos = offset + (bytes.len() - src.len()) as u64;
-                        if fill > 0 && (at + fill as u64 != pos || fill == DIRECT_BUF) {
-                            self.flush(at, fill)?;
-                            fill = 0;
-                        }
-                        if fill == 0 {
-                            at = pos;
-                        }
-                        let n = src.len().min(DIRECT_BUF - fill);
-                        let dst = self.start + fill;
-                        self.buf[dst..dst + n].copy_from_slice(&src[..n]);
-                        fill += n;
-                        src = &src[n..];
+                    if !run.is_empty() && (run_at + run_len != offset || run.len() == MAX_IOVECS) {
+                        self.write_run(shared, run_at, &std::mem::take(&mut run))?;
+                        run_len = 0;
                     }
+                    if run.is_empty() {
+                        run_at = offset;
+                    }
+                    run.push(bytes.clone());
+                    run_len += bytes.len() as u64;
                 }
                 BlockState::Zero { punch } => {
-                    if fill > 0 {
-                        self.flush(at, fill)?;
-                        fill = 0;
+                    if !run.is_empty() {
+                        self.write_run(shared, run_at, &std::mem::take(&mut run))?;
+                        run_len = 0;
                     }
                     let mode = if *punch {
                         Allocate::PunchHole
@@ -456,8 +455,36 @@ impl DirectWriter {
                 }
             }
         }
+        if !run.is_empty() {
+            self.write_run(shared, run_at, &run)?;
+        }
+        Ok(())
+    }
+
+    fn write_run(&mut self, shared: &Shared, at: u64, bufs: &[Bytes]) -> std::io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total < DIRECT_MIN {
+            return crate::io::pwritev_all(&shared.data, at, bufs);
+        }
+        let mut fill = 0usize;
+        let mut flushed = 0u64;
+        for b in bufs {
+            let mut src: &[u8] = b;
+            while !src.is_empty() {
+                let n = src.len().min(DIRECT_BUF - fill);
+                let dst = self.start + fill;
+                self.buf[dst..dst + n].copy_from_slice(&src[..n]);
+                fill += n;
+                src = &src[n..];
+                if fill == DIRECT_BUF {
+                    self.flush(at + flushed, fill)?;
+                    flushed += fill as u64;
+                    fill = 0;
+                }
+            }
+        }
         if fill > 0 {
-            self.flush(at, fill)?;
+            self.flush(at + flushed, fill)?;
         }
         Ok(())
     }

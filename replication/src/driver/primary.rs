@@ -605,7 +605,7 @@ async fn stream_base(
     let mut at = 0u64;
     while at < total {
         let span = (total - at).min(MAX_HOLE);
-        let Some(&(len, data)) = store.base_extents(at, span).first() else {
+        let Some((len, data)) = store.base_extent(at, span) else {
             break;
         };
         let len = if data { len.min(CHUNK) } else { len };

@@ -931,21 +931,16 @@ impl Store {
             .map_err(io_err(&self.shared.data_path))
     }
 
-    /// Primary side: where the data file has data in `[offset, offset+len)`: runs of
-    /// (length, has data), holes being ranges that read as zeroes.
-    pub fn base_extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+    /// Primary side: the run of the data file that starts at `offset` (at most `len` bytes):
+    /// its length and whether it holds data (a hole reads as zeroes); `None` past the end.
+    /// Only the first run: a rebuild asks again at the next offset, and walking every
+    /// extent of a fragmented file up front for each chunk made a rebuild quadratic.
+    pub fn base_extent(&self, offset: u64, len: u64) -> Option<(u64, bool)> {
         let end = offset.saturating_add(len).min(self.shared.volume_size);
-        let mut out: Vec<(u64, bool)> = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let (data, until) = data_file_extent(&self.shared.data, at, end);
-            match out.last_mut() {
-                Some((n, d)) if *d == data => *n += until - at,
-                _ => out.push((until - at, data)),
-            }
-            at = until;
-        }
-        out
+        (offset < end).then(|| {
+            let (data, until) = data_file_extent(&self.shared.data, offset, end);
+            (until - offset, data)
+        })
     }
 
     /// Replica side: starts a rebuild. The log is reset to begin after `base` (in a new

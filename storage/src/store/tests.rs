@@ -1005,3 +1005,21 @@ fn a_rebuild_writes_long_base_runs_directly_and_short_wal_runs_through_the_cache
     let replica = open_without_flusher(&path);
     assert!(rt.block_on(replica.read_contiguous(0, 8 * MIB)).unwrap() == expect);
 }
+
+#[test]
+fn a_base_extent_is_the_run_at_its_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open_without_flusher(&path);
+    store.begin_epoch(None).unwrap();
+    rt.block_on(store.write(0, &[1; 8192], false)).unwrap();
+    rt.block_on(store.write(MIB, &[2; 4096], false)).unwrap();
+    store.shared.checkpoint().unwrap();
+    assert_eq!(store.base_extent(0, 16 * MIB), Some((8192, true)));
+    assert_eq!(store.base_extent(8192, 16 * MIB), Some((MIB - 8192, false)));
+    assert_eq!(store.base_extent(MIB, 16 * MIB), Some((4096, true)));
+    // Bounded by `len` and by the volume's end.
+    assert_eq!(store.base_extent(MIB + 4096, 4096), Some((4096, false)));
+    assert_eq!(store.base_extent(16 * MIB, MIB), None);
+}

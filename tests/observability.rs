@@ -1388,11 +1388,21 @@ fn metric_values_count_exactly_the_requests_served() {
         "head LSN moved by {} for {N} writes",
         head - head_before
     );
+    // A FLUSH may be answered by a checkpoint (the data file's fdatasync makes the entries it
+    // holds durable) while the WAL writer's last batch is still on its way to the file; that
+    // batch is still written, so wait for it rather than read the counter once.
+    let wal_bytes = |s: &Scrape| s.get("blockrep_wal_written_bytes_total", &[("volume", VOLUME)]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut wal_after = wal_bytes(&after);
+    while wal_after - wal_bytes(&before) < (N * B) as f64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        wal_after = wal_bytes(&p.scrape());
+    }
     assert!(
-        after.get("blockrep_wal_written_bytes_total", &[("volume", VOLUME)])
-            - before.get("blockrep_wal_written_bytes_total", &[("volume", VOLUME)])
-            >= (N * B) as f64,
-        "the WAL holds at least the payload"
+        wal_after - wal_bytes(&before) >= (N * B) as f64,
+        "the WAL holds at least the payload: {} bytes written for {} of payload",
+        wal_after - wal_bytes(&before),
+        N * B
     );
     // After the FLUSHes every write is durable on the primary and on r1 (sync-all).
     for kind in ["durable", "committed"] {

@@ -474,6 +474,12 @@ impl PrimaryCore {
             .min()
     }
 
+    /// The lowest durable LSN of any replica (`None` without replicas), without building
+    /// the whole status: the driver asks on every batch of appended entries.
+    pub fn min_durable(&self) -> Option<Lsn> {
+        self.peers.iter().map(|p| p.durable).min()
+    }
+
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.peers
             .iter()

@@ -252,7 +252,7 @@ impl Driver {
             last.0 = lsn;
         }
         // Forget what every replica already has (and bound the memory either way).
-        let min_durable = self.core.peers().iter().map(|p| p.durable).min();
+        let min_durable = self.core.min_durable();
         while self.appended_at.len() > MAX_SAMPLES
             || self
                 .appended_at

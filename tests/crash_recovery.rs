@@ -22,7 +22,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -52,55 +52,6 @@ fn require_python_nbd() {
         "{SYSTEM_PYTHON} lacks the libnbd binding (python3-libnbd): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A child process that is killed (SIGKILL, by its pid) if the test ends without reaping it.
-struct KillOnDrop {
-    child: Child,
-    what: String,
-    stderr: Option<PathBuf>,
-}
-
-impl KillOnDrop {
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
-    }
-
-    /// Waits for the exit status; kills the process and fails if it takes longer than `secs`.
-    fn wait(&mut self, secs: u64) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return st;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "{} did not exit within {secs}s; its stderr:\n{}",
-                    self.what,
-                    self.stderr_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
 }
 
 fn export(store: &Path, image: &Path, engine: Option<&str>) {

@@ -543,54 +543,6 @@ fn assert_eio(v: &serde_json::Value, what: &str) {
 
 // ------------------------------------------------------------------------- write storm
 
-/// A child process killed (SIGKILL) if the test ends without reaping it.
-struct KillOnDrop {
-    child: Child,
-    what: String,
-    stderr: Option<PathBuf>,
-}
-
-impl KillOnDrop {
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
-    }
-
-    fn wait(&mut self, secs: u64) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return st;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "{} did not exit within {secs}s; its stderr:\n{}",
-                    self.what,
-                    self.stderr_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 fn spawn_storm(dir: &Path, uri: &str, log: &Path, seq_base: u64, flush_every: u32) -> KillOnDrop {
     let stderr = log.with_extension("stderr");
     let mut cmd = Command::new(SYSTEM_PYTHON);

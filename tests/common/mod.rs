@@ -252,3 +252,54 @@ pub fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+/// A child process killed (SIGKILL, by its pid) if the test ends without reaping it.
+pub struct KillOnDrop {
+    pub child: Child,
+    /// What it is, for messages.
+    pub what: String,
+    /// Where its stderr goes, if to a file: quoted when it misbehaves.
+    pub stderr: Option<PathBuf>,
+}
+
+impl KillOnDrop {
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// Waits for the exit status; kills the process and fails if it takes longer than `secs`.
+    pub fn wait(&mut self, secs: u64) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "{} did not exit within {secs}s; its stderr:\n{}",
+                    self.what,
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}

@@ -23,6 +23,9 @@ pub enum Mutant {
     /// The WAL pin follows in-sync replicas only: a lagging replica's entries are recycled
     /// while it still needs them.
     RecycleNeededWal = 7,
+    /// A replica answers a cut of its log as done without cutting: the discarded tail stays
+    /// and is merged with the new primary's log.
+    AckCutWithoutCutting = 8,
 }
 
 impl Mutant {
@@ -36,6 +39,7 @@ impl Mutant {
             Mutant::IgnoreDivergedLog => "ignore-diverged-log",
             Mutant::PromoteWithoutPrefix => "promote-without-prefix",
             Mutant::RecycleNeededWal => "recycle-needed-wal",
+            Mutant::AckCutWithoutCutting => "ack-cut-without-cutting",
         }
     }
 
@@ -43,7 +47,7 @@ impl Mutant {
         Mutant::ALL.into_iter().find(|m| m.name() == name)
     }
 
-    pub const ALL: [Mutant; 7] = [
+    pub const ALL: [Mutant; 8] = [
         Mutant::CountOutOfSyncReplica,
         Mutant::AcceptLsnGap,
         Mutant::SkipReplicaEpochCheck,
@@ -51,6 +55,7 @@ impl Mutant {
         Mutant::IgnoreDivergedLog,
         Mutant::PromoteWithoutPrefix,
         Mutant::RecycleNeededWal,
+        Mutant::AckCutWithoutCutting,
     ];
 }
 

@@ -59,6 +59,11 @@ fn mutant_recycle_needed_wal_is_caught() {
 }
 
 #[test]
+fn mutant_ack_cut_without_cutting_is_caught() {
+    caught(Mutant::AckCutWithoutCutting);
+}
+
+#[test]
 fn without_a_mutant_the_same_seeds_pass() {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     set(None);

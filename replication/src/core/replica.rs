@@ -376,6 +376,15 @@ impl ReplicaCore {
                     self.send(conn, body);
                     return;
                 }
+                if crate::mutants::active(crate::mutants::Mutant::AckCutWithoutCutting) {
+                    let body = Body::Truncated {
+                        durable: keep,
+                        durable_epoch: self.s.head_epoch,
+                        refusal: String::new(),
+                    };
+                    self.send(conn, body);
+                    return;
+                }
                 self.out.push(Action::Truncate { conn, keep });
             }
             Body::Barrier { lsn, committed } => {

@@ -29,12 +29,15 @@ const GATE_PRESSURE_FRACTION: u64 = 2;
 /// How often a waiting gated flusher looks at the WAL's fill (appends do not wake it).
 const GATE_POLL: Duration = Duration::from_millis(50);
 
-/// Whether a checkpoint may skip its fdatasync (see `checkpoint_with`).
+/// Whether a checkpoint may skip its fdatasync and wait for the checkpoint gate (see
+/// `checkpoint_with`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Lazy {
-    /// The flusher's own checkpoints during a rebuild, when they only move base blocks.
+    /// The flusher's own checkpoints: during a rebuild, those that only move base blocks
+    /// skip the fdatasync; on a gated store, every one waits (a bounded time) for the gate.
     DuringRebuild,
-    /// Every checkpoint that must leave the data file durable (close, finish_rebuild).
+    /// Every checkpoint that must leave the data file durable at once (close,
+    /// finish_rebuild): no skipped fdatasync, no waiting for the gate.
     Never,
 }
 

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::types::{Lsn, BLOCK_SIZE};
+use crate::wal::record::{RecordKind, WalRecord};
 
 /// The state of a run of blocks that lives in the WAL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +73,21 @@ impl DirtyMap {
 
     pub fn iter(&self) -> impl Iterator<Item = (u64, &Extent)> {
         self.extents.iter().map(|(s, e)| (*s, e))
+    }
+
+    /// Records what WAL entry `rec` does to the blocks, and returns the blocks it changed
+    /// (`None` for an entry that changes none: an epoch start, a wrap marker).
+    pub fn apply(&mut self, rec: &WalRecord) -> Option<(u64, u64)> {
+        let state = match rec.kind {
+            RecordKind::Write => BlockState::Data(rec.payload.clone()),
+            RecordKind::Trim => BlockState::Zero { punch: true },
+            RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
+            RecordKind::Wrap | RecordKind::EpochStart => return None,
+        };
+        let first = rec.offset / BLOCK_SIZE;
+        let end = first + rec.length / BLOCK_SIZE;
+        self.insert(first, end, rec.lsn, state);
+        Some((first, end))
     }
 
     /// Records that blocks `[start, end)` now have `state` (written by `lsn`).

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::dirty::{BlockState, DirtyMap, Piece, RangeSet};
 use crate::error::{Result, StorageError};
-use crate::types::{Epoch, Lsn, WalPos, BLOCK_SIZE};
+use crate::types::{Epoch, Lsn, WalPos};
 use crate::wal::record::{RecordKind, WalRecord, HEADER_LEN};
 use crate::wal::WalLayout;
 
@@ -160,7 +160,10 @@ impl Core {
     /// Returns `None` when the ring has no room for it yet.
     pub fn try_push(&mut self, layout: &WalLayout, record: WalRecord) -> Option<Lsn> {
         debug_assert_eq!(record.lsn, self.next_lsn);
-        debug_assert!(record.kind != RecordKind::Wrap);
+        assert!(
+            record.kind != RecordKind::Wrap,
+            "wrap markers are not appended by callers"
+        );
         let size = record.encoded_len();
         let room = layout.room(self.head);
         let pad = if room < size { room } else { 0 };
@@ -177,17 +180,7 @@ impl Core {
             self.queued_bytes += HEADER_LEN as u64;
             self.head = WalPos(self.head.0 + pad);
         }
-        let first = record.offset / BLOCK_SIZE;
-        let end = first + record.length / BLOCK_SIZE;
-        let state = match record.kind {
-            RecordKind::Write => Some(BlockState::Data(record.payload.clone())),
-            RecordKind::Trim => Some(BlockState::Zero { punch: true }),
-            RecordKind::WriteZeroes { punch } => Some(BlockState::Zero { punch }),
-            RecordKind::EpochStart => None,
-            RecordKind::Wrap => unreachable!("wrap markers are not appended by callers"),
-        };
-        if let Some(state) = state {
-            self.active.insert(first, end, lsn, state);
+        if let Some((first, end)) = self.active.apply(&record) {
             if let Some(r) = &mut self.rebuild {
                 r.touched.insert(first, end);
             }

@@ -435,15 +435,7 @@ impl Store {
                     epoch_history.retain(|(_, start)| *start < rec.lsn);
                     epoch_history.push((rec.epoch, rec.lsn));
                 }
-                let first = rec.offset / BLOCK_SIZE;
-                let end = first + rec.length / BLOCK_SIZE;
-                let state = match rec.kind {
-                    RecordKind::Write => BlockState::Data(rec.payload),
-                    RecordKind::Trim => BlockState::Zero { punch: true },
-                    RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
-                    RecordKind::Wrap | RecordKind::EpochStart => return,
-                };
-                dirty.insert(first, end, rec.lsn, state);
+                dirty.apply(&rec);
             },
         )?;
         if let Some(at) = replay.torn_at {
@@ -1167,15 +1159,7 @@ impl Store {
                     return;
                 }
                 new_head = WalPos(pos.0 + rec.encoded_len());
-                let first = rec.offset / BLOCK_SIZE;
-                let end = first + rec.length / BLOCK_SIZE;
-                let state = match rec.kind {
-                    RecordKind::Write => BlockState::Data(rec.payload),
-                    RecordKind::Trim => BlockState::Zero { punch: true },
-                    RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
-                    RecordKind::Wrap | RecordKind::EpochStart => return,
-                };
-                active.insert(first, end, rec.lsn, state);
+                active.apply(&rec);
             },
         )?;
         if replay.next_lsn <= head {

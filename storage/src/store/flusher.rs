@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::core::Core;
 use super::Shared;
 use crate::dirty::{BlockState, DirtyMap};
 use crate::io::{Allocate, ThreadRing};
@@ -119,10 +120,12 @@ impl Shared {
         // `finish_rebuild` runs a durable checkpoint, and a crash before that discards the
         // whole base anyway. Writeback is started now, so that last fdatasync finds little
         // left and the disk works while the rest of the base streams in.
-        let rebuilding = self.lock_core().rebuild.is_some();
-        let base_only = lazy == Lazy::DuringRebuild && rebuilding && {
+        let (rebuilding, base_only) = {
             let core = self.lock_core();
-            target <= core.checkpoint_lsn
+            let rebuilding = core.rebuild.is_some();
+            let base_only =
+                lazy == Lazy::DuringRebuild && rebuilding && target <= core.checkpoint_lsn;
+            (rebuilding, base_only)
         };
         if !base_only {
             if lazy == Lazy::DuringRebuild {
@@ -219,15 +222,7 @@ impl Shared {
     fn wait_for_gate(&self) {
         let mut core = self.lock_core();
         let began = core.next_lsn.prev();
-        while core
-            .gate
-            .is_some_and(|g| g < began.min(core.next_lsn.prev()))
-            && core.rebuild.is_none()
-            && !core.flusher_stop
-            && !core.closing
-            && core.failed.is_none()
-            && core.wal_used() < self.layout.capacity / GATE_PRESSURE_FRACTION
-        {
+        while self.gate_holds_back(&core, began.min(core.next_lsn.prev())) {
             core = self
                 .gate_cv
                 .wait_timeout(core, GATE_POLL)
@@ -241,13 +236,7 @@ impl Shared {
     fn wait_for_gate_through(&self, target: Lsn) {
         let deadline = Instant::now() + GATE_WAIT;
         let mut core = self.lock_core();
-        while core.gate.is_some_and(|g| g < target)
-            && core.rebuild.is_none()
-            && !core.flusher_stop
-            && !core.closing
-            && core.failed.is_none()
-            && core.wal_used() < self.layout.capacity / GATE_PRESSURE_FRACTION
-        {
+        while self.gate_holds_back(&core, target) {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 tracing::debug!(
                     target = target.0,
@@ -262,6 +251,18 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// Whether the gate still keeps a checkpoint through `target` from the data file: it is
+    /// below `target`, and nothing overrides it (a rebuild, a stop or close, a failure, or a
+    /// WAL half full).
+    fn gate_holds_back(&self, core: &Core, target: Lsn) -> bool {
+        core.gate.is_some_and(|g| g < target)
+            && core.rebuild.is_none()
+            && !core.flusher_stop
+            && !core.closing
+            && core.failed.is_none()
+            && core.wal_used() < self.layout.capacity / GATE_PRESSURE_FRACTION
     }
 
     /// Invariant (*the data file never holds an entry the superblock does not admit*):

@@ -935,25 +935,34 @@ impl Store {
         })
     }
 
+    /// Before the log is reset or cut: every entry appended so far is written and durable
+    /// (nothing moves under the change), no checkpoint runs, and the superblock is ours.
+    /// Returns the head it waited for and the two guards (lock order: checkpoint, then
+    /// superblock, then core).
+    fn quiesce_log(&self) -> Result<(Lsn, MutexGuard<'_, ()>, MutexGuard<'_, Superblock>)> {
+        let head = self.head();
+        self.shared
+            .wait_durable_blocking(head)
+            .map_err(StorageError::Failed)?;
+        let no_checkpoint = self
+            .shared
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let sb = self
+            .shared
+            .superblock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok((head, no_checkpoint, sb))
+    }
+
     /// Replica side: starts a rebuild. The log is reset to begin after `base` (in a new
     /// generation, so nothing left in the ring can be mistaken for the new entries), the
     /// store is marked rebuilding (persisted first), and from now on entries are appended as
     /// usual while base blocks arrive through [`Store::apply_base`].
     pub fn begin_rebuild(&self, base: Lsn, history: Vec<(Epoch, Lsn)>) -> Result<()> {
-        let head = self.head();
-        self.shared
-            .wait_durable_blocking(head)
-            .map_err(StorageError::Failed)?;
-        let _no_checkpoint = self
-            .shared
-            .checkpoint_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut sb = self
-            .shared
-            .superblock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let (_, _no_checkpoint, mut sb) = self.quiesce_log()?;
         let mut core = self.shared.lock_core();
         core.check_writable()?;
         let base_epoch = crate::superblock::epoch_at(&history, base).unwrap_or(Epoch(0));
@@ -1078,25 +1087,11 @@ impl Store {
     /// entries after the checkpoint are no longer all in the WAL, or during a rebuild. The
     /// caller then rebuilds the copy instead.
     pub fn truncate_after(&self, keep: Lsn) -> Result<()> {
-        let head = self.head();
-        if keep >= head {
+        if keep >= self.head() {
             return Ok(());
         }
         let refuse = |reason: String| Err(StorageError::CannotTruncate { keep, reason });
-        // Every entry handed to the WAL writer is written first: nothing moves under the cut.
-        self.shared
-            .wait_durable_blocking(head)
-            .map_err(StorageError::Failed)?;
-        let _no_checkpoint = self
-            .shared
-            .checkpoint_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut sb = self
-            .shared
-            .superblock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let (head, _no_checkpoint, mut sb) = self.quiesce_log()?;
         let (start, start_lsn, generation) = {
             let core = self.shared.lock_core();
             core.check_writable()?;

@@ -179,14 +179,7 @@ impl ReplicaCore {
                     self.s.durable = self.s.durable.min(head);
                 }
                 if self.active == Some(conn) {
-                    self.send(
-                        conn,
-                        Body::Truncated {
-                            durable: self.s.head,
-                            durable_epoch: self.s.head_epoch,
-                            refusal: refusal.unwrap_or_default(),
-                        },
-                    );
+                    self.answer_cut(conn, refusal.unwrap_or_default());
                 }
             }
             Event::Synced { conn, durable } => {
@@ -230,6 +223,17 @@ impl ReplicaCore {
                 body,
             },
         });
+    }
+
+    /// Answers a `Truncate`: where the log ends now, and why it was not cut (empty if it was
+    /// or needed no cut).
+    fn answer_cut(&mut self, conn: ConnId, refusal: String) {
+        let body = Body::Truncated {
+            durable: self.s.head,
+            durable_epoch: self.s.head_epoch,
+            refusal,
+        };
+        self.send(conn, body);
     }
 
     fn reject(&mut self, conn: ConnId, reason: RejectReason, message: String) {
@@ -358,22 +362,13 @@ impl ReplicaCore {
                     return;
                 }
                 if keep >= self.s.head {
-                    let body = Body::Truncated {
-                        durable: self.s.head,
-                        durable_epoch: self.s.head_epoch,
-                        refusal: String::new(),
-                    };
-                    self.send(conn, body);
+                    self.answer_cut(conn, String::new());
                     return;
                 }
                 if keep < self.s.committed {
                     // The primary says entries we know committed are not in its log.
-                    let body = Body::Truncated {
-                        durable: self.s.head,
-                        durable_epoch: self.s.head_epoch,
-                        refusal: format!("entries through {} are committed", self.s.committed),
-                    };
-                    self.send(conn, body);
+                    let why = format!("entries through {} are committed", self.s.committed);
+                    self.answer_cut(conn, why);
                     return;
                 }
                 if crate::mutants::active(crate::mutants::Mutant::AckCutWithoutCutting) {

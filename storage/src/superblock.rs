@@ -262,6 +262,15 @@ impl Superblock {
 
 /// The epoch of entry `lsn` according to `history` (see [`Superblock::epoch_history`]);
 /// `None` if it is older than the history remembers.
+/// The part of `history` that covers the log through `lsn` (epochs begun after it dropped).
+pub(crate) fn history_through(history: &[(Epoch, Lsn)], lsn: Lsn) -> Vec<(Epoch, Lsn)> {
+    history
+        .iter()
+        .copied()
+        .filter(|(_, start)| *start <= lsn)
+        .collect()
+}
+
 pub fn epoch_at(history: &[(Epoch, Lsn)], lsn: Lsn) -> Option<Epoch> {
     if lsn == Lsn::ZERO {
         return Some(Epoch(0));

@@ -172,12 +172,7 @@ impl Shared {
         let (new_tail, new_tail_lsn, committed, history) = {
             let core = self.lock_core();
             let (tail, tail_lsn) = core.release_point(target, head);
-            let history: Vec<_> = core
-                .epoch_history
-                .iter()
-                .copied()
-                .filter(|(_, start)| *start <= target)
-                .collect();
+            let history = crate::superblock::history_through(&core.epoch_history, target);
             (tail, tail_lsn, core.committed, history)
         };
         {

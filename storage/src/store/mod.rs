@@ -903,12 +903,7 @@ impl Store {
         let base = core.checkpoint_lsn;
         let pin = base.next();
         core.retention_pin = Some(core.retention_pin.map_or(pin, |p| p.min(pin)));
-        let history = core
-            .epoch_history
-            .iter()
-            .copied()
-            .filter(|(_, start)| *start <= base)
-            .collect();
+        let history = crate::superblock::history_through(&core.epoch_history, base);
         (base, history)
     }
 
@@ -1164,12 +1159,7 @@ impl Store {
             ));
         }
         let mut core = self.shared.lock_core();
-        let history: Vec<(Epoch, Lsn)> = core
-            .epoch_history
-            .iter()
-            .copied()
-            .filter(|(_, start)| *start <= keep)
-            .collect();
+        let history = crate::superblock::history_through(&core.epoch_history, keep);
         let keep_epoch = crate::superblock::epoch_at(&history, keep).unwrap_or(sb.checkpoint_epoch);
         sb.flags &= !FLAG_CLEAN;
         sb.wal_generation = sb.wal_generation.wrapping_add(1);

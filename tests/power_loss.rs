@@ -33,7 +33,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -597,49 +597,6 @@ fn inspect_json(store: &Path) -> serde_json::Value {
 
 // -------------------------------------------------------------------------------- storm
 
-/// A child killed (SIGKILL) if the test ends without reaping it.
-struct KillOnDrop {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl KillOnDrop {
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn stderr_text(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn wait(&mut self, secs: u64) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "the write storm did not exit within {secs}s:\n{}",
-                    self.stderr_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 fn spawn_storm(uri: &str, log: &Path, seq_base: u64, flush_every: u32) -> KillOnDrop {
     let stderr = log.with_extension("stderr");
     let mut cmd = Command::new(SYSTEM_PYTHON);
@@ -661,7 +618,8 @@ fn spawn_storm(uri: &str, log: &Path, seq_base: u64, flush_every: u32) -> KillOn
     die_with_test(&mut cmd, libc::SIGKILL);
     KillOnDrop {
         child: cmd.spawn().expect("spawn the write storm"),
-        stderr,
+        what: "the write storm".into(),
+        stderr: Some(stderr),
     }
 }
 
@@ -1428,7 +1386,8 @@ fn ext4_on_the_volume_survives_a_power_loss_under_the_store() {
         die_with_test(&mut cmd, libc::SIGKILL);
         let mut writer = KillOnDrop {
             child: cmd.spawn().expect("spawn the writer"),
-            stderr: busy,
+            what: "the ext4 writer".into(),
+            stderr: Some(busy),
         };
         std::thread::sleep(Duration::from_millis(1500));
         assert!(

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::core::Core;
 use super::Shared;
 use crate::dirty::{BlockState, DirtyMap};
-use crate::io::{Allocate, ThreadRing};
+use crate::io::Allocate;
 use crate::types::{Lsn, BLOCK_SIZE};
 
 /// Start a checkpoint once the WAL is this full, so writers rarely wait for space.
@@ -43,8 +43,6 @@ pub(crate) enum Lazy {
 }
 
 pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
-    // Like the WAL writer, the flusher does its own I/O (its own ring, or plain syscalls).
-    let mut ring = shared.io.thread_ring();
     loop {
         {
             let mut core = shared.lock_core();
@@ -65,7 +63,7 @@ pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
         }
         shared.wait_for_gate();
         let started = std::time::Instant::now();
-        let result = shared.checkpoint_with(ring.as_mut(), Lazy::DuringRebuild);
+        let result = shared.checkpoint_with(Lazy::DuringRebuild);
         if result.is_ok() {
             shared.observer().checkpoint(started.elapsed());
         }
@@ -77,19 +75,14 @@ pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
 }
 
 impl Shared {
-    /// One checkpoint with plain syscalls (from threads without a ring of their own); always
-    /// a durable one.
+    /// One checkpoint that leaves the data file durable at once.
     pub(crate) fn checkpoint(&self) -> Result<(), String> {
-        self.checkpoint_with(None, Lazy::Never)
+        self.checkpoint_with(Lazy::Never)
     }
 
     /// One checkpoint (see the module doc). Returns an error message on I/O failure.
     /// Serialized by `checkpoint_lock`, so `close` can run a last one safely.
-    pub(crate) fn checkpoint_with(
-        &self,
-        mut ring: Option<&mut ThreadRing>,
-        lazy: Lazy,
-    ) -> Result<(), String> {
+    pub(crate) fn checkpoint_with(&self, lazy: Lazy) -> Result<(), String> {
         let _one_at_a_time = self
             .checkpoint_lock
             .lock()
@@ -139,7 +132,7 @@ impl Shared {
         // rebuilding store serves no reads, so nothing is lost by bypassing the cache.
         let direct = rebuilding && self.write_direct(&frozen)?;
         if !direct {
-            self.write_to_data_file(&frozen, ring.as_deref_mut())?;
+            self.write_to_data_file(&frozen)?;
         }
         if base_only {
             if !direct {
@@ -163,11 +156,8 @@ impl Shared {
             self.space.notify_waiters();
             return Ok(());
         }
-        match ring {
-            Some(r) => r.write_runs(&self.data, &[], true),
-            None => crate::io::sync_data(&self.data),
-        }
-        .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
+        crate::io::sync_data(&self.data)
+            .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
         // The WAL before the checkpoint may go, except what a lagging replica still needs.
         let (new_tail, new_tail_lsn, committed, history) = {
             let core = self.lock_core();
@@ -296,24 +286,22 @@ impl Shared {
         }
     }
 
-    fn write_to_data_file(
-        &self,
-        frozen: &DirtyMap,
-        mut ring: Option<&mut ThreadRing>,
-    ) -> Result<(), String> {
+    /// Writes the frozen blocks into the data file with plain `pwritev` on this thread, even
+    /// when the store's engine is io_uring: these are scattered buffered writes, which ext4
+    /// cannot take without blocking, so io_uring would hand each one to a kernel worker
+    /// thread, at the price of a context switch per block (docs/BENCHMARKS.md, "Where a
+    /// replicated write's CPU goes").
+    fn write_to_data_file(&self, frozen: &DirtyMap) -> Result<(), String> {
         let path = self.data_path.display();
         let mut runs: Vec<(u64, Vec<Bytes>)> = Vec::new();
         let mut run: Vec<Bytes> = Vec::new();
         let mut run_start = 0u64;
         let mut run_end = 0u64;
         let mut run_bytes = 0u64;
-        let mut flush = |runs: &mut Vec<(u64, Vec<Bytes>)>| -> Result<(), String> {
-            let result = match ring.as_deref_mut() {
-                Some(r) => r.write_runs(&self.data, runs, false),
-                None => runs
-                    .iter()
-                    .try_for_each(|(at, bufs)| crate::io::pwritev_all(&self.data, *at, bufs)),
-            };
+        let flush = |runs: &mut Vec<(u64, Vec<Bytes>)>| -> Result<(), String> {
+            let result = runs
+                .iter()
+                .try_for_each(|(at, bufs)| crate::io::pwritev_all(&self.data, *at, bufs));
             runs.clear();
             result.map_err(|e| format!("write {path}: {e}"))
         };

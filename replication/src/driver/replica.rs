@@ -42,8 +42,20 @@ fn initial_state(store: &Store) -> ReplicaState {
     }
 }
 
+/// Frames read from a primary but not yet applied hold at most this much memory. Past it
+/// the connection stops reading, so TCP pushes back and the primary's own bounded send queue
+/// takes the excess: a replica slower than its primary slows the shipping down (or, at the
+/// primary's limit, loses its session and catches up) instead of growing without bound.
+const MAX_INTAKE_BYTES: u64 = 64 << 20;
+
 enum Input {
     Event(Event),
+    /// A frame from a primary; `_intake` returns its share of the intake once applied.
+    Received {
+        conn: ConnId,
+        frame: Frame,
+        _intake: tokio::sync::OwnedSemaphorePermit,
+    },
     Accepted {
         conn: ConnId,
         tx: mpsc::UnboundedSender<Frame>,
@@ -84,13 +96,18 @@ pub async fn run(
                 continue;
             }
         };
-        let event = match input {
+        let (event, _intake) = match input {
             Input::Accepted { conn, tx, peer } => {
                 tracing::debug!(conn = conn.0, %peer, "replication connection");
                 conns.insert(conn, (tx, peer));
                 continue;
             }
-            Input::Event(e) => e,
+            Input::Event(e) => (e, None),
+            Input::Received {
+                conn,
+                frame,
+                _intake,
+            } => (Event::Received { conn, frame }, Some(_intake)),
         };
         if let Event::Closed { conn } = &event {
             conns.remove(conn);
@@ -308,24 +325,123 @@ fn spawn_connection(
         }
     });
     tokio::spawn(async move {
-        let mut frames = FramedRead::with_capacity(r, FrameCodec, 256 << 10);
-        loop {
-            match frames.next().await {
-                Some(Ok(frame)) => {
-                    if in_tx
-                        .send(Input::Event(Event::Received { conn, frame }))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(%peer, "closing replication connection: {e}");
-                    break;
-                }
-                None => break,
-            }
+        let intake = Arc::new(tokio::sync::Semaphore::new(MAX_INTAKE_BYTES as usize));
+        if let Err(e) = read_frames(r, conn, intake, &in_tx).await {
+            tracing::warn!(%peer, "closing replication connection: {e}");
         }
         let _ = in_tx.send(Input::Event(Event::Closed { conn }));
     });
+}
+
+/// Reads frames from one connection into the main loop, no further ahead of it than
+/// `intake` allows (see [`MAX_INTAKE_BYTES`]). Returns when the connection or the loop ends.
+async fn read_frames(
+    r: impl tokio::io::AsyncRead + Unpin,
+    conn: ConnId,
+    intake: Arc<tokio::sync::Semaphore>,
+    in_tx: &mpsc::UnboundedSender<Input>,
+) -> Result<(), super::CodecError> {
+    let mut frames = FramedRead::with_capacity(r, FrameCodec, 256 << 10);
+    while let Some(frame) = frames.next().await {
+        let frame = frame?;
+        // A frame larger than the whole intake still gets in, alone.
+        let share = frame.queued_size().min(MAX_INTAKE_BYTES) as u32;
+        let Ok(permit) = intake.clone().acquire_many_owned(share).await else {
+            return Ok(());
+        };
+        let input = Input::Received {
+            conn,
+            frame,
+            _intake: permit,
+        };
+        if in_tx.send(input).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use blockrep_storage::{Epoch, Lsn, RecordKind, WalRecord};
+    use bytes::{Bytes, BytesMut};
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::mpsc;
+
+    use super::{read_frames, Input};
+    use crate::core::replica::ConnId;
+    use crate::wire::{self, Body, Frame};
+
+    fn entries(lsn: u64) -> Frame {
+        let payload = Bytes::from(vec![lsn as u8; 4096]);
+        Frame {
+            epoch: Epoch(1),
+            body: Body::Entries {
+                committed: Lsn(0),
+                records: vec![WalRecord::new(
+                    Lsn(lsn),
+                    Epoch(1),
+                    RecordKind::Write,
+                    0,
+                    4096,
+                    payload,
+                )],
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_reads_no_further_ahead_than_its_intake_holds() {
+        let share = entries(1).queued_size() as usize;
+        let intake = Arc::new(tokio::sync::Semaphore::new(3 * share));
+        let (mut primary, replica) = tokio::io::duplex(8 << 10);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            read_frames(replica, ConnId(1), intake, &tx).await.unwrap();
+        });
+        let sender = tokio::spawn(async move {
+            for lsn in 1..=10 {
+                let mut buf = BytesMut::new();
+                wire::encode(&entries(lsn), &mut buf);
+                primary.write_all(&buf).await.unwrap();
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut held = Vec::new();
+        while let Ok(input) = rx.try_recv() {
+            held.push(input);
+        }
+        assert_eq!(held.len(), 3, "frames read while none was applied");
+        assert!(
+            !sender.is_finished(),
+            "the primary's writes must be held back"
+        );
+        // Applying (dropping) the frames lets the rest in, in order.
+        let mut lsns = Vec::new();
+        for input in held.drain(..) {
+            if let Input::Received { frame, .. } = input {
+                if let Body::Entries { records, .. } = frame.body {
+                    lsns.push(records[0].lsn.0);
+                }
+            }
+        }
+        while lsns.len() < 10 {
+            let input = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("frames stopped coming")
+                .expect("reader ended");
+            if let Input::Received { frame, .. } = input {
+                if let Body::Entries { records, .. } = frame.body {
+                    lsns.push(records[0].lsn.0);
+                }
+            }
+        }
+        assert_eq!(lsns, (1..=10).collect::<Vec<_>>());
+        sender.await.unwrap();
+        drop(rx);
+        reader.abort();
+    }
 }

@@ -24,14 +24,14 @@ const TICK: Duration = Duration::from_millis(50);
 /// Frames queued for one replica beyond this many bytes mean it cannot keep up: the session
 /// is dropped and the replica recovers by catch-up instead of growing our memory.
 const MAX_QUEUED_BYTES: u64 = 256 << 20;
-/// Entries are shipped once this many bytes of them are waiting...
-const SHIP_BATCH_BYTES: usize = 256 << 10;
-/// ...or the oldest has waited this long, or anything else happens (a barrier above all).
-/// Nothing waits on an entry that no barrier covers yet, so shipping it a moment later
-/// costs nothing, while one frame for many entries saves a wake-up, a syscall and a
-/// receive on every replica per entry: most of what a write cost the primary and its
-/// replicas when each went out alone.
+/// Entries are shipped once the oldest has waited this long, or at once when anything else
+/// happens (a barrier above all). Nothing waits for an entry no barrier covers yet, so
+/// shipping it a moment later costs nothing, while one frame for a millisecond of entries
+/// spares the primary a wake-up of this task per write, and every replica a wake-up, a read
+/// and a decode per write.
 const SHIP_LINGER: Duration = Duration::from_millis(1);
+/// One `Entries` frame carries at most this much (a single larger write goes alone).
+const SHIP_FRAME_BYTES: u64 = 1 << 20;
 /// How often a running rebuild reports its progress, at the least.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -122,24 +122,6 @@ impl PrimaryHandle {
     }
 }
 
-/// Entries appended but not yet handed to the core.
-#[derive(Default)]
-struct Shipping {
-    records: Vec<blockrep_storage::WalRecord>,
-    bytes: usize,
-}
-
-impl Shipping {
-    fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
-
-    fn extend(&mut self, batch: &mut Vec<blockrep_storage::WalRecord>) {
-        self.bytes += batch.iter().map(|r| r.payload.len() + 48).sum::<usize>();
-        self.records.append(batch);
-    }
-}
-
 struct Conn {
     session: SessionId,
     tx: mpsc::UnboundedSender<Frame>,
@@ -219,28 +201,25 @@ impl Driver {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(256);
-        let mut shipping = Shipping::default();
+        // Entries taken from the tap, not yet handed to the core.
+        let mut shipping = Vec::new();
         let linger = tokio::time::sleep(SHIP_LINGER);
         tokio::pin!(linger);
         loop {
             let event = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                n = self.tap.recv_many(&mut batch, 256) => {
+                // While entries linger the tap is left alone: appends then wake no one.
+                n = self.tap.recv_many(&mut batch, 256), if shipping.is_empty() => {
                     if n == 0 {
                         break; // the store closed
                     }
-                    if shipping.is_empty() {
-                        linger.as_mut().reset(tokio::time::Instant::now() + SHIP_LINGER);
-                    }
-                    shipping.extend(&mut batch);
-                    if shipping.bytes < SHIP_BATCH_BYTES {
-                        continue;
-                    }
-                    self.ship(&mut shipping);
+                    linger.as_mut().reset(tokio::time::Instant::now() + SHIP_LINGER);
+                    shipping.append(&mut batch);
                     continue;
                 }
                 _ = &mut linger, if !shipping.is_empty() => {
+                    self.drain_tap(&mut shipping);
                     self.ship(&mut shipping);
                     continue;
                 }
@@ -259,7 +238,7 @@ impl Driver {
                     }
                 },
                 _ = ticker.tick() => {
-                    self.drain_tap(&mut shipping, &mut batch);
+                    self.drain_tap(&mut shipping);
                     self.ship(&mut shipping);
                     // Feed the local durability we have anyway, then let time act.
                     let durable = self.store.durable();
@@ -271,7 +250,7 @@ impl Driver {
             // Every entry appended before this event reaches the core first: a barrier
             // must never overtake the entries it covers, and no other event may find the
             // core behind the store by more than the channel's own delay.
-            self.drain_tap(&mut shipping, &mut batch);
+            self.drain_tap(&mut shipping);
             self.ship(&mut shipping);
             self.step(event);
         }
@@ -283,24 +262,20 @@ impl Driver {
     }
 
     /// Takes whatever the tap holds right now, without waiting.
-    fn drain_tap(&mut self, shipping: &mut Shipping, batch: &mut Vec<blockrep_storage::WalRecord>) {
+    fn drain_tap(&mut self, shipping: &mut Vec<blockrep_storage::WalRecord>) {
         while let Ok(record) = self.tap.try_recv() {
-            batch.push(record);
+            shipping.push(record);
         }
-        shipping.extend(batch);
     }
 
-    /// Hands the entries collected so far to the core (which sends them to the replicas).
-    fn ship(&mut self, shipping: &mut Shipping) {
-        if shipping.is_empty() {
-            return;
+    /// Hands the entries collected so far to the core, which sends them to the replicas.
+    fn ship(&mut self, shipping: &mut Vec<blockrep_storage::WalRecord>) {
+        for records in frame_batches(std::mem::take(shipping), SHIP_FRAME_BYTES) {
+            if let Some(last) = records.last() {
+                self.note_appended(last.lsn);
+            }
+            self.step(Event::Appended { records });
         }
-        let records = std::mem::take(&mut shipping.records);
-        shipping.bytes = 0;
-        if let Some(last) = records.last() {
-            self.note_appended(last.lsn);
-        }
-        self.step(Event::Appended { records });
     }
 
     fn note_appended(&mut self, lsn: Lsn) {
@@ -612,6 +587,29 @@ impl Driver {
     }
 }
 
+/// Cuts `records` (in order) into batches of at most `max_bytes` of payload, one per
+/// `Entries` frame, so that no frame outgrows what a replica accepts; an entry larger than
+/// that goes alone.
+fn frame_batches(
+    records: Vec<blockrep_storage::WalRecord>,
+    max_bytes: u64,
+) -> Vec<Vec<blockrep_storage::WalRecord>> {
+    let mut batches: Vec<Vec<blockrep_storage::WalRecord>> = Vec::new();
+    let mut bytes = 0;
+    for r in records {
+        let len = r.payload.len() as u64;
+        match batches.last_mut() {
+            Some(b) if bytes + len <= max_bytes => b.push(r),
+            _ => {
+                bytes = 0;
+                batches.push(vec![r]);
+            }
+        }
+        bytes += len;
+    }
+    batches
+}
+
 async fn write_frames(
     mut w: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Frame>,
@@ -818,6 +816,61 @@ mod tests {
 
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn no_shipped_frame_outgrows_what_a_replica_accepts() {
+        let sizes = [
+            4096,
+            32 << 20,
+            4096,
+            4096,
+            32 << 20,
+            32 << 20,
+            512,
+            1 << 20,
+            4096,
+        ];
+        let records: Vec<WalRecord> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let payload = Bytes::from(vec![0u8; n]);
+                WalRecord::new(
+                    Lsn(i as u64 + 1),
+                    Epoch(1),
+                    RecordKind::Write,
+                    0,
+                    n as u64,
+                    payload,
+                )
+            })
+            .collect();
+        let batches = super::frame_batches(records, super::SHIP_FRAME_BYTES);
+        let lsns: Vec<u64> = batches.iter().flatten().map(|r| r.lsn.0).collect();
+        assert_eq!(
+            lsns,
+            (1..=sizes.len() as u64).collect::<Vec<_>>(),
+            "every entry, in order"
+        );
+        for b in &batches {
+            let payload: u64 = b.iter().map(|r| r.payload.len() as u64).sum();
+            assert!(
+                b.len() == 1 || payload <= super::SHIP_FRAME_BYTES,
+                "{payload} bytes"
+            );
+            let frame = Frame {
+                epoch: Epoch(1),
+                body: Body::Entries {
+                    committed: Lsn(0),
+                    records: b.clone(),
+                },
+            };
+            let mut buf = BytesMut::new();
+            wire::encode(&frame, &mut buf);
+            assert!(buf.len() - wire::HEADER_LEN <= wire::MAX_BODY);
+            assert!(wire::decode(buf.freeze()).is_ok());
         }
     }
 

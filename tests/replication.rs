@@ -1789,3 +1789,117 @@ fn restarted_replica_catches_up_without_rebuild() {
         assert_same_image(&img, &pimg, &format!("{} against the primary", r.name));
     }
 }
+
+// ------------------------------------------------------------------------- a slow replica
+
+/// A TCP relay to `upstream` that passes at most `rate` bytes per second towards it (and
+/// everything back at once): a replica behind it is a slow replica.
+fn throttled_relay(upstream: String, rate: u64) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut sent = 0u64;
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = c_in.read(&mut buf) {
+                    if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                let _ = s_out.shutdown(Shutdown::Write);
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_in, &mut c_out);
+                let _ = c_out.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Under sync-all a replica slower than the primary is one every FLUSH waits for anyway: it
+/// paces the writers (the WAL it holds fills, and writers wait for space) and stays in sync,
+/// instead of being thrown into a full rebuild once it lags by the retention budget.
+#[test]
+fn a_slow_replica_under_sync_all_paces_writes_and_is_never_rebuilt() {
+    require_python_nbd();
+    require("nbdcopy");
+    const SIZE: u64 = 256 * MIB;
+    const WRITTEN: u64 = 128 * MIB; // twice the WAL, four times the retention budget
+    const RATE: u64 = 32 * MIB;
+    let tmp = tempfile::tempdir().unwrap();
+    let p_store = create(tmp.path(), "p", SIZE);
+    let r1 = replica(&create(tmp.path(), "r1", SIZE), "r1");
+    let r2 = replica(&create(tmp.path(), "r2", SIZE), "r2");
+    let relay = throttled_relay(r2.addr(), RATE);
+    let port = free_port();
+    let mut args = primary_args(&p_store, port, &[&r1], &["--commit", "sync-all"]);
+    args.extend(["--replica".into(), format!("r2={relay}").into()]);
+    let mut p =
+        Node::launch("p", &p_store, port, args, "serving").unwrap_or_else(|e| panic!("{e}"));
+    wait_state(&p, 0, "r1", "in_sync", 15);
+    wait_state(&p, 0, "r2", "in_sync", 15);
+
+    let src = tmp.path().join("src.img");
+    let mut bytes = vec![0u8; WRITTEN as usize];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(&src, &bytes).unwrap();
+    let mark = p.mark();
+    let started = Instant::now();
+    run_ok(
+        Command::new("timeout")
+            .arg("120")
+            .arg("nbdcopy")
+            .arg(&src)
+            .arg(p.uri()),
+    );
+    let took = started.elapsed();
+    let mut c = Client::connect(&p.uri(), tmp.path(), "p");
+    let v = c.flush();
+    assert_ok(&v, "FLUSH after the copy, with the slow replica in sync");
+    drop(c);
+    let since = p.log()[mark..].to_string();
+    assert!(
+        !since.contains("needs_rebuild") && !since.contains("rebuild"),
+        "the slow replica must never be sent to a rebuild:\n{since}"
+    );
+    // More than the WAL went through a replica that takes 32 MiB/s: the writers waited for it.
+    let floor = (WRITTEN - 64 * MIB) as f64 / RATE as f64 * 0.8;
+    assert!(
+        took.as_secs_f64() >= floor,
+        "{WRITTEN} bytes were accepted in {took:?}, faster than the slow replica could take \
+         them: it was not pacing the writers"
+    );
+
+    p.stop_ok();
+    let pimg = export_image(&p.store, &tmp.path().join("p.img"));
+    assert_same_image(
+        &pimg[..WRITTEN as usize],
+        &bytes,
+        "primary against the source",
+    );
+    for mut r in [r1, r2] {
+        r.stop_ok();
+        let img = export_image(&r.store, &tmp.path().join(format!("{}.img", r.name)));
+        assert_same_image(&img, &pimg, &format!("{} against the primary", r.name));
+    }
+}

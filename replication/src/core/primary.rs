@@ -1209,6 +1209,12 @@ impl PrimaryCore {
     /// One dead replica must never stop writes: past the byte or time budget, the replica
     /// holding the oldest pin gives it up and will need a rebuild. One per tick: the next
     /// tick measures the WAL the new pin holds.
+    ///
+    /// Except a replica in sync under sync-all: every FLUSH waits for it anyway, so while its
+    /// session lives (it answers barriers within the barrier timeout) the WAL it holds makes
+    /// writers wait for it, as a full WAL always does, instead of throwing its copy away for
+    /// a full rebuild because it is slower than the primary. One that stops answering loses
+    /// its session, and then the budget applies as to any replica away.
     fn enforce_retention(&mut self, now: Millis, pinned_bytes: u64) {
         let Some(pin) = self.pin else { return };
         let Some(i) = self
@@ -1219,7 +1225,8 @@ impl PrimaryCore {
             return;
         };
         let p = &self.peers[i];
-        let over_bytes = pinned_bytes > self.cfg.retention_bytes;
+        let paces_writers = self.cfg.mode == CommitMode::SyncAll && p.state == PeerState::InSync;
+        let over_bytes = pinned_bytes > self.cfg.retention_bytes && !paces_writers;
         let away = !matches!(
             p.state,
             PeerState::InSync | PeerState::CatchingUp | PeerState::Rebuilding

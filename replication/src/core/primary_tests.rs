@@ -1166,3 +1166,98 @@ fn a_zero_gap_replica_pins_the_wal_from_its_durable_lsn() {
     assert_eq!(state(&c, "a"), PeerState::InSync);
     assert!(a.contains(&Action::PinWal { from: Some(Lsn(6)) }), "{a:?}");
 }
+
+#[test]
+fn a_slow_replica_in_sync_under_sync_all_paces_writers_instead_of_being_rebuilt() {
+    let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
+    let s = bring_up(&mut c, 0);
+    c.step(Event::Appended {
+        records: (1..=3).map(|l| rec(l, E)).collect(),
+    });
+    c.step(Event::Tick {
+        now: 200,
+        pinned_bytes: 0,
+    });
+    reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(3) },
+        210,
+    );
+    // b is slow but answering: the WAL it holds is past the budget, and it keeps holding it
+    // (writers wait for WAL space, as for any full WAL) rather than being sent to a rebuild.
+    let a = c.step(Event::Tick {
+        now: 300,
+        pinned_bytes: 200 << 20,
+    });
+    assert_eq!(state(&c, "b"), PeerState::InSync);
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::PinWal { .. })),
+        "{a:?}"
+    );
+    reply(
+        &mut c,
+        &s[1].0,
+        s[1].1,
+        Body::BarrierAck { durable: Lsn(3) },
+        4_000,
+    );
+    assert_eq!(state(&c, "b"), PeerState::InSync);
+    // Once it stops answering it loses its session, and the budget applies to it as to any
+    // replica away: one dead replica never stops writes for longer than the barrier timeout.
+    c.step(Event::Appended {
+        records: (4..=5).map(|l| rec(l, E)).collect(),
+    });
+    c.step(Event::Tick {
+        now: 4_200,
+        pinned_bytes: 0,
+    });
+    reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(5) },
+        4_210,
+    );
+    c.step(Event::Tick {
+        now: 4_200 + 5_001,
+        pinned_bytes: 200 << 20,
+    });
+    assert_eq!(state(&c, "b"), PeerState::NeedsRebuild);
+}
+
+#[test]
+fn a_slow_replica_outside_sync_all_is_released_by_the_budget() {
+    for mode in [CommitMode::BestEffort, CommitMode::SyncQuorum] {
+        let mut c = core(mode, &["a", "b"], 0);
+        let s = bring_up(&mut c, 0);
+        c.step(Event::Appended {
+            records: (1..=3).map(|l| rec(l, E)).collect(),
+        });
+        c.step(Event::Tick {
+            now: 200,
+            pinned_bytes: 0,
+        });
+        reply(
+            &mut c,
+            &s[0].0,
+            s[0].1,
+            Body::BarrierAck { durable: Lsn(3) },
+            210,
+        );
+        c.step(Event::Tick {
+            now: 300,
+            pinned_bytes: 200 << 20,
+        });
+        // Its session lives, so its rebuild starts at once.
+        assert!(
+            matches!(
+                state(&c, "b"),
+                PeerState::NeedsRebuild | PeerState::Rebuilding
+            ),
+            "{mode:?}: {:?}",
+            state(&c, "b")
+        );
+    }
+}

@@ -21,8 +21,11 @@ use crate::core::{ReplicaId, SessionId};
 use crate::wire::Frame;
 
 const TICK: Duration = Duration::from_millis(50);
-/// Frames queued for one replica beyond this many bytes mean it cannot keep up: the session
-/// is dropped and the replica recovers by catch-up instead of growing our memory.
+/// Frames queued for one replica beyond this many bytes (or a quarter more than the WAL,
+/// if that is more) mean it cannot keep up: the session is dropped and the replica recovers
+/// through a new session instead of growing our memory. A replica in sync under sync-all
+/// never gets there by being slow: the WAL it holds makes writers wait before its queue
+/// outgrows the WAL (`PrimaryCore::enforce_retention`).
 const MAX_QUEUED_BYTES: u64 = 256 << 20;
 /// Entries are shipped once the oldest has waited this long, or at once when anything else
 /// happens (a barrier above all). Nothing waits for an entry no barrier covers yet, so
@@ -153,7 +156,9 @@ pub fn start(
         store.committed(),
         0,
     );
+    let max_queued = MAX_QUEUED_BYTES.max(store.superblock().wal_capacity / 4 * 5);
     let driver = Driver {
+        max_queued,
         tap: store.subscribe(),
         store,
         core,
@@ -175,6 +180,8 @@ pub fn start(
 
 struct Driver {
     store: Arc<Store>,
+    /// Bytes of frames one replica's queue may hold (see [`MAX_QUEUED_BYTES`]).
+    max_queued: u64,
     tap: mpsc::UnboundedReceiver<blockrep_storage::WalRecord>,
     core: PrimaryCore,
     addrs: HashMap<ReplicaId, String>,
@@ -357,7 +364,7 @@ impl Driver {
                     return;
                 };
                 let size = frame.queued_size();
-                if c.queued.load(Ordering::Relaxed) + size > MAX_QUEUED_BYTES {
+                if c.queued.load(Ordering::Relaxed) + size > self.max_queued {
                     let _ = self.in_tx.send(Input::Event(Event::Disconnected {
                         replica,
                         session,

@@ -5,6 +5,12 @@
 #
 #   bench/replication.sh                      3 reps x 10 s
 #   REPS=1 RUNTIME=3 bench/replication.sh     smoke run
+#   CPU=1 WORKLOADS=randwrite4k-qd32 SERVERS="single sync-all-2" bench/replication.sh
+#                                             where each write's CPU goes (below)
+#
+# With CPU=1, every randwrite4k-qd32 run also samples, over 5 s in its middle, the CPU each
+# blockrep process used, split by thread role (bench/cpu-split.py), and fio's own; the
+# summary gives microseconds of CPU per write for each.
 #
 # Workloads: randwrite4k-qd32 (4k random writes, QD32), randwrite4k-qd1 (QD1),
 # fsyncwrite4k (4k random write + FLUSH after each, QD1: every FLUSH is a barrier across the
@@ -24,6 +30,8 @@ mkdir -p "$DATA" "$OUT"
 STAMP=$(date +%Y%m%d-%H%M%S)
 CSV=$OUT/replication-$STAMP.csv
 echo "server,workload,rep,iops,clat_p50_us,clat_p99_us" > "$CSV"
+CPU_CSV=$OUT/replication-cpu-$STAMP.csv
+if [[ ${CPU:-0} == 1 ]]; then echo "server,rep,iops,process,role,us_per_write" > "$CPU_CSV"; fi
 PIDS=()
 # Waits for every server to exit: a peer still holding the port would answer the next run.
 cleanup() {
@@ -80,6 +88,14 @@ for rep in $(seq "$REPS"); do
   for s in "${SERVERS[@]}"; do
     for w in "${WORKLOADS[@]}"; do
       start "$s"
+      SAMPLER=
+      if [[ ${CPU:-0} == 1 && $w == randwrite4k-qd32 && $s != qemu-wb ]]; then
+        case $s in
+          single) NAMES=(primary=${PIDS[0]}) ;;
+          sync-all-2) NAMES=(replica1=${PIDS[0]} replica2=${PIDS[1]} primary=${PIDS[2]}) ;;
+        esac
+        (sleep 3; python3 bench/cpu-split.py 5 "${NAMES[@]}") > "$DATA/../cpu.json" & SAMPLER=$!
+      fi
       if ! run_fio "$w" > "$DATA/../fio.json"; then
         echo "fio failed: $s $w rep $rep; server log:" >&2
         tail -20 "$DATA"/*.log >&2
@@ -94,6 +110,29 @@ pct = j["clat_ns"].get("percentile", {})
 print(f"{sys.argv[2]},{sys.argv[3]},{sys.argv[4]},{j['iops']:.0f},"
       f"{pct.get('50.000000', 0)/1000:.0f},{pct.get('99.000000', 0)/1000:.0f}")
 PY
+      if [[ -n $SAMPLER ]]; then
+        wait "$SAMPLER"
+        python3 - "$DATA/../fio.json" "$DATA/../cpu.json" "$s" "$rep" >> "$CPU_CSV" <<'PY'
+import json, sys
+raw = open(sys.argv[1]).read()
+job = json.loads(raw[raw.find("{"):])["jobs"][0]
+cpu = json.load(open(sys.argv[2]))
+iops, window = job["write"]["iops"], cpu.pop("window")
+writes = iops * window
+fio = (job["usr_cpu"] + job["sys_cpu"]) / 100 * window
+machine = cpu.pop("machine")
+listed = fio
+for proc, roles in cpu.items():
+    for role, secs in roles.items():
+        listed += secs
+        print(f"{sys.argv[3]},{sys.argv[4]},{iops:.0f},{proc},{role},{secs / writes * 1e6:.2f}")
+print(f"{sys.argv[3]},{sys.argv[4]},{iops:.0f},fio,client,{fio / writes * 1e6:.2f}")
+rest = max(0.0, machine["busy"] - listed)
+print(f"{sys.argv[3]},{sys.argv[4]},{iops:.0f},machine,kernel threads and the rest,{rest / writes * 1e6:.2f}")
+idle = machine["total"] - machine["busy"]
+print(f"{sys.argv[3]},{sys.argv[4]},{iops:.0f},machine,idle,{idle / writes * 1e6:.2f}")
+PY
+      fi
       echo "[$(date +%T)] rep $rep $s $w: $(tail -1 "$CSV")"
       cleanup
     done
@@ -122,4 +161,31 @@ for w in workloads:
             i, p50, p99 = med[s, w]
             ratio = f"{i / base:.2f}" if base else "-"
             print(f"| {s} | {i:,.0f} | {p50:,.0f} | {p99:,.0f} | {ratio} |")
+PY
+
+if [[ ${CPU:-0} != 1 ]]; then exit 0; fi
+python3 - "$CPU_CSV" <<'PY' | tee "${CPU_CSV%.csv}.md"
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+servers = list(dict.fromkeys(r["server"] for r in rows))
+keys = list(dict.fromkeys((r["process"], r["role"]) for r in rows))
+print("\n**CPU per 4 KiB write, randwrite4k-qd32** (µs, median over runs)\n")
+print("| process | role | " + " | ".join(servers) + " |")
+print("|---|---|" + "---|" * len(servers))
+def med(s, k):
+    xs = [float(r["us_per_write"]) for r in rows
+          if r["server"] == s and (r["process"], r["role"]) == k]
+    return statistics.median(xs) if xs else None
+for k in keys:
+    cells = [med(s, k) for s in servers]
+    print(f"| {k[0]} | {k[1]} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+totals = []
+for s in servers:
+    runs = {r["rep"] for r in rows if r["server"] == s}
+    per = [sum(float(r["us_per_write"]) for r in rows if r["server"] == s and r["rep"] == rep
+               and r["role"] != "idle") for rep in runs]
+    totals.append(statistics.median(per))
+print("| **all** | busy | " + " | ".join(f"**{t:.1f}**" for t in totals) + " |")
+iops = [statistics.median(float(r["iops"]) for r in rows if r["server"] == s) for s in servers]
+print("| | IOPS | " + " | ".join(f"{i:,.0f}" for i in iops) + " |")
 PY

@@ -462,7 +462,7 @@ pub fn replica(
         )?;
     }
     let store = open_store(dir, io_mode, 1000)?;
-    let rt = runtime()?;
+    let rt = replica_runtime()?;
     let shutdown = CancellationToken::new();
     let result = rt.block_on(async {
         let signals = install_signal_handlers(shutdown.clone())?;
@@ -598,4 +598,14 @@ fn create(dir: &Path, size: u64, volume_id: Option<VolumeId>) -> Result<VolumeId
             volume_id,
         },
     )?)
+}
+
+/// A replica's work is one event loop (its protocol core) and its store's own threads, so
+/// one runtime thread serves it: frames, appends and acknowledgements then pass between its
+/// tasks without waking a second runtime thread each time.
+fn replica_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }

@@ -22,7 +22,8 @@ pub const HEADER_LEN: usize = 24;
 /// One frame never exceeds this (a 32 MiB write plus its framing fits easily).
 pub const MAX_BODY: usize = 40 << 20;
 
-const ENTRY_HEADER_LEN: usize = 48;
+/// Bytes of an entry's header inside an `Entries` frame (its payload follows).
+pub const ENTRY_HEADER_LEN: usize = 48;
 
 /// Why a receiver refused a frame or a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,7 +309,9 @@ pub fn encode_parts(frame: &Frame, parts: &mut Vec<Bytes>) {
             match data {
                 Some(d) => {
                     dst.put_u8(1);
-                    payloads.push((dst.len(), d));
+                    if !d.is_empty() {
+                        payloads.push((dst.len(), d));
+                    }
                 }
                 None => dst.put_u8(0),
             }

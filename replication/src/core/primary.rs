@@ -292,9 +292,12 @@ struct Peer {
     has_progress: bool,
     /// Next entry a catch-up will read.
     catch_up_next: Lsn,
-    /// Highest barrier target sent in this session, and when the oldest unanswered one went.
+    /// Highest barrier target sent in this session.
     asked: Lsn,
-    asked_since: Option<Millis>,
+    /// The targets asked and not yet answered, oldest first, with when each was sent: each
+    /// must be answered within the barrier timeout. (Only the oldest is timed; a replica
+    /// that answers every ask in time is never dropped, however far the head runs ahead.)
+    unanswered: std::collections::VecDeque<(Lsn, Millis)>,
     /// When it was last asked for progress.
     last_ask: Millis,
     /// When the current state began (handshake timeout, retention time).
@@ -407,7 +410,7 @@ impl PrimaryCore {
                 has_progress: false,
                 catch_up_next: Lsn::ZERO,
                 asked: Lsn::ZERO,
-                asked_since: None,
+                unanswered: std::collections::VecDeque::new(),
                 last_ask: now,
                 since: now,
                 reconnect_at: now,
@@ -653,8 +656,9 @@ impl PrimaryCore {
                 // A replica that does not answer a barrier in time is degraded, in every mode:
                 // it stops counting and recovers through a fresh handshake.
                 PeerState::InSync | PeerState::CatchingUp | PeerState::Rebuilding
-                    if p.asked_since
-                        .is_some_and(|t| now >= t + self.cfg.barrier_timeout) =>
+                    if p.unanswered
+                        .front()
+                        .is_some_and(|(_, t)| now >= t + self.cfg.barrier_timeout) =>
                 {
                     self.drop_session(i, now, "no barrier acknowledgement in time");
                 }
@@ -692,7 +696,7 @@ impl PrimaryCore {
         let p = &mut self.peers[i];
         p.session = Some(session);
         p.asked = Lsn::ZERO;
-        p.asked_since = None;
+        p.unanswered.clear();
         p.rebuilt_this_session = false;
         p.truncating = None;
         p.truncated_this_session = false;
@@ -731,7 +735,7 @@ impl PrimaryCore {
             return;
         };
         let id = p.id.clone();
-        p.asked_since = None;
+        p.unanswered.clear();
         p.reconnect_at = now + p.backoff;
         p.backoff = (p.backoff * 2).min(self.cfg.reconnect_max);
         self.out.push(Action::Close {
@@ -773,7 +777,7 @@ impl PrimaryCore {
             self.begin_rebuild(i, now);
         } else if let Some(session) = self.peers[i].session.take() {
             let p = &mut self.peers[i];
-            p.asked_since = None;
+            p.unanswered.clear();
             p.reconnect_at = now + p.backoff;
             p.backoff = (p.backoff * 2).min(self.cfg.reconnect_max);
             self.out.push(Action::Close {
@@ -929,8 +933,8 @@ impl PrimaryCore {
                 if durable > p.durable {
                     p.durable = durable;
                 }
-                if p.durable >= p.asked {
-                    p.asked_since = None;
+                while p.unanswered.front().is_some_and(|(l, _)| *l <= p.durable) {
+                    p.unanswered.pop_front();
                 }
                 p.backoff = self.cfg.reconnect_min;
                 self.update_pin();
@@ -1125,7 +1129,7 @@ impl PrimaryCore {
             return;
         }
         p.asked = target;
-        p.asked_since.get_or_insert(now);
+        p.unanswered.push_back((target, now));
         p.last_ask = now;
         let committed = self.committed;
         self.send(

@@ -1261,3 +1261,43 @@ fn a_slow_replica_outside_sync_all_is_released_by_the_budget() {
         );
     }
 }
+
+#[test]
+fn a_replica_that_answers_every_ask_in_time_is_never_dropped_however_far_the_head_runs_ahead() {
+    // A replica pacing the writers under sync-all: each ask is answered ~3.8 s after it went
+    // (inside the 5 s barrier timeout), but by then the head has moved and a newer ask is
+    // out, so the replica is never fully caught up. It must stay in sync.
+    let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
+    let s = bring_up(&mut c, 0);
+    let tick = |c: &mut PrimaryCore, now: Millis| {
+        c.step(Event::Tick {
+            now,
+            pinned_bytes: 200 << 20,
+        })
+    };
+    let ack = |c: &mut PrimaryCore, r: &str, lsn: u64, now: Millis| {
+        let (id, session) = s.iter().find(|(id, _)| id.0 == r).unwrap();
+        reply(c, id, *session, Body::BarrierAck { durable: Lsn(lsn) }, now);
+    };
+    let append = |c: &mut PrimaryCore, from: u64, to: u64| {
+        c.step(Event::Appended {
+            records: (from..=to).map(|l| rec(l, E)).collect(),
+        });
+    };
+    append(&mut c, 1, 3);
+    tick(&mut c, 200); // asks through 3
+    ack(&mut c, "a", 3, 210);
+    append(&mut c, 4, 5);
+    tick(&mut c, 300); // asks through 5
+    ack(&mut c, "a", 5, 310);
+    ack(&mut c, "b", 3, 4_000);
+    append(&mut c, 6, 7);
+    tick(&mut c, 4_000); // asks through 7
+    ack(&mut c, "a", 7, 4_010);
+    ack(&mut c, "b", 5, 4_100);
+    tick(&mut c, 5_201); // the first ask went out 5.0 s ago, and was answered in time
+    assert_eq!(state(&c, "b"), PeerState::InSync);
+    // The ask through 7 is never answered: that one times out.
+    tick(&mut c, 9_001);
+    assert_ne!(state(&c, "b"), PeerState::InSync);
+}

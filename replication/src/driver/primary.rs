@@ -594,9 +594,9 @@ impl Driver {
     }
 }
 
-/// Cuts `records` (in order) into batches of at most `max_bytes` of payload, one per
-/// `Entries` frame, so that no frame outgrows what a replica accepts; an entry larger than
-/// that goes alone.
+/// Cuts `records` (in order) into batches of at most `max_bytes` (payloads and entry
+/// headers), one per `Entries` frame, so that no frame outgrows what a replica accepts; an
+/// entry larger than that goes alone.
 fn frame_batches(
     records: Vec<blockrep_storage::WalRecord>,
     max_bytes: u64,
@@ -604,7 +604,7 @@ fn frame_batches(
     let mut batches: Vec<Vec<blockrep_storage::WalRecord>> = Vec::new();
     let mut bytes = 0;
     for r in records {
-        let len = r.payload.len() as u64;
+        let len = r.payload.len() as u64 + crate::wire::ENTRY_HEADER_LEN as u64;
         match batches.last_mut() {
             Some(b) if bytes + len <= max_bytes => b.push(r),
             _ => {
@@ -647,7 +647,14 @@ async fn write_parts(
     /// Linux refuses more iovecs than this in one call.
     const MAX_IOVECS: usize = 1024;
     let mut first = 0;
-    while first < parts.len() {
+    loop {
+        // Empty parts have nothing to write (and a write of nothing would look like EOF).
+        while parts.get(first).is_some_and(|p| p.is_empty()) {
+            first += 1;
+        }
+        if first == parts.len() {
+            break;
+        }
         let mut written = {
             let slices: Vec<std::io::IoSlice<'_>> = parts[first..]
                 .iter()
@@ -855,6 +862,16 @@ mod tests {
             })
             .collect();
         let batches = super::frame_batches(records, super::SHIP_FRAME_BYTES);
+        // Entries without payload (trims, zeroes) count their headers: a backlog of them
+        // is cut too.
+        let trims: Vec<WalRecord> = (1..=50_000u64)
+            .map(|l| WalRecord::new(Lsn(l), Epoch(1), RecordKind::Trim, 0, 4096, Bytes::new()))
+            .collect();
+        let trim_batches = super::frame_batches(trims, super::SHIP_FRAME_BYTES);
+        assert!(trim_batches.len() > 2);
+        for b in &trim_batches {
+            assert!((b.len() * wire::ENTRY_HEADER_LEN) as u64 <= super::SHIP_FRAME_BYTES);
+        }
         let lsns: Vec<u64> = batches.iter().flatten().map(|r| r.lsn.0).collect();
         assert_eq!(
             lsns,
@@ -863,9 +880,10 @@ mod tests {
         );
         for b in &batches {
             let payload: u64 = b.iter().map(|r| r.payload.len() as u64).sum();
+            let framed = payload + (b.len() * wire::ENTRY_HEADER_LEN) as u64;
             assert!(
-                b.len() == 1 || payload <= super::SHIP_FRAME_BYTES,
-                "{payload} bytes"
+                b.len() == 1 || framed <= super::SHIP_FRAME_BYTES,
+                "{framed} bytes"
             );
             let frame = Frame {
                 epoch: Epoch(1),
@@ -912,6 +930,10 @@ mod tests {
             wire::encode(f, &mut expected);
             wire::encode_parts(f, &mut parts);
         }
+        // Empty parts anywhere are skipped, never taken for a closed socket.
+        parts.insert(0, Bytes::new());
+        parts.insert(3, Bytes::new());
+        parts.push(Bytes::new());
         for max in [1, 7, 48, 4096, 1 << 20] {
             let mut sock = Trickle {
                 got: Vec::new(),

@@ -21,6 +21,7 @@ use crate::types::{Lsn, BLOCK_SIZE};
 pub(crate) const EAGER_FRACTION: u64 = 4;
 const MAX_IOVECS: usize = 1024;
 const MAX_WRITE: u64 = 16 << 20;
+/// Runs gathered before they are written (one `pwritev` each).
 const MAX_OUTSTANDING: usize = 64;
 /// How long a gated checkpoint, once it has frozen its target, waits for the entries that
 /// arrived while it waited to start (it holds the checkpoint lock meanwhile).

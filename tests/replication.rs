@@ -1837,8 +1837,10 @@ fn throttled_relay(upstream: String, rate: u64) -> String {
 fn a_slow_replica_under_sync_all_paces_writes_and_is_never_rebuilt() {
     require_python_nbd();
     require("nbdcopy");
-    const SIZE: u64 = 256 * MIB;
-    const WRITTEN: u64 = 128 * MIB; // twice the WAL, four times the retention budget
+    const SIZE: u64 = 320 * MIB;
+    // Four times the WAL: the writers are paced for ~6 s, longer than the barrier timeout
+    // (4 s), while every ask is answered within ~2 s (a WAL's worth at the relay's rate).
+    const WRITTEN: u64 = 256 * MIB;
     const RATE: u64 = 32 * MIB;
     let tmp = tempfile::tempdir().unwrap();
     let p_store = create(tmp.path(), "p", SIZE);
@@ -1846,7 +1848,8 @@ fn a_slow_replica_under_sync_all_paces_writes_and_is_never_rebuilt() {
     let r2 = replica(&create(tmp.path(), "r2", SIZE), "r2");
     let relay = throttled_relay(r2.addr(), RATE);
     let port = free_port();
-    let mut args = primary_args(&p_store, port, &[&r1], &["--commit", "sync-all"]);
+    let extra = ["--commit", "sync-all", "--barrier-timeout-ms", "4000"];
+    let mut args = primary_args(&p_store, port, &[&r1], &extra);
     args.extend(["--replica".into(), format!("r2={relay}").into()]);
     let mut p =
         Node::launch("p", &p_store, port, args, "serving").unwrap_or_else(|e| panic!("{e}"));

@@ -53,6 +53,74 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
+/// Writes every frame `rx` yields to `w`: each frame and those already waiting behind it
+/// in as few vectored writes as the socket takes, payloads never copied. After each such
+/// batch, `written` gets the batch's [`Frame::queued_size`]. Returns when `rx` closes or a
+/// write fails.
+pub(crate) async fn write_frames(
+    mut w: impl tokio::io::AsyncWrite + Unpin,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Frame>,
+    mut written: impl FnMut(u64),
+) {
+    let mut parts = Vec::new();
+    while let Some(frame) = rx.recv().await {
+        let mut sent = frame.queued_size();
+        crate::wire::encode_parts(&frame, &mut parts);
+        while let Ok(frame) = rx.try_recv() {
+            sent += frame.queued_size();
+            crate::wire::encode_parts(&frame, &mut parts);
+        }
+        if write_parts(&mut w, &mut parts).await.is_err() {
+            return;
+        }
+        written(sent);
+    }
+}
+
+/// Writes `parts` in order with as few vectored writes as the socket takes, and empties it.
+pub(crate) async fn write_parts(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    parts: &mut Vec<bytes::Bytes>,
+) -> std::io::Result<()> {
+    use bytes::Buf;
+    use tokio::io::AsyncWriteExt;
+    /// Linux refuses more iovecs than this in one call.
+    const MAX_IOVECS: usize = 1024;
+    let mut first = 0;
+    loop {
+        // Empty parts have nothing to write (and a write of nothing would look like EOF).
+        while parts.get(first).is_some_and(|p| p.is_empty()) {
+            first += 1;
+        }
+        if first == parts.len() {
+            break;
+        }
+        let mut written = {
+            let slices: Vec<std::io::IoSlice<'_>> = parts[first..]
+                .iter()
+                .take(MAX_IOVECS)
+                .map(|p| std::io::IoSlice::new(p))
+                .collect();
+            w.write_vectored(&slices).await?
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let part = &mut parts[first];
+            if written >= part.len() {
+                written -= part.len();
+                first += 1;
+            } else {
+                part.advance(written);
+                written = 0;
+            }
+        }
+    }
+    parts.clear();
+    Ok(())
+}
+
 /// Milliseconds since `start`, the core's notion of time.
 pub(crate) fn millis(start: tokio::time::Instant) -> u64 {
     start.elapsed().as_millis() as u64

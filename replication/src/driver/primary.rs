@@ -556,7 +556,9 @@ impl Driver {
                 };
             let _ = stream.set_nodelay(true);
             let (rd, wr) = stream.into_split();
-            tokio::spawn(write_frames(wr, rx, q));
+            tokio::spawn(super::write_frames(wr, rx, move |sent| {
+                q.fetch_sub(sent, Ordering::Relaxed);
+            }));
             let _ = in_tx.send(Input::Event(Event::Connected {
                 replica: r.clone(),
                 session,
@@ -615,70 +617,6 @@ fn frame_batches(
         bytes += len;
     }
     batches
-}
-
-async fn write_frames(
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
-    queued: Arc<AtomicU64>,
-) {
-    let mut parts = Vec::new();
-    while let Some(frame) = rx.recv().await {
-        let mut sent = frame.queued_size();
-        crate::wire::encode_parts(&frame, &mut parts);
-        while let Ok(frame) = rx.try_recv() {
-            sent += frame.queued_size();
-            crate::wire::encode_parts(&frame, &mut parts);
-        }
-        if write_parts(&mut w, &mut parts).await.is_err() {
-            return;
-        }
-        queued.fetch_sub(sent, Ordering::Relaxed);
-    }
-}
-
-/// Writes `parts` in order with as few vectored writes as the socket takes, and empties it.
-async fn write_parts(
-    w: &mut (impl tokio::io::AsyncWrite + Unpin),
-    parts: &mut Vec<bytes::Bytes>,
-) -> std::io::Result<()> {
-    use bytes::Buf;
-    use tokio::io::AsyncWriteExt;
-    /// Linux refuses more iovecs than this in one call.
-    const MAX_IOVECS: usize = 1024;
-    let mut first = 0;
-    loop {
-        // Empty parts have nothing to write (and a write of nothing would look like EOF).
-        while parts.get(first).is_some_and(|p| p.is_empty()) {
-            first += 1;
-        }
-        if first == parts.len() {
-            break;
-        }
-        let mut written = {
-            let slices: Vec<std::io::IoSlice<'_>> = parts[first..]
-                .iter()
-                .take(MAX_IOVECS)
-                .map(|p| std::io::IoSlice::new(p))
-                .collect();
-            w.write_vectored(&slices).await?
-        };
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 {
-            let part = &mut parts[first];
-            if written >= part.len() {
-                written -= part.len();
-                first += 1;
-            } else {
-                part.advance(written);
-                written = 0;
-            }
-        }
-    }
-    parts.clear();
-    Ok(())
 }
 
 /// Sends the data file, as it is on disk, to a rebuilding replica: data in chunks, holes as
@@ -940,7 +878,9 @@ mod tests {
                 max,
             };
             let mut todo = parts.clone();
-            super::write_parts(&mut sock, &mut todo).await.unwrap();
+            crate::driver::write_parts(&mut sock, &mut todo)
+                .await
+                .unwrap();
             assert!(todo.is_empty(), "parts left after writing them");
             assert_eq!(sock.got, &expected[..], "{max} bytes per write");
         }

@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use blockrep_storage::{Role, StorageError, Store};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::FrameCodec;
@@ -302,28 +302,13 @@ fn spawn_connection(
     in_tx: mpsc::UnboundedSender<Input>,
 ) {
     let (r, w) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
     let _ = in_tx.send(Input::Accepted {
         conn,
         tx,
         peer: peer.clone(),
     });
-    tokio::spawn(async move {
-        let mut sink = FramedWrite::new(w, FrameCodec);
-        while let Some(frame) = rx.recv().await {
-            if sink.feed(frame).await.is_err() {
-                return;
-            }
-            while let Ok(frame) = rx.try_recv() {
-                if sink.feed(frame).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    tokio::spawn(super::write_frames(w, rx, |_| ()));
     tokio::spawn(async move {
         let intake = Arc::new(tokio::sync::Semaphore::new(MAX_INTAKE_BYTES as usize));
         if let Err(e) = read_frames(r, conn, intake, &in_tx).await {
@@ -393,6 +378,17 @@ mod tests {
         }
     }
 
+    /// The LSN of the one entry a frame from `entries` carries.
+    fn lsn_of(input: Input) -> Option<u64> {
+        match input {
+            Input::Received { frame, .. } => match frame.body {
+                Body::Entries { records, .. } => Some(records[0].lsn.0),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     #[tokio::test]
     async fn a_replica_reads_no_further_ahead_than_its_intake_holds() {
         let share = entries(1).queued_size() as usize;
@@ -421,23 +417,13 @@ mod tests {
         );
         // Applying (dropping) the frames lets the rest in, in order.
         let mut lsns = Vec::new();
-        for input in held.drain(..) {
-            if let Input::Received { frame, .. } = input {
-                if let Body::Entries { records, .. } = frame.body {
-                    lsns.push(records[0].lsn.0);
-                }
-            }
-        }
+        lsns.extend(held.drain(..).filter_map(lsn_of));
         while lsns.len() < 10 {
             let input = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await
                 .expect("frames stopped coming")
                 .expect("reader ended");
-            if let Input::Received { frame, .. } = input {
-                if let Body::Entries { records, .. } = frame.body {
-                    lsns.push(records[0].lsn.0);
-                }
-            }
+            lsns.extend(lsn_of(input));
         }
         assert_eq!(lsns, (1..=10).collect::<Vec<_>>());
         sender.await.unwrap();

@@ -117,6 +117,28 @@ fn state(c: &PrimaryCore, r: &str) -> PeerState {
     c.peers().into_iter().find(|p| p.id.0 == r).unwrap().state
 }
 
+/// Entries `from..=to` appended at epoch `E`.
+fn append(c: &mut PrimaryCore, from: u64, to: u64) -> Vec<Action> {
+    c.step(Event::Appended {
+        records: (from..=to).map(|l| rec(l, E)).collect(),
+    })
+}
+
+fn tick(c: &mut PrimaryCore, now: Millis) -> Vec<Action> {
+    tick_pinned(c, now, 0)
+}
+
+/// A tick that finds `pinned_bytes` of WAL held for the replicas.
+fn tick_pinned(c: &mut PrimaryCore, now: Millis, pinned_bytes: u64) -> Vec<Action> {
+    c.step(Event::Tick { now, pinned_bytes })
+}
+
+/// Replica `r` (of the sessions `bring_up` returned) reports itself durable through `lsn`.
+fn ack(c: &mut PrimaryCore, s: &[(ReplicaId, SessionId)], r: &str, lsn: u64, now: Millis) {
+    let (id, session) = s.iter().find(|(id, _)| id.0 == r).unwrap();
+    reply(c, id, *session, Body::BarrierAck { durable: Lsn(lsn) }, now);
+}
+
 #[test]
 fn zero_gap_handshake_goes_in_sync_and_ships_live_entries() {
     let mut c = core(CommitMode::SyncAll, &["a", "b"], 10);
@@ -994,13 +1016,6 @@ fn barrier_pending() -> (PrimaryCore, Vec<(ReplicaId, SessionId)>) {
     (c, s)
 }
 
-fn tick(c: &mut PrimaryCore, now: Millis) -> Vec<Action> {
-    c.step(Event::Tick {
-        now,
-        pinned_bytes: 0,
-    })
-}
-
 #[test]
 fn timer_ack_arriving_before_the_timeout_cancels_it() {
     let (mut c, s) = barrier_pending();
@@ -1171,59 +1186,25 @@ fn a_zero_gap_replica_pins_the_wal_from_its_durable_lsn() {
 fn a_slow_replica_in_sync_under_sync_all_paces_writers_instead_of_being_rebuilt() {
     let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
     let s = bring_up(&mut c, 0);
-    c.step(Event::Appended {
-        records: (1..=3).map(|l| rec(l, E)).collect(),
-    });
-    c.step(Event::Tick {
-        now: 200,
-        pinned_bytes: 0,
-    });
-    reply(
-        &mut c,
-        &s[0].0,
-        s[0].1,
-        Body::BarrierAck { durable: Lsn(3) },
-        210,
-    );
+    append(&mut c, 1, 3);
+    tick(&mut c, 200);
+    ack(&mut c, &s, "a", 3, 210);
     // b is slow but answering: the WAL it holds is past the budget, and it keeps holding it
     // (writers wait for WAL space, as for any full WAL) rather than being sent to a rebuild.
-    let a = c.step(Event::Tick {
-        now: 300,
-        pinned_bytes: 200 << 20,
-    });
+    let a = tick_pinned(&mut c, 300, 200 << 20);
     assert_eq!(state(&c, "b"), PeerState::InSync);
     assert!(
         !a.iter().any(|x| matches!(x, Action::PinWal { .. })),
         "{a:?}"
     );
-    reply(
-        &mut c,
-        &s[1].0,
-        s[1].1,
-        Body::BarrierAck { durable: Lsn(3) },
-        4_000,
-    );
+    ack(&mut c, &s, "b", 3, 4_000);
     assert_eq!(state(&c, "b"), PeerState::InSync);
     // Once it stops answering it loses its session, and the budget applies to it as to any
     // replica away: one dead replica never stops writes for longer than the barrier timeout.
-    c.step(Event::Appended {
-        records: (4..=5).map(|l| rec(l, E)).collect(),
-    });
-    c.step(Event::Tick {
-        now: 4_200,
-        pinned_bytes: 0,
-    });
-    reply(
-        &mut c,
-        &s[0].0,
-        s[0].1,
-        Body::BarrierAck { durable: Lsn(5) },
-        4_210,
-    );
-    c.step(Event::Tick {
-        now: 4_200 + 5_001,
-        pinned_bytes: 200 << 20,
-    });
+    append(&mut c, 4, 5);
+    tick(&mut c, 4_200);
+    ack(&mut c, &s, "a", 5, 4_210);
+    tick_pinned(&mut c, 4_200 + 5_001, 200 << 20);
     assert_eq!(state(&c, "b"), PeerState::NeedsRebuild);
 }
 
@@ -1232,24 +1213,10 @@ fn a_slow_replica_outside_sync_all_is_released_by_the_budget() {
     for mode in [CommitMode::BestEffort, CommitMode::SyncQuorum] {
         let mut c = core(mode, &["a", "b"], 0);
         let s = bring_up(&mut c, 0);
-        c.step(Event::Appended {
-            records: (1..=3).map(|l| rec(l, E)).collect(),
-        });
-        c.step(Event::Tick {
-            now: 200,
-            pinned_bytes: 0,
-        });
-        reply(
-            &mut c,
-            &s[0].0,
-            s[0].1,
-            Body::BarrierAck { durable: Lsn(3) },
-            210,
-        );
-        c.step(Event::Tick {
-            now: 300,
-            pinned_bytes: 200 << 20,
-        });
+        append(&mut c, 1, 3);
+        tick(&mut c, 200);
+        ack(&mut c, &s, "a", 3, 210);
+        tick_pinned(&mut c, 300, 200 << 20);
         // Its session lives, so its rebuild starts at once.
         assert!(
             matches!(
@@ -1269,35 +1236,21 @@ fn a_replica_that_answers_every_ask_in_time_is_never_dropped_however_far_the_hea
     // out, so the replica is never fully caught up. It must stay in sync.
     let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
     let s = bring_up(&mut c, 0);
-    let tick = |c: &mut PrimaryCore, now: Millis| {
-        c.step(Event::Tick {
-            now,
-            pinned_bytes: 200 << 20,
-        })
-    };
-    let ack = |c: &mut PrimaryCore, r: &str, lsn: u64, now: Millis| {
-        let (id, session) = s.iter().find(|(id, _)| id.0 == r).unwrap();
-        reply(c, id, *session, Body::BarrierAck { durable: Lsn(lsn) }, now);
-    };
-    let append = |c: &mut PrimaryCore, from: u64, to: u64| {
-        c.step(Event::Appended {
-            records: (from..=to).map(|l| rec(l, E)).collect(),
-        });
-    };
+    let full = 200 << 20;
     append(&mut c, 1, 3);
-    tick(&mut c, 200); // asks through 3
-    ack(&mut c, "a", 3, 210);
+    tick_pinned(&mut c, 200, full); // asks through 3
+    ack(&mut c, &s, "a", 3, 210);
     append(&mut c, 4, 5);
-    tick(&mut c, 300); // asks through 5
-    ack(&mut c, "a", 5, 310);
-    ack(&mut c, "b", 3, 4_000);
+    tick_pinned(&mut c, 300, full); // asks through 5
+    ack(&mut c, &s, "a", 5, 310);
+    ack(&mut c, &s, "b", 3, 4_000);
     append(&mut c, 6, 7);
-    tick(&mut c, 4_000); // asks through 7
-    ack(&mut c, "a", 7, 4_010);
-    ack(&mut c, "b", 5, 4_100);
-    tick(&mut c, 5_201); // the first ask went out 5.0 s ago, and was answered in time
+    tick_pinned(&mut c, 4_000, full); // asks through 7
+    ack(&mut c, &s, "a", 7, 4_010);
+    ack(&mut c, &s, "b", 5, 4_100);
+    tick_pinned(&mut c, 5_201, full); // the first ask went out 5.0 s ago, and was answered in time
     assert_eq!(state(&c, "b"), PeerState::InSync);
     // The ask through 7 is never answered: that one times out.
-    tick(&mut c, 9_001);
+    tick_pinned(&mut c, 9_001, full);
     assert_ne!(state(&c, "b"), PeerState::InSync);
 }

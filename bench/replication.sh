@@ -8,6 +8,13 @@
 #   CPU=1 WORKLOADS=randwrite4k-qd32 SERVERS="single sync-all-2" bench/replication.sh
 #                                             where each write's CPU goes (below)
 #
+#   SPLIT=1 bench/replication.sh              replicas as if on other hosts (below)
+#
+# With SPLIT=1 the client and the server under test (the primary; the single node; qemu-nbd)
+# run on CPU 0 only and both replicas on CPU 1 only (taskset): the primary's host is one core
+# that carries none of the replicas' work, as with replicas on other machines. The kernel's
+# own threads (writeback, the journal) still run on either core, for every server alike.
+#
 # With CPU=1, every randwrite4k-qd32 run also samples, over 5 s in its middle, the CPU each
 # blockrep process used, split by thread role (bench/cpu-split.py), and fio's own; the
 # summary gives microseconds of CPU per write for each.
@@ -25,10 +32,11 @@ DATA=${BENCH_DATA_DIR:-$PWD/target/bench-data/replication}
 OUT=${BENCH_RESULTS_DIR:-$PWD/target/bench-results}
 BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep
 PORT=${PORT_BASE:-11950}
+if [[ ${SPLIT:-0} == 1 ]]; then ON_PRIMARY="taskset -c 0"; ON_REPLICAS="taskset -c 1"; else ON_PRIMARY=; ON_REPLICAS=; fi
 [[ ${BUILD:-1} == 1 ]] && cargo build --release --quiet
 mkdir -p "$DATA" "$OUT"
 STAMP=$(date +%Y%m%d-%H%M%S)
-CSV=$OUT/replication-$STAMP.csv
+CSV=$OUT/replication-$STAMP$([[ ${SPLIT:-0} == 1 ]] && echo -split).csv
 echo "server,workload,rep,iops,clat_p50_us,clat_p99_us" > "$CSV"
 CPU_CSV=$OUT/replication-cpu-$STAMP.csv
 if [[ ${CPU:-0} == 1 ]]; then echo "server,rep,iops,process,role,us_per_write" > "$CPU_CSV"; fi
@@ -48,21 +56,21 @@ start() { # server -> sets URI
     case $1 in
       single)
         $BIN create "$DATA/p" --size "$SIZE" > /dev/null
-        setsid $BIN serve "$DATA/p" --nbd 127.0.0.1:$PORT --metrics 127.0.0.1:0 > "$DATA/p.log" 2>&1 < /dev/null & PIDS+=($!)
+        setsid $ON_PRIMARY $BIN serve "$DATA/p" --nbd 127.0.0.1:$PORT --metrics 127.0.0.1:0 > "$DATA/p.log" 2>&1 < /dev/null & PIDS+=($!)
         ;;
       sync-all-2)
         for r in 1 2; do
           $BIN create "$DATA/r$r" --size "$SIZE" > /dev/null
-          setsid $BIN replica "$DATA/r$r" --listen 127.0.0.1:$((PORT+r)) --metrics 127.0.0.1:0 > "$DATA/r$r.log" 2>&1 < /dev/null & PIDS+=($!)
+          setsid $ON_REPLICAS $BIN replica "$DATA/r$r" --listen 127.0.0.1:$((PORT+r)) --metrics 127.0.0.1:0 > "$DATA/r$r.log" 2>&1 < /dev/null & PIDS+=($!)
           wait_port $((PORT+r))
         done
         $BIN create "$DATA/p" --size "$SIZE" > /dev/null
-        setsid $BIN serve "$DATA/p" --nbd 127.0.0.1:$PORT --metrics 127.0.0.1:0 \
+        setsid $ON_PRIMARY $BIN serve "$DATA/p" --nbd 127.0.0.1:$PORT --metrics 127.0.0.1:0 \
             --replica r1=127.0.0.1:$((PORT+1)) --replica r2=127.0.0.1:$((PORT+2)) > "$DATA/p.log" 2>&1 < /dev/null & PIDS+=($!)
         ;;
       qemu-wb)
         truncate -s "$SIZE" "$DATA/img"
-        setsid qemu-nbd -f raw --cache=writeback --aio=threads -t --shared=8 -b 127.0.0.1 -p $PORT "$DATA/img" > "$DATA/q.log" 2>&1 < /dev/null & PIDS+=($!)
+        setsid $ON_PRIMARY qemu-nbd -f raw --cache=writeback --aio=threads -t --shared=8 -b 127.0.0.1 -p $PORT "$DATA/img" > "$DATA/q.log" 2>&1 < /dev/null & PIDS+=($!)
         ;;
     esac
     wait_port $PORT
@@ -78,7 +86,7 @@ run_fio() { # workload -> json on stdout
       fsyncwrite4k)     args="--rw=randwrite --bs=4k --iodepth=1 --fsync=1" ;;
     esac
     # shellcheck disable=SC2086
-    fio --name=b --ioengine=nbd --uri="$URI" $args --size=1G --time_based --runtime="$RUNTIME" \
+    $ON_PRIMARY fio --name=b --ioengine=nbd --uri="$URI" $args --size=1G --time_based --runtime="$RUNTIME" \
         --ramp_time=1 --norandommap --randrepeat=0 --output-format=json 2>/dev/null
 }
 

@@ -1336,6 +1336,83 @@ fn s4_brief_outage_recovers_by_catch_up_without_rebuild() {
     finish_with_storm(dir, &mut p, &mut reps, &mut storm, &log, "S4");
 }
 
+/// A primary killed and restarted while a replica is away keeps the WAL it had kept for that
+/// replica: r2 comes back after the restarted primary has written and checkpointed, and
+/// rejoins by catch-up, not by a rebuild of the whole volume. (Before, a restarted primary
+/// held WAL only for the replicas it had heard from, so its first checkpoint recycled what
+/// r2 needed.)
+#[test]
+fn a_replica_away_across_a_primary_restart_catches_up_without_rebuild() {
+    require_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut p, mut reps) = cluster(dir, 64 * MIB, 2, &["--commit", "sync-quorum"]);
+    let write = |p: &Node, name: &str, offset: &str, seed: &str| {
+        let seed = format!("--randseed={seed}");
+        let offset = format!("--offset={offset}");
+        let args = [
+            "--rw=randwrite",
+            "--bs=64k",
+            "--iodepth=8",
+            offset.as_str(),
+            "--size=16M",
+            "--io_size=4M",
+            "--fsync=8",
+            "--end_fsync=1",
+            seed.as_str(),
+        ];
+        fio_run(dir, name, &p.uri(), &args, 180);
+    };
+    write(&p, "before", "0", "1");
+    wait_settled(&p, 60);
+
+    let mark = p.mark();
+    reps[1].stop_ok();
+    wait_peer(&p, "r2", "disconnected", 30);
+    write(&p, "away", "16M", "2");
+    let r2_durable = num(&peer(&status(&p), "r2"), "durable_lsn");
+
+    // The primary dies and comes back at a new epoch while r2 is still away; it writes
+    // more, and its flusher checkpoints past everything r2 lacks.
+    p.kill9();
+    p.restart();
+    let restarted = p.mark();
+    write(&p, "after", "32M", "3");
+    let head = num(&status(&p), "head_lsn");
+    let st = wait_status(&p, 60, "a checkpoint past the restart's writes", |st| {
+        num(st, "checkpoint_lsn") >= head
+    });
+    assert!(
+        num(&st, "checkpoint_lsn") > r2_durable,
+        "the checkpoint must pass what r2 lacks (durable {r2_durable}): {st:#}"
+    );
+    assert_ne!(
+        peer(&st, "r2")["state"],
+        "needs_rebuild",
+        "the restarted primary released r2 while it was away: {st:#}"
+    );
+
+    let before = recoveries(&p);
+    reps[1].restart();
+    let line = p.wait_log(restarted, &["replica=r2", "state=\"in_sync\""], 60);
+    assert!(
+        line.contains("caught up"),
+        "r2 must rejoin by catch-up: {line}\nthe primary about r2 since the outage:\n{}",
+        p.lines_with(mark, &["replica=r2"]).join("\n")
+    );
+    let after = recoveries(&p);
+    assert!(after.catch_up > before.catch_up, "{before:?} -> {after:?}");
+    assert_eq!(
+        (after.rebuild_started, after.rebuild_done),
+        (0, 0),
+        "r2 was away across a restart, well inside retention: {after:?}"
+    );
+    let mut c = Client::connect(&p.uri(), dir, "final");
+    c.flush_ok("FLUSH with every replica back");
+    drop(c);
+    stop_and_compare(dir, &mut p, &mut reps, "restart");
+}
+
 /// Brief R3: a replica away for longer than the retention budget allows (more than half of
 /// the primary's 64 MiB WAL written meanwhile) is released (needs_rebuild) and, once it is
 /// back, rebuilt from the primary's base image while a writer runs; the copies end identical.

@@ -392,8 +392,10 @@ impl Cluster {
             node.store.head(),
             node.store.history.clone(),
             node.store.committed,
+            node.store.retained_from,
             self.now,
         );
+        node.store.pin = core.pin();
         node.role = Some(Role::Primary(Box::new(PrimaryNode {
             core,
             peers,

@@ -394,6 +394,49 @@ fn s18_primary_restart_bumps_the_epoch_and_drops_in_flight_barriers() {
     converge(&mut c);
 }
 
+/// A primary that restarts while a replica is away keeps the WAL it had kept for that
+/// replica: the replica comes back by catch-up, not by a rebuild of the whole volume. (Before,
+/// a restarted primary held WAL only for replicas it had heard from since it started, so its
+/// first checkpoint recycled what the absent one needed.)
+#[test]
+fn s18_primary_restart_keeps_the_wal_an_absent_replica_needs() {
+    for mode in [BestEffort, SyncQuorum] {
+        let mut c = Cluster::scripted(mode);
+        write(&mut c, N0, 0, 10);
+        acked(&mut c, N0);
+        c.partition(N0, N1);
+        let w = write(&mut c, N0, 10, 40);
+        acked(&mut c, N0);
+        c.crash(N0);
+        c.settle(50);
+        c.restart(N0);
+        // Still away while the restarted primary writes (other blocks) and checkpoints.
+        write(&mut c, N0, 50, 14);
+        c.settle(500);
+        assert_ne!(
+            c.peer_state(N0, N1),
+            Some(PeerState::NeedsRebuild),
+            "{mode}"
+        );
+        c.heal();
+        assert!(
+            c.wait_for(N0, N1, PeerState::InSync, WAIT),
+            "{mode}: {}",
+            c.describe()
+        );
+        let k = c.counters(N0).expect("primary");
+        assert_eq!(
+            (k.rebuilds_needed, k.rebuilds_started),
+            (0, 0),
+            "{mode}: a replica away across a primary restart must not cost a rebuild"
+        );
+        assert!(k.catch_ups >= 1, "{mode}: {k:?}");
+        acked(&mut c, N0);
+        assert!(holds(&c, N1, &w), "{mode}: {}", c.describe());
+        converge(&mut c);
+    }
+}
+
 #[test]
 fn s19_chain_of_custody_keeps_every_committed_write() {
     for mode in [SyncAll, SyncQuorum] {

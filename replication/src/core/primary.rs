@@ -288,8 +288,14 @@ struct Peer {
     session: Option<SessionId>,
     /// Durable on the replica, from its handshake and barrier acks.
     durable: Lsn,
-    /// Whether `durable` is known (a replica never heard from holds no WAL).
+    /// Whether `durable` is known.
     has_progress: bool,
+    /// Until it is first heard from: the WAL the store had kept when this primary started,
+    /// held for it. The store may have kept it for this very replica before a restart; were
+    /// it let go at the first checkpoint, a replica merely away across the restart would come
+    /// back to a full rebuild instead of a catch-up. The retention budgets bound it like any
+    /// other hold.
+    held_from: Option<Lsn>,
     /// Next entry a catch-up will read.
     catch_up_next: Lsn,
     /// Highest barrier target sent in this session.
@@ -391,12 +397,15 @@ pub struct PrimaryCore {
 impl PrimaryCore {
     /// A primary whose store holds entries through `head` (its epoch history is `history`,
     /// see `Superblock::epoch_history`), all durable locally, and knows `committed` to be
-    /// committed.
+    /// committed. Its WAL still holds the entries from `kept_from` on
+    /// (`Store::oldest_retained`); they stay pinned ([`PrimaryCore::pin`]) for each replica
+    /// until it is heard from.
     pub fn new(
         cfg: PrimaryConfig,
         head: Lsn,
         history: Vec<(Epoch, Lsn)>,
         committed: Lsn,
+        kept_from: Lsn,
         now: Millis,
     ) -> PrimaryCore {
         let peers = cfg
@@ -408,6 +417,7 @@ impl PrimaryCore {
                 session: None,
                 durable: Lsn::ZERO,
                 has_progress: false,
+                held_from: Some(kept_from),
                 catch_up_next: Lsn::ZERO,
                 asked: Lsn::ZERO,
                 unanswered: std::collections::VecDeque::new(),
@@ -424,7 +434,7 @@ impl PrimaryCore {
                 released: false,
             })
             .collect();
-        PrimaryCore {
+        let mut core = PrimaryCore {
             cfg,
             peers,
             head,
@@ -437,7 +447,17 @@ impl PrimaryCore {
             pin: None,
             counters: PrimaryCounters::default(),
             out: Vec::new(),
-        }
+        };
+        // The caller applies the first pin itself (`pin`), before any checkpoint can run.
+        core.update_pin();
+        core.out.clear();
+        core
+    }
+
+    /// Where the WAL must be kept from (`None`: nowhere): the last `PinWal`, or the first
+    /// pin of a new core.
+    pub fn pin(&self) -> Option<Lsn> {
+        self.pin
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -490,7 +510,7 @@ impl PrimaryCore {
                 id: p.id.clone(),
                 state: p.state,
                 durable: p.durable,
-                recoverable: Self::peer_pin(p).is_some(),
+                recoverable: p.has_progress && Self::peer_pin(p).is_some(),
                 session: p.session,
                 why: p.why.clone(),
                 rebuild: p.rebuild.clone(),
@@ -767,6 +787,7 @@ impl PrimaryCore {
                 | PeerState::Rebuilding
         );
         self.peers[i].has_progress = false;
+        self.peers[i].held_from = None;
         self.peers[i].rebuild = None;
         self.set_state(i, PeerState::NeedsRebuild, now, why);
         if talking
@@ -953,6 +974,7 @@ impl PrimaryCore {
         let p = &mut self.peers[i];
         p.durable = durable;
         p.has_progress = true;
+        p.held_from = None;
         p.released = false;
         // From now on the WAL after `durable` is kept for it, whichever way it goes on.
         self.update_pin();
@@ -1179,8 +1201,11 @@ impl PrimaryCore {
 
     /// The oldest entry `p` still needs from the WAL, if it is recoverable at all.
     fn peer_pin(p: &Peer) -> Option<Lsn> {
-        if !p.has_progress || matches!(p.state, PeerState::NeedsRebuild | PeerState::Refused) {
+        if matches!(p.state, PeerState::NeedsRebuild | PeerState::Refused) {
             return None;
+        }
+        if !p.has_progress {
+            return p.held_from;
         }
         // Released to a rebuild: only a running rebuild (its WAL after the base) holds the
         // WAL; between sessions its old LSN means nothing.

@@ -21,6 +21,12 @@ fn rec(lsn: u64, epoch: Epoch) -> WalRecord {
 }
 
 fn core(mode: CommitMode, replicas: &[&str], head: u64) -> PrimaryCore {
+    // Its WAL still holds the whole log, as a fresh store's does.
+    core_keeping(mode, replicas, head, 1)
+}
+
+/// A primary (re)started on a store whose WAL holds the entries from `kept_from` on.
+fn core_keeping(mode: CommitMode, replicas: &[&str], head: u64, kept_from: u64) -> PrimaryCore {
     let cfg = PrimaryConfig::new(
         VolumeId([1; 16]),
         1 << 30,
@@ -30,7 +36,7 @@ fn core(mode: CommitMode, replicas: &[&str], head: u64) -> PrimaryCore {
         replicas.iter().map(|r| rid(r)).collect(),
     );
     let history = if head > 0 { vec![(E, Lsn(1))] } else { vec![] };
-    PrimaryCore::new(cfg, Lsn(head), history, Lsn(head), 0)
+    PrimaryCore::new(cfg, Lsn(head), history, Lsn(head), Lsn(kept_from), 0)
 }
 
 fn sessions(actions: &[Action]) -> Vec<(ReplicaId, SessionId)> {
@@ -545,6 +551,7 @@ fn diverged(
         Lsn(10),
         vec![(Epoch(2), Lsn(1)), (E, Lsn(5))],
         Lsn(10),
+        Lsn(11),
         0,
     );
     let a = c.step(Event::Tick {
@@ -655,7 +662,7 @@ fn a_replica_ahead_of_the_primary_is_never_merged() {
         vec![rid("a")],
     );
     cfg.auto_rebuild = false;
-    let mut c = PrimaryCore::new(cfg, Lsn(5), vec![(E, Lsn(1))], Lsn(5), 0);
+    let mut c = PrimaryCore::new(cfg, Lsn(5), vec![(E, Lsn(1))], Lsn(5), Lsn(6), 0);
     let s = bring_up(&mut c, 9);
     reply(&mut c, &s[0].0, s[0].1, truncated(9, E, "no"), 1);
     assert_eq!(state(&c, "a"), PeerState::NeedsRebuild);
@@ -722,6 +729,74 @@ fn retention_budget_releases_a_lagging_replica() {
         2_000,
     );
     assert_eq!(state(&c, "b"), PeerState::Rebuilding);
+}
+
+/// Connects replica `r` (dialled by `actions`) and answers its hello with `durable`.
+fn hello(
+    c: &mut PrimaryCore,
+    actions: &[Action],
+    r: &str,
+    durable: u64,
+    now: Millis,
+) -> Vec<Action> {
+    let (id, session) = sessions(actions)
+        .into_iter()
+        .find(|(id, _)| id.0 == r)
+        .unwrap();
+    c.step(Event::Connected {
+        replica: id.clone(),
+        session,
+        now,
+    });
+    let body = Body::HelloOk {
+        replica_store: VolumeId([9; 16]),
+        durable: Lsn(durable),
+        durable_epoch: E,
+        committed: Lsn(0),
+        rebuilding: false,
+    };
+    reply(c, &id, session, body, now)
+}
+
+#[test]
+fn a_restarted_primary_keeps_its_wal_for_replicas_it_has_not_heard_from() {
+    let mut c = core_keeping(CommitMode::BestEffort, &["a", "b"], 20, 8);
+    assert_eq!(c.pin(), Some(Lsn(8)), "held before anybody answers");
+    let dialled = tick(&mut c, 0);
+    // a had everything; b is still away, so its hold stays.
+    let a = hello(&mut c, &dialled, "a", 20, 1);
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::PinWal { .. })),
+        "{a:?}"
+    );
+    assert_eq!(c.pin(), Some(Lsn(8)));
+    // b comes back from 12: the hold becomes what it needs, and it catches up.
+    let a = hello(&mut c, &dialled, "b", 12, 2);
+    assert_eq!(state(&c, "b"), PeerState::CatchingUp);
+    assert!(
+        a.contains(&Action::PinWal {
+            from: Some(Lsn(13))
+        }),
+        "{a:?}"
+    );
+    assert_eq!(c.counters().rebuilds_needed, 0);
+}
+
+#[test]
+fn a_restarted_primary_lets_the_hold_for_an_absent_replica_go_past_the_budget() {
+    let mut c = core_keeping(CommitMode::BestEffort, &["a", "b"], 20, 8);
+    let dialled = tick(&mut c, 0);
+    hello(&mut c, &dialled, "a", 20, 1);
+    // b never answers; the hold is bounded like any other.
+    let a = tick_pinned(&mut c, 2, 200 << 20);
+    assert_eq!(state(&c, "b"), PeerState::NeedsRebuild);
+    assert!(
+        a.contains(&Action::PinWal {
+            from: Some(Lsn(21))
+        }),
+        "{a:?}"
+    );
 }
 
 #[test]

@@ -154,8 +154,12 @@ pub fn start(
         store.head(),
         store.epoch_history(),
         store.committed(),
+        store.oldest_retained(),
         0,
     );
+    // Before the first checkpoint can recycle what the replicas may need.
+    let pin = core.pin();
+    store.set_retention_pin(pin);
     let max_queued = MAX_QUEUED_BYTES.max(store.superblock().wal_capacity / 4 * 5);
     let driver = Driver {
         max_queued,
@@ -166,7 +170,7 @@ pub fn start(
         conns: HashMap::new(),
         barriers: HashMap::new(),
         next_barrier: 1,
-        pin: None,
+        pin,
         in_tx: tx,
         fenced,
         status,

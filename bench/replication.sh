@@ -36,7 +36,8 @@ if [[ ${SPLIT:-0} == 1 ]]; then ON_PRIMARY="taskset -c 0"; ON_REPLICAS="taskset 
 [[ ${BUILD:-1} == 1 ]] && cargo build --release --quiet
 mkdir -p "$DATA" "$OUT"
 STAMP=$(date +%Y%m%d-%H%M%S)
-CSV=$OUT/replication-$STAMP$([[ ${SPLIT:-0} == 1 ]] && echo -split).csv
+[[ ${SPLIT:-0} == 1 ]] && STAMP=$STAMP-split
+CSV=$OUT/replication-$STAMP.csv
 echo "server,workload,rep,iops,clat_p50_us,clat_p99_us" > "$CSV"
 CPU_CSV=$OUT/replication-cpu-$STAMP.csv
 if [[ ${CPU:-0} == 1 ]]; then echo "server,rep,iops,process,role,us_per_write" > "$CPU_CSV"; fi

@@ -32,7 +32,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -216,47 +216,6 @@ fn describe_pids(pids: &[i32]) -> String {
 fn signal(pid: i32, sig: i32) {
     // SAFETY: plain kill(2) on a pid we started (or a child of one).
     unsafe { libc::kill(pid, sig) };
-}
-
-/// A child process that is killed (SIGKILL, by its pid) if the test ends without reaping it.
-struct KillOnDrop {
-    child: Child,
-    stderr: Option<PathBuf>,
-}
-
-impl KillOnDrop {
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.as_deref().map(read_text).unwrap_or_default()
-    }
-
-    /// Waits up to `secs` for the process to exit by itself, then SIGKILLs it. Returns the
-    /// exit status and whether it had to be killed.
-    fn finish(&mut self, secs: u64) -> (ExitStatus, bool) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return (st, false);
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                return (self.child.wait().expect("wait"), true);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
 }
 
 /// `blockrep replica STORE --listen 127.0.0.1:PORT`, once it says it is listening.
@@ -744,6 +703,7 @@ impl Client {
         Client {
             proc: KillOnDrop {
                 child,
+                what: "the insert client (psql)".into(),
                 stderr: Some(stderr.to_path_buf()),
             },
             acks: acks.to_path_buf(),
@@ -795,6 +755,7 @@ fn spawn_checkpointer(pg: &Postgres, dir: &Path) -> KillOnDrop {
         .expect("spawn psql (checkpoints)");
     KillOnDrop {
         child,
+        what: "the checkpoint loop (psql)".into(),
         stderr: Some(stderr),
     }
 }

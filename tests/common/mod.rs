@@ -276,19 +276,27 @@ impl KillOnDrop {
 
     /// Waits for the exit status; kills the process and fails if it takes longer than `secs`.
     pub fn wait(&mut self, secs: u64) -> ExitStatus {
+        let (status, killed) = self.finish(secs);
+        assert!(
+            !killed,
+            "{} did not exit within {secs}s; its stderr:\n{}",
+            self.what,
+            self.stderr_text()
+        );
+        status
+    }
+
+    /// Waits up to `secs` for the process to exit by itself, then SIGKILLs it. Returns the
+    /// exit status and whether it had to be killed.
+    pub fn finish(&mut self, secs: u64) -> (ExitStatus, bool) {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return st;
+                return (st, false);
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "{} did not exit within {secs}s; its stderr:\n{}",
-                    self.what,
-                    self.stderr_text()
-                );
+                return (self.child.wait().expect("wait"), true);
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -70,33 +70,39 @@ fn reply(c: &mut PrimaryCore, r: &ReplicaId, s: SessionId, body: Body, now: Mill
 
 /// Connects every replica and answers its hello with `durable` (epoch `E`).
 fn bring_up(c: &mut PrimaryCore, durable: u64) -> Vec<(ReplicaId, SessionId)> {
-    let a = c.step(Event::Tick {
-        now: 0,
-        pinned_bytes: 0,
-    });
-    let s = sessions(&a);
-    for (r, sid) in &s {
-        let a = c.step(Event::Connected {
-            replica: r.clone(),
-            session: *sid,
-            now: 0,
-        });
-        assert!(matches!(frames_to(&a, &r.0)[..], [Body::Hello { .. }]));
-        reply(
-            c,
-            r,
-            *sid,
-            Body::HelloOk {
-                replica_store: VolumeId([9; 16]),
-                durable: Lsn(durable),
-                durable_epoch: E,
-                committed: Lsn(0),
-                rebuilding: false,
-            },
-            0,
-        );
+    let dialled = tick(c, 0);
+    for (r, _) in sessions(&dialled) {
+        hello(c, &dialled, &r.0, durable, 0);
     }
-    s
+    sessions(&dialled)
+}
+
+/// Connects replica `r` (dialled by `actions`) and answers its hello with `durable`.
+fn hello(
+    c: &mut PrimaryCore,
+    actions: &[Action],
+    r: &str,
+    durable: u64,
+    now: Millis,
+) -> Vec<Action> {
+    let (id, session) = sessions(actions)
+        .into_iter()
+        .find(|(id, _)| id.0 == r)
+        .unwrap();
+    let a = c.step(Event::Connected {
+        replica: id.clone(),
+        session,
+        now,
+    });
+    assert!(matches!(frames_to(&a, r)[..], [Body::Hello { .. }]));
+    let body = Body::HelloOk {
+        replica_store: VolumeId([9; 16]),
+        durable: Lsn(durable),
+        durable_epoch: E,
+        committed: Lsn(0),
+        rebuilding: false,
+    };
+    reply(c, &id, session, body, now)
 }
 
 fn done(actions: &[Action]) -> Vec<u64> {
@@ -150,9 +156,7 @@ fn zero_gap_handshake_goes_in_sync_and_ships_live_entries() {
     let mut c = core(CommitMode::SyncAll, &["a", "b"], 10);
     bring_up(&mut c, 10);
     assert_eq!(state(&c, "a"), PeerState::InSync);
-    let a = c.step(Event::Appended {
-        records: vec![rec(11, E), rec(12, E)],
-    });
+    let a = append(&mut c, 11, 12);
     for r in ["a", "b"] {
         match &frames_to(&a, r)[..] {
             [Body::Entries { records, .. }] => {
@@ -170,9 +174,7 @@ fn zero_gap_handshake_goes_in_sync_and_ships_live_entries() {
 fn sync_all_barrier_needs_every_replica_durable() {
     let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
     let s = bring_up(&mut c, 0);
-    c.step(Event::Appended {
-        records: vec![rec(1, E)],
-    });
+    append(&mut c, 1, 1);
     let a = c.step(Event::Barrier {
         id: 7,
         target: Lsn(1),
@@ -215,9 +217,7 @@ fn sync_all_with_a_replica_missing_fails_after_the_timeout_and_never_downgrades(
         now: 5,
         reason: "gone".into(),
     });
-    c.step(Event::Appended {
-        records: vec![rec(1, E)],
-    });
+    append(&mut c, 1, 1);
     c.step(Event::Barrier {
         id: 1,
         target: Lsn(1),
@@ -232,15 +232,8 @@ fn sync_all_with_a_replica_missing_fails_after_the_timeout_and_never_downgrades(
         11,
     );
     assert!(done(&a).is_empty());
-    assert!(failed(&c.step(Event::Tick {
-        now: 5009,
-        pinned_bytes: 0
-    }))
-    .is_empty());
-    let a = c.step(Event::Tick {
-        now: 5010,
-        pinned_bytes: 0,
-    });
+    assert!(failed(&tick(&mut c, 5009)).is_empty());
+    let a = tick(&mut c, 5010);
     assert_eq!(failed(&a), vec![(1, BarrierFailure::ReplicaMissing)]);
     assert_eq!(c.committed(), Lsn(0));
 }
@@ -252,9 +245,7 @@ fn a_barrier_is_answered_by_the_copies_in_sync_now() {
     // every replica *now*: sync-all must not answer it from the high-water mark.
     let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
     let s = bring_up(&mut c, 0);
-    c.step(Event::Appended {
-        records: vec![rec(1, E)],
-    });
+    append(&mut c, 1, 1);
     c.step(Event::Barrier {
         id: 1,
         target: Lsn(1),
@@ -279,10 +270,7 @@ fn a_barrier_is_answered_by_the_copies_in_sync_now() {
         });
         assert!(done(&a).is_empty(), "FLUSH through {target} with b away");
     }
-    let a = c.step(Event::Tick {
-        now: 5030,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 5030);
     let mut f = failed(&a);
     f.sort_by_key(|(id, _)| *id);
     assert_eq!(
@@ -305,9 +293,7 @@ fn sync_quorum_commits_with_one_replica_down() {
         now: 5,
         reason: "gone".into(),
     });
-    c.step(Event::Appended {
-        records: vec![rec(1, E)],
-    });
+    append(&mut c, 1, 1);
     c.step(Event::Barrier {
         id: 1,
         target: Lsn(1),
@@ -328,9 +314,7 @@ fn sync_quorum_commits_with_one_replica_down() {
 fn best_effort_completes_on_the_local_fsync_and_marks_a_silent_replica() {
     let mut c = core(CommitMode::BestEffort, &["a"], 0);
     bring_up(&mut c, 0);
-    c.step(Event::Appended {
-        records: vec![rec(1, E)],
-    });
+    append(&mut c, 1, 1);
     c.step(Event::Barrier {
         id: 1,
         target: Lsn(1),
@@ -339,10 +323,7 @@ fn best_effort_completes_on_the_local_fsync_and_marks_a_silent_replica() {
     let a = c.step(Event::LocalDurable { lsn: Lsn(1) });
     assert_eq!(done(&a), vec![1]);
     // The replica never answers its barrier: it is degraded, even though nothing failed.
-    let a = c.step(Event::Tick {
-        now: 5010,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 5010);
     assert!(a.iter().any(|x| matches!(x, Action::Close { .. })));
     assert_eq!(state(&c, "a"), PeerState::Disconnected);
 }
@@ -353,9 +334,7 @@ fn a_received_but_not_durable_lsn_never_counts() {
     // ack below the target does not complete it.
     let mut c = core(CommitMode::SyncAll, &["a"], 0);
     let s = bring_up(&mut c, 0);
-    c.step(Event::Appended {
-        records: vec![rec(1, E), rec(2, E)],
-    });
+    append(&mut c, 1, 2);
     c.step(Event::Barrier {
         id: 1,
         target: Lsn(2),
@@ -383,9 +362,7 @@ fn stale_session_results_are_ignored() {
         now: 1,
         reason: "x".into(),
     });
-    c.step(Event::Appended {
-        records: vec![rec(1, E)],
-    });
+    append(&mut c, 1, 1);
     c.step(Event::Barrier {
         id: 1,
         target: Lsn(1),
@@ -408,9 +385,7 @@ fn stale_session_results_are_ignored() {
 fn a_higher_epoch_fences_the_primary() {
     let mut c = core(CommitMode::SyncAll, &["a"], 0);
     let s = bring_up(&mut c, 0);
-    c.step(Event::Appended {
-        records: vec![rec(1, E)],
-    });
+    append(&mut c, 1, 1);
     c.step(Event::Barrier {
         id: 4,
         target: Lsn(1),
@@ -443,19 +418,14 @@ fn a_higher_epoch_fences_the_primary() {
     });
     assert_eq!(failed(&a), vec![(5, BarrierFailure::Fenced)]);
     // And nothing is shipped any more.
-    let a = c.step(Event::Appended {
-        records: vec![rec(2, E)],
-    });
+    let a = append(&mut c, 2, 2);
     assert!(a.is_empty());
 }
 
 #[test]
 fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
     let mut c = core(CommitMode::SyncAll, &["a"], 10);
-    let a = c.step(Event::Tick {
-        now: 0,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 0);
     let (r, sid) = sessions(&a)[0].clone();
     c.step(Event::Connected {
         replica: r.clone(),
@@ -481,9 +451,7 @@ fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
         .iter()
         .any(|x| matches!(x, Action::ReadWal { from: Lsn(7), .. })));
     // Meanwhile a live entry arrives; it is not shipped to a catching-up replica.
-    let a = c.step(Event::Appended {
-        records: vec![rec(11, E)],
-    });
+    let a = append(&mut c, 11, 11);
     assert!(frames_to(&a, "a").is_empty());
     let a = c.step(Event::WalRead {
         replica: r.clone(),
@@ -522,9 +490,7 @@ fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
         other => panic!("{other:?}"),
     }
     assert_eq!(state(&c, "a"), PeerState::InSync);
-    let a = c.step(Event::Appended {
-        records: vec![rec(12, E)],
-    });
+    let a = append(&mut c, 12, 12);
     assert!(
         matches!(&frames_to(&a, "a")[..], [Body::Entries { records, .. }] if records[0].lsn == Lsn(12))
     );
@@ -554,10 +520,7 @@ fn diverged(
         Lsn(11),
         0,
     );
-    let a = c.step(Event::Tick {
-        now: 0,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 0);
     let (r, sid) = sessions(&a)[0].clone();
     c.step(Event::Connected {
         replica: r.clone(),
@@ -672,9 +635,7 @@ fn a_replica_ahead_of_the_primary_is_never_merged() {
 fn retention_budget_releases_a_lagging_replica() {
     let mut c = core(CommitMode::BestEffort, &["a", "b"], 0);
     let s = bring_up(&mut c, 0);
-    c.step(Event::Appended {
-        records: (1..=3).map(|l| rec(l, E)).collect(),
-    });
+    append(&mut c, 1, 3);
     reply(
         &mut c,
         &s[0].0,
@@ -690,23 +651,14 @@ fn retention_budget_releases_a_lagging_replica() {
         reason: "x".into(),
     });
     assert!(!a.iter().any(|x| matches!(x, Action::PinWal { .. })));
-    let a = c.step(Event::Tick {
-        now: 3,
-        pinned_bytes: 200 << 20,
-    });
+    let a = tick_pinned(&mut c, 3, 200 << 20);
     assert_eq!(state(&c, "b"), PeerState::NeedsRebuild);
     assert!(a.contains(&Action::PinWal { from: Some(Lsn(4)) }));
     // The in-sync replica is not punished for the stale measure on the next tick.
-    c.step(Event::Tick {
-        now: 4,
-        pinned_bytes: 0,
-    });
+    tick(&mut c, 4);
     assert_eq!(state(&c, "a"), PeerState::InSync);
     // It is dialled again after its backoff, and the new session starts its rebuild.
-    let a = c.step(Event::Tick {
-        now: 2_000,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 2_000);
     let again = sessions(&a);
     assert_eq!(again.len(), 1, "{a:?}");
     assert_eq!(again[0].0, rid("b"));
@@ -729,33 +681,6 @@ fn retention_budget_releases_a_lagging_replica() {
         2_000,
     );
     assert_eq!(state(&c, "b"), PeerState::Rebuilding);
-}
-
-/// Connects replica `r` (dialled by `actions`) and answers its hello with `durable`.
-fn hello(
-    c: &mut PrimaryCore,
-    actions: &[Action],
-    r: &str,
-    durable: u64,
-    now: Millis,
-) -> Vec<Action> {
-    let (id, session) = sessions(actions)
-        .into_iter()
-        .find(|(id, _)| id.0 == r)
-        .unwrap();
-    c.step(Event::Connected {
-        replica: id.clone(),
-        session,
-        now,
-    });
-    let body = Body::HelloOk {
-        replica_store: VolumeId([9; 16]),
-        durable: Lsn(durable),
-        durable_epoch: E,
-        committed: Lsn(0),
-        rebuilding: false,
-    };
-    reply(c, &id, session, body, now)
 }
 
 #[test]
@@ -811,19 +736,11 @@ fn commit_mode_validation_refuses_vacuous_configurations() {
 fn in_sync_replicas_report_progress_without_flushes() {
     let mut c = core(CommitMode::SyncAll, &["a"], 0);
     let s = bring_up(&mut c, 0);
-    c.step(Event::Appended {
-        records: (1..=5).map(|l| rec(l, E)).collect(),
-    });
+    append(&mut c, 1, 5);
     // No FLUSH at all: the next tick past the interval asks for progress anyway.
-    let a = c.step(Event::Tick {
-        now: 50,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 50);
     assert!(frames_to(&a, "a").is_empty());
-    let a = c.step(Event::Tick {
-        now: 100,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 100);
     assert!(matches!(
         frames_to(&a, "a")[..],
         [Body::Barrier { lsn: Lsn(5), .. }]
@@ -838,20 +755,14 @@ fn in_sync_replicas_report_progress_without_flushes() {
     // The pin follows, so the retention budget never blames an in-sync replica.
     assert!(a.contains(&Action::PinWal { from: Some(Lsn(6)) }));
     // Nothing new: no more asking.
-    let a = c.step(Event::Tick {
-        now: 500,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 500);
     assert!(frames_to(&a, "a").is_empty());
 }
 
 #[test]
 fn a_replica_beyond_retention_is_rebuilt_and_counts_only_once_accepted() {
     let mut c = core(CommitMode::SyncAll, &["a"], 100);
-    let a = c.step(Event::Tick {
-        now: 0,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 0);
     let (r, sid) = sessions(&a)[0].clone();
     c.step(Event::Connected {
         replica: r.clone(),
@@ -919,9 +830,7 @@ fn a_replica_beyond_retention_is_rebuilt_and_counts_only_once_accepted() {
         records: (91..=100).map(|l| rec(l, E)).collect(),
         now: 2,
     });
-    let a = c.step(Event::Appended {
-        records: vec![rec(101, E)],
-    });
+    let a = append(&mut c, 101, 101);
     assert!(matches!(&frames_to(&a, "a")[..], [Body::Entries { .. }]));
     let a = c.step(Event::BaseSent {
         replica: r.clone(),
@@ -941,10 +850,7 @@ fn a_replica_beyond_retention_is_rebuilt_and_counts_only_once_accepted() {
 #[test]
 fn a_completed_rebuild_makes_the_replica_count_again() {
     let mut c = core(CommitMode::SyncAll, &["a"], 10);
-    let a = c.step(Event::Tick {
-        now: 0,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 0);
     let (r, sid) = sessions(&a)[0].clone();
     c.step(Event::Connected {
         replica: r.clone(),
@@ -982,9 +888,7 @@ fn a_completed_rebuild_makes_the_replica_count_again() {
         records: vec![],
         now: 1,
     });
-    c.step(Event::Appended {
-        records: vec![rec(11, E)],
-    });
+    append(&mut c, 11, 11);
     let a = c.step(Event::BaseSent {
         replica: r.clone(),
         session: sid,
@@ -1009,10 +913,7 @@ fn a_stale_wal_read_never_steers_a_rebuild() {
     // A catch-up read is in flight when the replica is sent to a rebuild; its late answer
     // (for the old `from`) must be ignored, not restart the rebuild.
     let mut c = core(CommitMode::SyncAll, &["a"], 100);
-    let a = c.step(Event::Tick {
-        now: 0,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 0);
     let (r, sid) = sessions(&a)[0].clone();
     c.step(Event::Connected {
         replica: r.clone(),
@@ -1034,10 +935,7 @@ fn a_stale_wal_read_never_steers_a_rebuild() {
     );
     assert_eq!(state(&c, "a"), PeerState::CatchingUp);
     // Retention gives up on it while the read from 11 is outstanding: it is rebuilt.
-    c.step(Event::Tick {
-        now: 1,
-        pinned_bytes: u64::MAX,
-    });
+    tick_pinned(&mut c, 1, u64::MAX);
     assert_eq!(state(&c, "a"), PeerState::Rebuilding);
     c.step(Event::RebuildBase {
         replica: r.clone(),
@@ -1072,9 +970,7 @@ fn a_stale_wal_read_never_steers_a_rebuild() {
 fn barrier_pending() -> (PrimaryCore, Vec<(ReplicaId, SessionId)>) {
     let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
     let s = bring_up(&mut c, 0);
-    c.step(Event::Appended {
-        records: vec![rec(1, E)],
-    });
+    append(&mut c, 1, 1);
     c.step(Event::Barrier {
         id: 1,
         target: Lsn(1),
@@ -1163,9 +1059,7 @@ fn timer_ack_and_timeout_in_the_same_millisecond_fire_exactly_once() {
 fn timer_quorum_edge_one_ack_plus_one_timeout_commits() {
     let mut c = core(CommitMode::SyncQuorum, &["a", "b"], 0);
     let s = bring_up(&mut c, 0);
-    c.step(Event::Appended {
-        records: vec![rec(1, E)],
-    });
+    append(&mut c, 1, 1);
     c.step(Event::Barrier {
         id: 1,
         target: Lsn(1),
@@ -1197,9 +1091,7 @@ fn timer_stale_barrier_timeout_after_a_promotion_never_regresses_the_commit() {
         2,
     );
     assert_eq!(c.committed(), Lsn(1));
-    c.step(Event::Appended {
-        records: vec![rec(2, E)],
-    });
+    append(&mut c, 2, 2);
     c.step(Event::Barrier {
         id: 2,
         target: Lsn(2),
@@ -1230,10 +1122,7 @@ fn a_zero_gap_replica_pins_the_wal_from_its_durable_lsn() {
     // Found by the simulator: an in-sync replica that joined with a zero gap did not pin the
     // WAL, so a checkpoint could recycle entries it had not acknowledged yet.
     let mut c = core(CommitMode::BestEffort, &["a"], 5);
-    let a = c.step(Event::Tick {
-        now: 0,
-        pinned_bytes: 0,
-    });
+    let a = tick(&mut c, 0);
     let s = sessions(&a);
     c.step(Event::Connected {
         replica: s[0].0.clone(),

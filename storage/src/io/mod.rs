@@ -4,12 +4,11 @@
 //! and a pool of threads doing plain `pread`/`pwrite`. `IoMode::Auto` picks io_uring and falls
 //! back to the pool when the kernel refuses a ring (seccomp, old kernels, containers), saying so
 //! once in the log. Callers get a completion they can either `.await` or `wait()` on from a
-//! plain thread, so the WAL writer, the flusher and the async frontend share the same path.
+//! plain thread. The WAL writer and the flusher write with plain syscalls on their own threads
+//! instead (`pwritev_all`, `sync_data`): see `store::wal_writer` for why.
 
 mod plain;
 mod uring;
-
-pub(crate) use uring::ThreadRing;
 
 use std::fs::File;
 use std::future::Future;
@@ -118,15 +117,6 @@ impl IoEngine {
         Ok(IoEngine {
             backend: Arc::new(backend),
         })
-    }
-
-    /// A ring for a dedicated I/O thread, when this engine uses io_uring (`None`: plain
-    /// syscalls on that thread).
-    pub(crate) fn thread_ring(&self) -> Option<ThreadRing> {
-        match *self.backend {
-            Backend::Uring(_) => ThreadRing::new().ok(),
-            Backend::Plain(_) => None,
-        }
     }
 
     /// The backend actually in use: "io_uring" or "plain".

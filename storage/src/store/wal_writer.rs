@@ -1,7 +1,7 @@
 //! The WAL writer thread: writes queued records and runs group commit.
 //!
-//! Each round takes everything queued so far, writes it with as few vectored writes as the
-//! ring allows, and fdatasyncs once if anybody wants durability. Waiters that arrive while a
+//! Each round takes everything queued so far, writes it with as few vectored writes as it
+//! can (one per physically contiguous run), and fdatasyncs once if anybody wants durability. Waiters that arrive while a
 //! round runs are served by the next round's single fdatasync; that is the group commit.
 //!
 //! A plain write needs nothing from this thread before it is acknowledged (it is visible from
@@ -25,9 +25,11 @@ pub(crate) const BATCH_BYTES: u64 = 1 << 20;
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 pub(crate) fn run(shared: Arc<Shared>) {
-    // This thread does its own I/O: through its own ring with io_uring, or plain syscalls.
-    // Handing the writes to another thread cost two context switches per group commit.
-    let mut ring = shared.io.thread_ring();
+    // This thread does its own I/O with plain blocking syscalls, whatever the store's engine:
+    // it has nothing else to do meanwhile. Through io_uring, ext4 cannot take a buffered
+    // write without blocking, and an fdatasync never, so the kernel handed both to its own
+    // worker thread: a hand-off and a wake-up on every group commit. Plain syscalls made
+    // write+FLUSH cycles ~8% faster, on a single node and under sync-all alike.
     loop {
         let (batch, hint, want_sync) = {
             let mut core = shared.lock_core();
@@ -75,20 +77,17 @@ pub(crate) fn run(shared: Arc<Shared>) {
         let observer = shared.observer();
         let started = std::time::Instant::now();
         let runs = batch_runs(&shared, &batch, hint);
-        let result = match &mut ring {
-            Some(r) => r.write_runs(&shared.wal, &runs, want_sync),
-            None => runs
-                .iter()
-                .try_for_each(|(at, bufs)| crate::io::pwritev_all(&shared.wal, *at, bufs))
-                .and_then(|_| {
-                    if want_sync {
-                        crate::io::sync_data(&shared.wal)
-                    } else {
-                        Ok(())
-                    }
-                }),
-        }
-        .map_err(|e| format!("write or fdatasync {}: {e}", shared.wal_path.display()));
+        let result = runs
+            .iter()
+            .try_for_each(|(at, bufs)| crate::io::pwritev_all(&shared.wal, *at, bufs))
+            .and_then(|_| {
+                if want_sync {
+                    crate::io::sync_data(&shared.wal)
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| format!("write or fdatasync {}: {e}", shared.wal_path.display()));
         if result.is_ok() && !batch.is_empty() {
             let bytes = batch.iter().map(|q| q.record.encoded_len()).sum();
             observer.wal_write(bytes, started.elapsed());

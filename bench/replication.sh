@@ -9,6 +9,8 @@
 #                                             where each write's CPU goes (below)
 #
 #   SPLIT=1 bench/replication.sh              replicas as if on other hosts (below)
+#   REPLICA_DATA=/dev/shm/rb WORKLOADS=fsyncwrite4k bench/replication.sh
+#                                             replicas' stores on tmpfs: what their disk costs
 #
 # With SPLIT=1 the client and the server under test (the primary; the single node; qemu-nbd)
 # run on CPU 0 only and both replicas on CPU 1 only (taskset): the primary's host is one core
@@ -29,6 +31,7 @@ REPS=${REPS:-3}
 RUNTIME=${RUNTIME:-10}
 SIZE=${SIZE:-1GiB}
 DATA=${BENCH_DATA_DIR:-$PWD/target/bench-data/replication}
+REPLICA_DATA=${REPLICA_DATA:-$DATA}
 OUT=${BENCH_RESULTS_DIR:-$PWD/target/bench-results}
 BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep
 PORT=${PORT_BASE:-11950}
@@ -53,7 +56,7 @@ trap cleanup EXIT
 wait_port() { for _ in $(seq 200); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 start() { # server -> sets URI
-    rm -rf "$DATA"/*; mkdir -p "$DATA"
+    rm -rf "$DATA"/* "$REPLICA_DATA"/r[12]; mkdir -p "$DATA" "$REPLICA_DATA"
     case $1 in
       single)
         $BIN create "$DATA/p" --size "$SIZE" > /dev/null
@@ -61,8 +64,8 @@ start() { # server -> sets URI
         ;;
       sync-all-2)
         for r in 1 2; do
-          $BIN create "$DATA/r$r" --size "$SIZE" > /dev/null
-          setsid $ON_REPLICAS $BIN replica "$DATA/r$r" --listen 127.0.0.1:$((PORT+r)) --metrics 127.0.0.1:0 > "$DATA/r$r.log" 2>&1 < /dev/null & PIDS+=($!)
+          $BIN create "$REPLICA_DATA/r$r" --size "$SIZE" > /dev/null
+          setsid $ON_REPLICAS $BIN replica "$REPLICA_DATA/r$r" --listen 127.0.0.1:$((PORT+r)) --metrics 127.0.0.1:0 > "$DATA/r$r.log" 2>&1 < /dev/null & PIDS+=($!)
           wait_port $((PORT+r))
         done
         $BIN create "$DATA/p" --size "$SIZE" > /dev/null
@@ -147,6 +150,9 @@ PY
     done
   done
 done
+
+# Replica stores on tmpfs hold RAM until removed.
+if [[ $REPLICA_DATA != "$DATA" ]]; then rm -rf "$REPLICA_DATA"/r[12]; fi
 
 python3 - "$CSV" <<'PY' | tee "${CSV%.csv}.md"
 import csv, statistics, sys

@@ -126,20 +126,29 @@ pub(crate) fn parse_replica(s: &str) -> Result<(ReplicaId, String), String> {
     Ok((ReplicaId(name.to_string()), addr.to_string()))
 }
 
-fn open_store(dir: &Path, io_mode: IoMode, flush_interval_ms: u64) -> Result<Arc<Store>> {
+/// Opens a store to serve from. A primary with replicas passes `keep_retained_wal` (see
+/// `OpenOptions::keep_retained_wal`).
+fn open_store(
+    dir: &Path,
+    io_mode: IoMode,
+    flush_interval_ms: u64,
+    keep_retained_wal: bool,
+) -> Result<Arc<Store>> {
     Ok(Arc::new(Store::open(
         dir,
         &OpenOptions {
             io_mode,
             flush_interval: Duration::from_millis(flush_interval_ms.max(1)),
             read_only: false,
+            keep_retained_wal,
         },
     )?))
 }
 
 /// `blockrep serve`.
 pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
-    let store = open_store(dir, args.io_engine, args.flush_interval_ms)?;
+    let replicated = !args.replicas.is_empty();
+    let store = open_store(dir, args.io_engine, args.flush_interval_ms, replicated)?;
     let rt = runtime()?;
     let shutdown = CancellationToken::new();
     let signals = rt.block_on(async { install_signal_handlers(shutdown.clone()) })?;
@@ -461,7 +470,7 @@ pub fn replica(
             },
         )?;
     }
-    let store = open_store(dir, io_mode, 1000)?;
+    let store = open_store(dir, io_mode, 1000, false)?;
     let rt = replica_runtime()?;
     let shutdown = CancellationToken::new();
     let result = rt.block_on(async {
@@ -543,9 +552,9 @@ pub fn up(
         if !d.exists() {
             create(&d, size, Some(volume_id))?;
         }
-        replica_stores.push((format!("r{i}"), open_store(&d, IoMode::Auto, 1000)?));
+        replica_stores.push((format!("r{i}"), open_store(&d, IoMode::Auto, 1000, false)?));
     }
-    let store = open_store(&primary_dir, IoMode::Auto, 1000)?;
+    let store = open_store(&primary_dir, IoMode::Auto, 1000, replicas > 0)?;
     let rt = runtime()?;
     let shutdown = CancellationToken::new();
     let result = rt.block_on(async {

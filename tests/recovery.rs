@@ -1373,8 +1373,10 @@ fn a_replica_away_across_a_primary_restart_catches_up_without_rebuild() {
     let r2_durable = num(&peer(&status(&p), "r2"), "durable_lsn");
 
     // The primary dies and comes back at a new epoch while r2 is still away; it writes
-    // more, and its flusher checkpoints past everything r2 lacks.
+    // more, and its flusher checkpoints past everything r2 lacks. It comes back checkpointing
+    // every millisecond: what it keeps for r2 must outlast every checkpoint from its start.
     p.kill9();
+    p.args.extend(["--flush-interval-ms".into(), "1".into()]);
     p.restart();
     let restarted = p.mark();
     write(&p, "after", "32M", "3");

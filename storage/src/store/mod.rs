@@ -62,6 +62,10 @@ pub struct OpenOptions {
     pub flush_interval: Duration,
     /// Open only to read (export, inspection): no threads, no superblock writes.
     pub read_only: bool,
+    /// Keep the WAL that the last run kept past its checkpoint (for lagging replicas) until
+    /// [`Store::set_retention_pin`] says otherwise. A primary with replicas opens this way: it
+    /// does not know yet what they need, and its flusher must not recycle any of it first.
+    pub keep_retained_wal: bool,
 }
 
 impl Default for OpenOptions {
@@ -70,6 +74,7 @@ impl Default for OpenOptions {
             io_mode: IoMode::Auto,
             flush_interval: Duration::from_secs(1),
             read_only: false,
+            keep_retained_wal: false,
         }
     }
 }
@@ -481,7 +486,7 @@ impl Store {
             committed: sb.committed_lsn.max(replay.commit_hint),
             index,
             tail_lsn: first_lsn,
-            retention_pin: None,
+            retention_pin: opts.keep_retained_wal.then_some(first_lsn),
             epoch_history,
             generation: sb.wal_generation,
             rebuild: sb.is_rebuilding().then(|| core::Rebuild {

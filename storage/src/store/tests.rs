@@ -561,6 +561,77 @@ fn retention_pin_keeps_wal_for_catch_up_reads() {
 }
 
 #[test]
+fn a_store_opened_to_keep_its_retained_wal_recycles_none_of_it_until_told() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    for i in 0..100u64 {
+        rt.block_on(store.write((i % 50) * 4096, &pattern(i as u8, 4096), false))
+            .unwrap();
+    }
+    // The last run kept the WAL from entry 10 on for a replica, then stopped.
+    store.set_retention_pin(Some(Lsn(10)));
+    store.shared.checkpoint().unwrap();
+    store.close().unwrap();
+    drop(store);
+    let reopen = |keep_retained_wal| {
+        Store::open(
+            &path,
+            &OpenOptions {
+                flush_interval: Duration::from_secs(3600),
+                keep_retained_wal,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let store = reopen(true);
+    rt.block_on(store.write(0, &pattern(200, 4096), false))
+        .unwrap();
+    store.shared.checkpoint().unwrap();
+    assert_eq!(
+        store.oldest_retained(),
+        Lsn(10),
+        "kept across the checkpoint"
+    );
+    assert_eq!(
+        rt.block_on(store.read_wal(Lsn(10), u64::MAX))
+            .unwrap()
+            .len(),
+        92
+    );
+    store.set_retention_pin(None);
+    store.shared.checkpoint().unwrap();
+    assert!(
+        store.oldest_retained() > Lsn(101),
+        "{}",
+        store.oldest_retained()
+    );
+    store.close().unwrap();
+    drop(store);
+
+    // Opened the plain way, its first checkpoint lets the kept WAL go.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let path2 = create(tmp2.path(), 16 * MIB, 64 * MIB);
+    let store = open(&path2);
+    for i in 0..20u64 {
+        rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))
+            .unwrap();
+    }
+    store.set_retention_pin(Some(Lsn(5)));
+    store.shared.checkpoint().unwrap();
+    store.close().unwrap();
+    drop(store);
+    let store = open(&path2);
+    assert_eq!(store.oldest_retained(), Lsn(5));
+    rt.block_on(store.write(0, &pattern(9, 4096), false))
+        .unwrap();
+    store.shared.checkpoint().unwrap();
+    assert!(store.oldest_retained() > Lsn(5));
+}
+
+#[test]
 fn read_wal_returns_entries_not_yet_written_to_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let path = create(tmp.path(), 16 * MIB, 64 * MIB);

@@ -306,8 +306,12 @@ struct Peer {
     unanswered: std::collections::VecDeque<(Lsn, Millis)>,
     /// When it was last asked for progress.
     last_ask: Millis,
-    /// When the current state began (handshake timeout, retention time).
+    /// When the current state began (handshake timeout).
     since: Millis,
+    /// When it was last in a session that counts as present (in sync, catching up,
+    /// rebuilding), or when this primary started: the retention time runs from here. Not
+    /// `since`, which every failed reconnect attempt restarts.
+    away_since: Option<Millis>,
     reconnect_at: Millis,
     backoff: Millis,
     store_id: Option<VolumeId>,
@@ -423,6 +427,7 @@ impl PrimaryCore {
                 unanswered: std::collections::VecDeque::new(),
                 last_ask: now,
                 since: now,
+                away_since: Some(now),
                 reconnect_at: now,
                 backoff: cfg.reconnect_min,
                 store_id: None,
@@ -626,11 +631,24 @@ impl PrimaryCore {
             .position(|p| &p.id == replica && p.session == Some(session))
     }
 
+    /// A replica in one of these states is in a session that keeps it current.
+    fn present(state: PeerState) -> bool {
+        matches!(
+            state,
+            PeerState::InSync | PeerState::CatchingUp | PeerState::Rebuilding
+        )
+    }
+
     fn set_state(&mut self, i: usize, state: PeerState, now: Millis, why: &str) {
         let p = &mut self.peers[i];
         if p.state != state {
             p.state = state;
             p.since = now;
+            if Self::present(state) {
+                p.away_since = None;
+            } else if p.away_since.is_none() {
+                p.away_since = Some(now);
+            }
             p.why = why.to_string();
             self.out.push(Action::StateChanged {
                 replica: p.id.clone(),
@@ -888,6 +906,8 @@ impl PrimaryCore {
             let why = format!("refused: {reason:?}: {message}");
             let p = &mut self.peers[i];
             p.backoff = self.cfg.reconnect_max;
+            // Heard from: whatever the WAL was kept for, it was not this store's session.
+            p.held_from = None;
             self.set_state(i, PeerState::Refused, now, &why);
             self.drop_session(i, now, &why);
             return;
@@ -1256,12 +1276,21 @@ impl PrimaryCore {
         let p = &self.peers[i];
         let paces_writers = self.cfg.mode == CommitMode::SyncAll && p.state == PeerState::InSync;
         let over_bytes = pinned_bytes > self.cfg.retention_bytes && !paces_writers;
-        let away = !matches!(
-            p.state,
-            PeerState::InSync | PeerState::CatchingUp | PeerState::Rebuilding
-        );
-        let over_time = away && now >= p.since + self.cfg.retention_time;
+        let over_time = p
+            .away_since
+            .is_some_and(|t| now >= t + self.cfg.retention_time);
         if !(over_bytes || over_time) {
+            return;
+        }
+        if !p.has_progress {
+            // The hold a new primary keeps for replicas it has not heard from (`held_from`):
+            // past a budget it goes for all of them at once, and nobody is sent to a rebuild
+            // for it. Each still catches up when it comes back if its entries are still
+            // there. (One of them may never have needed any: it may be fully in sync.)
+            for p in &mut self.peers {
+                p.held_from = None;
+            }
+            self.update_pin();
             return;
         }
         let why = if over_bytes {

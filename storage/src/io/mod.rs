@@ -4,8 +4,8 @@
 //! and a pool of threads doing plain `pread`/`pwrite`. `IoMode::Auto` picks io_uring and falls
 //! back to the pool when the kernel refuses a ring (seccomp, old kernels, containers), saying so
 //! once in the log. Callers get a completion they can either `.await` or `wait()` on from a
-//! plain thread. The WAL writer and the flusher write with plain syscalls on their own threads
-//! instead (`pwritev_all`, `sync_data`): see `store::wal_writer` for why.
+//! plain thread. The WAL writer and the flusher write their data with plain syscalls on their
+//! own threads instead (`pwritev_all`, `sync_data`): see `store::wal_writer` for why.
 
 mod plain;
 mod uring;

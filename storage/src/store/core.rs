@@ -51,6 +51,10 @@ pub(crate) struct Core {
     pub tail_lsn: Lsn,
     /// The oldest entry a lagging replica still needs; checkpoints keep the WAL from here.
     pub retention_pin: Option<Lsn>,
+    /// `retention_pin` is still the one `OpenOptions::keep_retained_wal` set, not one a
+    /// caller chose: it gives way to a write that finds the WAL full (nobody has said yet
+    /// that the WAL is needed, and a write must not wait for somebody who may never come).
+    pub pin_from_open: bool,
     /// Where each epoch begins in the log (see `Superblock::epoch_history`).
     pub epoch_history: Vec<(Epoch, Lsn)>,
     /// The log's incarnation, stamped into every record header.

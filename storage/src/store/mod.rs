@@ -230,6 +230,19 @@ impl Shared {
         }
     }
 
+    /// An append found the WAL full: a pin nobody has confirmed since the open gives way
+    /// (see `Core::pin_from_open`), and the flusher is asked to make room.
+    fn wait_for_room(&self, core: &mut Core) {
+        if core.pin_from_open {
+            core.pin_from_open = false;
+            core.retention_pin = None;
+            tracing::warn!(
+                "the WAL is full before replication started: releasing what it kept for replicas"
+            );
+        }
+        self.request_flush(core);
+    }
+
     fn request_flush(&self, core: &mut Core) {
         if !core.flush_requested {
             core.flush_requested = true;
@@ -487,6 +500,7 @@ impl Store {
             index,
             tail_lsn: first_lsn,
             retention_pin: opts.keep_retained_wal.then_some(first_lsn),
+            pin_from_open: opts.keep_retained_wal,
             epoch_history,
             generation: sb.wal_generation,
             rebuild: sb.is_rebuilding().then(|| core::Rebuild {
@@ -686,6 +700,7 @@ impl Store {
         let mut core = self.shared.lock_core();
         let changed = core.retention_pin != pin;
         core.retention_pin = pin;
+        core.pin_from_open = false;
         if changed {
             // A released pin may free space at once.
             self.shared.request_flush(&mut core);
@@ -831,7 +846,7 @@ impl Store {
                     self.after_append(&mut core);
                     return Ok(lsn);
                 }
-                self.shared.request_flush(&mut core);
+                self.shared.wait_for_room(&mut core);
             }
             space.await;
         }
@@ -908,6 +923,7 @@ impl Store {
         let base = core.checkpoint_lsn;
         let pin = base.next();
         core.retention_pin = Some(core.retention_pin.map_or(pin, |p| p.min(pin)));
+        core.pin_from_open = false;
         let history = crate::superblock::history_through(&core.epoch_history, base);
         (base, history)
     }
@@ -1470,7 +1486,7 @@ impl Store {
                     self.after_append(&mut core);
                     return Ok(lsn);
                 }
-                self.shared.request_flush(&mut core);
+                self.shared.wait_for_room(&mut core);
             }
             space.await;
         }

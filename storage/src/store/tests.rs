@@ -8,6 +8,7 @@ const MIB: u64 = 1 << 20;
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .enable_time()
         .build()
         .unwrap()
 }
@@ -560,33 +561,47 @@ fn retention_pin_keeps_wal_for_catch_up_reads() {
     ));
 }
 
-#[test]
-fn a_store_opened_to_keep_its_retained_wal_recycles_none_of_it_until_told() {
+/// Opens `path` without a timed checkpoint, keeping the WAL the last run kept or not.
+fn reopen(path: &Path, keep_retained_wal: bool) -> Store {
+    Store::open(
+        path,
+        &OpenOptions {
+            flush_interval: Duration::from_secs(3600),
+            keep_retained_wal,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// A store whose last run kept its WAL from entry `pin` on (for a replica), closed after
+/// `writes` one-block writes over the first `blocks` blocks.
+fn store_that_kept_wal(
+    writes: u64,
+    blocks: u64,
+    block: usize,
+    pin: u64,
+) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
-    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let path = create(tmp.path(), 64 * MIB, 64 * MIB);
     let rt = rt();
-    let store = open(&path);
-    for i in 0..100u64 {
-        rt.block_on(store.write((i % 50) * 4096, &pattern(i as u8, 4096), false))
+    let store = reopen(&path, false);
+    store.set_retention_pin(Some(Lsn(pin)));
+    for i in 0..writes {
+        let at = (i % blocks) * block as u64;
+        rt.block_on(store.write(at, &pattern(i as u8, block), false))
             .unwrap();
     }
-    // The last run kept the WAL from entry 10 on for a replica, then stopped.
-    store.set_retention_pin(Some(Lsn(10)));
     store.shared.checkpoint().unwrap();
     store.close().unwrap();
-    drop(store);
-    let reopen = |keep_retained_wal| {
-        Store::open(
-            &path,
-            &OpenOptions {
-                flush_interval: Duration::from_secs(3600),
-                keep_retained_wal,
-                ..OpenOptions::default()
-            },
-        )
-        .unwrap()
-    };
-    let store = reopen(true);
+    (tmp, path)
+}
+
+#[test]
+fn a_store_opened_to_keep_its_retained_wal_recycles_none_of_it_until_told() {
+    let (_tmp, path) = store_that_kept_wal(100, 50, 4096, 10);
+    let rt = rt();
+    let store = reopen(&path, true);
     rt.block_on(store.write(0, &pattern(200, 4096), false))
         .unwrap();
     store.shared.checkpoint().unwrap();
@@ -609,26 +624,42 @@ fn a_store_opened_to_keep_its_retained_wal_recycles_none_of_it_until_told() {
         store.oldest_retained()
     );
     store.close().unwrap();
-    drop(store);
 
     // Opened the plain way, its first checkpoint lets the kept WAL go.
-    let tmp2 = tempfile::tempdir().unwrap();
-    let path2 = create(tmp2.path(), 16 * MIB, 64 * MIB);
-    let store = open(&path2);
-    for i in 0..20u64 {
-        rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))
-            .unwrap();
-    }
-    store.set_retention_pin(Some(Lsn(5)));
-    store.shared.checkpoint().unwrap();
-    store.close().unwrap();
-    drop(store);
-    let store = open(&path2);
+    let (_tmp, path) = store_that_kept_wal(20, 20, 4096, 5);
+    let store = reopen(&path, false);
     assert_eq!(store.oldest_retained(), Lsn(5));
     rt.block_on(store.write(0, &pattern(9, 4096), false))
         .unwrap();
     store.shared.checkpoint().unwrap();
     assert!(store.oldest_retained() > Lsn(5));
+}
+
+#[test]
+fn a_pin_kept_from_the_last_run_gives_way_to_a_write_that_finds_the_wal_full() {
+    // 60 MiB of the 64 MiB WAL kept; nobody confirms the pin after the open (a primary's
+    // replication has not started yet) and a write needs more room than is left.
+    let (_tmp, path) = store_that_kept_wal(240, 200, 256 << 10, 1);
+    let rt = rt();
+    let store = reopen(&path, true);
+    assert_eq!(store.oldest_retained(), Lsn(1));
+    let more = async {
+        for i in 0..64u64 {
+            store
+                .write(i * (256 << 10), &pattern(i as u8, 256 << 10), false)
+                .await?;
+        }
+        store.flush().await
+    };
+    let done = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), more).await });
+    assert!(done.is_ok(), "writes waited for a pin nobody confirmed");
+    done.unwrap().unwrap();
+    assert!(store.oldest_retained() > Lsn(1));
+    // A pin set by a caller holds as before.
+    store.set_retention_pin(Some(store.oldest_retained()));
+    let kept = store.oldest_retained();
+    store.shared.checkpoint().unwrap();
+    assert_eq!(store.oldest_retained(), kept);
 }
 
 #[test]

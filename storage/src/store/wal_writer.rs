@@ -1,8 +1,9 @@
 //! The WAL writer thread: writes queued records and runs group commit.
 //!
 //! Each round takes everything queued so far, writes it with as few vectored writes as it
-//! can (one per physically contiguous run), and fdatasyncs once if anybody wants durability. Waiters that arrive while a
-//! round runs are served by the next round's single fdatasync; that is the group commit.
+//! can (one per physically contiguous run), and fdatasyncs once if anybody wants
+//! durability. Waiters that arrive while a round runs are served by the next round's single
+//! fdatasync; that is the group commit.
 //!
 //! A plain write needs nothing from this thread before it is acknowledged (it is visible from
 //! the dirty map at once), so the writer is only woken for a sync or a full batch; otherwise

@@ -814,16 +814,9 @@ impl PrimaryCore {
             && !self.peers[i].rebuilt_this_session
         {
             self.begin_rebuild(i, now);
-        } else if let Some(session) = self.peers[i].session.take() {
-            let p = &mut self.peers[i];
-            p.unanswered.clear();
-            p.reconnect_at = now + p.backoff;
-            p.backoff = (p.backoff * 2).min(self.cfg.reconnect_max);
-            self.out.push(Action::Close {
-                replica: self.peers[i].id.clone(),
-                session,
-                reason: why.to_string(),
-            });
+        } else {
+            // Its state is NeedsRebuild already, which dropping the session keeps.
+            self.drop_session(i, now, why);
         }
         self.update_pin();
         self.evaluate();

@@ -188,8 +188,7 @@ impl Shared {
             // record's durable hint must never run ahead of what recovery will know.
             if target > core.durable {
                 core.durable = target;
-                self.durable
-                    .store(target.0, std::sync::atomic::Ordering::Release);
+                self.durable.publish(target);
                 core.complete_waiters();
             }
         }

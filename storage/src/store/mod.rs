@@ -15,7 +15,7 @@ use std::fs::{self, File};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
@@ -162,13 +162,47 @@ pub(crate) struct Shared {
     gate_cv: Condvar,
     /// Signalled when the flusher frees WAL space (or the store fails).
     space: Notify,
-    /// Mirror of `core.durable` for lock-free reads.
-    durable: AtomicU64,
+    /// `core.durable`, published for lock-free reads and for watchers.
+    durable: DurableMark,
     checkpoint_lock: Mutex<()>,
     /// The data file opened with O_DIRECT, for rebuild base data (see
     /// `flusher::DirectWriter`); opened on first use, `None` inside once it proved unusable.
     direct: Mutex<Option<Option<flusher::DirectWriter>>>,
     observer: std::sync::RwLock<Arc<dyn StoreObserver>>,
+}
+
+/// The store's durable LSN, readable without the core lock and watchable. Written only
+/// under the core lock, right after `core.durable` changes, so the two never disagree for
+/// longer than that lock is held.
+struct DurableMark {
+    lsn: AtomicU64,
+    watch: tokio::sync::watch::Sender<Lsn>,
+}
+
+impl DurableMark {
+    fn new(lsn: Lsn) -> Self {
+        DurableMark {
+            lsn: AtomicU64::new(lsn.0),
+            watch: tokio::sync::watch::Sender::new(lsn),
+        }
+    }
+
+    fn get(&self) -> Lsn {
+        Lsn(self.lsn.load(Ordering::Acquire))
+    }
+
+    fn publish(&self, lsn: Lsn) {
+        self.lsn.store(lsn.0, Ordering::Release);
+        self.watch.send_if_modified(|current| {
+            let changed = *current != lsn;
+            *current = lsn;
+            changed
+        });
+    }
+
+    fn watch(&self) -> tokio::sync::watch::Receiver<Lsn> {
+        self.watch.subscribe()
+    }
 }
 
 impl Shared {
@@ -546,7 +580,7 @@ impl Store {
             flusher_cv: Condvar::new(),
             gate_cv: Condvar::new(),
             space: Notify::new(),
-            durable: AtomicU64::new(last.0),
+            durable: DurableMark::new(last),
             checkpoint_lock: Mutex::new(()),
             direct: Mutex::new(None),
             observer: std::sync::RwLock::new(Arc::new(NoStoreObserver)),
@@ -653,10 +687,14 @@ impl Store {
 
     /// The highest LSN durable in this store's WAL.
     pub fn durable(&self) -> Lsn {
-        Lsn(self
-            .shared
-            .durable
-            .load(std::sync::atomic::Ordering::Acquire))
+        self.shared.durable.get()
+    }
+
+    /// Every change of [`Store::durable`], as it happens: it moves forward with each WAL
+    /// sync and checkpoint, and back only when a rebuild or a cut resets the log. Watchers
+    /// need not poll.
+    pub fn watch_durable(&self) -> tokio::sync::watch::Receiver<Lsn> {
+        self.shared.durable.watch()
     }
 
     /// The highest LSN this store knows to be committed.
@@ -1012,9 +1050,7 @@ impl Store {
             base,
             touched: Default::default(),
         });
-        self.shared
-            .durable
-            .store(base.0, std::sync::atomic::Ordering::Release);
+        self.shared.durable.publish(base);
         Ok(())
     }
 
@@ -1205,9 +1241,7 @@ impl Store {
         core.epoch_history = history;
         core.last_epoch = keep_epoch;
         core.checkpoint_gen += 1;
-        self.shared
-            .durable
-            .store(keep.0, std::sync::atomic::Ordering::Release);
+        self.shared.durable.publish(keep);
         tracing::info!("cut the log after entry {keep} (it ended at {head})");
         Ok(())
     }

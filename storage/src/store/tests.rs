@@ -92,6 +92,32 @@ fn acknowledged_flush_survives_crash_without_close() {
 }
 
 #[test]
+fn the_durable_watch_sees_every_sync_without_polling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    let mut watch = store.watch_durable();
+    let start = *watch.borrow_and_update();
+    assert_eq!(start, store.durable());
+    for i in 0..5u64 {
+        rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))
+            .unwrap();
+    }
+    let flushed = rt.block_on(store.flush()).unwrap();
+    assert!(
+        watch.has_changed().unwrap(),
+        "a WAL sync publishes the new durable LSN"
+    );
+    assert_eq!(*watch.borrow_and_update(), flushed);
+    store.shared.checkpoint().unwrap();
+    assert!(
+        !watch.has_changed().unwrap(),
+        "a checkpoint of what was already durable publishes nothing new"
+    );
+}
+
+#[test]
 fn unaligned_writes_read_modify_write() {
     let tmp = tempfile::tempdir().unwrap();
     let path = create(tmp.path(), 4 * MIB, 64 * MIB);

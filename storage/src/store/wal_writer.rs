@@ -106,9 +106,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     // Everything handed to the writer so far is now on stable storage.
                     let written = core.written;
                     core.durable = core.durable.max(written);
-                    shared
-                        .durable
-                        .store(core.durable.0, std::sync::atomic::Ordering::Release);
+                    shared.durable.publish(core.durable);
                     core.complete_waiters();
                 }
             }

@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use blockrep_frontend::{Exports, ListenAddr, Server};
 use blockrep_replication::core::primary::{PeerState, PrimaryConfig};
-use blockrep_replication::core::promotion::{self, Facts};
+use blockrep_replication::core::promotion::Facts;
 use blockrep_replication::core::{CommitMode, ReplicaId};
+use blockrep_replication::driver::promotion::{Promotion, PromotionError};
 use blockrep_replication::driver::{self, primary::PrimaryHandle};
-use blockrep_replication::wire::Body;
 use blockrep_storage::{CreateOptions, Epoch, IoMode, OpenOptions, Role, Store, VolumeId};
 use tokio_util::sync::CancellationToken;
 
@@ -282,102 +282,32 @@ async fn choose_epoch(
     if !(sb.role == Role::Replica && sb.epoch > Epoch(0)) {
         return Ok(args.epoch.map(Epoch));
     }
-    let me = Facts {
-        name: dir.display().to_string(),
-        head: store.head(),
-        head_epoch: store.head_epoch(),
-        committed: store.committed(),
-        epoch: sb.epoch,
-        needs_rebuild: false,
+    let promotion = Promotion {
+        candidate: Facts {
+            name: dir.display().to_string(),
+            head: store.head(),
+            head_epoch: store.head_epoch(),
+            committed: store.committed(),
+            epoch: sb.epoch,
+            needs_rebuild: false,
+        },
+        store_id: sb.store_id,
+        volume_id: sb.volume_id,
+        replicas: args.replicas.clone(),
+        mode,
+        epoch: args.epoch.map(Epoch),
+        force: args.force,
     };
-    // First look without disturbing anyone: a promotion that cannot pass leaves the running
-    // primary alone.
-    let members = probe_members(args, sb.epoch, None, sb.volume_id).await;
-    decide_promotion(dir, &me, &members, args, mode)?;
-    // Then fence the members at the new epoch and decide again on what they hold once the
-    // old primary can no longer add to it.
-    let min = promotion::next_epoch(&me, &members);
-    let epoch = match args.epoch.map(Epoch) {
-        Some(e) if e < min => bail!(
-            "--epoch {e} is not above epoch {} that this volume has already seen",
-            min.0 - 1
-        ),
-        Some(e) => e,
-        None => min,
-    };
-    let fenced = probe_members(args, epoch, Some(sb.store_id), sb.volume_id).await;
-    decide_promotion(dir, &me, &fenced, args, mode)?;
-    Ok(Some(epoch))
-}
-
-/// Probes every configured replica; those that answer for our volume are the members.
-async fn probe_members(
-    args: &ServeArgs,
-    epoch: Epoch,
-    fence: Option<blockrep_storage::VolumeId>,
-    volume: blockrep_storage::VolumeId,
-) -> Vec<Facts> {
-    let mut members = Vec::new();
-    for (id, addr) in &args.replicas {
-        match driver::probe(addr, epoch, fence).await {
-            Ok((
-                epoch,
-                Body::ProbeReply {
-                    volume_id,
-                    head,
-                    head_epoch,
-                    committed,
-                    needs_rebuild,
-                    ..
-                },
-            )) if volume_id == volume => members.push(Facts {
-                name: id.0.clone(),
-                head,
-                head_epoch,
-                committed,
-                epoch,
-                needs_rebuild,
-            }),
-            Ok((_, Body::ProbeReply { volume_id, .. })) => {
-                tracing::warn!(replica = %id, "belongs to volume {volume_id}, not ours; ignored")
-            }
-            Ok((_, Body::Reject { message, .. })) => {
-                tracing::warn!(replica = %id, "refused the promotion probe: {message}")
-            }
-            Ok((_, other)) => {
-                tracing::warn!(replica = %id, "answered the probe with {}", other.name())
-            }
-            Err(e) => tracing::warn!(replica = %id, "unreachable for the promotion check: {e}"),
+    match promotion.run().await {
+        Ok(epoch) => Ok(Some(epoch)),
+        Err(PromotionError::EpochNotAbove { requested, seen }) => {
+            bail!("--epoch {requested} is not above epoch {seen} that this volume has already seen")
         }
-    }
-    members
-}
-
-fn decide_promotion(
-    dir: &Path,
-    me: &Facts,
-    members: &[Facts],
-    args: &ServeArgs,
-    mode: CommitMode,
-) -> Result<()> {
-    match promotion::check(me, members, args.replicas.len(), mode) {
-        Ok(()) => tracing::info!(
-            "promoting {} (head {}, committed {}) with {} of {} replica(s) consulted",
-            dir.display(),
-            me.head,
-            me.committed,
-            members.len(),
-            args.replicas.len()
-        ),
-        Err(why) if args.force => {
-            tracing::warn!("FORCED promotion of {}: {why}", dir.display())
-        }
-        Err(why) => bail!(
-            "refusing to promote {}: {why}; --force promotes it anyway and loses what it lacks",
-            dir.display()
+        Err(PromotionError::Refused { candidate, why }) => bail!(
+            "refusing to promote {candidate}: {why}; --force promotes it anyway and loses what it \
+             lacks"
         ),
     }
-    Ok(())
 }
 
 async fn start_replication(

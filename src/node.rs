@@ -349,10 +349,8 @@ async fn start_replication(
                 !matches!(p.state, PeerState::Connecting | PeerState::Handshake)
                     && p.why != "not contacted yet"
             });
+        // Each peer's state is logged by the driver as it changes, not again here.
         if settled || tokio::time::Instant::now() >= deadline {
-            for p in &status.peers {
-                tracing::info!(replica = %p.id, state = p.state.name(), "{}", p.why);
-            }
             return Ok(handle);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -198,19 +198,7 @@ async fn serve_primary(
             replication: primary.clone(),
         },
     ));
-    let known: Vec<String> = args.replicas.iter().map(|(id, _)| id.0.clone()).collect();
-    let set_address = primary.clone().map(|p| {
-        Arc::new(move |name: &str, addr: &str| {
-            if !known.iter().any(|k| k == name) {
-                return Err(format!(
-                    "no replica named {name:?} (known: {})",
-                    known.join(", ")
-                ));
-            }
-            p.set_address(ReplicaId(name.to_string()), addr.to_string());
-            Ok(())
-        }) as Arc<dyn Fn(&str, &str) -> Result<(), String> + Send + Sync>
-    });
+    let set_address = primary.clone().map(|p| set_address_handler(p, args));
     let status_source = source.clone();
     let admin_addr = start_admin(
         &args.observe,
@@ -224,6 +212,57 @@ async fn serve_primary(
         shutdown.clone(),
     )
     .await?;
+    print_banner(dir, &store, args, mode, epoch, &server, admin_addr);
+    let mut exports = Exports::new();
+    exports.add(
+        args.export.clone(),
+        Arc::new(StoreVolume::new(
+            store.clone(),
+            primary,
+            metrics.clone(),
+            mode.name(),
+        )),
+    );
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    crate::systemd::ready(&format!("serving {} at epoch {epoch}", dir.display()));
+    crate::systemd::spawn_watchdog();
+    if args.observe.off() {
+        server.run(exports, shutdown).await?;
+    } else {
+        server.observe(metrics).run(exports, shutdown).await?;
+    }
+    crate::systemd::stopping();
+    Ok(())
+}
+
+/// What the admin endpoint calls to point a replica at a new address.
+type SetAddress = dyn Fn(&str, &str) -> Result<(), String> + Send + Sync;
+
+/// The admin endpoint's `set-address` for the configured replicas.
+fn set_address_handler(primary: PrimaryHandle, args: &ServeArgs) -> Arc<SetAddress> {
+    let known: Vec<String> = args.replicas.iter().map(|(id, _)| id.0.clone()).collect();
+    Arc::new(move |name: &str, addr: &str| {
+        if !known.iter().any(|k| k == name) {
+            return Err(format!(
+                "no replica named {name:?} (known: {})",
+                known.join(", ")
+            ));
+        }
+        primary.set_address(ReplicaId(name.to_string()), addr.to_string());
+        Ok(())
+    })
+}
+
+/// What a serving primary prints on stdout: where it serves, and how to look at it.
+fn print_banner(
+    dir: &Path,
+    store: &Store,
+    args: &ServeArgs,
+    mode: CommitMode,
+    epoch: Epoch,
+    server: &Server,
+    admin_addr: Option<std::net::SocketAddr>,
+) {
     let info = store.info();
     for addr in server.local_addrs() {
         let uri = match &addr {
@@ -248,26 +287,6 @@ async fn serve_primary(
     if let Some(ListenAddr::Tcp(a)) = server.local_addrs().first() {
         println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'");
     }
-    let mut exports = Exports::new();
-    exports.add(
-        args.export.clone(),
-        Arc::new(StoreVolume::new(
-            store.clone(),
-            primary,
-            metrics.clone(),
-            mode.name(),
-        )),
-    );
-    ready.store(true, std::sync::atomic::Ordering::Release);
-    crate::systemd::ready(&format!("serving {} at epoch {epoch}", dir.display()));
-    crate::systemd::spawn_watchdog();
-    if args.observe.off() {
-        server.run(exports, shutdown).await?;
-    } else {
-        server.observe(metrics).run(exports, shutdown).await?;
-    }
-    crate::systemd::stopping();
-    Ok(())
 }
 
 /// The epoch to serve at. A store that last served as a replica is being promoted: it must

@@ -165,3 +165,70 @@ async fn shipped_frames_arrive_whole_and_in_order_across_short_writes() {
         assert_eq!(sock.got, &expected[..], "{max} bytes per write");
     }
 }
+
+/// Invariant (*the store is the one source of the primary's own durability*): the driver
+/// learns the local fsync from `Store::watch_durable`, so a barrier is answered once the
+/// WAL is durable without anyone relaying it (nothing calls the driver but `barrier`).
+#[test]
+fn a_barrier_learns_the_local_fsync_from_the_store_alone() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use blockrep_storage::{CreateOptions, IoMode, OpenOptions, Store};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::core::primary::PrimaryConfig;
+    use crate::core::{CommitMode, ReplicaId};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("p");
+    let create = CreateOptions {
+        size: 16 << 20,
+        wal_capacity: 64 << 20,
+        volume_id: None,
+    };
+    Store::create(&dir, &create).unwrap();
+    let open = OpenOptions {
+        io_mode: IoMode::Plain,
+        flush_interval: Duration::from_secs(1),
+        read_only: false,
+        keep_retained_wal: false,
+    };
+    let store = Arc::new(Store::open(&dir, &open).unwrap());
+    let epoch = store.begin_epoch(None).unwrap();
+    let sb = store.superblock();
+    let cfg = PrimaryConfig::new(
+        sb.volume_id,
+        sb.volume_size,
+        sb.store_id,
+        epoch,
+        CommitMode::BestEffort,
+        vec![ReplicaId("r1".into())],
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    rt.block_on(async {
+        let handle = super::start(store.clone(), cfg, HashMap::new(), shutdown.clone());
+        for i in 0..3u64 {
+            let lsn = store
+                .write(i * 4096, &[i as u8; 4096], false)
+                .await
+                .unwrap();
+            let both = async { tokio::join!(store.wait_durable(lsn), handle.barrier(lsn)) };
+            let (local, replicated) = tokio::time::timeout(Duration::from_secs(10), both)
+                .await
+                .expect("the barrier waits for a durability nobody relays");
+            local.unwrap();
+            assert_eq!(replicated, Ok(()), "barrier through {lsn}");
+            assert!(handle.status().committed >= lsn);
+        }
+        shutdown.cancel();
+    });
+    drop(rt);
+    store.close().unwrap();
+}

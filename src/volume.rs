@@ -213,3 +213,40 @@ impl BlockVolume for StoreVolume {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use blockrep_replication::core::primary::BarrierFailure;
+    use blockrep_replication::driver::primary::ReplicationError;
+    use blockrep_storage::{Epoch, Lsn, StorageError};
+
+    use super::CommitError;
+
+    #[test]
+    fn barrier_failures_are_labelled_by_their_kind_never_their_text() {
+        let replicated = |source| CommitError::Replication {
+            target: Lsn(7),
+            source,
+        };
+        let cases = [
+            (CommitError::Fenced(Epoch(3)), "fenced"),
+            (CommitError::Local(StorageError::Closed), "local"),
+            (replicated(ReplicationError::Stopped), "local"),
+            (
+                replicated(ReplicationError::Barrier(BarrierFailure::ReplicaMissing)),
+                "replica_missing",
+            ),
+            (
+                replicated(ReplicationError::Barrier(BarrierFailure::QuorumLost)),
+                "quorum_lost",
+            ),
+            (
+                replicated(ReplicationError::Barrier(BarrierFailure::Fenced)),
+                "fenced",
+            ),
+        ];
+        for (e, label) in cases {
+            assert_eq!(e.label(), label, "{e:?}");
+        }
+    }
+}

@@ -7,7 +7,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{blockrep, create_store, die_with_test, free_port, serve, KillOnDrop, MIB};
+use common::{
+    blockrep, blockrep_timed, create_store, describe, die_with_test, free_port, run, serve,
+    wait_for_port, KillOnDrop, MIB,
+};
 
 /// Waits until `log` holds a line with every one of `needles`, for at most `secs`.
 fn wait_for_line(log: &Path, needles: &[&str], secs: u64) -> String {
@@ -97,4 +100,57 @@ fn an_unreachable_replica_is_logged_once_at_start() {
         1,
         "a replica nobody answers for is reported once, not per retry nor again at start:\n{text}"
     );
+}
+
+#[test]
+fn a_replica_logs_a_refused_primary_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mine = create_store(tmp.path(), "r1", 64 * MIB);
+    let other = create_store(tmp.path(), "p", 64 * MIB);
+    let port = free_port();
+    let log = tmp.path().join("r1.log");
+    let mut cmd = blockrep();
+    cmd.arg("replica")
+        .arg(&mine)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--metrics")
+        .arg("off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    die_with_test(&mut cmd);
+    let mut replica = KillOnDrop {
+        child: cmd.spawn().expect("spawn blockrep replica"),
+        what: "blockrep replica".into(),
+        stderr: Some(log.clone()),
+    };
+    wait_for_port(port);
+    // A blank store joins the first primary's volume...
+    let first = create_store(tmp.path(), "p0", 64 * MIB);
+    let r1 = format!("r1=127.0.0.1:{port}");
+    let mut p0 = serve(&first, &["--metrics", "off", "--replica", &r1]);
+    wait_for_line(&log, &["following primary store"], 30);
+    assert!(p0.terminate().success(), "{}", p0.log());
+    // ...and then refuses a primary of another one, which therefore will not serve.
+    let out = run(blockrep_timed(60)
+        .arg("serve")
+        .arg(&other)
+        .arg("--nbd")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--metrics")
+        .arg("off")
+        .arg("--replica")
+        .arg(format!("r1=127.0.0.1:{port}")));
+    assert!(!out.status.success(), "{}", describe(&out));
+    wait_for_line(&log, &["belongs to volume"], 10);
+    sigterm(&replica.child);
+    let status = replica.wait(60);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        status.success(),
+        "blockrep replica failed ({status}):\n{text}"
+    );
+    let lines = lines_with(&text, &["belongs to volume"]);
+    assert_eq!(lines.len(), 1, "one refusal, logged once:\n{text}");
 }

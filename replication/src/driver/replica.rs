@@ -82,6 +82,7 @@ pub async fn run(
         in_tx,
         syncs: Vec::new(),
         status,
+        rejected: Default::default(),
     };
     let mut next_conn = 1u64;
     loop {
@@ -141,6 +142,8 @@ struct Node {
     /// whose session has closed is still answered: the core learns the durable LSN from it.
     syncs: Vec<(ConnId, Lsn)>,
     status: Option<watch::Sender<ReplicaStatus>>,
+    /// Sessions just sent a `Reject`: their close is already logged, as the refusal.
+    rejected: std::collections::HashSet<ConnId>,
 }
 
 impl Node {
@@ -148,6 +151,7 @@ impl Node {
     async fn step(&mut self, event: Event) {
         if let Event::Closed { conn } = &event {
             self.conns.remove(conn);
+            self.rejected.remove(conn);
         }
         for action in self.core.step(event) {
             self.execute(action).await;
@@ -200,12 +204,21 @@ impl Node {
         match action {
             Action::Send { conn, frame } => {
                 if let Some((tx, _)) = self.conns.get(&conn) {
+                    if matches!(frame.body, Body::Reject { .. }) {
+                        self.rejected.insert(conn);
+                    }
                     let _ = tx.send(frame);
                 }
             }
             Action::Close { conn, reason } => {
+                let rejected = self.rejected.remove(&conn);
                 if let Some((_, peer)) = self.conns.remove(&conn) {
-                    tracing::info!(%peer, "closing replication session: {reason}");
+                    // The core logs each refusal (with its reason) as it makes it.
+                    if rejected {
+                        tracing::debug!(%peer, "closing replication session: {reason}");
+                    } else {
+                        tracing::info!(%peer, "closing replication session: {reason}");
+                    }
                 }
             }
             Action::AdoptVolume { volume_id } => self.adopt_volume(volume_id).await,

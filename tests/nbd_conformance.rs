@@ -16,7 +16,7 @@ const SCRIPT: &str = concat!(
 );
 
 /// How many checks tests/clients/nbd_conformance.py defines; raise it when adding one.
-const CHECKS: usize = 24;
+const CHECKS: usize = 28;
 
 /// What the script printed, sorted by line kind.
 struct Tap {

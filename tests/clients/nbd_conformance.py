@@ -50,6 +50,9 @@ REGION_MISALIGNED = 44 * MIB
 REGION_SIMPLE = 46 * MIB
 REGION_EXPORT_NAME = 48 * MIB
 REGION_ERRORS = 50 * MIB
+REGION_ZEROES = 52 * MIB
+REGION_DF = 54 * MIB
+REGION_DISCONNECT = 56 * MIB
 SMALLEST_EXPORT = 64 * MIB
 
 
@@ -499,6 +502,76 @@ def sixty_four_pipelined_writes(t):
     done = [h.aio_command_completed(c) for c in cookies]
     expect(all(done), f"{done.count(False)} writes never completed")
     expect_same(h.pread(64 * u, base), b"".join(buffers), "pipelined writes read back")
+
+
+@check
+def df_read_is_one_data_chunk(t):
+    """With DF the reply may not be split, so a range of data and zeroes comes back as one
+    data chunk (holes are not allowed either)."""
+    h = t.handle()
+    expect(h.can_df(), "SEND_DF not advertised")
+    u = unit_of(h)
+    base, span = REGION_DF, 16 * u
+    h.zero(span, base)
+    data = pattern(31, 2 * u)
+    h.pwrite(data, base + 4 * u)
+    chunks = []
+
+    def on_chunk(buf, offset, status, _err):
+        chunks.append((offset, len(buf), status))
+        return 0
+
+    buf = h.pread_structured(span, base, on_chunk, nbd.CMD_FLAG_DF)
+    expect(chunks == [(base, span, nbd.READ_DATA)],
+           f"DF read of {span} bytes at {base} came as {chunks}")
+    want = bytes(4 * u) + data + bytes(span - 6 * u)
+    expect_same(bytes(buf), want, "DF read")
+
+
+@check
+def write_zeroes_read_back_as_zeroes(t):
+    h = t.handle()
+    u = unit_of(h)
+    base, span = REGION_ZEROES, 16 * u
+    for flags in (0, nbd.CMD_FLAG_NO_HOLE, nbd.CMD_FLAG_FUA):
+        h.pwrite(pattern(flags + 1, span), base)
+        h.zero(span - 2 * u, base + u, flags)
+        want = pattern(flags + 1, span)[:u] + bytes(span - 2 * u) + pattern(flags + 1, span)[-u:]
+        expect_same(h.pread(span, base), want, f"after WRITE_ZEROES with flags {flags:#x}")
+    if h.can_fast_zero():
+        before = pattern(9, span)
+        h.pwrite(before, base)
+        code = errno_of(h.zero, span, base, nbd.CMD_FLAG_FAST_ZERO)
+        expect(code in (0, errno.ENOTSUP), f"FAST_ZERO got {errno_name(code)}")
+        after = h.pread(span, base)
+        if code == 0:
+            expect(after == bytes(span), "FAST_ZERO succeeded but the range is not zero")
+        else:
+            expect_same(after, before, "a refused FAST_ZERO changed the data")
+
+
+@check
+def writes_before_disconnect_survive_without_flush(t):
+    """Clients such as nbdcopy write, then disconnect without FLUSH: a new connection must
+    read what they wrote."""
+    a = t.handle()
+    data = pattern(51, 128 * 1024)
+    a.pwrite(data, REGION_DISCONNECT)
+    a.shutdown()
+    b = t.handle()
+    expect_same(b.pread(len(data), REGION_DISCONNECT), data, "read after the writer's DISC")
+
+
+@check
+def server_survives_a_client_vanishing_with_requests_in_flight(t):
+    a = t.handle()
+    u = unit_of(a)
+    for i in range(16):
+        a.aio_pread(nbd.Buffer(4 * u), i * 4 * u)
+        a.aio_pwrite(pattern(60 + i, u), REGION_DISCONNECT + MIB + i * u)
+    a.shutdown(nbd.SHUTDOWN_ABANDON_PENDING)
+    b = t.handle()
+    expect(len(b.pread(u, 0)) == u, "a new connection cannot read after the abandoned one")
 
 
 # ------------------------------------------------------------------ errors

@@ -1,10 +1,19 @@
 //! The flusher: moves what the WAL holds into the data file and recycles the WAL.
 //!
-//! A checkpoint freezes the dirty map at LSN `target` (new writes go to a fresh map), makes
-//! the WAL durable through `target`, writes the frozen blocks to the data file, fdatasyncs it,
-//! and only then records `checkpoint_lsn = target` in the superblock and releases the WAL
-//! before it. The data file therefore holds exactly the volume as of a durable LSN: never a
-//! write the WAL could still lose.
+//! A checkpoint freezes the dirty map at LSN `target` (new writes go to a fresh map), raises
+//! `data_through` to `target` in the superblock, writes the frozen blocks to the data file,
+//! fdatasyncs it, and only then records `checkpoint_lsn = target` in the superblock, releases
+//! the WAL before it and raises `durable` to `target`.
+//!
+//! It does not sync the WAL: the data file's fdatasync and the superblock make the entries
+//! through `target` durable, whether or not their WAL records ever reached the disk. The one
+//! exception is a retention pin at or below `target` (a lagging replica keeps WAL from before
+//! the checkpoint): the next open replays through those entries, so the WAL is synced through
+//! `target` first. A crash between the data file's writes and the superblock may leave blocks
+//! of entries the WAL has lost in the data file; `data_through` bounds how far that reaches.
+//!
+//! During a rebuild, a checkpoint that only moves base blocks skips the fdatasync (see
+//! `checkpoint_with`); the one `finish_rebuild` runs does not.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

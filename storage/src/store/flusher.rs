@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::core::Core;
-use super::Shared;
+use super::direct::DirectWriter;
+use super::files::zero_data_range;
+use super::shared::Shared;
 use crate::dirty::{BlockState, DirtyMap};
-use crate::io::Allocate;
 use crate::types::{Lsn, BLOCK_SIZE};
 
 /// Start a checkpoint once the WAL is this full, so writers rarely wait for space.
@@ -282,7 +283,7 @@ impl Shared {
         let Some(w) = writer.as_mut() else {
             return Ok(false);
         };
-        match w.write(self, frozen) {
+        match w.write(&self.io, &self.data, &self.data_path, frozen) {
             Ok(()) => Ok(true),
             // Some filesystems open O_DIRECT but refuse the writes: fall back for good (the
             // range is written again through the page cache, which is harmless).
@@ -333,17 +334,8 @@ impl Shared {
                     run_end = extent.end;
                 }
                 BlockState::Zero { punch } => {
-                    let mode = if *punch {
-                        Allocate::PunchHole
-                    } else {
-                        Allocate::ZeroRange
-                    };
                     let (offset, len) = (start * BLOCK_SIZE, (extent.end - start) * BLOCK_SIZE);
-                    if let Err(e) = self.io.allocate(&self.data, mode, offset, len).wait() {
-                        // Filesystems without hole punching still get zeroes.
-                        tracing::debug!("fallocate {mode:?} failed ({e}); writing zeroes");
-                        self.write_zeroes_blocking(offset, len)?;
-                    }
+                    zero_data_range(&self.io, &self.data, &self.data_path, *punch, offset, len)?;
                 }
             }
             if runs.len() >= MAX_OUTSTANDING {
@@ -354,144 +346,6 @@ impl Shared {
             runs.push((run_start * BLOCK_SIZE, run));
         }
         flush(&mut runs)
-    }
-
-    fn write_zeroes_blocking(&self, offset: u64, len: u64) -> Result<(), String> {
-        let chunk = Bytes::from(vec![0u8; MAX_WRITE as usize]);
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(MAX_WRITE);
-            self.io
-                .write(&self.data, at, vec![chunk.slice(..n as usize)])
-                .wait()
-                .map_err(|e| format!("write {}: {e}", self.data_path.display()))?;
-            at += n;
-        }
-        Ok(())
-    }
-}
-
-/// The data file opened with O_DIRECT and a reusable aligned buffer. The buffer stays warm,
-/// so a copy into it is cheap, unlike the fresh page-cache pages a buffered write fills.
-pub(crate) struct DirectWriter {
-    file: std::fs::File,
-    buf: Vec<u8>,
-    /// Offset of the first `DIRECT_ALIGN`-aligned byte of `buf`.
-    start: usize,
-    /// A write went through once: later errors are real errors, not "unsupported".
-    wrote: bool,
-}
-
-const DIRECT_ALIGN: usize = 4096;
-const DIRECT_BUF: usize = 4 << 20;
-/// Shorter runs are written through the page cache.
-const DIRECT_MIN: usize = 256 << 10;
-
-impl DirectWriter {
-    fn open(path: &std::path::Path) -> Option<DirectWriter> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::File::options()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| tracing::debug!("no direct I/O on {}: {e}", path.display()))
-            .ok()?;
-        let buf = vec![0u8; DIRECT_BUF + DIRECT_ALIGN];
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        (start < DIRECT_ALIGN).then_some(DirectWriter {
-            file,
-            buf,
-            start,
-            wrote: false,
-        })
-    }
-
-    /// Runs of at least `DIRECT_MIN` bytes go through the aligned buffer with O_DIRECT;
-    /// shorter ones (the WAL's scattered blocks) through the page cache, whose writeback
-    /// sorts and merges them where one synchronous direct write per block would not.
-    fn write(&mut self, shared: &Shared, frozen: &DirtyMap) -> std::io::Result<()> {
-        let mut run: Vec<Bytes> = Vec::new();
-        let mut run_at = 0u64;
-        let mut run_len = 0u64;
-        for (start, extent) in frozen.iter() {
-            let offset = start * BLOCK_SIZE;
-            match &extent.state {
-                BlockState::Data(bytes) => {
-                    if !run.is_empty() && (run_at + run_len != offset || run.len() == MAX_IOVECS) {
-                        self.write_run(shared, run_at, &std::mem::take(&mut run))?;
-                        run_len = 0;
-                    }
-                    if run.is_empty() {
-                        run_at = offset;
-                    }
-                    run.push(bytes.clone());
-                    run_len += bytes.len() as u64;
-                }
-                BlockState::Zero { punch } => {
-                    if !run.is_empty() {
-                        self.write_run(shared, run_at, &std::mem::take(&mut run))?;
-                        run_len = 0;
-                    }
-                    let mode = if *punch {
-                        Allocate::PunchHole
-                    } else {
-                        Allocate::ZeroRange
-                    };
-                    let len = (extent.end - start) * BLOCK_SIZE;
-                    if shared
-                        .io
-                        .allocate(&shared.data, mode, offset, len)
-                        .wait()
-                        .is_err()
-                    {
-                        shared
-                            .write_zeroes_blocking(offset, len)
-                            .map_err(std::io::Error::other)?;
-                    }
-                }
-            }
-        }
-        if !run.is_empty() {
-            self.write_run(shared, run_at, &run)?;
-        }
-        Ok(())
-    }
-
-    fn write_run(&mut self, shared: &Shared, at: u64, bufs: &[Bytes]) -> std::io::Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total < DIRECT_MIN {
-            return crate::io::pwritev_all(&shared.data, at, bufs);
-        }
-        let mut fill = 0usize;
-        let mut flushed = 0u64;
-        for b in bufs {
-            let mut src: &[u8] = b;
-            while !src.is_empty() {
-                let n = src.len().min(DIRECT_BUF - fill);
-                let dst = self.start + fill;
-                self.buf[dst..dst + n].copy_from_slice(&src[..n]);
-                fill += n;
-                src = &src[n..];
-                if fill == DIRECT_BUF {
-                    self.flush(at + flushed, fill)?;
-                    flushed += fill as u64;
-                    fill = 0;
-                }
-            }
-        }
-        if fill > 0 {
-            self.flush(at + flushed, fill)?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self, at: u64, len: usize) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        // Data extents are whole blocks, so `len` and `at` are multiples of 4096.
-        self.file
-            .write_all_at(&self.buf[self.start..self.start + len], at)?;
-        self.wrote = true;
-        Ok(())
     }
 }
 

@@ -1,6 +1,9 @@
 use std::sync::Arc;
 
+use super::files::{DATA, SUPERBLOCK, WAL};
 use super::*;
+use crate::superblock::Role;
+use crate::wal::{self, record::RecordKind};
 use crate::WalRecord;
 
 const MIB: u64 = 1 << 20;

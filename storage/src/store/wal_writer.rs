@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::Shared;
+use super::shared::Shared;
 use crate::types::Lsn;
 use crate::wal::record::HEADER_LEN;
 

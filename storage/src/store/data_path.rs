@@ -38,6 +38,7 @@ impl Store {
         let pieces = self
             .shared
             .lock_core()
+            .maps
             .resolve(offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
         // Submit every data-file read first so they run concurrently.
         enum Part {
@@ -167,10 +168,10 @@ impl Store {
                 core.check_writable()?;
                 let mut missing = false;
                 for &b in edges {
-                    let old = match core.lookup_block(b) {
+                    let old = match core.maps.lookup_block(b) {
                         Some(BlockState::Data(d)) => Some(d),
                         Some(BlockState::Zero { .. }) => Some(Bytes::from_static(&[0; 4096])),
-                        None if fetched_gen == core.checkpoint_gen => fetched
+                        None if fetched_gen == core.maps.checkpoint_gen => fetched
                             .iter()
                             .find(|(fb, _)| *fb == b)
                             .map(|(_, d)| d.clone()),
@@ -186,7 +187,7 @@ impl Store {
                     payload[at + to..at + bs].copy_from_slice(&old[to..]);
                 }
                 if missing {
-                    Some(core.checkpoint_gen)
+                    Some(core.maps.checkpoint_gen)
                 } else {
                     let frozen = crate::arena::copy(&[&payload]);
                     let crc = crc32c::crc32c(&frozen);
@@ -258,16 +259,16 @@ impl Store {
     }
 
     pub(super) fn after_append(&self, core: &mut Core) {
-        if core.queued_bytes >= wal_writer::BATCH_BYTES {
+        if core.writer.queued_bytes >= wal_writer::BATCH_BYTES {
             self.shared.wake_writer(core);
         }
-        if core.wal_used() >= flusher::eager_threshold(self.shared.layout.capacity) {
+        if core.log.wal_used() >= flusher::eager_threshold(self.shared.layout.capacity) {
             self.shared.request_flush(core);
         }
     }
 
     async fn current_lsn(&self, durable: bool) -> Result<Lsn> {
-        let lsn = self.shared.lock_core().next_lsn.prev();
+        let lsn = self.shared.lock_core().log.last();
         if durable {
             self.shared.wait_durable(lsn).await?;
         }
@@ -281,7 +282,7 @@ impl Store {
         let end = offset + len;
         let inner_first = offset.div_ceil(BLOCK_SIZE);
         let inner_end = end / BLOCK_SIZE;
-        let mut lsn = self.shared.lock_core().next_lsn.prev();
+        let mut lsn = self.shared.lock_core().log.last();
         if inner_first >= inner_end {
             // No whole block inside: it is a small write of zeroes.
             if len > 0 {
@@ -362,6 +363,7 @@ impl Store {
         let pieces = self
             .shared
             .lock_core()
+            .maps
             .resolve(offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
         let mut out: Vec<Allocation> = Vec::new();
         let mut push = |length: u64, hole: bool, zero: bool| {

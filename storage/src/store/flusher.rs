@@ -25,7 +25,7 @@ use super::direct::DirectWriter;
 use super::files::zero_data_range;
 use super::shared::Shared;
 use crate::dirty::{BlockState, DirtyMap};
-use crate::types::{Lsn, BLOCK_SIZE};
+use crate::types::{Epoch, Lsn, WalPos, BLOCK_SIZE};
 
 /// Start a checkpoint once the WAL is this full, so writers rarely wait for space.
 pub(crate) const EAGER_FRACTION: u64 = 4;
@@ -53,22 +53,32 @@ pub(crate) enum Lazy {
     Never,
 }
 
+/// What a checkpoint writes: the dirty map frozen at `target` (the newest entry then).
+struct Frozen {
+    target: Lsn,
+    /// The WAL head when it froze.
+    head: WalPos,
+    map: Arc<DirtyMap>,
+    /// The epoch of the entry at `target`.
+    epoch: Epoch,
+}
+
 pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
     loop {
         {
             let mut core = shared.lock_core();
-            if !core.flush_requested && !core.flusher_stop {
+            if !core.life.flush_requested && !core.life.flusher_stop {
                 core = shared
                     .flusher_cv
                     .wait_timeout(core, interval)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            if core.flusher_stop {
+            if core.life.flusher_stop {
                 return;
             }
-            core.flush_requested = false;
-            if core.failed.is_some() {
+            core.life.flush_requested = false;
+            if core.life.failed.is_some() {
                 continue;
             }
         }
@@ -98,24 +108,20 @@ impl Shared {
             .checkpoint_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let (target, head, frozen, target_epoch) = {
-            let mut core = self.lock_core();
-            if let Some(msg) = &core.failed {
-                return Err(msg.clone());
-            }
-            let (releasable, _) = core.release_point(core.next_lsn.prev(), core.head);
-            if core.active.is_empty() && core.tail == releasable {
-                return Ok(());
-            }
-            let frozen = Arc::new(std::mem::take(&mut core.active));
-            core.flushing = Some(frozen.clone());
-            (core.next_lsn.prev(), core.head, frozen, core.last_epoch)
+        let Some(Frozen {
+            target,
+            head,
+            map: frozen,
+            epoch: target_epoch,
+        }) = self.freeze()?
+        else {
+            return Ok(());
         };
         // The data file's own fsync makes these entries durable; the WAL only has to be
         // durable first when entries before the checkpoint stay in it for a lagging replica
         // (replay then reads through them, so they must be intact). Skipping that sync keeps
         // flush-free workloads from writing every byte to disk twice.
-        let keeps_older = self.lock_core().retention_pin.is_some_and(|p| p <= target);
+        let keeps_older = self.lock_core().repl.keeps_before(target);
         if keeps_older {
             self.wait_durable_blocking(target)?;
         }
@@ -128,7 +134,7 @@ impl Shared {
             let core = self.lock_core();
             let rebuilding = core.rebuild.is_some();
             let base_only =
-                lazy == Lazy::DuringRebuild && rebuilding && target <= core.checkpoint_lsn;
+                lazy == Lazy::DuringRebuild && rebuilding && target <= core.log.checkpoint_lsn;
             (rebuilding, base_only)
         };
         if !base_only {
@@ -146,35 +152,67 @@ impl Shared {
             self.write_to_data_file(&frozen)?;
         }
         if base_only {
-            if !direct {
-                for (start, extent) in frozen.iter() {
-                    crate::io::start_writeback(
-                        &self.data,
-                        start * BLOCK_SIZE,
-                        (extent.end - start) * BLOCK_SIZE,
-                    );
-                }
-            }
-            let mut core = self.lock_core();
-            core.flushing = None;
-            // The data file changed under anything read from it before.
-            core.checkpoint_gen += 1;
-            drop(core);
-            tracing::debug!(
-                bytes = frozen.data_bytes(),
-                "rebuild checkpoint (writeback started)"
-            );
-            self.space.notify_waiters();
+            self.base_written(&frozen, direct);
             return Ok(());
         }
         crate::io::sync_data(&self.data)
             .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
-        // The WAL before the checkpoint may go, except what a lagging replica still needs.
+        self.record_checkpoint(target, head, target_epoch)
+    }
+
+    /// Freezes the dirty map for a checkpoint; `None` when there is nothing to write or
+    /// release.
+    fn freeze(&self) -> Result<Option<Frozen>, String> {
+        let mut core = self.lock_core();
+        if let Some(msg) = &core.life.failed {
+            return Err(msg.clone());
+        }
+        let (releasable, _) = core.release_point(core.log.last(), core.log.head);
+        if core.maps.active.is_empty() && core.log.tail == releasable {
+            return Ok(None);
+        }
+        Ok(Some(Frozen {
+            target: core.log.last(),
+            head: core.log.head,
+            map: core.maps.freeze(),
+            epoch: core.epochs.last,
+        }))
+    }
+
+    /// A rebuild checkpoint that only moved base blocks is done: writeback is started for
+    /// what went through the page cache, and nothing is recorded.
+    fn base_written(&self, frozen: &DirtyMap, direct: bool) {
+        if !direct {
+            for (start, extent) in frozen.iter() {
+                crate::io::start_writeback(
+                    &self.data,
+                    start * BLOCK_SIZE,
+                    (extent.end - start) * BLOCK_SIZE,
+                );
+            }
+        }
+        self.lock_core().maps.flushed();
+        tracing::debug!(
+            bytes = frozen.data_bytes(),
+            "rebuild checkpoint (writeback started)"
+        );
+        self.space.notify_waiters();
+    }
+
+    /// The data file holds the volume as of `target`: the superblock says so, then the WAL
+    /// before it is released (except what a lagging replica still needs) and everything
+    /// through it counts as durable.
+    fn record_checkpoint(
+        &self,
+        target: Lsn,
+        head: WalPos,
+        target_epoch: Epoch,
+    ) -> Result<(), String> {
         let (new_tail, new_tail_lsn, committed, history) = {
             let core = self.lock_core();
             let (tail, tail_lsn) = core.release_point(target, head);
-            let history = crate::superblock::history_through(&core.epoch_history, target);
-            (tail, tail_lsn, core.committed, history)
+            let history = crate::superblock::history_through(&core.epochs.history, target);
+            (tail, tail_lsn, core.log.committed, history)
         };
         {
             let mut sb = self.superblock.lock().unwrap_or_else(|p| p.into_inner());
@@ -189,17 +227,14 @@ impl Shared {
         }
         {
             let mut core = self.lock_core();
-            core.release(new_tail, new_tail_lsn);
-            core.checkpoint_lsn = target;
-            core.flushing = None;
-            core.checkpoint_gen += 1;
             // Everything through the checkpoint is durable now (in the data file), whether or
             // not its WAL records were ever synced. Only after the superblock says so: a
             // record's durable hint must never run ahead of what recovery will know.
-            if target > core.durable {
-                core.durable = target;
+            let durable_moved = core.log.mark_checkpoint(target, new_tail, new_tail_lsn);
+            core.maps.flushed();
+            if durable_moved {
                 self.durable.publish(target);
-                core.complete_waiters();
+                core.waiters.complete(target);
             }
         }
         self.space.notify_waiters();
@@ -216,8 +251,8 @@ impl Shared {
     /// ahead of the commit point only means a later cut is refused and the copy is rebuilt.
     fn wait_for_gate(&self) {
         let mut core = self.lock_core();
-        let began = core.next_lsn.prev();
-        while self.gate_holds_back(&core, began.min(core.next_lsn.prev())) {
+        let began = core.log.last();
+        while self.gate_holds_back(&core, began.min(core.log.last())) {
             core = self
                 .gate_cv
                 .wait_timeout(core, GATE_POLL)
@@ -235,7 +270,7 @@ impl Shared {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 tracing::debug!(
                     target = target.0,
-                    gate = core.gate.map_or(0, |g| g.0),
+                    gate = core.repl.gate.map_or(0, |g| g.0),
                     "checkpoint goes ahead of its gate"
                 );
                 break;
@@ -252,12 +287,12 @@ impl Shared {
     /// below `target`, and nothing overrides it (a rebuild, a stop or close, a failure, or a
     /// WAL half full).
     fn gate_holds_back(&self, core: &Core, target: Lsn) -> bool {
-        core.gate.is_some_and(|g| g < target)
+        core.repl.gate.is_some_and(|g| g < target)
             && core.rebuild.is_none()
-            && !core.flusher_stop
-            && !core.closing
-            && core.failed.is_none()
-            && core.wal_used() < self.layout.capacity / GATE_PRESSURE_FRACTION
+            && !core.life.flusher_stop
+            && !core.life.closing
+            && core.life.failed.is_none()
+            && core.log.wal_used() < self.layout.capacity / GATE_PRESSURE_FRACTION
     }
 
     /// Invariant (*the data file never holds an entry the superblock does not admit*):

@@ -185,7 +185,7 @@ impl Store {
 
     /// The newest entry's LSN (`Lsn(0)` for an empty store).
     pub fn head(&self) -> Lsn {
-        self.shared.lock_core().next_lsn.prev()
+        self.shared.lock_core().log.last()
     }
 
     /// The highest LSN durable in this store's WAL.
@@ -195,43 +195,43 @@ impl Store {
 
     /// The highest LSN this store knows to be committed.
     pub fn committed(&self) -> Lsn {
-        self.shared.lock_core().committed
+        self.shared.lock_core().log.committed
     }
 
     /// Records that the volume's commit mode is met through `lsn`. The knowledge reaches disk
     /// with the next WAL record header or checkpoint.
     pub fn set_committed(&self, lsn: Lsn) {
         let mut core = self.shared.lock_core();
-        if lsn > core.committed {
-            core.committed = lsn;
+        if lsn > core.log.committed {
+            core.log.committed = lsn;
         }
     }
 
     /// The epoch of the newest entry (the store's epoch if it has none since its checkpoint).
     pub fn head_epoch(&self) -> Epoch {
-        self.shared.lock_core().last_epoch
+        self.shared.lock_core().epochs.last
     }
 
     /// The epoch entry `lsn` was written at, if the store still knows (see
     /// [`Superblock::epoch_history`]). `Lsn(0)` is epoch 0 by definition.
     pub fn epoch_at(&self, lsn: Lsn) -> Option<Epoch> {
         let core = self.shared.lock_core();
-        if lsn > core.next_lsn.prev() {
+        if lsn > core.log.last() {
             return None;
         }
-        crate::superblock::epoch_at(&core.epoch_history, lsn)
+        crate::superblock::epoch_at(&core.epochs.history, lsn)
     }
 
     /// Where each epoch begins in this store's log.
     pub fn epoch_history(&self) -> Vec<(Epoch, Lsn)> {
-        self.shared.lock_core().epoch_history.clone()
+        self.shared.lock_core().epochs.history.clone()
     }
 
     /// True while the store has never held an entry: it can join any volume of its size.
     pub fn is_blank(&self) -> bool {
         let sb = self.superblock();
         let core = self.shared.lock_core();
-        core.next_lsn == Lsn(1) && sb.checkpoint_lsn == Lsn::ZERO && sb.epoch == Epoch(0)
+        core.log.next_lsn == Lsn(1) && sb.checkpoint_lsn == Lsn::ZERO && sb.epoch == Epoch(0)
     }
 
     pub fn info(&self) -> StoreInfo {
@@ -241,14 +241,13 @@ impl Store {
         StoreInfo {
             volume_id,
             volume_size: self.shared.volume_size,
-            epoch: core.epoch,
-            next_lsn: core.next_lsn,
-            durable_lsn: core.durable,
-            checkpoint_lsn: core.checkpoint_lsn,
+            epoch: core.epochs.epoch,
+            next_lsn: core.log.next_lsn,
+            durable_lsn: core.log.durable,
+            checkpoint_lsn: core.log.checkpoint_lsn,
             wal_capacity: self.shared.layout.capacity,
-            wal_used: core.wal_used(),
-            dirty_bytes: core.active.data_bytes()
-                + core.flushing.as_ref().map_or(0, |f| f.data_bytes()),
+            wal_used: core.log.wal_used(),
+            dirty_bytes: core.maps.data_bytes(),
             io_engine: self.shared.io.name(),
         }
     }

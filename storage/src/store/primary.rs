@@ -22,7 +22,7 @@ impl Store {
             .superblock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let current = sb.epoch.max(self.shared.lock_core().epoch);
+        let current = sb.epoch.max(self.shared.lock_core().epochs.epoch);
         let epoch = requested.unwrap_or(current.next());
         if epoch <= current {
             return Err(StorageError::EpochRegression {
@@ -34,7 +34,7 @@ impl Store {
         sb.epoch_owner = sb.store_id;
         sb.role = Role::Primary;
         sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
-        self.shared.lock_core().epoch = epoch;
+        self.shared.lock_core().epochs.epoch = epoch;
         Ok(epoch)
     }
 
@@ -62,7 +62,7 @@ impl Store {
     /// earlier subscriber.
     pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<crate::WalRecord> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.shared.lock_core().tap = Some(tx);
+        self.shared.lock_core().repl.tap = Some(tx);
         rx
     }
 
@@ -80,8 +80,8 @@ impl Store {
     /// single node has no one to wait for.
     pub fn set_checkpoint_gate(&self, gate: Option<Lsn>) {
         let mut core = self.shared.lock_core();
-        if core.gate != gate {
-            core.gate = gate;
+        if core.repl.gate != gate {
+            core.repl.gate = gate;
             self.shared.gate_cv.notify_all();
         }
     }
@@ -90,10 +90,7 @@ impl Store {
     /// hold with `None`. Entries already released are not brought back.
     pub fn set_retention_pin(&self, pin: Option<Lsn>) {
         let mut core = self.shared.lock_core();
-        let changed = core.retention_pin != pin;
-        core.retention_pin = pin;
-        core.pin_from_open = false;
-        if changed {
+        if core.repl.set_pin(pin) {
             // A released pin may free space at once.
             self.shared.request_flush(&mut core);
         }
@@ -102,13 +99,16 @@ impl Store {
     /// Bytes of WAL from entry `lsn` to the head (0 if `lsn` is not in the WAL).
     pub fn wal_bytes_since(&self, lsn: Lsn) -> u64 {
         let core = self.shared.lock_core();
-        let i = core.index.partition_point(|(l, _)| *l < lsn);
-        core.index.get(i).map_or(0, |&(_, pos)| core.head.0 - pos.0)
+        let i = core.log.index.partition_point(|(l, _)| *l < lsn);
+        core.log
+            .index
+            .get(i)
+            .map_or(0, |&(_, pos)| core.log.head.0 - pos.0)
     }
 
     /// The oldest LSN still in the WAL.
     pub fn oldest_retained(&self) -> Lsn {
-        self.shared.lock_core().tail_lsn
+        self.shared.lock_core().log.tail_lsn
     }
 
     /// Reads entries `from..` out of the WAL, up to about `max_bytes` of payload (always at
@@ -124,23 +124,23 @@ impl Store {
         let (positions, queued) = loop {
             let found = {
                 let core = self.shared.lock_core();
-                if from < core.tail_lsn {
+                if from < core.log.tail_lsn {
                     return Err(StorageError::WalRecycled {
                         requested: from,
-                        oldest: core.tail_lsn,
+                        oldest: core.log.tail_lsn,
                     });
                 }
                 // Entries already in the file are read from it; newer ones are still in the
                 // writer's queue and are taken from memory.
-                let start = core.index.partition_point(|(lsn, _)| *lsn < from);
+                let start = core.log.index.partition_point(|(lsn, _)| *lsn < from);
                 let mut positions = Vec::new();
                 let mut bytes = 0u64;
                 let mut next = from;
-                for (i, &(lsn, pos)) in core.index.iter().enumerate().skip(start) {
-                    if lsn > core.written || (bytes >= max_bytes && !positions.is_empty()) {
+                for (i, &(lsn, pos)) in core.log.index.iter().enumerate().skip(start) {
+                    if lsn > core.log.written || (bytes >= max_bytes && !positions.is_empty()) {
                         break;
                     }
-                    let end = core.index.get(i + 1).map_or(core.head, |&(_, p)| p);
+                    let end = core.log.index.get(i + 1).map_or(core.log.head, |&(_, p)| p);
                     // A record never straddles the end of the ring; what follows it there is a
                     // wrap marker's padding.
                     let len = (end.0 - pos.0).min(self.shared.layout.room(pos));
@@ -150,7 +150,7 @@ impl Store {
                 }
                 let mut queued = Vec::new();
                 if bytes < max_bytes || positions.is_empty() {
-                    for q in core.queue.iter() {
+                    for q in core.writer.queue.iter() {
                         if q.record.lsn < next || q.record.kind == crate::RecordKind::Wrap {
                             continue;
                         }
@@ -165,7 +165,8 @@ impl Store {
                     }
                 }
                 // Empty although `from` exists: it is in the writer's hands.
-                let in_flight = positions.is_empty() && queued.is_empty() && from < core.next_lsn;
+                let in_flight =
+                    positions.is_empty() && queued.is_empty() && from < core.log.next_lsn;
                 (!in_flight).then_some((positions, queued))
             };
             match found {
@@ -207,11 +208,9 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let mut core = self.shared.lock_core();
-        let base = core.checkpoint_lsn;
-        let pin = base.next();
-        core.retention_pin = Some(core.retention_pin.map_or(pin, |p| p.min(pin)));
-        core.pin_from_open = false;
-        let history = crate::superblock::history_through(&core.epoch_history, base);
+        let base = core.log.checkpoint_lsn;
+        core.repl.pin_from(base.next());
+        let history = crate::superblock::history_through(&core.epochs.history, base);
         (base, history)
     }
 

@@ -7,7 +7,7 @@ use std::sync::MutexGuard;
 
 use bytes::Bytes;
 
-use super::core;
+use super::core::KeptLog;
 use super::files::io_err;
 use super::Store;
 use crate::dirty::{BlockState, DirtyMap};
@@ -28,9 +28,9 @@ impl Store {
             {
                 let mut core = self.shared.lock_core();
                 core.check_writable()?;
-                if record.lsn != core.next_lsn {
+                if record.lsn != core.log.next_lsn {
                     return Err(StorageError::LsnGap {
-                        expected: core.next_lsn,
+                        expected: core.log.next_lsn,
                         got: record.lsn,
                     });
                 }
@@ -65,7 +65,7 @@ impl Store {
         sb.epoch_owner = owner;
         sb.role = Role::Replica;
         sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
-        self.shared.lock_core().epoch = epoch;
+        self.shared.lock_core().epochs.epoch = epoch;
         Ok(())
     }
 
@@ -137,32 +137,13 @@ impl Store {
         sb.flags &= !FLAG_CLEAN;
         sb.checkpoint_lsn = base;
         sb.checkpoint_epoch = base_epoch;
-        sb.wal_tail = core.head;
+        sb.wal_tail = core.log.head;
         sb.wal_tail_lsn = base.next();
         sb.wal_generation = sb.wal_generation.wrapping_add(1);
         sb.generation_start = base.next();
         sb.epoch_history = history.clone();
         sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
-        core.generation = sb.wal_generation;
-        core.active = DirtyMap::default();
-        core.flushing = None;
-        core.queue.clear();
-        core.queued_bytes = 0;
-        core.index.clear();
-        core.tail = core.head;
-        core.tail_lsn = base.next();
-        core.next_lsn = base.next();
-        core.written = base;
-        core.durable = base;
-        core.sync_target = base;
-        core.checkpoint_lsn = base;
-        core.checkpoint_gen += 1;
-        core.epoch_history = history;
-        core.last_epoch = base_epoch;
-        core.rebuild = Some(core::Rebuild {
-            base,
-            touched: Default::default(),
-        });
+        core.restart_for_rebuild(base, history, base_epoch, sb.wal_generation);
         self.shared.durable.publish(base);
         Ok(())
     }
@@ -186,8 +167,7 @@ impl Store {
             {
                 let mut core = self.shared.lock_core();
                 core.check_writable()?;
-                let pending =
-                    core.active.data_bytes() + core.flushing.as_ref().map_or(0, |f| f.data_bytes());
+                let pending = core.maps.data_bytes();
                 if pending < MAX_PENDING || data.is_none() {
                     let Some(rebuild) = &core.rebuild else {
                         return Err(StorageError::Failed("no rebuild in progress".into()));
@@ -201,11 +181,11 @@ impl Store {
                             )),
                             None => BlockState::Zero { punch: true },
                         };
-                        core.active.insert(s, e, base, state);
+                        core.maps.active.insert(s, e, base, state);
                     }
                     // Small checkpoints keep the data file's writeback going while base
                     // data streams in, so the one that ends the rebuild has little left.
-                    if core.active.data_bytes() >= REBUILD_CHECKPOINT_BYTES {
+                    if core.maps.active.data_bytes() >= REBUILD_CHECKPOINT_BYTES {
                         self.shared.request_flush(&mut core);
                     }
                     return Ok(());
@@ -255,46 +235,64 @@ impl Store {
         if keep >= self.head() {
             return Ok(());
         }
-        let refuse = |reason: String| Err(StorageError::CannotTruncate { keep, reason });
         let (head, _no_checkpoint, mut sb) = self.quiesce_log()?;
-        let (start, start_lsn, generation) = {
-            let core = self.shared.lock_core();
-            core.check_writable()?;
-            if core.rebuild.is_some() {
-                return refuse("a rebuild is in progress".into());
-            }
-            if core.next_lsn.prev() != head || !core.queue.is_empty() || core.written < head {
-                return refuse("entries are still being appended".into());
-            }
-            if keep < core.checkpoint_lsn {
-                return refuse(format!(
-                    "the data file holds entries through {}",
-                    core.checkpoint_lsn
-                ));
-            }
-            if keep < sb.data_through {
-                return refuse(format!(
-                    "the data file may hold entries through {}",
-                    sb.data_through
-                ));
-            }
-            if keep < core.committed {
-                return refuse(format!("entries through {} are committed", core.committed));
-            }
-            let first = core.checkpoint_lsn.next();
-            let i = core.index.partition_point(|(lsn, _)| *lsn < first);
-            match core.index.get(i) {
-                Some(&(lsn, pos)) if lsn == first => (pos, first, core.generation),
-                _ => {
-                    return refuse(format!(
-                        "entry {first} is no longer in the WAL (the oldest is {})",
-                        core.tail_lsn
-                    ))
-                }
-            }
-        };
-        // Rebuild the dirty map from the entries kept after the checkpoint: a discarded entry
-        // may have overwritten a block whose kept value only the log still has.
+        let start = self.cut_start(keep, head, &sb)?;
+        let (new_head, active) = self.replay_kept(keep, head, start, &sb)?;
+        self.commit_cut(keep, head, new_head, active, &mut sb)
+    }
+
+    /// Where the entries a cut after `keep` keeps begin (the one after the checkpoint): its
+    /// position, its LSN and the log's generation. Refuses the cut for the reasons
+    /// `truncate_after` gives.
+    fn cut_start(&self, keep: Lsn, head: Lsn, sb: &Superblock) -> Result<(WalPos, Lsn, u16)> {
+        let refuse = |reason: String| Err(StorageError::CannotTruncate { keep, reason });
+        let core = self.shared.lock_core();
+        core.check_writable()?;
+        if core.rebuild.is_some() {
+            return refuse("a rebuild is in progress".into());
+        }
+        if core.log.last() != head || !core.writer.queue.is_empty() || core.log.written < head {
+            return refuse("entries are still being appended".into());
+        }
+        if keep < core.log.checkpoint_lsn {
+            return refuse(format!(
+                "the data file holds entries through {}",
+                core.log.checkpoint_lsn
+            ));
+        }
+        if keep < sb.data_through {
+            return refuse(format!(
+                "the data file may hold entries through {}",
+                sb.data_through
+            ));
+        }
+        if keep < core.log.committed {
+            return refuse(format!(
+                "entries through {} are committed",
+                core.log.committed
+            ));
+        }
+        let first = core.log.checkpoint_lsn.next();
+        let i = core.log.index.partition_point(|(lsn, _)| *lsn < first);
+        match core.log.index.get(i) {
+            Some(&(lsn, pos)) if lsn == first => Ok((pos, first, core.log.generation)),
+            _ => refuse(format!(
+                "entry {first} is no longer in the WAL (the oldest is {})",
+                core.log.tail_lsn
+            )),
+        }
+    }
+
+    /// Reads the entries from `start` through `keep` back from the WAL: where the head goes
+    /// after the cut, and the dirty map they make. A discarded entry may have overwritten a
+    /// block whose kept value only the log still has, so the map is rebuilt, not trimmed.
+    fn replay_kept(
+        &self,
+        keep: Lsn,
+        head: Lsn,
+        (start, start_lsn, generation): (WalPos, Lsn, u16),
+        sb: &Superblock,
+    ) -> Result<(WalPos, DirtyMap)> {
         let mut active = DirtyMap::default();
         // Right after the last kept record (not where the first discarded one sits: a wrap
         // marker of the discarded entry may lie between, and replay would stop at it).
@@ -323,13 +321,29 @@ impl Store {
             },
         )?;
         if replay.next_lsn <= head {
-            return refuse(format!(
-                "the WAL reads back only through {}, the log ends at {head}",
-                replay.next_lsn.prev()
-            ));
+            return Err(StorageError::CannotTruncate {
+                keep,
+                reason: format!(
+                    "the WAL reads back only through {}, the log ends at {head}",
+                    replay.next_lsn.prev()
+                ),
+            });
         }
+        Ok((new_head, active))
+    }
+
+    /// Persists the cut (a new generation from `keep + 1`, the epochs through `keep`), then
+    /// makes memory agree: the log ends at `keep`, its next record goes at `new_head`.
+    fn commit_cut(
+        &self,
+        keep: Lsn,
+        head: Lsn,
+        new_head: WalPos,
+        active: DirtyMap,
+        sb: &mut Superblock,
+    ) -> Result<()> {
         let mut core = self.shared.lock_core();
-        let history = crate::superblock::history_through(&core.epoch_history, keep);
+        let history = crate::superblock::history_through(&core.epochs.history, keep);
         let keep_epoch = crate::superblock::epoch_at(&history, keep).unwrap_or(sb.checkpoint_epoch);
         sb.flags &= !FLAG_CLEAN;
         sb.wal_generation = sb.wal_generation.wrapping_add(1);
@@ -340,20 +354,14 @@ impl Store {
             core.fail(format!("persisting a cut of the log after {keep}: {e}"));
             return Err(e);
         }
-        core.generation = sb.wal_generation;
-        core.active = active;
-        core.flushing = None;
-        while core.index.back().is_some_and(|(lsn, _)| *lsn > keep) {
-            core.index.pop_back();
-        }
-        core.head = new_head;
-        core.next_lsn = keep.next();
-        core.written = keep;
-        core.durable = keep;
-        core.sync_target = core.sync_target.min(keep);
-        core.epoch_history = history;
-        core.last_epoch = keep_epoch;
-        core.checkpoint_gen += 1;
+        let kept = KeptLog {
+            last: keep,
+            head: new_head,
+            active,
+            history,
+            last_epoch: keep_epoch,
+        };
+        core.cut(kept, sb.wal_generation);
         self.shared.durable.publish(keep);
         tracing::info!("cut the log after entry {keep} (it ended at {head})");
         Ok(())

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
-use super::core::{Core, DurableWaiter};
+use super::core::Core;
 use super::direct::DirectWriter;
 use crate::error::{Result, StorageError};
 use crate::io::IoEngine;
@@ -55,7 +55,7 @@ pub(crate) struct Shared {
     pub(super) gate_cv: Condvar,
     /// Signalled when the flusher frees WAL space (or the store fails).
     pub(super) space: Notify,
-    /// `core.durable`, published for lock-free reads and for watchers.
+    /// `core.log.durable`, published for lock-free reads and for watchers.
     pub(super) durable: DurableMark,
     pub(super) checkpoint_lock: Mutex<()>,
     /// The data file opened with O_DIRECT, for rebuild base data (see
@@ -65,7 +65,7 @@ pub(crate) struct Shared {
 }
 
 /// The store's durable LSN, readable without the core lock and watchable. Written only
-/// under the core lock, right after `core.durable` changes, so the two never disagree for
+/// under the core lock, right after `core.log.durable` changes, so the two never disagree for
 /// longer than that lock is held.
 pub(super) struct DurableMark {
     lsn: AtomicU64,
@@ -118,17 +118,14 @@ impl Shared {
         target: Lsn,
     ) -> Result<Option<oneshot::Receiver<Result<(), String>>>> {
         let mut core = self.lock_core();
-        if let Some(msg) = &core.failed {
+        if let Some(msg) = &core.life.failed {
             return Err(StorageError::Failed(msg.clone()));
         }
-        if core.durable >= target {
+        if core.log.durable >= target {
             return Ok(None);
         }
         let (done, rx) = oneshot::channel();
-        core.waiters.push(DurableWaiter { target, done });
-        if core.sync_target < target {
-            core.sync_target = target;
-        }
+        core.waiters.add(target, done);
         self.wake_writer(&mut core);
         Ok(Some(rx))
     }
@@ -154,8 +151,8 @@ impl Shared {
     }
 
     pub(super) fn wake_writer(&self, core: &mut Core) {
-        if core.writer_waiting {
-            core.writer_waiting = false;
+        if core.writer.waiting {
+            core.writer.waiting = false;
             self.writer_cv.notify_one();
         }
     }
@@ -163,9 +160,7 @@ impl Shared {
     /// An append found the WAL full: a pin nobody has confirmed since the open gives way
     /// (see `Core::pin_from_open`), and the flusher is asked to make room.
     pub(super) fn wait_for_room(&self, core: &mut Core) {
-        if core.pin_from_open {
-            core.pin_from_open = false;
-            core.retention_pin = None;
+        if core.repl.drop_open_pin() {
             tracing::warn!(
                 "the WAL is full before replication started: releasing what it kept for replicas"
             );
@@ -174,8 +169,8 @@ impl Shared {
     }
 
     pub(super) fn request_flush(&self, core: &mut Core) {
-        if !core.flush_requested {
-            core.flush_requested = true;
+        if !core.life.flush_requested {
+            core.life.flush_requested = true;
             self.flusher_cv.notify_one();
         }
     }

@@ -272,7 +272,7 @@ fn trim_and_zeroes_read_as_zero_and_report_holes() {
     );
     // A whole-volume trim is a single dirty entry, not a million.
     rt.block_on(store.trim(0, 4 * MIB, false)).unwrap();
-    assert_eq!(store.shared.lock_core().active.iter().count(), 1);
+    assert_eq!(store.shared.lock_core().maps.active.iter().count(), 1);
 }
 
 #[test]

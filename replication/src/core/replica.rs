@@ -472,6 +472,25 @@ impl ReplicaCore {
     /// candidate's promotion check decides on facts that stay true; under sync-quorum a
     /// majority of fenced copies leaves the old primary no majority to commit with.
     fn fence(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
+        if !self.claim_epoch(conn, epoch, owner) {
+            return false;
+        }
+        if let Some(old) = self.active.take() {
+            if old != conn {
+                self.greeting = None;
+                self.out.push(Action::Close {
+                    conn: old,
+                    reason: format!("fenced by a promotion at epoch {epoch}"),
+                });
+            }
+        }
+        true
+    }
+
+    /// Store `owner` claims `epoch` (a primary's hello, a candidate's fence): refused if the
+    /// epoch is stale or another store owns it; otherwise adopted, persisted before we
+    /// answer so the claim survives a crash. Returns whether the claim stands.
+    fn claim_epoch(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
         if epoch < self.s.epoch && !active(Mutant::SkipReplicaEpochCheck) {
             let msg = format!(
                 "epoch {epoch} is stale; this replica is at {}",
@@ -494,15 +513,6 @@ impl ReplicaCore {
             self.s.epoch = epoch;
             self.s.epoch_owner = owner;
             self.s.was_primary = false;
-        }
-        if let Some(old) = self.active.take() {
-            if old != conn {
-                self.greeting = None;
-                self.out.push(Action::Close {
-                    conn: old,
-                    reason: format!("fenced by a promotion at epoch {epoch}"),
-                });
-            }
         }
         true
     }
@@ -543,32 +553,8 @@ impl ReplicaCore {
             self.out.push(Action::AdoptVolume { volume_id });
             self.s.volume_id = volume_id;
         }
-        if epoch < self.s.epoch && !active(Mutant::SkipReplicaEpochCheck) {
-            let msg = format!(
-                "epoch {epoch} is stale; this replica is at {}",
-                self.s.epoch
-            );
-            self.reject(conn, RejectReason::StaleEpoch, msg);
+        if !self.claim_epoch(conn, epoch, primary) {
             return;
-        }
-        let unclaimed = self.s.epoch_owner == VolumeId([0; 16]);
-        if epoch == self.s.epoch && !unclaimed && self.s.epoch_owner != primary {
-            let msg = format!(
-                "epoch {epoch} already belongs to primary store {}",
-                self.s.epoch_owner
-            );
-            self.reject(conn, RejectReason::EpochOwned, msg);
-            return;
-        }
-        if epoch > self.s.epoch || self.s.epoch_owner != primary {
-            // Persisted before we answer, so the claim survives a crash.
-            self.out.push(Action::AdoptEpoch {
-                epoch,
-                owner: primary,
-            });
-            self.s.epoch = epoch;
-            self.s.epoch_owner = primary;
-            self.s.was_primary = false;
         }
         if let Some(old) = self.active.replace(conn) {
             if old != conn {

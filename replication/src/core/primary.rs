@@ -9,10 +9,14 @@
 //!                                                                   │    target, then live shipping takes over)
 //!                                                                   └─ otherwise ──────────► NeedsRebuild
 //! ```
-//! Only InSync peers receive live entries and count toward the commit mode. Every input that
-//! names a session is checked against the peer's current session; anything else is stale and
-//! ignored. A `Reject` from a higher epoch fences this primary for good; any other frame at an
-//! epoch other than ours is a protocol error that only ends that replica's session.
+//! With `auto_rebuild`, a replica that needs a rebuild gets one at once if its session has
+//! passed the hello, otherwise on its next handshake (Rebuilding, then InSync once its
+//! completion is accepted). Only InSync peers, and a rebuild whose WAL line has reached our
+//! head, receive live entries; only InSync peers count toward the commit mode. Every input
+//! that names a session is checked against the peer's current session; anything else is
+//! stale and ignored. A `Reject` from a higher epoch fences this primary for good; any other
+//! frame at an epoch other than ours is a protocol error that only ends that replica's
+//! session.
 //!
 //! Rooms: `peer` holds one replica's state and its transitions; `sessions` dials, times out
 //! and drops sessions and runs catch-ups and rebuilds; `frames` handles each frame kind a

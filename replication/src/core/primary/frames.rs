@@ -100,8 +100,7 @@ impl PrimaryCore {
         // The replica counts again only now that we accept its completion.
         self.peers[i].rebuilt(durable);
         self.counters.rebuilds_done += 1;
-        self.set_state(i, PeerState::InSync, now, "rebuilt");
-        self.resend_barriers(i, now);
+        self.become_in_sync(i, now, "rebuilt");
         self.update_pin();
         self.evaluate();
     }
@@ -161,8 +160,7 @@ impl PrimaryCore {
             return;
         }
         if durable == self.head {
-            self.set_state(i, PeerState::InSync, now, "zero gap");
-            self.resend_barriers(i, now);
+            self.become_in_sync(i, now, "zero gap");
             self.evaluate();
             return;
         }

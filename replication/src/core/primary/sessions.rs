@@ -21,6 +21,13 @@ impl PrimaryCore {
         }
     }
 
+    /// The replica holds our log through our head (or will, as live entries reach it): it
+    /// counts from now on, and is asked at once for the barriers still pending.
+    pub(super) fn become_in_sync(&mut self, i: usize, now: Millis, why: &str) {
+        self.set_state(i, PeerState::InSync, now, why);
+        self.resend_barriers(i, now);
+    }
+
     pub(super) fn tick(&mut self, now: Millis, pinned_bytes: u64) {
         if self.fenced.is_some() {
             return;
@@ -265,9 +272,15 @@ impl PrimaryCore {
             self.peers[i].rebuild_goes_live();
             self.maybe_finish_rebuild(i);
         } else {
-            // Caught up: live shipping continues from head + 1 with no gap and no duplicate.
-            self.set_state(i, PeerState::InSync, now, "caught up");
-            self.resend_barriers(i, now);
+            // Invariant (*a caught-up replica continues from our head with no gap*): the
+            // catch-up shipped through our head and no further, so live shipping, which
+            // sends what is appended after the head, misses and repeats nothing.
+            assert_eq!(
+                next,
+                self.head.next(),
+                "a caught-up replica continues from our head with no gap"
+            );
+            self.become_in_sync(i, now, "caught up");
             self.update_pin();
         }
     }

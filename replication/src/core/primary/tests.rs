@@ -1422,3 +1422,47 @@ fn only_a_reject_from_a_higher_epoch_fences_other_frames_end_the_session() {
     assert!(a.iter().any(|a| matches!(a, Action::Close { .. })), "{a:?}");
     assert_eq!(state(&c, "a"), PeerState::Disconnected);
 }
+
+#[test]
+fn a_caught_up_replica_continues_from_our_head_with_no_gap() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 3);
+    let dialled = tick(&mut c, 0);
+    let a = hello(&mut c, &dialled, "a", 1, 0);
+    let session = sessions(&dialled)[0].1;
+    assert!(a.contains(&Action::ReadWal {
+        replica: rid("a"),
+        session,
+        from: Lsn(2),
+        max_bytes: 4 << 20,
+    }));
+    // The head moves on while the read is out: the read covers only 2..=3 of it.
+    let live = append(&mut c, 4, 4);
+    assert!(frames_to(&live, "a").is_empty(), "{live:?}");
+    let a = c.step(Event::WalRead {
+        replica: rid("a"),
+        session,
+        from: Lsn(2),
+        records: vec![rec(2, E), rec(3, E)],
+        now: 1,
+    });
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::ReadWal { from: Lsn(4), .. })));
+    let a = c.step(Event::WalRead {
+        replica: rid("a"),
+        session,
+        from: Lsn(4),
+        records: vec![rec(4, E)],
+        now: 2,
+    });
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+    let shipped: Vec<u64> = frames_to(&a, "a")
+        .iter()
+        .chain(frames_to(&append(&mut c, 5, 5), "a").iter())
+        .flat_map(|b| match b {
+            Body::Entries { records, .. } => records.iter().map(|r| r.lsn.0).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(shipped, vec![4, 5]);
+}

@@ -7,8 +7,8 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::exports::Exports;
 use crate::proto::*;
-use crate::server::Exports;
 use crate::volume::BlockVolume;
 
 /// Option payloads above this are refused by closing the connection (no string in the

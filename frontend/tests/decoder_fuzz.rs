@@ -15,7 +15,7 @@
 //! `BLOCKREP_FUZZ_SEED` (a different seed explores different inputs; failures print the seed
 //! and case number, and the same seed replays them exactly).
 
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../fuzz/src/lib.rs"]
 mod harness;
 

@@ -15,6 +15,7 @@ mod connection;
 mod exports;
 mod handshake;
 mod observe;
+mod option;
 pub mod proto;
 mod server;
 mod volume;

@@ -73,28 +73,32 @@ impl ClientOption {
 
 impl InfoRequest {
     fn parse(data: &[u8]) -> Result<InfoRequest, Malformed> {
-        let mut p = Payload(data);
-        let parsed = (|| {
-            let name = p.string()?;
-            let n = p.u16()?;
-            let infos: Vec<u16> = (0..n).map(|_| p.u16()).collect::<Option<_>>()?;
-            p.is_empty().then_some(InfoRequest { name, infos })
-        })();
-        parsed.ok_or(Malformed::InfoGo)
+        let parsed = name_and_items(data, |p| p.u16().map(u32::from), Payload::u16);
+        let (name, infos) = parsed.ok_or(Malformed::InfoGo)?;
+        Ok(InfoRequest { name, infos })
     }
 }
 
 impl MetaQuery {
     fn parse(data: &[u8]) -> Result<MetaQuery, Malformed> {
-        let mut p = Payload(data);
-        let parsed = (|| {
-            let name = p.string()?;
-            let n = p.u32()?;
-            let queries: Vec<String> = (0..n).map(|_| p.string()).collect::<Option<_>>()?;
-            p.is_empty().then_some(MetaQuery { name, queries })
-        })();
-        parsed.ok_or(Malformed::MetaContext)
+        let parsed = name_and_items(data, Payload::u32, Payload::string);
+        let (name, queries) = parsed.ok_or(Malformed::MetaContext)?;
+        Ok(MetaQuery { name, queries })
     }
+}
+
+/// The layout INFO, GO and both META_CONTEXT options share: a length-prefixed export name,
+/// a count, that many items, and nothing after them.
+fn name_and_items<'a, T>(
+    data: &'a [u8],
+    count: impl FnOnce(&mut Payload<'a>) -> Option<u32>,
+    mut item: impl FnMut(&mut Payload<'a>) -> Option<T>,
+) -> Option<(String, Vec<T>)> {
+    let mut p = Payload(data);
+    let name = p.string()?;
+    let n = count(&mut p)?;
+    let items = (0..n).map(|_| item(&mut p)).collect::<Option<Vec<T>>>()?;
+    p.is_empty().then_some((name, items))
 }
 
 /// A cursor over an option's payload that never reads past its end.

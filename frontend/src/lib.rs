@@ -8,6 +8,13 @@
 //!
 //! It must never know how the bytes are stored or replicated: no WAL, no LSN, no replica
 //! appears here. Durability is whatever the volume's `flush` promises.
+//!
+//! Modules, each importing only those listed before it (no module imports one that imports
+//! it, and none imports this root): `proto` (the spec's numbers), `volume` (the
+//! [`BlockVolume`] trait), `exports` (exports by name), `observe` (metrics hooks), `codec`
+//! (request framing, reply encoding), `command` (a request decoded into a typed command),
+//! `option` (a handshake option decoded into a typed option), `handshake`, `connection`
+//! (the transmission phase) and `server` (listeners, accept loop, shutdown).
 
 mod codec;
 mod command;

@@ -5,7 +5,7 @@ use blockrep_frontend::{encode_request, DecodeError, Request, RequestDecoder};
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
-use super::{be16, be32, be64, HEADER_LEN};
+use super::common::{be16, be32, be64, HEADER_LEN};
 
 /// Counts of what the decoder did, so a harness can show its inputs reach the interesting
 /// paths.

@@ -2,7 +2,7 @@
 
 use blockrep_frontend::proto::*;
 
-use super::{BLOCK, EXPORT, MAX_OPTION_LEN, OTHER_EXPORT, VOLUME_SIZE};
+use super::common::{BLOCK, EXPORT, MAX_OPTION_LEN, OTHER_EXPORT, VOLUME_SIZE};
 
 /// SplitMix64: tiny, deterministic, good enough for test inputs.
 pub struct Rng(u64);

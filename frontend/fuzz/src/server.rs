@@ -10,9 +10,9 @@ use blockrep_frontend::{Exports, ListenAddr, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use super::common::{CASE_TIMEOUT, EXPORT, OTHER_EXPORT};
 use super::transcript::{check_transcript, HandshakeStats};
 use super::volume::MemVolume;
-use super::{CASE_TIMEOUT, EXPORT, OTHER_EXPORT};
 
 thread_local! {
     static PANICKED: Cell<bool> = const { Cell::new(false) };

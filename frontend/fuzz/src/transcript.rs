@@ -2,7 +2,7 @@
 
 use blockrep_frontend::proto::*;
 
-use super::{be16, be32, be64, EXPORT, MAX_OPTION_LEN, OTHER_EXPORT, VOLUME_SIZE};
+use super::common::{be16, be32, be64, EXPORT, MAX_OPTION_LEN, OTHER_EXPORT, VOLUME_SIZE};
 
 /// What the transcripts reached, over all cases.
 #[derive(Debug, Default, Clone, Copy)]

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use blockrep_frontend::{BlockVolume, Extent, ReadChunk, VolumeResult};
 use bytes::Bytes;
 
-use super::{BLOCK, VOLUME_SIZE};
+use super::common::{BLOCK, VOLUME_SIZE};
 
 /// A RAM volume that reports zero 4 KiB blocks as holes (so structured reads and
 /// BLOCK_STATUS produce mixed chunks) and panics when handed a range outside itself, which

@@ -2,12 +2,13 @@
 //!
 //! Used by two drivers:
 //! * the cargo-fuzz targets in `fuzz_targets/` (libFuzzer, nightly), and
-//! * the deterministic stable-toolchain harness `frontend/tests/decoder_fuzz.rs`, which pulls
-//!   this module tree in with `#[path]` so that both check exactly the same properties.
+//! * the deterministic stable-toolchain harness `frontend/tests/decoder_fuzz.rs`, which
+//!   declares this directory as its module `fuzz_oracles`,
 //!
-//! Because of the second use these files must not use `crate::` paths (the modules reach
-//! each other through `super::`) and may only use crates that `blockrep-frontend` itself
-//! depends on (bytes, tokio, tokio-util).
+//! so both check exactly the same properties. (The fuzz crate's `Cargo.toml` points its
+//! library at this file.) Because of the second use these files must not use `crate::` paths
+//! (the modules reach each other through `super::`) and may only use crates that
+//! `blockrep-frontend` itself depends on (bytes, tokio, tokio-util).
 //!
 //! What is checked:
 //! * [`check_decoder`]: `RequestDecoder` fed a byte stream in arbitrary pieces never panics,

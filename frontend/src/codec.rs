@@ -20,6 +20,26 @@ pub struct Request {
     pub payload: Bytes,
 }
 
+#[cfg(test)]
+impl Request {
+    /// A request for tests: a WRITE carries `length` bytes of 1s, other commands nothing.
+    pub(crate) fn sample(cmd: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Request {
+        let payload = if cmd == CMD_WRITE {
+            Bytes::from(vec![1u8; length as usize])
+        } else {
+            Bytes::new()
+        };
+        Request {
+            flags,
+            cmd,
+            cookie,
+            offset,
+            length,
+            payload,
+        }
+    }
+}
+
 /// A stream the server cannot parse; the connection is closed (there is no way to resync).
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -274,18 +294,14 @@ mod tests {
             any::<u32>(),
         )
             .prop_map(|(flags, cmd, cookie, offset, payload, len)| {
-                let (length, payload) = if cmd == CMD_WRITE {
-                    (payload.len() as u32, Bytes::from(payload))
+                if cmd == CMD_WRITE {
+                    let length = payload.len() as u32;
+                    Request {
+                        payload: Bytes::from(payload),
+                        ..Request::sample(cmd, flags, cookie, offset, length)
+                    }
                 } else {
-                    (len, Bytes::new())
-                };
-                Request {
-                    flags,
-                    cmd,
-                    cookie,
-                    offset,
-                    length,
-                    payload,
+                    Request::sample(cmd, flags, cookie, offset, len)
                 }
             })
     }
@@ -332,17 +348,7 @@ mod tests {
     #[test]
     fn codec_refuses_absurd_write_without_allocating() {
         let mut buf = BytesMut::new();
-        encode_request(
-            &Request {
-                flags: 0,
-                cmd: CMD_WRITE,
-                cookie: 1,
-                offset: 0,
-                length: 0,
-                payload: Bytes::new(),
-            },
-            &mut buf,
-        );
+        encode_request(&Request::sample(CMD_WRITE, 0, 1, 0, 0), &mut buf);
         // Patch the length to 4 GiB - 1.
         buf[24..28].copy_from_slice(&u32::MAX.to_be_bytes());
         let cap_before = buf.capacity();

@@ -258,19 +258,7 @@ mod tests {
     }
 
     fn request(cmd: u16, flags: u16, offset: u64, length: u32) -> Request {
-        let payload = if cmd == CMD_WRITE {
-            Bytes::from(vec![7u8; length as usize])
-        } else {
-            Bytes::new()
-        };
-        Request {
-            flags,
-            cmd,
-            cookie: 42,
-            offset,
-            length,
-            payload,
-        }
+        Request::sample(cmd, flags, 42, offset, length)
     }
 
     fn bad_flags(cmd: u16, flags: u16) -> Refusal {

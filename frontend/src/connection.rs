@@ -135,11 +135,9 @@ fn budget_units(header: &Header) -> u32 {
     .min(BUDGET_UNITS)
 }
 
-/// Polls a request once on the connection's task and queues its reply if it is ready.
-/// Most requests finish without waiting (a write lands in memory, a read hits memory or the
-/// page cache); only those that must wait (FUA, FLUSH, a disk read, a full WAL) become tasks
-/// of their own. The permit travels with the reply and is released once the reply is on the
-/// wire.
+/// Polls a request once on the connection's task and queues its reply if it is ready; one
+/// that has to wait becomes a task of its own (see the module doc for why). The permit
+/// travels with the reply and is released once the reply is on the wire.
 fn start<F>(request: F, permit: OwnedSemaphorePermit, tx: &Replies)
 where
     F: Future<Output = Reply> + Send + 'static,
@@ -338,6 +336,124 @@ fn describe(extents: &[Extent], req_one: bool, len: u64) -> Vec<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::{encode_request, Request};
+    use crate::observe::NoObserver;
+    use crate::volume::{ReadChunk, VolumeResult};
+    use bytes::{Buf, Bytes, BytesMut};
+    use tokio::io::AsyncReadExt;
+
+    /// 8 KiB of zeroes that accepts every write.
+    struct Zeroes;
+
+    impl BlockVolume for Zeroes {
+        fn size(&self) -> u64 {
+            8192
+        }
+        async fn read(&self, _: u64, len: u32) -> VolumeResult<Vec<ReadChunk>> {
+            Ok(vec![ReadChunk::Zeroes(len.into())])
+        }
+        async fn write(&self, _: u64, _: Bytes, _: bool) -> VolumeResult<()> {
+            Ok(())
+        }
+        async fn write_zeroes(
+            &self,
+            _: u64,
+            _: u64,
+            _: bool,
+            _: bool,
+            _: bool,
+        ) -> VolumeResult<()> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u64, _: bool) -> VolumeResult<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> VolumeResult<()> {
+            Ok(())
+        }
+        async fn block_status(&self, _: u64, len: u64) -> VolumeResult<Vec<Extent>> {
+            Ok(vec![Extent {
+                length: len,
+                hole: true,
+                zero: true,
+            }])
+        }
+    }
+
+    /// (cookie, error, structured error message) of every reply, in order.
+    fn replies(mut wire: &[u8]) -> Vec<(u64, u32, Option<String>)> {
+        let mut out = Vec::new();
+        while !wire.is_empty() {
+            match wire.get_u32() {
+                SIMPLE_REPLY_MAGIC => {
+                    let error = wire.get_u32();
+                    out.push((wire.get_u64(), error, None));
+                }
+                STRUCTURED_REPLY_MAGIC => {
+                    let (_flags, kind) = (wire.get_u16(), wire.get_u16());
+                    assert_eq!(kind, REPLY_TYPE_ERROR);
+                    let cookie = wire.get_u64();
+                    let _len = wire.get_u32();
+                    let error = wire.get_u32();
+                    let n = wire.get_u16() as usize;
+                    let msg = String::from_utf8(wire[..n].to_vec()).unwrap();
+                    wire.advance(n);
+                    out.push((cookie, error, Some(msg)));
+                }
+                other => panic!("reply magic {other:#x}"),
+            }
+        }
+        out
+    }
+
+    /// A refusal is answered like a volume error (an error chunk for a structured READ, a
+    /// simple reply otherwise) and the connection goes on; a DISC ends it whatever its flags.
+    #[tokio::test]
+    async fn refused_requests_get_their_errno_and_the_connection_goes_on() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(server);
+        let neg = Negotiated {
+            volume: Arc::new(Zeroes),
+            export: "t".into(),
+            structured: true,
+            base_allocation: false,
+        };
+        let token = CancellationToken::new();
+        let served = tokio::spawn(async move {
+            serve(r, w, neg, token, Arc::new(NoObserver), "test").await;
+        });
+        let mut wire = BytesMut::new();
+        for req in [
+            Request::sample(CMD_READ, 0, 1, 8192, 1),
+            Request::sample(CMD_WRITE, 0, 2, 8000, 512),
+            Request::sample(CMD_BLOCK_STATUS, 0, 3, 0, 1),
+            Request::sample(CMD_TRIM, CMD_FLAG_DF, 4, 0, 1),
+            Request::sample(CMD_WRITE, CMD_FLAG_FUA, 5, 0, 512),
+            Request::sample(CMD_DISC, 0xffff, 6, u64::MAX, 0),
+        ] {
+            encode_request(&req, &mut wire);
+        }
+        client.write_all(&wire).await.unwrap();
+        let mut out = Vec::new();
+        // The server closing its end is the condition; the bound only turns a hang into a
+        // failure.
+        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut out))
+            .await
+            .expect("the connection did not end at DISC")
+            .unwrap();
+        served.await.unwrap();
+        let read_msg = Some("read past the end of the volume".to_string());
+        assert_eq!(
+            replies(&out),
+            vec![
+                (1, EINVAL, read_msg),
+                (2, ENOSPC, None),
+                (3, EINVAL, None),
+                (4, EINVAL, None),
+                (5, 0, None),
+            ]
+        );
+    }
 
     #[test]
     fn describe_splits_long_extents_and_honours_req_one() {

@@ -21,11 +21,12 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{Reply, RequestDecoder};
+use crate::codec::RequestDecoder;
 use crate::command::{Command, Header, Limits, Refusal};
 use crate::handshake::Negotiated;
 use crate::observe::{Observer, Op};
 use crate::proto::*;
+use crate::reply::Reply;
 use crate::volume::{BlockVolume, Extent, VolumeError};
 
 /// 64 MiB of requests in flight per connection, in 4 KiB units.

@@ -12,7 +12,7 @@
 //! Modules, each importing only those listed before it (no module imports one that imports
 //! it, and none imports this root): `proto` (the spec's numbers), `volume` (the
 //! [`BlockVolume`] trait), `exports` (exports by name), `observe` (metrics hooks), `codec`
-//! (request framing, reply encoding), `command` (a request decoded into a typed command),
+//! (request framing), `reply` (reply encoding), `command` (a request decoded into a typed command),
 //! `option` (a handshake option decoded into a typed option), `handshake`, `connection`
 //! (the transmission phase) and `server` (listeners, accept loop, shutdown).
 
@@ -24,6 +24,7 @@ mod handshake;
 mod observe;
 mod option;
 pub mod proto;
+mod reply;
 mod server;
 mod volume;
 

@@ -449,15 +449,15 @@ fn start() -> (tempfile::TempDir, Served) {
 }
 
 fn assert_alive(srv: &mut Served) {
-    if let Some(st) = srv.child.try_wait().expect("try_wait") {
+    if let Some(st) = srv.try_wait() {
         panic!("the server exited ({st}); its log:\n{}", srv.log());
     }
 }
 
 /// The server's resident set size in bytes.
 fn rss(srv: &Served) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", srv.child.id()))
-        .expect("/proc/PID/status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", srv.pid())).expect("/proc/PID/status");
     let line = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -1147,14 +1147,14 @@ const ESHUTDOWN: u32 = 108;
 
 fn signal_term(srv: &Served) {
     // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(srv.child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(srv.pid() as i32, libc::SIGTERM) };
 }
 
 /// Waits up to `limit` for the server to exit; returns how long it took, or `None`.
 fn wait_exit(srv: &mut Served, limit: Duration) -> Option<Duration> {
     let t0 = Instant::now();
     while t0.elapsed() < limit {
-        if let Some(st) = srv.child.try_wait().unwrap() {
+        if let Some(st) = srv.try_wait() {
             assert!(
                 st.success(),
                 "server exited with {st} after SIGTERM:\n{}",

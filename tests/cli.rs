@@ -721,7 +721,7 @@ fn metrics_off_serves_no_admin_endpoint_and_the_volume_still_works() {
     ]));
     assert!(!out.contains("Pattern verification failed"), "{out}");
     // The only socket the server listens on is its NBD port.
-    let pid = s.child.id();
+    let pid = s.pid();
     let listening = run_ok(Command::new("ss").args(["-Hltnp"]));
     let ours: Vec<&str> = listening
         .lines()

@@ -171,11 +171,7 @@ fn spawn_storm(dir: &Path, uri: &str, log: &Path, seq_base: u64, flush_every: u3
         .stderr(File::create(&stderr).expect("storm stderr"))
         .spawn()
         .expect("spawn the write storm");
-    KillOnDrop {
-        child,
-        what: "the write storm client".into(),
-        stderr: Some(stderr),
-    }
+    KillOnDrop::new(child, "the write storm client", Some(stderr))
 }
 
 /// Counts (W, F) lines of a storm log.
@@ -392,8 +388,8 @@ fn sigterm_makes_acknowledged_writes_durable() {
         "{}print('written', flush=True)\nimport time\ntime.sleep(120)\n",
         nbdsh_writes(&data_path, &writes, false)
     );
-    let mut holder = KillOnDrop {
-        child: Command::new("nbdsh")
+    let mut holder = KillOnDrop::new(
+        Command::new("nbdsh")
             .env("PATH", system_path())
             .args(["-u", &server.uri(), "-c", &code])
             .stdin(Stdio::null())
@@ -401,9 +397,9 @@ fn sigterm_makes_acknowledged_writes_durable() {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn nbdsh"),
-        what: "nbdsh".into(),
-        stderr: None,
-    };
+        "nbdsh",
+        None,
+    );
     let stdout = holder.child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -28,7 +28,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -221,42 +221,18 @@ fn signal(pid: i32, sig: i32) {
 /// `blockrep replica STORE --listen 127.0.0.1:PORT`, once it says it is listening.
 fn start_replica(store: &Path) -> Served {
     let port = free_port();
-    let stderr_log = store.with_extension(format!("replica-{port}.log"));
-    let mut child = blockrep()
-        .arg("replica")
-        .arg(store)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(File::create(&stderr_log).expect("replica log"))
-        .spawn()
-        .expect("spawn blockrep replica");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(first)) = lines.next() {
-            let _ = tx.send(first);
-        }
-        for _ in lines {}
-    });
-    let first = rx.recv_timeout(Duration::from_secs(60));
-    let replica = Served {
-        child,
-        store: store.to_path_buf(),
-        port,
-        stderr_log,
-    };
-    match first {
-        Ok(line) if line.contains("listening on") => {}
-        other => panic!(
-            "blockrep replica did not start ({other:?}); its log:\n{}",
-            replica.log()
-        ),
-    }
-    wait_for_port(port);
-    replica
+    let args = vec![
+        "replica".into(),
+        store.into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}").into(),
+    ];
+    Node::builder("blockrep replica", store, port, args)
+        .log(store.with_extension(format!("replica-{port}.log")))
+        .ready(Ready::Line("listening on"))
+        .color()
+        .wait_for_port()
+        .start()
 }
 
 // --------------------------------------------------------------------- ext4 on nbdfuse
@@ -701,11 +677,11 @@ impl Client {
             }
         });
         Client {
-            proc: KillOnDrop {
+            proc: KillOnDrop::new(
                 child,
-                what: "the insert client (psql)".into(),
-                stderr: Some(stderr.to_path_buf()),
-            },
+                "the insert client (psql)",
+                Some(stderr.to_path_buf()),
+            ),
             acks: acks.to_path_buf(),
         }
     }
@@ -753,11 +729,7 @@ fn spawn_checkpointer(pg: &Postgres, dir: &Path) -> KillOnDrop {
         .stderr(File::create(&stderr).unwrap())
         .spawn()
         .expect("spawn psql (checkpoints)");
-    KillOnDrop {
-        child,
-        what: "the checkpoint loop (psql)".into(),
-        stderr: Some(stderr),
-    }
+    KillOnDrop::new(child, "the checkpoint loop (psql)", Some(stderr))
 }
 
 // --------------------------------------------------------------------------------- test

@@ -616,11 +616,11 @@ fn spawn_storm(uri: &str, log: &Path, seq_base: u64, flush_every: u32) -> KillOn
         .stdout(Stdio::null())
         .stderr(File::create(&stderr).unwrap());
     die_with_test(&mut cmd, libc::SIGKILL);
-    KillOnDrop {
-        child: cmd.spawn().expect("spawn the write storm"),
-        what: "the write storm".into(),
-        stderr: Some(stderr),
-    }
+    KillOnDrop::new(
+        cmd.spawn().expect("spawn the write storm"),
+        "the write storm",
+        Some(stderr),
+    )
 }
 
 /// (W, F) lines of a storm log.
@@ -1384,11 +1384,11 @@ fn ext4_on_the_volume_survives_a_power_loss_under_the_store() {
             .stdout(Stdio::null())
             .stderr(File::create(&busy).unwrap());
         die_with_test(&mut cmd, libc::SIGKILL);
-        let mut writer = KillOnDrop {
-            child: cmd.spawn().expect("spawn the writer"),
-            what: "the ext4 writer".into(),
-            stderr: Some(busy),
-        };
+        let mut writer = KillOnDrop::new(
+            cmd.spawn().expect("spawn the writer"),
+            "the ext4 writer",
+            Some(busy),
+        );
         std::thread::sleep(Duration::from_millis(1500));
         assert!(
             writer.running(),

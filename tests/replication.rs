@@ -563,11 +563,11 @@ fn spawn_storm(dir: &Path, uri: &str, log: &Path, seq_base: u64, flush_every: u3
         .stdout(Stdio::null())
         .stderr(File::create(&stderr).expect("storm stderr"));
     die_with_test(&mut cmd);
-    KillOnDrop {
-        child: cmd.spawn().expect("spawn the write storm"),
-        what: "the write storm client".into(),
-        stderr: Some(stderr),
-    }
+    KillOnDrop::new(
+        cmd.spawn().expect("spawn the write storm"),
+        "the write storm client",
+        Some(stderr),
+    )
 }
 
 /// (W, F) lines of a storm log.

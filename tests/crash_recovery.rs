@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::storm::{self, let_storm_run};
+use common::storm::{self, let_storm_run, Storm};
 use common::*;
 
 const BLOCK: u64 = 4096;
@@ -132,14 +132,6 @@ fn apply_writes(size: u64, data: &[u8], writes: &[(u64, u64, u64)]) -> Vec<u8> {
 
 // ------------------------------------------------------------------------- write storm
 
-fn spawn_storm(dir: &Path, uri: &str, log: &Path, seq_base: u64, flush_every: u32) -> KillOnDrop {
-    storm::Storm::new(uri, log)
-        .seq_base(seq_base)
-        .flush_every(flush_every)
-        .dir(dir)
-        .spawn()
-}
-
 /// Runs the verifier; returns its JSON summary or its failure output.
 fn verify(image: &Path, logs: &[PathBuf], all_acked: bool) -> Result<serde_json::Value, String> {
     let extra: &[&str] = if all_acked { &["--all-acked"] } else { &[] };
@@ -209,7 +201,11 @@ fn storm_kill9_rounds(engine: Option<&str>, rounds: u64) {
     let mut last_image = None;
     for round in 0..rounds {
         let log = tmp.path().join(format!("storm-{round}.log"));
-        let mut storm = spawn_storm(tmp.path(), &server.uri(), &log, (round + 1) << 40, 48);
+        let mut storm = Storm::new(&server.uri(), &log)
+            .seq_base((round + 1) << 40)
+            .flush_every(48)
+            .dir(tmp.path())
+            .spawn();
         // Long enough for the 64 MiB WAL to wrap and checkpoints to run during the storm.
         let_storm_run(
             &mut storm,
@@ -364,7 +360,11 @@ fn sigterm_makes_acknowledged_writes_durable() {
     let store2 = create_store(tmp.path(), "vol2", STORM_VOLUME);
     let mut server = serve(&store2, &NO_CHECKPOINT);
     let log = tmp.path().join("noflush.log");
-    let mut storm = spawn_storm(tmp.path(), &server.uri(), &log, 1 << 40, 0);
+    let mut storm = Storm::new(&server.uri(), &log)
+        .seq_base(1 << 40)
+        .flush_every(0)
+        .dir(tmp.path())
+        .spawn();
     let_storm_run(
         &mut storm,
         &log,

@@ -131,6 +131,12 @@ impl Client {
         self.op(&format!("check {off} {}", d.path.display()))
     }
 
+    /// A WRITE that must succeed.
+    pub fn write_ok(&mut self, off: u64, d: &Data) {
+        let v = self.write(off, d);
+        assert_eq!(v["ok"], true, "{}: write at {off}: {v}", self.what);
+    }
+
     pub fn check_equal(&mut self, off: u64, d: &Data, what: &str) {
         let v = self.check(off, d);
         assert_ok(&v, what);

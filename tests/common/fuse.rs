@@ -128,24 +128,15 @@ impl FuseMount {
     }
 
     fn unmount(&self, p: &Path) {
-        if !mounted(p) {
-            return;
-        }
-        let plain_ok = self.teardown == Teardown::PlainThenLazy
-            && Command::new("timeout")
-                .args(["-k", "5", "20", "umount"])
-                .arg(p)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-        if !plain_ok {
-            let _ = Command::new("timeout")
-                .args(["-k", "5", "20", "umount", "-l"])
-                .arg(p)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+        match self.teardown {
+            Teardown::PlainThenLazy => {
+                unmount_best_effort(p);
+            }
+            Teardown::Lazy => {
+                if mounted(p) {
+                    lazy_unmount(p);
+                }
+            }
         }
     }
 
@@ -205,6 +196,33 @@ impl Drop for FuseMount {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// `umount P` with a timeout, then `umount -l P` if that failed. True if P is unmounted.
+pub fn unmount_best_effort(p: &Path) -> bool {
+    if !mounted(p) {
+        return true;
+    }
+    let ok = Command::new("timeout")
+        .args(["-k", "5", "20", "umount"])
+        .arg(p)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        lazy_unmount(p);
+    }
+    !mounted(p)
+}
+
+fn lazy_unmount(p: &Path) {
+    let _ = Command::new("timeout")
+        .args(["-k", "5", "20", "umount", "-l"])
+        .arg(p)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// A log file's text, read only when a failed wait renders it.

@@ -4,9 +4,11 @@
 //!
 //! One room per concern: `process` (commands, `KillOnDrop`, `die_with_test`), `wait` (the
 //! one `wait_until`), `node` (a `blockrep` process with its ports and log), `fuse`
-//! (`FuseMount`), `storm` (the write storm and its verifier), `client` (a libnbd `Client`).
+//! (`FuseMount`), `storm` (the write storm and its verifier), `client` (a libnbd `Client`),
+//! `admin` (HTTP, /metrics and /v1/status of a node's admin endpoint).
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod client;
 pub mod fuse;
 pub mod node;
@@ -79,6 +81,39 @@ pub fn create_store(parent: &Path, name: &str, size: u64) -> PathBuf {
             .arg("64MiB"),
     );
     dir
+}
+
+/// `blockrep create PARENT/NAME --size SIZE --wal-size 64MiB` (SIZE as the CLI takes it).
+pub fn create_store_sized(parent: &Path, name: &str, size: &str) -> PathBuf {
+    let dir = parent.join(name);
+    run_ok(blockrep_timed(60).arg("create").arg(&dir).args([
+        "--size",
+        size,
+        "--wal-size",
+        "64MiB",
+    ]));
+    dir
+}
+
+/// A path in this checkout.
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A file's text; panics naming it if it cannot be read.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// The NBD greeting ("NBDMAGIC") on `port`, read from a fresh connection.
+pub fn nbd_greeting(port: u16) -> Result<String, String> {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| format!("read timeout: {e}"))?;
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic).map_err(|e| format!("read: {e}"))?;
+    Ok(String::from_utf8_lossy(&magic).into_owned())
 }
 
 /// `blockrep inspect STORE --json`.

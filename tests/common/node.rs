@@ -26,6 +26,9 @@ pub enum Ready {
     /// `GET /readyz` on this metrics port answers 200 and the node's port accepts; its
     /// stdout goes to the log with its stderr.
     Readyz(u16),
+    /// Nothing to wait for here (the caller waits for what shows readiness); stdout goes to
+    /// the log with stderr.
+    Started,
 }
 
 /// How to start a `Node`; `Node::builder` gives the defaults.
@@ -38,6 +41,7 @@ pub struct NodeBuilder {
     log: PathBuf,
     ready: Ready,
     env: Vec<(String, String)>,
+    env_remove: Vec<String>,
     no_color: bool,
     stop_secs: u64,
     start_secs: u64,
@@ -45,6 +49,12 @@ pub struct NodeBuilder {
 }
 
 impl NodeBuilder {
+    /// Leaves `key` out of the node's environment.
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.env_remove.push(key.to_string());
+        self
+    }
+
     /// Another binary than this package's `blockrep` (a build with other features).
     pub fn bin(mut self, bin: &Path) -> Self {
         self.bin = bin.to_path_buf();
@@ -102,6 +112,7 @@ impl NodeBuilder {
             log_path: self.log,
             ready: self.ready,
             env: self.env,
+            env_remove: self.env_remove,
             no_color: self.no_color,
             stop_secs: self.stop_secs,
             start_secs: self.start_secs,
@@ -132,6 +143,7 @@ pub struct Node {
     pub log_path: PathBuf,
     ready: Ready,
     env: Vec<(String, String)>,
+    env_remove: Vec<String>,
     no_color: bool,
     stop_secs: u64,
     start_secs: u64,
@@ -156,6 +168,7 @@ impl Node {
             log: store.with_extension(format!("{name}.log")),
             ready: Ready::Line("serving"),
             env: Vec::new(),
+            env_remove: Vec::new(),
             no_color: true,
             stop_secs: 60,
             start_secs: 60,
@@ -169,6 +182,10 @@ impl Node {
         if self.no_color {
             cmd.env("NO_COLOR", "1");
         }
+        // Removals first: a variable set for this node wins over one left out of the rest.
+        for k in &self.env_remove {
+            cmd.env_remove(k);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -177,11 +194,10 @@ impl Node {
             .append(true)
             .open(&self.log_path)
             .expect("log file");
-        if let Ready::Readyz(_) = self.ready {
-            cmd.stdout(log.try_clone().expect("log file"));
-        } else {
-            cmd.stdout(Stdio::piped());
-        }
+        match self.ready {
+            Ready::Readyz(_) | Ready::Started => cmd.stdout(log.try_clone().expect("log file")),
+            Ready::Line(_) | Ready::LineAndAdmin(_) => cmd.stdout(Stdio::piped()),
+        };
         cmd.stderr(log);
         die_with_test(&mut cmd);
         cmd
@@ -197,6 +213,7 @@ impl Node {
         let outcome = match self.ready {
             Ready::Readyz(metrics) => self.await_readyz(&mut child, metrics),
             Ready::Line(_) | Ready::LineAndAdmin(_) => self.await_stdout(&mut child),
+            Ready::Started => Ok(()),
         };
         match outcome {
             Ok(()) => {
@@ -233,7 +250,7 @@ impl Node {
         let (needle, want_admin) = match self.ready {
             Ready::Line(n) => (n, false),
             Ready::LineAndAdmin(n) => (n, true),
-            Ready::Readyz(_) => unreachable!("no stdout to read"),
+            Ready::Readyz(_) | Ready::Started => unreachable!("no stdout to read"),
         };
         let deadline = Instant::now() + Duration::from_secs(self.start_secs);
         let first = next_line(&rx, deadline)?;
@@ -273,6 +290,14 @@ impl Node {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The metrics (admin) port of a node started with `Ready::Readyz`.
+    pub fn metrics_port(&self) -> u16 {
+        match self.ready {
+            Ready::Readyz(port) => port,
+            _ => panic!("{} was not started with a known metrics port", self.name),
+        }
     }
 
     pub fn uri(&self) -> String {
@@ -325,6 +350,12 @@ impl Node {
             .collect()
     }
 
+    /// The last 60 lines of the log past `from`, read only when displayed (for the messages
+    /// of waits that fail).
+    pub fn log_tail(&self, from: usize) -> impl std::fmt::Display + '_ {
+        LogTail(self, from)
+    }
+
     /// Waits for a log line past `from` that contains every one of `needles`; returns it.
     pub fn wait_log(&self, from: usize, needles: &[&str], secs: u64) -> String {
         wait_until(
@@ -332,7 +363,7 @@ impl Node {
             format_args!(
                 "{}: no log line with {needles:?}; log since the mark:\n{}",
                 self.name,
-                LogTail(self, from)
+                self.log_tail(from)
             ),
             || self.lines_with(from, needles).into_iter().next(),
         )
@@ -462,13 +493,8 @@ fn readyz(port: u16) -> bool {
     s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
 }
 
-/// A `blockrep serve` process: a `Node` with the name `serve`.
-pub type Served = Node;
-
-/// Starts `blockrep serve STORE --nbd 127.0.0.1:PORT [extra...]` and waits until it
-/// accepts connections.
-pub fn serve(store: &Path, extra: &[&str]) -> Served {
-    let port = free_port();
+/// `serve STORE --nbd 127.0.0.1:PORT [extra...]`.
+pub fn serve_args(store: &Path, port: u16, extra: &[&str]) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "serve".into(),
         store.into(),
@@ -476,6 +502,17 @@ pub fn serve(store: &Path, extra: &[&str]) -> Served {
         format!("127.0.0.1:{port}").into(),
     ];
     args.extend(extra.iter().map(OsString::from));
+    args
+}
+
+/// A `blockrep serve` process: a `Node` with the name `serve`.
+pub type Served = Node;
+
+/// Starts `blockrep serve STORE --nbd 127.0.0.1:PORT [extra...]` and waits until it
+/// accepts connections.
+pub fn serve(store: &Path, extra: &[&str]) -> Served {
+    let port = free_port();
+    let args = serve_args(store, port, extra);
     Node::builder("blockrep serve", store, port, args)
         .log(store.with_extension(format!("serve-{port}.log")))
         .color()

@@ -27,6 +27,8 @@
 #                      in the default set; nbd.md §6 has it)
 #   qemu-none-iouring  qemu-nbd -f raw --cache=none --aio=io_uring -t --shared=8 IMG
 #   nbdkit-mem         nbdkit memory 1G
+#   blockrep-base      like blockrep, with the binary $BLOCKREP_BASE (e.g. a release build of
+#                      the commit before a change): an A/B of two builds in one interleaved run
 #
 # Environment:
 #   REPS (3)  RUNTIME (10 s)  RAMP (1 s)  SETTLE (2 s pause after pre-fill, before fio;
@@ -40,6 +42,7 @@
 #   BLOCKREP_CREATE_ARGS      extra args for `blockrep create` (e.g. "--wal-size 512MiB")
 #   BLOCKREP_SERVE_ARGS       extra args for `blockrep serve` (e.g. "--io-engine plain")
 #   BUILD (1)                 0 = do not run cargo build --release first
+#   BLOCKREP_BASE             the binary the blockrep-base server runs
 #
 # Output: target/bench-results/<timestamp>.csv (one row per server x workload x rep),
 # <timestamp>.md (medians, ratios to nbdkit-file and nbdkit-mem; also printed), and the raw
@@ -85,7 +88,7 @@ done
 i=0
 declare -A PORT
 for s in $SERVERS; do
-    case $s in blockrep | nbdkit-file | qemu-wb-threads | qemu-wb-iouring | qemu-none-iouring | nbdkit-mem) ;;
+    case $s in blockrep | blockrep-base | nbdkit-file | qemu-wb-threads | qemu-wb-iouring | qemu-none-iouring | nbdkit-mem) ;;
     *) die "unknown server $s" ;;
     esac
     PORT[$s]=$((PORT_BASE + i))
@@ -181,15 +184,20 @@ start_server() { # name rep
     esac
     echo "=== rep $rep: $name on port $port" >>"$logf"
     case $name in
-    blockrep)
+    blockrep | blockrep-base)
+        local bin=$BLOCKREP
+        if [[ $name == blockrep-base ]]; then
+            [[ -x ${BLOCKREP_BASE:-} ]] || die "blockrep-base needs BLOCKREP_BASE=/path/to/blockrep"
+            bin=$BLOCKREP_BASE
+        fi
         rm -rf "$STORE"
-        "$BLOCKREP" create "$STORE" --size "${SIZE_MIB}MiB" "${BLOCKREP_CREATE_ARGS[@]}" \
+        "$bin" create "$STORE" --size "${SIZE_MIB}MiB" "${BLOCKREP_CREATE_ARGS[@]}" \
             >>"$logf" 2>&1 || die "blockrep create failed (log: $logf)"
         # setsid: own session, survives the caller's terminal; the pid file is written by
         # the process that then execs the server, so it is the server's pid.
         # shellcheck disable=SC2016 # expanded by the inner bash
         setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$pidf" \
-            "$BLOCKREP" serve "$STORE" --nbd "127.0.0.1:$port" --metrics "127.0.0.1:$((port + 500))" \
+            "$bin" serve "$STORE" --nbd "127.0.0.1:$port" --metrics "127.0.0.1:$((port + 500))" \
             "${BLOCKREP_SERVE_ARGS[@]}" \
             </dev/null >>"$logf" 2>&1 &
         ;;
@@ -212,12 +220,12 @@ start_server() { # name rep
     esac
     wait_ready "$port" "$pidf" "$name"
     case $name in
-    blockrep | nbdkit-mem)
+    blockrep | blockrep-base | nbdkit-mem)
         nbdcopy --flush "$IMAGE" "nbd://127.0.0.1:$port/" >>"$logf" 2>&1 \
             || die "pre-filling $name failed (log: $logf)"
         ;;
     esac
-    if [[ $name == blockrep ]]; then
+    if [[ $name == blockrep || $name == blockrep-base ]]; then
         # The pre-fill sits in blockrep's WAL until a checkpoint writes it to the data file
         # (nbdkit-file did that write during its own pre-fill): wait until the WAL is empty
         # so every server starts from a settled disk.

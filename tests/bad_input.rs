@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -350,14 +350,15 @@ impl Nbd {
 /// Waits until the server closes `s` (EOF or reset), discarding anything it still sends.
 /// Panics if the connection is still open after `within`.
 fn assert_closed(s: &mut TcpStream, within: Duration, what: &str) {
-    let deadline = Instant::now() + within;
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
+    wait_until(
+        within,
+        format_args!("{what}: the server did not close the connection"),
+        || match s.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -366,16 +367,12 @@ fn assert_closed(s: &mut TcpStream, within: Duration, what: &str) {
                         | ErrorKind::BrokenPipe
                 ) =>
             {
-                return
+                true
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
             Err(e) => panic!("{what}: unexpected read error {e}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the server did not close the connection within {within:?}"
-        );
-    }
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -449,15 +446,15 @@ fn start() -> (tempfile::TempDir, Served) {
 }
 
 fn assert_alive(srv: &mut Served) {
-    if let Some(st) = srv.child.try_wait().expect("try_wait") {
+    if let Some(st) = srv.try_wait() {
         panic!("the server exited ({st}); its log:\n{}", srv.log());
     }
 }
 
 /// The server's resident set size in bytes.
 fn rss(srv: &Served) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", srv.child.id()))
-        .expect("/proc/PID/status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", srv.pid())).expect("/proc/PID/status");
     let line = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -1146,39 +1143,39 @@ const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
 const ESHUTDOWN: u32 = 108;
 
 fn signal_term(srv: &Served) {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(srv.child.id() as i32, libc::SIGTERM) };
+    srv.signal(libc::SIGTERM);
+}
+
+/// SIGTERM, and waits until the server has taken it (its log says so): from then on it is
+/// shutting down.
+fn signal_term_taken(srv: &Served) {
+    let mark = srv.mark();
+    signal_term(srv);
+    srv.wait_log(mark, &["SIGTERM: stopping"], 10);
 }
 
 /// Waits up to `limit` for the server to exit; returns how long it took, or `None`.
 fn wait_exit(srv: &mut Served, limit: Duration) -> Option<Duration> {
     let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if let Some(st) = srv.child.try_wait().unwrap() {
-            assert!(
-                st.success(),
-                "server exited with {st} after SIGTERM:\n{}",
-                srv.log()
-            );
-            return Some(t0.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
+    let st = poll_until(limit, || srv.try_wait())?;
+    assert!(
+        st.success(),
+        "server exited with {st} after SIGTERM:\n{}",
+        srv.log()
+    );
+    Some(t0.elapsed())
 }
 
 #[test]
 fn sigterm_is_not_held_up_by_a_client_idle_in_the_handshake() {
     let (_tmp, mut srv) = start();
-    // One client connected and idle in transmission, one that read the greeting and went
-    // quiet (a port scanner, a hung client).
-    // (Past the start-up window in which SIGTERM still kills outright; see
-    // cli.rs::sigterm_right_after_the_serving_line_is_a_clean_stop.)
-    std::thread::sleep(Duration::from_millis(300));
+    // One client connected and idle in transmission, one that read the greeting (so the
+    // server has accepted it) and went quiet (a port scanner, a hung client). SIGTERM means
+    // a clean stop from the serving line on, which `start` waited for (see
+    // cli.rs::sigterm_right_after_the_serving_line_is_a_clean_stop).
     let mut active = client(srv.port);
     assert_eq!(active.write(0, &[1u8; 4096]), 0);
     let _idle = connect_raw(srv.port);
-    std::thread::sleep(Duration::from_millis(100));
     signal_term(&srv);
     let took = wait_exit(&mut srv, Duration::from_secs(10));
     assert!(
@@ -1197,7 +1194,6 @@ fn sigterm_is_not_held_up_by_a_client_idle_in_the_handshake() {
 #[test]
 fn options_sent_after_sigterm_are_refused_with_err_shutdown() {
     let (_tmp, mut srv) = start();
-    std::thread::sleep(Duration::from_millis(300));
     let mut s = connect(srv.port);
     send_option(&mut s, OPT_INFO, &info_payload("blockrep"));
     loop {
@@ -1207,8 +1203,7 @@ fn options_sent_after_sigterm_are_refused_with_err_shutdown() {
         }
         assert_eq!(r.kind, REP_INFO, "{r:?}");
     }
-    signal_term(&srv);
-    std::thread::sleep(Duration::from_millis(300));
+    signal_term_taken(&srv);
     // The server is shutting down: GO must not start a new session. NBD_REP_ERR_SHUTDOWN is
     // the polite answer; closing the connection is acceptable too.
     send_option(&mut s, OPT_GO, &info_payload("blockrep"));
@@ -1238,8 +1233,10 @@ fn sigterm_with_writers_connected_keeps_every_acknowledged_write() {
     let port = srv.port;
     // Two connections writing distinct 4 KiB blocks as fast as they can, one at a time each,
     // recording which writes were acknowledged.
+    let acks = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..2u64)
         .map(|k| {
+            let acks = acks.clone();
             std::thread::spawn(move || {
                 let mut c = client(port);
                 let mut acked = Vec::new();
@@ -1259,7 +1256,10 @@ fn sigterm_with_writers_connected_keeps_every_acknowledged_write() {
                     assert_eq!(be_u32(&h), SIMPLE_REPLY_MAGIC);
                     assert_eq!(be_u64(&h[8..]), cookie);
                     match be_u32(&h[4..]) {
-                        0 => acked.push(block),
+                        0 => {
+                            acked.push(block);
+                            acks.fetch_add(1, Ordering::Relaxed);
+                        }
                         ESHUTDOWN => {}
                         e => panic!("WRITE failed with {e} during shutdown"),
                     }
@@ -1268,7 +1268,10 @@ fn sigterm_with_writers_connected_keeps_every_acknowledged_write() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // SIGTERM meets writers in full swing.
+    wait_until(Duration::from_secs(30), "the writers under way", || {
+        acks.load(Ordering::Relaxed) >= 100
+    });
     signal_term(&srv);
     let took = wait_exit(&mut srv, Duration::from_secs(20));
     assert!(took.is_some(), "server did not exit within 20 s of SIGTERM");

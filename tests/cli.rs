@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -19,22 +19,16 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "{cmd:?} did not finish within {limit:?}; stdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if poll_until(limit, || child.try_wait().expect("try_wait")).is_some() {
+        return child.wait_with_output().expect("output");
     }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    panic!(
+        "{cmd:?} did not finish within {limit:?}; stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn stderr(out: &Output) -> String {
@@ -128,15 +122,10 @@ fn epoch_of(line: &str) -> u64 {
 fn sigterm(child: &mut Child) {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            assert!(st.success(), "serve exited with {st} after SIGTERM");
-            return;
-        }
-        assert!(Instant::now() < deadline, "serve ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let st = wait_until(Duration::from_secs(60), "serve ignored SIGTERM", || {
+        child.try_wait().expect("try_wait")
+    });
+    assert!(st.success(), "serve exited with {st} after SIGTERM");
 }
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> String {
@@ -592,9 +581,7 @@ fn serve_prints_an_epoch_that_increases_by_one_on_each_start() {
             "the announcement names the address: {line}"
         );
         seen.push(epoch_of(&line));
-        // Give the server a moment to install its signal handler (a SIGTERM right after the
-        // announcement is its own test below).
-        std::thread::sleep(Duration::from_millis(300));
+        // From the announcement on, SIGTERM is a clean stop (its own test below).
         if round == 1 {
             // A crash must not reuse the epoch either.
             let _ = child.kill();
@@ -653,15 +640,10 @@ fn a_unix_listener_never_deletes_a_regular_file_in_its_way() {
         .spawn()
         .unwrap();
     // It should refuse at once; give it a few seconds, then stop it either way.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut exited = false;
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            exited = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let exited = poll_until(Duration::from_secs(5), || {
+        child.try_wait().expect("try_wait")
+    })
+    .is_some();
     if !exited {
         let _ = child.kill();
     }
@@ -721,7 +703,7 @@ fn metrics_off_serves_no_admin_endpoint_and_the_volume_still_works() {
     ]));
     assert!(!out.contains("Pattern verification failed"), "{out}");
     // The only socket the server listens on is its NBD port.
-    let pid = s.child.id();
+    let pid = s.pid();
     let listening = run_ok(Command::new("ss").args(["-Hltnp"]));
     let ours: Vec<&str> = listening
         .lines()

@@ -20,17 +20,14 @@ mod common;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::storm::{self, let_storm_run, Storm};
 use common::*;
 
-const STORM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/write_storm.py");
 const BLOCK: u64 = 4096;
-/// Blocks the write storm writes to; the rest of the volume must stay zero.
-const REGION_BLOCKS: u64 = 2048;
 const STORM_VOLUME: u64 = 32 * MIB;
 /// Keeps the flusher from checkpointing, so what was written stays in the WAL.
 const NO_CHECKPOINT: [&str; 2] = ["--flush-interval-ms", "3600000"];
@@ -40,18 +37,8 @@ const NO_CHECKPOINT: [&str; 2] = ["--flush-interval-ms", "3600000"];
 /// The storm script under the system python (which has the `nbd` module).
 fn storm_script(secs: u64) -> Command {
     let mut c = timed(secs, SYSTEM_PYTHON);
-    c.arg(STORM);
+    c.arg(storm::STORM_PY);
     c
-}
-
-fn require_python_nbd() {
-    require(SYSTEM_PYTHON);
-    let out = run(Command::new(SYSTEM_PYTHON).args(["-c", "import nbd"]));
-    assert!(
-        out.status.success(),
-        "{SYSTEM_PYTHON} lacks the libnbd binding (python3-libnbd): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn export(store: &Path, image: &Path, engine: Option<&str>) {
@@ -61,11 +48,6 @@ fn export(store: &Path, image: &Path, engine: Option<&str>) {
         cmd.args(["--io-engine", e]);
     }
     run_ok(&mut cmd);
-}
-
-fn inspect_json(store: &Path) -> serde_json::Value {
-    let out = run_ok(blockrep_timed(60).arg("inspect").arg(store).arg("--json"));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect --json printed {out:?}: {e}"))
 }
 
 fn assert_closed_cleanly(store: &Path) {
@@ -150,91 +132,10 @@ fn apply_writes(size: u64, data: &[u8], writes: &[(u64, u64, u64)]) -> Vec<u8> {
 
 // ------------------------------------------------------------------------- write storm
 
-fn spawn_storm(dir: &Path, uri: &str, log: &Path, seq_base: u64, flush_every: u32) -> KillOnDrop {
-    let stderr = log.with_extension("stderr");
-    let child = Command::new(SYSTEM_PYTHON)
-        .arg(STORM)
-        .arg("storm")
-        .arg(uri)
-        .arg(log)
-        .arg("--blocks")
-        .arg(REGION_BLOCKS.to_string())
-        .arg("--seq-base")
-        .arg(seq_base.to_string())
-        .arg("--seed")
-        .arg(seq_base.to_string())
-        .arg("--flush-every")
-        .arg(flush_every.to_string())
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&stderr).expect("storm stderr"))
-        .spawn()
-        .expect("spawn the write storm");
-    KillOnDrop {
-        child,
-        what: "the write storm client".into(),
-        stderr: Some(stderr),
-    }
-}
-
-/// Counts (W, F) lines of a storm log.
-fn log_counts(log: &Path) -> (usize, usize) {
-    let Ok(text) = std::fs::read_to_string(log) else {
-        return (0, 0);
-    };
-    let w = text.lines().filter(|l| l.starts_with("W ")).count();
-    let f = text.lines().filter(|l| l.starts_with("F ")).count();
-    (w, f)
-}
-
-/// Waits until the storm has logged `min_w` acknowledged writes and `min_f` acknowledged
-/// flushes and has run for at least `min_time`; it must still be running then.
-fn let_storm_run(
-    storm: &mut KillOnDrop,
-    log: &Path,
-    min_w: usize,
-    min_f: usize,
-    min_time: Duration,
-) {
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(60);
-    loop {
-        assert!(
-            storm.running(),
-            "the write storm stopped early; its stderr:\n{}",
-            storm.stderr_text()
-        );
-        let (w, f) = log_counts(log);
-        if w >= min_w && f >= min_f && started.elapsed() >= min_time {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the write storm made too little progress in 60s: {w} writes, {f} flushes acknowledged"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Runs the verifier; returns its JSON summary or its failure output.
 fn verify(image: &Path, logs: &[PathBuf], all_acked: bool) -> Result<serde_json::Value, String> {
-    let mut cmd = storm_script(120);
-    cmd.arg("verify")
-        .arg(image)
-        .args(logs)
-        .arg("--blocks")
-        .arg(REGION_BLOCKS.to_string());
-    if all_acked {
-        cmd.arg("--all-acked");
-    }
-    let out = run(&mut cmd);
-    if out.status.code() == Some(0) {
-        let s = text(&out.stdout);
-        Ok(serde_json::from_str(&s).unwrap_or_else(|e| panic!("verify printed {s:?}: {e}")))
-    } else {
-        Err(describe(&out))
-    }
+    let extra: &[&str] = if all_acked { &["--all-acked"] } else { &[] };
+    storm::verify(image, logs, extra, 120)
 }
 
 fn verify_ok(image: &Path, logs: &[PathBuf], all_acked: bool) -> serde_json::Value {
@@ -264,7 +165,7 @@ fn verifier_rejects_tampered_images(dir: &Path, image: &Path, logs: &[PathBuf]) 
                 .arg(mode)
                 .args(logs)
                 .arg("--blocks")
-                .arg(REGION_BLOCKS.to_string()),
+                .arg(storm::REGION_BLOCKS.to_string()),
         );
         match verify(&bad, logs, false) {
             Ok(summary) => {
@@ -280,12 +181,9 @@ fn verifier_rejects_tampered_images(dir: &Path, image: &Path, logs: &[PathBuf]) 
 }
 
 fn compare_over_nbd(uri: &str, image: &Path) {
-    let out = run(storm_script(120).arg("compare").arg(uri).arg(image));
-    assert!(
-        out.status.success(),
-        "after recovery the server does not serve what offline replay exported:\n{}",
-        describe(&out)
-    );
+    if let Err(out) = storm::compare_over_nbd(uri, image, 120) {
+        panic!("after recovery the server does not serve what offline replay exported:\n{out}");
+    }
 }
 
 /// `rounds` rounds on one store: serve, storm with FLUSHes, SIGKILL mid-storm, export and
@@ -303,9 +201,19 @@ fn storm_kill9_rounds(engine: Option<&str>, rounds: u64) {
     let mut last_image = None;
     for round in 0..rounds {
         let log = tmp.path().join(format!("storm-{round}.log"));
-        let mut storm = spawn_storm(tmp.path(), &server.uri(), &log, (round + 1) << 40, 48);
+        let mut storm = Storm::new(&server.uri(), &log)
+            .seq_base((round + 1) << 40)
+            .flush_every(48)
+            .dir(tmp.path())
+            .spawn();
         // Long enough for the 64 MiB WAL to wrap and checkpoints to run during the storm.
-        let_storm_run(&mut storm, &log, 2000, 20, Duration::from_millis(2500));
+        let_storm_run(
+            &mut storm,
+            &log,
+            (2000, 20),
+            Duration::from_millis(2500),
+            Duration::from_secs(60),
+        );
         server.kill9();
         let st = storm.wait(30);
         assert!(
@@ -392,8 +300,8 @@ fn sigterm_makes_acknowledged_writes_durable() {
         "{}print('written', flush=True)\nimport time\ntime.sleep(120)\n",
         nbdsh_writes(&data_path, &writes, false)
     );
-    let mut holder = KillOnDrop {
-        child: Command::new("nbdsh")
+    let mut holder = KillOnDrop::new(
+        Command::new("nbdsh")
             .env("PATH", system_path())
             .args(["-u", &server.uri(), "-c", &code])
             .stdin(Stdio::null())
@@ -401,9 +309,9 @@ fn sigterm_makes_acknowledged_writes_durable() {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn nbdsh"),
-        what: "nbdsh".into(),
-        stderr: None,
-    };
+        "nbdsh",
+        None,
+    );
     let stdout = holder.child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -452,8 +360,18 @@ fn sigterm_makes_acknowledged_writes_durable() {
     let store2 = create_store(tmp.path(), "vol2", STORM_VOLUME);
     let mut server = serve(&store2, &NO_CHECKPOINT);
     let log = tmp.path().join("noflush.log");
-    let mut storm = spawn_storm(tmp.path(), &server.uri(), &log, 1 << 40, 0);
-    let_storm_run(&mut storm, &log, 3000, 0, Duration::from_millis(1500));
+    let mut storm = Storm::new(&server.uri(), &log)
+        .seq_base(1 << 40)
+        .flush_every(0)
+        .dir(tmp.path())
+        .spawn();
+    let_storm_run(
+        &mut storm,
+        &log,
+        (3000, 0),
+        Duration::from_millis(1500),
+        Duration::from_secs(60),
+    );
     let st = server.terminate();
     assert!(
         st.success(),
@@ -475,184 +393,6 @@ fn sigterm_makes_acknowledged_writes_durable() {
 }
 
 // --------------------------------------------------------------------- ext4 on nbdfuse
-
-fn mounted(path: &Path) -> bool {
-    let want = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*want))
-}
-
-/// nbdfuse exposing an NBD export as `fm/nbd`, optionally with ext4 loop-mounted on `mnt`.
-/// Drop unmounts both (lazily if need be) and kills nbdfuse, with timeouts throughout.
-struct FuseMount {
-    fm: PathBuf,
-    mnt: PathBuf,
-    nbdfuse: Option<Child>,
-    log: PathBuf,
-    loop_mounted: bool,
-}
-
-impl FuseMount {
-    fn start(uri: &str, dir: &Path, name: &str) -> FuseMount {
-        let fm = dir.join(format!("{name}-fuse"));
-        let mnt = dir.join(format!("{name}-mnt"));
-        std::fs::create_dir_all(&fm).unwrap();
-        std::fs::create_dir_all(&mnt).unwrap();
-        let pidfile = dir.join(format!("{name}-nbdfuse.pid"));
-        let log = dir.join(format!("{name}-nbdfuse.log"));
-        let logf = File::create(&log).unwrap();
-        let child = Command::new("nbdfuse")
-            .arg("-P")
-            .arg(&pidfile)
-            .arg(&fm)
-            .arg(uri)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .process_group(0)
-            .spawn()
-            .expect("spawn nbdfuse");
-        let mut m = FuseMount {
-            fm,
-            mnt,
-            nbdfuse: Some(child),
-            log,
-            loop_mounted: false,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = std::fs::read_to_string(&pidfile).is_ok_and(|s| !s.trim().is_empty());
-            if ready && mounted(&m.fm) {
-                break;
-            }
-            if let Some(st) = m.nbdfuse.as_mut().unwrap().try_wait().unwrap() {
-                panic!("nbdfuse exited with {st}:\n{}", m.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nbdfuse not ready in 30s:\n{}",
-                m.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn dev(&self) -> PathBuf {
-        self.fm.join("nbd")
-    }
-
-    fn mount_loop(&mut self) {
-        run_ok(
-            timed(60, "mount")
-                .args(["-o", "loop"])
-                .arg(self.dev())
-                .arg(&self.mnt),
-        );
-        self.loop_mounted = true;
-    }
-
-    fn unmount_loop(&mut self) {
-        run_ok(timed(60, "umount").arg(&self.mnt));
-        self.loop_mounted = false;
-    }
-
-    /// Unmounts the FUSE mount; nbdfuse then disconnects and exits.
-    fn unmount_fuse(&mut self) {
-        assert!(!self.loop_mounted);
-        run_ok(timed(30, "umount").arg(&self.fm));
-        if let Some(mut c) = self.nbdfuse.take() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while c.try_wait().unwrap().is_none() {
-                if Instant::now() >= deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    panic!(
-                        "nbdfuse did not exit after its unmount:\n{}",
-                        self.log_text()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    /// Best-effort teardown that cannot hang: plain unmount with a timeout, lazy unmount if
-    /// that fails, loop devices on our file detached, nbdfuse killed.
-    fn teardown(&mut self) {
-        let unmount = |p: &Path| {
-            if !mounted(p) {
-                return;
-            }
-            let ok = Command::new("timeout")
-                .args(["-k", "5", "20", "umount"])
-                .arg(p)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = Command::new("timeout")
-                    .args(["-k", "5", "20", "umount", "-l"])
-                    .arg(p)
-                    .status();
-            }
-        };
-        unmount(&self.mnt);
-        self.loop_mounted = false;
-        // `mount -o loop` sets autoclear; detach anything still backed by our FUSE file.
-        // (losetup -l reads sysfs, it does not touch the backing file.)
-        if let Ok(out) = Command::new("timeout")
-            .args([
-                "-k",
-                "5",
-                "20",
-                "losetup",
-                "-l",
-                "-n",
-                "-O",
-                "NAME,BACK-FILE",
-            ])
-            .output()
-        {
-            let dev = self.dev();
-            let dev = dev.to_string_lossy();
-            for line in text(&out.stdout).lines() {
-                let mut f = line.split_whitespace();
-                if let (Some(name), Some(back)) = (f.next(), f.next()) {
-                    if back == dev {
-                        let _ = Command::new("timeout")
-                            .args(["-k", "5", "20", "losetup", "-d", name])
-                            .status();
-                    }
-                }
-            }
-        }
-        unmount(&self.fm);
-        if let Some(mut c) = self.nbdfuse.take() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if matches!(c.try_wait(), Ok(None)) {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for FuseMount {
-    fn drop(&mut self) {
-        self.teardown();
-    }
-}
 
 /// ~20 files of random sizes (some in a subdirectory), written to `src`; returns their
 /// relative names.

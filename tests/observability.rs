@@ -2,9 +2,9 @@
 //! Prometheus (Debian's `prometheus` package) that loads `metrics/prometheus/alerts.yml`;
 //! every expression of the Grafana dashboard (`metrics/grafana/blockrep.json`) and every
 //! alert evaluated against them; the alerts firing when a replica stops; exact metric values
-//! after a known number of requests; `promtool` on the rules (syntax and unit tests);
-//! `systemd-analyze verify` on the units in `systemd/`; the sd_notify protocol (READY=1,
-//! STOPPING=1, WATCHDOG=1) as the units use it; and `--config FILE`.
+//! after a known number of requests; the status report; `promtool` on the rules (syntax and
+//! unit tests). The systemd units and sd_notify are in systemd.rs, `--config FILE` in
+//! config_file.rs.
 //!
 //! Every tool is required, never skipped (`scripts/test` installs them). Every child process
 //! is killed when its guard drops and also (PR_SET_PDEATHSIG) when the test thread that
@@ -13,31 +13,20 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::os::unix::net::UnixDatagram;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use common::admin::{agent, families, get_ok, http_get, launch_admin, AdminNode, Scrape};
 use common::*;
 use serde_json::Value;
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const BIN: &str = env!("CARGO_BIN_EXE_blockrep");
 const VOLUME: &str = "vol1";
 /// Short barrier timeout, so a FLUSH that cannot be met fails fast.
 const BARRIER_MS: &str = "1500";
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(ROOT).join(path)
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
 
 // ---------------------------------------------------------------------------- tools
 
@@ -47,388 +36,7 @@ fn require_tools(tools: &[&str]) {
     }
 }
 
-fn require_python_nbd() {
-    require(SYSTEM_PYTHON);
-    let out = run(Command::new("timeout")
-        .args(["30", SYSTEM_PYTHON, "-c", "import nbd"])
-        .stdin(Stdio::null()));
-    assert!(
-        out.status.success(),
-        "{SYSTEM_PYTHON} lacks the libnbd binding (python3-libnbd): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Waits until `f` returns Some, at most `secs`; panics with `what` (and the last state
-/// `f` reported through `last`) otherwise.
-fn wait_until<T>(secs: u64, what: &str, mut f: impl FnMut(&mut String) -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut last = String::new();
-    loop {
-        if let Some(v) = f(&mut last) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}; last seen: {last}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-// ---------------------------------------------------------------------------- processes
-
-/// A child process whose stdout and stderr go to a log file; killed on drop.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let err = out.try_clone().expect("log file");
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        die_with_test(cmd);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").id() as i32
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe { libc::kill(self.pid(), sig) };
-    }
-
-    fn running(&mut self) -> bool {
-        match &mut self.child {
-            Some(c) => c.try_wait().expect("try_wait").is_none(),
-            None => false,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit status (SIGKILL and a panic after `secs`).
-    fn terminate(&mut self, secs: u64) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                return st;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{} did not exit within {secs}s of SIGTERM; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn terminate_ok(&mut self) {
-        let st = self.terminate(60);
-        assert!(
-            st.success(),
-            "{}: exit status {st} after SIGTERM; log:\n{}",
-            self.name,
-            self.log_text()
-        );
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // A stopped process is killed all the same; SIGCONT first for tidiness.
-            // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-// ---------------------------------------------------------------------------- HTTP
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into()
-}
-
-/// GET: (status, body), or Err when nothing answers.
-fn http_get(url: &str) -> Result<(u16, String), String> {
-    let mut resp = agent()
-        .get(url)
-        .call()
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| format!("GET {url}: body: {e}"))?;
-    Ok((status, body))
-}
-
-fn get_ok(url: &str) -> String {
-    match http_get(url) {
-        Ok((200, body)) => body,
-        other => panic!("GET {url}: {other:?}"),
-    }
-}
-
-// ---------------------------------------------------------------------------- /metrics
-
-/// One sample of the text exposition: name, labels, value.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-fn parse_exposition(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("sample line");
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v.parse().unwrap_or(f64::NAN),
-        };
-        let (name, labels) = match series.split_once('{') {
-            Some((n, rest)) => {
-                let body = rest.strip_suffix('}').expect("closing brace");
-                let mut labels = BTreeMap::new();
-                // Label values here never contain `",` (volume and replica names are plain).
-                for pair in body.split("\",").filter(|p| !p.is_empty()) {
-                    let (k, v) = pair.split_once("=\"").expect("label");
-                    labels.insert(k.to_string(), v.trim_end_matches('"').to_string());
-                }
-                (n.to_string(), labels)
-            }
-            None => (series.to_string(), BTreeMap::new()),
-        };
-        out.push(Sample {
-            name,
-            labels,
-            value,
-        });
-    }
-    out
-}
-
-/// Family names declared in an exposition (`# TYPE name kind`), with their kind.
-fn families(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| {
-            let (n, k) = l.split_once(' ')?;
-            Some((n.to_string(), k.to_string()))
-        })
-        .collect()
-}
-
-struct Scrape(Vec<Sample>);
-
-impl Scrape {
-    fn of(metrics_port: u16) -> Scrape {
-        Scrape(parse_exposition(&get_ok(&format!(
-            "http://127.0.0.1:{metrics_port}/metrics"
-        ))))
-    }
-
-    /// The value of the one series `name` with (at least) `labels`; panics if none.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.find(name, labels).unwrap_or_else(|| {
-            panic!(
-                "no series {name}{labels:?} in /metrics; it has:\n{}",
-                self.0
-                    .iter()
-                    .filter(|s| s.name == name)
-                    .map(|s| format!("  {s:?}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            )
-        })
-    }
-
-    fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let hits: Vec<&Sample> = self
-            .0
-            .iter()
-            .filter(|s| {
-                s.name == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .collect();
-        assert!(hits.len() <= 1, "{name}{labels:?} is ambiguous: {hits:?}");
-        hits.first().map(|s| s.value)
-    }
-}
-
 // ---------------------------------------------------------------------------- nodes
-
-/// A `blockrep serve` or `blockrep replica` process, restartable with the same arguments.
-struct Node {
-    name: String,
-    store: PathBuf,
-    /// NBD port of a primary, replication port of a replica.
-    port: u16,
-    metrics: u16,
-    args: Vec<String>,
-    proc: Proc,
-}
-
-impl Node {
-    fn launch(name: &str, store: &Path, port: u16, metrics: u16, args: Vec<String>) -> Node {
-        let log = store.with_extension(format!("{name}.log"));
-        let proc = Proc::spawn(name, &mut blockrep_cmd(&args), &log);
-        let mut n = Node {
-            name: name.to_string(),
-            store: store.to_path_buf(),
-            port,
-            metrics,
-            args,
-            proc,
-        };
-        n.wait_ready();
-        n
-    }
-
-    fn wait_ready(&mut self) {
-        let url = format!("http://127.0.0.1:{}/readyz", self.metrics);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Ok((200, _)) = http_get(&url) {
-                if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                self.proc.running(),
-                "{} exited while starting; log:\n{}",
-                self.name,
-                self.proc.log_text()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready within 90s; log:\n{}",
-                self.name,
-                self.proc.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn restart(&mut self) {
-        assert!(!self.proc.running(), "{} is still running", self.name);
-        let log = self.proc.log.clone();
-        self.proc = Proc::spawn(&self.name, &mut blockrep_cmd(&self.args), &log);
-        self.wait_ready();
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/blockrep", self.port)
-    }
-
-    fn metrics_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.metrics)
-    }
-
-    fn scrape(&self) -> Scrape {
-        Scrape::of(self.metrics)
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_str(&get_ok(&format!(
-            "http://127.0.0.1:{}/v1/status",
-            self.metrics
-        )))
-        .expect("status JSON")
-    }
-
-    /// The state of replica `name` in this primary's status report.
-    fn replica_state(&self, name: &str) -> String {
-        self.status()["replicas"]
-            .as_array()
-            .expect("replicas")
-            .iter()
-            .find(|r| r["name"] == name)
-            .map(|r| r["state"].as_str().unwrap_or("").to_string())
-            .unwrap_or_default()
-    }
-
-    fn wait_replica_state(&self, name: &str, state: &str, secs: u64) {
-        wait_until(
-            secs,
-            &format!("{} to see replica {name} {state}", self.name),
-            |last| {
-                let s = self.replica_state(name);
-                let done = s == state;
-                *last = s;
-                done.then_some(())
-            },
-        );
-    }
-}
-
-fn blockrep_cmd(args: &[String]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env("NO_COLOR", "1")
-        .env("BLOCKREP_LOG", "info");
-    cmd
-}
-
-fn create_store_sized(parent: &Path, name: &str, size: &str) -> PathBuf {
-    let dir = parent.join(name);
-    run_ok(
-        Command::new("timeout")
-            .args(["60", BIN, "create"])
-            .arg(&dir)
-            .args(["--size", size, "--wal-size", "64MiB"]),
-    );
-    dir
-}
 
 fn start_replica(store: &Path, name: &str) -> Node {
     let (port, metrics) = (free_port(), free_port());
@@ -442,7 +50,7 @@ fn start_replica(store: &Path, name: &str) -> Node {
         "--volume-name".into(),
         VOLUME.into(),
     ];
-    Node::launch(name, store, port, metrics, args)
+    launch_admin(name, store, port, metrics, args)
 }
 
 fn start_primary(store: &Path, name: &str, replicas: &[&Node], extra: &[&str]) -> Node {
@@ -474,7 +82,12 @@ fn start_primary_on(
         args.push(format!("{}={}", r.name, r.addr()));
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    Node::launch(name, store, port, metrics, args)
+    launch_admin(name, store, port, metrics, args)
+}
+
+/// The NBD URI of the volume (its export is named `blockrep`).
+fn uri(n: &Node) -> String {
+    n.export_uri("blockrep")
 }
 
 // ---------------------------------------------------------------------------- NBD client
@@ -639,7 +252,8 @@ fn fio_with_flushes(uri: &str, secs: u32, dir: &Path) {
 // ---------------------------------------------------------------------------- Prometheus
 
 struct Prometheus {
-    proc: Proc,
+    /// Runs until this is dropped.
+    _proc: Node,
     port: u16,
 }
 
@@ -675,31 +289,33 @@ impl Prometheus {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let proc = Proc::spawn(
-            "prometheus",
-            Command::new("prometheus")
-                .arg(format!("--config.file={}", config.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.join("data").display()
-                ))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                .arg("--storage.tsdb.retention.time=1h")
-                .arg("--log.level=warn"),
-            &dir.join("prometheus.log"),
-        );
-        let mut p = Prometheus { proc, port };
+        let args: Vec<OsString> = vec![
+            format!("--config.file={}", config.display()).into(),
+            format!("--storage.tsdb.path={}", dir.join("data").display()).into(),
+            format!("--web.listen-address=127.0.0.1:{port}").into(),
+            "--storage.tsdb.retention.time=1h".into(),
+            "--log.level=warn".into(),
+        ];
+        let mut proc = Node::builder("prometheus", &dir, port, args)
+            .bin(Path::new("prometheus"))
+            .log(dir.join("prometheus.log"))
+            .ready(Ready::Started)
+            .color()
+            .start();
         let url = format!("http://127.0.0.1:{port}/-/ready");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !matches!(http_get(&url), Ok((200, _))) {
-            assert!(
-                p.proc.running() && Instant::now() < deadline,
+        let log = proc.log_path.clone();
+        wait_until(
+            Duration::from_secs(60),
+            format_args!(
                 "prometheus did not become ready; log:\n{}",
-                p.proc.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        p
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+            || {
+                assert!(proc.running(), "prometheus exited; log:\n{}", proc.log());
+                matches!(http_get(&url), Ok((200, _)))
+            },
+        );
+        Prometheus { _proc: proc, port }
     }
 
     fn api(&self, path: &str) -> Value {
@@ -738,14 +354,38 @@ impl Prometheus {
     /// Waits until `expr` returns at least one series.
     fn wait_nonempty(&self, expr: &str, secs: u64) -> Vec<Value> {
         wait_until(
-            secs,
-            &format!("Prometheus to return data for {expr}"),
-            |last| {
+            Duration::from_secs(secs),
+            format!("Prometheus to return data for {expr}"),
+            || {
                 let r = self.query_ok(expr);
-                *last = format!("{r:?}");
-                (!r.is_empty()).then_some(r)
+                let seen: String = format!("{r:?}");
+                (!r.is_empty()).then_some(r).ok_or(seen)
             },
         )
+    }
+
+    /// The time of the latest scrape of `instance` (the timestamp of its `up` sample).
+    fn last_scrape(&self, instance: &str) -> Option<f64> {
+        let r = self.query_ok(&format!(r#"timestamp(up{{instance="{instance}"}})"#));
+        r.first().map(value_of)
+    }
+
+    /// Waits until Prometheus has scraped `instance` `n` more times from now on.
+    fn wait_scrapes(&self, instance: &str, n: usize, secs: u64) {
+        let mut seen = self.last_scrape(instance);
+        let mut more = 0;
+        wait_until(
+            Duration::from_secs(secs),
+            format_args!("{n} more scrapes of {instance}"),
+            || {
+                let now = self.last_scrape(instance);
+                if now.is_some() && now != seen {
+                    seen = now;
+                    more += 1;
+                }
+                more >= n
+            },
+        );
     }
 
     fn alerting_rules(&self) -> Vec<Value> {
@@ -776,12 +416,13 @@ impl Prometheus {
     /// `states`.
     fn wait_alert(&self, name: &str, labels: &[(&str, &str)], states: &[&str], secs: u64) -> Value {
         wait_until(
-            secs,
-            &format!("alert {name}{labels:?} in {states:?}"),
-            |last| {
+            Duration::from_secs(secs),
+            format!("alert {name}{labels:?} in {states:?}"),
+            || {
                 let a = self.alert(name, labels);
-                *last = format!("{:?}", self.alerts());
+                let seen: String = format!("{:?}", self.alerts());
                 a.filter(|a| states.iter().any(|s| a["state"] == *s))
+                    .ok_or(seen)
             },
         )
     }
@@ -967,11 +608,11 @@ fn prometheus_scrapes_a_replicated_volume_and_every_dashboard_and_alert_expressi
     prom.wait_nonempty(r#"count(up{job="blockrep"} == 1) >= 3"#, 60);
 
     // Traffic: reads, writes and flushes.
-    fio_with_flushes(&p.uri(), 5, dir);
+    fio_with_flushes(&uri(&p), 5, dir);
 
     // A replica outage: FLUSHes fail (sync-all), then it catches up.
-    r2.proc.terminate_ok();
-    let lines = nbd_ops(&p.uri(), &["w:0:4096:4", "f"]);
+    r2.stop_ok();
+    let lines = nbd_ops(&uri(&p), &["w:0:4096:4", "f"]);
     assert!(
         lines.iter().any(|l| l.starts_with("err f EIO")),
         "a FLUSH with a replica down under sync-all must fail: {lines:?}"
@@ -981,19 +622,19 @@ fn prometheus_scrapes_a_replicated_volume_and_every_dashboard_and_alert_expressi
 
     // A rebuild: r2 comes back blank (a replaced disk), and is rebuilt at 1 MiB/s; then it
     // hangs (SIGSTOP) mid-rebuild, so the rebuild stalls.
-    r2.proc.terminate_ok();
+    r2.stop_ok();
     std::fs::remove_dir_all(&r2.store).unwrap();
-    r2.args.extend(["--size".to_string(), size.to_string()]);
+    r2.args.extend(["--size".into(), size.into()]);
     r2.restart();
     p.wait_replica_state("r2", "rebuilding", 30);
-    r2.proc.signal(libc::SIGSTOP);
+    r2.signal(libc::SIGSTOP);
     prom.wait_nonempty(
         r#"blockrep_replica_state{replica="r2", state="rebuilding"} == 1"#,
         30,
     );
     prom.wait_nonempty(r#"up{job="blockrep"} == 0"#, 30);
     // Every series of the primary scraped at least twice since the outage ended.
-    std::thread::sleep(Duration::from_secs(3));
+    prom.wait_scrapes(&p.metrics_addr(), 2, 30);
 
     // Every dashboard expression.
     let d = dashboard();
@@ -1067,9 +708,9 @@ fn prometheus_scrapes_a_replicated_volume_and_every_dashboard_and_alert_expressi
     );
 
     // The rebuild resumes and finishes; then a promotion fences the old primary.
-    r2.proc.signal(libc::SIGCONT);
+    r2.signal(libc::SIGCONT);
     p.wait_replica_state("r2", "in_sync", 120);
-    r1.proc.terminate_ok();
+    r1.stop_ok();
     let new_primary = start_primary_on(&r1.store, "r1p", spare_metrics, &[&r2], &[]);
     assert!(
         new_primary.status()["epoch"].as_u64() == Some(2),
@@ -1077,16 +718,20 @@ fn prometheus_scrapes_a_replicated_volume_and_every_dashboard_and_alert_expressi
         new_primary.status()
     );
     // The old primary learns of the new epoch when it next talks to r2.
-    let lines = nbd_ops(&p.uri(), &["w:0:4096:1", "f"]);
+    let lines = nbd_ops(&uri(&p), &["w:0:4096:1", "f"]);
     assert!(
         lines.iter().any(|l| l.starts_with("err")),
         "the old primary must refuse after the promotion: {lines:?}"
     );
-    wait_until(30, "the old primary to report itself fenced", |last| {
-        let v = p.scrape().get("blockrep_fenced", &[("volume", VOLUME)]);
-        *last = v.to_string();
-        (v == 1.0).then_some(())
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the old primary to report itself fenced",
+        || {
+            let v = p.scrape().get("blockrep_fenced", &[("volume", VOLUME)]);
+            let seen: String = v.to_string();
+            (v == 1.0).then_some(()).ok_or(seen)
+        },
+    );
     prom.wait_nonempty(
         &format!(r#"blockrep_fenced{{instance="{}"}} == 1"#, p.metrics_addr()),
         30,
@@ -1153,7 +798,7 @@ fn stopping_a_replica_raises_its_lag_and_fires_the_replica_alerts_until_it_is_ba
         &rules,
     );
     assert_all_ok(
-        &nbd_ops(&p.uri(), &["w:0:4096:8", "f"]),
+        &nbd_ops(&uri(&p), &["w:0:4096:8", "f"]),
         "writes before the outage",
     );
     prom.wait_nonempty(
@@ -1166,8 +811,8 @@ fn stopping_a_replica_raises_its_lag_and_fires_the_replica_alerts_until_it_is_ba
         prom.alerts()
     );
 
-    r2.proc.terminate_ok();
-    let lines = nbd_ops(&p.uri(), &["w:65536:4096:5", "f"]);
+    r2.stop_ok();
+    let lines = nbd_ops(&uri(&p), &["w:65536:4096:5", "f"]);
     assert!(
         lines.iter().any(|l| l == "err f EIO"),
         "FLUSH with r2 down (sync-all): {lines:?}"
@@ -1179,24 +824,28 @@ fn stopping_a_replica_raises_its_lag_and_fires_the_replica_alerts_until_it_is_ba
         r.first().map(value_of).unwrap_or(f64::NAN)
     };
     wait_until(
-        30,
+        Duration::from_secs(30),
         "r2's lag in entries and bytes to show in Prometheus",
-        |last| {
+        || {
             let (l, b) = (lag("lag_lsn", "r2"), lag("lag_bytes", "r2"));
-            *last = format!("lsn {l} bytes {b}");
-            (l >= 5.0 && b >= 5.0 * 4096.0).then_some(())
+            let seen: String = format!("lsn {l} bytes {b}");
+            (l >= 5.0 && b >= 5.0 * 4096.0).then_some(()).ok_or(seen)
         },
     );
     let before = lag("lag_lsn", "r2");
     assert_all_ok(
-        &nbd_ops(&p.uri(), &["w:131072:4096:7"]),
+        &nbd_ops(&uri(&p), &["w:131072:4096:7"]),
         "writes while r2 is down",
     );
-    wait_until(30, "r2's lag to grow by the 7 new writes", |last| {
-        let l = lag("lag_lsn", "r2");
-        *last = l.to_string();
-        (l >= before + 7.0).then_some(())
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "r2's lag to grow by the 7 new writes",
+        || {
+            let l = lag("lag_lsn", "r2");
+            let seen: String = l.to_string();
+            (l >= before + 7.0).then_some(()).ok_or(seen)
+        },
+    );
     assert_eq!(lag("lag_lsn", "r1"), 0.0, "r1 is in sync");
 
     let r2_labels = [("volume", VOLUME), ("replica", "r2")];
@@ -1229,11 +878,15 @@ fn stopping_a_replica_raises_its_lag_and_fires_the_replica_alerts_until_it_is_ba
         30,
     );
     // Lag in seconds counts from the first write r2 missed; the rule's threshold is 30 s.
-    wait_until(60, "r2's lag in seconds to pass 30 s", |last| {
-        let s = lag("lag_seconds", "r2");
-        *last = s.to_string();
-        (s > 30.0).then_some(())
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "r2's lag in seconds to pass 30 s",
+        || {
+            let s = lag("lag_seconds", "r2");
+            let seen: String = s.to_string();
+            (s > 30.0).then_some(()).ok_or(seen)
+        },
+    );
     prom.wait_alert("BlockrepReplicaLagging", &r2_labels, &active, 30);
     // Every active alert's annotations rendered (no template errors, labels filled in).
     for a in prom.alerts() {
@@ -1257,29 +910,37 @@ fn stopping_a_replica_raises_its_lag_and_fires_the_replica_alerts_until_it_is_ba
     // Back: it catches up, the lag returns to 0, the alerts resolve.
     r2.restart();
     p.wait_replica_state("r2", "in_sync", 30);
-    wait_until(30, "r2's lag to return to 0 in Prometheus", |last| {
-        let v = (
-            lag("lag_lsn", "r2"),
-            lag("lag_bytes", "r2"),
-            lag("lag_seconds", "r2"),
-        );
-        *last = format!("{v:?}");
-        (v == (0.0, 0.0, 0.0)).then_some(())
-    });
-    wait_until(30, "the replica alerts for r2 to resolve", |last| {
-        let left: Vec<Value> = [
-            "BlockrepReplicaNotInSync",
-            "BlockrepReplicaLagging",
-            "BlockrepTargetDown",
-        ]
-        .iter()
-        .filter_map(|a| prom.alert(a, &[]))
-        .collect();
-        *last = format!("{left:?}");
-        left.is_empty().then_some(())
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "r2's lag to return to 0 in Prometheus",
+        || {
+            let v = (
+                lag("lag_lsn", "r2"),
+                lag("lag_bytes", "r2"),
+                lag("lag_seconds", "r2"),
+            );
+            let seen: String = format!("{v:?}");
+            (v == (0.0, 0.0, 0.0)).then_some(()).ok_or(seen)
+        },
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the replica alerts for r2 to resolve",
+        || {
+            let left: Vec<Value> = [
+                "BlockrepReplicaNotInSync",
+                "BlockrepReplicaLagging",
+                "BlockrepTargetDown",
+            ]
+            .iter()
+            .filter_map(|a| prom.alert(a, &[]))
+            .collect();
+            let seen: String = format!("{left:?}");
+            left.is_empty().then_some(()).ok_or(seen)
+        },
+    );
     assert_all_ok(
-        &nbd_ops(&p.uri(), &["w:0:4096:2", "f"]),
+        &nbd_ops(&uri(&p), &["w:0:4096:2", "f"]),
         "FLUSH with r2 back",
     );
 }
@@ -1298,7 +959,7 @@ fn metric_values_count_exactly_the_requests_served() {
     p.wait_replica_state("r1", "in_sync", 30);
     for n in [&p, &r1] {
         for path in ["healthz", "readyz"] {
-            let (status, body) = http_get(&format!("http://127.0.0.1:{}/{path}", n.metrics))
+            let (status, body) = http_get(&format!("http://127.0.0.1:{}/{path}", n.metrics_port()))
                 .unwrap_or_else(|e| panic!("{}: {e}", n.name));
             assert_eq!(status, 200, "{} /{path}: {body}", n.name);
         }
@@ -1326,7 +987,7 @@ fn metric_values_count_exactly_the_requests_served() {
     let writes = format!("w:0:{B}:{N}");
     let flushes = format!("f:{M}");
     let reads = format!("r:0:4096:{R}");
-    let mut c = PausedClient::start(&p.uri(), &[&writes, &flushes, &reads, "pause"]);
+    let mut c = PausedClient::start(&uri(&p), &[&writes, &flushes, &reads, "pause"]);
     c.wait_line("paused", 60);
     assert!(
         c.seen
@@ -1392,12 +1053,14 @@ fn metric_values_count_exactly_the_requests_served() {
     // holds durable) while the WAL writer's last batch is still on its way to the file; that
     // batch is still written, so wait for it rather than read the counter once.
     let wal_bytes = |s: &Scrape| s.get("blockrep_wal_written_bytes_total", &[("volume", VOLUME)]);
-    let deadline = Instant::now() + Duration::from_secs(10);
     let mut wal_after = wal_bytes(&after);
-    while wal_after - wal_bytes(&before) < (N * B) as f64 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    let _ = poll_until(Duration::from_secs(10), || {
+        if wal_after - wal_bytes(&before) >= (N * B) as f64 {
+            return Some(());
+        }
         wal_after = wal_bytes(&p.scrape());
-    }
+        None
+    });
     assert!(
         wal_after - wal_bytes(&before) >= (N * B) as f64,
         "the WAL holds at least the payload: {} bytes written for {} of payload",
@@ -1625,16 +1288,19 @@ fn promtool_accepts_the_rules_and_the_dashboard_references_only_live_metrics() {
     let mut r1 = start_replica(&create_store_sized(dir, "r1", "32MiB"), "r1");
     let p = start_primary(&create_store_sized(dir, "p", "32MiB"), "p", &[&r1], &[]);
     p.wait_replica_state("r1", "in_sync", 30);
-    assert_all_ok(&nbd_ops(&p.uri(), &["w:0:4096:2", "f"]), "write + FLUSH");
-    r1.proc.terminate_ok();
-    let lines = nbd_ops(&p.uri(), &["w:0:4096:1", "f"]);
+    assert_all_ok(&nbd_ops(&uri(&p), &["w:0:4096:2", "f"]), "write + FLUSH");
+    r1.stop_ok();
+    let lines = nbd_ops(&uri(&p), &["w:0:4096:1", "f"]);
     assert!(lines.iter().any(|l| l == "err f EIO"), "{lines:?}");
     r1.restart();
     p.wait_replica_state("r1", "in_sync", 30);
-    let mut live = families(&get_ok(&format!("http://127.0.0.1:{}/metrics", p.metrics)));
+    let mut live = families(&get_ok(&format!(
+        "http://127.0.0.1:{}/metrics",
+        p.metrics_port()
+    )));
     live.extend(families(&get_ok(&format!(
         "http://127.0.0.1:{}/metrics",
-        r1.metrics
+        r1.metrics_port()
     ))));
     let source = read(&repo("metrics/src/lib.rs"));
     let mut unknown = Vec::new();
@@ -1890,686 +1556,5 @@ tests:
             test_text.contains(&format!("alertname: {line}\n")),
             "alert {line} has no promtool unit test here"
         );
-    }
-}
-
-// ---------------------------------------------------------------------------- systemd
-
-/// The unit files under systemd/, each as (file name, text).
-fn unit_files() -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = std::fs::read_dir(repo("systemd"))
-        .expect("systemd/")
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".service") || n.ends_with(".mount"))
-        .map(|n| {
-            let t = read(&repo(&format!("systemd/{n}")));
-            (n, t)
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// `systemd-analyze verify` on every unit (templates instantiated for vol1) must exit 0
-/// and say nothing at all (it only warns, exit 0, about unknown keys or bad values). The
-/// installed path of blockrep does not exist here, so the copies point ExecStart at the
-/// binary under test; nbd-client (Debian's nbd-client package) must be installed.
-#[test]
-fn systemd_units_verify() {
-    require_tools(&[
-        "systemd-analyze",
-        "timeout",
-        "/usr/sbin/nbd-client",
-        "/sbin/modprobe",
-    ]);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let units = unit_files();
-    let names: Vec<&str> = units.iter().map(|(n, _)| n.as_str()).collect();
-    for needed in [
-        "blockrep-primary@.service",
-        "blockrep-replica@.service",
-        "blockrep-attach@.service",
-        "srv-vol1.mount",
-    ] {
-        assert!(
-            names.contains(&needed),
-            "systemd/{needed} missing: {names:?}"
-        );
-    }
-    let mut to_verify = Vec::new();
-    for (name, text) in &units {
-        std::fs::write(dir.join(name), text.replace("/usr/local/bin/blockrep", BIN)).unwrap();
-        let instance = name.replace("@.", "@vol1.");
-        if instance != *name {
-            std::os::unix::fs::symlink(dir.join(name), dir.join(&instance)).unwrap();
-        }
-        to_verify.push(dir.join(instance));
-    }
-    let verify = |paths: &[PathBuf]| {
-        let out = run(Command::new("timeout")
-            .args(["120", "systemd-analyze", "verify", "--man=no"])
-            .args(paths)
-            .current_dir(dir)
-            .env("SYSTEMD_LOG_COLOR", "0")
-            .stdin(Stdio::null()));
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), said)
-    };
-    let (ok, said) = verify(&to_verify);
-    assert!(
-        ok && said.trim().is_empty(),
-        "systemd-analyze verify {to_verify:?}: ok={ok}\n{said}"
-    );
-
-    // The check bites: a typo'd directive value and an unknown key are reported.
-    let bad = dir.join("bad");
-    std::fs::create_dir(&bad).unwrap();
-    let broken = units
-        .iter()
-        .find(|(n, _)| n == "blockrep-primary@.service")
-        .unwrap()
-        .1
-        .replace("/usr/local/bin/blockrep", BIN)
-        .replace("Type=notify", "Type=notfiy\nWatchdogSecs=30s");
-    std::fs::write(bad.join("broken@.service"), broken).unwrap();
-    std::os::unix::fs::symlink(bad.join("broken@.service"), bad.join("broken@vol1.service"))
-        .unwrap();
-    let (_, said) = verify(&[bad.join("broken@vol1.service")]);
-    assert!(
-        said.contains("notfiy") && said.contains("WatchdogSecs"),
-        "verify must flag the broken copy: {said}"
-    );
-
-    // What the operations side relies on, unit by unit.
-    let get = |name: &str| &units.iter().find(|(n, _)| n == name).unwrap().1;
-    for (unit, cmd) in [
-        ("blockrep-primary@.service", "serve"),
-        ("blockrep-replica@.service", "replica"),
-    ] {
-        let t = get(unit);
-        for line in [
-            format!("ExecStart=/usr/local/bin/blockrep {cmd} --config /etc/blockrep/%i.toml"),
-            "Type=notify".into(),
-            "NotifyAccess=main".into(),
-            "Restart=on-failure".into(),
-            "KillSignal=SIGTERM".into(),
-            "NoNewPrivileges=yes".into(),
-            "ProtectSystem=strict".into(),
-            "ReadWritePaths=/var/lib/blockrep".into(),
-            "PrivateTmp=yes".into(),
-            "ProtectHome=yes".into(),
-            "User=blockrep".into(),
-            "Group=blockrep".into(),
-        ] {
-            assert!(t.lines().any(|l| l == line), "{unit} lacks {line}");
-        }
-        for key in ["WatchdogSec=", "TimeoutStopSec="] {
-            assert!(t.lines().any(|l| l.starts_with(key)), "{unit} lacks {key}");
-        }
-        // Nothing that breaks io_uring or listening sockets.
-        let filter = t
-            .lines()
-            .filter_map(|l| l.strip_prefix("SystemCallFilter="))
-            .collect::<Vec<_>>()
-            .join(" ");
-        assert!(
-            !filter.contains("~@aio") && !filter.contains("io_uring"),
-            "{unit}: the system call filter must allow io_uring: {filter}"
-        );
-        let families = t
-            .lines()
-            .filter_map(|l| l.strip_prefix("RestrictAddressFamilies="))
-            .collect::<Vec<_>>()
-            .join(" ");
-        for f in ["AF_INET", "AF_INET6", "AF_UNIX"] {
-            assert!(
-                families.split_whitespace().any(|x| x == f),
-                "{unit}: {families}"
-            );
-        }
-    }
-    let attach = get("blockrep-attach@.service");
-    assert!(attach.contains("EnvironmentFile=/etc/blockrep/%i.attach"));
-    assert!(attach.contains("ExecStart=/usr/sbin/nbd-client "));
-    assert!(attach.contains("ExecStop=/usr/sbin/nbd-client -d ${NBD_DEVICE}"));
-    let mount = get("srv-vol1.mount");
-    for line in [
-        "Requires=blockrep-attach@vol1.service",
-        "After=blockrep-attach@vol1.service",
-        "What=/dev/nbd0",
-        "Where=/srv/vol1",
-    ] {
-        assert!(
-            mount.lines().any(|l| l == line),
-            "srv-vol1.mount lacks {line}"
-        );
-    }
-    // The attach example's variables are the ones the unit uses.
-    let env = read(&repo("systemd/examples/vol1.attach"));
-    for var in [
-        "NBD_HOST",
-        "NBD_PORT",
-        "NBD_EXPORT",
-        "NBD_DEVICE",
-        "NBD_TIMEOUT",
-        "NBD_OPTIONS",
-    ] {
-        assert!(attach.contains(var), "the attach unit does not use {var}");
-        assert!(
-            env.lines().any(|l| l.starts_with(&format!("{var}="))),
-            "vol1.attach does not set {var}"
-        );
-    }
-}
-
-// ---------------------------------------------------------------------------- sd_notify
-
-/// A NOTIFY_SOCKET for one child: every datagram it sends, with when it arrived.
-struct NotifySocket {
-    sock: UnixDatagram,
-    path: PathBuf,
-    got: Vec<(Instant, String)>,
-}
-
-impl NotifySocket {
-    fn bind(dir: &Path, name: &str) -> NotifySocket {
-        let path = dir.join(format!("{name}.notify"));
-        let sock = UnixDatagram::bind(&path).expect("bind the notify socket");
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        NotifySocket {
-            sock,
-            path,
-            got: Vec::new(),
-        }
-    }
-
-    /// Receives until a datagram contains `needle` (returns it), or `secs` pass (None).
-    fn wait_for(&mut self, needle: &str, secs: f64) -> Option<String> {
-        let deadline = Instant::now() + Duration::from_secs_f64(secs);
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                self.got.push((Instant::now(), msg.clone()));
-                if msg.lines().any(|l| l == needle) {
-                    return Some(msg);
-                }
-            }
-        }
-        None
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.got
-            .iter()
-            .filter(|(_, m)| m.lines().any(|l| l == needle))
-            .count()
-    }
-}
-
-/// The ExecStart= command line of a unit, with the installed binary and config replaced.
-fn exec_start(unit: &str, config: &Path) -> Vec<String> {
-    let text = read(&repo(&format!("systemd/{unit}")));
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("ExecStart="))
-        .unwrap_or_else(|| panic!("{unit} has no ExecStart="));
-    line.split_whitespace()
-        .map(|w| match w {
-            "/usr/local/bin/blockrep" => BIN.to_string(),
-            "/etc/blockrep/%i.toml" => config.display().to_string(),
-            other => other.to_string(),
-        })
-        .collect()
-}
-
-fn spawn_notified(
-    name: &str,
-    argv: &[String],
-    notify: &Path,
-    env: &[(&str, &str)],
-    log: &Path,
-) -> Proc {
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env("NOTIFY_SOCKET", notify)
-        .env("NO_COLOR", "1")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc::spawn(name, &mut cmd, log)
-}
-
-/// The NBD greeting ("NBDMAGIC") on `port`, read from a fresh connection.
-fn nbd_greeting(port: u16) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut magic = [0u8; 8];
-    s.read_exact(&mut magic).map_err(|e| format!("read: {e}"))?;
-    Ok(String::from_utf8_lossy(&magic).into_owned())
-}
-
-/// `blockrep serve` and `blockrep replica`, started with their units' ExecStart= lines and a
-/// NOTIFY_SOCKET: READY=1 arrives, and when it does the NBD (or replication) port accepts
-/// connections and /readyz is 200; SIGTERM brings STOPPING=1 and exit 0. A start that fails
-/// (port taken) never says READY=1. With WATCHDOG_USEC=200000 and WATCHDOG_PID = the
-/// process, WATCHDOG=1 arrives every ~100 ms; with WATCHDOG_PID of another process, never.
-#[test]
-fn readiness_notification_is_sent() {
-    require_tools(&["timeout", "sh"]);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let store = create_store_sized(dir, "p", "32MiB");
-    let (nbd, metrics) = (free_port(), free_port());
-    let config = dir.join("p.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "dir = \"{}\"\nnbd = [\"127.0.0.1:{nbd}\"]\nmetrics = \"127.0.0.1:{metrics}\"\nvolume-name = \"{VOLUME}\"\n",
-            store.display()
-        ),
-    )
-    .unwrap();
-    let argv = exec_start("blockrep-primary@.service", &config);
-
-    // serve: READY=1 once the port accepts, STOPPING=1 on SIGTERM.
-    let mut n = NotifySocket::bind(dir, "serve");
-    let mut p = spawn_notified("serve", &argv, &n.path, &[], &dir.join("serve.log"));
-    let ready = n
-        .wait_for("READY=1", 90.0)
-        .unwrap_or_else(|| panic!("no READY=1 from serve; log:\n{}", p.log_text()));
-    assert_eq!(
-        nbd_greeting(nbd).as_deref(),
-        Ok("NBDMAGIC"),
-        "the NBD port must serve when READY=1 arrives"
-    );
-    assert_eq!(
-        http_get(&format!("http://127.0.0.1:{metrics}/readyz")).map(|r| r.0),
-        Ok(200),
-        "/readyz when READY=1 arrives"
-    );
-    assert!(
-        ready.contains("STATUS="),
-        "a status line with READY=1: {ready:?}"
-    );
-    assert!(
-        n.wait_for("WATCHDOG=1", 1.0).is_none(),
-        "no watchdog pings without WATCHDOG_USEC"
-    );
-    p.signal(libc::SIGTERM);
-    assert!(
-        n.wait_for("STOPPING=1", 60.0).is_some(),
-        "no STOPPING=1 after SIGTERM: {:?}; log:\n{}",
-        n.got,
-        p.log_text()
-    );
-    let st = p.terminate(60);
-    assert!(st.success(), "serve after SIGTERM: {st}");
-    assert_eq!(n.count("READY=1"), 1, "{:?}", n.got);
-
-    // A start that fails never claims readiness.
-    let blocker = std::net::TcpListener::bind(("127.0.0.1", nbd)).expect("take the NBD port");
-    let mut n2 = NotifySocket::bind(dir, "serve-busy");
-    let mut p2 = spawn_notified(
-        "serve-busy",
-        &argv,
-        &n2.path,
-        &[],
-        &dir.join("serve-busy.log"),
-    );
-    let st = wait_until(60, "serve with its port taken to exit", |_| {
-        p2.child.as_mut().unwrap().try_wait().unwrap()
-    });
-    p2.child = None;
-    assert_eq!(
-        st.code(),
-        Some(1),
-        "port taken: {st}; log:\n{}",
-        p2.log_text()
-    );
-    assert!(
-        n2.wait_for("READY=1", 0.5).is_none(),
-        "READY=1 from a failed start: {:?}",
-        n2.got
-    );
-    drop(blocker);
-
-    // The watchdog, with WATCHDOG_PID set to the process itself (as systemd does).
-    let mut wargv: Vec<String> = vec![
-        "sh".into(),
-        "-c".into(),
-        "WATCHDOG_PID=$$ exec \"$0\" \"$@\"".into(),
-    ];
-    wargv.extend(argv.iter().cloned());
-    let mut n3 = NotifySocket::bind(dir, "serve-watchdog");
-    let mut p3 = spawn_notified(
-        "serve-watchdog",
-        &wargv,
-        &n3.path,
-        &[("WATCHDOG_USEC", "200000")],
-        &dir.join("serve-watchdog.log"),
-    );
-    n3.wait_for("READY=1", 90.0)
-        .unwrap_or_else(|| panic!("no READY=1; log:\n{}", p3.log_text()));
-    let from = Instant::now();
-    n3.wait_for("never", 1.5);
-    let pings = n3
-        .got
-        .iter()
-        .filter(|(t, m)| *t >= from && m.lines().any(|l| l == "WATCHDOG=1"))
-        .count();
-    assert!(
-        (8..=30).contains(&pings),
-        "WATCHDOG=1 every ~100 ms for 1.5 s (WATCHDOG_USEC=200000): got {pings}"
-    );
-    p3.terminate_ok();
-
-    // A WATCHDOG_PID naming another process is not for us: no pings.
-    let mut n4 = NotifySocket::bind(dir, "serve-otherpid");
-    let mut p4 = spawn_notified(
-        "serve-otherpid",
-        &argv,
-        &n4.path,
-        &[("WATCHDOG_USEC", "200000"), ("WATCHDOG_PID", "1")],
-        &dir.join("serve-otherpid.log"),
-    );
-    n4.wait_for("READY=1", 90.0)
-        .unwrap_or_else(|| panic!("no READY=1; log:\n{}", p4.log_text()));
-    assert!(
-        n4.wait_for("WATCHDOG=1", 1.0).is_none(),
-        "pings for another pid's watchdog"
-    );
-    p4.terminate_ok();
-
-    // replica: READY=1 once the replication port accepts; STOPPING=1 on SIGTERM.
-    let (listen, rmetrics) = (free_port(), free_port());
-    let rconfig = dir.join("r.toml");
-    std::fs::write(
-        &rconfig,
-        format!(
-            "dir = \"{}\"\nlisten = \"127.0.0.1:{listen}\"\nsize = \"32MiB\"\nmetrics = \"127.0.0.1:{rmetrics}\"\nvolume-name = \"{VOLUME}\"\n",
-            dir.join("r").display()
-        ),
-    )
-    .unwrap();
-    let rargv = exec_start("blockrep-replica@.service", &rconfig);
-    let mut wrargv: Vec<String> = vec![
-        "sh".into(),
-        "-c".into(),
-        "WATCHDOG_PID=$$ exec \"$0\" \"$@\"".into(),
-    ];
-    wrargv.extend(rargv.iter().cloned());
-    let mut n5 = NotifySocket::bind(dir, "replica");
-    let mut r = spawn_notified(
-        "replica",
-        &wrargv,
-        &n5.path,
-        &[("WATCHDOG_USEC", "200000")],
-        &dir.join("replica.log"),
-    );
-    n5.wait_for("READY=1", 90.0)
-        .unwrap_or_else(|| panic!("no READY=1 from replica; log:\n{}", r.log_text()));
-    assert!(
-        TcpStream::connect(("127.0.0.1", listen)).is_ok(),
-        "the replication port must accept when READY=1 arrives"
-    );
-    assert_eq!(
-        http_get(&format!("http://127.0.0.1:{rmetrics}/readyz")).map(|r| r.0),
-        Ok(200)
-    );
-    assert!(
-        n5.wait_for("WATCHDOG=1", 2.0).is_some(),
-        "replica watchdog pings"
-    );
-    r.signal(libc::SIGTERM);
-    assert!(
-        n5.wait_for("STOPPING=1", 60.0).is_some(),
-        "no STOPPING=1 from replica: {:?}; log:\n{}",
-        n5.got,
-        r.log_text()
-    );
-    let st = r.terminate(60);
-    assert!(st.success(), "replica after SIGTERM: {st}");
-}
-
-// ---------------------------------------------------------------------------- --config
-
-fn admin_volume_names(metrics: u16) -> BTreeSet<String> {
-    Scrape::of(metrics)
-        .0
-        .iter()
-        .filter_map(|s| s.labels.get("volume").cloned())
-        .collect()
-}
-
-fn refused(port: u16) -> bool {
-    TcpStream::connect(("127.0.0.1", port)).is_err()
-}
-
-/// Runs blockrep with `args`, which must fail with exit 1 and a message containing every
-/// one of `needles`.
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let out = run(Command::new("timeout")
-        .args(["60", BIN])
-        .args(args)
-        .stdin(Stdio::null()));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{args:?}: {}\n{stderr}",
-        out.status
-    );
-    for n in needles {
-        assert!(
-            stderr.contains(n),
-            "{args:?}: stderr lacks {n:?}:\n{stderr}"
-        );
-    }
-}
-
-/// `--config FILE` for serve and replica: the file's dir/nbd/listen/metrics/volume-name are
-/// used; a flag on the command line wins over the file; an unknown key (or a bad value) is an
-/// error with exit 1 that names it; the example configs in systemd/examples work.
-#[test]
-fn config_file_sets_defaults_and_flags_override() {
-    require_tools(&["timeout"]);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let store = create_store_sized(dir, "p", "32MiB");
-    let (nbd, metrics) = (free_port(), free_port());
-    let config = dir.join("p.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "dir = \"{}\"\nnbd = [\"127.0.0.1:{nbd}\"]\nmetrics = \"127.0.0.1:{metrics}\"\nvolume-name = \"fromfile\"\n",
-            store.display()
-        ),
-    )
-    .unwrap();
-    let cfg = config.display().to_string();
-
-    // Everything from the file.
-    let args = vec!["serve".to_string(), "--config".into(), cfg.clone()];
-    let mut n = Node::launch("serve-file", &store, nbd, metrics, args);
-    assert_eq!(nbd_greeting(nbd).as_deref(), Ok("NBDMAGIC"));
-    assert_eq!(
-        admin_volume_names(metrics),
-        BTreeSet::from(["fromfile".to_string()])
-    );
-    assert_eq!(n.status()["store"], store.display().to_string());
-    n.proc.terminate_ok();
-
-    // Flags win: --nbd, --metrics, --volume-name, and the DIR argument over `dir`.
-    let other_store = create_store_sized(dir, "q", "32MiB");
-    let (nbd2, metrics2) = (free_port(), free_port());
-    let args = vec![
-        "serve".to_string(),
-        other_store.display().to_string(),
-        "--config".into(),
-        cfg.clone(),
-        "--nbd".into(),
-        format!("127.0.0.1:{nbd2}"),
-        "--metrics".into(),
-        format!("127.0.0.1:{metrics2}"),
-        "--volume-name".into(),
-        "fromflag".into(),
-    ];
-    let mut n = Node::launch("serve-flags", &other_store, nbd2, metrics2, args);
-    assert_eq!(nbd_greeting(nbd2).as_deref(), Ok("NBDMAGIC"));
-    assert_eq!(
-        admin_volume_names(metrics2),
-        BTreeSet::from(["fromflag".to_string()])
-    );
-    assert_eq!(n.status()["store"], other_store.display().to_string());
-    assert!(refused(nbd), "the file's NBD address must not be used");
-    assert!(
-        refused(metrics),
-        "the file's metrics address must not be used"
-    );
-    n.proc.terminate_ok();
-
-    // replica: a blank store of `size` in `dir`, on `listen`; --listen wins.
-    let (listen, rmetrics, listen2) = (free_port(), free_port(), free_port());
-    let rstore = dir.join("r");
-    let rconfig = dir.join("r.toml");
-    std::fs::write(
-        &rconfig,
-        format!(
-            "dir = \"{}\"\nlisten = \"127.0.0.1:{listen}\"\nsize = \"32MiB\"\nmetrics = \"127.0.0.1:{rmetrics}\"\nvolume-name = \"repfile\"\n",
-            rstore.display()
-        ),
-    )
-    .unwrap();
-    let rcfg = rconfig.display().to_string();
-    let args = vec!["replica".to_string(), "--config".into(), rcfg.clone()];
-    let mut r = Node::launch("replica-file", &rstore, listen, rmetrics, args);
-    assert!(rstore.is_dir(), "the replica created its store from `size`");
-    assert_eq!(
-        admin_volume_names(rmetrics),
-        BTreeSet::from(["repfile".to_string()])
-    );
-    r.proc.terminate_ok();
-    let args = vec![
-        "replica".to_string(),
-        "--config".into(),
-        rcfg.clone(),
-        "--listen".into(),
-        format!("127.0.0.1:{listen2}"),
-    ];
-    let mut r = Node::launch("replica-flags", &rstore, listen2, rmetrics, args);
-    assert!(
-        refused(listen),
-        "the file's listen address must not be used"
-    );
-    r.proc.terminate_ok();
-
-    // Unknown keys and bad values: exit 1, naming the key and the file.
-    let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
-        format!("dir = \"{}\"\ncolour = \"blue\"\n", store.display()),
-    )
-    .unwrap();
-    let b = bad.display().to_string();
-    fails_with(&["serve", "--config", &b], &["colour", &b]);
-    fails_with(&["replica", "--config", &b], &["colour", &b]);
-    std::fs::write(
-        &bad,
-        format!(
-            "dir = \"{}\"\nflush-interval-ms = \"soon\"\n",
-            store.display()
-        ),
-    )
-    .unwrap();
-    fails_with(&["serve", "--config", &b], &["flush-interval-ms", &b]);
-    std::fs::write(
-        &bad,
-        format!("dir = \"{}\"\ncommit = \"sometimes\"\n", store.display()),
-    )
-    .unwrap();
-    fails_with(&["serve", "--config", &b], &["commit", "sometimes"]);
-    fails_with(
-        &[
-            "serve",
-            "--config",
-            &dir.join("missing.toml").display().to_string(),
-        ],
-        &["missing.toml"],
-    );
-
-    // The examples, pointed at loopback and temporary stores (nothing else changed): two
-    // replicas from vol1.replica.toml, the primary from vol1.toml, all in sync.
-    let example = |name: &str| -> toml::Table {
-        read(&repo(&format!("systemd/examples/{name}")))
-            .parse()
-            .unwrap_or_else(|e| panic!("systemd/examples/{name}: {e}"))
-    };
-    let mut reps = Vec::new();
-    for rname in ["r1", "r2"] {
-        let mut t = example("vol1.replica.toml");
-        let (l, m) = (free_port(), free_port());
-        let store = dir.join(format!("ex-{rname}"));
-        for (k, v) in [
-            ("dir", store.display().to_string()),
-            ("listen", format!("127.0.0.1:{l}")),
-            ("metrics", format!("127.0.0.1:{m}")),
-            ("size", "64MiB".to_string()),
-        ] {
-            assert!(t.contains_key(k), "vol1.replica.toml has no {k}");
-            t.insert(k.into(), toml::Value::String(v));
-        }
-        let path = dir.join(format!("ex-{rname}.toml"));
-        std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
-        let args = vec![
-            "replica".to_string(),
-            "--config".into(),
-            path.display().to_string(),
-        ];
-        reps.push((rname, Node::launch(rname, &store, l, m, args)));
-    }
-    let mut t = example("vol1.toml");
-    let pstore = create_store_sized(dir, "ex-p", "64MiB");
-    let (pn, pm) = (free_port(), free_port());
-    let replicas: Vec<toml::Value> = reps
-        .iter()
-        .map(|(name, r)| toml::Value::String(format!("{name}={}", r.addr())))
-        .collect();
-    for (k, v) in [
-        ("dir", toml::Value::String(pstore.display().to_string())),
-        (
-            "nbd",
-            toml::Value::Array(vec![toml::Value::String(format!("127.0.0.1:{pn}"))]),
-        ),
-        ("metrics", toml::Value::String(format!("127.0.0.1:{pm}"))),
-        ("replica", toml::Value::Array(replicas)),
-    ] {
-        assert!(t.contains_key(k), "vol1.toml has no {k}");
-        t.insert(k.into(), v);
-    }
-    let path = dir.join("ex-p.toml");
-    std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
-    let args = vec![
-        "serve".to_string(),
-        "--config".into(),
-        path.display().to_string(),
-    ];
-    let p = Node::launch("ex-p", &pstore, pn, pm, args);
-    p.wait_replica_state("r1", "in_sync", 30);
-    p.wait_replica_state("r2", "in_sync", 30);
-    let st = p.status();
-    assert_eq!(st["volume"], "vol1", "{st}");
-    assert_eq!(st["commit_mode"], "sync-all", "{st}");
-    for (_, r) in &reps {
-        assert_eq!(r.status()["volume"], "vol1");
     }
 }

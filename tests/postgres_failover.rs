@@ -28,13 +28,14 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::fuse::Teardown;
 use common::*;
 
 const VOLUME: u64 = 1 << 30;
@@ -49,33 +50,13 @@ fn read_text(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-/// The last `n` lines of a log, for failure messages.
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
+/// A log file's text, read only when a failed wait renders it.
+struct LogText<'a>(&'a Path);
 
-/// blockrep logs with ANSI colours; strip them so the text can be searched.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
+impl std::fmt::Display for LogText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&read_text(self.0))
     }
-    out
-}
-
-fn inspect_json(store: &Path) -> serde_json::Value {
-    let out = run_ok(blockrep_timed(60).arg("inspect").arg(store).arg("--json"));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect --json printed {out:?}: {e}"))
 }
 
 fn e2fsck_clean(dev: &Path) {
@@ -213,220 +194,24 @@ fn describe_pids(pids: &[i32]) -> String {
         .join("\n")
 }
 
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: plain kill(2) on a pid we started (or a child of one).
-    unsafe { libc::kill(pid, sig) };
-}
-
 /// `blockrep replica STORE --listen 127.0.0.1:PORT`, once it says it is listening.
 fn start_replica(store: &Path) -> Served {
     let port = free_port();
-    let stderr_log = store.with_extension(format!("replica-{port}.log"));
-    let mut child = blockrep()
-        .arg("replica")
-        .arg(store)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(File::create(&stderr_log).expect("replica log"))
-        .spawn()
-        .expect("spawn blockrep replica");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(first)) = lines.next() {
-            let _ = tx.send(first);
-        }
-        for _ in lines {}
-    });
-    let first = rx.recv_timeout(Duration::from_secs(60));
-    let replica = Served {
-        child,
-        store: store.to_path_buf(),
-        port,
-        stderr_log,
-    };
-    match first {
-        Ok(line) if line.contains("listening on") => {}
-        other => panic!(
-            "blockrep replica did not start ({other:?}); its log:\n{}",
-            replica.log()
-        ),
-    }
-    wait_for_port(port);
-    replica
+    let args = vec![
+        "replica".into(),
+        store.into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}").into(),
+    ];
+    Node::builder("blockrep replica", store, port, args)
+        .log(store.with_extension(format!("replica-{port}.log")))
+        .ready(Ready::Line("listening on"))
+        .color()
+        .wait_for_port()
+        .start()
 }
 
 // --------------------------------------------------------------------- ext4 on nbdfuse
-
-fn mounted(path: &Path) -> bool {
-    let want = path.to_string_lossy();
-    read_text(Path::new("/proc/self/mountinfo"))
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*want))
-}
-
-/// nbdfuse exposing an NBD export as `fm/nbd`, optionally with ext4 loop-mounted on `mnt`.
-/// (The pattern of tests/crash_recovery.rs.) Drop tears both down lazily and kills nbdfuse.
-struct FuseMount {
-    fm: PathBuf,
-    mnt: PathBuf,
-    nbdfuse: Option<Child>,
-    log: PathBuf,
-    loop_mounted: bool,
-}
-
-impl FuseMount {
-    fn start(uri: &str, dir: &Path, name: &str) -> FuseMount {
-        let fm = dir.join(format!("{name}-fuse"));
-        let mnt = dir.join(format!("{name}-mnt"));
-        std::fs::create_dir_all(&fm).unwrap();
-        std::fs::create_dir_all(&mnt).unwrap();
-        let pidfile = dir.join(format!("{name}-nbdfuse.pid"));
-        let log = dir.join(format!("{name}-nbdfuse.log"));
-        let logf = File::create(&log).unwrap();
-        let child = Command::new("nbdfuse")
-            .arg("-P")
-            .arg(&pidfile)
-            .arg(&fm)
-            .arg(uri)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .process_group(0)
-            .spawn()
-            .expect("spawn nbdfuse");
-        let mut m = FuseMount {
-            fm,
-            mnt,
-            nbdfuse: Some(child),
-            log,
-            loop_mounted: false,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = std::fs::read_to_string(&pidfile).is_ok_and(|s| !s.trim().is_empty());
-            if ready && mounted(&m.fm) {
-                break;
-            }
-            if let Some(st) = m.nbdfuse.as_mut().unwrap().try_wait().unwrap() {
-                panic!("nbdfuse exited with {st}:\n{}", read_text(&m.log));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nbdfuse not ready in 30s:\n{}",
-                read_text(&m.log)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn dev(&self) -> PathBuf {
-        self.fm.join("nbd")
-    }
-
-    fn mount_loop(&mut self) {
-        run_ok(
-            timed(60, "mount")
-                .args(["-o", "loop"])
-                .arg(self.dev())
-                .arg(&self.mnt),
-        );
-        self.loop_mounted = true;
-    }
-
-    fn unmount_loop(&mut self) {
-        run_ok(timed(60, "umount").arg(&self.mnt));
-        self.loop_mounted = false;
-    }
-
-    /// Unmounts the FUSE mount; nbdfuse then disconnects and exits.
-    fn unmount_fuse(&mut self) {
-        assert!(!self.loop_mounted);
-        run_ok(timed(30, "umount").arg(&self.fm));
-        if let Some(mut c) = self.nbdfuse.take() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while c.try_wait().unwrap().is_none() {
-                if Instant::now() >= deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    panic!(
-                        "nbdfuse did not exit after its unmount:\n{}",
-                        read_text(&self.log)
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    /// Teardown that cannot hang on a dead device: lazy unmount of the ext4 mount, every loop
-    /// device on our FUSE file detached, lazy unmount of the FUSE mount, nbdfuse killed.
-    /// Every command runs under a timeout.
-    fn teardown(&mut self) {
-        let lazy_unmount = |p: &Path| {
-            if mounted(p) {
-                let _ = Command::new("timeout")
-                    .args(["-k", "5", "20", "umount", "-l"])
-                    .arg(p)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        };
-        lazy_unmount(&self.mnt);
-        self.loop_mounted = false;
-        // `mount -o loop` sets autoclear; detach anything still backed by our FUSE file.
-        // (losetup -l reads sysfs, it does not touch the backing file.)
-        if let Ok(out) = Command::new("timeout")
-            .args([
-                "-k",
-                "5",
-                "20",
-                "losetup",
-                "-l",
-                "-n",
-                "-O",
-                "NAME,BACK-FILE",
-            ])
-            .output()
-        {
-            let dev = self.dev();
-            let dev = dev.to_string_lossy();
-            for line in text(&out.stdout).lines() {
-                let mut f = line.split_whitespace();
-                if let (Some(name), Some(back)) = (f.next(), f.next()) {
-                    if back == dev {
-                        let _ = Command::new("timeout")
-                            .args(["-k", "5", "20", "losetup", "-d", name])
-                            .stderr(Stdio::null())
-                            .status();
-                    }
-                }
-            }
-        }
-        lazy_unmount(&self.fm);
-        if let Some(mut c) = self.nbdfuse.take() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if matches!(c.try_wait(), Ok(None)) {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for FuseMount {
-    fn drop(&mut self) {
-        self.teardown();
-    }
-}
 
 // ----------------------------------------------------------------------------- postgres
 
@@ -491,35 +276,38 @@ impl Postgres {
             postmaster: Some(child),
             killed: Vec::new(),
         };
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let ready = Command::new("timeout")
-                .args(["-k", "2", "10"])
-                .arg(bin.join("pg_isready"))
-                .arg("-q")
-                .arg("-h")
-                .arg(sock)
-                .arg("-p")
-                .arg(port.to_string())
-                .args(["-U", "postgres", "-d", "postgres"])
-                .status()
-                .is_ok_and(|s| s.success());
-            if ready {
-                return pg;
-            }
-            if let Some(st) = pg.postmaster.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "postgres exited with {st} while starting; its log:\n{}",
-                    pg.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
+        let postmaster = &mut pg.postmaster;
+        let log = &pg.log;
+        wait_until(
+            Duration::from_secs(90),
+            format_args!(
                 "postgres did not accept connections within 90s; its log:\n{}",
-                pg.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+                LogText(log)
+            ),
+            || {
+                if let Some(st) = postmaster
+                    .as_mut()
+                    .and_then(|c| c.try_wait().expect("try_wait"))
+                {
+                    panic!(
+                        "postgres exited with {st} while starting; its log:\n{}",
+                        read_text(log)
+                    );
+                }
+                Command::new("timeout")
+                    .args(["-k", "2", "10"])
+                    .arg(bin.join("pg_isready"))
+                    .arg("-q")
+                    .arg("-h")
+                    .arg(sock)
+                    .arg("-p")
+                    .arg(port.to_string())
+                    .args(["-U", "postgres", "-d", "postgres"])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
+        pg
     }
 
     fn log_text(&self) -> String {
@@ -565,13 +353,11 @@ impl Postgres {
         let Some(pm) = self.postmaster.as_ref().map(|c| c.id() as i32) else {
             return;
         };
-        signal(pm, libc::SIGSTOP);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !matches!(proc_stat(pm), Some(('T', _)) | Some(('Z', _)) | None)
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        signal_pid(pm, libc::SIGSTOP);
+        // Stopped (or gone) within 2 s, or the kill goes ahead regardless.
+        let _ = poll_until(Duration::from_secs(2), || {
+            matches!(proc_stat(pm), Some(('T', _)) | Some(('Z', _)) | None).then_some(())
+        });
         let mut pids = descendants(pm);
         for p in cwd_under(&self.data) {
             if p != pm && !pids.contains(&p) {
@@ -579,9 +365,9 @@ impl Postgres {
             }
         }
         for &p in &pids {
-            signal(p, libc::SIGKILL);
+            signal_pid(p, libc::SIGKILL);
         }
-        signal(pm, libc::SIGKILL);
+        signal_pid(pm, libc::SIGKILL);
         pids.push(pm);
         self.killed.extend(pids);
     }
@@ -589,42 +375,38 @@ impl Postgres {
     /// After `kill9` (and the teardown that unblocks processes stuck on the dead device):
     /// waits until every killed process is gone.
     fn wait_gone(&mut self, secs: u64) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(c) = self.postmaster.as_mut() {
-                if c.try_wait().expect("try_wait").is_some() {
-                    self.postmaster = None;
+        wait_until(
+            Duration::from_secs(secs),
+            "postgres processes still alive after SIGKILL",
+            || {
+                if let Some(c) = self.postmaster.as_mut() {
+                    if c.try_wait().expect("try_wait").is_some() {
+                        self.postmaster = None;
+                    }
                 }
-            }
-            self.killed.retain(|&p| alive(p));
-            if self.postmaster.is_none() && self.killed.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "postgres processes still alive {secs}s after SIGKILL:\n{}",
-                describe_pids(&self.killed)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                self.killed.retain(|&p| alive(p));
+                if self.postmaster.is_none() && self.killed.is_empty() {
+                    Ok(())
+                } else {
+                    Err(describe_pids(&self.killed))
+                }
+            },
+        );
     }
 
     /// Fast shutdown (SIGINT): a shutdown checkpoint, then exit 0.
     fn stop(&mut self) {
         let pm = self.pid();
-        signal(pm, libc::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let st = loop {
-            if let Some(st) = self.postmaster.as_mut().unwrap().try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
+        signal_pid(pm, libc::SIGINT);
+        let postmaster = self.postmaster.as_mut().expect("postmaster");
+        let st = wait_until(
+            Duration::from_secs(60),
+            format_args!(
                 "postgres did not shut down within 60s; its log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+                LogText(&self.log)
+            ),
+            || postmaster.try_wait().expect("try_wait"),
+        );
         self.postmaster = None;
         assert!(
             st.success() && self.log_text().contains("database system is shut down"),
@@ -640,15 +422,12 @@ impl Drop for Postgres {
             self.kill9();
             // Never block here: a process stuck on a dead device is released by the mount
             // teardown that follows (the FuseMount guard is dropped after this one).
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if let Some(c) = self.postmaster.as_mut() {
-                    if !matches!(c.try_wait(), Ok(None)) {
-                        self.postmaster = None;
-                        break;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            let exited = poll_until(Duration::from_secs(3), || {
+                let c = self.postmaster.as_mut()?;
+                (!matches!(c.try_wait(), Ok(None))).then_some(())
+            });
+            if exited.is_some() {
+                self.postmaster = None;
             }
         }
     }
@@ -661,13 +440,13 @@ impl Drop for Postgres {
 /// with ON_ERROR_STOP psql stops at the first failed statement (a failed commit included),
 /// so an ACK line is printed only after its COMMIT succeeded. stdout is line-buffered
 /// (stdbuf) into `acks`, so an ACK is in the file as soon as psql has printed it.
-struct Client {
+struct InsertClient {
     proc: KillOnDrop,
     acks: PathBuf,
 }
 
-impl Client {
-    fn spawn(pg: &Postgres, acks: &Path, stderr: &Path) -> Client {
+impl InsertClient {
+    fn spawn(pg: &Postgres, acks: &Path, stderr: &Path) -> InsertClient {
         let mut cmd = Command::new("stdbuf");
         cmd.arg("-oL")
             .arg(&pg.psql)
@@ -700,12 +479,12 @@ impl Client {
                 }
             }
         });
-        Client {
-            proc: KillOnDrop {
+        InsertClient {
+            proc: KillOnDrop::new(
                 child,
-                what: "the insert client (psql)".into(),
-                stderr: Some(stderr.to_path_buf()),
-            },
+                "the insert client (psql)",
+                Some(stderr.to_path_buf()),
+            ),
             acks: acks.to_path_buf(),
         }
     }
@@ -753,11 +532,7 @@ fn spawn_checkpointer(pg: &Postgres, dir: &Path) -> KillOnDrop {
         .stderr(File::create(&stderr).unwrap())
         .spawn()
         .expect("spawn psql (checkpoints)");
-    KillOnDrop {
-        child,
-        what: "the checkpoint loop (psql)".into(),
-        stderr: Some(stderr),
-    }
+    KillOnDrop::new(child, "the checkpoint loop (psql)", Some(stderr))
 }
 
 // --------------------------------------------------------------------------------- test
@@ -787,7 +562,7 @@ fn postgres_commits_survive_primary_kill9_and_failover() {
     let mut primary = serve(&p_dir, &["--replica", &r1_arg, "--replica", &r2_arg]);
 
     // 2. ext4 on the primary through nbdfuse + loop, a fresh cluster on it.
-    let mut fuse1 = FuseMount::start(&primary.uri(), base, "first");
+    let mut fuse1 = FuseMount::start(&primary.uri(), base, "first").with_teardown(Teardown::Lazy);
     run_ok(timed(120, "mkfs.ext4").args(["-q", "-F"]).arg(fuse1.dev()));
     fuse1.mount_loop();
     let data1 = fuse1.mnt.join("pgdata");
@@ -815,34 +590,36 @@ fn postgres_commits_survive_primary_kill9_and_failover() {
 
     // 3. The insert client, and checkpoints alongside.
     let mut checkpointer = spawn_checkpointer(&pg, base);
-    let mut client = Client::spawn(&pg, &base.join("acks.log"), &base.join("client.stderr"));
+    let mut client = InsertClient::spawn(&pg, &base.join("acks.log"), &base.join("client.stderr"));
     let run_started = Instant::now();
-    let deadline = run_started + Duration::from_secs(90);
-    loop {
-        assert!(
-            client.proc.running(),
-            "the insert client stopped before the primary was killed; its stderr:\n{}\n\
+    wait_until(
+        Duration::from_secs(90),
+        "enough acknowledged commits",
+        || {
+            assert!(
+                client.proc.running(),
+                "the insert client stopped before the primary was killed; its stderr:\n{}\n\
              postgres log (tail):\n{}",
-            client.proc.stderr_text(),
-            tail(&pg.log_text(), 30)
-        );
-        assert!(
-            checkpointer.running(),
-            "the checkpoint loop stopped early:\n{}",
-            checkpointer.stderr_text()
-        );
-        let n = client.acked().len();
-        if n >= MIN_ACKS_BEFORE_KILL && run_started.elapsed() >= MIN_RUN_BEFORE_KILL {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {n} commits acknowledged in 90s; client stderr:\n{}\nprimary log:\n{}",
-            client.proc.stderr_text(),
-            tail(&primary.log(), 30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+                client.proc.stderr_text(),
+                tail(&pg.log_text(), 30)
+            );
+            assert!(
+                checkpointer.running(),
+                "the checkpoint loop stopped early:\n{}",
+                checkpointer.stderr_text()
+            );
+            let n = client.acked().len();
+            if n >= MIN_ACKS_BEFORE_KILL && run_started.elapsed() >= MIN_RUN_BEFORE_KILL {
+                Ok(())
+            } else {
+                Err(format!(
+                    "only {n} commits acknowledged; client stderr:\n{}\nprimary log:\n{}",
+                    client.proc.stderr_text(),
+                    tail(&primary.log(), 30)
+                ))
+            }
+        },
+    );
 
     // 4. kill -9 the primary mid-stream.
     let acks_before_kill = client.acked().len();
@@ -902,30 +679,29 @@ fn postgres_commits_survive_primary_kill9_and_failover() {
         "serving r1 should have promoted it:\n{plog}"
     );
     // Under sync-all every FLUSH needs r2: it must get in sync with the new primary.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let plog = loop {
-        let plog = strip_ansi(&promoted.log());
-        assert!(
-            !plog.contains("needs_rebuild"),
-            "the promoted primary cannot bring r2 in sync, so every sync-all FLUSH will fail \
+    let plog = wait_until(
+        Duration::from_secs(15),
+        "r2 in sync with the promoted primary",
+        || {
+            let plog = strip_ansi(&promoted.log());
+            assert!(
+                !plog.contains("needs_rebuild"),
+                "the promoted primary cannot bring r2 in sync, so every sync-all FLUSH will fail \
              (a replica ahead of the new primary is not truncated yet: docs/PROTOCOL.md, Not \
              yet built):\n{plog}\nr2 log:\n{}",
-            strip_ansi(&r2.log())
-        );
-        if plog.contains("replica=r2 state=\"in_sync\"") {
-            break plog;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "r2 not in sync with the promoted primary after 15s:\n{plog}\nr2 log:\n{}",
-            strip_ansi(&r2.log())
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+                strip_ansi(&r2.log())
+            );
+            if plog.contains("replica=r2 state=\"in_sync\"") {
+                Ok(plog)
+            } else {
+                Err(format!("{plog}\nr2 log:\n{}", strip_ansi(&r2.log())))
+            }
+        },
+    );
     eprintln!("promoted r1:\n{}", plog.trim());
 
     // 6. ext4 (journal replay), postgres crash recovery, every acknowledged commit present.
-    let mut fuse2 = FuseMount::start(&promoted.uri(), base, "second");
+    let mut fuse2 = FuseMount::start(&promoted.uri(), base, "second").with_teardown(Teardown::Lazy);
     fuse2.mount_loop();
     let data2 = fuse2.mnt.join("pgdata");
     let log2 = base.join("postgres-2.log");

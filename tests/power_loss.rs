@@ -31,38 +31,22 @@ mod common;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::fuse::unmount_best_effort;
+use common::node::serve_args;
+use common::storm::{self, log_counts, Storm};
 use common::*;
 
-const STORM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/write_storm.py");
 const MAJORITY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/majority.py");
 const BLOCK: u64 = 4096;
-/// Blocks the write storm writes to (8 MiB); the rest of the volume must stay zero.
-const REGION_BLOCKS: u64 = 2048;
 const VOLUME: u64 = 32 * MIB;
 const BARRIER: [&str; 2] = ["--barrier-timeout-ms", "3000"];
 
 // ------------------------------------------------------------------------------ helpers
-
-/// The child gets `sig` when the thread that spawned it (the test's thread) ends, even if
-/// the test binary dies without running destructors.
-fn die_with_test(cmd: &mut Command, sig: i32) -> &mut Command {
-    // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
 
 /// A temporary directory for one test, removed afterwards unless BLOCKREP_KEEP_TEST_DIRS is
 /// set (then its path is printed, for looking at the logs of a failure).
@@ -201,37 +185,6 @@ fn real_blockrep() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_blockrep"))
 }
 
-fn mounted(path: &Path) -> bool {
-    let want = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*want))
-}
-
-/// `umount P` with a timeout, then `umount -l P` if that failed. True if P is unmounted.
-fn unmount_best_effort(p: &Path) -> bool {
-    if !mounted(p) {
-        return true;
-    }
-    let ok = Command::new("timeout")
-        .args(["-k", "5", "20", "umount"])
-        .arg(p)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let _ = Command::new("timeout")
-            .args(["-k", "5", "20", "umount", "-l"])
-            .arg(p)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-    !mounted(p)
-}
-
 // --------------------------------------------------------------------------- lazyfs
 
 /// A running `blockrep-lazyfs BACKING MNT`.
@@ -255,7 +208,7 @@ impl LazyMount {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(File::create(&log).unwrap());
-        die_with_test(&mut cmd, libc::SIGTERM);
+        die_with_test_by(&mut cmd, libc::SIGTERM);
         let mut child = cmd.spawn().expect("spawn blockrep-lazyfs");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -318,17 +271,13 @@ impl LazyMount {
     fn unmount(&mut self) {
         run_ok(timed(30, "umount").arg(&self.mnt));
         let mut c = self.child.take().expect("running");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                assert!(
-                    st.success(),
-                    "blockrep-lazyfs exited with {st}:\n{}",
-                    self.log_text()
-                );
-                return;
-            }
-            if Instant::now() >= deadline {
+        match poll_until(Duration::from_secs(30), || c.try_wait().expect("try_wait")) {
+            Some(st) => assert!(
+                st.success(),
+                "blockrep-lazyfs exited with {st}:\n{}",
+                self.log_text()
+            ),
+            None => {
                 let _ = c.kill();
                 let _ = c.wait();
                 panic!(
@@ -336,7 +285,6 @@ impl LazyMount {
                     self.log_text()
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -345,10 +293,9 @@ impl Drop for LazyMount {
     fn drop(&mut self) {
         unmount_best_effort(&self.mnt);
         if let Some(mut c) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let _ = poll_until(Duration::from_secs(10), || {
+                (!matches!(c.try_wait(), Ok(None))).then_some(())
+            });
             if matches!(c.try_wait(), Ok(None)) {
                 let _ = c.kill();
             }
@@ -394,176 +341,36 @@ fn field(line: &str, key: &str) -> u64 {
 
 // -------------------------------------------------------------------------------- nodes
 
-/// A `blockrep serve` or `blockrep replica` process of a given binary, restartable with the
-/// same arguments; its stderr goes to one log across restarts.
-struct Node {
-    name: String,
-    bin: PathBuf,
+/// A `blockrep serve`, `replica` or `up` process of binary `bin`, logging to
+/// `LOGDIR/NAME.log` across restarts, ready once its first stdout line contains `ready`.
+fn launch(
+    bin: &Path,
+    name: &str,
+    logdir: &Path,
     port: u16,
     args: Vec<OsString>,
     ready: &'static str,
-    log: PathBuf,
-    child: Option<Child>,
-    /// The first stdout line of the latest start.
-    banner: String,
+) -> Node {
+    Node::builder(name, logdir, port, args)
+        .bin(bin)
+        .log(logdir.join(format!("{name}.log")))
+        .ready(Ready::Line(ready))
+        .start()
 }
 
-impl Node {
-    fn launch(
-        bin: &Path,
-        name: &str,
-        logdir: &Path,
-        port: u16,
-        args: Vec<OsString>,
-        ready: &'static str,
-    ) -> Node {
-        let mut n = Node {
-            name: name.into(),
-            bin: bin.into(),
-            port,
-            args,
-            ready,
-            log: logdir.join(format!("{name}.log")),
-            child: None,
-            banner: String::new(),
-        };
-        n.start();
-        n
-    }
-
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "{} is already running", self.name);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(&self.args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
-        die_with_test(&mut cmd, libc::SIGKILL);
-        let mut child = cmd.spawn().expect("spawn blockrep");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next().and_then(|l| l.ok()));
-            for _ in lines {}
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(Some(line)) if line.contains(self.ready) => {
-                self.banner = line;
-                self.child = Some(child);
-            }
-            other => {
-                let _ = child.kill();
-                let st = child.wait();
-                panic!(
-                    "{} did not start (first stdout line {other:?}, status {st:?}); log:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: i32) {
-        if let Some(c) = &self.child {
-            // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
-            unsafe { libc::kill(c.id() as i32, sig) };
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM; the process must exit 0 within 60 s.
-    fn stop_ok(&mut self) {
-        let mut c = self.child.take().expect("running");
-        // SAFETY: as in `signal`.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let st = loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() >= deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!(
-                    "{} ignored SIGTERM for 60s; log:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(
-            st.success(),
-            "{}: exit status {st} after SIGTERM; log:\n{}",
-            self.name,
-            self.log()
-        );
-    }
-
-    /// Waits for a log line past byte `from` containing every needle.
-    fn wait_log(&self, from: usize, needles: &[&str], secs: u64) -> String {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let log = self.log();
-            if let Some(l) = log
-                .get(from..)
-                .unwrap_or("")
-                .lines()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return l.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: no log line with {needles:?} within {secs}s; log:\n{log}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.signal(libc::SIGCONT);
-        self.kill9();
-    }
-}
-
-fn serve(bin: &Path, store: &Path, logdir: &Path, name: &str, extra: &[&str]) -> Node {
+fn serve_node(bin: &Path, store: &Path, logdir: &Path, name: &str, extra: &[&str]) -> Node {
     let port = free_port();
-    let mut args: Vec<OsString> = vec![
-        "serve".into(),
-        store.into(),
-        "--nbd".into(),
-        format!("127.0.0.1:{port}").into(),
-    ];
-    args.extend(extra.iter().map(OsString::from));
-    Node::launch(bin, name, logdir, port, args, "serving")
+    launch(
+        bin,
+        name,
+        logdir,
+        port,
+        serve_args(store, port, extra),
+        "serving",
+    )
 }
 
-fn create_store(bin: &Path, dir: &Path, size: u64) {
+fn create_store_with(bin: &Path, dir: &Path, size: u64) {
     run_ok(
         timed(120, bin)
             .arg("create")
@@ -585,54 +392,7 @@ fn export(store: &Path, image: &Path) {
     );
 }
 
-fn inspect_json(store: &Path) -> serde_json::Value {
-    let out = run_ok(
-        timed(60, real_blockrep())
-            .arg("inspect")
-            .arg(store)
-            .arg("--json"),
-    );
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect --json printed {out:?}: {e}"))
-}
-
 // -------------------------------------------------------------------------------- storm
-
-fn spawn_storm(uri: &str, log: &Path, seq_base: u64, flush_every: u32) -> KillOnDrop {
-    let stderr = log.with_extension("stderr");
-    let mut cmd = Command::new(SYSTEM_PYTHON);
-    cmd.arg(STORM)
-        .arg("storm")
-        .arg(uri)
-        .arg(log)
-        .arg("--blocks")
-        .arg(REGION_BLOCKS.to_string())
-        .arg("--seq-base")
-        .arg(seq_base.to_string())
-        .arg("--seed")
-        .arg(seq_base.to_string())
-        .arg("--flush-every")
-        .arg(flush_every.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&stderr).unwrap());
-    die_with_test(&mut cmd, libc::SIGKILL);
-    KillOnDrop {
-        child: cmd.spawn().expect("spawn the write storm"),
-        what: "the write storm".into(),
-        stderr: Some(stderr),
-    }
-}
-
-/// (W, F) lines of a storm log.
-fn log_counts(log: &Path) -> (usize, usize) {
-    let Ok(t) = std::fs::read_to_string(log) else {
-        return (0, 0);
-    };
-    (
-        t.lines().filter(|l| l.starts_with("W ")).count(),
-        t.lines().filter(|l| l.starts_with("F ")).count(),
-    )
-}
 
 /// Waits until the storm logged `min_w` writes and `min_f` FLUSHes and ran `min_time`.
 fn let_storm_run(
@@ -642,24 +402,13 @@ fn let_storm_run(
     min_f: usize,
     min_time: Duration,
 ) {
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(90);
-    loop {
-        assert!(
-            storm.running(),
-            "the write storm stopped early:\n{}",
-            storm.stderr_text()
-        );
-        let (w, f) = log_counts(log);
-        if w >= min_w && f >= min_f && started.elapsed() >= min_time {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the storm made too little progress in 90s: {w} writes, {f} flushes"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    storm::let_storm_run(
+        storm,
+        log,
+        (min_w, min_f),
+        min_time,
+        Duration::from_secs(90),
+    );
 }
 
 /// The storm must end quietly (status 0) once its server is gone.
@@ -675,19 +424,7 @@ fn storm_ends(storm: &mut KillOnDrop) {
 
 /// `write_storm.py verify`: the JSON summary, or the failure output.
 fn verify(image: &Path, logs: &[PathBuf]) -> Result<serde_json::Value, String> {
-    let out = run(timed(180, SYSTEM_PYTHON)
-        .arg(STORM)
-        .arg("verify")
-        .arg(image)
-        .args(logs)
-        .arg("--blocks")
-        .arg(REGION_BLOCKS.to_string()));
-    if out.status.code() == Some(0) {
-        let s = text(&out.stdout);
-        Ok(serde_json::from_str(&s).unwrap_or_else(|e| panic!("verify printed {s:?}: {e}")))
-    } else {
-        Err(describe(&out))
-    }
+    storm::verify(image, logs, &[], 180)
 }
 
 fn verify_ok(image: &Path, logs: &[PathBuf], what: &str) -> serde_json::Value {
@@ -699,16 +436,11 @@ fn verify_ok(image: &Path, logs: &[PathBuf], what: &str) -> serde_json::Value {
 }
 
 fn compare_over_nbd(uri: &str, image: &Path, what: &str) {
-    let out = run(timed(180, SYSTEM_PYTHON)
-        .arg(STORM)
-        .arg("compare")
-        .arg(uri)
-        .arg(image));
-    assert!(
-        out.status.success(),
-        "{what}: the restarted server does not serve what offline recovery exported:\n{}",
-        describe(&out)
-    );
+    if let Err(out) = storm::compare_over_nbd(uri, image, 180) {
+        panic!(
+            "{what}: the restarted server does not serve what offline recovery exported:\n{out}"
+        );
+    }
 }
 
 // ================================================================= the harness bites
@@ -724,12 +456,15 @@ fn harness_bites_a_store_without_fsync_loses_flushed_writes() {
     let tmp = test_dir();
     let fs = LazyMount::start(tmp.path(), "lazy");
     let store = fs.path("vol");
-    create_store(bin, &store, VOLUME);
+    create_store_with(bin, &store, VOLUME);
 
     // kill -9 alone: nothing is lost, whether or not anything was synced.
-    let mut node = serve(bin, &store, tmp.path(), "nofsync", &[]);
+    let mut node = serve_node(bin, &store, tmp.path(), "nofsync", &[]);
     let log0 = tmp.path().join("storm-0.log");
-    let mut storm = spawn_storm(&node.uri(), &log0, 1 << 40, 16);
+    let mut storm = Storm::new(&node.uri(), &log0)
+        .seq_base(1 << 40)
+        .flush_every(16)
+        .spawn();
     let_storm_run(&mut storm, &log0, 1000, 20, Duration::from_millis(1500));
     node.kill9();
     storm_ends(&mut storm);
@@ -749,9 +484,12 @@ fn harness_bites_a_store_without_fsync_loses_flushed_writes() {
     );
 
     // Another storm, then a power loss: the flushed writes are gone.
-    let mut node = serve(bin, &store, tmp.path(), "nofsync", &[]);
+    let mut node = serve_node(bin, &store, tmp.path(), "nofsync", &[]);
     let log1 = tmp.path().join("storm-1.log");
-    let mut storm = spawn_storm(&node.uri(), &log1, 2 << 40, 16);
+    let mut storm = Storm::new(&node.uri(), &log1)
+        .seq_base(2 << 40)
+        .flush_every(16)
+        .spawn();
     let_storm_run(&mut storm, &log1, 1000, 20, Duration::from_millis(1500));
     let report = fs.crash(None);
     assert!(field(&report, "dropped_pages") > 0, "{report}");
@@ -793,7 +531,7 @@ fn single_node_rounds(rounds: &[Round<'_>]) {
     let tmp = test_dir();
     let fs = LazyMount::start(tmp.path(), "lazy");
     let store = fs.path("vol");
-    create_store(real_blockrep(), &store, VOLUME);
+    create_store_with(real_blockrep(), &store, VOLUME);
     // `create` alone is durable: the store was built in a temporary directory, synced,
     // renamed into place and its parent synced.
     let report = fs.crash(None);
@@ -811,7 +549,7 @@ fn single_node_rounds(rounds: &[Round<'_>]) {
     for (round, &(torn, flush_every, delay, extra)) in rounds.iter().enumerate() {
         fs.set_sync_delay(delay);
         let name = format!("serve-{round}");
-        let mut node = serve(real_blockrep(), &store, tmp.path(), &name, extra);
+        let mut node = serve_node(real_blockrep(), &store, tmp.path(), &name, extra);
         // The store's own I/O path reaches lazyfs through io_uring (the kernel turns its
         // requests into FUSE ones) unless the round asks for plain threads.
         let engine = if extra.contains(&"plain") {
@@ -841,7 +579,10 @@ fn single_node_rounds(rounds: &[Round<'_>]) {
             );
         }
         let log = tmp.path().join(format!("storm-{round}.log"));
-        let mut storm = spawn_storm(&node.uri(), &log, (round as u64 + 1) << 40, flush_every);
+        let mut storm = Storm::new(&node.uri(), &log)
+            .seq_base((round as u64 + 1) << 40)
+            .flush_every(flush_every)
+            .spawn();
         let_storm_run(&mut storm, &log, 600, 8, Duration::from_millis(1200));
         let report = fs.crash_when_dirty(torn);
         if torn.is_some() {
@@ -865,7 +606,7 @@ fn single_node_rounds(rounds: &[Round<'_>]) {
         );
     }
     // The last round's recovery, by the server itself.
-    let mut node = serve(real_blockrep(), &store, tmp.path(), "final", &[]);
+    let mut node = serve_node(real_blockrep(), &store, tmp.path(), "final", &[]);
     if node.log().contains("cut a torn record") {
         torn_cuts += 1;
     }
@@ -960,7 +701,7 @@ fn blockrep_up_makes_its_data_directory_durable() {
         "--nbd".into(),
         format!("127.0.0.1:{port}").into(),
     ];
-    let mut node = Node::launch(
+    let mut node = launch(
         real_blockrep(),
         "up",
         tmp.path(),
@@ -970,7 +711,10 @@ fn blockrep_up_makes_its_data_directory_durable() {
     );
     wait_for_port(port);
     let log = tmp.path().join("storm.log");
-    let mut storm = spawn_storm(&node.uri(), &log, 1 << 40, 64);
+    let mut storm = Storm::new(&node.uri(), &log)
+        .seq_base(1 << 40)
+        .flush_every(64)
+        .spawn();
     let_storm_run(&mut storm, &log, 500, 5, Duration::from_millis(1000));
     let report = fs.crash(None);
     node.kill9();
@@ -1008,11 +752,11 @@ fn rack_power_loss(commit: &str, torn: Option<u64>) {
         .collect();
     let stores: Vec<PathBuf> = mounts.iter().map(|m| m.path("vol")).collect();
     for s in &stores {
-        create_store(real_blockrep(), s, VOLUME);
+        create_store_with(real_blockrep(), s, VOLUME);
     }
     let replica_node = |i: usize| {
         let port = free_port();
-        Node::launch(
+        launch(
             real_blockrep(),
             names[i],
             tmp.path(),
@@ -1037,13 +781,16 @@ fn rack_power_loss(commit: &str, torn: Option<u64>) {
         extra.push(format!("{}=127.0.0.1:{}", r.name, r.port));
     }
     let extra_refs: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let mut p = serve(real_blockrep(), &stores[0], tmp.path(), "p", &extra_refs);
+    let mut p = serve_node(real_blockrep(), &stores[0], tmp.path(), "p", &extra_refs);
     for r in ["r1", "r2"] {
         p.wait_log(0, &[&format!("replica={r}"), "state=\"in_sync\""], 30);
     }
 
     let log = tmp.path().join("storm.log");
-    let mut storm = spawn_storm(&p.uri(), &log, 1 << 40, 128);
+    let mut storm = Storm::new(&p.uri(), &log)
+        .seq_base(1 << 40)
+        .flush_every(128)
+        .spawn();
     let_storm_run(&mut storm, &log, 800, 10, Duration::from_millis(2000));
     // The power loss: the three filesystems crash one right after the other (microseconds
     // apart) while the nodes run; the nodes only meet EIO after that, and are then killed.
@@ -1090,7 +837,7 @@ fn rack_power_loss(commit: &str, torn: Option<u64>) {
                 .arg("--logs")
                 .args(&logs)
                 .arg("--blocks")
-                .arg(REGION_BLOCKS.to_string())
+                .arg(storm::REGION_BLOCKS.to_string())
                 .arg("--need")
                 .arg("2"));
             assert!(
@@ -1107,10 +854,10 @@ fn rack_power_loss(commit: &str, torn: Option<u64>) {
     // The rack comes back: replicas first, then the primary (a new epoch); the replicas
     // rejoin (catch-up or rebuild), then everything stops cleanly.
     for r in &mut reps {
-        r.start();
+        r.restart();
     }
     let mark = p.log().len();
-    p.start();
+    p.restart();
     assert!(
         !p.log()[mark..].contains("refus"),
         "the primary refused its store after the power loss:\n{}",
@@ -1178,120 +925,6 @@ fn replicated_sync_quorum_rack_power_loss() {
 
 // ============================================================================ ext4 on top
 
-/// nbdfuse exposing an NBD export as `fm/nbd`, with ext4 loop-mounted on `mnt`. Drop
-/// unmounts both (lazily if need be), detaches loop devices and kills nbdfuse.
-struct NbdFuse {
-    fm: PathBuf,
-    mnt: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl NbdFuse {
-    fn start(uri: &str, dir: &Path, name: &str) -> NbdFuse {
-        let fm = dir.join(format!("{name}-fuse"));
-        let mnt = dir.join(format!("{name}-ext4"));
-        std::fs::create_dir_all(&fm).unwrap();
-        std::fs::create_dir_all(&mnt).unwrap();
-        let pidfile = dir.join(format!("{name}-nbdfuse.pid"));
-        let log = dir.join(format!("{name}-nbdfuse.log"));
-        let logf = File::create(&log).unwrap();
-        let mut cmd = Command::new("nbdfuse");
-        cmd.arg("-P")
-            .arg(&pidfile)
-            .arg(&fm)
-            .arg(uri)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .process_group(0);
-        die_with_test(&mut cmd, libc::SIGKILL);
-        let m = NbdFuse {
-            fm,
-            mnt,
-            child: Some(cmd.spawn().expect("spawn nbdfuse")),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !(std::fs::read_to_string(&pidfile).is_ok_and(|s| !s.trim().is_empty())
-            && mounted(&m.fm))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "nbdfuse not ready in 30s:\n{}",
-                std::fs::read_to_string(&m.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn dev(&self) -> PathBuf {
-        self.fm.join("nbd")
-    }
-
-    fn mount_ext4(&self) {
-        run_ok(
-            timed(60, "mount")
-                .args(["-o", "loop"])
-                .arg(self.dev())
-                .arg(&self.mnt),
-        );
-    }
-
-    fn unmount_ext4(&self) {
-        run_ok(timed(60, "umount").arg(&self.mnt));
-    }
-
-    /// Teardown that cannot hang: unmounts (lazily if need be), detaches loop devices backed
-    /// by our file, kills nbdfuse.
-    fn teardown(&mut self) {
-        unmount_best_effort(&self.mnt);
-        if let Ok(out) = Command::new("timeout")
-            .args([
-                "-k",
-                "5",
-                "20",
-                "losetup",
-                "-l",
-                "-n",
-                "-O",
-                "NAME,BACK-FILE",
-            ])
-            .output()
-        {
-            let dev = self.dev().to_string_lossy().into_owned();
-            for line in text(&out.stdout).lines() {
-                let mut f = line.split_whitespace();
-                if let (Some(name), Some(back)) = (f.next(), f.next()) {
-                    if back == dev {
-                        let _ = Command::new("timeout")
-                            .args(["-k", "5", "20", "losetup", "-d", name])
-                            .status();
-                    }
-                }
-            }
-        }
-        unmount_best_effort(&self.fm);
-        if let Some(mut c) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if matches!(c.try_wait(), Ok(None)) {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for NbdFuse {
-    fn drop(&mut self) {
-        self.teardown();
-    }
-}
-
 fn make_files(src: &Path) -> Vec<String> {
     std::fs::create_dir_all(src.join("sub")).unwrap();
     let mut names = Vec::new();
@@ -1347,15 +980,15 @@ fn ext4_on_the_volume_survives_a_power_loss_under_the_store() {
     let tmp = test_dir();
     let fs = LazyMount::start(tmp.path(), "lazy");
     let store = fs.path("vol");
-    create_store(real_blockrep(), &store, 256 * MIB);
+    create_store_with(real_blockrep(), &store, 256 * MIB);
     let src = tmp.path().join("src");
     let names = make_files(&src);
     let want = sha256s(&src, &names);
 
-    let mut node = serve(real_blockrep(), &store, tmp.path(), "serve", &[]);
-    let mut nf = NbdFuse::start(&node.uri(), tmp.path(), "nbd-0");
+    let mut node = serve_node(real_blockrep(), &store, tmp.path(), "serve", &[]);
+    let mut nf = FuseMount::start(&node.uri(), tmp.path(), "nbd-0");
     run_ok(timed(180, "mkfs.ext4").args(["-q", "-F"]).arg(nf.dev()));
-    nf.mount_ext4();
+    nf.mount_loop();
     run_ok(timed(120, "cp").arg("-r").arg(src.join(".")).arg(&nf.mnt));
     assert_eq!(
         sha256s(&nf.mnt, &names),
@@ -1383,18 +1016,37 @@ fn ext4_on_the_volume_survives_a_power_loss_under_the_store() {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&busy).unwrap());
-        die_with_test(&mut cmd, libc::SIGKILL);
-        let mut writer = KillOnDrop {
-            child: cmd.spawn().expect("spawn the writer"),
-            what: "the ext4 writer".into(),
-            stderr: Some(busy),
-        };
-        std::thread::sleep(Duration::from_millis(1500));
-        assert!(
-            writer.running(),
-            "the writer stopped early: {}",
-            writer.stderr_text()
+        die_with_test(&mut cmd);
+        let mut writer = KillOnDrop::new(
+            cmd.spawn().expect("spawn the writer"),
+            "the ext4 writer",
+            Some(busy),
         );
+        // The crash must meet a busy filesystem: the writer has created files and synced a
+        // few times already.
+        let mnt = nf.mnt.clone();
+        let prefix = format!("late-{round}-");
+        wait_until(Duration::from_secs(60), "the ext4 writer at work", || {
+            assert!(
+                writer.running(),
+                "the writer stopped early: {}",
+                writer.stderr_text()
+            );
+            let made = std::fs::read_dir(&mnt)
+                .map(|d| {
+                    d.filter(|e| {
+                        e.as_ref()
+                            .is_ok_and(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                    })
+                    .count()
+                })
+                .unwrap_or(0);
+            if made >= 25 {
+                Ok(())
+            } else {
+                Err(format!("{made} files"))
+            }
+        });
         // The power fails under the store while ext4 is mounted and busy.
         let report = fs.crash_when_dirty(Some(51 + round));
         node.kill9();
@@ -1408,9 +1060,9 @@ fn ext4_on_the_volume_survives_a_power_loss_under_the_store() {
             t.elapsed()
         );
 
-        node = serve(real_blockrep(), &store, tmp.path(), "serve", &[]);
-        nf = NbdFuse::start(&node.uri(), tmp.path(), &format!("nbd-{}", round + 1));
-        nf.mount_ext4(); // replays the journal
+        node = serve_node(real_blockrep(), &store, tmp.path(), "serve", &[]);
+        nf = FuseMount::start(&node.uri(), tmp.path(), &format!("nbd-{}", round + 1));
+        nf.mount_loop(); // replays the journal
         assert_eq!(
             sha256s(&nf.mnt, &names),
             want,
@@ -1427,7 +1079,7 @@ fn ext4_on_the_volume_survives_a_power_loss_under_the_store() {
             })
             .count();
         eprintln!("round {round}: {late} files written during the storms of syncs are there");
-        nf.unmount_ext4();
+        nf.unmount_loop();
         let out = run(timed(180, "e2fsck").arg("-fn").arg(nf.dev()));
         assert_eq!(
             out.status.code(),
@@ -1435,9 +1087,9 @@ fn ext4_on_the_volume_survives_a_power_loss_under_the_store() {
             "round {round}: e2fsck -fn after the power loss:\n{}",
             describe(&out)
         );
-        nf.mount_ext4();
+        nf.mount_loop();
     }
-    nf.unmount_ext4();
+    nf.unmount_loop();
     drop(nf);
     node.stop_ok();
 }

@@ -2,7 +2,7 @@
 //! processes on loopback, driven by real NBD clients (libnbd's Python binding, fio, nbdfuse +
 //! ext4) and by hand-built replication frames.
 //!
-//! The contract under test (docs/PROTOCOL.md, /work/shared/design/decisions.md): a WRITE reply
+//! The contract under test (docs/PROTOCOL.md): a WRITE reply
 //! is visibility only; a FLUSH reply means every write acknowledged before it is fsynced on the
 //! primary and on the replicas the commit mode requires (sync-all: every configured replica,
 //! sync-quorum: a majority of copies, best-effort: the primary alone); a FLUSH that cannot meet
@@ -17,39 +17,23 @@
 mod common;
 
 use std::ffi::OsString;
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::client::{assert_eio, assert_ok, data};
+use common::storm::{self, log_counts, Storm};
 use common::*;
 
-const STORM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/write_storm.py");
-const OPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/repl_ops.py");
 const BLOCK: u64 = 4096;
-/// Blocks the write storm writes to (8 MiB); the rest of the volume must stay zero.
-const REGION_BLOCKS: u64 = 2048;
 const VOLUME: u64 = 32 * MIB;
 /// Short barrier timeout, so failing FLUSHes fail fast.
 const BARRIER_MS: u64 = 1500;
 const BARRIER: [&str; 2] = ["--barrier-timeout-ms", "1500"];
 
 // ------------------------------------------------------------------------------ helpers
-
-fn require_python_nbd() {
-    require(SYSTEM_PYTHON);
-    require("timeout");
-    let out = run(timed(30, SYSTEM_PYTHON).args(["-c", "import nbd"]));
-    assert!(
-        out.status.success(),
-        "{SYSTEM_PYTHON} lacks the libnbd binding (python3-libnbd): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// `blockrep create DIR --size SIZE --wal-size 64MiB` (a blank store: as a replica it joins
 /// the volume of the first primary that connects).
@@ -74,24 +58,6 @@ fn export(store: &Path, image: &Path) {
 fn export_image(store: &Path, image: &Path) -> Vec<u8> {
     export(store, image);
     std::fs::read(image).expect("read the exported image")
-}
-
-fn inspect_json(store: &Path) -> serde_json::Value {
-    let out = run_ok(blockrep_timed(60).arg("inspect").arg(store).arg("--json"));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect --json printed {out:?}: {e}"))
-}
-
-/// A file of deterministic random bytes the clients write from and the checks compare with.
-struct Data {
-    path: PathBuf,
-    bytes: Vec<u8>,
-}
-
-fn data(dir: &Path, name: &str, seed: u64, len: usize) -> Data {
-    let path = dir.join(format!("{name}.bin"));
-    let bytes = random_bytes(seed, len);
-    std::fs::write(&path, &bytes).unwrap();
-    Data { path, bytes }
 }
 
 fn assert_holds(img: &[u8], off: u64, d: &Data, what: &str) {
@@ -137,192 +103,19 @@ fn assert_same_image(a: &[u8], b: &[u8], what: &str) {
 
 // -------------------------------------------------------------------------------- nodes
 
-/// A `blockrep replica` or `blockrep serve` process, restartable with the same arguments and
-/// port. Its stderr (the log) is appended to one file across restarts.
-struct Node {
-    name: String,
-    store: PathBuf,
-    /// Replication port of a replica, NBD port of a primary.
+/// A `blockrep replica` or `blockrep serve` process (its log `STORE.NAME.log`), ready once
+/// its first stdout line contains `ready`; on failure returns the reason.
+fn launch(
+    name: &str,
+    store: &Path,
     port: u16,
     args: Vec<OsString>,
     ready: &'static str,
-    log: PathBuf,
-    child: Option<Child>,
-    /// The first stdout line of the latest start.
-    banner: String,
-}
-
-impl Node {
-    /// Starts the process and waits for its ready line; on failure returns the reason.
-    fn launch(
-        name: &str,
-        store: &Path,
-        port: u16,
-        args: Vec<OsString>,
-        ready: &'static str,
-    ) -> Result<Node, String> {
-        let mut n = Node {
-            name: name.to_string(),
-            store: store.to_path_buf(),
-            port,
-            args,
-            ready,
-            log: store.with_extension(format!("{name}.log")),
-            child: None,
-            banner: String::new(),
-        };
-        n.start()?;
-        Ok(n)
-    }
-
-    fn start(&mut self) -> Result<(), String> {
-        assert!(self.child.is_none(), "{} is already running", self.name);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let mut cmd = blockrep();
-        cmd.args(&self.args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
-        die_with_test(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn blockrep");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next().and_then(|l| l.ok()));
-            for _ in lines {}
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(Some(line)) if line.contains(self.ready) => {
-                self.banner = line;
-                self.child = Some(child);
-                Ok(())
-            }
-            other => {
-                let _ = child.kill();
-                let status = child.wait();
-                Err(format!(
-                    "{} did not start (first stdout line {other:?}, status {status:?}); log:\n{}",
-                    self.name,
-                    self.log()
-                ))
-            }
-        }
-    }
-
-    fn restart(&mut self) {
-        self.start().unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/", self.port)
-    }
-
-    fn running(&mut self) -> bool {
-        match &mut self.child {
-            Some(c) => c.try_wait().expect("try_wait").is_none(),
-            None => false,
-        }
-    }
-
-    fn log(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    /// Where the log ends now; `wait_log` looks only past a mark.
-    fn mark(&self) -> usize {
-        self.log().len()
-    }
-
-    /// Waits for a log line past `from` that contains every one of `needles`; returns it.
-    fn wait_log(&self, from: usize, needles: &[&str], secs: u64) -> String {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let log = self.log();
-            if let Some(line) = log
-                .get(from..)
-                .unwrap_or("")
-                .lines()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return line.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: no log line with {needles:?} within {secs}s; log:\n{log}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-
-    /// SIGTERM, then the exit status (fails if it takes more than 30 s).
-    fn stop(&mut self) -> ExitStatus {
-        let mut child = self
-            .child
-            .take()
-            .unwrap_or_else(|| panic!("{} is not running", self.name));
-        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                return st;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{} did not exit within 30s of SIGTERM; log:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, and the process must exit 0.
-    fn stop_ok(&mut self) {
-        let st = self.stop();
-        assert!(
-            st.success(),
-            "{}: exit status {st} after SIGTERM; log:\n{}",
-            self.name,
-            self.log()
-        );
-    }
-
-    fn signal(&mut self, sig: i32) {
-        let child = self.child.as_ref().expect("running");
-        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
-        unsafe { libc::kill(child.id() as i32, sig) };
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.signal(libc::SIGCONT);
-        }
-        self.kill9();
-    }
+) -> Result<Node, String> {
+    Node::builder(name, store, port, args)
+        .ready(Ready::Line(ready))
+        .stop_timeout(30)
+        .try_start()
 }
 
 fn replica(store: &Path, name: &str) -> Node {
@@ -333,7 +126,7 @@ fn replica(store: &Path, name: &str) -> Node {
         "--listen".into(),
         format!("127.0.0.1:{port}").into(),
     ];
-    Node::launch(name, store, port, args, "listening on").unwrap_or_else(|e| panic!("{e}"))
+    launch(name, store, port, args, "listening on").unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn primary_args(store: &Path, port: u16, replicas: &[&Node], extra: &[&str]) -> Vec<OsString> {
@@ -359,7 +152,7 @@ fn try_primary(
 ) -> Result<Node, String> {
     let port = free_port();
     let args = primary_args(store, port, replicas, extra);
-    Node::launch(name, store, port, args, "serving")
+    launch(name, store, port, args, "serving")
 }
 
 fn primary(store: &Path, name: &str, replicas: &[&Node], extra: &[&str]) -> Node {
@@ -390,94 +183,13 @@ fn wait_state(p: &Node, from: usize, replica: &str, state: &str, secs: u64) -> S
 
 // ------------------------------------------------------------------------------- client
 
-/// One libnbd connection (tests/clients/repl_ops.py), driven a command at a time.
-struct Client {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    rx: Receiver<String>,
-    stderr: PathBuf,
-    what: String,
+/// The FLUSH checks of these tests, against the short barrier timeout.
+trait BarrierChecks {
+    fn flush_fast(&mut self, what: &str);
+    fn flush_times_out(&mut self, what: &str);
 }
 
-impl Client {
-    fn connect(uri: &str, dir: &Path, name: &str) -> Client {
-        let stderr = dir.join(format!("client-{name}.stderr"));
-        let mut cmd = Command::new(SYSTEM_PYTHON);
-        cmd.arg(OPS)
-            .arg(uri)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr).unwrap());
-        die_with_test(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn repl_ops.py");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut c = Client {
-            stdin: child.stdin.take(),
-            child,
-            rx,
-            stderr,
-            what: format!("client {name} of {uri}"),
-        };
-        let hello = c.answer("connect");
-        assert_eq!(hello["ok"], true, "{}: {hello}", c.what);
-        c
-    }
-
-    fn answer(&mut self, cmd: &str) -> serde_json::Value {
-        match self.rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => serde_json::from_str(&line)
-                .unwrap_or_else(|e| panic!("{}: {cmd}: bad answer {line:?}: {e}", self.what)),
-            Err(e) => {
-                let _ = self.child.kill();
-                panic!(
-                    "{}: no answer to {cmd:?} ({e}); stderr:\n{}",
-                    self.what,
-                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
-                )
-            }
-        }
-    }
-
-    fn op(&mut self, cmd: &str) -> serde_json::Value {
-        let stdin = self.stdin.as_mut().expect("client stdin");
-        writeln!(stdin, "{cmd}")
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("{}: cannot send {cmd:?}: {e}", self.what));
-        let v = self.answer(cmd);
-        eprintln!("{}: {cmd} -> {v}", self.what);
-        v
-    }
-
-    fn write(&mut self, off: u64, d: &Data) -> serde_json::Value {
-        self.op(&format!("write {off} {}", d.path.display()))
-    }
-
-    fn write_fua(&mut self, off: u64, d: &Data) -> serde_json::Value {
-        self.op(&format!("write {off} {} fua", d.path.display()))
-    }
-
-    fn flush(&mut self) -> serde_json::Value {
-        self.op("flush")
-    }
-
-    fn check(&mut self, off: u64, d: &Data) -> serde_json::Value {
-        self.op(&format!("check {off} {}", d.path.display()))
-    }
-
-    fn write_ok(&mut self, off: u64, d: &Data) {
-        let v = self.write(off, d);
-        assert_ok(&v, "write");
-    }
-
+impl BarrierChecks for Client {
     /// A FLUSH that must succeed quickly: well inside the barrier timeout.
     fn flush_fast(&mut self, what: &str) {
         let v = self.flush();
@@ -501,84 +213,9 @@ impl Client {
             "{what}: FLUSH failed after {secs:.3}s; the barrier timeout is {timeout}s"
         );
     }
-
-    fn check_equal(&mut self, off: u64, d: &Data, what: &str) {
-        let v = self.check(off, d);
-        assert_ok(&v, what);
-        assert_eq!(v["equal"], true, "{what}: reading back {off}: {v}");
-    }
-
-    fn check_zero(&mut self, off: u64, d: &Data, what: &str) {
-        let v = self.check(off, d);
-        assert_ok(&v, what);
-        assert_eq!(
-            v["zero"], true,
-            "{what}: reading {off} should give zeroes: {v}"
-        );
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        if let Some(mut s) = self.stdin.take() {
-            let _ = writeln!(s, "quit");
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn assert_ok(v: &serde_json::Value, what: &str) {
-    assert_eq!(v["ok"], true, "{what}: expected success, got {v}");
-}
-
-fn assert_eio(v: &serde_json::Value, what: &str) {
-    assert_eq!(v["ok"], false, "{what}: expected EIO, got success: {v}");
-    assert_eq!(v["errno"], "EIO", "{what}: expected EIO: {v}");
 }
 
 // ------------------------------------------------------------------------- write storm
-
-fn spawn_storm(dir: &Path, uri: &str, log: &Path, seq_base: u64, flush_every: u32) -> KillOnDrop {
-    let stderr = log.with_extension("stderr");
-    let mut cmd = Command::new(SYSTEM_PYTHON);
-    cmd.arg(STORM)
-        .arg("storm")
-        .arg(uri)
-        .arg(log)
-        .arg("--blocks")
-        .arg(REGION_BLOCKS.to_string())
-        .arg("--seq-base")
-        .arg(seq_base.to_string())
-        .arg("--seed")
-        .arg(seq_base.to_string())
-        .arg("--flush-every")
-        .arg(flush_every.to_string())
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&stderr).expect("storm stderr"));
-    die_with_test(&mut cmd);
-    KillOnDrop {
-        child: cmd.spawn().expect("spawn the write storm"),
-        what: "the write storm client".into(),
-        stderr: Some(stderr),
-    }
-}
-
-/// (W, F) lines of a storm log.
-fn log_counts(log: &Path) -> (usize, usize) {
-    let Ok(text) = std::fs::read_to_string(log) else {
-        return (0, 0);
-    };
-    let w = text.lines().filter(|l| l.starts_with("W ")).count();
-    let f = text.lines().filter(|l| l.starts_with("F ")).count();
-    (w, f)
-}
 
 fn let_storm_run(
     storm: &mut KillOnDrop,
@@ -587,42 +224,18 @@ fn let_storm_run(
     min_f: usize,
     min_time: Duration,
 ) {
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(60);
-    loop {
-        assert!(
-            storm.running(),
-            "the write storm stopped early; its stderr:\n{}",
-            storm.stderr_text()
-        );
-        let (w, f) = log_counts(log);
-        if w >= min_w && f >= min_f && started.elapsed() >= min_time {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the write storm made too little progress in 60s: {w} writes, {f} flushes acknowledged"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    storm::let_storm_run(
+        storm,
+        log,
+        (min_w, min_f),
+        min_time,
+        Duration::from_secs(60),
+    );
 }
 
 /// `write_storm.py verify`: its JSON summary, or the failure output.
 fn verify(image: &Path, logs: &[PathBuf]) -> Result<serde_json::Value, String> {
-    let mut cmd = timed(120, SYSTEM_PYTHON);
-    cmd.arg(STORM)
-        .arg("verify")
-        .arg(image)
-        .args(logs)
-        .arg("--blocks")
-        .arg(REGION_BLOCKS.to_string());
-    let out = run(&mut cmd);
-    if out.status.code() == Some(0) {
-        let s = text(&out.stdout);
-        Ok(serde_json::from_str(&s).unwrap_or_else(|e| panic!("verify printed {s:?}: {e}")))
-    } else {
-        Err(describe(&out))
-    }
+    storm::verify(image, logs, &[], 120)
 }
 
 fn verify_ok(image: &Path, logs: &[PathBuf], what: &str) -> serde_json::Value {
@@ -650,7 +263,11 @@ fn every_acknowledged_flush_survives_primary_kill9_sync_all() {
         p.banner
     );
     let log = tmp.path().join("storm.log");
-    let mut storm = spawn_storm(tmp.path(), &p.uri(), &log, 1 << 40, 48);
+    let mut storm = Storm::new(&p.uri(), &log)
+        .seq_base(1 << 40)
+        .flush_every(48)
+        .dir(tmp.path())
+        .spawn();
     let_storm_run(&mut storm, &log, 1500, 15, Duration::from_millis(2500));
     p.kill9();
     let st = storm.wait(30);
@@ -896,7 +513,11 @@ fn zombie_primary_is_fenced_after_promotion() {
     assert!(p.banner.contains("epoch 1"), "{}", p.banner);
     // Writes never stop (no FLUSH of its own); FLUSHes come from another connection.
     let log = tmp.path().join("storm.log");
-    let mut storm = spawn_storm(tmp.path(), &p.uri(), &log, 1 << 40, 0);
+    let mut storm = Storm::new(&p.uri(), &log)
+        .seq_base(1 << 40)
+        .flush_every(0)
+        .dir(tmp.path())
+        .spawn();
     let_storm_run(&mut storm, &log, 400, 0, Duration::from_millis(800));
     let mut c = Client::connect(&p.uri(), tmp.path(), "p");
     // A FLUSH covers every write acknowledged before it was sent, on any connection: the
@@ -1377,171 +998,6 @@ fn replica_rejects_garbage_truncated_and_stale_epoch_frames() {
 
 // -------------------------------------------------------------- fio and ext4 (replicated)
 
-fn mounted(path: &Path) -> bool {
-    let want = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*want))
-}
-
-/// nbdfuse exposing an NBD export as `fm/nbd`, with ext4 loop-mounted on `mnt` on request.
-/// Drop unmounts both (lazily if need be) and kills nbdfuse, with timeouts throughout.
-struct FuseMount {
-    fm: PathBuf,
-    mnt: PathBuf,
-    nbdfuse: Option<Child>,
-    log: PathBuf,
-    loop_mounted: bool,
-}
-
-impl FuseMount {
-    fn start(uri: &str, dir: &Path) -> FuseMount {
-        let fm = dir.join("fuse");
-        let mnt = dir.join("mnt");
-        std::fs::create_dir_all(&fm).unwrap();
-        std::fs::create_dir_all(&mnt).unwrap();
-        let pidfile = dir.join("nbdfuse.pid");
-        let log = dir.join("nbdfuse.log");
-        let logf = File::create(&log).unwrap();
-        let mut cmd = Command::new("nbdfuse");
-        cmd.arg("-P")
-            .arg(&pidfile)
-            .arg(&fm)
-            .arg(uri)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .process_group(0);
-        die_with_test(&mut cmd);
-        let child = cmd.spawn().expect("spawn nbdfuse");
-        let mut m = FuseMount {
-            fm,
-            mnt,
-            nbdfuse: Some(child),
-            log,
-            loop_mounted: false,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = std::fs::read_to_string(&pidfile).is_ok_and(|s| !s.trim().is_empty());
-            if ready && mounted(&m.fm) {
-                break;
-            }
-            if let Some(st) = m.nbdfuse.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "nbdfuse exited with {st}:\n{}",
-                    std::fs::read_to_string(&m.log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "nbdfuse not ready in 30s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn dev(&self) -> PathBuf {
-        self.fm.join("nbd")
-    }
-
-    fn mount_loop(&mut self) {
-        run_ok(
-            timed(60, "mount")
-                .args(["-o", "loop"])
-                .arg(self.dev())
-                .arg(&self.mnt),
-        );
-        self.loop_mounted = true;
-    }
-
-    fn unmount_loop(&mut self) {
-        run_ok(timed(60, "umount").arg(&self.mnt));
-        self.loop_mounted = false;
-    }
-
-    fn unmount_fuse(&mut self) {
-        assert!(!self.loop_mounted);
-        run_ok(timed(30, "umount").arg(&self.fm));
-        if let Some(mut c) = self.nbdfuse.take() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while c.try_wait().unwrap().is_none() {
-                if Instant::now() >= deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    panic!("nbdfuse did not exit after its unmount");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    fn teardown(&mut self) {
-        let unmount = |p: &Path| {
-            if !mounted(p) {
-                return;
-            }
-            let ok = Command::new("timeout")
-                .args(["-k", "5", "20", "umount"])
-                .arg(p)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = Command::new("timeout")
-                    .args(["-k", "5", "20", "umount", "-l"])
-                    .arg(p)
-                    .status();
-            }
-        };
-        unmount(&self.mnt);
-        self.loop_mounted = false;
-        if let Ok(out) = Command::new("timeout")
-            .args([
-                "-k",
-                "5",
-                "20",
-                "losetup",
-                "-l",
-                "-n",
-                "-O",
-                "NAME,BACK-FILE",
-            ])
-            .output()
-        {
-            let dev = self.dev();
-            let dev = dev.to_string_lossy();
-            for line in text(&out.stdout).lines() {
-                let mut f = line.split_whitespace();
-                if let (Some(name), Some(back)) = (f.next(), f.next()) {
-                    if back == dev {
-                        let _ = Command::new("timeout")
-                            .args(["-k", "5", "20", "losetup", "-d", name])
-                            .status();
-                    }
-                }
-            }
-        }
-        unmount(&self.fm);
-        if let Some(mut c) = self.nbdfuse.take() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if matches!(c.try_wait(), Ok(None)) {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for FuseMount {
-    fn drop(&mut self) {
-        self.teardown();
-    }
-}
-
 /// Files of random sizes (some in a subdirectory) under `src`; returns their relative names.
 fn make_files(src: &Path) -> Vec<String> {
     std::fs::create_dir_all(src.join("sub")).unwrap();
@@ -1656,7 +1112,7 @@ fn replicated_volume_passes_fio_verify_and_ext4_fsck() {
     let src = tmp.path().join("src");
     let names = make_files(&src);
     let want = sha256s(&src, &names);
-    let mut fuse = FuseMount::start(&p.uri(), tmp.path());
+    let mut fuse = FuseMount::start(&p.uri(), tmp.path(), "p");
     run_ok(
         timed(120, "mkfs.ext4")
             .args(["-q", "-F"])
@@ -1815,6 +1271,7 @@ fn throttled_relay(upstream: String, rate: u64) -> String {
                     sent += n as u64;
                     let due = Duration::from_secs_f64(sent as f64 / rate as f64);
                     if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        // Pacing is what the relay is for: the replica behind it is slow.
                         std::thread::sleep(wait);
                     }
                 }
@@ -1851,8 +1308,7 @@ fn a_slow_replica_under_sync_all_paces_writes_and_is_never_rebuilt() {
     let extra = ["--commit", "sync-all", "--barrier-timeout-ms", "4000"];
     let mut args = primary_args(&p_store, port, &[&r1], &extra);
     args.extend(["--replica".into(), format!("r2={relay}").into()]);
-    let mut p =
-        Node::launch("p", &p_store, port, args, "serving").unwrap_or_else(|e| panic!("{e}"));
+    let mut p = launch("p", &p_store, port, args, "serving").unwrap_or_else(|e| panic!("{e}"));
     wait_state(&p, 0, "r1", "in_sync", 15);
     wait_state(&p, 0, "r2", "in_sync", 15);
 

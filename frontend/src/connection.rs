@@ -1,6 +1,9 @@
 //! The transmission phase of one connection.
 //!
-//! A reader loop decodes requests and starts each one as its own task, so requests are served
+//! One task reads the requests, decodes each once into a typed [`Command`] and polls it once
+//! right there. Most finish without waiting (a write lands in memory, a read hits memory or
+//! the page cache) and their reply is queued at once; only a request that has to wait (FUA,
+//! FLUSH, a disk read, a full WAL) becomes a task of its own, so requests are still served
 //! concurrently and replied to out of order. Replies go through a channel to one writer task,
 //! which keeps every reply contiguous on the wire and batches them into few syscalls. A
 //! per-connection budget (in 4 KiB units, counting payload and reply data) stops the reader
@@ -9,7 +12,8 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -17,11 +21,13 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{Reply, Request, RequestDecoder};
+use crate::codec::RequestDecoder;
+use crate::command::{Command, Header, Limits, Refusal};
 use crate::handshake::Negotiated;
+use crate::observe::{Observer, Op};
 use crate::proto::*;
+use crate::reply::Reply;
 use crate::volume::{BlockVolume, Extent, VolumeError};
-use crate::{Observer, Op};
 
 /// 64 MiB of requests in flight per connection, in 4 KiB units.
 const BUDGET_UNITS: u32 = 16 << 10;
@@ -32,12 +38,12 @@ const MAX_EXTENTS: usize = 1 << 16;
 
 struct Ctx<V> {
     volume: Arc<V>,
-    size: u64,
-    structured: bool,
-    base_allocation: bool,
+    limits: Limits,
     export: String,
     observer: Arc<dyn Observer>,
 }
+
+type Replies = mpsc::UnboundedSender<(Reply, OwnedSemaphorePermit)>;
 
 #[derive(Debug)]
 enum End {
@@ -60,10 +66,12 @@ pub(crate) async fn serve<R, W, V>(
     V: BlockVolume,
 {
     let ctx = Arc::new(Ctx {
-        size: neg.volume.size(),
+        limits: Limits {
+            size: neg.volume.size(),
+            structured: neg.structured,
+            base_allocation: neg.base_allocation,
+        },
         volume: neg.volume,
-        structured: neg.structured,
-        base_allocation: neg.base_allocation,
         export: neg.export,
         observer,
     });
@@ -80,38 +88,21 @@ pub(crate) async fn serve<R, W, V>(
         let req = match next {
             None => break End::Eof,
             Some(Err(e)) => break End::Broken(e.to_string()),
-            Some(Ok(req)) if req.cmd == CMD_DISC => break End::Disconnect,
             Some(Ok(req)) => req,
         };
-        let units = match req.cmd {
-            CMD_READ | CMD_WRITE => 1 + req.length / 4096,
-            _ => 1,
+        let (header, command) = Command::parse(req, &ctx.limits);
+        if let Ok(Command::Disconnect) = command {
+            break End::Disconnect;
         }
-        .min(BUDGET_UNITS);
-        let permit = match budget.clone().acquire_many_owned(units).await {
+        let permit = match budget
+            .clone()
+            .acquire_many_owned(budget_units(&header))
+            .await
+        {
             Ok(p) => p,
             Err(_) => break End::Broken("budget closed".into()),
         };
-        // Most requests finish without waiting (a write lands in memory, a read hits memory
-        // or the page cache), so try each one right here first; only those that must wait
-        // (FUA, FLUSH, a disk read, a full WAL) become tasks of their own. The permit travels
-        // with the reply and is released once the reply is on the wire.
-        let mut request = Box::pin(handle(ctx.clone(), req));
-        let mut probe = std::task::Context::from_waker(std::task::Waker::noop());
-        match request.as_mut().poll(&mut probe) {
-            std::task::Poll::Ready(reply) => {
-                let _ = tx.send((reply, permit));
-            }
-            std::task::Poll::Pending => {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    // Polling again under the task's own waker re-registers every wake-up
-                    // the first poll set up with the no-op waker.
-                    let reply = request.await;
-                    let _ = tx.send((reply, permit));
-                });
-            }
-        }
+        start(handle(ctx.clone(), header, command), permit, &tx);
     };
     match &end {
         End::Broken(reason) => tracing::warn!(%peer, "closing connection: {reason}"),
@@ -133,6 +124,41 @@ pub(crate) async fn serve<R, W, V>(
     }
     drop(tx);
     let _ = writer_task.await;
+}
+
+/// What a request holds of the budget until its reply is on the wire: its payload or its
+/// reply data, in 4 KiB units, and at least one.
+fn budget_units(header: &Header) -> u32 {
+    match header.cmd {
+        CMD_READ | CMD_WRITE => 1 + header.length / 4096,
+        _ => 1,
+    }
+    .min(BUDGET_UNITS)
+}
+
+/// Polls a request once on the connection's task and queues its reply if it is ready; one
+/// that has to wait becomes a task of its own (see the module doc for why). The permit
+/// travels with the reply and is released once the reply is on the wire.
+fn start<F>(request: F, permit: OwnedSemaphorePermit, tx: &Replies)
+where
+    F: Future<Output = Reply> + Send + 'static,
+{
+    let mut request = Box::pin(request);
+    let mut probe = std::task::Context::from_waker(Waker::noop());
+    match request.as_mut().poll(&mut probe) {
+        Poll::Ready(reply) => {
+            let _ = tx.send((reply, permit));
+        }
+        Poll::Pending => {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                // Polling again under the task's own waker re-registers every wake-up the
+                // first poll set up with the no-op waker.
+                let reply = request.await;
+                let _ = tx.send((reply, permit));
+            });
+        }
+    }
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
@@ -169,167 +195,119 @@ async fn write_reply<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn errno(e: &VolumeError) -> u32 {
-    match e {
-        VolumeError::Io(_) => EIO,
-        VolumeError::OutOfRange => EINVAL,
-        VolumeError::Invalid(_) => EINVAL,
-        VolumeError::ReadOnly => EPERM,
-        VolumeError::NotFast => ENOTSUP,
-        VolumeError::ShuttingDown => ESHUTDOWN,
+/// Why a request failed, and so which NBD error answers it.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("the volume reported no extents")]
+    NoExtents,
+}
+
+impl Failure {
+    fn errno(&self) -> u32 {
+        match self {
+            Failure::Refused(r) => r.errno(),
+            Failure::Volume(VolumeError::Io(_)) => EIO,
+            Failure::Volume(VolumeError::OutOfRange | VolumeError::Invalid(_)) => EINVAL,
+            Failure::Volume(VolumeError::ReadOnly) => EPERM,
+            Failure::Volume(VolumeError::NotFast) => ENOTSUP,
+            Failure::Volume(VolumeError::ShuttingDown) => ESHUTDOWN,
+            Failure::NoExtents => EIO,
+        }
     }
 }
 
-/// Flags each command accepts. FUA is harmless on anything (clients do send it on reads).
-fn allowed_flags(cmd: u16, structured: bool) -> u16 {
-    match cmd {
-        CMD_READ if structured => CMD_FLAG_FUA | CMD_FLAG_DF,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
-        _ => CMD_FLAG_FUA,
-    }
-}
-
-async fn handle<V: BlockVolume>(ctx: Arc<Ctx<V>>, req: Request) -> Reply {
+async fn handle<V: BlockVolume>(
+    ctx: Arc<Ctx<V>>,
+    header: Header,
+    command: Result<Command, Refusal>,
+) -> Reply {
     let ctx = &*ctx;
-    let started = std::time::Instant::now();
-    let result = execute(ctx, &req).await;
-    let op = Op::from_cmd(req.cmd);
+    let started = Instant::now();
+    let result = match command {
+        Ok(command) => execute(ctx, header.cookie, command).await,
+        Err(refusal) => Err(Failure::Refused(refusal)),
+    };
+    let op = Op::from_cmd(header.cmd);
     let bytes = match op {
-        Op::Read | Op::Write => u64::from(req.length),
+        Op::Read | Op::Write => u64::from(header.length),
         _ => 0,
     };
     ctx.observer
         .request(&ctx.export, op, bytes, started.elapsed(), result.is_ok());
     match result {
         Ok(reply) => reply,
-        Err((code, msg)) => {
+        Err(failure) => {
             tracing::debug!(
-                cmd = req.cmd,
-                offset = req.offset,
-                length = req.length,
-                "request failed: {msg}"
+                cmd = header.cmd,
+                offset = header.offset,
+                length = header.length,
+                "request failed: {failure}"
             );
-            if req.cmd == CMD_READ && ctx.structured {
-                Reply::structured_error(req.cookie, code, &msg)
+            // A structured READ can only fail with an error chunk.
+            if header.cmd == CMD_READ && ctx.limits.structured {
+                Reply::structured_error(header.cookie, failure.errno(), &failure.to_string())
             } else {
-                Reply::simple(req.cookie, code)
+                Reply::simple(header.cookie, failure.errno())
             }
         }
     }
 }
 
-type Failure = (u32, String);
-
-fn fail(code: u32, msg: impl Into<String>) -> Failure {
-    (code, msg.into())
-}
-
-fn from_volume(e: VolumeError) -> Failure {
-    (errno(&e), e.to_string())
-}
-
-async fn execute<V: BlockVolume>(ctx: &Ctx<V>, req: &Request) -> Result<Reply, Failure> {
-    let unknown = req.flags & !allowed_flags(req.cmd, ctx.structured);
-    if unknown != 0 {
-        return Err(fail(
-            EINVAL,
-            format!("flags {unknown:#x} not valid for command {}", req.cmd),
-        ));
-    }
-    let fua = req.flags & CMD_FLAG_FUA != 0;
-    let len = u64::from(req.length);
-    let end = req.offset.checked_add(len);
-    let inside = end.is_some_and(|e| e <= ctx.size);
-    match req.cmd {
-        CMD_READ => {
-            if !inside {
-                return Err(fail(EINVAL, "read past the end of the volume"));
-            }
-            if req.length > MAX_PAYLOAD {
-                return Err(fail(EOVERFLOW, "read larger than the maximum payload"));
-            }
-            let chunks = ctx
-                .volume
-                .read(req.offset, req.length)
-                .await
-                .map_err(from_volume)?;
-            Ok(if ctx.structured {
-                Reply::structured_read(req.cookie, req.offset, chunks, req.flags & CMD_FLAG_DF != 0)
+/// Runs a command that [`Command::parse`] accepted: its range is inside the volume.
+async fn execute<V: BlockVolume>(
+    ctx: &Ctx<V>,
+    cookie: u64,
+    command: Command,
+) -> Result<Reply, Failure> {
+    let volume = &*ctx.volume;
+    match command {
+        Command::Read { offset, len, df } => {
+            let chunks = volume.read(offset, len).await?;
+            return Ok(if ctx.limits.structured {
+                Reply::structured_read(cookie, offset, chunks, df)
             } else {
-                Reply::simple_read(req.cookie, chunks)
-            })
+                Reply::simple_read(cookie, chunks)
+            });
         }
-        CMD_WRITE => {
-            if !inside {
-                return Err(fail(ENOSPC, "write past the end of the volume"));
-            }
-            ctx.volume
-                .write(req.offset, req.payload.clone(), fua)
-                .await
-                .map_err(from_volume)?;
-            Ok(Reply::simple(req.cookie, 0))
+        Command::Write { offset, data, fua } => volume.write(offset, data, fua).await?,
+        Command::Flush => volume.flush().await?,
+        Command::Trim { offset, len, fua } => volume.trim(offset, len, fua).await?,
+        Command::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+            fast_zero,
+            fua,
+        } => {
+            volume
+                .write_zeroes(offset, len, !no_hole, fast_zero, fua)
+                .await?
         }
-        CMD_FLUSH => {
-            ctx.volume.flush().await.map_err(from_volume)?;
-            Ok(Reply::simple(req.cookie, 0))
-        }
-        CMD_TRIM => {
-            if !inside {
-                return Err(fail(EINVAL, "trim past the end of the volume"));
-            }
-            ctx.volume
-                .trim(req.offset, len, fua)
-                .await
-                .map_err(from_volume)?;
-            Ok(Reply::simple(req.cookie, 0))
-        }
-        CMD_WRITE_ZEROES => {
-            if !inside {
-                return Err(fail(ENOSPC, "write-zeroes past the end of the volume"));
-            }
-            let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
-            let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
-            ctx.volume
-                .write_zeroes(req.offset, len, may_trim, fast, fua)
-                .await
-                .map_err(from_volume)?;
-            Ok(Reply::simple(req.cookie, 0))
-        }
-        CMD_CACHE => {
-            if !inside {
-                return Err(fail(EINVAL, "cache past the end of the volume"));
-            }
-            ctx.volume
-                .cache(req.offset, len)
-                .await
-                .map_err(from_volume)?;
-            Ok(Reply::simple(req.cookie, 0))
-        }
-        CMD_BLOCK_STATUS => {
-            if !ctx.structured || !ctx.base_allocation {
-                return Err(fail(EINVAL, "no metadata context was negotiated"));
-            }
-            if len == 0 || !inside {
-                return Err(fail(EINVAL, "block status range is empty or past the end"));
-            }
-            let extents = ctx
-                .volume
-                .block_status(req.offset, len)
-                .await
-                .map_err(from_volume)?;
-            let descriptors = describe(&extents, req.flags & CMD_FLAG_REQ_ONE != 0, len);
+        Command::Cache { offset, len } => volume.cache(offset, len).await?,
+        Command::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => {
+            let extents = volume.block_status(offset, len).await?;
+            let descriptors = describe(&extents, req_one, len);
             if descriptors.is_empty() {
-                return Err(fail(EIO, "the volume reported no extents"));
+                return Err(Failure::NoExtents);
             }
-            Ok(Reply::block_status(
-                req.cookie,
+            return Ok(Reply::block_status(
+                cookie,
                 BASE_ALLOCATION_ID,
                 &descriptors,
-            ))
+            ));
         }
-        other => Err(fail(EINVAL, format!("unknown command {other}"))),
+        // The reader loop ends the connection at a DISC instead of running it.
+        Command::Disconnect => unreachable!("NBD_CMD_DISC is never executed"),
     }
+    Ok(Reply::simple(cookie, 0))
 }
 
 /// Turns extents into wire descriptors: 32-bit lengths, at most [`MAX_EXTENTS`], one if
@@ -359,6 +337,124 @@ fn describe(extents: &[Extent], req_one: bool, len: u64) -> Vec<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::{encode_request, Request};
+    use crate::observe::NoObserver;
+    use crate::volume::{ReadChunk, VolumeResult};
+    use bytes::{Buf, Bytes, BytesMut};
+    use tokio::io::AsyncReadExt;
+
+    /// 8 KiB of zeroes that accepts every write.
+    struct Zeroes;
+
+    impl BlockVolume for Zeroes {
+        fn size(&self) -> u64 {
+            8192
+        }
+        async fn read(&self, _: u64, len: u32) -> VolumeResult<Vec<ReadChunk>> {
+            Ok(vec![ReadChunk::Zeroes(len.into())])
+        }
+        async fn write(&self, _: u64, _: Bytes, _: bool) -> VolumeResult<()> {
+            Ok(())
+        }
+        async fn write_zeroes(
+            &self,
+            _: u64,
+            _: u64,
+            _: bool,
+            _: bool,
+            _: bool,
+        ) -> VolumeResult<()> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u64, _: bool) -> VolumeResult<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> VolumeResult<()> {
+            Ok(())
+        }
+        async fn block_status(&self, _: u64, len: u64) -> VolumeResult<Vec<Extent>> {
+            Ok(vec![Extent {
+                length: len,
+                hole: true,
+                zero: true,
+            }])
+        }
+    }
+
+    /// (cookie, error, structured error message) of every reply, in order.
+    fn replies(mut wire: &[u8]) -> Vec<(u64, u32, Option<String>)> {
+        let mut out = Vec::new();
+        while !wire.is_empty() {
+            match wire.get_u32() {
+                SIMPLE_REPLY_MAGIC => {
+                    let error = wire.get_u32();
+                    out.push((wire.get_u64(), error, None));
+                }
+                STRUCTURED_REPLY_MAGIC => {
+                    let (_flags, kind) = (wire.get_u16(), wire.get_u16());
+                    assert_eq!(kind, REPLY_TYPE_ERROR);
+                    let cookie = wire.get_u64();
+                    let _len = wire.get_u32();
+                    let error = wire.get_u32();
+                    let n = wire.get_u16() as usize;
+                    let msg = String::from_utf8(wire[..n].to_vec()).unwrap();
+                    wire.advance(n);
+                    out.push((cookie, error, Some(msg)));
+                }
+                other => panic!("reply magic {other:#x}"),
+            }
+        }
+        out
+    }
+
+    /// A refusal is answered like a volume error (an error chunk for a structured READ, a
+    /// simple reply otherwise) and the connection goes on; a DISC ends it whatever its flags.
+    #[tokio::test]
+    async fn refused_requests_get_their_errno_and_the_connection_goes_on() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(server);
+        let neg = Negotiated {
+            volume: Arc::new(Zeroes),
+            export: "t".into(),
+            structured: true,
+            base_allocation: false,
+        };
+        let token = CancellationToken::new();
+        let served = tokio::spawn(async move {
+            serve(r, w, neg, token, Arc::new(NoObserver), "test").await;
+        });
+        let mut wire = BytesMut::new();
+        for req in [
+            Request::sample(CMD_READ, 0, 1, 8192, 1),
+            Request::sample(CMD_WRITE, 0, 2, 8000, 512),
+            Request::sample(CMD_BLOCK_STATUS, 0, 3, 0, 1),
+            Request::sample(CMD_TRIM, CMD_FLAG_DF, 4, 0, 1),
+            Request::sample(CMD_WRITE, CMD_FLAG_FUA, 5, 0, 512),
+            Request::sample(CMD_DISC, 0xffff, 6, u64::MAX, 0),
+        ] {
+            encode_request(&req, &mut wire);
+        }
+        client.write_all(&wire).await.unwrap();
+        let mut out = Vec::new();
+        // The server closing its end is the condition; the bound only turns a hang into a
+        // failure.
+        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut out))
+            .await
+            .expect("the connection did not end at DISC")
+            .unwrap();
+        served.await.unwrap();
+        let read_msg = Some("read past the end of the volume".to_string());
+        assert_eq!(
+            replies(&out),
+            vec![
+                (1, EINVAL, read_msg),
+                (2, ENOSPC, None),
+                (3, EINVAL, None),
+                (4, EINVAL, None),
+                (5, 0, None),
+            ]
+        );
+    }
 
     #[test]
     fn describe_splits_long_extents_and_honours_req_one() {

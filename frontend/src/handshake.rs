@@ -1,5 +1,6 @@
 //! The fixed-newstyle handshake: a strict request/response dialogue, written as straight-line
-//! code over the socket with a length cap on everything the client sends.
+//! code over the socket with a length cap on everything the client sends. Each option is
+//! decoded once into a [`ClientOption`] and answered by a method of its own.
 
 use std::sync::Arc;
 
@@ -7,8 +8,9 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::exports::Exports;
+use crate::option::{ClientOption, InfoRequest, Malformed, MetaQuery};
 use crate::proto::*;
-use crate::server::Exports;
 use crate::volume::BlockVolume;
 
 /// Option payloads above this are refused by closing the connection (no string in the
@@ -30,12 +32,12 @@ pub(crate) enum HandshakeError {
     Io(#[from] std::io::Error),
     #[error("client broke the protocol: {0}")]
     Protocol(String),
-    /// The client aborted or asked for an export that does not exist via EXPORT_NAME.
+    /// EXPORT_NAME named an export that does not exist (it has no answer but closing).
     #[error("{0}")]
     Ended(String),
 }
 
-/// Everything needed to answer INFO, GO and EXPORT_NAME for one export.
+/// The transmission flags INFO, GO and EXPORT_NAME advertise for an export.
 pub(crate) fn transmission_flags(structured: bool, read_only: bool) -> u16 {
     let mut f = TFLAG_HAS_FLAGS
         | TFLAG_SEND_FLUSH
@@ -63,6 +65,16 @@ struct Session<'a, R, W, V> {
     meta: Option<(String, bool)>,
     no_zeroes: bool,
     shutdown: &'a CancellationToken,
+}
+
+/// What one option did to the handshake.
+enum Outcome<V> {
+    /// The handshake goes on with the next option.
+    Next,
+    /// Transmission starts with what was agreed.
+    Transmit(Negotiated<V>),
+    /// The client ended the handshake politely (ABORT).
+    Aborted,
 }
 
 /// Runs the handshake. Returns `Ok(None)` when the client ended it politely (ABORT).
@@ -114,38 +126,11 @@ where
         }
         let mut data = vec![0u8; len as usize];
         s.r.read_exact(&mut data).await?;
-        if let Some(end) = s.option(option, &data).await? {
-            return Ok(end);
+        match s.option(option, &data).await? {
+            Outcome::Next => {}
+            Outcome::Transmit(negotiated) => return Ok(Some(negotiated)),
+            Outcome::Aborted => return Ok(None),
         }
-    }
-}
-
-/// A cursor over an option's payload that never reads past its end.
-struct Payload<'a>(&'a [u8]);
-
-impl<'a> Payload<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
-    }
-    fn string(&mut self) -> Option<String> {
-        let n = self.u32()? as usize;
-        let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).ok()
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 }
 
@@ -171,40 +156,29 @@ where
         self.reply(option, kind, msg.as_bytes()).await
     }
 
-    /// Handles one option; `Some` ends the handshake.
-    async fn option(
-        &mut self,
-        option: u32,
-        data: &[u8],
-    ) -> Result<Option<Option<Negotiated<V>>>, HandshakeError> {
-        if self.shutdown.is_cancelled() && option != OPT_ABORT {
+    async fn invalid(&mut self, option: u32, why: Malformed) -> std::io::Result<()> {
+        self.error(option, REP_ERR_INVALID, &why.to_string()).await
+    }
+
+    /// Answers one option. During a shutdown every option but ABORT is refused.
+    async fn option(&mut self, option: u32, data: &[u8]) -> Result<Outcome<V>, HandshakeError> {
+        let parsed = ClientOption::parse(option, data);
+        if self.shutdown.is_cancelled() && parsed != ClientOption::Abort {
             self.error(option, REP_ERR_SHUTDOWN, "server is shutting down")
                 .await?;
-            return Ok(None);
+            return Ok(Outcome::Next);
         }
-        match option {
-            OPT_EXPORT_NAME => return self.export_name(data).await.map(Some),
-            OPT_ABORT => {
-                // The client may already have closed; that is fine.
-                let _ = self.reply(option, REP_ACK, &[]).await;
-                return Ok(Some(None));
+        match parsed {
+            ClientOption::ExportName(name) => return self.export_name(name).await,
+            ClientOption::Abort => return Ok(self.abort(option).await),
+            ClientOption::Info(request) => return self.info_or_go(option, request, false).await,
+            ClientOption::Go(request) => return self.info_or_go(option, request, true).await,
+            ClientOption::List(Ok(())) => self.list(option).await?,
+            ClientOption::StructuredReply(Ok(())) => self.structured_reply(option).await?,
+            ClientOption::List(Err(why)) | ClientOption::StructuredReply(Err(why)) => {
+                self.invalid(option, why).await?
             }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    self.error(option, REP_ERR_INVALID, "LIST takes no data")
-                        .await?;
-                } else {
-                    let names: Vec<String> = self.exports.iter().map(|(n, _)| n.clone()).collect();
-                    for name in names {
-                        let mut b = BytesMut::new();
-                        b.put_u32(name.len() as u32);
-                        b.put_slice(name.as_bytes());
-                        self.reply(option, REP_SERVER, &b).await?;
-                    }
-                    self.reply(option, REP_ACK, &[]).await?;
-                }
-            }
-            OPT_STARTTLS => {
+            ClientOption::StartTls => {
                 self.error(
                     option,
                     REP_ERR_POLICY,
@@ -212,27 +186,39 @@ where
                 )
                 .await?
             }
-            OPT_INFO | OPT_GO => return self.info_or_go(option, data).await,
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    self.error(option, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
-                        .await?;
-                } else {
-                    self.structured = true;
-                    self.reply(option, REP_ACK, &[]).await?;
-                }
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data).await?,
-            _ => {
+            ClientOption::ListMetaContext(query) => self.meta_context(option, false, query).await?,
+            ClientOption::SetMetaContext(query) => self.meta_context(option, true, query).await?,
+            ClientOption::Unknown => {
                 self.error(option, REP_ERR_UNSUP, "option not supported")
                     .await?
             }
         }
-        Ok(None)
+        Ok(Outcome::Next)
     }
 
-    async fn export_name(&mut self, data: &[u8]) -> Result<Option<Negotiated<V>>, HandshakeError> {
-        let name = String::from_utf8_lossy(data).into_owned();
+    async fn abort(&mut self, option: u32) -> Outcome<V> {
+        // The client may already have closed; that is fine.
+        let _ = self.reply(option, REP_ACK, &[]).await;
+        Outcome::Aborted
+    }
+
+    async fn list(&mut self, option: u32) -> std::io::Result<()> {
+        let names: Vec<String> = self.exports.iter().map(|(n, _)| n.clone()).collect();
+        for name in names {
+            let mut b = BytesMut::new();
+            b.put_u32(name.len() as u32);
+            b.put_slice(name.as_bytes());
+            self.reply(option, REP_SERVER, &b).await?;
+        }
+        self.reply(option, REP_ACK, &[]).await
+    }
+
+    async fn structured_reply(&mut self, option: u32) -> std::io::Result<()> {
+        self.structured = true;
+        self.reply(option, REP_ACK, &[]).await
+    }
+
+    async fn export_name(&mut self, name: String) -> Result<Outcome<V>, HandshakeError> {
         let Some(volume) = self.exports.find(&name) else {
             // EXPORT_NAME has no way to report an error but closing.
             return Err(HandshakeError::Ended(format!("unknown export {name:?}")));
@@ -245,7 +231,7 @@ where
         }
         self.w.write_all(&b).await?;
         self.w.flush().await?;
-        Ok(Some(self.finish(name, volume)))
+        Ok(Outcome::Transmit(self.finish(name, volume)))
     }
 
     fn finish(&mut self, export: String, volume: Arc<V>) -> Negotiated<V> {
@@ -265,19 +251,15 @@ where
     async fn info_or_go(
         &mut self,
         option: u32,
-        data: &[u8],
-    ) -> Result<Option<Option<Negotiated<V>>>, HandshakeError> {
-        let mut p = Payload(data);
-        let parsed = (|| {
-            let name = p.string()?;
-            let n = p.u16()?;
-            let infos: Option<Vec<u16>> = (0..n).map(|_| p.u16()).collect();
-            p.is_empty().then_some((name, infos?))
-        })();
-        let Some((name, infos)) = parsed else {
-            self.error(option, REP_ERR_INVALID, "malformed INFO/GO request")
-                .await?;
-            return Ok(None);
+        request: Result<InfoRequest, Malformed>,
+        go: bool,
+    ) -> Result<Outcome<V>, HandshakeError> {
+        let InfoRequest { name, infos } = match request {
+            Ok(request) => request,
+            Err(why) => {
+                self.invalid(option, why).await?;
+                return Ok(Outcome::Next);
+            }
         };
         let Some(volume) = self.exports.find(&name) else {
             self.error(
@@ -286,7 +268,7 @@ where
                 &format!("no export named {name:?}"),
             )
             .await?;
-            return Ok(None);
+            return Ok(Outcome::Next);
         };
         let mut export = BytesMut::new();
         export.put_u16(INFO_EXPORT);
@@ -300,26 +282,32 @@ where
         sizes.put_u32(MAX_PAYLOAD);
         self.reply(option, REP_INFO, &sizes).await?;
         if infos.contains(&INFO_NAME) {
-            let mut b = BytesMut::new();
-            b.put_u16(INFO_NAME);
-            b.put_slice(name.as_bytes());
-            self.reply(option, REP_INFO, &b).await?;
+            self.info_text(option, INFO_NAME, name.as_bytes()).await?;
         }
         if infos.contains(&INFO_DESCRIPTION) {
-            let mut b = BytesMut::new();
-            b.put_u16(INFO_DESCRIPTION);
-            b.put_slice(b"blockrep volume");
-            self.reply(option, REP_INFO, &b).await?;
+            self.info_text(option, INFO_DESCRIPTION, b"blockrep volume")
+                .await?;
         }
         self.reply(option, REP_ACK, &[]).await?;
-        if option == OPT_GO {
-            return Ok(Some(Some(self.finish(name, volume))));
+        if go {
+            return Ok(Outcome::Transmit(self.finish(name, volume)));
         }
-        Ok(None)
+        Ok(Outcome::Next)
     }
 
-    async fn meta_context(&mut self, option: u32, data: &[u8]) -> std::io::Result<()> {
-        let set = option == OPT_SET_META_CONTEXT;
+    async fn info_text(&mut self, option: u32, info: u16, text: &[u8]) -> std::io::Result<()> {
+        let mut b = BytesMut::new();
+        b.put_u16(info);
+        b.put_slice(text);
+        self.reply(option, REP_INFO, &b).await
+    }
+
+    async fn meta_context(
+        &mut self,
+        option: u32,
+        set: bool,
+        query: Result<MetaQuery, Malformed>,
+    ) -> std::io::Result<()> {
         if set && !self.structured {
             return self
                 .error(
@@ -329,17 +317,9 @@ where
                 )
                 .await;
         }
-        let mut p = Payload(data);
-        let parsed = (|| {
-            let name = p.string()?;
-            let n = p.u32()?;
-            let queries: Option<Vec<String>> = (0..n).map(|_| p.string()).collect();
-            p.is_empty().then_some((name, queries?))
-        })();
-        let Some((name, queries)) = parsed else {
-            return self
-                .error(option, REP_ERR_INVALID, "malformed meta context request")
-                .await;
+        let MetaQuery { name, queries } = match query {
+            Ok(query) => query,
+            Err(why) => return self.invalid(option, why).await,
         };
         if self.exports.find(&name).is_none() {
             return self

@@ -8,86 +8,28 @@
 //!
 //! It must never know how the bytes are stored or replicated: no WAL, no LSN, no replica
 //! appears here. Durability is whatever the volume's `flush` promises.
+//!
+//! Modules, each importing only those listed before it (no module imports one that imports
+//! it, and none imports this root): `proto` (the spec's numbers), `volume` (the
+//! [`BlockVolume`] trait), `exports` (exports by name), `observe` (metrics hooks), `codec`
+//! (request framing), `reply` (reply encoding), `command` (a request decoded into a typed command),
+//! `option` (a handshake option decoded into a typed option), `handshake`, `connection`
+//! (the transmission phase) and `server` (listeners, accept loop, shutdown).
 
 mod codec;
+mod command;
 mod connection;
+mod exports;
 mod handshake;
+mod observe;
+mod option;
 pub mod proto;
+mod reply;
 mod server;
 mod volume;
 
-use std::time::Duration;
-
 pub use codec::{encode_request, DecodeError, Request, RequestDecoder};
-pub use server::{Exports, ListenAddr, Server, ServerError};
+pub use exports::Exports;
+pub use observe::{NoObserver, Observer, Op};
+pub use server::{ListenAddr, Server, ServerError};
 pub use volume::{BlockVolume, Extent, ReadChunk, VolumeError, VolumeResult};
-
-/// An NBD command, for observers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    Read,
-    Write,
-    Flush,
-    Trim,
-    Cache,
-    WriteZeroes,
-    BlockStatus,
-    Other,
-}
-
-impl Op {
-    pub const ALL: [Op; 8] = [
-        Op::Read,
-        Op::Write,
-        Op::Flush,
-        Op::Trim,
-        Op::Cache,
-        Op::WriteZeroes,
-        Op::BlockStatus,
-        Op::Other,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::Read => "read",
-            Op::Write => "write",
-            Op::Flush => "flush",
-            Op::Trim => "trim",
-            Op::Cache => "cache",
-            Op::WriteZeroes => "write_zeroes",
-            Op::BlockStatus => "block_status",
-            Op::Other => "other",
-        }
-    }
-
-    pub(crate) fn from_cmd(cmd: u16) -> Op {
-        match cmd {
-            proto::CMD_READ => Op::Read,
-            proto::CMD_WRITE => Op::Write,
-            proto::CMD_FLUSH => Op::Flush,
-            proto::CMD_TRIM => Op::Trim,
-            proto::CMD_CACHE => Op::Cache,
-            proto::CMD_WRITE_ZEROES => Op::WriteZeroes,
-            proto::CMD_BLOCK_STATUS => Op::BlockStatus,
-            _ => Op::Other,
-        }
-    }
-}
-
-/// Told about every request and connection. Called on the request path: implementations must
-/// be cheap and must not take a global lock.
-pub trait Observer: Send + Sync + 'static {
-    /// A request finished; `bytes` is the payload moved (reads and writes), `ok` whether it
-    /// succeeded.
-    fn request(&self, export: &str, op: Op, bytes: u64, latency: Duration, ok: bool);
-    /// A client entered (+1) or left (-1) the transmission phase.
-    fn connection(&self, export: &str, delta: i64);
-}
-
-/// Observes nothing.
-pub struct NoObserver;
-
-impl Observer for NoObserver {
-    fn request(&self, _: &str, _: Op, _: u64, _: Duration, _: bool) {}
-    fn connection(&self, _: &str, _: i64) {}
-}

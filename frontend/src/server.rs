@@ -11,9 +11,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection;
+use crate::exports::Exports;
 use crate::handshake::{self, HandshakeError};
+use crate::observe::{NoObserver, Observer};
 use crate::volume::BlockVolume;
-use crate::{NoObserver, Observer};
 
 /// A client that has not finished negotiating by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -59,45 +60,6 @@ pub enum ServerError {
     Bind { addr: String, reason: String },
     #[error("no export to serve")]
     NoExports,
-}
-
-/// The exports a server offers, by name. The empty name selects the first one.
-pub struct Exports<V> {
-    list: Vec<(String, Arc<V>)>,
-}
-
-impl<V> Exports<V> {
-    pub fn new() -> Exports<V> {
-        Exports { list: Vec::new() }
-    }
-
-    pub fn add(&mut self, name: impl Into<String>, volume: Arc<V>) {
-        self.list.push((name.into(), volume));
-    }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &(String, Arc<V>)> {
-        self.list.iter()
-    }
-
-    pub(crate) fn find(&self, name: &str) -> Option<Arc<V>> {
-        self.find_named(name).map(|(_, v)| v)
-    }
-
-    /// The export `name` selects, with its canonical name (the empty name is the first).
-    pub(crate) fn find_named(&self, name: &str) -> Option<(String, Arc<V>)> {
-        let found = if name.is_empty() {
-            self.list.first()
-        } else {
-            self.list.iter().find(|(n, _)| n == name)
-        };
-        found.map(|(n, v)| (n.clone(), v.clone()))
-    }
-}
-
-impl<V> Default for Exports<V> {
-    fn default() -> Self {
-        Exports::new()
-    }
 }
 
 enum Listener {
@@ -171,7 +133,7 @@ impl Server {
         exports: Exports<V>,
         shutdown: CancellationToken,
     ) -> Result<(), ServerError> {
-        if exports.list.is_empty() {
+        if exports.is_empty() {
             return Err(ServerError::NoExports);
         }
         let exports = Arc::new(exports);

@@ -1,7 +1,7 @@
 //! Deterministic, stable-toolchain fuzzing of the NBD request decoder and the handshake.
 //!
 //! The coverage-guided targets live in `frontend/fuzz` (cargo fuzz, nightly + libFuzzer). This
-//! harness runs the *same* oracles (`frontend/fuzz/src/lib.rs`, included below) over inputs
+//! harness runs the *same* oracles (`frontend/tests/fuzz_oracles/`) over inputs
 //! from a seeded structure-aware generator, so every `cargo test` run checks them on stable:
 //!
 //! * `decoder_survives_random_streams`: 300 000 request streams (well-formed requests, WRITE
@@ -15,12 +15,11 @@
 //! `BLOCKREP_FUZZ_SEED` (a different seed explores different inputs; failures print the seed
 //! and case number, and the same seed replays them exactly).
 
-#[allow(dead_code)]
-#[path = "../fuzz/src/lib.rs"]
-mod harness;
+#[allow(dead_code, unused_imports)]
+mod fuzz_oracles;
 
-use harness::gen::{decoder_case, handshake_case, Rng};
-use harness::{check_decoder, DecoderStats, Harness};
+use fuzz_oracles::gen::{decoder_case, handshake_case, Rng};
+use fuzz_oracles::{check_decoder, split_decoder_input, DecoderStats, Harness};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -67,10 +66,10 @@ fn decoder_survives_random_streams() {
 #[test]
 fn decoder_fuzz_input_layout() {
     // The cargo-fuzz target's input layout: count of split sizes, sizes, stream.
-    let (splits, stream) = harness::split_decoder_input(&[2, 5, 0, 0xaa, 0xbb]);
+    let (splits, stream) = split_decoder_input(&[2, 5, 0, 0xaa, 0xbb]);
     assert_eq!(splits, vec![5, 0]);
     assert_eq!(stream, &[0xaa, 0xbb]);
-    let (splits, stream) = harness::split_decoder_input(&[]);
+    let (splits, stream) = split_decoder_input(&[]);
     assert!(splits.is_empty() && stream.is_empty());
 }
 

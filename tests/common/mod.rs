@@ -1,52 +1,54 @@
 //! Shared harness for the end-to-end tests: real `blockrep` processes on loopback, real
 //! third-party clients. A missing client tool is a failure, never a skip: `scripts/test`
 //! installs them.
+//!
+//! One room per concern: `process` (commands, `KillOnDrop`, `die_with_test`), `wait` (the
+//! one `wait_until`), `node` (a `blockrep` process with its ports and log), `fuse`
+//! (`FuseMount`), `storm` (the write storm and its verifier), `client` (a libnbd `Client`),
+//! `admin` (HTTP, /metrics and /v1/status of a node's admin endpoint).
 #![allow(dead_code)]
 
-use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
+pub mod admin;
+pub mod client;
+pub mod fuse;
+pub mod node;
+pub mod process;
+pub mod storm;
+pub mod wait;
+
+#[allow(unused_imports)]
+pub use client::{Client, Data};
+#[allow(unused_imports)]
+pub use fuse::FuseMount;
+#[allow(unused_imports)]
+pub use node::{serve, Node, Ready, Served};
+#[allow(unused_imports)]
+pub use process::{
+    blockrep, blockrep_timed, die_with_test, die_with_test_by, require, run, run_ok, signal_pid,
+    timed, KillOnDrop,
+};
+#[allow(unused_imports)]
+pub use wait::{poll_until, wait_until};
+
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
 pub const MIB: u64 = 1 << 20;
 
-/// The `blockrep` binary built for this test run.
-pub fn blockrep() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_blockrep"))
-}
+/// The path of `/usr/bin/python3`, which has the libnbd binding (the pyenv python does not).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 
-/// Runs a command to completion, capturing output.
-pub fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-/// Runs a command and panics with its output unless it succeeds; returns stdout.
-pub fn run_ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
+/// Fails loudly unless the system Python has the libnbd binding (and `timeout` is there).
+pub fn require_python_nbd() {
+    require(SYSTEM_PYTHON);
+    require("timeout");
+    let out = run(timed(30, SYSTEM_PYTHON).args(["-c", "import nbd"]));
     assert!(
         out.status.success(),
-        "{cmd:?} failed with {}:\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Fails loudly if a client tool is not installed.
-pub fn require(tool: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} is not installed; run ./scripts/test (it installs every tool the tests use)"
+        "{SYSTEM_PYTHON} lacks the libnbd binding (python3-libnbd): {}",
+        text(&out.stderr)
     );
 }
 
@@ -56,6 +58,14 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+pub fn wait_for_port(port: u16) {
+    wait_until(
+        Duration::from_secs(30),
+        format_args!("nothing listens on port {port}"),
+        || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
 }
 
 /// Creates a store of `size` bytes under `parent` and returns its path.
@@ -73,109 +83,52 @@ pub fn create_store(parent: &Path, name: &str, size: u64) -> PathBuf {
     dir
 }
 
-/// A `blockrep serve` process.
-pub struct Served {
-    pub child: Child,
-    pub store: PathBuf,
-    pub port: u16,
-    pub stderr_log: PathBuf,
+/// `blockrep create PARENT/NAME --size SIZE --wal-size 64MiB` (SIZE as the CLI takes it).
+pub fn create_store_sized(parent: &Path, name: &str, size: &str) -> PathBuf {
+    let dir = parent.join(name);
+    run_ok(blockrep_timed(60).arg("create").arg(&dir).args([
+        "--size",
+        size,
+        "--wal-size",
+        "64MiB",
+    ]));
+    dir
 }
 
-impl Served {
-    pub fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/", self.port)
-    }
-
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL: the process gets no chance to flush or close anything.
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then wait for the exit status.
-    pub fn terminate(&mut self) -> ExitStatus {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
-    }
+/// A path in this checkout.
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A file's text; panics naming it if it cannot be read.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
-/// Starts `blockrep serve STORE --nbd 127.0.0.1:PORT [extra...]` and waits until it
-/// accepts connections.
-pub fn serve(store: &Path, extra: &[&str]) -> Served {
-    let port = free_port();
-    let stderr_log = store.with_extension(format!("serve-{port}.log"));
-    let log = std::fs::File::create(&stderr_log).expect("log file");
-    let mut child = blockrep()
-        .arg("serve")
-        .arg(store)
-        .arg("--nbd")
-        .arg(format!("127.0.0.1:{port}"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn blockrep serve");
-    // The first stdout line says the server is listening.
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(first)) = lines.next() {
-            let _ = tx.send(first);
-        }
-        for _ in lines {}
-    });
-    let first = rx.recv_timeout(Duration::from_secs(60));
-    let served = Served {
-        child,
-        store: store.to_path_buf(),
-        port,
-        stderr_log,
-    };
-    match first {
-        Ok(line) if line.contains("serving") => {}
-        other => panic!(
-            "blockrep serve did not start ({other:?}); its log:\n{}",
-            served.log()
-        ),
-    }
-    wait_for_port(port);
-    served
+/// The NBD greeting ("NBDMAGIC") on `port`, read from a fresh connection.
+pub fn nbd_greeting(port: u16) -> Result<String, String> {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| format!("read timeout: {e}"))?;
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic).map_err(|e| format!("read: {e}"))?;
+    Ok(String::from_utf8_lossy(&magic).into_owned())
 }
 
-pub fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on port {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// `blockrep inspect STORE --json`.
+pub fn inspect_json(store: &Path) -> serde_json::Value {
+    let out = run_ok(blockrep_timed(60).arg("inspect").arg(store).arg("--json"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect --json printed {out:?}: {e}"))
+}
+
+/// Whether `path` is a mount point (in this process's mountinfo).
+pub fn mounted(path: &Path) -> bool {
+    let want = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*want))
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so tests need no `rand` crate.
@@ -192,35 +145,6 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// The path of `/usr/bin/python3`, which has the libnbd binding (the pyenv python does not).
-pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
-
-/// `timeout -k 5 SECS PROG`: the command is killed if it takes longer.
-pub fn timed(secs: u64, prog: impl AsRef<OsStr>) -> Command {
-    let mut c = Command::new("timeout");
-    c.arg("-k").arg("5").arg(secs.to_string()).arg(prog);
-    c
-}
-
-pub fn blockrep_timed(secs: u64) -> Command {
-    timed(secs, env!("CARGO_BIN_EXE_blockrep"))
-}
-
-/// The child gets SIGKILL when the thread that spawned it (the test's thread) ends, even if
-/// the test binary itself is killed and no destructor runs.
-pub fn die_with_test(cmd: &mut Command) -> &mut Command {
-    // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -232,6 +156,12 @@ pub fn describe(out: &Output) -> String {
         text(&out.stdout),
         text(&out.stderr)
     )
+}
+
+/// The last `lines` lines of `s`.
+pub fn tail(s: &str, lines: usize) -> String {
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Removes ANSI colour sequences (the nodes run with NO_COLOR, this is a second guard).
@@ -251,63 +181,4 @@ pub fn strip_ansi(s: &str) -> String {
         }
     }
     out
-}
-
-/// A child process killed (SIGKILL, by its pid) if the test ends without reaping it.
-pub struct KillOnDrop {
-    pub child: Child,
-    /// What it is, for messages.
-    pub what: String,
-    /// Where its stderr goes, if to a file: quoted when it misbehaves.
-    pub stderr: Option<PathBuf>,
-}
-
-impl KillOnDrop {
-    pub fn running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    pub fn stderr_text(&self) -> String {
-        self.stderr
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
-    }
-
-    /// Waits for the exit status; kills the process and fails if it takes longer than `secs`.
-    pub fn wait(&mut self, secs: u64) -> ExitStatus {
-        let (status, killed) = self.finish(secs);
-        assert!(
-            !killed,
-            "{} did not exit within {secs}s; its stderr:\n{}",
-            self.what,
-            self.stderr_text()
-        );
-        status
-    }
-
-    /// Waits up to `secs` for the process to exit by itself, then SIGKILLs it. Returns the
-    /// exit status and whether it had to be killed.
-    pub fn finish(&mut self, secs: u64) -> (ExitStatus, bool) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return (st, false);
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                return (self.child.wait().expect("wait"), true);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
 }

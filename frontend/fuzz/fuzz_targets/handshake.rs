@@ -3,9 +3,10 @@
 //! as one client connection's whole byte stream over a Unix socket. The server exports two
 //! 1 MiB RAM volumes.
 //!
-//! Checked (see `Harness::run` / `check_transcript` in src/lib.rs): no panic in any server
-//! task, no hang (the server closes within 10 s of the client's half-close), no out-of-range
-//! volume call, and every complete option answered in order with well-formed replies.
+//! Checked (see `Harness::run` / `check_transcript` in frontend/tests/fuzz_oracles): no panic
+//! in any server task, no hang (the server closes within 10 s of the client's half-close), no
+//! out-of-range volume call, and every complete option answered in order with well-formed
+//! replies.
 //!
 //!     cd frontend/fuzz && cargo +nightly fuzz run handshake -- -max_total_time=60
 #![no_main]

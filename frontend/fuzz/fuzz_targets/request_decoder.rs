@@ -2,9 +2,10 @@
 //! pieces. Input layout: byte 0 = number of split sizes (mod 8), then that many one-byte split
 //! sizes (0 = "all that is left"), then the byte stream itself.
 //!
-//! Checked (see `check_decoder` in src/lib.rs): no panic; a WRITE request's payload length is
-//! always the header's length; a request comes out exactly when a whole frame is buffered,
-//! with the frame's fields and bytes; bad magic and over-long WRITEs are refused.
+//! Checked (see `check_decoder` in frontend/tests/fuzz_oracles): no panic; a WRITE request's
+//! payload length is always the header's length; a request comes out exactly when a whole
+//! frame is buffered, with the frame's fields and bytes; bad magic and over-long WRITEs are
+//! refused.
 //!
 //!     cd frontend/fuzz && cargo +nightly fuzz run request_decoder -- -max_total_time=60
 #![no_main]

@@ -8,6 +8,9 @@
 
 use blockrep_storage::{Epoch, Lsn, VolumeId, WalRecord};
 
+use bytes::Bytes;
+
+use crate::mutants::{active, Mutant};
 use crate::wire::{Body, Frame, RejectReason, ReportedRole};
 
 /// One connection to this replica, as the driver numbers them.
@@ -152,67 +155,91 @@ impl ReplicaCore {
     pub fn step(&mut self, event: Event) -> Vec<Action> {
         match event {
             Event::Received { conn, frame } => self.received(conn, frame),
-            Event::Closed { conn } => {
-                if self.active == Some(conn) {
-                    self.active = None;
-                    self.greeting = None;
-                }
-            }
-            Event::RebuildFinished { conn, durable } => {
-                self.s.rebuilding = false;
-                if durable > self.s.durable {
-                    self.s.durable = durable;
-                }
-                if self.active == Some(conn) {
-                    self.send(conn, Body::RebuildDone { durable });
-                }
-            }
+            Event::Closed { conn } => self.closed(conn),
+            Event::RebuildFinished { conn, durable } => self.rebuild_finished(conn, durable),
             Event::Truncated {
                 conn,
                 head,
                 head_epoch,
                 refusal,
-            } => {
-                if refusal.is_none() {
-                    self.s.head = head;
-                    self.s.head_epoch = head_epoch;
-                    self.s.durable = self.s.durable.min(head);
-                }
-                if self.active == Some(conn) {
-                    self.answer_cut(conn, refusal.unwrap_or_default());
-                }
-            }
-            Event::Synced { conn, durable } => {
-                if durable > self.s.durable {
-                    self.s.durable = durable;
-                }
-                if self.active != Some(conn) {
-                    return std::mem::take(&mut self.out);
-                }
-                if self.greeting == Some(conn) {
-                    // The log is durable through its head: report exactly that.
-                    self.greeting = None;
-                    self.send(
-                        conn,
-                        Body::HelloOk {
-                            replica_store: self.s.store_id,
-                            durable: self.s.head,
-                            durable_epoch: self.s.head_epoch,
-                            committed: self.s.committed,
-                            rebuilding: self.s.rebuilding,
-                        },
-                    );
-                } else {
-                    self.send(
-                        conn,
-                        Body::BarrierAck {
-                            durable: self.s.durable,
-                        },
-                    );
-                }
-            }
+            } => self.store_truncated(conn, head, head_epoch, refusal),
+            Event::Synced { conn, durable } => self.synced(conn, durable),
         }
         std::mem::take(&mut self.out)
+    }
+
+    fn closed(&mut self, conn: ConnId) {
+        if self.active == Some(conn) {
+            self.active = None;
+            self.greeting = None;
+        }
+    }
+
+    fn rebuild_finished(&mut self, conn: ConnId, durable: Lsn) {
+        self.s.rebuilding = false;
+        if durable > self.s.durable {
+            self.s.durable = durable;
+        }
+        if self.active == Some(conn) {
+            self.send(conn, Body::RebuildDone { durable });
+        }
+    }
+
+    fn store_truncated(
+        &mut self,
+        conn: ConnId,
+        head: Lsn,
+        head_epoch: Epoch,
+        refusal: Option<String>,
+    ) {
+        if refusal.is_none() {
+            self.s.head = head;
+            self.s.head_epoch = head_epoch;
+            self.s.durable = self.s.durable.min(head);
+        }
+        if self.active == Some(conn) {
+            self.answer_cut(conn, refusal.unwrap_or_default());
+        }
+    }
+
+    fn synced(&mut self, conn: ConnId, durable: Lsn) {
+        if durable > self.s.durable {
+            self.s.durable = durable;
+        }
+        if self.active != Some(conn) {
+            return;
+        }
+        if self.greeting == Some(conn) {
+            // The log is durable through its head: report exactly that.
+            self.greeting = None;
+            self.send(
+                conn,
+                Body::HelloOk {
+                    replica_store: self.s.store_id,
+                    durable: self.s.head,
+                    durable_epoch: self.s.head_epoch,
+                    committed: self.s.committed,
+                    rebuilding: self.s.rebuilding,
+                },
+            );
+        } else {
+            self.ack_barrier(conn, self.s.durable);
+        }
+    }
+
+    /// Answers a barrier with `durable`.
+    ///
+    /// Invariant (*an acknowledged barrier target never exceeds the local durable LSN*): a
+    /// replica acknowledges only what its own store reported durable after an fsync, never
+    /// what it merely received or what the barrier asked for; the primary counts the ack
+    /// toward commits as a durable copy.
+    fn ack_barrier(&mut self, conn: ConnId, durable: Lsn) {
+        assert!(
+            durable <= self.s.durable,
+            "an acknowledged barrier target never exceeds the local durable LSN: {durable} > {}",
+            self.s.durable
+        );
+        self.send(conn, Body::BarrierAck { durable });
     }
 
     fn send(&mut self, conn: ConnId, body: Body) {
@@ -255,29 +282,14 @@ impl ReplicaCore {
         }
     }
 
+    /// Each frame kind goes to its own handler. All kinds but `Probe` and `Hello` need the
+    /// active session at our epoch: the `current` guard refuses the frame itself when it
+    /// fails (once: a guard runs only for the arm whose pattern matched), and the kind then
+    /// falls through to the empty arm.
     fn received(&mut self, conn: ConnId, frame: Frame) {
+        let epoch = frame.epoch;
         match frame.body {
-            Body::Probe { fence } => {
-                if let Some(owner) = fence {
-                    if !self.fence(conn, frame.epoch, owner) {
-                        return;
-                    }
-                }
-                let body = Body::ProbeReply {
-                    volume_id: self.s.volume_id,
-                    store_id: self.s.store_id,
-                    role: if self.s.was_primary {
-                        ReportedRole::Primary
-                    } else {
-                        ReportedRole::Replica
-                    },
-                    head: self.s.head,
-                    head_epoch: self.s.head_epoch,
-                    committed: self.s.committed,
-                    needs_rebuild: self.s.rebuilding,
-                };
-                self.send(conn, body);
-            }
+            Body::Probe { fence } => self.probe(conn, epoch, fence),
             Body::Hello {
                 volume_id,
                 volume_size,
@@ -286,118 +298,40 @@ impl ReplicaCore {
                 ..
             } => self.hello(
                 conn,
-                frame.epoch,
+                epoch,
                 volume_id,
                 volume_size,
                 primary_store,
                 committed,
             ),
-            Body::Entries { committed, records } => {
-                if !self.current(conn, frame.epoch) {
-                    return;
-                }
-                for record in records {
-                    if record.lsn <= self.s.head {
-                        continue; // a duplicate (a resent entry): already have it
-                    }
-                    if record.lsn != self.s.head.next()
-                        && !crate::mutants::active(crate::mutants::Mutant::AcceptLsnGap)
-                    {
-                        let msg = format!(
-                            "entry {} does not follow {}; refusing the gap",
-                            record.lsn, self.s.head
-                        );
-                        self.reject(conn, RejectReason::Gap, msg);
-                        return;
-                    }
-                    self.s.head = record.lsn;
-                    self.s.head_epoch = record.epoch;
-                    self.out.push(Action::Append { record });
-                }
-                self.learn_committed(committed);
+            Body::Entries { committed, records } if self.current(conn, epoch) => {
+                self.entries(conn, committed, records)
             }
-            Body::RebuildStart { base, history } => {
-                if !self.current(conn, frame.epoch) {
-                    return;
-                }
-                self.s.rebuilding = true;
-                self.s.head = base;
-                self.s.head_epoch = blockrep_storage::epoch_at(&history, base).unwrap_or(Epoch(0));
-                self.s.durable = base;
-                self.out.push(Action::BeginRebuild { base, history });
+            Body::RebuildStart { base, history } if self.current(conn, epoch) => {
+                self.rebuild_start(base, history)
             }
             Body::BaseChunk {
                 offset,
                 length,
                 data,
-            } => {
-                if !self.current(conn, frame.epoch) {
-                    return;
-                }
-                if !self.s.rebuilding {
-                    self.reject(
-                        conn,
-                        RejectReason::Protocol,
-                        "base data outside a rebuild".into(),
-                    );
-                    return;
-                }
-                self.out.push(Action::ApplyBase {
-                    offset,
-                    length,
-                    data,
-                });
-            }
-            Body::RebuildFinish { target } => {
-                if !self.current(conn, frame.epoch) {
-                    return;
-                }
+            } if self.current(conn, epoch) => self.base_chunk(conn, offset, length, data),
+            Body::RebuildFinish { target } if self.current(conn, epoch) => {
                 self.out.push(Action::FinishRebuild {
                     conn,
                     target: target.min(self.s.head),
                 });
             }
-            Body::Truncate { keep } => {
-                if !self.current(conn, frame.epoch) {
-                    return;
-                }
-                if keep >= self.s.head {
-                    self.answer_cut(conn, String::new());
-                    return;
-                }
-                if keep < self.s.committed {
-                    // The primary says entries we know committed are not in its log.
-                    let why = format!("entries through {} are committed", self.s.committed);
-                    self.answer_cut(conn, why);
-                    return;
-                }
-                if crate::mutants::active(crate::mutants::Mutant::AckCutWithoutCutting) {
-                    let body = Body::Truncated {
-                        durable: keep,
-                        durable_epoch: self.s.head_epoch,
-                        refusal: String::new(),
-                    };
-                    self.send(conn, body);
-                    return;
-                }
-                self.out.push(Action::Truncate { conn, keep });
+            Body::Truncate { keep } if self.current(conn, epoch) => self.truncate(conn, keep),
+            Body::Barrier { lsn, committed } if self.current(conn, epoch) => {
+                self.barrier(conn, lsn, committed)
             }
-            Body::Barrier { lsn, committed } => {
-                if !self.current(conn, frame.epoch) {
-                    return;
-                }
-                self.learn_committed(committed);
-                if crate::mutants::active(crate::mutants::Mutant::ReportReceivedAsDurable) {
-                    let head = self.s.head;
-                    self.send(conn, Body::BarrierAck { durable: head });
-                    return;
-                }
-                // Durability is reported only after the store's own fsync (never "received").
-                self.out.push(Action::Sync {
-                    conn,
-                    lsn: lsn.min(self.s.head),
-                });
-            }
+            // Refused by `current` already.
+            Body::Entries { .. }
+            | Body::RebuildStart { .. }
+            | Body::BaseChunk { .. }
+            | Body::RebuildFinish { .. }
+            | Body::Truncate { .. }
+            | Body::Barrier { .. } => {}
             other => {
                 let msg = format!("a replica does not expect a {} frame", other.name());
                 self.reject(conn, RejectReason::Protocol, msg);
@@ -405,11 +339,113 @@ impl ReplicaCore {
         }
     }
 
+    fn probe(&mut self, conn: ConnId, epoch: Epoch, fence: Option<VolumeId>) {
+        if let Some(owner) = fence {
+            if !self.fence(conn, epoch, owner) {
+                return;
+            }
+        }
+        let body = Body::ProbeReply {
+            volume_id: self.s.volume_id,
+            store_id: self.s.store_id,
+            role: if self.s.was_primary {
+                ReportedRole::Primary
+            } else {
+                ReportedRole::Replica
+            },
+            head: self.s.head,
+            head_epoch: self.s.head_epoch,
+            committed: self.s.committed,
+            needs_rebuild: self.s.rebuilding,
+        };
+        self.send(conn, body);
+    }
+
+    /// Entries in LSN order: a duplicate is skipped, a gap refused.
+    fn entries(&mut self, conn: ConnId, committed: Lsn, records: Vec<WalRecord>) {
+        for record in records {
+            if record.lsn <= self.s.head {
+                continue; // a duplicate (a resent entry): already have it
+            }
+            if record.lsn != self.s.head.next() && !active(Mutant::AcceptLsnGap) {
+                let msg = format!(
+                    "entry {} does not follow {}; refusing the gap",
+                    record.lsn, self.s.head
+                );
+                self.reject(conn, RejectReason::Gap, msg);
+                return;
+            }
+            self.s.head = record.lsn;
+            self.s.head_epoch = record.epoch;
+            self.out.push(Action::Append { record });
+        }
+        self.learn_committed(committed);
+    }
+
+    fn rebuild_start(&mut self, base: Lsn, history: Vec<(Epoch, Lsn)>) {
+        self.s.rebuilding = true;
+        self.s.head = base;
+        self.s.head_epoch = blockrep_storage::epoch_at(&history, base).unwrap_or(Epoch(0));
+        self.s.durable = base;
+        self.out.push(Action::BeginRebuild { base, history });
+    }
+
+    fn base_chunk(&mut self, conn: ConnId, offset: u64, length: u64, data: Option<Bytes>) {
+        if !self.s.rebuilding {
+            self.reject(
+                conn,
+                RejectReason::Protocol,
+                "base data outside a rebuild".into(),
+            );
+            return;
+        }
+        self.out.push(Action::ApplyBase {
+            offset,
+            length,
+            data,
+        });
+    }
+
+    fn truncate(&mut self, conn: ConnId, keep: Lsn) {
+        if keep >= self.s.head {
+            self.answer_cut(conn, String::new());
+            return;
+        }
+        if keep < self.s.committed {
+            // The primary says entries we know committed are not in its log.
+            let why = format!("entries through {} are committed", self.s.committed);
+            self.answer_cut(conn, why);
+            return;
+        }
+        if active(Mutant::AckCutWithoutCutting) {
+            let body = Body::Truncated {
+                durable: keep,
+                durable_epoch: self.s.head_epoch,
+                refusal: String::new(),
+            };
+            self.send(conn, body);
+            return;
+        }
+        self.out.push(Action::Truncate { conn, keep });
+    }
+
+    fn barrier(&mut self, conn: ConnId, lsn: Lsn, committed: Lsn) {
+        self.learn_committed(committed);
+        if active(Mutant::ReportReceivedAsDurable) {
+            let head = self.s.head;
+            self.send(conn, Body::BarrierAck { durable: head });
+            return;
+        }
+        // Durability is reported only after the store's own fsync (never "received").
+        self.out.push(Action::Sync {
+            conn,
+            lsn: lsn.min(self.s.head),
+        });
+    }
+
     /// Whether `conn` is the active session at our epoch; refuses it otherwise.
     fn current(&mut self, conn: ConnId, epoch: Epoch) -> bool {
-        if epoch != self.s.epoch
-            && !crate::mutants::active(crate::mutants::Mutant::SkipReplicaEpochCheck)
-        {
+        if epoch != self.s.epoch && !active(Mutant::SkipReplicaEpochCheck) {
             let msg = format!(
                 "frame at epoch {epoch}, this replica is at {}",
                 self.s.epoch
@@ -436,9 +472,26 @@ impl ReplicaCore {
     /// candidate's promotion check decides on facts that stay true; under sync-quorum a
     /// majority of fenced copies leaves the old primary no majority to commit with.
     fn fence(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
-        if epoch < self.s.epoch
-            && !crate::mutants::active(crate::mutants::Mutant::SkipReplicaEpochCheck)
-        {
+        if !self.claim_epoch(conn, epoch, owner) {
+            return false;
+        }
+        if let Some(old) = self.active.take() {
+            if old != conn {
+                self.greeting = None;
+                self.out.push(Action::Close {
+                    conn: old,
+                    reason: format!("fenced by a promotion at epoch {epoch}"),
+                });
+            }
+        }
+        true
+    }
+
+    /// Store `owner` claims `epoch` (a primary's hello, a candidate's fence): refused if the
+    /// epoch is stale or another store owns it; otherwise adopted, persisted before we
+    /// answer so the claim survives a crash. Returns whether the claim stands.
+    fn claim_epoch(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
+        if epoch < self.s.epoch && !active(Mutant::SkipReplicaEpochCheck) {
             let msg = format!(
                 "epoch {epoch} is stale; this replica is at {}",
                 self.s.epoch
@@ -460,15 +513,6 @@ impl ReplicaCore {
             self.s.epoch = epoch;
             self.s.epoch_owner = owner;
             self.s.was_primary = false;
-        }
-        if let Some(old) = self.active.take() {
-            if old != conn {
-                self.greeting = None;
-                self.out.push(Action::Close {
-                    conn: old,
-                    reason: format!("fenced by a promotion at epoch {epoch}"),
-                });
-            }
         }
         true
     }
@@ -509,34 +553,8 @@ impl ReplicaCore {
             self.out.push(Action::AdoptVolume { volume_id });
             self.s.volume_id = volume_id;
         }
-        if epoch < self.s.epoch
-            && !crate::mutants::active(crate::mutants::Mutant::SkipReplicaEpochCheck)
-        {
-            let msg = format!(
-                "epoch {epoch} is stale; this replica is at {}",
-                self.s.epoch
-            );
-            self.reject(conn, RejectReason::StaleEpoch, msg);
+        if !self.claim_epoch(conn, epoch, primary) {
             return;
-        }
-        let unclaimed = self.s.epoch_owner == VolumeId([0; 16]);
-        if epoch == self.s.epoch && !unclaimed && self.s.epoch_owner != primary {
-            let msg = format!(
-                "epoch {epoch} already belongs to primary store {}",
-                self.s.epoch_owner
-            );
-            self.reject(conn, RejectReason::EpochOwned, msg);
-            return;
-        }
-        if epoch > self.s.epoch || self.s.epoch_owner != primary {
-            // Persisted before we answer, so the claim survives a crash.
-            self.out.push(Action::AdoptEpoch {
-                epoch,
-                owner: primary,
-            });
-            self.s.epoch = epoch;
-            self.s.epoch_owner = primary;
-            self.s.was_primary = false;
         }
         if let Some(old) = self.active.replace(conn) {
             if old != conn {
@@ -559,5 +577,4 @@ impl ReplicaCore {
 }
 
 #[cfg(test)]
-#[path = "replica_tests.rs"]
 mod tests;

@@ -2,6 +2,12 @@
 //!
 //! The mutex is held only for in-memory work: assigning an LSN and a WAL position, updating
 //! the dirty map, queueing the record. No I/O ever happens under it.
+//!
+//! `Core` is grouped by concern: the log's positions, the epochs, the dirty maps, the WAL
+//! writer's queue, the durability waiters, replication's hooks, a rebuild, and the lifecycle
+//! flags. Each group changes through its own methods, so what a rebuild or a cut of the log
+//! resets is reset in one place. The invariants are documented on the group that keeps them
+//! and asserted (in debug builds: this is the hot path) where it changes.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,6 +30,16 @@ pub(crate) struct Rebuild {
     pub touched: RangeSet,
 }
 
+impl Rebuild {
+    /// A rebuild from a base taken at `base`, with nothing written over it yet.
+    pub fn new(base: Lsn) -> Self {
+        Rebuild {
+            base,
+            touched: Default::default(),
+        }
+    }
+}
+
 /// A record that has its place in the log but is not written yet.
 pub(crate) struct Queued {
     pub pos: WalPos,
@@ -35,12 +51,18 @@ pub(crate) struct DurableWaiter {
     pub done: oneshot::Sender<Result<(), String>>,
 }
 
-pub(crate) struct Core {
-    /// The epoch new entries are written at (a primary's own; a replica's adopted one).
-    pub epoch: Epoch,
-    /// Epoch of the newest entry; wrap markers carry it so replay's epoch order holds even
-    /// when a replica receives entries of an older epoch.
-    pub last_epoch: Epoch,
+/// Where the log is: its LSNs, and its positions in the ring.
+///
+/// Invariant (*durable never passes the head*): `written` and `durable` are at most the
+/// newest entry's LSN. `durable` may pass `written`: a checkpoint makes entries durable
+/// through the data file before the WAL writer has written their records.
+///
+/// Invariant (*the checkpoint is never ahead of durable*): `checkpoint_lsn <= durable`; what
+/// the data file holds is durable.
+///
+/// Invariant (*the tail never passes the head*): `tail <= head` in the ring and `tail_lsn <=
+/// next_lsn`, and `index` holds the entries from the tail on in LSN order, none missing.
+pub(crate) struct LogPositions {
     pub next_lsn: Lsn,
     /// Highest LSN known committed under the volume's commit mode (set by replication);
     /// stamped into every record header so it survives a crash.
@@ -49,72 +71,168 @@ pub(crate) struct Core {
     pub index: VecDeque<(Lsn, WalPos)>,
     /// LSN of the entry at `tail`.
     pub tail_lsn: Lsn,
-    /// The oldest entry a lagging replica still needs; checkpoints keep the WAL from here.
-    pub retention_pin: Option<Lsn>,
-    /// `retention_pin` is still the one `OpenOptions::keep_retained_wal` set, not one a
-    /// caller chose: it gives way to a write that finds the WAL full (nobody has said yet
-    /// that the WAL is needed, and a write must not wait for somebody who may never come).
-    pub pin_from_open: bool,
-    /// Where each epoch begins in the log (see `Superblock::epoch_history`).
-    pub epoch_history: Vec<(Epoch, Lsn)>,
     /// The log's incarnation, stamped into every record header.
     pub generation: u16,
-    /// Set while this store is being rebuilt from a primary's base image.
-    pub rebuild: Option<Rebuild>,
-    /// Receives a copy of every appended entry, in LSN order (the replication shipper).
-    pub tap: Option<mpsc::UnboundedSender<WalRecord>>,
     /// Where the next record goes.
     pub head: WalPos,
     /// The oldest position still needed (the entry after the checkpoint).
     pub tail: WalPos,
     pub checkpoint_lsn: Lsn,
-    /// Writes since the flusher last froze the map.
-    pub active: DirtyMap,
-    /// The map the flusher is writing to the data file right now.
-    pub flushing: Option<Arc<DirtyMap>>,
-    pub queue: Vec<Queued>,
-    /// Bytes in `queue`.
-    pub queued_bytes: u64,
-    /// The WAL writer is parked and needs a wake-up (waking it costs a syscall, so appends
-    /// only do it when a batch is worth writing).
-    pub writer_waiting: bool,
     /// Highest LSN written to the WAL file (maybe not synced).
     pub written: Lsn,
-    /// Highest LSN fsynced in the WAL.
+    /// Highest LSN fsynced in the WAL (or made durable by a checkpoint).
     pub durable: Lsn,
-    /// Highest LSN somebody is waiting to see durable.
-    pub sync_target: Lsn,
-    pub waiters: Vec<DurableWaiter>,
-    /// Set by the first I/O failure; the store then refuses writes (a failed fsync leaves the
-    /// page cache in an unknown state, so retrying it could report durability falsely).
-    pub failed: Option<String>,
-    /// Bumped after every checkpoint; lets read-modify-write detect that a block it read from
-    /// the data file may have changed underneath it.
-    pub checkpoint_gen: u64,
-    /// Checkpoints wait for this LSN to reach their target before they write the data file
-    /// (see `Store::set_checkpoint_gate`); `None`: they never wait.
-    pub gate: Option<Lsn>,
-    pub closing: bool,
-    pub flush_requested: bool,
-    pub writer_stop: bool,
-    pub flusher_stop: bool,
 }
 
-impl Core {
-    pub fn check_writable(&self) -> Result<()> {
-        if let Some(msg) = &self.failed {
-            return Err(StorageError::Failed(msg.clone()));
-        }
-        if self.closing {
-            return Err(StorageError::Closed);
-        }
-        Ok(())
+impl LogPositions {
+    /// The newest entry's LSN (`Lsn(0)` for an empty store).
+    pub fn last(&self) -> Lsn {
+        self.next_lsn.prev()
     }
 
     pub fn wal_used(&self) -> u64 {
         self.head.0 - self.tail.0
     }
 
+    /// The invariants above, checked where the marks move (debug builds only).
+    fn check(&self) {
+        debug_assert!(
+            self.written <= self.last() && self.durable <= self.last(),
+            "durable never passes the head: written {}, durable {}, head {}",
+            self.written,
+            self.durable,
+            self.last()
+        );
+        debug_assert!(
+            self.checkpoint_lsn <= self.durable,
+            "the checkpoint is never ahead of durable: checkpoint {}, durable {}",
+            self.checkpoint_lsn,
+            self.durable
+        );
+        debug_assert!(
+            self.tail.0 <= self.head.0 && self.tail_lsn <= self.next_lsn,
+            "the tail never passes the head: tail {:?} ({}), head {:?} ({})",
+            self.tail,
+            self.tail_lsn,
+            self.head,
+            self.next_lsn
+        );
+    }
+
+    /// Gives entry `lsn` (`size` bytes, after `pad` bytes of wrap padding) its place at the
+    /// head. Returns where it goes.
+    fn append(&mut self, lsn: Lsn, pad: u64, size: u64) -> WalPos {
+        debug_assert_eq!(lsn, self.next_lsn);
+        debug_assert!(
+            self.index.back().is_none_or(|(l, _)| l.next() == lsn),
+            "the tail never passes the head: the index skips to {lsn}"
+        );
+        let at = WalPos(self.head.0 + pad);
+        self.index.push_back((lsn, at));
+        self.head = WalPos(at.0 + size);
+        self.next_lsn = lsn.next();
+        at
+    }
+
+    /// The WAL file holds the entries through `lsn`.
+    pub fn mark_written(&mut self, lsn: Lsn) {
+        self.written = self.written.max(lsn);
+        self.check();
+    }
+
+    /// Everything written so far is on stable storage. Returns the durable LSN.
+    pub fn mark_synced(&mut self) -> Lsn {
+        self.durable = self.durable.max(self.written);
+        self.check();
+        self.durable
+    }
+
+    /// A checkpoint through `target` is in the superblock: the WAL before `tail` is
+    /// released, and everything through `target` is durable. Returns whether `durable`
+    /// moved.
+    pub fn mark_checkpoint(&mut self, target: Lsn, tail: WalPos, tail_lsn: Lsn) -> bool {
+        self.tail = tail;
+        self.tail_lsn = tail_lsn;
+        while self.index.front().is_some_and(|(lsn, _)| *lsn < tail_lsn) {
+            self.index.pop_front();
+        }
+        self.checkpoint_lsn = target;
+        let moved = target > self.durable;
+        if moved {
+            self.durable = target;
+        }
+        self.check();
+        moved
+    }
+
+    /// The log starts over, empty, after `base` (a rebuild), in generation `generation`.
+    fn restart_after(&mut self, base: Lsn, generation: u16) {
+        self.generation = generation;
+        self.index.clear();
+        self.tail = self.head;
+        self.tail_lsn = base.next();
+        self.checkpoint_lsn = base;
+        self.rewind_to(base);
+    }
+
+    /// The log ends at `keep` (a cut), its next record goes at `head`, in generation
+    /// `generation`.
+    fn cut_after(&mut self, keep: Lsn, head: WalPos, generation: u16) {
+        self.generation = generation;
+        while self.index.back().is_some_and(|(lsn, _)| *lsn > keep) {
+            self.index.pop_back();
+        }
+        self.head = head;
+        self.rewind_to(keep);
+    }
+
+    /// `last` is the newest entry, written and durable.
+    fn rewind_to(&mut self, last: Lsn) {
+        self.next_lsn = last.next();
+        self.written = last;
+        self.durable = last;
+        self.check();
+    }
+}
+
+/// The epochs of the log.
+pub(crate) struct Epochs {
+    /// The epoch new entries are written at (a primary's own; a replica's adopted one).
+    pub epoch: Epoch,
+    /// Epoch of the newest entry; wrap markers carry it so replay's epoch order holds even
+    /// when a replica receives entries of an older epoch.
+    pub last: Epoch,
+    /// Where each epoch begins in the log (see `Superblock::epoch_history`).
+    pub history: Vec<(Epoch, Lsn)>,
+}
+
+impl Epochs {
+    /// Entry `lsn` was written at `epoch`.
+    fn note(&mut self, epoch: Epoch, lsn: Lsn) {
+        if self.history.last().is_none_or(|(e, _)| *e != epoch) {
+            self.history.push((epoch, lsn));
+        }
+        self.last = epoch;
+    }
+
+    fn reset(&mut self, history: Vec<(Epoch, Lsn)>, last: Epoch) {
+        self.history = history;
+        self.last = last;
+    }
+}
+
+/// What the WAL holds that the data file does not, as block maps.
+pub(crate) struct DirtyMaps {
+    /// Writes since the flusher last froze the map.
+    pub active: DirtyMap,
+    /// The map the flusher is writing to the data file right now.
+    pub flushing: Option<Arc<DirtyMap>>,
+    /// Bumped after every checkpoint; lets read-modify-write detect that a block it read from
+    /// the data file may have changed underneath it.
+    pub checkpoint_gen: u64,
+}
+
+impl DirtyMaps {
     /// The newest state of one block, if the WAL holds it.
     pub fn lookup_block(&self, block: u64) -> Option<BlockState> {
         let from = |m: &DirtyMap| {
@@ -134,6 +252,225 @@ impl Core {
         }
     }
 
+    /// Data bytes held in memory, in both maps.
+    pub fn data_bytes(&self) -> u64 {
+        self.active.data_bytes() + self.flushing.as_ref().map_or(0, |f| f.data_bytes())
+    }
+
+    /// Hands the active map to the flusher; new writes go to a fresh one.
+    pub fn freeze(&mut self) -> Arc<DirtyMap> {
+        let frozen = Arc::new(std::mem::take(&mut self.active));
+        self.flushing = Some(frozen.clone());
+        frozen
+    }
+
+    /// The frozen map is in the data file, which changed under anything read from it before.
+    pub fn flushed(&mut self) {
+        self.flushing = None;
+        self.checkpoint_gen += 1;
+    }
+
+    /// The log was reset or cut: `active` is all the WAL holds now.
+    fn reset(&mut self, active: DirtyMap) {
+        self.active = active;
+        self.flushed();
+    }
+}
+
+/// The WAL writer's queue.
+///
+/// Invariant (*the queue's LSNs are dense*): each queued entry's LSN follows the one queued
+/// before it, and a wrap marker carries the LSN of the entry after it; so a batch holds
+/// entries `a, a+1, ..., b` with none missing (`read_wal` takes entries from it by counting).
+pub(crate) struct WriterQueue {
+    pub queue: Vec<Queued>,
+    /// Bytes in `queue`.
+    pub queued_bytes: u64,
+    /// The WAL writer is parked and needs a wake-up (waking it costs a syscall, so appends
+    /// only do it when a batch is worth writing).
+    pub waiting: bool,
+}
+
+impl WriterQueue {
+    fn push(&mut self, pos: WalPos, record: WalRecord, bytes: u64) {
+        debug_assert!(
+            self.queue.last().is_none_or(|q| match q.record.kind {
+                RecordKind::Wrap => record.lsn == q.record.lsn && record.kind != RecordKind::Wrap,
+                _ => record.lsn == q.record.lsn.next(),
+            }),
+            "the queue's LSNs are dense: {} queued after {}",
+            record.lsn,
+            self.queue.last().map_or(Lsn::ZERO, |q| q.record.lsn)
+        );
+        self.queue.push(Queued { pos, record });
+        self.queued_bytes += bytes;
+    }
+
+    /// Everything queued so far, for one round of the writer.
+    pub fn take(&mut self) -> Vec<Queued> {
+        self.queued_bytes = 0;
+        std::mem::take(&mut self.queue)
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.queued_bytes = 0;
+    }
+}
+
+/// Who waits for durability, and how far the writer must sync for them.
+pub(crate) struct Waiters {
+    /// Highest LSN somebody is waiting to see durable.
+    pub sync_target: Lsn,
+    pub list: Vec<DurableWaiter>,
+}
+
+impl Waiters {
+    pub fn add(&mut self, target: Lsn, done: oneshot::Sender<Result<(), String>>) {
+        self.list.push(DurableWaiter { target, done });
+        if self.sync_target < target {
+            self.sync_target = target;
+        }
+    }
+
+    /// Completes every waiter whose target is durable now.
+    pub fn complete(&mut self, durable: Lsn) {
+        let mut i = 0;
+        while i < self.list.len() {
+            if self.list[i].target <= durable {
+                let w = self.list.swap_remove(i);
+                let _ = w.done.send(Ok(()));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn fail_all(&mut self, msg: &str) {
+        for w in self.list.drain(..) {
+            let _ = w.done.send(Err(msg.to_string()));
+        }
+    }
+
+    /// The log now ends at `last`: nothing past it is left to sync.
+    fn lower_target_to(&mut self, last: Lsn) {
+        self.sync_target = self.sync_target.min(last);
+    }
+}
+
+/// What replication hooks into the log.
+pub(crate) struct Replication {
+    /// Receives a copy of every appended entry, in LSN order (the replication shipper).
+    pub tap: Option<mpsc::UnboundedSender<WalRecord>>,
+    /// The oldest entry a lagging replica still needs; checkpoints keep the WAL from here.
+    pub retention_pin: Option<Lsn>,
+    /// `retention_pin` is still the one `OpenOptions::keep_retained_wal` set, not one a
+    /// caller chose: it gives way to a write that finds the WAL full (nobody has said yet
+    /// that the WAL is needed, and a write must not wait for somebody who may never come).
+    pub pin_from_open: bool,
+    /// Checkpoints wait for this LSN to reach their target before they write the data file
+    /// (see `Store::set_checkpoint_gate`); `None`: they never wait.
+    pub gate: Option<Lsn>,
+}
+
+impl Replication {
+    fn ship(&mut self, record: &WalRecord) {
+        if let Some(tap) = &self.tap {
+            // Sent under the lock, so the shipper sees entries in LSN order.
+            if tap.send(record.clone()).is_err() {
+                self.tap = None;
+            }
+        }
+    }
+
+    /// A caller sets the pin. Returns whether it changed.
+    pub fn set_pin(&mut self, pin: Option<Lsn>) -> bool {
+        let changed = self.retention_pin != pin;
+        self.retention_pin = pin;
+        self.pin_from_open = false;
+        changed
+    }
+
+    /// A caller needs the WAL from `lsn` on, besides whatever it is pinned for already.
+    pub fn pin_from(&mut self, lsn: Lsn) {
+        self.retention_pin = Some(self.retention_pin.map_or(lsn, |p| p.min(lsn)));
+        self.pin_from_open = false;
+    }
+
+    /// Drops a pin nobody has confirmed since the open. Returns whether there was one.
+    pub fn drop_open_pin(&mut self) -> bool {
+        let had = self.pin_from_open;
+        if had {
+            self.pin_from_open = false;
+            self.retention_pin = None;
+        }
+        had
+    }
+
+    /// Whether a checkpoint through `target` keeps WAL entries from before it.
+    pub fn keeps_before(&self, target: Lsn) -> bool {
+        self.retention_pin.is_some_and(|p| p <= target)
+    }
+}
+
+/// Failure, closing, and the requests and stops for the two threads.
+pub(crate) struct Lifecycle {
+    /// Set by the first I/O failure; the store then refuses writes (a failed fsync leaves the
+    /// page cache in an unknown state, so retrying it could report durability falsely).
+    pub failed: Option<String>,
+    pub closing: bool,
+    pub flush_requested: bool,
+    pub writer_stop: bool,
+    pub flusher_stop: bool,
+}
+
+impl Lifecycle {
+    pub fn check_writable(&self) -> Result<()> {
+        if let Some(msg) = &self.failed {
+            return Err(StorageError::Failed(msg.clone()));
+        }
+        if self.closing {
+            return Err(StorageError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Both threads are to stop.
+    pub fn stop(&mut self) {
+        self.writer_stop = true;
+        self.flusher_stop = true;
+    }
+}
+
+/// What a cut of the log keeps: the entries through `last`, replayed (see
+/// `Store::truncate_after`).
+pub(crate) struct KeptLog {
+    pub last: Lsn,
+    /// Right after the last kept record.
+    pub head: WalPos,
+    /// The dirty map of the kept entries after the checkpoint.
+    pub active: DirtyMap,
+    pub history: Vec<(Epoch, Lsn)>,
+    pub last_epoch: Epoch,
+}
+
+pub(crate) struct Core {
+    pub log: LogPositions,
+    pub epochs: Epochs,
+    pub maps: DirtyMaps,
+    pub writer: WriterQueue,
+    pub waiters: Waiters,
+    pub repl: Replication,
+    /// Set while this store is being rebuilt from a primary's base image.
+    pub rebuild: Option<Rebuild>,
+    pub life: Lifecycle,
+}
+
+impl Core {
+    pub fn check_writable(&self) -> Result<()> {
+        self.life.check_writable()
+    }
+
     /// Gives the next LSN to a new entry and queues it for the WAL writer, or returns `None`
     /// when the ring has no room for it yet (the caller waits for the flusher).
     ///
@@ -149,8 +486,8 @@ impl Core {
         payload_crc: u32,
     ) -> Option<Lsn> {
         let record = WalRecord {
-            lsn: self.next_lsn,
-            epoch: self.epoch,
+            lsn: self.log.next_lsn,
+            epoch: self.epochs.epoch,
             kind,
             offset,
             length,
@@ -163,64 +500,41 @@ impl Core {
     /// Appends `record` as the next entry; its LSN must be `next_lsn` (callers check).
     /// Returns `None` when the ring has no room for it yet.
     pub fn try_push(&mut self, layout: &WalLayout, record: WalRecord) -> Option<Lsn> {
-        debug_assert_eq!(record.lsn, self.next_lsn);
         assert!(
             record.kind != RecordKind::Wrap,
             "wrap markers are not appended by callers"
         );
         let size = record.encoded_len();
-        let room = layout.room(self.head);
+        let room = layout.room(self.log.head);
         let pad = if room < size { room } else { 0 };
-        if self.wal_used() + pad + size > layout.capacity {
+        if self.log.wal_used() + pad + size > layout.capacity {
             return None;
         }
         let lsn = record.lsn;
         if pad > 0 {
-            let marker = WalRecord::new(lsn, self.last_epoch, RecordKind::Wrap, 0, 0, Bytes::new());
-            self.queue.push(Queued {
-                pos: self.head,
-                record: marker,
-            });
-            self.queued_bytes += HEADER_LEN as u64;
-            self.head = WalPos(self.head.0 + pad);
+            let marker =
+                WalRecord::new(lsn, self.epochs.last, RecordKind::Wrap, 0, 0, Bytes::new());
+            self.writer.push(self.log.head, marker, HEADER_LEN as u64);
         }
-        if let Some((first, end)) = self.active.apply(&record) {
+        if let Some((first, end)) = self.maps.active.apply(&record) {
             if let Some(r) = &mut self.rebuild {
                 r.touched.insert(first, end);
             }
         }
-        if let Some(tap) = &self.tap {
-            // Sent under the lock, so the shipper sees entries in LSN order.
-            if tap.send(record.clone()).is_err() {
-                self.tap = None;
-            }
-        }
-        self.index.push_back((lsn, self.head));
-        if self
-            .epoch_history
-            .last()
-            .is_none_or(|(e, _)| *e != record.epoch)
-        {
-            self.epoch_history.push((record.epoch, lsn));
-        }
-        self.last_epoch = record.epoch;
-        self.queue.push(Queued {
-            pos: self.head,
-            record,
-        });
-        self.queued_bytes += size;
-        self.head = WalPos(self.head.0 + size);
-        self.next_lsn = lsn.next();
+        self.repl.ship(&record);
+        let at = self.log.append(lsn, pad, size);
+        self.epochs.note(record.epoch, lsn);
+        self.writer.push(at, record, size);
         Some(lsn)
     }
 
     /// Where the WAL may be released up to after a checkpoint at `target` whose head was
     /// `head`: everything, unless a lagging replica still needs entries from `pin` on.
     pub fn release_point(&self, target: Lsn, head: WalPos) -> (WalPos, Lsn) {
-        match self.retention_pin {
+        match self.repl.retention_pin {
             Some(pin) if pin <= target => {
-                let i = self.index.partition_point(|(lsn, _)| *lsn < pin);
-                match self.index.get(i) {
+                let i = self.log.index.partition_point(|(lsn, _)| *lsn < pin);
+                match self.log.index.get(i) {
                     Some(&(lsn, pos)) => (pos, lsn),
                     None => (head, target.next()),
                 }
@@ -229,37 +543,47 @@ impl Core {
         }
     }
 
-    /// Forgets index entries before the new tail.
-    pub fn release(&mut self, tail: WalPos, tail_lsn: Lsn) {
-        self.tail = tail;
-        self.tail_lsn = tail_lsn;
-        while self.index.front().is_some_and(|(lsn, _)| *lsn < tail_lsn) {
-            self.index.pop_front();
-        }
+    /// The log starts over after `base` for a rebuild from a base image taken there: nothing
+    /// of the old log is kept, in the ring, the queue or the maps.
+    pub fn restart_for_rebuild(
+        &mut self,
+        base: Lsn,
+        history: Vec<(Epoch, Lsn)>,
+        base_epoch: Epoch,
+        generation: u16,
+    ) {
+        self.log.restart_after(base, generation);
+        self.writer.clear();
+        self.rewound(base, DirtyMap::default(), history, base_epoch);
+        self.rebuild = Some(Rebuild::new(base));
     }
 
-    /// Completes every waiter whose target is durable now.
-    pub fn complete_waiters(&mut self) {
-        let durable = self.durable;
-        let mut i = 0;
-        while i < self.waiters.len() {
-            if self.waiters[i].target <= durable {
-                let w = self.waiters.swap_remove(i);
-                let _ = w.done.send(Ok(()));
-            } else {
-                i += 1;
-            }
-        }
+    /// The log is cut after `kept.last` (see `Store::truncate_after`); the writer's queue is
+    /// empty (the caller checked).
+    pub fn cut(&mut self, kept: KeptLog, generation: u16) {
+        self.log.cut_after(kept.last, kept.head, generation);
+        self.rewound(kept.last, kept.active, kept.history, kept.last_epoch);
+    }
+
+    /// What every reset of the log does besides its positions.
+    fn rewound(
+        &mut self,
+        last: Lsn,
+        active: DirtyMap,
+        history: Vec<(Epoch, Lsn)>,
+        last_epoch: Epoch,
+    ) {
+        self.maps.reset(active);
+        self.waiters.lower_target_to(last);
+        self.epochs.reset(history, last_epoch);
     }
 
     /// Records a fatal I/O failure and fails everybody waiting for durability.
     pub fn fail(&mut self, msg: String) {
-        if self.failed.is_none() {
+        if self.life.failed.is_none() {
             tracing::error!("storage failure, refusing further writes: {msg}");
-            self.failed = Some(msg.clone());
+            self.life.failed = Some(msg.clone());
         }
-        for w in self.waiters.drain(..) {
-            let _ = w.done.send(Err(msg.clone()));
-        }
+        self.waiters.fail_all(&msg);
     }
 }

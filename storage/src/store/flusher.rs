@@ -1,10 +1,19 @@
 //! The flusher: moves what the WAL holds into the data file and recycles the WAL.
 //!
-//! A checkpoint freezes the dirty map at LSN `target` (new writes go to a fresh map), makes
-//! the WAL durable through `target`, writes the frozen blocks to the data file, fdatasyncs it,
-//! and only then records `checkpoint_lsn = target` in the superblock and releases the WAL
-//! before it. The data file therefore holds exactly the volume as of a durable LSN: never a
-//! write the WAL could still lose.
+//! A checkpoint freezes the dirty map at LSN `target` (new writes go to a fresh map), raises
+//! `data_through` to `target` in the superblock, writes the frozen blocks to the data file,
+//! fdatasyncs it, and only then records `checkpoint_lsn = target` in the superblock, releases
+//! the WAL before it and raises `durable` to `target`.
+//!
+//! It does not sync the WAL: the data file's fdatasync and the superblock make the entries
+//! through `target` durable, whether or not their WAL records ever reached the disk. The one
+//! exception is a retention pin at or below `target` (a lagging replica keeps WAL from before
+//! the checkpoint): the next open replays through those entries, so the WAL is synced through
+//! `target` first. A crash between the data file's writes and the superblock may leave blocks
+//! of entries the WAL has lost in the data file; `data_through` bounds how far that reaches.
+//!
+//! During a rebuild, a checkpoint that only moves base blocks skips the fdatasync (see
+//! `checkpoint_with`); the one `finish_rebuild` runs does not.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,10 +21,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::core::Core;
-use super::Shared;
+use super::direct::DirectWriter;
+use super::files::zero_data_range;
+use super::shared::Shared;
 use crate::dirty::{BlockState, DirtyMap};
-use crate::io::Allocate;
-use crate::types::{Lsn, BLOCK_SIZE};
+use crate::types::{Epoch, Lsn, WalPos, BLOCK_SIZE};
 
 /// Start a checkpoint once the WAL is this full, so writers rarely wait for space.
 pub(crate) const EAGER_FRACTION: u64 = 4;
@@ -43,22 +53,32 @@ pub(crate) enum Lazy {
     Never,
 }
 
+/// What a checkpoint writes: the dirty map frozen at `target` (the newest entry then).
+struct Frozen {
+    target: Lsn,
+    /// The WAL head when it froze.
+    head: WalPos,
+    map: Arc<DirtyMap>,
+    /// The epoch of the entry at `target`.
+    epoch: Epoch,
+}
+
 pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
     loop {
         {
             let mut core = shared.lock_core();
-            if !core.flush_requested && !core.flusher_stop {
+            if !core.life.flush_requested && !core.life.flusher_stop {
                 core = shared
                     .flusher_cv
                     .wait_timeout(core, interval)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            if core.flusher_stop {
+            if core.life.flusher_stop {
                 return;
             }
-            core.flush_requested = false;
-            if core.failed.is_some() {
+            core.life.flush_requested = false;
+            if core.life.failed.is_some() {
                 continue;
             }
         }
@@ -88,24 +108,20 @@ impl Shared {
             .checkpoint_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let (target, head, frozen, target_epoch) = {
-            let mut core = self.lock_core();
-            if let Some(msg) = &core.failed {
-                return Err(msg.clone());
-            }
-            let (releasable, _) = core.release_point(core.next_lsn.prev(), core.head);
-            if core.active.is_empty() && core.tail == releasable {
-                return Ok(());
-            }
-            let frozen = Arc::new(std::mem::take(&mut core.active));
-            core.flushing = Some(frozen.clone());
-            (core.next_lsn.prev(), core.head, frozen, core.last_epoch)
+        let Some(Frozen {
+            target,
+            head,
+            map: frozen,
+            epoch: target_epoch,
+        }) = self.freeze()?
+        else {
+            return Ok(());
         };
         // The data file's own fsync makes these entries durable; the WAL only has to be
         // durable first when entries before the checkpoint stay in it for a lagging replica
         // (replay then reads through them, so they must be intact). Skipping that sync keeps
         // flush-free workloads from writing every byte to disk twice.
-        let keeps_older = self.lock_core().retention_pin.is_some_and(|p| p <= target);
+        let keeps_older = self.lock_core().repl.keeps_before(target);
         if keeps_older {
             self.wait_durable_blocking(target)?;
         }
@@ -118,7 +134,7 @@ impl Shared {
             let core = self.lock_core();
             let rebuilding = core.rebuild.is_some();
             let base_only =
-                lazy == Lazy::DuringRebuild && rebuilding && target <= core.checkpoint_lsn;
+                lazy == Lazy::DuringRebuild && rebuilding && target <= core.log.checkpoint_lsn;
             (rebuilding, base_only)
         };
         if !base_only {
@@ -136,35 +152,67 @@ impl Shared {
             self.write_to_data_file(&frozen)?;
         }
         if base_only {
-            if !direct {
-                for (start, extent) in frozen.iter() {
-                    crate::io::start_writeback(
-                        &self.data,
-                        start * BLOCK_SIZE,
-                        (extent.end - start) * BLOCK_SIZE,
-                    );
-                }
-            }
-            let mut core = self.lock_core();
-            core.flushing = None;
-            // The data file changed under anything read from it before.
-            core.checkpoint_gen += 1;
-            drop(core);
-            tracing::debug!(
-                bytes = frozen.data_bytes(),
-                "rebuild checkpoint (writeback started)"
-            );
-            self.space.notify_waiters();
+            self.base_written(&frozen, direct);
             return Ok(());
         }
         crate::io::sync_data(&self.data)
             .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
-        // The WAL before the checkpoint may go, except what a lagging replica still needs.
+        self.record_checkpoint(target, head, target_epoch)
+    }
+
+    /// Freezes the dirty map for a checkpoint; `None` when there is nothing to write or
+    /// release.
+    fn freeze(&self) -> Result<Option<Frozen>, String> {
+        let mut core = self.lock_core();
+        if let Some(msg) = &core.life.failed {
+            return Err(msg.clone());
+        }
+        let (releasable, _) = core.release_point(core.log.last(), core.log.head);
+        if core.maps.active.is_empty() && core.log.tail == releasable {
+            return Ok(None);
+        }
+        Ok(Some(Frozen {
+            target: core.log.last(),
+            head: core.log.head,
+            map: core.maps.freeze(),
+            epoch: core.epochs.last,
+        }))
+    }
+
+    /// A rebuild checkpoint that only moved base blocks is done: writeback is started for
+    /// what went through the page cache, and nothing is recorded.
+    fn base_written(&self, frozen: &DirtyMap, direct: bool) {
+        if !direct {
+            for (start, extent) in frozen.iter() {
+                crate::io::start_writeback(
+                    &self.data,
+                    start * BLOCK_SIZE,
+                    (extent.end - start) * BLOCK_SIZE,
+                );
+            }
+        }
+        self.lock_core().maps.flushed();
+        tracing::debug!(
+            bytes = frozen.data_bytes(),
+            "rebuild checkpoint (writeback started)"
+        );
+        self.space.notify_waiters();
+    }
+
+    /// The data file holds the volume as of `target`: the superblock says so, then the WAL
+    /// before it is released (except what a lagging replica still needs) and everything
+    /// through it counts as durable.
+    fn record_checkpoint(
+        &self,
+        target: Lsn,
+        head: WalPos,
+        target_epoch: Epoch,
+    ) -> Result<(), String> {
         let (new_tail, new_tail_lsn, committed, history) = {
             let core = self.lock_core();
             let (tail, tail_lsn) = core.release_point(target, head);
-            let history = crate::superblock::history_through(&core.epoch_history, target);
-            (tail, tail_lsn, core.committed, history)
+            let history = crate::superblock::history_through(&core.epochs.history, target);
+            (tail, tail_lsn, core.log.committed, history)
         };
         {
             let mut sb = self.superblock.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,17 +227,14 @@ impl Shared {
         }
         {
             let mut core = self.lock_core();
-            core.release(new_tail, new_tail_lsn);
-            core.checkpoint_lsn = target;
-            core.flushing = None;
-            core.checkpoint_gen += 1;
             // Everything through the checkpoint is durable now (in the data file), whether or
             // not its WAL records were ever synced. Only after the superblock says so: a
             // record's durable hint must never run ahead of what recovery will know.
-            if target > core.durable {
-                core.durable = target;
+            let durable_moved = core.log.mark_checkpoint(target, new_tail, new_tail_lsn);
+            core.maps.flushed();
+            if durable_moved {
                 self.durable.publish(target);
-                core.complete_waiters();
+                core.waiters.complete(target);
             }
         }
         self.space.notify_waiters();
@@ -206,8 +251,8 @@ impl Shared {
     /// ahead of the commit point only means a later cut is refused and the copy is rebuilt.
     fn wait_for_gate(&self) {
         let mut core = self.lock_core();
-        let began = core.next_lsn.prev();
-        while self.gate_holds_back(&core, began.min(core.next_lsn.prev())) {
+        let began = core.log.last();
+        while self.gate_holds_back(&core, began.min(core.log.last())) {
             core = self
                 .gate_cv
                 .wait_timeout(core, GATE_POLL)
@@ -225,7 +270,7 @@ impl Shared {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 tracing::debug!(
                     target = target.0,
-                    gate = core.gate.map_or(0, |g| g.0),
+                    gate = core.repl.gate.map_or(0, |g| g.0),
                     "checkpoint goes ahead of its gate"
                 );
                 break;
@@ -242,12 +287,12 @@ impl Shared {
     /// below `target`, and nothing overrides it (a rebuild, a stop or close, a failure, or a
     /// WAL half full).
     fn gate_holds_back(&self, core: &Core, target: Lsn) -> bool {
-        core.gate.is_some_and(|g| g < target)
+        core.repl.gate.is_some_and(|g| g < target)
             && core.rebuild.is_none()
-            && !core.flusher_stop
-            && !core.closing
-            && core.failed.is_none()
-            && core.wal_used() < self.layout.capacity / GATE_PRESSURE_FRACTION
+            && !core.life.flusher_stop
+            && !core.life.closing
+            && core.life.failed.is_none()
+            && core.log.wal_used() < self.layout.capacity / GATE_PRESSURE_FRACTION
     }
 
     /// Invariant (*the data file never holds an entry the superblock does not admit*):
@@ -273,7 +318,7 @@ impl Shared {
         let Some(w) = writer.as_mut() else {
             return Ok(false);
         };
-        match w.write(self, frozen) {
+        match w.write(&self.io, &self.data, &self.data_path, frozen) {
             Ok(()) => Ok(true),
             // Some filesystems open O_DIRECT but refuse the writes: fall back for good (the
             // range is written again through the page cache, which is harmless).
@@ -324,17 +369,8 @@ impl Shared {
                     run_end = extent.end;
                 }
                 BlockState::Zero { punch } => {
-                    let mode = if *punch {
-                        Allocate::PunchHole
-                    } else {
-                        Allocate::ZeroRange
-                    };
                     let (offset, len) = (start * BLOCK_SIZE, (extent.end - start) * BLOCK_SIZE);
-                    if let Err(e) = self.io.allocate(&self.data, mode, offset, len).wait() {
-                        // Filesystems without hole punching still get zeroes.
-                        tracing::debug!("fallocate {mode:?} failed ({e}); writing zeroes");
-                        self.write_zeroes_blocking(offset, len)?;
-                    }
+                    zero_data_range(&self.io, &self.data, &self.data_path, *punch, offset, len)?;
                 }
             }
             if runs.len() >= MAX_OUTSTANDING {
@@ -345,144 +381,6 @@ impl Shared {
             runs.push((run_start * BLOCK_SIZE, run));
         }
         flush(&mut runs)
-    }
-
-    fn write_zeroes_blocking(&self, offset: u64, len: u64) -> Result<(), String> {
-        let chunk = Bytes::from(vec![0u8; MAX_WRITE as usize]);
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(MAX_WRITE);
-            self.io
-                .write(&self.data, at, vec![chunk.slice(..n as usize)])
-                .wait()
-                .map_err(|e| format!("write {}: {e}", self.data_path.display()))?;
-            at += n;
-        }
-        Ok(())
-    }
-}
-
-/// The data file opened with O_DIRECT and a reusable aligned buffer. The buffer stays warm,
-/// so a copy into it is cheap, unlike the fresh page-cache pages a buffered write fills.
-pub(crate) struct DirectWriter {
-    file: std::fs::File,
-    buf: Vec<u8>,
-    /// Offset of the first `DIRECT_ALIGN`-aligned byte of `buf`.
-    start: usize,
-    /// A write went through once: later errors are real errors, not "unsupported".
-    wrote: bool,
-}
-
-const DIRECT_ALIGN: usize = 4096;
-const DIRECT_BUF: usize = 4 << 20;
-/// Shorter runs are written through the page cache.
-const DIRECT_MIN: usize = 256 << 10;
-
-impl DirectWriter {
-    fn open(path: &std::path::Path) -> Option<DirectWriter> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::File::options()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| tracing::debug!("no direct I/O on {}: {e}", path.display()))
-            .ok()?;
-        let buf = vec![0u8; DIRECT_BUF + DIRECT_ALIGN];
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        (start < DIRECT_ALIGN).then_some(DirectWriter {
-            file,
-            buf,
-            start,
-            wrote: false,
-        })
-    }
-
-    /// Runs of at least `DIRECT_MIN` bytes go through the aligned buffer with O_DIRECT;
-    /// shorter ones (the WAL's scattered blocks) through the page cache, whose writeback
-    /// sorts and merges them where one synchronous direct write per block would not.
-    fn write(&mut self, shared: &Shared, frozen: &DirtyMap) -> std::io::Result<()> {
-        let mut run: Vec<Bytes> = Vec::new();
-        let mut run_at = 0u64;
-        let mut run_len = 0u64;
-        for (start, extent) in frozen.iter() {
-            let offset = start * BLOCK_SIZE;
-            match &extent.state {
-                BlockState::Data(bytes) => {
-                    if !run.is_empty() && (run_at + run_len != offset || run.len() == MAX_IOVECS) {
-                        self.write_run(shared, run_at, &std::mem::take(&mut run))?;
-                        run_len = 0;
-                    }
-                    if run.is_empty() {
-                        run_at = offset;
-                    }
-                    run.push(bytes.clone());
-                    run_len += bytes.len() as u64;
-                }
-                BlockState::Zero { punch } => {
-                    if !run.is_empty() {
-                        self.write_run(shared, run_at, &std::mem::take(&mut run))?;
-                        run_len = 0;
-                    }
-                    let mode = if *punch {
-                        Allocate::PunchHole
-                    } else {
-                        Allocate::ZeroRange
-                    };
-                    let len = (extent.end - start) * BLOCK_SIZE;
-                    if shared
-                        .io
-                        .allocate(&shared.data, mode, offset, len)
-                        .wait()
-                        .is_err()
-                    {
-                        shared
-                            .write_zeroes_blocking(offset, len)
-                            .map_err(std::io::Error::other)?;
-                    }
-                }
-            }
-        }
-        if !run.is_empty() {
-            self.write_run(shared, run_at, &run)?;
-        }
-        Ok(())
-    }
-
-    fn write_run(&mut self, shared: &Shared, at: u64, bufs: &[Bytes]) -> std::io::Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total < DIRECT_MIN {
-            return crate::io::pwritev_all(&shared.data, at, bufs);
-        }
-        let mut fill = 0usize;
-        let mut flushed = 0u64;
-        for b in bufs {
-            let mut src: &[u8] = b;
-            while !src.is_empty() {
-                let n = src.len().min(DIRECT_BUF - fill);
-                let dst = self.start + fill;
-                self.buf[dst..dst + n].copy_from_slice(&src[..n]);
-                fill += n;
-                src = &src[n..];
-                if fill == DIRECT_BUF {
-                    self.flush(at + flushed, fill)?;
-                    flushed += fill as u64;
-                    fill = 0;
-                }
-            }
-        }
-        if fill > 0 {
-            self.flush(at + flushed, fill)?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self, at: u64, len: usize) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        // Data extents are whole blocks, so `len` and `at` are multiples of 4096.
-        self.file
-            .write_all_at(&self.buf[self.start..self.start + len], at)?;
-        self.wrote = true;
-        Ok(())
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::Shared;
+use super::shared::Shared;
 use crate::types::Lsn;
 use crate::wal::record::HEADER_LEN;
 
@@ -36,21 +36,21 @@ pub(crate) fn run(shared: Arc<Shared>) {
             let mut core = shared.lock_core();
             let mut lingered = false;
             loop {
-                if core.failed.is_none() {
-                    let sync = core.sync_target > core.durable;
-                    let full = core.queued_bytes >= BATCH_BYTES;
-                    if sync || full || (lingered && !core.queue.is_empty()) {
+                if core.life.failed.is_none() {
+                    let sync = core.waiters.sync_target > core.log.durable;
+                    let full = core.writer.queued_bytes >= BATCH_BYTES;
+                    if sync || full || (lingered && !core.writer.queue.is_empty()) {
                         break;
                     }
                 }
-                if core.writer_stop {
-                    if core.queue.is_empty() || core.failed.is_some() {
+                if core.life.writer_stop {
+                    if core.writer.queue.is_empty() || core.life.failed.is_some() {
                         return;
                     }
                     break;
                 }
-                core.writer_waiting = true;
-                core = if core.queue.is_empty() {
+                core.writer.waiting = true;
+                core = if core.writer.queue.is_empty() {
                     shared
                         .writer_cv
                         .wait(core)
@@ -63,12 +63,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
                         .unwrap_or_else(|p| p.into_inner())
                         .0
                 };
-                core.writer_waiting = false;
+                core.writer.waiting = false;
             }
-            let batch = std::mem::take(&mut core.queue);
-            core.queued_bytes = 0;
-            let hints = (core.durable, core.committed, core.generation);
-            (batch, hints, core.sync_target > core.durable)
+            let batch = core.writer.take();
+            let hints = (core.log.durable, core.log.committed, core.log.generation);
+            (batch, hints, core.waiters.sync_target > core.log.durable)
         };
         let last = batch
             .iter()
@@ -100,14 +99,13 @@ pub(crate) fn run(shared: Arc<Shared>) {
         match result {
             Ok(()) => {
                 if let Some(lsn) = last {
-                    core.written = core.written.max(lsn);
+                    core.log.mark_written(lsn);
                 }
                 if want_sync {
                     // Everything handed to the writer so far is now on stable storage.
-                    let written = core.written;
-                    core.durable = core.durable.max(written);
-                    shared.durable.publish(core.durable);
-                    core.complete_waiters();
+                    let durable = core.log.mark_synced();
+                    shared.durable.publish(durable);
+                    core.waiters.complete(durable);
                 }
             }
             Err(msg) => {

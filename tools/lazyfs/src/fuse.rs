@@ -19,7 +19,7 @@ use fuser::{
     Request, TimeOrNow, WriteFlags,
 };
 
-use crate::state::{Attr, Kind, State};
+use crate::state::{Attr, Kind, State, R};
 
 const TTL: Duration = Duration::ZERO;
 
@@ -86,6 +86,75 @@ fn time(t: TimeOrNow) -> SystemTime {
     }
 }
 
+/// Sends what a state operation returned as its FUSE reply: the value, or the errno.
+trait Answer<T> {
+    fn answer(self, result: R<T>);
+}
+
+impl Answer<Attr> for ReplyEntry {
+    fn answer(self, result: R<Attr>) {
+        match result {
+            Ok(a) => self.entry(&TTL, &to_fuse(&a), Generation(0)),
+            Err(e) => self.error(err(e)),
+        }
+    }
+}
+
+impl Answer<Attr> for ReplyAttr {
+    fn answer(self, result: R<Attr>) {
+        match result {
+            Ok(a) => self.attr(&TTL, &to_fuse(&a)),
+            Err(e) => self.error(err(e)),
+        }
+    }
+}
+
+impl Answer<()> for ReplyEmpty {
+    fn answer(self, result: R<()>) {
+        match result {
+            Ok(()) => self.ok(),
+            Err(e) => self.error(err(e)),
+        }
+    }
+}
+
+impl Answer<Vec<u8>> for ReplyData {
+    fn answer(self, result: R<Vec<u8>>) {
+        match result {
+            Ok(d) => self.data(&d),
+            Err(e) => self.error(err(e)),
+        }
+    }
+}
+
+impl Answer<u32> for ReplyWrite {
+    fn answer(self, result: R<u32>) {
+        match result {
+            Ok(n) => self.written(n),
+            Err(e) => self.error(err(e)),
+        }
+    }
+}
+
+impl Answer<i64> for ReplyLseek {
+    fn answer(self, result: R<i64>) {
+        match result {
+            Ok(o) => self.offset(o),
+            Err(e) => self.error(err(e)),
+        }
+    }
+}
+
+/// An opened handle and the open flags to reply with.
+impl Answer<(u64, FopenFlags)> for ReplyOpen {
+    fn answer(self, result: R<(u64, FopenFlags)>) {
+        match result {
+            Ok((fh, flags)) => self.opened(FileHandle(fh), flags),
+            Err(e) => self.error(err(e)),
+        }
+    }
+}
+
 const OPEN_FLAGS: FopenFlags =
     FopenFlags::FOPEN_DIRECT_IO.union(FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
 
@@ -105,10 +174,7 @@ impl Filesystem for LazyFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.lock().lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &to_fuse(&a), Generation(0)),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -116,10 +182,7 @@ impl Filesystem for LazyFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.lock().attr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &to_fuse(&a)),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().attr(ino.0));
     }
 
     fn setattr(
@@ -140,7 +203,7 @@ impl Filesystem for LazyFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.lock().setattr(
+        reply.answer(self.lock().setattr(
             ino.0,
             mode,
             uid,
@@ -148,18 +211,16 @@ impl Filesystem for LazyFs {
             size,
             atime.map(time),
             mtime.map(time),
-        ) {
-            Ok(a) => reply.attr(&TTL, &to_fuse(&a)),
-            Err(e) => reply.error(err(e)),
-        }
+        ));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        use std::os::unix::ffi::OsStrExt;
-        match self.lock().readlink(ino.0) {
-            Ok(t) => reply.data(t.as_os_str().as_bytes()),
-            Err(e) => reply.error(err(e)),
-        }
+        use std::os::unix::ffi::OsStringExt;
+        reply.answer(
+            self.lock()
+                .readlink(ino.0)
+                .map(|t| t.into_os_string().into_vec()),
+        );
     }
 
     fn mknod(
@@ -176,13 +237,10 @@ impl Filesystem for LazyFs {
             reply.error(Errno::EPERM);
             return;
         }
-        match self
-            .lock()
-            .create_file(parent.0, name, mode & !umask, req.uid(), req.gid())
-        {
-            Ok(a) => reply.entry(&TTL, &to_fuse(&a), Generation(0)),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(
+            self.lock()
+                .create_file(parent.0, name, mode & !umask, req.uid(), req.gid()),
+        );
     }
 
     fn mkdir(
@@ -194,27 +252,18 @@ impl Filesystem for LazyFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self
-            .lock()
-            .mkdir(parent.0, name, mode & !umask, req.uid(), req.gid())
-        {
-            Ok(a) => reply.entry(&TTL, &to_fuse(&a), Generation(0)),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(
+            self.lock()
+                .mkdir(parent.0, name, mode & !umask, req.uid(), req.gid()),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.lock().unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.lock().rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().rmdir(parent.0, name));
     }
 
     fn symlink(
@@ -225,13 +274,10 @@ impl Filesystem for LazyFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self
-            .lock()
-            .symlink(parent.0, link_name, target, req.uid(), req.gid())
-        {
-            Ok(a) => reply.entry(&TTL, &to_fuse(&a), Generation(0)),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(
+            self.lock()
+                .symlink(parent.0, link_name, target, req.uid(), req.gid()),
+        );
     }
 
     fn rename(
@@ -248,13 +294,10 @@ impl Filesystem for LazyFs {
             reply.error(Errno::EINVAL);
             return;
         }
-        match self
-            .lock()
-            .rename(parent.0, name, newparent.0, newname, flags.bits())
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(
+            self.lock()
+                .rename(parent.0, name, newparent.0, newname, flags.bits()),
+        );
     }
 
     fn link(
@@ -265,17 +308,11 @@ impl Filesystem for LazyFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.lock().link(ino.0, newparent.0, newname) {
-            Ok(a) => reply.entry(&TTL, &to_fuse(&a), Generation(0)),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.lock().open(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), OPEN_FLAGS),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().open(ino.0).map(|fh| (fh, OPEN_FLAGS)));
     }
 
     fn read(
@@ -289,10 +326,7 @@ impl Filesystem for LazyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.lock().read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().read(fh.0, offset, size));
     }
 
     fn write(
@@ -318,10 +352,7 @@ impl Filesystem for LazyFs {
                 s = self.lock();
             }
         }
-        match s.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(s.write(fh.0, offset, data));
     }
 
     fn flush(
@@ -360,17 +391,15 @@ impl Filesystem for LazyFs {
     ) {
         // fsync and fdatasync are the same here: data and size, never names.
         self.sync_delay();
-        match self.lock().fsync_handle(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().fsync_handle(fh.0));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.lock().opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(
+            self.lock()
+                .opendir(ino.0)
+                .map(|fh| (fh, FopenFlags::empty())),
+        );
     }
 
     fn readdir(
@@ -414,10 +443,7 @@ impl Filesystem for LazyFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.lock().fsync_dir(ino.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().fsync_dir(ino.0));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -472,10 +498,7 @@ impl Filesystem for LazyFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.lock().fallocate(fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().fallocate(fh.0, offset, length, mode));
     }
 
     fn lseek(
@@ -487,9 +510,6 @@ impl Filesystem for LazyFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.lock().lseek(fh.0, offset, whence) {
-            Ok(o) => reply.offset(o),
-            Err(e) => reply.error(err(e)),
-        }
+        reply.answer(self.lock().lseek(fh.0, offset, whence));
     }
 }

@@ -1303,3 +1303,166 @@ fn a_replica_that_answers_every_ask_in_time_is_never_dropped_however_far_the_hea
     tick_pinned(&mut c, 9_001, full);
     assert_ne!(state(&c, "b"), PeerState::InSync);
 }
+
+fn committed_lsns(actions: &[Action]) -> Vec<Lsn> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Committed { lsn } => Some(*lsn),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn committed_only_grows() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 0);
+    let s = bring_up(&mut c, 0);
+    append(&mut c, 1, 3);
+    c.step(Event::LocalDurable { lsn: Lsn(3) });
+    let mut seen = Vec::new();
+    reply(
+        &mut c,
+        &s[0].0,
+        s[0].1,
+        Body::BarrierAck { durable: Lsn(2) },
+        1,
+    );
+    seen.push(c.committed());
+    // The only replica goes: sync-all can meet nothing now, and that takes nothing back.
+    let a = c.step(Event::Disconnected {
+        replica: s[0].0.clone(),
+        session: s[0].1,
+        now: 2,
+        reason: "gone".into(),
+    });
+    assert!(committed_lsns(&a).is_empty(), "{a:?}");
+    seen.push(c.committed());
+    assert_eq!(seen, vec![Lsn(2), Lsn(2)]);
+}
+
+#[test]
+fn a_session_id_is_never_reused() {
+    let mut c = core(CommitMode::SyncAll, &["a", "b"], 0);
+    let mut ids = Vec::new();
+    // Every redial (after a handshake timeout each time) is a new session.
+    for round in 0..5u64 {
+        let now = round * 10_000;
+        let a = tick(&mut c, now);
+        ids.extend(sessions(&a).into_iter().map(|(_, s)| s));
+    }
+    assert!(ids.len() >= 6, "{ids:?}");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
+
+#[test]
+#[should_panic(expected = "a session id is never reused")]
+fn a_session_id_is_never_reused_is_asserted_where_a_session_begins() {
+    let mut p = peer::Peer::new(rid("a"), Lsn(1), 100, 0);
+    p.begin_session(SessionId(7));
+    p.end_session(1, 1_000);
+    p.begin_session(SessionId(7));
+}
+
+#[test]
+fn a_never_contacted_replica_is_a_state_not_a_string() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 0);
+    let p = &c.peers()[0];
+    assert!(!p.contacted);
+    assert_eq!(p.state, PeerState::Disconnected);
+    tick(&mut c, 0);
+    assert!(c.peers()[0].contacted);
+}
+
+#[test]
+fn a_catch_up_never_ships_past_our_head() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 4);
+    let dialled = tick(&mut c, 0);
+    let a = hello(&mut c, &dialled, "a", 2, 0);
+    let (from, session) = a
+        .iter()
+        .find_map(|a| match a {
+            Action::ReadWal { from, session, .. } => Some((*from, *session)),
+            _ => None,
+        })
+        .unwrap();
+    // The store read more than the core has seen appended: only through the head ships.
+    let a = c.step(Event::WalRead {
+        replica: rid("a"),
+        session,
+        from,
+        records: (3..=6).map(|l| rec(l, E)).collect(),
+        now: 1,
+    });
+    let shipped: Vec<u64> = frames_to(&a, "a")
+        .iter()
+        .flat_map(|b| match b {
+            Body::Entries { records, .. } => records.iter().map(|r| r.lsn.0).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(shipped, vec![3, 4]);
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+}
+
+#[test]
+fn only_a_reject_from_a_higher_epoch_fences_other_frames_end_the_session() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 0);
+    let s = bring_up(&mut c, 0);
+    let a = c.step(Event::Received {
+        replica: s[0].0.clone(),
+        session: s[0].1,
+        frame: Frame {
+            epoch: Epoch(E.0 + 1),
+            body: Body::BarrierAck { durable: Lsn(0) },
+        },
+        now: 1,
+    });
+    assert_eq!(c.fenced(), None);
+    assert!(a.iter().any(|a| matches!(a, Action::Close { .. })), "{a:?}");
+    assert_eq!(state(&c, "a"), PeerState::Disconnected);
+}
+
+#[test]
+fn a_caught_up_replica_continues_from_our_head_with_no_gap() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 3);
+    let dialled = tick(&mut c, 0);
+    let a = hello(&mut c, &dialled, "a", 1, 0);
+    let session = sessions(&dialled)[0].1;
+    assert!(a.contains(&Action::ReadWal {
+        replica: rid("a"),
+        session,
+        from: Lsn(2),
+        max_bytes: 4 << 20,
+    }));
+    // The head moves on while the read is out: the read covers only 2..=3 of it.
+    let live = append(&mut c, 4, 4);
+    assert!(frames_to(&live, "a").is_empty(), "{live:?}");
+    let a = c.step(Event::WalRead {
+        replica: rid("a"),
+        session,
+        from: Lsn(2),
+        records: vec![rec(2, E), rec(3, E)],
+        now: 1,
+    });
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::ReadWal { from: Lsn(4), .. })));
+    let a = c.step(Event::WalRead {
+        replica: rid("a"),
+        session,
+        from: Lsn(4),
+        records: vec![rec(4, E)],
+        now: 2,
+    });
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+    let shipped: Vec<u64> = frames_to(&a, "a")
+        .iter()
+        .chain(frames_to(&append(&mut c, 5, 5), "a").iter())
+        .flat_map(|b| match b {
+            Body::Entries { records, .. } => records.iter().map(|r| r.lsn.0).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(shipped, vec![4, 5]);
+}

@@ -424,3 +424,37 @@ fn a_cut_is_asked_of_the_store_and_never_below_what_is_known_committed() {
         .iter()
         .any(|x| matches!(x, Action::Append { record } if record.lsn == Lsn(7))));
 }
+
+#[test]
+fn an_acknowledged_barrier_target_never_exceeds_the_local_durable_lsn() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[11, 12]),
+    });
+    r.step(Event::Received {
+        conn: C,
+        frame: Frame {
+            epoch: Epoch(5),
+            body: Body::Barrier {
+                lsn: Lsn(12),
+                committed: Lsn(10),
+            },
+        },
+    });
+    // The store got only through 11 so far: the ack says 11, not the target 12.
+    let a = r.step(Event::Synced {
+        conn: C,
+        durable: Lsn(11),
+    });
+    let acks: Vec<Lsn> = sent(&a)
+        .into_iter()
+        .filter_map(|b| match b {
+            Body::BarrierAck { durable } => Some(durable),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, vec![Lsn(11)]);
+    assert_eq!(r.state().durable, Lsn(11));
+}

@@ -1,0 +1,176 @@
+//! Tests of the client's data path: reads and writes of any alignment, trims and zeroes,
+//! back pressure from a full WAL.
+
+use super::*;
+
+#[test]
+fn unaligned_writes_read_modify_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    let base = pattern(9, 16384);
+    rt.block_on(store.write(0, &base, false)).unwrap();
+    store.shared.checkpoint().unwrap(); // the edges now come from the data file
+    let patch = pattern(77, 5000);
+    rt.block_on(store.write(1000, &patch, false)).unwrap();
+    let mut expect = base.clone();
+    expect[1000..6000].copy_from_slice(&patch);
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 16384)).unwrap(),
+        expect
+    );
+    // A tiny write inside one block that is still in the WAL.
+    rt.block_on(store.write(4097, &[0xee; 3], false)).unwrap();
+    expect[4097..4100].copy_from_slice(&[0xee; 3]);
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 16384)).unwrap(),
+        expect
+    );
+    // Unaligned read.
+    assert_eq!(
+        rt.block_on(store.read_contiguous(4095, 7)).unwrap(),
+        &expect[4095..4102]
+    );
+}
+
+#[test]
+fn concurrent_overlapping_sub_block_writes_lose_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = Arc::new(open(&path));
+    // 512 writers, each owning 8 distinct bytes spread over 4 blocks; checkpoints run in
+    // between so some edges come from the data file and some from the WAL.
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..512u64 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let off = i * 32 + (i % 3);
+                s.write(off, &[(i % 250) as u8 + 1; 8], false)
+                    .await
+                    .unwrap();
+            }));
+            if i % 100 == 0 {
+                let s = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    tokio::task::spawn_blocking(move || s.shared.checkpoint().unwrap())
+                        .await
+                        .unwrap();
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let got = rt.block_on(store.read_contiguous(0, 4 * 4096)).unwrap();
+    for i in 0..512u64 {
+        let off = (i * 32 + (i % 3)) as usize;
+        assert_eq!(&got[off..off + 8], &[(i % 250) as u8 + 1; 8], "writer {i}");
+    }
+}
+
+#[test]
+fn full_wal_back_pressures_writers_instead_of_failing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 64 MiB of WAL, 200 MiB of writes: the ring must be recycled several times.
+    let path = create(tmp.path(), 64 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = Arc::new(open(&path));
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..4u64 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..50u64 {
+                    let off = ((w * 50 + i) % 64) * MIB;
+                    s.write(off, &vec![(w * 50 + i) as u8; MIB as usize], false)
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    assert!(store.info().wal_used <= 64 * MIB);
+    rt.block_on(store.flush()).unwrap();
+    drop(store);
+    let store = open(&path);
+    // Each MiB slot holds the last value written to it by some writer; all bytes agree.
+    for slot in 0..64u64 {
+        let got = rt.block_on(store.read_contiguous(slot * MIB, MIB)).unwrap();
+        assert!(got.iter().all(|&b| b == got[0]), "slot {slot} is torn");
+    }
+}
+
+#[test]
+fn trim_and_zeroes_read_as_zero_and_report_holes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    rt.block_on(store.write(0, &pattern(5, MIB as usize), false))
+        .unwrap();
+    rt.block_on(store.trim(4096, 8192, false)).unwrap();
+    rt.block_on(store.write_zeroes(100, 50, true, false))
+        .unwrap();
+    let got = rt.block_on(store.read_contiguous(0, 3 * 4096)).unwrap();
+    assert!(got[100..150].iter().all(|&b| b == 0));
+    assert_eq!(got[99], pattern(5, 100)[99]);
+    assert!(got[4096..12288].iter().all(|&b| b == 0));
+    let status = store.block_status(0, 4 * MIB).unwrap();
+    assert_eq!(
+        status[0],
+        Allocation {
+            length: 4096,
+            hole: false,
+            zero: false
+        }
+    );
+    assert_eq!(
+        status[1],
+        Allocation {
+            length: 8192,
+            hole: true,
+            zero: true
+        }
+    );
+    assert!(status.last().unwrap().hole, "never-written tail is a hole");
+    let total: u64 = status.iter().map(|a| a.length).sum();
+    assert_eq!(total, 4 * MIB);
+    // After a checkpoint the data file has the hole punched.
+    store.shared.checkpoint().unwrap();
+    let status = store.block_status(4096, 8192).unwrap();
+    assert_eq!(
+        status,
+        vec![Allocation {
+            length: 8192,
+            hole: true,
+            zero: true
+        }]
+    );
+    // A whole-volume trim is a single dirty entry, not a million.
+    rt.block_on(store.trim(0, 4 * MIB, false)).unwrap();
+    assert_eq!(store.shared.lock_core().maps.active.iter().count(), 1);
+}
+
+#[test]
+fn out_of_range_requests_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    assert!(matches!(
+        rt.block_on(store.write(MIB - 10, &[1; 20], false)),
+        Err(StorageError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        rt.block_on(store.read(u64::MAX - 1, 10)),
+        Err(StorageError::OutOfRange { .. })
+    ));
+    assert!(rt.block_on(store.read(MIB - 10, 10)).is_ok());
+}

@@ -1,0 +1,311 @@
+//! Tests of the replica's side: replicated entries, rebuilds, and cuts of the log.
+
+use super::*;
+
+#[test]
+fn replicated_entries_keep_the_primary_lsn_and_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let primary_path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let replica_path = tmp.path().join("replica");
+    let primary = open(&primary_path);
+    Store::create(
+        &replica_path,
+        &CreateOptions {
+            size: 16 * MIB,
+            wal_capacity: 64 * MIB,
+            volume_id: Some(primary.volume_id()),
+        },
+    )
+    .unwrap();
+    let replica = open(&replica_path);
+    assert!(replica.is_blank());
+    let epoch = primary.begin_epoch(None).unwrap();
+    replica.adopt_epoch(epoch, primary.store_id()).unwrap();
+    let mut tap = primary.subscribe();
+    for i in 0..20u64 {
+        rt.block_on(primary.write(i * 1000, &pattern(i as u8, 3000), false))
+            .unwrap();
+    }
+    rt.block_on(primary.trim(MIB, MIB, false)).unwrap();
+    let mut shipped = Vec::new();
+    while let Ok(rec) = tap.try_recv() {
+        shipped.push(rec);
+    }
+    assert_eq!(shipped.len(), 21);
+    // A gap is refused; the right entry is accepted.
+    let err = rt
+        .block_on(replica.append_replicated(shipped[1].clone()))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        StorageError::LsnGap {
+            expected: Lsn(1),
+            got: Lsn(2)
+        }
+    ));
+    for rec in &shipped {
+        rt.block_on(replica.append_replicated(rec.clone())).unwrap();
+    }
+    rt.block_on(replica.flush()).unwrap();
+    assert_eq!(replica.head(), primary.head());
+    drop(replica);
+    let replica = open(&replica_path);
+    assert_eq!(replica.head(), Lsn(21));
+    let sb = replica.superblock();
+    assert_eq!(sb.role, Role::Replica);
+    assert_eq!(sb.epoch, epoch);
+    assert_eq!(sb.epoch_owner, primary.store_id());
+    let a = rt.block_on(primary.read_contiguous(0, 2 * MIB)).unwrap();
+    let b = rt.block_on(replica.read_contiguous(0, 2 * MIB)).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn rebuild_applies_base_and_wal_with_wal_winning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let p_path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let primary = open(&p_path);
+    let epoch = primary.begin_epoch(None).unwrap();
+    for b in 0..64u64 {
+        rt.block_on(primary.write(b * 4096, &pattern(b as u8, 4096), false))
+            .unwrap();
+    }
+    primary.shared.checkpoint().unwrap();
+    let (base, history) = primary.rebuild_base();
+    assert_eq!(base, Lsn(64));
+    // Writes after the base: they reach the replica as WAL.
+    for b in [3u64, 10, 40] {
+        rt.block_on(primary.write(b * 4096, &pattern(200 + b as u8, 4096), false))
+            .unwrap();
+    }
+    rt.block_on(primary.trim(20 * 4096, 2 * 4096, false))
+        .unwrap();
+    // The primary checkpoints again while the base is "being copied": the image is newer
+    // than the base for some blocks, which WAL-wins makes harmless.
+    primary.shared.checkpoint().unwrap();
+
+    // The replica has old, unrelated contents (a diverged log).
+    let r_path = tmp.path().join("replica");
+    Store::create(
+        &r_path,
+        &CreateOptions {
+            size: 4 * MIB,
+            wal_capacity: 64 * MIB,
+            volume_id: Some(primary.volume_id()),
+        },
+    )
+    .unwrap();
+    let replica = open(&r_path);
+    replica.adopt_epoch(epoch, primary.store_id()).unwrap();
+    for b in 0..70u64 {
+        rt.block_on(replica.append_replicated(WalRecord::new(
+            Lsn(b + 1),
+            epoch,
+            RecordKind::Write,
+            b * 4096,
+            4096,
+            Bytes::from(vec![0xee; 4096]),
+        )))
+        .unwrap();
+    }
+    replica.begin_rebuild(base, history).unwrap();
+    assert!(replica.is_rebuilding());
+    let entries = rt
+        .block_on(primary.read_wal(base.next(), u64::MAX))
+        .unwrap();
+    assert_eq!(entries.len(), 4);
+    // First half of the base, then the WAL, then the rest of the base: base chunks arriving
+    // after a WAL entry for the same block must not overwrite it.
+    let chunk = 16 * 4096;
+    for c in 0..2u64 {
+        let data = data_file(&p_path, c * chunk, chunk);
+        rt.block_on(replica.apply_base(c * chunk, chunk, Some(Bytes::from(data))))
+            .unwrap();
+    }
+    for e in entries {
+        rt.block_on(replica.append_replicated(e)).unwrap();
+    }
+    for c in 2..(4 * MIB / chunk) {
+        let data = data_file(&p_path, c * chunk, chunk);
+        let all_zero = data.iter().all(|&x| x == 0);
+        let data = (!all_zero).then(|| Bytes::from(data));
+        rt.block_on(replica.apply_base(c * chunk, chunk, data))
+            .unwrap();
+    }
+    replica.finish_rebuild().unwrap();
+    assert!(!replica.is_rebuilding());
+    let a = rt.block_on(primary.read_contiguous(0, 4 * MIB)).unwrap();
+    let b = rt.block_on(replica.read_contiguous(0, 4 * MIB)).unwrap();
+    assert!(a == b, "rebuilt replica differs from the primary");
+    assert_eq!(replica.head(), primary.head());
+    assert_eq!(replica.epoch_at(Lsn(64)), Some(epoch));
+    // It survives a crash right after, and the old log's records never come back.
+    drop(replica);
+    let replica = open(&r_path);
+    assert!(!replica.is_rebuilding());
+    assert_eq!(replica.head(), primary.head());
+    let b = rt.block_on(replica.read_contiguous(0, 4 * MIB)).unwrap();
+    assert!(a == b, "rebuilt replica differs after reopening");
+}
+
+#[test]
+fn a_crash_during_rebuild_leaves_the_store_marked_incomplete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let store = open(&path);
+    store
+        .begin_rebuild(Lsn(100), vec![(Epoch(2), Lsn(1))])
+        .unwrap();
+    drop(store);
+    let store = open(&path);
+    assert!(store.is_rebuilding());
+    assert_eq!(store.head(), Lsn(100));
+}
+
+#[test]
+fn a_log_is_cut_only_where_the_data_file_is_not_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open_without_flusher(&path);
+    store.begin_epoch(None).unwrap();
+    rt.block_on(store.write(0, &[1; 4096], false)).unwrap(); // 1
+    store.shared.checkpoint().unwrap();
+    rt.block_on(store.write(0, &[2; 4096], false)).unwrap(); // 2
+    rt.block_on(store.write(4096, &[3; 4096], false)).unwrap(); // 3
+    store.set_committed(Lsn(2));
+    // Below the checkpoint: the data file already holds entry 1.
+    let err = store.truncate_after(Lsn::ZERO).unwrap_err();
+    assert!(
+        matches!(err, StorageError::CannotTruncate { keep: Lsn(0), .. }),
+        "{err}"
+    );
+    // Below the commit point.
+    let err = store.truncate_after(Lsn(1)).unwrap_err();
+    assert!(err.to_string().contains("committed"), "{err}");
+    // Nothing changed by the refusals.
+    assert_eq!(store.head(), Lsn(3));
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 8192)).unwrap(),
+        [[2u8; 4096], [3u8; 4096]].concat()
+    );
+    // A checkpoint that started writing entry 3 (recorded in the superblock first) and
+    // crashed: the data file may hold it, so a cut before it is refused after reopening.
+    store.shared.record_data_through(Lsn(3)).unwrap();
+    drop(store);
+    let store = open_without_flusher(&path);
+    let err = store.truncate_after(Lsn(2)).unwrap_err();
+    assert!(
+        err.to_string().contains("may hold entries through 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_cut_log_keeps_the_older_value_of_a_block_and_never_revives_the_cut_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 16 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open_without_flusher(&path);
+    store.begin_epoch(None).unwrap();
+    rt.block_on(store.write(0, &[1; 4096], false)).unwrap(); // 1
+    store.shared.checkpoint().unwrap();
+    rt.block_on(store.write(4096, &[2; 4096], false)).unwrap(); // 2: kept
+    rt.block_on(store.write(4096, &[3; 4096], false)).unwrap(); // 3: cut, overwrites 2
+    rt.block_on(store.write(8192, &[4; 4096], false)).unwrap(); // 4: cut
+    rt.block_on(store.trim(0, 4096, false)).unwrap(); // 5: cut
+    rt.block_on(store.flush()).unwrap();
+    store.truncate_after(Lsn(2)).unwrap();
+    assert_eq!(store.head(), Lsn(2));
+    assert_eq!(store.durable(), Lsn(2));
+    let expect = [[1u8; 4096], [2u8; 4096], [0u8; 4096]].concat();
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 12288)).unwrap(),
+        expect
+    );
+    // The log goes on from 3 with new entries, which a crash keeps and the old ones never
+    // come back in their place.
+    rt.block_on(store.write(12288, &[5; 4096], true)).unwrap(); // the new 3
+    drop(store);
+    let store = open_without_flusher(&path);
+    assert_eq!(store.head(), Lsn(3));
+    let expect = [[1u8; 4096], [2u8; 4096], [0u8; 4096], [5u8; 4096]].concat();
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 16384)).unwrap(),
+        expect
+    );
+    // Cutting everything after the checkpoint, then a clean close and reopen.
+    store.truncate_after(Lsn(1)).unwrap();
+    store.close().unwrap();
+    drop(store);
+    let store = open_without_flusher(&path);
+    assert_eq!(store.head(), Lsn(1));
+    let expect = [[1u8; 4096], [0u8; 4096], [0u8; 4096], [0u8; 4096]].concat();
+    assert_eq!(
+        rt.block_on(store.read_contiguous(0, 16384)).unwrap(),
+        expect
+    );
+}
+
+#[test]
+fn a_rebuild_writes_long_base_runs_directly_and_short_wal_runs_through_the_cache() {
+    // 8 MiB of base in 1 MiB chunks (runs long enough for O_DIRECT), with WAL writes landing
+    // in the middle of it before and after their base chunk arrives, and a trim: the result
+    // must be the base with the WAL on top, before and after a reopen.
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let path = create(tmp.path(), 8 * MIB, 64 * MIB);
+    let replica = open_without_flusher(&path);
+    let history = vec![(Epoch(1), Lsn(1))];
+    replica.adopt_epoch(Epoch(1), VolumeId([5; 16])).unwrap();
+    replica.begin_rebuild(Lsn(100), history).unwrap();
+    let base = pattern(7, (8 * MIB) as usize);
+    let wal = |lsn: u64, block: u64, seed: u8| {
+        WalRecord::new(
+            Lsn(lsn),
+            Epoch(1),
+            RecordKind::Write,
+            block * 4096,
+            4096,
+            Bytes::from(pattern(seed, 4096)),
+        )
+    };
+    let mut expect = base.clone();
+    // Block 5 is written by the WAL before its base chunk arrives; block 700 after.
+    rt.block_on(replica.append_replicated(wal(101, 5, 90)))
+        .unwrap();
+    expect[5 * 4096..6 * 4096].copy_from_slice(&pattern(90, 4096));
+    for c in 0..8u64 {
+        let data = Bytes::copy_from_slice(&base[(c * MIB) as usize..((c + 1) * MIB) as usize]);
+        rt.block_on(replica.apply_base(c * MIB, MIB, Some(data)))
+            .unwrap();
+        if c == 3 {
+            // A checkpoint in the middle, with the base so far and the WAL block.
+            replica.shared.checkpoint().unwrap();
+        }
+    }
+    rt.block_on(replica.append_replicated(wal(102, 700, 91)))
+        .unwrap();
+    expect[700 * 4096..701 * 4096].copy_from_slice(&pattern(91, 4096));
+    rt.block_on(replica.append_replicated(WalRecord::new(
+        Lsn(103),
+        Epoch(1),
+        RecordKind::Trim,
+        1000 * 4096,
+        8 * 4096,
+        Bytes::new(),
+    )))
+    .unwrap();
+    expect[1000 * 4096..1008 * 4096].fill(0);
+    replica.finish_rebuild().unwrap();
+    assert!(rt.block_on(replica.read_contiguous(0, 8 * MIB)).unwrap() == expect);
+    assert!(
+        data_file(&path, 0, 8 * MIB) == expect,
+        "the data file on disk"
+    );
+    drop(replica);
+    let replica = open_without_flusher(&path);
+    assert!(rt.block_on(replica.read_contiguous(0, 8 * MIB)).unwrap() == expect);
+}

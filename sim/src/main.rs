@@ -77,19 +77,7 @@ fn main() {
     let end = args.start + args.seeds;
     for seed in args.start..end {
         match run(config(&args, seed), false) {
-            Ok(s) => {
-                total.writes += s.writes;
-                total.flushes_ok += s.flushes_ok;
-                total.flushes_failed += s.flushes_failed;
-                total.crashes += s.crashes;
-                total.resets += s.resets;
-                total.partitions += s.partitions;
-                total.failovers += s.failovers;
-                total.refused_promotions += s.refused_promotions;
-                total.catch_ups += s.catch_ups;
-                total.truncations += s.truncations;
-                total.rebuilds += s.rebuilds;
-            }
+            Ok(s) => total.add(&s),
             Err(f) if hunting => {
                 println!(
                     "mutant {} caught by seed {} ({}) after {} histories: {}",

@@ -1,8 +1,5 @@
-//! The event queue: what can happen at a simulated instant, and what each event does to the
-//! node it reaches. An event for an earlier life of a node, or for a core the node no longer
-//! runs, is dropped.
-
-use std::cmp::Reverse;
+//! What each event does to the node it reaches (the queue itself is `queue`). An event for
+//! an earlier life of a node, or for a core the node no longer runs, is dropped.
 
 use blockrep_replication::core::primary;
 use blockrep_replication::core::replica::{self, ConnId};
@@ -11,124 +8,29 @@ use blockrep_replication::wire::Frame;
 use blockrep_storage::{Epoch, Lsn};
 use rand::RngExt;
 
-use super::execution::{conn_life, conn_session};
+use super::queue::{Ev, Job};
 use super::Cluster;
 use crate::check::Violation;
 use crate::net::{ConnKey, NodeId};
 use crate::node::Role;
 use crate::store::BLOCK;
 
-#[derive(Debug)]
-pub(super) enum Ev {
-    /// A frame on a connection, to the replica (`to_replica`) or back to the primary.
-    Deliver {
-        conn: ConnKey,
-        to_replica: bool,
-        frame: Frame,
-    },
-    ConnectDone {
-        conn: ConnKey,
-        ok: bool,
-    },
-    /// One side learns the connection is gone.
-    Closed {
-        conn: ConnKey,
-        tell_replica: bool,
-    },
-    /// A side closes after its queued frames went out: the connection ends for both.
-    CloseNow {
-        conn: ConnKey,
-        tell_replica: bool,
-    },
-    LocalSync {
-        node: NodeId,
-        life: u64,
-        lsn: Lsn,
-    },
-    ReplicaSync {
-        node: NodeId,
-        life: u64,
-        conn: u64,
-    },
-    /// A replica store's cut of its log (answer to `Truncate`).
-    Truncate {
-        node: NodeId,
-        life: u64,
-        conn: u64,
-        keep: Lsn,
-    },
-    RebuildFinish {
-        node: NodeId,
-        life: u64,
-        conn: u64,
-    },
-    WalRead {
-        node: NodeId,
-        life: u64,
-        replica: ReplicaId,
-        session: SessionId,
-        from: Lsn,
-    },
-    RebuildBase {
-        node: NodeId,
-        life: u64,
-        replica: ReplicaId,
-        session: SessionId,
-    },
-    BaseStream {
-        node: NodeId,
-        life: u64,
-        replica: ReplicaId,
-        session: SessionId,
-    },
-    Tick,
-}
-
-impl Ev {
-    /// Data before timers within one millisecond.
-    fn class(&self) -> u8 {
-        u8::from(matches!(self, Ev::Tick))
-    }
-
-    /// The node and life a store or core result belongs to (None for network and timer
-    /// events, which are checked against the connection instead).
-    fn owner(&self) -> Option<(NodeId, u64)> {
-        match *self {
-            Ev::LocalSync { node, life, .. }
-            | Ev::ReplicaSync { node, life, .. }
-            | Ev::Truncate { node, life, .. }
-            | Ev::RebuildFinish { node, life, .. }
-            | Ev::WalRead { node, life, .. }
-            | Ev::RebuildBase { node, life, .. }
-            | Ev::BaseStream { node, life, .. } => Some((node, life)),
-            Ev::Deliver { .. }
-            | Ev::ConnectDone { .. }
-            | Ev::Closed { .. }
-            | Ev::CloseNow { .. }
-            | Ev::Tick => None,
-        }
-    }
-}
-
 impl Cluster {
     pub(super) fn schedule(&mut self, delay: u64, ev: Ev) {
-        let at = self.now + delay;
-        self.seq += 1;
-        self.queue.push(Reverse((at, ev.class(), self.seq)));
-        self.events.insert(self.seq, ev);
+        self.queue.push(self.now + delay, ev);
+    }
+
+    /// Schedules `job` for the current life of `node`, done after `delay`.
+    pub(super) fn schedule_job(&mut self, delay: u64, node: NodeId, job: Job) {
+        let life = self.nodes[node].life;
+        self.schedule(delay, Ev::Done { node, life, job });
     }
 
     /// Runs everything due by `until`.
     pub fn run_until(&mut self, until: u64) {
-        while let Some(Reverse((at, _, seq))) = self.queue.peek().copied() {
-            if at > until {
-                break;
-            }
-            self.queue.pop();
+        while let Some((at, ev)) = self.queue.pop_due(until) {
             self.now = at;
-            if let Some(ev) = self.events.remove(&seq) {
-                self.handle(ev);
-            }
+            self.handle(ev);
             if !self.checker.violations.is_empty() {
                 return;
             }
@@ -137,11 +39,6 @@ impl Cluster {
     }
 
     fn handle(&mut self, ev: Ev) {
-        if let Some((node, life)) = ev.owner() {
-            if !self.alive_life(node, life) {
-                return;
-            }
-        }
         match ev {
             Ev::Tick => {
                 self.tick();
@@ -164,135 +61,126 @@ impl Cluster {
             }
             Ev::ConnectDone { conn, ok } => self.connect_done(conn, ok),
             Ev::Closed { conn, tell_replica } => self.closed(conn, tell_replica),
-            Ev::LocalSync { node, lsn, .. } => {
+            Ev::Done { node, life, job } => {
+                if self.alive_life(node, life) {
+                    self.job_done(node, job);
+                }
+            }
+        }
+    }
+
+    fn job_done(&mut self, node: NodeId, job: Job) {
+        match job {
+            Job::LocalSync { lsn } => {
                 let s = &mut self.nodes[node].store;
                 s.durable = s.durable.max(lsn.min(s.head()));
                 let lsn = s.durable;
                 self.step(node, primary::Event::LocalDurable { lsn });
             }
-            Ev::ReplicaSync { node, conn, .. } => {
+            Job::ReplicaSync { conn } => {
                 let durable = self.nodes[node].store.sync();
-                let conn = ConnId(conn);
                 self.step(node, replica::Event::Synced { conn, durable });
             }
-            Ev::Truncate {
-                node, conn, keep, ..
-            } => self.truncate(node, ConnId(conn), keep),
-            Ev::RebuildFinish { node, conn, .. } => {
+            Job::Truncate { conn, keep } => self.truncate(node, conn, keep),
+            Job::RebuildFinish { conn } => {
                 let s = &mut self.nodes[node].store;
                 s.finish_rebuild();
                 let durable = s.durable;
-                let conn = ConnId(conn);
                 self.step(node, replica::Event::RebuildFinished { conn, durable });
             }
-            Ev::WalRead {
-                node,
+            Job::WalRead {
                 replica,
                 session,
                 from,
-                ..
             } => self.wal_read(node, replica, session, from),
-            Ev::RebuildBase {
-                node,
-                replica,
-                session,
-                ..
-            } => self.rebuild_base(node, replica, session),
-            Ev::BaseStream {
-                node,
-                replica,
-                session,
-                ..
-            } => self.stream_base(node, replica, session),
+            Job::RebuildBase { replica, session } => self.rebuild_base(node, replica, session),
+            Job::BaseStream { replica, session } => self.stream_base(node, replica, session),
         }
     }
 
-    pub(super) fn alive_life(&self, n: NodeId, life: u64) -> bool {
+    fn alive_life(&self, n: NodeId, life: u64) -> bool {
         self.nodes[n].alive && self.nodes[n].life == life
     }
 
-    /// The replica's side of `conn`, as the replica core knows it, if that node is up.
-    fn replica_end(&self, conn: &ConnKey) -> Option<(NodeId, ConnId)> {
-        let cid = *self.conn_ids.get(conn)?;
-        self.nodes[conn.replica]
-            .alive
-            .then_some((conn.replica, ConnId(cid)))
+    /// Steps the replica's side of `conn` (the replica core knows it by its ConnId), if that
+    /// node is up.
+    fn step_replica_end(&mut self, conn: &ConnKey, ev: impl FnOnce(ConnId) -> replica::Event) {
+        let Some(&cid) = self.conn_ids.get(conn) else {
+            return;
+        };
+        if self.nodes[conn.replica].alive {
+            self.step(conn.replica, ev(ConnId(cid)));
+        }
     }
 
-    /// The primary's side of `conn` if the life that opened it still runs: the node, and the
-    /// replica and session as its core knows them.
-    fn primary_end(&self, conn: &ConnKey) -> Option<(NodeId, ReplicaId, SessionId)> {
-        let p = conn.primary;
-        if !self.alive_life(p, conn_life(conn)) {
-            return None;
+    /// Whether the primary life that opened `conn` still runs.
+    fn primary_end_alive(&self, conn: &ConnKey) -> bool {
+        self.alive_life(conn.primary, conn.life())
+    }
+
+    /// Steps the primary's side of `conn` (its core knows it by replica and session), if the
+    /// life that opened it still runs; `ev` also gets the time.
+    fn step_primary_end(
+        &mut self,
+        conn: &ConnKey,
+        ev: impl FnOnce(ReplicaId, SessionId, u64) -> primary::Event,
+    ) {
+        if !self.primary_end_alive(conn) {
+            return;
         }
         let replica = ReplicaId(self.nodes[conn.replica].name.clone());
-        Some((p, replica, SessionId(conn_session(conn))))
+        let ev = ev(replica, SessionId(conn.session_number()), self.now);
+        self.step(conn.primary, ev);
     }
 
     fn deliver_to_replica(&mut self, conn: ConnKey, frame: Frame) {
-        if !self.net.is_open(&conn) {
-            return;
-        }
-        if let Some((n, conn)) = self.replica_end(&conn) {
-            self.step(n, replica::Event::Received { conn, frame });
+        if self.net.is_open(&conn) {
+            self.step_replica_end(&conn, |conn| replica::Event::Received { conn, frame });
         }
     }
 
     fn deliver_to_primary(&mut self, conn: ConnKey, frame: Frame) {
-        if !self.net.is_open(&conn) {
-            return;
-        }
-        if let Some((p, replica, session)) = self.primary_end(&conn) {
-            let now = self.now;
-            let ev = primary::Event::Received {
+        if self.net.is_open(&conn) {
+            self.step_primary_end(&conn, |replica, session, now| primary::Event::Received {
                 replica,
                 session,
                 frame,
                 now,
-            };
-            self.step(p, ev);
+            });
         }
     }
 
     fn connect_done(&mut self, conn: ConnKey, ok: bool) {
-        let Some((p, replica, session)) = self.primary_end(&conn) else {
+        if !self.primary_end_alive(&conn) {
             return;
-        };
-        let now = self.now;
-        let ev = if ok {
-            self.net.open(conn, now);
-            primary::Event::Connected {
+        }
+        if ok {
+            self.net.open(conn, self.now);
+            self.step_primary_end(&conn, |replica, session, now| primary::Event::Connected {
                 replica,
                 session,
                 now,
-            }
+            });
         } else {
-            primary::Event::Disconnected {
-                replica,
-                session,
-                now,
-                reason: "connection refused".into(),
-            }
-        };
-        self.step(p, ev);
+            self.disconnected(&conn, "connection refused");
+        }
     }
 
     fn closed(&mut self, conn: ConnKey, tell_replica: bool) {
         if tell_replica {
-            if let Some((n, conn)) = self.replica_end(&conn) {
-                self.step(n, replica::Event::Closed { conn });
-            }
-        } else if let Some((p, replica, session)) = self.primary_end(&conn) {
-            let now = self.now;
-            let ev = primary::Event::Disconnected {
-                replica,
-                session,
-                now,
-                reason: "connection lost".into(),
-            };
-            self.step(p, ev);
+            self.step_replica_end(&conn, |conn| replica::Event::Closed { conn });
+        } else {
+            self.disconnected(&conn, "connection lost");
         }
+    }
+
+    fn disconnected(&mut self, conn: &ConnKey, reason: &str) {
+        self.step_primary_end(conn, |replica, session, now| primary::Event::Disconnected {
+            replica,
+            session,
+            now,
+            reason: reason.into(),
+        });
     }
 
     fn truncate(&mut self, node: NodeId, conn: ConnId, keep: Lsn) {

@@ -11,7 +11,7 @@ use blockrep_replication::wire::{Body, Frame};
 use blockrep_storage::{Epoch, Lsn};
 use bytes::Bytes;
 
-use super::events::Ev;
+use super::queue::{Ev, Job};
 use super::{Cluster, FlushOutcome};
 use crate::check::Violation;
 use crate::net::{ConnKey, NodeId};
@@ -34,20 +34,6 @@ impl From<replica::Event> for Input {
     fn from(ev: replica::Event) -> Input {
         Input::Replica(ev)
     }
-}
-
-/// A connection's session field packs the primary's life and the core's session number, so
-/// a restarted primary's sessions never collide with its earlier life's.
-fn pack(life: u64, session: u64) -> u64 {
-    (life << 40) | session
-}
-
-pub(super) fn conn_life(k: &ConnKey) -> u64 {
-    k.session >> 40
-}
-
-pub(super) fn conn_session(k: &ConnKey) -> u64 {
-    k.session & ((1 << 40) - 1)
 }
 
 /// The (block, value) pairs of a base chunk at byte `offset`: 8 bytes of value per block.
@@ -86,13 +72,12 @@ impl Cluster {
     // ---- the primary's actions ---------------------------------------------------------
 
     fn primary_actions(&mut self, p: NodeId, actions: Vec<primary::Action>) {
-        let life = self.nodes[p].life;
         for a in actions {
-            self.primary_action(p, life, a);
+            self.primary_action(p, a);
         }
     }
 
-    fn primary_action(&mut self, p: NodeId, life: u64, a: primary::Action) {
+    fn primary_action(&mut self, p: NodeId, a: primary::Action) {
         use primary::Action as A;
         match a {
             A::Connect { replica, session } => self.connect(p, &replica, session),
@@ -117,41 +102,22 @@ impl Cluster {
                 session,
                 from,
                 ..
-            } => {
-                let d = self.delay();
-                let ev = Ev::WalRead {
-                    node: p,
-                    life,
+            } => self.network_job(
+                p,
+                Job::WalRead {
                     replica,
                     session,
                     from,
-                };
-                self.schedule(d, ev);
-            }
+                },
+            ),
             A::PinWal { from } => self.nodes[p].store.pin = from,
             A::BeginRebuild { replica, session } => {
                 self.stats.rebuilds += 1;
-                let d = self.delay();
-                let ev = Ev::RebuildBase {
-                    node: p,
-                    life,
-                    replica,
-                    session,
-                };
-                self.schedule(d, ev);
+                self.network_job(p, Job::RebuildBase { replica, session });
             }
             A::StreamBase {
                 replica, session, ..
-            } => {
-                let d = self.delay();
-                let ev = Ev::BaseStream {
-                    node: p,
-                    life,
-                    replica,
-                    session,
-                };
-                self.schedule(d, ev);
-            }
+            } => self.network_job(p, Job::BaseStream { replica, session }),
             A::BarrierDone { id } => self.barrier_done(p, id),
             A::BarrierFailed { id, reason } => {
                 if let Some(pn) = self.nodes[p].primary_mut() {
@@ -237,16 +203,15 @@ impl Cluster {
     // ---- the replica's actions ---------------------------------------------------------
 
     pub(super) fn replica_actions(&mut self, n: NodeId, actions: Vec<replica::Action>) {
-        let life = self.nodes[n].life;
         for a in actions {
-            if self.replica_action(n, life, a).is_break() {
+            if self.replica_action(n, a).is_break() {
                 return;
             }
         }
     }
 
     /// Performs one action; `Break` when the rest of the batch must not run.
-    fn replica_action(&mut self, n: NodeId, life: u64, a: replica::Action) -> ControlFlow<()> {
+    fn replica_action(&mut self, n: NodeId, a: replica::Action) -> ControlFlow<()> {
         use replica::Action as A;
         match a {
             A::Send { conn, frame } => {
@@ -268,18 +233,7 @@ impl Cluster {
             }
             A::Append { record } => return self.replica_append(n, Entry::from_record(&record)),
             // An fsync makes everything appended durable, whatever LSN the core waits for.
-            A::Sync { conn, .. } => {
-                let d = self.disk_delay();
-                let conn = conn.0;
-                self.schedule(
-                    d,
-                    Ev::ReplicaSync {
-                        node: n,
-                        life,
-                        conn,
-                    },
-                );
-            }
+            A::Sync { conn, .. } => self.disk_job(n, Job::ReplicaSync { conn }),
             A::SetCommitted { lsn } => {
                 let s = &mut self.nodes[n].store;
                 s.committed = s.committed.max(lsn);
@@ -290,29 +244,8 @@ impl Cluster {
             A::ApplyBase { offset, data, .. } => {
                 self.nodes[n].store.apply_base(&base_values(offset, data));
             }
-            A::Truncate { conn, keep } => {
-                let d = self.disk_delay();
-                let conn = conn.0;
-                let ev = Ev::Truncate {
-                    node: n,
-                    life,
-                    conn,
-                    keep,
-                };
-                self.schedule(d, ev);
-            }
-            A::FinishRebuild { conn, .. } => {
-                let d = self.disk_delay();
-                let conn = conn.0;
-                self.schedule(
-                    d,
-                    Ev::RebuildFinish {
-                        node: n,
-                        life,
-                        conn,
-                    },
-                );
-            }
+            A::Truncate { conn, keep } => self.disk_job(n, Job::Truncate { conn, keep }),
+            A::FinishRebuild { conn, .. } => self.disk_job(n, Job::RebuildFinish { conn }),
         }
         ControlFlow::Continue(())
     }
@@ -333,16 +266,24 @@ impl Cluster {
         ControlFlow::Continue(())
     }
 
+    /// A job on node `n` that takes a network round trip.
+    fn network_job(&mut self, n: NodeId, job: Job) {
+        let d = self.delay();
+        self.schedule_job(d, n, job);
+    }
+
+    /// A job on node `n`'s store that takes an fsync.
+    pub(super) fn disk_job(&mut self, n: NodeId, job: Job) {
+        let d = self.disk_delay();
+        self.schedule_job(d, n, job);
+    }
+
     // ---- the network -------------------------------------------------------------------
 
     fn conn_key(&self, p: NodeId, replica: &ReplicaId, session: SessionId) -> Option<ConnKey> {
         let pn = self.nodes[p].primary()?;
         let r = pn.peers.iter().find(|(id, _)| id == replica)?.1;
-        Some(ConnKey {
-            primary: p,
-            replica: r,
-            session: pack(self.nodes[p].life, session.0),
-        })
+        Some(ConnKey::new(p, r, self.nodes[p].life, session.0))
     }
 
     /// The configured replicas of primary `p`, by node.
@@ -355,27 +296,29 @@ impl Cluster {
 
     /// Like TCP's FIN: the other side sees the close after every frame already sent.
     fn close_after_queued(&mut self, k: ConnKey, tell_replica: bool) {
-        let d = self.delay();
-        let now = self.now;
-        if let Some(at) = self.net.schedule(&k, now, d) {
-            let ev = Ev::CloseNow {
-                conn: k,
-                tell_replica,
-            };
-            self.schedule(at - now + 1, ev);
-        }
+        let ev = Ev::CloseNow {
+            conn: k,
+            tell_replica,
+        };
+        self.behind_sent_frames(k, 1, ev);
     }
 
     fn send(&mut self, k: ConnKey, to_replica: bool, frame: Frame) {
+        let ev = Ev::Deliver {
+            conn: k,
+            to_replica,
+            frame,
+        };
+        self.behind_sent_frames(k, 0, ev);
+    }
+
+    /// Schedules `ev` on open connection `k` after a network delay, never before what was
+    /// sent on it earlier (FIFO), `extra` ms after that; on a closed connection it is lost.
+    fn behind_sent_frames(&mut self, k: ConnKey, extra: u64, ev: Ev) {
         let d = self.delay();
         let now = self.now;
         if let Some(at) = self.net.schedule(&k, now, d) {
-            let ev = Ev::Deliver {
-                conn: k,
-                to_replica,
-                frame,
-            };
-            self.schedule(at - now, ev);
+            self.schedule(at - now + extra, ev);
         }
     }
 

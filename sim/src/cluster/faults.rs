@@ -3,7 +3,7 @@
 
 use rand::RngExt;
 
-use super::events::Ev;
+use super::queue::Ev;
 use super::Cluster;
 use crate::net::{ConnKey, NodeId};
 

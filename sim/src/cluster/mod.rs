@@ -12,10 +12,10 @@ mod events;
 mod execution;
 mod faults;
 mod liveness;
+mod queue;
 mod script;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 
 use blockrep_replication::core::primary::{self, PrimaryConfig, PrimaryCore};
 use blockrep_replication::core::replica::{ReplicaCore, ReplicaState};
@@ -29,7 +29,7 @@ use crate::net::{ConnKey, Network, NodeId};
 use crate::node::{PrimaryNode, Role, SimNode};
 use crate::store::{Entry, SimStore, StoreRole, BLOCK, EPOCH_START};
 
-use events::Ev;
+use queue::{Ev, EventQueue, Job};
 
 /// Fault rates, per step of the client (a step is one write or flush).
 #[derive(Debug, Clone)]
@@ -150,9 +150,7 @@ pub struct Cluster {
     pub now: u64,
     pub nodes: Vec<SimNode>,
     net: Network,
-    queue: BinaryHeap<Reverse<(u64, u8, u64)>>,
-    events: HashMap<u64, Ev>,
-    seq: u64,
+    queue: EventQueue,
     /// Which node the coordinator made primary last (the others are replicas or stale).
     pub primary: NodeId,
     pub checker: Checker,
@@ -197,9 +195,7 @@ impl Cluster {
             now: 0,
             nodes,
             net: Network::default(),
-            queue: BinaryHeap::new(),
-            events: HashMap::new(),
-            seq: 0,
+            queue: EventQueue::default(),
             primary: 0,
             stats: Stats::default(),
             trace: Vec::new(),
@@ -418,7 +414,6 @@ impl Cluster {
         let id = self.next_barrier;
         let node = &mut self.nodes[n];
         let target = node.store.head();
-        let life = node.life;
         let alive = node.alive;
         let pn = node.primary_mut()?;
         if !alive {
@@ -427,15 +422,7 @@ impl Cluster {
         self.next_barrier += 1;
         pn.barriers.insert(id, target);
         self.step(n, primary::Event::Barrier { id, target, now });
-        let d = self.disk_delay();
-        self.schedule(
-            d,
-            Ev::LocalSync {
-                node: n,
-                life,
-                lsn: target,
-            },
-        );
+        self.disk_job(n, Job::LocalSync { lsn: target });
         Some(id)
     }
 

@@ -1,7 +1,7 @@
 //! Scripted control of a cluster, for the scenario catalogue: the same cores, network and
 //! checker as the random sweep, with the faults placed by hand.
 
-use blockrep_replication::core::primary::{PeerState, PrimaryCounters};
+use blockrep_replication::core::primary::{PeerState, PeerStatus, PrimaryCounters};
 use blockrep_replication::core::CommitMode;
 use blockrep_storage::{Epoch, Lsn};
 
@@ -39,13 +39,18 @@ impl Cluster {
 
     /// How primary `p` sees replica node `r`.
     pub fn peer_state(&self, p: NodeId, r: NodeId) -> Option<PeerState> {
+        self.peer(p, r).map(|peer| peer.state)
+    }
+
+    /// What primary `p` last heard replica node `r` report durable.
+    pub fn peer_durable(&self, p: NodeId, r: NodeId) -> Option<Lsn> {
+        self.peer(p, r).map(|peer| peer.durable)
+    }
+
+    fn peer(&self, p: NodeId, r: NodeId) -> Option<PeerStatus> {
         let pn = self.nodes[p].primary()?;
         let name = &self.nodes[r].name;
-        pn.core
-            .peers()
-            .into_iter()
-            .find(|peer| &peer.id.0 == name)
-            .map(|peer| peer.state)
+        pn.core.peers().into_iter().find(|peer| &peer.id.0 == name)
     }
 
     /// Runs until primary `p` sees `r` in `state` (true) or `budget_ms` passes (false).
@@ -99,6 +104,11 @@ impl Cluster {
 
     pub fn head(&self, n: NodeId) -> Lsn {
         self.nodes[n].store.head()
+    }
+
+    /// What node `n`'s store has fsynced.
+    pub fn durable(&self, n: NodeId) -> Lsn {
+        self.nodes[n].store.durable
     }
 
     pub fn epoch(&self, n: NodeId) -> Epoch {

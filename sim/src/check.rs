@@ -17,7 +17,7 @@ use blockrep_storage::{epoch_at, Epoch, Lsn};
 
 use crate::net::NodeId;
 use crate::node::SimNode;
-use crate::store::Entry;
+use crate::store::{Entry, SimStore};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -153,10 +153,16 @@ impl Checker {
         None
     }
 
+    /// Whether store `s` misses part of the committed prefix, or holds it with another
+    /// history.
+    fn lacks_committed_prefix(&self, s: &SimStore) -> bool {
+        s.head() < self.book_len || !agree(&s.history, &self.book_history, self.book_len)
+    }
+
     /// Node `c` is being promoted: it must hold the committed prefix.
     pub fn promoted(&mut self, c: NodeId, nodes: &[SimNode]) -> Option<Violation> {
         let s = &nodes[c].store;
-        if s.head() < self.book_len || !agree(&s.history, &self.book_history, self.book_len) {
+        if self.lacks_committed_prefix(s) {
             return Some(Violation::new(
                 "a promoted node lacks the committed prefix (I4)",
                 format!(
@@ -176,7 +182,7 @@ impl Checker {
             return None;
         }
         let s = &nodes[p].store;
-        if s.head() < self.book_len || !agree(&s.history, &self.book_history, self.book_len) {
+        if self.lacks_committed_prefix(s) {
             return Some(Violation::new(
                 "the primary lost committed entries",
                 format!(
@@ -208,10 +214,7 @@ impl Checker {
                 diff(&ps, &expect),
             ));
         }
-        if self.mode != CommitMode::BestEffort
-            && (nodes[p].store.head() < self.book_len
-                || !agree(&nodes[p].store.history, &self.book_history, self.book_len))
-        {
+        if self.mode != CommitMode::BestEffort && self.lacks_committed_prefix(&nodes[p].store) {
             return Err(Violation::new(
                 "the final primary lacks the committed prefix",
                 format!("head {} committed {}", nodes[p].store.head(), self.book_len),

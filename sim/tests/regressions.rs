@@ -14,45 +14,12 @@
 //! those seeds no longer replay the same history and pass without their fix too; they wait
 //! for a scenario of their own.
 
+mod common;
+
 use blockrep_replication::core::CommitMode::{self, SyncAll, SyncQuorum};
-use blockrep_sim::{run, Cluster, Config, FlushOutcome};
+use blockrep_sim::{run, Cluster, Config};
 
-const N0: usize = 0;
-const N1: usize = 1;
-const N2: usize = 2;
-
-/// Enough for a barrier to time out (400 ms in the simulator) and a reconnect.
-const WAIT: u64 = 2_000;
-
-fn clean(c: &Cluster) {
-    assert!(
-        c.violations().is_empty(),
-        "{:?}\n{}",
-        c.violations(),
-        c.trace[c.trace.len().saturating_sub(60)..].join("\n")
-    );
-}
-
-fn converge(c: &mut Cluster) {
-    if let Err(v) = c.converge(20_000) {
-        panic!(
-            "{v}\n{}",
-            c.trace[c.trace.len().saturating_sub(60)..].join("\n")
-        );
-    }
-    clean(c);
-}
-
-fn write(c: &mut Cluster, n: usize, first: u64, count: u64) -> Vec<(u64, u64)> {
-    (first..first + count)
-        .map(|b| {
-            let (_, v) = c
-                .write_on(n, b % 64)
-                .unwrap_or_else(|| panic!("n{n} does not take writes"));
-            (b % 64, v)
-        })
-        .collect()
-}
+use common::*;
 
 /// sync-quorum committed on two replicas without the primary's own fsync, so a primary that
 /// restarted without those entries would serve, and overwrite, committed LSNs (seed 7468,
@@ -78,12 +45,7 @@ fn the_local_fsync_gates_a_sync_quorum_commit() {
         block += 1;
     }
     assert!(ahead(&c), "the replicas never got ahead:{}", c.describe());
-    assert_eq!(
-        c.flush_and_wait(N0, WAIT),
-        Some(FlushOutcome::Acked),
-        "{}",
-        c.describe()
-    );
+    acked(&mut c, N0);
     clean(&c);
     converge(&mut c);
 }
@@ -96,25 +58,15 @@ fn the_local_fsync_gates_a_sync_quorum_commit() {
 fn a_promotion_fences_its_members_against_the_old_primary() {
     let mut c = Cluster::scripted(SyncQuorum);
     let before = write(&mut c, N0, 0, 5);
-    assert_eq!(c.flush_and_wait(N0, WAIT), Some(FlushOutcome::Acked));
+    acked(&mut c, N0);
     c.partition(N0, N1);
     assert!(c.promote(N1), "{}", c.describe());
     c.partition(N1, N2);
     let stale = write(&mut c, N0, 10, 5);
-    match c.flush_and_wait(N0, WAIT) {
-        Some(FlushOutcome::Failed(_)) => {}
-        other => panic!(
-            "the old primary's flush: {other:?}, want a failure{}",
-            c.describe()
-        ),
-    }
-    assert!(stale.iter().all(|&(b, v)| c.value(N2, b) != Some(v)));
-    for n in [N1, N2] {
-        assert!(
-            before.iter().all(|&(b, v)| c.value(n, b) == Some(v)),
-            "n{n}"
-        );
-    }
+    // Fenced, or short of a quorum: never acknowledged.
+    failed(&mut c, N0);
+    assert!(holds_none(&c, N2, &stale));
+    assert!(holds(&c, N1, &before) && holds(&c, N2, &before));
     clean(&c);
     c.heal();
     converge(&mut c);

@@ -16,6 +16,7 @@
 
 mod common;
 
+use blockrep_replication::core::primary::PeerState;
 use blockrep_replication::core::CommitMode::{self, SyncAll, SyncQuorum};
 use blockrep_sim::{run, Cluster, Config};
 
@@ -72,6 +73,42 @@ fn a_promotion_fences_its_members_against_the_old_primary() {
     converge(&mut c);
 }
 
+/// Right after a promotion, sync-all answered a FLUSH from the committed high-water mark
+/// while both replicas were still connecting and one was mid-rebuild (seed 345162,
+/// `a_barrier_is_answered_by_the_copies_in_sync_now`). Here n1 learns the committed LSN and
+/// is cut off; n2 is sent to a rebuild and crashes in the middle of it; n0 crashes and n1 is
+/// promoted with nothing after its committed LSN. Its first FLUSH has a target it already
+/// counts as committed, but neither replica is in sync, and n2 holds no usable copy.
+#[test]
+fn a_barrier_is_answered_by_the_copies_in_sync_now() {
+    let mut c = Cluster::scripted(SyncAll);
+    write(&mut c, N0, 0, 5);
+    acked(&mut c, N0);
+    // A new session's hello tells n1 what is committed.
+    c.blip(N1);
+    assert!(c.run_until_true(WAIT, |c| c.peer_state(N0, N1) != Some(PeerState::InSync)));
+    reach(&mut c, N0, N1, PeerState::InSync, WAIT);
+    c.partition(N0, N1);
+    c.partition(N0, N2);
+    write(&mut c, N0, 10, 260);
+    c.settle(50);
+    reach(&mut c, N0, N2, PeerState::NeedsRebuild, WAIT);
+    c.heal();
+    c.partition(N0, N1);
+    assert!(
+        c.run_until_true(WAIT, |c| c.is_rebuilding(N2)),
+        "{}",
+        c.describe()
+    );
+    c.crash(N2);
+    c.crash(N0);
+    c.heal();
+    assert!(c.promote(N1), "{}", c.describe());
+    assert!(c.flush_and_wait(N1, WAIT).is_some(), "{}", c.describe());
+    clean(&c);
+    converge(&mut c);
+}
+
 fn passes(seed: u64, mode: CommitMode) {
     if let Err(f) = run(Config::new(seed, mode), false) {
         panic!(
@@ -94,12 +131,4 @@ fn seed_492_stale_wal_read_during_a_rebuild() {
 #[test]
 fn seed_9_zero_gap_join_pins_the_wal() {
     passes(9, SyncAll);
-}
-
-/// Right after a promotion, sync-all answered a FLUSH through LSN 0 from the committed
-/// high-water mark while both replicas were still connecting and one was mid-rebuild
-/// (`a_barrier_is_answered_by_the_copies_in_sync_now`).
-#[test]
-fn seed_345162_sync_all_flush_answered_without_its_replicas() {
-    passes(345162, SyncAll);
 }

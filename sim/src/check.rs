@@ -15,9 +15,9 @@ use std::fmt;
 use blockrep_replication::core::CommitMode;
 use blockrep_storage::{epoch_at, Epoch, Lsn};
 
-use crate::cluster::{expected_state, Node};
 use crate::net::NodeId;
-use crate::store::Entry;
+use crate::node::SimNode;
+use crate::store::{Entry, SimStore};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -86,7 +86,7 @@ impl Checker {
     }
 
     /// Whether node `n` durably holds entries through `target` with history `h`.
-    fn holds(nodes: &[Node], n: NodeId, target: Lsn, h: &[(Epoch, Lsn)]) -> bool {
+    fn holds(nodes: &[SimNode], n: NodeId, target: Lsn, h: &[(Epoch, Lsn)]) -> bool {
         let s = &nodes[n].store;
         !s.rebuilding && s.durable >= target && agree(&s.history, h, target)
     }
@@ -96,7 +96,7 @@ impl Checker {
         &mut self,
         p: NodeId,
         target: Lsn,
-        nodes: &[Node],
+        nodes: &[SimNode],
         replicas: Vec<NodeId>,
     ) -> Option<Violation> {
         let h = nodes[p].store.history.clone();
@@ -153,10 +153,16 @@ impl Checker {
         None
     }
 
+    /// Whether store `s` misses part of the committed prefix, or holds it with another
+    /// history.
+    fn lacks_committed_prefix(&self, s: &SimStore) -> bool {
+        s.head() < self.book_len || !agree(&s.history, &self.book_history, self.book_len)
+    }
+
     /// Node `c` is being promoted: it must hold the committed prefix.
-    pub fn promoted(&mut self, c: NodeId, nodes: &[Node]) -> Option<Violation> {
+    pub fn promoted(&mut self, c: NodeId, nodes: &[SimNode]) -> Option<Violation> {
         let s = &nodes[c].store;
-        if s.head() < self.book_len || !agree(&s.history, &self.book_history, self.book_len) {
+        if self.lacks_committed_prefix(s) {
             return Some(Violation::new(
                 "a promoted node lacks the committed prefix (I4)",
                 format!(
@@ -171,12 +177,12 @@ impl Checker {
     }
 
     /// After a restart, the current primary (if up) still holds the committed prefix.
-    pub fn after_restart(&mut self, p: NodeId, nodes: &[Node]) -> Option<Violation> {
+    pub fn after_restart(&mut self, p: NodeId, nodes: &[SimNode]) -> Option<Violation> {
         if !nodes[p].alive {
             return None;
         }
         let s = &nodes[p].store;
-        if s.head() < self.book_len || !agree(&s.history, &self.book_history, self.book_len) {
+        if self.lacks_committed_prefix(s) {
             return Some(Violation::new(
                 "the primary lost committed entries",
                 format!(
@@ -192,7 +198,7 @@ impl Checker {
 
     /// After convergence: every node's volume is what its lineage says, and replicas hold
     /// the primary's.
-    pub fn final_state(&self, p: NodeId, nodes: &[Node]) -> Result<(), Violation> {
+    pub fn final_state(&self, p: NodeId, nodes: &[SimNode]) -> Result<(), Violation> {
         let norm = |m: BTreeMap<u64, u64>| -> BTreeMap<u64, u64> {
             m.into_iter().filter(|(_, v)| *v != 0).collect()
         };
@@ -208,10 +214,7 @@ impl Checker {
                 diff(&ps, &expect),
             ));
         }
-        if self.mode != CommitMode::BestEffort
-            && (nodes[p].store.head() < self.book_len
-                || !agree(&nodes[p].store.history, &self.book_history, self.book_len))
-        {
+        if self.mode != CommitMode::BestEffort && self.lacks_committed_prefix(&nodes[p].store) {
             return Err(Violation::new(
                 "the final primary lacks the committed prefix",
                 format!("head {} committed {}", nodes[p].store.head(), self.book_len),
@@ -231,6 +234,25 @@ impl Checker {
         }
         Ok(())
     }
+}
+
+/// The final state of the volume according to a node's log lineage.
+pub fn expected_state(
+    entries: &BTreeMap<(Lsn, Epoch), Entry>,
+    history: &[(Epoch, Lsn)],
+    head: Lsn,
+) -> BTreeMap<u64, u64> {
+    let mut s = BTreeMap::new();
+    for l in 1..=head.0 {
+        let lsn = Lsn(l);
+        let Some(e) = epoch_at(history, lsn) else {
+            continue;
+        };
+        if let Some(entry) = entries.get(&(lsn, e)).filter(|e| e.writes()) {
+            s.insert(entry.block, entry.value);
+        }
+    }
+    s
 }
 
 fn diff(a: &BTreeMap<u64, u64>, b: &BTreeMap<u64, u64>) -> String {

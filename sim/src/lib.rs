@@ -14,6 +14,7 @@
 pub mod check;
 pub mod cluster;
 pub mod net;
+pub mod node;
 pub mod store;
 
 use blockrep_replication::core::CommitMode;

@@ -1,10 +1,10 @@
 //! `blockrep-sim`: sweeps seeds through the simulator, or replays one.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use blockrep_replication::core::CommitMode;
-use blockrep_sim::{mode_for, run, Config, Faults, Stats};
+use blockrep_sim::{mode_for, run, Config, Failure, Faults, Stats};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -56,83 +56,85 @@ fn config(args: &Args, seed: u64) -> Config {
 
 fn main() {
     let args = Args::parse();
-    let hunting = args.mutant.is_some();
     if let Some(name) = &args.mutant {
         switch_on(name);
     }
-    if let Some(seed) = args.seed {
-        let cfg = config(&args, seed);
-        match run(cfg, true) {
-            Ok(stats) => println!("seed {seed}: ok {stats:?}"),
-            Err(f) => {
-                println!("seed {seed} ({}): VIOLATION {}", f.mode, f.violation);
-                std::process::exit(1);
-            }
-        }
-        return;
+    match args.seed {
+        Some(seed) => replay(&args, seed),
+        None => sweep(&args),
     }
+}
+
+/// Replays one seed with its full trace.
+fn replay(args: &Args, seed: u64) {
+    match run(config(args, seed), true) {
+        Ok(stats) => println!("seed {seed}: ok {stats:?}"),
+        Err(f) => {
+            println!("seed {seed} ({}): VIOLATION {}", f.mode, f.violation);
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Runs `--seeds` histories from `--start` and prints the summary; with `--mutant`, stops at
+/// the first seed that catches it.
+fn sweep(args: &Args) {
     let started = Instant::now();
+    let mut progress = Progress::new(args.seeds);
     let mut total = Stats::default();
     let mut failures = 0u64;
     let end = args.start + args.seeds;
     for seed in args.start..end {
-        match run(config(&args, seed), false) {
-            Ok(s) => {
-                total.writes += s.writes;
-                total.flushes_ok += s.flushes_ok;
-                total.flushes_failed += s.flushes_failed;
-                total.crashes += s.crashes;
-                total.resets += s.resets;
-                total.partitions += s.partitions;
-                total.failovers += s.failovers;
-                total.refused_promotions += s.refused_promotions;
-                total.catch_ups += s.catch_ups;
-                total.truncations += s.truncations;
-                total.rebuilds += s.rebuilds;
-            }
-            Err(f) if hunting => {
-                println!(
-                    "mutant {} caught by seed {} ({}) after {} histories: {}",
-                    args.mutant.as_deref().unwrap_or_default(),
-                    f.seed,
-                    f.mode,
-                    seed - args.start + 1,
-                    f.violation
-                );
-                return;
-            }
+        match run(config(args, seed), false) {
+            Ok(s) => total.add(&s),
             Err(f) => {
-                failures += 1;
-                println!("\nseed {} ({}): VIOLATION {}", f.seed, f.mode, f.violation);
-                for line in f.trace.iter().rev().take(40).rev() {
-                    println!("    {line}");
+                if let Some(mutant) = &args.mutant {
+                    progress.finish();
+                    println!(
+                        "mutant {mutant} caught by seed {} ({}) after {} histories: {}",
+                        f.seed,
+                        f.mode,
+                        seed - args.start + 1,
+                        f.violation
+                    );
+                    return;
                 }
-                println!(
-                    "    replay: cargo run --release -p blockrep-sim -- --seed {} --mode {} --faults {} --steps {}",
-                    f.seed, f.mode, args.faults, args.steps
-                );
+                failures += 1;
+                print_failure(args, &f);
             }
         }
         let done = seed - args.start + 1;
-        if done % 100 == 0 || seed + 1 == end {
-            let rate = done as f64 / started.elapsed().as_secs_f64();
-            let width = 40;
-            let filled = (done * width / args.seeds.max(1)) as usize;
-            eprint!(
-                "\r[{}{}] {done}/{} seeds  {rate:.0}/s  {failures} failing",
-                "#".repeat(filled),
-                "-".repeat(width as usize - filled),
-                args.seeds
-            );
-            let _ = std::io::stderr().flush();
+        if done.is_multiple_of(100) || seed + 1 == end {
+            progress.show(done, started, failures);
         }
     }
-    let secs = started.elapsed().as_secs_f64();
-    eprintln!();
+    progress.finish();
+    print_summary(args.seeds, started, failures, &total);
+    if args.mutant.is_some() {
+        println!("the mutant survived {} histories", args.seeds);
+        std::process::exit(1);
+    }
+    if failures > 0 {
+        std::process::exit(1);
+    }
+}
+
+fn print_failure(args: &Args, f: &Failure) {
+    println!("\nseed {} ({}): VIOLATION {}", f.seed, f.mode, f.violation);
+    for line in f.trace.iter().rev().take(40).rev() {
+        println!("    {line}");
+    }
     println!(
-        "{} histories in {secs:.1} s ({:.0}/s), {failures} failing",
-        args.seeds,
-        args.seeds as f64 / secs
+        "    replay: cargo run --release -p blockrep-sim -- --seed {} --mode {} --faults {} --steps {}",
+        f.seed, f.mode, args.faults, args.steps
+    );
+}
+
+fn print_summary(seeds: u64, started: Instant, failures: u64, total: &Stats) {
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{seeds} histories in {secs:.1} s ({:.0}/s), {failures} failing",
+        seeds as f64 / secs
     );
     println!(
         "faults injected: {} crashes, {} connection resets, {} partitions, {} failovers ({} promotions refused)",
@@ -142,12 +144,48 @@ fn main() {
         "protocol: {} writes, {} flushes acknowledged (each checked against the stores), {} failed, {} catch-ups, {} logs cut in place, {} rebuilds",
         total.writes, total.flushes_ok, total.flushes_failed, total.catch_ups, total.truncations, total.rebuilds
     );
-    if hunting {
-        println!("the mutant survived {} histories", args.seeds);
-        std::process::exit(1);
+}
+
+/// The progress bar on stderr, redrawn in place with a carriage return: shown only when
+/// stderr is a terminal, so a sweep sent to a file or a pipe gets only the summary.
+struct Progress {
+    seeds: u64,
+    shown: bool,
+    on_terminal: bool,
+}
+
+impl Progress {
+    fn new(seeds: u64) -> Progress {
+        Progress {
+            seeds,
+            shown: false,
+            on_terminal: std::io::stderr().is_terminal(),
+        }
     }
-    if failures > 0 {
-        std::process::exit(1);
+
+    fn show(&mut self, done: u64, started: Instant, failures: u64) {
+        if !self.on_terminal {
+            return;
+        }
+        let rate = done as f64 / started.elapsed().as_secs_f64();
+        let width = 40;
+        let filled = (done * width / self.seeds.max(1)) as usize;
+        eprint!(
+            "\r[{}{}] {done}/{} seeds  {rate:.0}/s  {failures} failing",
+            "#".repeat(filled),
+            "-".repeat(width as usize - filled),
+            self.seeds
+        );
+        let _ = std::io::stderr().flush();
+        self.shown = true;
+    }
+
+    /// Ends the progress line, if one was drawn.
+    fn finish(&mut self) {
+        if self.shown {
+            eprintln!();
+            self.shown = false;
+        }
     }
 }
 

@@ -17,6 +17,28 @@ pub struct ConnKey {
     pub session: u64,
 }
 
+impl ConnKey {
+    /// The session field packs the primary's life and the core's session number, so a
+    /// restarted primary's sessions never collide with its earlier life's.
+    pub fn new(primary: NodeId, replica: NodeId, life: u64, session: u64) -> ConnKey {
+        ConnKey {
+            primary,
+            replica,
+            session: (life << 40) | session,
+        }
+    }
+
+    /// The life of the primary that opened the connection.
+    pub fn life(&self) -> u64 {
+        self.session >> 40
+    }
+
+    /// The session number as the primary's core knows it.
+    pub fn session_number(&self) -> u64 {
+        self.session & ((1 << 40) - 1)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Network {
     /// Open connections and when their last message is due (FIFO per connection).

@@ -3,87 +3,69 @@
 //! by letting the cluster converge, which also compares every replica's volume with the
 //! primary's. The table in docs/PROTOCOL.md maps scenario names to these tests.
 
+mod common;
+
 use blockrep_replication::core::primary::PeerState;
 use blockrep_replication::core::CommitMode::{self, BestEffort, SyncAll, SyncQuorum};
 use blockrep_sim::{Cluster, FlushOutcome};
 
-const N0: usize = 0;
-const N1: usize = 1;
-const N2: usize = 2;
-
-/// Enough for a barrier to time out (400 ms in the simulator) and a reconnect.
-const WAIT: u64 = 2_000;
-
-fn clean(c: &Cluster) {
-    assert!(
-        c.violations().is_empty(),
-        "{:?}\n{}",
-        c.violations(),
-        c.trace[c.trace.len().saturating_sub(60)..].join("\n")
-    );
-}
-
-fn converge(c: &mut Cluster) {
-    if let Err(v) = c.converge(20_000) {
-        panic!(
-            "{v}\n{}",
-            c.trace[c.trace.len().saturating_sub(60)..].join("\n")
-        );
-    }
-    clean(c);
-}
-
-/// Writes `count` blocks from `first` on node `n`, 10 per simulated millisecond (replicas
-/// keep up; a burst of hundreds in one instant would exceed the retention budget before any
-/// replica could answer); returns (block, value) pairs.
-fn write(c: &mut Cluster, n: usize, first: u64, count: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    for b in first..first + count {
-        let (_, v) = c
-            .write_on(n, b % 64)
-            .unwrap_or_else(|| panic!("n{n} does not take writes"));
-        out.push((b % 64, v));
-        if b % 10 == 9 {
-            c.settle(1);
-        }
-    }
-    out
-}
-
-fn acked(c: &mut Cluster, n: usize) {
-    assert_eq!(
-        c.flush_and_wait(n, WAIT),
-        Some(FlushOutcome::Acked),
-        "{}",
-        c.describe()
-    );
-}
-
-fn failed(c: &mut Cluster, n: usize) -> String {
-    match c.flush_and_wait(n, WAIT) {
-        Some(FlushOutcome::Failed(why)) => why,
-        other => panic!("flush on n{n}: {other:?}\n{}", c.describe()),
-    }
-}
-
-fn holds(c: &Cluster, n: usize, values: &[(u64, u64)]) -> bool {
-    values.iter().all(|&(b, v)| c.value(n, b) == Some(v))
-}
-
-fn holds_none(c: &Cluster, n: usize, values: &[(u64, u64)]) -> bool {
-    values.iter().all(|&(b, v)| c.value(n, b) != Some(v))
-}
+use common::*;
 
 /// Sends n1 away long enough (past the retention budget) that it needs a rebuild.
 fn force_rebuild_of_n1(c: &mut Cluster) {
     c.partition(N0, N1);
     write(c, N0, 0, 260);
     c.settle(50);
-    assert!(
-        c.wait_for(N0, N1, PeerState::NeedsRebuild, WAIT),
-        "{}",
-        c.describe()
-    );
+    reach(c, N0, N1, PeerState::NeedsRebuild, WAIT);
+}
+
+/// n1 needs a rebuild, comes back, and n0 starts rebuilding it.
+fn rebuild_n1(c: &mut Cluster) {
+    force_rebuild_of_n1(c);
+    c.heal();
+    reach(c, N0, N1, PeerState::Rebuilding, WAIT);
+}
+
+/// As `rebuild_n1`, until n1's store has begun the rebuild (its old contents are gone).
+fn n1_mid_rebuild(c: &mut Cluster) {
+    rebuild_n1(c);
+    assert!(c.run_until_true(WAIT, |c| c.is_rebuilding(N1)));
+}
+
+/// n0 writes `count` blocks while n1 is away; n1 then comes back, behind.
+fn n1_misses(c: &mut Cluster, count: u64) -> Vec<(u64, u64)> {
+    c.partition(N0, N1);
+    let w = write(c, N0, 0, count);
+    c.heal();
+    w
+}
+
+/// n0 writes `count` blocks from `first` that only n2 hears (n1 is away), lets `settle_ms`
+/// pass and crashes; n1 and n2 are left unable to reach each other, so a promotion of n1
+/// sees only itself. Returns the tail only n2 holds.
+fn tail_only_n2_heard(c: &mut Cluster, first: u64, count: u64, settle_ms: u64) -> Vec<(u64, u64)> {
+    c.partition(N0, N1);
+    let tail = write(c, N0, first, count);
+    c.settle(settle_ms);
+    c.crash(N0);
+    c.heal();
+    c.partition(N1, N2);
+    tail
+}
+
+/// n0 acknowledges 10 writes that `away` never sees, and crashes.
+fn n0_commits_without(c: &mut Cluster, away: usize) {
+    c.partition(N0, away);
+    write(c, N0, 0, 10);
+    acked(c, N0);
+    c.crash(N0);
+    c.heal();
+}
+
+/// n0 is cut off and n1 promoted in its place; n0 lives on as a zombie.
+fn zombie_n0_replaced_by_n1(c: &mut Cluster) {
+    c.cut_off(N0);
+    assert!(c.promote(N1), "{}", c.describe());
 }
 
 // ---- 6.1 the core S-scenarios --------------------------------------------------------
@@ -122,19 +104,13 @@ fn s2_non_quorum_write_then_crash_is_not_exposed() {
     acked(&mut c, N1);
     converge(&mut c);
     // The old primary's unacknowledged tail is never revived: it was rebuilt away.
-    for n in [N0, N1, N2] {
-        assert!(
-            holds_none(&c, n, &lost),
-            "n{n} revived an unacknowledged write"
-        );
-    }
+    nobody_holds(&c, &lost);
 }
 
 #[test]
 fn s3_zombie_old_primary_is_fenced() {
     let mut c = Cluster::scripted(SyncAll);
-    c.cut_off(N0);
-    assert!(c.promote(N1));
+    zombie_n0_replaced_by_n1(&mut c);
     c.heal();
     // The zombie still believes it is primary and takes writes, but can never make them
     // durable anywhere the new primary's replicas would accept.
@@ -151,14 +127,8 @@ fn s3_zombie_old_primary_is_fenced() {
 #[test]
 fn s4_brief_disconnect_catches_up_from_the_wal() {
     let mut c = Cluster::scripted(SyncAll);
-    c.partition(N0, N1);
-    let w = write(&mut c, N0, 0, 30);
-    c.heal();
-    assert!(
-        c.wait_for(N0, N1, PeerState::InSync, WAIT),
-        "{}",
-        c.describe()
-    );
+    let w = n1_misses(&mut c, 30);
+    reach(&mut c, N0, N1, PeerState::InSync, WAIT);
     let k = c.counters(N0).expect("primary");
     assert!(k.catch_ups >= 1);
     assert_eq!(
@@ -190,11 +160,7 @@ fn s5_flapping_past_the_retention_budget_escalates_to_a_rebuild() {
     let mut c = Cluster::scripted(SyncQuorum);
     force_rebuild_of_n1(&mut c);
     c.heal();
-    assert!(
-        c.wait_for(N0, N1, PeerState::InSync, 5_000),
-        "{}",
-        c.describe()
-    );
+    reach(&mut c, N0, N1, PeerState::InSync, 5_000);
     assert!(c.counters(N0).expect("primary").rebuilds_done >= 1);
     converge(&mut c);
 }
@@ -202,9 +168,7 @@ fn s5_flapping_past_the_retention_budget_escalates_to_a_rebuild() {
 #[test]
 fn s6_tail_chasing_converges_while_writes_continue() {
     let mut c = Cluster::scripted(SyncAll);
-    c.partition(N0, N1);
-    write(&mut c, N0, 0, 150);
-    c.heal();
+    n1_misses(&mut c, 150);
     // The primary keeps writing while n1 catches up.
     let mut caught_up = false;
     for i in 0..2_000u64 {
@@ -227,25 +191,15 @@ fn s7_retention_expiry_during_an_outage_aborts_to_needs_rebuild() {
     // Partial progress is not success: n1 counts for nothing until it is rebuilt.
     assert_ne!(c.peer_state(N0, N1), Some(PeerState::InSync));
     c.heal();
-    assert!(
-        c.wait_for(N0, N1, PeerState::Rebuilding, WAIT),
-        "{}",
-        c.describe()
-    );
-    assert!(
-        c.wait_for(N0, N1, PeerState::InSync, 5_000),
-        "{}",
-        c.describe()
-    );
+    reach(&mut c, N0, N1, PeerState::Rebuilding, WAIT);
+    reach(&mut c, N0, N1, PeerState::InSync, 5_000);
     converge(&mut c);
 }
 
 #[test]
 fn s9_rebuild_base_plus_tail_under_live_writes_matches_the_primary() {
     let mut c = Cluster::scripted(SyncQuorum);
-    force_rebuild_of_n1(&mut c);
-    c.heal();
-    assert!(c.wait_for(N0, N1, PeerState::Rebuilding, WAIT));
+    rebuild_n1(&mut c);
     // Writes land while the base streams: the WAL wins over the base.
     let mut i = 0;
     while c.peer_state(N0, N1) == Some(PeerState::Rebuilding) && i < 5_000 {
@@ -253,11 +207,7 @@ fn s9_rebuild_base_plus_tail_under_live_writes_matches_the_primary() {
         c.settle(1);
         i += 1;
     }
-    assert!(
-        c.wait_for(N0, N1, PeerState::InSync, 5_000),
-        "{}",
-        c.describe()
-    );
+    reach(&mut c, N0, N1, PeerState::InSync, 5_000);
     converge(&mut c);
 }
 
@@ -280,7 +230,7 @@ fn s11_mixed_states_under_sync_all_fail_and_never_downgrade() {
     write(&mut c, N0, 0, 3);
     assert_eq!(failed(&mut c, N0), "replica_missing");
     c.heal();
-    assert!(c.wait_for(N0, N1, PeerState::InSync, 5_000));
+    reach(&mut c, N0, N1, PeerState::InSync, 5_000);
     acked(&mut c, N0);
     converge(&mut c);
 }
@@ -288,12 +238,7 @@ fn s11_mixed_states_under_sync_all_fail_and_never_downgrade() {
 /// n1 ends at epoch 2 with a short log, n2 at epoch 1 with a longer one.
 fn n2_longer_on_a_stale_epoch(mode: CommitMode) -> Cluster {
     let mut c = Cluster::scripted(mode);
-    c.partition(N0, N1);
-    write(&mut c, N0, 0, 20);
-    c.settle(50);
-    c.crash(N0);
-    c.heal();
-    c.partition(N1, N2);
+    tail_only_n2_heard(&mut c, 0, 20, 50);
     if mode == SyncQuorum {
         // Alone, n1 cannot prove it holds the committed prefix.
         assert!(!c.promote(N1));
@@ -325,9 +270,7 @@ fn s12_promotion_prefers_the_best_lineage_over_the_longest_log() {
 #[test]
 fn s12_a_rebuilding_node_is_never_promoted() {
     let mut c = Cluster::scripted(SyncAll);
-    force_rebuild_of_n1(&mut c);
-    c.heal();
-    assert!(c.run_until_true(WAIT, |c| c.is_rebuilding(N1)));
+    n1_mid_rebuild(&mut c);
     c.crash(N0);
     assert!(!c.promote(N1));
     assert!(c.promote(N2));
@@ -337,40 +280,24 @@ fn s12_a_rebuilding_node_is_never_promoted() {
 #[test]
 fn s16_restart_during_catch_up() {
     let mut c = Cluster::scripted(SyncAll);
-    c.partition(N0, N1);
-    write(&mut c, N0, 0, 150);
-    c.heal();
-    assert!(
-        c.wait_for(N0, N1, PeerState::CatchingUp, WAIT),
-        "{}",
-        c.describe()
-    );
+    n1_misses(&mut c, 150);
+    reach(&mut c, N0, N1, PeerState::CatchingUp, WAIT);
     c.crash(N1);
     c.settle(100);
     c.restart(N1);
-    assert!(
-        c.wait_for(N0, N1, PeerState::InSync, 5_000),
-        "{}",
-        c.describe()
-    );
+    reach(&mut c, N0, N1, PeerState::InSync, 5_000);
     converge(&mut c);
 }
 
 #[test]
 fn s17_restart_during_rebuild_trusts_no_partial_base() {
     let mut c = Cluster::scripted(SyncQuorum);
-    force_rebuild_of_n1(&mut c);
-    c.heal();
-    assert!(c.run_until_true(WAIT, |c| c.is_rebuilding(N1)));
+    n1_mid_rebuild(&mut c);
     c.crash(N1);
     c.restart(N1);
     // It comes back still marked rebuilding, and only a fresh rebuild brings it in sync.
     assert!(c.is_rebuilding(N1));
-    assert!(
-        c.wait_for(N0, N1, PeerState::InSync, 5_000),
-        "{}",
-        c.describe()
-    );
+    reach(&mut c, N0, N1, PeerState::InSync, 5_000);
     assert!(!c.is_rebuilding(N1));
     converge(&mut c);
 }
@@ -419,11 +346,7 @@ fn s18_primary_restart_keeps_the_wal_an_absent_replica_needs() {
             "{mode}"
         );
         c.heal();
-        assert!(
-            c.wait_for(N0, N1, PeerState::InSync, WAIT),
-            "{mode}: {}",
-            c.describe()
-        );
+        reach(&mut c, N0, N1, PeerState::InSync, WAIT);
         let k = c.counters(N0).expect("primary");
         assert_eq!(
             (k.rebuilds_needed, k.rebuilds_started),
@@ -467,8 +390,7 @@ fn s19_chain_of_custody_keeps_every_committed_write() {
 #[test]
 fn s20_live_partition_minority_primary_cannot_commit() {
     let mut c = Cluster::scripted(SyncQuorum);
-    c.cut_off(N0);
-    assert!(c.promote(N1));
+    zombie_n0_replaced_by_n1(&mut c);
     let stale = write(&mut c, N0, 0, 5);
     assert_eq!(failed(&mut c, N0), "quorum_lost");
     let fresh = write(&mut c, N1, 0, 5);
@@ -478,9 +400,7 @@ fn s20_live_partition_minority_primary_cannot_commit() {
     assert!(c.is_fenced(N0));
     assert!(holds(&c, N2, &fresh) && holds_none(&c, N2, &stale));
     converge(&mut c);
-    for n in [N0, N1, N2] {
-        assert!(holds_none(&c, n, &stale));
-    }
+    nobody_holds(&c, &stale);
 }
 
 // ---- 6.2 candidates and eligibility --------------------------------------------------
@@ -497,11 +417,7 @@ fn candidate_all_equal_ties_break_by_name() {
 #[test]
 fn candidate_higher_lsn_wins() {
     let mut c = Cluster::scripted(SyncQuorum);
-    c.partition(N0, N1);
-    write(&mut c, N0, 0, 10);
-    acked(&mut c, N0);
-    c.crash(N0);
-    c.heal();
+    n0_commits_without(&mut c, N1);
     assert_eq!(c.elect(N0), Some(N2));
     converge(&mut c);
 }
@@ -525,9 +441,7 @@ fn candidate_stopped_nodes_are_excluded_and_nothing_eligible_elects_nobody() {
 #[test]
 fn candidate_needing_a_rebuild_is_skipped() {
     let mut c = Cluster::scripted(SyncQuorum);
-    force_rebuild_of_n1(&mut c);
-    c.heal();
-    assert!(c.wait_for(N0, N1, PeerState::Rebuilding, WAIT));
+    rebuild_n1(&mut c);
     c.crash(N0);
     assert_eq!(c.elect(N0), Some(N2));
     converge(&mut c);
@@ -536,11 +450,7 @@ fn candidate_needing_a_rebuild_is_skipped() {
 #[test]
 fn candidate_lagging_below_the_committed_lsn_is_refused() {
     let mut c = Cluster::scripted(SyncQuorum);
-    c.partition(N0, N2);
-    write(&mut c, N0, 0, 10);
-    acked(&mut c, N0);
-    c.crash(N0);
-    c.heal();
+    n0_commits_without(&mut c, N2);
     assert!(
         !c.promote(N2),
         "n2 lacks entries n1 holds and n0 + n1 committed"
@@ -554,8 +464,7 @@ fn candidate_lagging_below_the_committed_lsn_is_refused() {
 #[test]
 fn network_stale_traffic_after_a_promotion_is_rejected() {
     let mut c = Cluster::scripted(SyncQuorum);
-    c.cut_off(N0);
-    assert!(c.promote(N1));
+    zombie_n0_replaced_by_n1(&mut c);
     let head = c.head(N2);
     // The old primary's traffic arrives after the promotion fenced n2.
     c.heal();
@@ -583,15 +492,13 @@ fn network_write_lost_before_its_barrier_is_never_falsely_acked() {
 #[test]
 fn network_partition_mid_rebuild_starts_a_fresh_rebuild() {
     let mut c = Cluster::scripted(SyncQuorum);
-    force_rebuild_of_n1(&mut c);
-    c.heal();
-    assert!(c.run_until_true(WAIT, |c| c.is_rebuilding(N1)));
+    n1_mid_rebuild(&mut c);
     let started = c.counters(N0).expect("primary").rebuilds_started;
     c.partition(N0, N1);
     c.settle(300);
     assert!(c.is_rebuilding(N1), "a half-copied base is not a volume");
     c.heal();
-    assert!(c.wait_for(N0, N1, PeerState::InSync, 5_000));
+    reach(&mut c, N0, N1, PeerState::InSync, 5_000);
     assert!(c.counters(N0).expect("primary").rebuilds_started > started);
     converge(&mut c);
 }
@@ -616,23 +523,15 @@ fn session_epoch_bump_during_catch_up_invalidates_it() {
     let mut c = Cluster::scripted(SyncAll);
     c.partition(N0, N1);
     write(&mut c, N0, 0, 150);
-    acked_or_not(&mut c);
+    // Under sync-all with n1 away, the flush fails; the writes stay on n0 and n2.
+    let _ = c.flush_and_wait(N0, WAIT);
     c.heal();
-    assert!(c.wait_for(N0, N1, PeerState::CatchingUp, WAIT));
+    reach(&mut c, N0, N1, PeerState::CatchingUp, WAIT);
     c.crash(N0);
     assert!(c.promote(N2));
     // n1 follows the new primary through a fresh session decided by the new facts.
-    assert!(
-        c.wait_for(N2, N1, PeerState::InSync, 5_000),
-        "{}",
-        c.describe()
-    );
+    reach(&mut c, N2, N1, PeerState::InSync, 5_000);
     converge(&mut c);
-}
-
-fn acked_or_not(c: &mut Cluster) {
-    // Under sync-all with n1 away, the flush fails; the writes stay on n0 and n2.
-    let _ = c.flush_and_wait(N0, WAIT);
 }
 
 #[test]
@@ -640,13 +539,8 @@ fn session_replica_ahead_of_the_new_primary_is_never_merged() {
     // Under best-effort the tail was committed as far as n2 knew, so n2 refuses to cut it
     // and is rebuilt; either way nothing of the tail survives.
     let mut c = Cluster::scripted(BestEffort);
-    c.partition(N0, N1);
     // n2 receives an unacknowledged tail that n1 never sees.
-    let tail = write(&mut c, N0, 0, 10);
-    c.settle(50);
-    c.crash(N0);
-    c.heal();
-    c.partition(N1, N2);
+    let tail = tail_only_n2_heard(&mut c, 0, 10, 50);
     assert!(c.promote(N1));
     c.heal();
     converge(&mut c);
@@ -664,19 +558,10 @@ fn session_replica_ahead_is_cut_in_place_not_rebuilt() {
     let mut c = Cluster::scripted(SyncAll);
     let before = write(&mut c, N0, 0, 5);
     acked(&mut c, N0);
-    c.partition(N0, N1);
-    let tail = write(&mut c, N0, 10, 10);
-    c.settle(20);
-    c.crash(N0);
-    c.heal();
-    c.partition(N1, N2);
+    let tail = tail_only_n2_heard(&mut c, 10, 10, 20);
     assert!(c.promote(N1), "{}", c.describe());
     c.heal();
-    assert!(
-        c.wait_for(N1, N2, PeerState::InSync, WAIT),
-        "{}",
-        c.describe()
-    );
+    reach(&mut c, N1, N2, PeerState::InSync, WAIT);
     let k = c.counters(N1).expect("primary");
     assert!(k.truncations >= 1, "{}", c.describe());
     assert_eq!(k.rebuilds_started, 0, "{}", c.describe());
@@ -693,15 +578,11 @@ fn session_rebuild_completes_then_epoch_bumps() {
     let mut c = Cluster::scripted(SyncQuorum);
     force_rebuild_of_n1(&mut c);
     c.heal();
-    assert!(c.wait_for(N0, N1, PeerState::InSync, 5_000));
+    reach(&mut c, N0, N1, PeerState::InSync, 5_000);
     c.crash(N0);
     assert!(c.promote(N2));
     // The rebuilt replica must earn its place again with the new primary.
-    assert!(
-        c.wait_for(N2, N1, PeerState::InSync, 5_000),
-        "{}",
-        c.describe()
-    );
+    reach(&mut c, N2, N1, PeerState::InSync, 5_000);
     converge(&mut c);
 }
 

@@ -1,12 +1,13 @@
 //! Scripted control of a cluster, for the scenario catalogue: the same cores, network and
 //! checker as the random sweep, with the faults placed by hand.
 
-use blockrep_replication::core::primary::{PeerState, PrimaryCounters};
+use blockrep_replication::core::primary::{PeerState, PeerStatus, PrimaryCounters};
 use blockrep_replication::core::CommitMode;
 use blockrep_storage::{Epoch, Lsn};
 
-use super::{Cluster, Config, Faults, FlushOutcome, NodeId, Role};
+use super::{Cluster, Config, Faults, FlushOutcome};
 use crate::check::Violation;
+use crate::net::NodeId;
 
 impl Cluster {
     /// Three nodes under `mode`, n0 primary, no random faults; runs until every replica is in
@@ -32,40 +33,29 @@ impl Cluster {
     /// Flushes on `n` and waits up to `budget_ms` for the answer.
     pub fn flush_and_wait(&mut self, n: NodeId, budget_ms: u64) -> Option<FlushOutcome> {
         let id = self.flush_on(n)?;
-        let deadline = self.now + budget_ms;
-        while self.now < deadline && !self.outcomes.contains_key(&id) {
-            let t = self.now + 1;
-            self.run_until(t);
-        }
+        self.run_until_true(budget_ms, |c| c.outcomes.contains_key(&id));
         self.outcomes.get(&id).cloned()
     }
 
     /// How primary `p` sees replica node `r`.
     pub fn peer_state(&self, p: NodeId, r: NodeId) -> Option<PeerState> {
-        let Some(Role::Primary(pn)) = &self.nodes[p].role else {
-            return None;
-        };
+        self.peer(p, r).map(|peer| peer.state)
+    }
+
+    /// What primary `p` last heard replica node `r` report durable.
+    pub fn peer_durable(&self, p: NodeId, r: NodeId) -> Option<Lsn> {
+        self.peer(p, r).map(|peer| peer.durable)
+    }
+
+    fn peer(&self, p: NodeId, r: NodeId) -> Option<PeerStatus> {
+        let pn = self.nodes[p].primary()?;
         let name = &self.nodes[r].name;
-        pn.core
-            .peers()
-            .into_iter()
-            .find(|peer| &peer.id.0 == name)
-            .map(|peer| peer.state)
+        pn.core.peers().into_iter().find(|peer| &peer.id.0 == name)
     }
 
     /// Runs until primary `p` sees `r` in `state` (true) or `budget_ms` passes (false).
     pub fn wait_for(&mut self, p: NodeId, r: NodeId, state: PeerState, budget_ms: u64) -> bool {
-        let deadline = self.now + budget_ms;
-        loop {
-            if self.peer_state(p, r) == Some(state) {
-                return true;
-            }
-            if self.now >= deadline {
-                return false;
-            }
-            let t = self.now + 1;
-            self.run_until(t);
-        }
+        self.run_until_true(budget_ms, |c| c.peer_state(p, r) == Some(state))
     }
 
     /// Runs until `done` holds (true) or `budget_ms` passes (false).
@@ -86,29 +76,16 @@ impl Cluster {
     /// Runs until the current primary sees every replica in sync.
     pub fn all_in_sync(&mut self, budget_ms: u64) -> bool {
         let p = self.primary;
-        let deadline = self.now + budget_ms;
-        loop {
-            let others: Vec<NodeId> = (0..self.nodes.len()).filter(|&i| i != p).collect();
-            if others
-                .iter()
-                .all(|&r| self.peer_state(p, r) == Some(PeerState::InSync))
-            {
-                return true;
-            }
-            if self.now >= deadline {
-                return false;
-            }
-            let t = self.now + 1;
-            self.run_until(t);
-        }
+        self.run_until_true(budget_ms, |c| {
+            (0..c.nodes.len())
+                .filter(|&r| r != p)
+                .all(|r| c.peer_state(p, r) == Some(PeerState::InSync))
+        })
     }
 
     /// The primary's counters (sessions, catch-ups, rebuilds...).
     pub fn counters(&self, p: NodeId) -> Option<PrimaryCounters> {
-        match &self.nodes[p].role {
-            Some(Role::Primary(pn)) => Some(pn.core.counters().clone()),
-            _ => None,
-        }
+        self.nodes[p].primary().map(|pn| pn.core.counters().clone())
     }
 
     /// Leaves `n` running but unreachable from every other node (a zombie, if primary).
@@ -117,28 +94,6 @@ impl Cluster {
             if i != n {
                 self.partition(n, i);
             }
-        }
-    }
-
-    /// Cuts the link between `a` and `b`, resetting its connections.
-    pub fn partition(&mut self, a: NodeId, b: NodeId) {
-        self.net.partition(a, b);
-        for k in self.net.of_node(a) {
-            if k.primary == b || k.replica == b {
-                self.reset(k);
-            }
-        }
-    }
-
-    /// Restores every link.
-    pub fn heal(&mut self) {
-        self.net.heal();
-    }
-
-    /// Resets (without partitioning) every connection of `n`: a brief network blip.
-    pub fn blip(&mut self, n: NodeId) {
-        for k in self.net.of_node(n) {
-            self.reset(k);
         }
     }
 
@@ -151,16 +106,21 @@ impl Cluster {
         self.nodes[n].store.head()
     }
 
+    /// What node `n`'s store has fsynced.
+    pub fn durable(&self, n: NodeId) -> Lsn {
+        self.nodes[n].store.durable
+    }
+
     pub fn epoch(&self, n: NodeId) -> Epoch {
         self.nodes[n].store.epoch
     }
 
     pub fn is_primary(&self, n: NodeId) -> bool {
-        matches!(self.nodes[n].role, Some(Role::Primary(_))) && self.nodes[n].alive
+        self.nodes[n].primary().is_some() && self.nodes[n].alive
     }
 
     pub fn is_fenced(&self, n: NodeId) -> bool {
-        matches!(&self.nodes[n].role, Some(Role::Primary(pn)) if pn.core.fenced().is_some())
+        self.nodes[n].is_fenced_primary()
     }
 
     pub fn is_rebuilding(&self, n: NodeId) -> bool {

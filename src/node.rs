@@ -16,8 +16,8 @@ use blockrep_storage::{CreateOptions, Epoch, IoMode, OpenOptions, Role, Store, V
 use tokio_util::sync::CancellationToken;
 
 use crate::observe::{NodeKind, StatusSource, VolumeMetrics};
+use crate::support::{human, runtime, DEFAULT_NBD};
 use crate::volume::StoreVolume;
-use crate::{human, runtime, DEFAULT_NBD};
 
 pub const DEFAULT_PRIMARY_METRICS: &str = "127.0.0.1:9810";
 pub const DEFAULT_REPLICA_METRICS: &str = "127.0.0.1:9811";
@@ -110,7 +110,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub force: bool,
     /// Limit rebuild traffic to this many bytes per second (0: no limit).
-    #[arg(long, value_parser = crate::parse_size, default_value = "0")]
+    #[arg(long, value_parser = crate::support::parse_size, default_value = "0")]
     pub rebuild_rate: u64,
     #[command(flatten)]
     pub observe: ObserveArgs,

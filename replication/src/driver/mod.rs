@@ -7,8 +7,6 @@ pub mod primary;
 pub mod promotion;
 pub mod replica;
 
-pub use self::promotion::probe;
-
 use std::time::Duration;
 
 use bytes::BytesMut;

@@ -3,7 +3,7 @@
 use bytes::{Buf, Bytes};
 
 use super::encode::frame_crc;
-use super::{
+use super::message::{
     Body, Frame, RejectReason, ReportedRole, WireError, ENTRIES, ENTRY_HEADER_LEN, HEADER_LEN,
     MAGIC, MAX_BODY, VERSION,
 };

@@ -2,7 +2,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{Body, Frame, ReportedRole, HEADER_LEN, MAGIC, VERSION};
+use super::message::{Body, Frame, ReportedRole, HEADER_LEN, MAGIC, VERSION};
 use blockrep_storage::{Epoch, Lsn, VolumeId, WalRecord};
 
 /// A log message on the wire holds at most this many bytes.

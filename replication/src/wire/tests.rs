@@ -1,7 +1,7 @@
 //! Round trips of every body, and what corruption does.
 
-use blockrep_storage::RecordKind;
-use bytes::BytesMut;
+use blockrep_storage::{Epoch, Lsn, RecordKind, VolumeId, WalRecord};
+use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 
 use super::encode::frame_crc;

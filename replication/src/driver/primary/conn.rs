@@ -9,29 +9,11 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
-use super::{Driver, Input};
+use super::{Conn, Driver, Input};
 use crate::core::primary::Event;
 use crate::core::{ReplicaId, SessionId};
 use crate::driver::{millis, FrameCodec, CONNECT_TIMEOUT};
 use crate::wire::Frame;
-
-/// The transport of one replica's session.
-pub(super) struct Conn {
-    pub(super) session: SessionId,
-    /// Frames for the writer task, in order.
-    pub(super) tx: mpsc::UnboundedSender<Frame>,
-    /// Bytes of frames queued and not yet written (see `MAX_QUEUED_BYTES`).
-    pub(super) queued: Arc<AtomicU64>,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl Conn {
-    /// Ends the session's transport: the reader stops, and with the last sender gone the
-    /// writer too.
-    pub(super) fn end(self) {
-        self.reader.abort();
-    }
-}
 
 /// Who a connection reports to, and as which session.
 #[derive(Clone)]

@@ -13,13 +13,13 @@ use blockrep_storage::{Epoch, Lsn, Store};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use self::conn::Conn;
 use self::lag::AppendTimes;
 use super::millis;
 use crate::core::primary::{
     BarrierFailure, Event, PeerStatus, PrimaryConfig, PrimaryCore, PrimaryCounters,
 };
-use crate::core::ReplicaId;
+use crate::core::{ReplicaId, SessionId};
+use crate::wire::Frame;
 
 mod actions;
 mod base;
@@ -123,6 +123,25 @@ impl PrimaryHandle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+/// The transport of one replica's session.
+/// The transport of one replica's session (opened in `conn`).
+struct Conn {
+    session: SessionId,
+    /// Frames for the writer task, in order.
+    tx: mpsc::UnboundedSender<Frame>,
+    /// Bytes of frames queued and not yet written (see `MAX_QUEUED_BYTES`).
+    queued: Arc<AtomicU64>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Conn {
+    /// Ends the session's transport: the reader stops, and with the last sender gone the
+    /// writer too.
+    fn end(self) {
+        self.reader.abort();
     }
 }
 

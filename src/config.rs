@@ -126,7 +126,7 @@ struct Size(u64);
 impl std::str::FromStr for Size {
     type Err = String;
     fn from_str(s: &str) -> Result<Size, String> {
-        crate::parse_size(s).map(Size)
+        crate::support::parse_size(s).map(Size)
     }
 }
 

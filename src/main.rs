@@ -6,9 +6,11 @@ mod node;
 mod observe;
 mod offline;
 mod status;
+mod support;
 mod systemd;
 mod volume;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,7 +20,7 @@ use blockrep_replication::core::CommitMode;
 use blockrep_storage::{CreateOptions, IoMode, Store};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-const DEFAULT_NBD: &str = "127.0.0.1:10809";
+use crate::support::{human, parse_size, DEFAULT_NBD};
 
 #[derive(Parser)]
 #[command(
@@ -128,13 +130,6 @@ enum Command {
     },
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    parse_size::Config::new()
-        .with_binary()
-        .parse_size(s)
-        .map_err(|e| format!("{s:?} is not a size like 256MiB or 10GiB ({e})"))
-}
-
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
@@ -144,8 +139,13 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal who has not asked for none (NO_COLOR):
+    // journald and log files get plain text.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .init();
     match run(cli.command, &matches) {
@@ -234,27 +234,4 @@ fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
             io_engine,
         } => offline::export(&dir, &file, io_engine),
     }
-}
-
-pub(crate) fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[i])
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
-}
-
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("blockrep-rt")
-        .build()
-        .context("cannot start the async runtime")
 }

@@ -8,16 +8,16 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use blockrep_frontend::{Exports, ListenAddr, Server};
 use blockrep_replication::core::primary::{PeerState, PrimaryConfig};
-use blockrep_replication::core::promotion::{self, Facts};
+use blockrep_replication::core::promotion::Facts;
 use blockrep_replication::core::{CommitMode, ReplicaId};
+use blockrep_replication::driver::promotion::{Promotion, PromotionError};
 use blockrep_replication::driver::{self, primary::PrimaryHandle};
-use blockrep_replication::wire::Body;
 use blockrep_storage::{CreateOptions, Epoch, IoMode, OpenOptions, Role, Store, VolumeId};
 use tokio_util::sync::CancellationToken;
 
 use crate::observe::{NodeKind, StatusSource, VolumeMetrics};
+use crate::support::{human, runtime, DEFAULT_NBD};
 use crate::volume::StoreVolume;
-use crate::{human, runtime, DEFAULT_NBD};
 
 pub const DEFAULT_PRIMARY_METRICS: &str = "127.0.0.1:9810";
 pub const DEFAULT_REPLICA_METRICS: &str = "127.0.0.1:9811";
@@ -110,7 +110,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub force: bool,
     /// Limit rebuild traffic to this many bytes per second (0: no limit).
-    #[arg(long, value_parser = crate::parse_size, default_value = "0")]
+    #[arg(long, value_parser = crate::support::parse_size, default_value = "0")]
     pub rebuild_rate: u64,
     #[command(flatten)]
     pub observe: ObserveArgs,
@@ -198,19 +198,7 @@ async fn serve_primary(
             replication: primary.clone(),
         },
     ));
-    let known: Vec<String> = args.replicas.iter().map(|(id, _)| id.0.clone()).collect();
-    let set_address = primary.clone().map(|p| {
-        Arc::new(move |name: &str, addr: &str| {
-            if !known.iter().any(|k| k == name) {
-                return Err(format!(
-                    "no replica named {name:?} (known: {})",
-                    known.join(", ")
-                ));
-            }
-            p.set_address(ReplicaId(name.to_string()), addr.to_string());
-            Ok(())
-        }) as Arc<dyn Fn(&str, &str) -> Result<(), String> + Send + Sync>
-    });
+    let set_address = primary.clone().map(|p| set_address_handler(p, args));
     let status_source = source.clone();
     let admin_addr = start_admin(
         &args.observe,
@@ -224,6 +212,57 @@ async fn serve_primary(
         shutdown.clone(),
     )
     .await?;
+    print_banner(dir, &store, args, mode, epoch, &server, admin_addr);
+    let mut exports = Exports::new();
+    exports.add(
+        args.export.clone(),
+        Arc::new(StoreVolume::new(
+            store.clone(),
+            primary,
+            metrics.clone(),
+            mode.name(),
+        )),
+    );
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    crate::systemd::ready(&format!("serving {} at epoch {epoch}", dir.display()));
+    crate::systemd::spawn_watchdog();
+    if args.observe.off() {
+        server.run(exports, shutdown).await?;
+    } else {
+        server.observe(metrics).run(exports, shutdown).await?;
+    }
+    crate::systemd::stopping();
+    Ok(())
+}
+
+/// What the admin endpoint calls to point a replica at a new address.
+type SetAddress = dyn Fn(&str, &str) -> Result<(), String> + Send + Sync;
+
+/// The admin endpoint's `set-address` for the configured replicas.
+fn set_address_handler(primary: PrimaryHandle, args: &ServeArgs) -> Arc<SetAddress> {
+    let known: Vec<String> = args.replicas.iter().map(|(id, _)| id.0.clone()).collect();
+    Arc::new(move |name: &str, addr: &str| {
+        if !known.iter().any(|k| k == name) {
+            return Err(format!(
+                "no replica named {name:?} (known: {})",
+                known.join(", ")
+            ));
+        }
+        primary.set_address(ReplicaId(name.to_string()), addr.to_string());
+        Ok(())
+    })
+}
+
+/// What a serving primary prints on stdout: where it serves, and how to look at it.
+fn print_banner(
+    dir: &Path,
+    store: &Store,
+    args: &ServeArgs,
+    mode: CommitMode,
+    epoch: Epoch,
+    server: &Server,
+    admin_addr: Option<std::net::SocketAddr>,
+) {
     let info = store.info();
     for addr in server.local_addrs() {
         let uri = match &addr {
@@ -248,26 +287,6 @@ async fn serve_primary(
     if let Some(ListenAddr::Tcp(a)) = server.local_addrs().first() {
         println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'");
     }
-    let mut exports = Exports::new();
-    exports.add(
-        args.export.clone(),
-        Arc::new(StoreVolume::new(
-            store.clone(),
-            primary,
-            metrics.clone(),
-            mode.name(),
-        )),
-    );
-    ready.store(true, std::sync::atomic::Ordering::Release);
-    crate::systemd::ready(&format!("serving {} at epoch {epoch}", dir.display()));
-    crate::systemd::spawn_watchdog();
-    if args.observe.off() {
-        server.run(exports, shutdown).await?;
-    } else {
-        server.observe(metrics).run(exports, shutdown).await?;
-    }
-    crate::systemd::stopping();
-    Ok(())
 }
 
 /// The epoch to serve at. A store that last served as a replica is being promoted: it must
@@ -282,102 +301,32 @@ async fn choose_epoch(
     if !(sb.role == Role::Replica && sb.epoch > Epoch(0)) {
         return Ok(args.epoch.map(Epoch));
     }
-    let me = Facts {
-        name: dir.display().to_string(),
-        head: store.head(),
-        head_epoch: store.head_epoch(),
-        committed: store.committed(),
-        epoch: sb.epoch,
-        needs_rebuild: false,
+    let promotion = Promotion {
+        candidate: Facts {
+            name: dir.display().to_string(),
+            head: store.head(),
+            head_epoch: store.head_epoch(),
+            committed: store.committed(),
+            epoch: sb.epoch,
+            needs_rebuild: false,
+        },
+        store_id: sb.store_id,
+        volume_id: sb.volume_id,
+        replicas: args.replicas.clone(),
+        mode,
+        epoch: args.epoch.map(Epoch),
+        force: args.force,
     };
-    // First look without disturbing anyone: a promotion that cannot pass leaves the running
-    // primary alone.
-    let members = probe_members(args, sb.epoch, None, sb.volume_id).await;
-    decide_promotion(dir, &me, &members, args, mode)?;
-    // Then fence the members at the new epoch and decide again on what they hold once the
-    // old primary can no longer add to it.
-    let min = promotion::next_epoch(&me, &members);
-    let epoch = match args.epoch.map(Epoch) {
-        Some(e) if e < min => bail!(
-            "--epoch {e} is not above epoch {} that this volume has already seen",
-            min.0 - 1
-        ),
-        Some(e) => e,
-        None => min,
-    };
-    let fenced = probe_members(args, epoch, Some(sb.store_id), sb.volume_id).await;
-    decide_promotion(dir, &me, &fenced, args, mode)?;
-    Ok(Some(epoch))
-}
-
-/// Probes every configured replica; those that answer for our volume are the members.
-async fn probe_members(
-    args: &ServeArgs,
-    epoch: Epoch,
-    fence: Option<blockrep_storage::VolumeId>,
-    volume: blockrep_storage::VolumeId,
-) -> Vec<Facts> {
-    let mut members = Vec::new();
-    for (id, addr) in &args.replicas {
-        match driver::probe(addr, epoch, fence).await {
-            Ok((
-                epoch,
-                Body::ProbeReply {
-                    volume_id,
-                    head,
-                    head_epoch,
-                    committed,
-                    needs_rebuild,
-                    ..
-                },
-            )) if volume_id == volume => members.push(Facts {
-                name: id.0.clone(),
-                head,
-                head_epoch,
-                committed,
-                epoch,
-                needs_rebuild,
-            }),
-            Ok((_, Body::ProbeReply { volume_id, .. })) => {
-                tracing::warn!(replica = %id, "belongs to volume {volume_id}, not ours; ignored")
-            }
-            Ok((_, Body::Reject { message, .. })) => {
-                tracing::warn!(replica = %id, "refused the promotion probe: {message}")
-            }
-            Ok((_, other)) => {
-                tracing::warn!(replica = %id, "answered the probe with {}", other.name())
-            }
-            Err(e) => tracing::warn!(replica = %id, "unreachable for the promotion check: {e}"),
+    match promotion.run().await {
+        Ok(epoch) => Ok(Some(epoch)),
+        Err(PromotionError::EpochNotAbove { requested, seen }) => {
+            bail!("--epoch {requested} is not above epoch {seen} that this volume has already seen")
         }
-    }
-    members
-}
-
-fn decide_promotion(
-    dir: &Path,
-    me: &Facts,
-    members: &[Facts],
-    args: &ServeArgs,
-    mode: CommitMode,
-) -> Result<()> {
-    match promotion::check(me, members, args.replicas.len(), mode) {
-        Ok(()) => tracing::info!(
-            "promoting {} (head {}, committed {}) with {} of {} replica(s) consulted",
-            dir.display(),
-            me.head,
-            me.committed,
-            members.len(),
-            args.replicas.len()
-        ),
-        Err(why) if args.force => {
-            tracing::warn!("FORCED promotion of {}: {why}", dir.display())
-        }
-        Err(why) => bail!(
-            "refusing to promote {}: {why}; --force promotes it anyway and loses what it lacks",
-            dir.display()
+        Err(PromotionError::Refused { candidate, why }) => bail!(
+            "refusing to promote {candidate}: {why}; --force promotes it anyway and loses what it \
+             lacks"
         ),
     }
-    Ok(())
 }
 
 async fn start_replication(
@@ -419,10 +368,8 @@ async fn start_replication(
                 !matches!(p.state, PeerState::Connecting | PeerState::Handshake)
                     && p.why != "not contacted yet"
             });
+        // Each peer's state is logged by the driver as it changes, not again here.
         if settled || tokio::time::Instant::now() >= deadline {
-            for p in &status.peers {
-                tracing::info!(replica = %p.id, state = p.state.name(), "{}", p.why);
-            }
             return Ok(handle);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -279,7 +279,7 @@ impl StatusSource {
             m.rebuild_bytes.with_label_values(&l).set(done as i64);
             m.rebuild_progress.with_label_values(&l).set(if total > 0 {
                 done as f64 / total as f64
-            } else if rep.state == "in_sync" {
+            } else if rep.state == PeerState::InSync.name() {
                 1.0
             } else {
                 0.0

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use blockrep_storage::{IoMode, OpenOptions, StorageError, Store};
 
-use crate::{human, runtime};
+use crate::support::{human, runtime};
 
 #[derive(serde::Serialize)]
 struct Inspection {

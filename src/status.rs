@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use blockrep_metrics::StatusReport;
 
-use crate::human;
+use crate::support::human;
 
 fn url(admin: &str, path: &str) -> String {
     let base = admin.trim_end_matches('/');

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use blockrep_frontend::{BlockVolume, Extent, ReadChunk, VolumeError, VolumeResult};
-use blockrep_replication::driver::primary::PrimaryHandle;
-use blockrep_storage::{Lsn, ReadSegment, StorageError, Store};
+use blockrep_replication::driver::primary::{PrimaryHandle, ReplicationError};
+use blockrep_storage::{Epoch, Lsn, ReadSegment, StorageError, Store};
 use bytes::Bytes;
 
 use crate::observe::VolumeMetrics;
@@ -36,10 +36,12 @@ impl StoreVolume {
 
     /// Writes are refused once a newer primary has fenced this one.
     fn check_not_fenced(&self) -> VolumeResult<()> {
+        self.fenced_by().map_err(CommitError::into_volume_error)
+    }
+
+    fn fenced_by(&self) -> Result<(), CommitError> {
         match self.primary.as_ref().and_then(|p| p.fenced()) {
-            Some(epoch) => Err(VolumeError::Io(format!(
-                "this primary was fenced by epoch {epoch}; it accepts no more writes"
-            ))),
+            Some(epoch) => Err(CommitError::Fenced(epoch)),
             None => Ok(()),
         }
     }
@@ -49,33 +51,71 @@ impl StoreVolume {
     async fn commit(&self, target: Lsn) -> VolumeResult<()> {
         let started = std::time::Instant::now();
         let result = self.commit_inner(target).await;
-        let failure = result.as_ref().err().map(|e| match e {
-            VolumeError::Io(msg) if msg.contains("fenced") => "fenced",
-            VolumeError::Io(msg) if msg.contains("quorum_lost") => "quorum_lost",
-            VolumeError::Io(msg) if msg.contains("replica_missing") => "replica_missing",
-            _ => "local",
-        });
+        let failure = result.as_ref().err().map(CommitError::label);
         self.metrics.barrier(self.mode, started.elapsed(), failure);
-        result
+        result.map_err(CommitError::into_volume_error)
     }
 
     /// The local WAL fsync always (it gates everything), and the replicas' acknowledgements
-    /// if replicated.
-    async fn commit_inner(&self, target: Lsn) -> VolumeResult<()> {
+    /// if replicated. The replication driver learns the local fsync from the store itself
+    /// (`Store::watch_durable`), so nothing here relays it.
+    async fn commit_inner(&self, target: Lsn) -> Result<(), CommitError> {
         let Some(primary) = &self.primary else {
-            return self.store.wait_durable(target).await.map_err(volume_error);
+            return self
+                .store
+                .wait_durable(target)
+                .await
+                .map_err(CommitError::Local);
         };
-        self.check_not_fenced()?;
-        let local = async {
-            let r = self.store.wait_durable(target).await;
-            if r.is_ok() {
-                primary.local_durable(target);
+        self.fenced_by()?;
+        let (local, replicated) =
+            tokio::join!(self.store.wait_durable(target), primary.barrier(target));
+        local.map_err(CommitError::Local)?;
+        replicated.map_err(|source| CommitError::Replication { target, source })
+    }
+}
+
+/// Why a FLUSH or FUA failed, by kind: the barrier metrics take their label from it.
+#[derive(Debug)]
+enum CommitError {
+    /// A newer primary fenced this one.
+    Fenced(Epoch),
+    /// The local WAL could not be made durable.
+    Local(StorageError),
+    /// The replicas did not meet the commit mode through `target`.
+    Replication {
+        target: Lsn,
+        source: ReplicationError,
+    },
+}
+
+impl CommitError {
+    /// The `reason` label of `barrier_failures`.
+    fn label(&self) -> &'static str {
+        match self {
+            CommitError::Fenced(_) => "fenced",
+            CommitError::Replication {
+                source: ReplicationError::Barrier(f),
+                ..
+            } => f.name(),
+            CommitError::Local(_)
+            | CommitError::Replication {
+                source: ReplicationError::Stopped,
+                ..
+            } => "local",
+        }
+    }
+
+    fn into_volume_error(self) -> VolumeError {
+        match self {
+            CommitError::Fenced(epoch) => VolumeError::Io(format!(
+                "this primary was fenced by epoch {epoch}; it accepts no more writes"
+            )),
+            CommitError::Local(e) => volume_error(e),
+            CommitError::Replication { target, source } => {
+                VolumeError::Io(format!("flush through {target}: {source}"))
             }
-            r
-        };
-        let (local, replicated) = tokio::join!(local, primary.barrier(target));
-        local.map_err(volume_error)?;
-        replicated.map_err(|e| VolumeError::Io(format!("flush through {target}: {e}")))
+        }
     }
 }
 
@@ -171,5 +211,42 @@ impl BlockVolume for StoreVolume {
                 zero: a.zero,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blockrep_replication::core::primary::BarrierFailure;
+    use blockrep_replication::driver::primary::ReplicationError;
+    use blockrep_storage::{Epoch, Lsn, StorageError};
+
+    use super::CommitError;
+
+    #[test]
+    fn barrier_failures_are_labelled_by_their_kind_never_their_text() {
+        let replicated = |source| CommitError::Replication {
+            target: Lsn(7),
+            source,
+        };
+        let cases = [
+            (CommitError::Fenced(Epoch(3)), "fenced"),
+            (CommitError::Local(StorageError::Closed), "local"),
+            (replicated(ReplicationError::Stopped), "local"),
+            (
+                replicated(ReplicationError::Barrier(BarrierFailure::ReplicaMissing)),
+                "replica_missing",
+            ),
+            (
+                replicated(ReplicationError::Barrier(BarrierFailure::QuorumLost)),
+                "quorum_lost",
+            ),
+            (
+                replicated(ReplicationError::Barrier(BarrierFailure::Fenced)),
+                "fenced",
+            ),
+        ];
+        for (e, label) in cases {
+            assert_eq!(e.label(), label, "{e:?}");
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! The tokio driver: runs the sans-IO core over TCP. It owns sockets, timers and the store;
-//! the core owns every decision.
+//! the core owns every decision. The primary's loop (`primary`), the replica's (`replica`)
+//! and a promotion's probes (`promotion`) each have a module; the framing over a byte
+//! stream they share is here.
 
 pub mod primary;
+pub mod promotion;
 pub mod replica;
 
 use std::time::Duration;
@@ -124,34 +127,4 @@ pub(crate) async fn write_parts(
 /// Milliseconds since `start`, the core's notion of time.
 pub(crate) fn millis(start: tokio::time::Instant) -> u64 {
     start.elapsed().as_millis() as u64
-}
-
-/// Asks the store behind `addr` what it holds (used before a promotion). With `fence`, the
-/// member first adopts `epoch` on behalf of that candidate store and stops following its
-/// current primary.
-pub async fn probe(
-    addr: &str,
-    epoch: blockrep_storage::Epoch,
-    fence: Option<blockrep_storage::VolumeId>,
-) -> Result<(blockrep_storage::Epoch, crate::wire::Body), String> {
-    use futures_util::{SinkExt, StreamExt};
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| format!("{addr}: timed out"))?
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let (r, w) = stream.into_split();
-    let mut sink = tokio_util::codec::FramedWrite::new(w, FrameCodec);
-    sink.send(Frame {
-        epoch,
-        body: crate::wire::Body::Probe { fence },
-    })
-    .await
-    .map_err(|e| format!("{addr}: {e}"))?;
-    let mut frames = tokio_util::codec::FramedRead::new(r, FrameCodec);
-    match tokio::time::timeout(CONNECT_TIMEOUT, frames.next()).await {
-        Ok(Some(Ok(frame))) => Ok((frame.epoch, frame.body)),
-        Ok(Some(Err(e))) => Err(format!("{addr}: {e}")),
-        Ok(None) => Err(format!("{addr}: closed without answering")),
-        Err(_) => Err(format!("{addr}: no answer")),
-    }
 }

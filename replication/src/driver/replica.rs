@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use blockrep_storage::{Role, StorageError, Store};
+use blockrep_storage::{Lsn, Role, StorageError, Store};
 use futures_util::StreamExt;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
@@ -68,20 +68,33 @@ pub async fn run(
     store: Arc<Store>,
     listener: TcpListener,
     shutdown: CancellationToken,
-    status: Option<tokio::sync::watch::Sender<ReplicaStatus>>,
+    status: Option<watch::Sender<ReplicaStatus>>,
 ) -> Result<(), StorageError> {
     // The data file takes only committed entries while it can, so the tail a failover
     // discards can be cut in place (see `Store::set_checkpoint_gate`).
     store.set_checkpoint_gate(Some(store.committed()));
-    let state = initial_state(&store);
-    let mut core = ReplicaCore::new(state);
     let (in_tx, mut inputs) = mpsc::unbounded_channel::<Input>();
-    let mut conns: HashMap<ConnId, (mpsc::UnboundedSender<Frame>, String)> = HashMap::new();
+    let mut node = Node {
+        core: ReplicaCore::new(initial_state(&store)),
+        durable: store.watch_durable(),
+        store,
+        conns: HashMap::new(),
+        in_tx,
+        syncs: Vec::new(),
+        status,
+        rejected: Default::default(),
+    };
     let mut next_conn = 1u64;
     loop {
         let input = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            // The store made more durable: answer the syncs it covers, before anything else.
+            Ok(()) = node.durable.changed() => {
+                node.durable.borrow_and_update();
+                node.answer_syncs().await;
+                continue;
+            }
             Some(input) = inputs.recv() => input,
             accepted = listener.accept() => {
                 match accepted {
@@ -89,7 +102,7 @@ pub async fn run(
                         let _ = stream.set_nodelay(true);
                         let conn = ConnId(next_conn);
                         next_conn += 1;
-                        spawn_connection(stream, conn, addr.to_string(), in_tx.clone());
+                        spawn_connection(stream, conn, addr.to_string(), node.in_tx.clone());
                     }
                     Err(e) => tracing::warn!("accept failed: {e}"),
                 }
@@ -99,7 +112,7 @@ pub async fn run(
         let (event, _intake) = match input {
             Input::Accepted { conn, tx, peer } => {
                 tracing::debug!(conn = conn.0, %peer, "replication connection");
-                conns.insert(conn, (tx, peer));
+                node.conns.insert(conn, (tx, peer));
                 continue;
             }
             Input::Event(e) => (e, None),
@@ -109,189 +122,230 @@ pub async fn run(
                 _intake,
             } => (Event::Received { conn, frame }, Some(_intake)),
         };
+        node.step(event).await;
+        // A sync the store already covers is answered now, not at its next change.
+        node.answer_syncs().await;
+    }
+    Ok(())
+}
+
+/// The replica's event loop state: the core, the store, and the sessions' transports.
+struct Node {
+    store: Arc<Store>,
+    core: ReplicaCore,
+    /// Each session's frame queue and its peer's address.
+    conns: HashMap<ConnId, (mpsc::UnboundedSender<Frame>, String)>,
+    in_tx: mpsc::UnboundedSender<Input>,
+    /// The store's durable LSN as it moves: the one source of what a sync may report.
+    durable: watch::Receiver<Lsn>,
+    /// Syncs asked for and not yet covered by the durable LSN, in the order asked. One
+    /// whose session has closed is still answered: the core learns the durable LSN from it.
+    syncs: Vec<(ConnId, Lsn)>,
+    status: Option<watch::Sender<ReplicaStatus>>,
+    /// Sessions just sent a `Reject`: their close is already logged, as the refusal.
+    rejected: std::collections::HashSet<ConnId>,
+}
+
+impl Node {
+    /// Runs one event through the core, carries out its actions, and publishes the status.
+    async fn step(&mut self, event: Event) {
         if let Event::Closed { conn } = &event {
-            conns.remove(conn);
+            self.conns.remove(conn);
+            self.rejected.remove(conn);
         }
-        for action in core.step(event) {
-            execute(&store, &mut core, &mut conns, &in_tx, action).await;
+        for action in self.core.step(event) {
+            self.execute(action).await;
         }
-        if let Some(tx) = &status {
-            let s = core.state();
+        if let Some(tx) = &self.status {
+            let s = self.core.state();
             let _ = tx.send(ReplicaStatus {
                 epoch: s.epoch,
                 head: s.head,
                 durable: s.durable,
                 committed: s.committed,
-                connected: core.active().is_some(),
+                connected: self.core.active().is_some(),
             });
         }
     }
-    Ok(())
-}
 
-async fn execute(
-    store: &Arc<Store>,
-    core: &mut ReplicaCore,
-    conns: &mut HashMap<ConnId, (mpsc::UnboundedSender<Frame>, String)>,
-    in_tx: &mpsc::UnboundedSender<Input>,
-    action: Action,
-) {
-    match action {
-        Action::Send { conn, frame } => {
-            if let Some((tx, _)) = conns.get(&conn) {
-                let _ = tx.send(frame);
-            }
+    /// Tells the core of every sync the store's durable LSN now covers.
+    async fn answer_syncs(&mut self) {
+        let durable = *self.durable.borrow();
+        if !self.syncs.iter().any(|(_, lsn)| *lsn <= durable) {
+            return;
         }
-        Action::Close { conn, reason } => {
-            if let Some((_, peer)) = conns.remove(&conn) {
-                tracing::info!(%peer, "closing replication session: {reason}");
-            }
+        let (done, waiting) = std::mem::take(&mut self.syncs)
+            .into_iter()
+            .partition(|(_, lsn)| *lsn <= durable);
+        self.syncs = waiting;
+        for (conn, _) in done {
+            self.step(Event::Synced { conn, durable }).await;
         }
-        Action::AdoptVolume { volume_id } => {
-            let s = store.clone();
-            match tokio::task::spawn_blocking(move || s.adopt_volume(volume_id)).await {
-                Ok(Ok(())) => tracing::info!("blank store joined volume {volume_id}"),
-                other => fail_storage(core, conns, in_tx, format!("cannot join volume: {other:?}")),
-            }
+    }
+
+    /// Asks the store to make `lsn` durable; the answer comes from the durable LSN's watch
+    /// ([`Node::answer_syncs`]). Only a failure comes back here, as the session's end.
+    fn sync(&mut self, conn: ConnId, lsn: Lsn) {
+        self.syncs.push((conn, lsn));
+        if *self.durable.borrow() >= lsn {
+            return;
         }
-        Action::AdoptEpoch { epoch, owner } => {
-            let s = store.clone();
-            match tokio::task::spawn_blocking(move || s.adopt_epoch(epoch, owner)).await {
-                Ok(Ok(())) => tracing::info!("following primary store {owner} at epoch {epoch}"),
-                other => fail_storage(
-                    core,
-                    conns,
-                    in_tx,
-                    format!("cannot adopt epoch {epoch}: {other:?}"),
-                ),
+        let store = self.store.clone();
+        let in_tx = self.in_tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.wait_durable(lsn).await {
+                tracing::error!("replica store cannot sync: {e}");
+                let _ = in_tx.send(Input::Event(Event::Closed { conn }));
             }
-        }
-        Action::Append { record } => {
-            let lsn = record.lsn;
-            if let Err(e) = store.append_replicated(record).await {
-                fail_storage(
-                    core,
-                    conns,
-                    in_tx,
-                    format!("cannot append entry {lsn}: {e}"),
-                );
-            }
-        }
-        Action::Sync { conn, lsn } => {
-            let store = store.clone();
-            let in_tx = in_tx.clone();
-            tokio::spawn(async move {
-                match store.wait_durable(lsn).await {
-                    Ok(()) => {
-                        let durable = store.durable();
-                        let _ = in_tx.send(Input::Event(Event::Synced { conn, durable }));
+        });
+    }
+
+    async fn execute(&mut self, action: Action) {
+        match action {
+            Action::Send { conn, frame } => {
+                if let Some((tx, _)) = self.conns.get(&conn) {
+                    if matches!(frame.body, Body::Reject { .. }) {
+                        self.rejected.insert(conn);
                     }
-                    Err(e) => {
-                        tracing::error!("replica store cannot sync: {e}");
-                        let _ = in_tx.send(Input::Event(Event::Closed { conn }));
+                    let _ = tx.send(frame);
+                }
+            }
+            Action::Close { conn, reason } => {
+                let rejected = self.rejected.remove(&conn);
+                if let Some((_, peer)) = self.conns.remove(&conn) {
+                    // The core logs each refusal (with its reason) as it makes it.
+                    if rejected {
+                        tracing::debug!(%peer, "closing replication session: {reason}");
+                    } else {
+                        tracing::info!(%peer, "closing replication session: {reason}");
                     }
                 }
-            });
-        }
-        Action::SetCommitted { lsn } => {
-            store.set_committed(lsn);
-            store.set_checkpoint_gate(Some(lsn));
-        }
-        Action::BeginRebuild { base, history } => {
-            let s = store.clone();
-            match tokio::task::spawn_blocking(move || s.begin_rebuild(base, history)).await {
-                Ok(Ok(())) => tracing::info!("rebuilding from the primary's base at LSN {base}"),
-                other => fail_storage(
-                    core,
-                    conns,
-                    in_tx,
-                    format!("cannot start a rebuild: {other:?}"),
-                ),
             }
-        }
-        Action::ApplyBase {
-            offset,
-            length,
-            data,
-        } => {
-            if let Err(e) = store.apply_base(offset, length, data).await {
-                fail_storage(core, conns, in_tx, format!("cannot apply base data: {e}"));
-            }
-        }
-        Action::Truncate { conn, keep } => {
-            let s = store.clone();
-            let refusal = match tokio::task::spawn_blocking(move || s.truncate_after(keep)).await {
-                Ok(Ok(())) => None,
-                Ok(Err(e @ StorageError::CannotTruncate { .. })) => Some(e.to_string()),
-                Ok(Err(e)) => {
-                    fail_storage(core, conns, in_tx, format!("cannot cut the log: {e}"));
-                    return;
+            Action::AdoptVolume { volume_id } => self.adopt_volume(volume_id).await,
+            Action::AdoptEpoch { epoch, owner } => self.adopt_epoch(epoch, owner).await,
+            Action::Append { record } => {
+                let lsn = record.lsn;
+                if let Err(e) = self.store.append_replicated(record).await {
+                    self.fail_storage(format!("cannot append entry {lsn}: {e}"));
                 }
-                Err(e) => Some(format!("the cut did not run: {e}")),
+            }
+            Action::Sync { conn, lsn } => self.sync(conn, lsn),
+            Action::SetCommitted { lsn } => {
+                self.store.set_committed(lsn);
+                self.store.set_checkpoint_gate(Some(lsn));
+            }
+            Action::BeginRebuild { base, history } => self.begin_rebuild(base, history).await,
+            Action::ApplyBase {
+                offset,
+                length,
+                data,
+            } => {
+                if let Err(e) = self.store.apply_base(offset, length, data).await {
+                    self.fail_storage(format!("cannot apply base data: {e}"));
+                }
+            }
+            Action::Truncate { conn, keep } => self.truncate(conn, keep).await,
+            Action::FinishRebuild { conn, target } => self.finish_rebuild(conn, target),
+        }
+    }
+
+    async fn adopt_volume(&mut self, volume_id: blockrep_storage::VolumeId) {
+        let s = self.store.clone();
+        match tokio::task::spawn_blocking(move || s.adopt_volume(volume_id)).await {
+            Ok(Ok(())) => tracing::info!("blank store joined volume {volume_id}"),
+            other => self.fail_storage(format!("cannot join volume: {other:?}")),
+        }
+    }
+
+    async fn adopt_epoch(
+        &mut self,
+        epoch: blockrep_storage::Epoch,
+        owner: blockrep_storage::VolumeId,
+    ) {
+        let s = self.store.clone();
+        match tokio::task::spawn_blocking(move || s.adopt_epoch(epoch, owner)).await {
+            Ok(Ok(())) => tracing::info!("following primary store {owner} at epoch {epoch}"),
+            other => self.fail_storage(format!("cannot adopt epoch {epoch}: {other:?}")),
+        }
+    }
+
+    async fn begin_rebuild(&mut self, base: Lsn, history: Vec<(blockrep_storage::Epoch, Lsn)>) {
+        let s = self.store.clone();
+        match tokio::task::spawn_blocking(move || s.begin_rebuild(base, history)).await {
+            Ok(Ok(())) => tracing::info!("rebuilding from the primary's base at LSN {base}"),
+            other => self.fail_storage(format!("cannot start a rebuild: {other:?}")),
+        }
+    }
+
+    async fn truncate(&mut self, conn: ConnId, keep: Lsn) {
+        let s = self.store.clone();
+        let refusal = match tokio::task::spawn_blocking(move || s.truncate_after(keep)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e @ StorageError::CannotTruncate { .. })) => Some(e.to_string()),
+            Ok(Err(e)) => {
+                self.fail_storage(format!("cannot cut the log: {e}"));
+                return;
+            }
+            Err(e) => Some(format!("the cut did not run: {e}")),
+        };
+        match &refusal {
+            None => tracing::info!("cut the log after entry {keep}, as the primary asked"),
+            Some(why) => tracing::warn!("refused to cut the log after entry {keep}: {why}"),
+        }
+        let event = Event::Truncated {
+            conn,
+            head: self.store.head(),
+            head_epoch: self.store.head_epoch(),
+            refusal,
+        };
+        let _ = self.in_tx.send(Input::Event(event));
+    }
+
+    fn finish_rebuild(&self, conn: ConnId, target: Lsn) {
+        let store = self.store.clone();
+        let in_tx = self.in_tx.clone();
+        tokio::spawn(async move {
+            let finished = match store.wait_durable(target).await {
+                Ok(()) => {
+                    let s = store.clone();
+                    tokio::task::spawn_blocking(move || s.finish_rebuild())
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                }
+                Err(e) => Err(e.to_string()),
             };
-            match &refusal {
-                None => tracing::info!("cut the log after entry {keep}, as the primary asked"),
-                Some(why) => tracing::warn!("refused to cut the log after entry {keep}: {why}"),
-            }
-            let event = Event::Truncated {
-                conn,
-                head: store.head(),
-                head_epoch: store.head_epoch(),
-                refusal,
+            let event = match finished {
+                Ok(()) => {
+                    tracing::info!("rebuild finished, durable through {}", store.durable());
+                    Event::RebuildFinished {
+                        conn,
+                        durable: store.durable(),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("cannot finish the rebuild: {e}");
+                    Event::Closed { conn }
+                }
             };
             let _ = in_tx.send(Input::Event(event));
-        }
-        Action::FinishRebuild { conn, target } => {
-            let store = store.clone();
-            let in_tx = in_tx.clone();
-            tokio::spawn(async move {
-                let finished = match store.wait_durable(target).await {
-                    Ok(()) => {
-                        let s = store.clone();
-                        tokio::task::spawn_blocking(move || s.finish_rebuild())
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r.map_err(|e| e.to_string()))
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
-                let event = match finished {
-                    Ok(()) => {
-                        tracing::info!("rebuild finished, durable through {}", store.durable());
-                        Event::RebuildFinished {
-                            conn,
-                            durable: store.durable(),
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!("cannot finish the rebuild: {e}");
-                        Event::Closed { conn }
-                    }
-                };
-                let _ = in_tx.send(Input::Event(event));
-            });
-        }
-    }
-}
-
-/// A storage failure ends every session; the primary will see the replica as gone.
-fn fail_storage(
-    core: &mut ReplicaCore,
-    conns: &mut HashMap<ConnId, (mpsc::UnboundedSender<Frame>, String)>,
-    in_tx: &mpsc::UnboundedSender<Input>,
-    msg: String,
-) {
-    tracing::error!("{msg}");
-    let epoch = core.state().epoch;
-    for (conn, (tx, _)) in conns.drain() {
-        let _ = tx.send(Frame {
-            epoch,
-            body: Body::Reject {
-                reason: RejectReason::StorageFailed,
-                message: msg.clone(),
-            },
         });
-        let _ = in_tx.send(Input::Event(Event::Closed { conn }));
+    }
+
+    /// A storage failure ends every session; the primary will see the replica as gone.
+    fn fail_storage(&mut self, msg: String) {
+        tracing::error!("{msg}");
+        let epoch = self.core.state().epoch;
+        for (conn, (tx, _)) in self.conns.drain() {
+            let _ = tx.send(Frame {
+                epoch,
+                body: Body::Reject {
+                    reason: RejectReason::StorageFailed,
+                    message: msg.clone(),
+                },
+            });
+            let _ = self.in_tx.send(Input::Event(Event::Closed { conn }));
+        }
     }
 }
 

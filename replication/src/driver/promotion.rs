@@ -1,0 +1,184 @@
+//! Promoting a replica's store to primary: asks the volume's other members what they hold
+//! (the probe), and applies the core's rule ([`crate::core::promotion::check`]) twice: once
+//! without disturbing anyone, then again after fencing the members at the new epoch, on what
+//! they hold once the old primary can no longer add to it.
+
+use blockrep_storage::{Epoch, VolumeId};
+use futures_util::{SinkExt, StreamExt};
+
+use super::{CodecError, FrameCodec, CONNECT_TIMEOUT};
+use crate::core::promotion::{self, Facts};
+use crate::core::{CommitMode, ReplicaId};
+use crate::wire::{Body, Frame};
+
+/// Why a member could not be probed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{addr}: timed out")]
+    ConnectTimeout { addr: String },
+    #[error("{addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{addr}: {source}")]
+    Exchange { addr: String, source: CodecError },
+    #[error("{addr}: closed without answering")]
+    Closed { addr: String },
+    #[error("{addr}: no answer")]
+    NoAnswer { addr: String },
+}
+
+/// Asks the store behind `addr` what it holds (used before a promotion). With `fence`, the
+/// member first adopts `epoch` on behalf of that candidate store and stops following its
+/// current primary.
+pub async fn probe(
+    addr: &str,
+    epoch: Epoch,
+    fence: Option<VolumeId>,
+) -> Result<(Epoch, Body), ProbeError> {
+    let addr_owned = || addr.to_string();
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| ProbeError::ConnectTimeout { addr: addr_owned() })?
+        .map_err(|source| ProbeError::Connect {
+            addr: addr_owned(),
+            source,
+        })?;
+    let (r, w) = stream.into_split();
+    let mut sink = tokio_util::codec::FramedWrite::new(w, FrameCodec);
+    sink.send(Frame {
+        epoch,
+        body: Body::Probe { fence },
+    })
+    .await
+    .map_err(|source| ProbeError::Exchange {
+        addr: addr_owned(),
+        source,
+    })?;
+    let mut frames = tokio_util::codec::FramedRead::new(r, FrameCodec);
+    match tokio::time::timeout(CONNECT_TIMEOUT, frames.next()).await {
+        Ok(Some(Ok(frame))) => Ok((frame.epoch, frame.body)),
+        Ok(Some(Err(source))) => Err(ProbeError::Exchange {
+            addr: addr_owned(),
+            source,
+        }),
+        Ok(None) => Err(ProbeError::Closed { addr: addr_owned() }),
+        Err(_) => Err(ProbeError::NoAnswer { addr: addr_owned() }),
+    }
+}
+
+/// Why a store was not promoted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PromotionError {
+    /// The epoch asked for is not above every epoch the volume has seen.
+    #[error("epoch {requested} is not above epoch {seen} that this volume has already seen")]
+    EpochNotAbove { requested: Epoch, seen: Epoch },
+    /// The rule refused (and the promotion was not forced).
+    #[error("refusing to promote {candidate}: {why}")]
+    Refused { candidate: String, why: String },
+}
+
+/// A promotion to decide: the candidate store and the members it replicates to.
+#[derive(Debug, Clone)]
+pub struct Promotion {
+    /// What the candidate holds; its `epoch` is the newest it has seen.
+    pub candidate: Facts,
+    pub store_id: VolumeId,
+    pub volume_id: VolumeId,
+    /// The candidate's replicas, by name and address.
+    pub replicas: Vec<(ReplicaId, String)>,
+    pub mode: CommitMode,
+    /// Serve at this epoch rather than the next one.
+    pub epoch: Option<Epoch>,
+    /// Promote even if the rule refuses (logged loudly).
+    pub force: bool,
+}
+
+impl Promotion {
+    /// Decides the promotion and fences the members: the epoch to serve at.
+    pub async fn run(&self) -> Result<Epoch, PromotionError> {
+        // First look without disturbing anyone: a promotion that cannot pass leaves the
+        // running primary alone.
+        let members = self.probe_members(self.candidate.epoch, None).await;
+        self.decide(&members)?;
+        let min = promotion::next_epoch(&self.candidate, &members);
+        let epoch = match self.epoch {
+            Some(requested) if requested < min => {
+                return Err(PromotionError::EpochNotAbove {
+                    requested,
+                    seen: Epoch(min.0 - 1),
+                })
+            }
+            Some(e) => e,
+            None => min,
+        };
+        let fenced = self.probe_members(epoch, Some(self.store_id)).await;
+        self.decide(&fenced)?;
+        Ok(epoch)
+    }
+
+    /// Probes every configured replica; those that answer for our volume are the members.
+    async fn probe_members(&self, epoch: Epoch, fence: Option<VolumeId>) -> Vec<Facts> {
+        let mut members = Vec::new();
+        for (id, addr) in &self.replicas {
+            match probe(addr, epoch, fence).await {
+                Ok((
+                    epoch,
+                    Body::ProbeReply {
+                        volume_id,
+                        head,
+                        head_epoch,
+                        committed,
+                        needs_rebuild,
+                        ..
+                    },
+                )) if volume_id == self.volume_id => members.push(Facts {
+                    name: id.0.clone(),
+                    head,
+                    head_epoch,
+                    committed,
+                    epoch,
+                    needs_rebuild,
+                }),
+                Ok((_, Body::ProbeReply { volume_id, .. })) => {
+                    tracing::warn!(replica = %id, "belongs to volume {volume_id}, not ours; ignored")
+                }
+                Ok((_, Body::Reject { message, .. })) => {
+                    tracing::warn!(replica = %id, "refused the promotion probe: {message}")
+                }
+                Ok((_, other)) => {
+                    tracing::warn!(replica = %id, "answered the probe with {}", other.name())
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %id, "unreachable for the promotion check: {e}")
+                }
+            }
+        }
+        members
+    }
+
+    fn decide(&self, members: &[Facts]) -> Result<(), PromotionError> {
+        let me = &self.candidate;
+        match promotion::check(me, members, self.replicas.len(), self.mode) {
+            Ok(()) => tracing::info!(
+                "promoting {} (head {}, committed {}) with {} of {} replica(s) consulted",
+                me.name,
+                me.head,
+                me.committed,
+                members.len(),
+                self.replicas.len()
+            ),
+            Err(why) if self.force => {
+                tracing::warn!("FORCED promotion of {}: {why}", me.name)
+            }
+            Err(why) => {
+                return Err(PromotionError::Refused {
+                    candidate: me.name.clone(),
+                    why,
+                })
+            }
+        }
+        Ok(())
+    }
+}

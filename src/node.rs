@@ -366,7 +366,7 @@ async fn start_replication(
         let settled = status.peers.len() == args.replicas.len()
             && status.peers.iter().all(|p| {
                 !matches!(p.state, PeerState::Connecting | PeerState::Handshake)
-                    && p.why != "not contacted yet"
+                    && p.contacted
             });
         // Each peer's state is logged by the driver as it changes, not again here.
         if settled || tokio::time::Instant::now() >= deadline {

@@ -365,8 +365,7 @@ async fn start_replication(
         // (Until the driver publishes its first status there are no peers at all.)
         let settled = status.peers.len() == args.replicas.len()
             && status.peers.iter().all(|p| {
-                !matches!(p.state, PeerState::Connecting | PeerState::Handshake)
-                    && p.contacted
+                !matches!(p.state, PeerState::Connecting | PeerState::Handshake) && p.contacted
             });
         // Each peer's state is logged by the driver as it changes, not again here.
         if settled || tokio::time::Instant::now() >= deadline {

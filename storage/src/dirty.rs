@@ -115,6 +115,21 @@ impl DirtyMap {
         Some(e)
     }
 
+    /// Puts back the part of `e` (which started at `s`) that lies past `end`, if any: what a
+    /// removal of a range ending at `end` must leave of an entry reaching beyond it.
+    fn keep_tail(&mut self, s: u64, e: &Extent, end: u64) {
+        if e.end > end {
+            self.add(
+                end,
+                Extent {
+                    end: e.end,
+                    lsn: e.lsn,
+                    state: e.state.slice(end - s, e.end - end),
+                },
+            );
+        }
+    }
+
     /// Removes blocks `[start, end)` from the map, trimming the entries that straddle it.
     fn remove_range(&mut self, start: u64, end: u64) {
         // An entry that starts before `start` and reaches into the range.
@@ -129,32 +144,14 @@ impl DirtyMap {
                         state: e.state.slice(0, start - s),
                     },
                 );
-                if e.end > end {
-                    self.add(
-                        end,
-                        Extent {
-                            end: e.end,
-                            lsn: e.lsn,
-                            state: e.state.slice(end - s, e.end - end),
-                        },
-                    );
-                }
+                self.keep_tail(s, &e, end);
             }
         }
         // Entries that start inside the range.
         let inside: Vec<u64> = self.extents.range(start..end).map(|(&s, _)| s).collect();
         for s in inside {
             let e = self.take(s).expect("present");
-            if e.end > end {
-                self.add(
-                    end,
-                    Extent {
-                        end: e.end,
-                        lsn: e.lsn,
-                        state: e.state.slice(end - s, e.end - end),
-                    },
-                );
-            }
+            self.keep_tail(s, &e, end);
         }
     }
 

@@ -74,7 +74,7 @@ pub async fn run(
     // discards can be cut in place (see `Store::set_checkpoint_gate`).
     store.set_checkpoint_gate(Some(store.committed()));
     let (in_tx, mut inputs) = mpsc::unbounded_channel::<Input>();
-    let mut node = Node {
+    let mut node = ReplicaLoop {
         core: ReplicaCore::new(initial_state(&store)),
         durable: store.watch_durable(),
         store,
@@ -130,7 +130,7 @@ pub async fn run(
 }
 
 /// The replica's event loop state: the core, the store, and the sessions' transports.
-struct Node {
+struct ReplicaLoop {
     store: Arc<Store>,
     core: ReplicaCore,
     /// Each session's frame queue and its peer's address.
@@ -146,7 +146,7 @@ struct Node {
     rejected: std::collections::HashSet<ConnId>,
 }
 
-impl Node {
+impl ReplicaLoop {
     /// Runs one event through the core, carries out its actions, and publishes the status.
     async fn step(&mut self, event: Event) {
         if let Event::Closed { conn } = &event {
@@ -184,7 +184,7 @@ impl Node {
     }
 
     /// Asks the store to make `lsn` durable; the answer comes from the durable LSN's watch
-    /// ([`Node::answer_syncs`]). Only a failure comes back here, as the session's end.
+    /// ([`ReplicaLoop::answer_syncs`]). Only a failure comes back here, as the session's end.
     fn sync(&mut self, conn: ConnId, lsn: Lsn) {
         self.syncs.push((conn, lsn));
         if *self.durable.borrow() >= lsn {

@@ -72,22 +72,30 @@ pub fn open_file_at(dir: &impl AsRawFd, name: &OsStr, create: Option<u32>) -> io
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-pub fn link_at(
+/// The syscalls that take two (directory, name) pairs.
+#[derive(Clone, Copy)]
+pub enum TwoNames {
+    /// linkat: `new` becomes another name of `old`.
+    Link,
+    /// renameat: `old` moves to `new`.
+    Rename,
+}
+
+pub fn two_names_at(
+    op: TwoNames,
     old_dir: &impl AsRawFd,
     old: &OsStr,
     new_dir: &impl AsRawFd,
     new: &OsStr,
 ) -> io::Result<()> {
     let (o, n) = (cstr(old)?, cstr(new)?);
-    // SAFETY: plain syscall with valid C strings.
+    let (od, nd) = (old_dir.as_raw_fd(), new_dir.as_raw_fd());
+    // SAFETY: plain syscalls with valid C strings that outlive them.
     cvt(unsafe {
-        libc::linkat(
-            old_dir.as_raw_fd(),
-            o.as_ptr(),
-            new_dir.as_raw_fd(),
-            n.as_ptr(),
-            0,
-        )
+        match op {
+            TwoNames::Link => libc::linkat(od, o.as_ptr(), nd, n.as_ptr(), 0),
+            TwoNames::Rename => libc::renameat(od, o.as_ptr(), nd, n.as_ptr()),
+        }
     })
     .map(drop)
 }
@@ -96,25 +104,6 @@ pub fn unlink_at(dir: &impl AsRawFd, name: &OsStr) -> io::Result<()> {
     let c = cstr(name)?;
     // SAFETY: as above.
     cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) }).map(drop)
-}
-
-pub fn rename_at(
-    old_dir: &impl AsRawFd,
-    old: &OsStr,
-    new_dir: &impl AsRawFd,
-    new: &OsStr,
-) -> io::Result<()> {
-    let (o, n) = (cstr(old)?, cstr(new)?);
-    // SAFETY: as above.
-    cvt(unsafe {
-        libc::renameat(
-            old_dir.as_raw_fd(),
-            o.as_ptr(),
-            new_dir.as_raw_fd(),
-            n.as_ptr(),
-        )
-    })
-    .map(drop)
 }
 
 pub fn mkdir_at(dir: &impl AsRawFd, name: &OsStr, mode: u32) -> io::Result<()> {

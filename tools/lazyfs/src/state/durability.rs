@@ -97,8 +97,14 @@ impl State {
                     if self.dir_is_live(old) && self.inodes.contains_key(&old) {
                         // Moved elsewhere in the view: park it until its new parent is synced.
                         let sname = staged_dir_name(old);
-                        sys::rename_at(self.dir_fd(dir)?, n, &self.staging_fd, &sname)
-                            .map_err(errno)?;
+                        sys::two_names_at(
+                            sys::TwoNames::Rename,
+                            self.dir_fd(dir)?,
+                            n,
+                            &self.staging_fd,
+                            &sname,
+                        )
+                        .map_err(errno)?;
                         self.dir_mut(old)?.loc = Loc::Staging(sname);
                     } else if self.inodes.contains_key(&old) {
                         self.remove_backing_dir(old)?;
@@ -118,7 +124,8 @@ impl State {
             let kind = self.inode(new)?.kind();
             match kind {
                 Kind::File => {
-                    sys::link_at(
+                    sys::two_names_at(
+                        sys::TwoNames::Link,
                         &self.staging_fd,
                         &staged_file_name(new),
                         self.dir_fd(dir)?,
@@ -137,7 +144,14 @@ impl State {
                         Loc::In(p, s) => (self.dir_fd(*p)?, s.clone()),
                         Loc::Root | Loc::Gone => return Err(libc::EIO),
                     };
-                    sys::rename_at(from_fd, &from_name, self.dir_fd(dir)?, n).map_err(errno)?;
+                    sys::two_names_at(
+                        sys::TwoNames::Rename,
+                        from_fd,
+                        &from_name,
+                        self.dir_fd(dir)?,
+                        n,
+                    )
+                    .map_err(errno)?;
                     if let Loc::In(p, s) = loc {
                         // A directory is in one place only: its old durable entry went with
                         // it (as a real rename commits both sides at once).
@@ -173,8 +187,14 @@ impl State {
                     continue;
                 };
                 let sname = staged_dir_name(c);
-                sys::rename_at(self.dir_fd(ino)?, &name, &self.staging_fd, &sname)
-                    .map_err(errno)?;
+                sys::two_names_at(
+                    sys::TwoNames::Rename,
+                    self.dir_fd(ino)?,
+                    &name,
+                    &self.staging_fd,
+                    &sname,
+                )
+                .map_err(errno)?;
                 self.dir_mut(c)?.loc = Loc::Staging(sname);
             } else {
                 self.remove_backing_dir(c)?;

@@ -46,8 +46,14 @@ impl State {
                 libc::S_IFREG => {
                     let f = sys::open_file_at(&fd, &name, None).map_err(errno)?;
                     // The staging link keeps the inode if its durable names go away.
-                    sys::link_at(&fd, &name, &self.staging_fd, &staged_file_name(ino))
-                        .map_err(errno)?;
+                    sys::two_names_at(
+                        sys::TwoNames::Link,
+                        &fd,
+                        &name,
+                        &self.staging_fd,
+                        &staged_file_name(ino),
+                    )
+                    .map_err(errno)?;
                     let size = f.metadata().map_err(errno)?.len();
                     (
                         Body::File(FileBody {

@@ -1,3 +1,6 @@
+//! The storage engine's typed errors: what an open, a request or a replicated change can fail with,
+//! with the path and offset that let an operator find the fault.
+
 use std::io;
 use std::path::PathBuf;
 

@@ -2,8 +2,8 @@
 //! (frames built with the crate's own `wire` encoder) against a real `blockrep replica`
 //! process. A replica that is sent something no honest primary sends (a write entry whose
 //! payload is shorter than its length, a fence at the last epoch there is) refuses it with a
-//! named reason, keeps running, changes nothing in its store, and still takes a real
-//! primary afterwards.
+//! named reason (its log, or a `Reject` naming it), keeps running, changes nothing in its
+//! store, and still takes a real primary afterwards.
 
 mod common;
 
@@ -151,15 +151,48 @@ fn a_short_write_entry_is_refused_and_the_replica_keeps_serving() {
         records: vec![short],
     };
     send(&mut s, Epoch(1), body);
-    let message = expect_refused(&mut s, RejectReason::BadEntry, "short write entry");
-    assert!(message.contains("100 payload bytes"), "{message}");
+    // The decoder refuses it (a typed `WireError::BadEntry`): the connection ends, named in
+    // the log, and no store action for it ever exists.
+    assert!(
+        receive(&mut s, "short write entry").is_none(),
+        "the replica must close the connection on a short write entry"
+    );
 
     assert!(
         r.running(),
         "the replica died on the short entry:\n{}",
         r.log()
     );
-    r.wait_log(mark, &["100 payload bytes"], 10);
+    r.wait_log(
+        mark,
+        &["entry 1 refused", "8192 bytes carries 100 payload bytes"],
+        10,
+    );
+
+    // A well-formed entry past the end of the volume gets past the decoder; the replica
+    // core refuses it by name.
+    let mut s = connect(&r.addr());
+    send(&mut s, Epoch(1), hello(volume_id(&p_store)));
+    assert!(matches!(
+        receive(&mut s, "second hello").map(|f| f.body),
+        Some(Body::HelloOk { .. })
+    ));
+    let past_end = WalRecord::new(
+        Lsn(1),
+        Epoch(1),
+        RecordKind::Write,
+        VOLUME,
+        4096,
+        Bytes::from(vec![0xCD; 4096]),
+    );
+    let body = Body::Entries {
+        committed: Lsn::ZERO,
+        records: vec![past_end],
+    };
+    send(&mut s, Epoch(1), body);
+    let message = expect_refused(&mut s, RejectReason::BadEntry, "entry past the volume");
+    assert!(message.contains("runs past the end"), "{message}");
+    assert!(r.running(), "the replica died:\n{}", r.log());
     assert!(!r.log().contains("panicked"), "{}", r.log());
 
     // A real primary still connects, is in sync, and its FLUSH reaches the replica.

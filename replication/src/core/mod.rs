@@ -8,7 +8,6 @@ pub mod commit;
 pub mod primary;
 pub mod promotion;
 pub mod replica;
-pub mod validate;
 
 use std::fmt;
 

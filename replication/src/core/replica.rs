@@ -10,8 +10,8 @@ use blockrep_storage::{Epoch, Lsn, VolumeId, WalRecord};
 
 use bytes::Bytes;
 
-use crate::core::validate::{check_base_chunk, check_entry};
 use crate::mutants::{active, Mutant};
+use crate::wire::validate::{check_placement, check_range};
 use crate::wire::{Body, Frame, RejectReason, ReportedRole};
 
 /// One connection to this replica, as the driver numbers them.
@@ -365,13 +365,14 @@ impl ReplicaCore {
     /// Entries in LSN order: a duplicate is skipped, a gap refused.
     ///
     /// Invariant (*a replica stores only entries it validated*): every entry of the frame is
-    /// checked ([`check_entry`]) before the first is appended, so a frame holding one bad
-    /// entry ends the session with `BadEntry` and leaves the store as it was.
+    /// placed ([`check_placement`]: aligned, inside the volume, no later epoch than ours;
+    /// the decoder checked its payload) before the first is appended, so a frame holding one
+    /// bad entry ends the session with `BadEntry` and leaves the store as it was.
     fn entries(&mut self, conn: ConnId, committed: Lsn, records: Vec<WalRecord>) {
         let (size, epoch) = (self.s.volume_size, self.s.epoch);
         if let Some((lsn, e)) = records
             .iter()
-            .find_map(|r| check_entry(r, size, epoch).err().map(|e| (r.lsn, e)))
+            .find_map(|r| check_placement(r, size, epoch).err().map(|e| (r.lsn, e)))
         {
             let msg = format!("entry {lsn} refused: {e}");
             self.reject(conn, RejectReason::BadEntry, msg);
@@ -419,7 +420,8 @@ impl ReplicaCore {
             return;
         }
         let size = self.s.volume_size;
-        if let Err(e) = check_base_chunk(offset, length, data.as_ref().map(Bytes::len), size) {
+        // The decoder made sure the data (if any) is exactly `length` bytes.
+        if let Err(e) = check_range(offset, length, size) {
             let msg = format!("base chunk refused: {e}");
             self.reject(conn, RejectReason::BadEntry, msg);
             return;

@@ -229,6 +229,11 @@ pub enum WireError {
     BadChecksum,
     #[error("entry {0} payload checksum mismatch")]
     BadEntryChecksum(u64),
+    #[error("entry {lsn} refused: {error}")]
+    BadEntry {
+        lsn: u64,
+        error: super::validate::EntryError,
+    },
     #[error("malformed {kind} frame: {why}")]
     Malformed {
         kind: &'static str,

@@ -1,12 +1,19 @@
-//! What a replica checks in every entry and base chunk before it asks its store to take it.
+//! What an entry or base chunk must be before a store may take it.
 //!
-//! A frame that decodes is only well formed; it can still describe something no honest
-//! primary sends: a write whose payload is shorter than its length, a range off the block
-//! grid or past the end of the volume. The store trusts what it is given (it slices payloads
-//! by length), so the replica core refuses such an entry here, whole, before any action for
-//! it exists: the session ends with [`RejectReason::BadEntry`] and the store is untouched.
+//! A frame that passes its checksums is only well formed; it can still describe something no
+//! honest primary sends: a write whose payload is shorter than its length, a range off the
+//! block grid or past the end of the volume. The store trusts what it is given (it slices
+//! payloads by length), so such an entry is refused whole before any store action exists for
+//! it, in two places that each know what they check:
+//! - the decoder ([`check_payload`], once per entry as it is decoded): a write's payload is
+//!   exactly its length, nothing else carries one, an epoch start covers nothing. A bad entry
+//!   fails the frame with [`WireError::BadEntry`](super::WireError::BadEntry).
+//! - the replica core ([`check_placement`], [`check_range`]), which knows the volume and the
+//!   session: block aligned, inside the volume, no epoch above the session's. A bad entry or
+//!   base chunk ends the session with `Reject(BadEntry)`.
 //!
-//! [`RejectReason::BadEntry`]: crate::wire::RejectReason::BadEntry
+//! (The simulator hands the core frames it never encodes, with payloads abbreviated to a token
+//! per block, so the payload length is the decoder's to check.)
 
 use blockrep_storage::{Epoch, RecordKind, WalRecord, BLOCK_SIZE};
 
@@ -44,23 +51,17 @@ pub fn check_range(offset: u64, length: u64, size: u64) -> Result<(), EntryError
     }
 }
 
-/// A replicated entry is one the store can take as it is: block aligned, inside the volume,
-/// a payload exactly as long as a write's length (none for anything else), and written at
-/// no epoch above the session's.
-pub fn check_entry(record: &WalRecord, size: u64, session: Epoch) -> Result<(), EntryError> {
-    if record.epoch > session {
-        return Err(EntryError::FutureEpoch {
-            entry: record.epoch,
-            session,
-        });
-    }
+/// The entry's payload fits its kind: a write's is exactly its length, nothing else carries
+/// one, an epoch start covers nothing, and a wrap marker (the ring's, never the stream's) is
+/// not an entry at all.
+pub fn check_payload(record: &WalRecord) -> Result<(), EntryError> {
     let payload = record.payload.len() as u64;
     let (offset, length) = (record.offset, record.length);
     let kind = match record.kind {
         RecordKind::Write if payload != length => {
             return Err(EntryError::PayloadLength { length, payload })
         }
-        RecordKind::Write => return check_range(offset, length, size),
+        RecordKind::Write => return Ok(()),
         RecordKind::Wrap => return Err(EntryError::WrapMarker),
         RecordKind::EpochStart if offset != 0 || length != 0 => {
             return Err(EntryError::EpochStartRange { offset, length })
@@ -72,21 +73,19 @@ pub fn check_entry(record: &WalRecord, size: u64, session: Epoch) -> Result<(), 
     if payload != 0 {
         return Err(EntryError::UnexpectedPayload { kind, payload });
     }
-    check_range(offset, length, size)
+    Ok(())
 }
 
-/// A base chunk covers whole blocks inside the volume, and its data (if any) is exactly its
-/// length.
-pub fn check_base_chunk(
-    offset: u64,
-    length: u64,
-    data: Option<usize>,
-    size: u64,
-) -> Result<(), EntryError> {
-    if let Some(n) = data.map(|n| n as u64).filter(|n| *n != length) {
-        return Err(EntryError::PayloadLength { length, payload: n });
+/// The entry lands where a store of `size` bytes can take it (block aligned, inside the
+/// volume) and was written at no epoch above the session's.
+pub fn check_placement(record: &WalRecord, size: u64, session: Epoch) -> Result<(), EntryError> {
+    if record.epoch > session {
+        return Err(EntryError::FutureEpoch {
+            entry: record.epoch,
+            session,
+        });
     }
-    check_range(offset, length, size)
+    check_range(record.offset, record.length, size)
 }
 
 #[cfg(test)]
@@ -96,6 +95,12 @@ mod tests {
     use bytes::Bytes;
 
     const MIB: u64 = 1 << 20;
+
+    /// Both halves, as a replica fed by the decoder applies them.
+    fn check_entry(r: &WalRecord, size: u64, session: Epoch) -> Result<(), EntryError> {
+        check_payload(r)?;
+        check_placement(r, size, session)
+    }
 
     fn write(offset: u64, length: u64, payload: usize) -> WalRecord {
         WalRecord::new(
@@ -169,15 +174,14 @@ mod tests {
     }
 
     #[test]
-    fn a_base_chunk_must_carry_exactly_its_length() {
-        assert_eq!(check_base_chunk(0, 4096, Some(4096), MIB), Ok(()));
-        assert_eq!(check_base_chunk(0, 4096, None, MIB), Ok(()));
+    fn a_base_chunk_must_lie_on_the_block_grid_inside_the_volume() {
+        assert_eq!(check_range(0, 4096, MIB), Ok(()));
         assert!(matches!(
-            check_base_chunk(0, 4096, Some(10), MIB),
-            Err(EntryError::PayloadLength { .. })
+            check_range(100, 4096, MIB),
+            Err(EntryError::Misaligned { .. })
         ));
         assert!(matches!(
-            check_base_chunk(0, 2 * MIB, None, MIB),
+            check_range(0, 2 * MIB, MIB),
             Err(EntryError::OutOfRange { .. })
         ));
     }

@@ -15,9 +15,20 @@ pub struct Lsn(pub u64);
 
 impl Lsn {
     pub const ZERO: Lsn = Lsn(0);
+    /// The last LSN there is: nothing can follow it.
+    pub const MAX: Lsn = Lsn(u64::MAX);
 
+    /// The LSN after this one, or `None` at [`Lsn::MAX`].
+    pub fn checked_next(self) -> Option<Lsn> {
+        self.0.checked_add(1).map(Lsn)
+    }
+
+    /// The LSN after this one. It never wraps: at [`Lsn::MAX`] it stays there (saturates), so
+    /// an LSN only ever goes up. Replication refuses entries and bases at `Lsn::MAX` before
+    /// they reach a store, so an honest log never gets there; code that takes the position
+    /// from a peer uses [`Lsn::checked_next`].
     pub fn next(self) -> Lsn {
-        Lsn(self.0 + 1)
+        Lsn(self.0.saturating_add(1))
     }
 
     /// The LSN before this one; `Lsn(0)` stays `Lsn(0)`.
@@ -38,8 +49,26 @@ impl fmt::Display for Lsn {
 pub struct Epoch(pub u64);
 
 impl Epoch {
+    /// The last epoch there is. No epoch follows it, so no primary could ever take over from
+    /// one serving at it: replicas refuse it (a `Hello` or a fencing `Probe` at it) before
+    /// anything is persisted, and a store never reaches it through replication.
+    pub const MAX: Epoch = Epoch(u64::MAX);
+
+    /// The epoch after this one, or `None` at [`Epoch::MAX`].
+    pub fn checked_next(self) -> Option<Epoch> {
+        self.0.checked_add(1).map(Epoch)
+    }
+
+    /// The epoch after this one. It never wraps (a wrapped epoch would go down, and epochs
+    /// never go down): at [`Epoch::MAX`] it saturates, and since the maximum is refused by
+    /// every replica, a promotion that asks for it is refused rather than served.
     pub fn next(self) -> Epoch {
-        Epoch(self.0 + 1)
+        Epoch(self.0.saturating_add(1))
+    }
+
+    /// Whether some epoch can still follow this one (a primary at it could be replaced).
+    pub fn can_be_followed(self) -> bool {
+        self.checked_next().is_some()
     }
 }
 
@@ -80,5 +109,22 @@ impl fmt::Display for VolumeId {
 impl fmt::Debug for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "VolumeId({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_and_lsns_never_wrap() {
+        assert_eq!(Epoch::MAX.checked_next(), None);
+        assert_eq!(Epoch::MAX.next(), Epoch::MAX);
+        assert_eq!(Epoch(7).checked_next(), Some(Epoch(8)));
+        assert!(!Epoch::MAX.can_be_followed());
+        assert!(Epoch(u64::MAX - 1).can_be_followed());
+        assert_eq!(Lsn::MAX.checked_next(), None);
+        assert_eq!(Lsn::MAX.next(), Lsn::MAX);
+        assert_eq!(Lsn(1).next(), Lsn(2));
     }
 }

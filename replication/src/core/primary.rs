@@ -514,8 +514,13 @@ impl PrimaryCore {
     }
 
     fn send(&mut self, i: usize, body: Body) {
-        let p = &self.peers[i];
+        let p = &mut self.peers[i];
         if let Some(session) = p.session() {
+            if let Body::Entries { records, .. } = &body {
+                if let Some(last) = records.last() {
+                    p.sent_through(last.lsn);
+                }
+            }
             self.out.push(Action::Send {
                 replica: p.id().clone(),
                 session,

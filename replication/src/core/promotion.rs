@@ -39,6 +39,15 @@ pub fn check(
     if crate::mutants::active(crate::mutants::Mutant::PromoteWithoutPrefix) {
         return Ok(());
     }
+    if !next_epoch(candidate, members).can_be_followed() {
+        // Replicas refuse the last epoch there is (nobody could ever take over from it), so
+        // a promotion to it would fence everyone for nothing.
+        return Err(format!(
+            "no epoch that could still be followed is left above those seen by {} and its \
+             members",
+            candidate.name
+        ));
+    }
     if candidate.needs_rebuild {
         return Err(format!(
             "{} is waiting for a rebuild; its data is incomplete",
@@ -95,7 +104,8 @@ pub fn check(
 }
 
 /// The lowest epoch a promotion may use: above everything the candidate and the members have
-/// seen.
+/// seen. It never wraps ([`Epoch::next`] saturates); [`check`] refuses a promotion when it
+/// comes out as an epoch nobody could follow.
 pub fn next_epoch(candidate: &Facts, members: &[Facts]) -> Epoch {
     members
         .iter()
@@ -175,6 +185,17 @@ mod tests {
         let mut c = f("r2", 8, 6);
         c.head_epoch = Epoch(2);
         assert!(check(&c, &[f("r1", 20, 5)], 2, CommitMode::SyncQuorum).is_ok());
+    }
+
+    #[test]
+    fn promotion_refuses_when_no_followable_epoch_is_left() {
+        let mut m = f("r2", 1, 1);
+        m.epoch = Epoch(u64::MAX - 1);
+        let refused = check(&f("r1", 1, 1), &[m.clone()], 1, CommitMode::SyncAll);
+        assert!(refused.is_err_and(|e| e.contains("no epoch")));
+        m.epoch = Epoch::MAX;
+        assert_eq!(next_epoch(&f("r1", 1, 1), &[m.clone()]), Epoch::MAX);
+        assert!(check(&f("r1", 1, 1), &[m], 1, CommitMode::SyncAll).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use blockrep_storage::{Epoch, Lsn, VolumeId, WalRecord};
 use bytes::Bytes;
 
 use crate::mutants::{active, Mutant};
+use crate::wire::validate::{check_placement, check_range};
 use crate::wire::{Body, Frame, RejectReason, ReportedRole};
 
 /// One connection to this replica, as the driver numbers them.
@@ -308,7 +309,7 @@ impl ReplicaCore {
                 self.entries(conn, committed, records)
             }
             Body::RebuildStart { base, history } if self.current(conn, epoch) => {
-                self.rebuild_start(base, history)
+                self.rebuild_start(conn, base, history)
             }
             Body::BaseChunk {
                 offset,
@@ -362,7 +363,21 @@ impl ReplicaCore {
     }
 
     /// Entries in LSN order: a duplicate is skipped, a gap refused.
+    ///
+    /// Invariant (*a replica stores only entries it validated*): every entry of the frame is
+    /// placed ([`check_placement`]: aligned, inside the volume, no later epoch than ours;
+    /// the decoder checked its payload) before the first is appended, so a frame holding one
+    /// bad entry ends the session with `BadEntry` and leaves the store as it was.
     fn entries(&mut self, conn: ConnId, committed: Lsn, records: Vec<WalRecord>) {
+        let (size, epoch) = (self.s.volume_size, self.s.epoch);
+        if let Some((lsn, e)) = records
+            .iter()
+            .find_map(|r| check_placement(r, size, epoch).err().map(|e| (r.lsn, e)))
+        {
+            let msg = format!("entry {lsn} refused: {e}");
+            self.reject(conn, RejectReason::BadEntry, msg);
+            return;
+        }
         for record in records {
             if record.lsn <= self.s.head {
                 continue; // a duplicate (a resent entry): already have it
@@ -382,7 +397,12 @@ impl ReplicaCore {
         self.learn_committed(committed);
     }
 
-    fn rebuild_start(&mut self, base: Lsn, history: Vec<(Epoch, Lsn)>) {
+    fn rebuild_start(&mut self, conn: ConnId, base: Lsn, history: Vec<(Epoch, Lsn)>) {
+        if base.checked_next().is_none() || history.iter().any(|(e, _)| *e > self.s.epoch) {
+            let msg = format!("a rebuild base at {base} (history {history:?}) cannot be followed");
+            self.reject(conn, RejectReason::BadEntry, msg);
+            return;
+        }
         self.s.rebuilding = true;
         self.s.head = base;
         self.s.head_epoch = blockrep_storage::epoch_at(&history, base).unwrap_or(Epoch(0));
@@ -397,6 +417,13 @@ impl ReplicaCore {
                 RejectReason::Protocol,
                 "base data outside a rebuild".into(),
             );
+            return;
+        }
+        let size = self.s.volume_size;
+        // The decoder made sure the data (if any) is exactly `length` bytes.
+        if let Err(e) = check_range(offset, length, size) {
+            let msg = format!("base chunk refused: {e}");
+            self.reject(conn, RejectReason::BadEntry, msg);
             return;
         }
         self.out.push(Action::ApplyBase {
@@ -490,7 +517,14 @@ impl ReplicaCore {
     /// Store `owner` claims `epoch` (a primary's hello, a candidate's fence): refused if the
     /// epoch is stale or another store owns it; otherwise adopted, persisted before we
     /// answer so the claim survives a crash. Returns whether the claim stands.
+    ///
+    /// Invariant (*an epoch that cannot be followed is refused*): the last epoch there is
+    /// would leave no epoch for any later primary, so the replica could never be promoted
+    /// or follow anyone again; it is refused before anything is persisted.
     fn claim_epoch(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
+        if !self.followable(conn, epoch) {
+            return false;
+        }
         if epoch < self.s.epoch && !active(Mutant::SkipReplicaEpochCheck) {
             let msg = format!(
                 "epoch {epoch} is stale; this replica is at {}",
@@ -517,6 +551,16 @@ impl ReplicaCore {
         true
     }
 
+    /// Whether some epoch can follow `epoch`; refuses `conn` otherwise.
+    fn followable(&mut self, conn: ConnId, epoch: Epoch) -> bool {
+        if epoch.can_be_followed() {
+            return true;
+        }
+        let msg = format!("epoch {epoch} is the last there is: no primary could follow it");
+        self.reject(conn, RejectReason::UnfollowableEpoch, msg);
+        false
+    }
+
     fn learn_committed(&mut self, committed: Lsn) {
         if committed > self.s.committed {
             self.s.committed = committed;
@@ -533,6 +577,10 @@ impl ReplicaCore {
         primary: VolumeId,
         committed: Lsn,
     ) {
+        // Before the volume is adopted: a refused hello leaves the store as it was.
+        if !self.followable(conn, epoch) {
+            return;
+        }
         if volume_size != self.s.volume_size {
             let msg = format!(
                 "volume size {volume_size} differs from this store's {}",

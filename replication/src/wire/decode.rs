@@ -7,6 +7,7 @@ use super::message::{
     Body, Frame, RejectReason, ReportedRole, WireError, ENTRIES, ENTRY_HEADER_LEN, HEADER_LEN,
     MAGIC, MAX_BODY, VERSION,
 };
+use super::validate::check_payload;
 use blockrep_storage::{Epoch, Lsn, RecordKind, VolumeId, WalRecord};
 
 /// How many bytes the frame starting at `buf` needs in total, once its header is complete.
@@ -260,7 +261,8 @@ fn decode_entries(r: &mut Reader) -> Result<Body, WireError> {
     Ok(Body::Entries { committed, records })
 }
 
-/// One entry of an `Entries` body, its payload checked against its own checksum.
+/// One entry of an `Entries` body, its payload checked against its own checksum and its
+/// kind and length ([`check_payload`]).
 fn decode_entry(r: &mut Reader) -> Result<WalRecord, WireError> {
     let lsn = r.lsn()?;
     let epoch = r.epoch()?;
@@ -280,7 +282,7 @@ fn decode_entry(r: &mut Reader) -> Result<WalRecord, WireError> {
     if crc32c::crc32c(&payload) != payload_crc {
         return Err(WireError::BadEntryChecksum(lsn.0));
     }
-    Ok(WalRecord {
+    let record = WalRecord {
         lsn,
         epoch,
         kind,
@@ -288,5 +290,7 @@ fn decode_entry(r: &mut Reader) -> Result<WalRecord, WireError> {
         length,
         payload,
         payload_crc,
-    })
+    };
+    check_payload(&record).map_err(|error| WireError::BadEntry { lsn: lsn.0, error })?;
+    Ok(record)
 }

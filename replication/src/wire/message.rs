@@ -32,6 +32,11 @@ pub enum RejectReason {
     Protocol,
     /// The receiver's store failed.
     StorageFailed,
+    /// An entry or base chunk describes something no honest primary sends (a payload not as
+    /// long as its length, a range off the block grid or past the volume's end).
+    BadEntry,
+    /// The epoch is the last there is: no primary could ever take over from it.
+    UnfollowableEpoch,
 }
 
 impl RejectReason {
@@ -44,6 +49,8 @@ impl RejectReason {
             RejectReason::NotReplica => 5,
             RejectReason::Protocol => 6,
             RejectReason::StorageFailed => 7,
+            RejectReason::BadEntry => 8,
+            RejectReason::UnfollowableEpoch => 9,
         }
     }
     pub(super) fn from_code(c: u16) -> Option<RejectReason> {
@@ -55,6 +62,8 @@ impl RejectReason {
             5 => RejectReason::NotReplica,
             6 => RejectReason::Protocol,
             7 => RejectReason::StorageFailed,
+            8 => RejectReason::BadEntry,
+            9 => RejectReason::UnfollowableEpoch,
             _ => return None,
         })
     }
@@ -220,6 +229,11 @@ pub enum WireError {
     BadChecksum,
     #[error("entry {0} payload checksum mismatch")]
     BadEntryChecksum(u64),
+    #[error("entry {lsn} refused: {error}")]
+    BadEntry {
+        lsn: u64,
+        error: super::validate::EntryError,
+    },
     #[error("malformed {kind} frame: {why}")]
     Malformed {
         kind: &'static str,

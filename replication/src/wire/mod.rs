@@ -12,7 +12,8 @@
 //! error the receiver answers by closing the connection with a logged reason; nothing here
 //! panics on input.
 //!
-//! The messages are in `message`; `encode` and `decode` turn them into bytes and back.
+//! The messages are in `message`; `encode` and `decode` turn them into bytes and back;
+//! `validate` says what an entry must be before a store may take it.
 
 pub use self::decode::{decode, frame_len};
 pub use self::encode::{encode, encode_parts};
@@ -20,9 +21,11 @@ pub use self::message::{
     Body, Frame, RejectReason, ReportedRole, WireError, ENTRY_HEADER_LEN, HEADER_LEN, MAGIC,
     MAX_BODY, VERSION,
 };
+pub use self::validate::EntryError;
 
 mod decode;
 mod encode;
 mod message;
 #[cfg(test)]
 mod tests;
+pub mod validate;

@@ -25,12 +25,19 @@ fn record() -> impl Strategy<Value = WalRecord> {
         proptest::collection::vec(any::<u8>(), 0..300),
     )
         .prop_map(|(lsn, epoch, kind, offset, payload)| {
+            // Only what the decoder accepts: a payload only on writes, exactly their
+            // length; an epoch start covering nothing.
+            let (offset, length, payload) = match kind {
+                RecordKind::Write => (offset, payload.len() as u64, payload),
+                RecordKind::EpochStart => (0, 0, Vec::new()),
+                _ => (offset, payload.len() as u64, Vec::new()),
+            };
             WalRecord::new(
                 Lsn(lsn),
                 Epoch(epoch),
                 kind,
                 offset,
-                payload.len() as u64,
+                length,
                 Bytes::from(payload),
             )
         })
@@ -228,4 +235,60 @@ fn wire_a_payload_damaged_on_the_way_is_refused_as_a_bad_frame() {
     let last = buf.len() - 1;
     buf[last] ^= 0x40;
     assert_eq!(decode(buf.freeze()), Err(WireError::BadChecksum));
+}
+
+fn encoded_entry(kind: RecordKind, length: u64, payload: usize) -> Bytes {
+    let record = WalRecord::new(
+        Lsn(1),
+        Epoch(1),
+        kind,
+        0,
+        length,
+        Bytes::from(vec![0xAB; payload]),
+    );
+    let frame = Frame {
+        epoch: Epoch(1),
+        body: Body::Entries {
+            committed: Lsn(0),
+            records: vec![record],
+        },
+    };
+    let mut buf = BytesMut::new();
+    encode(&frame, &mut buf);
+    buf.freeze()
+}
+
+#[test]
+fn a_replica_refuses_an_entry_whose_payload_is_shorter_than_its_length() {
+    // The checksums are right; the entry still lies about its size.
+    match decode(encoded_entry(RecordKind::Write, 8192, 100)) {
+        Err(WireError::BadEntry {
+            lsn: 1,
+            error:
+                EntryError::PayloadLength {
+                    length: 8192,
+                    payload: 100,
+                },
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(decode(encoded_entry(RecordKind::Write, 8192, 8192)).is_ok());
+}
+
+#[test]
+fn an_entry_that_carries_a_payload_its_kind_has_none_of_is_refused() {
+    assert!(matches!(
+        decode(encoded_entry(RecordKind::Trim, 4096, 4096)),
+        Err(WireError::BadEntry {
+            error: EntryError::UnexpectedPayload { .. },
+            ..
+        })
+    ));
+    assert!(matches!(
+        decode(encoded_entry(RecordKind::EpochStart, 4096, 0)),
+        Err(WireError::BadEntry {
+            error: EntryError::EpochStartRange { .. },
+            ..
+        })
+    ));
 }

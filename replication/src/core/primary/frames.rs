@@ -136,7 +136,7 @@ impl PrimaryCore {
     /// Decides how the replica rejoins, from facts only: where its log ends (LSN and epoch of
     /// its last entry) and our log. Same LSN and epoch means the same history up to there.
     fn handshake(&mut self, i: usize, durable: Lsn, durable_epoch: Epoch, now: Millis) {
-        self.peers[i].heard(durable);
+        self.peers[i].heard(durable, self.head);
         // From now on the WAL after `durable` is kept for it, whichever way it goes on.
         self.update_pin();
         let diverged = match self.divergence(durable, durable_epoch) {

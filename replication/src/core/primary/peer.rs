@@ -116,6 +116,16 @@ pub(super) struct Peer {
     catch_up_next: Lsn,
     /// Highest barrier target sent in this session.
     asked: Lsn,
+    /// The furthest its log can reach in this session: where its handshake placed it (never
+    /// past our head), a rebuild base, or the newest entry shipped to it since, whichever is
+    /// highest. Never lowered within the session: a barrier ack from before a
+    /// `RebuildStart` may still arrive after it, and it was true when sent.
+    ///
+    /// Invariant (*a barrier ack past what was shipped is clamped*): what the replica
+    /// reports durable counts only up to here, so a replica that lies (`BarrierAck` at
+    /// `u64::MAX`, a `HelloOk` ahead of our log) can never make a FLUSH succeed for data it
+    /// was never sent. Kept in [`Peer::acked`] and [`Peer::rebuilt`].
+    shipped: Lsn,
     /// The targets asked and not yet answered, oldest first, with when each was sent: each
     /// must be answered within the barrier timeout. (Only the oldest is timed; a replica
     /// that answers every ask in time is never dropped, however far the head runs ahead.)
@@ -160,6 +170,7 @@ impl Peer {
             held_from: Some(kept_from),
             catch_up_next: Lsn::ZERO,
             asked: Lsn::ZERO,
+            shipped: Lsn::ZERO,
             unanswered: VecDeque::new(),
             last_ask: now,
             since: now,
@@ -289,6 +300,7 @@ impl Peer {
         self.last_session = Some(session);
         self.contacted = true;
         self.asked = Lsn::ZERO;
+        self.shipped = Lsn::ZERO;
         self.unanswered.clear();
         self.rebuilt_this_session = false;
         self.truncating = None;
@@ -328,9 +340,12 @@ impl Peer {
     }
 
     /// Its handshake told us where its log ends, a prefix of ours or not: its progress is
-    /// known from here on, and it is no longer released to a rebuild.
-    pub(super) fn heard(&mut self, durable: Lsn) {
+    /// known from here on, and it is no longer released to a rebuild. Only what lies within
+    /// our log (through `head`) can count: anything past it we never wrote.
+    pub(super) fn heard(&mut self, durable: Lsn, head: Lsn) {
+        let durable = durable.min(head);
         self.durable = durable;
+        self.shipped = self.shipped.max(durable);
         self.has_progress = true;
         self.held_from = None;
         self.released = false;
@@ -370,6 +385,11 @@ impl Peer {
         self.catch_up_next = last.next();
     }
 
+    /// Entries through `last` went out to it on this session.
+    pub(super) fn sent_through(&mut self, last: Lsn) {
+        self.shipped = self.shipped.max(last);
+    }
+
     /// Only a rebuild brings it back: what it had is worth nothing to us any more.
     pub(super) fn release_to_rebuild(&mut self) {
         self.released = true;
@@ -394,6 +414,7 @@ impl Peer {
             r.base = Some(base);
         }
         self.durable = base;
+        self.shipped = self.shipped.max(base);
         self.has_progress = true;
         self.catch_up_next = base.next();
     }
@@ -434,7 +455,7 @@ impl Peer {
 
     /// Its rebuild is accepted, durable through `durable`: it counts again.
     pub(super) fn rebuilt(&mut self, durable: Lsn) {
-        self.durable = durable;
+        self.durable = durable.min(self.shipped);
         self.rebuild = None;
         self.released = false;
     }
@@ -449,6 +470,7 @@ impl Peer {
     /// It reported `durable`: asks it covers are answered, and it is healthy enough to be
     /// redialled quickly again.
     pub(super) fn acked(&mut self, durable: Lsn, backoff_min: Millis) {
+        let durable = durable.min(self.shipped);
         if durable > self.durable {
             self.durable = durable;
         }

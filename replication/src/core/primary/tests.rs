@@ -1466,3 +1466,60 @@ fn a_caught_up_replica_continues_from_our_head_with_no_gap() {
         .collect();
     assert_eq!(shipped, vec![4, 5]);
 }
+
+#[test]
+fn a_barrier_ack_past_what_was_shipped_is_clamped() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 0);
+    let s = bring_up(&mut c, 0);
+    assert_eq!(state(&c, "a"), PeerState::InSync);
+    // It claims everything there will ever be before anything was sent to it.
+    ack(&mut c, &s, "a", u64::MAX, 1);
+    assert_eq!(c.peers()[0].durable, Lsn::ZERO);
+    append(&mut c, 1, 2);
+    c.step(Event::LocalDurable { lsn: Lsn(2) });
+    let a = c.step(Event::Barrier {
+        id: 7,
+        target: Lsn(2),
+        now: 2,
+    });
+    assert!(done(&a).is_empty(), "the lie made a FLUSH succeed: {a:?}");
+    assert!(matches!(
+        frames_to(&a, "a")[..],
+        [Body::Barrier { lsn: Lsn(2), .. }]
+    ));
+    // Past what was shipped again: it counts only through the entries it was sent.
+    let (id, session) = s[0].clone();
+    let a = reply(
+        &mut c,
+        &id,
+        session,
+        Body::BarrierAck { durable: Lsn::MAX },
+        3,
+    );
+    assert_eq!(done(&a), vec![7]);
+    assert_eq!(c.peers()[0].durable, Lsn(2));
+}
+
+#[test]
+fn a_hello_ok_past_our_head_never_counts() {
+    let mut c = core(CommitMode::SyncAll, &["a"], 5);
+    let dialled = tick(&mut c, 0);
+    let (id, session) = sessions(&dialled)[0].clone();
+    c.step(Event::Connected {
+        replica: id.clone(),
+        session,
+        now: 0,
+    });
+    let body = Body::HelloOk {
+        replica_store: VolumeId([9; 16]),
+        durable: Lsn::MAX,
+        durable_epoch: Epoch(2),
+        committed: Lsn::MAX,
+        rebuilding: false,
+    };
+    reply(&mut c, &id, session, body, 1);
+    assert_ne!(state(&c, "a"), PeerState::InSync);
+    assert!(c.peers()[0].durable <= Lsn(5), "{:?}", c.peers()[0]);
+    assert!(c.min_durable() <= Some(Lsn(5)));
+    assert_eq!(c.committed(), Lsn(5));
+}

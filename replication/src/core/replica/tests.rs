@@ -458,3 +458,143 @@ fn an_acknowledged_barrier_target_never_exceeds_the_local_durable_lsn() {
     assert_eq!(acks, vec![Lsn(11)]);
     assert_eq!(r.state().durable, Lsn(11));
 }
+
+/// What a store would be asked to do: anything but sending and closing.
+fn touches_store(actions: &[Action]) -> bool {
+    actions
+        .iter()
+        .any(|a| !matches!(a, Action::Send { .. } | Action::Close { .. }))
+}
+
+fn one_entry(epoch: u64, record: WalRecord) -> Frame {
+    Frame {
+        epoch: Epoch(epoch),
+        body: Body::Entries {
+            committed: Lsn(0),
+            records: vec![record],
+        },
+    }
+}
+
+fn write(lsn: u64, offset: u64, length: u64, payload: usize) -> WalRecord {
+    WalRecord::new(
+        Lsn(lsn),
+        Epoch(5),
+        blockrep_storage::RecordKind::Write,
+        offset,
+        length,
+        Bytes::from(vec![7u8; payload]),
+    )
+}
+
+/// Sends `frame` on an established session and checks it is refused as `BadEntry`, the
+/// session ends, and nothing reaches the store.
+fn assert_refused_bad(frame: Frame) {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    let a = r.step(Event::Received { conn: C, frame });
+    assert_eq!(rejected(&a), Some(RejectReason::BadEntry), "{a:?}");
+    assert!(a.iter().any(|x| matches!(x, Action::Close { conn: C, .. })));
+    assert!(!touches_store(&a), "{a:?}");
+    assert_eq!(r.active(), None);
+    assert_eq!(r.state().head, Lsn(10));
+}
+
+#[test]
+fn a_replica_refuses_an_entry_off_the_block_grid_or_past_the_volume() {
+    assert_refused_bad(one_entry(5, write(11, 512, 4096, 4096)));
+    assert_refused_bad(one_entry(5, write(11, 1 << 30, 4096, 4096)));
+    let mut trim = write(11, 1 << 30, 1 << 40, 0);
+    trim.kind = blockrep_storage::RecordKind::Trim;
+    assert_refused_bad(one_entry(5, trim));
+    let mut future = write(11, 0, 4096, 4096);
+    future.epoch = Epoch(6);
+    assert_refused_bad(one_entry(5, future));
+}
+
+#[test]
+fn a_replica_stores_only_entries_it_validated() {
+    // A good entry ahead of a bad one in the same frame is not appended either.
+    let frame = Frame {
+        epoch: Epoch(5),
+        body: Body::Entries {
+            committed: Lsn(0),
+            records: vec![write(11, 0, 4096, 4096), write(12, 100, 4096, 4096)],
+        },
+    };
+    assert_refused_bad(frame);
+}
+
+#[test]
+fn a_replica_refuses_a_base_chunk_off_the_block_grid_or_past_the_volume() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    r.step(Event::Received {
+        conn: C,
+        frame: Frame {
+            epoch: Epoch(5),
+            body: Body::RebuildStart {
+                base: Lsn(10),
+                history: vec![(Epoch(5), Lsn(1))],
+            },
+        },
+    });
+    for (offset, length, data) in [(100, 4096, None), (0, 1 << 31, None), (1 << 30, 4096, None)] {
+        let a = r.step(Event::Received {
+            conn: C,
+            frame: Frame {
+                epoch: Epoch(5),
+                body: Body::BaseChunk {
+                    offset,
+                    length,
+                    data,
+                },
+            },
+        });
+        assert_eq!(rejected(&a), Some(RejectReason::BadEntry), "{a:?}");
+        assert!(!touches_store(&a), "{a:?}");
+        greet(&mut r, C, 5, P1);
+    }
+}
+
+#[test]
+fn a_replica_refuses_a_rebuild_base_that_cannot_be_followed() {
+    assert_refused_bad(Frame {
+        epoch: Epoch(5),
+        body: Body::RebuildStart {
+            base: Lsn::MAX,
+            history: vec![],
+        },
+    });
+}
+
+#[test]
+fn an_epoch_that_cannot_be_followed_is_refused() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: probe(u64::MAX, Some(P2)),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::UnfollowableEpoch));
+    assert!(!touches_store(&a), "{a:?}");
+    assert_eq!(r.state().epoch, Epoch(5));
+    // A hello at it, even to a blank store of another volume, adopts nothing.
+    let mut blank = state(0, 0);
+    blank.blank = true;
+    let mut r = ReplicaCore::new(blank);
+    let mut frame = hello(u64::MAX, P1);
+    if let Body::Hello { volume_id, .. } = &mut frame.body {
+        *volume_id = VolumeId([9; 16]);
+    }
+    let a = r.step(Event::Received { conn: C, frame });
+    assert_eq!(rejected(&a), Some(RejectReason::UnfollowableEpoch));
+    assert!(!touches_store(&a), "{a:?}");
+    assert_eq!(r.state().epoch, Epoch(0));
+    assert_eq!(r.active(), None);
+    // The one below it is still a valid claim.
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: hello(u64::MAX - 1, P1),
+    });
+    assert_eq!(rejected(&a), None);
+}

@@ -36,7 +36,7 @@ const LEAF_VALIDITY: Duration = Duration::days(731);
 const CLOCK_SKEW: Duration = Duration::hours(1);
 /// Private keys: readable by their owner only.
 const KEY_MODE: u32 = 0o600;
-/// Certificates are public.
+/// Certificates are public: peers running as other users read them.
 const CERT_MODE: u32 = 0o644;
 /// The CA directory holds the CA key.
 const CA_DIR_MODE: u32 = 0o700;
@@ -280,8 +280,12 @@ pub fn init_ca(dir: &Path, force: bool) -> Result<(), CertError> {
     let cert = params.self_signed(&key)?;
     // The key first: a CA certificate never stands beside a key that is not its own
     // unless the cert write itself fails.
-    write_file(&dir.join(CA_KEY), key.serialize_pem().as_bytes(), KEY_MODE)?;
-    write_file(&dir.join(CA_CERT), cert.pem().as_bytes(), CERT_MODE)
+    write_file(
+        &dir.join(CA_KEY),
+        key.serialize_pem().as_bytes(),
+        Access::Secret,
+    )?;
+    write_file(&dir.join(CA_CERT), cert.pem().as_bytes(), Access::Public)
 }
 
 /// Issues `leaf` signed by the CA in `ca_dir` into `out` (created if missing): the CA's
@@ -300,9 +304,9 @@ pub fn issue(ca_dir: &Path, leaf: &Leaf, out: &Path) -> Result<Issued, CertError
         cert: out.join(leaf.kind.cert_file()),
         key: out.join(leaf.kind.key_file()),
     };
-    write_file(&issued.key, key.serialize_pem().as_bytes(), KEY_MODE)?;
-    write_file(&issued.cert, cert.pem().as_bytes(), CERT_MODE)?;
-    write_file(&issued.ca_cert, ca.cert_pem.as_bytes(), CERT_MODE)?;
+    write_file(&issued.key, key.serialize_pem().as_bytes(), Access::Secret)?;
+    write_file(&issued.cert, cert.pem().as_bytes(), Access::Public)?;
+    write_file(&issued.ca_cert, ca.cert_pem.as_bytes(), Access::Public)?;
     Ok(issued)
 }
 
@@ -367,11 +371,19 @@ fn create_dir(dir: &Path, mode: u32) -> Result<(), CertError> {
         })
 }
 
-/// Writes `contents` to `path` atomically (a new file renamed over it), durably (the file
-/// and its directory are synced), with `mode` set as the file is created: a key is never
-/// readable by others, not even for a moment. Certificates get exactly `CERT_MODE`, whatever
-/// the umask, since peers running as other users read them.
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+/// Who may read a file `write_file` makes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// A private key: `KEY_MODE` from the moment it exists (the umask can only narrow it).
+    Secret,
+    /// A certificate: exactly `CERT_MODE`, whatever the umask.
+    Public,
+}
+
+/// Writes `contents` to `path` atomically (a new file renamed over it) and durably (the file
+/// and its directory are synced). Invariant *keys_are_created_0600*: a secret file is created
+/// with its final mode, so a key is never readable by others, not even for a moment.
+fn write_file(path: &Path, contents: &[u8], access: Access) -> Result<(), CertError> {
     let err = |source| CertError::Write {
         path: path.to_owned(),
         source,
@@ -381,7 +393,7 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> 
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     // A stale one from a crash; create_new below then guarantees that the file written is
     // the one created here with `mode` (never a file or link someone else left).
     match fs::remove_file(&tmp) {
@@ -392,9 +404,12 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> 
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(mode)
+            .mode(match access {
+                Access::Secret => KEY_MODE,
+                Access::Public => CERT_MODE,
+            })
             .open(&tmp)?;
-        if mode == CERT_MODE {
+        if access == Access::Public {
             file.set_permissions(fs::Permissions::from_mode(CERT_MODE))?;
         }
         file.write_all(contents)?;
@@ -527,5 +542,161 @@ mod tests {
         assert_eq!(given.sans, vec![San::Dns("nbd".into())]);
         let node = Leaf::new(Kind::Node, "r1", vec![]).unwrap();
         assert_eq!(node.sans, vec![San::Dns("r1".into())]);
+    }
+
+    /// Handshakes in memory, with rustls (the nodes' TLS library) at both ends.
+    mod rustls_handshake {
+        use super::*;
+        use rustls::crypto::CryptoProvider;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use rustls::server::WebPkiClientVerifier;
+        use rustls::{
+            CertificateError, ClientConfig, ClientConnection, Connection, RootCertStore,
+            ServerConfig, ServerConnection, SupportedProtocolVersion,
+        };
+        use std::sync::Arc;
+
+        fn provider() -> Arc<CryptoProvider> {
+            Arc::new(rustls::crypto::ring::default_provider())
+        }
+
+        fn identity(
+            dir: &Path,
+            kind: Kind,
+        ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+            let cert = CertificateDer::from_pem_file(dir.join(kind.cert_file())).unwrap();
+            let key = PrivateKeyDer::from_pem_file(dir.join(kind.key_file())).unwrap();
+            (vec![cert], key)
+        }
+
+        fn roots(dir: &Path) -> Arc<RootCertStore> {
+            let mut roots = RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_file(dir.join(CA_CERT)).unwrap())
+                .unwrap();
+            Arc::new(roots)
+        }
+
+        /// Moves every pending TLS record from `from` to `to` and lets `to` process them.
+        fn pump(from: &mut Connection, to: &mut Connection) -> Result<(), rustls::Error> {
+            let mut wire = Vec::new();
+            while from.wants_write() {
+                from.write_tls(&mut wire).unwrap();
+            }
+            let mut rest = &wire[..];
+            while !rest.is_empty() {
+                to.read_tls(&mut rest).unwrap();
+                to.process_new_packets()?;
+            }
+            Ok(())
+        }
+
+        /// A server with `server`'s certificate requiring a client certificate from its CA;
+        /// a client with `client`'s certificate checking the server as `name`.
+        fn handshake(
+            version: &'static SupportedProtocolVersion,
+            server: (&Path, Kind),
+            client: (&Path, Kind),
+            name: &str,
+        ) -> Result<(), rustls::Error> {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots(server.0), provider())
+                .build()
+                .unwrap();
+            let (chain, key) = identity(server.0, server.1);
+            let server_config = ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[version])?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)?;
+            let (chain, key) = identity(client.0, client.1);
+            let client_config = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[version])?
+                .with_root_certificates(roots(client.0))
+                .with_client_auth_cert(chain, key)?;
+            let name = ServerName::try_from(name.to_owned()).unwrap();
+            let mut c = Connection::from(ClientConnection::new(Arc::new(client_config), name)?);
+            let mut s = Connection::from(ServerConnection::new(Arc::new(server_config))?);
+            while c.is_handshaking() || s.is_handshaking() {
+                pump(&mut c, &mut s)?;
+                pump(&mut s, &mut c)?;
+            }
+            // TLS 1.3 judges the client's certificate after the client thinks it is done.
+            pump(&mut c, &mut s)
+        }
+
+        fn ca_and(tmp: &Path, issue_all: &[(Kind, &str, &str)]) -> PathBuf {
+            let ca = tmp.join("ca");
+            init_ca(&ca, false).unwrap();
+            for (kind, name, out) in issue_all {
+                issue(
+                    &ca,
+                    &Leaf::new(*kind, name, vec![]).unwrap(),
+                    &tmp.join(out),
+                )
+                .unwrap();
+            }
+            ca
+        }
+
+        const VERSIONS: [&SupportedProtocolVersion; 2] =
+            [&rustls::version::TLS12, &rustls::version::TLS13];
+
+        #[test]
+        fn node_certificates_authenticate_both_ends_in_rustls() {
+            let tmp = tempfile::tempdir().unwrap();
+            let t = tmp.path();
+            ca_and(t, &[(Kind::Node, "r1", "r1"), (Kind::Node, "primary", "p")]);
+            let (r1, p) = (t.join("r1"), t.join("p"));
+            for v in VERSIONS {
+                handshake(v, (&r1, Kind::Node), (&p, Kind::Node), "r1").unwrap();
+                // Either node can be either end.
+                handshake(v, (&p, Kind::Node), (&r1, Kind::Node), "primary").unwrap();
+                let wrong = handshake(v, (&r1, Kind::Node), (&p, Kind::Node), "r2");
+                assert!(
+                    matches!(wrong, Err(rustls::Error::InvalidCertificate(_))),
+                    "{wrong:?}"
+                );
+            }
+        }
+
+        #[test]
+        fn server_and_client_certificates_work_in_rustls_and_only_in_their_roles() {
+            let tmp = tempfile::tempdir().unwrap();
+            let t = tmp.path();
+            ca_and(
+                t,
+                &[(Kind::Server, "nbd1", "s"), (Kind::Client, "alice", "c")],
+            );
+            let other = tmp.path().join("other");
+            fs::create_dir(&other).unwrap();
+            ca_and(&other, &[(Kind::Client, "alice", "c")]);
+            let (s, c, stranger) = (t.join("s"), t.join("c"), other.join("c"));
+            for v in VERSIONS {
+                for name in ["nbd1", "localhost", "127.0.0.1"] {
+                    handshake(v, (&s, Kind::Server), (&c, Kind::Client), name).unwrap();
+                }
+                let refused = handshake(v, (&s, Kind::Server), (&stranger, Kind::Client), "nbd1");
+                assert!(
+                    matches!(
+                        refused,
+                        Err(rustls::Error::InvalidCertificate(
+                            CertificateError::UnknownIssuer
+                        ))
+                    ),
+                    "another CA's client: {refused:?}"
+                );
+                // No clientAuth usage in a server certificate, no serverAuth in a client's.
+                let refused = handshake(v, (&s, Kind::Server), (&s, Kind::Server), "nbd1");
+                assert!(
+                    refused.is_err(),
+                    "server certificate as client: {refused:?}"
+                );
+                let refused = handshake(v, (&c, Kind::Client), (&c, Kind::Client), "alice");
+                assert!(
+                    refused.is_err(),
+                    "client certificate as server: {refused:?}"
+                );
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `blockrep certs`: the CA and the certificates it issues, checked by the tools the rest of
 //! the world uses: OpenSSL reads and verifies them, GnuTLS (what libnbd and qemu use) verifies
-//! them and completes real mutual-TLS handshakes with them against an OpenSSL server.
+//! them and completes real mutual-TLS handshakes with them against an OpenSSL server, and
+//! nbdkit and libnbd (`nbdinfo`) serve and read NBD over TLS from the directories as issued.
 
 mod common;
 
@@ -438,4 +439,43 @@ fn node_certificates_authenticate_both_ends_by_name() {
         "r2",
     );
     assert!(!wrong.status.success(), "{}", describe(&wrong));
+}
+
+/// `nbdinfo` on `nbds://localhost:PORT/?tls-certificates=DIR`.
+fn nbdinfo_tls(port: u16, dir: &Path) -> Output {
+    require("nbdinfo");
+    run(timed(30, "nbdinfo").arg(format!(
+        "nbds://localhost:{port}/?tls-certificates={}",
+        dir.display()
+    )))
+}
+
+#[test]
+fn nbdkit_and_libnbd_take_the_directories_as_issued() {
+    require("nbdkit");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    init(t, "ca");
+    init(t, "other");
+    let server = issue(t, "ca", "--server", "nbd1", "server", &[]);
+    let client = issue(t, "ca", "--client", "alice", "client", &[]);
+    // Trusts the right CA but presents another CA's client certificate.
+    let stranger = issue(t, "other", "--client", "alice", "stranger", &[]);
+    fs::copy(client.join("ca-cert.pem"), stranger.join("ca-cert.pem")).unwrap();
+    let port = free_port();
+    let _nbdkit = KillOnDrop::spawn_group(
+        timed(60, "nbdkit")
+            .args(["-f", "-i", "127.0.0.1", "-p", &port.to_string()])
+            .arg("--tls=require")
+            .arg(format!("--tls-certificates={}", server.display()))
+            .args(["--tls-verify-peer", "memory", "1M"]),
+        "nbdkit",
+        t.join("nbdkit.log"),
+    );
+    wait_for_port(port);
+    let ok = nbdinfo_tls(port, &client);
+    assert!(ok.status.success(), "{}", describe(&ok));
+    assert!(text(&ok.stdout).contains("with TLS"), "{}", describe(&ok));
+    let refused = nbdinfo_tls(port, &stranger);
+    assert!(!refused.status.success(), "{}", describe(&refused));
 }

@@ -74,6 +74,8 @@ pub enum CertError {
     KeyMismatch { key: PathBuf, cert: PathBuf },
     #[error("invalid name {name:?}: {reason}")]
     BadName { name: String, reason: &'static str },
+    #[error("say what the certificate is for: --node, --server or --client")]
+    NoKind,
     #[error("generating the certificate")]
     Generate(#[from] rcgen::Error),
 }
@@ -429,6 +431,7 @@ pub enum CertsCommand {
     /// Create a certificate authority in DIR: ca-cert.pem and ca-key.pem (0600). The CA is
     /// valid for 10 years and signs only the certificates `issue` makes.
     Init {
+        /// Where to create it (made 0700 if missing; keep it off the nodes if you can).
         dir: PathBuf,
         /// Replace an existing CA (every certificate it issued stops being trusted).
         #[arg(long)]
@@ -473,12 +476,7 @@ impl IssueArgs {
             (_, Some(name), _) => (Kind::Server, name),
             (_, _, Some(name)) => (Kind::Client, name),
             // clap's required group makes this unreachable; an error says so if it is not.
-            (None, None, None) => {
-                return Err(CertError::BadName {
-                    name: String::new(),
-                    reason: "give --node, --server or --client",
-                })
-            }
+            (None, None, None) => return Err(CertError::NoKind),
         };
         Leaf::new(kind, name, self.san.clone())
     }
@@ -498,10 +496,10 @@ pub fn run(command: CertsCommand) -> anyhow::Result<()> {
             let issued = issue(&args.dir, &leaf, &args.out)?;
             let sans: Vec<String> = leaf.sans.iter().map(San::to_string).collect();
             println!(
-                "issued {} ({}) for {}: {}, {}, {}",
+                "issued a {} certificate for {} (answers to {}): {}, {}, {}",
                 leaf.kind.stem(),
-                sans.join(", "),
                 leaf.name,
+                sans.join(", "),
                 issued.cert.display(),
                 issued.key.display(),
                 issued.ca_cert.display()

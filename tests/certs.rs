@@ -377,15 +377,29 @@ fn gnutls_client(port: u16, ca: &Path, client: Option<(&Path, &str)>, hostname: 
     run(cmd.arg("-c").arg(line + " 127.0.0.1"))
 }
 
+/// A server and a client certificate from the CA `ca`, and a client one from `other`.
+struct Party {
+    server: PathBuf,
+    client: PathBuf,
+    stranger: PathBuf,
+}
+
+fn party(t: &Path) -> Party {
+    init(t, "ca");
+    init(t, "other");
+    Party {
+        server: issue(t, "ca", "--server", "nbd1", "server", &[]),
+        client: issue(t, "ca", "--client", "alice", "client", &[]),
+        stranger: issue(t, "other", "--client", "alice", "stranger", &[]),
+    }
+}
+
 #[test]
 fn a_server_and_a_client_certificate_complete_a_mutual_tls_handshake() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    init(t, "ca");
-    init(t, "other");
-    let server = issue(t, "ca", "--server", "nbd1", "server", &[]);
-    let client = issue(t, "ca", "--client", "alice", "client", &[]);
-    let stranger = issue(t, "other", "--client", "alice", "stranger", &[]);
+    let p = party(t);
+    let (server, client, stranger) = (p.server, p.client, p.stranger);
     let (_s, port) = tls_server(t, &server, "server");
     let ca = client.join("ca-cert.pem");
 
@@ -455,12 +469,9 @@ fn nbdkit_and_libnbd_take_the_directories_as_issued() {
     require("nbdkit");
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    init(t, "ca");
-    init(t, "other");
-    let server = issue(t, "ca", "--server", "nbd1", "server", &[]);
-    let client = issue(t, "ca", "--client", "alice", "client", &[]);
+    let p = party(t);
+    let (server, client, stranger) = (&p.server, &p.client, &p.stranger);
     // Trusts the right CA but presents another CA's client certificate.
-    let stranger = issue(t, "other", "--client", "alice", "stranger", &[]);
     fs::copy(client.join("ca-cert.pem"), stranger.join("ca-cert.pem")).unwrap();
     let port = free_port();
     let _nbdkit = KillOnDrop::spawn_group(
@@ -473,9 +484,9 @@ fn nbdkit_and_libnbd_take_the_directories_as_issued() {
         t.join("nbdkit.log"),
     );
     wait_for_port(port);
-    let ok = nbdinfo_tls(port, &client);
+    let ok = nbdinfo_tls(port, client);
     assert!(ok.status.success(), "{}", describe(&ok));
     assert!(text(&ok.stdout).contains("with TLS"), "{}", describe(&ok));
-    let refused = nbdinfo_tls(port, &stranger);
+    let refused = nbdinfo_tls(port, stranger);
     assert!(!refused.status.success(), "{}", describe(&refused));
 }

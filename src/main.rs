@@ -1,6 +1,7 @@
 //! The `blockrep` binary: the command line, and the wiring of the NBD frontend, the storage
 //! engine and replication. Errors become one clear line on stderr; usage errors exit with 2.
 
+mod certs;
 mod config;
 mod node;
 mod observe;
@@ -128,6 +129,12 @@ enum Command {
         #[arg(long, default_value = "sync-all")]
         commit: CommitMode,
     },
+    /// Make the certificates TLS needs: a CA (`init`), then node, server and client
+    /// certificates signed by it (`issue`).
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -233,5 +240,6 @@ fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
             file,
             io_engine,
         } => offline::export(&dir, &file, io_engine),
+        Command::Certs { command } => certs::run(command),
     }
 }

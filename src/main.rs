@@ -127,6 +127,8 @@ enum Command {
         replicas: usize,
         #[arg(long, default_value = "sync-all")]
         commit: CommitMode,
+        #[command(flatten)]
+        tls: node::TlsArgs,
     },
 }
 
@@ -226,7 +228,8 @@ fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
             nbd,
             replicas,
             commit,
-        } => node::up(&dir, size, nbd, replicas, commit),
+            tls,
+        } => node::up(&dir, size, nbd, replicas, commit, tls),
         Command::Inspect { dir, json } => offline::inspect(&dir, json),
         Command::Export {
             dir,

@@ -209,12 +209,14 @@ fn open_store(
 
 /// `blockrep serve`.
 pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
+    // Bad TLS flags or files are refused before the store is touched.
+    let tls = args.tls.load()?;
     let replicated = !args.replicas.is_empty();
     let store = open_store(dir, args.io_engine, args.flush_interval_ms, replicated)?;
     let rt = runtime()?;
     let shutdown = CancellationToken::new();
     let signals = rt.block_on(async { install_signal_handlers(shutdown.clone()) })?;
-    let result = rt.block_on(serve_primary(dir, store.clone(), args, shutdown));
+    let result = rt.block_on(serve_primary(dir, store.clone(), args, tls, shutdown));
     signals.abort();
     drop(rt);
     tracing::info!("shutting down: making acknowledged writes durable");
@@ -227,6 +229,7 @@ async fn serve_primary(
     dir: &Path,
     store: Arc<Store>,
     args: &ServeArgs,
+    tls: Tls,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mode = args.commit.unwrap_or(if args.replicas.is_empty() {
@@ -235,7 +238,6 @@ async fn serve_primary(
         CommitMode::SyncAll
     });
     mode.validate(args.replicas.len()).map_err(|e| anyhow!(e))?;
-    let tls = args.tls.load()?;
     let epoch = choose_epoch(dir, &store, args, mode).await?;
     let server = Server::bind(&args.nbd).await?.tls(tls);
     // Only a start that will serve begins a new epoch; it is durable before anything else.
@@ -553,7 +555,7 @@ pub fn up(
     tls: TlsArgs,
 ) -> Result<()> {
     // Refused before anything is created, like every other bad flag.
-    tls.load()?;
+    let nbd_tls = tls.load()?;
     // Durably: a power loss must not take the directory holding the stores away.
     blockrep_storage::create_dir_all_durable(dir).with_context(|| format!("{}", dir.display()))?;
     let primary_dir = dir.join("primary");
@@ -608,7 +610,14 @@ pub fn up(
             observe: ObserveArgs::default(),
             tls,
         };
-        let r = serve_primary(&primary_dir, store.clone(), &args, shutdown.clone()).await;
+        let r = serve_primary(
+            &primary_dir,
+            store.clone(),
+            &args,
+            nbd_tls,
+            shutdown.clone(),
+        )
+        .await;
         shutdown.cancel();
         signals.abort();
         r

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivateSec1KeyDer,
+};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
@@ -206,10 +208,16 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// write them).
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => invalid(path, "no PEM private key in it"),
         e => invalid(path, format!("not a PEM private key: {e}")),
-    })
+    })?;
+    if let PrivateKeyDer::Sec1(sec1) = &key {
+        if let Some(repaired) = sec1::strip_scalar_padding(sec1.secret_sec1_der()) {
+            return Ok(PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(repaired)));
+        }
+    }
+    Ok(key)
 }
 
 fn revocation_lists(
@@ -220,3 +228,7 @@ fn revocation_lists(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(path, format!("not a PEM certificate revocation list: {e}")))
 }
+
+mod sec1;
+#[cfg(test)]
+mod tests;

@@ -427,3 +427,26 @@ fn bad_certificate_directories_are_refused_naming_the_file() {
     let unset = ["--tls", "require"];
     refused_at_start(&s, &unset, "needs --tls-certificates");
 }
+
+#[test]
+fn config_keys_turn_tls_on_and_tls_psk_there_is_refused_too() {
+    let s = setup();
+    let config = s.tmp.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls = \"require\"\ntls-certificates = \"{}\"\ntls-verify-peer = true\n",
+            s.server.display()
+        ),
+    )
+    .expect("config");
+    let config_arg = config.to_str().expect("utf-8").to_string();
+    let srv = serve(&s.store, &["--metrics", "off", "--config", &config_arg]);
+    assert!(nbdinfo(&nbds(&srv, &s.client)).status.success());
+    let no_cert = s.pki.client_dir(&s.tmp, "no-cert", false);
+    assert!(!nbdinfo(&nbds(&srv, &no_cert)).status.success());
+    assert_tls_required(&nbdinfo(&srv.export_uri("blockrep")), "plaintext nbdinfo");
+    drop(srv);
+    std::fs::write(&config, "tls = \"require\"\ntls-psk = \"/etc/keys.psk\"\n").expect("config");
+    refused_at_start(&s, &["--config", &config_arg], "PSK is not supported");
+}

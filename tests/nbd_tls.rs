@@ -450,3 +450,39 @@ fn config_keys_turn_tls_on_and_tls_psk_there_is_refused_too() {
     std::fs::write(&config, "tls = \"require\"\ntls-psk = \"/etc/keys.psk\"\n").expect("config");
     refused_at_start(&s, &["--config", &config_arg], "PSK is not supported");
 }
+
+#[test]
+fn up_serves_its_volume_over_tls_with_the_same_flags() {
+    let s = setup();
+    let port = free_port();
+    let data = s.tmp.join("up-data");
+    let args = [
+        "up".into(),
+        "--dir".into(),
+        data.clone().into_os_string(),
+        "--size".into(),
+        "64MiB".into(),
+        "--nbd".into(),
+        format!("127.0.0.1:{port}").into(),
+        "--tls".into(),
+        "require".into(),
+        "--tls-certificates".into(),
+        s.server.clone().into_os_string(),
+    ];
+    // Its first line says it created the volume; serving shows as the port accepting.
+    let mut up = Node::builder("up", &data, port, args.to_vec())
+        .ready(Ready::Started)
+        .wait_for_port()
+        .start();
+    let out = nbdinfo(&nbds(&up, &s.client));
+    assert!(
+        out.status.success(),
+        "nbdinfo over nbds:// to up:\n{}",
+        both(&out)
+    );
+    assert_tls_required(
+        &nbdinfo(&up.export_uri("blockrep")),
+        "plaintext nbdinfo to up",
+    );
+    up.stop_ok();
+}

@@ -410,3 +410,6 @@ impl<V: BlockVolume> Session<'_, V> {
         self.reply(option, REP_ACK, &[]).await
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -230,5 +230,3 @@ fn revocation_lists(
 }
 
 mod sec1;
-#[cfg(test)]
-mod tests;

@@ -7,16 +7,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::*;
+use super::{negotiate, HandshakeError};
 use crate::exports::Exports;
-use crate::handshake::{negotiate, HandshakeError};
 use crate::proto::*;
 use crate::stream::Plain;
+use crate::tls::{Tls, TlsMode, CA_CERT, SERVER_CERT, SERVER_KEY};
 use crate::volume::{BlockVolume, Extent, ReadChunk, VolumeResult};
 
 /// 1 MiB that reads as zeroes; nothing here gets as far as a request.
@@ -125,10 +127,11 @@ async fn harness(mode: TlsMode) -> Harness {
     make_certificates(dir.path());
     let tls = Tls::load(mode, dir.path(), false).expect("certtool's certificates load");
     let mut roots = RootCertStore::empty();
-    for cert in certificates(&dir.path().join(CA_CERT)).unwrap() {
-        roots.add(cert).unwrap();
+    for cert in CertificateDer::pem_file_iter(dir.path().join(CA_CERT)).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)

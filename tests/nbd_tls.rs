@@ -486,3 +486,36 @@ fn up_serves_its_volume_over_tls_with_the_same_flags() {
     );
     up.stop_ok();
 }
+
+#[test]
+fn a_client_certificate_revoked_in_ca_crl_is_refused() {
+    let s = setup();
+    let revoked = s.pki.client_dir(&s.tmp, "revoked", true);
+    let template = s
+        .pki
+        .template("crl", "crl_next_update = 30\ncrl_number = 1\n");
+    run_certtool(&[
+        "--generate-crl".as_ref(),
+        "--load-ca-privkey".as_ref(),
+        s.pki.dir.join("ca-key.pem").as_os_str(),
+        "--load-ca-certificate".as_ref(),
+        s.pki.ca_cert().as_os_str(),
+        "--load-certificate".as_ref(),
+        revoked.join("client-cert.pem").as_os_str(),
+        "--template".as_ref(),
+        template.as_os_str(),
+        "--outfile".as_ref(),
+        s.server.join("ca-crl.pem").as_os_str(),
+    ]);
+    let srv = serve_tls(&s, "require", &["--tls-verify-peer"]);
+    let out = nbdinfo(&nbds(&srv, &revoked));
+    assert!(
+        !out.status.success(),
+        "a revoked client got in:\n{}",
+        both(&out)
+    );
+    let ok = nbdinfo(&nbds(&srv, &s.client));
+    assert!(ok.status.success(), "a client not revoked: {}", both(&ok));
+    let log = srv.log();
+    assert!(log.contains("Revoked"), "not refused as revoked:\n{log}");
+}

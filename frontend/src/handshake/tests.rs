@@ -123,6 +123,14 @@ struct Harness {
 /// Certificates, a server that negotiates one connection in `mode`, and a client that has
 /// read the greeting and sent its flags.
 async fn harness(mode: TlsMode) -> Harness {
+    harness_with(mode, rustls::DEFAULT_VERSIONS).await
+}
+
+/// [`harness`] with a client that offers only `versions`.
+async fn harness_with(
+    mode: TlsMode,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     make_certificates(dir.path());
     let tls = Tls::load(mode, dir.path(), false).expect("certtool's certificates load");
@@ -132,7 +140,7 @@ async fn harness(mode: TlsMode) -> Harness {
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -313,4 +321,25 @@ async fn tls_require_hangs_up_on_export_name_before_starttls() {
         matches!(&ended, Err(e) if e.contains("EXPORT_NAME before STARTTLS")),
         "{ended:?}"
     );
+}
+
+#[tokio::test]
+async fn tls_1_2_and_1_3_are_both_served() {
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let Harness {
+            _dir,
+            connector,
+            mut client,
+            server,
+        } = harness_with(TlsMode::Require, &[version]).await;
+        assert_eq!(ask(&mut client, OPT_STARTTLS, &[]).await, REP_ACK);
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = connector
+            .connect(name, client)
+            .await
+            .expect("TLS handshake");
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+        assert_eq!(ask(&mut tls, OPT_GO, &go_request("disk")).await, REP_ACK);
+        assert_eq!(finished(server).await, Ok(Some((true, false))));
+    }
 }

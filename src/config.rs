@@ -7,6 +7,9 @@
 //! replica = ["r1=10.0.0.2:10900", "r2=10.0.0.3:10900"]
 //! commit = "sync-all"
 //! metrics = "127.0.0.1:9810"
+//! tls = "require"
+//! tls-certificates = "/etc/blockrep/tls"
+//! tls-verify-peer = true
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -33,6 +36,11 @@ pub struct ConfigFile {
     pub volume_name: Option<String>,
     pub listen: Option<String>,
     pub size: Option<String>,
+    pub tls: Option<String>,
+    pub tls_certificates: Option<PathBuf>,
+    pub tls_verify_peer: Option<bool>,
+    /// Accepted only to be refused with the same words as `--tls-psk`.
+    pub tls_psk: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -169,6 +177,21 @@ pub fn apply_serve(
     a.rebuild_rate = rate.0;
     take_opt(m, "metrics", &f.metrics, &mut a.observe.metrics)?;
     take_opt(m, "volume_name", &f.volume_name, &mut a.observe.volume_name)?;
+    apply_tls(m, f, &mut a.tls)
+}
+
+/// The NBD TLS keys (`tls`, `tls-certificates`, `tls-verify-peer`, `tls-psk`).
+fn apply_tls(m: &ArgMatches, f: &ConfigFile, t: &mut crate::node::TlsArgs) -> Result<()> {
+    take(m, "tls", &f.tls, &mut t.tls)?;
+    if !on_command_line(m, "tls_certificates") && f.tls_certificates.is_some() {
+        t.tls_certificates.clone_from(&f.tls_certificates);
+    }
+    if let (false, Some(v)) = (on_command_line(m, "tls_verify_peer"), f.tls_verify_peer) {
+        t.tls_verify_peer = v;
+    }
+    if !on_command_line(m, "tls_psk") && f.tls_psk.is_some() {
+        t.tls_psk.clone_from(&f.tls_psk);
+    }
     Ok(())
 }
 

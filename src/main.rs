@@ -128,6 +128,8 @@ enum Command {
         replicas: usize,
         #[arg(long, default_value = "sync-all")]
         commit: CommitMode,
+        #[command(flatten)]
+        tls: node::TlsArgs,
     },
     /// Make the certificates TLS needs: a CA (`init`), then node, server and client
     /// certificates signed by it (`issue`).
@@ -233,7 +235,8 @@ fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
             nbd,
             replicas,
             commit,
-        } => node::up(&dir, size, nbd, replicas, commit),
+            tls,
+        } => node::up(&dir, size, nbd, replicas, commit, tls),
         Command::Inspect { dir, json } => offline::inspect(&dir, json),
         Command::Export {
             dir,

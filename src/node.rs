@@ -1,12 +1,12 @@
 //! Running nodes: a primary (`serve`), a replica (`replica`), and the local cluster (`up`).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use blockrep_frontend::{Exports, ListenAddr, Server};
+use blockrep_frontend::{Exports, ListenAddr, Server, Tls, TlsMode};
 use blockrep_replication::core::primary::{PeerState, PrimaryConfig};
 use blockrep_replication::core::promotion::Facts;
 use blockrep_replication::core::{CommitMode, ReplicaId};
@@ -79,6 +79,66 @@ fn volume_metrics(store: &Store, args: &ObserveArgs) -> Result<Arc<VolumeMetrics
     Ok(vm)
 }
 
+/// NBD over TLS, with nbdkit's flags (so libnbd's and qemu's `nbds://` clients work as is).
+#[derive(clap::Args, Clone, Default)]
+pub struct TlsArgs {
+    /// NBD over TLS: off, on (clients choose) or require (plaintext clients are refused
+    /// with NBD_REP_ERR_TLS_REQD).
+    #[arg(long, default_value = "off")]
+    pub tls: TlsMode,
+    /// The directory with ca-cert.pem, server-cert.pem and server-key.pem (and optionally
+    /// ca-crl.pem) for --tls on|require.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Clients must present a certificate signed by ca-cert.pem.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+    /// Not supported (TLS-PSK); only here to say so and point at X.509.
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub tls_psk: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The server's TLS, with a one-line reason when the flags or the files are wrong.
+    pub fn load(&self) -> Result<Tls> {
+        if self.tls_psk.is_some() {
+            bail!(
+                "--tls-psk: TLS-PSK is not supported (rustls has no PSK); X.509 is: use \
+                 --tls-certificates DIR with ca-cert.pem, server-cert.pem and server-key.pem"
+            );
+        }
+        let Some(dir) = &self.tls_certificates else {
+            if self.tls != TlsMode::Off {
+                bail!(
+                    "--tls {} needs --tls-certificates DIR (holding ca-cert.pem, \
+                     server-cert.pem and server-key.pem)",
+                    self.tls
+                );
+            }
+            if self.tls_verify_peer {
+                bail!("--tls-verify-peer needs --tls on or --tls require");
+            }
+            return Ok(Tls::off());
+        };
+        if self.tls == TlsMode::Off {
+            bail!(
+                "--tls-certificates {} is given but --tls is off; add --tls require (or on)",
+                dir.display()
+            );
+        }
+        Tls::load(self.tls, dir, self.tls_verify_peer).context("--tls-certificates")
+    }
+
+    /// The URI scheme clients use (`nbds` when they must use TLS).
+    fn scheme(&self) -> &'static str {
+        if self.tls == TlsMode::Require {
+            "nbds"
+        } else {
+            "nbd"
+        }
+    }
+}
+
 #[derive(clap::Args, Clone)]
 pub struct ServeArgs {
     /// Where to serve NBD: host:port or unix:/path (repeatable).
@@ -114,6 +174,8 @@ pub struct ServeArgs {
     pub rebuild_rate: u64,
     #[command(flatten)]
     pub observe: ObserveArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 pub(crate) fn parse_replica(s: &str) -> Result<(ReplicaId, String), String> {
@@ -147,12 +209,14 @@ fn open_store(
 
 /// `blockrep serve`.
 pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
+    // Bad TLS flags or files are refused before the store is touched.
+    let tls = args.tls.load()?;
     let replicated = !args.replicas.is_empty();
     let store = open_store(dir, args.io_engine, args.flush_interval_ms, replicated)?;
     let rt = runtime()?;
     let shutdown = CancellationToken::new();
     let signals = rt.block_on(async { install_signal_handlers(shutdown.clone()) })?;
-    let result = rt.block_on(serve_primary(dir, store.clone(), args, shutdown));
+    let result = rt.block_on(serve_primary(dir, store.clone(), args, tls, shutdown));
     signals.abort();
     drop(rt);
     tracing::info!("shutting down: making acknowledged writes durable");
@@ -165,6 +229,7 @@ async fn serve_primary(
     dir: &Path,
     store: Arc<Store>,
     args: &ServeArgs,
+    tls: Tls,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mode = args.commit.unwrap_or(if args.replicas.is_empty() {
@@ -174,7 +239,7 @@ async fn serve_primary(
     });
     mode.validate(args.replicas.len()).map_err(|e| anyhow!(e))?;
     let epoch = choose_epoch(dir, &store, args, mode).await?;
-    let server = Server::bind(&args.nbd).await?;
+    let server = Server::bind(&args.nbd).await?.tls(tls);
     // Only a start that will serve begins a new epoch; it is durable before anything else.
     let epoch = store.begin_epoch(epoch)?;
     if mode == CommitMode::SyncQuorum {
@@ -264,10 +329,13 @@ fn print_banner(
     admin_addr: Option<std::net::SocketAddr>,
 ) {
     let info = store.info();
+    let scheme = args.tls.scheme();
     for addr in server.local_addrs() {
         let uri = match &addr {
-            ListenAddr::Tcp(a) => format!("nbd://{a}/{}", args.export),
-            ListenAddr::Unix(p) => format!("nbd+unix:///{}?socket={}", args.export, p.display()),
+            ListenAddr::Tcp(a) => format!("{scheme}://{a}/{}", args.export),
+            ListenAddr::Unix(p) => {
+                format!("{scheme}+unix:///{}?socket={}", args.export, p.display())
+            }
         };
         println!(
             "blockrep: serving {} ({}, epoch {epoch}, {} with {} replica(s), I/O {}) at {uri}",
@@ -284,8 +352,16 @@ fn print_banner(
         }
         None => println!("  metrics and status: off (--metrics off)"),
     }
-    if let Some(ListenAddr::Tcp(a)) = server.local_addrs().first() {
-        println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'");
+    match (server.local_addrs().first(), args.tls.tls) {
+        (Some(ListenAddr::Tcp(a)), TlsMode::Off) => {
+            println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'")
+        }
+        (Some(ListenAddr::Tcp(a)), _) => println!(
+            "  try: nbdinfo 'nbds://{a}/{}?tls-certificates=DIR' (DIR: the client's ca-cert.pem, \
+             and client-cert.pem + client-key.pem with --tls-verify-peer)",
+            args.export
+        ),
+        _ => {}
     }
 }
 
@@ -476,7 +552,10 @@ pub fn up(
     nbd: Vec<ListenAddr>,
     replicas: usize,
     commit: CommitMode,
+    tls: TlsArgs,
 ) -> Result<()> {
+    // Refused before anything is created, like every other bad flag.
+    let nbd_tls = tls.load()?;
     // Durably: a power loss must not take the directory holding the stores away.
     blockrep_storage::create_dir_all_durable(dir).with_context(|| format!("{}", dir.display()))?;
     let primary_dir = dir.join("primary");
@@ -529,8 +608,16 @@ pub fn up(
             force: false,
             rebuild_rate: 0,
             observe: ObserveArgs::default(),
+            tls,
         };
-        let r = serve_primary(&primary_dir, store.clone(), &args, shutdown.clone()).await;
+        let r = serve_primary(
+            &primary_dir,
+            store.clone(),
+            &args,
+            nbd_tls,
+            shutdown.clone(),
+        )
+        .await;
         shutdown.cancel();
         signals.abort();
         r

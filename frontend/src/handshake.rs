@@ -1,16 +1,24 @@
 //! The fixed-newstyle handshake: a strict request/response dialogue, written as straight-line
 //! code over the socket with a length cap on everything the client sends. Each option is
 //! decoded once into a [`ClientOption`] and answered by a method of its own.
+//!
+//! STARTTLS splits the handshake in two: what was negotiated lives in a [`Session`], and a
+//! session never outlives the stream it was made on. After the upgrade a fresh session
+//! starts on the TLS stream, so nothing agreed in plaintext (structured replies, meta
+//! contexts) carries over, and whether the stream is in TLS is read off the stream itself.
 
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::exports::Exports;
 use crate::option::{ClientOption, InfoRequest, Malformed, MetaQuery};
 use crate::proto::*;
+use crate::stream::{Plain, Stream};
+use crate::tls::Tls;
 use crate::volume::BlockVolume;
 
 /// Option payloads above this are refused by closing the connection (no string in the
@@ -35,6 +43,9 @@ pub(crate) enum HandshakeError {
     /// EXPORT_NAME named an export that does not exist (it has no answer but closing).
     #[error("{0}")]
     Ended(String),
+    /// The TLS handshake after STARTTLS failed (which ends the session, as the spec says).
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
 }
 
 /// The transmission flags INFO, GO and EXPORT_NAME advertise for an export.
@@ -56,90 +67,107 @@ pub(crate) fn transmission_flags(structured: bool, read_only: bool) -> u16 {
     f
 }
 
-struct Session<'a, R, W, V> {
-    r: &'a mut R,
-    w: &'a mut W,
+/// One stretch of option negotiation on one stream: everything here is forgotten at STARTTLS.
+struct Session<'a, V> {
+    stream: &'a mut Stream,
     exports: &'a Exports<V>,
+    tls: &'a Tls,
     structured: bool,
     /// The export and whether base:allocation was selected for it by SET_META_CONTEXT.
     meta: Option<(String, bool)>,
+    /// From the client flags, which come before any option and so survive STARTTLS.
     no_zeroes: bool,
     shutdown: &'a CancellationToken,
 }
 
 /// What one option did to the handshake.
 enum Outcome<V> {
-    /// The handshake goes on with the next option.
+    /// The session goes on with the next option.
     Next,
+    /// The session is over.
+    Done(End<V>),
+}
+
+/// How a session ended.
+enum End<V> {
     /// Transmission starts with what was agreed.
     Transmit(Negotiated<V>),
     /// The client ended the handshake politely (ABORT).
     Aborted,
+    /// STARTTLS was acknowledged: the TLS handshake comes next, then a fresh session.
+    StartTls(TlsAcceptor),
 }
 
-/// Runs the handshake. Returns `Ok(None)` when the client ended it politely (ABORT).
-pub(crate) async fn negotiate<R, W, V>(
-    r: &mut R,
-    w: &mut W,
+/// Runs the handshake. Returns the stream transmission goes on (TLS after STARTTLS) with
+/// what was agreed, or `Ok(None)` when the client ended it politely (ABORT).
+pub(crate) async fn negotiate<V: BlockVolume>(
+    plain: Plain,
     exports: &Exports<V>,
     shutdown: &CancellationToken,
-) -> Result<Option<Negotiated<V>>, HandshakeError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-    V: BlockVolume,
-{
+    tls: &Tls,
+) -> Result<Option<(Stream, Negotiated<V>)>, HandshakeError> {
+    let mut stream = Stream::Plain(plain);
     let mut greeting = BytesMut::with_capacity(18);
     greeting.put_u64(NBDMAGIC);
     greeting.put_u64(IHAVEOPT);
     greeting.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    w.write_all(&greeting).await?;
-    w.flush().await?;
-    let client_flags = r.read_u32().await?;
+    stream.write_all(&greeting).await?;
+    stream.flush().await?;
+    let client_flags = stream.read_u32().await?;
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(HandshakeError::Protocol(format!(
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let mut s = Session {
-        r,
-        w,
-        exports,
-        structured: false,
-        meta: None,
-        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
-        shutdown,
-    };
+    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
     loop {
-        let magic = s.r.read_u64().await?;
-        if magic != IHAVEOPT {
-            return Err(HandshakeError::Protocol(format!(
-                "option magic {magic:#x} is not IHAVEOPT"
-            )));
-        }
-        let option = s.r.read_u32().await?;
-        let len = s.r.read_u32().await?;
-        if len > MAX_OPTION_LEN {
-            return Err(HandshakeError::Protocol(format!(
-                "option {option} carries {len} bytes (limit {MAX_OPTION_LEN})"
-            )));
-        }
-        let mut data = vec![0u8; len as usize];
-        s.r.read_exact(&mut data).await?;
-        match s.option(option, &data).await? {
-            Outcome::Next => {}
-            Outcome::Transmit(negotiated) => return Ok(Some(negotiated)),
-            Outcome::Aborted => return Ok(None),
+        let session = Session {
+            stream: &mut stream,
+            exports,
+            tls,
+            structured: false,
+            meta: None,
+            no_zeroes,
+            shutdown,
+        };
+        match session.run().await? {
+            End::Transmit(negotiated) => return Ok(Some((stream, negotiated))),
+            End::Aborted => return Ok(None),
+            End::StartTls(acceptor) => {
+                stream = stream
+                    .upgrade(&acceptor)
+                    .await
+                    .map_err(HandshakeError::Tls)?;
+            }
         }
     }
 }
 
-impl<R, W, V> Session<'_, R, W, V>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-    V: BlockVolume,
-{
+impl<V: BlockVolume> Session<'_, V> {
+    /// Answers options until one ends this session (GO, EXPORT_NAME, ABORT or STARTTLS).
+    async fn run(mut self) -> Result<End<V>, HandshakeError> {
+        loop {
+            let magic = self.stream.read_u64().await?;
+            if magic != IHAVEOPT {
+                return Err(HandshakeError::Protocol(format!(
+                    "option magic {magic:#x} is not IHAVEOPT"
+                )));
+            }
+            let option = self.stream.read_u32().await?;
+            let len = self.stream.read_u32().await?;
+            if len > MAX_OPTION_LEN {
+                return Err(HandshakeError::Protocol(format!(
+                    "option {option} carries {len} bytes (limit {MAX_OPTION_LEN})"
+                )));
+            }
+            let mut data = vec![0u8; len as usize];
+            self.stream.read_exact(&mut data).await?;
+            if let Outcome::Done(end) = self.option(option, &data).await? {
+                return Ok(end);
+            }
+        }
+    }
+
     async fn reply(&mut self, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
         let mut b = BytesMut::with_capacity(20 + data.len());
         b.put_u64(REPLY_OPT_MAGIC);
@@ -147,8 +175,8 @@ where
         b.put_u32(kind);
         b.put_u32(data.len() as u32);
         b.put_slice(data);
-        self.w.write_all(&b).await?;
-        self.w.flush().await
+        self.stream.write_all(&b).await?;
+        self.stream.flush().await
     }
 
     async fn error(&mut self, option: u32, kind: u32, msg: &str) -> std::io::Result<()> {
@@ -160,7 +188,8 @@ where
         self.error(option, REP_ERR_INVALID, &why.to_string()).await
     }
 
-    /// Answers one option. During a shutdown every option but ABORT is refused.
+    /// Answers one option. During a shutdown every option but ABORT is refused; on a
+    /// TLS-only server still in plaintext, every option but STARTTLS and ABORT.
     async fn option(&mut self, option: u32, data: &[u8]) -> Result<Outcome<V>, HandshakeError> {
         let parsed = ClientOption::parse(option, data);
         if self.shutdown.is_cancelled() && parsed != ClientOption::Abort {
@@ -168,23 +197,31 @@ where
                 .await?;
             return Ok(Outcome::Next);
         }
+        let before_tls = self.tls.required() && !self.stream.is_tls();
         match parsed {
-            ClientOption::ExportName(name) => return self.export_name(name).await,
             ClientOption::Abort => return Ok(self.abort(option).await),
+            ClientOption::StartTls(request) => return self.start_tls(option, request).await,
+            // EXPORT_NAME has no error reply: the spec's answer is to hang up.
+            ClientOption::ExportName(_) if before_tls => {
+                return Err(HandshakeError::Ended(
+                    "EXPORT_NAME before STARTTLS on a TLS-only server".into(),
+                ))
+            }
+            _ if before_tls => {
+                self.error(
+                    option,
+                    REP_ERR_TLS_REQD,
+                    "this server requires TLS: send STARTTLS first",
+                )
+                .await?
+            }
+            ClientOption::ExportName(name) => return self.export_name(name).await,
             ClientOption::Info(request) => return self.info_or_go(option, request, false).await,
             ClientOption::Go(request) => return self.info_or_go(option, request, true).await,
             ClientOption::List(Ok(())) => self.list(option).await?,
             ClientOption::StructuredReply(Ok(())) => self.structured_reply(option).await?,
             ClientOption::List(Err(why)) | ClientOption::StructuredReply(Err(why)) => {
                 self.invalid(option, why).await?
-            }
-            ClientOption::StartTls => {
-                self.error(
-                    option,
-                    REP_ERR_POLICY,
-                    "TLS is not supported by this server",
-                )
-                .await?
             }
             ClientOption::ListMetaContext(query) => self.meta_context(option, false, query).await?,
             ClientOption::SetMetaContext(query) => self.meta_context(option, true, query).await?,
@@ -196,10 +233,37 @@ where
         Ok(Outcome::Next)
     }
 
+    /// STARTTLS: acknowledged in plaintext, then the TLS handshake (by the caller, which
+    /// starts a fresh session on the TLS stream). Refused with TLS off, and inside TLS:
+    /// there is no second upgrade and no downgrade.
+    async fn start_tls(
+        &mut self,
+        option: u32,
+        request: Result<(), Malformed>,
+    ) -> Result<Outcome<V>, HandshakeError> {
+        let accepted = match (self.tls.acceptor(), request) {
+            (None, _) => Err((REP_ERR_POLICY, "TLS is not enabled on this server".into())),
+            (Some(_), _) if self.stream.is_tls() => {
+                Err((REP_ERR_INVALID, "TLS is already active".into()))
+            }
+            (Some(_), Err(why)) => Err((REP_ERR_INVALID, why.to_string())),
+            (Some(acceptor), Ok(())) => Ok(acceptor.clone()),
+        };
+        let acceptor = match accepted {
+            Ok(acceptor) => acceptor,
+            Err((kind, msg)) => {
+                self.error(option, kind, &msg).await?;
+                return Ok(Outcome::Next);
+            }
+        };
+        self.reply(option, REP_ACK, &[]).await?;
+        Ok(Outcome::Done(End::StartTls(acceptor)))
+    }
+
     async fn abort(&mut self, option: u32) -> Outcome<V> {
         // The client may already have closed; that is fine.
         let _ = self.reply(option, REP_ACK, &[]).await;
-        Outcome::Aborted
+        Outcome::Done(End::Aborted)
     }
 
     async fn list(&mut self, option: u32) -> std::io::Result<()> {
@@ -229,9 +293,9 @@ where
         if !self.no_zeroes {
             b.put_bytes(0, 124);
         }
-        self.w.write_all(&b).await?;
-        self.w.flush().await?;
-        Ok(Outcome::Transmit(self.finish(name, volume)))
+        self.stream.write_all(&b).await?;
+        self.stream.flush().await?;
+        Ok(Outcome::Done(End::Transmit(self.finish(name, volume))))
     }
 
     fn finish(&mut self, export: String, volume: Arc<V>) -> Negotiated<V> {
@@ -290,7 +354,7 @@ where
         }
         self.reply(option, REP_ACK, &[]).await?;
         if go {
-            return Ok(Outcome::Transmit(self.finish(name, volume)));
+            return Ok(Outcome::Done(End::Transmit(self.finish(name, volume))));
         }
         Ok(Outcome::Next)
     }
@@ -346,3 +410,6 @@ where
         self.reply(option, REP_ACK, &[]).await
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -15,7 +15,7 @@ pub(crate) enum ClientOption {
     ExportName(String),
     Abort,
     List(Result<(), Malformed>),
-    StartTls,
+    StartTls(Result<(), Malformed>),
     Info(Result<InfoRequest, Malformed>),
     Go(Result<InfoRequest, Malformed>),
     StructuredReply(Result<(), Malformed>),
@@ -45,6 +45,8 @@ pub(crate) enum Malformed {
     ListData,
     #[error("STRUCTURED_REPLY takes no data")]
     StructuredReplyData,
+    #[error("STARTTLS takes no data")]
+    StartTlsData,
     #[error("malformed INFO/GO request")]
     InfoGo,
     #[error("malformed meta context request")]
@@ -58,7 +60,7 @@ impl ClientOption {
             OPT_EXPORT_NAME => ClientOption::ExportName(String::from_utf8_lossy(data).into_owned()),
             OPT_ABORT => ClientOption::Abort,
             OPT_LIST => ClientOption::List(empty(Malformed::ListData)),
-            OPT_STARTTLS => ClientOption::StartTls,
+            OPT_STARTTLS => ClientOption::StartTls(empty(Malformed::StartTlsData)),
             OPT_INFO => ClientOption::Info(InfoRequest::parse(data)),
             OPT_GO => ClientOption::Go(InfoRequest::parse(data)),
             OPT_STRUCTURED_REPLY => {
@@ -201,6 +203,14 @@ mod tests {
         assert_eq!(
             ClientOption::parse(OPT_LIST, &[1]),
             ClientOption::List(Err(Malformed::ListData))
+        );
+        assert_eq!(
+            ClientOption::parse(OPT_STARTTLS, &[]),
+            ClientOption::StartTls(Ok(()))
+        );
+        assert_eq!(
+            ClientOption::parse(OPT_STARTTLS, &[0]),
+            ClientOption::StartTls(Err(Malformed::StartTlsData))
         );
         assert_eq!(
             ClientOption::parse(OPT_STRUCTURED_REPLY, &[1]),

@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -14,6 +13,8 @@ use crate::connection;
 use crate::exports::Exports;
 use crate::handshake::{self, HandshakeError};
 use crate::observe::{NoObserver, Observer};
+use crate::stream::Plain;
+use crate::tls::Tls;
 use crate::volume::BlockVolume;
 
 /// A client that has not finished negotiating by then is dropped.
@@ -71,6 +72,7 @@ enum Listener {
 pub struct Server {
     listeners: Vec<Listener>,
     observer: Arc<dyn Observer>,
+    tls: Arc<Tls>,
 }
 
 impl Server {
@@ -102,6 +104,7 @@ impl Server {
         Ok(Server {
             listeners,
             observer: Arc::new(NoObserver),
+            tls: Arc::new(Tls::off()),
         })
     }
 
@@ -123,6 +126,12 @@ impl Server {
     /// Reports every request and connection to `observer` (metrics).
     pub fn observe(mut self, observer: Arc<dyn Observer>) -> Server {
         self.observer = observer;
+        self
+    }
+
+    /// Offers (or requires) TLS through STARTTLS; without this, STARTTLS is refused.
+    pub fn tls(mut self, tls: Tls) -> Server {
+        self.tls = Arc::new(tls);
         self
     }
 
@@ -150,6 +159,7 @@ impl Server {
                 shutdown.clone(),
                 limit.clone(),
                 self.observer.clone(),
+                self.tls.clone(),
             ));
         }
         while accepts.join_next().await.is_some() {}
@@ -180,6 +190,7 @@ async fn accept_loop<V: BlockVolume>(
     shutdown: CancellationToken,
     limit: Arc<Semaphore>,
     observer: Arc<dyn Observer>,
+    tls: Arc<Tls>,
 ) {
     let mut conns = JoinSet::new();
     loop {
@@ -189,7 +200,7 @@ async fn accept_loop<V: BlockVolume>(
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             a = accept(&listener) => a,
         };
-        let (reader, writer, peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
@@ -204,40 +215,36 @@ async fn accept_loop<V: BlockVolume>(
         let exports = exports.clone();
         let shutdown = shutdown.clone();
         let observer = observer.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
-            handle_client(reader, writer, &peer, &exports, shutdown, observer).await;
+            handle_client(stream, &peer, &exports, shutdown, observer, &tls).await;
             drop(permit);
         });
     }
     while conns.join_next().await.is_some() {}
 }
 
-type Reader = Box<dyn AsyncRead + Unpin + Send>;
-type Writer = Box<dyn AsyncWrite + Unpin + Send>;
-
-async fn accept(listener: &Listener) -> std::io::Result<(Reader, Writer, String)> {
+async fn accept(listener: &Listener) -> std::io::Result<(Plain, String)> {
     Ok(match listener {
         Listener::Tcp(l) => {
             let (s, addr) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w), addr.to_string())
+            (Plain::Tcp(s), addr.to_string())
         }
         Listener::Unix(l, path) => {
             let (s, _) = l.accept().await?;
-            let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w), format!("unix:{}", path.display()))
+            (Plain::Unix(s), format!("unix:{}", path.display()))
         }
     })
 }
 
 async fn handle_client<V: BlockVolume>(
-    mut reader: Reader,
-    mut writer: Writer,
+    stream: Plain,
     peer: &str,
     exports: &Exports<V>,
     shutdown: CancellationToken,
     observer: Arc<dyn Observer>,
+    tls: &Tls,
 ) {
     // A client idling anywhere in the handshake must not hold up a shutdown.
     let negotiated = tokio::select! {
@@ -245,10 +252,10 @@ async fn handle_client<V: BlockVolume>(
         _ = shutdown.cancelled() => return,
         n = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            handshake::negotiate(&mut reader, &mut writer, exports, &shutdown),
+            handshake::negotiate(stream, exports, &shutdown, tls),
         ) => n,
     };
-    let neg = match negotiated {
+    let (stream, neg) = match negotiated {
         Err(_) => {
             tracing::info!(%peer, "handshake timed out");
             return;
@@ -264,7 +271,9 @@ async fn handle_client<V: BlockVolume>(
             return;
         }
     };
-    tracing::debug!(%peer, export = %neg.export, structured = neg.structured, "client connected");
+    let tls = stream.is_tls();
+    tracing::debug!(%peer, export = %neg.export, structured = neg.structured, tls, "client connected");
+    let (reader, writer) = stream.into_split();
     let export = neg.export.clone();
     observer.connection(&export, 1);
     connection::serve(reader, writer, neg, shutdown, observer.clone(), peer).await;

@@ -123,6 +123,7 @@ fn volume_error(e: StorageError) -> VolumeError {
     match e {
         StorageError::OutOfRange { .. } => VolumeError::OutOfRange,
         StorageError::Closed => VolumeError::ShuttingDown,
+        e @ StorageError::NoSpace { .. } => VolumeError::NoSpace(e.to_string()),
         other => VolumeError::Io(other.to_string()),
     }
 }

@@ -1,7 +1,7 @@
 //! The replication port's bounds, against a real `blockrep replica`: a peer that never reads
 //! is disconnected and the replica's memory stays bounded; connections past the cap are
 //! refused while a real primary goes on being served; a silent connection is closed after the
-//! handshake timeout.
+//! handshake timeout; failed accepts (EMFILE) back off instead of spinning.
 
 mod common;
 
@@ -215,4 +215,73 @@ fn a_connection_that_sends_nothing_is_closed_after_the_handshake_timeout() {
         "closed after {waited:?}, before the handshake timeout"
     );
     r.wait_log(mark, &["no frame within"], 10);
+}
+
+/// The replica's CPU time so far, in clock ticks (utime + stime of /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = read(Path::new(&format!("/proc/{pid}/stat")));
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Sets the soft limit on open files of process `pid` (the hard limit stays).
+fn set_nofile(pid: u32, limit: usize) {
+    run_ok(
+        std::process::Command::new("prlimit")
+            .arg("--pid")
+            .arg(pid.to_string())
+            .arg(format!("--nofile={limit}:")),
+    );
+}
+
+#[test]
+fn accept_errors_back_off_instead_of_spinning_and_accepting_resumes() {
+    require("prlimit");
+    let dir = tempfile::tempdir().unwrap();
+    let r = replica(&create_store(dir.path(), "r", VOLUME), "r");
+    let pid = r.pid();
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    // Room for a few connections, then every accept fails with EMFILE.
+    set_nofile(pid, open_fds + 3);
+    let mark = r.mark();
+    let waiting: Vec<TcpStream> = (0..12)
+        .map(|_| TcpStream::connect(r.addr()).expect("connect to the replica"))
+        .collect();
+    r.wait_log(mark, &["cannot accept"], 30);
+
+    // The failing connection stays in the backlog: a retry loop without a pause would spin
+    // a core for the whole window.
+    let window = Duration::from_secs(2);
+    let before = cpu_ticks(pid);
+    let started = Instant::now();
+    poll_until(window * 2, || (started.elapsed() >= window).then_some(()));
+    let spent = cpu_ticks(pid) - before;
+    let ticks_per_sec = 100;
+    assert!(
+        spent < ticks_per_sec * window.as_secs() / 4,
+        "the replica spent {spent} ticks of CPU in {window:?} failing to accept"
+    );
+    assert_eq!(
+        r.lines_with(mark, &["cannot accept"]).len(),
+        1,
+        "one log line per burst of failures"
+    );
+
+    set_nofile(pid, 4096);
+    let line = r.wait_log(mark, &["accepting again after"], 30);
+    let failures: u64 = line
+        .split("after ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no failure count in {line}"));
+    assert!(failures < 100, "{failures} failed accepts: {line}");
+    let mut s = TcpStream::connect(r.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(probe_answered(&mut s), "the replica answers again");
+    drop(waiting);
 }

@@ -123,6 +123,7 @@ fn volume_error(e: StorageError) -> VolumeError {
     match e {
         StorageError::OutOfRange { .. } => VolumeError::OutOfRange,
         StorageError::Closed => VolumeError::ShuttingDown,
+        e @ StorageError::NoSpace { .. } => VolumeError::NoSpace(e.to_string()),
         other => VolumeError::Io(other.to_string()),
     }
 }
@@ -220,6 +221,8 @@ mod tests {
     use blockrep_replication::driver::primary::ReplicationError;
     use blockrep_storage::{Epoch, Lsn, StorageError};
 
+    use blockrep_frontend::VolumeError;
+
     use super::CommitError;
 
     #[test]
@@ -248,5 +251,22 @@ mod tests {
         for (e, label) in cases {
             assert_eq!(e.label(), label, "{e:?}");
         }
+    }
+
+    #[test]
+    fn a_store_out_of_space_is_the_volume_s_no_space_and_other_io_errors_are_io() {
+        let no_space = StorageError::NoSpace {
+            path: "/store/data".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert!(matches!(
+            super::volume_error(no_space),
+            VolumeError::NoSpace(_)
+        ));
+        let io = StorageError::Io {
+            path: "/store/data".into(),
+            source: std::io::Error::from_raw_os_error(5),
+        };
+        assert!(matches!(super::volume_error(io), VolumeError::Io(_)));
     }
 }

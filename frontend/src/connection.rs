@@ -215,6 +215,7 @@ impl Failure {
             Failure::Volume(VolumeError::ReadOnly) => EPERM,
             Failure::Volume(VolumeError::NotFast) => ENOTSUP,
             Failure::Volume(VolumeError::ShuttingDown) => ESHUTDOWN,
+            Failure::Volume(VolumeError::NoSpace(_)) => ENOSPC,
             Failure::NoExtents => EIO,
         }
     }

@@ -49,6 +49,9 @@ pub enum VolumeError {
     NotFast,
     #[error("the volume is shutting down")]
     ShuttingDown,
+    /// The storage under the volume is full; nothing of the request was written.
+    #[error("no space left: {0}")]
+    NoSpace(String),
 }
 
 pub type VolumeResult<T> = Result<T, VolumeError>;

@@ -16,6 +16,14 @@ pub enum StorageError {
         #[source]
         source: io::Error,
     },
+    /// The filesystem under the store is full (`ENOSPC`) or the owner's quota is spent
+    /// (`EDQUOT`). Nothing of the request was written; it may succeed once space is freed.
+    #[error("{path}: no space left on the store's filesystem: {source}")]
+    NoSpace {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{0}: no volume store here (create one with `blockrep create`)")]
     NotAStore(PathBuf),
     #[error("{0}: already exists; refusing to overwrite it")]
@@ -55,12 +63,29 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// An I/O error on `path`, typed by its errno: lack of space is [`StorageError::NoSpace`].
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> StorageError {
-        StorageError::Io {
-            path: path.into(),
-            source,
+        let path = path.into();
+        match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => StorageError::NoSpace { path, source },
+            _ => StorageError::Io { path, source },
         }
     }
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::StorageError;
+
+    #[test]
+    fn enospc_and_edquot_are_no_space_and_other_errors_are_io() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = StorageError::io("/x", std::io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, StorageError::NoSpace { .. }), "{e}");
+        }
+        let e = StorageError::io("/x", std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(e, StorageError::Io { .. }), "{e}");
+    }
+}

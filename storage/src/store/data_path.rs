@@ -7,7 +7,7 @@ use std::pin::pin;
 use bytes::{Bytes, BytesMut};
 
 use super::core::Core;
-use super::files::{data_file_extent, io_err};
+use super::files::{data_file_extent, io_err, reserve_data_range};
 use super::{flusher, wal_writer, Allocation, ReadSegment, Store, MAX_REQUEST};
 use crate::dirty::BlockState;
 use crate::error::{Result, StorageError};
@@ -104,6 +104,7 @@ impl Store {
         }
         let first = offset / BLOCK_SIZE;
         let end = (offset + len).div_ceil(BLOCK_SIZE);
+        self.reserve(first, end)?;
         let head_skip = (offset - first * BLOCK_SIZE) as usize;
         let mut edges: Vec<u64> = Vec::new();
         if head_skip != 0 || (len < BLOCK_SIZE && first == end - 1) {
@@ -225,6 +226,15 @@ impl Store {
         }
     }
 
+    /// Takes the data file's space for blocks `[first, end)` before their entry is logged
+    /// (see [`reserve_data_range`]): lack of space is the request's [`StorageError::NoSpace`],
+    /// never a failed checkpoint that stops the store.
+    fn reserve(&self, first: u64, end: u64) -> Result<()> {
+        let shared = &self.shared;
+        let (at, len) = (first * BLOCK_SIZE, (end - first) * BLOCK_SIZE);
+        reserve_data_range(&shared.data, &shared.data_path, at, len)
+    }
+
     /// Appends one entry for blocks `[first, end)`, waiting for WAL space if the ring is full
     /// (writers are slowed down, never failed, by a full WAL).
     pub(super) async fn append(
@@ -289,6 +299,10 @@ impl Store {
                 lsn = self.write(offset, &vec![0u8; len as usize], false).await?;
             }
         } else {
+            if !punch {
+                // Zeroes that must stay allocated take space when they reach the data file.
+                self.reserve(inner_first, inner_end)?;
+            }
             let head = inner_first * BLOCK_SIZE - offset;
             if head > 0 {
                 self.write(offset, &vec![0u8; head as usize], false).await?;

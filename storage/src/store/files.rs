@@ -88,6 +88,36 @@ pub(super) fn zero_fill(file: &File, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Allocates `[offset, offset+len)` of the data file now, so that the checkpoint that later
+/// writes it there cannot meet a full filesystem: a client's write that cannot have its
+/// space fails with [`StorageError::NoSpace`] before anything of it is logged, instead of the
+/// background checkpoint failing the whole store. A filesystem that cannot preallocate
+/// (`EOPNOTSUPP`) is left to the checkpoint, as before; already allocated ranges cost one
+/// cheap syscall.
+pub(super) fn reserve_data_range(
+    data: &File,
+    data_path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    // SAFETY: fallocate on a descriptor owned by `data`; KEEP_SIZE never changes its size.
+    let r = unsafe {
+        libc::fallocate(
+            data.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    match StorageError::io(data_path, std::io::Error::last_os_error()) {
+        e @ StorageError::NoSpace { .. } => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Largest write of zeroes when a filesystem cannot punch holes or zero ranges.
 const ZERO_CHUNK: u64 = 16 << 20;
 

@@ -1,16 +1,22 @@
 //! A replica node: accepts primary sessions on a TCP port and applies what they ship.
+//!
+//! The loop is here; one connection's reader and writer, with their bounds, are in `conn`;
+//! the port's connection cap and accept backoff in `port`.
+
+mod conn;
+mod port;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use blockrep_storage::{Lsn, Role, StorageError, Store};
-use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use super::FrameCodec;
+use self::conn::{Input, Outbound};
+pub use self::conn::{HANDSHAKE_TIMEOUT, MAX_OUTBOUND_BYTES};
+pub use self::port::MAX_CONNECTIONS;
 use crate::core::replica::{Action, ConnId, Event, ReplicaCore, ReplicaState};
 use crate::wire::{Body, Frame, RejectReason};
 
@@ -42,27 +48,6 @@ fn initial_state(store: &Store) -> ReplicaState {
     }
 }
 
-/// Frames read from a primary but not yet applied hold at most this much memory. Past it
-/// the connection stops reading, so TCP pushes back and the primary's own bounded send queue
-/// takes the excess: a replica slower than its primary slows the shipping down (or, at the
-/// primary's limit, loses its session and catches up) instead of growing without bound.
-const MAX_INTAKE_BYTES: u64 = 64 << 20;
-
-enum Input {
-    Event(Event),
-    /// A frame from a primary; `_intake` returns its share of the intake once applied.
-    Received {
-        conn: ConnId,
-        frame: Frame,
-        _intake: tokio::sync::OwnedSemaphorePermit,
-    },
-    Accepted {
-        conn: ConnId,
-        tx: mpsc::UnboundedSender<Frame>,
-        peer: String,
-    },
-}
-
 /// Serves replication on `listener` until `shutdown`.
 pub async fn run(
     store: Arc<Store>,
@@ -84,6 +69,7 @@ pub async fn run(
         status,
         rejected: Default::default(),
     };
+    let mut port = port::Port::new(listener, MAX_CONNECTIONS);
     let mut next_conn = 1u64;
     loop {
         let input = tokio::select! {
@@ -96,23 +82,18 @@ pub async fn run(
                 continue;
             }
             Some(input) = inputs.recv() => input,
-            accepted = listener.accept() => {
-                match accepted {
-                    Ok((stream, addr)) => {
-                        let _ = stream.set_nodelay(true);
-                        let conn = ConnId(next_conn);
-                        next_conn += 1;
-                        spawn_connection(stream, conn, addr.to_string(), node.in_tx.clone());
-                    }
-                    Err(e) => tracing::warn!("accept failed: {e}"),
-                }
+            a = port.accept() => {
+                let _ = a.stream.set_nodelay(true);
+                let conn = ConnId(next_conn);
+                next_conn += 1;
+                conn::spawn(a.stream, conn, a.addr.to_string(), a.slot, node.in_tx.clone());
                 continue;
             }
         };
         let (event, _intake) = match input {
-            Input::Accepted { conn, tx, peer } => {
-                tracing::debug!(conn = conn.0, %peer, "replication connection");
-                node.conns.insert(conn, (tx, peer));
+            Input::Accepted { conn, out } => {
+                tracing::debug!(conn = conn.0, peer = %out.peer, "replication connection");
+                node.conns.insert(conn, out);
                 continue;
             }
             Input::Event(e) => (e, None),
@@ -133,8 +114,8 @@ pub async fn run(
 struct ReplicaLoop {
     store: Arc<Store>,
     core: ReplicaCore,
-    /// Each session's frame queue and its peer's address.
-    conns: HashMap<ConnId, (mpsc::UnboundedSender<Frame>, String)>,
+    /// Each session's bounded frame queue (with its peer's address).
+    conns: HashMap<ConnId, Outbound>,
     in_tx: mpsc::UnboundedSender<Input>,
     /// The store's durable LSN as it moves: the one source of what a sync may report.
     durable: watch::Receiver<Lsn>,
@@ -202,17 +183,10 @@ impl ReplicaLoop {
 
     async fn execute(&mut self, action: Action) {
         match action {
-            Action::Send { conn, frame } => {
-                if let Some((tx, _)) = self.conns.get(&conn) {
-                    if matches!(frame.body, Body::Reject { .. }) {
-                        self.rejected.insert(conn);
-                    }
-                    let _ = tx.send(frame);
-                }
-            }
+            Action::Send { conn, frame } => self.send(conn, frame),
             Action::Close { conn, reason } => {
                 let rejected = self.rejected.remove(&conn);
-                if let Some((_, peer)) = self.conns.remove(&conn) {
+                if let Some(Outbound { peer, .. }) = self.conns.remove(&conn) {
                     // The core logs each refusal (with its reason) as it makes it.
                     if rejected {
                         tracing::debug!(%peer, "closing replication session: {reason}");
@@ -246,6 +220,30 @@ impl ReplicaLoop {
             }
             Action::Truncate { conn, keep } => self.truncate(conn, keep).await,
             Action::FinishRebuild { conn, target } => self.finish_rebuild(conn, target),
+        }
+    }
+
+    /// Queues `frame` for `conn`. A peer whose queue is full has stopped reading: it is
+    /// dropped at once (logged here, once, as the connection leaves the table), freeing what
+    /// was queued for it; the core hears of it as the connection's close.
+    fn send(&mut self, conn: ConnId, frame: Frame) {
+        let Some(out) = self.conns.get(&conn) else {
+            return;
+        };
+        let reject = matches!(frame.body, Body::Reject { .. });
+        if out.send(frame).is_err() {
+            if let Some(out) = self.conns.remove(&conn) {
+                tracing::warn!(
+                    peer = %out.peer,
+                    "disconnecting a replication peer that does not read: more than \
+                     {MAX_OUTBOUND_BYTES} bytes queued for it"
+                );
+                out.abort();
+            }
+            return;
+        }
+        if reject {
+            self.rejected.insert(conn);
         }
     }
 
@@ -336,8 +334,8 @@ impl ReplicaLoop {
     fn fail_storage(&mut self, msg: String) {
         tracing::error!("{msg}");
         let epoch = self.core.state().epoch;
-        for (conn, (tx, _)) in self.conns.drain() {
-            let _ = tx.send(Frame {
+        for (conn, out) in self.conns.drain() {
+            let _ = out.send(Frame {
                 epoch,
                 body: Body::Reject {
                     reason: RejectReason::StorageFailed,
@@ -346,142 +344,5 @@ impl ReplicaLoop {
             });
             let _ = self.in_tx.send(Input::Event(Event::Closed { conn }));
         }
-    }
-}
-
-fn spawn_connection(
-    stream: tokio::net::TcpStream,
-    conn: ConnId,
-    peer: String,
-    in_tx: mpsc::UnboundedSender<Input>,
-) {
-    let (r, w) = stream.into_split();
-    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
-    let _ = in_tx.send(Input::Accepted {
-        conn,
-        tx,
-        peer: peer.clone(),
-    });
-    tokio::spawn(super::write_frames(w, rx, |_| ()));
-    tokio::spawn(async move {
-        let intake = Arc::new(tokio::sync::Semaphore::new(MAX_INTAKE_BYTES as usize));
-        if let Err(e) = read_frames(r, conn, intake, &in_tx).await {
-            tracing::warn!(%peer, "closing replication connection: {e}");
-        }
-        let _ = in_tx.send(Input::Event(Event::Closed { conn }));
-    });
-}
-
-/// Reads frames from one connection into the main loop, no further ahead of it than
-/// `intake` allows (see [`MAX_INTAKE_BYTES`]). Returns when the connection or the loop ends.
-async fn read_frames(
-    r: impl tokio::io::AsyncRead + Unpin,
-    conn: ConnId,
-    intake: Arc<tokio::sync::Semaphore>,
-    in_tx: &mpsc::UnboundedSender<Input>,
-) -> Result<(), super::CodecError> {
-    let mut frames = FramedRead::with_capacity(r, FrameCodec, 256 << 10);
-    while let Some(frame) = frames.next().await {
-        let frame = frame?;
-        // A frame larger than the whole intake still gets in, alone.
-        let share = frame.queued_size().min(MAX_INTAKE_BYTES) as u32;
-        let Ok(permit) = intake.clone().acquire_many_owned(share).await else {
-            return Ok(());
-        };
-        let input = Input::Received {
-            conn,
-            frame,
-            _intake: permit,
-        };
-        if in_tx.send(input).is_err() {
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use blockrep_storage::{Epoch, Lsn, RecordKind, WalRecord};
-    use bytes::{Bytes, BytesMut};
-    use tokio::io::AsyncWriteExt;
-    use tokio::sync::mpsc;
-
-    use super::{read_frames, Input};
-    use crate::core::replica::ConnId;
-    use crate::wire::{self, Body, Frame};
-
-    fn entries(lsn: u64) -> Frame {
-        let payload = Bytes::from(vec![lsn as u8; 4096]);
-        Frame {
-            epoch: Epoch(1),
-            body: Body::Entries {
-                committed: Lsn(0),
-                records: vec![WalRecord::new(
-                    Lsn(lsn),
-                    Epoch(1),
-                    RecordKind::Write,
-                    0,
-                    4096,
-                    payload,
-                )],
-            },
-        }
-    }
-
-    /// The LSN of the one entry a frame from `entries` carries.
-    fn lsn_of(input: Input) -> Option<u64> {
-        match input {
-            Input::Received { frame, .. } => match frame.body {
-                Body::Entries { records, .. } => Some(records[0].lsn.0),
-                _ => None,
-            },
-            _ => None,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_replica_reads_no_further_ahead_than_its_intake_holds() {
-        let share = entries(1).queued_size() as usize;
-        let intake = Arc::new(tokio::sync::Semaphore::new(3 * share));
-        let (mut primary, replica) = tokio::io::duplex(8 << 10);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(async move {
-            read_frames(replica, ConnId(1), intake, &tx).await.unwrap();
-        });
-        let sender = tokio::spawn(async move {
-            for lsn in 1..=10 {
-                let mut buf = BytesMut::new();
-                wire::encode(&entries(lsn), &mut buf);
-                primary.write_all(&buf).await.unwrap();
-            }
-        });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut held = Vec::new();
-        while let Ok(input) = rx.try_recv() {
-            held.push(input);
-        }
-        assert_eq!(held.len(), 3, "frames read while none was applied");
-        assert!(
-            !sender.is_finished(),
-            "the primary's writes must be held back"
-        );
-        // Applying (dropping) the frames lets the rest in, in order.
-        let mut lsns = Vec::new();
-        lsns.extend(held.drain(..).filter_map(lsn_of));
-        while lsns.len() < 10 {
-            let input = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-                .await
-                .expect("frames stopped coming")
-                .expect("reader ended");
-            lsns.extend(lsn_of(input));
-        }
-        assert_eq!(lsns, (1..=10).collect::<Vec<_>>());
-        sender.await.unwrap();
-        drop(rx);
-        reader.abort();
     }
 }

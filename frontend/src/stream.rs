@@ -68,63 +68,45 @@ impl Stream {
     }
 }
 
-/// Forwards an I/O call to whichever stream this is.
-macro_rules! delegate {
-    ($self:ident, $s:ident => $call:expr, $($variant:path),+) => {
-        match $self.get_mut() {
-            $($variant($s) => $call,)+
+/// `AsyncRead` and `AsyncWrite` for an enum of streams, each call forwarded to whichever
+/// variant this is (one definition for both enums, so the two cannot drift apart).
+macro_rules! forward_io {
+    ($ty:ident: $($variant:ident),+) => {
+        impl AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => Pin::new(s).poll_read(cx, buf),)+
+                }
+            }
+        }
+
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => Pin::new(s).poll_write(cx, buf),)+
+                }
+            }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => Pin::new(s).poll_flush(cx),)+
+                }
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => Pin::new(s).poll_shutdown(cx),)+
+                }
+            }
         }
     };
 }
 
-impl AsyncRead for Plain {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_read(cx, buf), Plain::Tcp, Plain::Unix)
-    }
-}
-
-impl AsyncWrite for Plain {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        delegate!(self, s => Pin::new(s).poll_write(cx, buf), Plain::Tcp, Plain::Unix)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_flush(cx), Plain::Tcp, Plain::Unix)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_shutdown(cx), Plain::Tcp, Plain::Unix)
-    }
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_read(cx, buf), Stream::Plain, Stream::Tls)
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        delegate!(self, s => Pin::new(s).poll_write(cx, buf), Stream::Plain, Stream::Tls)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_flush(cx), Stream::Plain, Stream::Tls)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_shutdown(cx), Stream::Plain, Stream::Tls)
-    }
-}
+forward_io!(Plain: Tcp, Unix);
+forward_io!(Stream: Plain, Tls);

@@ -13,6 +13,7 @@ mod uring;
 use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::os::unix::io::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -49,6 +50,9 @@ pub enum Allocate {
     PunchHole,
     /// Zero the range but keep it allocated (NBD's NO_HOLE).
     ZeroRange,
+    /// Allocate the range's blocks, leaving contents and size as they are (space taken
+    /// before a write is logged, so lack of it fails that write alone).
+    Reserve,
 }
 
 impl Allocate {
@@ -56,7 +60,27 @@ impl Allocate {
         match self {
             Allocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             Allocate::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            Allocate::Reserve => libc::FALLOC_FL_KEEP_SIZE,
         }
+    }
+}
+
+/// `fallocate(2)` on the calling thread: the one place the engine makes that syscall, for the
+/// plain backend and for callers that must not wait for the I/O thread.
+pub(crate) fn fallocate(file: &File, mode: Allocate, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a file descriptor kept open by `file`.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode.flags(),
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -308,7 +332,6 @@ pub(crate) fn pwritev_all(file: &File, offset: u64, bufs: &[Bytes]) -> io::Resul
 /// everything; the io_uring backend uses it to finish the rare short transfer.
 pub(crate) fn run_blocking(op: &IoOp) -> IoResult {
     use std::os::unix::fs::FileExt;
-    use std::os::unix::io::AsRawFd;
     match op {
         IoOp::Read { file, offset, len } => {
             let mut buf = vec![0u8; *len];
@@ -336,22 +359,7 @@ pub(crate) fn run_blocking(op: &IoOp) -> IoResult {
             mode,
             offset,
             len,
-        } => {
-            // SAFETY: plain syscall on a file descriptor kept open by `file`.
-            let rc = unsafe {
-                libc::fallocate(
-                    file.as_raw_fd(),
-                    mode.flags(),
-                    *offset as libc::off_t,
-                    *len as libc::off_t,
-                )
-            };
-            if rc == 0 {
-                Ok(Bytes::new())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        }
+        } => fallocate(file, *mode, *offset, *len).map(|()| Bytes::new()),
     }
 }
 

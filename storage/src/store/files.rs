@@ -100,19 +100,10 @@ pub(super) fn reserve_data_range(
     offset: u64,
     len: u64,
 ) -> Result<()> {
-    // SAFETY: fallocate on a descriptor owned by `data`; KEEP_SIZE never changes its size.
-    let r = unsafe {
-        libc::fallocate(
-            data.as_raw_fd(),
-            libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
+    let Err(e) = crate::io::fallocate(data, Allocate::Reserve, offset, len) else {
         return Ok(());
-    }
-    match StorageError::io(data_path, std::io::Error::last_os_error()) {
+    };
+    match StorageError::io(data_path, e) {
         e @ StorageError::NoSpace { .. } => Err(e),
         _ => Ok(()),
     }

@@ -29,6 +29,15 @@
 #   nbdkit-mem         nbdkit memory 1G
 #   blockrep-base      like blockrep, with the binary $BLOCKREP_BASE (e.g. a release build of
 #                      the commit before a change): an A/B of two builds in one interleaved run
+#   blockrep-tls       like blockrep, with --tls require --tls-certificates CERTS
+#   nbdkit-file-tls    nbdkit --tls=require --tls-certificates=CERTS file IMG
+#                      (both TLS servers use the same certificates, made once per run with
+#                      `blockrep certs`; fio's nbd engine may not read certificate files named
+#                      in its URI, so it runs as `nobody` with HOME holding .pki/libnbd/ca-cert.pem,
+#                      libnbd's default place for a non-root user)
+#
+#   TLS cost:  SERVERS="blockrep blockrep-tls nbdkit-file nbdkit-file-tls" \
+#              REFS="blockrep nbdkit-file-tls" bench/nbd-peers.sh
 #
 # Environment:
 #   REPS (3)  RUNTIME (10 s)  RAMP (1 s)  SETTLE (2 s pause after pre-fill, before fio;
@@ -43,9 +52,10 @@
 #   BLOCKREP_SERVE_ARGS       extra args for `blockrep serve` (e.g. "--io-engine plain")
 #   BUILD (1)                 0 = do not run cargo build --release first
 #   BLOCKREP_BASE             the binary the blockrep-base server runs
+#   REFS ("nbdkit-file nbdkit-mem")  the servers every row is also given as a ratio to
 #
 # Output: target/bench-results/<timestamp>.csv (one row per server x workload x rep),
-# <timestamp>.md (medians, ratios to nbdkit-file and nbdkit-mem; also printed), and the raw
+# <timestamp>.md (medians, ratios to the REFS servers; also printed), and the raw
 # fio JSON and server logs under <timestamp>/.
 set -euo pipefail
 
@@ -59,6 +69,7 @@ SETTLE=${SETTLE:-2}
 SIZE_MIB=${SIZE_MIB:-1024}
 WORKLOADS=${WORKLOADS:-randwrite4k randread4k seqwrite1m fsyncwrite4k}
 SERVERS=${SERVERS:-blockrep nbdkit-file qemu-wb-threads qemu-none-iouring nbdkit-mem}
+REFS=${REFS:-nbdkit-file nbdkit-mem}
 DATA_DIR=${BENCH_DATA_DIR:-$ROOT/target/bench-data}
 RESULTS_DIR=${BENCH_RESULTS_DIR:-$ROOT/target/bench-results}
 PORT_BASE=${PORT_BASE:-10950}
@@ -88,7 +99,7 @@ done
 i=0
 declare -A PORT
 for s in $SERVERS; do
-    case $s in blockrep | blockrep-base | nbdkit-file | qemu-wb-threads | qemu-wb-iouring | qemu-none-iouring | nbdkit-mem) ;;
+    case $s in blockrep | blockrep-base | blockrep-tls | nbdkit-file | nbdkit-file-tls | qemu-wb-threads | qemu-wb-iouring | qemu-none-iouring | nbdkit-mem) ;;
     *) die "unknown server $s" ;;
     esac
     PORT[$s]=$((PORT_BASE + i))
@@ -155,8 +166,43 @@ fi
 WORK_IMG=$DATA_DIR/work.img
 STORE=$DATA_DIR/blockrep-store
 
+# Certificates for the TLS servers: one CA, a server certificate (answers as 127.0.0.1), and a
+# client directory in the layout libnbd's tls-certificates= reads. Made fresh for each run.
+CERTS=$RUN_DIR/certs
+if [[ " $SERVERS " == *-tls\ * ]]; then
+    "$BLOCKREP" certs init "$CERTS/ca" >/dev/null
+    "$BLOCKREP" certs issue "$CERTS/ca" --server bench --out "$CERTS/server" >/dev/null
+    "$BLOCKREP" certs issue "$CERTS/ca" --client bench --out "$CERTS/client" >/dev/null
+    FIO_HOME=$CERTS/fio-home
+    mkdir -p "$FIO_HOME/.pki/libnbd"
+    cp "$CERTS/ca/ca-cert.pem" "$FIO_HOME/.pki/libnbd/"
+    chmod a+rx "$CERTS" "$FIO_HOME" "$FIO_HOME/.pki" "$FIO_HOME/.pki/libnbd"
+    chmod a+r "$FIO_HOME/.pki/libnbd/ca-cert.pem"
+fi
+
+uri() { # server
+    case $1 in
+    *-tls) echo "nbds://127.0.0.1:${PORT[$1]}/?tls-certificates=$CERTS/client" ;;
+    *) echo "nbd://127.0.0.1:${PORT[$1]}/" ;;
+    esac
+}
+
+# fio's URI and the command prefix that runs it (see the TLS servers above).
+fio_uri() { # server
+    case $1 in
+    *-tls) echo "nbds://127.0.0.1:${PORT[$1]}/" ;;
+    *) uri "$1" ;;
+    esac
+}
+fio_runner() { # server
+    case $1 in
+    *-tls) echo "setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=$FIO_HOME" ;;
+    esac
+}
+
 wait_ready() { # port pid-file name
-    local uri=nbd://127.0.0.1:$1/
+    local uri
+    uri=$(uri "$3")
     for _ in $(seq 300); do
         if nbdinfo --size "$uri" >/dev/null 2>&1; then
             return 0
@@ -174,7 +220,7 @@ start_server() { # name rep
     local name=$1 rep=$2 port=${PORT[$1]} pidf=$PID_DIR/$1.pid logf=$RUN_DIR/$1.log
     local img_args=()
     case $name in
-    nbdkit-file | qemu-*)
+    nbdkit-file | nbdkit-file-tls | qemu-*)
         # A fresh copy of the image on the shared disk, written back before the server
         # starts.
         cp --sparse=never "$IMAGE" "$WORK_IMG"
@@ -184,8 +230,9 @@ start_server() { # name rep
     esac
     echo "=== rep $rep: $name on port $port" >>"$logf"
     case $name in
-    blockrep | blockrep-base)
-        local bin=$BLOCKREP
+    blockrep | blockrep-base | blockrep-tls)
+        local bin=$BLOCKREP tls_args=()
+        [[ $name == blockrep-tls ]] && tls_args=(--tls require --tls-certificates "$CERTS/server")
         if [[ $name == blockrep-base ]]; then
             [[ -x ${BLOCKREP_BASE:-} ]] || die "blockrep-base needs BLOCKREP_BASE=/path/to/blockrep"
             bin=$BLOCKREP_BASE
@@ -198,11 +245,16 @@ start_server() { # name rep
         # shellcheck disable=SC2016 # expanded by the inner bash
         setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$pidf" \
             "$bin" serve "$STORE" --nbd "127.0.0.1:$port" --metrics "127.0.0.1:$((port + 500))" \
-            "${BLOCKREP_SERVE_ARGS[@]}" \
+            "${tls_args[@]}" "${BLOCKREP_SERVE_ARGS[@]}" \
             </dev/null >>"$logf" 2>&1 &
         ;;
     nbdkit-file)
         setsid nbdkit -p "$port" -i 127.0.0.1 -P "$pidf" file "${img_args[@]}" \
+            </dev/null >>"$logf" 2>&1
+        ;;
+    nbdkit-file-tls)
+        setsid nbdkit -p "$port" -i 127.0.0.1 -P "$pidf" --tls=require \
+            --tls-certificates="$CERTS/server" file "${img_args[@]}" \
             </dev/null >>"$logf" 2>&1
         ;;
     nbdkit-mem)
@@ -220,12 +272,12 @@ start_server() { # name rep
     esac
     wait_ready "$port" "$pidf" "$name"
     case $name in
-    blockrep | blockrep-base | nbdkit-mem)
-        nbdcopy --flush "$IMAGE" "nbd://127.0.0.1:$port/" >>"$logf" 2>&1 \
+    blockrep | blockrep-base | blockrep-tls | nbdkit-mem)
+        nbdcopy --flush "$IMAGE" "$(uri "$name")" >>"$logf" 2>&1 \
             || die "pre-filling $name failed (log: $logf)"
         ;;
     esac
-    if [[ $name == blockrep || $name == blockrep-base ]]; then
+    if [[ $name == blockrep* ]]; then
         # The pre-fill sits in blockrep's WAL until a checkpoint writes it to the data file
         # (nbdkit-file did that write during its own pre-fill): wait until the WAL is empty
         # so every server starts from a settled disk.
@@ -258,11 +310,12 @@ for rep in $(seq "$REPS"); do
         for w in $WORKLOADS; do
             json=$RUN_DIR/$server-$w-$rep.json
             read -r -a wargs <<<"$(fio_args "$w")"
-            if fio --name="$w" --ioengine=nbd --uri="nbd://127.0.0.1:${PORT[$server]}/" \
+            read -r -a runner <<<"$(fio_runner "$server")"
+            if "${runner[@]}" fio --name="$w" --ioengine=nbd --uri="$(fio_uri "$server")" \
                 "${wargs[@]}" --numjobs=1 --size="$SIZE_BYTES" \
                 --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
                 --norandommap --randrepeat=0 \
-                --output-format=json --output="$json" >"$RUN_DIR/$server-$w-$rep.err" 2>&1; then
+                --output-format=json >"$json" 2>"$RUN_DIR/$server-$w-$rep.err"; then
                 row=$(python3 - "$json" "$w" <<'PY'
 import json, sys
 path, workload = sys.argv[1], sys.argv[2]
@@ -299,10 +352,10 @@ PY
 done
 
 # Medians and ratios.
-python3 - "$CSV" "$MD" "$REPS" "$RUNTIME" "$SERVERS" "$WORKLOADS" "$DATA_DIR" <<'PY'
+python3 - "$CSV" "$MD" "$REPS" "$RUNTIME" "$SERVERS" "$WORKLOADS" "$DATA_DIR" "$REFS" <<'PY'
 import csv, statistics, subprocess, sys, platform, os
-csv_path, md_path, reps, runtime, servers, workloads, data_dir = sys.argv[1:]
-servers, workloads = servers.split(), workloads.split()
+csv_path, md_path, reps, runtime, servers, workloads, data_dir, refs = sys.argv[1:]
+servers, workloads, refs = servers.split(), workloads.split(), refs.split()
 rows = list(csv.DictReader(open(csv_path)))
 
 def cmd(*a):
@@ -346,7 +399,7 @@ for w in workloads:
     cols = ["server", f"{name} (median)", "clat p50 µs", "p99 µs", "p99.9 µs"]
     if w == "fsyncwrite4k":
         cols += ["FLUSH p50 µs", "FLUSH p99 µs"]
-    cols += ["× nbdkit-file", "× nbdkit-mem", "per run"]
+    cols += [f"× {ref}" for ref in refs] + ["per run"]
     out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     medians = {}
     for s in servers:
@@ -361,7 +414,7 @@ for w in workloads:
                  fmt(med(r["clat_p99_us"] for r in ok)), fmt(med(r["clat_p999_us"] for r in ok))]
         if w == "fsyncwrite4k":
             cells += [fmt(med(r["sync_p50_us"] for r in ok)), fmt(med(r["sync_p99_us"] for r in ok))]
-        for ref in ("nbdkit-file", "nbdkit-mem"):
+        for ref in refs:
             r = medians.get(ref)
             cells.append(f"{m / r:.2f}" if m is not None and r else "n/a")
         cells.append(", ".join(fmt(float(r[key]), nd) if r["status"] == "ok" else r["status"]

@@ -21,34 +21,32 @@ fn token_file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
     path
 }
 
-fn start_replica(store: &Path, name: &str) -> Node {
+/// `blockrep serve` (`--nbd`) or `replica` (`--listen`) on `host`, its port and admin endpoint
+/// on free ports, with `extra` flags.
+fn start(cmd: &str, store: &Path, name: &str, host: &str, extra: &[String]) -> Node {
     let (port, metrics) = (free_port(), free_port());
-    let args = vec![
-        "replica".to_string(),
+    let listen = if cmd == "serve" { "--nbd" } else { "--listen" };
+    let mut args = vec![
+        cmd.to_string(),
         store.display().to_string(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
+        listen.into(),
+        format!("{host}:{port}"),
         "--metrics".into(),
-        format!("127.0.0.1:{metrics}"),
+        format!("{host}:{metrics}"),
     ];
+    args.extend_from_slice(extra);
     launch_admin(name, store, port, metrics, args)
+}
+
+fn start_replica(store: &Path, name: &str) -> Node {
+    start("replica", store, name, "127.0.0.1", &[])
 }
 
 /// A primary replicating to `replica` (as r1), with `extra` flags, once r1 is in sync.
 fn start_primary(store: &Path, replica: &Node, extra: &[&str]) -> Node {
-    let (port, metrics) = (free_port(), free_port());
-    let mut args = vec![
-        "serve".to_string(),
-        store.display().to_string(),
-        "--nbd".into(),
-        format!("127.0.0.1:{port}"),
-        "--metrics".into(),
-        format!("127.0.0.1:{metrics}"),
-        "--replica".into(),
-        format!("r1={}", replica.addr()),
-    ];
+    let mut args = vec!["--replica".to_string(), format!("r1={}", replica.addr())];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let p = launch_admin("p", store, port, metrics, args);
+    let p = start("serve", store, "p", "127.0.0.1", &args);
     p.wait_replica_state("r1", "in_sync", 60);
     p
 }
@@ -215,34 +213,14 @@ fn a_bad_token_file_refuses_the_start_and_a_loose_one_warns() {
     assert!(text(&out.stderr).contains("missing.token"));
 
     let loose = token_file(dir, "loose.token", TOKEN, 0o644);
-    let (port, metrics) = (free_port(), free_port());
-    let args = vec![
-        "serve".to_string(),
-        store.display().to_string(),
-        "--nbd".into(),
-        format!("127.0.0.1:{port}"),
-        "--metrics".into(),
-        format!("127.0.0.1:{metrics}"),
-        "--admin-token-file".into(),
+    let flag = [
+        "--admin-token-file".to_string(),
         loose.display().to_string(),
     ];
-    let p = launch_admin("loose", &store, port, metrics, args);
+    let p = start("serve", &store, "loose", "127.0.0.1", &flag);
     let warned = p.lines_with(0, &["loose.token", "readable by group or others"]);
     assert_eq!(warned.len(), 1, "{}", p.log());
     assert!(warned[0].contains("chmod 600"), "{}", warned[0]);
-}
-
-fn serve_on(store: &Path, name: &str, host: &str) -> Node {
-    let (port, metrics) = (free_port(), free_port());
-    let args = vec![
-        "serve".to_string(),
-        store.display().to_string(),
-        "--nbd".into(),
-        format!("{host}:{port}"),
-        "--metrics".into(),
-        format!("{host}:{metrics}"),
-    ];
-    launch_admin(name, store, port, metrics, args)
 }
 
 #[test]
@@ -251,7 +229,7 @@ fn a_port_other_hosts_reach_without_tls_warns_once_at_start() {
     let dir = tmp.path();
     let store = create_store(dir, "p", 16 * MIB);
 
-    let mut open = serve_on(&store, "open", "0.0.0.0");
+    let mut open = start("serve", &store, "open", "0.0.0.0", &[]);
     let nbd = open.lines_with(0, &["exposed: NBD on 0.0.0.0:"]);
     assert_eq!(nbd.len(), 1, "{}", open.log());
     assert!(
@@ -268,7 +246,7 @@ fn a_port_other_hosts_reach_without_tls_warns_once_at_start() {
     );
     open.stop_ok();
 
-    let local = serve_on(&store, "local", "127.0.0.1");
+    let local = start("serve", &store, "local", "127.0.0.1", &[]);
     assert!(
         local.lines_with(0, &["exposed:"]).is_empty(),
         "{}",

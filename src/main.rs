@@ -3,6 +3,7 @@
 
 mod certs;
 mod config;
+mod exposure;
 mod node;
 mod observe;
 mod offline;
@@ -97,6 +98,9 @@ enum Command {
         replica: String,
         #[arg(long, default_value = node::DEFAULT_PRIMARY_METRICS)]
         admin: String,
+        /// The file with the primary's bearer token (the one its --admin-token-file names).
+        #[arg(long, value_name = "FILE")]
+        admin_token_file: Option<PathBuf>,
     },
     /// Print a store's superblock, LSNs and WAL use.
     Inspect {
@@ -228,7 +232,11 @@ fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
             node::replica(&dir, &listen, size, io_engine, &observe)
         }
         Command::Status { admin, json, watch } => status::show(&admin, json, watch),
-        Command::SetAddress { replica, admin } => status::set_address(&admin, &replica),
+        Command::SetAddress {
+            replica,
+            admin,
+            admin_token_file,
+        } => status::set_address(&admin, &replica, admin_token_file.as_deref()),
         Command::Up {
             dir,
             size,

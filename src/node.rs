@@ -15,7 +15,9 @@ use blockrep_replication::driver::{self, primary::PrimaryHandle};
 use blockrep_storage::{CreateOptions, Epoch, IoMode, OpenOptions, Role, Store, VolumeId};
 use tokio_util::sync::CancellationToken;
 
+use crate::exposure::{warn_exposed, Port};
 use crate::observe::{NodeKind, StatusSource, VolumeMetrics};
+use crate::status::AdminToken;
 use crate::support::{human, runtime, DEFAULT_NBD};
 use crate::volume::StoreVolume;
 
@@ -33,11 +35,25 @@ pub struct ObserveArgs {
     /// The volume's name in metrics and status (default: its UUID, the same on every copy).
     #[arg(long)]
     pub volume_name: Option<String>,
+    /// A file holding the bearer token (at least 16 characters) that the admin endpoint's
+    /// PUT /v1/replicas/NAME/address (`blockrep set-address`) must carry; without it that PUT
+    /// is disabled. The GETs stay open.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl ObserveArgs {
     fn off(&self) -> bool {
         self.metrics.as_deref() == Some("off")
+    }
+
+    /// The token of `--admin-token-file`, read and checked (a bad file refuses the start).
+    pub fn admin_token(&self) -> Result<Option<AdminToken>> {
+        Ok(self
+            .admin_token_file
+            .as_deref()
+            .map(AdminToken::load)
+            .transpose()?)
     }
 }
 
@@ -209,14 +225,21 @@ fn open_store(
 
 /// `blockrep serve`.
 pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
-    // Bad TLS flags or files are refused before the store is touched.
+    // Bad TLS flags or files, or a bad token file, are refused before the store is touched.
     let tls = args.tls.load()?;
+    let token = args.observe.admin_token()?;
     let replicated = !args.replicas.is_empty();
     let store = open_store(dir, args.io_engine, args.flush_interval_ms, replicated)?;
     let rt = runtime()?;
     let shutdown = CancellationToken::new();
     let signals = rt.block_on(async { install_signal_handlers(shutdown.clone()) })?;
-    let result = rt.block_on(serve_primary(dir, store.clone(), args, tls, shutdown));
+    let result = rt.block_on(serve_primary(
+        dir,
+        store.clone(),
+        args,
+        (tls, token),
+        shutdown,
+    ));
     signals.abort();
     drop(rt);
     tracing::info!("shutting down: making acknowledged writes durable");
@@ -224,14 +247,16 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
     result
 }
 
-/// Everything a primary does once its store is open, until `shutdown`.
+/// Everything a primary does once its store is open, until `shutdown`. `protection` is the
+/// NBD TLS and the admin token, both loaded before the store was opened.
 async fn serve_primary(
     dir: &Path,
     store: Arc<Store>,
     args: &ServeArgs,
-    tls: Tls,
+    protection: (Tls, Option<AdminToken>),
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let (tls, token) = protection;
     let mode = args.commit.unwrap_or(if args.replicas.is_empty() {
         CommitMode::BestEffort
     } else {
@@ -273,10 +298,12 @@ async fn serve_primary(
             status: Arc::new(move || status_source.report()),
             ready: ready.clone(),
             set_replica_address: set_address,
+            admin_token: token.as_ref().map(AdminToken::secret),
         },
         shutdown.clone(),
     )
     .await?;
+    warn_primary_exposure(&server, args, admin_addr, token.is_some());
     print_banner(dir, &store, args, mode, epoch, &server, admin_addr);
     let mut exports = Exports::new();
     exports.add(
@@ -298,6 +325,42 @@ async fn serve_primary(
     }
     crate::systemd::stopping();
     Ok(())
+}
+
+fn listen_addr_text(addr: &ListenAddr) -> String {
+    match addr {
+        ListenAddr::Tcp(a) => a.clone(),
+        ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+    }
+}
+
+/// One warning for each of a primary's ports (NBD, admin) and replica connections that other
+/// hosts reach without protection.
+fn warn_primary_exposure(
+    server: &Server,
+    args: &ServeArgs,
+    admin: Option<std::net::SocketAddr>,
+    token: bool,
+) {
+    let nbd: Vec<String> = server.local_addrs().iter().map(listen_addr_text).collect();
+    warn_exposed(
+        Port::Nbd {
+            tls: args.tls.tls != TlsMode::Off,
+        },
+        &nbd,
+    );
+    if let Some(a) = admin {
+        warn_exposed(Port::Admin { token }, &[a.to_string()]);
+    }
+    // Replication has no TLS yet (`--peer-tls-dir` wires it here).
+    let peer_tls = false;
+    for (id, addr) in &args.replicas {
+        let port = Port::ReplicaPeer {
+            name: &id.0,
+            peer_tls,
+        };
+        warn_exposed(port, std::slice::from_ref(addr));
+    }
 }
 
 /// What the admin endpoint calls to point a replica at a new address.
@@ -475,6 +538,7 @@ pub fn replica(
     io_mode: IoMode,
     observe: &ObserveArgs,
 ) -> Result<()> {
+    let token = observe.admin_token()?;
     if !dir.exists() {
         let Some(size) = size else {
             bail!(
@@ -516,10 +580,19 @@ pub fn replica(
                 status: Arc::new(move || source.report()),
                 ready,
                 set_replica_address: None,
+                admin_token: token.as_ref().map(AdminToken::secret),
             },
             shutdown.clone(),
         )
         .await?;
+        let listen_addr = listener.local_addr().map(|a| a.to_string());
+        // Replication has no TLS yet (`--peer-tls-dir` wires it here).
+        let peer_tls = false;
+        warn_exposed(Port::Replication { peer_tls }, &[listen.to_string()]);
+        if let Some(a) = admin_addr {
+            let token = token.is_some();
+            warn_exposed(Port::Admin { token }, &[a.to_string()]);
+        }
         let sb = store.superblock();
         println!(
             "blockrep: replica {} (volume {}, epoch {}, head {}) listening on {}, metrics {}",
@@ -527,10 +600,7 @@ pub fn replica(
             sb.volume_id,
             sb.epoch,
             store.head(),
-            listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
+            listen_addr.unwrap_or_default(),
             admin_addr.map_or("off".to_string(), |a| format!("on http://{a}"))
         );
         crate::systemd::ready(&format!("replica of {} listening", sb.volume_id));
@@ -588,6 +658,9 @@ pub fn up(
         for (name, s) in &replica_stores {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?.to_string();
+            // Replication has no TLS yet (`--peer-tls-dir` wires it here).
+            let peer_tls = false;
+            warn_exposed(Port::Replication { peer_tls }, std::slice::from_ref(&addr));
             tokio::spawn(driver::replica::run(
                 s.clone(),
                 listener,
@@ -614,7 +687,7 @@ pub fn up(
             &primary_dir,
             store.clone(),
             &args,
-            nbd_tls,
+            (nbd_tls, None),
             shutdown.clone(),
         )
         .await;

@@ -1,12 +1,115 @@
-//! `blockrep status` and `blockrep set-address`: clients of a node's admin endpoint.
+//! `blockrep status` and `blockrep set-address`: clients of a node's admin endpoint; and the
+//! admin token file, read the same way by the node that checks the token and the client that
+//! sends it.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use blockrep_metrics::StatusReport;
 
 use crate::support::human;
+
+/// The shortest token accepted: guessing 16 random characters over the network is hopeless.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The bearer token of `--admin-token-file`: the file's contents, trimmed.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("--admin-token-file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--admin-token-file {}: the file is empty; put a token of at least {MIN_TOKEN_LEN} \
+             characters in it (for example `openssl rand -hex 32 > FILE; chmod 600 FILE`)",
+            path.display())]
+    Empty { path: PathBuf },
+    #[error("--admin-token-file {}: the token is {len} characters; it must be at least \
+             {MIN_TOKEN_LEN} (for example `openssl rand -hex 32 > FILE`)", path.display())]
+    TooShort { path: PathBuf, len: usize },
+    #[error("--admin-token-file {}: the token must be printable ASCII with no spaces (it is \
+             sent in an HTTP header); `openssl rand -hex 32` makes one", path.display())]
+    Unprintable { path: PathBuf },
+}
+
+impl AdminToken {
+    /// Reads and checks the token in `path`; warns (once) when others than its owner may
+    /// read the file.
+    pub fn load(path: &Path) -> Result<AdminToken, TokenError> {
+        let read = |source| TokenError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        let mode = std::fs::metadata(path).map_err(read)?.permissions().mode();
+        let token = AdminToken::parse(&text).map_err(|e| e.at(path))?;
+        if readable_by_others(mode) {
+            tracing::warn!(
+                "--admin-token-file {}: readable by group or others (mode {:04o}); anyone who \
+                 reads it can redirect replicas: chmod 600 {0}",
+                path.display(),
+                mode & 0o7777
+            );
+        }
+        Ok(token)
+    }
+
+    /// The token in a file's text, checked.
+    fn parse(text: &str) -> Result<AdminToken, TokenProblem> {
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(TokenProblem::Empty);
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(TokenProblem::Unprintable);
+        }
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(TokenProblem::TooShort(token.len()));
+        }
+        Ok(AdminToken(Arc::from(token)))
+    }
+
+    pub fn secret(&self) -> Arc<str> {
+        self.0.clone()
+    }
+}
+
+/// What is wrong with a token, before the file's name is attached.
+#[derive(Debug, PartialEq, Eq)]
+enum TokenProblem {
+    Empty,
+    TooShort(usize),
+    Unprintable,
+}
+
+impl TokenProblem {
+    fn at(self, path: &Path) -> TokenError {
+        let path = path.to_path_buf();
+        match self {
+            TokenProblem::Empty => TokenError::Empty { path },
+            TokenProblem::TooShort(len) => TokenError::TooShort { path, len },
+            TokenProblem::Unprintable => TokenError::Unprintable { path },
+        }
+    }
+}
+
+fn readable_by_others(mode: u32) -> bool {
+    mode & 0o044 != 0
+}
 
 fn url(admin: &str, path: &str) -> String {
     let base = admin.trim_end_matches('/');
@@ -123,15 +226,155 @@ pub fn render(r: &StatusReport) -> String {
     out
 }
 
-pub fn set_address(admin: &str, replica: &str) -> Result<()> {
+/// Why `blockrep set-address` failed, by the HTTP status the primary answered.
+#[derive(Debug, thiserror::Error)]
+pub enum SetAddressError {
+    #[error(
+        "unauthorised: the primary at {admin} needs its token; pass --admin-token-file FILE \
+             (the file the primary was started with)"
+    )]
+    Unauthorised { admin: String },
+    #[error("forbidden: the primary at {admin} does not accept the token in --admin-token-file \
+             {}: it must be the same file the primary was started with ({answer})",
+            file.display())]
+    WrongToken {
+        admin: String,
+        file: PathBuf,
+        answer: String,
+    },
+    #[error(
+        "forbidden: the primary at {admin} has address updates disabled; restart it with \
+             --admin-token-file FILE and pass the same file here ({answer})"
+    )]
+    Disabled { admin: String, answer: String },
+    #[error("the node at {admin} is not a primary ({answer})")]
+    NotPrimary { admin: String, answer: String },
+    #[error("the primary at {admin} has no such replica: {answer}")]
+    UnknownReplica { admin: String, answer: String },
+    #[error("the primary at {admin} answered {status}: {answer}")]
+    Other {
+        admin: String,
+        status: u16,
+        answer: String,
+    },
+}
+
+impl SetAddressError {
+    /// The error for a refusal with `status` and `answer`, sent with or without a token.
+    fn from_status(admin: &str, status: u16, answer: String, token: Option<&Path>) -> Self {
+        let admin = admin.to_string();
+        let answer = answer.trim().to_string();
+        match (status, token) {
+            (401, _) => SetAddressError::Unauthorised { admin },
+            (403, Some(file)) => SetAddressError::WrongToken {
+                admin,
+                file: file.to_path_buf(),
+                answer,
+            },
+            (403, None) => SetAddressError::Disabled { admin, answer },
+            (409, _) => SetAddressError::NotPrimary { admin, answer },
+            (404, _) => SetAddressError::UnknownReplica { admin, answer },
+            (status, _) => SetAddressError::Other {
+                admin,
+                status,
+                answer,
+            },
+        }
+    }
+}
+
+pub fn set_address(admin: &str, replica: &str, token_file: Option<&Path>) -> Result<()> {
     let Some((name, addr)) = replica.split_once('=') else {
         bail!("{replica:?} is not NAME=HOST:PORT");
     };
-    let answer = ureq::put(&url(admin, &format!("/v1/replicas/{name}/address")))
+    let token = token_file.map(AdminToken::load).transpose()?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let mut request = agent.put(&url(admin, &format!("/v1/replicas/{name}/address")));
+    if let Some(t) = &token {
+        request = request.header("Authorization", &format!("Bearer {}", t.secret()));
+    }
+    let mut response = request
         .send(addr)
-        .with_context(|| format!("the primary at {admin} refused the address update"))?
+        .with_context(|| format!("cannot reach the primary's admin endpoint at {admin}"))?;
+    let status = response.status().as_u16();
+    let answer = response
         .body_mut()
-        .read_to_string()?;
+        .read_to_string()
+        .with_context(|| format!("reading the answer of the primary at {admin}"))?;
+    if status != 200 {
+        return Err(SetAddressError::from_status(admin, status, answer, token_file).into());
+    }
     print!("{answer}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_trimmed_and_checked() {
+        let t = AdminToken::parse("  0123456789abcdef\n").expect("a good token");
+        assert_eq!(&*t.secret(), "0123456789abcdef");
+        assert_eq!(AdminToken::parse(" \n\t").err(), Some(TokenProblem::Empty));
+        assert_eq!(
+            AdminToken::parse("0123456789abcde\n").err(),
+            Some(TokenProblem::TooShort(15))
+        );
+        assert_eq!(
+            AdminToken::parse("0123456789 abcdef").err(),
+            Some(TokenProblem::Unprintable)
+        );
+        assert_eq!(
+            AdminToken::parse("0123456789abcdéf").err(),
+            Some(TokenProblem::Unprintable)
+        );
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let t = AdminToken::parse("0123456789abcdef-secret").expect("a good token");
+        assert!(!format!("{t:?}").contains("secret"));
+    }
+
+    #[test]
+    fn only_group_or_other_read_bits_warn() {
+        assert!(!readable_by_others(0o100600));
+        assert!(!readable_by_others(0o100400));
+        assert!(!readable_by_others(0o100620));
+        assert!(readable_by_others(0o100640));
+        assert!(readable_by_others(0o100604));
+        assert!(readable_by_others(0o100644));
+    }
+
+    #[test]
+    fn refusals_are_typed_by_status() {
+        let f = Path::new("/tmp/t");
+        let e = |status, token| SetAddressError::from_status("a:1", status, "x\n".into(), token);
+        assert!(matches!(e(401, None), SetAddressError::Unauthorised { .. }));
+        assert!(matches!(
+            e(401, Some(f)),
+            SetAddressError::Unauthorised { .. }
+        ));
+        assert!(matches!(
+            e(403, Some(f)),
+            SetAddressError::WrongToken { .. }
+        ));
+        assert!(matches!(e(403, None), SetAddressError::Disabled { .. }));
+        assert!(matches!(e(409, None), SetAddressError::NotPrimary { .. }));
+        assert!(matches!(
+            e(404, None),
+            SetAddressError::UnknownReplica { .. }
+        ));
+        assert!(matches!(
+            e(500, None),
+            SetAddressError::Other { status: 500, .. }
+        ));
+        assert!(e(401, None).to_string().starts_with("unauthorised: "));
+        assert!(e(401, None).to_string().contains("pass --admin-token-file"));
+    }
 }

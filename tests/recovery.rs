@@ -1553,6 +1553,13 @@ fn r10_old_primary_rejoins_as_replica() {
     }
 }
 
+/// A token file for `--admin-token-file`, readable by its owner only.
+fn write_token(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, "a10-admin-token-0123456789\n").expect("token file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
 /// Brief A10: a replica restarts on a new port. The primary keeps trying the old address and
 /// does not reach it until `blockrep set-address` points it there; then it catches up (its
 /// identity and progress kept, no rebuild) while the writer runs; the copies end identical.
@@ -1561,7 +1568,16 @@ fn a10_changed_address_restart_recovers_after_address_update() {
     require_tools();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (mut p, mut reps) = cluster(dir, 32 * MIB, 2, &["--commit", "sync-quorum"]);
+    // set-address needs the primary's admin token.
+    let token = dir.join("admin.token");
+    write_token(&token);
+    let token_arg = token.to_str().expect("a UTF-8 path");
+    let (mut p, mut reps) = cluster(
+        dir,
+        32 * MIB,
+        2,
+        &["--commit", "sync-quorum", "--admin-token-file", token_arg],
+    );
     let log = dir.join("storm.log");
     let mut storm = Storm::new(&p.uri(), &log)
         .seq_base(1 << 40)
@@ -1610,7 +1626,9 @@ fn a10_changed_address_restart_recovers_after_address_update() {
     // An unknown name is refused; the real update is accepted.
     let out = run(blockrep_timed(30)
         .args(["set-address", "r9=127.0.0.1:1", "--admin"])
-        .arg(&p.admin));
+        .arg(&p.admin)
+        .arg("--admin-token-file")
+        .arg(&token));
     assert!(
         !out.status.success(),
         "set-address for a replica the primary does not have must fail: {}",
@@ -1621,7 +1639,9 @@ fn a10_changed_address_restart_recovers_after_address_update() {
             .arg("set-address")
             .arg(format!("r2={new_addr}"))
             .arg("--admin")
-            .arg(&p.admin),
+            .arg(&p.admin)
+            .arg("--admin-token-file")
+            .arg(&token),
     );
     eprintln!("set-address: {}", out.trim());
     p.wait_log(mark, &["replica=r2", "replica address updated"], 10);

@@ -31,6 +31,8 @@ pub(crate) enum IntakeError {
 pub(crate) struct Intake<R> {
     reader: R,
     buf: BytesMut,
+    /// `buf` is one WRITE's own buffer, of exactly its size (see `next`).
+    exact: bool,
 }
 
 impl<R: AsyncRead + Unpin> Intake<R> {
@@ -38,6 +40,7 @@ impl<R: AsyncRead + Unpin> Intake<R> {
         Intake {
             reader,
             buf: BytesMut::with_capacity(READ_AHEAD),
+            exact: false,
         }
     }
 
@@ -51,6 +54,12 @@ impl<R: AsyncRead + Unpin> Intake<R> {
         let mut units = None;
         loop {
             if let Some(req) = RequestDecoder.decode(&mut self.buf)? {
+                if self.exact {
+                    // Let the payload own that buffer: reusing it for reading ahead would
+                    // keep the whole of it resident after the payload is gone.
+                    self.buf = BytesMut::new();
+                    self.exact = false;
+                }
                 let units = match units {
                     Some(u) => u,
                     None => budget.take(req.cmd, req.length).await?,
@@ -58,13 +67,21 @@ impl<R: AsyncRead + Unpin> Intake<R> {
                 return Ok(Some((req, units)));
             }
             let want = if self.buf.len() >= REQUEST_HEADER_LEN {
-                // A WRITE whose payload is not all here (the decoder has checked its header
-                // and reserved room for exactly the rest): its budget first.
+                // A WRITE whose payload is not all here (the decoder has checked its header,
+                // and everything buffered belongs to it): its budget first, then a buffer of
+                // its own, freed with the payload.
                 let length = announced_length(&self.buf);
+                let total = REQUEST_HEADER_LEN + length as usize;
                 if units.is_none() {
                     units = Some(budget.take(crate::proto::CMD_WRITE, length).await?);
                 }
-                REQUEST_HEADER_LEN + length as usize - self.buf.len()
+                if !self.exact {
+                    let mut own = BytesMut::with_capacity(total);
+                    own.extend_from_slice(&self.buf);
+                    self.buf = own;
+                    self.exact = true;
+                }
+                total - self.buf.len()
             } else {
                 let want = READ_AHEAD - self.buf.len();
                 self.buf.reserve(want);

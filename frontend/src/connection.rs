@@ -203,7 +203,7 @@ async fn idle(
 
 /// Polls a request once on the connection's task and queues its reply if it is ready; one
 /// that has to wait becomes a task of its own (see the module doc for why). The budget units
-/// travel with the reply and is released once the reply is on the wire.
+/// travel with the reply and are released once the reply is on the wire.
 fn start<F>(request: F, units: Units, tx: &Replies)
 where
     F: Future<Output = Reply> + Send + 'static,

@@ -157,7 +157,11 @@ mod tests {
         let (flush, _units) = intake.next(&conn).await.unwrap().unwrap();
         assert_eq!(flush.cmd, CMD_FLUSH);
         // A payload's own buffer went with it; reading ahead never reuses it.
-        assert!(intake.buf.capacity() <= READ_AHEAD, "{}", intake.buf.capacity());
+        assert!(
+            intake.buf.capacity() <= READ_AHEAD,
+            "{}",
+            intake.buf.capacity()
+        );
         drop(sender.await.unwrap());
         assert!(intake.next(&conn).await.unwrap().is_none());
     }

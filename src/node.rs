@@ -188,6 +188,17 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Refuses NBD bounds no server could work with.
+    fn check_nbd_bounds(&self) -> Result<()> {
+        if self.nbd_memory_budget < 1 << 20 {
+            bail!(
+                "--nbd-memory-budget {} is too small: give at least 1MiB (default 256MiB)",
+                self.nbd_memory_budget
+            );
+        }
+        Ok(())
+    }
+
     /// The NBD server's bounds from `--nbd-memory-budget` and `--nbd-idle-timeout`.
     fn bound(&self, server: Server) -> Server {
         let idle = self
@@ -233,6 +244,7 @@ fn open_store(
 pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
     // Bad TLS flags or files are refused before the store is touched.
     let tls = args.tls.load()?;
+    args.check_nbd_bounds()?;
     let replicated = !args.replicas.is_empty();
     let store = open_store(dir, args.io_engine, args.flush_interval_ms, replicated)?;
     let rt = runtime()?;

@@ -393,3 +393,21 @@ fn sigterm_exits_within_the_grace_with_a_client_that_stopped_reading() {
         "part of an unfinished WRITE landed"
     );
 }
+
+#[test]
+fn a_memory_budget_below_one_mib_is_refused_before_the_store_is_opened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-store-here");
+    let out = run(blockrep_timed(30).arg("serve").arg(&missing).args([
+        "--nbd",
+        "127.0.0.1:0",
+        "--nbd-memory-budget",
+        "64KiB",
+    ]));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--nbd-memory-budget") && err.contains("at least 1MiB"),
+        "{err}"
+    );
+}

@@ -192,6 +192,39 @@ pub struct ServeArgs {
     pub observe: ObserveArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// At most this much NBD request payload and reply data in memory across all clients
+    /// (each client also keeps to 64 MiB of its own); a client past it waits (TCP
+    /// back-pressure), it gets no error.
+    #[arg(long, value_parser = crate::support::parse_size, default_value = "256MiB")]
+    pub nbd_memory_budget: u64,
+    /// Close an NBD connection that has nothing in flight and has sent no request for this
+    /// many seconds (default, or 0: never).
+    #[arg(long, value_name = "SECS")]
+    pub nbd_idle_timeout: Option<u64>,
+}
+
+impl ServeArgs {
+    /// Refuses NBD bounds no server could work with.
+    fn check_nbd_bounds(&self) -> Result<()> {
+        if self.nbd_memory_budget < 1 << 20 {
+            bail!(
+                "--nbd-memory-budget {} is too small: give at least 1MiB (default 256MiB)",
+                self.nbd_memory_budget
+            );
+        }
+        Ok(())
+    }
+
+    /// The NBD server's bounds from `--nbd-memory-budget` and `--nbd-idle-timeout`.
+    fn bound(&self, server: Server) -> Server {
+        let idle = self
+            .nbd_idle_timeout
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs);
+        server
+            .memory_budget(self.nbd_memory_budget)
+            .idle_timeout(idle)
+    }
 }
 
 pub(crate) fn parse_replica(s: &str) -> Result<(ReplicaId, String), String> {
@@ -228,6 +261,7 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
     // Bad TLS flags or files, or a bad token file, are refused before the store is touched.
     let tls = args.tls.load()?;
     let token = args.observe.admin_token()?;
+    args.check_nbd_bounds()?;
     let replicated = !args.replicas.is_empty();
     let store = open_store(dir, args.io_engine, args.flush_interval_ms, replicated)?;
     let rt = runtime()?;
@@ -264,7 +298,7 @@ async fn serve_primary(
     });
     mode.validate(args.replicas.len()).map_err(|e| anyhow!(e))?;
     let epoch = choose_epoch(dir, &store, args, mode).await?;
-    let server = Server::bind(&args.nbd).await?.tls(tls);
+    let server = args.bound(Server::bind(&args.nbd).await?.tls(tls));
     // Only a start that will serve begins a new epoch; it is durable before anything else.
     let epoch = store.begin_epoch(epoch)?;
     if mode == CommitMode::SyncQuorum {
@@ -682,6 +716,8 @@ pub fn up(
             rebuild_rate: 0,
             observe: ObserveArgs::default(),
             tls,
+            nbd_memory_budget: blockrep_frontend::DEFAULT_MEMORY_BUDGET,
+            nbd_idle_timeout: None,
         };
         let r = serve_primary(
             &primary_dir,

@@ -5,36 +5,48 @@
 //! the page cache) and their reply is queued at once; only a request that has to wait (FUA,
 //! FLUSH, a disk read, a full WAL) becomes a task of its own, so requests are still served
 //! concurrently and replied to out of order. Replies go through a channel to one writer task,
-//! which keeps every reply contiguous on the wire and batches them into few syscalls. A
-//! per-connection budget (in 4 KiB units, counting payload and reply data) stops the reader
-//! when too much is in flight, so a flood of requests turns into TCP back-pressure rather than
-//! memory growth.
+//! which keeps every reply contiguous on the wire and batches them into few syscalls. The
+//! memory budget (`budget`: the connection's own and the server's global one) stops the
+//! reader when too much is in flight, so a flood of requests turns into TCP back-pressure
+//! rather than memory growth. A connection idle past the idle timeout is closed; one told to
+//! shut down gets [`SHUTDOWN_GRACE`] to answer what it has read, then is dropped.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio_util::codec::FramedRead;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::RequestDecoder;
+use crate::budget::{Budget, ConnectionBudget, Units};
 use crate::command::{Command, Header, Limits, Refusal};
 use crate::handshake::Negotiated;
+use crate::intake::Intake;
 use crate::observe::{Observer, Op};
 use crate::proto::*;
 use crate::reply::Reply;
 use crate::volume::{BlockVolume, Extent, VolumeError};
 
-/// 64 MiB of requests in flight per connection, in 4 KiB units.
-const BUDGET_UNITS: u32 = 16 << 10;
-/// How long a closing connection waits for its in-flight requests.
+/// How long a closing connection waits for its in-flight requests and their replies.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection may take, once the server is told to shut down, to finish the
+/// requests it has read and put their replies on the wire. Past it the connection is dropped
+/// (a client that stopped reading cannot hold a shutdown up), so a server stops within this
+/// of being told to, whatever its clients do. Writes acknowledged before are kept: the
+/// volume's owner makes them durable when it closes.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Extents per BLOCK_STATUS reply (the spec allows 2^20; clients ask again for the rest).
 const MAX_EXTENTS: usize = 1 << 16;
+
+/// The server-wide bounds every connection is held to.
+#[derive(Clone)]
+pub(crate) struct Bounds {
+    pub budget: Budget,
+    /// A connection idle this long (nothing in flight, no request and no reply) is closed.
+    pub idle_timeout: Option<Duration>,
+}
 
 struct Ctx<V> {
     volume: Arc<V>,
@@ -43,13 +55,14 @@ struct Ctx<V> {
     observer: Arc<dyn Observer>,
 }
 
-type Replies = mpsc::UnboundedSender<(Reply, OwnedSemaphorePermit)>;
+type Replies = mpsc::UnboundedSender<(Reply, Units)>;
 
 #[derive(Debug)]
 enum End {
     Disconnect,
     Eof,
     Shutdown,
+    Idle(Duration),
     Broken(String),
 }
 
@@ -59,6 +72,7 @@ pub(crate) async fn serve<R, W, V>(
     neg: Negotiated<V>,
     shutdown: CancellationToken,
     observer: Arc<dyn Observer>,
+    bounds: &Bounds,
     peer: &str,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -75,71 +89,122 @@ pub(crate) async fn serve<R, W, V>(
         export: neg.export,
         observer,
     });
-    let (tx, rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
-    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
-    let mut frames = FramedRead::with_capacity(reader, RequestDecoder, 256 << 10);
-    let end = loop {
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break End::Shutdown,
-            next = frames.next() => next,
-        };
-        let req = match next {
-            None => break End::Eof,
-            Some(Err(e)) => break End::Broken(e.to_string()),
-            Some(Ok(req)) => req,
-        };
-        let (header, command) = Command::parse(req, &ctx.limits);
-        if let Ok(Command::Disconnect) = command {
-            break End::Disconnect;
-        }
-        let permit = match budget
-            .clone()
-            .acquire_many_owned(budget_units(&header))
-            .await
-        {
-            Ok(p) => p,
-            Err(_) => break End::Broken("budget closed".into()),
-        };
-        start(handle(ctx.clone(), header, command), permit, &tx);
-    };
+    let budget = bounds.budget.connection();
+    let (tx, rx) = mpsc::unbounded_channel::<(Reply, Units)>();
+    let mut writer_task = tokio::spawn(write_replies(writer, rx));
+    let mut intake = Intake::new(reader);
+    let end = read_requests(
+        &ctx,
+        &mut intake,
+        &budget,
+        &tx,
+        &shutdown,
+        bounds.idle_timeout,
+    )
+    .await;
     match &end {
         End::Broken(reason) => tracing::warn!(%peer, "closing connection: {reason}"),
+        End::Idle(after) => {
+            tracing::info!(%peer, "closing idle connection: no request for {after:?}")
+        }
         other => tracing::debug!(%peer, "connection ending: {other:?}"),
     }
-    // Finish what was started: every request read gets its reply.
-    if tokio::time::timeout(DRAIN_TIMEOUT, budget.acquire_many(BUDGET_UNITS))
+    let shutting_down = matches!(end, End::Shutdown);
+    let deadline = tokio::time::Instant::now()
+        + if shutting_down {
+            SHUTDOWN_GRACE
+        } else {
+            DRAIN_TIMEOUT
+        };
+    // Finish what was started: every request read gets its reply, within the deadline.
+    if tokio::time::timeout_at(deadline, budget.drained())
         .await
         .is_err()
     {
-        tracing::warn!(%peer, "in-flight requests did not finish in {DRAIN_TIMEOUT:?}");
+        tracing::warn!(%peer, "in-flight requests did not finish in time");
     }
     // NBD_CMD_DISC does not require a flush, but clients (nbdcopy without --flush) expect
     // their acknowledged writes to be kept; a flush here is cheap insurance.
-    if !matches!(end, End::Shutdown) {
+    if !shutting_down {
         if let Err(e) = ctx.volume.flush().await {
             tracing::warn!(%peer, "flush at disconnect failed: {e}");
         }
     }
     drop(tx);
-    let _ = writer_task.await;
+    if tokio::time::timeout_at(deadline, &mut writer_task)
+        .await
+        .is_err()
+    {
+        writer_task.abort();
+        tracing::warn!(%peer, "dropping the connection: the client did not read its replies in time");
+    }
 }
 
-/// What a request holds of the budget until its reply is on the wire: its payload or its
-/// reply data, in 4 KiB units, and at least one.
-fn budget_units(header: &Header) -> u32 {
-    match header.cmd {
-        CMD_READ | CMD_WRITE => 1 + header.length / 4096,
-        _ => 1,
+/// Reads, decodes and starts requests until the connection ends, and says why it ended.
+async fn read_requests<R, V>(
+    ctx: &Arc<Ctx<V>>,
+    intake: &mut Intake<R>,
+    budget: &ConnectionBudget,
+    tx: &Replies,
+    shutdown: &CancellationToken,
+    idle_timeout: Option<Duration>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    V: BlockVolume,
+{
+    let mut last_request = Instant::now();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return End::Shutdown,
+            after = idle(budget, idle_timeout, last_request) => return End::Idle(after),
+            next = intake.next(budget) => next,
+        };
+        let (req, units) = match next {
+            Ok(None) => return End::Eof,
+            Err(e) => return End::Broken(e.to_string()),
+            Ok(Some(r)) => r,
+        };
+        last_request = Instant::now();
+        let (header, command) = Command::parse(req, &ctx.limits);
+        if let Ok(Command::Disconnect) = command {
+            return End::Disconnect;
+        }
+        start(handle(ctx.clone(), header, command), units, tx);
     }
-    .min(BUDGET_UNITS)
+}
+
+/// Resolves with the timeout once the connection has been idle that long: no request in
+/// flight, and no request received nor reply sent for that long. Never without a timeout.
+async fn idle(
+    budget: &ConnectionBudget,
+    timeout: Option<Duration>,
+    last_request: Instant,
+) -> Duration {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let mut at = last_request + timeout;
+    loop {
+        tokio::time::sleep_until(at.into()).await;
+        let now = Instant::now();
+        if budget.in_flight() {
+            at = now + timeout;
+            continue;
+        }
+        let quiet = last_request.max(budget.last_release());
+        if quiet + timeout <= now {
+            return timeout;
+        }
+        at = quiet + timeout;
+    }
 }
 
 /// Polls a request once on the connection's task and queues its reply if it is ready; one
-/// that has to wait becomes a task of its own (see the module doc for why). The permit
-/// travels with the reply and is released once the reply is on the wire.
-fn start<F>(request: F, permit: OwnedSemaphorePermit, tx: &Replies)
+/// that has to wait becomes a task of its own (see the module doc for why). The budget units
+/// travel with the reply and are released once the reply is on the wire.
+fn start<F>(request: F, units: Units, tx: &Replies)
 where
     F: Future<Output = Reply> + Send + 'static,
 {
@@ -147,7 +212,7 @@ where
     let mut probe = std::task::Context::from_waker(Waker::noop());
     match request.as_mut().poll(&mut probe) {
         Poll::Ready(reply) => {
-            let _ = tx.send((reply, permit));
+            let _ = tx.send((reply, units));
         }
         Poll::Pending => {
             let tx = tx.clone();
@@ -155,7 +220,7 @@ where
                 // Polling again under the task's own waker re-registers every wake-up the
                 // first poll set up with the no-op waker.
                 let reply = request.await;
-                let _ = tx.send((reply, permit));
+                let _ = tx.send((reply, units));
             });
         }
     }
@@ -163,20 +228,20 @@ where
 
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
-    mut rx: mpsc::UnboundedReceiver<(Reply, OwnedSemaphorePermit)>,
+    mut rx: mpsc::UnboundedReceiver<(Reply, Units)>,
 ) {
     let mut w = BufWriter::with_capacity(256 << 10, writer);
-    while let Some((reply, permit)) = rx.recv().await {
+    while let Some((reply, units)) = rx.recv().await {
         if write_reply(&mut w, reply).await.is_err() {
             return;
         }
-        drop(permit);
+        drop(units);
         // Batch whatever else is ready before paying for a flush.
-        while let Ok((reply, permit)) = rx.try_recv() {
+        while let Ok((reply, units)) = rx.try_recv() {
             if write_reply(&mut w, reply).await.is_err() {
                 return;
             }
-            drop(permit);
+            drop(units);
         }
         if w.flush().await.is_err() {
             return;
@@ -422,7 +487,11 @@ mod tests {
         };
         let token = CancellationToken::new();
         let served = tokio::spawn(async move {
-            serve(r, w, neg, token, Arc::new(NoObserver), "test").await;
+            let bounds = Bounds {
+                budget: Budget::new(crate::budget::DEFAULT_MEMORY_BUDGET),
+                idle_timeout: None,
+            };
+            serve(r, w, neg, token, Arc::new(NoObserver), &bounds, "test").await;
         });
         let mut wire = BytesMut::new();
         for req in [

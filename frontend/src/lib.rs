@@ -14,14 +14,18 @@
 //! [`BlockVolume`] trait), `exports` (exports by name), `observe` (metrics hooks), `tls`
 //! (a certificate directory loaded into a rustls acceptor), `stream` (a plain or TLS
 //! socket), `codec` (request framing), `reply` (reply encoding), `command` (a request decoded into a typed command),
-//! `option` (a handshake option decoded into a typed option), `handshake`, `connection`
-//! (the transmission phase) and `server` (listeners, accept loop, shutdown).
+//! `option` (a handshake option decoded into a typed option), `handshake`, `budget` (the
+//! memory budget, per connection and server-wide), `intake` (reading requests under the
+//! budget), `connection` (the transmission phase, idle timeout, shutdown grace) and `server`
+//! (listeners, accept loop, shutdown).
 
+mod budget;
 mod codec;
 mod command;
 mod connection;
 mod exports;
 mod handshake;
+mod intake;
 mod observe;
 mod option;
 pub mod proto;
@@ -31,7 +35,9 @@ mod stream;
 mod tls;
 mod volume;
 
+pub use budget::DEFAULT_MEMORY_BUDGET;
 pub use codec::{encode_request, DecodeError, Request, RequestDecoder};
+pub use connection::SHUTDOWN_GRACE;
 pub use exports::Exports;
 pub use observe::{NoObserver, Observer, Op};
 pub use server::{ListenAddr, Server, ServerError};

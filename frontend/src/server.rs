@@ -9,7 +9,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection;
+use crate::budget::{Budget, DEFAULT_MEMORY_BUDGET};
+use crate::connection::{self, Bounds, SHUTDOWN_GRACE};
 use crate::exports::Exports;
 use crate::handshake::{self, HandshakeError};
 use crate::observe::{NoObserver, Observer};
@@ -73,6 +74,16 @@ pub struct Server {
     listeners: Vec<Listener>,
     observer: Arc<dyn Observer>,
     tls: Arc<Tls>,
+    memory_budget: u64,
+    idle_timeout: Option<Duration>,
+}
+
+/// What every connection shares: the exports and the server's settings.
+struct Shared<V> {
+    exports: Exports<V>,
+    observer: Arc<dyn Observer>,
+    tls: Arc<Tls>,
+    bounds: Bounds,
 }
 
 impl Server {
@@ -105,6 +116,8 @@ impl Server {
             listeners,
             observer: Arc::new(NoObserver),
             tls: Arc::new(Tls::off()),
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            idle_timeout: None,
         })
     }
 
@@ -135,8 +148,23 @@ impl Server {
         self
     }
 
-    /// Serves `exports` until `shutdown` is cancelled, then stops accepting, lets every
-    /// connection finish the requests it has read, and returns.
+    /// At most `bytes` of request payload and reply data resident across all connections
+    /// (each connection also keeps to 64 MiB of its own); default [`DEFAULT_MEMORY_BUDGET`].
+    pub fn memory_budget(mut self, bytes: u64) -> Server {
+        self.memory_budget = bytes;
+        self
+    }
+
+    /// Closes a connection with nothing in flight that has sent no request (and been sent no
+    /// reply) for `timeout`; `None` (the default) never does.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Server {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Serves `exports` until `shutdown` is cancelled, then stops accepting, gives every
+    /// connection [`SHUTDOWN_GRACE`] to answer the requests it has read, drops what is left,
+    /// and returns.
     pub async fn run<V: BlockVolume>(
         self,
         exports: Exports<V>,
@@ -145,7 +173,15 @@ impl Server {
         if exports.is_empty() {
             return Err(ServerError::NoExports);
         }
-        let exports = Arc::new(exports);
+        let shared = Arc::new(Shared {
+            exports,
+            observer: self.observer,
+            tls: self.tls,
+            bounds: Bounds {
+                budget: Budget::new(self.memory_budget),
+                idle_timeout: self.idle_timeout,
+            },
+        });
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut accepts = JoinSet::new();
         let mut sockets = Vec::new();
@@ -155,14 +191,22 @@ impl Server {
             }
             accepts.spawn(accept_loop(
                 listener,
-                exports.clone(),
+                shared.clone(),
                 shutdown.clone(),
                 limit.clone(),
-                self.observer.clone(),
-                self.tls.clone(),
             ));
         }
-        while accepts.join_next().await.is_some() {}
+        // Every connection keeps to its grace on its own; this bounds the whole server even
+        // if one did not (dropping `accepts` drops every connection left).
+        let late = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE + Duration::from_secs(1)).await;
+        };
+        tokio::select! {
+            _ = async { while accepts.join_next().await.is_some() {} } => {}
+            _ = late => tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown; dropping them"),
+        }
+        drop(accepts);
         for p in sockets {
             let _ = std::fs::remove_file(p);
         }
@@ -186,11 +230,9 @@ fn remove_stale_socket(path: &Path) -> Result<(), String> {
 
 async fn accept_loop<V: BlockVolume>(
     listener: Listener,
-    exports: Arc<Exports<V>>,
+    shared: Arc<Shared<V>>,
     shutdown: CancellationToken,
     limit: Arc<Semaphore>,
-    observer: Arc<dyn Observer>,
-    tls: Arc<Tls>,
 ) {
     let mut conns = JoinSet::new();
     loop {
@@ -212,12 +254,10 @@ async fn accept_loop<V: BlockVolume>(
             tracing::warn!(%peer, "refusing connection: {MAX_CONNECTIONS} clients already connected");
             continue;
         };
-        let exports = exports.clone();
+        let shared = shared.clone();
         let shutdown = shutdown.clone();
-        let observer = observer.clone();
-        let tls = tls.clone();
         conns.spawn(async move {
-            handle_client(stream, &peer, &exports, shutdown, observer, &tls).await;
+            handle_client(stream, &peer, &shared, shutdown).await;
             drop(permit);
         });
     }
@@ -241,10 +281,8 @@ async fn accept(listener: &Listener) -> std::io::Result<(Plain, String)> {
 async fn handle_client<V: BlockVolume>(
     stream: Plain,
     peer: &str,
-    exports: &Exports<V>,
+    shared: &Shared<V>,
     shutdown: CancellationToken,
-    observer: Arc<dyn Observer>,
-    tls: &Tls,
 ) {
     // A client idling anywhere in the handshake must not hold up a shutdown.
     let negotiated = tokio::select! {
@@ -252,7 +290,7 @@ async fn handle_client<V: BlockVolume>(
         _ = shutdown.cancelled() => return,
         n = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            handshake::negotiate(stream, exports, &shutdown, tls),
+            handshake::negotiate(stream, &shared.exports, &shutdown, &shared.tls),
         ) => n,
     };
     let (stream, neg) = match negotiated {
@@ -275,7 +313,17 @@ async fn handle_client<V: BlockVolume>(
     tracing::debug!(%peer, export = %neg.export, structured = neg.structured, tls, "client connected");
     let (reader, writer) = stream.into_split();
     let export = neg.export.clone();
+    let observer = &shared.observer;
     observer.connection(&export, 1);
-    connection::serve(reader, writer, neg, shutdown, observer.clone(), peer).await;
+    connection::serve(
+        reader,
+        writer,
+        neg,
+        shutdown,
+        observer.clone(),
+        &shared.bounds,
+        peer,
+    )
+    .await;
     observer.connection(&export, -1);
 }

@@ -162,6 +162,35 @@ impl Drive {
         })
     }
 
+    fn wal_gone(&mut self, r: &str, from: u64, now: Millis) -> Vec<Action> {
+        let session = self.session(r);
+        self.step(Event::WalGone {
+            replica: rid(r),
+            session,
+            from: Lsn(from),
+            now,
+        })
+    }
+
+    /// The base the driver chose for `r`'s rebuild (our log has one epoch, `E`).
+    fn rebuild_base(&mut self, r: &str, base: u64) -> Vec<Action> {
+        let session = self.session(r);
+        self.step(Event::RebuildBase {
+            replica: rid(r),
+            session,
+            base: Lsn(base),
+            history: vec![(E, Lsn(1))],
+        })
+    }
+
+    fn base_sent(&mut self, r: &str) -> Vec<Action> {
+        let session = self.session(r);
+        self.step(Event::BaseSent {
+            replica: rid(r),
+            session,
+        })
+    }
+
     fn append(&mut self, from: u64, to: u64) -> Vec<Action> {
         self.step(Event::Appended {
             records: (from..=to).map(rec).collect(),
@@ -374,24 +403,10 @@ fn stale_retention_timeout_after_a_rebuild_succeeds_never_undoes_in_sync() {
     let now = RETENTION_TIME + 500;
     d.tick(now);
     d.handshake("a", 2, now);
-    let session = d.session("a");
-    let a = d.step(Event::WalGone {
-        replica: rid("a"),
-        session,
-        from: Lsn(3),
-        now,
-    });
+    let a = d.wal_gone("a", 3, now);
     assert!(begins_rebuild(&a), "{a:?}");
-    d.step(Event::RebuildBase {
-        replica: rid("a"),
-        session,
-        base: Lsn(6),
-        history: vec![(E, Lsn(1))],
-    });
-    d.step(Event::BaseSent {
-        replica: rid("a"),
-        session,
-    });
+    d.rebuild_base("a", 6);
+    d.base_sent("a");
     let a = d.wal_read("a", 7, 10, now);
     assert!(frames(&a).contains(&Body::RebuildFinish { target: Lsn(10) }));
     d.reply("a", Body::RebuildDone { durable: Lsn(10) }, now);
@@ -551,19 +566,8 @@ fn a_duplicate_trigger_while_a_recovery_is_active_is_rejected() {
         *rebuilding = true;
     }
     assert!(begins_rebuild(&d.reply("a", body, 0)));
-    let session = d.session("a");
-    d.step(Event::RebuildBase {
-        replica: rid("a"),
-        session,
-        base: Lsn(6),
-        history: vec![(E, Lsn(1))],
-    });
-    let a = d.step(Event::WalGone {
-        replica: rid("a"),
-        session,
-        from: Lsn(7),
-        now: 1,
-    });
+    d.rebuild_base("a", 6);
+    let a = d.wal_gone("a", 7, 1);
     assert!(
         !begins_rebuild(&a),
         "a second rebuild on one session: {a:?}"
@@ -618,17 +622,8 @@ fn a_progress_regression_is_rejected() {
         *rebuilding = true;
     }
     d.reply("a", body, 0);
-    let session = d.session("a");
-    d.step(Event::RebuildBase {
-        replica: rid("a"),
-        session,
-        base: Lsn(6),
-        history: vec![(E, Lsn(1))],
-    });
-    d.step(Event::BaseSent {
-        replica: rid("a"),
-        session,
-    });
+    d.rebuild_base("a", 6);
+    d.base_sent("a");
     d.wal_read("a", 7, 10, 1);
     let a = d.reply("a", Body::RebuildDone { durable: Lsn(8) }, 2);
     assert!(closes(&a), "a rebuild done short of its target counted");
@@ -789,23 +784,12 @@ fn budget_stall_escalates_to_needs_rebuild() {
 #[test]
 fn rebuild_and_catch_up_calls_are_exclusive() {
     let mut d = catching_up();
-    let session = d.session("a");
-    let a = d.step(Event::RebuildBase {
-        replica: rid("a"),
-        session,
-        base: Lsn(6),
-        history: vec![(E, Lsn(1))],
-    });
+    let a = d.rebuild_base("a", 6);
     assert!(a.is_empty(), "a catch-up took a rebuild base: {a:?}");
     assert_eq!(d.state("a"), PeerState::CatchingUp);
     let a = d.tick_pinned(1, u64::MAX);
     assert!(begins_rebuild(&a));
-    d.step(Event::RebuildBase {
-        replica: rid("a"),
-        session,
-        base: Lsn(6),
-        history: vec![(E, Lsn(1))],
-    });
+    d.rebuild_base("a", 6);
     let stale = d.wal_read("a", 1, 10, 2);
     assert!(
         stale.is_empty(),
@@ -833,13 +817,7 @@ fn rebuild_source_selection_needs_the_handshake_phase() {
     d.tick(now);
     let a = d.handshake("a", 4, now);
     assert!(!begins_rebuild(&a));
-    let session = d.session("a");
-    let a = d.step(Event::WalGone {
-        replica: rid("a"),
-        session,
-        from: Lsn(5),
-        now,
-    });
+    let a = d.wal_gone("a", 5, now);
     assert!(begins_rebuild(&a), "{a:?}");
 }
 
@@ -866,13 +844,7 @@ fn needs_rebuild_persists_across_an_endpoint_update() {
     now += 2_500;
     d.tick(now);
     d.handshake("a", 4, now);
-    let session = d.session("a");
-    let a = d.step(Event::WalGone {
-        replica: rid("a"),
-        session,
-        from: Lsn(5),
-        now,
-    });
+    let a = d.wal_gone("a", 5, now);
     assert!(begins_rebuild(&a), "{a:?}");
 }
 

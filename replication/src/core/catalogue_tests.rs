@@ -898,6 +898,13 @@ fn truncation_when_not_required_is_rejected() {
         .iter()
         .any(|b| matches!(b, Body::Truncate { .. })));
     assert!(closes(&d.reply("a", truncated(7), 1)));
+    // Nor in the handshake, before any cut was asked (the `truncating()` guard).
+    let mut d = Drive::new(CommitMode::SyncAll, &["a"], 10);
+    d.tick(0);
+    d.connected("a", 0);
+    assert_eq!(d.state("a"), PeerState::Handshake);
+    assert!(closes(&d.reply("a", truncated(0), 1)));
+    assert_eq!(d.counters().truncations, 0);
 
     let mut r = replica_following(5, 10);
     let a = r.step(replica::Event::Received {

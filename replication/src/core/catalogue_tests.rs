@@ -755,6 +755,26 @@ fn budget_entries_escalates_a_catch_up_to_a_rebuild() {
     assert_eq!(d.state("a"), PeerState::Rebuilding);
 }
 
+/// Budget (entries) versus a replica that is merely unasked: `a` is in sync, has answered
+/// every ask, and the WAL behind its last report passes the byte budget only because a burst
+/// arrived between two progress asks (`progress_interval`). Outside sync-all,
+/// `enforce_retention` releases it to a full rebuild on that stale figure, although asking
+/// it would show it holds nearly everything. (The sim test
+/// `budget_entries_never_release_an_in_sync_replica_on_stale_progress` is the same bug
+/// in a cluster.)
+#[test]
+#[ignore = "bug: the byte budget releases an in-sync, answering replica whose progress is merely unasked"]
+fn budget_entries_never_release_an_in_sync_replica_on_stale_progress() {
+    for mode in [CommitMode::BestEffort, CommitMode::SyncQuorum] {
+        let mut d = all_in_sync(mode, &["a", "b"], 0);
+        d.append(1, 1_000);
+        // Nothing unanswered: no ask has gone out since the burst began.
+        let a = d.tick_pinned(1, u64::MAX);
+        assert!(!begins_rebuild(&a) && !closes(&a), "{mode}: {a:?}");
+        assert_eq!(d.state("a"), PeerState::InSync, "{mode}");
+    }
+}
+
 /// Budget (stall): a replica in sync that stops answering is dropped at the barrier timeout
 /// (`tick_peer`, `oldest_unanswered`), and the time budget runs from then: a replica that
 /// stays stalled is released to a rebuild.

@@ -93,3 +93,6 @@ impl fmt::Display for CommitMode {
         f.write_str(self.name())
     }
 }
+
+#[cfg(test)]
+mod catalogue_tests;

@@ -13,7 +13,13 @@ impl Cluster {
     /// Three nodes under `mode`, n0 primary, no random faults; runs until every replica is in
     /// sync.
     pub fn scripted(mode: CommitMode) -> Cluster {
+        Cluster::scripted_nodes(mode, 3)
+    }
+
+    /// As [`Cluster::scripted`], with `nodes` nodes (n0 primary, the rest its replicas).
+    pub fn scripted_nodes(mode: CommitMode, nodes: usize) -> Cluster {
         let mut cfg = Config::new(0, mode);
+        cfg.nodes = nodes;
         cfg.faults = Faults::none();
         let mut c = Cluster::new(cfg);
         assert!(

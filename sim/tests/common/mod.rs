@@ -95,3 +95,23 @@ pub fn nobody_holds(c: &Cluster, values: &[(u64, u64)]) {
         assert!(holds_none(c, n, values), "n{n} holds {values:?}");
     }
 }
+
+/// The value each block ends with: `values` (from `write`) may cover a block more than once.
+pub fn latest(values: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut last = std::collections::BTreeMap::new();
+    for &(b, v) in values {
+        last.insert(b, v);
+    }
+    last.into_iter().collect()
+}
+
+/// Node `n` comes to hold `values` (the latest of each block) within `WAIT`: entries a
+/// primary has shipped may still be in flight when it counts the replica in sync.
+pub fn lands(c: &mut Cluster, n: usize, values: &[(u64, u64)]) {
+    let want = latest(values);
+    assert!(
+        c.run_until_true(WAIT, |c| holds(c, n, &want)),
+        "n{n} never came to hold {want:?}:{}",
+        c.describe()
+    );
+}

@@ -526,6 +526,22 @@ fn a_replica_stores_only_entries_it_validated() {
 }
 
 #[test]
+fn a_replica_stores_only_entries_it_validated_even_when_the_gap_comes_after_good_ones() {
+    // Found by the replica_core fuzz target: 11 and 12 follow the head, 14 does not; the
+    // whole frame is refused and nothing of it reaches the store.
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[11, 12, 14]),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::Gap), "{a:?}");
+    assert!(!touches_store(&a), "{a:?}");
+    assert_eq!(r.state().head, Lsn(10));
+    assert_eq!(r.state().committed, Lsn(0));
+}
+
+#[test]
 fn a_replica_refuses_a_base_chunk_off_the_block_grid_or_past_the_volume() {
     let mut r = ReplicaCore::new(state(5, 10));
     greet(&mut r, C, 5, P1);

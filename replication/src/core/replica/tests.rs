@@ -542,6 +542,19 @@ fn a_replica_stores_only_entries_it_validated_even_when_the_gap_comes_after_good
 }
 
 #[test]
+fn a_replica_refuses_an_entry_at_the_last_lsn() {
+    let mut r = ReplicaCore::new(state(5, u64::MAX - 1));
+    greet(&mut r, C, 5, P1);
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[u64::MAX]),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::BadEntry), "{a:?}");
+    assert!(!touches_store(&a), "{a:?}");
+    assert_eq!(r.state().head, Lsn(u64::MAX - 1));
+}
+
+#[test]
 fn a_replica_refuses_a_base_chunk_off_the_block_grid_or_past_the_volume() {
     let mut r = ReplicaCore::new(state(5, 10));
     greet(&mut r, C, 5, P1);

@@ -627,3 +627,40 @@ fn an_epoch_that_cannot_be_followed_is_refused() {
     });
     assert_eq!(rejected(&a), None);
 }
+
+/// Found by the replica_core fuzz target, and not fixed: the core takes frames while a cut
+/// it asked the store for is outstanding. A `RebuildStart` in between resets the store to
+/// its base; the cut's answer then names the head the store had at the cut and puts the
+/// core back on it, so core and store disagree on the head from then on (the next entries
+/// fail in the store with `LsnGap`). An honest primary waits for `Truncated`, so only a
+/// misbehaving (authenticated) primary gets here. One fix: refuse every frame of the
+/// session but `Probe` while the cut is outstanding.
+#[test]
+#[ignore = "the replica core takes frames while its cut is outstanding (issue 15)"]
+fn a_cut_answered_after_a_rebuild_began_leaves_the_core_on_the_rebuilt_head() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    let on_session = |body| Event::Received {
+        conn: C,
+        frame: Frame {
+            epoch: Epoch(5),
+            body,
+        },
+    };
+    let a = r.step(on_session(Body::Truncate { keep: Lsn(7) }));
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::Truncate { keep: Lsn(7), .. })));
+    r.step(on_session(Body::RebuildStart {
+        base: Lsn(9),
+        history: vec![(Epoch(5), Lsn(1))],
+    }));
+    // The store cut its log after 7, then reset it to the base at 9.
+    r.step(Event::Truncated {
+        conn: C,
+        head: Lsn(7),
+        head_epoch: Epoch(5),
+        refusal: None,
+    });
+    assert_eq!(r.state().head, Lsn(9));
+}

@@ -150,3 +150,39 @@ fn add(total: &mut ReplicaStats, s: &ReplicaStats) {
     total.cuts += s.cuts;
     total.new_epochs += s.new_epochs;
 }
+
+/// A target's input generator.
+type Generator = fn(&mut Rng) -> Vec<u8>;
+
+/// Writes generator cases as seed corpora for the cargo-fuzz targets (libFuzzer would take
+/// long to find a sealed frame of every kind on its own). By default into a temporary
+/// directory, which checks that the corpus can be written; `scripts/test` seeds cargo fuzz
+/// with
+///
+///     BLOCKREP_FUZZ_WRITE_SEEDS=fuzz/corpus cargo test -p blockrep-replication \
+///         --test frame_fuzz write_seed_corpus
+///
+/// (a relative path is relative to `replication/`; `fuzz/corpus` is git-ignored).
+#[test]
+fn write_seed_corpus() {
+    let tmp = std::env::temp_dir().join(format!("blockrep-repl-seeds-{}", std::process::id()));
+    let dir = std::env::var_os("BLOCKREP_FUZZ_WRITE_SEEDS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tmp.clone());
+    let mut rng = Rng::new(seed());
+    let targets: [(&str, Generator); 2] = [
+        ("frame_decoder", frame_case),
+        ("replica_core", replica_input),
+    ];
+    for (target, case) in targets {
+        let at = dir.join(target);
+        std::fs::create_dir_all(&at).unwrap();
+        for i in 0..200 {
+            std::fs::write(at.join(format!("seed-{i:03}")), case(&mut rng)).unwrap();
+        }
+        let n = std::fs::read_dir(&at).unwrap().count();
+        assert!(n >= 200, "{target}: {n} seeds");
+    }
+    eprintln!("wrote 200 + 200 seeds under {}", dir.display());
+    let _ = std::fs::remove_dir_all(&tmp);
+}

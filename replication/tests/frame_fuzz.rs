@@ -5,12 +5,15 @@
 //! harness runs the *same* oracles (`replication/tests/fuzz_oracles/`) over inputs from a
 //! seeded generator, so every `cargo test` checks them without cargo-fuzz:
 //!
-//! * `frame_decoder_survives_random_frames`: encoded frames of every kind, valid or flipped,
+//! * `frame_fuzz_decoder_survives_random_frames`: encoded frames of every kind, valid or flipped,
 //!   cut, resized, re-kinded (mostly resealed so their bodies get parsed), streams of
 //!   several, and garbage, through `wire::decode` and the driver's `FrameCodec`.
-//! * `replica_core_survives_random_sessions`: a replica taken through a valid handshake,
+//! * `frame_fuzz_replica_core_survives_random_sessions`: a replica taken through a valid handshake,
 //!   then fed near-valid frame sequences built from random bytes by the fuzz target's own
 //!   script.
+//!
+//! (Every test's name starts with `frame_fuzz`, so `./scripts/test frame_fuzz` runs them
+//! and the replication fuzz targets.)
 //!
 //! Knobs: `BLOCKREP_FUZZ_FRAME_CASES`, `BLOCKREP_FUZZ_REPLICA_CASES` (counts),
 //! `BLOCKREP_FUZZ_SEED` (a failure prints the seed and case; the same seed replays it).
@@ -52,7 +55,7 @@ fn replica_input(rng: &mut Rng) -> Vec<u8> {
 }
 
 #[test]
-fn frame_decoder_survives_random_frames() {
+fn frame_fuzz_decoder_survives_random_frames() {
     let seed = seed();
     let cases = env_u64("BLOCKREP_FUZZ_FRAME_CASES", 20_000);
     let mut rng = Rng::new(seed);
@@ -92,7 +95,7 @@ fn frame_decoder_survives_random_frames() {
 }
 
 #[test]
-fn frame_decoder_fuzz_input_layout() {
+fn frame_fuzz_decoder_input_layout() {
     let (mode, rest) = split_frame_input(&[0b0000_0101, 0xaa]);
     assert!(mode.seal);
     assert_eq!(mode.piece, 3);
@@ -103,7 +106,7 @@ fn frame_decoder_fuzz_input_layout() {
 }
 
 #[test]
-fn replica_core_survives_random_sessions() {
+fn frame_fuzz_replica_core_survives_random_sessions() {
     let seed = seed();
     let cases = env_u64("BLOCKREP_FUZZ_REPLICA_CASES", 2_000);
     let mut rng = Rng::new(seed ^ 0x5eed);
@@ -164,7 +167,7 @@ type Generator = fn(&mut Rng) -> Vec<u8>;
 ///
 /// (a relative path is relative to `replication/`; `fuzz/corpus` is git-ignored).
 #[test]
-fn write_seed_corpus() {
+fn frame_fuzz_write_seed_corpus() {
     let tmp = std::env::temp_dir().join(format!("blockrep-repl-seeds-{}", std::process::id()));
     let dir = std::env::var_os("BLOCKREP_FUZZ_WRITE_SEEDS")
         .map(std::path::PathBuf::from)

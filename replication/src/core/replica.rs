@@ -366,8 +366,9 @@ impl ReplicaCore {
     ///
     /// Invariant (*a replica stores only entries it validated*): every entry of the frame is
     /// placed ([`check_placement`]: aligned, inside the volume, no later epoch than ours;
-    /// the decoder checked its payload) before the first is appended, so a frame holding one
-    /// bad entry ends the session with `BadEntry` and leaves the store as it was.
+    /// the decoder checked its payload) and found in order before the first is appended, so
+    /// a frame holding one bad entry, or a gap after good ones, ends the session with
+    /// `BadEntry` or `Gap` and leaves the store as it was.
     fn entries(&mut self, conn: ConnId, committed: Lsn, records: Vec<WalRecord>) {
         let (size, epoch) = (self.s.volume_size, self.s.epoch);
         if let Some((lsn, e)) = records
@@ -378,18 +379,24 @@ impl ReplicaCore {
             self.reject(conn, RejectReason::BadEntry, msg);
             return;
         }
+        let mut head = self.s.head;
+        let mut fresh = Vec::with_capacity(records.len());
         for record in records {
-            if record.lsn <= self.s.head {
+            if record.lsn <= head {
                 continue; // a duplicate (a resent entry): already have it
             }
-            if record.lsn != self.s.head.next() && !active(Mutant::AcceptLsnGap) {
+            if record.lsn != head.next() && !active(Mutant::AcceptLsnGap) {
                 let msg = format!(
-                    "entry {} does not follow {}; refusing the gap",
-                    record.lsn, self.s.head
+                    "entry {} does not follow {head}; refusing the gap",
+                    record.lsn
                 );
                 self.reject(conn, RejectReason::Gap, msg);
                 return;
             }
+            head = record.lsn;
+            fresh.push(record);
+        }
+        for record in fresh {
             self.s.head = record.lsn;
             self.s.head_epoch = record.epoch;
             self.out.push(Action::Append { record });

@@ -2,7 +2,7 @@
 
 use bytes::{Buf, Bytes};
 
-use super::encode::frame_crc;
+use super::encode::{frame_crc, MAX_TEXT};
 use super::message::{
     Body, Frame, RejectReason, ReportedRole, WireError, ENTRIES, ENTRY_HEADER_LEN, HEADER_LEN,
     MAGIC, MAX_BODY, VERSION,
@@ -81,10 +81,16 @@ impl Reader {
         self.need(n)?;
         Ok(self.buf.split_to(n))
     }
+    /// A log message as the encoder writes one: at most [`MAX_TEXT`] bytes of UTF-8.
+    /// Anything else is refused rather than repaired, so a decoded frame re-encodes to one
+    /// that decodes to it again.
     fn text(&mut self) -> Result<String, WireError> {
         let n = self.u16()? as usize;
+        if n > MAX_TEXT {
+            return Err(self.malformed("text longer than 1024 bytes"));
+        }
         let bytes = self.bytes(n)?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.malformed("text is not UTF-8"))
     }
     /// A flag byte: 0 or 1, anything else refused as `why`.
     fn flag(&mut self, why: &'static str) -> Result<bool, WireError> {

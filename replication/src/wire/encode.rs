@@ -5,8 +5,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::message::{Body, Frame, ReportedRole, HEADER_LEN, MAGIC, VERSION};
 use blockrep_storage::{Epoch, Lsn, VolumeId, WalRecord};
 
-/// A log message on the wire holds at most this many bytes.
-const MAX_TEXT: usize = 1024;
+/// A log message on the wire holds at most this many bytes (of UTF-8).
+pub(super) const MAX_TEXT: usize = 1024;
 
 /// Payloads to send after the metadata that ends at `.0`, in wire order.
 type Payloads<'a> = Vec<(usize, &'a Bytes)>;

@@ -292,3 +292,41 @@ fn an_entry_that_carries_a_payload_its_kind_has_none_of_is_refused() {
         })
     ));
 }
+
+/// Found by the frame_decoder fuzz target: a `Reject` whose message is longer than a
+/// sender writes (or not UTF-8) decoded, then re-encoded cut to 1024 bytes (or repaired),
+/// which decodes to another frame. Such text is refused now.
+#[test]
+fn wire_text_a_sender_cannot_write_is_refused() {
+    let frame = |text: &[u8]| {
+        let mut body = BytesMut::new();
+        body.extend_from_slice(&6u16.to_le_bytes());
+        body.extend_from_slice(&(text.len() as u16).to_le_bytes());
+        body.extend_from_slice(text);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&MAGIC.to_le_bytes());
+        buf.extend_from_slice(&[VERSION, 6, 0, 0]);
+        buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&[0; 4]);
+        buf.extend_from_slice(&9u64.to_le_bytes());
+        buf.extend_from_slice(&body);
+        let crc = frame_crc(&buf[..HEADER_LEN], &buf[HEADER_LEN..]);
+        buf[12..16].copy_from_slice(&crc.to_le_bytes());
+        decode(buf.freeze())
+    };
+    let malformed = |why| {
+        Err(WireError::Malformed {
+            kind: "reject",
+            why,
+        })
+    };
+    assert_eq!(
+        frame(&[b'x'; 1025]),
+        malformed("text longer than 1024 bytes")
+    );
+    assert_eq!(frame(&[0xff, 0xfe]), malformed("text is not UTF-8"));
+    let ok = frame(&[b'x'; 1024]).expect("1024 bytes of UTF-8 decode");
+    let mut again = BytesMut::new();
+    encode(&ok, &mut again);
+    assert_eq!(decode(again.freeze()), Ok(ok));
+}

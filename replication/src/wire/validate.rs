@@ -34,6 +34,8 @@ pub enum EntryError {
     FutureEpoch { entry: Epoch, session: Epoch },
     #[error("a wrap marker is not an entry")]
     WrapMarker,
+    #[error("entry at LSN {0}, the last there is: no entry could follow it")]
+    LastLsn(u64),
 }
 
 /// `offset..offset+length` is on the block grid and inside a volume of `size` bytes.
@@ -77,8 +79,12 @@ pub fn check_payload(record: &WalRecord) -> Result<(), EntryError> {
 }
 
 /// The entry lands where a store of `size` bytes can take it (block aligned, inside the
-/// volume) and was written at no epoch above the session's.
+/// volume), was written at no epoch above the session's, and leaves an LSN after it (a
+/// store at `Lsn::MAX` could never take another entry: `Lsn::next` saturates).
 pub fn check_placement(record: &WalRecord, size: u64, session: Epoch) -> Result<(), EntryError> {
+    if record.lsn.checked_next().is_none() {
+        return Err(EntryError::LastLsn(record.lsn.0));
+    }
     if record.epoch > session {
         return Err(EntryError::FutureEpoch {
             entry: record.epoch,
@@ -171,6 +177,20 @@ mod tests {
             check_entry(&w, MIB, Epoch(1)),
             Err(EntryError::FutureEpoch { .. })
         ));
+    }
+
+    #[test]
+    fn an_entry_at_the_last_lsn_is_invalid() {
+        // Found by the replica_core fuzz target: a rebuild base at Lsn::MAX - 1, then an
+        // entry at Lsn::MAX, reached the store.
+        let mut w = write(0, 4096, 4096);
+        w.lsn = Lsn(u64::MAX);
+        assert_eq!(
+            check_entry(&w, MIB, Epoch(1)),
+            Err(EntryError::LastLsn(u64::MAX))
+        );
+        w.lsn = Lsn(u64::MAX - 1);
+        assert_eq!(check_entry(&w, MIB, Epoch(1)), Ok(()));
     }
 
     #[test]

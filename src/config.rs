@@ -41,6 +41,9 @@ pub struct ConfigFile {
     pub tls_verify_peer: Option<bool>,
     /// Accepted only to be refused with the same words as `--tls-psk`.
     pub tls_psk: Option<PathBuf>,
+    pub admin_token_file: Option<PathBuf>,
+    pub nbd_memory_budget: Option<String>,
+    pub nbd_idle_timeout: Option<u64>,
 }
 
 impl ConfigFile {
@@ -177,7 +180,24 @@ pub fn apply_serve(
     a.rebuild_rate = rate.0;
     take_opt(m, "metrics", &f.metrics, &mut a.observe.metrics)?;
     take_opt(m, "volume_name", &f.volume_name, &mut a.observe.volume_name)?;
+    apply_admin_token(m, f, &mut a.observe);
+    let mut budget = Size(a.nbd_memory_budget);
+    take(m, "nbd_memory_budget", &f.nbd_memory_budget, &mut budget)?;
+    a.nbd_memory_budget = budget.0;
+    take_opt(
+        m,
+        "nbd_idle_timeout",
+        &f.nbd_idle_timeout.map(|v| v.to_string()),
+        &mut a.nbd_idle_timeout,
+    )?;
     apply_tls(m, f, &mut a.tls)
+}
+
+/// The `admin-token-file` key (a path, taken as it is).
+fn apply_admin_token(m: &ArgMatches, f: &ConfigFile, o: &mut crate::node::ObserveArgs) {
+    if !on_command_line(m, "admin_token_file") && f.admin_token_file.is_some() {
+        o.admin_token_file.clone_from(&f.admin_token_file);
+    }
 }
 
 /// The NBD TLS keys (`tls`, `tls-certificates`, `tls-verify-peer`, `tls-psk`).
@@ -217,5 +237,6 @@ pub fn apply_replica(
     take(m, "io_engine", &f.io_engine, io_engine)?;
     take_opt(m, "metrics", &f.metrics, &mut observe.metrics)?;
     take_opt(m, "volume_name", &f.volume_name, &mut observe.volume_name)?;
+    apply_admin_token(m, f, observe);
     Ok(())
 }

@@ -173,6 +173,49 @@ fn config_file_sets_defaults_and_flags_override() {
     )
     .unwrap();
     fails_with(&["serve", "--config", &b], &["flush-interval-ms", &b]);
+
+    // The admin token and NBD bound keys reach the same checks as their flags.
+    let short = dir.join("short-token");
+    std::fs::write(&short, "too-short\n").unwrap();
+    std::fs::write(
+        &bad,
+        format!(
+            "dir = \"{}\"\nlisten = \"127.0.0.1:1\"\nadmin-token-file = \"{}\"\n",
+            store.display(),
+            short.display()
+        ),
+    )
+    .unwrap();
+    let short_name = short.display().to_string();
+    fails_with(
+        &["serve", "--config", &b],
+        &["--admin-token-file", &short_name],
+    );
+    fails_with(
+        &["replica", "--config", &b],
+        &["--admin-token-file", &short_name],
+    );
+    std::fs::write(
+        &bad,
+        format!(
+            "dir = \"{}\"\nnbd-memory-budget = \"512KiB\"\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    fails_with(
+        &["serve", "--config", &b],
+        &["--nbd-memory-budget 524288 is too small"],
+    );
+    std::fs::write(
+        &bad,
+        format!(
+            "dir = \"{}\"\nnbd-idle-timeout = \"never\"\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    fails_with(&["serve", "--config", &b], &["nbd-idle-timeout", &b]);
     std::fs::write(
         &bad,
         format!("dir = \"{}\"\ncommit = \"sometimes\"\n", store.display()),

@@ -10,6 +10,8 @@
 //! tls = "require"
 //! tls-certificates = "/etc/blockrep/tls"
 //! tls-verify-peer = true
+//! peer-tls-dir = "/etc/blockrep/peer"
+//! name = "primary"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -41,6 +43,8 @@ pub struct ConfigFile {
     pub tls_verify_peer: Option<bool>,
     /// Accepted only to be refused with the same words as `--tls-psk`.
     pub tls_psk: Option<PathBuf>,
+    pub peer_tls_dir: Option<PathBuf>,
+    pub name: Option<String>,
 }
 
 impl ConfigFile {
@@ -177,7 +181,20 @@ pub fn apply_serve(
     a.rebuild_rate = rate.0;
     take_opt(m, "metrics", &f.metrics, &mut a.observe.metrics)?;
     take_opt(m, "volume_name", &f.volume_name, &mut a.observe.volume_name)?;
-    apply_tls(m, f, &mut a.tls)
+    apply_tls(m, f, &mut a.tls)?;
+    apply_peer_tls(m, f, &mut a.peer)
+}
+
+/// The mutual TLS keys between nodes (`peer-tls-dir`, `name`).
+pub fn apply_peer_tls(
+    m: &ArgMatches,
+    f: &ConfigFile,
+    p: &mut crate::peer_tls::PeerTlsArgs,
+) -> Result<()> {
+    if !on_command_line(m, "peer_tls_dir") && f.peer_tls_dir.is_some() {
+        p.peer_tls_dir.clone_from(&f.peer_tls_dir);
+    }
+    take_opt(m, "name", &f.name, &mut p.name)
 }
 
 /// The NBD TLS keys (`tls`, `tls-certificates`, `tls-verify-peer`, `tls-psk`).

@@ -11,11 +11,14 @@ use blockrep_replication::core::primary::{PeerState, PrimaryConfig};
 use blockrep_replication::core::promotion::Facts;
 use blockrep_replication::core::{CommitMode, ReplicaId};
 use blockrep_replication::driver::promotion::{Promotion, PromotionError};
+use blockrep_replication::driver::tls::PeerTls;
 use blockrep_replication::driver::{self, primary::PrimaryHandle};
 use blockrep_storage::{CreateOptions, Epoch, IoMode, OpenOptions, Role, Store, VolumeId};
 use tokio_util::sync::CancellationToken;
 
 use crate::observe::{NodeKind, StatusSource, VolumeMetrics};
+pub use crate::peer_tls::PeerTlsArgs;
+use crate::peer_tls::{count_rejects, warn_if_exposed, UpCertificates};
 use crate::support::{human, runtime, DEFAULT_NBD};
 use crate::volume::StoreVolume;
 
@@ -176,6 +179,11 @@ pub struct ServeArgs {
     pub observe: ObserveArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub peer: PeerTlsArgs,
+    /// The `tls-certificates=` directory the banner tells clients to use (`up`'s own).
+    #[arg(skip)]
+    pub client_certificates: Option<PathBuf>,
 }
 
 pub(crate) fn parse_replica(s: &str) -> Result<(ReplicaId, String), String> {
@@ -211,12 +219,20 @@ fn open_store(
 pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
     // Bad TLS flags or files are refused before the store is touched.
     let tls = args.tls.load()?;
+    let peer = args.peer.load()?;
+    warn_if_exposed(peer.as_ref(), args.replicas.iter().map(|(_, a)| a.as_str()));
     let replicated = !args.replicas.is_empty();
     let store = open_store(dir, args.io_engine, args.flush_interval_ms, replicated)?;
     let rt = runtime()?;
     let shutdown = CancellationToken::new();
     let signals = rt.block_on(async { install_signal_handlers(shutdown.clone()) })?;
-    let result = rt.block_on(serve_primary(dir, store.clone(), args, tls, shutdown));
+    let result = rt.block_on(serve_primary(
+        dir,
+        store.clone(),
+        args,
+        (tls, peer),
+        shutdown,
+    ));
     signals.abort();
     drop(rt);
     tracing::info!("shutting down: making acknowledged writes durable");
@@ -229,7 +245,7 @@ async fn serve_primary(
     dir: &Path,
     store: Arc<Store>,
     args: &ServeArgs,
-    tls: Tls,
+    (tls, peer): (Tls, Option<PeerTls>),
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mode = args.commit.unwrap_or(if args.replicas.is_empty() {
@@ -238,7 +254,7 @@ async fn serve_primary(
         CommitMode::SyncAll
     });
     mode.validate(args.replicas.len()).map_err(|e| anyhow!(e))?;
-    let epoch = choose_epoch(dir, &store, args, mode).await?;
+    let epoch = choose_epoch(dir, &store, args, mode, peer.clone()).await?;
     let server = Server::bind(&args.nbd).await?.tls(tls);
     // Only a start that will serve begins a new epoch; it is durable before anything else.
     let epoch = store.begin_epoch(epoch)?;
@@ -248,12 +264,15 @@ async fn serve_primary(
         let lsn = store.append_epoch_start().await?;
         tracing::info!("epoch {epoch} starts at LSN {lsn}");
     }
+    let metrics = volume_metrics(&store, &args.observe)?;
+    if let Some(peer) = &peer {
+        count_rejects(peer, &metrics);
+    }
     let primary = if args.replicas.is_empty() {
         None
     } else {
-        Some(start_replication(&store, args, mode, epoch, shutdown.clone()).await?)
+        Some(start_replication(&store, args, mode, epoch, peer, shutdown.clone()).await?)
     };
-    let metrics = volume_metrics(&store, &args.observe)?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let source = Arc::new(StatusSource::new(
         store.clone(),
@@ -352,11 +371,17 @@ fn print_banner(
         }
         None => println!("  metrics and status: off (--metrics off)"),
     }
-    match (server.local_addrs().first(), args.tls.tls) {
-        (Some(ListenAddr::Tcp(a)), TlsMode::Off) => {
+    let addrs = server.local_addrs();
+    match (addrs.first(), args.tls.tls, &args.client_certificates) {
+        (Some(ListenAddr::Tcp(a)), TlsMode::Off, _) => {
             println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'")
         }
-        (Some(ListenAddr::Tcp(a)), _) => println!(
+        (Some(ListenAddr::Tcp(a)), _, Some(client)) => println!(
+            "  try: nbdinfo 'nbds://{a}/{}?tls-certificates={}'",
+            args.export,
+            client.display()
+        ),
+        (Some(ListenAddr::Tcp(a)), _, None) => println!(
             "  try: nbdinfo 'nbds://{a}/{}?tls-certificates=DIR' (DIR: the client's ca-cert.pem, \
              and client-cert.pem + client-key.pem with --tls-verify-peer)",
             args.export
@@ -372,6 +397,7 @@ async fn choose_epoch(
     store: &Store,
     args: &ServeArgs,
     mode: CommitMode,
+    tls: Option<PeerTls>,
 ) -> Result<Option<Epoch>> {
     let sb = store.superblock();
     if !(sb.role == Role::Replica && sb.epoch > Epoch(0)) {
@@ -392,6 +418,7 @@ async fn choose_epoch(
         mode,
         epoch: args.epoch.map(Epoch),
         force: args.force,
+        tls,
     };
     match promotion.run().await {
         Ok(epoch) => Ok(Some(epoch)),
@@ -410,6 +437,7 @@ async fn start_replication(
     args: &ServeArgs,
     mode: CommitMode,
     epoch: Epoch,
+    tls: Option<PeerTls>,
     shutdown: CancellationToken,
 ) -> Result<PrimaryHandle> {
     let sb = store.superblock();
@@ -425,7 +453,7 @@ async fn start_replication(
     cfg.retention_bytes = sb.wal_capacity / 2;
     cfg.rebuild_rate = args.rebuild_rate;
     let addrs: HashMap<ReplicaId, String> = args.replicas.iter().cloned().collect();
-    let handle = driver::primary::start(store.clone(), cfg, addrs, shutdown);
+    let handle = driver::primary::start_with_tls(store.clone(), cfg, addrs, tls, shutdown);
     // Give replicas a moment to answer, so a newer epoch (or a replica of another volume)
     // stops us before we serve a single request.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -474,7 +502,10 @@ pub fn replica(
     size: Option<u64>,
     io_mode: IoMode,
     observe: &ObserveArgs,
+    peer: &PeerTlsArgs,
 ) -> Result<()> {
+    let peer = peer.load()?;
+    warn_if_exposed(peer.as_ref(), [listen]);
     if !dir.exists() {
         let Some(size) = size else {
             bail!(
@@ -501,6 +532,9 @@ pub fn replica(
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let metrics = volume_metrics(&store, observe)?;
+        if let Some(peer) = &peer {
+            count_rejects(peer, &metrics);
+        }
         let (status_tx, status_rx) = tokio::sync::watch::channel(Default::default());
         let source = Arc::new(StatusSource::new(
             store.clone(),
@@ -535,7 +569,8 @@ pub fn replica(
         );
         crate::systemd::ready(&format!("replica of {} listening", sb.volume_id));
         crate::systemd::spawn_watchdog();
-        let r = driver::replica::run(store.clone(), listener, shutdown, Some(status_tx)).await;
+        let r =
+            driver::replica::serve(store.clone(), listener, shutdown, Some(status_tx), peer).await;
         crate::systemd::stopping();
         signals.abort();
         r.map_err(anyhow::Error::from)
@@ -552,12 +587,34 @@ pub fn up(
     nbd: Vec<ListenAddr>,
     replicas: usize,
     commit: CommitMode,
-    tls: TlsArgs,
+    (mut tls, pki_dir): (TlsArgs, Option<PathBuf>),
 ) -> Result<()> {
-    // Refused before anything is created, like every other bad flag.
-    let nbd_tls = tls.load()?;
+    let pki = UpCertificates::at(pki_dir.unwrap_or_else(|| dir.join("tls")));
+    // `--tls on|require` alone serves NBD with the certificate `up` makes for itself.
+    let generated = tls.tls != TlsMode::Off && tls.tls_certificates.is_none();
+    if generated {
+        tls.tls_certificates = Some(pki.server());
+    }
+    // Refused before anything is created, like every other bad flag (the generated
+    // certificates are loaded once they exist).
+    let checked = if generated && tls.tls_psk.is_none() {
+        None
+    } else {
+        Some(tls.load()?)
+    };
     // Durably: a power loss must not take the directory holding the stores away.
     blockrep_storage::create_dir_all_durable(dir).with_context(|| format!("{}", dir.display()))?;
+    let names: Vec<String> = (1..=replicas).map(|i| format!("r{i}")).collect();
+    pki.ensure(&names)?;
+    let nbd_tls = match checked {
+        Some(t) => t,
+        None => tls.load()?,
+    };
+    let primary_tls = pki.load("primary")?;
+    let replica_tls = names
+        .iter()
+        .map(|n| pki.load(n))
+        .collect::<Result<Vec<_>>>()?;
     let primary_dir = dir.join("primary");
     let volume_id = if primary_dir.exists() {
         Store::read_superblock(&primary_dir)?.volume_id
@@ -585,14 +642,15 @@ pub fn up(
     let result = rt.block_on(async {
         let signals = install_signal_handlers(shutdown.clone())?;
         let mut addrs = Vec::new();
-        for (name, s) in &replica_stores {
+        for ((name, s), peer) in replica_stores.iter().zip(replica_tls) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?.to_string();
-            tokio::spawn(driver::replica::run(
+            tokio::spawn(driver::replica::serve(
                 s.clone(),
                 listener,
                 shutdown.clone(),
                 None,
+                Some(peer),
             ));
             addrs.push((ReplicaId(name.clone()), addr));
         }
@@ -609,12 +667,14 @@ pub fn up(
             rebuild_rate: 0,
             observe: ObserveArgs::default(),
             tls,
+            peer: PeerTlsArgs::default(),
+            client_certificates: generated.then(|| pki.client()),
         };
         let r = serve_primary(
             &primary_dir,
             store.clone(),
             &args,
-            nbd_tls,
+            (nbd_tls, Some(primary_tls)),
             shutdown.clone(),
         )
         .await;

@@ -37,22 +37,27 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// would be logged again), so a flood of addresses costs a bounded amount of memory.
 pub const MAX_LOGGED_PEERS: usize = 1024;
 
-/// What is wrong with a peer TLS directory or the name given with it; each names the file.
+/// What is wrong with a peer TLS directory or the name given with it.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerTlsError {
-    #[error("{}: missing (a peer TLS directory holds {CA_CERT}, {NODE_CERT} and {NODE_KEY}, as `blockrep certs issue CA --node NAME --out DIR` writes them)", .0.display())]
-    Missing(PathBuf),
-    #[error("{}: cannot read it: {source}", path.display())]
-    Unreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: {why}", path.display())]
-    Invalid { path: PathBuf, why: String },
+    /// One of the directory's files, named.
+    #[error("{}: {problem}", path.display())]
+    File { path: PathBuf, problem: FileProblem },
     #[error("{name:?} is not a usable node name: {why}")]
     BadName { name: String, why: String },
     #[error("{}: this certificate is not valid for the node name {name:?} (--name must be the NAME it was issued for with `blockrep certs issue CA --node NAME`)", path.display())]
     NotForName { path: PathBuf, name: String },
+}
+
+/// What is wrong with one file of a peer TLS directory.
+#[derive(Debug, thiserror::Error)]
+pub enum FileProblem {
+    #[error("missing (a peer TLS directory holds {CA_CERT}, {NODE_CERT} and {NODE_KEY}, as `blockrep certs issue CA --node NAME --out DIR` writes them)")]
+    Missing,
+    #[error("cannot read it: {0}")]
+    Unreadable(std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Why a peer was refused before any of its frames was read.
@@ -447,31 +452,31 @@ fn check_name(
 }
 
 fn invalid(path: &Path, e: impl std::fmt::Display) -> PeerTlsError {
-    PeerTlsError::Invalid {
-        path: path.to_path_buf(),
-        why: e.to_string(),
-    }
+    file_error(path, FileProblem::Invalid(e.to_string()))
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, PeerTlsError> {
-    std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => PeerTlsError::Missing(path.to_path_buf()),
-        _ => PeerTlsError::Unreadable {
-            path: path.to_path_buf(),
-            source,
-        },
-    })
+fn file_error(path: &Path, problem: FileProblem) -> PeerTlsError {
+    let path = path.to_path_buf();
+    PeerTlsError::File { path, problem }
+}
+
+/// Every PEM item of type `T` (`what`, for messages) in `path`; at least one.
+fn pem_items<T: PemObject>(path: &Path, what: &str) -> Result<Vec<T>, PeerTlsError> {
+    let text = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => file_error(path, FileProblem::Missing),
+        _ => file_error(path, FileProblem::Unreadable(e)),
+    })?;
+    let items: Vec<T> = T::pem_slice_iter(&text)
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid(path, format!("not PEM ({what}): {e}")))?;
+    match items.is_empty() {
+        true => Err(invalid(path, format!("no PEM {what} in it"))),
+        false => Ok(items),
+    }
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, PeerTlsError> {
-    let pem = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(path, format!("not a PEM certificate file: {e}")))?;
-    if certs.is_empty() {
-        return Err(invalid(path, "no PEM certificate in it"));
-    }
-    Ok(certs)
+    pem_items(path, "certificate")
 }
 
 fn roots(path: &Path) -> Result<RootCertStore, PeerTlsError> {
@@ -484,12 +489,10 @@ fn roots(path: &Path) -> Result<RootCertStore, PeerTlsError> {
     Ok(roots)
 }
 
+/// The first private key in `path` (PKCS#8, PKCS#1 or SEC1).
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, PeerTlsError> {
-    let pem = read(path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => invalid(path, "no PEM private key in it"),
-        e => invalid(path, format!("not a PEM private key: {e}")),
-    })
+    let mut keys = pem_items::<PrivateKeyDer<'static>>(path, "private key")?;
+    Ok(keys.swap_remove(0))
 }
 
 #[cfg(test)]

@@ -64,17 +64,23 @@ fn a_certificate_that_does_not_carry_the_name_is_refused_at_load() {
     std::fs::write(tmp.path().join(CA_CERT), Ca::new("other").pem).unwrap();
     assert!(matches!(
         PeerTls::load(tmp.path(), "r1"),
-        Err(PeerTlsError::Invalid { .. })
+        Err(PeerTlsError::File {
+            problem: FileProblem::Invalid(_),
+            ..
+        })
     ));
     std::fs::write(tmp.path().join(NODE_KEY), "not pem").unwrap();
     assert!(matches!(
         PeerTls::load(tmp.path(), "r1"),
-        Err(PeerTlsError::Invalid { .. })
+        Err(PeerTlsError::File {
+            problem: FileProblem::Invalid(_),
+            ..
+        })
     ));
     std::fs::remove_file(tmp.path().join(NODE_CERT)).unwrap();
     assert!(matches!(
         PeerTls::load(tmp.path(), "r1"),
-        Err(PeerTlsError::Missing(p)) if p.ends_with(NODE_CERT)
+        Err(PeerTlsError::File { path, problem: FileProblem::Missing }) if path.ends_with(NODE_CERT)
     ));
 }
 

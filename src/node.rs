@@ -605,16 +605,7 @@ pub fn up(
     // Durably: a power loss must not take the directory holding the stores away.
     blockrep_storage::create_dir_all_durable(dir).with_context(|| format!("{}", dir.display()))?;
     let names: Vec<String> = (1..=replicas).map(|i| format!("r{i}")).collect();
-    pki.ensure(&names)?;
-    let nbd_tls = match checked {
-        Some(t) => t,
-        None => tls.load()?,
-    };
-    let primary_tls = pki.load("primary")?;
-    let replica_tls = names
-        .iter()
-        .map(|n| pki.load(n))
-        .collect::<Result<Vec<_>>>()?;
+    let (nbd_tls, primary_tls, replica_tls) = up_certificates(&pki, &names, &tls, checked)?;
     let primary_dir = dir.join("primary");
     let volume_id = if primary_dir.exists() {
         Store::read_superblock(&primary_dir)?.volume_id
@@ -689,6 +680,26 @@ pub fn up(
         s.close().context("closing a replica store")?;
     }
     result
+}
+
+/// Makes (or finds) `up`'s certificates, and loads NBD's TLS (unless `checked` already is)
+/// and each node's peer TLS from them: the primary's, then each of `replicas`.
+fn up_certificates(
+    pki: &UpCertificates,
+    replicas: &[String],
+    tls: &TlsArgs,
+    checked: Option<Tls>,
+) -> Result<(Tls, PeerTls, Vec<PeerTls>)> {
+    pki.ensure(replicas)?;
+    let nbd = match checked {
+        Some(t) => t,
+        None => tls.load()?,
+    };
+    let peers = replicas
+        .iter()
+        .map(|n| pki.load(n))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((nbd, pki.load("primary")?, peers))
 }
 
 fn create(dir: &Path, size: u64, volume_id: Option<VolumeId>) -> Result<VolumeId> {

@@ -504,9 +504,45 @@ fn a_node_whose_certificate_lacks_its_name_or_a_file_refuses_to_start() {
     assert!(err.contains("not valid for the node name \"r2\""), "{err}");
     let err = start(vec!["--peer-tls-dir".into(), certs.clone().into()]);
     assert!(err.contains("needs --name"), "{err}");
+    // The same keys in a config file.
+    let config = t.join("replica.toml");
+    let body = format!(
+        "peer-tls-dir = {:?}\nname = \"r3\"\n",
+        certs.display().to_string()
+    );
+    std::fs::write(&config, body).expect("config file");
+    let err = start(vec!["--config".into(), config.into()]);
+    assert!(err.contains("not valid for the node name \"r3\""), "{err}");
     std::fs::remove_file(certs.join("node-key.pem")).expect("remove the key");
     let err = start(tls_args(&certs, "r1"));
     assert!(err.contains("node-key.pem: missing"), "{err}");
+}
+
+#[test]
+fn plaintext_replication_off_loopback_is_warned_about_at_start() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let store = create(tmp.path(), "r");
+    let port = free_port();
+    let args: Vec<OsString> = vec![
+        "replica".into(),
+        store.clone().into(),
+        "--listen".into(),
+        format!("0.0.0.0:{port}").into(),
+        "--metrics".into(),
+        "off".into(),
+    ];
+    let mut r = Node::builder("r", &store, port, args)
+        .ready(Ready::Line("listening on"))
+        .try_start()
+        .unwrap_or_else(|e| panic!("{e}"));
+    r.wait_log(0, &["replication is unauthenticated", "0.0.0.0"], 30);
+    r.stop_ok();
+    // On loopback, as the other tests run, it says nothing.
+    let mut quiet = replica("r", &store, Vec::new());
+    quiet.stop_ok();
+    assert!(!quiet
+        .log()
+        .contains(&format!("unauthenticated (no --peer-tls-dir) on 127")));
 }
 
 #[test]

@@ -542,7 +542,7 @@ fn plaintext_replication_off_loopback_is_warned_about_at_start() {
     quiet.stop_ok();
     assert!(!quiet
         .log()
-        .contains(&format!("unauthenticated (no --peer-tls-dir) on 127")));
+        .contains("unauthenticated (no --peer-tls-dir) on 127"));
 }
 
 #[test]

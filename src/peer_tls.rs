@@ -118,7 +118,8 @@ impl UpCertificates {
         let ca = self.root.join("ca");
         if !certs::has_ca(&ca) {
             certs::init_ca(&ca, false)?;
-            println!("created a CA for this cluster's TLS in {}", ca.display());
+            // Logged, not printed: stdout's first line stays the volume's creation.
+            tracing::info!("created a CA for this cluster's TLS in {}", ca.display());
         }
         let mut wanted: Vec<(Kind, String, PathBuf)> = std::iter::once("primary".to_owned())
             .chain(replicas.iter().cloned())

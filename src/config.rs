@@ -10,6 +10,8 @@
 //! tls = "require"
 //! tls-certificates = "/etc/blockrep/tls"
 //! tls-verify-peer = true
+//! peer-tls-dir = "/etc/blockrep/peer"
+//! name = "primary"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -44,6 +46,8 @@ pub struct ConfigFile {
     pub admin_token_file: Option<PathBuf>,
     pub nbd_memory_budget: Option<String>,
     pub nbd_idle_timeout: Option<u64>,
+    pub peer_tls_dir: Option<PathBuf>,
+    pub name: Option<String>,
 }
 
 impl ConfigFile {
@@ -190,7 +194,20 @@ pub fn apply_serve(
         &f.nbd_idle_timeout.map(|v| v.to_string()),
         &mut a.nbd_idle_timeout,
     )?;
-    apply_tls(m, f, &mut a.tls)
+    apply_tls(m, f, &mut a.tls)?;
+    apply_peer_tls(m, f, &mut a.peer)
+}
+
+/// The mutual TLS keys between nodes (`peer-tls-dir`, `name`).
+pub fn apply_peer_tls(
+    m: &ArgMatches,
+    f: &ConfigFile,
+    p: &mut crate::peer_tls::PeerTlsArgs,
+) -> Result<()> {
+    if !on_command_line(m, "peer_tls_dir") && f.peer_tls_dir.is_some() {
+        p.peer_tls_dir.clone_from(&f.peer_tls_dir);
+    }
+    take_opt(m, "name", &f.name, &mut p.name)
 }
 
 /// The `admin-token-file` key (a path, taken as it is).

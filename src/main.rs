@@ -7,6 +7,7 @@ mod exposure;
 mod node;
 mod observe;
 mod offline;
+mod peer_tls;
 mod status;
 mod support;
 mod systemd;
@@ -78,6 +79,8 @@ enum Command {
         io_engine: IoMode,
         #[command(flatten)]
         observe: node::ObserveArgs,
+        #[command(flatten)]
+        peer: node::PeerTlsArgs,
     },
     /// Show a running node's state: LSNs, WAL, and each replica's state, lag and rebuild
     /// progress (read from its admin endpoint).
@@ -134,6 +137,10 @@ enum Command {
         commit: CommitMode,
         #[command(flatten)]
         tls: node::TlsArgs,
+        /// Where `up` keeps the CA and certificates it makes for its nodes' mutual TLS and
+        /// for NBD's (default: DIR/tls); existing ones are reused.
+        #[arg(long, value_name = "DIR")]
+        peer_tls_dir: Option<PathBuf>,
     },
     /// Make the certificates TLS needs: a CA (`init`), then node, server and client
     /// certificates signed by it (`issue`).
@@ -213,6 +220,7 @@ fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
             mut size,
             mut io_engine,
             mut observe,
+            mut peer,
         } => {
             if let Some(path) = &config {
                 let file = config::ConfigFile::load(path)?;
@@ -225,11 +233,12 @@ fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
                     &mut io_engine,
                     &mut observe,
                 )?;
+                config::apply_peer_tls(&sub("replica"), &file, &mut peer)?;
             }
             let dir = dir.context("no store: give DIR, or `dir` in the config file")?;
             let listen =
                 listen.context("no --listen address (flag or `listen` in the config file)")?;
-            node::replica(&dir, &listen, size, io_engine, &observe)
+            node::replica(&dir, &listen, size, io_engine, &observe, &peer)
         }
         Command::Status { admin, json, watch } => status::show(&admin, json, watch),
         Command::SetAddress {
@@ -244,7 +253,8 @@ fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
             replicas,
             commit,
             tls,
-        } => node::up(&dir, size, nbd, replicas, commit, tls),
+            peer_tls_dir,
+        } => node::up(&dir, size, nbd, replicas, commit, (tls, peer_tls_dir)),
         Command::Inspect { dir, json } => offline::inspect(&dir, json),
         Command::Export {
             dir,

@@ -11,12 +11,15 @@ use blockrep_replication::core::primary::{PeerState, PrimaryConfig};
 use blockrep_replication::core::promotion::Facts;
 use blockrep_replication::core::{CommitMode, ReplicaId};
 use blockrep_replication::driver::promotion::{Promotion, PromotionError};
+use blockrep_replication::driver::tls::PeerTls;
 use blockrep_replication::driver::{self, primary::PrimaryHandle};
 use blockrep_storage::{CreateOptions, Epoch, IoMode, OpenOptions, Role, Store, VolumeId};
 use tokio_util::sync::CancellationToken;
 
 use crate::exposure::{warn_exposed, Port};
 use crate::observe::{NodeKind, StatusSource, VolumeMetrics};
+pub use crate::peer_tls::PeerTlsArgs;
+use crate::peer_tls::{count_rejects, UpCertificates};
 use crate::status::AdminToken;
 use crate::support::{human, runtime, DEFAULT_NBD};
 use crate::volume::StoreVolume;
@@ -192,6 +195,11 @@ pub struct ServeArgs {
     pub observe: ObserveArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub peer: PeerTlsArgs,
+    /// The `tls-certificates=` directory the banner tells clients to use (`up`'s own).
+    #[arg(skip)]
+    pub client_certificates: Option<PathBuf>,
     /// At most this much NBD request payload and reply data in memory across all clients
     /// (each client also keeps to 64 MiB of its own); a client past it waits (TCP
     /// back-pressure), it gets no error.
@@ -262,6 +270,7 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
     let tls = args.tls.load()?;
     let token = args.observe.admin_token()?;
     args.check_nbd_bounds()?;
+    let peer = args.peer.load()?;
     let replicated = !args.replicas.is_empty();
     let store = open_store(dir, args.io_engine, args.flush_interval_ms, replicated)?;
     let rt = runtime()?;
@@ -271,7 +280,7 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
         dir,
         store.clone(),
         args,
-        (tls, token),
+        (tls, token, peer),
         shutdown,
     ));
     signals.abort();
@@ -281,23 +290,23 @@ pub fn serve(dir: &Path, args: &ServeArgs) -> Result<()> {
     result
 }
 
-/// Everything a primary does once its store is open, until `shutdown`. `protection` is the
-/// NBD TLS and the admin token, both loaded before the store was opened.
+/// Everything a primary does once its store is open, until `shutdown`. The NBD TLS, the
+/// admin token and the peers' TLS were all loaded before the store was opened.
 async fn serve_primary(
     dir: &Path,
     store: Arc<Store>,
     args: &ServeArgs,
-    protection: (Tls, Option<AdminToken>),
+    (tls, token, peer): (Tls, Option<AdminToken>, Option<PeerTls>),
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let (tls, token) = protection;
+    let peer_tls = peer.is_some();
     let mode = args.commit.unwrap_or(if args.replicas.is_empty() {
         CommitMode::BestEffort
     } else {
         CommitMode::SyncAll
     });
     mode.validate(args.replicas.len()).map_err(|e| anyhow!(e))?;
-    let epoch = choose_epoch(dir, &store, args, mode).await?;
+    let epoch = choose_epoch(dir, &store, args, mode, peer.clone()).await?;
     let server = args.bound(Server::bind(&args.nbd).await?.tls(tls));
     // Only a start that will serve begins a new epoch; it is durable before anything else.
     let epoch = store.begin_epoch(epoch)?;
@@ -307,12 +316,15 @@ async fn serve_primary(
         let lsn = store.append_epoch_start().await?;
         tracing::info!("epoch {epoch} starts at LSN {lsn}");
     }
+    let metrics = volume_metrics(&store, &args.observe)?;
+    if let Some(peer) = &peer {
+        count_rejects(peer, &metrics);
+    }
     let primary = if args.replicas.is_empty() {
         None
     } else {
-        Some(start_replication(&store, args, mode, epoch, shutdown.clone()).await?)
+        Some(start_replication(&store, args, mode, epoch, peer, shutdown.clone()).await?)
     };
-    let metrics = volume_metrics(&store, &args.observe)?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let source = Arc::new(StatusSource::new(
         store.clone(),
@@ -337,7 +349,7 @@ async fn serve_primary(
         shutdown.clone(),
     )
     .await?;
-    warn_primary_exposure(&server, args, admin_addr, token.is_some());
+    warn_primary_exposure(&server, args, admin_addr, (token.is_some(), peer_tls));
     print_banner(dir, &store, args, mode, epoch, &server, admin_addr);
     let mut exports = Exports::new();
     exports.add(
@@ -374,7 +386,7 @@ fn warn_primary_exposure(
     server: &Server,
     args: &ServeArgs,
     admin: Option<std::net::SocketAddr>,
-    token: bool,
+    (token, peer_tls): (bool, bool),
 ) {
     let nbd: Vec<String> = server.local_addrs().iter().map(listen_addr_text).collect();
     warn_exposed(
@@ -386,8 +398,6 @@ fn warn_primary_exposure(
     if let Some(a) = admin {
         warn_exposed(Port::Admin { token }, &[a.to_string()]);
     }
-    // Replication has no TLS yet (`--peer-tls-dir` wires it here).
-    let peer_tls = false;
     for (id, addr) in &args.replicas {
         let port = Port::ReplicaPeer {
             name: &id.0,
@@ -449,11 +459,17 @@ fn print_banner(
         }
         None => println!("  metrics and status: off (--metrics off)"),
     }
-    match (server.local_addrs().first(), args.tls.tls) {
-        (Some(ListenAddr::Tcp(a)), TlsMode::Off) => {
+    let addrs = server.local_addrs();
+    match (addrs.first(), args.tls.tls, &args.client_certificates) {
+        (Some(ListenAddr::Tcp(a)), TlsMode::Off, _) => {
             println!("  try: nbdinfo nbd://{a}   or   qemu-io -f raw nbd://{a} -c 'read 0 4k'")
         }
-        (Some(ListenAddr::Tcp(a)), _) => println!(
+        (Some(ListenAddr::Tcp(a)), _, Some(client)) => println!(
+            "  try: nbdinfo 'nbds://{a}/{}?tls-certificates={}'",
+            args.export,
+            client.display()
+        ),
+        (Some(ListenAddr::Tcp(a)), _, None) => println!(
             "  try: nbdinfo 'nbds://{a}/{}?tls-certificates=DIR' (DIR: the client's ca-cert.pem, \
              and client-cert.pem + client-key.pem with --tls-verify-peer)",
             args.export
@@ -469,6 +485,7 @@ async fn choose_epoch(
     store: &Store,
     args: &ServeArgs,
     mode: CommitMode,
+    tls: Option<PeerTls>,
 ) -> Result<Option<Epoch>> {
     let sb = store.superblock();
     if !(sb.role == Role::Replica && sb.epoch > Epoch(0)) {
@@ -489,6 +506,7 @@ async fn choose_epoch(
         mode,
         epoch: args.epoch.map(Epoch),
         force: args.force,
+        tls,
     };
     match promotion.run().await {
         Ok(epoch) => Ok(Some(epoch)),
@@ -507,6 +525,7 @@ async fn start_replication(
     args: &ServeArgs,
     mode: CommitMode,
     epoch: Epoch,
+    tls: Option<PeerTls>,
     shutdown: CancellationToken,
 ) -> Result<PrimaryHandle> {
     let sb = store.superblock();
@@ -522,7 +541,7 @@ async fn start_replication(
     cfg.retention_bytes = sb.wal_capacity / 2;
     cfg.rebuild_rate = args.rebuild_rate;
     let addrs: HashMap<ReplicaId, String> = args.replicas.iter().cloned().collect();
-    let handle = driver::primary::start(store.clone(), cfg, addrs, shutdown);
+    let handle = driver::primary::start_with_tls(store.clone(), cfg, addrs, tls, shutdown);
     // Give replicas a moment to answer, so a newer epoch (or a replica of another volume)
     // stops us before we serve a single request.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -571,8 +590,10 @@ pub fn replica(
     size: Option<u64>,
     io_mode: IoMode,
     observe: &ObserveArgs,
+    peer: &PeerTlsArgs,
 ) -> Result<()> {
     let token = observe.admin_token()?;
+    let peer = peer.load()?;
     if !dir.exists() {
         let Some(size) = size else {
             bail!(
@@ -599,6 +620,9 @@ pub fn replica(
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let metrics = volume_metrics(&store, observe)?;
+        if let Some(peer) = &peer {
+            count_rejects(peer, &metrics);
+        }
         let (status_tx, status_rx) = tokio::sync::watch::channel(Default::default());
         let source = Arc::new(StatusSource::new(
             store.clone(),
@@ -620,8 +644,7 @@ pub fn replica(
         )
         .await?;
         let listen_addr = listener.local_addr().map(|a| a.to_string());
-        // Replication has no TLS yet (`--peer-tls-dir` wires it here).
-        let peer_tls = false;
+        let peer_tls = peer.is_some();
         warn_exposed(Port::Replication { peer_tls }, &[listen.to_string()]);
         if let Some(a) = admin_addr {
             let token = token.is_some();
@@ -639,7 +662,8 @@ pub fn replica(
         );
         crate::systemd::ready(&format!("replica of {} listening", sb.volume_id));
         crate::systemd::spawn_watchdog();
-        let r = driver::replica::run(store.clone(), listener, shutdown, Some(status_tx)).await;
+        let r =
+            driver::replica::serve(store.clone(), listener, shutdown, Some(status_tx), peer).await;
         crate::systemd::stopping();
         signals.abort();
         r.map_err(anyhow::Error::from)
@@ -656,12 +680,25 @@ pub fn up(
     nbd: Vec<ListenAddr>,
     replicas: usize,
     commit: CommitMode,
-    tls: TlsArgs,
+    (mut tls, pki_dir): (TlsArgs, Option<PathBuf>),
 ) -> Result<()> {
-    // Refused before anything is created, like every other bad flag.
-    let nbd_tls = tls.load()?;
+    let pki = UpCertificates::at(pki_dir.unwrap_or_else(|| dir.join("tls")));
+    // `--tls on|require` alone serves NBD with the certificate `up` makes for itself.
+    let generated = tls.tls != TlsMode::Off && tls.tls_certificates.is_none();
+    if generated {
+        tls.tls_certificates = Some(pki.server());
+    }
+    // Refused before anything is created, like every other bad flag (the generated
+    // certificates are loaded once they exist).
+    let checked = if generated && tls.tls_psk.is_none() {
+        None
+    } else {
+        Some(tls.load()?)
+    };
     // Durably: a power loss must not take the directory holding the stores away.
     blockrep_storage::create_dir_all_durable(dir).with_context(|| format!("{}", dir.display()))?;
+    let names: Vec<String> = (1..=replicas).map(|i| format!("r{i}")).collect();
+    let (nbd_tls, primary_tls, replica_tls) = up_certificates(&pki, &names, &tls, checked)?;
     let primary_dir = dir.join("primary");
     let volume_id = if primary_dir.exists() {
         Store::read_superblock(&primary_dir)?.volume_id
@@ -689,17 +726,17 @@ pub fn up(
     let result = rt.block_on(async {
         let signals = install_signal_handlers(shutdown.clone())?;
         let mut addrs = Vec::new();
-        for (name, s) in &replica_stores {
+        for ((name, s), peer) in replica_stores.iter().zip(replica_tls) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?.to_string();
-            // Replication has no TLS yet (`--peer-tls-dir` wires it here).
-            let peer_tls = false;
+            let peer_tls = true;
             warn_exposed(Port::Replication { peer_tls }, std::slice::from_ref(&addr));
-            tokio::spawn(driver::replica::run(
+            tokio::spawn(driver::replica::serve(
                 s.clone(),
                 listener,
                 shutdown.clone(),
                 None,
+                Some(peer),
             ));
             addrs.push((ReplicaId(name.clone()), addr));
         }
@@ -718,12 +755,14 @@ pub fn up(
             tls,
             nbd_memory_budget: blockrep_frontend::DEFAULT_MEMORY_BUDGET,
             nbd_idle_timeout: None,
+            peer: PeerTlsArgs::default(),
+            client_certificates: generated.then(|| pki.client()),
         };
         let r = serve_primary(
             &primary_dir,
             store.clone(),
             &args,
-            (nbd_tls, None),
+            (nbd_tls, None, Some(primary_tls)),
             shutdown.clone(),
         )
         .await;
@@ -738,6 +777,26 @@ pub fn up(
         s.close().context("closing a replica store")?;
     }
     result
+}
+
+/// Makes (or finds) `up`'s certificates, and loads NBD's TLS (unless `checked` already is)
+/// and each node's peer TLS from them: the primary's, then each of `replicas`.
+fn up_certificates(
+    pki: &UpCertificates,
+    replicas: &[String],
+    tls: &TlsArgs,
+    checked: Option<Tls>,
+) -> Result<(Tls, PeerTls, Vec<PeerTls>)> {
+    pki.ensure(replicas)?;
+    let nbd = match checked {
+        Some(t) => t,
+        None => tls.load()?,
+    };
+    let peers = replicas
+        .iter()
+        .map(|n| pki.load(n))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((nbd, pki.load("primary")?, peers))
 }
 
 fn create(dir: &Path, size: u64, volume_id: Option<VolumeId>) -> Result<VolumeId> {

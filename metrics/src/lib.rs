@@ -52,6 +52,8 @@ pub struct Metrics {
     pub epoch: IntGaugeVec,
     pub role: IntGaugeVec,
     pub fenced: IntGaugeVec,
+    /// Replication peers refused by mutual TLS before any frame was read, by reason.
+    pub peer_rejects: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -224,6 +226,13 @@ impl Metrics {
             fenced: reg!(IntGaugeVec::new(
                 opts("fenced", "1 once a newer primary has fenced this one."),
                 v
+            )?),
+            peer_rejects: reg!(IntCounterVec::new(
+                opts(
+                    "peer_rejects_total",
+                    "Replication peers refused by mutual TLS (before any frame), by reason."
+                ),
+                &["volume", "reason"]
             )?),
             registry,
         })

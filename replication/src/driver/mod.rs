@@ -6,6 +6,7 @@
 pub mod primary;
 pub mod promotion;
 pub mod replica;
+pub mod tls;
 
 use std::time::Duration;
 

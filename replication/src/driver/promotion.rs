@@ -5,7 +5,9 @@
 
 use blockrep_storage::{Epoch, VolumeId};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::tls::{dial, DialError, DialRefused, PeerStream, PeerTls};
 use super::{CodecError, FrameCodec, CONNECT_TIMEOUT};
 use crate::core::promotion::{self, Facts};
 use crate::core::{CommitMode, ReplicaId};
@@ -27,6 +29,8 @@ pub enum ProbeError {
     Closed { addr: String },
     #[error("{addr}: no answer")]
     NoAnswer { addr: String },
+    #[error("{addr}: {source}")]
+    Refused { addr: String, source: DialRefused },
 }
 
 /// Asks the store behind `addr` what it holds (used before a promotion). With `fence`, the
@@ -37,15 +41,49 @@ pub async fn probe(
     epoch: Epoch,
     fence: Option<VolumeId>,
 ) -> Result<(Epoch, Body), ProbeError> {
+    probe_member(None, "", addr, epoch, fence).await
+}
+
+/// [`probe`], over mutual TLS when `tls` is given: the member at `addr` must then present
+/// the certificate of `name`.
+pub async fn probe_member(
+    tls: Option<&PeerTls>,
+    name: &str,
+    addr: &str,
+    epoch: Epoch,
+    fence: Option<VolumeId>,
+) -> Result<(Epoch, Body), ProbeError> {
     let addr_owned = || addr.to_string();
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| ProbeError::ConnectTimeout { addr: addr_owned() })?
-        .map_err(|source| ProbeError::Connect {
+    match dial(tls, name, addr, CONNECT_TIMEOUT).await {
+        Ok(PeerStream::Plain(s)) => {
+            let (r, w) = s.into_split();
+            ask(r, w, addr, epoch, fence).await
+        }
+        Ok(PeerStream::Tls(s)) => {
+            let (r, w) = tokio::io::split(*s);
+            ask(r, w, addr, epoch, fence).await
+        }
+        Err(DialError::Timeout) => Err(ProbeError::ConnectTimeout { addr: addr_owned() }),
+        Err(DialError::Connect(source)) => Err(ProbeError::Connect {
             addr: addr_owned(),
             source,
-        })?;
-    let (r, w) = stream.into_split();
+        }),
+        Err(DialError::Refused(source)) => Err(ProbeError::Refused {
+            addr: addr_owned(),
+            source,
+        }),
+    }
+}
+
+/// Sends the probe and reads its answer.
+async fn ask(
+    r: impl AsyncRead + Unpin,
+    w: impl AsyncWrite + Unpin,
+    addr: &str,
+    epoch: Epoch,
+    fence: Option<VolumeId>,
+) -> Result<(Epoch, Body), ProbeError> {
+    let addr_owned = || addr.to_string();
     let mut sink = tokio_util::codec::FramedWrite::new(w, FrameCodec);
     sink.send(Frame {
         epoch,
@@ -93,6 +131,8 @@ pub struct Promotion {
     pub epoch: Option<Epoch>,
     /// Promote even if the rule refuses (logged loudly).
     pub force: bool,
+    /// Probe the members over mutual TLS (each must present its name's certificate).
+    pub tls: Option<PeerTls>,
 }
 
 impl Promotion {
@@ -122,7 +162,7 @@ impl Promotion {
     async fn probe_members(&self, epoch: Epoch, fence: Option<VolumeId>) -> Vec<Facts> {
         let mut members = Vec::new();
         for (id, addr) in &self.replicas {
-            match probe(addr, epoch, fence).await {
+            match probe_member(self.tls.as_ref(), &id.0, addr, epoch, fence).await {
                 Ok((
                     epoch,
                     Body::ProbeReply {

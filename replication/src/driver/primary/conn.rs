@@ -1,17 +1,19 @@
-//! One replica's connection: dialing it, reading its frames into the driver's inputs, and
-//! the queue of frames waiting to be written to it.
+//! One replica's connection: dialing it (over mutual TLS when the node has peer TLS),
+//! reading its frames into the driver's inputs, and the queue of frames waiting to be
+//! written to it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
 use super::{Conn, Driver, Input};
 use crate::core::primary::Event;
 use crate::core::{ReplicaId, SessionId};
+use crate::driver::tls::{dial, DialError, PeerStream, PeerTls};
 use crate::driver::{millis, FrameCodec, CONNECT_TIMEOUT};
 use crate::wire::Frame;
 
@@ -57,7 +59,8 @@ impl Driver {
         };
         let (tx, rx) = mpsc::unbounded_channel::<Frame>();
         let queued = Arc::new(AtomicU64::new(0));
-        let reader = tokio::spawn(run_session(addr, rx, queued.clone(), report));
+        let tls = self.tls.clone();
+        let reader = tokio::spawn(run_session(addr, tls, rx, queued.clone(), report));
         self.conns.insert(
             replica,
             Conn {
@@ -77,20 +80,40 @@ impl Driver {
     }
 }
 
-/// Dials `addr`, starts the writer on `rx`, and reads frames until the connection ends.
+/// Dials `addr` (over TLS when the node has peer TLS, expecting the replica to present its
+/// name), then runs the session over whichever stream that gave.
 async fn run_session(
     addr: String,
+    tls: Option<PeerTls>,
     rx: mpsc::UnboundedReceiver<Frame>,
     queued: Arc<AtomicU64>,
     report: Reporter,
 ) {
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return report.gone(format!("cannot connect to {addr}: {e}")),
-        Err(_) => return report.gone(format!("connecting to {addr} timed out")),
-    };
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+    let name = report.replica.0.clone();
+    match dial(tls.as_ref(), &name, &addr, CONNECT_TIMEOUT).await {
+        Ok(PeerStream::Plain(stream)) => {
+            let (rd, wr) = stream.into_split();
+            exchange(rd, wr, rx, queued, report).await
+        }
+        Ok(PeerStream::Tls(stream)) => {
+            let (rd, wr) = tokio::io::split(*stream);
+            exchange(rd, wr, rx, queued, report).await
+        }
+        Err(DialError::Timeout) => report.gone(format!("connecting to {addr} timed out")),
+        Err(DialError::Connect(e)) => report.gone(format!("cannot connect to {addr}: {e}")),
+        // Counted and logged (once) by the TLS layer; the core sees a plain disconnection.
+        Err(DialError::Refused(e)) => report.gone(format!("{addr}: {e}")),
+    }
+}
+
+/// Starts the writer on `rx`, and reads frames until the connection ends.
+async fn exchange(
+    rd: impl AsyncRead + Unpin,
+    wr: impl AsyncWrite + Unpin + Send + 'static,
+    rx: mpsc::UnboundedReceiver<Frame>,
+    queued: Arc<AtomicU64>,
+    report: Reporter,
+) {
     tokio::spawn(crate::driver::write_frames(wr, rx, move |sent| {
         queued.fetch_sub(sent, Ordering::Relaxed);
     }));

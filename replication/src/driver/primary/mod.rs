@@ -153,6 +153,18 @@ pub fn start(
     addrs: HashMap<ReplicaId, String>,
     shutdown: CancellationToken,
 ) -> PrimaryHandle {
+    start_with_tls(store, cfg, addrs, None, shutdown)
+}
+
+/// Like [`start`]; with `tls`, every replica is dialed over mutual TLS and must present
+/// the certificate of its name.
+pub fn start_with_tls(
+    store: Arc<Store>,
+    cfg: PrimaryConfig,
+    addrs: HashMap<ReplicaId, String>,
+    tls: Option<crate::driver::tls::PeerTls>,
+    shutdown: CancellationToken,
+) -> PrimaryHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let fenced = Arc::new(AtomicU64::new(0));
     let status = Arc::new(Mutex::new(PrimaryStatus::default()));
@@ -191,6 +203,7 @@ pub fn start(
         start,
         last_logged: HashMap::new(),
         appended_at: AppendTimes::default(),
+        tls,
     };
     tokio::spawn(driver.run(rx, shutdown));
     handle
@@ -217,6 +230,8 @@ struct Driver {
     start: tokio::time::Instant,
     last_logged: HashMap<ReplicaId, String>,
     appended_at: AppendTimes,
+    /// Mutual TLS to the replicas, when the node has it.
+    tls: Option<crate::driver::tls::PeerTls>,
 }
 
 impl Driver {

@@ -1,16 +1,21 @@
-//! One replication connection on the replica's side: its reader (bounded intake, handshake
-//! timeout) and its writer (bounded outbound queue), and what they tell the event loop.
+//! One replication connection on the replica's side: its admission (the TLS handshake, when
+//! the node has peer TLS), its reader (bounded intake, handshake timeout) and its writer
+//! (bounded outbound queue), and what they tell the event loop.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use super::port::Admitted;
 use crate::core::replica::{ConnId, Event};
+use crate::driver::tls::PeerTls;
 use crate::driver::{CodecError, FrameCodec};
 use crate::wire::Frame;
 
@@ -26,7 +31,8 @@ pub(super) const MAX_INTAKE_BYTES: u64 = 64 << 20;
 pub const MAX_OUTBOUND_BYTES: u64 = 4 << 20;
 
 /// A connection whose first frame has not arrived this long after it was accepted is
-/// closed: an honest primary or prober sends its `Hello` or `Probe` at once.
+/// closed: an honest primary or prober sends its `Hello` or `Probe` at once. With peer TLS
+/// the handshake counts within it.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a connection's writer may go on delivering after its reader has ended.
@@ -80,16 +86,41 @@ impl Outbound {
     }
 }
 
+/// Serves an admitted connection: at once in plaintext, or (without blocking the caller)
+/// after a TLS handshake that must finish, with the first frame after it, within
+/// [`HANDSHAKE_TIMEOUT`] of the accept. A peer the handshake refuses is dropped before
+/// anything it sent is read as a frame, and the event loop never hears of it.
+pub(super) fn admit(
+    a: Admitted,
+    conn: ConnId,
+    tls: Option<PeerTls>,
+    in_tx: mpsc::UnboundedSender<Input>,
+) {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let peer = a.addr.to_string();
+    let Some(tls) = tls else {
+        let (r, w) = a.stream.into_split();
+        return spawn(r, w, conn, peer, a.slot, deadline, in_tx);
+    };
+    tokio::spawn(async move {
+        if let Some(stream) = tls.accept(a.stream, a.addr, deadline).await {
+            let (r, w) = tokio::io::split(stream);
+            spawn(r, w, conn, peer, a.slot, deadline, in_tx);
+        }
+    });
+}
+
 /// Starts the reader and the writer of an accepted connection; `slot` (its place under the
-/// port's cap) is given back once both have ended.
-pub(super) fn spawn(
-    stream: tokio::net::TcpStream,
+/// port's cap) is given back once both have ended. Its first frame must come by `deadline`.
+fn spawn(
+    r: impl AsyncRead + Unpin + Send + 'static,
+    w: impl AsyncWrite + Unpin + Send + 'static,
     conn: ConnId,
     peer: String,
     slot: OwnedSemaphorePermit,
+    deadline: Instant,
     in_tx: mpsc::UnboundedSender<Input>,
 ) {
-    let (r, w) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel::<Frame>();
     let queued = Arc::new(AtomicU64::new(0));
     let end = CancellationToken::new();
@@ -117,7 +148,7 @@ pub(super) fn spawn(
     tokio::spawn(async move {
         let intake = Arc::new(Semaphore::new(MAX_INTAKE_BYTES as usize));
         let result = tokio::select! {
-            r = read_frames(r, conn, intake, HANDSHAKE_TIMEOUT, &in_tx) => r,
+            r = read_frames(r, conn, intake, deadline - Instant::now(), &in_tx) => r,
             _ = end.cancelled() => Ok(()),
         };
         if let Err(e) = result {

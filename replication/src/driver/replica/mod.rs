@@ -1,7 +1,8 @@
 //! A replica node: accepts primary sessions on a TCP port and applies what they ship.
 //!
 //! The loop is here; one connection's reader and writer, with their bounds, are in `conn`;
-//! the port's connection cap and accept backoff in `port`.
+//! the port's connection cap and accept backoff in `port`; the peers' TLS, when the node
+//! has it, in `crate::driver::tls`.
 
 mod conn;
 mod port;
@@ -18,6 +19,7 @@ use self::conn::{Input, Outbound};
 pub use self::conn::{HANDSHAKE_TIMEOUT, MAX_OUTBOUND_BYTES};
 pub use self::port::MAX_CONNECTIONS;
 use crate::core::replica::{Action, ConnId, Event, ReplicaCore, ReplicaState};
+use crate::driver::tls::PeerTls;
 use crate::wire::{Body, Frame, RejectReason};
 
 /// What a replica node reports about itself.
@@ -48,12 +50,25 @@ fn initial_state(store: &Store) -> ReplicaState {
     }
 }
 
-/// Serves replication on `listener` until `shutdown`.
+/// Serves replication on `listener` until `shutdown`, in plaintext.
 pub async fn run(
     store: Arc<Store>,
     listener: TcpListener,
     shutdown: CancellationToken,
     status: Option<watch::Sender<ReplicaStatus>>,
+) -> Result<(), StorageError> {
+    serve(store, listener, shutdown, status, None).await
+}
+
+/// Serves replication on `listener` until `shutdown`; with `tls`, only to peers that complete
+/// a mutual TLS handshake with a certificate from its CA (the rest are refused before a
+/// single frame is read from them).
+pub async fn serve(
+    store: Arc<Store>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    status: Option<watch::Sender<ReplicaStatus>>,
+    tls: Option<PeerTls>,
 ) -> Result<(), StorageError> {
     // The data file takes only committed entries while it can, so the tail a failover
     // discards can be cut in place (see `Store::set_checkpoint_gate`).
@@ -86,7 +101,7 @@ pub async fn run(
                 let _ = a.stream.set_nodelay(true);
                 let conn = ConnId(next_conn);
                 next_conn += 1;
-                conn::spawn(a.stream, conn, a.addr.to_string(), a.slot, node.in_tx.clone());
+                conn::admit(a, conn, tls.clone(), node.in_tx.clone());
                 continue;
             }
         };

@@ -52,6 +52,7 @@
 #   BLOCKREP_SERVE_ARGS       extra args for `blockrep serve` (e.g. "--io-engine plain")
 #   BUILD (1)                 0 = do not run cargo build --release first
 #   BLOCKREP_BASE             the binary the blockrep-base server runs
+#   BLOCKREP_BIN              the binary the blockrep servers run (default target/release/blockrep)
 #   REFS ("nbdkit-file nbdkit-mem")  the servers every row is also given as a ratio to
 #
 # Output: target/bench-results/<timestamp>.csv (one row per server x workload x rep),
@@ -77,7 +78,7 @@ BUILD=${BUILD:-1}
 read -r -a BLOCKREP_CREATE_ARGS <<<"${BLOCKREP_CREATE_ARGS:-}"
 read -r -a BLOCKREP_SERVE_ARGS <<<"${BLOCKREP_SERVE_ARGS:-}"
 SIZE_BYTES=$((SIZE_MIB * 1024 * 1024))
-BLOCKREP=$ROOT/target/release/blockrep
+BLOCKREP=${BLOCKREP_BIN:-$ROOT/target/release/blockrep}
 export NO_COLOR=1 # plain server logs
 
 die() {

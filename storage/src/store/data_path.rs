@@ -229,10 +229,16 @@ impl Store {
     /// Takes the data file's space for blocks `[first, end)` before their entry is logged
     /// (see [`reserve_data_range`]): lack of space is the request's [`StorageError::NoSpace`],
     /// never a failed checkpoint that stops the store.
+    /// Blocks already reserved since the store opened cost nothing (see `reserved`).
     fn reserve(&self, first: u64, end: u64) -> Result<()> {
         let shared = &self.shared;
+        if shared.reserved.covers(first, end) {
+            return Ok(());
+        }
         let (at, len) = (first * BLOCK_SIZE, (end - first) * BLOCK_SIZE);
-        reserve_data_range(&shared.data, &shared.data_path, at, len)
+        reserve_data_range(&shared.data, &shared.data_path, at, len)?;
+        shared.reserved.mark(first, end);
+        Ok(())
     }
 
     /// Appends one entry for blocks `[first, end)`, waiting for WAL space if the ring is full

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::files::zero_data_range;
+use super::reserved::ReservedBlocks;
 use crate::dirty::{BlockState, DirtyMap};
 use crate::io::IoEngine;
 use crate::types::BLOCK_SIZE;
@@ -58,6 +59,7 @@ impl DirectWriter {
         io: &IoEngine,
         data: &Arc<File>,
         data_path: &Path,
+        reserved: &ReservedBlocks,
         frozen: &DirtyMap,
     ) -> std::io::Result<()> {
         let mut run: Vec<Bytes> = Vec::new();
@@ -83,7 +85,7 @@ impl DirectWriter {
                         run_len = 0;
                     }
                     let len = (extent.end - start) * BLOCK_SIZE;
-                    zero_data_range(io, data, data_path, *punch, offset, len)
+                    zero_data_range(io, data, data_path, reserved, *punch, offset, len)
                         .map_err(std::io::Error::other)?;
                 }
             }

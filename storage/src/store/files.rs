@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::reserved::ReservedBlocks;
 use crate::error::{Result, StorageError};
 use crate::io::{Allocate, IoEngine};
+use crate::types::BLOCK_SIZE;
 
 pub(super) const SUPERBLOCK: &str = "superblock";
 pub(super) const WAL: &str = "wal";
@@ -114,15 +116,18 @@ const ZERO_CHUNK: u64 = 16 << 20;
 
 /// Makes `[offset, offset+len)` of the data file read as zeroes: a hole punched (`punch`) or
 /// a range zeroed, and zeroes written on filesystems that can do neither.
+/// A punch first forgets the range's reservation (the invariant of [`ReservedBlocks`]).
 pub(super) fn zero_data_range(
     io: &IoEngine,
     data: &Arc<File>,
     data_path: &Path,
+    reserved: &ReservedBlocks,
     punch: bool,
     offset: u64,
     len: u64,
 ) -> std::result::Result<(), String> {
     let mode = if punch {
+        reserved.forget(offset / BLOCK_SIZE, (offset + len).div_ceil(BLOCK_SIZE));
         Allocate::PunchHole
     } else {
         Allocate::ZeroRange

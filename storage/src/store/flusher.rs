@@ -318,7 +318,13 @@ impl Shared {
         let Some(w) = writer.as_mut() else {
             return Ok(false);
         };
-        match w.write(&self.io, &self.data, &self.data_path, frozen) {
+        match w.write(
+            &self.io,
+            &self.data,
+            &self.data_path,
+            &self.reserved,
+            frozen,
+        ) {
             Ok(()) => Ok(true),
             // Some filesystems open O_DIRECT but refuse the writes: fall back for good (the
             // range is written again through the page cache, which is harmless).
@@ -370,7 +376,15 @@ impl Shared {
                 }
                 BlockState::Zero { punch } => {
                     let (offset, len) = (start * BLOCK_SIZE, (extent.end - start) * BLOCK_SIZE);
-                    zero_data_range(&self.io, &self.data, &self.data_path, *punch, offset, len)?;
+                    zero_data_range(
+                        &self.io,
+                        &self.data,
+                        &self.data_path,
+                        &self.reserved,
+                        *punch,
+                        offset,
+                        len,
+                    )?;
                 }
             }
             if runs.len() >= MAX_OUTSTANDING {

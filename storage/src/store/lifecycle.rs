@@ -17,6 +17,7 @@ use super::core::{
 use super::files::{
     create_dir_all_durable, io_err, sync_dir, zero_fill, DATA, LOCK, SUPERBLOCK, WAL,
 };
+use super::reserved::ReservedBlocks;
 use super::shared::{DurableMark, NoStoreObserver, Shared};
 use super::{flusher, wal_writer, CreateOptions, OpenOptions, Store};
 use crate::dirty::DirtyMap;
@@ -431,12 +432,13 @@ fn recovered_core(
 /// Puts the files and the core behind the store's shared handle.
 fn share(io: IoEngine, files: OpenFiles, core: Core) -> Arc<Shared> {
     let durable = core.log.durable;
+    let volume_size = files.sb.volume_size;
     Arc::new(Shared {
         io,
         layout: WalLayout {
             capacity: files.sb.wal_capacity,
         },
-        volume_size: files.sb.volume_size,
+        volume_size,
         wal: files.wal,
         wal_path: files.wal_path,
         data: Arc::new(files.data),
@@ -452,6 +454,7 @@ fn share(io: IoEngine, files: OpenFiles, core: Core) -> Arc<Shared> {
         durable: DurableMark::new(durable),
         checkpoint_lock: Mutex::new(()),
         direct: Mutex::new(None),
+        reserved: ReservedBlocks::new(volume_size / BLOCK_SIZE),
         observer: std::sync::RwLock::new(Arc::new(NoStoreObserver)),
     })
 }

@@ -11,7 +11,7 @@
 //! who calls it: `lifecycle` (create, open and recovery, close), `data_path` (the client's
 //! reads and writes), `primary` (what replication ships from) and `replica` (what it applies
 //! on a follower). Below them: `shared` and `core` (the state), `wal_writer` and `flusher`
-//! (the threads), `direct` and `files` (file helpers).
+//! (the threads), `direct`, `files` and `reserved` (file helpers).
 
 mod core;
 mod data_path;
@@ -21,6 +21,7 @@ mod flusher;
 mod lifecycle;
 mod primary;
 mod replica;
+mod reserved;
 mod shared;
 mod wal_writer;
 

@@ -12,6 +12,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::core::Core;
 use super::direct::DirectWriter;
+use super::reserved::ReservedBlocks;
 use crate::error::{Result, StorageError};
 use crate::io::IoEngine;
 use crate::superblock::Superblock;
@@ -61,6 +62,8 @@ pub(crate) struct Shared {
     /// The data file opened with O_DIRECT, for rebuild base data (see
     /// `direct::DirectWriter`); opened on first use, `None` inside once it proved unusable.
     pub(super) direct: Mutex<Option<Option<DirectWriter>>>,
+    /// The data file's blocks whose space is known to be taken.
+    pub(super) reserved: ReservedBlocks,
     pub(super) observer: std::sync::RwLock<Arc<dyn StoreObserver>>,
 }
 

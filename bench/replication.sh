@@ -11,6 +11,12 @@
 #   SPLIT=1 bench/replication.sh              replicas as if on other hosts (below)
 #   REPLICA_DATA=/dev/shm/rb WORKLOADS=fsyncwrite4k bench/replication.sh
 #                                             replicas' stores on tmpfs: what their disk costs
+#   SERVERS="single sync-all-2 sync-all-2-mtls" bench/replication.sh
+#                                             what mutual TLS between the nodes costs
+#
+# Servers: single (one node), sync-all-2 (a sync-all primary and 2 replicas, plaintext
+# replication), sync-all-2-mtls (the same with --peer-tls-dir on every node: certificates from
+# `blockrep certs`, made once per run), qemu-wb (qemu-nbd, writeback).
 #
 # With SPLIT=1 the client and the server under test (the primary; the single node; qemu-nbd)
 # run on CPU 0 only and both replicas on CPU 1 only (taskset): the primary's host is one core
@@ -44,6 +50,14 @@ CSV=$OUT/replication-$STAMP.csv
 echo "server,workload,rep,iops,clat_p50_us,clat_p99_us" > "$CSV"
 CPU_CSV=$OUT/replication-cpu-$STAMP.csv
 if [[ ${CPU:-0} == 1 ]]; then echo "server,rep,iops,process,role,us_per_write" > "$CPU_CSV"; fi
+CERTS=$OUT/replication-certs-$STAMP
+tls_args() { # node name -> --peer-tls-dir/--name flags for sync-all-2-mtls
+    echo "--peer-tls-dir $CERTS/$1 --name $1"
+}
+if [[ " ${SERVERS:-} " == *" sync-all-2-mtls "* ]]; then
+    $BIN certs init "$CERTS/ca" > /dev/null
+    for n in p r1 r2; do $BIN certs issue "$CERTS/ca" --node "$n" --out "$CERTS/$n" > /dev/null; done
+fi
 PIDS=()
 # Waits for every server to exit: a peer still holding the port would answer the next run.
 cleanup() {
@@ -62,15 +76,21 @@ start() { # server -> sets URI
         $BIN create "$DATA/p" --size "$SIZE" > /dev/null
         setsid $ON_PRIMARY $BIN serve "$DATA/p" --nbd 127.0.0.1:$PORT --metrics 127.0.0.1:0 > "$DATA/p.log" 2>&1 < /dev/null & PIDS+=($!)
         ;;
-      sync-all-2)
+      sync-all-2 | sync-all-2-mtls)
+        local tls=0
+        [[ $1 == sync-all-2-mtls ]] && tls=1
         for r in 1 2; do
           $BIN create "$REPLICA_DATA/r$r" --size "$SIZE" > /dev/null
-          setsid $ON_REPLICAS $BIN replica "$REPLICA_DATA/r$r" --listen 127.0.0.1:$((PORT+r)) --metrics 127.0.0.1:0 > "$DATA/r$r.log" 2>&1 < /dev/null & PIDS+=($!)
+          # shellcheck disable=SC2046 # the flags split on purpose
+          setsid $ON_REPLICAS $BIN replica "$REPLICA_DATA/r$r" --listen 127.0.0.1:$((PORT+r)) --metrics 127.0.0.1:0 \
+              $( ((tls)) && tls_args "r$r") > "$DATA/r$r.log" 2>&1 < /dev/null & PIDS+=($!)
           wait_port $((PORT+r))
         done
         $BIN create "$DATA/p" --size "$SIZE" > /dev/null
+        # shellcheck disable=SC2046
         setsid $ON_PRIMARY $BIN serve "$DATA/p" --nbd 127.0.0.1:$PORT --metrics 127.0.0.1:0 \
-            --replica r1=127.0.0.1:$((PORT+1)) --replica r2=127.0.0.1:$((PORT+2)) > "$DATA/p.log" 2>&1 < /dev/null & PIDS+=($!)
+            --replica r1=127.0.0.1:$((PORT+1)) --replica r2=127.0.0.1:$((PORT+2)) \
+            $( ((tls)) && tls_args p) > "$DATA/p.log" 2>&1 < /dev/null & PIDS+=($!)
         ;;
       qemu-wb)
         truncate -s "$SIZE" "$DATA/img"
@@ -104,7 +124,7 @@ for rep in $(seq "$REPS"); do
       if [[ ${CPU:-0} == 1 && $w == randwrite4k-qd32 && $s != qemu-wb ]]; then
         case $s in
           single) NAMES=(primary=${PIDS[0]}) ;;
-          sync-all-2) NAMES=(replica1=${PIDS[0]} replica2=${PIDS[1]} primary=${PIDS[2]}) ;;
+          sync-all-2*) NAMES=(replica1=${PIDS[0]} replica2=${PIDS[1]} primary=${PIDS[2]}) ;;
         esac
         (sleep 3; python3 bench/cpu-split.py 5 "${NAMES[@]}") > "$DATA/../cpu.json" & SAMPLER=$!
       fi

@@ -248,7 +248,6 @@ fn network_all_stale_traffic_is_rejected_with_a_reason() {
 /// its last *reported* durable LSN, which lags by up to `progress_interval`; outside sync-all
 /// nothing exempts it. Proposed fix in the final report of the catalogue branch.
 #[test]
-#[ignore = "bug: the byte budget releases an in-sync, answering replica whose progress is merely unasked"]
 fn budget_entries_never_release_an_in_sync_replica_on_stale_progress() {
     for mode in [BestEffort, SyncQuorum] {
         let mut c = Cluster::scripted(mode);

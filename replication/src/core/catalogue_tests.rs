@@ -763,7 +763,6 @@ fn budget_entries_escalates_a_catch_up_to_a_rebuild() {
 /// `budget_entries_never_release_an_in_sync_replica_on_stale_progress` is the same bug
 /// in a cluster.)
 #[test]
-#[ignore = "bug: the byte budget releases an in-sync, answering replica whose progress is merely unasked"]
 fn budget_entries_never_release_an_in_sync_replica_on_stale_progress() {
     for mode in [CommitMode::BestEffort, CommitMode::SyncQuorum] {
         let mut d = all_in_sync(mode, &["a", "b"], 0);

@@ -198,6 +198,20 @@ impl PrimaryCore {
         if !(over_bytes || over_time) {
             return;
         }
+        // An in-sync replica's pin is only its last report, which may be a progress interval
+        // old: a burst since then is no sign that it lags. Before the byte budget throws its
+        // copy away it must have been asked about the WAL it seems to hold and have left that
+        // ask unanswered for a progress interval (anti-pattern A2: a rebuild for a healthy
+        // replica).
+        let unasked = p.state() == PeerState::InSync
+            && p.session().is_some()
+            && p.oldest_unanswered()
+                .is_none_or(|t| now < t + self.cfg.progress_interval);
+        if over_bytes && !over_time && unasked {
+            let head = self.head;
+            self.ask(i, head, now);
+            return;
+        }
         if !p.has_progress() {
             // The hold a new primary keeps for replicas it has not heard from (`held_from`):
             // past a budget it goes for all of them at once, and nobody is sent to a rebuild

@@ -462,7 +462,8 @@ fn best_effort_flush_succeeds_and_replica_is_marked() {
     require_python_nbd();
     let tmp = tempfile::tempdir().unwrap();
     let mut extra = BARRIER.to_vec();
-    extra.extend(["--commit", "best-effort"]);
+    let admin = format!("127.0.0.1:{}", free_port());
+    extra.extend(["--commit", "best-effort", "--metrics", &admin]);
     let (mut p, mut reps) = cluster(tmp.path(), VOLUME, 1, &extra);
     assert!(
         p.banner.contains("best-effort with 1 replica(s)"),
@@ -475,6 +476,24 @@ fn best_effort_flush_succeeds_and_replica_is_marked() {
     let mut c = Client::connect(&p.uri(), tmp.path(), "p");
     c.write_ok(0, &a);
     c.flush_fast("FLUSH with the replica up");
+    // Best-effort answers the FLUSH on the local fsync alone: r1 follows as it can, so wait
+    // until it reports the write durable before stopping it.
+    wait_until(
+        Duration::from_secs(10),
+        format_args!("r1 to report the primary's durable LSN"),
+        || {
+            let status: serde_json::Value =
+                serde_json::from_str(&common::admin::get_ok(&format!("http://{admin}/v1/status")))
+                    .expect("status JSON");
+            let head = status["durable_lsn"].as_u64().unwrap_or(u64::MAX);
+            let r1 = status["replicas"][0]["durable_lsn"].as_u64().unwrap_or(0);
+            if r1 >= head {
+                Ok(())
+            } else {
+                Err(format!("r1 at {r1}, primary durable at {head}"))
+            }
+        },
+    );
 
     let mark = p.mark();
     reps[0].stop_ok();

@@ -373,13 +373,6 @@ async fn serve_primary(
     Ok(())
 }
 
-fn listen_addr_text(addr: &ListenAddr) -> String {
-    match addr {
-        ListenAddr::Tcp(a) => a.clone(),
-        ListenAddr::Unix(p) => format!("unix:{}", p.display()),
-    }
-}
-
 /// One warning for each of a primary's ports (NBD, admin) and replica connections that other
 /// hosts reach without protection.
 fn warn_primary_exposure(
@@ -388,7 +381,11 @@ fn warn_primary_exposure(
     admin: Option<std::net::SocketAddr>,
     (token, peer_tls): (bool, bool),
 ) {
-    let nbd: Vec<String> = server.local_addrs().iter().map(listen_addr_text).collect();
+    let nbd: Vec<String> = server
+        .local_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     warn_exposed(
         Port::Nbd {
             tls: args.tls.tls != TlsMode::Off,
@@ -698,7 +695,11 @@ pub fn up(
     // Durably: a power loss must not take the directory holding the stores away.
     blockrep_storage::create_dir_all_durable(dir).with_context(|| format!("{}", dir.display()))?;
     let names: Vec<String> = (1..=replicas).map(|i| format!("r{i}")).collect();
-    let (nbd_tls, primary_tls, replica_tls) = up_certificates(&pki, &names, &tls, checked)?;
+    let (primary_tls, replica_tls) = pki.ensure_and_load(&names)?;
+    let nbd_tls = match checked {
+        Some(t) => t,
+        None => tls.load()?,
+    };
     let primary_dir = dir.join("primary");
     let volume_id = if primary_dir.exists() {
         Store::read_superblock(&primary_dir)?.volume_id
@@ -729,8 +730,6 @@ pub fn up(
         for ((name, s), peer) in replica_stores.iter().zip(replica_tls) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?.to_string();
-            let peer_tls = true;
-            warn_exposed(Port::Replication { peer_tls }, std::slice::from_ref(&addr));
             tokio::spawn(driver::replica::serve(
                 s.clone(),
                 listener,
@@ -777,26 +776,6 @@ pub fn up(
         s.close().context("closing a replica store")?;
     }
     result
-}
-
-/// Makes (or finds) `up`'s certificates, and loads NBD's TLS (unless `checked` already is)
-/// and each node's peer TLS from them: the primary's, then each of `replicas`.
-fn up_certificates(
-    pki: &UpCertificates,
-    replicas: &[String],
-    tls: &TlsArgs,
-    checked: Option<Tls>,
-) -> Result<(Tls, PeerTls, Vec<PeerTls>)> {
-    pki.ensure(replicas)?;
-    let nbd = match checked {
-        Some(t) => t,
-        None => tls.load()?,
-    };
-    let peers = replicas
-        .iter()
-        .map(|n| pki.load(n))
-        .collect::<Result<Vec<_>>>()?;
-    Ok((nbd, pki.load("primary")?, peers))
 }
 
 fn create(dir: &Path, size: u64, volume_id: Option<VolumeId>) -> Result<VolumeId> {

@@ -109,6 +109,17 @@ impl UpCertificates {
         Ok(())
     }
 
+    /// Makes what is missing (see [`UpCertificates::ensure`]), then loads the peer TLS of the
+    /// primary and of each of `replicas`, in that order.
+    pub fn ensure_and_load(&self, replicas: &[String]) -> Result<(PeerTls, Vec<PeerTls>)> {
+        self.ensure(replicas)?;
+        let peers = replicas
+            .iter()
+            .map(|n| self.load(n))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((self.load("primary")?, peers))
+    }
+
     /// The peer TLS of node `name`.
     pub fn load(&self, name: &str) -> Result<PeerTls> {
         PeerTls::load(&self.node(name), name)

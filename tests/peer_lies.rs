@@ -99,18 +99,6 @@ fn expect_refused(s: &mut TcpStream, reason: RejectReason, what: &str) -> String
     message
 }
 
-fn volume_id(store: &Path) -> VolumeId {
-    let id = inspect_json(store)["volume_id"]
-        .as_str()
-        .expect("inspect prints the volume id")
-        .replace('-', "");
-    let mut bytes = [0u8; 16];
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&id[2 * i..2 * i + 2], 16).expect("a hex volume id");
-    }
-    VolumeId(bytes)
-}
-
 fn hello(volume_id: VolumeId) -> Body {
     Body::Hello {
         volume_id,

@@ -360,18 +360,6 @@ fn attack_frames(volume_id: VolumeId, epoch: u64) -> Vec<Frame> {
         .collect()
 }
 
-fn volume_id(store: &Path) -> VolumeId {
-    let id = inspect_json(store)["volume_id"]
-        .as_str()
-        .expect("inspect prints the volume id")
-        .replace('-', "");
-    let mut bytes = [0u8; 16];
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&id[2 * i..2 * i + 2], 16).expect("a hex volume id");
-    }
-    VolumeId(bytes)
-}
-
 #[test]
 fn strangers_are_refused_before_any_frame_and_change_nothing() {
     let tmp = tempfile::tempdir().expect("a temporary directory");

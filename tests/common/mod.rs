@@ -122,6 +122,19 @@ pub fn inspect_json(store: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect --json printed {out:?}: {e}"))
 }
 
+/// The volume id `blockrep inspect` prints for `store`, as the wire carries it.
+pub fn volume_id(store: &Path) -> blockrep_storage::VolumeId {
+    let id = inspect_json(store)["volume_id"]
+        .as_str()
+        .expect("inspect prints the volume id")
+        .replace('-', "");
+    let mut bytes = [0u8; 16];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&id[2 * i..2 * i + 2], 16).expect("a hex volume id");
+    }
+    blockrep_storage::VolumeId(bytes)
+}
+
 /// Whether `path` is a mount point (in this process's mountinfo).
 pub fn mounted(path: &Path) -> bool {
     let want = path.to_string_lossy();

@@ -19,6 +19,7 @@ use std::future::Future;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use args::EtcdArgs;
 use blockrep_control::record::{
     encode, Identity, InSync, LeaderRecord, MemberRecord, MemberRole, MemberState,
     SwitchoverRequest,
@@ -26,7 +27,6 @@ use blockrep_control::record::{
 use blockrep_control::{Compare, Keys, Txn, View};
 use common::etcd::EtcdTls;
 use common::{blockrep_timed, describe, run, text, wait_until, EtcdCluster, EtcdServer, Relay};
-use args::EtcdArgs;
 use etcd::{Etcd, EtcdError, LeaseId, WatchEvent};
 
 const VOLUME: &str = "vol1";
@@ -141,8 +141,15 @@ fn an_absent_compare_succeeds_once_and_a_second_campaign_at_the_same_revision_fa
         "the leader key exists now: a second Absent campaign must fail"
     );
     let view = d.read();
-    let leader = view.kvs.iter().find(|kv| kv.key == keys.leader()).expect("leader key");
-    assert_eq!(leader.lease, lease.0, "the leader key is on the campaigner's lease");
+    let leader = view
+        .kvs
+        .iter()
+        .find(|kv| kv.key == keys.leader())
+        .expect("leader key");
+    assert_eq!(
+        leader.lease, lease.0,
+        "the leader key is on the campaigner's lease"
+    );
     assert_eq!(d.value(&keys.epoch()), Some(b"1".to_vec()));
 
     // The leader goes; two candidates read the same counter revision and campaign from it:
@@ -160,14 +167,26 @@ fn an_absent_compare_succeeds_once_and_a_second_campaign_at_the_same_revision_fa
 
     // A value guard holds only for the exact bytes, and never on an absent key.
     let v = Compare::Value(keys.epoch(), b"2".to_vec());
-    assert!(d.txn(&Txn::default().when(v).put(keys.config(), b"{}".to_vec()), None));
+    assert!(d.txn(
+        &Txn::default().when(v).put(keys.config(), b"{}".to_vec()),
+        None
+    ));
     let v = Compare::Value(keys.epoch(), b"1".to_vec());
-    assert!(!d.txn(&Txn::default().when(v).put(keys.config(), b"{}".to_vec()), None));
+    assert!(!d.txn(
+        &Txn::default().when(v).put(keys.config(), b"{}".to_vec()),
+        None
+    ));
     let v = Compare::Value(keys.switchover(), Vec::new());
-    assert!(!d.txn(&Txn::default().when(v).put(keys.config(), b"{}".to_vec()), None));
+    assert!(!d.txn(
+        &Txn::default().when(v).put(keys.config(), b"{}".to_vec()),
+        None
+    ));
 
     // A leased put without a lease is refused before anything is sent.
-    let e = d.block(d.etcd.txn(&Txn::default().put_leased(keys.leader(), vec![]), None));
+    let e = d.block(
+        d.etcd
+            .txn(&Txn::default().put_leased(keys.leader(), vec![]), None),
+    );
     assert!(matches!(e, Err(EtcdError::NoLease(_))), "{e:?}");
 }
 
@@ -181,13 +200,22 @@ fn leased_keys_vanish_after_the_lease_expires() {
     d.put(key.clone(), b"{}".to_vec(), Some(lease));
     assert!(d.value(&key).is_some());
     let start = Instant::now();
-    wait_until(granted + Duration::from_secs(10), "the leased key to vanish", || {
-        d.value(&key).is_none()
-    });
+    wait_until(
+        granted + Duration::from_secs(10),
+        "the leased key to vanish",
+        || d.value(&key).is_none(),
+    );
     // etcd never expires a lease early.
-    assert!(start.elapsed() + Duration::from_millis(500) >= granted, "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() + Duration::from_millis(500) >= granted,
+        "{:?}",
+        start.elapsed()
+    );
     let e = d.block(d.etcd.keep_alive(lease));
-    assert!(matches!(e, Err(EtcdError::LeaseNotFound(id)) if id == lease.0), "{e:?}");
+    assert!(
+        matches!(e, Err(EtcdError::LeaseNotFound(id)) if id == lease.0),
+        "{e:?}"
+    );
     assert_eq!(d.block(d.etcd.ttl_left(lease)).expect("ttl"), None);
 }
 
@@ -283,18 +311,27 @@ fn a_three_member_cluster_survives_the_loss_of_one() {
     d.put(d.keys.config(), b"before".to_vec(), None);
     cluster.kill(0);
     // The client may first try the dead member; it must then find the others.
-    wait_until(Duration::from_secs(20), "a write through the survivors", || {
-        d.block(d.etcd.txn(&Txn::default().put(d.keys.config(), b"after".to_vec()), None))
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "a write through the survivors",
+        || {
+            d.block(d.etcd.txn(
+                &Txn::default().put(d.keys.config(), b"after".to_vec()),
+                None,
+            ))
+        },
+    );
     for _ in 0..10 {
         assert_eq!(d.value(&d.keys.config()), Some(b"after".to_vec()));
     }
     // The member comes back, catches up, and serves the write it missed.
     cluster.restart(0);
     let only = Driver::to(&cluster.members[0].endpoint());
-    wait_until(Duration::from_secs(20), "the restarted member has the write", || {
-        only.value(&only.keys.config()) == Some(b"after".to_vec())
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "the restarted member has the write",
+        || only.value(&only.keys.config()) == Some(b"after".to_vec()),
+    );
 }
 
 #[test]
@@ -308,8 +345,14 @@ fn tls_to_etcd_with_a_client_certificate() {
     ok(blockrep_timed(60).args(["certs", "init"]).arg(&ca));
     let server = dir.path().join("server");
     let client = dir.path().join("client");
-    ok(blockrep_timed(60).args(["certs", "issue", "--server", "etcd", "--out"]).arg(&server).arg(&ca));
-    ok(blockrep_timed(60).args(["certs", "issue", "--client", "n1", "--out"]).arg(&client).arg(&ca));
+    ok(blockrep_timed(60)
+        .args(["certs", "issue", "--server", "etcd", "--out"])
+        .arg(&server)
+        .arg(&ca));
+    ok(blockrep_timed(60)
+        .args(["certs", "issue", "--client", "n1", "--out"])
+        .arg(&client)
+        .arg(&ca));
     let etcd = EtcdServer::start_tls(EtcdTls {
         ca: ca.join("ca-cert.pem"),
         cert: server.join("server-cert.pem"),
@@ -330,7 +373,10 @@ fn tls_to_etcd_with_a_client_certificate() {
     anonymous.key = None;
     let d = Driver::connect(&anonymous);
     let e = d.block(d.etcd.read(&d.keys));
-    assert!(e.is_err(), "etcd with --client-cert-auth served a client without one");
+    assert!(
+        e.is_err(),
+        "etcd with --client-cert-auth served a client without one"
+    );
 
     // A CA file that does not exist is a TLS error naming it, at connect.
     let mut missing = a.clone();
@@ -414,7 +460,9 @@ fn ctl_list_shows_every_member_with_lag_and_in_sync() {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out:?}: {e}"));
     assert_eq!(v["leader"]["name"], "n1");
     assert_eq!(v["leader"]["epoch"], 3);
-    assert!(v["leader"]["lease_ttl_s"].as_u64().is_some_and(|t| t > 0 && t <= 60));
+    assert!(v["leader"]["lease_ttl_s"]
+        .as_u64()
+        .is_some_and(|t| t > 0 && t <= 60));
     let members = v["members"].as_array().expect("members");
     let row = |name: &str| {
         members
@@ -432,7 +480,10 @@ fn ctl_list_shows_every_member_with_lag_and_in_sync() {
     assert!(row("n2")["lease_ttl_s"].as_u64().is_some_and(|t| t > 0));
 
     let table = ctl_ok(&etcd.endpoint(), &["list"]);
-    assert!(table.contains("volume vol1: leader n1 at epoch 3"), "{table}");
+    assert!(
+        table.contains("volume vol1: leader n1 at epoch 3"),
+        "{table}"
+    );
     let row_of = |table: &str, name: &str| {
         table
             .lines()
@@ -473,10 +524,22 @@ fn ctl_switchover_refuses_a_target_that_is_not_in_sync() {
         (vec!["failover", "--to", "n2"], "has a leader"),
     ] {
         let out = ctl(&etcd.endpoint(), &action);
-        assert!(!out.status.success(), "{action:?} was accepted: {}", describe(&out));
-        assert!(text(&out.stderr).contains(says), "{action:?}: {}", describe(&out));
+        assert!(
+            !out.status.success(),
+            "{action:?} was accepted: {}",
+            describe(&out)
+        );
+        assert!(
+            text(&out.stderr).contains(says),
+            "{action:?}: {}",
+            describe(&out)
+        );
     }
-    assert_eq!(d.value(&d.keys.switchover()), None, "a refused request writes nothing");
+    assert_eq!(
+        d.value(&d.keys.switchover()),
+        None,
+        "a refused request writes nothing"
+    );
 }
 
 #[test]
@@ -486,14 +549,24 @@ fn ctl_switchover_writes_the_request_and_waits_for_the_target_to_lead() {
     let lease = seed(&d);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cmd = blockrep_timed(90);
-    cmd.args(["ctl", "--etcd-endpoints", &etcd.endpoint(), "--volume", VOLUME])
-        .args(["switchover", "--to", "n2", "--wait", "60"]);
-    let mut child = common::KillOnDrop::spawn_group(&mut cmd, "ctl switchover", dir.path().join("ctl.err"));
+    cmd.args([
+        "ctl",
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+        "--volume",
+        VOLUME,
+    ])
+    .args(["switchover", "--to", "n2", "--wait", "60"]);
+    let mut child =
+        common::KillOnDrop::spawn_group(&mut cmd, "ctl switchover", dir.path().join("ctl.err"));
 
     let request: SwitchoverRequest = wait_until(
         Duration::from_secs(30),
         "ctl writes the switchover request",
-        || d.value(&d.keys.switchover()).map(|v| serde_json::from_slice(&v).expect("json")),
+        || {
+            d.value(&d.keys.switchover())
+                .map(|v| serde_json::from_slice(&v).expect("json"))
+        },
     );
     assert_eq!(
         request,
@@ -505,19 +578,21 @@ fn ctl_switchover_writes_the_request_and_waits_for_the_target_to_lead() {
         }
     );
     // The nodes' part, done here by hand: the target consumes the request and takes the key.
-    let handover = Txn::default()
-        .delete(d.keys.switchover())
-        .put_leased(
-            d.keys.leader(),
-            encode(&LeaderRecord {
-                name: "n2".into(),
-                epoch: 4,
-            }),
-        );
+    let handover = Txn::default().delete(d.keys.switchover()).put_leased(
+        d.keys.leader(),
+        encode(&LeaderRecord {
+            name: "n2".into(),
+            epoch: 4,
+        }),
+    );
     assert!(d.txn(&handover, Some(lease)));
     let status = child.wait(60);
     let stdout = std::fs::read_to_string(dir.path().join("ctl.stdout")).unwrap_or_default();
-    assert!(status.success(), "ctl failed: {stdout}\n{}", child.stderr_text());
+    assert!(
+        status.success(),
+        "ctl failed: {stdout}\n{}",
+        child.stderr_text()
+    );
     assert!(stdout.contains("n2 leads at epoch 4"), "{stdout}");
 }
 
@@ -526,10 +601,21 @@ fn ctl_switchover_that_nobody_carries_out_times_out_and_is_withdrawn() {
     let etcd = EtcdServer::start();
     let d = Driver::to(&etcd.endpoint());
     seed(&d);
-    let out = ctl(&etcd.endpoint(), &["switchover", "--to", "n2", "--wait", "1"]);
+    let out = ctl(
+        &etcd.endpoint(),
+        &["switchover", "--to", "n2", "--wait", "1"],
+    );
     assert!(!out.status.success(), "{}", describe(&out));
-    assert!(text(&out.stderr).contains("did not take over within 1s"), "{}", describe(&out));
-    assert_eq!(d.value(&d.keys.switchover()), None, "the request was withdrawn");
+    assert!(
+        text(&out.stderr).contains("did not take over within 1s"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(
+        d.value(&d.keys.switchover()),
+        None,
+        "the request was withdrawn"
+    );
 }
 
 #[test]
@@ -540,11 +626,23 @@ fn ctl_failover_names_a_target_for_a_leaderless_volume_and_force_overrides_in_sy
     assert!(d.txn(&Txn::default().delete(d.keys.leader()), None));
 
     let out = ctl(&etcd.endpoint(), &["failover", "--to", "n3", "--wait", "0"]);
-    assert!(text(&out.stderr).contains("not in the in-sync set"), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("not in the in-sync set"),
+        "{}",
+        describe(&out)
+    );
     assert!(!out.status.success());
-    assert!(ctl(&etcd.endpoint(), &["switchover", "--to", "n2"]).status.code() != Some(0));
+    assert!(
+        ctl(&etcd.endpoint(), &["switchover", "--to", "n2"])
+            .status
+            .code()
+            != Some(0)
+    );
 
-    ctl_ok(&etcd.endpoint(), &["failover", "--to", "n3", "--force", "--wait", "0"]);
+    ctl_ok(
+        &etcd.endpoint(),
+        &["failover", "--to", "n3", "--force", "--wait", "0"],
+    );
     let request: SwitchoverRequest =
         serde_json::from_slice(&d.value(&d.keys.switchover()).expect("request")).expect("json");
     assert_eq!(
@@ -561,16 +659,40 @@ fn ctl_failover_names_a_target_for_a_leaderless_volume_and_force_overrides_in_sy
 #[test]
 fn ctl_refuses_bad_flags_in_one_line() {
     for (flags, says) in [
-        (vec!["--etcd-endpoints", "127.0.0.1", "--volume", "v", "list"], "is not http://HOST:PORT"),
-        (vec!["--etcd-endpoints", "http://127.0.0.1:1", "--volume", "a/b", "list"], "volume or node name"),
         (
-            vec!["--etcd-endpoints", "http://127.0.0.1:1", "--etcd-cacert", "ca.pem", "--volume", "v", "list"],
+            vec!["--etcd-endpoints", "127.0.0.1", "--volume", "v", "list"],
+            "is not http://HOST:PORT",
+        ),
+        (
+            vec![
+                "--etcd-endpoints",
+                "http://127.0.0.1:1",
+                "--volume",
+                "a/b",
+                "list",
+            ],
+            "volume or node name",
+        ),
+        (
+            vec![
+                "--etcd-endpoints",
+                "http://127.0.0.1:1",
+                "--etcd-cacert",
+                "ca.pem",
+                "--volume",
+                "v",
+                "list",
+            ],
             "needs https:// endpoints",
         ),
     ] {
         let out = run(blockrep_timed(30).arg("ctl").args(&flags));
         let err = text(&out.stderr);
-        assert!(!out.status.success() && err.contains(says), "{flags:?}: {}", describe(&out));
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{flags:?}: {}",
+            describe(&out)
+        );
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
     // etcd that is not there: a clear error within the timeout, not a hang.
@@ -588,7 +710,11 @@ fn ctl_refuses_bad_flags_in_one_line() {
     ]));
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("etcd"), "{}", describe(&out));
-    assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -615,11 +741,34 @@ fn a_watch_cut_from_etcd_reports_the_failure_and_a_change_once_it_is_back() {
     direct.put(direct.keys.config(), b"2".to_vec(), None);
     let written = direct.read().revision;
     relay.restore();
-    wait_until(Duration::from_secs(30), "a change reported after the cut", || {
-        match next(&mut watch) {
+    wait_until(
+        Duration::from_secs(30),
+        "a change reported after the cut",
+        || match next(&mut watch) {
             WatchEvent::Changed { revision } => revision == 0 || revision >= written,
             WatchEvent::Failed(_) => false,
-        }
-    });
+        },
+    );
     assert_eq!(through.value(&through.keys.config()), Some(b"2".to_vec()));
+}
+
+#[test]
+fn requests_are_timed_into_the_node_s_etcd_latency_histogram() {
+    let etcd = EtcdServer::start();
+    let metrics = blockrep_metrics::Metrics::new().expect("metrics");
+    let mut d = Driver::to(&etcd.endpoint());
+    d.etcd = d.etcd.clone().with_metrics(etcd::EtcdMetrics {
+        request_seconds: metrics.etcd_request.clone(),
+        volume: VOLUME.into(),
+    });
+    d.read();
+    d.read();
+    let (lease, _) = d.grant(Duration::from_secs(10));
+    d.block(d.etcd.keep_alive(lease)).expect("keep-alive");
+    let text = metrics.render();
+    for (op, n) in [("read", 2), ("grant", 1), ("keep_alive", 1)] {
+        let line =
+            format!(r#"blockrep_etcd_request_seconds_count{{op="{op}",volume="{VOLUME}"}} {n}"#);
+        assert!(text.contains(&line), "{line} in:\n{text}");
+    }
 }

@@ -7,8 +7,8 @@
 //! never a hang.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use blockrep_control::{Compare, Keys, Kv, Op, Txn, View};
@@ -61,7 +61,10 @@ impl EtcdError {
     /// Whether the failure says nothing about etcd's state, only that it could not be asked:
     /// the caller should retry (and count the time against its lease).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, EtcdError::Unreachable { .. } | EtcdError::Timeout { .. })
+        matches!(
+            self,
+            EtcdError::Unreachable { .. } | EtcdError::Timeout { .. }
+        )
     }
 }
 
@@ -99,7 +102,9 @@ struct Keeper {
 /// changed (or may have: after a reconnection events can have been missed), so re-read it.
 #[derive(Debug)]
 pub enum WatchEvent {
-    Changed { revision: i64 },
+    Changed {
+        revision: i64,
+    },
     /// The watch broke; it is being re-established and a `Changed` follows when it is.
     Failed(EtcdError),
 }
@@ -255,9 +260,10 @@ impl Etcd {
             .kvs()
             .iter()
             .map(|kv| {
-                let key = String::from_utf8(kv.key().to_vec()).map_err(|_| EtcdError::Malformed {
-                    what: format!("key (not UTF-8) under {}", keys.dir()),
-                })?;
+                let key =
+                    String::from_utf8(kv.key().to_vec()).map_err(|_| EtcdError::Malformed {
+                        what: format!("key (not UTF-8) under {}", keys.dir()),
+                    })?;
                 Ok(Kv {
                     key,
                     value: kv.value().to_vec(),
@@ -405,12 +411,7 @@ impl Etcd {
     /// saw), and reports `Changed` once it is back, because events may have been missed.
     pub fn watch(&self, keys: &Keys, after: i64) -> Watch {
         let (tx, rx) = mpsc::channel(16);
-        let task = tokio::spawn(watch_loop(
-            self.clone(),
-            keys.dir().to_string(),
-            after,
-            tx,
-        ));
+        let task = tokio::spawn(watch_loop(self.clone(), keys.dir().to_string(), after, tx));
         Watch { events: rx, task }
     }
 }

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use super::free_port;
 use super::process::{require, KillOnDrop};
 use super::wait::wait_until;
-use super::free_port;
 
 pub const ETCD: &str = "/usr/bin/etcd";
 
@@ -120,7 +120,10 @@ impl EtcdMember {
     }
 
     pub fn wait_healthy(&mut self) {
-        let what = format!("etcd member {} healthy on port {}", self.name, self.client_port);
+        let what = format!(
+            "etcd member {} healthy on port {}",
+            self.name, self.client_port
+        );
         wait_until(START_DEADLINE, what, || self.healthy());
     }
 
@@ -260,7 +263,8 @@ fn http_get(port: u16, path: &str) -> Result<String, String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| format!("timeout: {e}"))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| format!("send: {e}"))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
     let mut reply = String::new();
     s.read_to_string(&mut reply)
         .map_err(|e| format!("read: {e}"))?;

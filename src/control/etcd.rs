@@ -151,7 +151,7 @@ impl Etcd {
         for endpoint in &endpoints {
             let client = Client::connect([endpoint], Some(options.clone()))
                 .await
-                .map_err(|e| classify("connect", endpoint, None, e))?;
+                .map_err(|e| classify("connect", endpoint, timeout, None, e))?;
             clients.push(client);
         }
         Ok(Etcd {
@@ -221,7 +221,7 @@ impl Etcd {
             let left = end.saturating_duration_since(Instant::now());
             let err = match tokio::time::timeout(left, call(client)).await {
                 Ok(Ok(v)) => break Ok(v),
-                Ok(Err(e)) => classify(op, &self.endpoints, lease, e),
+                Ok(Err(e)) => classify(op, &self.endpoints, self.timeout, lease, e),
                 Err(_) => EtcdError::Timeout {
                     op,
                     after: self.timeout,
@@ -369,7 +369,7 @@ impl Etcd {
                 // etcd answers a keep-alive for an unknown lease with TTL 0.
                 Ok(Ok(0)) => EtcdError::LeaseNotFound(lease.0),
                 Ok(Ok(ttl)) => break Ok(secs_to_duration(ttl)),
-                Ok(Err(e)) => classify("keep_alive", &self.endpoints, Some(lease), e),
+                Ok(Err(e)) => classify("keep_alive", &self.endpoints, self.timeout, Some(lease), e),
                 Err(_) => EtcdError::Timeout {
                     op: "keep_alive",
                     after: self.timeout,
@@ -515,7 +515,7 @@ async fn watch_loop(etcd: Etcd, dir: String, after: i64, tx: mpsc::Sender<WatchE
                         detail: "the watch stream ended".into(),
                     }
                 }
-                Err(e) => break classify("watch", &etcd.endpoints, None, e),
+                Err(e) => break classify("watch", &etcd.endpoints, etcd.timeout, None, e),
             }
         };
         let (endpoint, _) = etcd.client();
@@ -555,6 +555,7 @@ fn tls_options(args: &EtcdArgs) -> Result<TlsOptions, EtcdError> {
 fn classify(
     op: &'static str,
     endpoints: &str,
+    timeout: Duration,
     lease: Option<LeaseId>,
     e: etcd_client::Error,
 ) -> EtcdError {
@@ -570,10 +571,7 @@ fn classify(
             // tonic reports a failed dial or a dropped connection as Unavailable or, for
             // some hyper errors, Unknown.
             grpc::UNAVAILABLE | grpc::UNKNOWN => unreachable(status.message().to_string()),
-            grpc::DEADLINE_EXCEEDED | grpc::CANCELLED => EtcdError::Timeout {
-                op,
-                after: Duration::ZERO,
-            },
+            grpc::DEADLINE_EXCEEDED | grpc::CANCELLED => EtcdError::Timeout { op, after: timeout },
             grpc::NOT_FOUND if lease.is_some() => {
                 EtcdError::LeaseNotFound(lease.map_or(0, |l| l.0))
             }

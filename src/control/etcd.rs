@@ -568,10 +568,12 @@ fn classify(
         E::TransportError(t) => unreachable(source_chain(&t)),
         E::IoError(io) => unreachable(io.to_string()),
         E::GRpcStatus(status) => match i32::from(status.code()) {
-            // tonic reports a failed dial or a dropped connection as Unavailable or, for
-            // some hyper errors, Unknown.
-            grpc::UNAVAILABLE | grpc::UNKNOWN => unreachable(status.message().to_string()),
-            grpc::DEADLINE_EXCEEDED | grpc::CANCELLED => EtcdError::Timeout { op, after: timeout },
+            // tonic reports a failed dial as Unavailable, a connection dropped under a
+            // request as Cancelled, and some hyper errors as Unknown.
+            grpc::UNAVAILABLE | grpc::UNKNOWN | grpc::CANCELLED => {
+                unreachable(status.message().to_string())
+            }
+            grpc::DEADLINE_EXCEEDED => EtcdError::Timeout { op, after: timeout },
             grpc::NOT_FOUND if lease.is_some() => {
                 EtcdError::LeaseNotFound(lease.map_or(0, |l| l.0))
             }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::free_port;
 use super::process::{require, KillOnDrop};
-use super::wait::wait_until;
+use super::wait::{poll_until, wait_until};
 
 pub const ETCD: &str = "/usr/bin/etcd";
 
@@ -96,16 +96,23 @@ impl EtcdMember {
 
     /// Whether this member answers /health with `"health":"true"` (plain HTTP only: over
     /// TLS the TCP port accepting is the check, the test's own requests prove the rest).
+    /// Panics if the process has exited.
     pub fn healthy(&mut self) -> Result<(), String> {
-        if let Some(p) = self.process.as_mut() {
-            if !p.running() {
-                panic!(
-                    "{} exited while awaited; its log:\n{}",
-                    p.what,
-                    super::tail(&p.stderr_text(), 30)
-                );
-            }
+        if self.exited() {
+            panic!(
+                "etcd member {} exited while awaited; its log:\n{}",
+                self.name,
+                super::tail(&self.log_text(), 30)
+            );
         }
+        self.answers()
+    }
+
+    fn exited(&mut self) -> bool {
+        self.process.as_mut().is_some_and(|p| !p.running())
+    }
+
+    fn answers(&self) -> Result<(), String> {
         if self.tls.is_some() {
             return TcpStream::connect(("127.0.0.1", self.client_port))
                 .map(drop)
@@ -168,6 +175,67 @@ fn token(root: &Path) -> String {
     format!("blockrep-test-{}", root.display()).replace('/', "-")
 }
 
+/// Free ports are only free when looked at: another test can take one before etcd binds it.
+/// A member that exits while starting is therefore tried again, on new ports.
+const START_ATTEMPTS: usize = 3;
+
+/// Starts `n` members as one new cluster under `root` and waits until all are healthy.
+fn start_members(root: &Path, n: usize, tls: Option<EtcdTls>) -> Vec<EtcdMember> {
+    require(ETCD);
+    let mut logs = String::new();
+    for attempt in 0..START_ATTEMPTS {
+        let dir = root.join(format!("try{attempt}"));
+        std::fs::create_dir_all(&dir).expect("etcd directory");
+        let mut members: Vec<EtcdMember> = (0..n)
+            .map(|i| member(&dir, &format!("e{i}"), tls.clone()))
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = token(&dir);
+        // All start before any is awaited: a member is healthy only once a quorum is up.
+        for m in &mut members {
+            m.initial_cluster = initial.clone();
+            m.token = token.clone();
+            m.spawn();
+        }
+        let up = poll_until(START_DEADLINE, || {
+            if members.iter_mut().any(|m| m.exited()) {
+                return Some(false);
+            }
+            members.iter().all(|m| m.answers().is_ok()).then_some(true)
+        });
+        match up {
+            Some(true) => return members,
+            Some(false) => {
+                for m in &mut members {
+                    logs.push_str(&format!("--- {} (attempt {attempt}):\n", m.name));
+                    logs.push_str(&super::tail(&m.log_text(), 10));
+                    logs.push('\n');
+                    m.kill();
+                }
+            }
+            None => {
+                let seen: Vec<String> = members
+                    .iter()
+                    .map(|m| format!("{}: {:?}", m.name, m.answers()))
+                    .collect();
+                panic!(
+                    "etcd ({n} members) not healthy within {START_DEADLINE:?}: {seen:?}; logs:\n{}",
+                    members
+                        .iter()
+                        .map(|m| super::tail(&m.log_text(), 20))
+                        .collect::<Vec<_>>()
+                        .join("\n---\n")
+                );
+            }
+        }
+    }
+    panic!("etcd members kept exiting while starting ({START_ATTEMPTS} attempts):\n{logs}");
+}
+
 /// A single-member etcd, killed (with its data) when dropped.
 pub struct EtcdServer {
     pub member: EtcdMember,
@@ -185,15 +253,10 @@ impl EtcdServer {
     }
 
     fn start_with(tls: Option<EtcdTls>) -> EtcdServer {
-        require(ETCD);
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut m = member(dir.path(), "e0", tls);
-        m.initial_cluster = format!("e0=http://127.0.0.1:{}", m.peer_port);
-        m.token = token(dir.path());
-        m.spawn();
-        m.wait_healthy();
+        let mut members = start_members(dir.path(), 1, tls);
         EtcdServer {
-            member: m,
+            member: members.remove(0),
             _dir: dir,
         }
     }
@@ -215,26 +278,8 @@ pub struct EtcdCluster {
 
 impl EtcdCluster {
     pub fn start(n: usize) -> EtcdCluster {
-        require(ETCD);
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut members: Vec<EtcdMember> = (0..n)
-            .map(|i| member(dir.path(), &format!("e{i}"), None))
-            .collect();
-        let initial = members
-            .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
-            .collect::<Vec<_>>()
-            .join(",");
-        let token = token(dir.path());
-        // All start before any is awaited: a member is healthy only once a quorum is up.
-        for m in &mut members {
-            m.initial_cluster = initial.clone();
-            m.token = token.clone();
-            m.spawn();
-        }
-        for m in &mut members {
-            m.wait_healthy();
-        }
+        let members = start_members(dir.path(), n, None);
         EtcdCluster { members, _dir: dir }
     }
 

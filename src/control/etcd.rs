@@ -7,6 +7,7 @@
 //! never a hang.
 
 use std::collections::HashMap;
+use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -570,8 +571,10 @@ fn classify(
         E::GRpcStatus(status) => match i32::from(status.code()) {
             // tonic reports a failed dial as Unavailable, a connection dropped under a
             // request as Cancelled, and some hyper errors as Unknown.
+            // The message is often just "transport error": the cause (refused, reset, a
+            // TLS alert) is in the source chain.
             grpc::UNAVAILABLE | grpc::UNKNOWN | grpc::CANCELLED => {
-                unreachable(status.message().to_string())
+                unreachable(causes(status.message(), status.source()))
             }
             grpc::DEADLINE_EXCEEDED => EtcdError::Timeout { op, after: timeout },
             grpc::NOT_FOUND if lease.is_some() => {
@@ -607,11 +610,18 @@ mod grpc {
 
 /// The error with its causes, which is where tonic keeps "connection refused".
 fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
+    causes(&e.to_string(), e.source())
+}
+
+fn causes(head: &str, mut cause: Option<&dyn std::error::Error>) -> String {
+    let mut out = head.to_string();
     while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
+        // tonic and hyper wrap one cause in layers that say the same thing.
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cause = c.source();
     }
     out

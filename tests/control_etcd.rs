@@ -374,8 +374,25 @@ fn tls_to_etcd_with_a_client_certificate() {
     a.cert = Some(client.join("client-cert.pem"));
     a.key = Some(client.join("client-key.pem"));
     let d = Driver::connect(&a);
-    d.put(d.keys.config(), b"{}".to_vec(), None);
-    assert_eq!(d.value(&d.keys.config()), Some(b"{}".to_vec()));
+    d.put(probe(&d.keys), b"{}".to_vec(), None);
+    assert_eq!(d.value(&probe(&d.keys)), Some(b"{}".to_vec()));
+    // ctl takes the same flags, under etcdctl's names.
+    let mut list = blockrep_timed(60);
+    list.args(["ctl", "--etcd-endpoints", &etcd.endpoint()])
+        .arg("--etcd-cacert")
+        .arg(ca.join("ca-cert.pem"))
+        .arg("--etcd-cert")
+        .arg(client.join("client-cert.pem"))
+        .arg("--etcd-key")
+        .arg(client.join("client-key.pem"))
+        .args(["--volume", VOLUME, "list"]);
+    let out = run(&mut list);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("volume vol1: no leader"),
+        "{}",
+        describe(&out)
+    );
 
     // Without the client certificate etcd refuses the handshake.
     let mut anonymous = a.clone();

@@ -44,7 +44,8 @@ pub enum EtcdError {
     /// A leased put was asked for without a lease to bind it to.
     #[error("a transaction puts {0} on this node's lease, but the node holds none")]
     NoLease(String),
-    /// The CA, certificate or key for TLS to etcd could not be read or used.
+    /// The CA, certificate or key for TLS to etcd could not be read. (A handshake etcd
+    /// refuses is `Unreachable`: to the caller it is an etcd it cannot use.)
     #[error("TLS to etcd: {path}: {detail}")]
     Tls { path: PathBuf, detail: String },
     /// etcd answered with something this driver cannot use (a key that is not UTF-8).
@@ -103,9 +104,8 @@ struct Keeper {
 /// changed (or may have: after a reconnection events can have been missed), so re-read it.
 #[derive(Debug)]
 pub enum WatchEvent {
-    Changed {
-        revision: i64,
-    },
+    /// `revision` is the last change's, or 0 after a reconnection (the read tells).
+    Changed { revision: i64 },
     /// The watch broke; it is being re-established and a `Changed` follows when it is.
     Failed(EtcdError),
 }
@@ -337,11 +337,18 @@ impl Etcd {
 
     /// Ends `lease` now: every key on it is deleted (a clean shutdown hands over at once
     /// instead of after the TTL).
+    /// A lease already gone counts as revoked (a retried revoke whose first answer was lost
+    /// finds it so).
     pub async fn revoke(&self, lease: LeaseId) -> Result<(), EtcdError> {
-        self.request("revoke", Some(lease), true, |client| async move {
-            client.lease_client().revoke(lease.0).await
-        })
-        .await?;
+        let out = self
+            .request("revoke", Some(lease), true, |client| async move {
+                client.lease_client().revoke(lease.0).await
+            })
+            .await;
+        match out {
+            Ok(_) | Err(EtcdError::LeaseNotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
         let mut keeper = self.keeper.lock().await;
         if keeper.as_ref().is_some_and(|k| k.lease == lease) {
             *keeper = None;

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub fenced: IntGaugeVec,
     /// Replication peers refused by mutual TLS before any frame was read, by reason.
     pub peer_rejects: IntCounterVec,
+    /// Time of one etcd request of the control plane, by operation (read, txn, grant,
+    /// keep_alive, ...), failures included.
+    pub etcd_request: HistogramVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -233,6 +236,13 @@ impl Metrics {
                     "Replication peers refused by mutual TLS (before any frame), by reason."
                 ),
                 &["volume", "reason"]
+            )?),
+            etcd_request: reg!(HistogramVec::new(
+                hist(
+                    "etcd_request_seconds",
+                    "Time of one etcd request, by operation (failed ones included)."
+                ),
+                &["volume", "op"]
             )?),
             registry,
         })

@@ -1,0 +1,13 @@
+//! The control plane's I/O side: everything that talks to etcd. The decisions live in the
+//! sans-IO `blockrep-control` crate; this module carries them out.
+//!
+//! It owns the etcd flags ([`args`]), the etcd driver with its typed errors ([`etcd`]), and
+//! the operator's `blockrep ctl` ([`ctl`]). etcd-client is tokio-based, which is why it lives
+//! here in the binary and never in `control/`.
+
+pub mod args;
+pub mod ctl;
+// The lease, keep-alive and metrics half is `blockrep node`'s (src/control/node*), which lands
+// on its own branch: drop this allow when it does.
+#[allow(dead_code)]
+pub mod etcd;

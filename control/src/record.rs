@@ -13,7 +13,7 @@ use crate::txn::View;
 /// A key under the volume's directory holds something that is not its record.
 #[derive(Debug, Error)]
 pub enum RecordError {
-    #[error("etcd key {key} does not hold a valid record: {source}")]
+    #[error("etcd key {key} does not hold a valid record")]
     Json {
         key: String,
         #[source]

@@ -25,6 +25,6 @@ pub use store::{
     StoreObserver, MAX_REQUEST,
 };
 pub use superblock::{epoch_at, Role, Superblock};
-pub use types::{Epoch, Lsn, VolumeId, WalPos, BLOCK_SIZE};
+pub use types::{Epoch, Lsn, RebuildCursor, VolumeId, WalPos, BLOCK_SIZE};
 pub use wal::record::{RecordKind, WalRecord};
 pub use wal::ReplayOutcome;

@@ -20,6 +20,7 @@ mod files;
 mod flusher;
 mod lifecycle;
 mod primary;
+mod rebuild_cursor;
 mod replica;
 mod reserved;
 mod shared;

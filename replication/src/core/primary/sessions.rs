@@ -5,6 +5,7 @@
 use blockrep_storage::{Epoch, Lsn, WalRecord};
 
 use super::{Action, BarrierFailure, Body, CommitMode, Millis, PeerState, PrimaryCore};
+use super::RebuildRestart;
 use super::{ReplicaId, SessionId};
 
 impl PrimaryCore {
@@ -168,7 +169,7 @@ impl PrimaryCore {
         let Some(session) = self.peers[i].session() else {
             return;
         };
-        self.peers[i].begin_rebuild(now);
+        let resume = self.peers[i].begin_rebuild(now);
         self.counters.rebuilds_started += 1;
         self.set_state(
             i,
@@ -179,24 +180,58 @@ impl PrimaryCore {
         self.out.push(Action::BeginRebuild {
             replica: self.peers[i].id().clone(),
             session,
+            resume,
         });
     }
 
     /// The base is chosen (and the WAL after it pinned): reset the replica to it, start the
-    /// base image, and stream the WAL after the base as for a catch-up.
-    pub(super) fn rebuild_base(&mut self, i: usize, base: Lsn, history: Vec<(Epoch, Lsn)>) {
+    /// base image, and stream the WAL after the base as for a catch-up. A resumed base keeps
+    /// what the replica's cursor holds and the image continues from there; the WAL line
+    /// starts after the base all the same, so every block written since is written again.
+    pub(super) fn rebuild_base(
+        &mut self,
+        i: usize,
+        base: Lsn,
+        history: Vec<(Epoch, Lsn)>,
+        resumed: bool,
+    ) {
         if self.peers[i].state() != PeerState::Rebuilding {
             return;
         }
+        let asked = self.peers[i].rebuild().and_then(|r| r.resumed_from);
+        let resume = match asked {
+            Some(at) if resumed => {
+                self.peers[i].resumed();
+                self.counters.rebuilds_resumed += 1;
+                tracing::info!(
+                    replica = %self.peers[i].id(),
+                    "resuming the rebuild from byte {at} of the base at {base}"
+                );
+                Some(at)
+            }
+            Some(_) => {
+                self.restarted(i, RebuildRestart::WalRecycled);
+                None
+            }
+            None => None,
+        };
         let p = &mut self.peers[i];
         p.rebuild_from(base);
         let Some(session) = p.session() else { return };
         let replica = p.id().clone();
-        self.send(i, Body::RebuildStart { base, history });
+        self.send(
+            i,
+            Body::RebuildStart {
+                base,
+                history,
+                resume,
+            },
+        );
         self.out.push(Action::StreamBase {
             replica,
             session,
             base,
+            from: resume.unwrap_or(0),
             rate: self.cfg.rebuild_rate,
         });
         self.update_pin();

@@ -507,7 +507,8 @@ impl PrimaryCore {
                 sent,
             } => {
                 if let Some(i) = self.current(&replica, session) {
-                    self.counters.rebuild_sent_bytes += self.peers[i].base_progress(done, total, sent);
+                    self.counters.rebuild_sent_bytes +=
+                        self.peers[i].base_progress(done, total, sent);
                 }
             }
             Event::BaseSent { replica, session } => {
@@ -556,3 +557,6 @@ impl PrimaryCore {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod resume_tests;

@@ -59,7 +59,9 @@ pub enum Event {
         durable: Lsn,
     },
     /// The store wrote a new rebuild cursor (`Store::save_rebuild_cursor`).
-    CursorSaved { cursor: RebuildCursor },
+    CursorSaved {
+        cursor: RebuildCursor,
+    },
     /// The rebuild finished (answer to `FinishRebuild`), durable through `durable`.
     RebuildFinished {
         conn: ConnId,

@@ -62,7 +62,9 @@ impl Rebuild {
 
     /// Bytes of base received in order from offset 0.
     pub fn received_through(&self) -> u64 {
-        self.chunks.back().map_or(self.saved_through, |(end, _)| *end)
+        self.chunks
+            .back()
+            .map_or(self.saved_through, |(end, _)| *end)
     }
 
     /// A base chunk ending at `end`, which may reflect entries through `reflects`.

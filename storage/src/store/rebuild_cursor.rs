@@ -56,8 +56,8 @@ impl Store {
                 return Ok(None);
             };
             let head = core.log.last();
-            let epoch = crate::superblock::epoch_at(&core.epochs.history, head)
-                .unwrap_or(core.epochs.last);
+            let epoch =
+                crate::superblock::epoch_at(&core.epochs.history, head).unwrap_or(core.epochs.last);
             (r.base, r.chunks.clone(), head, epoch)
         };
         self.shared.checkpoint().map_err(StorageError::Failed)?;

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 
-use blockrep_storage::{RebuildCursor, Lsn, VolumeId};
+use blockrep_storage::{Lsn, RebuildCursor, VolumeId};
 
 use crate::core::{Millis, ReplicaId, SessionId};
 

@@ -4,8 +4,8 @@
 
 use blockrep_storage::{Epoch, Lsn, WalRecord};
 
-use super::{Action, BarrierFailure, Body, CommitMode, Millis, PeerState, PrimaryCore};
 use super::RebuildRestart;
+use super::{Action, BarrierFailure, Body, CommitMode, Millis, PeerState, PrimaryCore};
 use super::{ReplicaId, SessionId};
 
 impl PrimaryCore {

@@ -181,6 +181,7 @@ impl Drive {
             base: Lsn(base),
             history: vec![(E, Lsn(1))],
             resumed: false,
+            refused: None,
         })
     }
 
@@ -527,6 +528,7 @@ fn every_call_with_a_stale_session_id_is_rejected() {
             base: Lsn(5),
             history: vec![(E, Lsn(1))],
             resumed: false,
+            refused: None,
         },
         Event::BaseProgress {
             replica: r.clone(),

@@ -168,14 +168,15 @@ pub enum Event {
     },
     /// The base chosen for a rebuild (`BeginRebuild`): our checkpoint and the epoch history
     /// through it; the WAL after it is pinned.
-    /// `resumed`: this is the base the `BeginRebuild` asked to resume, pinned again; false
-    /// when it asked for a fresh base, or when the WAL after the old one is gone.
+    /// `resumed`: this is the base the `BeginRebuild` asked to resume, pinned again. A
+    /// fresh base otherwise, and with `refused` why a resume asked for could not be done.
     RebuildBase {
         replica: ReplicaId,
         session: SessionId,
         base: Lsn,
         history: Vec<(Epoch, Lsn)>,
         resumed: bool,
+        refused: Option<RebuildRestart>,
     },
     /// The base image streamed through offset `done` of `total`; `sent` bytes of data went
     /// out in this stream so far.
@@ -494,8 +495,10 @@ impl PrimaryCore {
                 base,
                 history,
                 resumed,
+                refused,
             } => {
                 if let Some(i) = self.current(&replica, session) {
+                    let resumed = if resumed { Ok(()) } else { Err(refused) };
                     self.rebuild_base(i, base, history, resumed);
                 }
             }

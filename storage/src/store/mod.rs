@@ -42,6 +42,7 @@ use crate::types::{Epoch, Lsn, VolumeId};
 use crate::wal::ReplayOutcome;
 
 pub use self::files::create_dir_all_durable;
+pub use self::rebuild_cursor::ResumeRefusal;
 pub use self::shared::StoreObserver;
 
 /// Largest single request the engine takes (matches the NBD frontend's maximum payload).

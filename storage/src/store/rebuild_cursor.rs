@@ -8,6 +8,16 @@ use super::Store;
 use crate::error::{Result, StorageError};
 use crate::types::{Epoch, Lsn, RebuildCursor};
 
+/// Why a primary cannot resume a rebuild from a base it vouched for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeRefusal {
+    /// The WAL no longer holds every entry after the base.
+    WalRecycled,
+    /// Our data file is older than the base (a primary that took over with an older
+    /// checkpoint): what it would send past the cursor could miss entries before the base.
+    OlderImage,
+}
+
 /// A cursor is written once this much more base has arrived...
 pub const CURSOR_EVERY_BYTES: u64 = 64 << 20;
 /// ...or this long after the last one, whichever comes first.
@@ -104,22 +114,26 @@ impl Store {
         Ok(Some(cursor))
     }
 
-    /// Primary side: the base a replica's cursor names, again. If the WAL still holds every
-    /// entry after `base`, it is pinned from there (in the same step, so no checkpoint can
-    /// release it first) and the epoch history through `base` is returned; `None` when those
-    /// entries are gone (the rebuild must start over).
-    pub fn resume_base(&self, base: Lsn) -> Option<Vec<(Epoch, Lsn)>> {
+    /// Primary side: the base a replica's cursor names, again. If our data file is at least
+    /// as new as `base` (what we stream past the cursor must be "as of the base or newer")
+    /// and the WAL still holds every entry after it, the WAL is pinned from there (in the
+    /// same step, so no checkpoint can release it first) and the epoch history through
+    /// `base` is returned. Otherwise the rebuild must start over, for the reason returned.
+    pub fn resume_base(&self, base: Lsn) -> std::result::Result<Vec<(Epoch, Lsn)>, ResumeRefusal> {
         let _no_checkpoint = self
             .shared
             .checkpoint_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let mut core = self.shared.lock_core();
+        if core.log.checkpoint_lsn < base {
+            return Err(ResumeRefusal::OlderImage);
+        }
         if base > core.log.last() || core.log.tail_lsn > base.next() {
-            return None;
+            return Err(ResumeRefusal::WalRecycled);
         }
         core.repl.pin_from(base.next());
-        Some(crate::superblock::history_through(
+        Ok(crate::superblock::history_through(
             &core.epochs.history,
             base,
         ))

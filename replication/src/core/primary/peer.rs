@@ -85,14 +85,18 @@ pub enum RebuildRestart {
     /// The WAL after the base is no longer retained (or the hold for it was given up to the
     /// retention budget).
     WalRecycled,
+    /// Our data file is older than the base (we took over with an older checkpoint): the
+    /// image we would send past the cursor could miss entries before the base.
+    OlderImage,
 }
 
 impl RebuildRestart {
-    pub const ALL: [RebuildRestart; 4] = [
+    pub const ALL: [RebuildRestart; 5] = [
         RebuildRestart::NoCursor,
         RebuildRestart::BadCursor,
         RebuildRestart::LineageChanged,
         RebuildRestart::WalRecycled,
+        RebuildRestart::OlderImage,
     ];
 
     /// The label in logs and metrics.
@@ -102,6 +106,7 @@ impl RebuildRestart {
             RebuildRestart::BadCursor => "bad-cursor",
             RebuildRestart::LineageChanged => "lineage-changed",
             RebuildRestart::WalRecycled => "wal-recycled",
+            RebuildRestart::OlderImage => "older-image",
         }
     }
 
@@ -415,6 +420,8 @@ impl Peer {
         self.has_progress = true;
         self.held_from = None;
         self.released = false;
+        // Its store is not rebuilding (a handshake runs only then): no base to resume.
+        self.kept_base = None;
     }
 
     /// Its log diverged after `keep`: it is asked to cut there, and counts only through it.
@@ -495,9 +502,13 @@ impl Peer {
         }
     }
 
+    /// The cursor a resume was asked for, once (the base is chosen now).
+    pub(super) fn take_resume(&mut self) -> Option<RebuildCursor> {
+        self.resume.take()
+    }
+
     /// The resume goes ahead.
     pub(super) fn resumed(&mut self) {
-        self.resume = None;
         if let Some((_, c)) = &mut self.cost {
             c.resumes += 1;
         }

@@ -65,6 +65,7 @@ fn interrupted(
         durable_epoch: Epoch(0),
         committed: Lsn(0),
         rebuilding: true,
+        cursor: None,
         cursor,
     };
     let a = c.step(Event::Received {
@@ -95,6 +96,19 @@ fn base_chosen(c: &mut PrimaryCore, s: SessionId, base: u64, resumed: bool) -> V
         base: Lsn(base),
         history: vec![(Epoch(1), Lsn(1))],
         resumed,
+        refused: None,
+    })
+}
+
+/// The store could not resume (for `why`) and chose a fresh base at `base`.
+fn base_refused(c: &mut PrimaryCore, s: SessionId, base: u64, why: RebuildRestart) -> Vec<Action> {
+    c.step(Event::RebuildBase {
+        replica: rid("a"),
+        session: s,
+        base: Lsn(base),
+        history: vec![(Epoch(1), Lsn(1))],
+        resumed: false,
+        refused: Some(why),
     })
 }
 

@@ -7,6 +7,7 @@ use blockrep_storage::{Epoch, Lsn, WalRecord};
 use super::RebuildRestart;
 use super::{Action, BarrierFailure, Body, CommitMode, Millis, PeerState, PrimaryCore};
 use super::{ReplicaId, SessionId};
+use crate::mutants::{active, Mutant};
 
 impl PrimaryCore {
     pub(super) fn set_state(&mut self, i: usize, state: PeerState, now: Millis, why: &str) {
@@ -193,14 +194,20 @@ impl PrimaryCore {
         i: usize,
         base: Lsn,
         history: Vec<(Epoch, Lsn)>,
-        resumed: bool,
+        resumed: Result<(), Option<RebuildRestart>>,
     ) {
         if self.peers[i].state() != PeerState::Rebuilding {
             return;
         }
         let asked = self.peers[i].rebuild().and_then(|r| r.resumed_from);
-        let resume = match asked {
-            Some(at) if resumed => {
+        let cursor = self.peers[i].take_resume();
+        // The mutant takes the replica's word for the base's history too.
+        let history = match cursor {
+            Some(c) if resumed.is_ok() && active(Mutant::TrustCursorWithoutLineage) => c.history,
+            _ => history,
+        };
+        let resume = match (asked, resumed) {
+            (Some(at), Ok(())) => {
                 self.peers[i].resumed();
                 self.counters.rebuilds_resumed += 1;
                 tracing::info!(
@@ -209,11 +216,11 @@ impl PrimaryCore {
                 );
                 Some(at)
             }
-            Some(_) => {
-                self.restarted(i, RebuildRestart::WalRecycled);
+            (Some(_), Err(why)) => {
+                self.restarted(i, why.unwrap_or(RebuildRestart::WalRecycled));
                 None
             }
-            None => None,
+            (None, _) => None,
         };
         let p = &mut self.peers[i];
         p.rebuild_from(base);

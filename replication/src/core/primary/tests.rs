@@ -893,6 +893,7 @@ fn a_replica_beyond_retention_is_rebuilt_and_counts_only_once_accepted() {
         base: Lsn(90),
         history: vec![(E, Lsn(1))],
         resumed: false,
+        refused: None,
     });
     assert!(matches!(
         &frames_to(&a, "a")[..],
@@ -975,6 +976,7 @@ fn a_completed_rebuild_makes_the_replica_count_again() {
         base: Lsn(10),
         history: vec![(E, Lsn(1))],
         resumed: false,
+        refused: None,
     });
     c.step(Event::WalRead {
         replica: r.clone(),
@@ -1039,6 +1041,7 @@ fn a_stale_wal_read_never_steers_a_rebuild() {
         base: Lsn(90),
         history: vec![(E, Lsn(1))],
         resumed: false,
+        refused: None,
     });
     // The stale answer to the catch-up read arrives.
     let a = c.step(Event::WalGone {

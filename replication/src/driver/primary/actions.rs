@@ -3,11 +3,11 @@
 
 use std::sync::atomic::Ordering;
 
-use blockrep_storage::{Epoch, Lsn, StorageError};
+use blockrep_storage::{Epoch, Lsn, ResumeRefusal, StorageError};
 
 use super::base::BaseStream;
 use super::{Driver, Input};
-use crate::core::primary::{Action, BarrierFailure, Event, PeerState};
+use crate::core::primary::{Action, BarrierFailure, Event, PeerState, RebuildRestart};
 use crate::core::{ReplicaId, SessionId};
 use crate::driver::millis;
 use crate::wire::Frame;
@@ -128,22 +128,24 @@ impl Driver {
         let tx = self.in_tx.clone();
         tokio::spawn(async move {
             let chosen = tokio::task::spawn_blocking(move || {
-                match resume.and_then(|b| store.resume_base(b).map(|h| (b, h))) {
-                    Some((base, history)) => (base, history, true),
-                    None => {
-                        let (base, history) = store.rebuild_base();
-                        (base, history, false)
-                    }
-                }
+                let refused = match resume.map(|b| (b, store.resume_base(b))) {
+                    Some((base, Ok(history))) => return (base, history, true, None),
+                    Some((_, Err(ResumeRefusal::WalRecycled))) => Some(RebuildRestart::WalRecycled),
+                    Some((_, Err(ResumeRefusal::OlderImage))) => Some(RebuildRestart::OlderImage),
+                    None => None,
+                };
+                let (base, history) = store.rebuild_base();
+                (base, history, false, refused)
             })
             .await;
-            if let Ok((base, history, resumed)) = chosen {
+            if let Ok((base, history, resumed, refused)) = chosen {
                 let _ = tx.send(Input::Event(Event::RebuildBase {
                     replica,
                     session,
                     base,
                     history,
                     resumed,
+                    refused,
                 }));
             }
         });

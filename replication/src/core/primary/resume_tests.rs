@@ -65,7 +65,6 @@ fn interrupted(
         durable_epoch: Epoch(0),
         committed: Lsn(0),
         rebuilding: true,
-        cursor: None,
         cursor,
     };
     let a = c.step(Event::Received {

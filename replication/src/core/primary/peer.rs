@@ -110,7 +110,8 @@ impl RebuildRestart {
         }
     }
 
-    pub(super) fn index(self) -> usize {
+    /// Its place in `RebuildRestart::ALL` (and `PrimaryCounters::rebuild_restarts`).
+    pub fn index(self) -> usize {
         self as usize
     }
 }

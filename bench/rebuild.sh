@@ -26,7 +26,8 @@
 #   catchup-fio        the same with the fio writer running
 #   rebuild-fio-limited  as rebuild-fio, with the primary restarted with --rebuild-rate: REBUILD_RATE_MIB
 #                      if set, else 50% of this rep's rebuild-idle rate (the rate used is in the CSV)
-#   scratch-50         (same primary and rate limit) a blank r1 is SIGKILLed once its durable
+#   scratch-50         (the primary restarted with --rebuild-rate INTERRUPT_RATE_MIB, so that half
+#                      way lasts long enough to be caught) a blank r1 is SIGKILLed once its durable
 #                      rebuild cursor (`rebuild_cursor_bytes` in r1's /v1/status) passes 50% of
 #                      the data, wiped to a blank store and started again: the rebuild from
 #                      scratch an interruption cost before rebuilds could resume
@@ -68,6 +69,7 @@
 #   REPS (3)  SIZE_MIB (256)  CATCHUP_MIB (32; must fit the WAL retention budget, half the
 #             WAL)  WAL_SIZE (256MiB)  STEADY_S (10)  RAMP (1 s)  FIO_RATE (8m)
 #   REBUILD_RATE_MIB          fixed --rebuild-rate in MiB/s for rebuild-fio-limited
+#   INTERRUPT_RATE_MIB (64)   --rebuild-rate in MiB/s for scratch-50 and resume-50
 #   BENCH_DATA_DIR            stores, images (default target/bench-data/rebuild; one disk)
 #   BENCH_RESULTS_DIR         default target/bench-results
 #   PORT_BASE (12950)         127.0.0.1:PORT_BASE .. +5
@@ -90,6 +92,7 @@ STEADY_S=${STEADY_S:-10}
 RAMP=${RAMP:-1}
 FIO_RATE=${FIO_RATE:-8m}
 REBUILD_RATE_MIB=${REBUILD_RATE_MIB:-}
+INTERRUPT_RATE_MIB=${INTERRUPT_RATE_MIB:-64}
 DATA_DIR=${BENCH_DATA_DIR:-$ROOT/target/bench-data/rebuild}
 RESULTS_DIR=${BENCH_RESULTS_DIR:-$ROOT/target/bench-results}
 PORT_BASE=${PORT_BASE:-12950}
@@ -482,9 +485,11 @@ for rep in $(seq "$REPS"); do
     stop primary
     start_primary $((limit * 1024 * 1024))
     rebuild rebuild-fio-limited "$limit" 1
-    log "rep $rep/$REPS: scratch-50 and resume-50 (--rebuild-rate ${limit} MiB/s)"
-    interrupted scratch-50 scratch "$limit"
-    interrupted resume-50 resume "$limit"
+    log "rep $rep/$REPS: scratch-50 and resume-50 (--rebuild-rate ${INTERRUPT_RATE_MIB} MiB/s)"
+    stop primary
+    start_primary $((INTERRUPT_RATE_MIB * 1024 * 1024))
+    interrupted scratch-50 scratch "$INTERRUPT_RATE_MIB"
+    interrupted resume-50 resume "$INTERRUPT_RATE_MIB"
     stop r1
     stop primary
 done

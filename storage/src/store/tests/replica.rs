@@ -369,3 +369,36 @@ fn no_partial_base_is_trusted_without_proof_of_its_lineage() {
     store.begin_rebuild(Lsn(10), history, None).unwrap();
     assert_eq!(store.rebuild_cursor(), None);
 }
+
+/// A primary resumes a base only while its data file is at least as new as the base and its
+/// WAL holds every entry after it, which it then pins; otherwise it says why.
+#[test]
+fn a_primary_resumes_a_base_only_with_its_wal_and_a_data_file_as_new() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let store = open(&path);
+    store.begin_epoch(None).unwrap();
+    for b in 0..8u64 {
+        rt.block_on(store.write(b * 4096, &pattern(b as u8, 4096), false))
+            .unwrap();
+    }
+    store.shared.checkpoint().unwrap();
+    let (base, history) = store.rebuild_base();
+    assert_eq!(base, Lsn(8));
+    assert_eq!(store.resume_base(base), Ok(history));
+    // Newer than our checkpoint: what we would stream past a cursor could be older than it.
+    rt.block_on(store.write(0, &pattern(9, 4096), false))
+        .unwrap();
+    assert_eq!(
+        store.resume_base(Lsn(9)),
+        Err(crate::ResumeRefusal::OlderImage)
+    );
+    // The WAL after an old base recycled: nothing to replay from there.
+    store.set_retention_pin(None);
+    store.shared.checkpoint().unwrap();
+    assert_eq!(
+        store.resume_base(Lsn(2)),
+        Err(crate::ResumeRefusal::WalRecycled)
+    );
+}

@@ -58,9 +58,10 @@ pub enum Event {
         conn: ConnId,
         durable: Lsn,
     },
-    /// The store wrote a new rebuild cursor (`Store::save_rebuild_cursor`).
+    /// The store wrote a new rebuild cursor (`Store::save_rebuild_cursor`): its cursor now
+    /// (read when the event is handled, so a rebuild begun since is not undone).
     CursorSaved {
-        cursor: RebuildCursor,
+        cursor: Option<RebuildCursor>,
     },
     /// The rebuild finished (answer to `FinishRebuild`), durable through `durable`.
     RebuildFinished {
@@ -170,7 +171,7 @@ impl ReplicaCore {
             Event::RebuildFinished { conn, durable } => self.rebuild_finished(conn, durable),
             Event::CursorSaved { cursor } => {
                 if self.s.rebuilding {
-                    self.s.cursor = Some(cursor);
+                    self.s.cursor = cursor;
                 }
             }
             Event::Truncated {

@@ -95,6 +95,7 @@ impl Cluster {
             } => self.wal_read(node, replica, session, from),
             Job::SaveCursor => {
                 if let Some(cursor) = self.nodes[node].store.save_cursor() {
+                    let cursor = Some(cursor);
                     self.step(node, replica::Event::CursorSaved { cursor });
                 }
             }

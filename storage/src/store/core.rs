@@ -25,6 +25,9 @@ use crate::wal::WalLayout;
 pub(crate) struct Rebuild {
     /// The primary's checkpoint the base image was taken at; entries after it arrive as WAL.
     pub base: Lsn,
+    /// The log generation it began in: a cursor written for an earlier attempt at the same
+    /// base is never recorded for this one.
+    pub generation: u16,
     /// Blocks written by WAL entries since the rebuild began: base blocks never overwrite
     /// them ("WAL wins over base").
     pub touched: RangeSet,
@@ -42,15 +45,16 @@ pub(crate) struct Rebuild {
 
 impl Rebuild {
     /// A rebuild from a base taken at `base`, with nothing written over it yet.
-    pub fn new(base: Lsn) -> Self {
-        Rebuild::resumed(base, 0, base)
+    pub fn new(base: Lsn, generation: u16) -> Self {
+        Rebuild::resumed(base, generation, 0, base)
     }
 
     /// A rebuild from `base` whose first `through` bytes are durable already and reflect no
     /// entry after `floor`.
-    pub fn resumed(base: Lsn, through: u64, floor: Lsn) -> Self {
+    pub fn resumed(base: Lsn, generation: u16, through: u64, floor: Lsn) -> Self {
         Rebuild {
             base,
+            generation,
             touched: Default::default(),
             chunks: Default::default(),
             floor,

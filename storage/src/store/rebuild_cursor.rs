@@ -60,7 +60,7 @@ impl Store {
     }
 
     fn write_cursor(&self) -> Result<Option<RebuildCursor>> {
-        let (base, chunks, proof, proof_epoch) = {
+        let (base, generation, chunks, proof, proof_epoch) = {
             let core = self.shared.lock_core();
             let Some(r) = &core.rebuild else {
                 return Ok(None);
@@ -68,9 +68,13 @@ impl Store {
             let head = core.log.last();
             let epoch =
                 crate::superblock::epoch_at(&core.epochs.history, head).unwrap_or(core.epochs.last);
-            (r.base, r.chunks.clone(), head, epoch)
+            (r.base, r.generation, r.chunks.clone(), head, epoch)
         };
         self.shared.checkpoint().map_err(StorageError::Failed)?;
+        // The checkpoint skips its fdatasync when the flusher already wrote everything (its
+        // base-only checkpoints sync nothing): the base below the cursor must be on disk.
+        crate::io::sync_data(&self.shared.data)
+            .map_err(|e| StorageError::io(&self.shared.data_path, e))?;
         // Chunks arrive in order and `reflects` only grows along them.
         let Some(through) = chunks
             .iter()
@@ -85,12 +89,9 @@ impl Store {
             .superblock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let same_rebuild = self
-            .shared
-            .lock_core()
-            .rebuild
-            .as_ref()
-            .is_some_and(|r| r.base == base && r.saved_through < through);
+        let same_rebuild = self.shared.lock_core().rebuild.as_ref().is_some_and(|r| {
+            r.base == base && r.generation == generation && r.saved_through < through
+        });
         if !sb.is_rebuilding() || !same_rebuild {
             return Ok(None);
         }

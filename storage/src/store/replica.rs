@@ -142,8 +142,9 @@ impl Store {
         let (_, _no_checkpoint, mut sb) = self.quiesce_log()?;
         let mut core = self.shared.lock_core();
         core.check_writable()?;
+        let generation = sb.wal_generation.wrapping_add(1);
         let rebuild = match resume {
-            None => Rebuild::new(base),
+            None => Rebuild::new(base, generation),
             Some(through) => match &sb.rebuild_cursor {
                 Some(c)
                     if sb.is_rebuilding()
@@ -151,7 +152,7 @@ impl Store {
                         && c.history == history
                         && c.through == through =>
                 {
-                    Rebuild::resumed(base, through, c.proof)
+                    Rebuild::resumed(base, generation, through, c.proof)
                 }
                 other => {
                     return Err(StorageError::Failed(format!(
@@ -171,7 +172,7 @@ impl Store {
         sb.checkpoint_epoch = base_epoch;
         sb.wal_tail = core.log.head;
         sb.wal_tail_lsn = base.next();
-        sb.wal_generation = sb.wal_generation.wrapping_add(1);
+        sb.wal_generation = generation;
         sb.generation_start = base.next();
         sb.epoch_history = history.clone();
         sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;

@@ -112,6 +112,11 @@ pub async fn serve(
                 node.conns.insert(conn, out);
                 continue;
             }
+            // The store's cursor as it is now: a rebuild begun since the save dropped it.
+            Input::Event(Event::CursorSaved { .. }) => {
+                let cursor = node.store.rebuild_cursor();
+                (Event::CursorSaved { cursor }, None)
+            }
             Input::Event(e) => (e, None),
             Input::Received {
                 conn,
@@ -316,7 +321,7 @@ impl ReplicaLoop {
         tokio::task::spawn_blocking(move || match store.save_rebuild_cursor() {
             Ok(Some(cursor)) => {
                 tracing::debug!(through = cursor.through, "rebuild cursor written");
-                let _ = in_tx.send(Input::Event(Event::CursorSaved { cursor }));
+                let _ = in_tx.send(Input::Event(Event::CursorSaved { cursor: None }));
             }
             Ok(None) => {}
             Err(e) => tracing::warn!("cannot write the rebuild cursor: {e}"),

@@ -423,6 +423,7 @@ impl Peer {
         self.released = false;
         // Its store is not rebuilding (a handshake runs only then): no base to resume.
         self.kept_base = None;
+        self.resume = None;
     }
 
     /// Its log diverged after `keep`: it is asked to cut there, and counts only through it.

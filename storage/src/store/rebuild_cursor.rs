@@ -70,6 +70,11 @@ impl Store {
                 crate::superblock::epoch_at(&core.epochs.history, head).unwrap_or(core.epochs.last);
             (r.base, r.generation, r.chunks.clone(), head, epoch)
         };
+        // The proof is our head, not just what the base chunks may reflect: a block skipped
+        // for the WAL holds its pre-rebuild contents until the WAL line writes it again, and
+        // this checkpoint (like the flusher's) writes our WAL entries into the data file. A
+        // primary that lost entries it had shipped to us (a crash before its WAL had them)
+        // therefore cannot vouch, and the rebuild starts over.
         self.shared.checkpoint().map_err(StorageError::Failed)?;
         // The checkpoint skips its fdatasync when the flusher already wrote everything (its
         // base-only checkpoints sync nothing): the base below the cursor must be on disk.

@@ -26,6 +26,16 @@
 #   catchup-fio        the same with the fio writer running
 #   rebuild-fio-limited  as rebuild-fio, with the primary restarted with --rebuild-rate: REBUILD_RATE_MIB
 #                      if set, else 50% of this rep's rebuild-idle rate (the rate used is in the CSV)
+#   scratch-50         (the primary restarted with --rebuild-rate INTERRUPT_RATE_MIB, so that half
+#                      way lasts long enough to be caught) a blank r1 is SIGKILLed once its durable
+#                      rebuild cursor (`rebuild_cursor_bytes` in r1's /v1/status) passes 50% of
+#                      the data, wiped to a blank store and started again: the rebuild from
+#                      scratch an interruption cost before rebuilds could resume
+#   resume-50          the same interruption, r1 started again on its store: the rebuild resumes
+#                      from its cursor. For both, seconds run from the restarted r1's
+#                      `rebuilding from our base image` line to `rebuilt`, wall_s from the
+#                      restart; mib is what the primary sent after the restart
+#                      (`blockrep_rebuild_sent_bytes_total`). No fio load (timings only).
 #
 # Timing: from the primary's own log timestamps (NO_COLOR, µs resolution). A rebuild runs from
 # `rebuilding from our base image replica=r1` to `rebuilt replica=r1 state="in_sync"`, a
@@ -59,6 +69,7 @@
 #   REPS (3)  SIZE_MIB (256)  CATCHUP_MIB (32; must fit the WAL retention budget, half the
 #             WAL)  WAL_SIZE (256MiB)  STEADY_S (10)  RAMP (1 s)  FIO_RATE (8m)
 #   REBUILD_RATE_MIB          fixed --rebuild-rate in MiB/s for rebuild-fio-limited
+#   INTERRUPT_RATE_MIB (64)   --rebuild-rate in MiB/s for scratch-50 and resume-50
 #   BENCH_DATA_DIR            stores, images (default target/bench-data/rebuild; one disk)
 #   BENCH_RESULTS_DIR         default target/bench-results
 #   PORT_BASE (12950)         127.0.0.1:PORT_BASE .. +5
@@ -81,6 +92,7 @@ STEADY_S=${STEADY_S:-10}
 RAMP=${RAMP:-1}
 FIO_RATE=${FIO_RATE:-8m}
 REBUILD_RATE_MIB=${REBUILD_RATE_MIB:-}
+INTERRUPT_RATE_MIB=${INTERRUPT_RATE_MIB:-64}
 DATA_DIR=${BENCH_DATA_DIR:-$ROOT/target/bench-data/rebuild}
 RESULTS_DIR=${BENCH_RESULTS_DIR:-$ROOT/target/bench-results}
 PORT_BASE=${PORT_BASE:-12950}
@@ -331,7 +343,7 @@ rebuild() { # scenario rate-mib (0: none) fio(0/1)
     t1=$(log_time "$from" 'rebuilt replica=r1')
     [[ -n $t0 && -n $t1 ]] || die "$sc: no 'rebuilding from our base image' / 'rebuilt' in the primary's log"
     read -r base_mib base_s < <(tail -n +"$((from + 1))" "$P_LOG" | grep -m1 'base image sent' \
-        | sed -E 's/.*sent \(([0-9]+) MiB of data\) in ([0-9.]+) s.*/\1 \2/')
+        | sed -E 's/.*sent from byte [0-9]+ \(([0-9]+) MiB of data\) in ([0-9.]+) s.*/\1 \2/')
     ((base_mib > 0)) || die "$sc: the base image sent no data (log: $P_LOG)"
     [[ $(status 'r["state"]') == in_sync ]] || die "$sc: r1 is not in_sync after 'rebuilt'"
     if [[ $3 == 1 ]]; then read -r p50 p99 c99 n < <(lat_window "$sc-$rep" "$t0" "$t1"); fi
@@ -366,6 +378,62 @@ catchup() { # scenario fio(0/1)
     if [[ $2 == 1 ]]; then read -r p50 p99 c99 n < <(lat_window "$sc-$rep" "$t0" "$t1"); fi
     s=$(sub "$t1" "$t0")
     row "$rep,$sc,$lag,$s,$(rate "$lag" "$s"),,,$lag,$p50,$p99,$c99,$n,$wall"
+}
+
+sent_mib() { # the primary's blockrep_rebuild_sent_bytes_total, in MiB
+    curl -sf "http://127.0.0.1:$ADMIN_P/v1/status" >/dev/null # the counters export on a report
+    curl -sf "http://127.0.0.1:$ADMIN_P/metrics" | python3 -c '
+import sys
+for l in sys.stdin:
+    if l.startswith("blockrep_rebuild_sent_bytes_total"):
+        print(f"{float(l.split()[-1]) / 1048576:.1f}")
+        break
+else:
+    print(0)'
+}
+
+# A blank r1 interrupted (SIGKILL) once its durable cursor passes half the data; then
+# started again on a blank store (scratch) or on its own (resume). Rate limit: the primary's.
+interrupted() { # scenario scratch|resume rate-mib
+    local sc=$1 from t0 t1 s wall sent0 sent1 half=$((SIZE_BYTES / 2)) at=0
+    stop r1
+    start_r1 blank
+    for _ in $(seq 1200); do
+        at=$(curl -sf "http://127.0.0.1:$ADMIN_R1/v1/status" | python3 -c '
+import json, sys
+print(json.load(sys.stdin).get("rebuild_cursor_bytes") or 0)' 2>/dev/null || echo 0)
+        ((at >= half)) && break
+        alive "${PIDS[r1]}" || die "$sc: r1 exited (log: $RUN_DIR/r1.log)"
+        sleep 0.05
+    done
+    ((at >= half)) || die "$sc: r1's rebuild cursor never passed 50% (at $at)"
+    stop r1 KILL
+    # The primary sees the session end before the restart is timed.
+    for _ in $(seq 300); do
+        [[ $(status 'r["state"]') != rebuilding ]] && break
+        sleep 0.1
+    done
+    sent0=$(sent_mib)
+    from=$(log_lines)
+    if [[ $2 == scratch ]]; then
+        start_r1 blank
+    else
+        start_r1
+    fi
+    wait_log "$from" 'rebuilt replica=r1 state="in_sync"' 1800
+    wall=$(sub "$(date +%s.%N)" "$R1_STARTED")
+    sent1=$(sent_mib)
+    if [[ $2 == resume ]]; then
+        tail -n +"$((from + 1))" "$P_LOG" | grep -qF 'resuming the rebuild from byte' \
+            || die "$sc: the primary did not resume the rebuild (log: $P_LOG)"
+    fi
+    t0=$(log_time "$from" 'rebuilding from our base image replica=r1')
+    t1=$(log_time "$from" 'rebuilt replica=r1')
+    [[ -n $t0 && -n $t1 ]] || die "$sc: no 'rebuilding from our base image' / 'rebuilt' in the primary's log"
+    s=$(sub "$t1" "$t0")
+    local mib
+    mib=$(sub "$sent1" "$sent0")
+    row "$rep,$sc,$mib,$s,$(rate "$mib" "$s"),$3,,,,,,,$wall"
 }
 
 steady() {
@@ -417,6 +485,11 @@ for rep in $(seq "$REPS"); do
     stop primary
     start_primary $((limit * 1024 * 1024))
     rebuild rebuild-fio-limited "$limit" 1
+    log "rep $rep/$REPS: scratch-50 and resume-50 (--rebuild-rate ${INTERRUPT_RATE_MIB} MiB/s)"
+    stop primary
+    start_primary $((INTERRUPT_RATE_MIB * 1024 * 1024))
+    interrupted scratch-50 scratch "$INTERRUPT_RATE_MIB"
+    interrupted resume-50 resume "$INTERRUPT_RATE_MIB"
     stop r1
     stop primary
 done
@@ -470,7 +543,12 @@ for sc in dict.fromkeys(r["scenario"] for r in rows):
         f"{p99 / steady:.2f}" if p99 and steady else "–", f(med(sc, "clat_p99_us"), 0),
         f(med(sc, "writes_in_window"), 0), runs or "–"]) + " |")
 ri, rl = med("rebuild-idle", "mib_s"), med("rebuild-fio-limited", "lat_p99_us")
+sc50, rs50 = med("scratch-50", "seconds"), med("resume-50", "seconds")
 out += ["", "**Goals**", ""]
+if sc50 and rs50:
+    out.append(f"- time to in sync after an interruption at 50%: resumed {rs50:.2f} s, from "
+               f"scratch {sc50:.2f} s ({rs50 / sc50:.2f} ×); sent again: "
+               f"{f(med('resume-50', 'mib'))} MiB resumed, {f(med('scratch-50', 'mib'))} MiB from scratch")
 if ri and peer:
     out.append(f"- rebuild (idle) ÷ nbdcopy loopback copy: {ri / peer:.2f} (goal ≥ 0.80: "
                f"{'met' if ri / peer >= 0.8 else 'NOT met'})")

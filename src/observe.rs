@@ -5,8 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockrep_frontend::{Observer, Op};
-use blockrep_metrics::{Metrics, OpHandles, RebuildReport, ReplicaReport, StatusReport};
-use blockrep_replication::core::primary::PeerState;
+use blockrep_metrics::{
+    Metrics, OpHandles, RebuildCost, RebuildReport, ReplicaReport, StatusReport,
+};
+use blockrep_replication::core::primary::{PeerState, RebuildRestart};
 use blockrep_replication::core::CommitMode;
 use blockrep_replication::driver::primary::PrimaryHandle;
 use blockrep_replication::driver::replica::ReplicaStatus;
@@ -125,6 +127,11 @@ impl StatusSource {
             for outcome in ["catch_up", "truncated", "rebuild_started", "rebuild_done"] {
                 m.recovery_sessions.with_label_values(&[v, outcome]);
             }
+            m.rebuild_resumed.with_label_values(&[v]);
+            m.rebuild_sent_bytes.with_label_values(&[v]);
+            for reason in RebuildRestart::ALL {
+                m.rebuild_restarted.with_label_values(&[v, reason.name()]);
+            }
         }
         StatusSource {
             store,
@@ -183,7 +190,15 @@ impl StatusSource {
                             bytes_done: rb.bytes_done,
                             bytes_total: rb.bytes_total,
                             eta_seconds: eta,
+                            sent_bytes: rb.sent_bytes,
+                            resumed_from: rb.resumed_from,
                         }
+                    });
+                    let last_rebuild = peer.last_rebuild.as_ref().map(|c| RebuildCost {
+                        sent_bytes: c.sent_bytes,
+                        seconds_to_in_sync: c.took as f64 / 1000.0,
+                        resumes: c.resumes,
+                        restarts: c.restarts,
                     });
                     r.replicas.push(ReplicaReport {
                         name: peer.id.0.clone(),
@@ -195,6 +210,7 @@ impl StatusSource {
                         lag_bytes,
                         lag_seconds: s.lag_seconds.get(i).copied().unwrap_or(0.0),
                         rebuild,
+                        last_rebuild,
                     });
                 }
                 self.export_recoveries(&s.counters);
@@ -203,6 +219,11 @@ impl StatusSource {
         if let NodeKind::Replica { status } = &self.kind {
             let s = status.borrow().clone();
             r.committed_lsn = r.committed_lsn.max(s.committed.0);
+            r.rebuild_cursor_bytes = sb
+                .rebuild_cursor
+                .as_ref()
+                .filter(|_| r.rebuilding)
+                .map(|c| c.through);
         }
         self.refresh_gauges(&r);
         r
@@ -210,6 +231,31 @@ impl StatusSource {
 
     fn export_recoveries(&self, c: &blockrep_replication::core::primary::PrimaryCounters) {
         let mut exported = self.exported.lock().unwrap_or_else(|p| p.into_inner());
+        let m = &self.metrics.metrics;
+        let v = self.metrics.volume.as_str();
+        let mut bump = |key: &'static str, now: u64, counter: prometheus::IntCounter| {
+            let before = exported.insert(key, now).unwrap_or(0);
+            if now > before {
+                counter.inc_by(now - before);
+            }
+        };
+        bump(
+            "rebuild_resumed",
+            c.rebuilds_resumed,
+            m.rebuild_resumed.with_label_values(&[v]),
+        );
+        bump(
+            "rebuild_sent_bytes",
+            c.rebuild_sent_bytes,
+            m.rebuild_sent_bytes.with_label_values(&[v]),
+        );
+        for reason in RebuildRestart::ALL {
+            bump(
+                reason.name(),
+                c.rebuild_restarts[reason.index()],
+                m.rebuild_restarted.with_label_values(&[v, reason.name()]),
+            );
+        }
         for (outcome, now) in [
             ("catch_up", c.catch_ups),
             ("truncated", c.truncations),

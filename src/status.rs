@@ -187,6 +187,12 @@ pub fn render(r: &StatusReport) -> String {
     }
     if r.rebuilding {
         out.push_str("REBUILDING: this store's contents are incomplete\n");
+        if let Some(at) = r.rebuild_cursor_bytes {
+            out.push_str(&format!(
+                "       {} of the base durable (a resume keeps it)\n",
+                human(at)
+            ));
+        }
     }
     if !r.replicas.is_empty() {
         out.push_str(&format!(
@@ -219,6 +225,23 @@ pub fn render(r: &StatusReport) -> String {
                     bar(b.bytes_done, b.bytes_total, 30),
                     human(b.bytes_done),
                     human(b.bytes_total)
+                ));
+                let resumed = b
+                    .resumed_from
+                    .map_or(String::new(), |at| format!("  resumed at {}", human(at)));
+                out.push_str(&format!(
+                    "           {} of base data sent{resumed}\n",
+                    human(b.sent_bytes)
+                ));
+            }
+            if let Some(c) = &p.last_rebuild {
+                out.push_str(&format!(
+                    "           last rebuild: {} sent, in sync after {:.1} s ({} resumed, {} \
+                     restarted)\n",
+                    human(c.sent_bytes),
+                    c.seconds_to_in_sync,
+                    c.resumes,
+                    c.restarts
                 ));
             }
         }

@@ -342,6 +342,7 @@ fn attack_frames(volume_id: VolumeId, epoch: u64) -> Vec<Frame> {
             Body::RebuildStart {
                 base: Lsn(1),
                 history: vec![(Epoch(epoch + 1), Lsn(1))],
+                resume: None,
             },
         ),
         (

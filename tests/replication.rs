@@ -767,7 +767,8 @@ fn crc32c(data: &[u8]) -> u32 {
 fn frame(kind: u8, epoch: u64, body: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(24 + body.len());
     f.extend_from_slice(b"BRRP");
-    f.push(1);
+    // The wire version: 2 since HelloOk carries the rebuild cursor (docs/PROTOCOL.md).
+    f.push(WIRE_VERSION);
     f.push(kind);
     f.extend_from_slice(&0u16.to_le_bytes());
     f.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -788,6 +789,9 @@ const K_BARRIER: u8 = 4;
 const K_REJECT: u8 = 6;
 const K_PROBE: u8 = 7;
 const K_PROBE_REPLY: u8 = 8;
+/// The frame header's version byte, written out here as the spec says, not taken from the
+/// crate: these frames are a second, independent encoder.
+const WIRE_VERSION: u8 = 2;
 
 /// An Entries frame with one write of `payload` at `offset` as entry `lsn`.
 fn entries_body(lsn: u64, epoch: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
@@ -834,7 +838,7 @@ fn read_frame(s: &mut TcpStream, what: &str) -> Option<RawFrame> {
         }
     }
     assert_eq!(&h[0..4], b"BRRP", "{what}: magic");
-    assert_eq!(h[4], 1, "{what}: version");
+    assert_eq!(h[4], WIRE_VERSION, "{what}: version");
     let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
     assert!(len < 1 << 20, "{what}: body of {len} bytes");
     let mut body = vec![0u8; len];

@@ -11,7 +11,7 @@ mod http;
 mod status;
 
 pub use http::{serve, Admin, AdminError};
-pub use status::{RebuildReport, ReplicaReport, StatusReport};
+pub use status::{RebuildCost, RebuildReport, ReplicaReport, StatusReport};
 
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -49,6 +49,9 @@ pub struct Metrics {
     pub recovery_sessions: IntCounterVec,
     pub rebuild_progress: GaugeVec,
     pub rebuild_bytes: IntGaugeVec,
+    pub rebuild_resumed: IntCounterVec,
+    pub rebuild_restarted: IntCounterVec,
+    pub rebuild_sent_bytes: IntCounterVec,
     pub epoch: IntGaugeVec,
     pub role: IntGaugeVec,
     pub fenced: IntGaugeVec,
@@ -217,6 +220,27 @@ impl Metrics {
                     "Base image bytes sent to a rebuilding replica."
                 ),
                 vr
+            )?),
+            rebuild_resumed: reg!(IntCounterVec::new(
+                opts(
+                    "rebuild_resumed_total",
+                    "Interrupted rebuilds resumed from the replica's cursor."
+                ),
+                v
+            )?),
+            rebuild_restarted: reg!(IntCounterVec::new(
+                opts(
+                    "rebuild_restarted_total",
+                    "Interrupted rebuilds started over, by the reason no resume was possible."
+                ),
+                &["volume", "reason"]
+            )?),
+            rebuild_sent_bytes: reg!(IntCounterVec::new(
+                opts(
+                    "rebuild_sent_bytes_total",
+                    "Base image data bytes sent to rebuilding replicas."
+                ),
+                v
             )?),
             epoch: reg!(IntGaugeVec::new(
                 opts("epoch", "The epoch this node serves at."),

@@ -19,6 +19,9 @@ pub struct StatusReport {
     /// The epoch that fenced this primary, if any.
     pub fenced_by: Option<u64>,
     pub rebuilding: bool,
+    /// A rebuilding replica: bytes of the base durable in its cursor (what a resume keeps).
+    #[serde(default)]
+    pub rebuild_cursor_bytes: Option<u64>,
     pub replicas: Vec<ReplicaReport>,
 }
 
@@ -34,6 +37,9 @@ pub struct ReplicaReport {
     pub lag_bytes: u64,
     pub lag_seconds: f64,
     pub rebuild: Option<RebuildReport>,
+    /// What its last completed rebuild cost (since this primary started).
+    #[serde(default)]
+    pub last_rebuild: Option<RebuildCost>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -42,4 +48,19 @@ pub struct RebuildReport {
     pub bytes_total: u64,
     /// Seconds to go at the rate so far, once there is a rate.
     pub eta_seconds: Option<f64>,
+    /// Base data bytes sent on this attempt.
+    #[serde(default)]
+    pub sent_bytes: u64,
+    /// A resumed rebuild: the offset its base image continued from.
+    #[serde(default)]
+    pub resumed_from: Option<u64>,
+}
+
+/// One completed rebuild, from its first start to in sync, across its interruptions.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RebuildCost {
+    pub sent_bytes: u64,
+    pub seconds_to_in_sync: f64,
+    pub resumes: u32,
+    pub restarts: u32,
 }

@@ -26,6 +26,9 @@ pub enum Mutant {
     /// A replica answers a cut of its log as done without cutting: the discarded tail stays
     /// and is merged with the new primary's log.
     AckCutWithoutCutting = 8,
+    /// The primary resumes an interrupted rebuild from any cursor the replica reports,
+    /// without checking that the partial base's lineage is its own.
+    TrustCursorWithoutLineage = 9,
 }
 
 impl Mutant {
@@ -40,6 +43,7 @@ impl Mutant {
             Mutant::PromoteWithoutPrefix => "promote-without-prefix",
             Mutant::RecycleNeededWal => "recycle-needed-wal",
             Mutant::AckCutWithoutCutting => "ack-cut-without-cutting",
+            Mutant::TrustCursorWithoutLineage => "trust-cursor-without-lineage",
         }
     }
 
@@ -47,7 +51,7 @@ impl Mutant {
         Mutant::ALL.into_iter().find(|m| m.name() == name)
     }
 
-    pub const ALL: [Mutant; 8] = [
+    pub const ALL: [Mutant; 9] = [
         Mutant::CountOutOfSyncReplica,
         Mutant::AcceptLsnGap,
         Mutant::SkipReplicaEpochCheck,
@@ -56,6 +60,7 @@ impl Mutant {
         Mutant::PromoteWithoutPrefix,
         Mutant::RecycleNeededWal,
         Mutant::AckCutWithoutCutting,
+        Mutant::TrustCursorWithoutLineage,
     ];
 }
 

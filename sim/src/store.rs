@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use blockrep_storage::{epoch_at, Epoch, Lsn, RecordKind, VolumeId, WalRecord};
+use blockrep_storage::{epoch_at, Epoch, Lsn, RebuildCursor, RecordKind, VolumeId, WalRecord};
 use bytes::Bytes;
 
 pub const BLOCK: u64 = 4096;
@@ -101,6 +101,16 @@ pub struct SimStore {
     pub touched: HashSet<u64>,
     pub pin: Option<Lsn>,
     pub blank: bool,
+    /// How far the rebuild in progress got, durably: the image below `through` survives a
+    /// crash (it was written and fsynced), the rest of a rebuild's base does not.
+    pub cursor: Option<RebuildCursor>,
+    /// The rebuild's base and history, for its cursor.
+    rebuild_base: (Lsn, Vec<(Epoch, Lsn)>),
+    /// Base chunks applied since the last cursor: where each ends, and the newest entry the
+    /// base through there may reflect.
+    base_chunks: Vec<(u64, Lsn)>,
+    /// What the base below the first of `base_chunks` may reflect.
+    base_floor: Lsn,
     head: Lsn,
 }
 
@@ -123,6 +133,10 @@ impl SimStore {
             touched: HashSet::new(),
             pin: None,
             blank: true,
+            cursor: None,
+            rebuild_base: (Lsn::ZERO, Vec::new()),
+            base_chunks: Vec::new(),
+            base_floor: Lsn::ZERO,
             head: Lsn::ZERO,
         }
     }
@@ -163,8 +177,10 @@ impl SimStore {
         self.history.retain(|(_, start)| *start <= self.head);
         self.pin = None;
         if self.rebuilding {
-            // Base blocks lived only in memory: nothing of the rebuild is trusted.
-            self.image.clear();
+            // Base blocks past the cursor lived only in memory (and the page cache).
+            let kept = self.cursor.as_ref().map_or(0, |c| c.through / BLOCK);
+            self.image.retain(|b, _| *b < kept);
+            self.base_chunks.clear();
         }
     }
 
@@ -254,30 +270,87 @@ impl SimStore {
         Ok(())
     }
 
-    pub fn begin_rebuild(&mut self, base: Lsn, history: Vec<(Epoch, Lsn)>) {
+    /// Starts a rebuild from `base`; with `resume`, the image below the cursor at that
+    /// offset is kept (the store's cursor must name it, as the core checked).
+    pub fn begin_rebuild(&mut self, base: Lsn, history: Vec<(Epoch, Lsn)>, resume: Option<u64>) {
+        let cursor = self
+            .cursor
+            .take()
+            .filter(|c| self.rebuilding && resume == Some(c.through) && c.base == base);
+        match &cursor {
+            Some(c) => {
+                let kept = c.through / BLOCK;
+                self.image.retain(|b, _| *b < kept);
+                self.base_floor = c.proof;
+            }
+            None => {
+                self.image.clear();
+                self.base_floor = base;
+            }
+        }
+        self.cursor = cursor;
         self.rebuilding = true;
-        self.image.clear();
         self.image_lsn = base;
         self.log.clear();
         self.retained_from = base.next();
         self.head = base;
         self.durable = base;
-        self.history = history;
+        self.history = history.clone();
+        self.rebuild_base = (base, history);
+        self.base_chunks.clear();
         self.touched.clear();
         self.blank = false;
     }
 
-    pub fn apply_base(&mut self, blocks: &[(u64, u64)]) {
+    /// Base values for `blocks` (the chunk ends at byte `end` and may reflect entries through
+    /// `reflects`).
+    pub fn apply_base(&mut self, blocks: &[(u64, u64)], end: u64, reflects: Lsn) {
         for &(b, v) in blocks {
             if !self.touched.contains(&b) {
                 self.image.insert(b, v);
             }
         }
+        if self.rebuilding {
+            let prior = self.base_chunks.last().map_or(self.base_floor, |(_, r)| *r);
+            self.base_chunks.push((end, prior.max(reflects)));
+        }
+    }
+
+    /// `Store::save_rebuild_cursor`: everything appended is made durable, and the cursor
+    /// moves to the furthest chunk end whose base reflects nothing past the head.
+    pub fn save_cursor(&mut self) -> Option<RebuildCursor> {
+        if !self.rebuilding {
+            return None;
+        }
+        let proof = self.sync();
+        let through = self
+            .base_chunks
+            .iter()
+            .take_while(|(_, r)| *r <= proof)
+            .map(|(end, _)| *end)
+            .last()?;
+        if self.cursor.as_ref().is_some_and(|c| c.through >= through) {
+            return None;
+        }
+        let (base, history) = self.rebuild_base.clone();
+        let cursor = RebuildCursor {
+            base,
+            history,
+            through,
+            proof,
+            proof_epoch: self.head_epoch(),
+        };
+        self.base_chunks.retain(|(end, _)| *end > through);
+        self.base_floor = self.base_floor.max(proof);
+        self.cursor = Some(cursor.clone());
+        Some(cursor)
     }
 
     pub fn finish_rebuild(&mut self) {
         self.durable = self.head;
         self.rebuilding = false;
+        self.cursor = None;
+        self.base_chunks.clear();
         self.touched.clear();
         self.checkpoint();
     }

@@ -188,7 +188,9 @@ fn five_node_retention_expiry_with_mixed_outcomes() {
 /// 5-node, all lagging replicas need a rebuild: the primary is cut off from all four and
 /// writes past the byte budget (best-effort, so it keeps acknowledging on its own fsync).
 /// One dead replica, or four, never stops writes: each is released in turn (one per tick),
-/// and when the network heals each is rebuilt and ends holding the primary's volume.
+/// and when the network heals each comes back and ends holding the primary's volume: by a
+/// rebuild, or by a catch-up when the entries it lacks happen to be still in the WAL (a
+/// rebuild running for another replica holds the WAL after its base).
 #[test]
 fn five_node_all_lagging_replicas_need_a_rebuild() {
     let mut c = Cluster::scripted_nodes(BestEffort, 5);
@@ -204,7 +206,11 @@ fn five_node_all_lagging_replicas_need_a_rebuild() {
         lands(&mut c, n, &w);
     }
     let k = c.counters(N0).expect("primary");
-    assert!(k.rebuilds_done >= 4, "{k:?}");
+    assert!(k.rebuilds_needed >= 4, "{k:?}");
+    assert!(
+        k.rebuilds_done >= 3 && k.rebuilds_done + k.catch_ups >= 4,
+        "{k:?}"
+    );
     converge(&mut c);
 }
 

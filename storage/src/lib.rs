@@ -21,10 +21,10 @@ pub mod wal;
 pub use error::{Result, StorageError};
 pub use io::IoMode;
 pub use store::{
-    create_dir_all_durable, Allocation, CreateOptions, OpenOptions, ReadSegment, Store, StoreInfo,
-    StoreObserver, MAX_REQUEST,
+    create_dir_all_durable, Allocation, CreateOptions, OpenOptions, ReadSegment, ResumeRefusal,
+    Store, StoreInfo, StoreObserver, MAX_REQUEST,
 };
 pub use superblock::{epoch_at, Role, Superblock};
-pub use types::{Epoch, Lsn, VolumeId, WalPos, BLOCK_SIZE};
+pub use types::{Epoch, Lsn, RebuildCursor, VolumeId, WalPos, BLOCK_SIZE};
 pub use wal::record::{RecordKind, WalRecord};
 pub use wal::ReplayOutcome;

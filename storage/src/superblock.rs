@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Result, StorageError};
-use crate::types::{Epoch, Lsn, VolumeId, WalPos, BLOCK_SIZE};
+use crate::types::{Epoch, Lsn, RebuildCursor, VolumeId, WalPos, BLOCK_SIZE};
 
 const MAGIC: &[u8; 8] = b"BLKREPSB";
 const FORMAT_VERSION: u32 = 1;
@@ -94,6 +94,9 @@ pub struct Superblock {
     /// (see `Store::truncate_after`); a cut below it would leave blocks of discarded entries
     /// in the data file.
     pub data_through: Lsn,
+    /// How far the rebuild in progress got, durably (only while rebuilding). Its history is
+    /// the epoch history through its base.
+    pub rebuild_cursor: Option<RebuildCursor>,
     /// Bumped by every update; picks the newer of the two slots.
     pub(crate) seq: u64,
 }
@@ -119,6 +122,7 @@ impl Superblock {
             wal_generation: 0,
             generation_start: Lsn::ZERO,
             data_through: Lsn::ZERO,
+            rebuild_cursor: None,
             seq: 0,
         }
     }
@@ -155,6 +159,14 @@ impl Superblock {
         b[146..148].copy_from_slice(&self.wal_generation.to_le_bytes());
         b[148..156].copy_from_slice(&self.generation_start.0.to_le_bytes());
         b[156..164].copy_from_slice(&self.data_through.0.to_le_bytes());
+        // A store written before cursors existed has zeroes here: no cursor.
+        if let Some(c) = &self.rebuild_cursor {
+            b[164] = 1;
+            b[168..176].copy_from_slice(&c.base.0.to_le_bytes());
+            b[176..184].copy_from_slice(&c.through.to_le_bytes());
+            b[184..192].copy_from_slice(&c.proof.0.to_le_bytes());
+            b[192..200].copy_from_slice(&c.proof_epoch.0.to_le_bytes());
+        }
         for (i, (e, lsn)) in history.iter().enumerate() {
             let at = HISTORY_AT + i * 16;
             b[at..at + 8].copy_from_slice(&e.0.to_le_bytes());
@@ -203,6 +215,7 @@ impl Superblock {
             wal_generation: u16::from_le_bytes([b[146], b[147]]),
             generation_start: Lsn(u64_at(148)),
             data_through: Lsn(u64_at(156)),
+            rebuild_cursor: None,
             epoch_history: {
                 let n = u16::from_le_bytes([b[144], b[145]]) as usize;
                 if n > EPOCH_HISTORY {
@@ -216,6 +229,17 @@ impl Superblock {
                     .collect()
             },
         };
+        let mut sb = sb;
+        if b[164] == 1 {
+            let base = Lsn(u64_at(168));
+            sb.rebuild_cursor = Some(RebuildCursor {
+                base,
+                history: history_through(&sb.epoch_history, base),
+                through: u64_at(176),
+                proof: Lsn(u64_at(184)),
+                proof_epoch: Epoch(u64_at(192)),
+            });
+        }
         if u64::from(sb.block_size) != BLOCK_SIZE {
             return Err(format!("block size {} is not {BLOCK_SIZE}", sb.block_size));
         }
@@ -304,6 +328,19 @@ mod tests {
         sb.wal_tail = WalPos(8192);
         sb.data_through = Lsn(44);
         sb
+    }
+
+    #[test]
+    fn superblock_roundtrips_a_rebuild_cursor() {
+        let mut sb = sample();
+        sb.rebuild_cursor = Some(RebuildCursor {
+            base: Lsn(41),
+            history: vec![(Epoch(1), Lsn(1)), (Epoch(3), Lsn(40))],
+            through: 64 << 20,
+            proof: Lsn(44),
+            proof_epoch: Epoch(3),
+        });
+        assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
     }
 
     #[test]

@@ -128,3 +128,23 @@ mod tests {
         assert_eq!(Lsn(1).next(), Lsn(2));
     }
 }
+
+/// How far an interrupted rebuild got, durably: the base it was taken from and the part of
+/// it that is in the data file and fdatasynced. A primary resumes from it only when it can
+/// vouch for that base (see `PrimaryCore`'s resume rule in the replication crate).
+///
+/// Invariant (*no partial base is trusted without proof of its lineage*): the data below
+/// `through` reflects no entry after `proof`, and the store's own log held the primary's
+/// entries through `proof` (an entry of `proof_epoch`) when the cursor was written. A primary
+/// whose log has the same entry at `proof` has every entry that data may reflect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildCursor {
+    /// The primary's checkpoint the base was taken at.
+    pub base: Lsn,
+    /// The epoch history through `base`, as the primary sent it.
+    pub history: Vec<(Epoch, Lsn)>,
+    /// Bytes of the base, from offset 0, received and durable in the data file.
+    pub through: u64,
+    pub proof: Lsn,
+    pub proof_epoch: Epoch,
+}

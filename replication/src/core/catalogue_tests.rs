@@ -180,6 +180,8 @@ impl Drive {
             session,
             base: Lsn(base),
             history: vec![(E, Lsn(1))],
+            resumed: false,
+            refused: None,
         })
     }
 
@@ -235,6 +237,7 @@ fn hello_ok(durable: u64) -> Body {
         durable_epoch: E,
         committed: Lsn(0),
         rebuilding: false,
+        cursor: None,
     }
 }
 
@@ -524,12 +527,15 @@ fn every_call_with_a_stale_session_id_is_rejected() {
             session: old,
             base: Lsn(5),
             history: vec![(E, Lsn(1))],
+            resumed: false,
+            refused: None,
         },
         Event::BaseProgress {
             replica: r.clone(),
             session: old,
             done: 1,
             total: 2,
+            sent: 0,
         },
         Event::BaseSent {
             replica: r.clone(),
@@ -977,6 +983,7 @@ fn replica_following(epoch: u64, head: u64) -> ReplicaCore {
         committed: Lsn(4),
         was_primary: false,
         rebuilding: false,
+        cursor: None,
     });
     r.step(replica::Event::Received {
         conn: C,
@@ -1022,10 +1029,12 @@ fn primary_frames() -> Vec<Body> {
         Body::RebuildStart {
             base: Lsn(3),
             history: vec![],
+            resume: None,
         },
         Body::BaseChunk {
             offset: 0,
             length: 4096,
+            reflects: Lsn::ZERO,
             data: None,
         },
         Body::RebuildFinish { target: Lsn(10) },

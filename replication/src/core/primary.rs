@@ -33,7 +33,7 @@ use std::collections::VecDeque;
 use blockrep_storage::{Epoch, Lsn, VolumeId, WalRecord};
 
 use self::peer::Peer;
-pub use self::peer::{PeerState, RebuildProgress};
+pub use self::peer::{PeerState, RebuildProgress, RebuildReport, RebuildRestart};
 use super::{CommitMode, Millis, ReplicaId, SessionId};
 use crate::wire::{Body, Frame};
 
@@ -168,18 +168,24 @@ pub enum Event {
     },
     /// The base chosen for a rebuild (`BeginRebuild`): our checkpoint and the epoch history
     /// through it; the WAL after it is pinned.
+    /// `resumed`: this is the base the `BeginRebuild` asked to resume, pinned again. A
+    /// fresh base otherwise, and with `refused` why a resume asked for could not be done.
     RebuildBase {
         replica: ReplicaId,
         session: SessionId,
         base: Lsn,
         history: Vec<(Epoch, Lsn)>,
+        resumed: bool,
+        refused: Option<RebuildRestart>,
     },
-    /// Base image bytes sent so far.
+    /// The base image streamed through offset `done` of `total`; `sent` bytes of data went
+    /// out in this stream so far.
     BaseProgress {
         replica: ReplicaId,
         session: SessionId,
         done: u64,
         total: u64,
+        sent: u64,
     },
     /// The whole base image is queued for the replica.
     BaseSent {
@@ -240,17 +246,22 @@ pub enum Action {
         state: PeerState,
         why: String,
     },
-    /// Choose a rebuild base (pinning the WAL after it); answer with `RebuildBase`.
+    /// Choose a rebuild base (pinning the WAL after it); answer with `RebuildBase`. With
+    /// `resume`, that base again if the WAL still holds every entry after it
+    /// (`Store::resume_base`), otherwise a fresh one.
     BeginRebuild {
         replica: ReplicaId,
         session: SessionId,
+        resume: Option<Lsn>,
     },
-    /// Stream the base image (our data file as of `base` or newer) to the replica, at most
-    /// `rate` bytes per second (0: unlimited); report `BaseProgress` and `BaseSent`.
+    /// Stream the base image (our data file as of `base` or newer) from offset `from` to the
+    /// replica, at most `rate` bytes per second (0: unlimited); report `BaseProgress` and
+    /// `BaseSent`.
     StreamBase {
         replica: ReplicaId,
         session: SessionId,
         base: Lsn,
+        from: u64,
         rate: u64,
     },
 }
@@ -274,6 +285,12 @@ pub struct PrimaryCounters {
     pub rebuilds_needed: u64,
     pub rebuilds_started: u64,
     pub rebuilds_done: u64,
+    /// Interrupted rebuilds resumed from the replica's cursor.
+    pub rebuilds_resumed: u64,
+    /// Interrupted rebuilds started over, by reason (indexed as [`RebuildRestart::ALL`]).
+    pub rebuild_restarts: [u64; RebuildRestart::ALL.len()],
+    /// Base image data bytes sent, all rebuilds together.
+    pub rebuild_sent_bytes: u64,
 }
 
 /// A replica as reported by [`PrimaryCore::peers`].
@@ -289,6 +306,8 @@ pub struct PeerStatus {
     /// Why it entered its state (for people; test `contacted` for whether it was dialled).
     pub why: String,
     pub rebuild: Option<RebuildProgress>,
+    /// What its last completed rebuild cost (since this primary started).
+    pub last_rebuild: Option<RebuildReport>,
     /// It has been dialled at least once since this primary started. Until then its state is
     /// `Disconnected` only because nothing was tried yet, and `why` says so.
     pub contacted: bool,
@@ -409,6 +428,7 @@ impl PrimaryCore {
                 session: p.session(),
                 why: p.why().to_string(),
                 rebuild: p.rebuild().cloned(),
+                last_rebuild: p.last_rebuild().cloned(),
                 contacted: p.contacted(),
             })
             .collect()
@@ -474,9 +494,12 @@ impl PrimaryCore {
                 session,
                 base,
                 history,
+                resumed,
+                refused,
             } => {
                 if let Some(i) = self.current(&replica, session) {
-                    self.rebuild_base(i, base, history);
+                    let resumed = if resumed { Ok(()) } else { Err(refused) };
+                    self.rebuild_base(i, base, history, resumed);
                 }
             }
             Event::BaseProgress {
@@ -484,9 +507,11 @@ impl PrimaryCore {
                 session,
                 done,
                 total,
+                sent,
             } => {
                 if let Some(i) = self.current(&replica, session) {
-                    self.peers[i].base_progress(done, total);
+                    self.counters.rebuild_sent_bytes +=
+                        self.peers[i].base_progress(done, total, sent);
                 }
             }
             Event::BaseSent { replica, session } => {
@@ -535,3 +560,6 @@ impl PrimaryCore {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod resume_tests;

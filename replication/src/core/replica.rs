@@ -6,7 +6,7 @@
 //! epoch, and entries only in LSN order: a duplicate is ignored, a gap is refused. It reports
 //! durability only after its own fsync.
 
-use blockrep_storage::{Epoch, Lsn, VolumeId, WalRecord};
+use blockrep_storage::{Epoch, Lsn, RebuildCursor, VolumeId, WalRecord};
 
 use bytes::Bytes;
 
@@ -40,6 +40,8 @@ pub struct ReplicaState {
     pub was_primary: bool,
     /// A rebuild is in progress (or was interrupted): contents incomplete.
     pub rebuilding: bool,
+    /// How far that rebuild got, durably (`Store::rebuild_cursor`).
+    pub cursor: Option<RebuildCursor>,
 }
 
 #[derive(Debug)]
@@ -55,6 +57,11 @@ pub enum Event {
     Synced {
         conn: ConnId,
         durable: Lsn,
+    },
+    /// The store wrote a new rebuild cursor (`Store::save_rebuild_cursor`): its cursor now
+    /// (read when the event is handled, so a rebuild begun since is not undone).
+    CursorSaved {
+        cursor: Option<RebuildCursor>,
     },
     /// The rebuild finished (answer to `FinishRebuild`), durable through `durable`.
     RebuildFinished {
@@ -102,15 +109,19 @@ pub enum Action {
     SetCommitted {
         lsn: Lsn,
     },
-    /// Reset the store to the primary's base (persisted as rebuilding).
+    /// Reset the store to the primary's base (persisted as rebuilding); with `resume`, keep
+    /// the base below the store's cursor at that offset.
     BeginRebuild {
         base: Lsn,
         history: Vec<(Epoch, Lsn)>,
+        resume: Option<u64>,
     },
-    /// Apply base image contents (`None`: a hole), never over blocks the WAL has written.
+    /// Apply base image contents (`None`: a hole), never over blocks the WAL has written;
+    /// they reflect no entry after `reflects`.
     ApplyBase {
         offset: u64,
         length: u64,
+        reflects: Lsn,
         data: Option<bytes::Bytes>,
     },
     /// Once durable through `target`, make the base durable and clear the rebuilding mark;
@@ -158,6 +169,11 @@ impl ReplicaCore {
             Event::Received { conn, frame } => self.received(conn, frame),
             Event::Closed { conn } => self.closed(conn),
             Event::RebuildFinished { conn, durable } => self.rebuild_finished(conn, durable),
+            Event::CursorSaved { cursor } => {
+                if self.s.rebuilding {
+                    self.s.cursor = cursor;
+                }
+            }
             Event::Truncated {
                 conn,
                 head,
@@ -178,6 +194,7 @@ impl ReplicaCore {
 
     fn rebuild_finished(&mut self, conn: ConnId, durable: Lsn) {
         self.s.rebuilding = false;
+        self.s.cursor = None;
         if durable > self.s.durable {
             self.s.durable = durable;
         }
@@ -221,6 +238,7 @@ impl ReplicaCore {
                     durable_epoch: self.s.head_epoch,
                     committed: self.s.committed,
                     rebuilding: self.s.rebuilding,
+                    cursor: self.s.cursor.clone().filter(|_| self.s.rebuilding),
                 },
             );
         } else {
@@ -308,14 +326,19 @@ impl ReplicaCore {
             Body::Entries { committed, records } if self.current(conn, epoch) => {
                 self.entries(conn, committed, records)
             }
-            Body::RebuildStart { base, history } if self.current(conn, epoch) => {
-                self.rebuild_start(conn, base, history)
-            }
+            Body::RebuildStart {
+                base,
+                history,
+                resume,
+            } if self.current(conn, epoch) => self.rebuild_start(conn, base, history, resume),
             Body::BaseChunk {
                 offset,
                 length,
+                reflects,
                 data,
-            } if self.current(conn, epoch) => self.base_chunk(conn, offset, length, data),
+            } if self.current(conn, epoch) => {
+                self.base_chunk(conn, (offset, length, reflects), data)
+            }
             Body::RebuildFinish { target } if self.current(conn, epoch) => {
                 self.out.push(Action::FinishRebuild {
                     conn,
@@ -404,20 +427,48 @@ impl ReplicaCore {
         self.learn_committed(committed);
     }
 
-    fn rebuild_start(&mut self, conn: ConnId, base: Lsn, history: Vec<(Epoch, Lsn)>) {
+    fn rebuild_start(
+        &mut self,
+        conn: ConnId,
+        base: Lsn,
+        history: Vec<(Epoch, Lsn)>,
+        resume: Option<u64>,
+    ) {
         if base.checked_next().is_none() || history.iter().any(|(e, _)| *e > self.s.epoch) {
             let msg = format!("a rebuild base at {base} (history {history:?}) cannot be followed");
             self.reject(conn, RejectReason::BadEntry, msg);
             return;
         }
+        if let Some(at) = resume {
+            // A resume keeps base we hold; it must be exactly the base our cursor names.
+            let ours = self.s.cursor.as_ref().filter(|_| self.s.rebuilding);
+            if !ours.is_some_and(|c| c.base == base && c.history == history && c.through == at) {
+                let msg = format!(
+                    "asked to resume a rebuild from base {base} at {at}; our cursor is {ours:?}"
+                );
+                self.reject(conn, RejectReason::Protocol, msg);
+                return;
+            }
+        } else {
+            self.s.cursor = None;
+        }
         self.s.rebuilding = true;
         self.s.head = base;
         self.s.head_epoch = blockrep_storage::epoch_at(&history, base).unwrap_or(Epoch(0));
         self.s.durable = base;
-        self.out.push(Action::BeginRebuild { base, history });
+        self.out.push(Action::BeginRebuild {
+            base,
+            history,
+            resume,
+        });
     }
 
-    fn base_chunk(&mut self, conn: ConnId, offset: u64, length: u64, data: Option<Bytes>) {
+    fn base_chunk(
+        &mut self,
+        conn: ConnId,
+        (offset, length, reflects): (u64, u64, Lsn),
+        data: Option<Bytes>,
+    ) {
         if !self.s.rebuilding {
             self.reject(
                 conn,
@@ -436,6 +487,7 @@ impl ReplicaCore {
         self.out.push(Action::ApplyBase {
             offset,
             length,
+            reflects,
             data,
         });
     }

@@ -8,7 +8,7 @@ use super::message::{
     MAGIC, MAX_BODY, VERSION,
 };
 use super::validate::check_payload;
-use blockrep_storage::{Epoch, Lsn, RecordKind, VolumeId, WalRecord};
+use blockrep_storage::{Epoch, Lsn, RebuildCursor, RecordKind, VolumeId, WalRecord};
 
 /// How many bytes the frame starting at `buf` needs in total, once its header is complete.
 pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
@@ -180,15 +180,25 @@ fn decode_body(kind: u8, r: &mut Reader) -> Result<Body, WireError> {
             durable_epoch: r.epoch()?,
             committed: r.lsn()?,
             rebuilding: r.u8()? != 0,
+            cursor: match r.flag("bad cursor flag")? {
+                false => None,
+                true => Some(decode_cursor(r)?),
+            },
         },
         9 => {
-            let base = r.lsn()?;
-            let n = r.u16()? as usize;
-            let mut history = Vec::with_capacity(n.min(1024));
-            for _ in 0..n {
-                history.push((r.epoch()?, r.lsn()?));
+            let (base, history) = decode_base(r)?;
+            let resume = match r.flag("bad resume flag")? {
+                false => {
+                    r.u64()?;
+                    None
+                }
+                true => Some(r.u64()?),
+            };
+            Body::RebuildStart {
+                base,
+                history,
+                resume,
             }
-            Body::RebuildStart { base, history }
         }
         10 => decode_base_chunk(r)?,
         ENTRIES => decode_entries(r)?,
@@ -235,9 +245,35 @@ fn decode_body(kind: u8, r: &mut Reader) -> Result<Body, WireError> {
     })
 }
 
+/// A base LSN and the epoch history through it.
+fn decode_base(r: &mut Reader) -> Result<(Lsn, Vec<(Epoch, Lsn)>), WireError> {
+    let base = r.lsn()?;
+    let n = r.u16()? as usize;
+    let mut history = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        history.push((r.epoch()?, r.lsn()?));
+    }
+    Ok((base, history))
+}
+
+fn decode_cursor(r: &mut Reader) -> Result<RebuildCursor, WireError> {
+    let through = r.u64()?;
+    let proof = r.lsn()?;
+    let proof_epoch = r.epoch()?;
+    let (base, history) = decode_base(r)?;
+    Ok(RebuildCursor {
+        base,
+        history,
+        through,
+        proof,
+        proof_epoch,
+    })
+}
+
 fn decode_base_chunk(r: &mut Reader) -> Result<Body, WireError> {
     let offset = r.u64()?;
     let length = r.u64()?;
+    let reflects = r.lsn()?;
     let data = match r.flag("bad data flag")? {
         false => None,
         true => {
@@ -248,6 +284,7 @@ fn decode_base_chunk(r: &mut Reader) -> Result<Body, WireError> {
     Ok(Body::BaseChunk {
         offset,
         length,
+        reflects,
         data,
     })
 }

@@ -90,12 +90,20 @@ fn put_body<'a>(body: &'a Body, dst: &mut BytesMut, payloads: &mut Payloads<'a>)
             durable_epoch,
             committed,
             rebuilding,
+            cursor,
         } => {
             dst.put_slice(&replica_store.0);
             dst.put_u64_le(durable.0);
             dst.put_u64_le(durable_epoch.0);
             dst.put_u64_le(committed.0);
             dst.put_u8(u8::from(*rebuilding));
+            dst.put_u8(u8::from(cursor.is_some()));
+            if let Some(c) = cursor {
+                dst.put_u64_le(c.through);
+                dst.put_u64_le(c.proof.0);
+                dst.put_u64_le(c.proof_epoch.0);
+                put_rebuild_start(dst, c.base, &c.history);
+            }
         }
         Body::ProbeReply {
             volume_id,
@@ -117,12 +125,21 @@ fn put_body<'a>(body: &'a Body, dst: &mut BytesMut, payloads: &mut Payloads<'a>)
             dst.put_u64_le(head_epoch.0);
             dst.put_u64_le(committed.0);
         }
-        Body::RebuildStart { base, history } => put_rebuild_start(dst, *base, history),
+        Body::RebuildStart {
+            base,
+            history,
+            resume,
+        } => {
+            put_rebuild_start(dst, *base, history);
+            dst.put_u8(u8::from(resume.is_some()));
+            dst.put_u64_le(resume.unwrap_or(0));
+        }
         Body::BaseChunk {
             offset,
             length,
+            reflects,
             data,
-        } => put_base_chunk(dst, *offset, *length, data.as_ref(), payloads),
+        } => put_base_chunk(dst, (*offset, *length, *reflects), data.as_ref(), payloads),
         Body::RebuildFinish { target } => dst.put_u64_le(target.0),
         Body::RebuildDone { durable } => dst.put_u64_le(durable.0),
         Body::Truncate { keep } => dst.put_u64_le(keep.0),
@@ -161,13 +178,13 @@ fn put_rebuild_start(dst: &mut BytesMut, base: Lsn, history: &[(Epoch, Lsn)]) {
 /// Base data is referenced after its metadata; a hole has none.
 fn put_base_chunk<'a>(
     dst: &mut BytesMut,
-    offset: u64,
-    length: u64,
+    (offset, length, reflects): (u64, u64, Lsn),
     data: Option<&'a Bytes>,
     payloads: &mut Payloads<'a>,
 ) {
     dst.put_u64_le(offset);
     dst.put_u64_le(length);
+    dst.put_u64_le(reflects.0);
     match data {
         Some(d) => {
             dst.put_u8(1);

@@ -2,10 +2,12 @@
 
 use bytes::Bytes;
 
-use blockrep_storage::{Epoch, Lsn, VolumeId, WalRecord};
+use blockrep_storage::{Epoch, Lsn, RebuildCursor, VolumeId, WalRecord};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"BRRP");
-pub const VERSION: u8 = 1;
+/// 2: `HelloOk` carries the rebuild cursor, `RebuildStart` may resume, `BaseChunk` says what
+/// it may reflect.
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 24;
 /// One frame never exceeds this (a 32 MiB write plus its framing fits easily).
 pub const MAX_BODY: usize = 40 << 20;
@@ -95,6 +97,8 @@ pub enum Body {
         committed: Lsn,
         /// A rebuild began and did not finish: the store's contents are incomplete.
         rebuilding: bool,
+        /// How far that rebuild got, durably, if it wrote a cursor.
+        cursor: Option<RebuildCursor>,
     },
     /// Primary → replica: entries in LSN order, and the primary's committed LSN.
     Entries {
@@ -116,14 +120,19 @@ pub enum Body {
     Probe { fence: Option<VolumeId> },
     /// Primary → replica: reset to the primary's base at `base` (its history through it),
     /// then take the base image (`BaseChunk`) and the WAL after it (`Entries`).
+    /// With `resume`, the replica's cursor at that offset is vouched for: the base below it
+    /// is kept, and the base image continues from there.
     RebuildStart {
         base: Lsn,
         history: Vec<(Epoch, Lsn)>,
+        resume: Option<u64>,
     },
     /// Primary → replica: base image contents at `offset` (block-aligned); no data = a hole.
+    /// They reflect no entry after `reflects` (what the primary's data file could hold).
     BaseChunk {
         offset: u64,
         length: u64,
+        reflects: Lsn,
         data: Option<Bytes>,
     },
     /// Primary → replica: the base image is complete; finish once durable through `target`.

@@ -67,6 +67,7 @@ fn body() -> impl Strategy<Value = Body> {
                 durable_epoch: Epoch(e),
                 committed: Lsn(c),
                 rebuilding: b,
+                cursor: None,
             }),
         (
             any::<u64>(),
@@ -75,6 +76,7 @@ fn body() -> impl Strategy<Value = Body> {
             .prop_map(|(b, h)| Body::RebuildStart {
                 base: Lsn(b),
                 history: h.into_iter().map(|(e, l)| (Epoch(e), Lsn(l))).collect(),
+                resume: None,
             }),
         (
             any::<u64>(),
@@ -84,6 +86,7 @@ fn body() -> impl Strategy<Value = Body> {
             .prop_map(|(o, d, hole)| Body::BaseChunk {
                 offset: o,
                 length: d.len() as u64,
+                reflects: Lsn::ZERO,
                 data: (!hole).then(|| Bytes::from(d)),
             }),
         any::<u64>().prop_map(|t| Body::RebuildFinish { target: Lsn(t) }),

@@ -15,7 +15,7 @@
 //! (The simulator hands the core frames it never encodes, with payloads abbreviated to a token
 //! per block, so the payload length is the decoder's to check.)
 
-use blockrep_storage::{Epoch, RecordKind, WalRecord, BLOCK_SIZE};
+use blockrep_storage::{Epoch, Lsn, RebuildCursor, RecordKind, WalRecord, BLOCK_SIZE};
 
 /// Why an entry (or a base chunk) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +36,40 @@ pub enum EntryError {
     WrapMarker,
     #[error("entry at LSN {0}, the last there is: no entry could follow it")]
     LastLsn(u64),
+}
+
+/// Why a rebuild cursor a replica reported cannot be followed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CursorError {
+    #[error("cursor offset {through} is off the block grid or past the {size}-byte volume")]
+    Offset { through: u64, size: u64 },
+    #[error("cursor proof {proof} is below its base {base}")]
+    ProofBelowBase { proof: Lsn, base: Lsn },
+    #[error("cursor history {0:?} is not ordered or runs past its base")]
+    History(Vec<(Epoch, Lsn)>),
+}
+
+/// A cursor a replica reported describes a base some primary could have sent: its offset on
+/// the block grid inside the volume, a proof at or after its base, and a history ordered
+/// by epoch and LSN that ends at or before its base. (Whether *we* can vouch for it is the
+/// primary core's resume rule; this only keeps nonsense out of it.)
+pub fn check_cursor(cursor: &RebuildCursor, size: u64) -> Result<(), CursorError> {
+    let through = cursor.through;
+    if !through.is_multiple_of(BLOCK_SIZE) || through > size {
+        return Err(CursorError::Offset { through, size });
+    }
+    if cursor.proof < cursor.base {
+        return Err(CursorError::ProofBelowBase {
+            proof: cursor.proof,
+            base: cursor.base,
+        });
+    }
+    let h = &cursor.history;
+    let ordered = h.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1);
+    if !ordered || h.last().is_some_and(|(_, start)| *start > cursor.base) {
+        return Err(CursorError::History(h.clone()));
+    }
+    Ok(())
 }
 
 /// `offset..offset+length` is on the block grid and inside a volume of `size` bytes.
@@ -97,8 +131,53 @@ pub fn check_placement(record: &WalRecord, size: u64, session: Epoch) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blockrep_storage::Lsn;
     use bytes::Bytes;
+
+    #[test]
+    fn a_cursor_that_no_primary_could_have_sent_is_refused() {
+        let good = RebuildCursor {
+            base: Lsn(10),
+            history: vec![(Epoch(1), Lsn(1)), (Epoch(3), Lsn(8))],
+            through: 8 * MIB,
+            proof: Lsn(12),
+            proof_epoch: Epoch(3),
+        };
+        assert_eq!(check_cursor(&good, 16 * MIB), Ok(()));
+        let off_grid = RebuildCursor {
+            through: 4097,
+            ..good.clone()
+        };
+        assert!(matches!(
+            check_cursor(&off_grid, 16 * MIB),
+            Err(CursorError::Offset { .. })
+        ));
+        let past_end = RebuildCursor {
+            through: 32 * MIB,
+            ..good.clone()
+        };
+        assert!(check_cursor(&past_end, 16 * MIB).is_err());
+        let low_proof = RebuildCursor {
+            proof: Lsn(9),
+            ..good.clone()
+        };
+        assert!(matches!(
+            check_cursor(&low_proof, 16 * MIB),
+            Err(CursorError::ProofBelowBase { .. })
+        ));
+        for history in [
+            vec![(Epoch(3), Lsn(1)), (Epoch(1), Lsn(8))],
+            vec![(Epoch(1), Lsn(11))],
+        ] {
+            let bad = RebuildCursor {
+                history,
+                ..good.clone()
+            };
+            assert!(matches!(
+                check_cursor(&bad, 16 * MIB),
+                Err(CursorError::History(_))
+            ));
+        }
+    }
 
     const MIB: u64 = 1 << 20;
 

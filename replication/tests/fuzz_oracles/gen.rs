@@ -4,7 +4,7 @@
 
 use arbitrary::{Result, Unstructured};
 use blockrep_replication::wire::{self, Body, Frame, RejectReason, ReportedRole, HEADER_LEN};
-use blockrep_storage::{Epoch, Lsn, RecordKind, VolumeId, WalRecord, BLOCK_SIZE};
+use blockrep_storage::{Epoch, Lsn, RebuildCursor, RecordKind, VolumeId, WalRecord, BLOCK_SIZE};
 use bytes::{Bytes, BytesMut};
 
 use super::frames::{seal, Mode};
@@ -107,6 +107,7 @@ fn base_chunk(u: &mut Unstructured) -> Result<Body> {
     Ok(Body::BaseChunk {
         offset: u.arbitrary()?,
         length,
+        reflects: lsn(u)?,
         data: match u.arbitrary::<bool>()? {
             true => Some(Bytes::from(vec![u.arbitrary::<u8>()?; length as usize])),
             false => None,
@@ -130,6 +131,18 @@ pub fn arbitrary_frame(u: &mut Unstructured) -> Result<Frame> {
             durable_epoch: epoch(u)?,
             committed: lsn(u)?,
             rebuilding: u.arbitrary()?,
+            cursor: match u.arbitrary::<bool>()? {
+                false => None,
+                true => Some(RebuildCursor {
+                    base: lsn(u)?,
+                    history: (0..u.int_in_range(0..=4)?)
+                        .map(|_| Ok((epoch(u)?, lsn(u)?)))
+                        .collect::<Result<_>>()?,
+                    through: u.arbitrary()?,
+                    proof: lsn(u)?,
+                    proof_epoch: epoch(u)?,
+                }),
+            },
         },
         3 => Body::Entries {
             committed: lsn(u)?,
@@ -166,6 +179,7 @@ pub fn arbitrary_frame(u: &mut Unstructured) -> Result<Frame> {
             history: (0..u.int_in_range(0..=4)?)
                 .map(|_| Ok((epoch(u)?, lsn(u)?)))
                 .collect::<Result<_>>()?,
+            resume: u.arbitrary()?,
         },
         10 => base_chunk(u)?,
         11 => Body::RebuildFinish { target: lsn(u)? },

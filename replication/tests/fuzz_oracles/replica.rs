@@ -124,6 +124,7 @@ impl Harness {
             committed: Lsn::ZERO,
             was_primary: u.arbitrary().unwrap_or(false),
             rebuilding: false,
+            cursor: None,
         };
         let mut h = Harness {
             core: ReplicaCore::new(state),
@@ -325,7 +326,7 @@ impl Harness {
                 }
                 Action::Sync { conn, .. } => self.answers.push_back(Answer::Synced(conn)),
                 Action::SetCommitted { lsn } => self.store.set_committed(lsn),
-                Action::BeginRebuild { base, history } => {
+                Action::BeginRebuild { base, history, .. } => {
                     self.stats.rebuilds += 1;
                     self.store.begin_rebuild(base, history)
                 }
@@ -333,6 +334,7 @@ impl Harness {
                     offset,
                     length,
                     data,
+                    ..
                 } => {
                     self.stats.base_chunks += 1;
                     self.store.apply_base(offset, length, data)

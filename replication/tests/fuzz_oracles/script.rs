@@ -226,7 +226,11 @@ fn rebuild_start(h: &Harness, u: &mut Unstructured) -> Result<Body> {
         history.push((Epoch(near(u, s.epoch.0)?.min(s.epoch.0 + 1)), at));
     }
     history.sort_by_key(|(_, at)| *at);
-    Ok(Body::RebuildStart { base, history })
+    Ok(Body::RebuildStart {
+        base,
+        history,
+        resume: None,
+    })
 }
 
 fn base_chunk(u: &mut Unstructured) -> Result<Body> {
@@ -238,6 +242,7 @@ fn base_chunk(u: &mut Unstructured) -> Result<Body> {
     Ok(Body::BaseChunk {
         offset,
         length,
+        reflects: Lsn::ZERO,
         data,
     })
 }
@@ -261,6 +266,7 @@ fn unexpected(u: &mut Unstructured) -> Result<Body> {
             durable_epoch: Epoch(u.arbitrary()?),
             committed: Lsn(u.arbitrary()?),
             rebuilding: u.arbitrary()?,
+            cursor: None,
         },
         1 => Body::BarrierAck {
             durable: Lsn(u.arbitrary()?),
@@ -316,6 +322,7 @@ fn describe_frame(frame: &Frame) -> String {
         Body::BaseChunk {
             offset,
             length,
+            reflects: Lsn::ZERO,
             data,
         } => format!(
             "base-chunk {offset}+{length} data {:?}",

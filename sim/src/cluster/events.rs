@@ -1,7 +1,7 @@
 //! What each event does to the node it reaches (the queue itself is `queue`). An event for
 //! an earlier life of a node, or for a core the node no longer runs, is dropped.
 
-use blockrep_replication::core::primary;
+use blockrep_replication::core::primary::{self, RebuildRestart};
 use blockrep_replication::core::replica::{self, ConnId};
 use blockrep_replication::core::{ReplicaId, SessionId};
 use blockrep_replication::wire::Frame;
@@ -93,8 +93,23 @@ impl Cluster {
                 session,
                 from,
             } => self.wal_read(node, replica, session, from),
-            Job::RebuildBase { replica, session } => self.rebuild_base(node, replica, session),
-            Job::BaseStream { replica, session } => self.stream_base(node, replica, session),
+            Job::SaveCursor => {
+                if let Some(cursor) = self.nodes[node].store.save_cursor() {
+                    let cursor = Some(cursor);
+                    self.step(node, replica::Event::CursorSaved { cursor });
+                }
+            }
+            Job::RebuildBase {
+                replica,
+                session,
+                resume,
+            } => self.rebuild_base(node, replica, session, resume),
+            Job::BaseStream {
+                replica,
+                session,
+                from,
+                at,
+            } => self.stream_base(node, replica, session, (from, at)),
         }
     }
 
@@ -219,9 +234,27 @@ impl Cluster {
         self.step(node, ev);
     }
 
-    fn rebuild_base(&mut self, node: NodeId, replica: ReplicaId, session: SessionId) {
+    /// `Store::resume_base` when asked to resume and the WAL after that base is still
+    /// there, `Store::rebuild_base` otherwise.
+    fn rebuild_base(
+        &mut self,
+        node: NodeId,
+        replica: ReplicaId,
+        session: SessionId,
+        resume: Option<Lsn>,
+    ) {
         let s = &mut self.nodes[node].store;
-        let base = s.image_lsn;
+        let refused = resume.and_then(|b| {
+            if s.image_lsn < b {
+                Some(RebuildRestart::OlderImage)
+            } else if b > s.head() || s.retained_from > b.next() {
+                Some(RebuildRestart::WalRecycled)
+            } else {
+                None
+            }
+        });
+        let kept = resume.filter(|_| refused.is_none());
+        let base = kept.unwrap_or(s.image_lsn);
         s.pin = Some(s.pin.map_or(base.next(), |p| p.min(base.next())));
         let history: Vec<(Epoch, Lsn)> = s
             .history
@@ -234,6 +267,8 @@ impl Cluster {
             session,
             base,
             history,
+            resumed: kept.is_some(),
+            refused,
         };
         self.step(node, ev);
     }

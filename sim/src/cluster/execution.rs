@@ -111,13 +111,33 @@ impl Cluster {
                 },
             ),
             A::PinWal { from } => self.nodes[p].store.pin = from,
-            A::BeginRebuild { replica, session } => {
+            A::BeginRebuild {
+                replica,
+                session,
+                resume,
+            } => {
                 self.stats.rebuilds += 1;
-                self.network_job(p, Job::RebuildBase { replica, session });
+                let job = Job::RebuildBase {
+                    replica,
+                    session,
+                    resume,
+                };
+                self.network_job(p, job);
             }
             A::StreamBase {
-                replica, session, ..
-            } => self.network_job(p, Job::BaseStream { replica, session }),
+                replica,
+                session,
+                from,
+                ..
+            } => {
+                let job = Job::BaseStream {
+                    replica,
+                    session,
+                    from,
+                    at: from,
+                };
+                self.network_job(p, job);
+            }
             A::BarrierDone { id } => self.barrier_done(p, id),
             A::BarrierFailed { id, reason } => {
                 if let Some(pn) = self.nodes[p].primary_mut() {
@@ -238,11 +258,24 @@ impl Cluster {
                 let s = &mut self.nodes[n].store;
                 s.committed = s.committed.max(lsn);
             }
-            A::BeginRebuild { base, history } => {
-                self.nodes[n].store.begin_rebuild(base, history);
+            A::BeginRebuild {
+                base,
+                history,
+                resume,
+            } => {
+                self.nodes[n].store.begin_rebuild(base, history, resume);
             }
-            A::ApplyBase { offset, data, .. } => {
-                self.nodes[n].store.apply_base(&base_values(offset, data));
+            A::ApplyBase {
+                offset,
+                length,
+                reflects,
+                data,
+            } => {
+                let values = base_values(offset, data);
+                self.nodes[n]
+                    .store
+                    .apply_base(&values, offset + length, reflects);
+                self.disk_job(n, Job::SaveCursor);
             }
             A::Truncate { conn, keep } => self.disk_job(n, Job::Truncate { conn, keep }),
             A::FinishRebuild { conn, .. } => self.disk_job(n, Job::RebuildFinish { conn }),
@@ -322,32 +355,58 @@ impl Cluster {
         }
     }
 
-    /// Streams primary `p`'s data file to a rebuilding replica, 16 blocks a chunk.
-    pub(super) fn stream_base(&mut self, p: NodeId, replica: ReplicaId, session: SessionId) {
+    /// Streams one chunk (8 blocks) of primary `p`'s data file, from block `at / BLOCK`, to a
+    /// rebuilding replica, and the next a millisecond later; a resumed stream begins at
+    /// `from`, past what the replica's cursor holds.
+    pub(super) fn stream_base(
+        &mut self,
+        p: NodeId,
+        replica: ReplicaId,
+        session: SessionId,
+        (from, at): (u64, u64),
+    ) {
         let Some(k) = self.conn_key(p, &replica, session) else {
             return;
         };
         let epoch: Epoch = self.nodes[p].store.epoch;
-        // The data file as it is now: it may be newer than the base; WAL wins makes that safe.
-        let image = self.nodes[p].store.image.clone();
         let blocks = self.cfg.blocks;
-        let mut b = 0;
-        while b < blocks {
-            let n = 16.min(blocks - b);
+        let b = at / BLOCK;
+        if b < blocks {
+            // The data file as it is now: it may be newer than the base; WAL wins makes that
+            // safe. It reflects no entry after the image's LSN.
+            let s = &self.nodes[p].store;
+            let n = 8.min(blocks - b);
             let mut data = Vec::with_capacity(n as usize * 8);
             for i in b..b + n {
-                data.extend_from_slice(&image.get(&i).copied().unwrap_or(0).to_le_bytes());
+                data.extend_from_slice(&s.image.get(&i).copied().unwrap_or(0).to_le_bytes());
             }
             let frame = Frame {
                 epoch,
                 body: Body::BaseChunk {
                     offset: b * BLOCK,
                     length: n * BLOCK,
+                    reflects: s.image_lsn,
                     data: Some(Bytes::from(data)),
                 },
             };
             self.send(k, true, frame);
-            b += n;
+            let next = (b + n) * BLOCK;
+            let progress = primary::Event::BaseProgress {
+                replica: replica.clone(),
+                session,
+                done: next,
+                total: blocks * BLOCK,
+                sent: next - from,
+            };
+            self.step(p, progress);
+            let job = Job::BaseStream {
+                replica,
+                session,
+                from,
+                at: next,
+            };
+            self.schedule_job(1, p, job);
+            return;
         }
         self.step(p, primary::Event::BaseSent { replica, session });
     }

@@ -274,6 +274,7 @@ impl Cluster {
             committed: s.committed,
             was_primary: s.role == StoreRole::Primary && s.epoch > Epoch(0),
             rebuilding: s.rebuilding,
+            cursor: s.cursor.clone().filter(|_| s.rebuilding),
         };
         node.role = Some(Role::Replica(Box::new(ReplicaCore::new(state))));
         let name = self.nodes[n].name.clone();

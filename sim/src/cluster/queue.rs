@@ -68,15 +68,21 @@ pub(super) enum Job {
         session: SessionId,
         from: Lsn,
     },
-    /// The primary picks the base of a rebuild.
+    /// A replica store writes its rebuild cursor.
+    SaveCursor,
+    /// The primary picks the base of a rebuild (the old one again, if it can).
     RebuildBase {
         replica: ReplicaId,
         session: SessionId,
+        resume: Option<Lsn>,
     },
-    /// The primary streams its data file to a rebuilding replica.
+    /// The primary streams its data file to a rebuilding replica, one chunk a millisecond:
+    /// the next chunk is at `at`; the stream began at `from`.
     BaseStream {
         replica: ReplicaId,
         session: SessionId,
+        from: u64,
+        at: u64,
     },
 }
 

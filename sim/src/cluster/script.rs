@@ -1,9 +1,11 @@
 //! Scripted control of a cluster, for the scenario catalogue: the same cores, network and
 //! checker as the random sweep, with the faults placed by hand.
 
-use blockrep_replication::core::primary::{PeerState, PeerStatus, PrimaryCounters};
+use blockrep_replication::core::primary::{
+    PeerState, PeerStatus, PrimaryCounters, RebuildProgress,
+};
 use blockrep_replication::core::CommitMode;
-use blockrep_storage::{Epoch, Lsn};
+use blockrep_storage::{Epoch, Lsn, RebuildCursor};
 
 use super::{Cluster, Config, Faults, FlushOutcome};
 use crate::check::Violation;
@@ -131,6 +133,17 @@ impl Cluster {
 
     pub fn is_rebuilding(&self, n: NodeId) -> bool {
         self.nodes[n].store.rebuilding
+    }
+
+    /// The durable cursor of the rebuild node `n` is in, if it wrote one.
+    pub fn rebuild_cursor(&self, n: NodeId) -> Option<RebuildCursor> {
+        let s = &self.nodes[n].store;
+        s.cursor.clone().filter(|_| s.rebuilding)
+    }
+
+    /// How primary `p` sees the rebuild of replica node `r`, if one runs.
+    pub fn peer_rebuild(&self, p: NodeId, r: NodeId) -> Option<RebuildProgress> {
+        self.peer(p, r).and_then(|peer| peer.rebuild)
     }
 
     /// Everything the checker has flagged so far.

@@ -25,18 +25,56 @@ use crate::wal::WalLayout;
 pub(crate) struct Rebuild {
     /// The primary's checkpoint the base image was taken at; entries after it arrive as WAL.
     pub base: Lsn,
+    /// The log generation it began in: a cursor written for an earlier attempt at the same
+    /// base is never recorded for this one.
+    pub generation: u16,
     /// Blocks written by WAL entries since the rebuild began: base blocks never overwrite
     /// them ("WAL wins over base").
     pub touched: RangeSet,
+    /// Base chunks applied since the last cursor, in order: where each ends and the newest
+    /// entry the base up to there may reflect (the highest the primary declared so far).
+    pub chunks: std::collections::VecDeque<(u64, Lsn)>,
+    /// What the base below the first of `chunks` may reflect (a resumed cursor's proof).
+    pub floor: Lsn,
+    /// Where the persisted cursor stands, and when it was written (or the rebuild began).
+    pub saved_through: u64,
+    pub saved_at: std::time::Instant,
+    /// A cursor is being written (one at a time).
+    pub saving: bool,
 }
 
 impl Rebuild {
     /// A rebuild from a base taken at `base`, with nothing written over it yet.
-    pub fn new(base: Lsn) -> Self {
+    pub fn new(base: Lsn, generation: u16) -> Self {
+        Rebuild::resumed(base, generation, 0, base)
+    }
+
+    /// A rebuild from `base` whose first `through` bytes are durable already and reflect no
+    /// entry after `floor`.
+    pub fn resumed(base: Lsn, generation: u16, through: u64, floor: Lsn) -> Self {
         Rebuild {
             base,
+            generation,
             touched: Default::default(),
+            chunks: Default::default(),
+            floor,
+            saved_through: through,
+            saved_at: std::time::Instant::now(),
+            saving: false,
         }
+    }
+
+    /// Bytes of base received in order from offset 0.
+    pub fn received_through(&self) -> u64 {
+        self.chunks
+            .back()
+            .map_or(self.saved_through, |(end, _)| *end)
+    }
+
+    /// A base chunk ending at `end`, which may reflect entries through `reflects`.
+    pub fn received(&mut self, end: u64, reflects: Lsn) {
+        let prior = self.chunks.back().map_or(self.floor, |(_, r)| *r);
+        self.chunks.push_back((end, prior.max(reflects)));
     }
 }
 
@@ -551,11 +589,12 @@ impl Core {
         history: Vec<(Epoch, Lsn)>,
         base_epoch: Epoch,
         generation: u16,
+        rebuild: Rebuild,
     ) {
         self.log.restart_after(base, generation);
         self.writer.clear();
         self.rewound(base, DirtyMap::default(), history, base_epoch);
-        self.rebuild = Some(Rebuild::new(base));
+        self.rebuild = Some(rebuild);
     }
 
     /// The log is cut after `kept.last` (see `Store::truncate_after`); the writer's queue is

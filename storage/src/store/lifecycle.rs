@@ -417,8 +417,11 @@ fn recovered_core(
             pin_from_open: opts.keep_retained_wal,
             gate: None,
         },
-        // A rebuild interrupted by a crash must start over: nothing of it is trusted.
-        rebuild: sb.is_rebuilding().then(|| Rebuild::new(sb.checkpoint_lsn)),
+        // A rebuild interrupted by a crash: resumed from its cursor only if the next primary
+        // vouches for it (see `Store::begin_rebuild`).
+        rebuild: sb
+            .is_rebuilding()
+            .then(|| Rebuild::new(sb.checkpoint_lsn, sb.wal_generation)),
         life: Lifecycle {
             failed: None,
             closing: opts.read_only,

@@ -20,6 +20,7 @@ mod files;
 mod flusher;
 mod lifecycle;
 mod primary;
+mod rebuild_cursor;
 mod replica;
 mod reserved;
 mod shared;
@@ -41,6 +42,7 @@ use crate::types::{Epoch, Lsn, VolumeId};
 use crate::wal::ReplayOutcome;
 
 pub use self::files::create_dir_all_durable;
+pub use self::rebuild_cursor::ResumeRefusal;
 pub use self::shared::StoreObserver;
 
 /// Largest single request the engine takes (matches the NBD frontend's maximum payload).

@@ -7,7 +7,7 @@ use std::sync::MutexGuard;
 
 use bytes::Bytes;
 
-use super::core::KeptLog;
+use super::core::{KeptLog, Rebuild};
 use super::files::io_err;
 use super::Store;
 use crate::dirty::{BlockState, DirtyMap};
@@ -128,30 +128,70 @@ impl Store {
     /// generation, so nothing left in the ring can be mistaken for the new entries), the
     /// store is marked rebuilding (persisted first), and from now on entries are appended as
     /// usual while base blocks arrive through [`Store::apply_base`].
-    pub fn begin_rebuild(&self, base: Lsn, history: Vec<(Epoch, Lsn)>) -> Result<()> {
+    ///
+    /// With `resume` (the offset of this store's cursor, which the primary vouched for), the
+    /// base already durable below it is kept and the cursor with it; the WAL line starts over
+    /// after `base` all the same, so every block written since the base is written again.
+    /// Without it, any cursor is dropped: nothing of an earlier base is trusted.
+    pub fn begin_rebuild(
+        &self,
+        base: Lsn,
+        history: Vec<(Epoch, Lsn)>,
+        resume: Option<u64>,
+    ) -> Result<()> {
         let (_, _no_checkpoint, mut sb) = self.quiesce_log()?;
         let mut core = self.shared.lock_core();
         core.check_writable()?;
+        let generation = sb.wal_generation.wrapping_add(1);
+        let rebuild = match resume {
+            None => Rebuild::new(base, generation),
+            Some(through) => match &sb.rebuild_cursor {
+                Some(c)
+                    if sb.is_rebuilding()
+                        && c.base == base
+                        && c.history == history
+                        && c.through == through =>
+                {
+                    Rebuild::resumed(base, generation, through, c.proof)
+                }
+                other => {
+                    return Err(StorageError::Failed(format!(
+                        "cannot resume a rebuild from base {base} at {through}: this store's \
+                         cursor is {other:?}"
+                    )))
+                }
+            },
+        };
         let base_epoch = crate::superblock::epoch_at(&history, base).unwrap_or(Epoch(0));
         sb.flags |= FLAG_REBUILDING;
         sb.flags &= !FLAG_CLEAN;
+        if resume.is_none() {
+            sb.rebuild_cursor = None;
+        }
         sb.checkpoint_lsn = base;
         sb.checkpoint_epoch = base_epoch;
         sb.wal_tail = core.log.head;
         sb.wal_tail_lsn = base.next();
-        sb.wal_generation = sb.wal_generation.wrapping_add(1);
+        sb.wal_generation = generation;
         sb.generation_start = base.next();
         sb.epoch_history = history.clone();
         sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
-        core.restart_for_rebuild(base, history, base_epoch, sb.wal_generation);
+        core.restart_for_rebuild(base, history, base_epoch, sb.wal_generation, rebuild);
         self.shared.durable.publish(base);
         Ok(())
     }
 
     /// Replica side: base image contents for `[offset, offset+len)` (block-aligned): `Some`
-    /// data, or `None` for a hole. Blocks already written by WAL entries since the rebuild
-    /// began are skipped. Waits while too much base data is waiting for the flusher.
-    pub async fn apply_base(&self, offset: u64, len: u64, data: Option<Bytes>) -> Result<()> {
+    /// data, or `None` for a hole, which the primary says may reflect entries through
+    /// `reflects`. Blocks already written by WAL entries since the rebuild began are skipped.
+    /// Waits while too much base data is waiting for the flusher.
+    pub async fn apply_base(
+        &self,
+        offset: u64,
+        len: u64,
+        data: Option<Bytes>,
+        reflects: Lsn,
+    ) -> Result<()> {
         const MAX_PENDING: u64 = 128 << 20;
         const REBUILD_CHECKPOINT_BYTES: u64 = 8 << 20;
         self.check_range(offset, len)?;
@@ -169,11 +209,13 @@ impl Store {
                 core.check_writable()?;
                 let pending = core.maps.data_bytes();
                 if pending < MAX_PENDING || data.is_none() {
-                    let Some(rebuild) = &core.rebuild else {
+                    let Some(rebuild) = &mut core.rebuild else {
                         return Err(StorageError::Failed("no rebuild in progress".into()));
                     };
+                    rebuild.received(offset + len, reflects);
                     let base = rebuild.base;
-                    for (s, e) in rebuild.touched.uncovered(first, end) {
+                    let fresh = rebuild.touched.uncovered(first, end);
+                    for (s, e) in fresh {
                         let state = match &data {
                             Some(d) => BlockState::Data(d.slice(
                                 ((s - first) * BLOCK_SIZE) as usize
@@ -216,6 +258,7 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         sb.flags &= !FLAG_REBUILDING;
+        sb.rebuild_cursor = None;
         sb.persist(&self.shared.sb_file, &self.shared.sb_path)?;
         self.shared.lock_core().rebuild = None;
         Ok(())

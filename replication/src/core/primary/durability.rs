@@ -138,7 +138,14 @@ impl PrimaryCore {
 
     /// The oldest entry `p` still needs from the WAL, if it is recoverable at all.
     pub(super) fn peer_pin(p: &Peer) -> Option<Lsn> {
-        if matches!(p.state(), PeerState::NeedsRebuild | PeerState::Refused) {
+        if p.state() == PeerState::Refused {
+            return None;
+        }
+        // A rebuild that may still be resumed replays the WAL from after its base.
+        if let Some(base) = p.kept_base() {
+            return Some(base.next());
+        }
+        if p.state() == PeerState::NeedsRebuild {
             return None;
         }
         if !p.has_progress() {
@@ -210,6 +217,18 @@ impl PrimaryCore {
         if over_bytes && !over_time && unasked {
             let head = self.head;
             self.ask(i, head, now);
+            return;
+        }
+        if p.kept_base().is_some_and(|b| b.next() == pin) {
+            // Past a budget a rebuild only stops being resumable: a running one goes on, an
+            // interrupted one starts over when it comes back (`wal-recycled`).
+            let why = if over_bytes { "bytes" } else { "time" };
+            tracing::info!(
+                replica = %p.id(),
+                "the WAL held to resume its rebuild exceeds the retention {why} budget; released"
+            );
+            self.peers[i].forget_base();
+            self.update_pin();
             return;
         }
         if !p.has_progress() {

@@ -5,10 +5,11 @@
 //! that is expected in the replica's state goes to its own handler; one that is not ends the
 //! session.
 
-use blockrep_storage::{Epoch, Lsn, VolumeId};
+use blockrep_storage::{Epoch, Lsn, RebuildCursor};
 
-use super::{Body, Millis, PeerState, PrimaryCore};
+use super::{Body, Millis, PeerState, PrimaryCore, RebuildRestart};
 use crate::mutants::{active, Mutant};
+use crate::wire::validate::check_cursor;
 use crate::wire::{Frame, RejectReason};
 
 impl PrimaryCore {
@@ -29,9 +30,15 @@ impl PrimaryCore {
                 durable,
                 durable_epoch,
                 rebuilding,
+                cursor,
                 ..
             } if state == PeerState::Handshake => {
-                self.hello_ok(i, replica_store, durable, durable_epoch, rebuilding, now)
+                self.peers[i].greeted(replica_store);
+                if rebuilding {
+                    self.interrupted_rebuild(i, cursor, now);
+                } else {
+                    self.handshake(i, durable, durable_epoch, now);
+                }
             }
             Body::RebuildDone { durable } if state == PeerState::Rebuilding => {
                 self.rebuild_done(i, durable, now)
@@ -74,21 +81,70 @@ impl PrimaryCore {
         self.drop_session(i, now, &why);
     }
 
-    fn hello_ok(
-        &mut self,
-        i: usize,
-        store: VolumeId,
-        durable: Lsn,
-        durable_epoch: Epoch,
-        rebuilding: bool,
-        now: Millis,
-    ) {
-        self.peers[i].greeted(store);
-        if rebuilding {
-            self.needs_rebuild(i, now, "its last rebuild did not finish");
-        } else {
-            self.handshake(i, durable, durable_epoch, now);
+    /// The replica's last rebuild did not finish: resume it from its cursor if we can vouch
+    /// for the base (see [`PrimaryCore::vouch_for`]), or start over and say why.
+    fn interrupted_rebuild(&mut self, i: usize, cursor: Option<RebuildCursor>, now: Millis) {
+        match self.vouch_for(cursor) {
+            Ok(cursor) => {
+                tracing::info!(
+                    replica = %self.peers[i].id(),
+                    "its rebuild from base {} stopped at byte {} (proof {}): resuming it",
+                    cursor.base,
+                    cursor.through,
+                    cursor.proof
+                );
+                self.peers[i].resume_from(cursor);
+                self.needs_rebuild(i, now, "its last rebuild did not finish; resuming it");
+            }
+            Err(reason) => {
+                let why = format!(
+                    "its last rebuild did not finish; starting over ({})",
+                    reason.name()
+                );
+                self.needs_rebuild(i, now, &why);
+                self.restarted(i, reason);
+            }
         }
+    }
+
+    /// An interrupted rebuild starts over for `reason`: counted, and logged.
+    pub(super) fn restarted(&mut self, i: usize, reason: RebuildRestart) {
+        self.counters.rebuild_restarts[reason.index()] += 1;
+        self.peers[i].restart();
+        tracing::warn!(
+            replica = %self.peers[i].id(),
+            reason = reason.name(),
+            "the interrupted rebuild starts over"
+        );
+    }
+
+    /// Whether we can vouch for the partial base a replica's `cursor` describes: it came from
+    /// a log that is ours through its base (same history) and through its proof (same epoch
+    /// at that LSN, so the same entries). The WAL after the base must still be retained too,
+    /// which only the store can tell (`Store::resume_base`).
+    ///
+    /// Invariant (*no partial base is trusted without proof of its lineage*): the base below
+    /// the cursor reflects no entry after the proof, so a log with the same entry there holds
+    /// every entry it may reflect, and the WAL line from the base writes again every block
+    /// those entries wrote. Without that proof, nothing of it is kept.
+    fn vouch_for(&self, cursor: Option<RebuildCursor>) -> Result<RebuildCursor, RebuildRestart> {
+        let cursor = cursor.ok_or(RebuildRestart::NoCursor)?;
+        check_cursor(&cursor, self.cfg.volume_size).map_err(|_| RebuildRestart::BadCursor)?;
+        if active(Mutant::TrustCursorWithoutLineage) {
+            return Ok(cursor);
+        }
+        let ours_through_base: Vec<(Epoch, Lsn)> = self
+            .history
+            .iter()
+            .copied()
+            .filter(|(_, start)| *start <= cursor.base)
+            .collect();
+        let same_proof = cursor.proof <= self.head
+            && blockrep_storage::epoch_at(&self.history, cursor.proof) == Some(cursor.proof_epoch);
+        if ours_through_base != cursor.history || !same_proof {
+            return Err(RebuildRestart::LineageChanged);
+        }
+        Ok(cursor)
     }
 
     fn rebuild_done(&mut self, i: usize, durable: Lsn, now: Millis) {
@@ -98,8 +154,19 @@ impl PrimaryCore {
             return;
         }
         // The replica counts again only now that we accept its completion.
-        self.peers[i].rebuilt(durable);
+        self.peers[i].rebuilt(durable, now);
         self.counters.rebuilds_done += 1;
+        if let Some(r) = self.peers[i].last_rebuild() {
+            tracing::info!(
+                replica = %self.peers[i].id(),
+                "rebuilt: {} bytes of base sent, in sync {} ms after the rebuild began \
+                 ({} resumes, {} restarts)",
+                r.sent_bytes,
+                r.took,
+                r.resumes,
+                r.restarts
+            );
+        }
         self.become_in_sync(i, now, "rebuilt");
         self.update_pin();
         self.evaluate();

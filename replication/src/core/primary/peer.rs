@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 
-use blockrep_storage::{Lsn, VolumeId};
+use blockrep_storage::{Lsn, RebuildCursor, VolumeId};
 
 use crate::core::{Millis, ReplicaId, SessionId};
 
@@ -72,9 +72,69 @@ impl PeerState {
     }
 }
 
+/// Why an interrupted rebuild started over instead of resuming from the replica's cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildRestart {
+    /// The replica wrote no cursor before it was interrupted.
+    NoCursor,
+    /// Its cursor describes nothing a primary could have sent (`check_cursor`).
+    BadCursor,
+    /// Our log does not hold the base's history, or its entry at the cursor's proof: the
+    /// partial base may reflect entries we never had.
+    LineageChanged,
+    /// The WAL after the base is no longer retained (or the hold for it was given up to the
+    /// retention budget).
+    WalRecycled,
+    /// Our data file is older than the base (we took over with an older checkpoint): the
+    /// image we would send past the cursor could miss entries before the base.
+    OlderImage,
+}
+
+impl RebuildRestart {
+    pub const ALL: [RebuildRestart; 5] = [
+        RebuildRestart::NoCursor,
+        RebuildRestart::BadCursor,
+        RebuildRestart::LineageChanged,
+        RebuildRestart::WalRecycled,
+        RebuildRestart::OlderImage,
+    ];
+
+    /// The label in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            RebuildRestart::NoCursor => "no-cursor",
+            RebuildRestart::BadCursor => "bad-cursor",
+            RebuildRestart::LineageChanged => "lineage-changed",
+            RebuildRestart::WalRecycled => "wal-recycled",
+            RebuildRestart::OlderImage => "older-image",
+        }
+    }
+
+    /// Its place in `RebuildRestart::ALL` (and `PrimaryCounters::rebuild_restarts`).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What one completed rebuild cost, from its first start to the replica counting again,
+/// across the interruptions it survived (as far as this primary saw it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RebuildReport {
+    /// Base image data bytes sent, every attempt together.
+    pub sent_bytes: u64,
+    /// From the first start to in sync (the core's clock).
+    pub took: Millis,
+    pub resumes: u32,
+    pub restarts: u32,
+}
+
 /// A rebuild in progress for one replica.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RebuildProgress {
+    /// Resuming an interrupted rebuild: the base image continues from this offset.
+    pub resumed_from: Option<u64>,
+    /// Base image data bytes sent on this attempt.
+    pub sent_bytes: u64,
     /// The base LSN, once chosen.
     pub base: Option<Lsn>,
     /// The WAL after the base has reached our head; live entries flow to it.
@@ -153,6 +213,14 @@ pub(super) struct Peer {
     /// Sent to a rebuild and not back yet: between sessions it shows as NeedsRebuild rather
     /// than Disconnected, so operators see what it is waiting for.
     released: bool,
+    /// The base of a running or interrupted rebuild that may still be resumed: the WAL after
+    /// it is held (within the retention budgets), across sessions.
+    kept_base: Option<Lsn>,
+    /// The cursor the next rebuild resumes from (the handshake vouched for it).
+    resume: Option<RebuildCursor>,
+    /// The rebuild under way, across its interruptions (first start, bytes, tries).
+    cost: Option<(Millis, RebuildReport)>,
+    last_rebuild: Option<RebuildReport>,
 }
 
 impl Peer {
@@ -184,6 +252,10 @@ impl Peer {
             truncating: None,
             truncated_this_session: false,
             released: false,
+            kept_base: None,
+            resume: None,
+            cost: None,
+            last_rebuild: None,
         }
     }
 
@@ -349,6 +421,9 @@ impl Peer {
         self.has_progress = true;
         self.held_from = None;
         self.released = false;
+        // Its store is not rebuilding (a handshake runs only then): no base to resume.
+        self.kept_base = None;
+        self.resume = None;
     }
 
     /// Its log diverged after `keep`: it is asked to cut there, and counts only through it.
@@ -398,13 +473,61 @@ impl Peer {
         self.rebuild = None;
     }
 
-    /// A rebuild begins on this session (only one per session).
-    pub(super) fn begin_rebuild(&mut self, now: Millis) {
+    /// A rebuild begins on this session (only one per session). Returns the base it asks to
+    /// resume, if the handshake vouched for a cursor.
+    pub(super) fn begin_rebuild(&mut self, now: Millis) -> Option<Lsn> {
         self.rebuilt_this_session = true;
+        let resume = self.resume.as_ref().map(|c| (c.base, c.through));
         self.rebuild = Some(RebuildProgress {
             started: now,
+            resumed_from: resume.map(|(_, at)| at),
             ..RebuildProgress::default()
         });
+        self.cost.get_or_insert((now, RebuildReport::default()));
+        resume.map(|(base, _)| base)
+    }
+
+    /// The cursor the next rebuild resumes from; its base's WAL is held from now on.
+    pub(super) fn resume_from(&mut self, cursor: RebuildCursor) {
+        self.kept_base = Some(cursor.base);
+        self.resume = Some(cursor);
+    }
+
+    /// The resume asked for did not happen (or the interrupted rebuild starts over).
+    pub(super) fn restart(&mut self) {
+        self.resume = None;
+        if let Some(r) = &mut self.rebuild {
+            r.resumed_from = None;
+        }
+        if let Some((_, c)) = &mut self.cost {
+            c.restarts += 1;
+        }
+    }
+
+    /// The cursor a resume was asked for, once (the base is chosen now).
+    pub(super) fn take_resume(&mut self) -> Option<RebuildCursor> {
+        self.resume.take()
+    }
+
+    /// The resume goes ahead.
+    pub(super) fn resumed(&mut self) {
+        if let Some((_, c)) = &mut self.cost {
+            c.resumes += 1;
+        }
+    }
+
+    pub(super) fn kept_base(&self) -> Option<Lsn> {
+        self.kept_base
+    }
+
+    /// The WAL held for a resume is given up (retention): the rebuild, running or not, can
+    /// only start over after its next interruption.
+    pub(super) fn forget_base(&mut self) {
+        self.kept_base = None;
+    }
+
+    pub(super) fn last_rebuild(&self) -> Option<&RebuildReport> {
+        self.last_rebuild.as_ref()
     }
 
     /// The rebuild's base is chosen: the replica is reset to it, and the WAL after it is
@@ -413,17 +536,26 @@ impl Peer {
         if let Some(r) = &mut self.rebuild {
             r.base = Some(base);
         }
+        self.kept_base = Some(base);
         self.durable = base;
         self.shipped = self.shipped.max(base);
         self.has_progress = true;
         self.catch_up_next = base.next();
     }
 
-    pub(super) fn base_progress(&mut self, done: u64, total: u64) {
-        if let Some(r) = &mut self.rebuild {
-            r.bytes_done = done;
-            r.bytes_total = total;
+    /// Returns the data bytes sent since the last report.
+    pub(super) fn base_progress(&mut self, done: u64, total: u64, sent: u64) -> u64 {
+        let Some(r) = &mut self.rebuild else {
+            return 0;
+        };
+        r.bytes_done = done;
+        r.bytes_total = total;
+        let new = sent.saturating_sub(r.sent_bytes);
+        r.sent_bytes = r.sent_bytes.max(sent);
+        if let Some((_, c)) = &mut self.cost {
+            c.sent_bytes += new;
         }
+        new
     }
 
     pub(super) fn base_sent(&mut self) {
@@ -454,10 +586,16 @@ impl Peer {
     }
 
     /// Its rebuild is accepted, durable through `durable`: it counts again.
-    pub(super) fn rebuilt(&mut self, durable: Lsn) {
+    pub(super) fn rebuilt(&mut self, durable: Lsn, now: Millis) {
         self.durable = durable.min(self.shipped);
         self.rebuild = None;
         self.released = false;
+        self.kept_base = None;
+        self.resume = None;
+        self.last_rebuild = self.cost.take().map(|(began, mut c)| {
+            c.took = now.saturating_sub(began);
+            c
+        });
     }
 
     /// It was asked to report durability through `target`.

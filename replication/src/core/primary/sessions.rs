@@ -4,8 +4,10 @@
 
 use blockrep_storage::{Epoch, Lsn, WalRecord};
 
+use super::RebuildRestart;
 use super::{Action, BarrierFailure, Body, CommitMode, Millis, PeerState, PrimaryCore};
 use super::{ReplicaId, SessionId};
+use crate::mutants::{active, Mutant};
 
 impl PrimaryCore {
     pub(super) fn set_state(&mut self, i: usize, state: PeerState, now: Millis, why: &str) {
@@ -168,7 +170,7 @@ impl PrimaryCore {
         let Some(session) = self.peers[i].session() else {
             return;
         };
-        self.peers[i].begin_rebuild(now);
+        let resume = self.peers[i].begin_rebuild(now);
         self.counters.rebuilds_started += 1;
         self.set_state(
             i,
@@ -179,24 +181,64 @@ impl PrimaryCore {
         self.out.push(Action::BeginRebuild {
             replica: self.peers[i].id().clone(),
             session,
+            resume,
         });
     }
 
     /// The base is chosen (and the WAL after it pinned): reset the replica to it, start the
-    /// base image, and stream the WAL after the base as for a catch-up.
-    pub(super) fn rebuild_base(&mut self, i: usize, base: Lsn, history: Vec<(Epoch, Lsn)>) {
+    /// base image, and stream the WAL after the base as for a catch-up. A resumed base keeps
+    /// what the replica's cursor holds and the image continues from there; the WAL line
+    /// starts after the base all the same, so every block written since is written again.
+    pub(super) fn rebuild_base(
+        &mut self,
+        i: usize,
+        base: Lsn,
+        history: Vec<(Epoch, Lsn)>,
+        resumed: Result<(), Option<RebuildRestart>>,
+    ) {
         if self.peers[i].state() != PeerState::Rebuilding {
             return;
         }
+        let asked = self.peers[i].rebuild().and_then(|r| r.resumed_from);
+        let cursor = self.peers[i].take_resume();
+        // The mutant takes the replica's word for the base's history too.
+        let history = match cursor {
+            Some(c) if resumed.is_ok() && active(Mutant::TrustCursorWithoutLineage) => c.history,
+            _ => history,
+        };
+        let resume = match (asked, resumed) {
+            (Some(at), Ok(())) => {
+                self.peers[i].resumed();
+                self.counters.rebuilds_resumed += 1;
+                tracing::info!(
+                    replica = %self.peers[i].id(),
+                    "resuming the rebuild from byte {at} of the base at {base}"
+                );
+                Some(at)
+            }
+            (Some(_), Err(why)) => {
+                self.restarted(i, why.unwrap_or(RebuildRestart::WalRecycled));
+                None
+            }
+            (None, _) => None,
+        };
         let p = &mut self.peers[i];
         p.rebuild_from(base);
         let Some(session) = p.session() else { return };
         let replica = p.id().clone();
-        self.send(i, Body::RebuildStart { base, history });
+        self.send(
+            i,
+            Body::RebuildStart {
+                base,
+                history,
+                resume,
+            },
+        );
         self.out.push(Action::StreamBase {
             replica,
             session,
             base,
+            from: resume.unwrap_or(0),
             rate: self.cfg.rebuild_rate,
         });
         self.update_pin();

@@ -101,6 +101,7 @@ fn hello(
         durable_epoch: E,
         committed: Lsn(0),
         rebuilding: false,
+        cursor: None,
     };
     reply(c, &id, session, body, now)
 }
@@ -442,6 +443,7 @@ fn a_lagging_replica_catches_up_from_retained_wal_then_ships_live() {
             durable_epoch: E,
             committed: Lsn(0),
             rebuilding: false,
+            cursor: None,
         },
         0,
     );
@@ -537,6 +539,7 @@ fn diverged(
             durable_epoch,
             committed: Lsn(0),
             rebuilding: false,
+            cursor: None,
         },
         0,
     );
@@ -677,6 +680,7 @@ fn retention_budget_releases_a_lagging_replica() {
             durable_epoch: Epoch(0),
             committed: Lsn(0),
             rebuilding: true,
+            cursor: None,
         },
         2_000,
     );
@@ -865,6 +869,7 @@ fn a_replica_beyond_retention_is_rebuilt_and_counts_only_once_accepted() {
             durable_epoch: Epoch(0),
             committed: Lsn(0),
             rebuilding: false,
+            cursor: None,
         },
         0,
     );
@@ -877,7 +882,8 @@ fn a_replica_beyond_retention_is_rebuilt_and_counts_only_once_accepted() {
     assert_eq!(state(&c, "a"), PeerState::Rebuilding);
     assert!(a.contains(&Action::BeginRebuild {
         replica: r.clone(),
-        session: sid
+        session: sid,
+        resume: None,
     }));
     // The session stays up: the rebuild runs on it.
     assert!(!a.iter().any(|x| matches!(x, Action::Close { .. })));
@@ -886,6 +892,8 @@ fn a_replica_beyond_retention_is_rebuilt_and_counts_only_once_accepted() {
         session: sid,
         base: Lsn(90),
         history: vec![(E, Lsn(1))],
+        resumed: false,
+        refused: None,
     });
     assert!(matches!(
         &frames_to(&a, "a")[..],
@@ -953,18 +961,22 @@ fn a_completed_rebuild_makes_the_replica_count_again() {
             durable_epoch: E,
             committed: Lsn(0),
             rebuilding: true,
+            cursor: None,
         },
         0,
     );
     assert!(a.contains(&Action::BeginRebuild {
         replica: r.clone(),
-        session: sid
+        session: sid,
+        resume: None,
     }));
     c.step(Event::RebuildBase {
         replica: r.clone(),
         session: sid,
         base: Lsn(10),
         history: vec![(E, Lsn(1))],
+        resumed: false,
+        refused: None,
     });
     c.step(Event::WalRead {
         replica: r.clone(),
@@ -1015,6 +1027,7 @@ fn a_stale_wal_read_never_steers_a_rebuild() {
             durable_epoch: E,
             committed: Lsn(0),
             rebuilding: false,
+            cursor: None,
         },
         0,
     );
@@ -1027,6 +1040,8 @@ fn a_stale_wal_read_never_steers_a_rebuild() {
         session: sid,
         base: Lsn(90),
         history: vec![(E, Lsn(1))],
+        resumed: false,
+        refused: None,
     });
     // The stale answer to the catch-up read arrives.
     let a = c.step(Event::WalGone {
@@ -1224,6 +1239,7 @@ fn a_zero_gap_replica_pins_the_wal_from_its_durable_lsn() {
             durable_epoch: E,
             committed: Lsn(0),
             rebuilding: false,
+            cursor: None,
         },
         0,
     );
@@ -1516,6 +1532,7 @@ fn a_hello_ok_past_our_head_never_counts() {
         durable_epoch: Epoch(2),
         committed: Lsn::MAX,
         rebuilding: false,
+        cursor: None,
     };
     reply(&mut c, &id, session, body, 1);
     assert_ne!(state(&c, "a"), PeerState::InSync);

@@ -21,6 +21,7 @@ fn state(epoch: u64, head: u64) -> ReplicaState {
         committed: Lsn(0),
         was_primary: false,
         rebuilding: false,
+        cursor: None,
     }
 }
 
@@ -565,6 +566,7 @@ fn a_replica_refuses_a_base_chunk_off_the_block_grid_or_past_the_volume() {
             body: Body::RebuildStart {
                 base: Lsn(10),
                 history: vec![(Epoch(5), Lsn(1))],
+                resume: None,
             },
         },
     });
@@ -576,6 +578,7 @@ fn a_replica_refuses_a_base_chunk_off_the_block_grid_or_past_the_volume() {
                 body: Body::BaseChunk {
                     offset,
                     length,
+                    reflects: Lsn::ZERO,
                     data,
                 },
             },
@@ -593,6 +596,7 @@ fn a_replica_refuses_a_rebuild_base_that_cannot_be_followed() {
         body: Body::RebuildStart {
             base: Lsn::MAX,
             history: vec![],
+            resume: None,
         },
     });
 }
@@ -654,6 +658,7 @@ fn a_cut_answered_after_a_rebuild_began_leaves_the_core_on_the_rebuilt_head() {
     r.step(on_session(Body::RebuildStart {
         base: Lsn(9),
         history: vec![(Epoch(5), Lsn(1))],
+        resume: None,
     }));
     // The store cut its log after 7, then reset it to the base at 9.
     r.step(Event::Truncated {
@@ -663,4 +668,66 @@ fn a_cut_answered_after_a_rebuild_began_leaves_the_core_on_the_rebuilt_head() {
         refusal: None,
     });
     assert_eq!(r.state().head, Lsn(9));
+}
+
+#[test]
+fn a_replica_reports_its_cursor_and_resumes_only_the_base_it_names() {
+    let cursor = blockrep_storage::RebuildCursor {
+        base: Lsn(4),
+        history: vec![(Epoch(5), Lsn(1))],
+        through: 1 << 20,
+        proof: Lsn(6),
+        proof_epoch: Epoch(5),
+    };
+    let mut s = state(5, 4);
+    s.rebuilding = true;
+    s.cursor = Some(cursor.clone());
+    let mut r = ReplicaCore::new(s);
+    let a = greet(&mut r, C, 5, P1);
+    let reported = a.iter().find_map(|x| match x {
+        Action::Send {
+            frame:
+                Frame {
+                    body: Body::HelloOk { cursor, .. },
+                    ..
+                },
+            ..
+        } => Some(cursor.clone()),
+        _ => None,
+    });
+    assert_eq!(reported, Some(Some(cursor.clone())));
+    let start = |resume: Option<u64>, base: u64| Frame {
+        epoch: Epoch(5),
+        body: Body::RebuildStart {
+            base: Lsn(base),
+            history: vec![(Epoch(5), Lsn(1))],
+            resume,
+        },
+    };
+    // Another base, or another offset, is nothing this store holds.
+    for frame in [start(Some(1 << 20), 3), start(Some(2 << 20), 4)] {
+        let mut r = ReplicaCore::new(r.state().clone());
+        greet(&mut r, C, 5, P1);
+        let a = r.step(Event::Received { conn: C, frame });
+        assert_eq!(rejected(&a), Some(RejectReason::Protocol));
+        assert!(!touches_store(&a), "{a:?}");
+    }
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: start(Some(1 << 20), 4),
+    });
+    assert!(a.contains(&Action::BeginRebuild {
+        base: Lsn(4),
+        history: vec![(Epoch(5), Lsn(1))],
+        resume: Some(1 << 20),
+    }));
+    // A fresh start forgets the cursor: the next hello reports none.
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: start(None, 4),
+    });
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, Action::BeginRebuild { resume: None, .. })));
+    assert_eq!(r.state().cursor, None);
 }

@@ -3,11 +3,11 @@
 
 use std::sync::atomic::Ordering;
 
-use blockrep_storage::{Epoch, Lsn, StorageError};
+use blockrep_storage::{Epoch, Lsn, ResumeRefusal, StorageError};
 
 use super::base::BaseStream;
 use super::{Driver, Input};
-use crate::core::primary::{Action, BarrierFailure, Event, PeerState};
+use crate::core::primary::{Action, BarrierFailure, Event, PeerState, RebuildRestart};
 use crate::core::{ReplicaId, SessionId};
 use crate::driver::millis;
 use crate::wire::Frame;
@@ -32,13 +32,18 @@ impl Driver {
                 from,
                 max_bytes,
             } => self.read_wal(replica, session, from, max_bytes),
-            Action::BeginRebuild { replica, session } => self.begin_rebuild(replica, session),
+            Action::BeginRebuild {
+                replica,
+                session,
+                resume,
+            } => self.begin_rebuild(replica, session, resume),
             Action::StreamBase {
                 replica,
                 session,
                 base,
+                from,
                 rate,
-            } => self.stream_base(replica, session, base, rate),
+            } => self.stream_base(replica, session, base, (from, rate)),
             Action::PinWal { from } => {
                 self.pin = from;
                 self.store.set_retention_pin(from);
@@ -116,28 +121,47 @@ impl Driver {
         });
     }
 
-    fn begin_rebuild(&self, replica: ReplicaId, session: SessionId) {
+    /// Picks the base: the one asked to resume if the WAL after it is still there (pinned
+    /// again in the same step), otherwise our checkpoint.
+    fn begin_rebuild(&self, replica: ReplicaId, session: SessionId, resume: Option<Lsn>) {
         let store = self.store.clone();
         let tx = self.in_tx.clone();
         tokio::spawn(async move {
-            if let Ok((base, history)) =
-                tokio::task::spawn_blocking(move || store.rebuild_base()).await
-            {
+            let chosen = tokio::task::spawn_blocking(move || {
+                let refused = match resume.map(|b| (b, store.resume_base(b))) {
+                    Some((base, Ok(history))) => return (base, history, true, None),
+                    Some((_, Err(ResumeRefusal::WalRecycled))) => Some(RebuildRestart::WalRecycled),
+                    Some((_, Err(ResumeRefusal::OlderImage))) => Some(RebuildRestart::OlderImage),
+                    None => None,
+                };
+                let (base, history) = store.rebuild_base();
+                (base, history, false, refused)
+            })
+            .await;
+            if let Ok((base, history, resumed, refused)) = chosen {
                 let _ = tx.send(Input::Event(Event::RebuildBase {
                     replica,
                     session,
                     base,
                     history,
+                    resumed,
+                    refused,
                 }));
             }
         });
     }
 
-    fn stream_base(&self, replica: ReplicaId, session: SessionId, base: Lsn, rate: u64) {
+    fn stream_base(
+        &self,
+        replica: ReplicaId,
+        session: SessionId,
+        base: Lsn,
+        (from, rate): (u64, u64),
+    ) {
         let Some(c) = self.conns.get(&replica).filter(|c| c.session == session) else {
             return;
         };
-        tracing::info!(%replica, "streaming the base image (checkpoint {base})");
+        tracing::info!(%replica, "streaming the base image (checkpoint {base}) from byte {from}");
         let stream = BaseStream {
             store: self.store.clone(),
             tx: c.tx.clone(),
@@ -146,6 +170,7 @@ impl Driver {
             replica,
             session,
             rate,
+            from,
             clock: self.start,
         };
         tokio::spawn(stream.run());

@@ -36,6 +36,8 @@ pub(super) struct BaseStream {
     pub(super) session: SessionId,
     /// Bytes of data per second at most (0: no limit).
     pub(super) rate: u64,
+    /// Where the stream starts (a resumed rebuild's cursor; 0 otherwise).
+    pub(super) from: u64,
     /// The core's clock.
     pub(super) clock: tokio::time::Instant,
 }
@@ -47,8 +49,8 @@ impl BaseStream {
         let started = tokio::time::Instant::now();
         let mut sent = 0u64;
         let mut last_report = tokio::time::Instant::now();
-        let mut reported = 0u64;
-        let mut at = 0u64;
+        let mut reported = self.from;
+        let mut at = self.from;
         while at < total {
             let span = (total - at).min(MAX_HOLE);
             let Some((len, data)) = self.store.base_extent(at, span) else {
@@ -76,12 +78,14 @@ impl BaseStream {
                     session: self.session,
                     done: at,
                     total,
+                    sent,
                 });
             }
         }
         tracing::info!(
             replica = %self.replica,
-            "base image sent ({} MiB of data) in {:.1} s",
+            "base image sent from byte {} ({} MiB of data) in {:.1} s",
+            self.from,
             sent >> 20,
             started.elapsed().as_secs_f64()
         );
@@ -111,9 +115,12 @@ impl BaseStream {
         } else {
             None
         };
+        // Asked after the read: a checkpoint raises it before it writes a block, so the data
+        // just read reflects no entry after it.
         let body = Body::BaseChunk {
             offset: at,
             length: len,
+            reflects: self.store.data_may_hold(),
             data,
         };
         Some(Frame { epoch, body })

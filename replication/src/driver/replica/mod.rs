@@ -47,6 +47,7 @@ fn initial_state(store: &Store) -> ReplicaState {
         committed: store.committed(),
         was_primary: sb.role == Role::Primary && sb.epoch.0 > 0,
         rebuilding: store.is_rebuilding(),
+        cursor: store.rebuild_cursor(),
     }
 }
 
@@ -110,6 +111,11 @@ pub async fn serve(
                 tracing::debug!(conn = conn.0, peer = %out.peer, "replication connection");
                 node.conns.insert(conn, out);
                 continue;
+            }
+            // The store's cursor as it is now: a rebuild begun since the save dropped it.
+            Input::Event(Event::CursorSaved { .. }) => {
+                let cursor = node.store.rebuild_cursor();
+                (Event::CursorSaved { cursor }, None)
             }
             Input::Event(e) => (e, None),
             Input::Received {
@@ -223,14 +229,21 @@ impl ReplicaLoop {
                 self.store.set_committed(lsn);
                 self.store.set_checkpoint_gate(Some(lsn));
             }
-            Action::BeginRebuild { base, history } => self.begin_rebuild(base, history).await,
+            Action::BeginRebuild {
+                base,
+                history,
+                resume,
+            } => self.begin_rebuild(base, history, resume).await,
             Action::ApplyBase {
                 offset,
                 length,
+                reflects,
                 data,
             } => {
-                if let Err(e) = self.store.apply_base(offset, length, data).await {
+                if let Err(e) = self.store.apply_base(offset, length, data, reflects).await {
                     self.fail_storage(format!("cannot apply base data: {e}"));
+                } else if self.store.rebuild_cursor_due() {
+                    self.save_cursor();
                 }
             }
             Action::Truncate { conn, keep } => self.truncate(conn, keep).await,
@@ -282,12 +295,37 @@ impl ReplicaLoop {
         }
     }
 
-    async fn begin_rebuild(&mut self, base: Lsn, history: Vec<(blockrep_storage::Epoch, Lsn)>) {
+    async fn begin_rebuild(
+        &mut self,
+        base: Lsn,
+        history: Vec<(blockrep_storage::Epoch, Lsn)>,
+        resume: Option<u64>,
+    ) {
         let s = self.store.clone();
-        match tokio::task::spawn_blocking(move || s.begin_rebuild(base, history)).await {
-            Ok(Ok(())) => tracing::info!("rebuilding from the primary's base at LSN {base}"),
+        match tokio::task::spawn_blocking(move || s.begin_rebuild(base, history, resume)).await {
+            Ok(Ok(())) => match resume {
+                Some(at) => tracing::info!(
+                    "resuming the rebuild from the primary's base at LSN {base}, from byte {at}"
+                ),
+                None => tracing::info!("rebuilding from the primary's base at LSN {base}"),
+            },
             other => self.fail_storage(format!("cannot start a rebuild: {other:?}")),
         }
+    }
+
+    /// Writes the rebuild cursor off the event loop (it runs a durable checkpoint); the core
+    /// learns the new cursor for its next hello.
+    fn save_cursor(&self) {
+        let store = self.store.clone();
+        let in_tx = self.in_tx.clone();
+        tokio::task::spawn_blocking(move || match store.save_rebuild_cursor() {
+            Ok(Some(cursor)) => {
+                tracing::debug!(through = cursor.through, "rebuild cursor written");
+                let _ = in_tx.send(Input::Event(Event::CursorSaved { cursor: None }));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("cannot write the rebuild cursor: {e}"),
+        });
     }
 
     async fn truncate(&mut self, conn: ConnId, keep: Lsn) {

@@ -63,10 +63,17 @@ fn walk(check: impl Fn(&str, &Core)) {
     at("append after the cut");
     // A rebuild from a base ahead of this log.
     let base = Lsn(store.head().0 + 50);
-    store.begin_rebuild(base, store.epoch_history()).unwrap();
-    at("begin rebuild");
-    rt.block_on(store.apply_base(0, MIB, Some(Bytes::from(vec![3u8; MIB as usize]))))
+    store
+        .begin_rebuild(base, store.epoch_history(), None)
         .unwrap();
+    at("begin rebuild");
+    rt.block_on(store.apply_base(
+        0,
+        MIB,
+        Some(Bytes::from(vec![3u8; MIB as usize])),
+        Lsn::ZERO,
+    ))
+    .unwrap();
     let epoch = store.head_epoch().max(Epoch(1));
     let record = WalRecord::new(
         base.next(),

@@ -110,7 +110,7 @@ fn rebuild_applies_base_and_wal_with_wal_winning() {
         )))
         .unwrap();
     }
-    replica.begin_rebuild(base, history).unwrap();
+    replica.begin_rebuild(base, history, None).unwrap();
     assert!(replica.is_rebuilding());
     let entries = rt
         .block_on(primary.read_wal(base.next(), u64::MAX))
@@ -121,7 +121,7 @@ fn rebuild_applies_base_and_wal_with_wal_winning() {
     let chunk = 16 * 4096;
     for c in 0..2u64 {
         let data = data_file(&p_path, c * chunk, chunk);
-        rt.block_on(replica.apply_base(c * chunk, chunk, Some(Bytes::from(data))))
+        rt.block_on(replica.apply_base(c * chunk, chunk, Some(Bytes::from(data)), Lsn::ZERO))
             .unwrap();
     }
     for e in entries {
@@ -131,7 +131,7 @@ fn rebuild_applies_base_and_wal_with_wal_winning() {
         let data = data_file(&p_path, c * chunk, chunk);
         let all_zero = data.iter().all(|&x| x == 0);
         let data = (!all_zero).then(|| Bytes::from(data));
-        rt.block_on(replica.apply_base(c * chunk, chunk, data))
+        rt.block_on(replica.apply_base(c * chunk, chunk, data, Lsn::ZERO))
             .unwrap();
     }
     replica.finish_rebuild().unwrap();
@@ -156,7 +156,7 @@ fn a_crash_during_rebuild_leaves_the_store_marked_incomplete() {
     let path = create(tmp.path(), 4 * MIB, 64 * MIB);
     let store = open(&path);
     store
-        .begin_rebuild(Lsn(100), vec![(Epoch(2), Lsn(1))])
+        .begin_rebuild(Lsn(100), vec![(Epoch(2), Lsn(1))], None)
         .unwrap();
     drop(store);
     let store = open(&path);
@@ -260,7 +260,7 @@ fn a_rebuild_writes_long_base_runs_directly_and_short_wal_runs_through_the_cache
     let replica = open_without_flusher(&path);
     let history = vec![(Epoch(1), Lsn(1))];
     replica.adopt_epoch(Epoch(1), VolumeId([5; 16])).unwrap();
-    replica.begin_rebuild(Lsn(100), history).unwrap();
+    replica.begin_rebuild(Lsn(100), history, None).unwrap();
     let base = pattern(7, (8 * MIB) as usize);
     let wal = |lsn: u64, block: u64, seed: u8| {
         WalRecord::new(
@@ -279,7 +279,7 @@ fn a_rebuild_writes_long_base_runs_directly_and_short_wal_runs_through_the_cache
     expect[5 * 4096..6 * 4096].copy_from_slice(&pattern(90, 4096));
     for c in 0..8u64 {
         let data = Bytes::copy_from_slice(&base[(c * MIB) as usize..((c + 1) * MIB) as usize]);
-        rt.block_on(replica.apply_base(c * MIB, MIB, Some(data)))
+        rt.block_on(replica.apply_base(c * MIB, MIB, Some(data), Lsn::ZERO))
             .unwrap();
         if c == 3 {
             // A checkpoint in the middle, with the base so far and the WAL block.
@@ -308,4 +308,97 @@ fn a_rebuild_writes_long_base_runs_directly_and_short_wal_runs_through_the_cache
     drop(replica);
     let replica = open_without_flusher(&path);
     assert!(rt.block_on(replica.read_contiguous(0, 8 * MIB)).unwrap() == expect);
+}
+
+/// Invariant (*no partial base is trusted without proof of its lineage*), the store's half:
+/// a cursor names only base the data file holds durably, and only with a proof its log held
+/// (a chunk that may reflect entries the WAL line has not brought stays outside it); a fresh
+/// rebuild drops it, and a resume must name it exactly.
+#[test]
+fn no_partial_base_is_trusted_without_proof_of_its_lineage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let store = open(&path);
+    let epoch = Epoch(2);
+    store.adopt_epoch(epoch, VolumeId([9; 16])).unwrap();
+    let history = vec![(epoch, Lsn(1))];
+    store.begin_rebuild(Lsn(10), history.clone(), None).unwrap();
+    assert_eq!(store.rebuild_cursor(), None);
+    for c in 0..2u64 {
+        let data = Some(Bytes::from(vec![0x5a; MIB as usize]));
+        rt.block_on(store.apply_base(c * MIB, MIB, data, Lsn(11)))
+            .unwrap();
+    }
+    // The base may reflect entry 11, which the log does not hold yet: nothing is vouched for.
+    assert_eq!(store.save_rebuild_cursor().unwrap(), None);
+    rt.block_on(store.append_replicated(WalRecord::new(
+        Lsn(11),
+        epoch,
+        RecordKind::Write,
+        3 * MIB,
+        4096,
+        Bytes::from(vec![0xee; 4096]),
+    )))
+    .unwrap();
+    let data = Some(Bytes::from(vec![0x5a; MIB as usize]));
+    rt.block_on(store.apply_base(2 * MIB, MIB, data, Lsn(12)))
+        .unwrap();
+    let cursor = store.save_rebuild_cursor().unwrap().expect("a cursor");
+    assert_eq!((cursor.base, cursor.through), (Lsn(10), 2 * MIB));
+    assert_eq!((cursor.proof, cursor.proof_epoch), (Lsn(11), epoch));
+    assert_eq!(cursor.history, history);
+    // A crash: the cursor and the base below it survive; the store is still rebuilding.
+    drop(store);
+    let store = open(&path);
+    assert!(store.is_rebuilding());
+    assert_eq!(store.rebuild_cursor(), Some(cursor.clone()));
+    assert!(store
+        .begin_rebuild(Lsn(10), history.clone(), Some(MIB))
+        .is_err());
+    assert!(store
+        .begin_rebuild(Lsn(9), history.clone(), Some(2 * MIB))
+        .is_err());
+    store
+        .begin_rebuild(Lsn(10), history.clone(), Some(2 * MIB))
+        .unwrap();
+    assert_eq!(store.rebuild_cursor(), Some(cursor));
+    let kept = rt.block_on(store.read_contiguous(0, 2 * MIB)).unwrap();
+    assert!(kept.iter().all(|&b| b == 0x5a), "the durable base is kept");
+    // A fresh rebuild trusts nothing of it.
+    store.begin_rebuild(Lsn(10), history, None).unwrap();
+    assert_eq!(store.rebuild_cursor(), None);
+}
+
+/// A primary resumes a base only while its data file is at least as new as the base and its
+/// WAL holds every entry after it, which it then pins; otherwise it says why.
+#[test]
+fn a_primary_resumes_a_base_only_with_its_wal_and_a_data_file_as_new() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let store = open(&path);
+    store.begin_epoch(None).unwrap();
+    for b in 0..8u64 {
+        rt.block_on(store.write(b * 4096, &pattern(b as u8, 4096), false))
+            .unwrap();
+    }
+    store.shared.checkpoint().unwrap();
+    let (base, history) = store.rebuild_base();
+    assert_eq!(base, Lsn(8));
+    assert_eq!(store.resume_base(base), Ok(history));
+    // Newer than our checkpoint: what we would stream past a cursor could be older than it.
+    rt.block_on(store.write(0, &pattern(9, 4096), false))
+        .unwrap();
+    assert_eq!(
+        store.resume_base(Lsn(9)),
+        Err(crate::ResumeRefusal::OlderImage)
+    );
+    // The WAL after an old base recycled: nothing to replay from there.
+    store.set_retention_pin(None);
+    store.shared.checkpoint().unwrap();
+    assert_eq!(
+        store.resume_base(Lsn(2)),
+        Err(crate::ResumeRefusal::WalRecycled)
+    );
 }

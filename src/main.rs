@@ -3,6 +3,7 @@
 
 mod certs;
 mod config;
+mod control;
 mod exposure;
 mod node;
 mod observe;

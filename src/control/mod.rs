@@ -1,0 +1,3 @@
+//! The control plane's drivers: what runs a node of an etcd-led volume.
+
+pub mod gate;

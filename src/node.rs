@@ -340,6 +340,7 @@ async fn serve_primary(
             ready: ready.clone(),
             set_replica_address: set_address,
             admin_token: token.as_ref().map(AdminToken::secret),
+            leading: None,
         },
         shutdown.clone(),
     )
@@ -698,6 +699,7 @@ pub fn replica(
                 ready,
                 set_replica_address: None,
                 admin_token: token.as_ref().map(AdminToken::secret),
+                leading: None,
             },
             shutdown.clone(),
         )

@@ -11,7 +11,7 @@ mod http;
 mod status;
 
 pub use http::{serve, Admin, AdminError};
-pub use status::{RebuildReport, ReplicaReport, StatusReport};
+pub use status::{ControlReport, RebuildReport, ReplicaReport, StatusReport};
 
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -54,6 +54,16 @@ pub struct Metrics {
     pub fenced: IntGaugeVec,
     /// Replication peers refused by mutual TLS before any frame was read, by reason.
     pub peer_rejects: IntCounterVec,
+    /// 1 while this node holds the volume's leader key in etcd (`blockrep node`).
+    pub leader: IntGaugeVec,
+    /// Seconds until this leader's local lease deadline (0 when not leading).
+    pub lease_remaining: GaugeVec,
+    /// Times this node became the volume's leader.
+    pub failovers: IntCounterVec,
+    /// Times this node stopped acknowledging as leader, by reason.
+    pub fence_events: IntCounterVec,
+    /// 1 while a leader keeps serving with etcd unreachable (`--failsafe`).
+    pub failsafe: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -233,6 +243,41 @@ impl Metrics {
                     "Replication peers refused by mutual TLS (before any frame), by reason."
                 ),
                 &["volume", "reason"]
+            )?),
+            leader: reg!(IntGaugeVec::new(
+                opts(
+                    "leader",
+                    "1 while this node holds the volume's leader key in etcd."
+                ),
+                v
+            )?),
+            lease_remaining: reg!(GaugeVec::new(
+                opts(
+                    "lease_remaining_seconds",
+                    "Seconds until the leader's local lease deadline (0 when not leading)."
+                ),
+                v
+            )?),
+            failovers: reg!(IntCounterVec::new(
+                opts(
+                    "failovers_total",
+                    "Times this node became the volume's leader."
+                ),
+                v
+            )?),
+            fence_events: reg!(IntCounterVec::new(
+                opts(
+                    "fence_events_total",
+                    "Times this node stopped acknowledging as leader, by reason."
+                ),
+                &["volume", "reason"]
+            )?),
+            failsafe: reg!(IntGaugeVec::new(
+                opts(
+                    "failsafe_active",
+                    "1 while a leader keeps serving with etcd unreachable (--failsafe)."
+                ),
+                v
             )?),
             registry,
         })

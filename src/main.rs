@@ -149,6 +149,9 @@ enum Command {
         #[command(subcommand)]
         command: certs::CertsCommand,
     },
+    /// Look at a volume run by `blockrep node` in etcd (`list`), or move its leadership
+    /// (`switchover --to NODE`, `failover --to NODE [--force]`), like patronictl.
+    Ctl(control::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -263,5 +266,6 @@ fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
             io_engine,
         } => offline::export(&dir, &file, io_engine),
         Command::Certs { command } => certs::run(command),
+        Command::Ctl(args) => control::ctl::run(args),
     }
 }

@@ -64,6 +64,9 @@ pub struct Metrics {
     pub fence_events: IntCounterVec,
     /// 1 while a leader keeps serving with etcd unreachable (`--failsafe`).
     pub failsafe: IntGaugeVec,
+    /// Time of one etcd request of the control plane, by operation (read, txn, grant,
+    /// keep_alive, ...), failures included.
+    pub etcd_request: HistogramVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -278,6 +281,13 @@ impl Metrics {
                     "1 while a leader keeps serving with etcd unreachable (--failsafe)."
                 ),
                 v
+            )?),
+            etcd_request: reg!(HistogramVec::new(
+                hist(
+                    "etcd_request_seconds",
+                    "Time of one etcd request, by operation (failed ones included)."
+                ),
+                &["volume", "op"]
             )?),
             registry,
         })

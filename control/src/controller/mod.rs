@@ -1,0 +1,691 @@
+//! The control-plane state machine of one node: it registers the node, campaigns for the
+//! leader key when it is the best candidate, keeps the lease deadline, records the in-sync
+//! set, hands over on a switchover, and steps down when it may no longer lead.
+//!
+//! Events in, actions out; nothing here waits or reads a clock. The driver feeds every view
+//! of the volume's keys, every transaction's result, every answered keep-alive and a regular
+//! tick, and checks [`Controller::may_acknowledge`] before every acknowledgement it sends.
+
+use std::collections::BTreeMap;
+
+use blockrep_storage::{Epoch, Lsn};
+
+use crate::keys::Keys;
+use crate::lease::{LeaseClock, Timing};
+use crate::rank;
+use crate::record::{
+    encode, HistoryEntry, Identity, InSync, LeaderRecord, MemberRecord, MemberRole, MemberState,
+    VolumeConfig, VolumeView,
+};
+use crate::txn::{Compare, Txn, TxnId};
+use crate::Millis;
+
+/// How this node takes part.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    /// Among candidates at the same position, the higher priority leads.
+    pub priority: u32,
+    /// Never campaign (the node still registers and replicates).
+    pub nofailover: bool,
+    pub timing: Timing,
+    /// The commit mode's name, recorded in the volume's config by the node that creates it.
+    pub commit: String,
+    /// Keep acknowledging past the lease deadline while every replica this primary needs keeps
+    /// acknowledging at its epoch ([`Event::ReplicasConfirmed`]). The binary refuses it under
+    /// best-effort, where no replica's acknowledgement stands in for etcd's word.
+    pub failsafe: bool,
+}
+
+/// What the node's store and replication say about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalState {
+    pub volume_id: String,
+    pub size: u64,
+    pub state: MemberState,
+    pub epoch: Epoch,
+    pub head: Lsn,
+    pub head_epoch: Epoch,
+    pub committed: Lsn,
+    pub replication: String,
+    pub nbd: Vec<String>,
+    pub admin: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A fresh read of the volume's keys (after every watch notification, and after every
+    /// transaction).
+    View { now: Millis, view: VolumeView },
+    /// A transaction finished; `revision` is etcd's revision after it (0 if it failed to reach
+    /// etcd).
+    TxnDone {
+        now: Millis,
+        id: TxnId,
+        succeeded: bool,
+        revision: i64,
+    },
+    /// etcd answered a keep-alive (or the grant) sent at `sent_at` with this TTL (0: the
+    /// lease is gone).
+    KeepAlive { sent_at: Millis, granted_ttl: Millis },
+    /// This node's store or replication changed position or state.
+    Local { now: Millis, local: LocalState },
+    /// As primary: the replicas its replication counts in sync at its epoch now.
+    Replication { now: Millis, in_sync: Vec<String> },
+    /// As primary: every replica it needs acknowledged, at its epoch, a barrier sent at `at`.
+    ReplicasConfirmed { at: Millis },
+    Tick { now: Millis },
+    /// The node is stopping: hand the leader key back now rather than at the lease's expiry.
+    Shutdown { now: Millis },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Run this transaction and answer with [`Event::TxnDone`].
+    Txn { id: TxnId, txn: Txn },
+    /// Lead at `epoch` (taken in etcd), replicating to these members (name, replication
+    /// address). `force`: promote even if this store may lack acknowledged writes (an
+    /// operator's `failover --force`).
+    Lead {
+        epoch: Epoch,
+        replicas: Vec<(String, String)>,
+        force: bool,
+    },
+    /// As leader: the volume's other members changed; replicate to these now.
+    Replicas { replicas: Vec<(String, String)> },
+    /// Someone else leads: be its replica.
+    Follow { leader: String, epoch: Epoch },
+    /// Stop acknowledging, now, and stop being primary.
+    StepDown { reason: FenceReason },
+    /// The in-sync set etcd now records at this node's epoch. A primary may acknowledge a
+    /// write that skips a replica only once that replica is absent from it.
+    InSyncRecorded { members: Vec<String> },
+}
+
+/// Why a leader stopped acknowledging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FenceReason {
+    /// The local deadline passed with no keep-alive answered.
+    LeaseExpired,
+    /// The leader key no longer names this node at its epoch.
+    LeaderKeyLost,
+    /// A member has seen an epoch above this leader's.
+    HigherEpoch,
+    /// An operator asked for another leader.
+    Switchover,
+    Shutdown,
+}
+
+impl FenceReason {
+    /// The `reason` label of `blockrep_fence_events_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FenceReason::LeaseExpired => "lease_expired",
+            FenceReason::LeaderKeyLost => "leader_key_lost",
+            FenceReason::HigherEpoch => "higher_epoch",
+            FenceReason::Switchover => "switchover",
+            FenceReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Purpose {
+    Initialise,
+    Campaign { epoch: Epoch, force: bool },
+    Register,
+    InSync { members: Vec<String> },
+    Resign,
+}
+
+#[derive(Debug, Clone)]
+struct Leadership {
+    epoch: Epoch,
+    /// etcd's revision once the leader key was ours: an older view predates it.
+    since_revision: i64,
+    replicas: Vec<(String, String)>,
+    recorded: Vec<String>,
+    /// The replicas replication counts in sync now (what the in-sync set should become).
+    counted: Option<Vec<String>>,
+    failsafe_until: Option<Millis>,
+}
+
+/// A stepped-down leader waiting for the switchover target to hold its whole log before it
+/// gives the key up.
+#[derive(Debug, Clone)]
+struct Handover {
+    to: String,
+    head: Lsn,
+    until: Millis,
+}
+
+/// One node's control-plane core.
+///
+/// Invariant (*one acknowledger per lease*): a node acknowledges only while it leads, and it
+/// leads only from its own successful campaign in this incarnation until its local lease
+/// deadline, which falls before etcd can expire its lease and give the key to another.
+pub struct Controller {
+    keys: Keys,
+    cfg: NodeConfig,
+    lease: LeaseClock,
+    view: Option<VolumeView>,
+    local: Option<LocalState>,
+    leading: Option<Leadership>,
+    handover: Option<Handover>,
+    pending: BTreeMap<TxnId, Purpose>,
+    next_txn: u64,
+    published: Option<(MemberRecord, Millis)>,
+    following: Option<(String, Epoch)>,
+    stopping: bool,
+}
+
+impl Controller {
+    pub fn new(keys: Keys, cfg: NodeConfig) -> Controller {
+        Controller {
+            keys,
+            cfg,
+            lease: LeaseClock::default(),
+            view: None,
+            local: None,
+            leading: None,
+            handover: None,
+            pending: BTreeMap::new(),
+            next_txn: 1,
+            published: None,
+            following: None,
+            stopping: false,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    pub fn timing(&self) -> &Timing {
+        &self.cfg.timing
+    }
+
+    /// Whether this node may send an acknowledgement (a write's, a FLUSH's, a read's reply)
+    /// at `now`. Checked before every one.
+    pub fn may_acknowledge(&self, now: Millis) -> bool {
+        let Some(lead) = &self.leading else {
+            return false;
+        };
+        self.lease.holds(now)
+            || (self.cfg.failsafe && lead.failsafe_until.is_some_and(|t| now < t))
+    }
+
+    /// Whether it is leading on the failsafe rule alone (its lease deadline has passed).
+    pub fn failsafe_active(&self, now: Millis) -> bool {
+        self.leading.is_some() && !self.lease.holds(now) && self.may_acknowledge(now)
+    }
+
+    pub fn lease_deadline(&self) -> Option<Millis> {
+        self.lease.deadline()
+    }
+
+    pub fn lease_remaining(&self, now: Millis) -> Millis {
+        self.lease.remaining(now)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leading.is_some()
+    }
+
+    /// The epoch this node leads at.
+    pub fn epoch(&self) -> Option<Epoch> {
+        self.leading.as_ref().map(|l| l.epoch)
+    }
+
+    /// Who leads, as the last view said.
+    pub fn leader(&self) -> Option<&str> {
+        self.view.as_ref().and_then(|v| v.leader_name())
+    }
+
+    pub fn view(&self) -> Option<&VolumeView> {
+        self.view.as_ref()
+    }
+
+    /// The in-sync set etcd records at this leader's epoch (empty when not leading).
+    pub fn recorded_in_sync(&self) -> &[String] {
+        self.leading.as_ref().map_or(&[], |l| l.recorded.as_slice())
+    }
+
+    pub fn handle(&mut self, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        let now = match event {
+            Event::View { now, view } => {
+                self.view = Some(view);
+                now
+            }
+            Event::TxnDone {
+                now,
+                id,
+                succeeded,
+                revision,
+            } => {
+                self.txn_done(id, succeeded, revision, &mut out);
+                now
+            }
+            Event::KeepAlive {
+                sent_at,
+                granted_ttl,
+            } => {
+                self.lease.answered(&self.cfg.timing, sent_at, granted_ttl);
+                if granted_ttl == 0 {
+                    self.step_down(FenceReason::LeaseExpired, &mut out);
+                }
+                return out;
+            }
+            Event::Local { now, local } => {
+                self.local = Some(local);
+                now
+            }
+            Event::Replication { now, in_sync } => {
+                if let Some(lead) = &mut self.leading {
+                    lead.counted = Some(in_sync);
+                }
+                now
+            }
+            Event::ReplicasConfirmed { at } => {
+                if let Some(lead) = &mut self.leading {
+                    let until = at.saturating_add(self.cfg.timing.renew);
+                    lead.failsafe_until = Some(lead.failsafe_until.map_or(until, |t| t.max(until)));
+                }
+                return out;
+            }
+            Event::Tick { now } => now,
+            Event::Shutdown { now } => {
+                self.stopping = true;
+                if self.leading.is_some() {
+                    self.step_down(FenceReason::Shutdown, &mut out);
+                    self.resign(&mut out);
+                }
+                return out;
+            }
+        };
+        self.evaluate(now, &mut out);
+        out
+    }
+
+    fn txn(&mut self, purpose: Purpose, txn: Txn, out: &mut Vec<Action>) {
+        let id = TxnId(self.next_txn);
+        self.next_txn += 1;
+        self.pending.insert(id, purpose);
+        out.push(Action::Txn { id, txn });
+    }
+
+    fn in_flight(&self, f: impl Fn(&Purpose) -> bool) -> bool {
+        self.pending.values().any(f)
+    }
+
+    fn txn_done(&mut self, id: TxnId, succeeded: bool, revision: i64, out: &mut Vec<Action>) {
+        let Some(purpose) = self.pending.remove(&id) else {
+            return;
+        };
+        match purpose {
+            Purpose::Campaign { epoch, force } if succeeded => {
+                let replicas = self.other_members();
+                self.following = None;
+                self.leading = Some(Leadership {
+                    epoch,
+                    since_revision: revision,
+                    replicas: replicas.clone(),
+                    recorded: Vec::new(),
+                    counted: None,
+                    failsafe_until: None,
+                });
+                out.push(Action::Lead {
+                    epoch,
+                    replicas,
+                    force,
+                });
+                // The record now says primary.
+                self.published = None;
+            }
+            Purpose::InSync { members } if succeeded => {
+                if let Some(lead) = &mut self.leading {
+                    lead.recorded = members.clone();
+                    out.push(Action::InSyncRecorded { members });
+                }
+            }
+            Purpose::Register if !succeeded => self.published = None,
+            Purpose::Resign if succeeded => self.handover = None,
+            _ => {}
+        }
+    }
+
+    /// The volume's members other than this node, as (name, replication address).
+    fn other_members(&self) -> Vec<(String, String)> {
+        self.view.as_ref().map_or_else(Vec::new, |v| {
+            v.members
+                .values()
+                .filter(|m| m.name != self.cfg.name)
+                .map(|m| (m.name.clone(), m.replication.clone()))
+                .collect()
+        })
+    }
+
+    fn step_down(&mut self, reason: FenceReason, out: &mut Vec<Action>) {
+        if self.leading.take().is_some() {
+            out.push(Action::StepDown { reason });
+        }
+    }
+
+    /// Gives the leader key back, if it still holds the value this node wrote.
+    fn resign(&mut self, out: &mut Vec<Action>) {
+        let Some(leader) = self.view.as_ref().and_then(|v| v.leader.clone()) else {
+            return;
+        };
+        if leader.value.name != self.cfg.name || self.in_flight(|p| matches!(p, Purpose::Resign))
+        {
+            return;
+        }
+        let txn = Txn::default()
+            .when(Compare::ModRevision(self.keys.leader(), leader.mod_revision))
+            .delete(self.keys.leader());
+        self.txn(Purpose::Resign, txn, out);
+    }
+
+    fn evaluate(&mut self, now: Millis, out: &mut Vec<Action>) {
+        if self.leading.is_some() && !self.may_acknowledge(now) {
+            self.step_down(FenceReason::LeaseExpired, out);
+        }
+        let (Some(view), Some(local)) = (self.view.clone(), self.local.clone()) else {
+            return;
+        };
+        if view.identity.is_none() {
+            self.initialise(&local, out);
+            return;
+        }
+        self.publish(now, &view, &local, out);
+        if self.leading.is_some() {
+            self.lead(now, &view, out);
+        } else {
+            self.follow_or_campaign(now, &view, &local, out);
+        }
+    }
+
+    /// Makes this node's store the volume, if no node's is yet: one compare-and-swap on the
+    /// identity key, so two first nodes cannot both do it.
+    fn initialise(&mut self, local: &LocalState, out: &mut Vec<Action>) {
+        if self.stopping || self.in_flight(|p| matches!(p, Purpose::Initialise)) {
+            return;
+        }
+        let identity = Identity {
+            volume_id: local.volume_id.clone(),
+            size: local.size,
+            created_by: self.cfg.name.clone(),
+        };
+        let config = VolumeConfig {
+            commit: self.cfg.commit.clone(),
+            ttl_ms: self.cfg.timing.ttl,
+        };
+        let txn = Txn::default()
+            .when(Compare::Absent(self.keys.identity()))
+            .put(self.keys.identity(), encode(&identity))
+            .put(self.keys.config(), encode(&config));
+        self.txn(Purpose::Initialise, txn, out);
+    }
+
+    fn record(&self, local: &LocalState) -> MemberRecord {
+        MemberRecord {
+            name: self.cfg.name.clone(),
+            volume_id: local.volume_id.clone(),
+            role: if self.leading.is_some() {
+                MemberRole::Primary
+            } else {
+                MemberRole::Replica
+            },
+            state: local.state,
+            epoch: local.epoch.0,
+            head: local.head.0,
+            head_epoch: local.head_epoch.0,
+            committed: local.committed.0,
+            priority: self.cfg.priority,
+            nofailover: self.cfg.nofailover,
+            replication: local.replication.clone(),
+            nbd: local.nbd.clone(),
+            admin: local.admin.clone(),
+        }
+    }
+
+    /// Keeps this node's member record current: at once when anything but its position
+    /// changed, its position at most every half renew interval (a write load would otherwise
+    /// become an etcd write load).
+    fn publish(
+        &mut self,
+        now: Millis,
+        view: &VolumeView,
+        local: &LocalState,
+        out: &mut Vec<Action>,
+    ) {
+        if self.stopping || self.in_flight(|p| matches!(p, Purpose::Register)) {
+            return;
+        }
+        let record = self.record(local);
+        let visible = view.members.get(&self.cfg.name);
+        let due = match (&self.published, visible) {
+            (None, _) | (_, None) => true,
+            (Some((last, at)), Some(_)) => {
+                let moved = (last.head, last.committed) != (record.head, record.committed);
+                let same_but_position = MemberRecord {
+                    head: record.head,
+                    committed: record.committed,
+                    ..last.clone()
+                } == record;
+                !same_but_position
+                    || (moved && now.saturating_sub(*at) >= self.cfg.timing.renew / 2)
+            }
+        };
+        if !due {
+            return;
+        }
+        let txn = Txn::default().put_leased(self.keys.member(&self.cfg.name), encode(&record));
+        self.published = Some((record, now));
+        self.txn(Purpose::Register, txn, out);
+    }
+
+    fn lead(&mut self, now: Millis, view: &VolumeView, out: &mut Vec<Action>) {
+        let Some(lead) = self.leading.clone() else {
+            return;
+        };
+        if view.revision >= lead.since_revision {
+            let ours = view
+                .leader
+                .as_ref()
+                .is_some_and(|l| l.value.name == self.cfg.name && l.value.epoch == lead.epoch.0);
+            if !ours {
+                return self.step_down(FenceReason::LeaderKeyLost, out);
+            }
+        }
+        if view.members.values().any(|m| m.epoch > lead.epoch.0) {
+            return self.step_down(FenceReason::HigherEpoch, out);
+        }
+        if let Some(request) = &view.switchover {
+            let to = &request.value.to;
+            let target = view.members.get(to);
+            let eligible = target.is_some_and(|m| rank::eligibility(view, m).is_ok());
+            if to != &self.cfg.name && (eligible || (request.value.force && target.is_some())) {
+                let head = self.local.as_ref().map_or(Lsn::ZERO, |l| l.head);
+                self.handover = Some(Handover {
+                    to: to.clone(),
+                    head,
+                    until: now.saturating_add(self.cfg.timing.ttl),
+                });
+                return self.step_down(FenceReason::Switchover, out);
+            }
+        }
+        let replicas = self.other_members();
+        if replicas != lead.replicas {
+            if let Some(l) = &mut self.leading {
+                l.replicas = replicas.clone();
+            }
+            out.push(Action::Replicas { replicas });
+        }
+        self.record_in_sync(view, &lead, out);
+    }
+
+    /// Brings etcd's in-sync set in line with what replication counts: this leader, plus the
+    /// replicas it counts. Recorded first, acted on after (see [`Action::InSyncRecorded`]).
+    fn record_in_sync(&mut self, view: &VolumeView, lead: &Leadership, out: &mut Vec<Action>) {
+        let Some(counted) = &lead.counted else {
+            return;
+        };
+        if self.in_flight(|p| matches!(p, Purpose::InSync { .. })) {
+            return;
+        }
+        let mut members: Vec<String> = std::iter::once(self.cfg.name.clone())
+            .chain(counted.iter().filter(|n| **n != self.cfg.name).cloned())
+            .collect();
+        members.sort();
+        members.dedup();
+        let current = view.insync.as_ref();
+        let recorded_here = current.filter(|s| s.value.epoch == lead.epoch.0);
+        if let Some(set) = recorded_here {
+            let mut have = set.value.members.clone();
+            have.sort();
+            if have == members {
+                if lead.recorded != members {
+                    if let Some(l) = &mut self.leading {
+                        l.recorded = members.clone();
+                    }
+                    out.push(Action::InSyncRecorded { members });
+                }
+                return;
+            }
+        }
+        let set = InSync {
+            epoch: lead.epoch.0,
+            leader: self.cfg.name.clone(),
+            members: members.clone(),
+        };
+        let guard = match current {
+            Some(s) => Compare::ModRevision(self.keys.insync(), s.mod_revision),
+            None => Compare::Absent(self.keys.insync()),
+        };
+        let txn = Txn::default()
+            .when(Compare::Value(
+                self.keys.leader(),
+                encode(&LeaderRecord {
+                    name: self.cfg.name.clone(),
+                    epoch: lead.epoch.0,
+                }),
+            ))
+            .when(guard)
+            .put(self.keys.insync(), encode(&set));
+        self.txn(Purpose::InSync { members }, txn, out);
+    }
+
+    fn follow_or_campaign(
+        &mut self,
+        now: Millis,
+        view: &VolumeView,
+        local: &LocalState,
+        out: &mut Vec<Action>,
+    ) {
+        if let Some(leader) = &view.leader {
+            let LeaderRecord { name, epoch } = &leader.value;
+            if name == &self.cfg.name {
+                // Not from a campaign of this incarnation (an earlier run's key, or an etcd
+                // restored from an older snapshot): never led on, handed back.
+                return self.resign(out);
+            }
+            let current = (name.clone(), Epoch(*epoch));
+            if self.following.as_ref() != Some(&current) {
+                self.following = Some(current);
+                out.push(Action::Follow {
+                    leader: name.clone(),
+                    epoch: Epoch(*epoch),
+                });
+            }
+            return;
+        }
+        if let Some(h) = self.handover.clone() {
+            let caught_up = view.members.get(&h.to).is_some_and(|m| Lsn(m.head) >= h.head);
+            if caught_up || now >= h.until {
+                self.resign(out);
+            }
+            return;
+        }
+        self.campaign(now, view, local, out);
+    }
+
+    /// Whether this node should take the leader key now: it is the best live candidate, or the
+    /// one an operator's request names.
+    fn should_campaign(&self, view: &VolumeView) -> Option<bool> {
+        let me = view.members.get(&self.cfg.name)?;
+        if let Some(request) = &view.switchover {
+            let r = &request.value;
+            if let Some(target) = view.members.get(&r.to) {
+                let eligible = rank::eligibility(view, target).is_ok();
+                if eligible || r.force {
+                    return (r.to == self.cfg.name).then_some(r.force && !eligible);
+                }
+            }
+        }
+        let best = rank::candidates(view).first().map(|m| m.name.clone())?;
+        (best == me.name).then_some(false)
+    }
+
+    fn campaign(&mut self, now: Millis, view: &VolumeView, local: &LocalState, out: &mut Vec<Action>) {
+        if self.stopping
+            || !self.lease.holds(now)
+            || self.in_flight(|p| matches!(p, Purpose::Campaign { .. }))
+        {
+            return;
+        }
+        let Some(force) = self.should_campaign(view) else {
+            return;
+        };
+        let Some(epoch) = view.highest_epoch().max(local.epoch).checked_next() else {
+            return;
+        };
+        let leader = LeaderRecord {
+            name: self.cfg.name.clone(),
+            epoch: epoch.0,
+        };
+        let mut members = view
+            .insync
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.value.members.clone());
+        if !members.contains(&self.cfg.name) {
+            members.push(self.cfg.name.clone());
+        }
+        let set = InSync {
+            epoch: epoch.0,
+            leader: self.cfg.name.clone(),
+            members,
+        };
+        let history = HistoryEntry {
+            epoch: epoch.0,
+            leader: self.cfg.name.clone(),
+            start_lsn: local.head.next().0,
+        };
+        let counter = match &view.epoch_counter {
+            Some(c) => Compare::ModRevision(self.keys.epoch(), c.mod_revision),
+            None => Compare::Absent(self.keys.epoch()),
+        };
+        let insync = match &view.insync {
+            Some(s) => Compare::ModRevision(self.keys.insync(), s.mod_revision),
+            None => Compare::Absent(self.keys.insync()),
+        };
+        let mut txn = Txn::default()
+            .when(Compare::Absent(self.keys.leader()))
+            .when(counter)
+            .when(insync)
+            .put_leased(self.keys.leader(), encode(&leader))
+            .put(self.keys.epoch(), epoch.0.to_string().into_bytes())
+            .put(self.keys.insync(), encode(&set))
+            .put(self.keys.history(epoch), encode(&history));
+        if let Some(request) = &view.switchover {
+            txn = txn
+                .when(Compare::ModRevision(self.keys.switchover(), request.mod_revision))
+                .delete(self.keys.switchover());
+        }
+        self.txn(Purpose::Campaign { epoch, force }, txn, out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

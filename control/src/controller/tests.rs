@@ -1,0 +1,396 @@
+//! The controller against the in-memory etcd: a few nodes, one clock, every action carried
+//! out at once.
+
+use super::*;
+use crate::mem_etcd::MemEtcd;
+use crate::record::SwitchoverRequest;
+
+struct Node {
+    ctl: Controller,
+    lease: i64,
+    local: LocalState,
+    /// Keep-alives are answered only while this is true (false: cut from etcd).
+    reaches_etcd: bool,
+    actions: Vec<Action>,
+}
+
+struct Cluster {
+    etcd: MemEtcd,
+    keys: Keys,
+    nodes: Vec<Node>,
+    now: Millis,
+}
+
+fn local(volume: &str, head: u64) -> LocalState {
+    LocalState {
+        volume_id: volume.into(),
+        size: 1 << 30,
+        state: MemberState::Ready,
+        epoch: Epoch(0),
+        head: Lsn(head),
+        head_epoch: Epoch(0),
+        committed: Lsn(head),
+        replication: "127.0.0.1:1".into(),
+        nbd: vec![],
+        admin: None,
+    }
+}
+
+impl Cluster {
+    fn new(names: &[&str]) -> Cluster {
+        let keys = Keys::new("/blockrep", "vol").unwrap();
+        let mut etcd = MemEtcd::new();
+        let timing = Timing::from_ttl(3_000).unwrap();
+        let nodes = names
+            .iter()
+            .map(|n| {
+                let lease = etcd.grant(0, timing.ttl);
+                let mut ctl = Controller::new(
+                    keys.clone(),
+                    NodeConfig {
+                        name: n.to_string(),
+                        priority: 0,
+                        nofailover: false,
+                        timing,
+                        commit: "sync-all".into(),
+                        failsafe: false,
+                    },
+                );
+                ctl.handle(Event::KeepAlive {
+                    sent_at: 0,
+                    granted_ttl: timing.ttl,
+                });
+                Node {
+                    ctl,
+                    lease,
+                    local: local(&format!("vol-of-{n}"), 0),
+                    reaches_etcd: true,
+                    actions: Vec::new(),
+                }
+            })
+            .collect();
+        Cluster {
+            etcd,
+            keys,
+            nodes,
+            now: 0,
+        }
+    }
+
+    fn idx(&self, name: &str) -> usize {
+        self.nodes.iter().position(|n| n.ctl.name() == name).unwrap()
+    }
+
+    /// Delivers `event` to node `i` and carries out what it asks, until nothing is left.
+    fn deliver(&mut self, i: usize, event: Event) {
+        let mut queue = vec![event];
+        while let Some(ev) = queue.pop() {
+            let actions = self.nodes[i].ctl.handle(ev);
+            for action in actions {
+                if let Action::Txn { id, txn } = &action {
+                    let now = self.now;
+                    let (succeeded, revision) = if self.nodes[i].reaches_etcd {
+                        self.etcd
+                            .txn(now, txn, Some(self.nodes[i].lease))
+                            .unwrap_or((false, 0))
+                    } else {
+                        (false, 0)
+                    };
+                    queue.push(Event::TxnDone {
+                        now,
+                        id: *id,
+                        succeeded,
+                        revision,
+                    });
+                    if self.nodes[i].reaches_etcd {
+                        queue.push(self.view_event());
+                    }
+                }
+                self.nodes[i].actions.push(action);
+            }
+        }
+    }
+
+    fn view_event(&mut self) -> Event {
+        let view = self.etcd.range(self.now, self.keys.dir());
+        Event::View {
+            now: self.now,
+            view: VolumeView::parse(&self.keys, &view).unwrap(),
+        }
+    }
+
+    /// One round: every node that reaches etcd renews, reports its state and sees the view.
+    fn round(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].reaches_etcd {
+                let lease = self.nodes[i].lease;
+                if let Some(ttl) = self.etcd.keep_alive(self.now, lease) {
+                    let now = self.now;
+                    self.deliver(
+                        i,
+                        Event::KeepAlive {
+                            sent_at: now,
+                            granted_ttl: ttl,
+                        },
+                    );
+                }
+                let local = self.nodes[i].local.clone();
+                let now = self.now;
+                self.deliver(i, Event::Local { now, local });
+                let view = self.view_event();
+                self.deliver(i, view);
+            }
+            let now = self.now;
+            self.deliver(i, Event::Tick { now });
+        }
+    }
+
+    fn advance(&mut self, ms: Millis, rounds: usize) {
+        for _ in 0..rounds {
+            self.now += ms;
+            self.round();
+        }
+    }
+
+    fn leaders(&self) -> Vec<&str> {
+        self.nodes
+            .iter()
+            .filter(|n| n.ctl.is_leader())
+            .map(|n| n.ctl.name())
+            .collect()
+    }
+
+    fn leads(&self, name: &str) -> Option<Epoch> {
+        self.nodes[self.idx(name)].ctl.epoch()
+    }
+
+    /// Once a node leads, the others are made its replicas: their stores join the volume.
+    fn adopt_volume(&mut self) {
+        let id = self.nodes.iter().find(|n| n.ctl.is_leader()).map(|n| n.local.volume_id.clone());
+        let epoch = self.nodes.iter().find_map(|n| n.ctl.epoch()).unwrap_or_default();
+        for n in &mut self.nodes {
+            if let Some(id) = &id {
+                n.local.volume_id = id.clone();
+            }
+            n.local.epoch = epoch;
+            n.local.head_epoch = epoch;
+        }
+    }
+}
+
+#[test]
+fn the_first_node_makes_its_store_the_volume_and_leads_at_epoch_1() {
+    let mut c = Cluster::new(&["a", "b"]);
+    c.advance(100, 3);
+    assert_eq!(c.leaders(), ["a"]);
+    assert_eq!(c.leads("a"), Some(Epoch(1)));
+    let view = VolumeView::parse(&c.keys, &c.etcd.range(c.now, c.keys.dir())).unwrap();
+    let identity = view.identity.unwrap();
+    assert_eq!((identity.volume_id.as_str(), identity.created_by.as_str()), ("vol-of-a", "a"));
+    assert_eq!(view.epoch_counter.map(|e| e.value), Some(1));
+    assert_eq!(view.history.len(), 1);
+    let b = &c.nodes[c.idx("b")];
+    assert!(b.actions.contains(&Action::Follow {
+        leader: "a".into(),
+        epoch: Epoch(1)
+    }));
+    assert!(!b.ctl.may_acknowledge(c.now));
+    assert!(c.nodes[0].ctl.may_acknowledge(c.now));
+}
+
+#[test]
+fn two_candidates_never_get_the_same_epoch() {
+    let mut c = Cluster::new(&["a", "b"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 3);
+    // Both see no leader at the same view and both campaign from it: one compare-and-swap wins.
+    let a = c.idx("a");
+    let b = c.idx("b");
+    let stale = c.view_event();
+    c.nodes[a].ctl.leading = None;
+    c.etcd.txn(c.now, &Txn::default().delete(c.keys.leader()), None).unwrap();
+    let fresh = c.view_event();
+    // Force both to see the key gone and each consider itself the best candidate.
+    for i in [a, b] {
+        c.deliver(i, fresh.clone());
+    }
+    drop(stale);
+    let epochs: Vec<Epoch> = c.nodes.iter().filter_map(|n| n.ctl.epoch()).collect();
+    assert_eq!(epochs.len(), 1, "exactly one node took the key: {epochs:?}");
+    assert_eq!(epochs[0], Epoch(2));
+}
+
+#[test]
+fn no_acknowledgement_after_the_lease_deadline() {
+    let mut c = Cluster::new(&["a", "b"]);
+    c.advance(100, 3);
+    let a = c.idx("a");
+    let deadline = c.nodes[a].ctl.lease_deadline().unwrap();
+    c.nodes[a].reaches_etcd = false;
+    c.now = deadline - 1;
+    c.round();
+    assert!(c.nodes[a].ctl.may_acknowledge(c.now));
+    c.now = deadline;
+    assert!(!c.nodes[a].ctl.may_acknowledge(c.now), "checked, not only stepped down on a tick");
+    c.round();
+    assert!(c.nodes[a]
+        .actions
+        .contains(&Action::StepDown { reason: FenceReason::LeaseExpired }));
+    assert!(!c.nodes[a].ctl.is_leader());
+    // etcd expires a's lease only later: the key goes after the old leader stopped.
+    assert!(c.etcd.get(&c.keys.leader()).is_some());
+}
+
+#[test]
+fn a_primary_cut_from_etcd_is_replaced_only_after_it_stopped_acknowledging() {
+    let mut c = Cluster::new(&["a", "b", "c"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 3);
+    let a = c.idx("a");
+    c.nodes[a].reaches_etcd = false;
+    let mut a_stopped_at = None;
+    let mut b_or_c_led_at = None;
+    for _ in 0..80 {
+        c.advance(100, 1);
+        if a_stopped_at.is_none() && !c.nodes[a].ctl.may_acknowledge(c.now) {
+            a_stopped_at = Some(c.now);
+        }
+        if b_or_c_led_at.is_none() && c.leaders().iter().any(|l| *l != "a") {
+            b_or_c_led_at = Some(c.now);
+        }
+    }
+    let (stopped, replaced) = (a_stopped_at.unwrap(), b_or_c_led_at.unwrap());
+    assert!(stopped < replaced, "a stopped at {stopped}, replaced at {replaced}");
+    assert_eq!(c.leaders().len(), 1);
+    assert_eq!(c.nodes.iter().filter_map(|n| n.ctl.epoch()).next(), Some(Epoch(2)));
+}
+
+#[test]
+fn a_new_epoch_goes_above_every_epoch_a_member_reports() {
+    let mut c = Cluster::new(&["a", "b"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    let backup = c.etcd.snapshot();
+    // Later, b led at epoch 7 (its store says so); then etcd is restored from the backup.
+    let b = c.idx("b");
+    c.nodes[b].local.epoch = Epoch(7);
+    c.nodes[b].local.head_epoch = Epoch(7);
+    c.nodes[b].local.head = Lsn(50);
+    c.etcd.restore(c.now, &backup);
+    c.advance(100, 3);
+    assert_eq!(c.leaders(), [] as [&str; 0], "a at epoch 1 sees b at 7 and steps down");
+    // Keys naming a at epoch 1 go when its lease ends; then the best candidate leads above 7.
+    let a = c.idx("a");
+    c.nodes[a].local.epoch = Epoch(7);
+    c.advance(500, 20);
+    let epochs: Vec<Epoch> = c.nodes.iter().filter_map(|n| n.ctl.epoch()).collect();
+    assert_eq!(epochs.len(), 1);
+    assert!(epochs[0] > Epoch(7), "{epochs:?}");
+}
+
+#[test]
+fn a_leader_key_from_an_earlier_run_is_handed_back_not_led_on() {
+    let mut c = Cluster::new(&["a", "b"]);
+    c.advance(100, 3);
+    let a = c.idx("a");
+    // a restarts: a new incarnation with a new lease finds its old key.
+    let timing = *c.nodes[a].ctl.timing();
+    c.nodes[a].ctl = Controller::new(
+        c.keys.clone(),
+        NodeConfig {
+            name: "a".into(),
+            priority: 0,
+            nofailover: false,
+            timing,
+            commit: "sync-all".into(),
+            failsafe: false,
+        },
+    );
+    c.nodes[a].lease = c.etcd.grant(c.now, timing.ttl);
+    c.advance(100, 1);
+    assert!(!c.nodes[a].ctl.is_leader() || c.leads("a") == Some(Epoch(2)));
+    c.advance(100, 3);
+    assert_eq!(c.leaders(), ["a"]);
+    assert_eq!(c.leads("a"), Some(Epoch(2)), "a new epoch, never the old key's");
+}
+
+#[test]
+fn a_switchover_hands_the_key_to_its_target_once_it_holds_the_leader_s_log() {
+    let mut c = Cluster::new(&["a", "b", "c"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    for n in &mut c.nodes {
+        n.local.head = Lsn(40);
+    }
+    c.advance(100, 3);
+    let request = SwitchoverRequest {
+        to: "c".into(),
+        from: Some("a".into()),
+        failover: false,
+        force: false,
+    };
+    let put = Txn::default().put(c.keys.switchover(), encode(&request));
+    c.etcd.txn(c.now, &put, None).unwrap();
+    c.advance(100, 5);
+    assert_eq!(c.leaders(), ["c"]);
+    assert!(c.nodes[c.idx("a")]
+        .actions
+        .contains(&Action::StepDown { reason: FenceReason::Switchover }));
+    assert!(c.etcd.get(&c.keys.switchover()).is_none(), "the request is consumed");
+}
+
+#[test]
+fn a_replica_leaves_the_in_sync_set_in_etcd_before_the_leader_may_skip_it() {
+    let mut c = Cluster::new(&["a", "b", "c"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 3);
+    let a = c.idx("a");
+    let now = c.now;
+    c.deliver(a, Event::Replication { now, in_sync: vec!["b".into(), "c".into()] });
+    assert_eq!(c.nodes[a].ctl.recorded_in_sync(), ["a", "b", "c"]);
+    c.nodes[a].actions.clear();
+    // c stops counting: the removal is a transaction first, then an InSyncRecorded.
+    c.deliver(a, Event::Replication { now, in_sync: vec!["b".into()] });
+    let acts = &c.nodes[a].actions;
+    let txn_at = acts.iter().position(|x| matches!(x, Action::Txn { .. })).unwrap();
+    let recorded_at = acts
+        .iter()
+        .position(|x| matches!(x, Action::InSyncRecorded { members } if members == &["a", "b"]))
+        .unwrap();
+    assert!(txn_at < recorded_at);
+    // c is no longer a candidate: a's death leaves b.
+    c.nodes[a].reaches_etcd = false;
+    c.advance(500, 20);
+    assert_eq!(c.leaders(), ["b"]);
+}
+
+#[test]
+fn a_nofailover_node_never_campaigns() {
+    let mut c = Cluster::new(&["a", "b"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    let b = c.idx("b");
+    c.nodes[b].ctl.cfg.nofailover = true;
+    c.advance(100, 3);
+    let a = c.idx("a");
+    c.nodes[a].reaches_etcd = false;
+    c.advance(500, 20);
+    assert!(c.leaders().is_empty());
+}
+
+#[test]
+fn a_stopping_leader_hands_its_key_back_at_once() {
+    let mut c = Cluster::new(&["a", "b"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 3);
+    let a = c.idx("a");
+    let now = c.now;
+    c.deliver(a, Event::Shutdown { now });
+    assert!(c.etcd.get(&c.keys.leader()).is_none());
+    c.advance(100, 2);
+    assert_eq!(c.leaders(), ["b"]);
+}

@@ -1,0 +1,168 @@
+//! Who may take over a volume, and in which order.
+//!
+//! Only a member that holds every acknowledged write may lead: one in the in-sync set at the
+//! latest epoch (the leader removes a member there before it acknowledges anything that skips
+//! it), whose store is a whole image of this volume (`Ready`, the volume's id), and that the
+//! operator has not excluded (`--nofailover`). For a volume no one has led yet, only the node
+//! whose store became the volume. Among those, the longest lineage first (the epoch of the
+//! last entry, then its LSN), then the higher `--priority`, then the name, so every node
+//! computes the same order from the same view.
+
+use std::cmp::Ordering;
+
+use crate::record::{MemberRecord, MemberState, VolumeView};
+
+/// Why a member may not take over (for logs and `blockrep ctl list`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ineligible {
+    NoVolume,
+    OtherVolume,
+    NotInSync,
+    NotReady,
+    NoFailover,
+}
+
+impl Ineligible {
+    pub fn label(self) -> &'static str {
+        match self {
+            Ineligible::NoVolume => "the volume has no identity yet",
+            Ineligible::OtherVolume => "its store is not (yet) this volume",
+            Ineligible::NotInSync => "not in the in-sync set",
+            Ineligible::NotReady => "not ready (starting or rebuilding)",
+            Ineligible::NoFailover => "--nofailover",
+        }
+    }
+}
+
+/// Whether `member` may take over, ignoring its position.
+pub fn eligibility(view: &VolumeView, member: &MemberRecord) -> Result<(), Ineligible> {
+    let identity = view.identity.as_ref().ok_or(Ineligible::NoVolume)?;
+    if member.volume_id != identity.volume_id {
+        return Err(Ineligible::OtherVolume);
+    }
+    let in_sync = match &view.insync {
+        Some(set) => set.value.contains(&member.name),
+        None => identity.created_by == member.name,
+    };
+    if !in_sync {
+        return Err(Ineligible::NotInSync);
+    }
+    if member.state != MemberState::Ready {
+        return Err(Ineligible::NotReady);
+    }
+    if member.nofailover {
+        return Err(Ineligible::NoFailover);
+    }
+    Ok(())
+}
+
+/// Better candidates first.
+pub fn compare(a: &MemberRecord, b: &MemberRecord) -> Ordering {
+    b.position()
+        .cmp(&a.position())
+        .then(b.priority.cmp(&a.priority))
+        .then(a.name.cmp(&b.name))
+}
+
+/// The live members that may take over, best first.
+pub fn candidates(view: &VolumeView) -> Vec<&MemberRecord> {
+    let mut out: Vec<&MemberRecord> = view
+        .members
+        .values()
+        .filter(|m| eligibility(view, m).is_ok())
+        .collect();
+    out.sort_by(|a, b| compare(a, b));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Identity, InSync, MemberRole, Versioned};
+
+    pub(crate) fn member(name: &str, head_epoch: u64, head: u64) -> MemberRecord {
+        MemberRecord {
+            name: name.into(),
+            volume_id: "vol".into(),
+            role: MemberRole::Replica,
+            state: MemberState::Ready,
+            epoch: head_epoch,
+            head,
+            head_epoch,
+            committed: head,
+            priority: 0,
+            nofailover: false,
+            replication: format!("{name}:1"),
+            nbd: vec![],
+            admin: None,
+        }
+    }
+
+    fn view(members: Vec<MemberRecord>, insync: &[&str]) -> VolumeView {
+        VolumeView {
+            identity: Some(Identity {
+                volume_id: "vol".into(),
+                size: 1 << 20,
+                created_by: "a".into(),
+            }),
+            insync: Some(Versioned {
+                value: InSync {
+                    epoch: 3,
+                    leader: "a".into(),
+                    members: insync.iter().map(|s| s.to_string()).collect(),
+                },
+                mod_revision: 1,
+            }),
+            members: members.into_iter().map(|m| (m.name.clone(), m)).collect(),
+            ..VolumeView::default()
+        }
+    }
+
+    fn names(v: &VolumeView) -> Vec<&str> {
+        candidates(v).iter().map(|m| m.name.as_str()).collect()
+    }
+
+    #[test]
+    fn candidates_rank_by_lineage_then_priority_then_name() {
+        let mut c = member("c", 3, 100);
+        c.priority = 5;
+        let v = view(
+            vec![member("a", 2, 500), member("b", 3, 100), c, member("d", 3, 101)],
+            &["a", "b", "c", "d"],
+        );
+        // d has the longest log at the latest entry epoch; c's priority beats b at a tie;
+        // a's longer log is of an older epoch, so it ranks last.
+        assert_eq!(names(&v), ["d", "c", "b", "a"]);
+        let v = view(vec![member("b", 3, 7), member("a", 3, 7)], &["a", "b"]);
+        assert_eq!(names(&v), ["a", "b"], "equal positions fall to the name");
+    }
+
+    #[test]
+    fn only_ready_in_sync_members_of_the_volume_may_take_over() {
+        let mut rebuilding = member("r", 3, 900);
+        rebuilding.state = MemberState::Rebuilding;
+        let mut excluded = member("x", 3, 900);
+        excluded.nofailover = true;
+        let mut stranger = member("s", 3, 900);
+        stranger.volume_id = "other".into();
+        let v = view(
+            vec![member("a", 3, 1), member("out", 3, 900), rebuilding, excluded, stranger],
+            &["a", "r", "x", "s"],
+        );
+        assert_eq!(names(&v), ["a"]);
+        let m = |n: &str| v.members.get(n).unwrap();
+        assert_eq!(eligibility(&v, m("out")), Err(Ineligible::NotInSync));
+        assert_eq!(eligibility(&v, m("r")), Err(Ineligible::NotReady));
+        assert_eq!(eligibility(&v, m("x")), Err(Ineligible::NoFailover));
+        assert_eq!(eligibility(&v, m("s")), Err(Ineligible::OtherVolume));
+    }
+
+    #[test]
+    fn a_volume_never_led_may_be_led_only_by_the_node_that_created_it() {
+        let mut v = view(vec![member("a", 0, 0), member("b", 0, 0)], &[]);
+        v.insync = None;
+        assert_eq!(names(&v), ["a"]);
+        v.identity = None;
+        assert!(names(&v).is_empty());
+    }
+}

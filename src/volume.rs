@@ -1,6 +1,6 @@
 //! The adapter that lets the NBD frontend serve a store, locally or replicated.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use blockrep_frontend::{BlockVolume, Extent, ReadChunk, VolumeError, VolumeResult};
 use blockrep_replication::driver::primary::{PrimaryHandle, ReplicationError};
@@ -16,7 +16,7 @@ use crate::observe::VolumeMetrics;
 /// is acknowledged past the lease deadline (see `AckGate`).
 pub struct StoreVolume {
     store: Arc<Store>,
-    primary: Option<PrimaryHandle>,
+    primary: ReplicationSlot,
     gate: Option<Arc<AckGate>>,
     metrics: Arc<VolumeMetrics>,
     /// The commit mode's name, for the barrier metrics.
@@ -32,11 +32,24 @@ impl StoreVolume {
     ) -> StoreVolume {
         StoreVolume {
             store,
-            primary,
+            primary: Arc::new(RwLock::new(primary)),
             gate: None,
             metrics,
             mode,
         }
+    }
+
+    /// The replication this volume's barriers go through. A node of an etcd-led volume
+    /// replaces it when the volume's members change (one driver per replica set).
+    pub fn replication_slot(&self) -> ReplicationSlot {
+        self.primary.clone()
+    }
+
+    fn primary(&self) -> Option<PrimaryHandle> {
+        self.primary
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Acknowledges only while `gate` holds.
@@ -60,7 +73,7 @@ impl StoreVolume {
     }
 
     fn fenced_by(&self) -> Result<(), CommitError> {
-        match self.primary.as_ref().and_then(|p| p.fenced()) {
+        match self.primary().and_then(|p| p.fenced()) {
             Some(epoch) => Err(CommitError::Fenced(epoch)),
             None => Ok(()),
         }
@@ -80,7 +93,7 @@ impl StoreVolume {
     /// if replicated. The replication driver learns the local fsync from the store itself
     /// (`Store::watch_durable`), so nothing here relays it.
     async fn commit_inner(&self, target: Lsn) -> Result<(), CommitError> {
-        let Some(primary) = &self.primary else {
+        let Some(primary) = self.primary() else {
             return self
                 .store
                 .wait_durable(target)
@@ -94,6 +107,9 @@ impl StoreVolume {
         replicated.map_err(|source| CommitError::Replication { target, source })
     }
 }
+
+/// Where a volume's current replication handle is kept (`None`: a single node).
+pub type ReplicationSlot = Arc<RwLock<Option<PrimaryHandle>>>;
 
 /// Why a FLUSH or FUA failed, by kind: the barrier metrics take their label from it.
 #[derive(Debug)]

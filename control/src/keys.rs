@@ -129,7 +129,10 @@ mod tests {
         ] {
             assert!(key.starts_with(k.dir()), "{key}");
         }
-        assert_eq!(k.history(Epoch(7)), "/blockrep/vol1/history/00000000000000000007");
+        assert_eq!(
+            k.history(Epoch(7)),
+            "/blockrep/vol1/history/00000000000000000007"
+        );
         assert_eq!(Keys::new("/", "v").unwrap().dir(), "/v/");
     }
 
@@ -141,7 +144,13 @@ mod tests {
                 Err(KeyError::Name(bad.to_string()))
             );
         }
-        assert!(matches!(Keys::new("blockrep", "v"), Err(KeyError::Prefix(_))));
-        assert!(matches!(Keys::new("/blockrep/", "v"), Err(KeyError::Prefix(_))));
+        assert!(matches!(
+            Keys::new("blockrep", "v"),
+            Err(KeyError::Prefix(_))
+        ));
+        assert!(matches!(
+            Keys::new("/blockrep/", "v"),
+            Err(KeyError::Prefix(_))
+        ));
     }
 }

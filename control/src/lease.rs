@@ -29,7 +29,11 @@ pub enum TimingError {
         "renew interval {renew} ms + 2 x retry timeout {retry} ms exceeds the lease TTL {ttl} ms: \
          a leader could lose its lease between two renewals without a retry; raise --etcd-ttl"
     )]
-    TooTight { ttl: Millis, renew: Millis, retry: Millis },
+    TooTight {
+        ttl: Millis,
+        renew: Millis,
+        retry: Millis,
+    },
     #[error("the lease TTL must be at least 2 seconds (etcd's minimum), not {0} ms")]
     TooShort(Millis),
 }
@@ -125,7 +129,10 @@ mod tests {
                 retry: 5_000
             })
         );
-        assert_eq!(Timing::new(1_000, 300, 300), Err(TimingError::TooShort(1_000)));
+        assert_eq!(
+            Timing::new(1_000, 300, 300),
+            Err(TimingError::TooShort(1_000))
+        );
         let t = Timing::from_ttl(3_000).unwrap();
         assert_eq!((t.renew, t.retry, t.margin), (1_000, 1_000, 375));
         assert_eq!(Timing::default(), Timing::from_ttl(15_000).unwrap());

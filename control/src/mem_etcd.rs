@@ -105,14 +105,21 @@ impl MemEtcd {
     fn holds(&self, compare: &Compare) -> bool {
         match compare {
             Compare::Absent(k) => !self.kvs.contains_key(k),
-            Compare::ModRevision(k, rev) => self.kvs.get(k).is_some_and(|kv| kv.mod_revision == *rev),
+            Compare::ModRevision(k, rev) => {
+                self.kvs.get(k).is_some_and(|kv| kv.mod_revision == *rev)
+            }
             Compare::Value(k, v) => self.kvs.get(k).is_some_and(|kv| &kv.value == v),
         }
     }
 
     /// Applies `txn` atomically if every compare holds; leased puts bind to `lease`. Returns
     /// whether it applied, and the revision after it.
-    pub fn txn(&mut self, now: Millis, txn: &Txn, lease: Option<i64>) -> Result<(bool, i64), LeaseNotFound> {
+    pub fn txn(
+        &mut self,
+        now: Millis,
+        txn: &Txn,
+        lease: Option<i64>,
+    ) -> Result<(bool, i64), LeaseNotFound> {
         self.expire(now);
         let leased = txn
             .success

@@ -127,7 +127,12 @@ mod tests {
         let mut c = member("c", 3, 100);
         c.priority = 5;
         let v = view(
-            vec![member("a", 2, 500), member("b", 3, 100), c, member("d", 3, 101)],
+            vec![
+                member("a", 2, 500),
+                member("b", 3, 100),
+                c,
+                member("d", 3, 101),
+            ],
             &["a", "b", "c", "d"],
         );
         // d has the longest log at the latest entry epoch; c's priority beats b at a tie;
@@ -146,7 +151,13 @@ mod tests {
         let mut stranger = member("s", 3, 900);
         stranger.volume_id = "other".into();
         let v = view(
-            vec![member("a", 3, 1), member("out", 3, 900), rebuilding, excluded, stranger],
+            vec![
+                member("a", 3, 1),
+                member("out", 3, 900),
+                rebuilding,
+                excluded,
+                stranger,
+            ],
             &["a", "r", "x", "s"],
         );
         assert_eq!(names(&v), ["a"]);

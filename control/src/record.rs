@@ -274,13 +274,20 @@ mod tests {
                 kv(k.epoch(), b"3", 5),
                 kv(k.leader(), br#"{"name":"n1","epoch":3}"#, 6),
                 kv(k.member("n2"), &encode(&member), 7),
-                kv(k.history(Epoch(3)), br#"{"epoch":3,"leader":"n1","start_lsn":1}"#, 6),
+                kv(
+                    k.history(Epoch(3)),
+                    br#"{"epoch":3,"leader":"n1","start_lsn":1}"#,
+                    6,
+                ),
                 kv(format!("{}future-key", k.dir()), b"whatever", 8),
             ],
         };
         let v = VolumeView::parse(&k, &view).unwrap();
         assert_eq!(v.revision, 9);
-        assert_eq!(v.epoch_counter.as_ref().map(|c| (c.value, c.mod_revision)), Some((3, 5)));
+        assert_eq!(
+            v.epoch_counter.as_ref().map(|c| (c.value, c.mod_revision)),
+            Some((3, 5))
+        );
         assert_eq!(v.leader_name(), Some("n1"));
         assert_eq!(v.members.get("n2"), Some(&member));
         assert_eq!(v.history.len(), 1);

@@ -22,7 +22,9 @@ pub enum EtcdArgsError {
     MixedSchemes,
     #[error("--etcd-cert and --etcd-key go together: give both or neither")]
     HalfIdentity,
-    #[error("TLS to etcd (--etcd-cacert/--etcd-cert/--etcd-key) needs https:// endpoints, not {0:?}")]
+    #[error(
+        "TLS to etcd (--etcd-cacert/--etcd-cert/--etcd-key) needs https:// endpoints, not {0:?}"
+    )]
     TlsOverHttp(String),
     #[error("https:// endpoints need --etcd-cacert (the CA that signed etcd's certificate)")]
     HttpsWithoutCa,
@@ -163,18 +165,34 @@ mod tests {
 
     #[test]
     fn plain_endpoints_of_every_form_are_accepted() {
-        let a = args(&["http://127.0.0.1:2379", "10.0.0.2:2379", "http://[::1]:2379/"]);
+        let a = args(&[
+            "http://127.0.0.1:2379",
+            "10.0.0.2:2379",
+            "http://[::1]:2379/",
+        ]);
         assert!(a.validate().is_ok(), "{:?}", a.validate());
         assert!(!a.tls());
     }
 
     #[test]
     fn malformed_endpoints_are_refused_by_name() {
-        for bad in ["127.0.0.1", "http://host:0", "http://host:port", "ftp://h:1/x", ":2379"] {
+        for bad in [
+            "127.0.0.1",
+            "http://host:0",
+            "http://host:port",
+            "ftp://h:1/x",
+            ":2379",
+        ] {
             let e = args(&[bad]).validate();
-            assert!(matches!(e, Err(EtcdArgsError::Endpoint(ref s)) if s == bad), "{bad}: {e:?}");
+            assert!(
+                matches!(e, Err(EtcdArgsError::Endpoint(ref s)) if s == bad),
+                "{bad}: {e:?}"
+            );
         }
-        assert!(matches!(args(&["", " "]).validate(), Err(EtcdArgsError::NoEndpoints)));
+        assert!(matches!(
+            args(&["", " "]).validate(),
+            Err(EtcdArgsError::NoEndpoints)
+        ));
     }
 
     #[test]
@@ -191,17 +209,26 @@ mod tests {
         assert!(matches!(a.validate(), Err(EtcdArgsError::MixedSchemes)));
         let mut plain = args(&["http://h:2379"]);
         plain.cacert = Some("ca.pem".into());
-        assert!(matches!(plain.validate(), Err(EtcdArgsError::TlsOverHttp(_))));
+        assert!(matches!(
+            plain.validate(),
+            Err(EtcdArgsError::TlsOverHttp(_))
+        ));
     }
 
     #[test]
     fn bad_volume_prefix_and_timeout_are_refused() {
         let mut a = args(&["h:1"]);
         a.volume = "a/b".into();
-        assert!(matches!(a.validate(), Err(EtcdArgsError::Keys(KeyError::Name(_)))));
+        assert!(matches!(
+            a.validate(),
+            Err(EtcdArgsError::Keys(KeyError::Name(_)))
+        ));
         let mut a = args(&["h:1"]);
         a.prefix = "blockrep".into();
-        assert!(matches!(a.validate(), Err(EtcdArgsError::Keys(KeyError::Prefix(_)))));
+        assert!(matches!(
+            a.validate(),
+            Err(EtcdArgsError::Keys(KeyError::Prefix(_)))
+        ));
         let mut a = args(&["h:1"]);
         a.timeout_secs = 0.0;
         assert!(matches!(a.validate(), Err(EtcdArgsError::Timeout(_))));

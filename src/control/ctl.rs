@@ -5,9 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use blockrep_control::record::{
-    encode, MemberRecord, MemberState, SwitchoverRequest, VolumeView,
-};
+use blockrep_control::record::{encode, MemberRecord, MemberState, SwitchoverRequest, VolumeView};
 use blockrep_control::{Compare, Keys, Txn, View};
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -56,7 +54,9 @@ pub enum CtlCommand {
 /// Why `ctl` will not write a request: each names what to do instead.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum Refusal {
-    #[error("volume {volume} has no leader: a switchover hands over from one; use `failover --to {to}`")]
+    #[error(
+        "volume {volume} has no leader: a switchover hands over from one; use `failover --to {to}`"
+    )]
     NoLeader { volume: String, to: String },
     #[error("volume {volume} has a leader ({leader}): use `switchover --to {to}`")]
     HasLeader {
@@ -88,7 +88,8 @@ pub fn run(args: CtlArgs) -> Result<()> {
         match args.command {
             CtlCommand::List { json } => list(&etcd, &keys, &args.etcd.volume, json).await,
             CtlCommand::Switchover { to, wait } => {
-                let request = |view: &VolumeView| check_switchover(view, &keys, &args.etcd.volume, &to);
+                let request =
+                    |view: &VolumeView| check_switchover(view, &keys, &args.etcd.volume, &to);
                 hand_over(&etcd, &keys, &to, wait, request).await
             }
             CtlCommand::Failover { to, force, wait } => {
@@ -130,7 +131,10 @@ pub fn check_switchover(
         force: false,
     };
     // Only if the leader it was checked against still holds the key.
-    Ok((request, Compare::ModRevision(keys.leader(), leader.mod_revision)))
+    Ok((
+        request,
+        Compare::ModRevision(keys.leader(), leader.mod_revision),
+    ))
 }
 
 /// Whether `name` may be named to take over a leaderless volume.
@@ -174,10 +178,7 @@ fn check_candidate(view: &VolumeView, to: &str, force: bool) -> Result<(), Refus
     if member.nofailover {
         return Err(Refusal::NoFailover(to.to_string()));
     }
-    let in_sync = view
-        .insync
-        .as_ref()
-        .is_some_and(|s| s.value.contains(to));
+    let in_sync = view.insync.as_ref().is_some_and(|s| s.value.contains(to));
     if !in_sync {
         return Err(Refusal::NotInSync(to.to_string()));
     }
@@ -202,7 +203,11 @@ async fn hand_over(
     if !etcd.txn(&txn, None).await? {
         bail!("the leader changed while the request was being written; look again with `list`");
     }
-    let what = if request.failover { "failover" } else { "switchover" };
+    let what = if request.failover {
+        "failover"
+    } else {
+        "switchover"
+    };
     let from = request.from.as_deref().unwrap_or("no leader");
     println!("{what}: asked {to} to take over from {from}");
     if wait == 0 {
@@ -401,7 +406,11 @@ fn render_table(
     if let Some(s) = &view.switchover {
         out.push_str(&format!(
             "pending {}: to {}{}\n",
-            if s.value.failover { "failover" } else { "switchover" },
+            if s.value.failover {
+                "failover"
+            } else {
+                "switchover"
+            },
             s.value.to,
             if s.value.force { " (forced)" } else { "" }
         ));
@@ -511,17 +520,35 @@ mod tests {
         assert_eq!(req.from.as_deref(), Some("n1"));
         assert!(!req.failover && !req.force);
         assert!(matches!(guard, Compare::ModRevision(_, 7)));
-        assert_eq!(check_switchover(&v, &keys(), "vol", "n1"), Err(Refusal::AlreadyLeads("n1".into())));
-        assert!(matches!(check_switchover(&v, &keys(), "vol", "n3"), Err(Refusal::NotReady { .. })));
-        assert_eq!(check_switchover(&v, &keys(), "vol", "n4"), Err(Refusal::NotInSync("n4".into())));
-        assert_eq!(check_switchover(&v, &keys(), "vol", "n9"), Err(Refusal::NotMember("n9".into())));
+        assert_eq!(
+            check_switchover(&v, &keys(), "vol", "n1"),
+            Err(Refusal::AlreadyLeads("n1".into()))
+        );
+        assert!(matches!(
+            check_switchover(&v, &keys(), "vol", "n3"),
+            Err(Refusal::NotReady { .. })
+        ));
+        assert_eq!(
+            check_switchover(&v, &keys(), "vol", "n4"),
+            Err(Refusal::NotInSync("n4".into()))
+        );
+        assert_eq!(
+            check_switchover(&v, &keys(), "vol", "n9"),
+            Err(Refusal::NotMember("n9".into()))
+        );
         let mut nofail = v.clone();
         if let Some(m) = nofail.members.get_mut("n2") {
             m.nofailover = true;
         }
-        assert_eq!(check_switchover(&nofail, &keys(), "vol", "n2"), Err(Refusal::NoFailover("n2".into())));
+        assert_eq!(
+            check_switchover(&nofail, &keys(), "vol", "n2"),
+            Err(Refusal::NoFailover("n2".into()))
+        );
         let leaderless = view(None, &["n1", "n2"]);
-        assert!(matches!(check_switchover(&leaderless, &keys(), "vol", "n2"), Err(Refusal::NoLeader { .. })));
+        assert!(matches!(
+            check_switchover(&leaderless, &keys(), "vol", "n2"),
+            Err(Refusal::NoLeader { .. })
+        ));
     }
 
     #[test]
@@ -530,11 +557,20 @@ mod tests {
         let (req, guard) = check_failover(&v, &keys(), "vol", "n2", false).unwrap();
         assert!(req.failover && req.from.is_none());
         assert!(matches!(guard, Compare::Absent(_)));
-        assert_eq!(check_failover(&v, &keys(), "vol", "n4", false), Err(Refusal::NotInSync("n4".into())));
+        assert_eq!(
+            check_failover(&v, &keys(), "vol", "n4", false),
+            Err(Refusal::NotInSync("n4".into()))
+        );
         assert!(check_failover(&v, &keys(), "vol", "n4", true).is_ok_and(|(r, _)| r.force));
         assert!(check_failover(&v, &keys(), "vol", "n3", true).is_ok());
-        assert_eq!(check_failover(&v, &keys(), "vol", "n9", true), Err(Refusal::NotMember("n9".into())));
+        assert_eq!(
+            check_failover(&v, &keys(), "vol", "n9", true),
+            Err(Refusal::NotMember("n9".into()))
+        );
         let led = view(Some("n1"), &["n1", "n2"]);
-        assert!(matches!(check_failover(&led, &keys(), "vol", "n2", true), Err(Refusal::HasLeader { .. })));
+        assert!(matches!(
+            check_failover(&led, &keys(), "vol", "n2", true),
+            Err(Refusal::HasLeader { .. })
+        ));
     }
 }

@@ -60,7 +60,10 @@ impl EtcdError {
     /// Whether the failure says nothing about etcd's state, only that it could not be asked:
     /// the caller should retry (and count the time against its lease).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, EtcdError::Unreachable { .. } | EtcdError::Timeout { .. })
+        matches!(
+            self,
+            EtcdError::Unreachable { .. } | EtcdError::Timeout { .. }
+        )
     }
 }
 
@@ -93,7 +96,9 @@ struct Keeper {
 /// changed (or may have: after a reconnection events can have been missed), so re-read it.
 #[derive(Debug)]
 pub enum WatchEvent {
-    Changed { revision: i64 },
+    Changed {
+        revision: i64,
+    },
     /// The watch broke; it is being re-established and a `Changed` follows when it is.
     Failed(EtcdError),
 }
@@ -198,9 +203,10 @@ impl Etcd {
             .kvs()
             .iter()
             .map(|kv| {
-                let key = String::from_utf8(kv.key().to_vec()).map_err(|_| EtcdError::Malformed {
-                    what: format!("key (not UTF-8) under {}", keys.dir()),
-                })?;
+                let key =
+                    String::from_utf8(kv.key().to_vec()).map_err(|_| EtcdError::Malformed {
+                        what: format!("key (not UTF-8) under {}", keys.dir()),
+                    })?;
                 Ok(Kv {
                     key,
                     value: kv.value().to_vec(),
@@ -258,9 +264,7 @@ impl Etcd {
             .unwrap_or(i64::MAX)
             .max(1);
         let mut lease = self.client.lease_client();
-        let resp = self
-            .request("grant", None, lease.grant(secs, None))
-            .await?;
+        let resp = self.request("grant", None, lease.grant(secs, None)).await?;
         Ok((LeaseId(resp.id()), secs_to_duration(resp.ttl())))
     }
 
@@ -286,7 +290,11 @@ impl Etcd {
     pub async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, EtcdError> {
         let mut slot = self.keeper.lock().await;
         let out = self
-            .request("keep_alive", Some(lease), keep_alive_once(&self.client, &mut slot, lease))
+            .request(
+                "keep_alive",
+                Some(lease),
+                keep_alive_once(&self.client, &mut slot, lease),
+            )
             .await;
         match out {
             // etcd answers a keep-alive for an unknown lease with TTL 0.
@@ -319,12 +327,7 @@ impl Etcd {
     /// have been missed meanwhile.
     pub fn watch(&self, keys: &Keys, after: i64) -> Watch {
         let (tx, rx) = mpsc::channel(16);
-        let task = tokio::spawn(watch_loop(
-            self.clone(),
-            keys.dir().to_string(),
-            after,
-            tx,
-        ));
+        let task = tokio::spawn(watch_loop(self.clone(), keys.dir().to_string(), after, tx));
         Watch { events: rx, task }
     }
 }

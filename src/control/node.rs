@@ -11,11 +11,10 @@
 //! first (the store's flock is per open file, so a second open in-process would be refused).
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use blockrep_frontend::{Exports, ListenAddr, Server, ServerError, Tls};
-use blockrep_replication::core::{CommitMode, Millis, ReplicaId};
+use blockrep_replication::core::{CommitMode, ReplicaId};
 use blockrep_replication::driver::primary::PrimaryHandle;
 use blockrep_replication::driver::replica::ReplicaStatus;
 use blockrep_replication::driver::tls::PeerTls;
@@ -25,9 +24,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::gate::{AckGate, OnLeaseLoss};
+use crate::control::gate::AckGate;
 use crate::node::{begin_serving, promote, start_replication, Promote, ReplicationPlan};
 use crate::observe::{NodeKind, StatusSource, VolumeMetrics};
+use crate::volume::ReplicationSlot;
 use crate::volume::StoreVolume;
 
 /// What a node needs to take any of its roles.
@@ -42,7 +42,6 @@ pub struct NodeSettings {
     pub mode: CommitMode,
     pub barrier_timeout_ms: u64,
     pub rebuild_rate: u64,
-    pub on_lease_loss: OnLeaseLoss,
     pub nbd_tls: Tls,
     pub peer_tls: Option<PeerTls>,
     pub nbd_memory_budget: u64,
@@ -82,7 +81,11 @@ struct PrimaryRole {
     gate: Arc<AckGate>,
     stop: CancellationToken,
     server: JoinHandle<Result<(), ServerError>>,
-    replication: Option<PrimaryHandle>,
+    /// The replication the volume's barriers go through, replaced when the members change.
+    replication: ReplicationSlot,
+    /// Each replication driver has its own token, so one can be replaced alone.
+    replication_stop: CancellationToken,
+    replicas: Vec<(ReplicaId, String)>,
 }
 
 /// A primary term's NBD server, cancelled and still giving its connections their grace: the
@@ -92,82 +95,38 @@ struct Draining {
     replication: Option<PrimaryHandle>,
 }
 
-/// The store and the one role the node runs. Role changes are serial (`&mut self`); the
-/// gate of the running term is also published in [`NodeRuntime::gate_slot`], so the
-/// controller loop can close it at once, without waiting for a role change to finish.
+/// The store and the one role the node runs. Role changes are serial (`&mut self`). A
+/// primary term's [`AckGate`] comes from the caller, which keeps it: the controller loop
+/// closes it the moment it decides to step down, without waiting for a role change.
 pub struct NodeRuntime {
     settings: NodeSettings,
     store: Arc<Store>,
     metrics: Arc<VolumeMetrics>,
-    origin: Instant,
     running: Running,
     draining: Option<Draining>,
-    gate: Arc<GateSlot>,
     status: Arc<Mutex<Arc<StatusSource>>>,
 }
 
-/// The gate of the current primary term, if any, shared with the controller loop.
-#[derive(Default)]
-pub struct GateSlot {
-    current: Mutex<Option<Arc<AckGate>>>,
-}
-
-impl GateSlot {
-    fn set(&self, gate: Option<Arc<AckGate>>) {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = gate;
-    }
-
-    pub fn get(&self) -> Option<Arc<AckGate>> {
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Publishes the controller's lease deadline to the running term.
-    pub fn publish(&self, deadline: Option<Millis>) {
-        if let Some(g) = self.get() {
-            g.set_deadline(deadline);
-        }
-    }
-
-    /// Ends the running term's acknowledgements now; the role change follows.
-    pub fn fence(&self) {
-        if let Some(g) = self.get() {
-            g.close();
-        }
-    }
-}
-
 impl NodeRuntime {
-    /// A node in `Standby` on an open store. `origin` is the clock the controller loop
-    /// uses, so the gate's deadlines mean the same instants.
+    /// A node in `Standby` on an open store.
     pub fn new(
         settings: NodeSettings,
         store: Arc<Store>,
         metrics: Arc<VolumeMetrics>,
-        origin: Instant,
     ) -> NodeRuntime {
         let status = Arc::new(Mutex::new(standby_status(&store, &metrics)));
         NodeRuntime {
             settings,
             store,
             metrics,
-            origin,
             running: Running::Standby,
             draining: None,
-            gate: Arc::new(GateSlot::default()),
             status,
         }
     }
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
-    }
-
-    /// The running term's gate, for the controller loop.
-    pub fn gate_slot(&self) -> Arc<GateSlot> {
-        self.gate.clone()
     }
 
     /// What the admin endpoint reports from: the running role's status source.
@@ -186,7 +145,11 @@ impl NodeRuntime {
     /// The primary term's replication, if this node leads with replicas.
     pub fn replication(&self) -> Option<PrimaryHandle> {
         match &self.running {
-            Running::Primary(p) => p.replication.clone(),
+            Running::Primary(p) => p
+                .replication
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             _ => None,
         }
     }
@@ -239,38 +202,32 @@ impl NodeRuntime {
     }
 
     /// Becomes primary at `epoch` (already taken in etcd), replicating to `replicas`
-    /// (name, replication address), acknowledging until `deadline` and then as the
-    /// controller loop publishes. On failure the node is left in `Standby`.
+    /// (name, replication address), acknowledging while `gate` holds. On failure the node
+    /// is left in `Standby`.
     pub async fn lead(
         &mut self,
         epoch: Epoch,
         replicas: &[(String, String)],
         force: bool,
-        deadline: Option<Millis>,
+        gate: Arc<AckGate>,
     ) -> Result<()> {
         self.stop_role().await;
-        let replicas: Vec<(ReplicaId, String)> = replicas
-            .iter()
-            .map(|(n, a)| (ReplicaId(n.clone()), a.clone()))
-            .collect();
-        let started = self.start_primary(epoch, &replicas, force, deadline).await;
+        let replicas = replica_ids(replicas);
+        let started = self.start_primary(epoch, replicas, force, gate).await;
         match started {
             Ok(role) => {
                 tracing::info!(
                     node = %self.settings.name,
                     "primary at epoch {}, replicating to {} member(s)",
                     role.epoch,
-                    replicas.len()
+                    role.replicas.len()
                 );
-                self.gate.set(Some(role.gate.clone()));
-                self.set_status(Arc::new(StatusSource::new(
-                    self.store.clone(),
-                    self.metrics.clone(),
-                    NodeKind::Primary {
-                        mode: self.settings.mode,
-                        replication: role.replication.clone(),
-                    },
-                )));
+                let replication = role
+                    .replication
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                self.set_primary_status(replication);
                 self.running = Running::Primary(role);
                 Ok(())
             }
@@ -284,15 +241,15 @@ impl NodeRuntime {
     async fn start_primary(
         &mut self,
         epoch: Epoch,
-        replicas: &[(ReplicaId, String)],
+        replicas: Vec<(ReplicaId, String)>,
         force: bool,
-        deadline: Option<Millis>,
+        gate: Arc<AckGate>,
     ) -> Result<PrimaryRole> {
         let s = &self.settings;
         let mode = s.mode;
         let asked = Promote {
             candidate: s.name.clone(),
-            replicas,
+            replicas: &replicas,
             mode,
             epoch: Some(epoch),
             force,
@@ -307,28 +264,20 @@ impl NodeRuntime {
             .memory_budget(s.nbd_memory_budget);
         let epoch = begin_serving(&self.store, epoch, mode).await?;
         let stop = CancellationToken::new();
-        let replication = if replicas.is_empty() {
-            None
-        } else {
-            let plan = ReplicationPlan {
-                replicas,
-                barrier_timeout_ms: s.barrier_timeout_ms,
-                rebuild_rate: s.rebuild_rate,
-            };
-            let peer = s.peer_tls.clone();
-            Some(start_replication(&self.store, &plan, mode, epoch, peer, stop.clone()).await?)
-        };
-        let gate = Arc::new(AckGate::new(self.origin, s.on_lease_loss));
-        gate.set_deadline(deadline);
+        let replication_stop = stop.child_token();
+        let replication = self
+            .replicate(epoch, &replicas, replication_stop.clone())
+            .await?;
         let volume = StoreVolume::new(
             self.store.clone(),
-            replication.clone(),
+            replication,
             self.metrics.clone(),
             mode.name(),
         )
         .with_gate(gate.clone());
+        let slot = volume.replication_slot();
         let mut exports = Exports::new();
-        exports.add(s.export.clone(), Arc::new(volume));
+        exports.add(self.settings.export.clone(), Arc::new(volume));
         let server = server.observe(self.metrics.clone());
         let task = tokio::spawn(server.run(exports, stop.clone()));
         Ok(PrimaryRole {
@@ -336,15 +285,95 @@ impl NodeRuntime {
             gate,
             stop,
             server: task,
-            replication,
+            replication: slot,
+            replication_stop,
+            replicas,
         })
+    }
+
+    /// A replication driver at `epoch` to `replicas` (none without replicas).
+    async fn replicate(
+        &self,
+        epoch: Epoch,
+        replicas: &[(ReplicaId, String)],
+        stop: CancellationToken,
+    ) -> Result<Option<PrimaryHandle>> {
+        if replicas.is_empty() {
+            return Ok(None);
+        }
+        let s = &self.settings;
+        let plan = ReplicationPlan {
+            replicas,
+            barrier_timeout_ms: s.barrier_timeout_ms,
+            rebuild_rate: s.rebuild_rate,
+        };
+        let peer = s.peer_tls.clone();
+        let handle = start_replication(&self.store, &plan, s.mode, epoch, peer, stop).await?;
+        Ok(Some(handle))
+    }
+
+    /// As primary: replicates to `replicas` from now on. The caller orders it: a replica
+    /// leaves the set only once etcd's in-sync set no longer names it (the next primary
+    /// could otherwise be one that lacks what this one acknowledged without it). A FLUSH in
+    /// flight on the old driver fails (it was not acknowledged) and the client retries it.
+    pub async fn set_replicas(&mut self, replicas: &[(String, String)]) -> Result<()> {
+        let replicas = replica_ids(replicas);
+        let Running::Primary(p) = &self.running else {
+            return Ok(());
+        };
+        if p.replicas == replicas {
+            return Ok(());
+        }
+        let epoch = p.epoch;
+        let stop = p.stop.child_token();
+        let handle = self.replicate(epoch, &replicas, stop.clone()).await?;
+        let Running::Primary(p) = &mut self.running else {
+            stop.cancel();
+            return Ok(());
+        };
+        let old = std::mem::replace(
+            &mut *p.replication.write().unwrap_or_else(|e| e.into_inner()),
+            handle.clone(),
+        );
+        p.replication_stop.cancel();
+        p.replication_stop = stop;
+        tracing::info!(
+            node = %self.settings.name,
+            "replicating to {} now (was {})",
+            names(&replicas),
+            names(&p.replicas)
+        );
+        p.replicas = replicas;
+        if let Some(old) = old {
+            old.stopped().await;
+        }
+        self.set_primary_status(handle);
+        Ok(())
+    }
+
+    /// The replicas the running primary replicates to.
+    pub fn replicas(&self) -> Vec<String> {
+        match &self.running {
+            Running::Primary(p) => p.replicas.iter().map(|(id, _)| id.0.clone()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn set_primary_status(&self, replication: Option<PrimaryHandle>) {
+        self.set_status(Arc::new(StatusSource::new(
+            self.store.clone(),
+            self.metrics.clone(),
+            NodeKind::Primary {
+                mode: self.settings.mode,
+                replication,
+            },
+        )));
     }
 
     /// Stops acknowledging at once and ends the running role; a primary's NBD connections
     /// are dropped once their grace is over (they get no answer meanwhile: the gate is
     /// closed), without holding up the caller.
     pub async fn step_down(&mut self) {
-        self.gate.fence();
         self.stop_role().await;
         self.set_status(standby_status(&self.store, &self.metrics));
     }
@@ -362,11 +391,15 @@ impl NodeRuntime {
             }
             Running::Primary(p) => {
                 p.gate.close();
-                self.gate.set(None);
                 p.stop.cancel();
+                let replication = p
+                    .replication
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 self.draining = Some(Draining {
                     server: p.server,
-                    replication: p.replication,
+                    replication,
                 });
             }
         }
@@ -396,6 +429,24 @@ impl NodeRuntime {
     fn set_status(&self, source: Arc<StatusSource>) {
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = source;
     }
+}
+
+fn replica_ids(replicas: &[(String, String)]) -> Vec<(ReplicaId, String)> {
+    replicas
+        .iter()
+        .map(|(n, a)| (ReplicaId(n.clone()), a.clone()))
+        .collect()
+}
+
+fn names(replicas: &[(ReplicaId, String)]) -> String {
+    if replicas.is_empty() {
+        return "no replica".into();
+    }
+    replicas
+        .iter()
+        .map(|(id, _)| id.0.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A standby reports like a replica that nobody is connected to.

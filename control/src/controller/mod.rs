@@ -56,7 +56,10 @@ pub struct LocalState {
 pub enum Event {
     /// A fresh read of the volume's keys (after every watch notification, and after every
     /// transaction).
-    View { now: Millis, view: VolumeView },
+    View {
+        now: Millis,
+        view: VolumeView,
+    },
     /// A transaction finished; `revision` is etcd's revision after it (0 if it failed to reach
     /// etcd).
     TxnDone {
@@ -67,16 +70,31 @@ pub enum Event {
     },
     /// etcd answered a keep-alive (or the grant) sent at `sent_at` with this TTL (0: the
     /// lease is gone).
-    KeepAlive { sent_at: Millis, granted_ttl: Millis },
+    KeepAlive {
+        sent_at: Millis,
+        granted_ttl: Millis,
+    },
     /// This node's store or replication changed position or state.
-    Local { now: Millis, local: LocalState },
+    Local {
+        now: Millis,
+        local: LocalState,
+    },
     /// As primary: the replicas its replication counts in sync at its epoch now.
-    Replication { now: Millis, in_sync: Vec<String> },
+    Replication {
+        now: Millis,
+        in_sync: Vec<String>,
+    },
     /// As primary: every replica it needs acknowledged, at its epoch, a barrier sent at `at`.
-    ReplicasConfirmed { at: Millis },
-    Tick { now: Millis },
+    ReplicasConfirmed {
+        at: Millis,
+    },
+    Tick {
+        now: Millis,
+    },
     /// The node is stopping: hand the leader key back now rather than at the lease's expiry.
-    Shutdown { now: Millis },
+    Shutdown {
+        now: Millis,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,8 +229,7 @@ impl Controller {
         let Some(lead) = &self.leading else {
             return false;
         };
-        self.lease.holds(now)
-            || (self.cfg.failsafe && lead.failsafe_until.is_some_and(|t| now < t))
+        self.lease.holds(now) || (self.cfg.failsafe && lead.failsafe_until.is_some_and(|t| now < t))
     }
 
     /// Whether it is leading on the failsafe rule alone (its lease deadline has passed).
@@ -377,12 +394,14 @@ impl Controller {
         let Some(leader) = self.view.as_ref().and_then(|v| v.leader.clone()) else {
             return;
         };
-        if leader.value.name != self.cfg.name || self.in_flight(|p| matches!(p, Purpose::Resign))
-        {
+        if leader.value.name != self.cfg.name || self.in_flight(|p| matches!(p, Purpose::Resign)) {
             return;
         }
         let txn = Txn::default()
-            .when(Compare::ModRevision(self.keys.leader(), leader.mod_revision))
+            .when(Compare::ModRevision(
+                self.keys.leader(),
+                leader.mod_revision,
+            ))
             .delete(self.keys.leader());
         self.txn(Purpose::Resign, txn, out);
     }
@@ -602,7 +621,10 @@ impl Controller {
             return;
         }
         if let Some(h) = self.handover.clone() {
-            let caught_up = view.members.get(&h.to).is_some_and(|m| Lsn(m.head) >= h.head);
+            let caught_up = view
+                .members
+                .get(&h.to)
+                .is_some_and(|m| Lsn(m.head) >= h.head);
             if caught_up || now >= h.until {
                 self.resign(out);
             }
@@ -628,7 +650,13 @@ impl Controller {
         (best == me.name).then_some(false)
     }
 
-    fn campaign(&mut self, now: Millis, view: &VolumeView, local: &LocalState, out: &mut Vec<Action>) {
+    fn campaign(
+        &mut self,
+        now: Millis,
+        view: &VolumeView,
+        local: &LocalState,
+        out: &mut Vec<Action>,
+    ) {
         if self.stopping
             || !self.lease.holds(now)
             || self.in_flight(|p| matches!(p, Purpose::Campaign { .. }))
@@ -680,7 +708,10 @@ impl Controller {
             .put(self.keys.history(epoch), encode(&history));
         if let Some(request) = &view.switchover {
             txn = txn
-                .when(Compare::ModRevision(self.keys.switchover(), request.mod_revision))
+                .when(Compare::ModRevision(
+                    self.keys.switchover(),
+                    request.mod_revision,
+                ))
                 .delete(self.keys.switchover());
         }
         self.txn(Purpose::Campaign { epoch, force }, txn, out);

@@ -78,7 +78,10 @@ impl Cluster {
     }
 
     fn idx(&self, name: &str) -> usize {
-        self.nodes.iter().position(|n| n.ctl.name() == name).unwrap()
+        self.nodes
+            .iter()
+            .position(|n| n.ctl.name() == name)
+            .unwrap()
     }
 
     /// Delivers `event` to node `i` and carries out what it asks, until nothing is left.
@@ -166,8 +169,16 @@ impl Cluster {
 
     /// Once a node leads, the others are made its replicas: their stores join the volume.
     fn adopt_volume(&mut self) {
-        let id = self.nodes.iter().find(|n| n.ctl.is_leader()).map(|n| n.local.volume_id.clone());
-        let epoch = self.nodes.iter().find_map(|n| n.ctl.epoch()).unwrap_or_default();
+        let id = self
+            .nodes
+            .iter()
+            .find(|n| n.ctl.is_leader())
+            .map(|n| n.local.volume_id.clone());
+        let epoch = self
+            .nodes
+            .iter()
+            .find_map(|n| n.ctl.epoch())
+            .unwrap_or_default();
         for n in &mut self.nodes {
             if let Some(id) = &id {
                 n.local.volume_id = id.clone();
@@ -186,7 +197,10 @@ fn the_first_node_makes_its_store_the_volume_and_leads_at_epoch_1() {
     assert_eq!(c.leads("a"), Some(Epoch(1)));
     let view = VolumeView::parse(&c.keys, &c.etcd.range(c.now, c.keys.dir())).unwrap();
     let identity = view.identity.unwrap();
-    assert_eq!((identity.volume_id.as_str(), identity.created_by.as_str()), ("vol-of-a", "a"));
+    assert_eq!(
+        (identity.volume_id.as_str(), identity.created_by.as_str()),
+        ("vol-of-a", "a")
+    );
     assert_eq!(view.epoch_counter.map(|e| e.value), Some(1));
     assert_eq!(view.history.len(), 1);
     let b = &c.nodes[c.idx("b")];
@@ -209,7 +223,9 @@ fn two_candidates_never_get_the_same_epoch() {
     let b = c.idx("b");
     let stale = c.view_event();
     c.nodes[a].ctl.leading = None;
-    c.etcd.txn(c.now, &Txn::default().delete(c.keys.leader()), None).unwrap();
+    c.etcd
+        .txn(c.now, &Txn::default().delete(c.keys.leader()), None)
+        .unwrap();
     let fresh = c.view_event();
     // Force both to see the key gone and each consider itself the best candidate.
     for i in [a, b] {
@@ -232,11 +248,14 @@ fn no_acknowledgement_after_the_lease_deadline() {
     c.round();
     assert!(c.nodes[a].ctl.may_acknowledge(c.now));
     c.now = deadline;
-    assert!(!c.nodes[a].ctl.may_acknowledge(c.now), "checked, not only stepped down on a tick");
+    assert!(
+        !c.nodes[a].ctl.may_acknowledge(c.now),
+        "checked, not only stepped down on a tick"
+    );
     c.round();
-    assert!(c.nodes[a]
-        .actions
-        .contains(&Action::StepDown { reason: FenceReason::LeaseExpired }));
+    assert!(c.nodes[a].actions.contains(&Action::StepDown {
+        reason: FenceReason::LeaseExpired
+    }));
     assert!(!c.nodes[a].ctl.is_leader());
     // etcd expires a's lease only later: the key goes after the old leader stopped.
     assert!(c.etcd.get(&c.keys.leader()).is_some());
@@ -262,9 +281,15 @@ fn a_primary_cut_from_etcd_is_replaced_only_after_it_stopped_acknowledging() {
         }
     }
     let (stopped, replaced) = (a_stopped_at.unwrap(), b_or_c_led_at.unwrap());
-    assert!(stopped < replaced, "a stopped at {stopped}, replaced at {replaced}");
+    assert!(
+        stopped < replaced,
+        "a stopped at {stopped}, replaced at {replaced}"
+    );
     assert_eq!(c.leaders().len(), 1);
-    assert_eq!(c.nodes.iter().filter_map(|n| n.ctl.epoch()).next(), Some(Epoch(2)));
+    assert_eq!(
+        c.nodes.iter().filter_map(|n| n.ctl.epoch()).next(),
+        Some(Epoch(2))
+    );
 }
 
 #[test]
@@ -280,7 +305,11 @@ fn a_new_epoch_goes_above_every_epoch_a_member_reports() {
     c.nodes[b].local.head = Lsn(50);
     c.etcd.restore(c.now, &backup);
     c.advance(100, 3);
-    assert_eq!(c.leaders(), [] as [&str; 0], "a at epoch 1 sees b at 7 and steps down");
+    assert_eq!(
+        c.leaders(),
+        [] as [&str; 0],
+        "a at epoch 1 sees b at 7 and steps down"
+    );
     // Keys naming a at epoch 1 go when its lease ends; then the best candidate leads above 7.
     let a = c.idx("a");
     c.nodes[a].local.epoch = Epoch(7);
@@ -313,7 +342,11 @@ fn a_leader_key_from_an_earlier_run_is_handed_back_not_led_on() {
     assert!(!c.nodes[a].ctl.is_leader() || c.leads("a") == Some(Epoch(2)));
     c.advance(100, 3);
     assert_eq!(c.leaders(), ["a"]);
-    assert_eq!(c.leads("a"), Some(Epoch(2)), "a new epoch, never the old key's");
+    assert_eq!(
+        c.leads("a"),
+        Some(Epoch(2)),
+        "a new epoch, never the old key's"
+    );
 }
 
 #[test]
@@ -335,10 +368,13 @@ fn a_switchover_hands_the_key_to_its_target_once_it_holds_the_leader_s_log() {
     c.etcd.txn(c.now, &put, None).unwrap();
     c.advance(100, 5);
     assert_eq!(c.leaders(), ["c"]);
-    assert!(c.nodes[c.idx("a")]
-        .actions
-        .contains(&Action::StepDown { reason: FenceReason::Switchover }));
-    assert!(c.etcd.get(&c.keys.switchover()).is_none(), "the request is consumed");
+    assert!(c.nodes[c.idx("a")].actions.contains(&Action::StepDown {
+        reason: FenceReason::Switchover
+    }));
+    assert!(
+        c.etcd.get(&c.keys.switchover()).is_none(),
+        "the request is consumed"
+    );
 }
 
 #[test]
@@ -349,13 +385,28 @@ fn a_replica_leaves_the_in_sync_set_in_etcd_before_the_leader_may_skip_it() {
     c.advance(100, 3);
     let a = c.idx("a");
     let now = c.now;
-    c.deliver(a, Event::Replication { now, in_sync: vec!["b".into(), "c".into()] });
+    c.deliver(
+        a,
+        Event::Replication {
+            now,
+            in_sync: vec!["b".into(), "c".into()],
+        },
+    );
     assert_eq!(c.nodes[a].ctl.recorded_in_sync(), ["a", "b", "c"]);
     c.nodes[a].actions.clear();
     // c stops counting: the removal is a transaction first, then an InSyncRecorded.
-    c.deliver(a, Event::Replication { now, in_sync: vec!["b".into()] });
+    c.deliver(
+        a,
+        Event::Replication {
+            now,
+            in_sync: vec!["b".into()],
+        },
+    );
     let acts = &c.nodes[a].actions;
-    let txn_at = acts.iter().position(|x| matches!(x, Action::Txn { .. })).unwrap();
+    let txn_at = acts
+        .iter()
+        .position(|x| matches!(x, Action::Txn { .. }))
+        .unwrap();
     let recorded_at = acts
         .iter()
         .position(|x| matches!(x, Action::InSyncRecorded { members } if members == &["a", "b"]))

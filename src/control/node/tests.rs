@@ -10,14 +10,14 @@ use blockrep_replication::core::CommitMode;
 use blockrep_storage::{CreateOptions, Epoch, OpenOptions, Store};
 
 use super::{NodeRuntime, NodeSettings, RoleName};
-use crate::control::gate::OnLeaseLoss;
+use crate::control::gate::{AckGate, OnLeaseLoss};
 
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
 
-fn node(dir: &Path, name: &str, on_lease_loss: OnLeaseLoss) -> (NodeRuntime, u16, String) {
+fn node(dir: &Path, name: &str) -> (NodeRuntime, u16, String) {
     let path = dir.join(name);
     Store::create(
         &path,
@@ -43,16 +43,11 @@ fn node(dir: &Path, name: &str, on_lease_loss: OnLeaseLoss) -> (NodeRuntime, u16
         mode: CommitMode::SyncAll,
         barrier_timeout_ms: 5000,
         rebuild_rate: 0,
-        on_lease_loss,
         nbd_tls: Tls::off(),
         peer_tls: None,
         nbd_memory_budget: blockrep_frontend::DEFAULT_MEMORY_BUDGET,
     };
-    (
-        NodeRuntime::new(settings, store, metrics, Instant::now()),
-        nbd,
-        listen,
-    )
+    (NodeRuntime::new(settings, store, metrics), nbd, listen)
 }
 
 /// Runs a Python snippet with libnbd's handle `h` connected to `port` (the system Python,
@@ -77,14 +72,16 @@ async fn nbd_client(port: u16, script: &str) -> bool {
     .unwrap_or(false)
 }
 
+const WRITE_FIRST: &str = "h.pwrite(b'\\x05' * 4096, 0); h.flush()";
+const READ_FIRST: &str = "import sys; sys.exit(0 if h.pread(4096, 0) == b'\\x05' * 4096 else 3)";
 const WRITE_AND_FLUSH: &str = "h.pwrite(b'\\x07' * 4096, 8192); h.flush()";
 const READ_BACK: &str = "import sys; sys.exit(0 if h.pread(4096, 8192) == b'\\x07' * 4096 else 3)";
 
 #[test]
 fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut a, a_nbd, a_listen) = node(dir.path(), "a", OnLeaseLoss::Suspend);
-    let (mut b, b_nbd, b_listen) = node(dir.path(), "b", OnLeaseLoss::IoError);
+    let (mut a, a_nbd, a_listen) = node(dir.path(), "a");
+    let (mut b, b_nbd, b_listen) = node(dir.path(), "b");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -92,16 +89,26 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
         .expect("runtime");
     rt.block_on(async {
         b.follow().await.expect("b follows");
-        let far = |n: &NodeRuntime| n.gate.get().map_or(0, |g| g.now()) + 600_000;
-        a.lead(
-            Epoch(1),
-            &[("b".into(), b_listen.clone())],
-            false,
-            Some(600_000),
-        )
-        .await
-        .expect("a leads");
+        let origin = Instant::now();
+        let gate = |on_loss| {
+            let g = Arc::new(AckGate::new(origin, on_loss));
+            g.set_deadline(Some(g.now() + 600_000));
+            g
+        };
+        // The first node of a volume leads alone; a member that joins is replicated to.
+        let a_gate = gate(OnLeaseLoss::Suspend);
+        a.lead(Epoch(1), &[], false, a_gate.clone())
+            .await
+            .expect("a leads");
         assert_eq!(a.role(), RoleName::Primary { epoch: Epoch(1) });
+        assert!(
+            nbd_client(a_nbd, WRITE_FIRST).await,
+            "a acknowledged no FLUSH"
+        );
+        a.set_replicas(&[("b".into(), b_listen.clone())])
+            .await
+            .expect("a replicates to b");
+        assert_eq!(a.replicas(), ["b"]);
         assert!(
             nbd_client(a_nbd, WRITE_AND_FLUSH).await,
             "a acknowledged no FLUSH"
@@ -114,12 +121,14 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
 
         a.step_down().await;
         assert_eq!(a.role(), RoleName::Standby);
+        assert!(!a_gate.holds(), "a stepped down with its gate open");
         a.follow().await.expect("a follows");
+        let b_gate = gate(OnLeaseLoss::IoError);
         b.lead(
             Epoch(2),
             &[("a".into(), a_listen.clone())],
             false,
-            Some(600_000),
+            b_gate.clone(),
         )
         .await
         .expect("b leads");
@@ -127,6 +136,10 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
         assert!(
             nbd_client(b_nbd, READ_BACK).await,
             "b lacks a's acknowledged FLUSH"
+        );
+        assert!(
+            nbd_client(b_nbd, READ_FIRST).await,
+            "b lacks what a held before b joined"
         );
         assert!(
             !nbd_client(a_nbd, "pass").await,
@@ -138,12 +151,12 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
         );
 
         // Past its deadline, b (io-error) fails requests instead of answering them.
-        b.gate_slot().publish(Some(0));
+        b_gate.set_deadline(Some(0));
         assert!(
             !nbd_client(b_nbd, READ_BACK).await,
             "b answered past its deadline"
         );
-        b.gate_slot().publish(Some(far(&b)));
+        b_gate.set_deadline(Some(b_gate.now() + 600_000));
         assert!(
             nbd_client(b_nbd, READ_BACK).await,
             "b did not resume on a renewed lease"

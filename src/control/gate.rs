@@ -14,7 +14,7 @@
 
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use blockrep_frontend::VolumeError;
 use blockrep_replication::core::Millis;
@@ -86,16 +86,6 @@ impl AckGate {
     /// Whether an acknowledgement may leave now.
     pub fn holds(&self) -> bool {
         !self.closed.load(Ordering::Acquire) && self.now() < self.deadline.load(Ordering::Acquire)
-    }
-
-    /// How long the lease has left (zero once past it).
-    pub fn remaining(&self) -> Duration {
-        let deadline = self.deadline.load(Ordering::Acquire);
-        Duration::from_millis(deadline.saturating_sub(self.now()))
-    }
-
-    pub fn on_loss(&self) -> OnLeaseLoss {
-        self.on_loss
     }
 
     /// Waits until an acknowledgement may leave. Past the deadline, `io-error` fails at once

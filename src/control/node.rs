@@ -154,22 +154,6 @@ impl NodeRuntime {
         }
     }
 
-    /// Whether a role that ended by itself (a failed replica driver, a failed NBD server)
-    /// left the node doing nothing; the caller then asks for a role again.
-    pub fn role_ended(&self) -> bool {
-        match &self.running {
-            Running::Standby => false,
-            Running::Replica(r) => r.task.is_finished(),
-            Running::Primary(p) => p.server.is_finished(),
-        }
-    }
-
-    /// Stops whatever runs and serves nothing.
-    pub async fn standby(&mut self) {
-        self.stop_role().await;
-        self.set_status(standby_status(&self.store, &self.metrics));
-    }
-
     /// Becomes a replica, listening on `--listen` for whoever leads (a replica already is).
     pub async fn follow(&mut self) -> Result<()> {
         if let Running::Replica(r) = &self.running {
@@ -352,6 +336,7 @@ impl NodeRuntime {
     }
 
     /// The replicas the running primary replicates to.
+    #[cfg(test)]
     pub fn replicas(&self) -> Vec<String> {
         match &self.running {
             Running::Primary(p) => p.replicas.iter().map(|(id, _)| id.0.clone()).collect(),

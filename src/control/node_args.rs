@@ -33,7 +33,8 @@ pub const DEFAULT_NODE_METRICS: &str = "127.0.0.1:9812";
 pub struct NodeArgs {
     /// The node's store (created blank with --size if missing).
     pub dir: PathBuf,
-    /// This node's name in the volume (its member key; its peer certificate's name).
+    /// This node's name in the volume: its member key, and the name its node certificate
+    /// was issued for with --peer-tls-dir.
     #[arg(long, value_name = "NODE")]
     pub name: String,
     #[command(flatten)]
@@ -83,8 +84,10 @@ pub struct NodeArgs {
     pub observe: ObserveArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
-    #[command(flatten)]
-    pub peer: PeerTlsArgs,
+    /// Replication over mutual TLS only: the directory with ca-cert.pem, node-cert.pem and
+    /// node-key.pem for --name (what `blockrep certs issue CA --node NAME --out DIR` writes).
+    #[arg(long, value_name = "DIR")]
+    pub peer_tls_dir: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -118,7 +121,11 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
     let keys = args.etcd.keys()?;
     let nbd_tls = args.tls.load()?;
     let token = args.observe.admin_token()?;
-    let peer = args.peer.load()?;
+    let peer = PeerTlsArgs {
+        peer_tls_dir: args.peer_tls_dir.clone(),
+        name: args.peer_tls_dir.is_some().then(|| args.name.clone()),
+    }
+    .load()?;
     if !args.dir.exists() {
         let Some(size) = args.size else {
             bail!(
@@ -131,7 +138,13 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
     }
     let store = open_store(&args.dir, args.io_engine, 1000, false)?;
     let rt = runtime()?;
-    let result = rt.block_on(serve(&args, keys, timing, store.clone(), (nbd_tls, token, peer)));
+    let result = rt.block_on(serve(
+        &args,
+        keys,
+        timing,
+        store.clone(),
+        (nbd_tls, token, peer),
+    ));
     drop(rt);
     tracing::info!("shutting down: making acknowledged writes durable");
     store.close().context("closing the store")?;
@@ -152,9 +165,14 @@ async fn serve(
     let shutdown = CancellationToken::new();
     let signals = install_signal_handlers(shutdown.clone())?;
     let mut observe = args.observe.clone();
-    observe.volume_name.get_or_insert_with(|| args.etcd.volume.clone());
+    observe
+        .volume_name
+        .get_or_insert_with(|| args.etcd.volume.clone());
     let metrics = volume_metrics(&store, &observe)?;
-    let advertise = args.advertise.clone().unwrap_or_else(|| args.listen.clone());
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| args.listen.clone());
     let settings = NodeSettings {
         name: args.name.clone(),
         nbd: args.nbd.clone(),
@@ -177,7 +195,10 @@ async fn serve(
     let status_slot = runtime.status_slot();
     let report = control.clone();
     let status = move || {
-        let source = status_slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let source = status_slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut r = source.report();
         let c = report.lock().unwrap_or_else(|p| p.into_inner()).clone();
         r.role = c.role.clone();
@@ -199,10 +220,25 @@ async fn serve(
     )
     .await?;
     let nbd: Vec<String> = args.nbd.iter().map(ToString::to_string).collect();
-    warn_exposed(Port::Nbd { tls: args.tls.tls != blockrep_frontend::TlsMode::Off }, &nbd);
-    warn_exposed(Port::Replication { peer_tls: peer.is_some() }, &[args.listen.clone()]);
+    warn_exposed(
+        Port::Nbd {
+            tls: args.tls.tls != blockrep_frontend::TlsMode::Off,
+        },
+        &nbd,
+    );
+    warn_exposed(
+        Port::Replication {
+            peer_tls: peer.is_some(),
+        },
+        &[args.listen.clone()],
+    );
     if let Some(a) = admin_addr {
-        warn_exposed(Port::Admin { token: token.is_some() }, &[a.to_string()]);
+        warn_exposed(
+            Port::Admin {
+                token: token.is_some(),
+            },
+            &[a.to_string()],
+        );
     }
     let etcd = Etcd::connect(&args.etcd)
         .await

@@ -69,7 +69,10 @@ enum RoleCommand {
 
 /// What the keep-alive task reports.
 enum Renewal {
-    Answered { sent_at: Millis, ttl: Millis },
+    Answered {
+        sent_at: Millis,
+        ttl: Millis,
+    },
     /// etcd no longer knows the lease: every key on it is gone.
     Lost,
 }
@@ -112,7 +115,10 @@ pub async fn run(node: Loop, runtime: NodeRuntime, shutdown: CancellationToken) 
     ] {
         node.fence_counter(reason);
     }
-    node.metrics.metrics.failovers.with_label_values(&[node.metrics.volume.as_str()]);
+    node.metrics
+        .metrics
+        .failovers
+        .with_label_values(&[node.metrics.volume.as_str()]);
     let (renewals, mut renewed) = mpsc::unbounded_channel();
     let controller = Controller::new(node.keys.clone(), node.cfg.clone());
     let mut st = State {
@@ -247,7 +253,10 @@ impl State {
                 self.last_in_sync = None;
                 self.node.leading.store(true, Ordering::Release);
                 let m = &self.node.metrics;
-                m.metrics.failovers.with_label_values(&[m.volume.as_str()]).inc();
+                m.metrics
+                    .failovers
+                    .with_label_values(&[m.volume.as_str()])
+                    .inc();
                 tracing::info!("leading the volume at epoch {epoch}");
                 let _ = self.roles.send(RoleCommand::Lead {
                     epoch,
@@ -430,7 +439,11 @@ impl State {
 
     /// The replicas the running term's replication counts in sync (None before it runs).
     fn counted_in_sync(&self) -> Option<Vec<String>> {
-        let primary = self.primary.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let primary = self
+            .primary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let Some(primary) = primary else {
             // A primary without replicas: nobody to count, once the worker has led.
             return self.applied.is_empty().then(Vec::new);
@@ -448,15 +461,23 @@ impl State {
 
     fn local_state(&self) -> LocalState {
         let sb = self.store.superblock();
-        let state = if self.store.is_blank() {
-            MemberState::Starting
-        } else if sb.is_rebuilding() {
+        let volume_id = sb.volume_id.to_string();
+        // A store is the volume's once the identity names it: the first node's, blank or
+        // not, or one the leader has rebuilt (which takes the volume's id).
+        let identity = self.controller.view().and_then(|v| v.identity.as_ref());
+        let ours = match identity {
+            Some(identity) => identity.volume_id == volume_id,
+            None => !self.store.is_blank(),
+        };
+        let state = if sb.is_rebuilding() {
             MemberState::Rebuilding
-        } else {
+        } else if ours {
             MemberState::Ready
+        } else {
+            MemberState::Starting
         };
         LocalState {
-            volume_id: sb.volume_id.to_string(),
+            volume_id,
             size: sb.volume_size,
             state,
             epoch: sb.epoch,
@@ -478,7 +499,10 @@ impl State {
         let m = &self.node.metrics;
         let v = [m.volume.as_str()];
         m.metrics.leader.with_label_values(&v).set(i64::from(leads));
-        m.metrics.lease_remaining.with_label_values(&v).set(remaining.unwrap_or(0.0));
+        m.metrics
+            .lease_remaining
+            .with_label_values(&v)
+            .set(remaining.unwrap_or(0.0));
         m.metrics
             .failsafe
             .with_label_values(&v)

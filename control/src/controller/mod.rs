@@ -97,6 +97,22 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The event's time (a keep-alive's answer carries only its send time, which says nothing
+    /// about now).
+    fn now(&self) -> Option<Millis> {
+        match self {
+            Event::View { now, .. }
+            | Event::TxnDone { now, .. }
+            | Event::Local { now, .. }
+            | Event::Replication { now, .. }
+            | Event::Tick { now }
+            | Event::Shutdown { now } => Some(*now),
+            Event::KeepAlive { .. } | Event::ReplicasConfirmed { .. } => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Run this transaction and answer with [`Event::TxnDone`].
@@ -156,6 +172,29 @@ enum Purpose {
     Resign,
 }
 
+impl Purpose {
+    fn kind(&self) -> Kind {
+        match self {
+            Purpose::Initialise => Kind::Initialise,
+            Purpose::Campaign { .. } => Kind::Campaign,
+            Purpose::Register => Kind::Register,
+            Purpose::InSync { .. } => Kind::InSync,
+            Purpose::Resign => Kind::Resign,
+        }
+    }
+}
+
+/// One transaction of each kind is in flight at a time, and a failed one is retried only
+/// after a pause (an etcd that refuses at once must not become a busy loop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Initialise,
+    Campaign,
+    Register,
+    InSync,
+    Resign,
+}
+
 #[derive(Debug, Clone)]
 struct Leadership {
     epoch: Epoch,
@@ -191,6 +230,9 @@ pub struct Controller {
     leading: Option<Leadership>,
     handover: Option<Handover>,
     pending: BTreeMap<TxnId, Purpose>,
+    /// After a failed transaction of a kind, none of that kind before this time.
+    retry_at: BTreeMap<Kind, Millis>,
+    now: Millis,
     next_txn: u64,
     published: Option<(MemberRecord, Millis)>,
     following: Option<(String, Epoch)>,
@@ -208,6 +250,8 @@ impl Controller {
             leading: None,
             handover: None,
             pending: BTreeMap::new(),
+            retry_at: BTreeMap::new(),
+            now: 0,
             next_txn: 1,
             published: None,
             following: None,
@@ -270,6 +314,9 @@ impl Controller {
 
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
+        if let Some(now) = event.now() {
+            self.now = self.now.max(now);
+        }
         let now = match event {
             Event::View { now, view } => {
                 self.view = Some(view);
@@ -312,12 +359,15 @@ impl Controller {
                 return out;
             }
             Event::Tick { now } => now,
-            Event::Shutdown { now } => {
+            Event::Shutdown { .. } => {
                 self.stopping = true;
                 if self.leading.is_some() {
                     self.step_down(FenceReason::Shutdown, &mut out);
                     self.resign(&mut out);
                 }
+                // Gone from the candidates at once: nobody waits for a stopping node's lease.
+                let txn = Txn::default().delete(self.keys.member(&self.cfg.name));
+                self.txn(Purpose::Register, txn, &mut out);
                 return out;
             }
         };
@@ -332,14 +382,22 @@ impl Controller {
         out.push(Action::Txn { id, txn });
     }
 
-    fn in_flight(&self, f: impl Fn(&Purpose) -> bool) -> bool {
-        self.pending.values().any(f)
+    /// Whether a transaction of this kind may not be sent now: one is in flight, or the last
+    /// one failed too recently.
+    fn busy(&self, kind: Kind) -> bool {
+        self.pending.values().any(|p| p.kind() == kind)
+            || self.retry_at.get(&kind).is_some_and(|t| self.now < *t)
     }
 
     fn txn_done(&mut self, id: TxnId, succeeded: bool, revision: i64, out: &mut Vec<Action>) {
         let Some(purpose) = self.pending.remove(&id) else {
             return;
         };
+        if !succeeded {
+            let pause = (self.cfg.timing.retry / 10).max(1);
+            self.retry_at
+                .insert(purpose.kind(), self.now.saturating_add(pause));
+        }
         match purpose {
             Purpose::Campaign { epoch, force } if succeeded => {
                 let replicas = self.other_members();
@@ -394,7 +452,7 @@ impl Controller {
         let Some(leader) = self.view.as_ref().and_then(|v| v.leader.clone()) else {
             return;
         };
-        if leader.value.name != self.cfg.name || self.in_flight(|p| matches!(p, Purpose::Resign)) {
+        if leader.value.name != self.cfg.name || self.busy(Kind::Resign) {
             return;
         }
         let txn = Txn::default()
@@ -428,7 +486,7 @@ impl Controller {
     /// Makes this node's store the volume, if no node's is yet: one compare-and-swap on the
     /// identity key, so two first nodes cannot both do it.
     fn initialise(&mut self, local: &LocalState, out: &mut Vec<Action>) {
-        if self.stopping || self.in_flight(|p| matches!(p, Purpose::Initialise)) {
+        if self.stopping || self.busy(Kind::Initialise) {
             return;
         }
         let identity = Identity {
@@ -479,13 +537,16 @@ impl Controller {
         local: &LocalState,
         out: &mut Vec<Action>,
     ) {
-        if self.stopping || self.in_flight(|p| matches!(p, Purpose::Register)) {
+        if self.stopping || self.busy(Kind::Register) {
             return;
         }
         let record = self.record(local);
         let visible = view.members.get(&self.cfg.name);
         let due = match (&self.published, visible) {
             (None, _) | (_, None) => true,
+            // etcd holds something else than what we wrote (restored from a backup, or
+            // written by someone else): written again at once.
+            (Some((last, _)), Some(seen)) if seen != last => true,
             (Some((last, at)), Some(_)) => {
                 let moved = (last.head, last.committed) != (record.head, record.committed);
                 let same_but_position = MemberRecord {
@@ -551,7 +612,7 @@ impl Controller {
         let Some(counted) = &lead.counted else {
             return;
         };
-        if self.in_flight(|p| matches!(p, Purpose::InSync { .. })) {
+        if self.busy(Kind::InSync) {
             return;
         }
         let mut members: Vec<String> = std::iter::once(self.cfg.name.clone())
@@ -606,6 +667,10 @@ impl Controller {
         if let Some(leader) = &view.leader {
             let LeaderRecord { name, epoch } = &leader.value;
             if name == &self.cfg.name {
+                // Our campaign's own key, seen before its result: wait for the result.
+                if self.pending.values().any(|p| p.kind() == Kind::Campaign) {
+                    return;
+                }
                 // Not from a campaign of this incarnation (an earlier run's key, or an etcd
                 // restored from an older snapshot): never led on, handed back.
                 return self.resign(out);
@@ -657,10 +722,7 @@ impl Controller {
         local: &LocalState,
         out: &mut Vec<Action>,
     ) {
-        if self.stopping
-            || !self.lease.holds(now)
-            || self.in_flight(|p| matches!(p, Purpose::Campaign { .. }))
-        {
+        if self.stopping || !self.lease.holds(now) || self.busy(Kind::Campaign) {
             return;
         }
         let Some(force) = self.should_campaign(view) else {

@@ -11,6 +11,8 @@ struct Node {
     local: LocalState,
     /// Keep-alives are answered only while this is true (false: cut from etcd).
     reaches_etcd: bool,
+    /// Whether the leader's replication counts this node in sync.
+    replicating: bool,
     actions: Vec<Action>,
 }
 
@@ -65,6 +67,7 @@ impl Cluster {
                     lease,
                     local: local(&format!("vol-of-{n}"), 0),
                     reaches_etcd: true,
+                    replicating: true,
                     actions: Vec::new(),
                 }
             })
@@ -86,8 +89,8 @@ impl Cluster {
 
     /// Delivers `event` to node `i` and carries out what it asks, until nothing is left.
     fn deliver(&mut self, i: usize, event: Event) {
-        let mut queue = vec![event];
-        while let Some(ev) = queue.pop() {
+        let mut queue = std::collections::VecDeque::from([event]);
+        while let Some(ev) = queue.pop_front() {
             let actions = self.nodes[i].ctl.handle(ev);
             for action in actions {
                 if let Action::Txn { id, txn } = &action {
@@ -99,14 +102,14 @@ impl Cluster {
                     } else {
                         (false, 0)
                     };
-                    queue.push(Event::TxnDone {
+                    queue.push_back(Event::TxnDone {
                         now,
                         id: *id,
                         succeeded,
                         revision,
                     });
                     if self.nodes[i].reaches_etcd {
-                        queue.push(self.view_event());
+                        queue.push_back(self.view_event());
                     }
                 }
                 self.nodes[i].actions.push(action);
@@ -142,6 +145,17 @@ impl Cluster {
                 self.deliver(i, Event::Local { now, local });
                 let view = self.view_event();
                 self.deliver(i, view);
+            }
+            if self.nodes[i].ctl.is_leader() {
+                // Replication counts every other node in sync (replication is not under test).
+                let in_sync = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.ctl.name() != self.nodes[i].ctl.name() && n.replicating)
+                    .map(|n| n.ctl.name().to_string())
+                    .collect();
+                let now = self.now;
+                self.deliver(i, Event::Replication { now, in_sync });
             }
             let now = self.now;
             self.deliver(i, Event::Tick { now });
@@ -304,16 +318,29 @@ fn a_new_epoch_goes_above_every_epoch_a_member_reports() {
     c.nodes[b].local.head_epoch = Epoch(7);
     c.nodes[b].local.head = Lsn(50);
     c.etcd.restore(c.now, &backup);
-    c.advance(100, 3);
-    assert_eq!(
-        c.leaders(),
-        [] as [&str; 0],
-        "a at epoch 1 sees b at 7 and steps down"
-    );
-    // Keys naming a at epoch 1 go when its lease ends; then the best candidate leads above 7.
+    for n in &mut c.nodes {
+        n.actions.clear();
+    }
+    c.advance(100, 20);
+    // a, still leading at epoch 1, sees b's store at 7 and steps down; every leadership
+    // taken after the restore is above 7.
     let a = c.idx("a");
-    c.nodes[a].local.epoch = Epoch(7);
-    c.advance(500, 20);
+    assert!(c.nodes[a].actions.contains(&Action::StepDown {
+        reason: FenceReason::HigherEpoch
+    }));
+    let leads: Vec<Epoch> = c
+        .nodes
+        .iter()
+        .flat_map(|n| &n.actions)
+        .filter_map(|a| match a {
+            Action::Lead { epoch, .. } => Some(*epoch),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !leads.is_empty() && leads.iter().all(|e| *e > Epoch(7)),
+        "{leads:?}"
+    );
     let epochs: Vec<Epoch> = c.nodes.iter().filter_map(|n| n.ctl.epoch()).collect();
     assert_eq!(epochs.len(), 1);
     assert!(epochs[0] > Epoch(7), "{epochs:?}");

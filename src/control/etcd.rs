@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use blockrep_control::{Compare, Keys, Kv, Op, Txn, View};
@@ -75,9 +76,14 @@ pub struct EtcdMetrics {
 }
 
 /// A connected etcd client, with the timeout every request runs under.
+///
+/// One client per endpoint, used one at a time (as Patroni does): a request goes to the
+/// current endpoint, and a failure moves on to the next. A balanced channel over all of them
+/// would send a share of requests to a dead member for as long as it stays dead.
 #[derive(Clone)]
 pub struct Etcd {
-    client: Client,
+    clients: std::sync::Arc<Vec<Client>>,
+    current: std::sync::Arc<AtomicUsize>,
     endpoints: String,
     timeout: Duration,
     metrics: Option<EtcdMetrics>,
@@ -141,11 +147,16 @@ impl Etcd {
             options = options.with_tls(tls_options(args)?);
         }
         let endpoints = args.endpoints();
-        let client = Client::connect(&endpoints, Some(options))
-            .await
-            .map_err(|e| classify("connect", &endpoints.join(","), None, e))?;
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for endpoint in &endpoints {
+            let client = Client::connect([endpoint], Some(options.clone()))
+                .await
+                .map_err(|e| classify("connect", endpoint, None, e))?;
+            clients.push(client);
+        }
         Ok(Etcd {
-            client,
+            clients: std::sync::Arc::new(clients),
+            current: Default::default(),
             endpoints: endpoints.join(","),
             timeout,
             metrics: None,
@@ -163,40 +174,86 @@ impl Etcd {
         self.timeout
     }
 
-    /// Runs one request under the timeout, timed, with its error classified.
-    async fn request<T>(
-        &self,
-        op: &'static str,
-        lease: Option<LeaseId>,
-        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, EtcdError> {
-        let start = Instant::now();
-        let out = tokio::time::timeout(self.timeout, fut).await;
+    /// The client of the endpoint requests go to now.
+    fn client(&self) -> (usize, Client) {
+        let i = self.current.load(Ordering::SeqCst) % self.clients.len().max(1);
+        (i, self.clients[i].clone())
+    }
+
+    /// After a failure on endpoint `i`, the next request goes to the next endpoint (unless
+    /// another request has moved on already).
+    fn fail_over(&self, i: usize) {
+        let next = (i + 1) % self.clients.len().max(1);
+        let _ = self
+            .current
+            .compare_exchange(i, next, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    fn observe(&self, op: &str, start: Instant) {
         if let Some(m) = &self.metrics {
             m.request_seconds
                 .with_label_values(&[m.volume.as_str(), op])
                 .observe(start.elapsed().as_secs_f64());
         }
-        match out {
-            Err(_) => Err(EtcdError::Timeout {
-                op,
-                after: self.timeout,
-            }),
-            Ok(r) => r.map_err(|e| classify(op, &self.endpoints, lease, e)),
-        }
+    }
+
+    /// Runs one request under the timeout, timed, with its error classified. An
+    /// `idempotent` request that finds its endpoint unreachable is tried on the next ones
+    /// within the same timeout; any other is not retried: a transaction whose answer was
+    /// lost may have been applied, and only the caller can tell (by reading again).
+    async fn request<T, F, Fut>(
+        &self,
+        op: &'static str,
+        lease: Option<LeaseId>,
+        idempotent: bool,
+        mut call: F,
+    ) -> Result<T, EtcdError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let start = Instant::now();
+        let end = start + self.timeout;
+        let mut tries = 0;
+        let out = loop {
+            tries += 1;
+            let (i, client) = self.client();
+            let left = end.saturating_duration_since(Instant::now());
+            let err = match tokio::time::timeout(left, call(client)).await {
+                Ok(Ok(v)) => break Ok(v),
+                Ok(Err(e)) => classify(op, &self.endpoints, lease, e),
+                Err(_) => EtcdError::Timeout {
+                    op,
+                    after: self.timeout,
+                },
+            };
+            if err.is_unavailable() {
+                self.fail_over(i);
+            }
+            let again = idempotent
+                && matches!(err, EtcdError::Unreachable { .. })
+                && tries < self.clients.len()
+                && Instant::now() < end;
+            if !again {
+                break Err(err);
+            }
+        };
+        self.observe(op, start);
+        out
     }
 
     /// The whole volume directory at one revision (the revision of the response header, so
     /// a watch from `revision + 1` misses nothing).
     pub async fn read(&self, keys: &Keys) -> Result<View, EtcdError> {
-        let mut kv = self.client.kv_client();
         let dir = keys.dir().to_string();
         let resp = self
-            .request(
-                "read",
-                None,
-                kv.get(dir, Some(GetOptions::new().with_prefix())),
-            )
+            .request("read", None, true, |client| {
+                let dir = dir.clone();
+                async move {
+                    let mut kv = client.kv_client();
+                    kv.get(dir, Some(GetOptions::new().with_prefix())).await
+                }
+            })
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let kvs = resp
@@ -252,8 +309,12 @@ impl Etcd {
             });
         }
         let request = etcd_client::Txn::new().when(compares).and_then(ops);
-        let mut kv = self.client.kv_client();
-        let resp = self.request("txn", lease, kv.txn(request)).await?;
+        let resp = self
+            .request("txn", lease, false, |client| {
+                let request = request.clone();
+                async move { client.kv_client().txn(request).await }
+            })
+            .await?;
         Ok(resp.succeeded())
     }
 
@@ -263,17 +324,23 @@ impl Etcd {
         let secs = i64::try_from(ttl.as_millis().div_ceil(1000))
             .unwrap_or(i64::MAX)
             .max(1);
-        let mut lease = self.client.lease_client();
-        let resp = self.request("grant", None, lease.grant(secs, None)).await?;
+        // Not retried here: the caller times its lease from its own send instant, which a
+        // hidden retry would make wrong.
+        let resp = self
+            .request("grant", None, false, |client| async move {
+                client.lease_client().grant(secs, None).await
+            })
+            .await?;
         Ok((LeaseId(resp.id()), secs_to_duration(resp.ttl())))
     }
 
     /// Ends `lease` now: every key on it is deleted (a clean shutdown hands over at once
     /// instead of after the TTL).
     pub async fn revoke(&self, lease: LeaseId) -> Result<(), EtcdError> {
-        let mut client = self.client.lease_client();
-        self.request("revoke", Some(lease), client.revoke(lease.0))
-            .await?;
+        self.request("revoke", Some(lease), true, |client| async move {
+            client.lease_client().revoke(lease.0).await
+        })
+        .await?;
         let mut keeper = self.keeper.lock().await;
         if keeper.as_ref().is_some_and(|k| k.lease == lease) {
             *keeper = None;
@@ -288,43 +355,60 @@ impl Etcd {
     /// a deadline measured from the send time ends no later than etcd's own expiry, however
     /// long the request was in flight or the answer took to come back.
     pub async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, EtcdError> {
+        let start = Instant::now();
+        let end = start + self.timeout;
         let mut slot = self.keeper.lock().await;
-        let out = self
-            .request(
-                "keep_alive",
-                Some(lease),
-                keep_alive_once(&self.client, &mut slot, lease),
-            )
-            .await;
-        match out {
-            // etcd answers a keep-alive for an unknown lease with TTL 0.
-            Ok(0) => {
-                *slot = None;
-                Err(EtcdError::LeaseNotFound(lease.0))
+        let mut tries = 0;
+        let out = loop {
+            tries += 1;
+            let (i, client) = self.client();
+            let left = end.saturating_duration_since(Instant::now());
+            let err = match tokio::time::timeout(left, keep_alive_once(&client, &mut slot, lease))
+                .await
+            {
+                // etcd answers a keep-alive for an unknown lease with TTL 0.
+                Ok(Ok(0)) => EtcdError::LeaseNotFound(lease.0),
+                Ok(Ok(ttl)) => break Ok(secs_to_duration(ttl)),
+                Ok(Err(e)) => classify("keep_alive", &self.endpoints, Some(lease), e),
+                Err(_) => EtcdError::Timeout {
+                    op: "keep_alive",
+                    after: self.timeout,
+                },
+            };
+            // The stream may be broken or out of step: open a fresh one next time.
+            *slot = None;
+            if err.is_unavailable() {
+                self.fail_over(i);
             }
-            Ok(ttl) => Ok(secs_to_duration(ttl)),
-            Err(e) => {
-                // The stream may be broken or out of step: open a fresh one next time.
-                *slot = None;
-                Err(e)
+            // A keep-alive is idempotent: another endpoint may renew in time.
+            let again = matches!(err, EtcdError::Unreachable { .. })
+                && tries < self.clients.len()
+                && Instant::now() < end;
+            if !again {
+                break Err(err);
             }
-        }
+        };
+        self.observe("keep_alive", start);
+        out
     }
 
     /// The seconds `lease` has left, or None if it no longer exists (for `ctl list`).
     pub async fn ttl_left(&self, lease: LeaseId) -> Result<Option<Duration>, EtcdError> {
-        let mut client = self.client.lease_client();
         let resp = self
-            .request("ttl", Some(lease), client.time_to_live(lease.0, None))
+            .request("ttl", Some(lease), true, |client| async move {
+                client.lease_client().time_to_live(lease.0, None).await
+            })
             .await?;
         Ok((resp.ttl() >= 0).then(|| secs_to_duration(resp.ttl())))
     }
 
+    /// Must be called inside a tokio runtime (it spawns the watch's task).
+    ///
     /// Watches the volume's directory from `after + 1` (the revision of the read the caller
     /// holds, so nothing between the read and the watch is missed; 0 for "from now").
     /// Each batch of events is one `Changed`; a broken watch reports `Failed`, reconnects
-    /// (pausing `timeout` between attempts), and then reports `Changed`, because events may
-    /// have been missed meanwhile.
+    /// (pausing `timeout` between failed attempts; it resumes after the last revision it
+    /// saw), and reports `Changed` once it is back, because events may have been missed.
     pub fn watch(&self, keys: &Keys, after: i64) -> Watch {
         let (tx, rx) = mpsc::channel(16);
         let task = tokio::spawn(watch_loop(self.clone(), keys.dir().to_string(), after, tx));
@@ -365,19 +449,30 @@ async fn keep_alive_once(
 
 async fn watch_loop(etcd: Etcd, dir: String, after: i64, tx: mpsc::Sender<WatchEvent>) {
     let mut from = after.saturating_add(1).max(0);
+    let mut broken = false;
     loop {
-        let opened = {
-            let mut client = etcd.client.watch_client();
-            let mut options = WatchOptions::new().with_prefix();
-            if from > 1 {
-                options = options.with_start_revision(from);
-            }
-            etcd.request("watch", None, client.watch(dir.as_str(), Some(options)))
-                .await
-        };
+        let mut options = WatchOptions::new().with_prefix();
+        if from > 1 {
+            options = options.with_start_revision(from);
+        }
+        let opened = etcd
+            .request("watch", None, true, |client| {
+                let (dir, options) = (dir.clone(), options.clone());
+                async move { client.watch_client().watch(dir, Some(options)).await }
+            })
+            .await;
         let mut stream = match opened {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                if broken {
+                    // Events may have been missed (a compaction, or a cancel): re-read.
+                    if tx.send(WatchEvent::Changed { revision: 0 }).await.is_err() {
+                        return;
+                    }
+                }
+                stream
+            }
             Err(e) => {
+                broken = true;
                 if tx.send(WatchEvent::Failed(e)).await.is_err() {
                     return;
                 }
@@ -400,14 +495,18 @@ async fn watch_loop(etcd: Etcd, dir: String, after: i64, tx: mpsc::Sender<WatchE
                     };
                 }
                 Ok(Some(resp)) => {
-                    let revision = resp.header().map_or(0, |h| h.revision());
-                    if revision > 0 {
+                    // Resume after the last event delivered (not the header's revision,
+                    // which a watch still catching up may be past).
+                    let last = resp
+                        .events()
+                        .iter()
+                        .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
+                        .max();
+                    if let Some(revision) = last {
                         from = revision + 1;
-                    }
-                    if !resp.events().is_empty()
-                        && tx.send(WatchEvent::Changed { revision }).await.is_err()
-                    {
-                        return;
+                        if tx.send(WatchEvent::Changed { revision }).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 Ok(None) => {
@@ -419,11 +518,14 @@ async fn watch_loop(etcd: Etcd, dir: String, after: i64, tx: mpsc::Sender<WatchE
                 Err(e) => break classify("watch", &etcd.endpoints, None, e),
             }
         };
+        let (endpoint, _) = etcd.client();
+        etcd.fail_over(endpoint);
+        broken = true;
         if tx.send(WatchEvent::Failed(failure)).await.is_err() {
             return;
         }
-        // Reconnected (or about to try): whatever happened meanwhile, re-read.
-        let _ = tx.try_send(WatchEvent::Changed { revision: 0 });
+        // A stream that breaks as soon as it opens must not become a busy loop.
+        tokio::time::sleep(etcd.timeout / 5).await;
     }
 }
 

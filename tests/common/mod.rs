@@ -5,19 +5,24 @@
 //! One room per concern: `process` (commands, `KillOnDrop`, `die_with_test`), `wait` (the
 //! one `wait_until`), `node` (a `blockrep` process with its ports and log), `fuse`
 //! (`FuseMount`), `storm` (the write storm and its verifier), `client` (a libnbd `Client`),
-//! `admin` (HTTP, /metrics and /v1/status of a node's admin endpoint).
+//! `admin` (HTTP, /metrics and /v1/status of a node's admin endpoint), `etcd` (a real etcd
+//! server or cluster on loopback), `relay` (a TCP relay a test can cut).
 #![allow(dead_code)]
 
 pub mod admin;
 pub mod client;
+pub mod etcd;
 pub mod fuse;
 pub mod node;
 pub mod process;
+pub mod relay;
 pub mod storm;
 pub mod wait;
 
 #[allow(unused_imports)]
 pub use client::{Client, Data};
+#[allow(unused_imports)]
+pub use etcd::{EtcdCluster, EtcdServer};
 #[allow(unused_imports)]
 pub use fuse::FuseMount;
 #[allow(unused_imports)]
@@ -27,6 +32,8 @@ pub use process::{
     blockrep, blockrep_timed, die_with_test, die_with_test_by, require, run, run_ok, signal_pid,
     timed, KillOnDrop,
 };
+#[allow(unused_imports)]
+pub use relay::Relay;
 #[allow(unused_imports)]
 pub use wait::{poll_until, wait_until};
 

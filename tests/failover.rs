@@ -1,0 +1,125 @@
+//! Automatic failover, for real: one etcd (Debian's 3.4), three `blockrep node` processes
+//! with a 3 s lease TTL, and a writer that logs every acknowledged FLUSH and reconnects to
+//! whichever node serves. Each test checks the FLUSH contract on the node that serves last.
+
+mod common;
+
+use std::time::Duration;
+
+use common::led::{wall, LedVolume, Writer, TTL};
+
+/// How many FLUSHes the writer gets acknowledged before a fault, and after it.
+const FLUSHES: usize = 20;
+
+fn setup(name: &str) -> (tempfile::TempDir, LedVolume, Writer) {
+    common::require_python_nbd();
+    let dir = tempfile::Builder::new()
+        .prefix(name)
+        .tempdir()
+        .expect("tempdir");
+    let volume = LedVolume::start(dir.path(), 3, &[]);
+    let mut writer = Writer::start(dir.path(), &volume.uris());
+    let leader = volume.wait_for_leader(Duration::from_secs(30));
+    let uri = volume.nodes[leader].uri();
+    writer.wait_flushes(&uri, 0.0, FLUSHES, Duration::from_secs(60));
+    (dir, volume, writer)
+}
+
+#[test]
+fn kill9_of_the_primary_fails_over_within_ttl_plus_5s_holding_every_acknowledged_flush() {
+    let (_dir, mut v, mut writer) = setup("failover-kill9");
+    let old = v.wait_for_leader(Duration::from_secs(30));
+    // The nodes that do not lead refuse NBD outright: a client trying each lands on the leader.
+    for (i, n) in v.nodes.iter().enumerate() {
+        assert_eq!(n.nbd_open(), i == old, "{}: NBD open {}", n.name, n.nbd_open());
+    }
+    let killed = wall();
+    v.nodes[old].process().kill9();
+    let new = v.wait_for_new_leader(old, Duration::from_secs(TTL + 5));
+    let uri = v.nodes[new].uri();
+    writer.wait_flushes(&uri, killed, 1, Duration::from_secs(TTL + 5));
+    let first = writer.first_flush_by(&uri, killed).expect("a FLUSH on the new primary");
+    let took = first - killed;
+    eprintln!("failover: {took:.3} s from kill -9 to the first acknowledged FLUSH on {uri}");
+    assert!(took < (TTL + 5) as f64, "failover took {took:.3} s\n{}", v.logs());
+    writer.wait_flushes(&uri, killed, FLUSHES, Duration::from_secs(60));
+    writer.stop_and_verify(&uri);
+}
+
+#[test]
+fn a_primary_cut_from_etcd_stops_acknowledging_by_its_deadline_and_another_takes_over() {
+    let (_dir, v, mut writer) = setup("failover-cut");
+    let old = v.wait_for_leader(Duration::from_secs(30));
+    let old_uri = v.nodes[old].uri();
+    let cut = wall();
+    v.nodes[old].relay.cut();
+    let new = v.wait_for_new_leader(old, Duration::from_secs(TTL + 10));
+    let uri = v.nodes[new].uri();
+    writer.wait_flushes(&uri, cut, FLUSHES, Duration::from_secs(60));
+    // Its deadline falls before etcd can expire its lease, which is at most TTL after the
+    // last keep-alive it sent before the cut.
+    let last_old = writer.last_ack_by(&old_uri).expect("the old primary acknowledged");
+    assert!(
+        last_old < cut + TTL as f64,
+        "the cut primary acknowledged {:.3} s after the cut",
+        last_old - cut
+    );
+    let first_new = writer.first_flush_by(&uri, cut).expect("a FLUSH on the new primary");
+    assert!(last_old < first_new, "both primaries acknowledged at once");
+    assert!(!v.nodes[old].leads(), "the cut node still says it leads");
+    v.nodes[old].relay.restore();
+    v.wait_in_sync(3);
+    writer.stop_and_verify(&uri);
+}
+
+#[test]
+fn a_primary_paused_past_its_lease_acknowledges_nothing_once_resumed() {
+    let (_dir, mut v, mut writer) = setup("failover-sigstop");
+    let old = v.wait_for_leader(Duration::from_secs(30));
+    let old_uri = v.nodes[old].uri();
+    let stopped = wall();
+    v.nodes[old].process().signal(libc::SIGSTOP);
+    let new = v.wait_for_new_leader(old, Duration::from_secs(TTL + 10));
+    let uri = v.nodes[new].uri();
+    v.nodes[old].process().signal(libc::SIGCONT);
+    // The writer was held on the paused node; it comes to the new one once that connection
+    // is dropped.
+    writer.wait_flushes(&uri, stopped, FLUSHES, Duration::from_secs(60));
+    let late = writer.acks_by_after(&old_uri, stopped);
+    assert!(late.is_empty(), "the resumed primary acknowledged {late:?}");
+    common::wait_until(Duration::from_secs(30), "the resumed node stops leading", || {
+        !v.nodes[old].leads()
+    });
+    writer.stop_and_verify(&uri);
+}
+
+#[test]
+fn a_switchover_under_a_write_load_loses_nothing() {
+    let (_dir, v, mut writer) = setup("failover-switchover");
+    let old = v.wait_for_leader(Duration::from_secs(30));
+    let target = (old + 1) % v.nodes.len();
+    let to = v.nodes[target].name.clone();
+    let asked = wall();
+    let out = common::run(common::blockrep_timed(60).args([
+        "ctl",
+        "--etcd-endpoints",
+        &v.etcd.endpoint(),
+        "--volume",
+        &v.volume,
+        "switchover",
+        "--to",
+        &to,
+    ]));
+    assert!(
+        out.status.success(),
+        "switchover: {}{}\n{}",
+        common::text(&out.stdout),
+        common::text(&out.stderr),
+        v.logs()
+    );
+    let new = v.wait_for_new_leader(old, Duration::from_secs(30));
+    assert_eq!(new, target, "the switchover went to another node");
+    let uri = v.nodes[new].uri();
+    writer.wait_flushes(&uri, asked, FLUSHES, Duration::from_secs(60));
+    writer.stop_and_verify(&uri);
+}

@@ -31,17 +31,29 @@ fn kill9_of_the_primary_fails_over_within_ttl_plus_5s_holding_every_acknowledged
     let old = v.wait_for_leader(Duration::from_secs(30));
     // The nodes that do not lead refuse NBD outright: a client trying each lands on the leader.
     for (i, n) in v.nodes.iter().enumerate() {
-        assert_eq!(n.nbd_open(), i == old, "{}: NBD open {}", n.name, n.nbd_open());
+        assert_eq!(
+            n.nbd_open(),
+            i == old,
+            "{}: NBD open {}",
+            n.name,
+            n.nbd_open()
+        );
     }
     let killed = wall();
     v.nodes[old].process().kill9();
     let new = v.wait_for_new_leader(old, Duration::from_secs(TTL + 5));
     let uri = v.nodes[new].uri();
     writer.wait_flushes(&uri, killed, 1, Duration::from_secs(TTL + 5));
-    let first = writer.first_flush_by(&uri, killed).expect("a FLUSH on the new primary");
+    let first = writer
+        .first_flush_by(&uri, killed)
+        .expect("a FLUSH on the new primary");
     let took = first - killed;
     eprintln!("failover: {took:.3} s from kill -9 to the first acknowledged FLUSH on {uri}");
-    assert!(took < (TTL + 5) as f64, "failover took {took:.3} s\n{}", v.logs());
+    assert!(
+        took < (TTL + 5) as f64,
+        "failover took {took:.3} s\n{}",
+        v.logs()
+    );
     writer.wait_flushes(&uri, killed, FLUSHES, Duration::from_secs(60));
     writer.stop_and_verify(&uri);
 }
@@ -58,13 +70,17 @@ fn a_primary_cut_from_etcd_stops_acknowledging_by_its_deadline_and_another_takes
     writer.wait_flushes(&uri, cut, FLUSHES, Duration::from_secs(60));
     // Its deadline falls before etcd can expire its lease, which is at most TTL after the
     // last keep-alive it sent before the cut.
-    let last_old = writer.last_ack_by(&old_uri).expect("the old primary acknowledged");
+    let last_old = writer
+        .last_ack_by(&old_uri)
+        .expect("the old primary acknowledged");
     assert!(
         last_old < cut + TTL as f64,
         "the cut primary acknowledged {:.3} s after the cut",
         last_old - cut
     );
-    let first_new = writer.first_flush_by(&uri, cut).expect("a FLUSH on the new primary");
+    let first_new = writer
+        .first_flush_by(&uri, cut)
+        .expect("a FLUSH on the new primary");
     assert!(last_old < first_new, "both primaries acknowledged at once");
     assert!(!v.nodes[old].leads(), "the cut node still says it leads");
     v.nodes[old].relay.restore();
@@ -87,9 +103,11 @@ fn a_primary_paused_past_its_lease_acknowledges_nothing_once_resumed() {
     writer.wait_flushes(&uri, stopped, FLUSHES, Duration::from_secs(60));
     let late = writer.acks_by_after(&old_uri, stopped);
     assert!(late.is_empty(), "the resumed primary acknowledged {late:?}");
-    common::wait_until(Duration::from_secs(30), "the resumed node stops leading", || {
-        !v.nodes[old].leads()
-    });
+    common::wait_until(
+        Duration::from_secs(30),
+        "the resumed node stops leading",
+        || !v.nodes[old].leads(),
+    );
     writer.stop_and_verify(&uri);
 }
 

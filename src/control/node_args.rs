@@ -192,54 +192,17 @@ async fn serve(
         role: "standby".into(),
         ..ControlReport::default()
     }));
-    let status_slot = runtime.status_slot();
-    let report = control.clone();
-    let status = move || {
-        let source = status_slot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let mut r = source.report();
-        let c = report.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        r.role = c.role.clone();
-        r.control = Some(c);
-        r
+    let admin = blockrep_metrics::Admin {
+        metrics: metrics.metrics.clone(),
+        status: status_report(&runtime, control.clone()),
+        ready: Arc::new(AtomicBool::new(true)),
+        set_replica_address: None,
+        admin_token: token.as_ref().map(AdminToken::secret),
+        leading: Some(leading.clone()),
     };
-    let admin_addr = start_admin(
-        &observe,
-        DEFAULT_NODE_METRICS,
-        blockrep_metrics::Admin {
-            metrics: metrics.metrics.clone(),
-            status: Arc::new(status),
-            ready: Arc::new(AtomicBool::new(true)),
-            set_replica_address: None,
-            admin_token: token.as_ref().map(AdminToken::secret),
-            leading: Some(leading.clone()),
-        },
-        shutdown.clone(),
-    )
-    .await?;
+    let admin_addr = start_admin(&observe, DEFAULT_NODE_METRICS, admin, shutdown.clone()).await?;
     let nbd: Vec<String> = args.nbd.iter().map(ToString::to_string).collect();
-    warn_exposed(
-        Port::Nbd {
-            tls: args.tls.tls != blockrep_frontend::TlsMode::Off,
-        },
-        &nbd,
-    );
-    warn_exposed(
-        Port::Replication {
-            peer_tls: peer.is_some(),
-        },
-        &[args.listen.clone()],
-    );
-    if let Some(a) = admin_addr {
-        warn_exposed(
-            Port::Admin {
-                token: token.is_some(),
-            },
-            &[a.to_string()],
-        );
-    }
+    warn_node_exposure(args, &nbd, admin_addr, (token.is_some(), peer.is_some()));
     let etcd = Etcd::connect(&args.etcd)
         .await
         .context("etcd")?
@@ -285,4 +248,36 @@ async fn serve(
     crate::systemd::stopping();
     signals.abort();
     result
+}
+
+/// `/v1/status`: the running role's report, with the control plane's section and role.
+fn status_report(
+    runtime: &NodeRuntime,
+    control: Arc<Mutex<ControlReport>>,
+) -> Arc<dyn Fn() -> blockrep_metrics::StatusReport + Send + Sync> {
+    let slot = runtime.status_slot();
+    Arc::new(move || {
+        let source = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut r = source.report();
+        let c = control.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        r.role = c.role.clone();
+        r.control = Some(c);
+        r
+    })
+}
+
+/// One warning for each of the node's ports that other hosts reach without protection.
+fn warn_node_exposure(
+    args: &NodeArgs,
+    nbd: &[String],
+    admin: Option<std::net::SocketAddr>,
+    (token, peer_tls): (bool, bool),
+) {
+    let tls = args.tls.tls != blockrep_frontend::TlsMode::Off;
+    warn_exposed(Port::Nbd { tls }, nbd);
+    let listen = std::slice::from_ref(&args.listen);
+    warn_exposed(Port::Replication { peer_tls }, listen);
+    if let Some(a) = admin {
+        warn_exposed(Port::Admin { token }, &[a.to_string()]);
+    }
 }

@@ -16,8 +16,10 @@ use super::relay::Relay;
 use super::wait::wait_until;
 use super::{free_port, text, SYSTEM_PYTHON};
 
-pub const WRITER_PY: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/failover_writer.py");
+pub const WRITER_PY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/clients/failover_writer.py"
+);
 
 /// The lease TTL the tests run with, in seconds.
 pub const TTL: u64 = 3;
@@ -141,7 +143,9 @@ impl LedVolume {
             || {
                 let l = self.list();
                 let in_sync = l["insync"]["members"].as_array().map_or(0, Vec::len);
-                (in_sync == n && !l["leader"].is_null()).then_some(()).ok_or(l.to_string())
+                (in_sync == n && !l["leader"].is_null())
+                    .then_some(())
+                    .ok_or(l.to_string())
             },
         );
     }
@@ -149,7 +153,9 @@ impl LedVolume {
     /// The index of the node whose admin endpoint says it leads, once one does.
     pub fn wait_for_leader(&self, within: Duration) -> usize {
         wait_until(within, "a node leads", || {
-            self.nodes.iter().position(|n| n.process.is_some() && n.leads())
+            self.nodes
+                .iter()
+                .position(|n| n.process.is_some() && n.leads())
         })
     }
 
@@ -247,11 +253,19 @@ impl Writer {
 
     /// Waits until `uri` has acknowledged `n` FLUSHes after `after`.
     pub fn wait_flushes(&mut self, uri: &str, after: f64, n: usize, within: Duration) {
-        wait_until(within, format_args!("{n} FLUSHes acknowledged by {uri}"), || {
-            assert!(self.process.running(), "the writer died: {}", self.process.stderr_text());
-            let seen = self.flushes_by(uri, after);
-            (seen >= n).then_some(()).ok_or(format!("{seen} so far"))
-        });
+        wait_until(
+            within,
+            format_args!("{n} FLUSHes acknowledged by {uri}"),
+            || {
+                assert!(
+                    self.process.running(),
+                    "the writer died: {}",
+                    self.process.stderr_text()
+                );
+                let seen = self.flushes_by(uri, after);
+                (seen >= n).then_some(()).ok_or(format!("{seen} so far"))
+            },
+        );
     }
 
     /// Stops the writer and checks every acknowledged FLUSH against `uri`'s image.
@@ -277,10 +291,24 @@ fn parse(line: &str) -> Option<Logged> {
     let u = |i: usize| p.get(i).map(|s| s.to_string());
     let n = |i: usize| p.get(i).and_then(|s| s.parse::<u64>().ok());
     match *p.first()? {
-        "C" => Some(Logged::Connected { at: f(1)?, uri: u(2)? }),
-        "W" => Some(Logged::Write { seq: n(1)?, at: f(3)?, uri: u(4)? }),
-        "F" => Some(Logged::Flush { seq: n(1)?, at: f(2)?, uri: u(3)? }),
-        "E" => Some(Logged::Error { at: f(2)?, uri: u(3)? }),
+        "C" => Some(Logged::Connected {
+            at: f(1)?,
+            uri: u(2)?,
+        }),
+        "W" => Some(Logged::Write {
+            seq: n(1)?,
+            at: f(3)?,
+            uri: u(4)?,
+        }),
+        "F" => Some(Logged::Flush {
+            seq: n(1)?,
+            at: f(2)?,
+            uri: u(3)?,
+        }),
+        "E" => Some(Logged::Error {
+            at: f(2)?,
+            uri: u(3)?,
+        }),
         _ => None,
     }
 }

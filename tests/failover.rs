@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::admin::Scrape;
 use common::led::{wall, LedVolume, Writer, TTL};
 
 /// How many FLUSHes the writer gets acknowledged before a fault, and after it.
@@ -39,6 +40,7 @@ fn kill9_of_the_primary_fails_over_within_ttl_plus_5s_holding_every_acknowledged
             n.nbd_open()
         );
     }
+    control_plane_is_reported(&v, old);
     let killed = wall();
     v.nodes[old].process().kill9();
     let new = v.wait_for_new_leader(old, Duration::from_secs(TTL + 5));
@@ -55,7 +57,51 @@ fn kill9_of_the_primary_fails_over_within_ttl_plus_5s_holding_every_acknowledged
         v.logs()
     );
     writer.wait_flushes(&uri, killed, FLUSHES, Duration::from_secs(60));
+    let scrape = Scrape::of(v.nodes[new].metrics);
+    assert_eq!(scrape.get("blockrep_failovers_total", &[]), 1.0);
     writer.stop_and_verify(&uri);
+}
+
+/// The leader and its followers export the control plane's families (the ones the
+/// dashboard's control-plane row and alerts.yml's blockrep-control group query, which
+/// tests/observability.rs's static nodes never export) and /v1/status's control section.
+fn control_plane_is_reported(v: &LedVolume, leader: usize) {
+    for (i, n) in v.nodes.iter().enumerate() {
+        let leads = i == leader;
+        let s = Scrape::of(n.metrics);
+        assert_eq!(
+            s.get("blockrep_leader", &[]),
+            f64::from(u8::from(leads)),
+            "{}",
+            n.name
+        );
+        let lease = s.get("blockrep_lease_remaining_seconds", &[]);
+        assert_eq!(lease > 0.0, leads, "{}: lease remaining {lease}", n.name);
+        assert!(lease <= TTL as f64, "{}: lease remaining {lease}", n.name);
+        assert_eq!(s.get("blockrep_failsafe_active", &[]), 0.0, "{}", n.name);
+        let fences = s.get(
+            "blockrep_fence_events_total",
+            &[("reason", "lease_expired")],
+        );
+        assert_eq!(fences, 0.0, "{}", n.name);
+        s.get("blockrep_failovers_total", &[]);
+        s.get(
+            "blockrep_etcd_request_seconds_count",
+            &[("op", "keep_alive")],
+        );
+        let url = format!("http://127.0.0.1:{}/v1/status", n.metrics);
+        let status: serde_json::Value =
+            serde_json::from_str(&common::admin::get_ok(&url)).expect("status JSON");
+        let control = &status["control"];
+        assert_eq!(control["node"], n.name.as_str(), "{status}");
+        assert_eq!(
+            control["role"],
+            if leads { "primary" } else { "replica" },
+            "{status}"
+        );
+        assert_eq!(control["leader"], v.nodes[leader].name.as_str(), "{status}");
+        assert_eq!(status["role"], control["role"], "{status}");
+    }
 }
 
 #[test]

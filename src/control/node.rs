@@ -88,8 +88,8 @@ struct PrimaryRole {
     replicas: Vec<(ReplicaId, String)>,
 }
 
-/// A primary term's NBD server and replication, stopped: the NBD port is free again, and
-/// the driver has let go of the replicas, only once they have ended.
+/// A primary term's NBD server, cancelled and still giving its connections their grace: the
+/// NBD port is free again only once it has ended.
 struct Draining {
     server: JoinHandle<Result<(), ServerError>>,
     replication: Option<PrimaryHandle>,
@@ -356,7 +356,8 @@ impl NodeRuntime {
     }
 
     /// Stops acknowledging at once and ends the running role; a primary's NBD connections
-    /// are dropped at once (they could get no answer any more: the gate is closed).
+    /// are dropped once their grace is over (they get no answer meanwhile: the gate is
+    /// closed), without holding up the caller.
     pub async fn step_down(&mut self) {
         self.stop_role().await;
         self.set_status(standby_status(&self.store, &self.metrics));
@@ -376,10 +377,6 @@ impl NodeRuntime {
             Running::Primary(p) => {
                 p.gate.close();
                 p.stop.cancel();
-                // Not the server's shutdown grace: with the gate closed no request can be
-                // answered any more, so the connections are dropped now and the clients
-                // reconnect (a kernel client requeues) to whoever leads next.
-                p.server.abort();
                 let replication = p
                     .replication
                     .read()
@@ -401,7 +398,6 @@ impl NodeRuntime {
         match d.server.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("the NBD server ended with: {e}"),
-            Err(e) if e.is_cancelled() => {}
             Err(e) => tracing::warn!("the NBD server's task failed: {e}"),
         }
         if let Some(r) = d.replication {

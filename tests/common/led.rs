@@ -268,19 +268,26 @@ impl Writer {
         );
     }
 
-    /// Stops the writer and checks every acknowledged FLUSH against `uri`'s image.
-    pub fn stop_and_verify(mut self, uri: &str) {
+    /// Stops the writer and checks every acknowledged FLUSH against the image of the node
+    /// that leads now (which is `expected` unless leadership moved again since; said if so).
+    pub fn stop_and_verify(mut self, v: &LedVolume, expected: &str) {
         self.process.kill9();
+        let leader = v.wait_for_leader(Duration::from_secs(60));
+        let uri = v.nodes[leader].uri();
+        if uri != expected {
+            eprintln!("leadership moved on to {uri} (from {expected}) before the verification");
+        }
         let out = run(timed(120, SYSTEM_PYTHON)
             .arg(WRITER_PY)
             .arg("verify")
             .arg(&self.log)
-            .arg(uri));
+            .arg(&uri));
         assert!(
             out.status.success(),
-            "acknowledged FLUSHes lost on {uri}: {}{}",
+            "acknowledged FLUSHes lost on {uri}: {}{}\n{}",
             text(&out.stdout),
-            text(&out.stderr)
+            text(&out.stderr),
+            v.logs()
         );
     }
 }

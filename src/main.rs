@@ -152,6 +152,9 @@ enum Command {
     /// Look at a volume run by `blockrep node` in etcd (`list`), or move its leadership
     /// (`switchover --to NODE`, `failover --to NODE [--force]`), like patronictl.
     Ctl(control::ctl::CtlArgs),
+    /// Run one node of an etcd-led volume: primary while it holds the leader key, replica of
+    /// the leader otherwise; failover is automatic.
+    Node(Box<control::node_args::NodeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -267,5 +270,6 @@ fn run(command: Command, matches: &clap::ArgMatches) -> Result<()> {
         } => offline::export(&dir, &file, io_engine),
         Command::Certs { command } => certs::run(command),
         Command::Ctl(args) => control::ctl::run(args),
+        Command::Node(args) => control::node_args::run(*args),
     }
 }

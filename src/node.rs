@@ -63,7 +63,7 @@ impl ObserveArgs {
 /// Starts the admin endpoint (none with `--metrics off`). An explicitly requested address
 /// must be free; the default falls back to any free port (printed), so several nodes can
 /// share a host.
-async fn start_admin(
+pub(crate) async fn start_admin(
     args: &ObserveArgs,
     default: &str,
     admin: blockrep_metrics::Admin,
@@ -85,7 +85,7 @@ async fn start_admin(
     Ok(Some(addr))
 }
 
-fn volume_metrics(store: &Store, args: &ObserveArgs) -> Result<Arc<VolumeMetrics>> {
+pub(crate) fn volume_metrics(store: &Store, args: &ObserveArgs) -> Result<Arc<VolumeMetrics>> {
     let metrics = Arc::new(blockrep_metrics::Metrics::new().context("metrics")?);
     let name = args
         .volume_name
@@ -247,7 +247,7 @@ pub(crate) fn parse_replica(s: &str) -> Result<(ReplicaId, String), String> {
 
 /// Opens a store to serve from. A primary with replicas passes `keep_retained_wal` (see
 /// `OpenOptions::keep_retained_wal`).
-fn open_store(
+pub(crate) fn open_store(
     dir: &Path,
     io_mode: IoMode,
     flush_interval_ms: u64,
@@ -309,13 +309,7 @@ async fn serve_primary(
     let epoch = choose_epoch(dir, &store, args, mode, peer.clone()).await?;
     let server = args.bound(Server::bind(&args.nbd).await?.tls(tls));
     // Only a start that will serve begins a new epoch; it is durable before anything else.
-    let epoch = store.begin_epoch(epoch)?;
-    if mode == CommitMode::SyncQuorum {
-        // The figure-8 guard (Store::append_epoch_start): every FLUSH answered at this epoch
-        // covers an entry of this epoch on a majority.
-        let lsn = store.append_epoch_start().await?;
-        tracing::info!("epoch {epoch} starts at LSN {lsn}");
-    }
+    let epoch = begin_serving(&store, epoch, mode).await?;
     let metrics = volume_metrics(&store, &args.observe)?;
     if let Some(peer) = &peer {
         count_rejects(peer, &metrics);
@@ -323,7 +317,8 @@ async fn serve_primary(
     let primary = if args.replicas.is_empty() {
         None
     } else {
-        Some(start_replication(&store, args, mode, epoch, peer, shutdown.clone()).await?)
+        let plan = args.replication_plan();
+        Some(start_replication(&store, &plan, mode, epoch, peer, shutdown.clone()).await?)
     };
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let source = Arc::new(StatusSource::new(
@@ -345,6 +340,7 @@ async fn serve_primary(
             ready: ready.clone(),
             set_replica_address: set_address,
             admin_token: token.as_ref().map(AdminToken::secret),
+            leading: None,
         },
         shutdown.clone(),
     )
@@ -484,13 +480,42 @@ async fn choose_epoch(
     mode: CommitMode,
     tls: Option<PeerTls>,
 ) -> Result<Option<Epoch>> {
+    let asked = Promote {
+        candidate: dir.display().to_string(),
+        replicas: &args.replicas,
+        mode,
+        epoch: args.epoch.map(Epoch),
+        force: args.force,
+    };
+    promote(store, &asked, tls).await
+}
+
+/// What a promotion is asked for: by `serve`'s flags, or by etcd for a `node`.
+pub(crate) struct Promote<'a> {
+    /// The candidate's name in the promotion's log lines.
+    pub candidate: String,
+    pub replicas: &'a [(ReplicaId, String)],
+    pub mode: CommitMode,
+    /// Serve at this epoch (`serve --epoch`, or the one a node took in etcd).
+    pub epoch: Option<Epoch>,
+    pub force: bool,
+}
+
+/// The epoch to serve at, `asked.epoch` if given. A store that last served as a replica
+/// must be able to recover the whole committed prefix first: its peers are asked about it
+/// and fenced at the new epoch (replication's promotion rule).
+pub(crate) async fn promote(
+    store: &Store,
+    asked: &Promote<'_>,
+    tls: Option<PeerTls>,
+) -> Result<Option<Epoch>> {
     let sb = store.superblock();
     if !(sb.role == Role::Replica && sb.epoch > Epoch(0)) {
-        return Ok(args.epoch.map(Epoch));
+        return Ok(asked.epoch);
     }
     let promotion = Promotion {
         candidate: Facts {
-            name: dir.display().to_string(),
+            name: asked.candidate.clone(),
             head: store.head(),
             head_epoch: store.head_epoch(),
             committed: store.committed(),
@@ -499,10 +524,10 @@ async fn choose_epoch(
         },
         store_id: sb.store_id,
         volume_id: sb.volume_id,
-        replicas: args.replicas.clone(),
-        mode,
-        epoch: args.epoch.map(Epoch),
-        force: args.force,
+        replicas: asked.replicas.to_vec(),
+        mode: asked.mode,
+        epoch: asked.epoch,
+        force: asked.force,
         tls,
     };
     match promotion.run().await {
@@ -517,9 +542,45 @@ async fn choose_epoch(
     }
 }
 
-async fn start_replication(
+/// Makes `epoch` (or the next one) the store's serving epoch, durably, before anything is
+/// served at it. Under sync-quorum the epoch's first entry follows at once.
+pub(crate) async fn begin_serving(
+    store: &Store,
+    epoch: Option<Epoch>,
+    mode: CommitMode,
+) -> Result<Epoch> {
+    let epoch = store.begin_epoch(epoch)?;
+    if mode == CommitMode::SyncQuorum {
+        // The figure-8 guard (Store::append_epoch_start): every FLUSH answered at this epoch
+        // covers an entry of this epoch on a majority.
+        let lsn = store.append_epoch_start().await?;
+        tracing::info!("epoch {epoch} starts at LSN {lsn}");
+    }
+    Ok(epoch)
+}
+
+/// How a primary replicates: to whom, and its barrier and rebuild bounds.
+pub(crate) struct ReplicationPlan<'a> {
+    pub replicas: &'a [(ReplicaId, String)],
+    pub barrier_timeout_ms: u64,
+    pub rebuild_rate: u64,
+}
+
+impl ServeArgs {
+    fn replication_plan(&self) -> ReplicationPlan<'_> {
+        ReplicationPlan {
+            replicas: &self.replicas,
+            barrier_timeout_ms: self.barrier_timeout_ms,
+            rebuild_rate: self.rebuild_rate,
+        }
+    }
+}
+
+/// Starts replicating at `epoch` and waits (briefly) until every replica has answered, so a
+/// newer epoch or a replica of another volume stops this primary before it serves.
+pub(crate) async fn start_replication(
     store: &Arc<Store>,
-    args: &ServeArgs,
+    plan: &ReplicationPlan<'_>,
     mode: CommitMode,
     epoch: Epoch,
     tls: Option<PeerTls>,
@@ -532,12 +593,12 @@ async fn start_replication(
         sb.store_id,
         epoch,
         mode,
-        args.replicas.iter().map(|(id, _)| id.clone()).collect(),
+        plan.replicas.iter().map(|(id, _)| id.clone()).collect(),
     );
-    cfg.barrier_timeout = args.barrier_timeout_ms;
+    cfg.barrier_timeout = plan.barrier_timeout_ms;
     cfg.retention_bytes = sb.wal_capacity / 2;
-    cfg.rebuild_rate = args.rebuild_rate;
-    let addrs: HashMap<ReplicaId, String> = args.replicas.iter().cloned().collect();
+    cfg.rebuild_rate = plan.rebuild_rate;
+    let addrs: HashMap<ReplicaId, String> = plan.replicas.iter().cloned().collect();
     let handle = driver::primary::start_with_tls(store.clone(), cfg, addrs, tls, shutdown);
     // Give replicas a moment to answer, so a newer epoch (or a replica of another volume)
     // stops us before we serve a single request.
@@ -552,7 +613,7 @@ async fn start_replication(
         }
         // Settled: every replica has been tried and is past its handshake, one way or another.
         // (Until the driver publishes its first status there are no peers at all.)
-        let settled = status.peers.len() == args.replicas.len()
+        let settled = status.peers.len() == plan.replicas.len()
             && status.peers.iter().all(|p| {
                 !matches!(p.state, PeerState::Connecting | PeerState::Handshake) && p.contacted
             });
@@ -567,7 +628,9 @@ async fn start_replication(
 /// Installs SIGTERM and SIGINT handlers that cancel `shutdown`; must run inside the runtime,
 /// before anything is announced, so a SIGTERM sent as soon as a node says it is ready is a
 /// clean stop.
-fn install_signal_handlers(shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>> {
+pub(crate) fn install_signal_handlers(
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -636,6 +699,7 @@ pub fn replica(
                 ready,
                 set_replica_address: None,
                 admin_token: token.as_ref().map(AdminToken::secret),
+                leading: None,
             },
             shutdown.clone(),
         )
@@ -778,7 +842,7 @@ pub fn up(
     result
 }
 
-fn create(dir: &Path, size: u64, volume_id: Option<VolumeId>) -> Result<VolumeId> {
+pub(crate) fn create(dir: &Path, size: u64, volume_id: Option<VolumeId>) -> Result<VolumeId> {
     Ok(Store::create(
         dir,
         &CreateOptions {
@@ -792,7 +856,7 @@ fn create(dir: &Path, size: u64, volume_id: Option<VolumeId>) -> Result<VolumeId
 /// A replica's work is one event loop (its protocol core) and its store's own threads, so
 /// one runtime thread serves it: frames, appends and acknowledgements then pass between its
 /// tasks without waking a second runtime thread each time.
-fn replica_runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn replica_runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

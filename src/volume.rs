@@ -1,19 +1,23 @@
 //! The adapter that lets the NBD frontend serve a store, locally or replicated.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use blockrep_frontend::{BlockVolume, Extent, ReadChunk, VolumeError, VolumeResult};
 use blockrep_replication::driver::primary::{PrimaryHandle, ReplicationError};
 use blockrep_storage::{Epoch, Lsn, ReadSegment, StorageError, Store};
 use bytes::Bytes;
 
+use crate::control::gate::AckGate;
 use crate::observe::VolumeMetrics;
 
 /// A store served over NBD. With a replication handle, FLUSH and FUA are barriers across
 /// the replicas under the volume's commit mode; without one they are the local fsync.
+/// With an acknowledgement gate (a node etcd elected), every reply waits for it: nothing
+/// is acknowledged past the lease deadline (see `AckGate`).
 pub struct StoreVolume {
     store: Arc<Store>,
-    primary: Option<PrimaryHandle>,
+    primary: ReplicationSlot,
+    gate: Option<Arc<AckGate>>,
     metrics: Arc<VolumeMetrics>,
     /// The commit mode's name, for the barrier metrics.
     mode: &'static str,
@@ -28,9 +32,38 @@ impl StoreVolume {
     ) -> StoreVolume {
         StoreVolume {
             store,
-            primary,
+            primary: Arc::new(RwLock::new(primary)),
+            gate: None,
             metrics,
             mode,
+        }
+    }
+
+    /// The replication this volume's barriers go through. A node of an etcd-led volume
+    /// replaces it when the volume's members change (one driver per replica set).
+    pub fn replication_slot(&self) -> ReplicationSlot {
+        self.primary.clone()
+    }
+
+    fn primary(&self) -> Option<PrimaryHandle> {
+        self.primary
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Acknowledges only while `gate` holds.
+    pub fn with_gate(mut self, gate: Arc<AckGate>) -> StoreVolume {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Checked before a request touches the store (a node past its lease changes nothing)
+    /// and again before its reply leaves (the lease may have run out while it waited).
+    async fn admit(&self) -> VolumeResult<()> {
+        match &self.gate {
+            Some(gate) => gate.admit().await,
+            None => Ok(()),
         }
     }
 
@@ -40,7 +73,7 @@ impl StoreVolume {
     }
 
     fn fenced_by(&self) -> Result<(), CommitError> {
-        match self.primary.as_ref().and_then(|p| p.fenced()) {
+        match self.primary().and_then(|p| p.fenced()) {
             Some(epoch) => Err(CommitError::Fenced(epoch)),
             None => Ok(()),
         }
@@ -60,7 +93,7 @@ impl StoreVolume {
     /// if replicated. The replication driver learns the local fsync from the store itself
     /// (`Store::watch_durable`), so nothing here relays it.
     async fn commit_inner(&self, target: Lsn) -> Result<(), CommitError> {
-        let Some(primary) = &self.primary else {
+        let Some(primary) = self.primary() else {
             return self
                 .store
                 .wait_durable(target)
@@ -74,6 +107,9 @@ impl StoreVolume {
         replicated.map_err(|source| CommitError::Replication { target, source })
     }
 }
+
+/// Where a volume's current replication handle is kept (`None`: a single node).
+pub type ReplicationSlot = Arc<RwLock<Option<PrimaryHandle>>>;
 
 /// Why a FLUSH or FUA failed, by kind: the barrier metrics take their label from it.
 #[derive(Debug)]
@@ -134,11 +170,13 @@ impl BlockVolume for StoreVolume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> VolumeResult<Vec<ReadChunk>> {
+        self.admit().await?;
         let segments = self
             .store
             .read(offset, u64::from(len))
             .await
             .map_err(volume_error)?;
+        self.admit().await?;
         Ok(segments
             .into_iter()
             .map(|s| match s {
@@ -149,6 +187,7 @@ impl BlockVolume for StoreVolume {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> VolumeResult<()> {
+        self.admit().await?;
         self.check_not_fenced()?;
         let lsn = self
             .store
@@ -158,7 +197,7 @@ impl BlockVolume for StoreVolume {
         if fua {
             self.commit(lsn).await?;
         }
-        Ok(())
+        self.admit().await
     }
 
     async fn write_zeroes(
@@ -171,6 +210,7 @@ impl BlockVolume for StoreVolume {
     ) -> VolumeResult<()> {
         // Zeroing is a metadata entry in the WAL, always cheaper than writing zeroes, so a
         // FAST_ZERO request never has to be refused.
+        self.admit().await?;
         self.check_not_fenced()?;
         let lsn = self
             .store
@@ -180,10 +220,11 @@ impl BlockVolume for StoreVolume {
         if fua {
             self.commit(lsn).await?;
         }
-        Ok(())
+        self.admit().await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> VolumeResult<()> {
+        self.admit().await?;
         self.check_not_fenced()?;
         let lsn = self
             .store
@@ -193,16 +234,19 @@ impl BlockVolume for StoreVolume {
         if fua {
             self.commit(lsn).await?;
         }
-        Ok(())
+        self.admit().await
     }
 
     /// Covers every write acknowledged before it, on any connection: the store's head.
     async fn flush(&self) -> VolumeResult<()> {
+        self.admit().await?;
         self.check_not_fenced()?;
-        self.commit(self.store.head()).await
+        self.commit(self.store.head()).await?;
+        self.admit().await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> VolumeResult<Vec<Extent>> {
+        self.admit().await?;
         let extents = self.store.block_status(offset, len).map_err(volume_error)?;
         Ok(extents
             .into_iter()
@@ -251,6 +295,79 @@ mod tests {
         for (e, label) in cases {
             assert_eq!(e.label(), label, "{e:?}");
         }
+    }
+
+    /// Every acknowledging request of a volume behind an expired gate fails (io-error), and
+    /// succeeds once the gate holds: the gate is on every path, not only on FLUSH.
+    #[test]
+    fn no_acknowledgement_after_the_lease_deadline() {
+        use std::sync::Arc;
+
+        use blockrep_frontend::BlockVolume;
+        use blockrep_storage::{CreateOptions, OpenOptions, Store};
+
+        use crate::control::gate::{AckGate, OnLeaseLoss};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let size = 1 << 20;
+        Store::create(
+            &path,
+            &CreateOptions {
+                size,
+                wal_capacity: CreateOptions::DEFAULT_WAL_CAPACITY,
+                volume_id: None,
+            },
+        )
+        .expect("create");
+        let store = Arc::new(Store::open(&path, &OpenOptions::default()).expect("open"));
+        let metrics = Arc::new(blockrep_metrics::Metrics::new().expect("metrics"));
+        let metrics = crate::observe::VolumeMetrics::new(metrics, "gate");
+        let gate = Arc::new(AckGate::new(
+            std::time::Instant::now(),
+            OnLeaseLoss::IoError,
+        ));
+        let volume = super::StoreVolume::new(store.clone(), None, metrics, "best-effort")
+            .with_gate(gate.clone());
+        let data = bytes::Bytes::from(vec![7u8; 4096]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let answers = async {
+            [
+                volume.write(0, data.clone(), false).await,
+                volume.write(4096, data.clone(), true).await,
+                volume.write_zeroes(8192, 4096, true, false, true).await,
+                volume.trim(12288, 4096, true).await,
+                volume.flush().await,
+                volume.read(0, 4096).await.map(drop),
+            ]
+        };
+        for answer in rt.block_on(answers) {
+            assert_eq!(answer, Err(VolumeError::LeaseLost));
+        }
+        assert_eq!(store.head(), Lsn(0), "an expired leader changed its store");
+        gate.set_deadline(Some(gate.now() + 60_000));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let answers = async {
+            [
+                volume.write(0, data.clone(), false).await,
+                volume.write(4096, data.clone(), true).await,
+                volume.write_zeroes(8192, 4096, true, false, true).await,
+                volume.trim(12288, 4096, true).await,
+                volume.flush().await,
+                volume.read(0, 4096).await.map(drop),
+            ]
+        };
+        for answer in rt.block_on(answers) {
+            assert_eq!(answer, Ok(()));
+        }
+        drop(volume);
+        store.close().expect("close");
     }
 
     #[test]

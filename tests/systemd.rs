@@ -63,6 +63,7 @@ fn systemd_units_verify() {
     for needed in [
         "blockrep-primary@.service",
         "blockrep-replica@.service",
+        "blockrep-node@.service",
         "blockrep-attach@.service",
         "srv-vol1.mount",
     ] {
@@ -121,13 +122,23 @@ fn systemd_units_verify() {
 
     // What the operations side relies on, unit by unit.
     let get = |name: &str| &units.iter().find(|(n, _)| n == name).unwrap().1;
-    for (unit, cmd) in [
-        ("blockrep-primary@.service", "serve"),
-        ("blockrep-replica@.service", "replica"),
+    for (unit, exec) in [
+        (
+            "blockrep-primary@.service",
+            "blockrep serve --config /etc/blockrep/%i.toml",
+        ),
+        (
+            "blockrep-replica@.service",
+            "blockrep replica --config /etc/blockrep/%i.toml",
+        ),
+        (
+            "blockrep-node@.service",
+            "blockrep node /var/lib/blockrep/%i $BLOCKREP_NODE_ARGS",
+        ),
     ] {
         let t = get(unit);
         for line in [
-            format!("ExecStart=/usr/local/bin/blockrep {cmd} --config /etc/blockrep/%i.toml"),
+            format!("ExecStart=/usr/local/bin/{exec}"),
             "Type=notify".into(),
             "NotifyAccess=main".into(),
             "Restart=on-failure".into(),

@@ -279,7 +279,7 @@ impl Failure {
             Failure::Volume(VolumeError::OutOfRange | VolumeError::Invalid(_)) => EINVAL,
             Failure::Volume(VolumeError::ReadOnly) => EPERM,
             Failure::Volume(VolumeError::NotFast) => ENOTSUP,
-            Failure::Volume(VolumeError::ShuttingDown) => ESHUTDOWN,
+            Failure::Volume(VolumeError::ShuttingDown | VolumeError::LeaseLost) => ESHUTDOWN,
             Failure::Volume(VolumeError::NoSpace(_)) => ENOSPC,
             Failure::NoExtents => EIO,
         }

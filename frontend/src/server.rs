@@ -261,6 +261,9 @@ async fn accept_loop<V: BlockVolume>(
             drop(permit);
         });
     }
+    // Closed at once, so a client connecting to a stopping server is refused (and tries
+    // another) rather than left waiting in the backlog until the grace is over.
+    drop(listener);
     while conns.join_next().await.is_some() {}
 }
 

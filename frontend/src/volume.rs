@@ -49,6 +49,10 @@ pub enum VolumeError {
     NotFast,
     #[error("the volume is shutting down")]
     ShuttingDown,
+    /// This node's lease to lead the volume ran out: another node may be serving it, so
+    /// nothing here may be acknowledged (NBD_ESHUTDOWN, so the client retries elsewhere).
+    #[error("this node no longer holds the lease to serve the volume")]
+    LeaseLost,
     /// The storage under the volume is full; nothing of the request was written.
     #[error("no space left: {0}")]
     NoSpace(String),

@@ -30,6 +30,9 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
     /// Points a replica at a new address (primaries only).
     pub set_replica_address: Option<Arc<AddressFn>>,
+    /// Whether this node leads its volume now (`blockrep node`); `None`: a static node,
+    /// which leads if it runs as a primary.
+    pub leading: Option<Arc<AtomicBool>>,
     /// The bearer token a `PUT` must carry (the binary reads and checks it); `None` disables
     /// the `PUT` altogether.
     pub admin_token: Option<Arc<str>>,
@@ -66,6 +69,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
+        .route("/v1/primary", get(primary))
         .route("/v1/replicas/{name}/address", put(set_address))
         .with_state(admin);
     tokio::spawn(async move {
@@ -101,6 +105,20 @@ async fn readyz(State(a): State<Admin>) -> Response {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+/// 200 on the node that serves the volume, 503 on the others: the health check a load
+/// balancer (HAProxy, as Patroni's users do) routes NBD clients with.
+async fn primary(State(a): State<Admin>) -> Response {
+    let leads = match &a.leading {
+        Some(leading) => leading.load(Ordering::Acquire),
+        None => build_status(&a).await.is_some_and(|r| r.role == "primary"),
+    };
+    if leads {
+        (StatusCode::OK, "primary\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not the primary\n").into_response()
     }
 }
 
@@ -290,6 +308,7 @@ mod tests {
                 Ok(())
             })),
             admin_token: token.map(Arc::from),
+            leading: None,
         };
         serve("127.0.0.1:0", admin, CancellationToken::new())
             .await
@@ -334,5 +353,27 @@ mod tests {
         assert_eq!(*calls.lock().expect("calls"), ["r1=127.0.0.1:4242"]);
         let (status, _) = blocking(move || request(addr, "GET /metrics HTTP/1.0\r\n\r\n")).await;
         assert_eq!(status, 200);
+    }
+
+    #[tokio::test]
+    async fn v1_primary_answers_200_only_while_the_node_leads() {
+        let leading = Arc::new(AtomicBool::new(false));
+        let admin = Admin {
+            metrics: Arc::new(Metrics::new().expect("metrics")),
+            status: Arc::new(StatusReport::default),
+            ready: Arc::new(AtomicBool::new(true)),
+            set_replica_address: None,
+            admin_token: None,
+            leading: Some(leading.clone()),
+        };
+        let addr = serve("127.0.0.1:0", admin, CancellationToken::new())
+            .await
+            .expect("serve");
+        let get = move || request(addr, "GET /v1/primary HTTP/1.0\r\n\r\n");
+        let (status, text) = blocking(get).await;
+        assert_eq!(status, 503, "{text}");
+        leading.store(true, Ordering::Release);
+        let (status, text) = blocking(get).await;
+        assert_eq!(status, 200, "{text}");
     }
 }

@@ -11,7 +11,7 @@ mod http;
 mod status;
 
 pub use http::{serve, Admin, AdminError};
-pub use status::{RebuildCost, RebuildReport, ReplicaReport, StatusReport};
+pub use status::{ControlReport, RebuildCost, RebuildReport, ReplicaReport, StatusReport};
 
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -57,6 +57,16 @@ pub struct Metrics {
     pub fenced: IntGaugeVec,
     /// Replication peers refused by mutual TLS before any frame was read, by reason.
     pub peer_rejects: IntCounterVec,
+    /// 1 while this node holds the volume's leader key in etcd (`blockrep node`).
+    pub leader: IntGaugeVec,
+    /// Seconds until this leader's local lease deadline (0 when not leading).
+    pub lease_remaining: GaugeVec,
+    /// Times this node became the volume's leader.
+    pub failovers: IntCounterVec,
+    /// Times this node stopped acknowledging as leader, by reason.
+    pub fence_events: IntCounterVec,
+    /// 1 while a leader keeps serving with etcd unreachable (`--failsafe`).
+    pub failsafe: IntGaugeVec,
     /// Time of one etcd request of the control plane, by operation (read, txn, grant,
     /// keep_alive, ...), failures included.
     pub etcd_request: HistogramVec,
@@ -260,6 +270,41 @@ impl Metrics {
                     "Replication peers refused by mutual TLS (before any frame), by reason."
                 ),
                 &["volume", "reason"]
+            )?),
+            leader: reg!(IntGaugeVec::new(
+                opts(
+                    "leader",
+                    "1 while this node holds the volume's leader key in etcd."
+                ),
+                v
+            )?),
+            lease_remaining: reg!(GaugeVec::new(
+                opts(
+                    "lease_remaining_seconds",
+                    "Seconds until the leader's local lease deadline (0 when not leading)."
+                ),
+                v
+            )?),
+            failovers: reg!(IntCounterVec::new(
+                opts(
+                    "failovers_total",
+                    "Times this node became the volume's leader."
+                ),
+                v
+            )?),
+            fence_events: reg!(IntCounterVec::new(
+                opts(
+                    "fence_events_total",
+                    "Times this node stopped acknowledging as leader, by reason."
+                ),
+                &["volume", "reason"]
+            )?),
+            failsafe: reg!(IntGaugeVec::new(
+                opts(
+                    "failsafe_active",
+                    "1 while a leader keeps serving with etcd unreachable (--failsafe)."
+                ),
+                v
             )?),
             etcd_request: reg!(HistogramVec::new(
                 hist(

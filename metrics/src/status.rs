@@ -23,6 +23,26 @@ pub struct StatusReport {
     #[serde(default)]
     pub rebuild_cursor_bytes: Option<u64>,
     pub replicas: Vec<ReplicaReport>,
+    /// A node of an etcd-led volume (`blockrep node`): what the control plane says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlReport>,
+}
+
+/// The control plane's part of a node's status.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ControlReport {
+    /// This node's name in etcd.
+    pub node: String,
+    /// "primary", "replica" or "standby".
+    pub role: String,
+    /// Who holds the leader key, if anyone (as this node last saw it).
+    pub leader: Option<String>,
+    /// The epoch this node leads at, or follows.
+    pub epoch: u64,
+    /// Seconds left until the leader's local lease deadline (leaders only).
+    pub lease_remaining_seconds: Option<f64>,
+    /// Serving on with etcd unreachable (`--failsafe`).
+    pub failsafe: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -1,13 +1,19 @@
-//! The control plane's I/O side: everything that talks to etcd. The decisions live in the
-//! sans-IO `blockrep-control` crate; this module carries them out.
+//! The control plane's I/O side: everything that talks to etcd, and the node that runs
+//! what it decides. The decisions live in the sans-IO `blockrep-control` crate; this module
+//! carries them out.
 //!
-//! It owns the etcd flags ([`args`]), the etcd driver with its typed errors ([`etcd`]), and
-//! the operator's `blockrep ctl` ([`ctl`]). etcd-client is tokio-based, which is why it lives
-//! here in the binary and never in `control/`.
+//! It owns the etcd flags ([`args`]), the etcd driver with its typed errors ([`etcd`]), the
+//! operator's `blockrep ctl` ([`ctl`]), the acknowledgement gate a leader answers behind
+//! ([`gate`]) and `blockrep node`'s roles ([`node`]). etcd-client is tokio-based, which is
+//! why it lives here in the binary and never in `control/`.
 
 pub mod args;
 pub mod ctl;
-// The lease, keep-alive and metrics half is `blockrep node`'s (src/control/node*), which lands
-// on its own branch: drop this allow when it does.
+// A few of the driver's helpers (is_unavailable, timeout, the watch revision) have no user
+// yet in either `ctl` or `node`.
 #[allow(dead_code)]
 pub mod etcd;
+pub mod gate;
+pub mod node;
+pub mod node_args;
+pub mod node_loop;

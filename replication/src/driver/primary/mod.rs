@@ -118,6 +118,12 @@ impl PrimaryHandle {
         let _ = self.tx.send(Input::SetAddress { replica, addr });
     }
 
+    /// Resolves once the driver has stopped (after its shutdown token, or if it failed):
+    /// from then on it sends nothing more to any replica and holds the store no longer.
+    pub async fn stopped(&self) {
+        self.tx.closed().await;
+    }
+
     pub fn status(&self) -> PrimaryStatus {
         self.status
             .lock()

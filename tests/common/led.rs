@@ -1,0 +1,328 @@
+//! An etcd-led volume on loopback: a real etcd and `blockrep node` processes, each reaching
+//! etcd through a relay of its own (so a test can cut one node from etcd alone), and the
+//! failover writer (tests/clients/failover_writer.py) that follows whichever node serves.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use super::admin::http_get;
+use super::etcd::EtcdServer;
+use super::process::{blockrep, run, timed, KillOnDrop};
+use super::relay::Relay;
+use super::wait::wait_until;
+use super::{free_port, text, SYSTEM_PYTHON};
+
+pub const WRITER_PY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/clients/failover_writer.py"
+);
+
+/// The lease TTL the tests run with, in seconds.
+pub const TTL: u64 = 3;
+
+/// One `blockrep node` process and its ports.
+pub struct LedNode {
+    pub name: String,
+    pub dir: PathBuf,
+    pub nbd: u16,
+    pub listen: u16,
+    pub metrics: u16,
+    /// Its way to etcd.
+    pub relay: Relay,
+    log: PathBuf,
+    pub process: Option<KillOnDrop>,
+}
+
+impl LedNode {
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}", self.nbd)
+    }
+
+    pub fn start(&mut self, volume: &str, extra: &[&str]) {
+        let mut cmd = blockrep();
+        cmd.env("BLOCKREP_LOG", "info")
+            .arg("node")
+            .arg(&self.dir)
+            .args(["--size", "64MiB", "--volume", volume, "--name", &self.name])
+            .args(["--etcd-endpoints", &self.relay.url("http")])
+            .args(["--etcd-ttl", &TTL.to_string()])
+            .args(["--nbd", &format!("127.0.0.1:{}", self.nbd)])
+            .args(["--listen", &format!("127.0.0.1:{}", self.listen)])
+            .args(["--metrics", &format!("127.0.0.1:{}", self.metrics)])
+            .args(extra);
+        let what = format!("blockrep node {}", self.name);
+        self.process = Some(KillOnDrop::spawn(&mut cmd, &what, self.log.clone()));
+    }
+
+    /// Whether its admin endpoint says it leads (`GET /v1/primary` is 200).
+    pub fn leads(&self) -> bool {
+        let url = format!("http://127.0.0.1:{}/v1/primary", self.metrics);
+        matches!(http_get(&url), Ok((200, _)))
+    }
+
+    /// Whether anything accepts a connection on its NBD port.
+    pub fn nbd_open(&self) -> bool {
+        TcpStream::connect(("127.0.0.1", self.nbd)).is_ok()
+    }
+
+    pub fn process(&mut self) -> &mut KillOnDrop {
+        self.process.as_mut().expect("the node was started")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A volume of `n` nodes on one etcd.
+pub struct LedVolume {
+    pub etcd: EtcdServer,
+    pub volume: String,
+    pub nodes: Vec<LedNode>,
+    pub dir: PathBuf,
+}
+
+impl LedVolume {
+    /// Starts etcd and `n` nodes (the first alone until it leads, so its store becomes the
+    /// volume), and waits until every node is in the in-sync set.
+    pub fn start(dir: &Path, n: usize, extra: &[&str]) -> LedVolume {
+        let etcd = EtcdServer::start();
+        let mut v = LedVolume {
+            volume: "vol".into(),
+            nodes: Vec::new(),
+            dir: dir.to_path_buf(),
+            etcd,
+        };
+        for i in 1..=n {
+            let name = format!("n{i}");
+            v.nodes.push(LedNode {
+                dir: dir.join(&name),
+                log: dir.join(format!("{name}.log")),
+                nbd: free_port(),
+                listen: free_port(),
+                metrics: free_port(),
+                relay: Relay::to_port(v.etcd.port()),
+                process: None,
+                name,
+            });
+        }
+        let volume = v.volume.clone();
+        v.nodes[0].start(&volume, extra);
+        v.wait_for_leader(Duration::from_secs(60));
+        for node in &mut v.nodes[1..] {
+            node.start(&volume, extra);
+        }
+        v.wait_in_sync(n);
+        v
+    }
+
+    /// `blockrep ctl list --json`.
+    pub fn list(&self) -> Value {
+        let out = run(timed(30, env!("CARGO_BIN_EXE_blockrep")).args([
+            "ctl",
+            "--etcd-endpoints",
+            &self.etcd.endpoint(),
+            "--volume",
+            &self.volume,
+            "list",
+            "--json",
+        ]));
+        assert!(out.status.success(), "ctl list: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("ctl list --json")
+    }
+
+    /// Waits until `n` members are in the in-sync set and one of them leads.
+    pub fn wait_in_sync(&self, n: usize) {
+        wait_until(
+            Duration::from_secs(90),
+            format_args!("{n} nodes in sync"),
+            || {
+                let l = self.list();
+                let in_sync = l["insync"]["members"].as_array().map_or(0, Vec::len);
+                (in_sync == n && !l["leader"].is_null())
+                    .then_some(())
+                    .ok_or(l.to_string())
+            },
+        );
+    }
+
+    /// The index of the node whose admin endpoint says it leads, once one does.
+    pub fn wait_for_leader(&self, within: Duration) -> usize {
+        wait_until(within, "a node leads", || {
+            self.nodes
+                .iter()
+                .position(|n| n.process.is_some() && n.leads())
+        })
+    }
+
+    /// Waits until a node other than `old` leads.
+    pub fn wait_for_new_leader(&self, old: usize, within: Duration) -> usize {
+        wait_until(within, "another node leads", || {
+            self.nodes
+                .iter()
+                .enumerate()
+                .position(|(i, n)| i != old && n.process.is_some() && n.leads())
+        })
+    }
+
+    pub fn uris(&self) -> Vec<String> {
+        self.nodes.iter().map(LedNode::uri).collect()
+    }
+
+    /// Every node's log, for a failure message.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- {} ---\n{}", n.name, n.log_text()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// The failover writer, writing to whichever of `uris` serves.
+pub struct Writer {
+    pub log: PathBuf,
+    process: KillOnDrop,
+}
+
+/// One line of the writer's log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Logged {
+    Connected { at: f64, uri: String },
+    Write { seq: u64, at: f64, uri: String },
+    Flush { seq: u64, at: f64, uri: String },
+    Error { at: f64, uri: String },
+}
+
+impl Writer {
+    pub fn start(dir: &Path, uris: &[String]) -> Writer {
+        let log = dir.join("writer.log");
+        let mut cmd = Command::new(SYSTEM_PYTHON);
+        cmd.arg(WRITER_PY).arg("write").arg(&log).args(uris);
+        let process = KillOnDrop::spawn(&mut cmd, "the failover writer", dir.join("writer.stderr"));
+        Writer { log, process }
+    }
+
+    pub fn lines(&self) -> Vec<Logged> {
+        let t = std::fs::read_to_string(&self.log).unwrap_or_default();
+        t.lines().filter_map(parse).collect()
+    }
+
+    /// The acknowledged FLUSHes by `uri` logged after `after` (wall clock, seconds).
+    pub fn flushes_by(&self, uri: &str, after: f64) -> usize {
+        self.lines()
+            .iter()
+            .filter(|l| matches!(l, Logged::Flush { at, uri: u, .. } if u == uri && *at > after))
+            .count()
+    }
+
+    /// The time of the first acknowledged FLUSH by `uri` after `after`.
+    pub fn first_flush_by(&self, uri: &str, after: f64) -> Option<f64> {
+        self.lines().iter().find_map(|l| match l {
+            Logged::Flush { at, uri: u, .. } if u == uri && *at > after => Some(*at),
+            _ => None,
+        })
+    }
+
+    /// Acknowledgements (writes and FLUSHes) by `uri` logged after `after`.
+    pub fn acks_by_after(&self, uri: &str, after: f64) -> Vec<Logged> {
+        self.lines()
+            .into_iter()
+            .filter(|l| match l {
+                Logged::Write { at, uri: u, .. } | Logged::Flush { at, uri: u, .. } => {
+                    u == uri && *at > after
+                }
+                _ => false,
+            })
+            .collect()
+    }
+
+    /// The last acknowledgement by `uri`.
+    pub fn last_ack_by(&self, uri: &str) -> Option<f64> {
+        self.lines().iter().rev().find_map(|l| match l {
+            Logged::Write { at, uri: u, .. } | Logged::Flush { at, uri: u, .. } if u == uri => {
+                Some(*at)
+            }
+            _ => None,
+        })
+    }
+
+    /// Waits until `uri` has acknowledged `n` FLUSHes after `after`.
+    pub fn wait_flushes(&mut self, uri: &str, after: f64, n: usize, within: Duration) {
+        wait_until(
+            within,
+            format_args!("{n} FLUSHes acknowledged by {uri}"),
+            || {
+                assert!(
+                    self.process.running(),
+                    "the writer died: {}",
+                    self.process.stderr_text()
+                );
+                let seen = self.flushes_by(uri, after);
+                (seen >= n).then_some(()).ok_or(format!("{seen} so far"))
+            },
+        );
+    }
+
+    /// Stops the writer and checks every acknowledged FLUSH against the image of the node
+    /// that leads now (which is `expected` unless leadership moved again since; said if so).
+    pub fn stop_and_verify(mut self, v: &LedVolume, expected: &str) {
+        self.process.kill9();
+        let leader = v.wait_for_leader(Duration::from_secs(60));
+        let uri = v.nodes[leader].uri();
+        if uri != expected {
+            eprintln!("leadership moved on to {uri} (from {expected}) before the verification");
+        }
+        let out = run(timed(120, SYSTEM_PYTHON)
+            .arg(WRITER_PY)
+            .arg("verify")
+            .arg(&self.log)
+            .arg(&uri));
+        assert!(
+            out.status.success(),
+            "acknowledged FLUSHes lost on {uri}: {}{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            v.logs()
+        );
+    }
+}
+
+fn parse(line: &str) -> Option<Logged> {
+    let p: Vec<&str> = line.split_whitespace().collect();
+    let f = |i: usize| p.get(i).and_then(|s| s.parse::<f64>().ok());
+    let u = |i: usize| p.get(i).map(|s| s.to_string());
+    let n = |i: usize| p.get(i).and_then(|s| s.parse::<u64>().ok());
+    match *p.first()? {
+        "C" => Some(Logged::Connected {
+            at: f(1)?,
+            uri: u(2)?,
+        }),
+        "W" => Some(Logged::Write {
+            seq: n(1)?,
+            at: f(3)?,
+            uri: u(4)?,
+        }),
+        "F" => Some(Logged::Flush {
+            seq: n(1)?,
+            at: f(2)?,
+            uri: u(3)?,
+        }),
+        "E" => Some(Logged::Error {
+            at: f(2)?,
+            uri: u(3)?,
+        }),
+        _ => None,
+    }
+}
+
+/// Now on the wall clock, in seconds (the writer logs the same clock).
+pub fn wall() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

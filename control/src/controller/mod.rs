@@ -166,7 +166,12 @@ impl FenceReason {
 #[derive(Debug, Clone)]
 enum Purpose {
     Initialise,
-    Campaign { epoch: Epoch, force: bool },
+    /// `members`: the in-sync set the campaign writes at its epoch.
+    Campaign {
+        epoch: Epoch,
+        force: bool,
+        members: Vec<String>,
+    },
     Register,
     InSync { members: Vec<String> },
     Resign,
@@ -273,7 +278,11 @@ impl Controller {
         let Some(lead) = &self.leading else {
             return false;
         };
-        self.lease.holds(now) || (self.cfg.failsafe && lead.failsafe_until.is_some_and(|t| now < t))
+        let deadline_ignored =
+            crate::mutants::active(crate::mutants::Mutant::AcknowledgeAfterLeaseDeadline);
+        self.lease.holds(now)
+            || deadline_ignored
+            || (self.cfg.failsafe && lead.failsafe_until.is_some_and(|t| now < t))
     }
 
     /// Whether it is leading on the failsafe rule alone (its lease deadline has passed).
@@ -399,14 +408,20 @@ impl Controller {
                 .insert(purpose.kind(), self.now.saturating_add(pause));
         }
         match purpose {
-            Purpose::Campaign { epoch, force } if succeeded => {
+            Purpose::Campaign {
+                epoch,
+                force,
+                members,
+            } if succeeded => {
                 let replicas = self.other_members();
                 self.following = None;
                 self.leading = Some(Leadership {
                     epoch,
                     since_revision: revision,
                     replicas: replicas.clone(),
-                    recorded: Vec::new(),
+                    // What etcd records from the campaign on: a replica in it was never
+                    // removed, so nothing may skip it yet.
+                    recorded: members,
                     counted: None,
                     failsafe_until: None,
                 });
@@ -745,7 +760,7 @@ impl Controller {
         let set = InSync {
             epoch: epoch.0,
             leader: self.cfg.name.clone(),
-            members,
+            members: members.clone(),
         };
         let history = HistoryEntry {
             epoch: epoch.0,
@@ -776,7 +791,15 @@ impl Controller {
                 ))
                 .delete(self.keys.switchover());
         }
-        self.txn(Purpose::Campaign { epoch, force }, txn, out);
+        self.txn(
+            Purpose::Campaign {
+                epoch,
+                force,
+                members,
+            },
+            txn,
+            out,
+        );
     }
 }
 

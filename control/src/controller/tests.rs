@@ -472,3 +472,45 @@ fn a_stopping_leader_hands_its_key_back_at_once() {
     c.advance(100, 2);
     assert_eq!(c.leaders(), ["b"]);
 }
+
+#[test]
+fn a_new_leader_may_skip_no_member_its_campaign_recorded_in_sync() {
+    let mut c = Cluster::new(&["a", "b", "c"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 3);
+    let a = c.idx("a");
+    let now = c.now;
+    c.deliver(
+        a,
+        Event::Replication {
+            now,
+            in_sync: vec!["b".into(), "c".into()],
+        },
+    );
+    c.nodes[a].reaches_etcd = false;
+    let b = c.idx("b");
+    for _ in 0..40 {
+        c.now += 100;
+        for i in [b, c.idx("c")] {
+            let lease = c.nodes[i].lease;
+            if let Some(ttl) = c.etcd.keep_alive(c.now, lease) {
+                let sent_at = c.now;
+                c.deliver(i, Event::KeepAlive { sent_at, granted_ttl: ttl });
+            }
+            let (now, local) = (c.now, c.nodes[i].local.clone());
+            c.deliver(i, Event::Local { now, local });
+            let view = c.view_event();
+            c.deliver(i, view);
+        }
+        if c.nodes[b].ctl.is_leader() {
+            break;
+        }
+    }
+    assert!(c.nodes[b].ctl.is_leader(), "b took over");
+    // Before replication has counted anything at b's epoch, etcd records the set b's
+    // campaign wrote (a and c included): nothing may skip them until a removal is recorded.
+    let mut recorded = c.nodes[b].ctl.recorded_in_sync().to_vec();
+    recorded.sort();
+    assert_eq!(recorded, ["a", "b", "c"]);
+}

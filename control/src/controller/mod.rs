@@ -242,6 +242,13 @@ pub struct Controller {
     published: Option<(MemberRecord, Millis)>,
     following: Option<(String, Epoch)>,
     stopping: bool,
+    /// The highest epoch etcd's counter or leader key ever showed this node.
+    etcd_epoch_seen: Epoch,
+    /// No campaign before this time: etcd went back in time (restored from an older
+    /// snapshot), so a leader it forgot may still be inside its lease deadline.
+    campaign_hold_until: Option<Millis>,
+    /// etcd's last view was behind (see `campaign_hold_until`).
+    etcd_behind: bool,
 }
 
 impl Controller {
@@ -261,6 +268,9 @@ impl Controller {
             published: None,
             following: None,
             stopping: false,
+            etcd_epoch_seen: Epoch(0),
+            campaign_hold_until: None,
+            etcd_behind: false,
         }
     }
 
@@ -328,6 +338,7 @@ impl Controller {
         }
         let now = match event {
             Event::View { now, view } => {
+                self.notice_etcd_going_back(now, &view);
                 self.view = Some(view);
                 now
             }
@@ -382,6 +393,41 @@ impl Controller {
         };
         self.evaluate(now, &mut out);
         out
+    }
+
+    /// An etcd restored from an older snapshot forgets epochs: its counter and leader key fall
+    /// below one this node saw there before, or below one its store or a member's holds
+    /// (stores take epochs only from etcd's counter). A leader etcd forgot may still be
+    /// inside its lease deadline, which etcd no longer bounds: nobody may campaign until a
+    /// whole TTL has passed on this node's clock (the deadline is at most a TTL minus the
+    /// margin after etcd last heard that leader, which was before the restore).
+    fn notice_etcd_going_back(&mut self, now: Millis, view: &VolumeView) {
+        let recorded = Epoch(
+            view.epoch_counter
+                .as_ref()
+                .map_or(0, |c| c.value)
+                .max(view.leader.as_ref().map_or(0, |l| l.value.epoch)),
+        );
+        let stores = view
+            .members
+            .values()
+            .map(|m| m.epoch())
+            .chain(self.local.as_ref().map(|l| l.epoch))
+            .max()
+            .unwrap_or(Epoch(0));
+        let behind = recorded < self.etcd_epoch_seen.max(stores);
+        // One hold per time etcd goes back: it stays behind until a campaign takes an epoch
+        // above every one seen, which the hold must not keep from happening.
+        if behind && !self.etcd_behind {
+            self.campaign_hold_until = Some(now.saturating_add(self.cfg.timing.ttl));
+        }
+        self.etcd_behind = behind;
+        self.etcd_epoch_seen = self.etcd_epoch_seen.max(recorded);
+    }
+
+    /// Whether a campaign is held back now (see [`Controller::notice_etcd_going_back`]).
+    fn campaign_held(&self, now: Millis) -> bool {
+        self.campaign_hold_until.is_some_and(|t| now < t)
     }
 
     fn txn(&mut self, purpose: Purpose, txn: Txn, out: &mut Vec<Action>) {
@@ -737,7 +783,11 @@ impl Controller {
         local: &LocalState,
         out: &mut Vec<Action>,
     ) {
-        if self.stopping || !self.lease.holds(now) || self.busy(Kind::Campaign) {
+        if self.stopping
+            || !self.lease.holds(now)
+            || self.busy(Kind::Campaign)
+            || self.campaign_held(now)
+        {
             return;
         }
         let Some(force) = self.should_campaign(view) else {

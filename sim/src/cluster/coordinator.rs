@@ -62,6 +62,12 @@ impl Cluster {
 
     /// `blockrep serve` on a replica's store: probe the reachable members, apply the rule.
     pub fn promote(&mut self, c: NodeId) -> bool {
+        self.promote_at(c, None)
+    }
+
+    /// As [`Cluster::promote`], at exactly epoch `at` if given (the one an etcd campaign
+    /// took): refused when a member has already seen that epoch or a later one.
+    pub(super) fn promote_at(&mut self, c: NodeId, at: Option<Epoch>) -> bool {
         let me = self.facts(c);
         let name = self.nodes[c].name.clone();
         // First a look that disturbs nobody, as `serve` does.
@@ -72,8 +78,17 @@ impl Cluster {
             self.log(format!("promotion of {name} refused: {why}"));
             return false;
         }
+        let above_all = promotion::next_epoch(&me, &members);
+        if at.is_some_and(|e| above_all > e) {
+            self.stats.refused_promotions += 1;
+            self.log(format!(
+                "promotion of {name} refused: a member has seen epoch {} already",
+                above_all.0 - 1
+            ));
+            return false;
+        }
         // Then fence the members at the new epoch and decide on what they hold after it.
-        let epoch = promotion::next_epoch(&me, &members).max(self.max_epoch.next());
+        let epoch = at.unwrap_or_else(|| above_all.max(self.max_epoch.next()));
         let owner = self.nodes[c].store.store_id;
         let mut fenced = Vec::new();
         for i in self.members(c) {
@@ -95,7 +110,7 @@ impl Cluster {
         true
     }
 
-    fn facts(&self, i: NodeId) -> promotion::Facts {
+    pub(super) fn facts(&self, i: NodeId) -> promotion::Facts {
         let s = &self.nodes[i].store;
         promotion::Facts {
             name: self.nodes[i].name.clone(),
@@ -109,7 +124,7 @@ impl Cluster {
 
     /// The nodes a promotion of `c` can probe: replicas it can reach (a primary, live or
     /// zombie, does not answer probes).
-    fn members(&self, c: NodeId) -> Vec<NodeId> {
+    pub(super) fn members(&self, c: NodeId) -> Vec<NodeId> {
         (0..self.nodes.len())
             .filter(|&i| {
                 i != c

@@ -1,0 +1,171 @@
+//! The etcd-led mode's random history: a client that tries any node (a node that does not
+//! lead refuses), the control plane's faults beside the usual ones, and the liveness phase.
+
+use rand::RngExt;
+
+use crate::check::Violation;
+use crate::cluster::Cluster;
+use crate::net::NodeId;
+
+impl Cluster {
+    /// `steps` client steps with faults, then the liveness phase.
+    pub fn run_controlled(&mut self, steps: usize) -> Result<(), Violation> {
+        self.run_until(30);
+        for _ in 0..steps {
+            self.client_step_anywhere();
+            self.random_faults();
+            self.random_control_faults();
+            let t = self.now + 1 + self.rng.random_range(0..10);
+            self.run_until(t);
+            if let Some(v) = self.checker.violations.first() {
+                return Err(v.clone());
+            }
+        }
+        self.converge_controlled(20_000)
+    }
+
+    /// One client step on a random node: a write, a FLUSH or a read of a random block, as a
+    /// client trying each node's address in turn would send it.
+    pub fn client_step_anywhere(&mut self) {
+        let n = self.rng.random_range(0..self.nodes.len());
+        let block = self.rng.random_range(0..self.cfg.blocks);
+        match self.rng.random_range(0..10) {
+            0 => {
+                self.flush_on(n);
+            }
+            1 | 2 => {
+                self.read_on(n, block);
+            }
+            _ => {
+                self.write_on(n, block);
+            }
+        }
+    }
+
+    fn random_control_faults(&mut self) {
+        let Some(f) = self.control.as_ref().map(|cp| cp.cfg.faults.clone()) else {
+            return;
+        };
+        let nodes = self.nodes.len();
+        if self.rng.random_bool(f.etcd_cut) {
+            let n = if self.rng.random_bool(0.5) {
+                self.primary
+            } else {
+                self.rng.random_range(0..nodes)
+            };
+            self.cut_from_etcd(n);
+        }
+        if self.rng.random_bool(f.etcd_heal) {
+            self.reconnect_all_to_etcd();
+        }
+        if self.rng.random_bool(f.etcd_down) {
+            self.etcd_down();
+        }
+        if self.rng.random_bool(f.etcd_up) {
+            self.etcd_up();
+        }
+        if self.rng.random_bool(f.pause) {
+            let ttl = self.control.as_ref().map_or(0, |cp| cp.cfg.timing.ttl);
+            let n = self.rng.random_range(0..nodes);
+            let ms = self.rng.random_range(1..=2 * ttl.max(1));
+            self.pause(n, ms);
+        }
+        if self.rng.random_bool(f.snapshot) {
+            self.snapshot_etcd();
+        }
+        if self.rng.random_bool(f.restore) {
+            self.restore_etcd();
+        }
+    }
+
+    /// SIGSTOP on `n` for `ms`: nothing of its happens until then, and it resumes with the
+    /// state it had.
+    pub fn pause(&mut self, n: NodeId, ms: u64) {
+        let until = self.now + ms;
+        if let Some(cp) = self.control.as_mut() {
+            if cp.nodes[n].ctl.is_some() {
+                cp.nodes[n].paused_until = Some(until);
+            }
+        }
+        let name = self.nodes[n].name.clone();
+        self.log(format!("fault: {name} paused until {until}"));
+    }
+
+    /// Faults stop: the network heals, every node reaches etcd, etcd is up, paused nodes go
+    /// on, crashed ones restart. Then, within `budget_ms`: exactly one leader, serving, and
+    /// every other node its in-sync replica holding its volume.
+    pub fn converge_controlled(&mut self, budget_ms: u64) -> Result<(), Violation> {
+        self.net.heal();
+        self.reconnect_all_to_etcd();
+        self.etcd_up();
+        let now = self.now;
+        if let Some(cp) = self.control.as_mut() {
+            for c in &mut cp.nodes {
+                c.paused_until = c.paused_until.map(|t| t.min(now));
+            }
+        }
+        for n in 0..self.nodes.len() {
+            self.restart(n);
+        }
+        let deadline = self.now + budget_ms;
+        while self.now < deadline {
+            if let Some(p) = self.serving_leader() {
+                let b = self.rng.random_range(0..self.cfg.blocks);
+                self.write_on(p, b);
+                self.flush_on(p);
+            }
+            let t = self.now + 50;
+            self.run_until(t);
+            if let Some(v) = self.checker.violations.first() {
+                return Err(v.clone());
+            }
+            if let Some(p) = self.serving_leader() {
+                if self.primary == p && self.converged() {
+                    return self.checker.final_state(p, &self.nodes);
+                }
+            }
+        }
+        Err(Violation::new(
+            "no single leader with every member in sync after faults stopped",
+            self.describe_controlled(),
+        ))
+    }
+
+    /// The one node etcd's cores make leader and that serves, if exactly one does and every
+    /// other node is a replica.
+    pub fn serving_leader(&self) -> Option<NodeId> {
+        let cp = self.control.as_ref()?;
+        let leaders: Vec<NodeId> = (0..self.nodes.len())
+            .filter(|&n| cp.node(n).ctl.as_ref().is_some_and(|c| c.is_leader()))
+            .collect();
+        let [p] = leaders[..] else {
+            return None;
+        };
+        let others_replicas = (0..self.nodes.len())
+            .filter(|&n| n != p)
+            .all(|n| self.nodes[n].is_replica());
+        (cp.node(p).serving && others_replicas).then_some(p)
+    }
+
+    pub fn describe_controlled(&self) -> String {
+        let mut out = self.describe();
+        if let Some(cp) = &self.control {
+            out.push_str(&format!("\n  etcd up={} revision {}", cp.etcd_up, cp.etcd.revision()));
+            for (i, c) in cp.nodes.iter().enumerate() {
+                let now = self.local_now(i);
+                let ctl = c.ctl.as_ref();
+                out.push_str(&format!(
+                    "\n  n{i}: leader={} epoch {:?} serving={} may_ack={} link={} lease={:?} rate {}ppm",
+                    ctl.is_some_and(|c| c.is_leader()),
+                    ctl.and_then(|c| c.epoch()),
+                    c.serving,
+                    ctl.is_some_and(|c| c.may_acknowledge(now)),
+                    c.link_up,
+                    c.lease,
+                    c.rate_ppm
+                ));
+            }
+        }
+        out
+    }
+}

@@ -166,6 +166,12 @@ fn print_summary(seeds: u64, started: Instant, failures: u64, total: &Stats) {
         "protocol: {} writes, {} flushes acknowledged (each checked against the stores), {} failed, {} catch-ups, {} logs cut in place, {} rebuilds",
         total.writes, total.flushes_ok, total.flushes_failed, total.catch_ups, total.truncations, total.rebuilds
     );
+    if total.forced_failovers > 0 {
+        println!(
+            "etcd-led: {} failovers an operator had to force in the liveness phase (no leader served)",
+            total.forced_failovers
+        );
+    }
 }
 
 /// The progress bar on stderr, redrawn in place with a carriage return: shown only when

@@ -124,6 +124,8 @@ pub struct Stats {
     pub truncations: u64,
     pub rebuilds: u64,
     pub checks: u64,
+    /// Failovers the liveness phase's operator forced (etcd-led mode: no leader served).
+    pub forced_failovers: u64,
 }
 
 impl Stats {
@@ -141,6 +143,7 @@ impl Stats {
         self.truncations += s.truncations;
         self.rebuilds += s.rebuilds;
         self.checks += s.checks;
+        self.forced_failovers += s.forced_failovers;
     }
 }
 

@@ -2,7 +2,8 @@
 //! cuts), the watch that shows every node each change it can see, and etcd's own faults
 //! (down, restored from an older snapshot).
 
-use blockrep_control::VolumeView;
+use blockrep_control::record::{encode, SwitchoverRequest};
+use blockrep_control::{Txn, VolumeView};
 use rand::RngExt;
 
 use super::{Answer, ControlEv, Request};
@@ -204,6 +205,25 @@ impl Cluster {
         let before = cp.etcd.revision() - 1;
         self.log("fault: etcd restored from an older snapshot".into());
         self.after_etcd_change(before);
+    }
+
+    /// `blockrep ctl failover --to NAME [--force]`: the operator's request, written to etcd.
+    pub fn request_failover(&mut self, to: &str, force: bool) {
+        let now = self.now;
+        let Some(cp) = self.control.as_mut() else {
+            return;
+        };
+        let request = SwitchoverRequest {
+            to: to.to_string(),
+            from: None,
+            failover: true,
+            force,
+        };
+        let txn = Txn::default().put(cp.keys.switchover(), encode(&request));
+        let before = cp.etcd.revision();
+        if cp.etcd_up && cp.etcd.txn(now, &txn, None).is_ok() {
+            self.after_etcd_change(before);
+        }
     }
 
     /// Every node reaches etcd again.

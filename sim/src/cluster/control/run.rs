@@ -1,6 +1,7 @@
 //! The etcd-led mode's random history: a client that tries any node (a node that does not
 //! lead refuses), the control plane's faults beside the usual ones, and the liveness phase.
 
+use blockrep_replication::core::promotion;
 use rand::RngExt;
 
 use crate::check::Violation;
@@ -108,7 +109,15 @@ impl Cluster {
             self.restart(n);
         }
         let deadline = self.now + budget_ms;
+        let patience = 3 * self.control.as_ref().map_or(0, |cp| cp.cfg.timing.ttl);
+        let mut waiting_since = self.now;
         while self.now < deadline {
+            if self.serving_leader().is_some() {
+                waiting_since = self.now;
+            } else if self.now >= waiting_since + patience {
+                self.operator_forces_a_failover();
+                waiting_since = self.now;
+            }
             if let Some(p) = self.serving_leader() {
                 let b = self.rng.random_range(0..self.cfg.blocks);
                 self.write_on(p, b);
@@ -129,6 +138,37 @@ impl Cluster {
             "no single leader with every member in sync after faults stopped",
             self.describe_controlled(),
         ))
+    }
+
+    /// What an operator does when no leader serves: `blockrep ctl failover --to NODE --force`
+    /// to the node the promotion rule would accept. etcd's candidate rule (in sync at the
+    /// latest epoch) and the replication promotion rule (the most complete copy the members
+    /// show) can disagree: after a crash a member outside the in-sync set may hold a longer
+    /// log than the only member in it, and an etcd restored from an older snapshot restores
+    /// an older in-sync set. etcd's leader then holds the key without ever serving.
+    fn operator_forces_a_failover(&mut self) {
+        let mut candidates: Vec<NodeId> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].alive)
+            .collect();
+        candidates.sort_by_key(|&i| {
+            std::cmp::Reverse((self.nodes[i].store.head_epoch(), self.nodes[i].store.head()))
+        });
+        let mode = self.cfg.mode;
+        let configured = self.nodes.len() - 1;
+        let accepted = candidates.into_iter().find(|&c| {
+            let members: Vec<_> = (0..self.nodes.len())
+                .filter(|&i| i != c && self.nodes[i].alive)
+                .map(|i| self.facts(i))
+                .collect();
+            promotion::check(&self.facts(c), &members, configured, mode).is_ok()
+        });
+        let Some(to) = accepted else {
+            return;
+        };
+        let name = self.nodes[to].name.clone();
+        self.stats.forced_failovers += 1;
+        self.log(format!("operator: blockrep ctl failover --to {name} --force"));
+        self.request_failover(&name, true);
     }
 
     /// The one node etcd's cores make leader and that serves, if exactly one does and every

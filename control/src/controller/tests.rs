@@ -321,7 +321,8 @@ fn a_new_epoch_goes_above_every_epoch_a_member_reports() {
     for n in &mut c.nodes {
         n.actions.clear();
     }
-    c.advance(100, 20);
+    // (Past the TTL a campaign waits once etcd is seen behind a store's epoch.)
+    c.advance(100, 40);
     // a, still leading at epoch 1, sees b's store at 7 and steps down; every leadership
     // taken after the restore is above 7.
     let a = c.idx("a");
@@ -513,4 +514,48 @@ fn a_new_leader_may_skip_no_member_its_campaign_recorded_in_sync() {
     let mut recorded = c.nodes[b].ctl.recorded_in_sync().to_vec();
     recorded.sort();
     assert_eq!(recorded, ["a", "b", "c"]);
+}
+
+#[test]
+fn no_campaign_for_a_ttl_once_etcd_went_back_in_time() {
+    let mut c = Cluster::new(&["a", "b"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 3);
+    let backup = c.etcd.snapshot();
+    // a leads at epoch 1; cut from etcd, it is replaced by b at epoch 2.
+    let (a, b) = (c.idx("a"), c.idx("b"));
+    c.nodes[a].reaches_etcd = false;
+    assert!((0..80).any(|_| {
+        c.advance(100, 1);
+        c.leads("b").is_some()
+    }));
+    assert_eq!(c.leads("b"), Some(Epoch(2)));
+    c.adopt_volume();
+    c.advance(100, 2);
+    // etcd comes back from the backup, whose counter says 1, and whose leader key is gone
+    // (a resigned in that past): b is cut off and may still be inside its deadline, and
+    // etcd no longer knows it.
+    c.nodes[b].reaches_etcd = false;
+    c.nodes[a].reaches_etcd = true;
+    c.etcd.restore(c.now, &backup);
+    c.etcd
+        .txn(c.now, &Txn::default().delete(c.keys.leader()), None)
+        .unwrap();
+    let restored_at = c.now;
+    let ttl = c.nodes[a].ctl.timing().ttl;
+    let mut a_led_at = None;
+    for _ in 0..60 {
+        c.advance(100, 1);
+        if a_led_at.is_none() && c.leads("a").is_some() {
+            a_led_at = Some(c.now);
+        }
+    }
+    let led = a_led_at.expect("a leads once the hold is over");
+    assert!(
+        led >= restored_at + ttl,
+        "a campaigned {} ms after etcd went back, inside b's possible lease",
+        led - restored_at
+    );
+    assert!(c.leads("a").unwrap() > Epoch(2));
 }

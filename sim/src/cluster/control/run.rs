@@ -183,7 +183,7 @@ impl Cluster {
         };
         let others_replicas = (0..self.nodes.len())
             .filter(|&n| n != p)
-            .all(|n| self.nodes[n].is_replica());
+            .all(|n| !self.nodes[n].alive || self.nodes[n].is_replica());
         (cp.node(p).serving && others_replicas).then_some(p)
     }
 

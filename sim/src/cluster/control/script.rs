@@ -27,8 +27,9 @@ impl Cluster {
         cfg.control = Some(control);
         let mut c = Cluster::new(cfg);
         assert!(
-            c.run_until_true(5_000, |c| c.serving_leader().is_some_and(|p| c.primary == p)
-                && c.converged()),
+            c.run_until_true(5_000, |c| c.serving_leader().is_some_and(|p| c.primary == p
+                && c.converged()
+                && c.recorded_in_sync(p).len() == c.nodes.len())),
             "the etcd-led cluster never came up:{}",
             c.describe_controlled()
         );
@@ -41,6 +42,14 @@ impl Cluster {
             .as_ref()
             .and_then(|cp| cp.node(n).ctl.as_ref())
             .and_then(|c| c.epoch())
+    }
+
+    /// The in-sync set etcd records at leader `n`'s epoch, as its core knows it.
+    pub fn recorded_in_sync(&self, n: NodeId) -> Vec<String> {
+        self.control
+            .as_ref()
+            .and_then(|cp| cp.node(n).ctl.as_ref())
+            .map_or_else(Vec::new, |c| c.recorded_in_sync().to_vec())
     }
 
     /// Whether `n` may acknowledge anything now (its gate, on its own clock).
@@ -70,5 +79,21 @@ impl Cluster {
     /// The control plane's timing.
     pub fn control_timing(&self) -> Option<Timing> {
         self.control.as_ref().map(|cp| cp.cfg.timing)
+    }
+}
+
+impl Cluster {
+    /// Who etcd's leader key names now, at which epoch.
+    pub fn etcd_leader_now(&self) -> Option<(String, u64)> {
+        let cp = self.control.as_ref()?;
+        let kv = cp.etcd.get(&cp.keys.leader())?;
+        let record: blockrep_control::record::LeaderRecord =
+            serde_json::from_slice(&kv.value).ok()?;
+        Some((record.name, record.epoch))
+    }
+
+    /// Whether `n` is paused (SIGSTOPped) now.
+    pub fn is_paused_now(&self, n: NodeId) -> bool {
+        self.is_paused(n)
     }
 }

@@ -291,3 +291,43 @@ fn a_node_restarting_mid_promotion() {
     acked(&mut c, r);
     converge_controlled(&mut c);
 }
+
+/// The bound is real: a leader whose clock runs 30% slow (beyond the ttl/8 margin) keeps
+/// acknowledging after etcd gave its key away, and the checker says so.
+#[test]
+fn clock_drift_beyond_the_bound_is_caught() {
+    let mut c = Cluster::scripted_controlled(SyncQuorum);
+    let p = leader(&c);
+    c.set_clock_rate(p, 700_000);
+    c.settle(2 * TTL);
+    write(&mut c, p, 0, 10);
+    acked(&mut c, p);
+    c.cut_from_etcd(p);
+    keep_writing(&mut c, p, 2 * TTL);
+    assert!(
+        c.violations()
+            .iter()
+            .any(|v| v.what.contains("overlapping leases")),
+        "{:?}\n{}",
+        c.violations(),
+        tail(&c)
+    );
+}
+
+/// The random sweep in the etcd-led mode (longer: `blockrep-sim --control --seeds N`).
+#[test]
+fn random_sweep_in_the_etcd_led_mode_finds_no_violation() {
+    let mut failures = Vec::new();
+    for seed in 0..300 {
+        let mut cfg = blockrep_sim::Config::new(seed, blockrep_sim::mode_for(seed));
+        cfg.control = Some(blockrep_sim::ControlConfig::default());
+        cfg.faults.failover = 0.0;
+        if let Err(f) = blockrep_sim::run(cfg, false) {
+            failures.push(format!(
+                "seed {seed} ({}): {}\n    replay: cargo run --release -p blockrep-sim -- --control --seed {seed} --mode {}",
+                f.mode, f.violation, f.mode
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

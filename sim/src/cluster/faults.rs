@@ -46,7 +46,8 @@ impl Cluster {
                 self.restart(n);
             }
         }
-        if self.rng.random_bool(f.failover) {
+        // Under etcd, etcd decides failovers, never the coordinator.
+        if self.rng.random_bool(f.failover) && self.control.is_none() {
             self.failover();
         }
     }

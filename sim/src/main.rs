@@ -166,9 +166,14 @@ fn print_summary(seeds: u64, started: Instant, failures: u64, total: &Stats) {
         "protocol: {} writes, {} flushes acknowledged (each checked against the stores), {} failed, {} catch-ups, {} logs cut in place, {} rebuilds",
         total.writes, total.flushes_ok, total.flushes_failed, total.catch_ups, total.truncations, total.rebuilds
     );
-    if total.forced_failovers > 0 {
+    if total.lease_checked > 0 {
         println!(
-            "etcd-led: {} failovers an operator had to force in the liveness phase (no leader served)",
+            "etcd-led: {} etcd cuts, {} etcd outages, {} etcd restores from a snapshot, {} pauses; {} acknowledgements checked for lease safety; {} failovers an operator had to force in the liveness phase (no leader served)",
+            total.etcd_cuts,
+            total.etcd_outages,
+            total.etcd_restores,
+            total.pauses,
+            total.lease_checked,
             total.forced_failovers
         );
     }

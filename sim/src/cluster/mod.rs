@@ -126,6 +126,13 @@ pub struct Stats {
     pub checks: u64,
     /// Failovers the liveness phase's operator forced (etcd-led mode: no leader served).
     pub forced_failovers: u64,
+    /// The etcd-led mode's faults and checks.
+    pub etcd_cuts: u64,
+    pub etcd_outages: u64,
+    pub etcd_restores: u64,
+    pub pauses: u64,
+    /// Acknowledgements (writes, FLUSHes, reads) the lease-safety checker checked.
+    pub lease_checked: u64,
 }
 
 impl Stats {
@@ -144,6 +151,11 @@ impl Stats {
         self.rebuilds += s.rebuilds;
         self.checks += s.checks;
         self.forced_failovers += s.forced_failovers;
+        self.etcd_cuts += s.etcd_cuts;
+        self.etcd_outages += s.etcd_outages;
+        self.etcd_restores += s.etcd_restores;
+        self.pauses += s.pauses;
+        self.lease_checked += s.lease_checked;
     }
 }
 

@@ -152,6 +152,7 @@ impl Cluster {
         if let Some(cp) = self.control.as_mut() {
             cp.nodes[n].link_up = false;
         }
+        self.stats.etcd_cuts += 1;
         let name = self.nodes[n].name.clone();
         self.log(format!("fault: {name} is cut from etcd"));
     }
@@ -166,6 +167,7 @@ impl Cluster {
         if let Some(cp) = self.control.as_mut() {
             if cp.etcd_up {
                 cp.etcd_up = false;
+                self.stats.etcd_outages += 1;
                 self.log("fault: etcd is down".into());
             }
         }
@@ -201,6 +203,7 @@ impl Cluster {
             return;
         };
         cp.etcd.restore(now, &snapshot);
+        self.stats.etcd_restores += 1;
         cp.etcd_up = true;
         let before = cp.etcd.revision() - 1;
         self.log("fault: etcd restored from an older snapshot".into());

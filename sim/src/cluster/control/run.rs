@@ -88,6 +88,7 @@ impl Cluster {
                 cp.nodes[n].paused_until = Some(until);
             }
         }
+        self.stats.pauses += 1;
         let name = self.nodes[n].name.clone();
         self.log(format!("fault: {name} paused until {until}"));
     }
@@ -130,6 +131,8 @@ impl Cluster {
             }
             if let Some(p) = self.serving_leader() {
                 if self.primary == p && self.converged() {
+                    self.stats.lease_checked =
+                        self.control.as_ref().map_or(0, |cp| cp.safety.acknowledgements);
                     return self.checker.final_state(p, &self.nodes);
                 }
             }

@@ -12,8 +12,8 @@
 //! inject a fault) is the environment's part, never the protocol's.
 
 pub mod check;
-pub mod lease_safety;
 pub mod cluster;
+pub mod lease_safety;
 pub mod net;
 pub mod node;
 pub mod store;

@@ -36,14 +36,16 @@ fn an_etcd_led_cluster_elects_one_leader_and_acknowledges_through_it() {
         write(&mut c, p, 0, 20);
         acked(&mut c, p);
         for other in (0..3).filter(|&n| n != p) {
-            assert!(c.write_on(other, 1).is_none(), "a non-leader refuses writes");
+            assert!(
+                c.write_on(other, 1).is_none(),
+                "a non-leader refuses writes"
+            );
             assert_eq!(c.read_on(other, 1), None, "and reads");
         }
         assert!(c.read_on(p, 1).is_some());
         converge_controlled(&mut c);
     }
 }
-
 
 /// The control plane's TTL in the simulator (milliseconds; `ControlConfig::default`).
 const TTL: u64 = 600;
@@ -94,7 +96,10 @@ fn primary_cut_from_etcd_but_not_from_replicas() {
         c.cut_from_etcd(p);
         // It still reaches its replicas and keeps taking writes, until its deadline.
         let last_ack = keep_writing(&mut c, p, TTL).expect("acknowledged within its lease");
-        assert!(!c.acknowledges(p), "past its deadline it acknowledges nothing");
+        assert!(
+            !c.acknowledges(p),
+            "past its deadline it acknowledges nothing"
+        );
         let q = takeover(&mut c, p);
         assert!(c.leads_at(q).unwrap() > e);
         assert!(last_ack < c.now);
@@ -178,7 +183,10 @@ fn primary_paused_past_the_ttl_then_resumed() {
     acked(&mut c, q);
     // p resumes with the state it had: leader, as far as it knows.
     assert!(c.run_until_true(3 * ttl(&c), |c| !c.is_paused_now(p)));
-    assert!(!c.acknowledges(p), "a resumed leader past its deadline acknowledges nothing");
+    assert!(
+        !c.acknowledges(p),
+        "a resumed leader past its deadline acknowledges nothing"
+    );
     assert!(c.write_on(p, 1).is_none());
     assert_eq!(c.read_on(p, 1), None);
     assert_ne!(
@@ -277,7 +285,11 @@ fn a_node_restarting_mid_promotion() {
             q.is_some_and(|q| q != p && c.leads_at(q).is_none())
         })
     });
-    assert!(caught, "never saw a campaign in flight:{}", c.describe_controlled());
+    assert!(
+        caught,
+        "never saw a campaign in flight:{}",
+        c.describe_controlled()
+    );
     let (name, epoch) = c.etcd_leader_now().unwrap();
     let q = (0..3).find(|&n| c.nodes[n].name == name).unwrap();
     c.crash(q);

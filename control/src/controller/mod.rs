@@ -173,7 +173,9 @@ enum Purpose {
         members: Vec<String>,
     },
     Register,
-    InSync { members: Vec<String> },
+    InSync {
+        members: Vec<String>,
+    },
     Resign,
 }
 

@@ -497,7 +497,13 @@ fn a_new_leader_may_skip_no_member_its_campaign_recorded_in_sync() {
             let lease = c.nodes[i].lease;
             if let Some(ttl) = c.etcd.keep_alive(c.now, lease) {
                 let sent_at = c.now;
-                c.deliver(i, Event::KeepAlive { sent_at, granted_ttl: ttl });
+                c.deliver(
+                    i,
+                    Event::KeepAlive {
+                        sent_at,
+                        granted_ttl: ttl,
+                    },
+                );
             }
             let (now, local) = (c.now, c.nodes[i].local.clone());
             c.deliver(i, Event::Local { now, local });

@@ -45,7 +45,7 @@ impl Cluster {
             return;
         }
         match ev {
-            Ev::Control(ev) => self.control_event(ev),
+            Ev::Control(ev) => self.control_event(*ev),
             Ev::Tick => {
                 self.tick();
                 self.schedule(10, Ev::Tick);

@@ -42,7 +42,7 @@ pub(super) enum Ev {
     },
     Tick,
     /// The etcd-led mode's events (see `control`).
-    Control(super::control::ControlEv),
+    Control(Box<super::control::ControlEv>),
 }
 
 /// Store and network work a core asked for, which completes later.

@@ -90,7 +90,7 @@ impl Cluster {
                 ttl,
             },
             Request::Read => match self.etcd_view() {
-                Some(view) => Answer::View(view),
+                Some(view) => Answer::View(Box::new(view)),
                 None => return,
             },
         };
@@ -104,7 +104,7 @@ impl Cluster {
                 id,
                 succeeded,
                 revision,
-                view: self.etcd_view(),
+                view: self.etcd_view().map(Box::new),
             },
             other => other,
         };
@@ -127,7 +127,7 @@ impl Cluster {
             let Some(inc) = self.control.as_ref().map(|cp| cp.node(n).inc) else {
                 return;
             };
-            self.answer(n, inc, Answer::View(view.clone()));
+            self.answer(n, inc, Answer::View(Box::new(view.clone())));
         }
     }
 

@@ -133,7 +133,7 @@ pub(crate) enum Answer {
         id: TxnId,
         succeeded: bool,
         revision: i64,
-        view: Option<VolumeView>,
+        view: Option<Box<VolumeView>>,
     },
     KeepAlive {
         sent: u64,
@@ -144,7 +144,7 @@ pub(crate) enum Answer {
         lease: i64,
         ttl: u64,
     },
-    View(VolumeView),
+    View(Box<VolumeView>),
 }
 
 /// The etcd-led mode's events. `inc` is the node's incarnation (its process's life): events
@@ -260,7 +260,7 @@ impl Cluster {
             self.control_restarted(n);
         }
         self.schedule(1, Ev::Tick);
-        self.schedule(1, Ev::Control(ControlEv::EtcdTick));
+        self.schedule(1, Ev::Control(Box::new(ControlEv::EtcdTick)));
     }
 
     fn cp(&mut self) -> Option<&mut ControlPlane> {
@@ -284,7 +284,7 @@ impl Cluster {
     }
 
     fn control_schedule(&mut self, delay: u64, ev: ControlEv) {
-        self.schedule(delay, Ev::Control(ev));
+        self.schedule(delay, Ev::Control(Box::new(ev)));
     }
 
     /// A node's process (re)starts: a new core, no lease yet, a tick and a renewal at once.
@@ -342,16 +342,25 @@ impl Cluster {
         let node = match ev {
             Ev::Deliver {
                 conn, to_replica, ..
-            } => Some(if *to_replica { conn.replica } else { conn.primary }),
+            } => Some(if *to_replica {
+                conn.replica
+            } else {
+                conn.primary
+            }),
             Ev::ConnectDone { conn, .. } => Some(conn.primary),
-            Ev::Closed { conn, tell_replica } => {
-                Some(if *tell_replica { conn.replica } else { conn.primary })
-            }
+            Ev::Closed { conn, tell_replica } => Some(if *tell_replica {
+                conn.replica
+            } else {
+                conn.primary
+            }),
             Ev::Done { node, .. } => Some(*node),
-            Ev::Control(ControlEv::Tick { node, .. })
-            | Ev::Control(ControlEv::Renew { node, .. })
-            | Ev::Control(ControlEv::Answer { node, .. })
-            | Ev::Control(ControlEv::TxnTimeout { node, .. }) => Some(*node),
+            Ev::Control(ev) => match &**ev {
+                ControlEv::Tick { node, .. }
+                | ControlEv::Renew { node, .. }
+                | ControlEv::Answer { node, .. }
+                | ControlEv::TxnTimeout { node, .. } => Some(*node),
+                _ => None,
+            },
             _ => None,
         }?;
         cp.node(node).paused_until.filter(|t| *t > self.now)
@@ -366,7 +375,9 @@ impl Cluster {
                 self.answered(node, answer)
             }
             ControlEv::TxnTimeout { node, inc, id } if self.current(node, inc) => {
-                let gave_up = self.cp().is_some_and(|cp| cp.nodes[node].outstanding.remove(&id));
+                let gave_up = self
+                    .cp()
+                    .is_some_and(|cp| cp.nodes[node].outstanding.remove(&id));
                 if gave_up {
                     let now = self.local_now(node);
                     self.feed(
@@ -436,7 +447,10 @@ impl Cluster {
             }
             Action::InSyncRecorded { members } => {
                 let name = self.nodes[n].name.clone();
-                self.log(format!("etcd: {name} recorded in sync [{}]", members.join(" ")));
+                self.log(format!(
+                    "etcd: {name} recorded in sync [{}]",
+                    members.join(" ")
+                ));
                 self.release_parked(n);
             }
             // The simulated primary replicates to every other node already.
@@ -520,7 +534,10 @@ impl Cluster {
                 revision,
                 view,
             } => {
-                if !self.cp().is_some_and(|cp| cp.nodes[n].outstanding.remove(&id)) {
+                if !self
+                    .cp()
+                    .is_some_and(|cp| cp.nodes[n].outstanding.remove(&id))
+                {
                     return;
                 }
                 self.feed(
@@ -533,7 +550,7 @@ impl Cluster {
                     },
                 );
                 if let Some(view) = view {
-                    self.feed(n, Event::View { now, view });
+                    self.feed(n, Event::View { now, view: *view });
                 }
             }
             Answer::KeepAlive { sent, ttl } => {
@@ -562,7 +579,7 @@ impl Cluster {
                     },
                 );
             }
-            Answer::View(view) => self.feed(n, Event::View { now, view }),
+            Answer::View(view) => self.feed(n, Event::View { now, view: *view }),
         }
     }
 
@@ -716,7 +733,9 @@ impl Cluster {
         }
         let value = self.value(n, block).unwrap_or(0);
         let now = self.now;
-        let v = self.cp().and_then(|cp| cp.safety.read(n, block, value, now));
+        let v = self
+            .cp()
+            .and_then(|cp| cp.safety.read(n, block, value, now));
         self.fail_on(v);
         Some(value)
     }

@@ -131,8 +131,10 @@ impl Cluster {
             }
             if let Some(p) = self.serving_leader() {
                 if self.primary == p && self.converged() {
-                    self.stats.lease_checked =
-                        self.control.as_ref().map_or(0, |cp| cp.safety.acknowledgements);
+                    self.stats.lease_checked = self
+                        .control
+                        .as_ref()
+                        .map_or(0, |cp| cp.safety.acknowledgements);
                     return self.checker.final_state(p, &self.nodes);
                 }
             }
@@ -170,7 +172,9 @@ impl Cluster {
         };
         let name = self.nodes[to].name.clone();
         self.stats.forced_failovers += 1;
-        self.log(format!("operator: blockrep ctl failover --to {name} --force"));
+        self.log(format!(
+            "operator: blockrep ctl failover --to {name} --force"
+        ));
         self.request_failover(&name, true);
     }
 
@@ -193,7 +197,11 @@ impl Cluster {
     pub fn describe_controlled(&self) -> String {
         let mut out = self.describe();
         if let Some(cp) = &self.control {
-            out.push_str(&format!("\n  etcd up={} revision {}", cp.etcd_up, cp.etcd.revision()));
+            out.push_str(&format!(
+                "\n  etcd up={} revision {}",
+                cp.etcd_up,
+                cp.etcd.revision()
+            ));
             for (i, c) in cp.nodes.iter().enumerate() {
                 let now = self.local_now(i);
                 let ctl = c.ctl.as_ref();

@@ -27,9 +27,11 @@ impl Cluster {
         cfg.control = Some(control);
         let mut c = Cluster::new(cfg);
         assert!(
-            c.run_until_true(5_000, |c| c.serving_leader().is_some_and(|p| c.primary == p
-                && c.converged()
-                && c.recorded_in_sync(p).len() == c.nodes.len())),
+            c.run_until_true(5_000, |c| c
+                .serving_leader()
+                .is_some_and(|p| c.primary == p
+                    && c.converged()
+                    && c.recorded_in_sync(p).len() == c.nodes.len())),
             "the etcd-led cluster never came up:{}",
             c.describe_controlled()
         );

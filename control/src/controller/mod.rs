@@ -397,41 +397,6 @@ impl Controller {
         out
     }
 
-    /// An etcd restored from an older snapshot forgets epochs: its counter and leader key fall
-    /// below one this node saw there before, or below one its store or a member's holds
-    /// (stores take epochs only from etcd's counter). A leader etcd forgot may still be
-    /// inside its lease deadline, which etcd no longer bounds: nobody may campaign until a
-    /// whole TTL has passed on this node's clock (the deadline is at most a TTL minus the
-    /// margin after etcd last heard that leader, which was before the restore).
-    fn notice_etcd_going_back(&mut self, now: Millis, view: &VolumeView) {
-        let recorded = Epoch(
-            view.epoch_counter
-                .as_ref()
-                .map_or(0, |c| c.value)
-                .max(view.leader.as_ref().map_or(0, |l| l.value.epoch)),
-        );
-        let stores = view
-            .members
-            .values()
-            .map(|m| m.epoch())
-            .chain(self.local.as_ref().map(|l| l.epoch))
-            .max()
-            .unwrap_or(Epoch(0));
-        let behind = recorded < self.etcd_epoch_seen.max(stores);
-        // One hold per time etcd goes back: it stays behind until a campaign takes an epoch
-        // above every one seen, which the hold must not keep from happening.
-        if behind && !self.etcd_behind {
-            self.campaign_hold_until = Some(now.saturating_add(self.cfg.timing.ttl));
-        }
-        self.etcd_behind = behind;
-        self.etcd_epoch_seen = self.etcd_epoch_seen.max(recorded);
-    }
-
-    /// Whether a campaign is held back now (see [`Controller::notice_etcd_going_back`]).
-    fn campaign_held(&self, now: Millis) -> bool {
-        self.campaign_hold_until.is_some_and(|t| now < t)
-    }
-
     fn txn(&mut self, purpose: Purpose, txn: Txn, out: &mut Vec<Action>) {
         let id = TxnId(self.next_txn);
         self.next_txn += 1;
@@ -669,57 +634,6 @@ impl Controller {
         self.record_in_sync(view, &lead, out);
     }
 
-    /// Brings etcd's in-sync set in line with what replication counts: this leader, plus the
-    /// replicas it counts. Recorded first, acted on after (see [`Action::InSyncRecorded`]).
-    fn record_in_sync(&mut self, view: &VolumeView, lead: &Leadership, out: &mut Vec<Action>) {
-        let Some(counted) = &lead.counted else {
-            return;
-        };
-        if self.busy(Kind::InSync) {
-            return;
-        }
-        let mut members: Vec<String> = std::iter::once(self.cfg.name.clone())
-            .chain(counted.iter().filter(|n| **n != self.cfg.name).cloned())
-            .collect();
-        members.sort();
-        members.dedup();
-        let current = view.insync.as_ref();
-        let recorded_here = current.filter(|s| s.value.epoch == lead.epoch.0);
-        if let Some(set) = recorded_here {
-            let mut have = set.value.members.clone();
-            have.sort();
-            if have == members {
-                if lead.recorded != members {
-                    if let Some(l) = &mut self.leading {
-                        l.recorded = members.clone();
-                    }
-                    out.push(Action::InSyncRecorded { members });
-                }
-                return;
-            }
-        }
-        let set = InSync {
-            epoch: lead.epoch.0,
-            leader: self.cfg.name.clone(),
-            members: members.clone(),
-        };
-        let guard = match current {
-            Some(s) => Compare::ModRevision(self.keys.insync(), s.mod_revision),
-            None => Compare::Absent(self.keys.insync()),
-        };
-        let txn = Txn::default()
-            .when(Compare::Value(
-                self.keys.leader(),
-                encode(&LeaderRecord {
-                    name: self.cfg.name.clone(),
-                    epoch: lead.epoch.0,
-                }),
-            ))
-            .when(guard)
-            .put(self.keys.insync(), encode(&set));
-        self.txn(Purpose::InSync { members }, txn, out);
-    }
-
     fn follow_or_campaign(
         &mut self,
         now: Millis,
@@ -855,5 +769,7 @@ impl Controller {
     }
 }
 
+mod insync;
+mod restore;
 #[cfg(test)]
 mod tests;

@@ -82,6 +82,7 @@ impl Cluster {
             }
             Request::KeepAlive { sent, lease } => Answer::KeepAlive {
                 sent,
+                lease,
                 ttl: cp.etcd.keep_alive(now, lease).unwrap_or(0),
             },
             Request::Grant { sent } => Answer::Granted {

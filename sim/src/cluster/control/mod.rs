@@ -13,10 +13,11 @@
 //! records in sync may be skipped). `lease_safety` checks what leases promise on the one true
 //! clock.
 //!
-//! `etcd` is etcd's side of the links, `run` the random history, the client and the
-//! liveness phase, `script` what scenario tests place by hand.
+//! `etcd` is etcd's side of the links, `gate` the acknowledgement gate, `run` the random
+//! history, the client and the liveness phase, `script` what scenario tests place by hand.
 
 mod etcd;
+mod gate;
 mod run;
 mod script;
 
@@ -32,7 +33,7 @@ use blockrep_storage::Epoch;
 use rand::RngExt;
 
 use super::queue::Ev;
-use super::{Cluster, FlushOutcome};
+use super::Cluster;
 use crate::lease_safety::LeaseSafety;
 use crate::net::NodeId;
 use crate::store::BLOCK;
@@ -137,6 +138,7 @@ pub(crate) enum Answer {
     },
     KeepAlive {
         sent: u64,
+        lease: i64,
         ttl: u64,
     },
     Granted {
@@ -553,11 +555,14 @@ impl Cluster {
                     self.feed(n, Event::View { now, view: *view });
                 }
             }
-            Answer::KeepAlive { sent, ttl } => {
+            Answer::KeepAlive { sent, lease, ttl } => {
+                // An answer about a lease this process no longer holds says nothing of its
+                // own.
+                let Some(cp) = self.cp().filter(|cp| cp.nodes[n].lease == Some(lease)) else {
+                    return;
+                };
                 if ttl == 0 {
-                    if let Some(cp) = self.cp() {
-                        cp.nodes[n].lease = None;
-                    }
+                    cp.nodes[n].lease = None;
                 }
                 self.feed(
                     n,
@@ -568,9 +573,12 @@ impl Cluster {
                 );
             }
             Answer::Granted { sent, lease, ttl } => {
-                if let Some(cp) = self.cp() {
-                    cp.nodes[n].lease = Some(lease);
-                }
+                // Never a second lease under a live one: keys bound to the first would expire
+                // while the deadline followed the second. The spare one expires unused.
+                let Some(cp) = self.cp().filter(|cp| cp.nodes[n].lease.is_none()) else {
+                    return;
+                };
+                cp.nodes[n].lease = Some(lease);
                 self.feed(
                     n,
                     Event::KeepAlive {
@@ -637,106 +645,5 @@ impl Cluster {
         let (inc, tick) = (cp.nodes[n].inc, cp.cfg.tick);
         let d = self.true_delay(n, tick);
         self.control_schedule(d, ControlEv::Tick { node: n, inc });
-    }
-
-    // ---- the gate --------------------------------------------------------------------
-
-    /// Whether node `n` may send an acknowledgement now: it serves as etcd's leader and its
-    /// core says its lease holds, on its own clock. Always, outside the etcd-led mode.
-    pub(super) fn may_acknowledge(&self, n: NodeId) -> bool {
-        let Some(cp) = &self.control else {
-            return true;
-        };
-        let c = cp.node(n);
-        let now = self.local_now(n);
-        self.nodes[n].alive
-            && !self.is_paused(n)
-            && c.serving
-            && c.ctl.as_ref().is_some_and(|ctl| ctl.may_acknowledge(now))
-    }
-
-    /// Whether primary `n` may acknowledge a FLUSH that skips whom it skips: no member etcd
-    /// records in sync at its epoch is missing from what its replication counts.
-    fn in_sync_rule_holds(&self, n: NodeId) -> bool {
-        let Some(ctl) = self.control.as_ref().and_then(|cp| cp.node(n).ctl.as_ref()) else {
-            return true;
-        };
-        let counted = self.counted_in_sync(n);
-        let me = &self.nodes[n].name;
-        ctl.recorded_in_sync()
-            .iter()
-            .all(|m| m == me || counted.contains(m))
-    }
-
-    /// The replication core finished flush `id` on `p`: whether to acknowledge it now. Fails
-    /// it past the lease, parks it while the in-sync rule holds it back.
-    pub(super) fn flush_gate(&mut self, p: NodeId, id: u64) -> bool {
-        if self.control.is_none() {
-            return true;
-        }
-        if !self.may_acknowledge(p) {
-            self.withhold_flush(p, id);
-            return false;
-        }
-        if !self.in_sync_rule_holds(p) {
-            if let Some(cp) = self.cp() {
-                cp.nodes[p].parked.push(id);
-            }
-            return false;
-        }
-        let now = self.now;
-        let v = self.cp().and_then(|cp| cp.safety.acknowledged(p, now));
-        self.fail_on(v);
-        true
-    }
-
-    fn withhold_flush(&mut self, p: NodeId, id: u64) {
-        if let Some(pn) = self.nodes[p].primary_mut() {
-            pn.barriers.remove(&id);
-        }
-        self.outcomes
-            .insert(id, FlushOutcome::Failed("lease".to_string()));
-        self.stats.flushes_failed += 1;
-        let name = self.nodes[p].name.clone();
-        self.log(format!("flush withheld by {name}: no lease"));
-    }
-
-    /// Acknowledges parked flushes the in-sync rule now lets through.
-    fn release_parked(&mut self, p: NodeId) {
-        let parked = match self.cp() {
-            Some(cp) if !cp.nodes[p].parked.is_empty() => std::mem::take(&mut cp.nodes[p].parked),
-            _ => return,
-        };
-        for id in parked {
-            if self.flush_gate(p, id) {
-                self.acknowledge_barrier(p, id);
-            }
-        }
-    }
-
-    /// The client's write to `block` was acknowledged by `n`.
-    pub(super) fn write_acknowledged(&mut self, n: NodeId, block: u64, value: u64) {
-        let now = self.now;
-        let v = self
-            .cp()
-            .and_then(|cp| cp.safety.wrote(n, block, value, now));
-        self.fail_on(v);
-    }
-
-    /// A client read of `block` on node `n`, if it serves as a primary and may acknowledge.
-    pub fn read_on(&mut self, n: NodeId, block: u64) -> Option<u64> {
-        let serving = self.nodes[n]
-            .primary()
-            .is_some_and(|pn| pn.core.fenced().is_none());
-        if !self.nodes[n].alive || !serving || !self.may_acknowledge(n) {
-            return None;
-        }
-        let value = self.value(n, block).unwrap_or(0);
-        let now = self.now;
-        let v = self
-            .cp()
-            .and_then(|cp| cp.safety.read(n, block, value, now));
-        self.fail_on(v);
-        Some(value)
     }
 }

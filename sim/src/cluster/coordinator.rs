@@ -62,20 +62,20 @@ impl Cluster {
 
     /// `blockrep serve` on a replica's store: probe the reachable members, apply the rule.
     pub fn promote(&mut self, c: NodeId) -> bool {
-        self.promote_at(c, None)
+        self.promote_at(c, None, false)
     }
 
     /// As [`Cluster::promote`], at exactly epoch `at` if given (the one an etcd campaign
-    /// took): refused when a member has already seen that epoch or a later one.
-    pub(super) fn promote_at(&mut self, c: NodeId, at: Option<Epoch>) -> bool {
+    /// took): refused when a member has already seen that epoch or a later one. `force`: the
+    /// rule's refusals are overridden (an operator's `failover --force`).
+    pub(super) fn promote_at(&mut self, c: NodeId, at: Option<Epoch>, force: bool) -> bool {
         let me = self.facts(c);
         let name = self.nodes[c].name.clone();
         // First a look that disturbs nobody, as `serve` does.
         let members: Vec<promotion::Facts> =
             self.members(c).into_iter().map(|i| self.facts(i)).collect();
-        if let Err(why) = promotion::check(&me, &members, self.nodes.len() - 1, self.cfg.mode) {
-            self.stats.refused_promotions += 1;
-            self.log(format!("promotion of {name} refused: {why}"));
+        let verdict = promotion::check(&me, &members, self.nodes.len() - 1, self.cfg.mode);
+        if !self.rule_allows(&name, verdict, force, "") {
             return false;
         }
         let above_all = promotion::next_epoch(&me, &members);
@@ -96,9 +96,8 @@ impl Cluster {
                 fenced.push(f);
             }
         }
-        if let Err(why) = promotion::check(&me, &fenced, self.nodes.len() - 1, self.cfg.mode) {
-            self.stats.refused_promotions += 1;
-            self.log(format!("promotion of {name} refused after fencing: {why}"));
+        let verdict = promotion::check(&me, &fenced, self.nodes.len() - 1, self.cfg.mode);
+        if !self.rule_allows(&name, verdict, force, " after fencing") {
             self.max_epoch = self.max_epoch.max(epoch);
             return false;
         }
@@ -108,6 +107,29 @@ impl Cluster {
         self.nodes[c].role = None;
         self.start_primary(c, epoch);
         true
+    }
+
+    /// Whether the promotion rule's verdict lets `name` take over (`force` overrides a
+    /// refusal, which is then logged as a forced promotion).
+    fn rule_allows(
+        &mut self,
+        name: &str,
+        verdict: Result<(), String>,
+        force: bool,
+        when: &str,
+    ) -> bool {
+        match verdict {
+            Ok(()) => true,
+            Err(why) if force => {
+                self.log(format!("forced promotion of {name}{when}: {why}"));
+                true
+            }
+            Err(why) => {
+                self.stats.refused_promotions += 1;
+                self.log(format!("promotion of {name} refused{when}: {why}"));
+                false
+            }
+        }
     }
 
     pub(super) fn facts(&self, i: NodeId) -> promotion::Facts {

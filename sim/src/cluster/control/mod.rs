@@ -198,7 +198,15 @@ pub(crate) struct ControlNode {
     serving: bool,
     /// The highest epoch a member answered a promotion's probe with.
     epoch_seen: Epoch,
+    /// A refused promotion is tried again from this time on.
+    next_promotion: u64,
+    /// The leadership comes from an operator's forced failover: the rule's refusals are
+    /// overridden, as `serve --force` does.
+    forced: bool,
 }
+
+/// How long a leader whose promotion was refused waits before it tries again (true ms).
+const PROMOTION_RETRY: u64 = 50;
 
 pub(crate) struct ControlPlane {
     cfg: ControlConfig,
@@ -244,6 +252,8 @@ impl Cluster {
                     leading: None,
                     serving: false,
                     epoch_seen: Epoch(0),
+                    next_promotion: 0,
+                    forced: false,
                 }
             })
             .collect();
@@ -430,11 +440,12 @@ impl Cluster {
                 let d = self.true_delay(n, retry);
                 self.control_schedule(d, ControlEv::TxnTimeout { node: n, inc, id });
             }
-            Action::Lead { epoch, .. } => {
+            Action::Lead { epoch, force, .. } => {
                 let name = self.nodes[n].name.clone();
                 self.log(format!("etcd: {name} leads at epoch {epoch}"));
                 if let Some(cp) = self.cp() {
                     cp.nodes[n].leading = Some(epoch);
+                    cp.nodes[n].forced = force;
                 }
                 self.try_serve(n);
             }
@@ -469,10 +480,10 @@ impl Cluster {
         let (Some(epoch), false) = (c.leading, c.serving) else {
             return;
         };
-        if !self.nodes[n].alive || self.is_paused(n) {
+        if !self.nodes[n].alive || self.is_paused(n) || self.now < c.next_promotion {
             return;
         }
-        if self.promote_at(n, Some(epoch)) {
+        if self.promote_at(n, Some(epoch), c.forced) {
             self.stats.failovers += 1;
             let now = self.now;
             if let Some(cp) = self.cp() {
@@ -490,9 +501,11 @@ impl Cluster {
             .map(|i| self.facts(i).epoch)
             .max()
             .unwrap_or(Epoch(0));
+        let now = self.now;
         if let Some(cp) = self.cp() {
             let c = &mut cp.nodes[n];
             c.epoch_seen = c.epoch_seen.max(seen);
+            c.next_promotion = now + PROMOTION_RETRY;
         }
     }
 

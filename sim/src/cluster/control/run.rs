@@ -160,6 +160,7 @@ impl Cluster {
         });
         let mode = self.cfg.mode;
         let configured = self.nodes.len() - 1;
+        let candidates_first = candidates.first().copied();
         let accepted = candidates.into_iter().find(|&c| {
             let members: Vec<_> = (0..self.nodes.len())
                 .filter(|&i| i != c && self.nodes[i].alive)
@@ -167,7 +168,16 @@ impl Cluster {
                 .collect();
             promotion::check(&self.facts(c), &members, configured, mode).is_ok()
         });
-        let Some(to) = accepted else {
+        // Under best-effort the rule can refuse everyone (a longer log of an older epoch
+        // here, a shorter one of the newest epoch there): the operator forces the most
+        // complete copy, as best-effort promises nothing across a failover anyway. Under the
+        // other modes a forced promotion could lose an acknowledged FLUSH: never.
+        let forced = || {
+            (mode == blockrep_replication::core::CommitMode::BestEffort)
+                .then_some(candidates_first)
+                .flatten()
+        };
+        let Some(to) = accepted.or_else(forced) else {
             return;
         };
         let name = self.nodes[to].name.clone();

@@ -17,6 +17,7 @@ pub mod controller;
 pub mod keys;
 pub mod lease;
 pub mod mem_etcd;
+pub mod mutants;
 pub mod rank;
 pub mod record;
 pub mod txn;

@@ -162,6 +162,14 @@ impl MemEtcd {
         Ok((true, rev))
     }
 
+    /// etcd came back after being down: like a new etcd leader, it gives every lease its full
+    /// TTL again from `now`, so no lease expires for the time nobody could renew it.
+    pub fn refresh_leases(&mut self, now: Millis) {
+        for (ttl, expiry) in self.leases.values_mut() {
+            *expiry = now.saturating_add(*ttl);
+        }
+    }
+
     /// A snapshot to restore later (an etcd restored from a backup). Restoring keeps the
     /// revision moving forward, as `etcdutl snapshot restore --bump-revision` does, and
     /// restored leases get their full TTL again from `now`.

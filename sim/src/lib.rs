@@ -13,6 +13,7 @@
 
 pub mod check;
 pub mod cluster;
+pub mod lease_safety;
 pub mod net;
 pub mod node;
 pub mod store;
@@ -20,7 +21,7 @@ pub mod store;
 use blockrep_replication::core::CommitMode;
 
 pub use check::Violation;
-pub use cluster::{Cluster, Config, Faults, FlushOutcome, Stats};
+pub use cluster::{Cluster, Config, ControlConfig, ControlFaults, Faults, FlushOutcome, Stats};
 
 /// What a failing seed reports.
 #[derive(Debug, Clone)]
@@ -44,6 +45,12 @@ pub fn run(cfg: Config, verbose: bool) -> Result<Stats, Failure> {
         violation: v,
         trace: c.trace.clone(),
     };
+    if c.cfg.control.is_some() {
+        return match c.run_controlled(steps) {
+            Ok(()) => Ok(c.stats.clone()),
+            Err(v) => Err(fail(&c, v)),
+        };
+    }
     c.run_until(30);
     for _ in 0..steps {
         c.client_step(0.1);

@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use blockrep_replication::core::CommitMode;
-use blockrep_sim::{mode_for, run, Config, Failure, Faults, Stats};
+use blockrep_sim::{mode_for, run, Config, ControlConfig, ControlFaults, Failure, Faults, Stats};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -34,6 +34,11 @@ struct Args {
     /// the first seed that catches it.
     #[arg(long)]
     mutant: Option<String>,
+    /// The etcd-led mode: an etcd in memory and the control-plane core on every node decide
+    /// who leads, under the control plane's faults too (etcd cut, down, restored; pauses;
+    /// clock drift).
+    #[arg(long)]
+    control: bool,
 }
 
 fn config(args: &Args, seed: u64) -> Config {
@@ -51,7 +56,20 @@ fn config(args: &Args, seed: u64) -> Config {
     } else {
         Faults::all()
     };
+    if args.control {
+        cfg.control = Some(controlled(args));
+        // etcd decides failovers in this mode, never the coordinator.
+        cfg.faults.failover = 0.0;
+    }
     cfg
+}
+
+fn controlled(args: &Args) -> ControlConfig {
+    let mut control = ControlConfig::default();
+    if args.faults == "none" {
+        control.faults = ControlFaults::none();
+    }
+    control
 }
 
 fn main() {
@@ -125,8 +143,12 @@ fn print_failure(args: &Args, f: &Failure) {
         println!("    {line}");
     }
     println!(
-        "    replay: cargo run --release -p blockrep-sim -- --seed {} --mode {} --faults {} --steps {}",
-        f.seed, f.mode, args.faults, args.steps
+        "    replay: cargo run --release -p blockrep-sim -- --seed {} --mode {} --faults {} --steps {}{}",
+        f.seed,
+        f.mode,
+        args.faults,
+        args.steps,
+        if args.control { " --control" } else { "" }
     );
 }
 
@@ -144,6 +166,17 @@ fn print_summary(seeds: u64, started: Instant, failures: u64, total: &Stats) {
         "protocol: {} writes, {} flushes acknowledged (each checked against the stores), {} failed, {} catch-ups, {} logs cut in place, {} rebuilds",
         total.writes, total.flushes_ok, total.flushes_failed, total.catch_ups, total.truncations, total.rebuilds
     );
+    if total.lease_checked > 0 {
+        println!(
+            "etcd-led: {} etcd cuts, {} etcd outages, {} etcd restores from a snapshot, {} pauses; {} acknowledgements checked for lease safety; {} failovers an operator had to force in the liveness phase (no leader served)",
+            total.etcd_cuts,
+            total.etcd_outages,
+            total.etcd_restores,
+            total.pauses,
+            total.lease_checked,
+            total.forced_failovers
+        );
+    }
 }
 
 /// The progress bar on stderr, redrawn in place with a carriage return: shown only when
@@ -191,11 +224,20 @@ impl Progress {
 
 #[cfg(feature = "mutants")]
 fn switch_on(name: &str) {
+    use blockrep_control::mutants as control;
     use blockrep_replication::mutants::{set, Mutant};
+    if let Some(m) = control::Mutant::from_name(name) {
+        control::set(Some(m));
+        return;
+    }
     match Mutant::from_name(name) {
         Some(m) => set(Some(m)),
         None => {
-            let names: Vec<&str> = Mutant::ALL.iter().map(|m| m.name()).collect();
+            let names: Vec<&str> = Mutant::ALL
+                .iter()
+                .map(|m| m.name())
+                .chain(control::Mutant::ALL.iter().map(|m| m.name()))
+                .collect();
             eprintln!("unknown mutant {name}; one of: {}", names.join(", "));
             std::process::exit(2)
         }

@@ -21,3 +21,20 @@ fn a_sweep_off_a_terminal_prints_the_summary_without_a_progress_line() {
     );
     assert!(stderr.is_empty(), "{stderr:?}");
 }
+
+/// `--control`: the etcd-led mode's sweep, whose summary adds its own faults and checks.
+#[test]
+fn a_sweep_in_the_etcd_led_mode_reports_its_faults_and_lease_checks() {
+    let out = Command::new(env!("CARGO_BIN_EXE_blockrep-sim"))
+        .args(["--control", "--seeds", "20", "--steps", "100"])
+        .output()
+        .expect("run blockrep-sim");
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("20 histories in "), "{stdout}");
+    assert!(stdout.contains(", 0 failing"), "{stdout}");
+    assert!(
+        stdout.contains("acknowledgements checked for lease safety"),
+        "{stdout}"
+    );
+}

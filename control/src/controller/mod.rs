@@ -166,9 +166,16 @@ impl FenceReason {
 #[derive(Debug, Clone)]
 enum Purpose {
     Initialise,
-    Campaign { epoch: Epoch, force: bool },
+    /// `members`: the in-sync set the campaign writes at its epoch.
+    Campaign {
+        epoch: Epoch,
+        force: bool,
+        members: Vec<String>,
+    },
     Register,
-    InSync { members: Vec<String> },
+    InSync {
+        members: Vec<String>,
+    },
     Resign,
 }
 
@@ -237,6 +244,13 @@ pub struct Controller {
     published: Option<(MemberRecord, Millis)>,
     following: Option<(String, Epoch)>,
     stopping: bool,
+    /// The highest epoch etcd's counter or leader key ever showed this node.
+    etcd_epoch_seen: Epoch,
+    /// No campaign before this time: etcd went back in time (restored from an older
+    /// snapshot), so a leader it forgot may still be inside its lease deadline.
+    campaign_hold_until: Option<Millis>,
+    /// etcd's last view was behind (see `campaign_hold_until`).
+    etcd_behind: bool,
 }
 
 impl Controller {
@@ -256,6 +270,9 @@ impl Controller {
             published: None,
             following: None,
             stopping: false,
+            etcd_epoch_seen: Epoch(0),
+            campaign_hold_until: None,
+            etcd_behind: false,
         }
     }
 
@@ -273,7 +290,11 @@ impl Controller {
         let Some(lead) = &self.leading else {
             return false;
         };
-        self.lease.holds(now) || (self.cfg.failsafe && lead.failsafe_until.is_some_and(|t| now < t))
+        let deadline_ignored =
+            crate::mutants::active(crate::mutants::Mutant::AcknowledgeAfterLeaseDeadline);
+        self.lease.holds(now)
+            || deadline_ignored
+            || (self.cfg.failsafe && lead.failsafe_until.is_some_and(|t| now < t))
     }
 
     /// Whether it is leading on the failsafe rule alone (its lease deadline has passed).
@@ -319,6 +340,7 @@ impl Controller {
         }
         let now = match event {
             Event::View { now, view } => {
+                self.notice_etcd_going_back(now, &view);
                 self.view = Some(view);
                 now
             }
@@ -399,14 +421,20 @@ impl Controller {
                 .insert(purpose.kind(), self.now.saturating_add(pause));
         }
         match purpose {
-            Purpose::Campaign { epoch, force } if succeeded => {
+            Purpose::Campaign {
+                epoch,
+                force,
+                members,
+            } if succeeded => {
                 let replicas = self.other_members();
                 self.following = None;
                 self.leading = Some(Leadership {
                     epoch,
                     since_revision: revision,
                     replicas: replicas.clone(),
-                    recorded: Vec::new(),
+                    // What etcd records from the campaign on: a replica in it was never
+                    // removed, so nothing may skip it yet.
+                    recorded: members,
                     counted: None,
                     failsafe_until: None,
                 });
@@ -606,57 +634,6 @@ impl Controller {
         self.record_in_sync(view, &lead, out);
     }
 
-    /// Brings etcd's in-sync set in line with what replication counts: this leader, plus the
-    /// replicas it counts. Recorded first, acted on after (see [`Action::InSyncRecorded`]).
-    fn record_in_sync(&mut self, view: &VolumeView, lead: &Leadership, out: &mut Vec<Action>) {
-        let Some(counted) = &lead.counted else {
-            return;
-        };
-        if self.busy(Kind::InSync) {
-            return;
-        }
-        let mut members: Vec<String> = std::iter::once(self.cfg.name.clone())
-            .chain(counted.iter().filter(|n| **n != self.cfg.name).cloned())
-            .collect();
-        members.sort();
-        members.dedup();
-        let current = view.insync.as_ref();
-        let recorded_here = current.filter(|s| s.value.epoch == lead.epoch.0);
-        if let Some(set) = recorded_here {
-            let mut have = set.value.members.clone();
-            have.sort();
-            if have == members {
-                if lead.recorded != members {
-                    if let Some(l) = &mut self.leading {
-                        l.recorded = members.clone();
-                    }
-                    out.push(Action::InSyncRecorded { members });
-                }
-                return;
-            }
-        }
-        let set = InSync {
-            epoch: lead.epoch.0,
-            leader: self.cfg.name.clone(),
-            members: members.clone(),
-        };
-        let guard = match current {
-            Some(s) => Compare::ModRevision(self.keys.insync(), s.mod_revision),
-            None => Compare::Absent(self.keys.insync()),
-        };
-        let txn = Txn::default()
-            .when(Compare::Value(
-                self.keys.leader(),
-                encode(&LeaderRecord {
-                    name: self.cfg.name.clone(),
-                    epoch: lead.epoch.0,
-                }),
-            ))
-            .when(guard)
-            .put(self.keys.insync(), encode(&set));
-        self.txn(Purpose::InSync { members }, txn, out);
-    }
-
     fn follow_or_campaign(
         &mut self,
         now: Millis,
@@ -722,7 +699,11 @@ impl Controller {
         local: &LocalState,
         out: &mut Vec<Action>,
     ) {
-        if self.stopping || !self.lease.holds(now) || self.busy(Kind::Campaign) {
+        if self.stopping
+            || !self.lease.holds(now)
+            || self.busy(Kind::Campaign)
+            || self.campaign_held(now)
+        {
             return;
         }
         let Some(force) = self.should_campaign(view) else {
@@ -745,7 +726,7 @@ impl Controller {
         let set = InSync {
             epoch: epoch.0,
             leader: self.cfg.name.clone(),
-            members,
+            members: members.clone(),
         };
         let history = HistoryEntry {
             epoch: epoch.0,
@@ -776,9 +757,19 @@ impl Controller {
                 ))
                 .delete(self.keys.switchover());
         }
-        self.txn(Purpose::Campaign { epoch, force }, txn, out);
+        self.txn(
+            Purpose::Campaign {
+                epoch,
+                force,
+                members,
+            },
+            txn,
+            out,
+        );
     }
 }
 
+mod insync;
+mod restore;
 #[cfg(test)]
 mod tests;

@@ -321,7 +321,8 @@ fn a_new_epoch_goes_above_every_epoch_a_member_reports() {
     for n in &mut c.nodes {
         n.actions.clear();
     }
-    c.advance(100, 20);
+    // (Past the TTL a campaign waits once etcd is seen behind a store's epoch.)
+    c.advance(100, 40);
     // a, still leading at epoch 1, sees b's store at 7 and steps down; every leadership
     // taken after the restore is above 7.
     let a = c.idx("a");
@@ -471,4 +472,96 @@ fn a_stopping_leader_hands_its_key_back_at_once() {
     assert!(c.etcd.get(&c.keys.leader()).is_none());
     c.advance(100, 2);
     assert_eq!(c.leaders(), ["b"]);
+}
+
+#[test]
+fn a_new_leader_may_skip_no_member_its_campaign_recorded_in_sync() {
+    let mut c = Cluster::new(&["a", "b", "c"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 3);
+    let a = c.idx("a");
+    let now = c.now;
+    c.deliver(
+        a,
+        Event::Replication {
+            now,
+            in_sync: vec!["b".into(), "c".into()],
+        },
+    );
+    c.nodes[a].reaches_etcd = false;
+    let b = c.idx("b");
+    for _ in 0..40 {
+        c.now += 100;
+        for i in [b, c.idx("c")] {
+            let lease = c.nodes[i].lease;
+            if let Some(ttl) = c.etcd.keep_alive(c.now, lease) {
+                let sent_at = c.now;
+                c.deliver(
+                    i,
+                    Event::KeepAlive {
+                        sent_at,
+                        granted_ttl: ttl,
+                    },
+                );
+            }
+            let (now, local) = (c.now, c.nodes[i].local.clone());
+            c.deliver(i, Event::Local { now, local });
+            let view = c.view_event();
+            c.deliver(i, view);
+        }
+        if c.nodes[b].ctl.is_leader() {
+            break;
+        }
+    }
+    assert!(c.nodes[b].ctl.is_leader(), "b took over");
+    // Before replication has counted anything at b's epoch, etcd records the set b's
+    // campaign wrote (a and c included): nothing may skip them until a removal is recorded.
+    let mut recorded = c.nodes[b].ctl.recorded_in_sync().to_vec();
+    recorded.sort();
+    assert_eq!(recorded, ["a", "b", "c"]);
+}
+
+#[test]
+fn no_campaign_for_a_ttl_once_etcd_went_back_in_time() {
+    let mut c = Cluster::new(&["a", "b"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 3);
+    let backup = c.etcd.snapshot();
+    // a leads at epoch 1; cut from etcd, it is replaced by b at epoch 2.
+    let (a, b) = (c.idx("a"), c.idx("b"));
+    c.nodes[a].reaches_etcd = false;
+    assert!((0..80).any(|_| {
+        c.advance(100, 1);
+        c.leads("b").is_some()
+    }));
+    assert_eq!(c.leads("b"), Some(Epoch(2)));
+    c.adopt_volume();
+    c.advance(100, 2);
+    // etcd comes back from the backup, whose counter says 1, and whose leader key is gone
+    // (a resigned in that past): b is cut off and may still be inside its deadline, and
+    // etcd no longer knows it.
+    c.nodes[b].reaches_etcd = false;
+    c.nodes[a].reaches_etcd = true;
+    c.etcd.restore(c.now, &backup);
+    c.etcd
+        .txn(c.now, &Txn::default().delete(c.keys.leader()), None)
+        .unwrap();
+    let restored_at = c.now;
+    let ttl = c.nodes[a].ctl.timing().ttl;
+    let mut a_led_at = None;
+    for _ in 0..60 {
+        c.advance(100, 1);
+        if a_led_at.is_none() && c.leads("a").is_some() {
+            a_led_at = Some(c.now);
+        }
+    }
+    let led = a_led_at.expect("a leads once the hold is over");
+    assert!(
+        led >= restored_at + ttl,
+        "a campaigned {} ms after etcd went back, inside b's possible lease",
+        led - restored_at
+    );
+    assert!(c.leads("a").unwrap() > Epoch(2));
 }

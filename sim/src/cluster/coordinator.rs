@@ -62,18 +62,33 @@ impl Cluster {
 
     /// `blockrep serve` on a replica's store: probe the reachable members, apply the rule.
     pub fn promote(&mut self, c: NodeId) -> bool {
+        self.promote_at(c, None, false)
+    }
+
+    /// As [`Cluster::promote`], at exactly epoch `at` if given (the one an etcd campaign
+    /// took): refused when a member has already seen that epoch or a later one. `force`: the
+    /// rule's refusals are overridden (an operator's `failover --force`).
+    pub(super) fn promote_at(&mut self, c: NodeId, at: Option<Epoch>, force: bool) -> bool {
         let me = self.facts(c);
         let name = self.nodes[c].name.clone();
         // First a look that disturbs nobody, as `serve` does.
         let members: Vec<promotion::Facts> =
             self.members(c).into_iter().map(|i| self.facts(i)).collect();
-        if let Err(why) = promotion::check(&me, &members, self.nodes.len() - 1, self.cfg.mode) {
+        let verdict = promotion::check(&me, &members, self.nodes.len() - 1, self.cfg.mode);
+        if !self.rule_allows(&name, verdict, force, "") {
+            return false;
+        }
+        let above_all = promotion::next_epoch(&me, &members);
+        if at.is_some_and(|e| above_all > e) {
             self.stats.refused_promotions += 1;
-            self.log(format!("promotion of {name} refused: {why}"));
+            self.log(format!(
+                "promotion of {name} refused: a member has seen epoch {} already",
+                above_all.0 - 1
+            ));
             return false;
         }
         // Then fence the members at the new epoch and decide on what they hold after it.
-        let epoch = promotion::next_epoch(&me, &members).max(self.max_epoch.next());
+        let epoch = at.unwrap_or_else(|| above_all.max(self.max_epoch.next()));
         let owner = self.nodes[c].store.store_id;
         let mut fenced = Vec::new();
         for i in self.members(c) {
@@ -81,9 +96,8 @@ impl Cluster {
                 fenced.push(f);
             }
         }
-        if let Err(why) = promotion::check(&me, &fenced, self.nodes.len() - 1, self.cfg.mode) {
-            self.stats.refused_promotions += 1;
-            self.log(format!("promotion of {name} refused after fencing: {why}"));
+        let verdict = promotion::check(&me, &fenced, self.nodes.len() - 1, self.cfg.mode);
+        if !self.rule_allows(&name, verdict, force, " after fencing") {
             self.max_epoch = self.max_epoch.max(epoch);
             return false;
         }
@@ -95,7 +109,30 @@ impl Cluster {
         true
     }
 
-    fn facts(&self, i: NodeId) -> promotion::Facts {
+    /// Whether the promotion rule's verdict lets `name` take over (`force` overrides a
+    /// refusal, which is then logged as a forced promotion).
+    fn rule_allows(
+        &mut self,
+        name: &str,
+        verdict: Result<(), String>,
+        force: bool,
+        when: &str,
+    ) -> bool {
+        match verdict {
+            Ok(()) => true,
+            Err(why) if force => {
+                self.log(format!("forced promotion of {name}{when}: {why}"));
+                true
+            }
+            Err(why) => {
+                self.stats.refused_promotions += 1;
+                self.log(format!("promotion of {name} refused{when}: {why}"));
+                false
+            }
+        }
+    }
+
+    pub(super) fn facts(&self, i: NodeId) -> promotion::Facts {
         let s = &self.nodes[i].store;
         promotion::Facts {
             name: self.nodes[i].name.clone(),
@@ -109,7 +146,7 @@ impl Cluster {
 
     /// The nodes a promotion of `c` can probe: replicas it can reach (a primary, live or
     /// zombie, does not answer probes).
-    fn members(&self, c: NodeId) -> Vec<NodeId> {
+    pub(super) fn members(&self, c: NodeId) -> Vec<NodeId> {
         (0..self.nodes.len())
             .filter(|&i| {
                 i != c

@@ -39,7 +39,13 @@ impl Cluster {
     }
 
     fn handle(&mut self, ev: Ev) {
+        // A paused (SIGSTOPped) node's events wait for it to resume.
+        if let Some(resume) = self.held_until(&ev) {
+            self.queue.push(resume, ev);
+            return;
+        }
         match ev {
+            Ev::Control(ev) => self.control_event(*ev),
             Ev::Tick => {
                 self.tick();
                 self.schedule(10, Ev::Tick);
@@ -276,7 +282,7 @@ impl Cluster {
     fn tick(&mut self) {
         let now = self.now;
         for n in 0..self.nodes.len() {
-            if !self.nodes[n].alive {
+            if !self.nodes[n].alive || self.is_paused(n) {
                 continue;
             }
             // Stores checkpoint now and then (which also makes their entries durable).

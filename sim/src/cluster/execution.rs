@@ -186,6 +186,13 @@ impl Cluster {
 
     /// The client's flush `id` was acknowledged: the checker verifies the promise.
     fn barrier_done(&mut self, p: NodeId, id: u64) {
+        if self.flush_gate(p, id) {
+            self.acknowledge_barrier(p, id);
+        }
+    }
+
+    /// Sends the acknowledgement of flush `id` (past the etcd-led mode's gate, if on).
+    pub(super) fn acknowledge_barrier(&mut self, p: NodeId, id: u64) {
         let Some(target) = self.nodes[p]
             .primary_mut()
             .and_then(|pn| pn.barriers.remove(&id))

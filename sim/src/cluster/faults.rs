@@ -46,7 +46,8 @@ impl Cluster {
                 self.restart(n);
             }
         }
-        if self.rng.random_bool(f.failover) {
+        // Under etcd, etcd decides failovers, never the coordinator.
+        if self.rng.random_bool(f.failover) && self.control.is_none() {
             self.failover();
         }
     }
@@ -112,8 +113,9 @@ impl Cluster {
         node.alive = false;
         node.role = None;
         node.store.crash(keep);
-        let name = node.name.clone();
-        let head = node.store.head();
+        self.control_crashed(n);
+        let name = self.nodes[n].name.clone();
+        let head = self.nodes[n].store.head();
         self.log(format!(
             "fault: {name} crashes (keeps {keep} of {unsynced} unsynced; head {head})"
         ));
@@ -124,6 +126,12 @@ impl Cluster {
     /// restarted `serve` does), anything else as a replica (an old primary rejoins).
     pub fn restart(&mut self, n: NodeId) {
         if self.nodes[n].alive {
+            return;
+        }
+        if self.control.is_some() {
+            // Under etcd a restarted node is a replica until etcd makes it lead.
+            self.start_replica(n);
+            self.control_restarted(n);
             return;
         }
         if n == self.primary {

@@ -72,7 +72,7 @@ impl Cluster {
         self.write(b);
     }
 
-    fn converged(&self) -> bool {
+    pub(super) fn converged(&self) -> bool {
         let Some(pn) = self.nodes[self.primary].primary() else {
             return false;
         };

@@ -7,6 +7,7 @@
 //! performing its actions), `faults`, `coordinator` (failover and promotion), `liveness`
 //! (the convergence phase) and `script` (hand-placed scenarios).
 
+mod control;
 mod coordinator;
 mod events;
 mod execution;
@@ -30,6 +31,8 @@ use crate::node::{PrimaryNode, Role, SimNode};
 use crate::store::{Entry, SimStore, StoreRole, BLOCK, EPOCH_START};
 
 use queue::{Ev, EventQueue, Job};
+
+pub use control::{ControlConfig, ControlFaults};
 
 /// Fault rates, per step of the client (a step is one write or flush).
 #[derive(Debug, Clone)]
@@ -85,6 +88,9 @@ pub struct Config {
     pub faults: Faults,
     /// Entries the WAL may hold for a lagging replica (the retention budget, in blocks).
     pub retention_entries: u64,
+    /// The etcd-led mode: etcd (in memory) and one control-plane core per node decide who
+    /// leads; `None`, the coordinator does.
+    pub control: Option<ControlConfig>,
 }
 
 impl Config {
@@ -97,6 +103,7 @@ impl Config {
             steps: 400,
             faults: Faults::all(),
             retention_entries: 200,
+            control: None,
         }
     }
 }
@@ -117,6 +124,15 @@ pub struct Stats {
     pub truncations: u64,
     pub rebuilds: u64,
     pub checks: u64,
+    /// Failovers the liveness phase's operator forced (etcd-led mode: no leader served).
+    pub forced_failovers: u64,
+    /// The etcd-led mode's faults and checks.
+    pub etcd_cuts: u64,
+    pub etcd_outages: u64,
+    pub etcd_restores: u64,
+    pub pauses: u64,
+    /// Acknowledgements (writes, FLUSHes, reads) the lease-safety checker checked.
+    pub lease_checked: u64,
 }
 
 impl Stats {
@@ -134,6 +150,12 @@ impl Stats {
         self.truncations += s.truncations;
         self.rebuilds += s.rebuilds;
         self.checks += s.checks;
+        self.forced_failovers += s.forced_failovers;
+        self.etcd_cuts += s.etcd_cuts;
+        self.etcd_outages += s.etcd_outages;
+        self.etcd_restores += s.etcd_restores;
+        self.pauses += s.pauses;
+        self.lease_checked += s.lease_checked;
     }
 }
 
@@ -169,6 +191,8 @@ pub struct Cluster {
     next_barrier: u64,
     /// How each flush ended (absent: still pending, or dropped with its primary).
     pub outcomes: HashMap<u64, FlushOutcome>,
+    /// The etcd-led mode's state, if on.
+    control: Option<control::ControlPlane>,
 }
 
 fn id(n: u8) -> VolumeId {
@@ -207,7 +231,12 @@ impl Cluster {
             max_epoch: Epoch(0),
             next_barrier: 1,
             outcomes: HashMap::new(),
+            control: None,
         };
+        if c.cfg.control.is_some() {
+            c.start_controlled();
+            return c;
+        }
         for i in 1..c.nodes.len() {
             c.start_replica(i);
         }
@@ -282,8 +311,13 @@ impl Cluster {
     }
 
     fn start_primary(&mut self, n: NodeId, epoch: Epoch) {
-        let epoch = epoch.max(self.max_epoch.next());
-        self.max_epoch = epoch;
+        // Under etcd, the epoch is the one the campaign took, exactly.
+        let epoch = if self.control.is_some() {
+            epoch
+        } else {
+            epoch.max(self.max_epoch.next())
+        };
+        self.max_epoch = self.max_epoch.max(epoch);
         let peers = self.replica_names(n);
         let node = &mut self.nodes[n];
         node.alive = true;
@@ -382,6 +416,9 @@ impl Cluster {
     /// A client write to node `n`, if it serves as a primary (a zombie too): its LSN and the
     /// value written.
     pub fn write_on(&mut self, n: NodeId, block: u64) -> Option<(Lsn, u64)> {
+        if !self.may_acknowledge(n) {
+            return None;
+        }
         let node = &mut self.nodes[n];
         let epoch = match node.primary() {
             Some(pn) if node.alive && pn.core.fenced().is_none() => pn.core.epoch(),
@@ -402,6 +439,7 @@ impl Cluster {
                 records: vec![e.record()],
             },
         );
+        self.write_acknowledged(n, block, e.value);
         Some((e.lsn, e.value))
     }
 

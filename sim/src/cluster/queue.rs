@@ -41,6 +41,8 @@ pub(super) enum Ev {
         job: Job,
     },
     Tick,
+    /// The etcd-led mode's events (see `control`).
+    Control(Box<super::control::ControlEv>),
 }
 
 /// Store and network work a core asked for, which completes later.

@@ -219,6 +219,22 @@ pub(crate) struct ControlPlane {
     commit: String,
 }
 
+impl ControlNode {
+    /// A new process on this node (or none, after a crash): everything the old one had in
+    /// flight or believed is dropped here, in one place, and its late events are recognised
+    /// as stale by the new incarnation number.
+    fn new_incarnation(&mut self, ctl: Option<Controller>) {
+        self.ctl = ctl;
+        self.inc += 1;
+        self.lease = None;
+        self.outstanding.clear();
+        self.parked.clear();
+        self.leading = None;
+        self.serving = false;
+        self.paused_until = None;
+    }
+}
+
 impl ControlPlane {
     fn node(&self, n: NodeId) -> &ControlNode {
         &self.nodes[n]
@@ -314,14 +330,7 @@ impl Cluster {
             failsafe: false,
         };
         let c = &mut cp.nodes[n];
-        c.ctl = Some(Controller::new(cp.keys.clone(), cfg));
-        c.inc += 1;
-        c.lease = None;
-        c.outstanding.clear();
-        c.parked.clear();
-        c.leading = None;
-        c.serving = false;
-        c.paused_until = None;
+        c.new_incarnation(Some(Controller::new(cp.keys.clone(), cfg)));
         let inc = c.inc;
         self.control_schedule(1, ControlEv::Renew { node: n, inc });
         self.control_schedule(1, ControlEv::Tick { node: n, inc });
@@ -330,15 +339,7 @@ impl Cluster {
     /// Node `n` lost power: its process and everything it had in flight are gone.
     pub(super) fn control_crashed(&mut self, n: NodeId) {
         if let Some(cp) = self.cp() {
-            let c = &mut cp.nodes[n];
-            c.ctl = None;
-            c.inc += 1;
-            c.lease = None;
-            c.outstanding.clear();
-            c.parked.clear();
-            c.leading = None;
-            c.serving = false;
-            c.paused_until = None;
+            cp.nodes[n].new_incarnation(None);
         }
     }
 

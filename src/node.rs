@@ -576,16 +576,15 @@ impl ServeArgs {
     }
 }
 
-/// Starts replicating at `epoch` and waits (briefly) until every replica has answered, so a
-/// newer epoch or a replica of another volume stops this primary before it serves.
-pub(crate) async fn start_replication(
+/// Starts replicating at `epoch` to the plan's replicas, without waiting for any of them.
+pub(crate) fn spawn_replication(
     store: &Arc<Store>,
     plan: &ReplicationPlan<'_>,
     mode: CommitMode,
     epoch: Epoch,
     tls: Option<PeerTls>,
     shutdown: CancellationToken,
-) -> Result<PrimaryHandle> {
+) -> PrimaryHandle {
     let sb = store.superblock();
     let mut cfg = PrimaryConfig::new(
         sb.volume_id,
@@ -599,7 +598,33 @@ pub(crate) async fn start_replication(
     cfg.retention_bytes = sb.wal_capacity / 2;
     cfg.rebuild_rate = plan.rebuild_rate;
     let addrs: HashMap<ReplicaId, String> = plan.replicas.iter().cloned().collect();
-    let handle = driver::primary::start_with_tls(store.clone(), cfg, addrs, tls, shutdown);
+    driver::primary::start_with_tls(store.clone(), cfg, addrs, tls, shutdown)
+}
+
+/// Starts replicating at `epoch` and waits (briefly) until every replica has answered, so a
+/// newer epoch or a replica of another volume stops this primary before it serves. On a
+/// refusal the driver is stopped again.
+pub(crate) async fn start_replication(
+    store: &Arc<Store>,
+    plan: &ReplicationPlan<'_>,
+    mode: CommitMode,
+    epoch: Epoch,
+    tls: Option<PeerTls>,
+    shutdown: CancellationToken,
+) -> Result<PrimaryHandle> {
+    let handle = spawn_replication(store, plan, mode, epoch, tls, shutdown.clone());
+    let refused = settle(&handle, plan.replicas.len(), epoch).await;
+    if let Err(e) = refused {
+        shutdown.cancel();
+        handle.stopped().await;
+        return Err(e);
+    }
+    Ok(handle)
+}
+
+/// Waits up to two seconds for every replica to be past its handshake; an error if one
+/// has seen a newer epoch or refused us.
+async fn settle(handle: &PrimaryHandle, replicas: usize, epoch: Epoch) -> Result<()> {
     // Give replicas a moment to answer, so a newer epoch (or a replica of another volume)
     // stops us before we serve a single request.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -613,13 +638,13 @@ pub(crate) async fn start_replication(
         }
         // Settled: every replica has been tried and is past its handshake, one way or another.
         // (Until the driver publishes its first status there are no peers at all.)
-        let settled = status.peers.len() == plan.replicas.len()
+        let settled = status.peers.len() == replicas
             && status.peers.iter().all(|p| {
                 !matches!(p.state, PeerState::Connecting | PeerState::Handshake) && p.contacted
             });
         // Each peer's state is logged by the driver as it changes, not again here.
         if settled || tokio::time::Instant::now() >= deadline {
-            return Ok(handle);
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -25,7 +25,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::gate::AckGate;
-use crate::node::{begin_serving, promote, start_replication, Promote, ReplicationPlan};
+use crate::node::{
+    begin_serving, promote, spawn_replication, start_replication, Promote, ReplicationPlan,
+};
 use crate::observe::{NodeKind, StatusSource, VolumeMetrics};
 use crate::volume::ReplicationSlot;
 use crate::volume::StoreVolume;
@@ -298,41 +300,62 @@ impl NodeRuntime {
 
     /// As primary: replicates to `replicas` from now on. The caller orders it: a replica
     /// leaves the set only once etcd's in-sync set no longer names it (the next primary
-    /// could otherwise be one that lacks what this one acknowledged without it). A FLUSH in
-    /// flight on the old driver fails (it was not acknowledged) and the client retries it.
-    pub async fn set_replicas(&mut self, replicas: &[(String, String)]) -> Result<()> {
+    /// could otherwise be one that lacks what this one acknowledged without it). Members
+    /// change inside the running driver; only the last replica leaving (or the first
+    /// joining) stops (or starts) one, and a FLUSH in flight on a stopped driver fails (it
+    /// was not acknowledged) and the client retries it.
+    pub async fn set_replicas(&mut self, replicas: &[(String, String)]) {
         let replicas = replica_ids(replicas);
-        let Running::Primary(p) = &self.running else {
-            return Ok(());
+        let s = &self.settings;
+        let Running::Primary(p) = &mut self.running else {
+            return;
         };
         if p.replicas == replicas {
-            return Ok(());
+            return;
         }
-        let epoch = p.epoch;
-        let stop = p.stop.child_token();
-        let handle = self.replicate(epoch, &replicas, stop.clone()).await?;
-        let Running::Primary(p) = &mut self.running else {
-            stop.cancel();
-            return Ok(());
-        };
-        let old = std::mem::replace(
-            &mut *p.replication.write().unwrap_or_else(|e| e.into_inner()),
-            handle.clone(),
-        );
-        p.replication_stop.cancel();
-        p.replication_stop = stop;
         tracing::info!(
-            node = %self.settings.name,
+            node = %s.name,
             "replicating to {} now (was {})",
             names(&replicas),
             names(&p.replicas)
         );
+        let current = p
+            .replication
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let (Some(driver), false) = (&current, replicas.is_empty()) {
+            // In place: the members that stay keep their sessions and no FLUSH in flight
+            // is disturbed.
+            driver.set_replicas(replicas.clone());
+            p.replicas = replicas;
+            return;
+        }
+        // From no replica to some, or from some to none: a driver starts or stops.
+        let stop = p.stop.child_token();
+        let handle = (!replicas.is_empty()).then(|| {
+            let plan = ReplicationPlan {
+                replicas: &replicas,
+                barrier_timeout_ms: s.barrier_timeout_ms,
+                rebuild_rate: s.rebuild_rate,
+            };
+            spawn_replication(
+                &self.store,
+                &plan,
+                s.mode,
+                p.epoch,
+                s.peer_tls.clone(),
+                stop.clone(),
+            )
+        });
+        *p.replication.write().unwrap_or_else(|e| e.into_inner()) = handle.clone();
+        p.replication_stop.cancel();
+        p.replication_stop = stop;
         p.replicas = replicas;
-        if let Some(old) = old {
+        if let Some(old) = current {
             old.stopped().await;
         }
         self.set_primary_status(handle);
-        Ok(())
     }
 
     /// The replicas the running primary replicates to.

@@ -600,11 +600,7 @@ async fn role_worker(
                     }
                 }
             }
-            RoleCommand::SetReplicas(replicas) => {
-                if let Err(e) = runtime.set_replicas(&replicas).await {
-                    tracing::error!("cannot replicate to the new members: {e:#}");
-                }
-            }
+            RoleCommand::SetReplicas(replicas) => runtime.set_replicas(&replicas).await,
             RoleCommand::StepDown => {
                 runtime.step_down().await;
                 if let Err(e) = runtime.follow().await {

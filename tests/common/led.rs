@@ -13,7 +13,7 @@ use super::admin::http_get;
 use super::etcd::EtcdServer;
 use super::process::{blockrep, run, timed, KillOnDrop};
 use super::relay::Relay;
-use super::wait::wait_until;
+use super::wait::{poll_until, wait_until};
 use super::{free_port, text, SYSTEM_PYTHON};
 
 pub const WRITER_PY: &str = concat!(
@@ -135,19 +135,22 @@ impl LedVolume {
         serde_json::from_slice(&out.stdout).expect("ctl list --json")
     }
 
-    /// Waits until `n` members are in the in-sync set and one of them leads.
+    /// Waits until `n` members are in the in-sync set and one of them leads; on a timeout
+    /// the failure says what etcd held last and what every node logged.
     pub fn wait_in_sync(&self, n: usize) {
-        wait_until(
-            Duration::from_secs(90),
-            format_args!("{n} nodes in sync"),
-            || {
-                let l = self.list();
-                let in_sync = l["insync"]["members"].as_array().map_or(0, Vec::len);
-                (in_sync == n && !l["leader"].is_null())
-                    .then_some(())
-                    .ok_or(l.to_string())
-            },
-        );
+        let within = Duration::from_secs(90);
+        let mut last = Value::Null;
+        let reached = poll_until(within, || {
+            last = self.list();
+            let in_sync = last["insync"]["members"].as_array().map_or(0, Vec::len);
+            (in_sync == n && !last["leader"].is_null()).then_some(())
+        });
+        if reached.is_none() {
+            panic!(
+                "{n} nodes in sync: not reached within {within:?}; last seen: {last}\n{}",
+                self.logs()
+            );
+        }
     }
 
     /// The index of the node whose admin endpoint says it leads, once one does.

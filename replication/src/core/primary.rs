@@ -25,6 +25,7 @@
 
 mod durability;
 mod frames;
+mod membership;
 mod peer;
 mod sessions;
 
@@ -191,6 +192,13 @@ pub enum Event {
     BaseSent {
         replica: ReplicaId,
         session: SessionId,
+    },
+    /// The volume's replicas are these from now on: members join and leave in place;
+    /// `kept_from` is the oldest entry the WAL still holds.
+    SetReplicas {
+        replicas: Vec<ReplicaId>,
+        kept_from: Lsn,
+        now: Millis,
     },
 }
 
@@ -520,6 +528,11 @@ impl PrimaryCore {
                     self.maybe_finish_rebuild(i);
                 }
             }
+            Event::SetReplicas {
+                replicas,
+                kept_from,
+                now,
+            } => self.set_replicas(replicas, kept_from, now),
         }
         std::mem::take(&mut self.out)
     }

@@ -82,6 +82,7 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut a, a_nbd, a_listen) = node(dir.path(), "a");
     let (mut b, b_nbd, b_listen) = node(dir.path(), "b");
+    let (mut c, _, c_listen) = node(dir.path(), "c");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -105,9 +106,7 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
             nbd_client(a_nbd, WRITE_FIRST).await,
             "a acknowledged no FLUSH"
         );
-        a.set_replicas(&[("b".into(), b_listen.clone())])
-            .await
-            .expect("a replicates to b");
+        a.set_replicas(&[("b".into(), b_listen.clone())]).await;
         assert_eq!(a.replicas(), ["b"]);
         assert!(
             nbd_client(a_nbd, WRITE_AND_FLUSH).await,
@@ -150,6 +149,26 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
             "b acknowledged no FLUSH"
         );
 
+        // Members change in place: c joins (sync-all waits for it), then a leaves.
+        c.follow().await.expect("c follows");
+        let a_and_c = [
+            ("a".into(), a_listen.clone()),
+            ("c".into(), c_listen.clone()),
+        ];
+        b.set_replicas(&a_and_c).await;
+        assert_eq!(b.replicas(), ["a", "c"]);
+        assert!(
+            nbd_client(b_nbd, WRITE_AND_FLUSH).await,
+            "b acknowledged no FLUSH with c joined"
+        );
+        assert_eq!(c.store().durable(), b.store().head(), "c missed the FLUSH");
+        b.set_replicas(&[("c".into(), c_listen.clone())]).await;
+        assert!(
+            nbd_client(b_nbd, WRITE_AND_FLUSH).await,
+            "b acknowledged no FLUSH with a gone"
+        );
+        assert_eq!(c.store().durable(), b.store().head(), "c missed the FLUSH");
+
         // Past its deadline, b (io-error) fails requests instead of answering them.
         b_gate.set_deadline(Some(0));
         assert!(
@@ -164,8 +183,10 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
 
         a.shutdown().await;
         b.shutdown().await;
+        c.shutdown().await;
     });
     drop(rt);
     a.store().close().expect("close a");
     b.store().close().expect("close b");
+    c.store().close().expect("close c");
 }

@@ -1540,3 +1540,5 @@ fn a_hello_ok_past_our_head_never_counts() {
     assert!(c.min_durable() <= Some(Lsn(5)));
     assert_eq!(c.committed(), Lsn(5));
 }
+
+mod membership;

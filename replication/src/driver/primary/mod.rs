@@ -54,6 +54,9 @@ enum Input {
         replica: ReplicaId,
         addr: String,
     },
+    SetReplicas {
+        replicas: Vec<(ReplicaId, String)>,
+    },
 }
 
 /// What the primary reports about replication (for status and metrics).
@@ -116,6 +119,14 @@ impl PrimaryHandle {
     /// Points a replica at a new address (it keeps its identity and progress).
     pub fn set_address(&self, replica: ReplicaId, addr: String) {
         let _ = self.tx.send(Input::SetAddress { replica, addr });
+    }
+
+    /// Replicates to `replicas` (identity, address) from now on, in place: members that stay
+    /// keep their sessions and progress, one that leaves stops counting at once (so its
+    /// caller must only drop a replica the commit promise can do without), and one that
+    /// joins is dialled. FLUSHes in flight are not disturbed.
+    pub fn set_replicas(&self, replicas: Vec<(ReplicaId, String)>) {
+        let _ = self.tx.send(Input::SetReplicas { replicas });
     }
 
     /// Resolves once the driver has stopped (after its shutdown token, or if it failed):
@@ -289,6 +300,7 @@ impl Driver {
                         self.addrs.insert(replica, addr);
                         continue;
                     }
+                    Input::SetReplicas { replicas } => self.members_changed(replicas),
                 },
                 _ = ticker.tick() => {
                     self.drain_tap(&mut shipping);
@@ -306,6 +318,28 @@ impl Driver {
         }
         for (_, c) in self.conns.drain() {
             c.end();
+        }
+    }
+
+    /// The event that tells the core who the replicas are now; the addresses and the
+    /// transports of members that left go with it.
+    fn members_changed(&mut self, replicas: Vec<(ReplicaId, String)>) -> Event {
+        let ids: Vec<ReplicaId> = replicas.iter().map(|(id, _)| id.clone()).collect();
+        self.addrs = replicas.into_iter().collect();
+        let gone: Vec<ReplicaId> = self
+            .conns
+            .keys()
+            .filter(|id| !self.addrs.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in &gone {
+            self.end_conn(id);
+        }
+        self.last_logged.retain(|id, _| self.addrs.contains_key(id));
+        Event::SetReplicas {
+            replicas: ids,
+            kept_from: self.store.oldest_retained(),
+            now: millis(self.start),
         }
     }
 

@@ -157,6 +157,15 @@ fn a_primary_cut_from_etcd_stops_acknowledging_by_its_deadline_and_another_takes
     assert!(!v.nodes[old].leads(), "the cut node still says it leads");
     v.nodes[old].relay.restore();
     v.wait_in_sync(3);
+    // The outage is said once per stream of requests (the control loop's, the lease
+    // keep-alive's) and its end once, not once per failed request.
+    let log = v.nodes[old].log_text();
+    let said = log.matches("said again when etcd answers").count();
+    assert!(
+        (1..=2).contains(&said),
+        "the outage was logged {said} times:\n{log}"
+    );
+    assert!(log.contains("etcd answers again"), "{log}");
     writer.stop_and_verify(&v, &uri);
 }
 

@@ -4,7 +4,8 @@
 //!
 //! It owns the etcd flags ([`args`]), the etcd driver with its typed errors ([`etcd`]), the
 //! operator's `blockrep ctl` ([`ctl`]), the acknowledgement gate a leader answers behind
-//! ([`gate`]) and `blockrep node`'s roles ([`node`]). etcd-client is tokio-based, which is
+//! ([`gate`]), `blockrep node`'s roles ([`node`]) and how it says etcd went out of reach
+//! ([`reach`]). etcd-client is tokio-based, which is
 //! why it lives here in the binary and never in `control/`.
 
 pub mod args;
@@ -17,3 +18,4 @@ pub mod gate;
 pub mod node;
 pub mod node_args;
 pub mod node_loop;
+pub mod reach;

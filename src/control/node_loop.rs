@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::etcd::{Etcd, EtcdError, LeaseId, Watch, WatchEvent};
 use super::gate::{AckGate, OnLeaseLoss};
 use super::node::NodeRuntime;
+use super::reach::Reachability;
 use crate::observe::VolumeMetrics;
 
 /// How often the loop looks at the clock and the store between etcd events.
@@ -95,6 +96,8 @@ struct State {
     last_in_sync: Option<Vec<String>>,
     renewals: mpsc::UnboundedSender<Renewal>,
     keeper: Option<tokio::task::JoinHandle<()>>,
+    /// Whether the loop's own requests reach etcd (the keep-alive task keeps its own).
+    reach: Reachability,
 }
 
 /// Runs the node until `shutdown`; then it steps down, hands the leader key back and
@@ -135,6 +138,7 @@ pub async fn run(node: Loop, runtime: NodeRuntime, shutdown: CancellationToken) 
         last_in_sync: None,
         renewals,
         keeper: None,
+        reach: Reachability::default(),
     };
     let mut watch: Option<Watch> = None;
     let mut tick = tokio::time::interval(TICK);
@@ -219,9 +223,12 @@ impl State {
         match action {
             Action::Txn { id, txn } => {
                 let succeeded = match self.node.etcd.txn(&txn, self.lease).await {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        self.reach.answered();
+                        s
+                    }
                     Err(e) => {
-                        tracing::warn!("etcd transaction: {e}");
+                        self.reach.failed("etcd transaction", &e);
                         false
                     }
                 };
@@ -321,11 +328,14 @@ impl State {
         let _ = self.roles.send(RoleCommand::SetReplicas(replicas));
     }
 
-    async fn read(&self) -> Option<VolumeView> {
+    async fn read(&mut self) -> Option<VolumeView> {
         let view = match self.node.etcd.read(&self.node.keys).await {
-            Ok(v) => v,
+            Ok(v) => {
+                self.reach.answered();
+                v
+            }
             Err(e) => {
-                tracing::warn!("reading the volume from etcd: {e}");
+                self.reach.failed("reading the volume from etcd", &e);
                 return None;
             }
         };
@@ -352,6 +362,7 @@ impl State {
         let sent_at = self.node.now();
         match self.node.etcd.grant(ttl).await {
             Ok((lease, granted)) => {
+                self.reach.answered();
                 self.lease = Some(lease);
                 let granted_ttl = u64::try_from(granted.as_millis()).unwrap_or(u64::MAX);
                 let renew = Duration::from_millis(self.controller.timing().renew);
@@ -368,7 +379,7 @@ impl State {
                 })
                 .await;
             }
-            Err(e) => tracing::warn!("granting a lease: {e}"),
+            Err(e) => self.reach.failed("granting a lease", &e),
         }
     }
 
@@ -546,11 +557,13 @@ async fn keep_alive(
     out: mpsc::UnboundedSender<Renewal>,
 ) {
     let now = || u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let mut reach = Reachability::default();
     loop {
         let sent = Instant::now();
         let sent_at = now();
         let next = match etcd.keep_alive(lease).await {
             Ok(ttl) => {
+                reach.answered();
                 let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
                 if out.send(Renewal::Answered { sent_at, ttl }).is_err() {
                     return;
@@ -564,7 +577,7 @@ async fn keep_alive(
             // Unreachable or slow: retried soon (a refused connection fails at once, so
             // not at once); the deadline keeps counting from the last answered send.
             Err(e) => {
-                tracing::warn!("lease keep-alive: {e}");
+                reach.failed("lease keep-alive", &e);
                 sent + RETRY_PAUSE
             }
         };

@@ -409,6 +409,8 @@ impl State {
     /// leadership up, all of it, by revoking the lease; the node registers again.
     async fn lead_failed(&mut self, epoch: Epoch) {
         tracing::error!("could not serve as primary at epoch {epoch}: giving the volume up");
+        let now = self.node.now();
+        self.feed(Event::LeadFailed { now }).await;
         if let Some(gate) = self.gate.take() {
             gate.close();
         }

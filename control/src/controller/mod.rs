@@ -95,6 +95,12 @@ pub enum Event {
     Shutdown {
         now: Millis,
     },
+    /// The node could not serve at the epoch it won (its promotion was refused, a port was
+    /// taken) and has given the leadership up; it campaigns again only after a pause that
+    /// grows with each such failure in a row.
+    LeadFailed {
+        now: Millis,
+    },
 }
 
 impl Event {
@@ -107,7 +113,8 @@ impl Event {
             | Event::Local { now, .. }
             | Event::Replication { now, .. }
             | Event::Tick { now }
-            | Event::Shutdown { now } => Some(*now),
+            | Event::Shutdown { now }
+            | Event::LeadFailed { now } => Some(*now),
             Event::KeepAlive { .. } | Event::ReplicasConfirmed { .. } => None,
         }
     }
@@ -251,6 +258,8 @@ pub struct Controller {
     campaign_hold_until: Option<Millis>,
     /// etcd's last view was behind (see `campaign_hold_until`).
     etcd_behind: bool,
+    /// Terms won in a row that the node could not serve (reset once another node leads).
+    lead_failures: u32,
 }
 
 impl Controller {
@@ -273,6 +282,7 @@ impl Controller {
             etcd_epoch_seen: Epoch(0),
             campaign_hold_until: None,
             etcd_behind: false,
+            lead_failures: 0,
         }
     }
 
@@ -381,6 +391,10 @@ impl Controller {
                 return out;
             }
             Event::Tick { now } => now,
+            Event::LeadFailed { now } => {
+                self.lead_failed(now);
+                return out;
+            }
             Event::Shutdown { .. } => {
                 self.stopping = true;
                 if self.leading.is_some() {
@@ -467,6 +481,20 @@ impl Controller {
                 .map(|m| (m.name.clone(), m.replication.clone()))
                 .collect()
         })
+    }
+
+    /// The term this node won could not be served, and the node gave it up. It campaigns
+    /// again only after a pause of an eighth of the TTL, doubling with each failure in a row
+    /// up to a whole TTL: a node that cannot serve must not take a fresh epoch from etcd every
+    /// few hundred milliseconds, and another may lead meanwhile.
+    fn lead_failed(&mut self, now: Millis) {
+        self.leading = None;
+        self.lead_failures = self.lead_failures.saturating_add(1);
+        let ttl = self.cfg.timing.ttl;
+        let doublings = (self.lead_failures - 1).min(3);
+        let pause = ((ttl / 8).max(1) << doublings).min(ttl);
+        let until = now.saturating_add(pause);
+        self.campaign_hold_until = Some(self.campaign_hold_until.map_or(until, |t| t.max(until)));
     }
 
     fn step_down(&mut self, reason: FenceReason, out: &mut Vec<Action>) {
@@ -655,6 +683,7 @@ impl Controller {
             let current = (name.clone(), Epoch(*epoch));
             if self.following.as_ref() != Some(&current) {
                 self.following = Some(current);
+                self.lead_failures = 0;
                 out.push(Action::Follow {
                     leader: name.clone(),
                     epoch: Epoch(*epoch),

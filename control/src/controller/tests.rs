@@ -565,3 +565,89 @@ fn no_campaign_for_a_ttl_once_etcd_went_back_in_time() {
     );
     assert!(c.leads("a").unwrap() > Epoch(2));
 }
+
+impl Cluster {
+    /// Node `i` could not serve the term it won: it gives it up as the binary does (the
+    /// controller hears `LeadFailed`, the lease is revoked, a new one granted).
+    fn fail_lead(&mut self, i: usize) {
+        let now = self.now;
+        self.deliver(i, Event::LeadFailed { now });
+        self.etcd.revoke(now, self.nodes[i].lease);
+        self.deliver(
+            i,
+            Event::KeepAlive {
+                sent_at: now,
+                granted_ttl: 0,
+            },
+        );
+        let ttl = self.nodes[i].ctl.timing().ttl;
+        self.nodes[i].lease = self.etcd.grant(now, ttl);
+        self.deliver(
+            i,
+            Event::KeepAlive {
+                sent_at: now,
+                granted_ttl: ttl,
+            },
+        );
+        self.nodes[i].actions.clear();
+    }
+
+    fn led_at(&self, i: usize) -> Option<Epoch> {
+        self.nodes[i].actions.iter().find_map(|a| match a {
+            Action::Lead { epoch, .. } => Some(*epoch),
+            _ => None,
+        })
+    }
+}
+
+#[test]
+fn a_node_that_cannot_serve_its_term_campaigns_again_only_after_a_growing_pause() {
+    let mut c = Cluster::new(&["a"]);
+    c.advance(100, 3);
+    assert_eq!(c.leads("a"), Some(Epoch(1)));
+    // TTL 3 s: pauses of 375 ms, then 750 ms, then 1.5 s, then 3 s (and no more).
+    for (round, pause) in [375, 750, 1_500, 3_000, 3_000].into_iter().enumerate() {
+        c.fail_lead(0);
+        assert!(!c.nodes[0].ctl.is_leader(), "round {round}");
+        let failed_at = c.now;
+        let mut waited = None;
+        for _ in 0..400 {
+            c.advance(25, 1);
+            if c.led_at(0).is_some() {
+                waited = Some(c.now - failed_at);
+                break;
+            }
+        }
+        let waited = waited.unwrap_or_else(|| panic!("round {round}: never campaigned again"));
+        assert!(
+            (pause..pause + 250).contains(&waited),
+            "round {round}: campaigned again after {waited} ms, not {pause}"
+        );
+        assert_eq!(
+            c.led_at(0),
+            Some(Epoch(round as u64 + 2)),
+            "one epoch per attempt"
+        );
+    }
+}
+
+#[test]
+fn the_pause_after_failed_terms_starts_afresh_once_another_node_led() {
+    let mut c = Cluster::new(&["a", "b"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 3);
+    assert_eq!(c.leaders(), ["a"]);
+    for _ in 0..3 {
+        c.fail_lead(0);
+        c.advance(25, 200);
+    }
+    // a is cut off; b takes over, and a follows it once it is back.
+    c.nodes[0].reaches_etcd = false;
+    c.advance(100, 60);
+    assert_eq!(c.leaders(), ["b"]);
+    c.nodes[0].reaches_etcd = true;
+    c.advance(100, 10);
+    assert_eq!(c.nodes[0].ctl.leader(), Some("b"));
+    assert_eq!(c.nodes[0].ctl.lead_failures, 0);
+}

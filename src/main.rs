@@ -9,6 +9,7 @@ mod node;
 mod observe;
 mod offline;
 mod peer_tls;
+mod primary;
 mod status;
 mod support;
 mod systemd;

@@ -25,10 +25,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::gate::AckGate;
-use crate::node::{
+use crate::observe::{NodeKind, StatusSource, VolumeMetrics};
+use crate::primary::{
     begin_serving, promote, spawn_replication, start_replication, Promote, ReplicationPlan,
 };
-use crate::observe::{NodeKind, StatusSource, VolumeMetrics};
 use crate::volume::ReplicationSlot;
 use crate::volume::StoreVolume;
 

@@ -25,13 +25,18 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_with(name, &[])
+}
+
+/// As `setup`, every node started with `extra` flags too.
+fn setup_with(name: &str, extra: &[&str]) -> Setup {
     let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     common::require_python_nbd();
     let dir = tempfile::Builder::new()
         .prefix(name)
         .tempdir()
         .expect("tempdir");
-    let volume = LedVolume::start(dir.path(), 3, &[]);
+    let volume = LedVolume::start(dir.path(), 3, extra);
     let mut writer = Writer::start(dir.path(), &volume.uris());
     let leader = volume.wait_for_leader(Duration::from_secs(30));
     let uri = volume.nodes[leader].uri();
@@ -268,5 +273,41 @@ fn with_etcd_down_nobody_acknowledges_and_leadership_resumes_when_it_returns() {
         "etcd down: {} led before, {} after",
         v.nodes[old].name, v.nodes[new].name
     );
+    writer.stop_and_verify(&v, &uri);
+}
+
+/// Under sync-quorum a majority (the leader and one replica) answers FLUSHes: a replica that
+/// dies costs nothing, and once it is back the leader's own death fails over to a node that
+/// holds every acknowledged FLUSH.
+#[test]
+fn sync_quorum_acknowledges_through_a_dead_replica_and_fails_over_holding_every_flush() {
+    let extra = ["--commit", "sync-quorum"];
+    let s = setup_with("failover-quorum", &extra);
+    // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
+    let (_turn, _dir) = (s.turn, s.dir);
+    let mut v = s.volume;
+    let mut writer = s.writer;
+    let leader = v.wait_for_leader(Duration::from_secs(30));
+    let uri = v.nodes[leader].uri();
+    let url = format!("http://127.0.0.1:{}/v1/status", v.nodes[leader].metrics);
+    let status: serde_json::Value =
+        serde_json::from_str(&common::admin::get_ok(&url)).expect("status JSON");
+    assert_eq!(status["commit_mode"], "sync-quorum", "{status}");
+    let replica = (leader + 1) % v.nodes.len();
+    let killed = wall();
+    v.nodes[replica].process().kill9();
+    writer.wait_flushes(&uri, killed, FLUSHES, Duration::from_secs(30));
+    assert!(
+        v.nodes[leader].leads(),
+        "the leader lost its term to a replica's death"
+    );
+    let volume = v.volume.clone();
+    v.nodes[replica].start(&volume, &extra);
+    v.wait_in_sync(3);
+    let killed = wall();
+    v.nodes[leader].process().kill9();
+    let new = v.wait_for_new_leader(leader, Duration::from_secs(TTL + 10));
+    let uri = v.nodes[new].uri();
+    writer.wait_flushes(&uri, killed, FLUSHES, Duration::from_secs(60));
     writer.stop_and_verify(&v, &uri);
 }

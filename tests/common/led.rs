@@ -31,6 +31,8 @@ pub struct LedNode {
     pub nbd: u16,
     pub listen: u16,
     pub metrics: u16,
+    /// `--size` for a store it creates.
+    pub size: String,
     /// Its way to etcd.
     pub relay: Relay,
     log: PathBuf,
@@ -47,7 +49,9 @@ impl LedNode {
         cmd.env("BLOCKREP_LOG", "info")
             .arg("node")
             .arg(&self.dir)
-            .args(["--size", "64MiB", "--volume", volume, "--name", &self.name])
+            .args([
+                "--size", &self.size, "--volume", volume, "--name", &self.name,
+            ])
             .args(["--etcd-endpoints", &self.relay.url("http")])
             .args(["--etcd-ttl", &TTL.to_string()])
             .args(["--nbd", &format!("127.0.0.1:{}", self.nbd)])
@@ -87,9 +91,14 @@ pub struct LedVolume {
 }
 
 impl LedVolume {
-    /// Starts etcd and `n` nodes (the first alone until it leads, so its store becomes the
-    /// volume), and waits until every node is in the in-sync set.
+    /// Starts etcd and `n` nodes of a 64 MiB volume (the first alone until it leads, so its
+    /// store becomes the volume), and waits until every node is in the in-sync set.
     pub fn start(dir: &Path, n: usize, extra: &[&str]) -> LedVolume {
+        LedVolume::start_sized(dir, n, "64MiB", extra)
+    }
+
+    /// As `start`, for a volume of `size` (`--size`'s syntax).
+    pub fn start_sized(dir: &Path, n: usize, size: &str, extra: &[&str]) -> LedVolume {
         let etcd = EtcdServer::start();
         let mut v = LedVolume {
             volume: "vol".into(),
@@ -105,6 +114,7 @@ impl LedVolume {
                 nbd: free_port(),
                 listen: free_port(),
                 metrics: free_port(),
+                size: size.to_string(),
                 relay: Relay::to_port(v.etcd.port()),
                 process: None,
                 name,

@@ -7,7 +7,8 @@
 //! (`FuseMount`), `storm` (the write storm and its verifier), `client` (a libnbd `Client`),
 //! `admin` (HTTP, /metrics and /v1/status of a node's admin endpoint), `etcd` (a real etcd
 //! server or cluster on loopback), `relay` (a TCP relay a test can cut), `led` (an etcd-led
-//! volume of `blockrep node` processes and the writer that follows its primary).
+//! volume of `blockrep node` processes and the writer that follows its primary), `postgres`
+//! (PostgreSQL on ext4 on a volume, its insert client and the checks after a failover).
 #![allow(dead_code)]
 
 pub mod admin;
@@ -16,6 +17,7 @@ pub mod etcd;
 pub mod fuse;
 pub mod led;
 pub mod node;
+pub mod postgres;
 pub mod process;
 pub mod relay;
 pub mod storm;

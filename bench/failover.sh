@@ -78,6 +78,8 @@ in_sync() {
 }
 
 flushes_by() { # URI AFTER: FLUSHes acknowledged by URI after the wall-clock instant AFTER
+    # The writer creates its log on its first connection: until then, none.
+    [ -f "$WORK/writer.log" ] || { echo 0; return; }
     awk -v u="$1" -v t="$2" '$1=="F" && $4==u && $3>t {n++} END {print n+0}' "$WORK/writer.log"
 }
 

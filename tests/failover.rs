@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::admin::Scrape;
-use common::led::{wall, LedVolume, Writer, TTL};
+use common::led::{wall, LedShape, LedVolume, Writer, TTL};
 
 /// How many FLUSHes the writer gets acknowledged before a fault, and after it.
 const FLUSHES: usize = 20;
@@ -30,13 +30,18 @@ fn setup(name: &str) -> Setup {
 
 /// As `setup`, every node started with `extra` flags too.
 fn setup_with(name: &str, extra: &[&str]) -> Setup {
+    setup_shaped(name, LedShape::default(), extra)
+}
+
+/// As `setup_with`, in `shape` (etcd members, size, lease TTL).
+fn setup_shaped(name: &str, shape: LedShape, extra: &[&str]) -> Setup {
     let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     common::require_python_nbd();
     let dir = tempfile::Builder::new()
         .prefix(name)
         .tempdir()
         .expect("tempdir");
-    let volume = LedVolume::start(dir.path(), 3, extra);
+    let volume = LedVolume::start_shaped(dir.path(), 3, shape, extra);
     let mut writer = Writer::start(dir.path(), &volume.uris());
     let leader = volume.wait_for_leader(Duration::from_secs(30));
     let uri = volume.nodes[leader].uri();
@@ -218,7 +223,7 @@ fn a_switchover_under_a_write_load_loses_nothing() {
     let out = common::run(common::blockrep_timed(60).args([
         "ctl",
         "--etcd-endpoints",
-        &v.etcd.endpoint(),
+        &v.etcd.endpoints_flag(),
         "--volume",
         &v.volume,
         "switchover",
@@ -251,7 +256,7 @@ fn with_etcd_down_nobody_acknowledges_and_leadership_resumes_when_it_returns() {
     let mut writer = s.writer;
     let old = v.wait_for_leader(Duration::from_secs(30));
     let down = wall();
-    v.etcd.member.kill();
+    v.etcd.kill(0);
     common::wait_until(
         Duration::from_secs(TTL + 5),
         "no node leads with etcd down",
@@ -265,7 +270,7 @@ fn with_etcd_down_nobody_acknowledges_and_leadership_resumes_when_it_returns() {
             "{uri} acknowledged with etcd down: {late:?}"
         );
     }
-    v.etcd.member.restart();
+    v.etcd.restart(0);
     let new = v.wait_for_leader(Duration::from_secs(60));
     let uri = v.nodes[new].uri();
     writer.wait_flushes(&uri, quiet, FLUSHES, Duration::from_secs(60));
@@ -309,5 +314,56 @@ fn sync_quorum_acknowledges_through_a_dead_replica_and_fails_over_holding_every_
     let new = v.wait_for_new_leader(leader, Duration::from_secs(TTL + 10));
     let uri = v.nodes[new].uri();
     writer.wait_flushes(&uri, killed, FLUSHES, Duration::from_secs(60));
+    writer.stop_and_verify(&v, &uri);
+}
+
+/// With a three-member etcd, losing any one member costs no term: each node's client moves
+/// to the survivors well within the lease, the leader keeps acknowledging, nobody fails over.
+/// The lease must outlast etcd's own leader election (its election timeout is 1 s) plus a
+/// request timed out on the way (TTL/3): 6 s does, where the other tests' 3 s need not.
+#[test]
+fn losing_any_one_of_three_etcd_members_costs_no_failover() {
+    let shape = LedShape {
+        etcd_members: 3,
+        ttl: 6,
+        ..LedShape::default()
+    };
+    let s = setup_shaped("failover-etcd-member", shape, &[]);
+    // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
+    let (_turn, _dir) = (s.turn, s.dir);
+    let mut v = s.volume;
+    let writer = s.writer;
+    let leader = v.wait_for_leader(Duration::from_secs(30));
+    let uri = v.nodes[leader].uri();
+    for member in 0..3 {
+        let killed = wall();
+        v.etcd.kill(member);
+        let got = common::poll_until(Duration::from_secs(30), || {
+            (writer.flushes_by(&uri, killed) >= FLUSHES).then_some(())
+        });
+        assert!(
+            got.is_some(),
+            "etcd member {member} down: {} FLUSHes in 30 s\n{}\nwriter:\n{}",
+            writer.flushes_by(&uri, killed),
+            v.logs(),
+            common::tail(
+                &std::fs::read_to_string(&writer.log).unwrap_or_default(),
+                20
+            )
+        );
+        assert!(
+            v.nodes[leader].leads(),
+            "etcd member {member} down: the leader lost its term\n{}",
+            v.logs()
+        );
+        v.etcd.restart(member);
+    }
+    for n in &v.nodes {
+        let fenced = Scrape::of(n.metrics).get(
+            "blockrep_fence_events_total",
+            &[("reason", "lease_expired")],
+        );
+        assert_eq!(fenced, 0.0, "{} lost a lease\n{}", n.name, v.logs());
+    }
     writer.stop_and_verify(&v, &uri);
 }

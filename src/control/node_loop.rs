@@ -36,6 +36,13 @@ const TICK: Duration = Duration::from_millis(100);
 /// The pause before a failed keep-alive is tried again.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
+/// "No such lease" answers in a row, `RETRY_PAUSE` apart, that end a lease. One alone is not
+/// proof: right after one of three etcd members was killed, Debian's etcd 3.4 answered every
+/// node's keep-alive that way for leases it still held (its new raft leader had not applied
+/// their grants yet), and a leader that believed it stepped down for nothing. Asking again
+/// is safe: the lease deadline keeps counting from the last *answered* keep-alive.
+const NOT_FOUND_TO_LOSE: u32 = 3;
+
 /// What the loop needs besides the controller.
 pub struct Loop {
     pub etcd: Etcd,
@@ -560,21 +567,28 @@ async fn keep_alive(
 ) {
     let now = || u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
     let mut reach = Reachability::default();
+    let mut not_found = 0;
     loop {
         let sent = Instant::now();
         let sent_at = now();
         let next = match etcd.keep_alive(lease).await {
             Ok(ttl) => {
                 reach.answered();
+                not_found = 0;
                 let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
                 if out.send(Renewal::Answered { sent_at, ttl }).is_err() {
                     return;
                 }
                 sent + renew
             }
-            Err(EtcdError::LeaseNotFound(_)) => {
+            Err(EtcdError::LeaseNotFound(_)) if not_found + 1 >= NOT_FOUND_TO_LOSE => {
                 let _ = out.send(Renewal::Lost);
                 return;
+            }
+            Err(e @ EtcdError::LeaseNotFound(_)) => {
+                not_found += 1;
+                tracing::debug!("lease keep-alive: {e} (asking again before believing it)");
+                sent + RETRY_PAUSE
             }
             // Unreachable or slow: retried soon (a refused connection fails at once, so
             // not at once); the deadline keeps counting from the last answered send.

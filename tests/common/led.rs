@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use super::admin::http_get;
-use super::etcd::EtcdServer;
+use super::etcd::EtcdCluster;
 use super::process::{blockrep, run, timed, KillOnDrop};
 use super::relay::Relay;
 use super::wait::{poll_until, wait_until};
@@ -24,6 +24,26 @@ pub const WRITER_PY: &str = concat!(
 /// The lease TTL the tests run with, in seconds.
 pub const TTL: u64 = 3;
 
+/// What a volume runs on: how many etcd members, its size, the nodes' lease TTL.
+#[derive(Debug, Clone, Copy)]
+pub struct LedShape<'a> {
+    pub etcd_members: usize,
+    /// `--size` (its syntax) for the stores the nodes create.
+    pub size: &'a str,
+    /// `--etcd-ttl`, in seconds.
+    pub ttl: u64,
+}
+
+impl Default for LedShape<'_> {
+    fn default() -> Self {
+        LedShape {
+            etcd_members: 1,
+            size: "64MiB",
+            ttl: TTL,
+        }
+    }
+}
+
 /// One `blockrep node` process and its ports.
 pub struct LedNode {
     pub name: String,
@@ -33,8 +53,12 @@ pub struct LedNode {
     pub metrics: u16,
     /// `--size` for a store it creates.
     pub size: String,
-    /// Its way to etcd.
+    /// `--etcd-ttl`, in seconds.
+    pub ttl: u64,
+    /// Its way to etcd, with one etcd member: a relay the test can cut.
     pub relay: Relay,
+    /// `--etcd-endpoints`: the relay, or with several etcd members all of them.
+    pub endpoints: String,
     log: PathBuf,
     pub process: Option<KillOnDrop>,
 }
@@ -52,8 +76,8 @@ impl LedNode {
             .args([
                 "--size", &self.size, "--volume", volume, "--name", &self.name,
             ])
-            .args(["--etcd-endpoints", &self.relay.url("http")])
-            .args(["--etcd-ttl", &TTL.to_string()])
+            .args(["--etcd-endpoints", &self.endpoints])
+            .args(["--etcd-ttl", &self.ttl.to_string()])
             .args(["--nbd", &format!("127.0.0.1:{}", self.nbd)])
             .args(["--listen", &format!("127.0.0.1:{}", self.listen)])
             .args(["--metrics", &format!("127.0.0.1:{}", self.metrics)])
@@ -84,7 +108,7 @@ impl LedNode {
 
 /// A volume of `n` nodes on one etcd.
 pub struct LedVolume {
-    pub etcd: EtcdServer,
+    pub etcd: EtcdCluster,
     pub volume: String,
     pub nodes: Vec<LedNode>,
     pub dir: PathBuf,
@@ -94,12 +118,22 @@ impl LedVolume {
     /// Starts etcd and `n` nodes of a 64 MiB volume (the first alone until it leads, so its
     /// store becomes the volume), and waits until every node is in the in-sync set.
     pub fn start(dir: &Path, n: usize, extra: &[&str]) -> LedVolume {
-        LedVolume::start_sized(dir, n, "64MiB", extra)
+        LedVolume::start_shaped(dir, n, LedShape::default(), extra)
     }
 
     /// As `start`, for a volume of `size` (`--size`'s syntax).
     pub fn start_sized(dir: &Path, n: usize, size: &str, extra: &[&str]) -> LedVolume {
-        let etcd = EtcdServer::start();
+        let shape = LedShape {
+            size,
+            ..LedShape::default()
+        };
+        LedVolume::start_shaped(dir, n, shape, extra)
+    }
+
+    /// As `start`, in `shape`: with one etcd member each node reaches it through its own
+    /// relay (which a test can cut), with several each node is given every member.
+    pub fn start_shaped(dir: &Path, n: usize, shape: LedShape, extra: &[&str]) -> LedVolume {
+        let etcd = EtcdCluster::start(shape.etcd_members);
         let mut v = LedVolume {
             volume: "vol".into(),
             nodes: Vec::new(),
@@ -114,11 +148,19 @@ impl LedVolume {
                 nbd: free_port(),
                 listen: free_port(),
                 metrics: free_port(),
-                size: size.to_string(),
-                relay: Relay::to_port(v.etcd.port()),
+                size: shape.size.to_string(),
+                ttl: shape.ttl,
+                relay: Relay::to_port(v.etcd.members[0].client_port),
+                endpoints: String::new(),
                 process: None,
                 name,
             });
+        }
+        for node in &mut v.nodes {
+            node.endpoints = match v.etcd.members.len() {
+                1 => node.relay.url("http"),
+                _ => v.etcd.endpoints_flag(),
+            };
         }
         let volume = v.volume.clone();
         v.nodes[0].start(&volume, extra);
@@ -135,7 +177,7 @@ impl LedVolume {
         let out = run(timed(30, env!("CARGO_BIN_EXE_blockrep")).args([
             "ctl",
             "--etcd-endpoints",
-            &self.etcd.endpoint(),
+            &self.etcd.endpoints_flag(),
             "--volume",
             &self.volume,
             "list",

@@ -9,7 +9,8 @@
 //! memory budget (`budget`: the connection's own and the server's global one) stops the
 //! reader when too much is in flight, so a flood of requests turns into TCP back-pressure
 //! rather than memory growth. A connection idle past the idle timeout is closed; one told to
-//! shut down gets [`SHUTDOWN_GRACE`] to answer what it has read, then is dropped.
+//! shut down gets its grace ([`SHUTDOWN_GRACE`] unless the server says otherwise) to answer
+//! what it has read, then is dropped.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub(crate) struct Bounds {
     pub budget: Budget,
     /// A connection idle this long (nothing in flight, no request and no reply) is closed.
     pub idle_timeout: Option<Duration>,
+    /// How long a connection of a stopping server may still answer what it has read.
+    pub shutdown_grace: Duration,
 }
 
 struct Ctx<V> {
@@ -112,7 +115,7 @@ pub(crate) async fn serve<R, W, V>(
     let shutting_down = matches!(end, End::Shutdown);
     let deadline = tokio::time::Instant::now()
         + if shutting_down {
-            SHUTDOWN_GRACE
+            bounds.shutdown_grace
         } else {
             DRAIN_TIMEOUT
         };
@@ -490,6 +493,7 @@ mod tests {
             let bounds = Bounds {
                 budget: Budget::new(crate::budget::DEFAULT_MEMORY_BUDGET),
                 idle_timeout: None,
+                shutdown_grace: SHUTDOWN_GRACE,
             };
             serve(r, w, neg, token, Arc::new(NoObserver), &bounds, "test").await;
         });

@@ -76,6 +76,7 @@ pub struct Server {
     tls: Arc<Tls>,
     memory_budget: u64,
     idle_timeout: Option<Duration>,
+    shutdown_grace: Duration,
 }
 
 /// What every connection shares: the exports and the server's settings.
@@ -118,6 +119,7 @@ impl Server {
             tls: Arc::new(Tls::off()),
             memory_budget: DEFAULT_MEMORY_BUDGET,
             idle_timeout: None,
+            shutdown_grace: SHUTDOWN_GRACE,
         })
     }
 
@@ -162,9 +164,18 @@ impl Server {
         self
     }
 
+    /// How long each connection may still answer the requests it has read once the server
+    /// stops (default [`SHUTDOWN_GRACE`]). A server whose volume answers nothing more once
+    /// it is told to stop has nothing to wait for, and a short grace lets its clients
+    /// reconnect elsewhere at once.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Server {
+        self.shutdown_grace = grace;
+        self
+    }
+
     /// Serves `exports` until `shutdown` is cancelled, then stops accepting, gives every
-    /// connection [`SHUTDOWN_GRACE`] to answer the requests it has read, drops what is left,
-    /// and returns.
+    /// connection its shutdown grace to answer the requests it has read, drops what is
+    /// left, and returns.
     pub async fn run<V: BlockVolume>(
         self,
         exports: Exports<V>,
@@ -180,6 +191,7 @@ impl Server {
             bounds: Bounds {
                 budget: Budget::new(self.memory_budget),
                 idle_timeout: self.idle_timeout,
+                shutdown_grace: self.shutdown_grace,
             },
         });
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -198,13 +210,14 @@ impl Server {
         }
         // Every connection keeps to its grace on its own; this bounds the whole server even
         // if one did not (dropping `accepts` drops every connection left).
+        let grace = self.shutdown_grace;
         let late = async {
             shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE + Duration::from_secs(1)).await;
+            tokio::time::sleep(grace + Duration::from_secs(1)).await;
         };
         tokio::select! {
             _ = async { while accepts.join_next().await.is_some() {} } => {}
-            _ = late => tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown; dropping them"),
+            _ = late => tracing::warn!("connections still open {grace:?} after shutdown; dropping them"),
         }
         drop(accepts);
         for p in sockets {

@@ -376,3 +376,30 @@ fn losing_any_one_of_three_etcd_members_costs_no_failover() {
     }
     writer.stop_and_verify(&v, &uri);
 }
+
+/// A node whose replication port is taken when it starts says so once, tries again, and
+/// joins as soon as the port is free.
+#[test]
+fn a_node_whose_replication_port_is_taken_joins_once_it_is_free() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::Builder::new()
+        .prefix("failover-port-taken")
+        .tempdir()
+        .expect("tempdir");
+    let mut v = LedVolume::start(dir.path(), 2, &[]);
+    let late = v.new_node(LedShape::default());
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", v.nodes[late].listen))
+        .expect("hold the new node's replication port");
+    let volume = v.volume.clone();
+    v.nodes[late].start(&volume, &[]);
+    common::wait_until(
+        Duration::from_secs(30),
+        "the node says it cannot become a replica",
+        || v.nodes[late].log_text().contains("cannot become a replica"),
+    );
+    drop(squatter);
+    v.wait_in_sync(3);
+    let log = v.nodes[late].log_text();
+    assert_eq!(log.matches("cannot become a replica").count(), 1, "{log}");
+    assert!(log.contains("a replica now, after all"), "{log}");
+}

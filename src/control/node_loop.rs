@@ -33,6 +33,9 @@ use crate::observe::VolumeMetrics;
 /// How often the loop looks at the clock and the store between etcd events.
 const TICK: Duration = Duration::from_millis(100);
 
+/// The pause before a node that could not become a replica tries again.
+const FOLLOW_RETRY: Duration = Duration::from_secs(1);
+
 /// The pause before a failed keep-alive is tried again.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
@@ -601,19 +604,52 @@ async fn keep_alive(
     }
 }
 
-/// Carries out role changes one at a time, each to its end.
+/// Whether the node is still not a replica after `result`, saying so once (`failed_before`:
+/// the last attempt had failed too).
+fn still_not_following(result: Result<()>, failed_before: bool) -> bool {
+    match result {
+        Ok(()) => {
+            if failed_before {
+                tracing::info!("a replica now, after all");
+            }
+            false
+        }
+        Err(e) => {
+            if !failed_before {
+                tracing::error!(
+                    "cannot become a replica: {e:#} (trying again every {FOLLOW_RETRY:?})"
+                );
+            }
+            true
+        }
+    }
+}
+
+/// Carries out role changes one at a time, each to its end. A node that could not become a
+/// replica (its `--listen` port taken) tries again every `FOLLOW_RETRY` until it can or is
+/// told otherwise, saying so once.
 async fn role_worker(
     mut runtime: NodeRuntime,
     mut commands: mpsc::UnboundedReceiver<RoleCommand>,
     failed: mpsc::UnboundedSender<Epoch>,
     primary: Arc<Mutex<Option<PrimaryHandle>>>,
 ) {
-    while let Some(command) = commands.recv().await {
+    let mut follow_failed = false;
+    loop {
+        let command = if follow_failed {
+            tokio::select! {
+                c = commands.recv() => c,
+                _ = tokio::time::sleep(FOLLOW_RETRY) => Some(RoleCommand::Follow),
+            }
+        } else {
+            commands.recv().await
+        };
+        let Some(command) = command else {
+            return;
+        };
         match command {
             RoleCommand::Follow => {
-                if let Err(e) = runtime.follow().await {
-                    tracing::error!("cannot become a replica: {e:#}");
-                }
+                follow_failed = still_not_following(runtime.follow().await, follow_failed);
             }
             RoleCommand::Lead {
                 epoch,
@@ -621,20 +657,17 @@ async fn role_worker(
                 force,
                 gate,
             } => {
+                follow_failed = false;
                 if let Err(e) = runtime.lead(epoch, &replicas, force, gate).await {
                     tracing::error!("cannot lead at epoch {epoch}: {e:#}");
                     let _ = failed.send(epoch);
-                    if let Err(e) = runtime.follow().await {
-                        tracing::error!("cannot become a replica: {e:#}");
-                    }
+                    follow_failed = still_not_following(runtime.follow().await, false);
                 }
             }
             RoleCommand::SetReplicas(replicas) => runtime.set_replicas(&replicas).await,
             RoleCommand::StepDown => {
                 runtime.step_down().await;
-                if let Err(e) = runtime.follow().await {
-                    tracing::error!("cannot become a replica: {e:#}");
-                }
+                follow_failed = still_not_following(runtime.follow().await, false);
             }
             RoleCommand::Shutdown(done) => {
                 runtime.shutdown().await;

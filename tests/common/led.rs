@@ -140,27 +140,8 @@ impl LedVolume {
             dir: dir.to_path_buf(),
             etcd,
         };
-        for i in 1..=n {
-            let name = format!("n{i}");
-            v.nodes.push(LedNode {
-                dir: dir.join(&name),
-                log: dir.join(format!("{name}.log")),
-                nbd: free_port(),
-                listen: free_port(),
-                metrics: free_port(),
-                size: shape.size.to_string(),
-                ttl: shape.ttl,
-                relay: Relay::to_port(v.etcd.members[0].client_port),
-                endpoints: String::new(),
-                process: None,
-                name,
-            });
-        }
-        for node in &mut v.nodes {
-            node.endpoints = match v.etcd.members.len() {
-                1 => node.relay.url("http"),
-                _ => v.etcd.endpoints_flag(),
-            };
+        for _ in 0..n {
+            v.new_node(shape);
         }
         let volume = v.volume.clone();
         v.nodes[0].start(&volume, extra);
@@ -170,6 +151,30 @@ impl LedVolume {
         }
         v.wait_in_sync(n);
         v
+    }
+
+    /// Adds node `n{len+1}` of `shape` (ports picked, not started) and returns its index.
+    pub fn new_node(&mut self, shape: LedShape) -> usize {
+        let name = format!("n{}", self.nodes.len() + 1);
+        let relay = Relay::to_port(self.etcd.members[0].client_port);
+        let endpoints = match self.etcd.members.len() {
+            1 => relay.url("http"),
+            _ => self.etcd.endpoints_flag(),
+        };
+        self.nodes.push(LedNode {
+            dir: self.dir.join(&name),
+            log: self.dir.join(format!("{name}.log")),
+            nbd: free_port(),
+            listen: free_port(),
+            metrics: free_port(),
+            size: shape.size.to_string(),
+            ttl: shape.ttl,
+            relay,
+            endpoints,
+            process: None,
+            name,
+        });
+        self.nodes.len() - 1
     }
 
     /// `blockrep ctl list --json`.

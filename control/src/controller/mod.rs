@@ -143,6 +143,20 @@ pub enum Action {
     InSyncRecorded { members: Vec<String> },
 }
 
+/// What a promotion may have lost: the previous leader's last reported head against this
+/// node's own when it took over. Under best-effort these are acknowledged writes (FLUSHes
+/// included) that no replica had; under sync-all and sync-quorum only writes no FLUSH
+/// covered. An estimate from below: the old leader reported its head at most every half
+/// renew interval, so it may have gone further before it died.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LossWindow {
+    pub old_leader: String,
+    pub old_head: Lsn,
+    pub new_head: Lsn,
+    /// `old_head - new_head`, never below 0.
+    pub lsns: u64,
+}
+
 /// Why a leader stopped acknowledging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FenceReason {
@@ -260,6 +274,10 @@ pub struct Controller {
     etcd_behind: bool,
     /// Terms won in a row that the node could not serve (reset once another node leads).
     lead_failures: u32,
+    /// The member record of the other node that led last, as last seen (it goes from etcd
+    /// with its lease, typically when that node dies: remembered for [`LossWindow`]).
+    last_leader_record: Option<MemberRecord>,
+    loss_window: Option<LossWindow>,
 }
 
 impl Controller {
@@ -283,6 +301,8 @@ impl Controller {
             campaign_hold_until: None,
             etcd_behind: false,
             lead_failures: 0,
+            last_leader_record: None,
+            loss_window: None,
         }
     }
 
@@ -314,6 +334,23 @@ impl Controller {
 
     pub fn lease_deadline(&self) -> Option<Millis> {
         self.lease.deadline()
+    }
+
+    /// While leading, the instant [`Controller::may_acknowledge`] stops holding unless
+    /// something new is heard: the lease deadline, or with failsafe the later of it and the
+    /// replicas' confirmation (`failsafe_until`). What the node's gate acknowledges by.
+    pub fn acknowledge_deadline(&self) -> Option<Millis> {
+        let lead = self.leading.as_ref()?;
+        let failsafe = lead.failsafe_until.filter(|_| self.cfg.failsafe);
+        match (self.lease.deadline(), failsafe) {
+            (Some(lease), Some(confirmed)) => Some(lease.max(confirmed)),
+            (lease, confirmed) => lease.or(confirmed),
+        }
+    }
+
+    /// What this node's last promotion may have lost (see [`LossWindow`]).
+    pub fn loss_window(&self) -> Option<&LossWindow> {
+        self.loss_window.as_ref()
     }
 
     pub fn lease_remaining(&self, now: Millis) -> Millis {
@@ -351,6 +388,7 @@ impl Controller {
         let now = match event {
             Event::View { now, view } => {
                 self.notice_etcd_going_back(now, &view);
+                self.remember_leader(&view);
                 self.view = Some(view);
                 now
             }
@@ -442,6 +480,15 @@ impl Controller {
             } if succeeded => {
                 let replicas = self.other_members();
                 self.following = None;
+                self.loss_window = self.last_leader_record.take().map(|old| {
+                    let new_head = self.local.as_ref().map_or(Lsn::ZERO, |l| l.head);
+                    LossWindow {
+                        lsns: old.head.saturating_sub(new_head.0),
+                        old_leader: old.name,
+                        old_head: Lsn(old.head),
+                        new_head,
+                    }
+                });
                 self.leading = Some(Leadership {
                     epoch,
                     since_revision: revision,
@@ -469,6 +516,19 @@ impl Controller {
             Purpose::Register if !succeeded => self.published = None,
             Purpose::Resign if succeeded => self.handover = None,
             _ => {}
+        }
+    }
+
+    /// Keeps the member record of the other node the view names as leader.
+    fn remember_leader(&mut self, view: &VolumeView) {
+        let Some(name) = view.leader_name() else {
+            return;
+        };
+        if name == self.cfg.name {
+            return;
+        }
+        if let Some(record) = view.members.get(name) {
+            self.last_leader_record = Some(record.clone());
         }
     }
 

@@ -38,12 +38,19 @@ pub enum OnLeaseLoss {
 ///
 /// Invariant (`no_acknowledgement_after_the_lease_deadline`): [`AckGate::admit`] returns
 /// `Ok` only while the clock reads before the published deadline and the gate is open.
+///
+/// Invariant (`a_held_gate_admits_nothing_before_its_hold_has_passed`): a gate made with
+/// [`AckGate::hold`] admits nothing before `hold` has passed since [`AckGate::start_hold`].
 #[derive(Debug)]
 pub struct AckGate {
     origin: Instant,
     /// Milliseconds since `origin`; 0 admits nothing.
     deadline: AtomicU64,
     closed: AtomicBool,
+    /// Milliseconds since `origin` before which nothing is admitted (see [`AckGate::hold`]).
+    not_before: AtomicU64,
+    /// The hold [`AckGate::start_hold`] applies, if the gate was made with one.
+    hold: Option<Millis>,
     on_loss: OnLeaseLoss,
     /// Wakes requests suspended on an expired deadline when a later one is published.
     renewed: Notify,
@@ -56,8 +63,38 @@ impl AckGate {
             origin,
             deadline: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            not_before: AtomicU64::new(0),
+            hold: None,
             on_loss,
             renewed: Notify::new(),
+        }
+    }
+
+    /// A gate for a `--failsafe` volume's new primary: it admits nothing until
+    /// [`AckGate::start_hold`] is called and `hold` has passed since.
+    ///
+    /// Why: the previous leader, cut from etcd, may still acknowledge on the failsafe rule
+    /// until `renew` after the send time of the last ask its needed replicas answered. Once
+    /// this node's promotion is done it answers that leader no more, nor do the members it
+    /// fenced (under sync-quorum a majority, which every majority the old leader needs
+    /// meets), so that send time is behind us; holding `renew` (plus a margin for clock
+    /// rates) from then keeps the two terms' acknowledgements apart, reads included.
+    pub fn hold(mut self, hold: Millis) -> AckGate {
+        self.hold = Some(hold);
+        self.not_before.store(u64::MAX, Ordering::Release);
+        self
+    }
+
+    /// The promotion is done (nothing the previous primary needs answers it any more): the
+    /// hold starts now.
+    pub fn start_hold(&self) {
+        if let Some(hold) = self.hold {
+            self.not_before
+                .store(self.now().saturating_add(hold), Ordering::Release);
+            tracing::info!(
+                "failsafe hold: acknowledging nothing for {hold} ms, until the previous \
+                 leader's last confirmation has run out"
+            );
         }
     }
 
@@ -85,7 +122,10 @@ impl AckGate {
 
     /// Whether an acknowledgement may leave now.
     pub fn holds(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && self.now() < self.deadline.load(Ordering::Acquire)
+        let now = self.now();
+        !self.closed.load(Ordering::Acquire)
+            && now >= self.not_before.load(Ordering::Acquire)
+            && now < self.deadline.load(Ordering::Acquire)
     }
 
     /// Waits until an acknowledgement may leave. Past the deadline, `io-error` fails at once
@@ -157,6 +197,24 @@ mod tests {
         let renewer = gate.clone();
         tokio::spawn(async move { renewer.set_deadline(Some(renewer.now() + 60_000)) });
         assert_eq!(held.await, Ok(()));
+    }
+
+    #[test]
+    fn a_held_gate_admits_nothing_before_its_hold_has_passed() {
+        let gate = AckGate::new(Instant::now(), OnLeaseLoss::IoError).hold(60_000);
+        gate.set_deadline(Some(gate.now() + 120_000));
+        assert!(!gate.holds(), "nothing before the hold even starts");
+        gate.start_hold();
+        assert!(!gate.holds(), "nothing within the hold");
+        let short = AckGate::new(Instant::now(), OnLeaseLoss::IoError).hold(0);
+        short.set_deadline(Some(short.now() + 60_000));
+        short.start_hold();
+        assert!(short.holds(), "open once the hold has passed");
+        // A gate without a hold is not affected by start_hold.
+        let plain = AckGate::new(Instant::now(), OnLeaseLoss::IoError);
+        plain.set_deadline(Some(plain.now() + 60_000));
+        plain.start_hold();
+        assert!(plain.holds());
     }
 
     #[test]

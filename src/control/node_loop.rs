@@ -18,7 +18,7 @@ use blockrep_control::record::{MemberState, VolumeView};
 use blockrep_control::{Action, Controller, Event, FenceReason, Keys, LocalState, NodeConfig};
 use blockrep_metrics::ControlReport;
 use blockrep_replication::core::primary::PeerState;
-use blockrep_replication::core::Millis;
+use blockrep_replication::core::{CommitMode, Millis};
 use blockrep_replication::driver::primary::PrimaryHandle;
 use blockrep_storage::{Epoch, Store};
 use tokio::sync::{mpsc, oneshot};
@@ -94,6 +94,8 @@ struct State {
     pending: Option<Vec<(String, String)>>,
     last_local: Option<LocalState>,
     last_in_sync: Option<Vec<String>>,
+    /// The last `Event::ReplicasConfirmed` fed.
+    last_confirmed: Option<Millis>,
     renewals: mpsc::UnboundedSender<Renewal>,
     keeper: Option<tokio::task::JoinHandle<()>>,
     /// Whether the loop's own requests reach etcd (the keep-alive task keeps its own).
@@ -136,6 +138,7 @@ pub async fn run(node: Loop, runtime: NodeRuntime, shutdown: CancellationToken) 
         pending: None,
         last_local: None,
         last_in_sync: None,
+        last_confirmed: None,
         renewals,
         keeper: None,
         reach: Reachability::default(),
@@ -211,11 +214,11 @@ impl State {
         self.report();
     }
 
-    /// The gate follows the controller: its deadline while leading, nothing otherwise.
+    /// The gate follows the controller: the deadline `may_acknowledge` holds until while
+    /// leading (the lease's, or with failsafe its replicas' confirmation), nothing otherwise.
     fn publish_deadline(&self) {
         if let Some(gate) = &self.gate {
-            let leads = self.controller.is_leader();
-            gate.set_deadline(leads.then(|| self.controller.lease_deadline()).flatten());
+            gate.set_deadline(self.controller.acknowledge_deadline());
         }
     }
 
@@ -252,12 +255,18 @@ impl State {
                 replicas,
                 force,
             } => {
-                let gate = Arc::new(AckGate::new(self.node.origin, self.node.on_lease_loss));
-                gate.set_deadline(self.controller.lease_deadline());
+                let mut gate = AckGate::new(self.node.origin, self.node.on_lease_loss);
+                if self.node.cfg.failsafe {
+                    let t = self.controller.timing();
+                    gate = gate.hold(t.renew + t.ttl / 8);
+                }
+                let gate = Arc::new(gate);
+                gate.set_deadline(self.controller.acknowledge_deadline());
                 self.gate = Some(gate.clone());
                 self.applied = replicas.iter().map(|(n, _)| n.clone()).collect();
                 self.pending = None;
                 self.last_in_sync = None;
+                self.last_confirmed = None;
                 self.node.leading.store(true, Ordering::Release);
                 let m = &self.node.metrics;
                 m.metrics
@@ -265,6 +274,7 @@ impl State {
                     .with_label_values(&[m.volume.as_str()])
                     .inc();
                 tracing::info!("leading the volume at epoch {epoch}");
+                self.log_loss_window();
                 let _ = self.roles.send(RoleCommand::Lead {
                     epoch,
                     replicas,
@@ -285,6 +295,27 @@ impl State {
                 let _ = self.roles.send(RoleCommand::Follow);
             }
             Action::StepDown { reason } => self.step_down(reason),
+        }
+    }
+
+    /// Says once, as the term starts, what the promotion may have lost.
+    fn log_loss_window(&self) {
+        let Some(w) = self.controller.loss_window() else {
+            return;
+        };
+        let what = format!(
+            "loss window {} LSNs: {} last reported head {}, this node's head {}",
+            w.lsns, w.old_leader, w.old_head, w.new_head
+        );
+        if w.lsns == 0 {
+            tracing::info!("{what}");
+        } else if self.node.cfg.commit == CommitMode::BestEffort.name() {
+            tracing::warn!(
+                "{what}: writes acknowledged by {} may be lost",
+                w.old_leader
+            );
+        } else {
+            tracing::warn!("{what}: writes no FLUSH covered may be lost");
         }
     }
 
@@ -439,6 +470,12 @@ impl State {
             self.feed(Event::Local { now, local }).await;
         }
         if self.controller.is_leader() {
+            if let Some(at) = self.confirmed_at() {
+                if self.last_confirmed != Some(at) {
+                    self.last_confirmed = Some(at);
+                    self.feed(Event::ReplicasConfirmed { at }).await;
+                }
+            }
             let in_sync = self.counted_in_sync();
             if let Some(in_sync) = in_sync {
                 if self.last_in_sync.as_ref() != Some(&in_sync) {
@@ -448,6 +485,21 @@ impl State {
             }
         }
         self.feed(Event::Tick { now }).await;
+    }
+
+    /// The driver's `confirmed_at`, on this loop's clock (rounded down: never later).
+    fn confirmed_at(&self) -> Option<Millis> {
+        let primary = self.primary.lock().unwrap_or_else(|p| p.into_inner());
+        let status = primary.as_ref()?.status();
+        // Only this term's replication speaks for it (the worker may not have ended the
+        // previous term's driver yet).
+        if Some(status.epoch) != self.controller.epoch() {
+            return None;
+        }
+        let at = status.confirmed_at?;
+        // Before the loop's origin is no confirmation worth having.
+        let since = at.checked_duration_since(self.node.origin)?;
+        Some(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
     }
 
     /// The replicas the running term's replication counts in sync (None before it runs).
@@ -531,6 +583,10 @@ impl State {
         report.epoch = epoch.unwrap_or(0);
         report.lease_remaining_seconds = remaining;
         report.failsafe = c.failsafe_active(now);
+        if let Some(w) = c.loss_window() {
+            report.loss_window_lsns = Some(w.lsns);
+            report.loss_window_from = Some(w.old_leader.clone());
+        }
     }
 
     /// A clean stop: the controller steps down and resigns, the lease is revoked.

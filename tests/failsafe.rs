@@ -269,3 +269,47 @@ fn logged_at(log: &str, what: &str) -> Option<f64> {
     let days = era * 146_097 + doe - 719_468;
     Some(days as f64 * 86_400.0 + t[0] * 3600.0 + t[1] * 60.0 + t[2])
 }
+
+#[test]
+fn a_failsafe_leader_goes_on_leading_on_its_lease_when_etcd_returns() {
+    let s = setup("failsafe-etcd-returns", &["--failsafe"]);
+    // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
+    let (_turn, _dir) = (s.turn, s.dir);
+    let mut v = s.volume;
+    let mut writer = s.writer;
+    let leader = v.wait_for_leader(Duration::from_secs(30));
+    let uri = v.nodes[leader].uri();
+    let down = wall();
+    v.etcd.member.kill();
+    writer.wait_flushes(
+        &uri,
+        down + TTL as f64,
+        FLUSHES,
+        Duration::from_secs(TTL + 30),
+    );
+    assert_eq!(failsafe_gauge(&v, leader), 1.0);
+    // etcd keeps the leader's lease across its restart (with its TTL again), so the leader
+    // renews it and leads on: no step-down, no new epoch, nobody else promoted.
+    let back = wall();
+    v.etcd.member.restart();
+    common::wait_until(
+        Duration::from_secs(30),
+        "the leader leads on its lease again",
+        || failsafe_gauge(&v, leader) == 0.0,
+    );
+    writer.wait_flushes(&uri, back, FLUSHES, Duration::from_secs(30));
+    let scrape = Scrape::of(v.nodes[leader].metrics);
+    for reason in ["lease_expired", "leader_key_lost", "higher_epoch"] {
+        let fences = scrape.get("blockrep_fence_events_total", &[("reason", reason)]);
+        assert_eq!(fences, 0.0, "{reason}\n{}", v.logs());
+    }
+    assert_eq!(scrape.get("blockrep_failovers_total", &[]), 1.0);
+    let list = v.list();
+    assert_eq!(
+        list["leader"]["name"],
+        v.nodes[leader].name.as_str(),
+        "{list}"
+    );
+    assert_eq!(list["epoch_counter"], 1, "{list}");
+    writer.stop_and_verify(&v, &uri);
+}

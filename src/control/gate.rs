@@ -37,7 +37,9 @@ pub enum OnLeaseLoss {
 /// one (after a step-down the store may have been rewound by the new leader).
 ///
 /// Invariant (`no_acknowledgement_after_the_lease_deadline`): [`AckGate::admit`] returns
-/// `Ok` only while the clock reads before the published deadline and the gate is open.
+/// `Ok` only while the clock reads before the published deadline (or, once one is
+/// published, before the replicas' confirmation a failsafe term feeds it) and the gate is
+/// open.
 ///
 /// Invariant (`a_held_gate_admits_nothing_before_its_hold_has_passed`): a gate made with
 /// [`AckGate::hold`] admits nothing before `hold` has passed since [`AckGate::start_hold`].
@@ -46,6 +48,9 @@ pub struct AckGate {
     origin: Instant,
     /// Milliseconds since `origin`; 0 admits nothing.
     deadline: AtomicU64,
+    /// A failsafe term's replicas' word, straight from replication ([`AckGate::confirm`]):
+    /// acknowledgements may leave before this too, while a deadline is published.
+    confirmed: AtomicU64,
     closed: AtomicBool,
     /// Milliseconds since `origin` before which nothing is admitted (see [`AckGate::hold`]).
     not_before: AtomicU64,
@@ -62,6 +67,7 @@ impl AckGate {
         AckGate {
             origin,
             deadline: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             not_before: AtomicU64::new(0),
             hold: None,
@@ -103,29 +109,56 @@ impl AckGate {
         clock(self.origin)
     }
 
-    /// Publishes the controller's deadline (`None`: admit nothing). A closed gate ignores it.
+    /// Publishes the controller's deadline (`None`: admit nothing, confirmations included).
+    /// A closed gate ignores it.
     pub fn set_deadline(&self, deadline: Option<Millis>) {
         if self.closed.load(Ordering::Acquire) {
             return;
+        }
+        if deadline.is_none() {
+            self.confirmed.store(0, Ordering::Release);
         }
         self.deadline
             .store(deadline.unwrap_or(0), Ordering::Release);
         self.renewed.notify_waiters();
     }
 
+    /// The failsafe rule, fed by replication between the controller's updates: every needed
+    /// replica answered an ask sent at `at`, so acknowledgements may leave until `until`
+    /// (`at + renew`, as the controller's `ReplicasConfirmed` counts). Only raises; ignored
+    /// by a closed gate and while no deadline is published.
+    pub fn confirm(&self, until: Millis) {
+        if self.closed.load(Ordering::Acquire) || self.deadline.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        if self.confirmed.fetch_max(until, Ordering::AcqRel) < until {
+            self.renewed.notify_waiters();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Ends this term: nothing is admitted any more, whatever is published later.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.deadline.store(0, Ordering::Release);
+        self.confirmed.store(0, Ordering::Release);
         self.renewed.notify_waiters();
     }
 
     /// Whether an acknowledgement may leave now.
     pub fn holds(&self) -> bool {
         let now = self.now();
+        let deadline = self.deadline.load(Ordering::Acquire);
+        let until = match deadline {
+            0 => 0,
+            d => d.max(self.confirmed.load(Ordering::Acquire)),
+        };
         !self.closed.load(Ordering::Acquire)
             && now >= self.not_before.load(Ordering::Acquire)
-            && now < self.deadline.load(Ordering::Acquire)
+            && now < until
     }
 
     /// Waits until an acknowledgement may leave. Past the deadline, `io-error` fails at once
@@ -197,6 +230,33 @@ mod tests {
         let renewer = gate.clone();
         tokio::spawn(async move { renewer.set_deadline(Some(renewer.now() + 60_000)) });
         assert_eq!(held.await, Ok(()));
+    }
+
+    #[test]
+    fn a_confirmation_admits_past_the_lease_deadline_only_while_a_deadline_is_published() {
+        // An origin in the past, so that a deadline just behind the clock is not 0.
+        let origin = Instant::now()
+            .checked_sub(std::time::Duration::from_secs(10))
+            .expect("an instant 10 s ago");
+        let gate = AckGate::new(origin, OnLeaseLoss::IoError);
+        gate.confirm(gate.now() + 60_000);
+        assert!(!gate.holds(), "no deadline published yet: nothing");
+        gate.set_deadline(Some(gate.now().saturating_sub(1)));
+        assert!(!gate.holds(), "the lease deadline has passed");
+        gate.confirm(gate.now() + 60_000);
+        assert!(gate.holds(), "the replicas' word holds past it");
+        gate.confirm(gate.now().saturating_sub(1));
+        assert!(gate.holds(), "an older confirmation takes nothing back");
+        gate.set_deadline(None);
+        assert!(
+            !gate.holds(),
+            "the controller's None admits nothing, confirmations included"
+        );
+        gate.set_deadline(Some(gate.now().saturating_sub(1)));
+        gate.confirm(gate.now() + 60_000);
+        gate.close();
+        gate.confirm(gate.now() + 60_000);
+        assert!(!gate.holds() && gate.is_closed());
     }
 
     #[test]

@@ -33,6 +33,9 @@ use crate::observe::VolumeMetrics;
 /// How often the loop looks at the clock and the store between etcd events.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How often a failsafe term's confirmations are carried to its gate.
+const CONFIRM_POLL: Duration = Duration::from_millis(50);
+
 /// The pause before a failed keep-alive is tried again.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
@@ -204,6 +207,8 @@ impl State {
     async fn feed(&mut self, first: Event) {
         let mut events = VecDeque::from([first]);
         while let Some(event) = events.pop_front() {
+            // An etcd request just awaited may have taken longer than a confirmation lasts.
+            self.note_confirmation();
             let actions = self.controller.handle(event);
             self.publish_deadline();
             for action in actions {
@@ -262,6 +267,15 @@ impl State {
                 }
                 let gate = Arc::new(gate);
                 gate.set_deadline(self.controller.acknowledge_deadline());
+                if self.node.cfg.failsafe {
+                    tokio::spawn(confirmer(
+                        gate.clone(),
+                        self.primary.clone(),
+                        epoch,
+                        self.node.origin,
+                        self.controller.timing().renew,
+                    ));
+                }
                 self.gate = Some(gate.clone());
                 self.applied = replicas.iter().map(|(n, _)| n.clone()).collect();
                 self.pending = None;
@@ -470,12 +484,6 @@ impl State {
             self.feed(Event::Local { now, local }).await;
         }
         if self.controller.is_leader() {
-            if let Some(at) = self.confirmed_at() {
-                if self.last_confirmed != Some(at) {
-                    self.last_confirmed = Some(at);
-                    self.feed(Event::ReplicasConfirmed { at }).await;
-                }
-            }
             let in_sync = self.counted_in_sync();
             if let Some(in_sync) = in_sync {
                 if self.last_in_sync.as_ref() != Some(&in_sync) {
@@ -487,19 +495,21 @@ impl State {
         self.feed(Event::Tick { now }).await;
     }
 
-    /// The driver's `confirmed_at`, on this loop's clock (rounded down: never later).
-    fn confirmed_at(&self) -> Option<Millis> {
-        let primary = self.primary.lock().unwrap_or_else(|p| p.into_inner());
-        let status = primary.as_ref()?.status();
-        // Only this term's replication speaks for it (the worker may not have ended the
-        // previous term's driver yet).
-        if Some(status.epoch) != self.controller.epoch() {
-            return None;
+    /// Tells the controller of the replicas' newest confirmation, if there is news: before
+    /// every event, so that it never decides on an older one than the gate already has (and
+    /// never steps down for want of one that replication holds).
+    fn note_confirmation(&mut self) {
+        let Some(epoch) = self.controller.epoch() else {
+            return;
+        };
+        let Some(at) = confirmed_at(&self.primary, epoch, self.node.origin) else {
+            return;
+        };
+        if self.last_confirmed != Some(at) {
+            self.last_confirmed = Some(at);
+            // Answered with no action: it only moves the failsafe deadline.
+            let _ = self.controller.handle(Event::ReplicasConfirmed { at });
         }
-        let at = status.confirmed_at?;
-        // Before the loop's origin is no confirmation worth having.
-        let since = at.checked_duration_since(self.node.origin)?;
-        Some(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
     }
 
     /// The replicas the running term's replication counts in sync (None before it runs).
@@ -600,6 +610,49 @@ impl State {
             if let Err(e) = self.node.etcd.revoke(lease).await {
                 tracing::warn!("revoking the lease: {e}");
             }
+        }
+    }
+}
+
+/// The primary slot's `confirmed_at` for the term at `epoch`, on the loop's clock (rounded
+/// down: never later than the send it stands for).
+fn confirmed_at(
+    primary: &Mutex<Option<PrimaryHandle>>,
+    epoch: Epoch,
+    origin: Instant,
+) -> Option<Millis> {
+    let status = primary
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()?
+        .status();
+    // Only this term's replication speaks for it (the worker may not have ended the
+    // previous term's driver yet).
+    if status.epoch != epoch {
+        return None;
+    }
+    let since = status.confirmed_at?.checked_duration_since(origin)?;
+    Some(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A failsafe term's confirmations go to its gate straight from replication, every
+/// [`CONFIRM_POLL`], until the gate closes: the control loop may be held up for seconds by
+/// an etcd request that hangs (an etcd restarting accepts connections before it answers),
+/// longer than the renew interval a confirmation lasts. The rule is the controller's own
+/// (`ReplicasConfirmed`: `at + renew`), which the loop also feeds it before every event.
+async fn confirmer(
+    gate: Arc<AckGate>,
+    primary: Arc<Mutex<Option<PrimaryHandle>>>,
+    epoch: Epoch,
+    origin: Instant,
+    renew: Millis,
+) {
+    let mut poll = tokio::time::interval(CONFIRM_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !gate.is_closed() {
+        poll.tick().await;
+        if let Some(at) = confirmed_at(&primary, epoch, origin) {
+            gate.confirm(at.saturating_add(renew));
         }
     }
 }

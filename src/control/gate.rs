@@ -97,6 +97,7 @@ impl AckGate {
         if let Some(hold) = self.hold {
             self.not_before
                 .store(self.now().saturating_add(hold), Ordering::Release);
+            self.renewed.notify_waiters();
             tracing::info!(
                 "failsafe hold: acknowledging nothing for {hold} ms, until the previous \
                  leader's last confirmation has run out"
@@ -161,7 +162,8 @@ impl AckGate {
             && now < until
     }
 
-    /// Waits until an acknowledgement may leave. Past the deadline, `io-error` fails at once
+    /// Waits until an acknowledgement may leave; within a failsafe term's hold it waits, in
+    /// either mode. Past the deadline, `io-error` fails at once
     /// with [`VolumeError::LeaseLost`] (NBD_ESHUTDOWN); `suspend` waits for a renewed
     /// deadline, which a closed gate never gets, so the request stays unanswered until its
     /// connection is dropped.
@@ -173,6 +175,17 @@ impl AckGate {
             renewed.as_mut().enable();
             if self.holds() {
                 return Ok(());
+            }
+            // A failsafe term's hold is no lease loss: requests wait it out in either mode.
+            let hold = self.not_before.load(Ordering::Acquire);
+            let now = self.now();
+            if !self.closed.load(Ordering::Acquire) && now < hold {
+                if hold == u64::MAX {
+                    renewed.await;
+                } else {
+                    tokio::time::sleep(std::time::Duration::from_millis(hold - now)).await;
+                }
+                continue;
             }
             if self.on_loss == OnLeaseLoss::IoError {
                 return Err(VolumeError::LeaseLost);
@@ -275,6 +288,20 @@ mod tests {
         plain.set_deadline(Some(plain.now() + 60_000));
         plain.start_hold();
         assert!(plain.holds());
+    }
+
+    #[tokio::test]
+    async fn a_request_within_the_hold_waits_it_out_even_under_io_error() {
+        let gate = AckGate::new(Instant::now(), OnLeaseLoss::IoError).hold(200);
+        gate.set_deadline(Some(gate.now() + 60_000));
+        gate.start_hold();
+        let mut held = std::pin::pin!(gate.admit());
+        assert!(
+            poll_once(held.as_mut()).is_pending(),
+            "no NBD_ESHUTDOWN in the hold"
+        );
+        assert_eq!(held.await, Ok(()));
+        assert!(gate.now() >= 200);
     }
 
     #[test]

@@ -143,20 +143,6 @@ pub enum Action {
     InSyncRecorded { members: Vec<String> },
 }
 
-/// What a promotion may have lost: the previous leader's last reported head against this
-/// node's own when it took over. Under best-effort these are acknowledged writes (FLUSHes
-/// included) that no replica had; under sync-all and sync-quorum only writes no FLUSH
-/// covered. An estimate from below: the old leader reported its head at most every half
-/// renew interval, so it may have gone further before it died.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LossWindow {
-    pub old_leader: String,
-    pub old_head: Lsn,
-    pub new_head: Lsn,
-    /// `old_head - new_head`, never below 0.
-    pub lsns: u64,
-}
-
 /// Why a leader stopped acknowledging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FenceReason {
@@ -480,15 +466,7 @@ impl Controller {
             } if succeeded => {
                 let replicas = self.other_members();
                 self.following = None;
-                self.loss_window = self.last_leader_record.take().map(|old| {
-                    let new_head = self.local.as_ref().map_or(Lsn::ZERO, |l| l.head);
-                    LossWindow {
-                        lsns: old.head.saturating_sub(new_head.0),
-                        old_leader: old.name,
-                        old_head: Lsn(old.head),
-                        new_head,
-                    }
-                });
+                self.measure_loss_window();
                 self.leading = Some(Leadership {
                     epoch,
                     since_revision: revision,
@@ -516,19 +494,6 @@ impl Controller {
             Purpose::Register if !succeeded => self.published = None,
             Purpose::Resign if succeeded => self.handover = None,
             _ => {}
-        }
-    }
-
-    /// Keeps the member record of the other node the view names as leader.
-    fn remember_leader(&mut self, view: &VolumeView) {
-        let Some(name) = view.leader_name() else {
-            return;
-        };
-        if name == self.cfg.name {
-            return;
-        }
-        if let Some(record) = view.members.get(name) {
-            self.last_leader_record = Some(record.clone());
         }
     }
 
@@ -859,6 +824,9 @@ impl Controller {
 }
 
 mod insync;
+mod loss;
 mod restore;
+
+pub use loss::LossWindow;
 #[cfg(test)]
 mod tests;

@@ -493,6 +493,7 @@ impl ServeArgs {
             replicas: &self.replicas,
             barrier_timeout_ms: self.barrier_timeout_ms,
             rebuild_rate: self.rebuild_rate,
+            confirm_interval_ms: 0,
         }
     }
 }

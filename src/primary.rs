@@ -91,6 +91,9 @@ pub(crate) struct ReplicationPlan<'a> {
     pub replicas: &'a [(ReplicaId, String)],
     pub barrier_timeout_ms: u64,
     pub rebuild_rate: u64,
+    /// Ask idle in-sync replicas this often, so the driver's `confirmed_at` stays fresh for
+    /// a `--failsafe` leader (0: never).
+    pub confirm_interval_ms: u64,
 }
 
 /// Starts replicating at `epoch` to the plan's replicas, without waiting for any of them.
@@ -114,6 +117,7 @@ pub(crate) fn spawn_replication(
     cfg.barrier_timeout = plan.barrier_timeout_ms;
     cfg.retention_bytes = sb.wal_capacity / 2;
     cfg.rebuild_rate = plan.rebuild_rate;
+    cfg.confirm_interval = plan.confirm_interval_ms;
     let addrs: HashMap<ReplicaId, String> = plan.replicas.iter().cloned().collect();
     driver::primary::start_with_tls(store.clone(), cfg, addrs, tls, shutdown)
 }

@@ -253,7 +253,7 @@ fn a_switchover_under_a_write_load_loses_nothing() {
     writer.stop_and_verify(&v, &uri);
 }
 
-/// Without `--failsafe` (not implemented yet) a leader with no etcd stops acknowledging at
+/// Without `--failsafe` (tests/failsafe.rs has it) a leader with no etcd stops acknowledging at
 /// its deadline, nobody is promoted meanwhile, and the volume is led again, with every
 /// acknowledged FLUSH, once etcd is back.
 #[test]

@@ -10,6 +10,9 @@ pub enum Mutant {
     /// `may_acknowledge` ignores the lease deadline: a leader cut from etcd keeps
     /// acknowledging after etcd has given the key to another node.
     AcknowledgeAfterLeaseDeadline = 1,
+    /// A failsafe volume's new leader acknowledges as soon as it is promoted, without the
+    /// hold: the old leader, cut from etcd, may still serve on its last confirmation.
+    FailsafeWithoutHold = 2,
 }
 
 impl Mutant {
@@ -17,6 +20,7 @@ impl Mutant {
     pub fn name(self) -> &'static str {
         match self {
             Mutant::AcknowledgeAfterLeaseDeadline => "acknowledge-after-lease-deadline",
+            Mutant::FailsafeWithoutHold => "failsafe-without-hold",
         }
     }
 
@@ -24,7 +28,10 @@ impl Mutant {
         Mutant::ALL.into_iter().find(|m| m.name() == name)
     }
 
-    pub const ALL: [Mutant; 1] = [Mutant::AcknowledgeAfterLeaseDeadline];
+    pub const ALL: [Mutant; 2] = [
+        Mutant::AcknowledgeAfterLeaseDeadline,
+        Mutant::FailsafeWithoutHold,
+    ];
 }
 
 #[cfg(feature = "mutants")]

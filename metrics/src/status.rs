@@ -43,6 +43,14 @@ pub struct ControlReport {
     pub lease_remaining_seconds: Option<f64>,
     /// Serving on with etcd unreachable (`--failsafe`).
     pub failsafe: bool,
+    /// Since this node's last promotion: the previous leader's last reported head minus this
+    /// node's head when it took over, in LSNs (writes it may have lost; see docs/OPERATIONS.md
+    /// section 13). Absent when no other node led before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_window_lsns: Option<u64>,
+    /// The previous leader that `loss_window_lsns` is measured against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_window_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -39,6 +39,10 @@ struct Args {
     /// clock drift).
     #[arg(long)]
     control: bool,
+    /// With --control: every node runs `--failsafe` (serving on its replicas' word while
+    /// etcd is out of reach; a new leader holds renew + ttl/8 before it acknowledges).
+    #[arg(long)]
+    failsafe: bool,
 }
 
 fn config(args: &Args, seed: u64) -> Config {
@@ -65,7 +69,10 @@ fn config(args: &Args, seed: u64) -> Config {
 }
 
 fn controlled(args: &Args) -> ControlConfig {
-    let mut control = ControlConfig::default();
+    let mut control = ControlConfig {
+        failsafe: args.failsafe,
+        ..ControlConfig::default()
+    };
     if args.faults == "none" {
         control.faults = ControlFaults::none();
     }

@@ -87,3 +87,31 @@ fn mutant_acknowledge_after_lease_deadline_serves_a_stale_read() {
         "{violations:?}"
     );
 }
+
+/// The failsafe hold's reason, proved: without it a new leader acknowledges while the old
+/// one, cut from etcd, still serves on its replicas' last confirmation.
+#[test]
+fn mutant_failsafe_without_hold_is_caught() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    set(Some(Mutant::FailsafeWithoutHold));
+    let found = (0..BUDGET).find_map(|seed| {
+        let mut cfg = controlled(seed);
+        if let Some(control) = cfg.control.as_mut() {
+            control.failsafe = true;
+        }
+        run(cfg, false).err()
+    });
+    set(None);
+    let f = found.unwrap_or_else(|| {
+        panic!(
+            "mutant {} survived {BUDGET} histories",
+            Mutant::FailsafeWithoutHold.name()
+        )
+    });
+    assert!(
+        f.violation.what.contains("overlapping leases")
+            || f.violation.what.contains("lease safety"),
+        "caught, but not by the lease checker: {}",
+        f.violation
+    );
+}

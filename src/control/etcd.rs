@@ -441,17 +441,26 @@ async fn keep_alive_once(
             stream,
         });
     }
-    let Some(keeper) = slot.as_mut() else {
-        return Err(etcd_client::Error::LeaseKeepAliveError(
-            "no keep-alive stream".into(),
-        ));
+    // A stream that broke says nothing about the lease: an I/O error (etcd unreachable),
+    // never the library's LeaseKeepAliveError, which `classify` reads as the lease being
+    // gone (an etcd that dies would otherwise look as if it had expired every lease).
+    let broken = |what: &str| {
+        etcd_client::Error::IoError(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            what.to_string(),
+        ))
     };
-    keeper.sender.keep_alive().await?;
+    let Some(keeper) = slot.as_mut() else {
+        return Err(broken("no keep-alive stream"));
+    };
+    keeper
+        .sender
+        .keep_alive()
+        .await
+        .map_err(|_| broken("the keep-alive stream is closed"))?;
     match keeper.stream.message().await? {
         Some(resp) => Ok(resp.ttl()),
-        None => Err(etcd_client::Error::LeaseKeepAliveError(
-            "keep-alive stream closed".into(),
-        )),
+        None => Err(broken("keep-alive stream closed")),
     }
 }
 

@@ -37,13 +37,25 @@ pub enum OnLeaseLoss {
 /// one (after a step-down the store may have been rewound by the new leader).
 ///
 /// Invariant (`no_acknowledgement_after_the_lease_deadline`): [`AckGate::admit`] returns
-/// `Ok` only while the clock reads before the published deadline and the gate is open.
+/// `Ok` only while the clock reads before the published deadline (or, once one is
+/// published, before the replicas' confirmation a failsafe term feeds it) and the gate is
+/// open.
+///
+/// Invariant (`a_held_gate_admits_nothing_before_its_hold_has_passed`): a gate made with
+/// [`AckGate::hold`] admits nothing before `hold` has passed since [`AckGate::start_hold`].
 #[derive(Debug)]
 pub struct AckGate {
     origin: Instant,
     /// Milliseconds since `origin`; 0 admits nothing.
     deadline: AtomicU64,
+    /// A failsafe term's replicas' word, straight from replication ([`AckGate::confirm`]):
+    /// acknowledgements may leave before this too, while a deadline is published.
+    confirmed: AtomicU64,
     closed: AtomicBool,
+    /// Milliseconds since `origin` before which nothing is admitted (see [`AckGate::hold`]).
+    not_before: AtomicU64,
+    /// The hold [`AckGate::start_hold`] applies, if the gate was made with one.
+    hold: Option<Millis>,
     on_loss: OnLeaseLoss,
     /// Wakes requests suspended on an expired deadline when a later one is published.
     renewed: Notify,
@@ -55,9 +67,41 @@ impl AckGate {
         AckGate {
             origin,
             deadline: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            not_before: AtomicU64::new(0),
+            hold: None,
             on_loss,
             renewed: Notify::new(),
+        }
+    }
+
+    /// A gate for a `--failsafe` volume's new primary: it admits nothing until
+    /// [`AckGate::start_hold`] is called and `hold` has passed since.
+    ///
+    /// Why: the previous leader, cut from etcd, may still acknowledge on the failsafe rule
+    /// until `renew` after the send time of the last ask its needed replicas answered. Once
+    /// this node's promotion is done it answers that leader no more, nor do the members it
+    /// fenced (under sync-quorum a majority, which every majority the old leader needs
+    /// meets), so that send time is behind us; holding `renew` (plus a margin for clock
+    /// rates) from then keeps the two terms' acknowledgements apart, reads included.
+    pub fn hold(mut self, hold: Millis) -> AckGate {
+        self.hold = Some(hold);
+        self.not_before.store(u64::MAX, Ordering::Release);
+        self
+    }
+
+    /// The promotion is done (nothing the previous primary needs answers it any more): the
+    /// hold starts now.
+    pub fn start_hold(&self) {
+        if let Some(hold) = self.hold {
+            self.not_before
+                .store(self.now().saturating_add(hold), Ordering::Release);
+            self.renewed.notify_waiters();
+            tracing::info!(
+                "failsafe hold: acknowledging nothing for {hold} ms, until the previous \
+                 leader's last confirmation has run out"
+            );
         }
     }
 
@@ -66,29 +110,60 @@ impl AckGate {
         clock(self.origin)
     }
 
-    /// Publishes the controller's deadline (`None`: admit nothing). A closed gate ignores it.
+    /// Publishes the controller's deadline (`None`: admit nothing, confirmations included).
+    /// A closed gate ignores it.
     pub fn set_deadline(&self, deadline: Option<Millis>) {
         if self.closed.load(Ordering::Acquire) {
             return;
+        }
+        if deadline.is_none() {
+            self.confirmed.store(0, Ordering::Release);
         }
         self.deadline
             .store(deadline.unwrap_or(0), Ordering::Release);
         self.renewed.notify_waiters();
     }
 
+    /// The failsafe rule, fed by replication between the controller's updates: every needed
+    /// replica answered an ask sent at `at`, so acknowledgements may leave until `until`
+    /// (`at + renew`, as the controller's `ReplicasConfirmed` counts). Only raises; ignored
+    /// by a closed gate and while no deadline is published.
+    pub fn confirm(&self, until: Millis) {
+        if self.closed.load(Ordering::Acquire) || self.deadline.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        if self.confirmed.fetch_max(until, Ordering::AcqRel) < until {
+            self.renewed.notify_waiters();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Ends this term: nothing is admitted any more, whatever is published later.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.deadline.store(0, Ordering::Release);
+        self.confirmed.store(0, Ordering::Release);
         self.renewed.notify_waiters();
     }
 
     /// Whether an acknowledgement may leave now.
     pub fn holds(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && self.now() < self.deadline.load(Ordering::Acquire)
+        let now = self.now();
+        let deadline = self.deadline.load(Ordering::Acquire);
+        let until = match deadline {
+            0 => 0,
+            d => d.max(self.confirmed.load(Ordering::Acquire)),
+        };
+        !self.closed.load(Ordering::Acquire)
+            && now >= self.not_before.load(Ordering::Acquire)
+            && now < until
     }
 
-    /// Waits until an acknowledgement may leave. Past the deadline, `io-error` fails at once
+    /// Waits until an acknowledgement may leave; within a failsafe term's hold it waits, in
+    /// either mode. Past the deadline, `io-error` fails at once
     /// with [`VolumeError::LeaseLost`] (NBD_ESHUTDOWN); `suspend` waits for a renewed
     /// deadline, which a closed gate never gets, so the request stays unanswered until its
     /// connection is dropped.
@@ -100,6 +175,17 @@ impl AckGate {
             renewed.as_mut().enable();
             if self.holds() {
                 return Ok(());
+            }
+            // A failsafe term's hold is no lease loss: requests wait it out in either mode.
+            let hold = self.not_before.load(Ordering::Acquire);
+            let now = self.now();
+            if !self.closed.load(Ordering::Acquire) && now < hold {
+                if hold == u64::MAX {
+                    renewed.await;
+                } else {
+                    tokio::time::sleep(std::time::Duration::from_millis(hold - now)).await;
+                }
+                continue;
             }
             if self.on_loss == OnLeaseLoss::IoError {
                 return Err(VolumeError::LeaseLost);
@@ -157,6 +243,65 @@ mod tests {
         let renewer = gate.clone();
         tokio::spawn(async move { renewer.set_deadline(Some(renewer.now() + 60_000)) });
         assert_eq!(held.await, Ok(()));
+    }
+
+    #[test]
+    fn a_confirmation_admits_past_the_lease_deadline_only_while_a_deadline_is_published() {
+        // An origin in the past, so that a deadline just behind the clock is not 0.
+        let origin = Instant::now()
+            .checked_sub(std::time::Duration::from_secs(10))
+            .expect("an instant 10 s ago");
+        let gate = AckGate::new(origin, OnLeaseLoss::IoError);
+        gate.confirm(gate.now() + 60_000);
+        assert!(!gate.holds(), "no deadline published yet: nothing");
+        gate.set_deadline(Some(gate.now().saturating_sub(1)));
+        assert!(!gate.holds(), "the lease deadline has passed");
+        gate.confirm(gate.now() + 60_000);
+        assert!(gate.holds(), "the replicas' word holds past it");
+        gate.confirm(gate.now().saturating_sub(1));
+        assert!(gate.holds(), "an older confirmation takes nothing back");
+        gate.set_deadline(None);
+        assert!(
+            !gate.holds(),
+            "the controller's None admits nothing, confirmations included"
+        );
+        gate.set_deadline(Some(gate.now().saturating_sub(1)));
+        gate.confirm(gate.now() + 60_000);
+        gate.close();
+        gate.confirm(gate.now() + 60_000);
+        assert!(!gate.holds() && gate.is_closed());
+    }
+
+    #[test]
+    fn a_held_gate_admits_nothing_before_its_hold_has_passed() {
+        let gate = AckGate::new(Instant::now(), OnLeaseLoss::IoError).hold(60_000);
+        gate.set_deadline(Some(gate.now() + 120_000));
+        assert!(!gate.holds(), "nothing before the hold even starts");
+        gate.start_hold();
+        assert!(!gate.holds(), "nothing within the hold");
+        let short = AckGate::new(Instant::now(), OnLeaseLoss::IoError).hold(0);
+        short.set_deadline(Some(short.now() + 60_000));
+        short.start_hold();
+        assert!(short.holds(), "open once the hold has passed");
+        // A gate without a hold is not affected by start_hold.
+        let plain = AckGate::new(Instant::now(), OnLeaseLoss::IoError);
+        plain.set_deadline(Some(plain.now() + 60_000));
+        plain.start_hold();
+        assert!(plain.holds());
+    }
+
+    #[tokio::test]
+    async fn a_request_within_the_hold_waits_it_out_even_under_io_error() {
+        let gate = AckGate::new(Instant::now(), OnLeaseLoss::IoError).hold(200);
+        gate.set_deadline(Some(gate.now() + 60_000));
+        gate.start_hold();
+        let mut held = std::pin::pin!(gate.admit());
+        assert!(
+            poll_once(held.as_mut()).is_pending(),
+            "no NBD_ESHUTDOWN in the hold"
+        );
+        assert_eq!(held.await, Ok(()));
+        assert!(gate.now() >= 200);
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct NodeSettings {
     pub mode: CommitMode,
     pub barrier_timeout_ms: u64,
     pub rebuild_rate: u64,
+    /// See `ReplicationPlan::confirm_interval_ms` (0 unless `--failsafe`).
+    pub confirm_interval_ms: u64,
     pub nbd_tls: Tls,
     pub peer_tls: Option<PeerTls>,
     pub nbd_memory_budget: u64,
@@ -249,6 +251,10 @@ impl NodeRuntime {
             force,
         };
         let epoch = promote(&self.store, &asked, s.peer_tls.clone()).await?;
+        // A failsafe term's hold counts from here: this node stopped answering the previous
+        // primary before the promotion, and the members it fenced answer it no more, so
+        // under either sync mode the previous primary's last confirmation is behind us.
+        gate.start_hold();
         // The previous term's server must have let go of the NBD port.
         self.finish_draining().await;
         let s = &self.settings;
@@ -301,6 +307,7 @@ impl NodeRuntime {
             replicas,
             barrier_timeout_ms: s.barrier_timeout_ms,
             rebuild_rate: s.rebuild_rate,
+            confirm_interval_ms: s.confirm_interval_ms,
         };
         let peer = s.peer_tls.clone();
         let handle = start_replication(&self.store, &plan, s.mode, epoch, peer, stop).await?;
@@ -347,6 +354,7 @@ impl NodeRuntime {
                 replicas: &replicas,
                 barrier_timeout_ms: s.barrier_timeout_ms,
                 rebuild_rate: s.rebuild_rate,
+                confirm_interval_ms: s.confirm_interval_ms,
             };
             spawn_replication(
                 &self.store,

@@ -54,10 +54,16 @@ pub struct NodeArgs {
     /// makes its store the volume; the others are rebuilt from the leader.
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
-    /// What FLUSH waits for: sync-all or sync-quorum (best-effort has no replica to stand
-    /// in for an acknowledgement the next leader must hold).
+    /// What FLUSH waits for: sync-all, sync-quorum, or best-effort (FLUSH waits for the
+    /// local disk only: a failover may lose acknowledged writes, and the new leader reports
+    /// how many LSNs it may have lost).
     #[arg(long, default_value = "sync-all")]
     pub commit: CommitMode,
+    /// Keep acknowledging past the lease deadline while etcd is out of reach, as long as
+    /// every replica the commit mode needs keeps answering barriers at this node's epoch
+    /// (sync-all and sync-quorum only). Give it to every node of the volume or to none.
+    #[arg(long)]
+    pub failsafe: bool,
     /// The lease TTL in seconds: how long a dead leader holds the volume. Renewals every
     /// TTL/3, each given TTL/3 to answer.
     #[arg(long = "etcd-ttl", value_name = "SECONDS", default_value_t = 15)]
@@ -97,10 +103,10 @@ impl NodeArgs {
     }
 
     fn check(&self) -> Result<()> {
-        if self.commit == CommitMode::BestEffort {
+        if self.failsafe && self.commit == CommitMode::BestEffort {
             bail!(
-                "--commit best-effort: an etcd-led volume needs sync-all or sync-quorum (under \
-                 best-effort a failover may lose acknowledged writes)"
+                "--failsafe needs --commit sync-all or sync-quorum: under best-effort no \
+                 replica acknowledges anything that could stand in for etcd's word"
             );
         }
         if self.name.is_empty() || self.name.contains('/') {
@@ -181,6 +187,13 @@ async fn serve(
         mode: args.commit,
         barrier_timeout_ms: args.barrier_timeout_ms,
         rebuild_rate: args.rebuild_rate,
+        // Often enough that an idle failsafe leader's confirmation is never older than a
+        // fraction of the renew interval.
+        confirm_interval_ms: if args.failsafe {
+            (timing.renew / 5).max(50)
+        } else {
+            0
+        },
         nbd_tls,
         peer_tls: peer.clone(),
         nbd_memory_budget: blockrep_frontend::DEFAULT_MEMORY_BUDGET,
@@ -216,7 +229,7 @@ async fn serve(
         nofailover: args.nofailover,
         timing,
         commit: args.commit.name().to_string(),
-        failsafe: false,
+        failsafe: args.failsafe,
     };
     println!(
         "blockrep: node {} of volume {} ({}, lease TTL {} s), replication on {}, NBD on {} \

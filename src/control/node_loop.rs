@@ -18,7 +18,7 @@ use blockrep_control::record::{MemberState, VolumeView};
 use blockrep_control::{Action, Controller, Event, FenceReason, Keys, LocalState, NodeConfig};
 use blockrep_metrics::ControlReport;
 use blockrep_replication::core::primary::PeerState;
-use blockrep_replication::core::Millis;
+use blockrep_replication::core::{CommitMode, Millis};
 use blockrep_replication::driver::primary::PrimaryHandle;
 use blockrep_storage::{Epoch, Store};
 use tokio::sync::{mpsc, oneshot};
@@ -36,15 +36,11 @@ const TICK: Duration = Duration::from_millis(100);
 /// The pause before a node that could not become a replica tries again.
 const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 
+/// How often a failsafe term's confirmations are carried to its gate.
+const CONFIRM_POLL: Duration = Duration::from_millis(50);
+
 /// The pause before a failed keep-alive is tried again.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
-
-/// "No such lease" answers in a row, `RETRY_PAUSE` apart, that end a lease. One alone is not
-/// proof: right after one of three etcd members was killed, Debian's etcd 3.4 answered every
-/// node's keep-alive that way for leases it still held (its new raft leader had not applied
-/// their grants yet), and a leader that believed it stepped down for nothing. Asking again
-/// is safe: the lease deadline keeps counting from the last *answered* keep-alive.
-const NOT_FOUND_TO_LOSE: u32 = 3;
 
 /// What the loop needs besides the controller.
 pub struct Loop {
@@ -104,6 +100,8 @@ struct State {
     pending: Option<Vec<(String, String)>>,
     last_local: Option<LocalState>,
     last_in_sync: Option<Vec<String>>,
+    /// The last `Event::ReplicasConfirmed` fed.
+    last_confirmed: Option<Millis>,
     renewals: mpsc::UnboundedSender<Renewal>,
     keeper: Option<tokio::task::JoinHandle<()>>,
     /// Whether the loop's own requests reach etcd (the keep-alive task keeps its own).
@@ -146,6 +144,7 @@ pub async fn run(node: Loop, runtime: NodeRuntime, shutdown: CancellationToken) 
         pending: None,
         last_local: None,
         last_in_sync: None,
+        last_confirmed: None,
         renewals,
         keeper: None,
         reach: Reachability::default(),
@@ -211,6 +210,8 @@ impl State {
     async fn feed(&mut self, first: Event) {
         let mut events = VecDeque::from([first]);
         while let Some(event) = events.pop_front() {
+            // An etcd request just awaited may have taken longer than a confirmation lasts.
+            self.note_confirmation();
             let actions = self.controller.handle(event);
             self.publish_deadline();
             for action in actions {
@@ -221,11 +222,11 @@ impl State {
         self.report();
     }
 
-    /// The gate follows the controller: its deadline while leading, nothing otherwise.
+    /// The gate follows the controller: the deadline `may_acknowledge` holds until while
+    /// leading (the lease's, or with failsafe its replicas' confirmation), nothing otherwise.
     fn publish_deadline(&self) {
         if let Some(gate) = &self.gate {
-            let leads = self.controller.is_leader();
-            gate.set_deadline(leads.then(|| self.controller.lease_deadline()).flatten());
+            gate.set_deadline(self.controller.acknowledge_deadline());
         }
     }
 
@@ -262,12 +263,27 @@ impl State {
                 replicas,
                 force,
             } => {
-                let gate = Arc::new(AckGate::new(self.node.origin, self.node.on_lease_loss));
-                gate.set_deadline(self.controller.lease_deadline());
+                let mut gate = AckGate::new(self.node.origin, self.node.on_lease_loss);
+                if self.node.cfg.failsafe {
+                    let t = self.controller.timing();
+                    gate = gate.hold(t.renew + t.ttl / 8);
+                }
+                let gate = Arc::new(gate);
+                gate.set_deadline(self.controller.acknowledge_deadline());
+                if self.node.cfg.failsafe {
+                    tokio::spawn(confirmer(
+                        gate.clone(),
+                        self.primary.clone(),
+                        epoch,
+                        self.node.origin,
+                        self.controller.timing().renew,
+                    ));
+                }
                 self.gate = Some(gate.clone());
                 self.applied = replicas.iter().map(|(n, _)| n.clone()).collect();
                 self.pending = None;
                 self.last_in_sync = None;
+                self.last_confirmed = None;
                 self.node.leading.store(true, Ordering::Release);
                 let m = &self.node.metrics;
                 m.metrics
@@ -275,6 +291,7 @@ impl State {
                     .with_label_values(&[m.volume.as_str()])
                     .inc();
                 tracing::info!("leading the volume at epoch {epoch}");
+                self.log_loss_window();
                 let _ = self.roles.send(RoleCommand::Lead {
                     epoch,
                     replicas,
@@ -295,6 +312,27 @@ impl State {
                 let _ = self.roles.send(RoleCommand::Follow);
             }
             Action::StepDown { reason } => self.step_down(reason),
+        }
+    }
+
+    /// Says once, as the term starts, what the promotion may have lost.
+    fn log_loss_window(&self) {
+        let Some(w) = self.controller.loss_window() else {
+            return;
+        };
+        let what = format!(
+            "loss window {} LSNs: {} last reported head {}, this node's head {}",
+            w.lsns, w.old_leader, w.old_head, w.new_head
+        );
+        if w.lsns == 0 {
+            tracing::info!("{what}");
+        } else if self.node.cfg.commit == CommitMode::BestEffort.name() {
+            tracing::warn!(
+                "{what}: writes acknowledged by {} may be lost",
+                w.old_leader
+            );
+        } else {
+            tracing::warn!("{what}: writes no FLUSH covered may be lost");
         }
     }
 
@@ -460,6 +498,23 @@ impl State {
         self.feed(Event::Tick { now }).await;
     }
 
+    /// Tells the controller of the replicas' newest confirmation, if there is news: before
+    /// every event, so that it never decides on an older one than the gate already has (and
+    /// never steps down for want of one that replication holds).
+    fn note_confirmation(&mut self) {
+        let Some(epoch) = self.controller.epoch() else {
+            return;
+        };
+        let Some(at) = confirmed_at(&self.primary, epoch, self.node.origin) else {
+            return;
+        };
+        if self.last_confirmed != Some(at) {
+            self.last_confirmed = Some(at);
+            // Answered with no action: it only moves the failsafe deadline.
+            let _ = self.controller.handle(Event::ReplicasConfirmed { at });
+        }
+    }
+
     /// The replicas the running term's replication counts in sync (None before it runs).
     fn counted_in_sync(&self) -> Option<Vec<String>> {
         let primary = self
@@ -541,6 +596,10 @@ impl State {
         report.epoch = epoch.unwrap_or(0);
         report.lease_remaining_seconds = remaining;
         report.failsafe = c.failsafe_active(now);
+        if let Some(w) = c.loss_window() {
+            report.loss_window_lsns = Some(w.lsns);
+            report.loss_window_from = Some(w.old_leader.clone());
+        }
     }
 
     /// A clean stop: the controller steps down and resigns, the lease is revoked.
@@ -558,6 +617,49 @@ impl State {
     }
 }
 
+/// The primary slot's `confirmed_at` for the term at `epoch`, on the loop's clock (rounded
+/// down: never later than the send it stands for).
+fn confirmed_at(
+    primary: &Mutex<Option<PrimaryHandle>>,
+    epoch: Epoch,
+    origin: Instant,
+) -> Option<Millis> {
+    let status = primary
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()?
+        .status();
+    // Only this term's replication speaks for it (the worker may not have ended the
+    // previous term's driver yet).
+    if status.epoch != epoch {
+        return None;
+    }
+    let since = status.confirmed_at?.checked_duration_since(origin)?;
+    Some(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A failsafe term's confirmations go to its gate straight from replication, every
+/// [`CONFIRM_POLL`], until the gate closes: the control loop may be held up for seconds by
+/// an etcd request that hangs (an etcd restarting accepts connections before it answers),
+/// longer than the renew interval a confirmation lasts. The rule is the controller's own
+/// (`ReplicasConfirmed`: `at + renew`), which the loop also feeds it before every event.
+async fn confirmer(
+    gate: Arc<AckGate>,
+    primary: Arc<Mutex<Option<PrimaryHandle>>>,
+    epoch: Epoch,
+    origin: Instant,
+    renew: Millis,
+) {
+    let mut poll = tokio::time::interval(CONFIRM_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !gate.is_closed() {
+        poll.tick().await;
+        if let Some(at) = confirmed_at(&primary, epoch, origin) {
+            gate.confirm(at.saturating_add(renew));
+        }
+    }
+}
+
 /// Renews `lease` every `renew`, reporting each answer with the instant its request was
 /// *sent*: etcd restarts the TTL when it receives a keep-alive, which is later, so a
 /// deadline counted from the send ends no later than etcd's own expiry.
@@ -570,28 +672,21 @@ async fn keep_alive(
 ) {
     let now = || u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
     let mut reach = Reachability::default();
-    let mut not_found = 0;
     loop {
         let sent = Instant::now();
         let sent_at = now();
         let next = match etcd.keep_alive(lease).await {
             Ok(ttl) => {
                 reach.answered();
-                not_found = 0;
                 let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
                 if out.send(Renewal::Answered { sent_at, ttl }).is_err() {
                     return;
                 }
                 sent + renew
             }
-            Err(EtcdError::LeaseNotFound(_)) if not_found + 1 >= NOT_FOUND_TO_LOSE => {
+            Err(EtcdError::LeaseNotFound(_)) => {
                 let _ = out.send(Renewal::Lost);
                 return;
-            }
-            Err(e @ EtcdError::LeaseNotFound(_)) => {
-                not_found += 1;
-                tracing::debug!("lease keep-alive: {e} (asking again before believing it)");
-                sent + RETRY_PAUSE
             }
             // Unreachable or slow: retried soon (a refused connection fails at once, so
             // not at once); the deadline keeps counting from the last answered send.

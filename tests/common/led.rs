@@ -288,6 +288,14 @@ impl Writer {
         })
     }
 
+    /// The time of the first acknowledgement (a write or a FLUSH) by `uri` after `after`.
+    pub fn first_ack_by(&self, uri: &str, after: f64) -> Option<f64> {
+        self.acks_by_after(uri, after).iter().find_map(|l| match l {
+            Logged::Write { at, .. } | Logged::Flush { at, .. } => Some(*at),
+            _ => None,
+        })
+    }
+
     /// Acknowledgements (writes and FLUSHes) by `uri` logged after `after`.
     pub fn acks_by_after(&self, uri: &str, after: f64) -> Vec<Logged> {
         self.lines()

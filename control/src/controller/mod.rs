@@ -260,6 +260,10 @@ pub struct Controller {
     etcd_behind: bool,
     /// Terms won in a row that the node could not serve (reset once another node leads).
     lead_failures: u32,
+    /// The member record of the other node that led last, as last seen (it goes from etcd
+    /// with its lease, typically when that node dies: remembered for [`LossWindow`]).
+    last_leader_record: Option<MemberRecord>,
+    loss_window: Option<LossWindow>,
 }
 
 impl Controller {
@@ -283,6 +287,8 @@ impl Controller {
             campaign_hold_until: None,
             etcd_behind: false,
             lead_failures: 0,
+            last_leader_record: None,
+            loss_window: None,
         }
     }
 
@@ -314,6 +320,23 @@ impl Controller {
 
     pub fn lease_deadline(&self) -> Option<Millis> {
         self.lease.deadline()
+    }
+
+    /// While leading, the instant [`Controller::may_acknowledge`] stops holding unless
+    /// something new is heard: the lease deadline, or with failsafe the later of it and the
+    /// replicas' confirmation (`failsafe_until`). What the node's gate acknowledges by.
+    pub fn acknowledge_deadline(&self) -> Option<Millis> {
+        let lead = self.leading.as_ref()?;
+        let failsafe = lead.failsafe_until.filter(|_| self.cfg.failsafe);
+        match (self.lease.deadline(), failsafe) {
+            (Some(lease), Some(confirmed)) => Some(lease.max(confirmed)),
+            (lease, confirmed) => lease.or(confirmed),
+        }
+    }
+
+    /// What this node's last promotion may have lost (see [`LossWindow`]).
+    pub fn loss_window(&self) -> Option<&LossWindow> {
+        self.loss_window.as_ref()
     }
 
     pub fn lease_remaining(&self, now: Millis) -> Millis {
@@ -351,6 +374,7 @@ impl Controller {
         let now = match event {
             Event::View { now, view } => {
                 self.notice_etcd_going_back(now, &view);
+                self.remember_leader(&view);
                 self.view = Some(view);
                 now
             }
@@ -442,6 +466,7 @@ impl Controller {
             } if succeeded => {
                 let replicas = self.other_members();
                 self.following = None;
+                self.measure_loss_window();
                 self.leading = Some(Leadership {
                     epoch,
                     since_revision: revision,
@@ -799,6 +824,9 @@ impl Controller {
 }
 
 mod insync;
+mod loss;
 mod restore;
+
+pub use loss::LossWindow;
 #[cfg(test)]
 mod tests;

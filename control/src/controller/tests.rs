@@ -651,3 +651,4 @@ fn the_pause_after_failed_terms_starts_afresh_once_another_node_led() {
     assert_eq!(c.nodes[0].ctl.leader(), Some("b"));
     assert_eq!(c.nodes[0].ctl.lead_failures, 0);
 }
+mod failsafe;

@@ -64,6 +64,10 @@ pub struct PrimaryConfig {
     /// moved, even without FLUSHes: it keeps the retention pin and the lag figures current,
     /// and a replica that stops answering is found out.
     pub progress_interval: Millis,
+    /// An in-sync replica asked nothing for this long is asked again for what it already
+    /// holds, so that [`PrimaryCore::confirmed_at`] stays fresh on an idle volume (a
+    /// `--failsafe` leader acknowledges only on recent answers). 0: never.
+    pub confirm_interval: Millis,
     /// Rebuild a replica that needs it as soon as it is connected (otherwise it waits).
     pub auto_rebuild: bool,
     /// Base image bytes per second during a rebuild (0: as fast as the link goes).
@@ -94,6 +98,7 @@ impl PrimaryConfig {
             retention_time: 5 * 60_000,
             catch_up_batch_bytes: 4 << 20,
             progress_interval: 100,
+            confirm_interval: 0,
             auto_rebuild: true,
             rebuild_rate: 0,
         }
@@ -417,6 +422,37 @@ impl PrimaryCore {
             .filter(|p| p.state() == PeerState::InSync)
             .map(|p| p.durable())
             .min()
+    }
+
+    /// The send time of the newest barrier (or progress ask) that every replica the commit
+    /// mode needs has answered at our epoch and is in sync now: under sync-all every
+    /// replica, under sync-quorum the majority's. `None` under best-effort (no replica
+    /// stands in for anything), without replicas, once fenced, or when too few have
+    /// answered in their current session.
+    ///
+    /// Invariant (*a confirmation is never later than the answer it rests on*): each
+    /// replica's figure is the send time of an ask its `BarrierAck` answered (acks come one
+    /// per ask, in order), so at some instant after it the replica still followed this
+    /// primary at its epoch; a replica promoted or fenced by a newer epoch since answers
+    /// nothing more at ours.
+    pub fn confirmed_at(&self) -> Option<Millis> {
+        if self.fenced.is_some() || self.peers.is_empty() {
+            return None;
+        }
+        let mut times: Vec<Millis> = self
+            .peers
+            .iter()
+            .filter(|p| p.state() == PeerState::InSync)
+            .filter_map(|p| p.confirmed_at())
+            .collect();
+        times.sort_unstable_by(|a, b| b.cmp(a));
+        let needed = match self.cfg.mode {
+            CommitMode::BestEffort => return None,
+            CommitMode::SyncAll => self.peers.len(),
+            // As the commit rule counts: the primary and half of the copies.
+            CommitMode::SyncQuorum => self.peers.len().div_ceil(2),
+        };
+        needed.checked_sub(1).and_then(|k| times.get(k).copied())
     }
 
     /// The lowest durable LSN of any replica (`None` without replicas), without building

@@ -390,6 +390,9 @@ impl Cluster {
         cfg.retention_time = 5_000;
         cfg.catch_up_batch_bytes = 16 * BLOCK;
         cfg.progress_interval = 30;
+        if let Some(control) = self.cfg.control.as_ref().filter(|c| c.failsafe) {
+            cfg.confirm_interval = (control.timing.renew / 5).max(1);
+        }
         cfg
     }
 

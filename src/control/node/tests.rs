@@ -43,6 +43,7 @@ fn node(dir: &Path, name: &str) -> (NodeRuntime, u16, String) {
         mode: CommitMode::SyncAll,
         barrier_timeout_ms: 5000,
         rebuild_rate: 0,
+        confirm_interval_ms: 0,
         nbd_tls: Tls::off(),
         peer_tls: None,
         nbd_memory_budget: blockrep_frontend::DEFAULT_MEMORY_BUDGET,

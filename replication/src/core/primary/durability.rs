@@ -88,6 +88,23 @@ impl PrimaryCore {
         );
     }
 
+    /// Asks an in-sync replica with nothing outstanding for the head, even one it already
+    /// holds: its answer refreshes [`PrimaryCore::confirmed_at`] on a volume with nothing
+    /// to ship.
+    pub(super) fn confirm(&mut self, i: usize, now: Millis) {
+        let target = self.head;
+        let p = &mut self.peers[i];
+        p.asked_for(target, now);
+        let committed = self.committed;
+        self.send(
+            i,
+            Body::Barrier {
+                lsn: target,
+                committed,
+            },
+        );
+    }
+
     /// A replica that just became in sync is asked for the barriers still pending.
     pub(super) fn resend_barriers(&mut self, i: usize, now: Millis) {
         if let Some(max) = self.barriers.iter().map(|b| b.target).max() {

@@ -190,6 +190,15 @@ pub(super) struct Peer {
     /// must be answered within the barrier timeout. (Only the oldest is timed; a replica
     /// that answers every ask in time is never dropped, however far the head runs ahead.)
     unanswered: VecDeque<(Lsn, Millis)>,
+    /// When each `Barrier` frame of this session was sent, oldest first, until its
+    /// `BarrierAck` arrives: the replica answers every barrier with exactly one ack, in order
+    /// (one sync each), so the oldest entry is the ask the next ack answers. (Were acks ever
+    /// coalesced, an entry older than the true one would be taken: an earlier time, which
+    /// only shortens what it vouches for.)
+    sent_asks: VecDeque<Millis>,
+    /// The send time of the newest ask this session's replica has answered: it was at our
+    /// epoch (frames at any other end the session) at some instant after this.
+    confirmed_at: Option<Millis>,
     /// When it was last asked for progress.
     last_ask: Millis,
     /// When the current state began (handshake timeout).
@@ -240,6 +249,8 @@ impl Peer {
             asked: Lsn::ZERO,
             shipped: Lsn::ZERO,
             unanswered: VecDeque::new(),
+            sent_asks: VecDeque::new(),
+            confirmed_at: None,
             last_ask: now,
             since: now,
             away_since: Some(now),
@@ -298,6 +309,16 @@ impl Peer {
     /// When the oldest unanswered ask was sent.
     pub(super) fn oldest_unanswered(&self) -> Option<Millis> {
         self.unanswered.front().map(|(_, t)| *t)
+    }
+
+    /// See [`Peer::confirmed_at`]'s field: `None` before this session answered any ask.
+    pub(super) fn confirmed_at(&self) -> Option<Millis> {
+        self.confirmed_at
+    }
+
+    /// Whether an ask of this session is still unanswered.
+    pub(super) fn awaits_answer(&self) -> bool {
+        !self.sent_asks.is_empty()
     }
 
     pub(super) fn last_ask(&self) -> Millis {
@@ -374,6 +395,8 @@ impl Peer {
         self.asked = Lsn::ZERO;
         self.shipped = Lsn::ZERO;
         self.unanswered.clear();
+        self.sent_asks.clear();
+        self.confirmed_at = None;
         self.rebuilt_this_session = false;
         self.truncating = None;
         self.truncated_this_session = false;
@@ -384,6 +407,8 @@ impl Peer {
     pub(super) fn end_session(&mut self, now: Millis, backoff_max: Millis) -> Option<SessionId> {
         let session = self.session.take()?;
         self.unanswered.clear();
+        self.sent_asks.clear();
+        self.confirmed_at = None;
         self.reconnect_at = now + self.backoff;
         self.backoff = (self.backoff * 2).min(backoff_max);
         Some(session)
@@ -602,12 +627,16 @@ impl Peer {
     pub(super) fn asked_for(&mut self, target: Lsn, now: Millis) {
         self.asked = target;
         self.unanswered.push_back((target, now));
+        self.sent_asks.push_back(now);
         self.last_ask = now;
     }
 
     /// It reported `durable`: asks it covers are answered, and it is healthy enough to be
     /// redialled quickly again.
     pub(super) fn acked(&mut self, durable: Lsn, backoff_min: Millis) {
+        if let Some(sent) = self.sent_asks.pop_front() {
+            self.confirmed_at = Some(self.confirmed_at.map_or(sent, |t| t.max(sent)));
+        }
         let durable = durable.min(self.shipped);
         if durable > self.durable {
             self.durable = durable;

@@ -80,6 +80,15 @@ impl PrimaryCore {
             {
                 self.connect(i, now);
             }
+            // Before the progress ask, which skips a replica that already holds the head.
+            PeerState::InSync
+                if self.cfg.confirm_interval > 0
+                    && !p.awaits_answer()
+                    && p.oldest_unanswered().is_none()
+                    && now >= p.last_ask() + self.cfg.confirm_interval =>
+            {
+                self.confirm(i, now)
+            }
             PeerState::InSync | PeerState::Rebuilding
                 if self.head > p.asked()
                     && now >= p.last_ask() + self.cfg.progress_interval

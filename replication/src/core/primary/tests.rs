@@ -1541,4 +1541,5 @@ fn a_hello_ok_past_our_head_never_counts() {
     assert_eq!(c.committed(), Lsn(5));
 }
 
+mod confirm;
 mod membership;

@@ -75,6 +75,9 @@ pub struct PrimaryStatus {
     /// The core's clock when this was published (rebuild progress `started` is on it).
     pub now: u64,
     pub counters: PrimaryCounters,
+    /// [`PrimaryCore::confirmed_at`] on the monotonic clock: when the newest ask that every
+    /// replica the commit mode needs has answered at this epoch was sent (rounded down).
+    pub confirmed_at: Option<std::time::Instant>,
 }
 
 /// The handle the volume uses: barriers, fencing, status.
@@ -394,6 +397,12 @@ impl Driver {
         s.addresses = self.addrs.clone();
         s.now = millis(self.start);
         s.counters = self.core.counters().clone();
+        // The core's millis are rounded down from `start`, so this is never later than the
+        // true send time.
+        s.confirmed_at = self
+            .core
+            .confirmed_at()
+            .map(|ms| (self.start + Duration::from_millis(ms)).into_std());
     }
 }
 

@@ -17,6 +17,7 @@ impl Cluster {
         self.nodes[n].alive
             && !self.is_paused(n)
             && c.serving
+            && c.hold_until.is_none()
             && c.ctl.as_ref().is_some_and(|ctl| ctl.may_acknowledge(now))
     }
 

@@ -98,6 +98,11 @@ pub struct ControlConfig {
     /// replication.
     pub tick: u64,
     pub faults: ControlFaults,
+    /// Every node runs `--failsafe`: a leader past its lease deadline serves on while every
+    /// replica its mode needs answers at its epoch (the core's `ReplicasConfirmed`, fed from
+    /// the primary core's `confirmed_at` on every tick), and a new leader holds
+    /// `renew + ttl/8` on its own clock after its promotion before it acknowledges.
+    pub failsafe: bool,
 }
 
 impl Default for ControlConfig {
@@ -114,6 +119,7 @@ impl Default for ControlConfig {
             max_drift_ppm: 100_000,
             tick: 10,
             faults: ControlFaults::all(),
+            failsafe: false,
         }
     }
 }
@@ -203,6 +209,9 @@ pub(crate) struct ControlNode {
     /// The leadership comes from an operator's forced failover: the rule's refusals are
     /// overridden, as `serve --force` does.
     forced: bool,
+    /// Failsafe: promoted, acknowledging nothing before this time of its own clock (the
+    /// node's `AckGate::hold`); its leadership begins, for the checker, once it has passed.
+    hold_until: Option<u64>,
 }
 
 /// How long a leader whose promotion was refused waits before it tries again (true ms).
@@ -232,6 +241,7 @@ impl ControlNode {
         self.leading = None;
         self.serving = false;
         self.paused_until = None;
+        self.hold_until = None;
     }
 }
 
@@ -270,6 +280,7 @@ impl Cluster {
                     epoch_seen: Epoch(0),
                     next_promotion: 0,
                     forced: false,
+                    hold_until: None,
                 }
             })
             .collect();
@@ -327,7 +338,7 @@ impl Cluster {
             nofailover: false,
             timing: cp.cfg.timing,
             commit: cp.commit.clone(),
-            failsafe: false,
+            failsafe: cp.cfg.failsafe,
         };
         let c = &mut cp.nodes[n];
         c.new_incarnation(Some(Controller::new(cp.keys.clone(), cfg)));
@@ -487,8 +498,18 @@ impl Cluster {
         if self.promote_at(n, Some(epoch), c.forced) {
             self.stats.failovers += 1;
             let now = self.now;
+            let local = self.local_now(n);
             if let Some(cp) = self.cp() {
                 cp.nodes[n].serving = true;
+                if cp.cfg.failsafe {
+                    let t = cp.cfg.timing;
+                    let skip = blockrep_control::mutants::active(
+                        blockrep_control::mutants::Mutant::FailsafeWithoutHold,
+                    );
+                    let hold = if skip { 0 } else { t.renew + t.ttl / 8 };
+                    cp.nodes[n].hold_until = Some(local + hold);
+                    return;
+                }
                 let v = cp.safety.began_leading(n, epoch, now);
                 self.fail_on(v);
             }
@@ -516,6 +537,7 @@ impl Cluster {
             let c = &mut cp.nodes[n];
             c.leading = None;
             c.serving = false;
+            c.hold_until = None;
             c.parked.clear();
         }
         if self.nodes[n].primary().is_some() && self.nodes[n].alive {
@@ -642,6 +664,35 @@ impl Cluster {
         })
     }
 
+    /// Failsafe: primary `n`'s `confirmed_at` (the core's true-clock send time) on `n`'s own
+    /// clock, which is what its controller counts in (rounded down).
+    fn confirmed_at(&self, n: NodeId) -> Option<u64> {
+        let cp = self.control.as_ref().filter(|cp| cp.cfg.failsafe)?;
+        let at = self.nodes[n].primary()?.core.confirmed_at()?;
+        let c = cp.node(n);
+        Some(c.offset + at * c.rate_ppm / 1_000_000)
+    }
+
+    /// Failsafe: a promoted leader whose hold has passed begins leading (for the checker
+    /// too) and may acknowledge from now on.
+    fn end_hold(&mut self, n: NodeId) {
+        let local = self.local_now(n);
+        let now = self.now;
+        let Some(cp) = self.cp() else {
+            return;
+        };
+        let c = &mut cp.nodes[n];
+        let (Some(epoch), Some(until)) = (c.leading.filter(|_| c.serving), c.hold_until) else {
+            return;
+        };
+        if local < until {
+            return;
+        }
+        c.hold_until = None;
+        let v = cp.safety.began_leading(n, epoch, now);
+        self.fail_on(v);
+    }
+
     fn control_tick(&mut self, n: NodeId) {
         let now = self.local_now(n);
         let local = self.local_state(n);
@@ -649,8 +700,12 @@ impl Cluster {
         if self.nodes[n].primary().is_some() {
             let in_sync = self.counted_in_sync(n);
             self.feed(n, Event::Replication { now, in_sync });
+            if let Some(at) = self.confirmed_at(n) {
+                self.feed(n, Event::ReplicasConfirmed { at });
+            }
         }
         self.feed(n, Event::Tick { now });
+        self.end_hold(n);
         self.try_serve(n);
         self.release_parked(n);
         let Some(cp) = self.cp() else {

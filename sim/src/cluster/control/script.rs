@@ -12,10 +12,16 @@ impl Cluster {
     /// Three nodes under `mode` in the etcd-led mode, no random faults, every clock true;
     /// runs until one leads and serves with every other node in sync.
     pub fn scripted_controlled(mode: CommitMode) -> Cluster {
+        Cluster::scripted_controlled_with(mode, false)
+    }
+
+    /// [`Cluster::scripted_controlled`] with every node on `--failsafe` (or not).
+    pub fn scripted_controlled_with(mode: CommitMode, failsafe: bool) -> Cluster {
         let mut control = ControlConfig {
             faults: ControlFaults::none(),
             max_drift_ppm: 0,
             etcd_loss: 0.0,
+            failsafe,
             ..ControlConfig::default()
         };
         control.timing = Timing {
@@ -27,11 +33,11 @@ impl Cluster {
         cfg.control = Some(control);
         let mut c = Cluster::new(cfg);
         assert!(
-            c.run_until_true(5_000, |c| c
-                .serving_leader()
-                .is_some_and(|p| c.primary == p
-                    && c.converged()
-                    && c.recorded_in_sync(p).len() == c.nodes.len())),
+            c.run_until_true(5_000, |c| c.serving_leader().is_some_and(|p| c.primary
+                == p
+                && c.acknowledges(p)
+                && c.converged()
+                && c.recorded_in_sync(p).len() == c.nodes.len())),
             "the etcd-led cluster never came up:{}",
             c.describe_controlled()
         );

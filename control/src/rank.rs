@@ -1,12 +1,19 @@
 //! Who may take over a volume, and in which order.
 //!
-//! Only a member that holds every acknowledged write may lead: one in the in-sync set at the
-//! latest epoch (the leader removes a member there before it acknowledges anything that skips
-//! it), whose store is a whole image of this volume (`Ready`, the volume's id), and that the
-//! operator has not excluded (`--nofailover`). For a volume no one has led yet, only the node
-//! whose store became the volume. Among those, the longest lineage first (the epoch of the
-//! last entry, then its LSN), then the higher `--priority`, then the name, so every node
-//! computes the same order from the same view.
+//! Only a member that holds every acknowledged write may lead, and only one the promotion
+//! rule (`blockrep_replication::core::promotion`) would then accept, or its term is wasted:
+//! its store is a whole image of this volume (`Ready`, the volume's id), the operator has not
+//! excluded it (`--nofailover`), and under sync-all and best-effort it is in the in-sync set
+//! at the latest epoch (the leader removes a member there before it acknowledges anything
+//! that skips it). Under sync-quorum the in-sync set is not required: the promotion reads a
+//! majority and refuses any candidate less complete than one of them, so by quorum
+//! intersection it already holds every committed write, and requiring the set as well can
+//! leave no one electable (the most complete copy dropped out of the set, the member in it
+//! lacks that copy's tail, the promotion refuses it). For a volume no one has led yet, only
+//! the node whose store became the volume. Among those, the longest lineage first (the epoch
+//! of the last entry, then its LSN), then the higher `--priority`, then the name, so every
+//! node computes the same order from the same view, and the first is the most complete copy
+//! the promotion asks for.
 
 use std::cmp::Ordering;
 
@@ -34,13 +41,35 @@ impl Ineligible {
     }
 }
 
-/// Whether `member` may take over, ignoring its position.
-pub fn eligibility(view: &VolumeView, member: &MemberRecord) -> Result<(), Ineligible> {
+/// What, beside its store, makes a member safe to elect: the commit mode's promise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Sync-all and best-effort: the in-sync set at the latest epoch holds every acknowledged
+    /// write.
+    InSyncSet,
+    /// Sync-quorum: the promotion's read of a majority proves it.
+    Majority,
+}
+
+impl Rule {
+    /// The rule of a commit mode by its name (an unknown one gets the stricter rule).
+    pub fn for_commit(commit: &str) -> Rule {
+        if commit == "sync-quorum" {
+            Rule::Majority
+        } else {
+            Rule::InSyncSet
+        }
+    }
+}
+
+/// Whether `member` may take over under `rule`, ignoring its position.
+pub fn eligibility(view: &VolumeView, member: &MemberRecord, rule: Rule) -> Result<(), Ineligible> {
     let identity = view.identity.as_ref().ok_or(Ineligible::NoVolume)?;
     if member.volume_id != identity.volume_id {
         return Err(Ineligible::OtherVolume);
     }
     let in_sync = match &view.insync {
+        Some(_) if rule == Rule::Majority => true,
         Some(set) => set.value.contains(&member.name),
         None => identity.created_by == member.name,
     };
@@ -64,12 +93,12 @@ pub fn compare(a: &MemberRecord, b: &MemberRecord) -> Ordering {
         .then(a.name.cmp(&b.name))
 }
 
-/// The live members that may take over, best first.
-pub fn candidates(view: &VolumeView) -> Vec<&MemberRecord> {
+/// The live members that may take over under `rule`, best first.
+pub fn candidates(view: &VolumeView, rule: Rule) -> Vec<&MemberRecord> {
     let mut out: Vec<&MemberRecord> = view
         .members
         .values()
-        .filter(|m| eligibility(view, m).is_ok())
+        .filter(|m| eligibility(view, m, rule).is_ok())
         .collect();
     out.sort_by(|a, b| compare(a, b));
     out
@@ -119,7 +148,10 @@ mod tests {
     }
 
     fn names(v: &VolumeView) -> Vec<&str> {
-        candidates(v).iter().map(|m| m.name.as_str()).collect()
+        candidates(v, Rule::InSyncSet)
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect()
     }
 
     #[test]
@@ -162,10 +194,50 @@ mod tests {
         );
         assert_eq!(names(&v), ["a"]);
         let m = |n: &str| v.members.get(n).unwrap();
-        assert_eq!(eligibility(&v, m("out")), Err(Ineligible::NotInSync));
-        assert_eq!(eligibility(&v, m("r")), Err(Ineligible::NotReady));
-        assert_eq!(eligibility(&v, m("x")), Err(Ineligible::NoFailover));
-        assert_eq!(eligibility(&v, m("s")), Err(Ineligible::OtherVolume));
+        assert_eq!(
+            eligibility(&v, m("out"), Rule::InSyncSet),
+            Err(Ineligible::NotInSync)
+        );
+        assert_eq!(
+            eligibility(&v, m("r"), Rule::InSyncSet),
+            Err(Ineligible::NotReady)
+        );
+        assert_eq!(
+            eligibility(&v, m("x"), Rule::InSyncSet),
+            Err(Ineligible::NoFailover)
+        );
+        assert_eq!(
+            eligibility(&v, m("s"), Rule::InSyncSet),
+            Err(Ineligible::OtherVolume)
+        );
+    }
+
+    #[test]
+    fn under_sync_quorum_the_most_complete_copy_leads_even_outside_the_in_sync_set() {
+        // b dropped out of the set but holds a longer log than a, the only member in it: the
+        // promotion would refuse a (b is more complete), so only b can ever serve.
+        let v = view(vec![member("a", 3, 58), member("b", 3, 59)], &["a"]);
+        let by = |rule| -> Vec<String> {
+            candidates(&v, rule)
+                .iter()
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        assert_eq!(by(Rule::Majority), ["b", "a"]);
+        assert_eq!(by(Rule::InSyncSet), ["a"]);
+        assert_eq!(Rule::for_commit("sync-quorum"), Rule::Majority);
+        assert_eq!(Rule::for_commit("sync-all"), Rule::InSyncSet);
+        assert_eq!(Rule::for_commit("best-effort"), Rule::InSyncSet);
+        let mut never_led = view(vec![member("a", 0, 0), member("b", 0, 0)], &[]);
+        never_led.insync = None;
+        assert_eq!(
+            candidates(&never_led, Rule::Majority)
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a"],
+            "a volume never led is still its creator's"
+        );
     }
 
     #[test]

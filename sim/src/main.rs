@@ -39,6 +39,10 @@ struct Args {
     /// clock drift).
     #[arg(long)]
     control: bool,
+    /// With --control: no operator forces a failover in the liveness phase, so a history
+    /// where the control plane elects no leader that serves fails
+    #[arg(long)]
+    no_operator: bool,
 }
 
 fn config(args: &Args, seed: u64) -> Config {
@@ -65,7 +69,10 @@ fn config(args: &Args, seed: u64) -> Config {
 }
 
 fn controlled(args: &Args) -> ControlConfig {
-    let mut control = ControlConfig::default();
+    let mut control = ControlConfig {
+        operator_forces_failover: !args.no_operator,
+        ..ControlConfig::default()
+    };
     if args.faults == "none" {
         control.faults = ControlFaults::none();
     }

@@ -90,6 +90,11 @@ impl Cluster {
                 lease: cp.etcd.grant(now, ttl),
                 ttl,
             },
+            Request::Revoke { lease } => {
+                cp.etcd.revoke(now, lease);
+                self.after_etcd_change(before);
+                return;
+            }
             Request::Read => match self.etcd_view() {
                 Some(view) => Answer::View(Box::new(view)),
                 None => return,

@@ -98,6 +98,10 @@ pub struct ControlConfig {
     /// replication.
     pub tick: u64,
     pub faults: ControlFaults,
+    /// In the liveness phase, an operator forces a failover when no leader has served for
+    /// three TTLs (off: a history where the control plane cannot elect a leader that serves
+    /// on its own fails).
+    pub operator_forces_failover: bool,
 }
 
 impl Default for ControlConfig {
@@ -114,6 +118,7 @@ impl Default for ControlConfig {
             max_drift_ppm: 100_000,
             tick: 10,
             faults: ControlFaults::all(),
+            operator_forces_failover: true,
         }
     }
 }
@@ -121,9 +126,22 @@ impl Default for ControlConfig {
 /// What one node asks of etcd.
 #[derive(Debug)]
 pub(crate) enum Request {
-    Txn { id: TxnId, txn: Txn },
-    KeepAlive { sent: u64, lease: i64 },
-    Grant { sent: u64 },
+    Txn {
+        id: TxnId,
+        txn: Txn,
+    },
+    KeepAlive {
+        sent: u64,
+        lease: i64,
+    },
+    Grant {
+        sent: u64,
+    },
+    /// The node gives its leadership up, all of it (`blockrep node` after a refused
+    /// promotion): no answer.
+    Revoke {
+        lease: i64,
+    },
     Read,
 }
 
@@ -198,15 +216,10 @@ pub(crate) struct ControlNode {
     serving: bool,
     /// The highest epoch a member answered a promotion's probe with.
     epoch_seen: Epoch,
-    /// A refused promotion is tried again from this time on.
-    next_promotion: u64,
     /// The leadership comes from an operator's forced failover: the rule's refusals are
     /// overridden, as `serve --force` does.
     forced: bool,
 }
-
-/// How long a leader whose promotion was refused waits before it tries again (true ms).
-const PROMOTION_RETRY: u64 = 50;
 
 pub(crate) struct ControlPlane {
     cfg: ControlConfig,
@@ -268,7 +281,6 @@ impl Cluster {
                     leading: None,
                     serving: false,
                     epoch_seen: Epoch(0),
-                    next_promotion: 0,
                     forced: false,
                 }
             })
@@ -481,7 +493,7 @@ impl Cluster {
         let (Some(epoch), false) = (c.leading, c.serving) else {
             return;
         };
-        if !self.nodes[n].alive || self.is_paused(n) || self.now < c.next_promotion {
+        if !self.nodes[n].alive || self.is_paused(n) {
             return;
         }
         if self.promote_at(n, Some(epoch), c.forced) {
@@ -494,20 +506,35 @@ impl Cluster {
             }
             return;
         }
-        // A member has seen this epoch or a later one: report it, so the core steps down
-        // (a member above its epoch) and campaigns above it.
+        // A member has seen this epoch or a later one: report it, so that the next campaign
+        // takes an epoch above it.
         let seen = self
             .members(n)
             .into_iter()
             .map(|i| self.facts(i).epoch)
             .max()
             .unwrap_or(Epoch(0));
-        let now = self.now;
         if let Some(cp) = self.cp() {
             let c = &mut cp.nodes[n];
             c.epoch_seen = c.epoch_seen.max(seen);
-            c.next_promotion = now + PROMOTION_RETRY;
         }
+        self.lead_failed(n);
+    }
+
+    /// The promotion refused the term etcd gave: as `blockrep node` does, the node gives the
+    /// leadership up by revoking its lease (the leader key and its record go at once, so a
+    /// member the promotion would accept can campaign) and registers again on a new lease.
+    /// Holding the key and retrying would keep every other node from ever leading.
+    fn lead_failed(&mut self, n: NodeId) {
+        let now = self.local_now(n);
+        let name = self.nodes[n].name.clone();
+        self.log(format!("etcd: {name} could not serve; gives the volume up"));
+        self.feed(n, Event::LeadFailed { now });
+        self.demote(n);
+        let Some(lease) = self.cp().and_then(|cp| cp.nodes[n].lease.take()) else {
+            return;
+        };
+        self.send_to_etcd(n, Request::Revoke { lease });
     }
 
     /// Stops serving as primary (if it did) and rejoins as a replica.

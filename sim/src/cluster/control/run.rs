@@ -111,11 +111,15 @@ impl Cluster {
         }
         let deadline = self.now + budget_ms;
         let patience = 3 * self.control.as_ref().map_or(0, |cp| cp.cfg.timing.ttl);
+        let operator = self
+            .control
+            .as_ref()
+            .is_some_and(|cp| cp.cfg.operator_forces_failover);
         let mut waiting_since = self.now;
         while self.now < deadline {
             if self.serving_leader().is_some() {
                 waiting_since = self.now;
-            } else if self.now >= waiting_since + patience {
+            } else if operator && self.now >= waiting_since + patience {
                 self.operator_forces_a_failover();
                 waiting_since = self.now;
             }

@@ -235,6 +235,21 @@ impl Cluster {
         }
     }
 
+    /// `etcdctl put PREFIX/VOLUME/epoch N`: the runbook's step after a restore when the
+    /// nodes that led since the snapshot may be down (docs/OPERATIONS.md, "Restore").
+    pub fn operator_sets_epoch_counter(&mut self, epoch: u64) {
+        let now = self.now;
+        let Some(cp) = self.control.as_mut() else {
+            return;
+        };
+        let txn = Txn::default().put(cp.keys.epoch(), epoch.to_string().into_bytes());
+        let before = cp.etcd.revision();
+        if cp.etcd_up && cp.etcd.txn(now, &txn, None).is_ok() {
+            self.log(format!("operator: etcdctl put epoch {epoch}"));
+            self.after_etcd_change(before);
+        }
+    }
+
     /// Every node reaches etcd again.
     pub fn reconnect_all_to_etcd(&mut self) {
         for n in 0..self.nodes.len() {

@@ -213,7 +213,7 @@ mod tests {
     }
 
     #[test]
-    fn under_sync_quorum_the_most_complete_copy_leads_even_outside_the_in_sync_set() {
+    fn under_sync_quorum_the_most_complete_copy_may_lead_outside_the_in_sync_set() {
         // b dropped out of the set but holds a longer log than a, the only member in it: the
         // promotion would refuse a (b is more complete), so only b can ever serve.
         let v = view(vec![member("a", 3, 58), member("b", 3, 59)], &["a"]);

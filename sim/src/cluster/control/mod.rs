@@ -484,8 +484,8 @@ impl Cluster {
         }
     }
 
-    /// A leader not yet serving tries its promotion (again: a member may have been out of
-    /// reach, or the rule may have refused).
+    /// A leader not yet serving promotes its store (when etcd makes it lead, or once it is
+    /// alive and no longer paused); a refusal gives the term up.
     fn try_serve(&mut self, n: NodeId) {
         let Some(c) = self.control.as_ref().map(|cp| cp.node(n)) else {
             return;
@@ -506,8 +506,8 @@ impl Cluster {
             }
             return;
         }
-        // A member has seen this epoch or a later one: report it, so that the next campaign
-        // takes an epoch above it.
+        // Whatever the refusal, an epoch a member has seen is reported, so that the next
+        // campaign goes above it.
         let seen = self
             .members(n)
             .into_iter()

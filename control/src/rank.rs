@@ -3,17 +3,21 @@
 //! Only a member that holds every acknowledged write may lead, and only one the promotion
 //! rule (`blockrep_replication::core::promotion`) would then accept, or its term is wasted:
 //! its store is a whole image of this volume (`Ready`, the volume's id), the operator has not
-//! excluded it (`--nofailover`), and under sync-all and best-effort it is in the in-sync set
-//! at the latest epoch (the leader removes a member there before it acknowledges anything
-//! that skips it). Under sync-quorum the in-sync set is not required: the promotion reads a
-//! majority and refuses any candidate less complete than one of them, so by quorum
-//! intersection it already holds every committed write, and requiring the set as well can
-//! leave no one electable (the most complete copy dropped out of the set, the member in it
-//! lacks that copy's tail, the promotion refuses it). For a volume no one has led yet, only
-//! the node whose store became the volume. Among those, the longest lineage first (the epoch
-//! of the last entry, then its LSN), then the higher `--priority`, then the name, so every
-//! node computes the same order from the same view, and the first is the most complete copy
-//! the promotion asks for.
+//! excluded it (`--nofailover`), and it is in the in-sync set at the latest epoch (the leader
+//! removes a member there before it acknowledges anything that skips it, so each member of
+//! the set holds every acknowledged write). Under sync-quorum a member outside the set may
+//! lead too if its log reaches at least as far, by (head epoch, head), as that of a member
+//! of the set the view shows alive: it then holds that member's whole log (logs that end at
+//! the same epoch agree up to the shorter one; a later epoch's primary held every committed
+//! entry before it), so every acknowledged write, and the promotion, which reads a majority
+//! and refuses anyone less complete than one of them, checks the claim against the stores
+//! themselves. Without it, the most complete copy, once it dropped out of the set, was the
+//! only one the promotion accepted and one etcd would not elect. Requiring a live member of
+//! the set keeps a lone survivor that lags from being elected. For a volume no one has led
+//! yet, only the node whose store became the volume. Among those, the longest lineage first
+//! (the epoch of the last entry, then its LSN), then the higher `--priority`, then the name,
+//! so every node computes the same order from the same view, and the first is the most
+//! complete copy the promotion asks for.
 
 use std::cmp::Ordering;
 
@@ -47,7 +51,8 @@ pub enum Rule {
     /// Sync-all and best-effort: the in-sync set at the latest epoch holds every acknowledged
     /// write.
     InSyncSet,
-    /// Sync-quorum: the promotion's read of a majority proves it.
+    /// Sync-quorum: also a member whose log contains a live in-sync member's, which the
+    /// promotion's read of a majority then checks against the stores.
     Majority,
 }
 
@@ -69,8 +74,10 @@ pub fn eligibility(view: &VolumeView, member: &MemberRecord, rule: Rule) -> Resu
         return Err(Ineligible::OtherVolume);
     }
     let in_sync = match &view.insync {
-        Some(_) if rule == Rule::Majority => true,
-        Some(set) => set.value.contains(&member.name),
+        Some(set) => {
+            set.value.contains(&member.name)
+                || (rule == Rule::Majority && holds_a_live_in_sync_log(view, member))
+        }
         None => identity.created_by == member.name,
     };
     if !in_sync {
@@ -83,6 +90,18 @@ pub fn eligibility(view: &VolumeView, member: &MemberRecord, rule: Rule) -> Resu
         return Err(Ineligible::NoFailover);
     }
     Ok(())
+}
+
+/// Whether `member`'s log reaches at least as far as that of a member of the in-sync set the
+/// view shows alive (so it contains that log).
+fn holds_a_live_in_sync_log(view: &VolumeView, member: &MemberRecord) -> bool {
+    let Some(set) = &view.insync else {
+        return false;
+    };
+    view.members
+        .values()
+        .filter(|m| set.value.contains(&m.name) && m.volume_id == member.volume_id)
+        .any(|m| member.position() >= m.position())
 }
 
 /// Better candidates first.
@@ -225,6 +244,19 @@ mod tests {
         };
         assert_eq!(by(Rule::Majority), ["b", "a"]);
         assert_eq!(by(Rule::InSyncSet), ["a"]);
+        // Without a live member of the set to hold a log of, nobody outside it may lead: a
+        // survivor that lags would lose what the dead members of the set acknowledged.
+        let alone = view(vec![member("b", 3, 59)], &["a"]);
+        assert!(candidates(&alone, Rule::Majority).is_empty());
+        let behind = view(vec![member("a", 3, 58), member("b", 3, 57)], &["a"]);
+        assert_eq!(
+            candidates(&behind, Rule::Majority)
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a"],
+            "a member outside the set that lacks the in-sync member's tail may not lead"
+        );
         assert_eq!(Rule::for_commit("sync-quorum"), Rule::Majority);
         assert_eq!(Rule::for_commit("sync-all"), Rule::InSyncSet);
         assert_eq!(Rule::for_commit("best-effort"), Rule::InSyncSet);

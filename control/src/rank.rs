@@ -1,12 +1,23 @@
 //! Who may take over a volume, and in which order.
 //!
-//! Only a member that holds every acknowledged write may lead: one in the in-sync set at the
-//! latest epoch (the leader removes a member there before it acknowledges anything that skips
-//! it), whose store is a whole image of this volume (`Ready`, the volume's id), and that the
-//! operator has not excluded (`--nofailover`). For a volume no one has led yet, only the node
-//! whose store became the volume. Among those, the longest lineage first (the epoch of the
-//! last entry, then its LSN), then the higher `--priority`, then the name, so every node
-//! computes the same order from the same view.
+//! Only a member that holds every acknowledged write may lead, and only one the promotion
+//! rule (`blockrep_replication::core::promotion`) would then accept, or its term is wasted:
+//! its store is a whole image of this volume (`Ready`, the volume's id), the operator has not
+//! excluded it (`--nofailover`), and it is in the in-sync set at the latest epoch (the leader
+//! removes a member there before it acknowledges anything that skips it, so each member of
+//! the set holds every acknowledged write). Under sync-quorum a member outside the set may
+//! lead too if its log reaches at least as far, by (head epoch, head), as that of a member
+//! of the set the view shows alive: it then holds that member's whole log (logs that end at
+//! the same epoch agree up to the shorter one; a later epoch's primary held every committed
+//! entry before it), so every acknowledged write, and the promotion, which reads a majority
+//! and refuses anyone less complete than one of them, checks the claim against the stores
+//! themselves. Without it, the most complete copy, once it dropped out of the set, was the
+//! only one the promotion accepted and one etcd would not elect. Requiring a live member of
+//! the set keeps a lone survivor that lags from being elected. For a volume no one has led
+//! yet, only the node whose store became the volume. Among those, the longest lineage first
+//! (the epoch of the last entry, then its LSN), then the higher `--priority`, then the name,
+//! so every node computes the same order from the same view, and the first is the most
+//! complete copy the promotion asks for.
 
 use std::cmp::Ordering;
 
@@ -34,14 +45,39 @@ impl Ineligible {
     }
 }
 
-/// Whether `member` may take over, ignoring its position.
-pub fn eligibility(view: &VolumeView, member: &MemberRecord) -> Result<(), Ineligible> {
+/// What, beside its store, makes a member safe to elect: the commit mode's promise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Sync-all and best-effort: the in-sync set at the latest epoch holds every acknowledged
+    /// write.
+    InSyncSet,
+    /// Sync-quorum: also a member whose log contains a live in-sync member's, which the
+    /// promotion's read of a majority then checks against the stores.
+    Majority,
+}
+
+impl Rule {
+    /// The rule of a commit mode by its name (an unknown one gets the stricter rule).
+    pub fn for_commit(commit: &str) -> Rule {
+        if commit == "sync-quorum" {
+            Rule::Majority
+        } else {
+            Rule::InSyncSet
+        }
+    }
+}
+
+/// Whether `member` may take over under `rule`, ignoring its position.
+pub fn eligibility(view: &VolumeView, member: &MemberRecord, rule: Rule) -> Result<(), Ineligible> {
     let identity = view.identity.as_ref().ok_or(Ineligible::NoVolume)?;
     if member.volume_id != identity.volume_id {
         return Err(Ineligible::OtherVolume);
     }
     let in_sync = match &view.insync {
-        Some(set) => set.value.contains(&member.name),
+        Some(set) => {
+            set.value.contains(&member.name)
+                || (rule == Rule::Majority && holds_a_live_in_sync_log(view, member))
+        }
         None => identity.created_by == member.name,
     };
     if !in_sync {
@@ -56,6 +92,18 @@ pub fn eligibility(view: &VolumeView, member: &MemberRecord) -> Result<(), Ineli
     Ok(())
 }
 
+/// Whether `member`'s log reaches at least as far as that of a member of the in-sync set the
+/// view shows alive (so it contains that log).
+fn holds_a_live_in_sync_log(view: &VolumeView, member: &MemberRecord) -> bool {
+    let Some(set) = &view.insync else {
+        return false;
+    };
+    view.members
+        .values()
+        .filter(|m| set.value.contains(&m.name) && m.volume_id == member.volume_id)
+        .any(|m| member.position() >= m.position())
+}
+
 /// Better candidates first.
 pub fn compare(a: &MemberRecord, b: &MemberRecord) -> Ordering {
     b.position()
@@ -64,12 +112,12 @@ pub fn compare(a: &MemberRecord, b: &MemberRecord) -> Ordering {
         .then(a.name.cmp(&b.name))
 }
 
-/// The live members that may take over, best first.
-pub fn candidates(view: &VolumeView) -> Vec<&MemberRecord> {
+/// The live members that may take over under `rule`, best first.
+pub fn candidates(view: &VolumeView, rule: Rule) -> Vec<&MemberRecord> {
     let mut out: Vec<&MemberRecord> = view
         .members
         .values()
-        .filter(|m| eligibility(view, m).is_ok())
+        .filter(|m| eligibility(view, m, rule).is_ok())
         .collect();
     out.sort_by(|a, b| compare(a, b));
     out
@@ -119,7 +167,10 @@ mod tests {
     }
 
     fn names(v: &VolumeView) -> Vec<&str> {
-        candidates(v).iter().map(|m| m.name.as_str()).collect()
+        candidates(v, Rule::InSyncSet)
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect()
     }
 
     #[test]
@@ -162,10 +213,63 @@ mod tests {
         );
         assert_eq!(names(&v), ["a"]);
         let m = |n: &str| v.members.get(n).unwrap();
-        assert_eq!(eligibility(&v, m("out")), Err(Ineligible::NotInSync));
-        assert_eq!(eligibility(&v, m("r")), Err(Ineligible::NotReady));
-        assert_eq!(eligibility(&v, m("x")), Err(Ineligible::NoFailover));
-        assert_eq!(eligibility(&v, m("s")), Err(Ineligible::OtherVolume));
+        assert_eq!(
+            eligibility(&v, m("out"), Rule::InSyncSet),
+            Err(Ineligible::NotInSync)
+        );
+        assert_eq!(
+            eligibility(&v, m("r"), Rule::InSyncSet),
+            Err(Ineligible::NotReady)
+        );
+        assert_eq!(
+            eligibility(&v, m("x"), Rule::InSyncSet),
+            Err(Ineligible::NoFailover)
+        );
+        assert_eq!(
+            eligibility(&v, m("s"), Rule::InSyncSet),
+            Err(Ineligible::OtherVolume)
+        );
+    }
+
+    #[test]
+    fn under_sync_quorum_the_most_complete_copy_may_lead_outside_the_in_sync_set() {
+        // b dropped out of the set but holds a longer log than a, the only member in it: the
+        // promotion would refuse a (b is more complete), so only b can ever serve.
+        let v = view(vec![member("a", 3, 58), member("b", 3, 59)], &["a"]);
+        let by = |rule| -> Vec<String> {
+            candidates(&v, rule)
+                .iter()
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        assert_eq!(by(Rule::Majority), ["b", "a"]);
+        assert_eq!(by(Rule::InSyncSet), ["a"]);
+        // Without a live member of the set to hold a log of, nobody outside it may lead: a
+        // survivor that lags would lose what the dead members of the set acknowledged.
+        let alone = view(vec![member("b", 3, 59)], &["a"]);
+        assert!(candidates(&alone, Rule::Majority).is_empty());
+        let behind = view(vec![member("a", 3, 58), member("b", 3, 57)], &["a"]);
+        assert_eq!(
+            candidates(&behind, Rule::Majority)
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a"],
+            "a member outside the set that lacks the in-sync member's tail may not lead"
+        );
+        assert_eq!(Rule::for_commit("sync-quorum"), Rule::Majority);
+        assert_eq!(Rule::for_commit("sync-all"), Rule::InSyncSet);
+        assert_eq!(Rule::for_commit("best-effort"), Rule::InSyncSet);
+        let mut never_led = view(vec![member("a", 0, 0), member("b", 0, 0)], &[]);
+        never_led.insync = None;
+        assert_eq!(
+            candidates(&never_led, Rule::Majority)
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a"],
+            "a volume never led is still its creator's"
+        );
     }
 
     #[test]

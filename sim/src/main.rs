@@ -43,6 +43,10 @@ struct Args {
     /// etcd is out of reach; a new leader holds renew + ttl/8 before it acknowledges).
     #[arg(long)]
     failsafe: bool,
+    /// With --control: no operator forces a failover in the liveness phase, so a history
+    /// where the control plane elects no leader that serves fails
+    #[arg(long)]
+    no_operator: bool,
 }
 
 fn config(args: &Args, seed: u64) -> Config {
@@ -71,6 +75,7 @@ fn config(args: &Args, seed: u64) -> Config {
 fn controlled(args: &Args) -> ControlConfig {
     let mut control = ControlConfig {
         failsafe: args.failsafe,
+        operator_forces_failover: !args.no_operator,
         ..ControlConfig::default()
     };
     if args.faults == "none" {

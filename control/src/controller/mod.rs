@@ -666,7 +666,7 @@ impl Controller {
         if let Some(request) = &view.switchover {
             let to = &request.value.to;
             let target = view.members.get(to);
-            let eligible = target.is_some_and(|m| rank::eligibility(view, m).is_ok());
+            let eligible = target.is_some_and(|m| rank::eligibility(view, m, self.rule()).is_ok());
             if to != &self.cfg.name && (eligible || (request.value.force && target.is_some())) {
                 let head = self.local.as_ref().map_or(Lsn::ZERO, |l| l.head);
                 self.handover = Some(Handover {
@@ -729,6 +729,11 @@ impl Controller {
         self.campaign(now, view, local, out);
     }
 
+    /// Who may be elected, by the commit mode this node replicates with.
+    fn rule(&self) -> rank::Rule {
+        rank::Rule::for_commit(&self.cfg.commit)
+    }
+
     /// Whether this node should take the leader key now: it is the best live candidate, or the
     /// one an operator's request names.
     fn should_campaign(&self, view: &VolumeView) -> Option<bool> {
@@ -736,13 +741,15 @@ impl Controller {
         if let Some(request) = &view.switchover {
             let r = &request.value;
             if let Some(target) = view.members.get(&r.to) {
-                let eligible = rank::eligibility(view, target).is_ok();
+                let eligible = rank::eligibility(view, target, self.rule()).is_ok();
                 if eligible || r.force {
                     return (r.to == self.cfg.name).then_some(r.force && !eligible);
                 }
             }
         }
-        let best = rank::candidates(view).first().map(|m| m.name.clone())?;
+        let best = rank::candidates(view, self.rule())
+            .first()
+            .map(|m| m.name.clone())?;
         (best == me.name).then_some(false)
     }
 

@@ -40,6 +40,10 @@ fn local(volume: &str, head: u64) -> LocalState {
 
 impl Cluster {
     fn new(names: &[&str]) -> Cluster {
+        Cluster::with_commit(names, "sync-all")
+    }
+
+    fn with_commit(names: &[&str], commit: &str) -> Cluster {
         let keys = Keys::new("/blockrep", "vol").unwrap();
         let mut etcd = MemEtcd::new();
         let timing = Timing::from_ttl(3_000).unwrap();
@@ -54,7 +58,7 @@ impl Cluster {
                         priority: 0,
                         nofailover: false,
                         timing,
-                        commit: "sync-all".into(),
+                        commit: commit.into(),
                         failsafe: false,
                     },
                 );
@@ -444,6 +448,34 @@ fn a_replica_leaves_the_in_sync_set_in_etcd_before_the_leader_may_skip_it() {
     c.nodes[a].reaches_etcd = false;
     c.advance(500, 20);
     assert_eq!(c.leaders(), ["b"]);
+}
+
+#[test]
+fn under_sync_quorum_the_most_complete_copy_may_lead_outside_the_in_sync_set() {
+    for (commit, next) in [("sync-quorum", "c"), ("sync-all", "b")] {
+        let mut c = Cluster::with_commit(&["a", "b", "c"], commit);
+        c.advance(100, 3);
+        c.adopt_volume();
+        c.advance(100, 3);
+        let a = c.idx("a");
+        let now = c.now;
+        c.deliver(
+            a,
+            Event::Replication {
+                now,
+                in_sync: vec!["b".into()],
+            },
+        );
+        assert_eq!(c.nodes[a].ctl.recorded_in_sync(), ["a", "b"]);
+        // c dropped out of the set but holds more than b: under sync-quorum the promotion
+        // would refuse b (c is more complete), so c is the one etcd must elect.
+        let (b, cc) = (c.idx("b"), c.idx("c"));
+        c.nodes[b].local.head = Lsn(40);
+        c.nodes[cc].local.head = Lsn(41);
+        c.nodes[a].reaches_etcd = false;
+        c.advance(500, 20);
+        assert_eq!(c.leaders(), [next], "{commit}");
+    }
 }
 
 #[test]

@@ -90,6 +90,11 @@ impl Cluster {
                 lease: cp.etcd.grant(now, ttl),
                 ttl,
             },
+            Request::Revoke { lease } => {
+                cp.etcd.revoke(now, lease);
+                self.after_etcd_change(before);
+                return;
+            }
             Request::Read => match self.etcd_view() {
                 Some(view) => Answer::View(Box::new(view)),
                 None => return,
@@ -226,6 +231,21 @@ impl Cluster {
         let txn = Txn::default().put(cp.keys.switchover(), encode(&request));
         let before = cp.etcd.revision();
         if cp.etcd_up && cp.etcd.txn(now, &txn, None).is_ok() {
+            self.after_etcd_change(before);
+        }
+    }
+
+    /// `etcdctl put PREFIX/VOLUME/epoch N`: the runbook's step after a restore when the
+    /// nodes that led since the snapshot may be down (docs/OPERATIONS.md, "Restore").
+    pub fn operator_sets_epoch_counter(&mut self, epoch: u64) {
+        let now = self.now;
+        let Some(cp) = self.control.as_mut() else {
+            return;
+        };
+        let txn = Txn::default().put(cp.keys.epoch(), epoch.to_string().into_bytes());
+        let before = cp.etcd.revision();
+        if cp.etcd_up && cp.etcd.txn(now, &txn, None).is_ok() {
+            self.log(format!("operator: etcdctl put epoch {epoch}"));
             self.after_etcd_change(before);
         }
     }

@@ -103,6 +103,10 @@ pub struct ControlConfig {
     /// the primary core's `confirmed_at` on every tick), and a new leader holds
     /// `renew + ttl/8` on its own clock after its promotion before it acknowledges.
     pub failsafe: bool,
+    /// In the liveness phase, an operator forces a failover when no leader has served for
+    /// three TTLs (off: a history where the control plane cannot elect a leader that serves
+    /// on its own fails).
+    pub operator_forces_failover: bool,
 }
 
 impl Default for ControlConfig {
@@ -120,6 +124,7 @@ impl Default for ControlConfig {
             tick: 10,
             faults: ControlFaults::all(),
             failsafe: false,
+            operator_forces_failover: true,
         }
     }
 }
@@ -127,9 +132,22 @@ impl Default for ControlConfig {
 /// What one node asks of etcd.
 #[derive(Debug)]
 pub(crate) enum Request {
-    Txn { id: TxnId, txn: Txn },
-    KeepAlive { sent: u64, lease: i64 },
-    Grant { sent: u64 },
+    Txn {
+        id: TxnId,
+        txn: Txn,
+    },
+    KeepAlive {
+        sent: u64,
+        lease: i64,
+    },
+    Grant {
+        sent: u64,
+    },
+    /// The node gives its leadership up, all of it (`blockrep node` after a refused
+    /// promotion): no answer.
+    Revoke {
+        lease: i64,
+    },
     Read,
 }
 
@@ -204,8 +222,6 @@ pub(crate) struct ControlNode {
     serving: bool,
     /// The highest epoch a member answered a promotion's probe with.
     epoch_seen: Epoch,
-    /// A refused promotion is tried again from this time on.
-    next_promotion: u64,
     /// The leadership comes from an operator's forced failover: the rule's refusals are
     /// overridden, as `serve --force` does.
     forced: bool,
@@ -213,9 +229,6 @@ pub(crate) struct ControlNode {
     /// node's `AckGate::hold`); its leadership begins, for the checker, once it has passed.
     hold_until: Option<u64>,
 }
-
-/// How long a leader whose promotion was refused waits before it tries again (true ms).
-const PROMOTION_RETRY: u64 = 50;
 
 pub(crate) struct ControlPlane {
     cfg: ControlConfig,
@@ -278,7 +291,6 @@ impl Cluster {
                     leading: None,
                     serving: false,
                     epoch_seen: Epoch(0),
-                    next_promotion: 0,
                     forced: false,
                     hold_until: None,
                 }
@@ -483,8 +495,8 @@ impl Cluster {
         }
     }
 
-    /// A leader not yet serving tries its promotion (again: a member may have been out of
-    /// reach, or the rule may have refused).
+    /// A leader not yet serving promotes its store (when etcd makes it lead, or once it is
+    /// alive and no longer paused); a refusal gives the term up.
     fn try_serve(&mut self, n: NodeId) {
         let Some(c) = self.control.as_ref().map(|cp| cp.node(n)) else {
             return;
@@ -492,7 +504,7 @@ impl Cluster {
         let (Some(epoch), false) = (c.leading, c.serving) else {
             return;
         };
-        if !self.nodes[n].alive || self.is_paused(n) || self.now < c.next_promotion {
+        if !self.nodes[n].alive || self.is_paused(n) {
             return;
         }
         if self.promote_at(n, Some(epoch), c.forced) {
@@ -515,20 +527,35 @@ impl Cluster {
             }
             return;
         }
-        // A member has seen this epoch or a later one: report it, so the core steps down
-        // (a member above its epoch) and campaigns above it.
+        // Whatever the refusal, an epoch a member has seen is reported, so that the next
+        // campaign goes above it.
         let seen = self
             .members(n)
             .into_iter()
             .map(|i| self.facts(i).epoch)
             .max()
             .unwrap_or(Epoch(0));
-        let now = self.now;
         if let Some(cp) = self.cp() {
             let c = &mut cp.nodes[n];
             c.epoch_seen = c.epoch_seen.max(seen);
-            c.next_promotion = now + PROMOTION_RETRY;
         }
+        self.lead_failed(n);
+    }
+
+    /// The promotion refused the term etcd gave: as `blockrep node` does, the node gives the
+    /// leadership up by revoking its lease (the leader key and its record go at once, so a
+    /// member the promotion would accept can campaign) and registers again on a new lease.
+    /// Holding the key and retrying would keep every other node from ever leading.
+    fn lead_failed(&mut self, n: NodeId) {
+        let now = self.local_now(n);
+        let name = self.nodes[n].name.clone();
+        self.log(format!("etcd: {name} could not serve; gives the volume up"));
+        self.feed(n, Event::LeadFailed { now });
+        self.demote(n);
+        let Some(lease) = self.cp().and_then(|cp| cp.nodes[n].lease.take()) else {
+            return;
+        };
+        self.send_to_etcd(n, Request::Revoke { lease });
     }
 
     /// Stops serving as primary (if it did) and rejoins as a replica.

@@ -111,11 +111,15 @@ impl Cluster {
         }
         let deadline = self.now + budget_ms;
         let patience = 3 * self.control.as_ref().map_or(0, |cp| cp.cfg.timing.ttl);
+        let operator = self
+            .control
+            .as_ref()
+            .is_some_and(|cp| cp.cfg.operator_forces_failover);
         let mut waiting_since = self.now;
         while self.now < deadline {
             if self.serving_leader().is_some() {
                 waiting_since = self.now;
-            } else if self.now >= waiting_since + patience {
+            } else if operator && self.now >= waiting_since + patience {
                 self.operator_forces_a_failover();
                 waiting_since = self.now;
             }
@@ -146,11 +150,11 @@ impl Cluster {
     }
 
     /// What an operator does when no leader serves: `blockrep ctl failover --to NODE --force`
-    /// to the node the promotion rule would accept. etcd's candidate rule (in sync at the
-    /// latest epoch) and the replication promotion rule (the most complete copy the members
-    /// show) can disagree: after a crash a member outside the in-sync set may hold a longer
-    /// log than the only member in it, and an etcd restored from an older snapshot restores
-    /// an older in-sync set. etcd's leader then holds the key without ever serving.
+    /// to the node the promotion rule would accept. Under sync-all and best-effort etcd's
+    /// candidate rule (in sync at the latest epoch) and the promotion rule can still disagree:
+    /// a member outside the in-sync set whose log ends at a later epoch than every member in
+    /// it makes the promotion refuse them all, and etcd elects no one who can serve
+    /// (docs/PROTOCOL.md, "The candidate rule and the promotion rule agree").
     fn operator_forces_a_failover(&mut self) {
         let mut candidates: Vec<NodeId> = (0..self.nodes.len())
             .filter(|&i| self.nodes[i].alive)

@@ -108,6 +108,9 @@ pub enum Action {
         conn: ConnId,
         lsn: Lsn,
     },
+    /// Persist the committed LSN, gate checkpoints at it, and keep the WAL after it while
+    /// the WAL has room (`Store::keep_wal_after`): promoted, this store then still holds
+    /// every entry an old primary rejoining with the committed prefix may lack.
     SetCommitted {
         lsn: Lsn,
     },

@@ -433,13 +433,11 @@ impl Replication {
         changed
     }
 
-    /// A replica keeps the WAL from `lsn` on while it has room. Returns whether it changed.
-    pub fn set_yielding_pin(&mut self, lsn: Lsn) -> bool {
-        let changed = self.retention_pin != Some(lsn);
+    /// A replica keeps the WAL from `lsn` on while it has room.
+    pub fn set_yielding_pin(&mut self, lsn: Lsn) {
         self.retention_pin = Some(lsn);
         self.pin_from_open = false;
         self.pin_yields = true;
-        changed
     }
 
     /// A caller needs the WAL from `lsn` on, besides whatever it is pinned for already.

@@ -54,10 +54,13 @@ impl Store {
     /// (`keep_retained_wal` keeps the hold across the restart into a primary) instead of
     /// being rebuilt because our data file had passed its log end.
     pub fn keep_wal_after(&self, committed: Lsn) {
-        let mut core = self.shared.lock_core();
-        if core.repl.set_yielding_pin(committed.next()) {
-            self.shared.request_flush(&mut core);
-        }
+        // No checkpoint is asked for: a hold that moves up only lets the next one release
+        // more, and an extra checkpoint at each commit would race the gate (one frozen just
+        // as an entry past the commit arrives goes ahead of it after a short wait).
+        self.shared
+            .lock_core()
+            .repl
+            .set_yielding_pin(committed.next());
     }
 
     /// Makes this store a replica at `epoch`, claimed by the primary store `owner`. The

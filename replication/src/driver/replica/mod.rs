@@ -338,8 +338,10 @@ impl ReplicaLoop {
             Ok(Ok(())) => None,
             Ok(Err(e @ StorageError::CannotTruncate { .. })) => Some(e.to_string()),
             Ok(Err(e)) => {
-                self.fail_storage(format!("cannot cut the log: {e}"));
-                return;
+                let why = format!("cannot cut the log: {e}");
+                self.fail_storage(why.clone());
+                // The core still hears the cut's end, or it would hold every later frame.
+                Some(why)
             }
             Err(e) => Some(format!("the cut did not run: {e}")),
         };

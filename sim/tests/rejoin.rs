@@ -8,7 +8,7 @@
 mod common;
 
 use blockrep_replication::core::primary::PeerState;
-use blockrep_replication::core::CommitMode::SyncAll;
+use blockrep_replication::core::CommitMode::{SyncAll, SyncQuorum};
 use blockrep_sim::Cluster;
 use common::*;
 
@@ -63,17 +63,19 @@ fn old_primary_behind_the_new_primarys_data_file(c: &mut Cluster) -> Vec<(u64, u
 
 #[test]
 fn rejoin_after_failover_behind_the_new_primarys_data_file_is_caught_up_not_rebuilt() {
-    let mut c = Cluster::scripted(SyncAll);
-    let before = old_primary_behind_the_new_primarys_data_file(&mut c);
-    let after = write(&mut c, N1, 0, 30);
-    c.restart_as_replica(N0);
-    reach(&mut c, N1, N0, PeerState::InSync, WAIT);
-    acked(&mut c, N1);
-    let k = c.counters(N1).expect("n1 is primary");
-    assert_eq!(k.rebuilds_started, 0, "{}{}", c.describe(), recovery(&c));
-    assert!(k.catch_ups >= 1, "{k:?}");
-    lands(&mut c, N0, &[before, after].concat());
-    converge(&mut c);
+    for mode in [SyncAll, SyncQuorum] {
+        let mut c = Cluster::scripted(mode);
+        let before = old_primary_behind_the_new_primarys_data_file(&mut c);
+        let after = write(&mut c, N1, 0, 30);
+        c.restart_as_replica(N0);
+        reach(&mut c, N1, N0, PeerState::InSync, WAIT);
+        acked(&mut c, N1);
+        let k = c.counters(N1).expect("n1 is primary");
+        assert_eq!(k.rebuilds_started, 0, "{}{}", c.describe(), recovery(&c));
+        assert!(k.catch_ups >= 1, "{k:?}");
+        lands(&mut c, N0, &[before, after].concat());
+        converge(&mut c);
+    }
 }
 
 #[test]

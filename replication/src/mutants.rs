@@ -29,6 +29,9 @@ pub enum Mutant {
     /// The primary resumes an interrupted rebuild from any cursor the replica reports,
     /// without checking that the partial base's lineage is its own.
     TrustCursorWithoutLineage = 9,
+    /// The primary skips the cut: a replica whose log diverged is caught up from the last
+    /// entry both logs share as if its tail had been discarded, so the tail survives.
+    SkipCut = 10,
 }
 
 impl Mutant {
@@ -44,6 +47,7 @@ impl Mutant {
             Mutant::RecycleNeededWal => "recycle-needed-wal",
             Mutant::AckCutWithoutCutting => "ack-cut-without-cutting",
             Mutant::TrustCursorWithoutLineage => "trust-cursor-without-lineage",
+            Mutant::SkipCut => "skip-cut",
         }
     }
 
@@ -51,7 +55,7 @@ impl Mutant {
         Mutant::ALL.into_iter().find(|m| m.name() == name)
     }
 
-    pub const ALL: [Mutant; 9] = [
+    pub const ALL: [Mutant; 10] = [
         Mutant::CountOutOfSyncReplica,
         Mutant::AcceptLsnGap,
         Mutant::SkipReplicaEpochCheck,
@@ -61,6 +65,7 @@ impl Mutant {
         Mutant::RecycleNeededWal,
         Mutant::AckCutWithoutCutting,
         Mutant::TrustCursorWithoutLineage,
+        Mutant::SkipCut,
     ];
 }
 

@@ -184,6 +184,12 @@ impl SimStore {
         }
     }
 
+    /// A replica keeps its WAL after the committed LSN through every checkpoint, as
+    /// `Store::keep_wal_after` does (here the WAL never fills, so the hold never gives way).
+    pub fn keep_wal_after_committed(&mut self) {
+        self.pin = Some(self.committed.next());
+    }
+
     /// Moves the durable entries into the image; the WAL keeps what the pin asks for.
     pub fn checkpoint(&mut self) {
         self.checkpoint_through(self.durable);

@@ -67,6 +67,11 @@ fn mutant_ack_cut_without_cutting_is_caught() {
     caught(Mutant::AckCutWithoutCutting);
 }
 
+#[test]
+fn mutant_skip_cut_is_caught() {
+    caught(Mutant::SkipCut);
+}
+
 /// Switches every mutant off again, even when a scenario's own assertion panics.
 struct Off;
 

@@ -6,6 +6,8 @@
 //! epoch, and entries only in LSN order: a duplicate is ignored, a gap is refused. It reports
 //! durability only after its own fsync.
 
+use std::collections::VecDeque;
+
 use blockrep_storage::{Epoch, Lsn, RebuildCursor, VolumeId, WalRecord};
 
 use bytes::Bytes;
@@ -106,6 +108,9 @@ pub enum Action {
         conn: ConnId,
         lsn: Lsn,
     },
+    /// Persist the committed LSN, gate checkpoints at it, and keep the WAL after it while
+    /// the WAL has room (`Store::keep_wal_after`): promoted, this store then still holds
+    /// every entry an old primary rejoining with the committed prefix may lack.
     SetCommitted {
         lsn: Lsn,
     },
@@ -143,8 +148,17 @@ pub struct ReplicaCore {
     active: Option<ConnId>,
     /// The active session's hello waits for the store to be durable through its head.
     greeting: Option<ConnId>,
+    /// A `Truncate` handed to the store and not yet answered (`Truncated`).
+    cutting: bool,
+    /// Frames that arrived while `cutting`, in order, to be handled once the cut is answered.
+    parked: VecDeque<(ConnId, Frame)>,
     out: Vec<Action>,
 }
+
+/// How many frames may wait for a cut's answer. An honest primary sends nothing between
+/// `Truncate` and its answer, and a new primary's hello is one frame; more is a peer that
+/// does not wait, refused before it can make the replica hold its frames without bound.
+const MAX_PARKED: usize = 64;
 
 impl ReplicaCore {
     pub fn new(state: ReplicaState) -> ReplicaCore {
@@ -152,6 +166,8 @@ impl ReplicaCore {
             s: state,
             active: None,
             greeting: None,
+            cutting: false,
+            parked: VecDeque::new(),
             out: Vec::new(),
         }
     }
@@ -186,6 +202,7 @@ impl ReplicaCore {
     }
 
     fn closed(&mut self, conn: ConnId) {
+        self.parked.retain(|(c, _)| *c != conn);
         if self.active == Some(conn) {
             self.active = None;
             self.greeting = None;
@@ -210,6 +227,7 @@ impl ReplicaCore {
         head_epoch: Epoch,
         refusal: Option<String>,
     ) {
+        self.cutting = false;
         if refusal.is_none() {
             self.s.head = head;
             self.s.head_epoch = head_epoch;
@@ -217,6 +235,14 @@ impl ReplicaCore {
         }
         if self.active == Some(conn) {
             self.answer_cut(conn, refusal.unwrap_or_default());
+        }
+        // What arrived meanwhile is handled on the log as it is now, in order; a frame
+        // among them may start another cut, which parks the rest again.
+        while !self.cutting {
+            let Some((conn, frame)) = self.parked.pop_front() else {
+                break;
+            };
+            self.received(conn, frame);
         }
     }
 
@@ -305,7 +331,24 @@ impl ReplicaCore {
     /// active session at our epoch: the `current` guard refuses the frame itself when it
     /// fails (once: a guard runs only for the arm whose pattern matched), and the kind then
     /// falls through to the empty arm.
+    ///
+    /// Invariant (*a cut answered after a rebuild began leaves the core on the rebuilt
+    /// head*): while the store runs a cut, every frame but `Probe` (which changes no log) is
+    /// parked and handled after the cut's answer, in order. Handled at once, it would be
+    /// checked against a head the store no longer has (an entry after the old head appended
+    /// on the cut log, a hello answered with it), and a log reset it started (a rebuild)
+    /// would be undone by the late answer.
     fn received(&mut self, conn: ConnId, frame: Frame) {
+        if self.cutting && !matches!(frame.body, Body::Probe { .. }) {
+            if self.parked.len() >= MAX_PARKED {
+                let msg = format!("more than {MAX_PARKED} frames sent while a cut is outstanding");
+                self.parked.retain(|(c, _)| *c != conn);
+                self.reject(conn, RejectReason::Protocol, msg);
+                return;
+            }
+            self.parked.push_back((conn, frame));
+            return;
+        }
         let epoch = frame.epoch;
         match frame.body {
             Body::Probe { fence } => self.probe(conn, epoch, fence),
@@ -512,6 +555,7 @@ impl ReplicaCore {
             self.send(conn, body);
             return;
         }
+        self.cutting = true;
         self.out.push(Action::Truncate { conn, keep });
     }
 

@@ -264,6 +264,7 @@ impl Cluster {
             A::SetCommitted { lsn } => {
                 let s = &mut self.nodes[n].store;
                 s.committed = s.committed.max(lsn);
+                s.keep_wal_after_committed();
             }
             A::BeginRebuild {
                 base,

@@ -306,6 +306,7 @@ impl Cluster {
             cursor: s.cursor.clone().filter(|_| s.rebuilding),
         };
         node.role = Some(Role::Replica(Box::new(ReplicaCore::new(state))));
+        node.store.keep_wal_after_committed();
         let name = self.nodes[n].name.clone();
         self.log(format!("{name} starts as a replica"));
     }

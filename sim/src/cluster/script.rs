@@ -158,6 +158,26 @@ impl Cluster {
         }
     }
 
+    /// `n`'s store syncs and checkpoints everything it holds, whatever its checkpoint gate
+    /// says: a clean close, or a checkpoint that stopped waiting because the WAL filled up.
+    /// The WAL keeps only what the store's pin asks for.
+    pub fn checkpoint_past_the_gate(&mut self, n: NodeId) {
+        let s = &mut self.nodes[n].store;
+        s.sync();
+        s.checkpoint();
+        let (image, kept) = (s.image_lsn, s.retained_from);
+        let name = self.nodes[n].name.clone();
+        self.log(format!(
+            "{name} checkpoints past its gate: data file through {image}, WAL from {kept}"
+        ));
+    }
+
+    /// Where `n`'s data file is (its last checkpoint) and where its WAL begins.
+    pub fn checkpointed(&self, n: NodeId) -> (Lsn, Lsn) {
+        let s = &self.nodes[n].store;
+        (s.image_lsn, s.retained_from)
+    }
+
     /// Crash `n` with nothing unsynced surviving (the worst case for the node).
     pub fn crash_losing_unsynced(&mut self, n: NodeId) {
         self.crash_keeping(n, 0);

@@ -406,6 +406,9 @@ pub(crate) struct Replication {
     /// caller chose: it gives way to a write that finds the WAL full (nobody has said yet
     /// that the WAL is needed, and a write must not wait for somebody who may never come).
     pub pin_from_open: bool,
+    /// `retention_pin` is a replica's hold on the WAL after its committed LSN
+    /// (`Store::keep_wal_after`): it too gives way to a write that finds the WAL full.
+    pub pin_yields: bool,
     /// Checkpoints wait for this LSN to reach their target before they write the data file
     /// (see `Store::set_checkpoint_gate`); `None`: they never wait.
     pub gate: Option<Lsn>,
@@ -426,29 +429,51 @@ impl Replication {
         let changed = self.retention_pin != pin;
         self.retention_pin = pin;
         self.pin_from_open = false;
+        self.pin_yields = false;
         changed
+    }
+
+    /// A replica keeps the WAL from `lsn` on while it has room.
+    pub fn set_yielding_pin(&mut self, lsn: Lsn) {
+        self.retention_pin = Some(lsn);
+        self.pin_from_open = false;
+        self.pin_yields = true;
     }
 
     /// A caller needs the WAL from `lsn` on, besides whatever it is pinned for already.
     pub fn pin_from(&mut self, lsn: Lsn) {
         self.retention_pin = Some(self.retention_pin.map_or(lsn, |p| p.min(lsn)));
         self.pin_from_open = false;
+        self.pin_yields = false;
     }
 
-    /// Drops a pin nobody has confirmed since the open. Returns whether there was one.
-    pub fn drop_open_pin(&mut self) -> bool {
-        let had = self.pin_from_open;
-        if had {
-            self.pin_from_open = false;
-            self.retention_pin = None;
-        }
-        had
+    /// Drops a pin nobody has confirmed since the open, or a replica's yielding one.
+    /// Returns which it was, if any.
+    pub fn drop_open_pin(&mut self) -> Option<YieldedPin> {
+        let had = if self.pin_from_open {
+            YieldedPin::FromOpen
+        } else if self.pin_yields {
+            YieldedPin::Replica
+        } else {
+            return None;
+        };
+        self.pin_from_open = false;
+        self.pin_yields = false;
+        self.retention_pin = None;
+        Some(had)
     }
 
     /// Whether a checkpoint through `target` keeps WAL entries from before it.
     pub fn keeps_before(&self, target: Lsn) -> bool {
         self.retention_pin.is_some_and(|p| p <= target)
     }
+}
+
+/// Which pin gave way to a full WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum YieldedPin {
+    FromOpen,
+    Replica,
 }
 
 /// Failure, closing, and the requests and stops for the two threads.

@@ -415,6 +415,7 @@ fn recovered_core(
             tap: None,
             retention_pin: opts.keep_retained_wal.then_some(log.first_lsn),
             pin_from_open: opts.keep_retained_wal,
+            pin_yields: false,
             gate: None,
         },
         // A rebuild interrupted by a crash: resumed from its cursor only if the next primary

@@ -44,6 +44,25 @@ impl Store {
         }
     }
 
+    /// Keeps the WAL entries after `committed` through every checkpoint (a gated one, one
+    /// past the gate, a clean close's), while the WAL has room: a write that finds it full
+    /// takes the hold back. Set by a replica at each committed LSN it learns.
+    ///
+    /// Why: this store may be promoted, and the old primary's log holds at least the
+    /// committed prefix (its own fsync gates every commit mode). Whatever of ours it lacks
+    /// after that is then still in our WAL when it rejoins, and it catches up from there
+    /// (`keep_retained_wal` keeps the hold across the restart into a primary) instead of
+    /// being rebuilt because our data file had passed its log end.
+    pub fn keep_wal_after(&self, committed: Lsn) {
+        // No checkpoint is asked for: a hold that moves up only lets the next one release
+        // more, and an extra checkpoint at each commit would race the gate (one frozen just
+        // as an entry past the commit arrives goes ahead of it after a short wait).
+        self.shared
+            .lock_core()
+            .repl
+            .set_yielding_pin(committed.next());
+    }
+
     /// Makes this store a replica at `epoch`, claimed by the primary store `owner`. The
     /// epoch is fsynced before this returns. The caller decides whether the claim is valid.
     pub fn adopt_epoch(&self, epoch: Epoch, owner: VolumeId) -> Result<()> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
-use super::core::Core;
+use super::core::{Core, YieldedPin};
 use super::direct::DirectWriter;
 use super::reserved::ReservedBlocks;
 use crate::error::{Result, StorageError};
@@ -160,13 +160,18 @@ impl Shared {
         }
     }
 
-    /// An append found the WAL full: a pin nobody has confirmed since the open gives way
-    /// (see `Core::pin_from_open`), and the flusher is asked to make room.
+    /// An append found the WAL full: a pin nobody has confirmed since the open, or a
+    /// replica's hold past its committed LSN, gives way (see `Core::pin_from_open`,
+    /// `Core::pin_yields`), and the flusher is asked to make room.
     pub(super) fn wait_for_room(&self, core: &mut Core) {
-        if core.repl.drop_open_pin() {
-            tracing::warn!(
+        match core.repl.drop_open_pin() {
+            Some(YieldedPin::FromOpen) => tracing::warn!(
                 "the WAL is full before replication started: releasing what it kept for replicas"
-            );
+            ),
+            Some(YieldedPin::Replica) => {
+                tracing::debug!("the WAL is full: releasing what it kept past the committed LSN")
+            }
+            None => {}
         }
         self.request_flush(core);
     }

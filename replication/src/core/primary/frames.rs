@@ -216,6 +216,10 @@ impl PrimaryCore {
         if let Some(why) = diverged {
             // Never merged: cut back to the entries both logs share, or rebuilt.
             match common_prefix(&self.history, self.head, durable, durable_epoch) {
+                Some(keep) if active(Mutant::SkipCut) => {
+                    let epoch = blockrep_storage::epoch_at(&self.history, keep);
+                    self.handshake(i, keep, epoch.unwrap_or(durable_epoch), now);
+                }
                 Some(keep) if !self.peers[i].truncated_this_session() => {
                     self.peers[i].begin_cut(keep);
                     self.update_pin();

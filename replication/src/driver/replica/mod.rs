@@ -74,6 +74,9 @@ pub async fn serve(
     // The data file takes only committed entries while it can, so the tail a failover
     // discards can be cut in place (see `Store::set_checkpoint_gate`).
     store.set_checkpoint_gate(Some(store.committed()));
+    // And the WAL after the committed LSN is kept even past the gate, for the old primary
+    // to catch up from should this store be promoted (see `Store::keep_wal_after`).
+    store.keep_wal_after(store.committed());
     let (in_tx, mut inputs) = mpsc::unbounded_channel::<Input>();
     let mut node = ReplicaLoop {
         core: ReplicaCore::new(initial_state(&store)),
@@ -228,6 +231,7 @@ impl ReplicaLoop {
             Action::SetCommitted { lsn } => {
                 self.store.set_committed(lsn);
                 self.store.set_checkpoint_gate(Some(lsn));
+                self.store.keep_wal_after(lsn);
             }
             Action::BeginRebuild {
                 base,
@@ -334,8 +338,10 @@ impl ReplicaLoop {
             Ok(Ok(())) => None,
             Ok(Err(e @ StorageError::CannotTruncate { .. })) => Some(e.to_string()),
             Ok(Err(e)) => {
-                self.fail_storage(format!("cannot cut the log: {e}"));
-                return;
+                let why = format!("cannot cut the log: {e}");
+                self.fail_storage(why.clone());
+                // The core still hears the cut's end, or it would hold every later frame.
+                Some(why)
             }
             Err(e) => Some(format!("the cut did not run: {e}")),
         };

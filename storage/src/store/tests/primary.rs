@@ -294,3 +294,40 @@ fn a_base_extent_is_the_run_at_its_offset() {
     assert_eq!(store.base_extent(MIB + 4096, 4096), Some((4096, false)));
     assert_eq!(store.base_extent(16 * MIB, MIB), None);
 }
+
+/// A replica's hold on the WAL after its committed LSN (`Store::keep_wal_after`) survives
+/// a checkpoint past the gate and a clean close, so the store, promoted, can catch an old
+/// primary up from there; and it gives way to a write that finds the WAL full.
+#[test]
+fn a_replica_keeps_its_wal_after_the_committed_lsn_through_a_clean_close_while_it_has_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 64 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = reopen(&path, false);
+    for i in 0..100u64 {
+        rt.block_on(store.write((i % 50) * 4096, &pattern(i as u8, 4096), false))
+            .unwrap();
+    }
+    store.keep_wal_after(Lsn(40));
+    store.shared.checkpoint().unwrap();
+    assert_eq!(store.oldest_retained(), Lsn(41));
+    store.close().unwrap();
+    drop(store);
+    let store = reopen(&path, true);
+    assert_eq!(store.oldest_retained(), Lsn(41), "kept across the close");
+    let got = rt.block_on(store.read_wal(Lsn(41), u64::MAX)).unwrap();
+    assert_eq!(got.len(), 60);
+    // Held again, then 64 MiB more than the WAL has room for: the writes go through.
+    store.keep_wal_after(Lsn(40));
+    let more = async {
+        for i in 0..300u64 {
+            let at = (i % 200) * (256 << 10);
+            store.write(at, &pattern(i as u8, 256 << 10), false).await?;
+        }
+        store.flush().await
+    };
+    let done = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), more).await });
+    assert!(done.is_ok(), "writes waited for the replica's hold");
+    done.unwrap().unwrap();
+    assert!(store.oldest_retained() > Lsn(41));
+}

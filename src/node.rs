@@ -480,6 +480,7 @@ async fn choose_epoch(
     let asked = Promote {
         candidate: dir.display().to_string(),
         replicas: &args.replicas,
+        copies: 0,
         mode,
         epoch: args.epoch.map(Epoch),
         force: args.force,

@@ -22,6 +22,10 @@ pub(crate) struct Promote<'a> {
     /// The candidate's name in the promotion's log lines.
     pub candidate: String,
     pub replicas: &'a [(ReplicaId, String)],
+    /// The copies (the candidate included) sync-quorum's majority is taken over, at least:
+    /// an etcd-led node's previous term's in-sync set, which may name members etcd no
+    /// longer lists alive (0: just the candidate and `replicas`).
+    pub copies: usize,
     pub mode: CommitMode,
     /// Serve at this epoch (`serve --epoch`, or the one a node took in etcd).
     pub epoch: Option<Epoch>,
@@ -52,6 +56,7 @@ pub(crate) async fn promote(
         store_id: sb.store_id,
         volume_id: sb.volume_id,
         replicas: asked.replicas.to_vec(),
+        copies: asked.copies,
         mode: asked.mode,
         epoch: asked.epoch,
         force: asked.force,

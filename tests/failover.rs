@@ -403,3 +403,34 @@ fn a_node_whose_replication_port_is_taken_joins_once_it_is_free() {
     assert_eq!(log.matches("cannot become a replica").count(), 1, "{log}");
     assert!(log.contains("a replica now, after all"), "{log}");
 }
+
+/// Under sync-quorum over three copies, the lone survivor of two failures may lack a write
+/// the two others acknowledged: it is refused the term (it cannot hear from enough of the
+/// previous term's copies) rather than promoted, and nobody serves until another is back.
+#[test]
+fn sync_quorum_refuses_the_lone_survivor_of_two_failures() {
+    let extra = ["--commit", "sync-quorum"];
+    let s = setup_with("failover-quorum-lone", &extra);
+    // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
+    let (_turn, _dir) = (s.turn, s.dir);
+    let mut v = s.volume;
+    let writer = s.writer;
+    let leader = v.wait_for_leader(Duration::from_secs(30));
+    let replica = (leader + 1) % v.nodes.len();
+    let survivor = (leader + 2) % v.nodes.len();
+    v.nodes[replica].process().kill9();
+    v.nodes[leader].process().kill9();
+    let survivor_log = || v.nodes[survivor].log_text();
+    // Refused, and refused again after its pause: it never serves on its own.
+    common::wait_until(
+        Duration::from_secs(TTL * 4),
+        "the survivor is refused the term twice",
+        || survivor_log().matches("copies answered").count() >= 2,
+    );
+    let uri = v.nodes[survivor].uri();
+    assert!(
+        writer.acks_by_after(&uri, 0.0).is_empty(),
+        "the lone survivor acknowledged:\n{}",
+        survivor_log()
+    );
+}

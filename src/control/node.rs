@@ -198,18 +198,22 @@ impl NodeRuntime {
     }
 
     /// Becomes primary at `epoch` (already taken in etcd), replicating to `replicas`
-    /// (name, replication address), acknowledging while `gate` holds. On failure the node
-    /// is left in `Standby`.
+    /// (name, replication address), acknowledging while `gate` holds; a sync-quorum
+    /// promotion hears from a majority of at least `copies` copies. On failure the node is
+    /// left in `Standby`.
     pub async fn lead(
         &mut self,
         epoch: Epoch,
         replicas: &[(String, String)],
         force: bool,
+        copies: usize,
         gate: Arc<AckGate>,
     ) -> Result<()> {
         self.stop_role().await;
         let replicas = replica_ids(replicas);
-        let started = self.start_primary(epoch, replicas, force, gate).await;
+        let started = self
+            .start_primary(epoch, replicas, force, copies, gate)
+            .await;
         match started {
             Ok(role) => {
                 tracing::info!(
@@ -239,6 +243,7 @@ impl NodeRuntime {
         epoch: Epoch,
         replicas: Vec<(ReplicaId, String)>,
         force: bool,
+        copies: usize,
         gate: Arc<AckGate>,
     ) -> Result<PrimaryRole> {
         let s = &self.settings;
@@ -246,6 +251,7 @@ impl NodeRuntime {
         let asked = Promote {
             candidate: s.name.clone(),
             replicas: &replicas,
+            copies,
             mode,
             epoch: Some(epoch),
             force,

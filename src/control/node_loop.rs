@@ -67,6 +67,8 @@ enum RoleCommand {
         epoch: Epoch,
         replicas: Vec<(String, String)>,
         force: bool,
+        /// Sync-quorum's majority is taken over at least this many copies.
+        copies: usize,
         gate: Arc<AckGate>,
     },
     SetReplicas(Vec<(String, String)>),
@@ -262,6 +264,7 @@ impl State {
                 epoch,
                 replicas,
                 force,
+                copies,
             } => {
                 let mut gate = AckGate::new(self.node.origin, self.node.on_lease_loss);
                 if self.node.cfg.failsafe {
@@ -296,6 +299,7 @@ impl State {
                     epoch,
                     replicas,
                     force,
+                    copies,
                     gate,
                 });
             }
@@ -750,10 +754,11 @@ async fn role_worker(
                 epoch,
                 replicas,
                 force,
+                copies,
                 gate,
             } => {
                 follow_failed = false;
-                if let Err(e) = runtime.lead(epoch, &replicas, force, gate).await {
+                if let Err(e) = runtime.lead(epoch, &replicas, force, copies, gate).await {
                     tracing::error!("cannot lead at epoch {epoch}: {e:#}");
                     let _ = failed.send(epoch);
                     follow_failed = still_not_following(runtime.follow().await, false);

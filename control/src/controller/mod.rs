@@ -126,11 +126,15 @@ pub enum Action {
     Txn { id: TxnId, txn: Txn },
     /// Lead at `epoch` (taken in etcd), replicating to these members (name, replication
     /// address). `force`: promote even if this store may lack acknowledged writes (an
-    /// operator's `failover --force`).
+    /// operator's `failover --force`). `copies`: how many copies the previous term counted
+    /// at least (its in-sync set, or the live members and this node if more): a
+    /// sync-quorum promotion must hear from a majority of them, not of the members still
+    /// alive.
     Lead {
         epoch: Epoch,
         replicas: Vec<(String, String)>,
         force: bool,
+        copies: usize,
     },
     /// As leader: the volume's other members changed; replicate to these now.
     Replicas { replicas: Vec<(String, String)> },
@@ -465,6 +469,7 @@ impl Controller {
                 members,
             } if succeeded => {
                 let replicas = self.other_members();
+                let copies = self.previous_copies(replicas.len() + 1);
                 self.following = None;
                 self.measure_loss_window();
                 self.leading = Some(Leadership {
@@ -481,6 +486,7 @@ impl Controller {
                     epoch,
                     replicas,
                     force,
+                    copies,
                 });
                 // The record now says primary.
                 self.published = None;
@@ -495,6 +501,22 @@ impl Controller {
             Purpose::Resign if succeeded => self.handover = None,
             _ => {}
         }
+    }
+
+    /// How many copies the term before ours counted at least: its in-sync set (etcd's view
+    /// from before our campaign's transaction), or `live` if that is more.
+    ///
+    /// Invariant (*a sync-quorum promotion hears from a majority of the previous term's
+    /// copies*): members whose lease expired drop out of the view, not out of what the
+    /// previous leader counted; a lone survivor of two failures out of three must not pass a
+    /// majority of one (`a_lone_survivor_counts_the_previous_terms_copies`).
+    fn previous_copies(&self, live: usize) -> usize {
+        let recorded = self
+            .view
+            .as_ref()
+            .and_then(|v| v.insync.as_ref())
+            .map_or(0, |s| s.value.members.len());
+        live.max(recorded)
     }
 
     /// The volume's members other than this node, as (name, replication address).

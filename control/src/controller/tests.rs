@@ -684,3 +684,34 @@ fn the_pause_after_failed_terms_starts_afresh_once_another_node_led() {
     assert_eq!(c.nodes[0].ctl.lead_failures, 0);
 }
 mod failsafe;
+
+#[test]
+fn a_lone_survivor_counts_the_previous_terms_copies() {
+    let mut c = Cluster::new(&["a", "b", "c"]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 5);
+    assert_eq!(c.leaders(), ["a"]);
+    let view = VolumeView::parse(&c.keys, &c.etcd.range(c.now, c.keys.dir())).unwrap();
+    assert_eq!(view.insync.map(|s| s.value.members.len()), Some(3));
+    // a and c go: their member keys expire with their leases, and b alone is left.
+    let b = c.idx("b");
+    c.nodes[b].actions.clear();
+    for n in ["a", "c"] {
+        let i = c.idx(n);
+        c.nodes[i].reaches_etcd = false;
+    }
+    c.advance(100, 60);
+    assert_eq!(c.leaders(), ["b"]);
+    let lead = c.nodes[b].actions.iter().find_map(|a| match a {
+        Action::Lead {
+            replicas, copies, ..
+        } => Some((replicas.len(), *copies)),
+        _ => None,
+    });
+    assert_eq!(
+        lead,
+        Some((0, 3)),
+        "b must count the previous term's three copies"
+    );
+}

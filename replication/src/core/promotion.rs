@@ -27,9 +27,10 @@ pub struct Facts {
 /// Invariant (*a promoted node holds the committed prefix*): no reachable member's log ends
 /// at a later epoch than the candidate's (it followed a primary the candidate never did), the
 /// candidate's log reaches every LSN any reachable member knows to be committed, and under
-/// sync-quorum it is at least as complete, by (head epoch, head), as every member of a
-/// majority, which by quorum intersection holds every committed entry even when nobody has
-/// learnt the newest commit yet.
+/// sync-quorum it is at least as complete, by (head epoch, head), as every member of a set
+/// of `copies - copies / 2` copies, which meets every majority a commit was made on and so,
+/// by quorum intersection, holds every committed entry even when nobody has learnt the
+/// newest commit yet.
 pub fn check(
     candidate: &Facts,
     members: &[Facts],
@@ -79,13 +80,17 @@ pub fn check(
         ));
     }
     if mode == CommitMode::SyncQuorum {
+        // A commit is durable on copies / 2 + 1 copies, the primary's own among them
+        // (commit.rs), so any copies - copies / 2 copies include one of those: with an even
+        // count, half is enough (two copies: either one).
         let copies = configured + 1;
-        let majority = copies / 2 + 1;
+        let needed = copies - copies / 2;
         let reachable = members.len() + 1;
-        if reachable < majority {
+        if reachable < needed {
             return Err(format!(
-                "only {reachable} of {copies} copies answered; a majority ({majority}) is \
-                 needed to prove nothing committed is missing"
+                "only {reachable} of {copies} copies answered; {needed} are needed to meet \
+                 every majority a commit was made on, and so to prove nothing committed is \
+                 missing"
             ));
         }
         if let Some(m) = members
@@ -156,7 +161,18 @@ mod tests {
         )
         .is_ok());
         let err = check(&f("r1", 10, 5), &[], 2, CommitMode::SyncQuorum).unwrap_err();
-        assert!(err.contains("majority"), "{err}");
+        assert!(err.contains("copies answered"), "{err}");
+        // 2 copies: every commit is on both, so the candidate alone is enough; 4 copies: a
+        // commit is on 3, so 2 of them meet it.
+        assert!(check(&f("r1", 10, 5), &[], 1, CommitMode::SyncQuorum).is_ok());
+        assert!(check(
+            &f("r1", 10, 5),
+            &[f("r2", 10, 5)],
+            3,
+            CommitMode::SyncQuorum
+        )
+        .is_ok());
+        assert!(check(&f("r1", 10, 5), &[], 3, CommitMode::SyncQuorum).is_err());
         // The newest commit (12) is not known by anyone, but r2's log holds it.
         let err = check(
             &f("r1", 10, 5),

@@ -126,6 +126,9 @@ pub struct Promotion {
     pub volume_id: VolumeId,
     /// The candidate's replicas, by name and address.
     pub replicas: Vec<(ReplicaId, String)>,
+    /// At least this many copies (the candidate included) count toward sync-quorum's
+    /// majority, however few replicas are listed: the copies the previous term counted.
+    pub copies: usize,
     pub mode: CommitMode,
     /// Serve at this epoch rather than the next one.
     pub epoch: Option<Epoch>,
@@ -200,7 +203,8 @@ impl Promotion {
 
     fn decide(&self, members: &[Facts]) -> Result<(), PromotionError> {
         let me = &self.candidate;
-        match promotion::check(me, members, self.replicas.len(), self.mode) {
+        let configured = self.replicas.len().max(self.copies.saturating_sub(1));
+        match promotion::check(me, members, configured, self.mode) {
             Ok(()) => tracing::info!(
                 "promoting {} (head {}, committed {}) with {} of {} replica(s) consulted",
                 me.name,
@@ -220,5 +224,56 @@ impl Promotion {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockrep_storage::Lsn;
+
+    fn lone(mode: CommitMode, copies: usize) -> Promotion {
+        Promotion {
+            candidate: Facts {
+                name: "b".into(),
+                head: Lsn(10),
+                head_epoch: Epoch(1),
+                committed: Lsn(10),
+                epoch: Epoch(1),
+                needs_rebuild: false,
+            },
+            store_id: VolumeId([2; 16]),
+            volume_id: VolumeId([1; 16]),
+            replicas: Vec::new(),
+            copies,
+            mode,
+            epoch: None,
+            force: false,
+            tls: None,
+        }
+    }
+
+    /// The lone survivor of a three-copy sync-quorum term may lack a write the two others
+    /// acknowledged: with the previous term's three copies it is refused; with none given
+    /// (a static `serve` alone) it is not.
+    #[test]
+    fn a_lone_survivor_counts_the_previous_terms_copies() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let refused = rt.block_on(lone(CommitMode::SyncQuorum, 3).run());
+        assert!(
+            matches!(&refused, Err(PromotionError::Refused { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(
+            rt.block_on(lone(CommitMode::SyncQuorum, 0).run()).ok(),
+            Some(Epoch(2))
+        );
+        assert_eq!(
+            rt.block_on(lone(CommitMode::SyncAll, 3).run()).ok(),
+            Some(Epoch(2))
+        );
     }
 }

@@ -152,6 +152,8 @@ pub struct ReplicaCore {
     cutting: bool,
     /// Frames that arrived while `cutting`, in order, to be handled once the cut is answered.
     parked: VecDeque<(ConnId, Frame)>,
+    /// An fsync that finished while `cutting`: answered once the cut is, from what is left.
+    synced_during_cut: Option<(ConnId, Lsn)>,
     out: Vec<Action>,
 }
 
@@ -168,6 +170,7 @@ impl ReplicaCore {
             greeting: None,
             cutting: false,
             parked: VecDeque::new(),
+            synced_during_cut: None,
             out: Vec::new(),
         }
     }
@@ -236,6 +239,9 @@ impl ReplicaCore {
         if self.active == Some(conn) {
             self.answer_cut(conn, refusal.unwrap_or_default());
         }
+        if let Some((synced, durable)) = self.synced_during_cut.take() {
+            self.synced(synced, durable.min(self.s.head));
+        }
         // What arrived meanwhile is handled on the log as it is now, in order; a frame
         // among them may start another cut, which parks the rest again.
         while !self.cutting {
@@ -247,6 +253,12 @@ impl ReplicaCore {
     }
 
     fn synced(&mut self, conn: ConnId, durable: Lsn) {
+        // What the store was durable through may be cut away under it: nothing is reported
+        // (no hello, no barrier ack) until the cut is answered.
+        if self.cutting {
+            self.synced_during_cut = Some((conn, durable));
+            return;
+        }
         if durable > self.s.durable {
             self.s.durable = durable;
         }

@@ -168,7 +168,13 @@ impl Shared {
             return Err(msg.clone());
         }
         let (releasable, _) = core.release_point(core.log.last(), core.log.head);
-        if core.maps.active.is_empty() && core.log.tail == releasable {
+        // Nothing to write and nothing to release is no checkpoint, unless entries with no
+        // data (an epoch's start) lie past the last one: with the WAL held (a replica's hold
+        // after its commit) nothing is releasable, and a clean close must still record them.
+        if core.maps.active.is_empty()
+            && core.log.tail == releasable
+            && core.log.checkpoint_lsn >= core.log.last()
+        {
             return Ok(None);
         }
         Ok(Some(Frozen {

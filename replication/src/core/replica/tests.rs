@@ -872,3 +872,51 @@ fn a_replica_reports_its_cursor_and_resumes_only_the_base_it_names() {
         .any(|x| matches!(x, Action::BeginRebuild { resume: None, .. })));
     assert_eq!(r.state().cursor, None);
 }
+
+/// A barrier's fsync that finishes while a cut runs must not report entries the cut takes
+/// away: the ack waits for the cut's answer and says only what is left (found by the
+/// `replica_core` fuzz target once cuts were answered late).
+#[test]
+fn a_sync_that_finishes_during_a_cut_acknowledges_only_what_the_cut_left() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    let on_session = |body| Event::Received {
+        conn: C,
+        frame: Frame {
+            epoch: Epoch(5),
+            body,
+        },
+    };
+    r.step(on_session(Body::Barrier {
+        lsn: Lsn(10),
+        committed: Lsn(0),
+    }));
+    r.step(on_session(Body::Truncate { keep: Lsn(7) }));
+    let acks = |a: &[Action]| -> Vec<Lsn> {
+        a.iter()
+            .filter_map(|x| match x {
+                Action::Send {
+                    frame:
+                        Frame {
+                            body: Body::BarrierAck { durable },
+                            ..
+                        },
+                    ..
+                } => Some(*durable),
+                _ => None,
+            })
+            .collect()
+    };
+    let a = r.step(Event::Synced {
+        conn: C,
+        durable: Lsn(10),
+    });
+    assert!(acks(&a).is_empty(), "acknowledged during the cut: {a:?}");
+    let a = r.step(Event::Truncated {
+        conn: C,
+        head: Lsn(7),
+        head_epoch: Epoch(5),
+        refusal: None,
+    });
+    assert_eq!(acks(&a), vec![Lsn(7)], "{a:?}");
+}

@@ -331,3 +331,26 @@ fn a_replica_keeps_its_wal_after_the_committed_lsn_through_a_clean_close_while_i
     done.unwrap().unwrap();
     assert!(store.oldest_retained() > Lsn(41));
 }
+
+/// A clean close with the WAL held and only a data-less entry (an epoch's start) past the
+/// last checkpoint still records it, and the store is clean: seen as a replica that stayed
+/// "not closed cleanly" after a sync-quorum promotion's epoch start (tests/power_loss.rs).
+#[test]
+fn a_held_wal_with_only_an_epoch_start_past_the_checkpoint_closes_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 64 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = reopen(&path, false);
+    for i in 0..10u64 {
+        rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))
+            .unwrap();
+    }
+    store.shared.checkpoint().unwrap();
+    store.keep_wal_after(Lsn(5));
+    store.begin_epoch(None).unwrap();
+    rt.block_on(store.append_epoch_start()).unwrap();
+    store.close().unwrap();
+    let sb = store.superblock();
+    assert!(sb.is_clean(), "a clean close left the store unclean");
+    assert_eq!(sb.checkpoint_lsn, store.head());
+}

@@ -7,56 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::admin::Scrape;
-use common::led::{wall, LedShape, LedVolume, Writer, TTL};
-
-/// How many FLUSHes the writer gets acknowledged before a fault, and after it.
-const FLUSHES: usize = 20;
-
-/// One volume at a time: each is an etcd and three nodes on a 3 s lease, and on a small
-/// shared machine several at once starve each other's keep-alives (a leader that misses its
-/// renewals loses its lease, which is right, but not what these tests are about).
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-struct Setup {
-    volume: LedVolume,
-    writer: Writer,
-    dir: tempfile::TempDir,
-    turn: std::sync::MutexGuard<'static, ()>,
-}
-
-fn setup(name: &str) -> Setup {
-    setup_with(name, &[])
-}
-
-/// As `setup`, every node started with `extra` flags too.
-fn setup_with(name: &str, extra: &[&str]) -> Setup {
-    setup_shaped(name, LedShape::default(), extra)
-}
-
-/// As `setup_with`, in `shape` (etcd members, size, lease TTL).
-fn setup_shaped(name: &str, shape: LedShape, extra: &[&str]) -> Setup {
-    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    common::require_python_nbd();
-    let dir = tempfile::Builder::new()
-        .prefix(name)
-        .tempdir()
-        .expect("tempdir");
-    let volume = LedVolume::start_shaped(dir.path(), 3, shape, extra);
-    let mut writer = Writer::start(dir.path(), &volume.uris());
-    let leader = volume.wait_for_leader(Duration::from_secs(30));
-    let uri = volume.nodes[leader].uri();
-    writer.wait_flushes(&uri, 0.0, FLUSHES, Duration::from_secs(60));
-    Setup {
-        volume,
-        writer,
-        dir,
-        turn,
-    }
-}
+use common::led::{one_at_a_time, wall, LedSetup, LedShape, LedVolume, FLUSHES, TTL};
 
 #[test]
 fn kill9_of_the_primary_fails_over_within_ttl_plus_5s_holding_every_acknowledged_flush() {
-    let s = setup("failover-kill9");
+    let s = LedSetup::start("failover-kill9", LedShape::default(), &[]);
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let mut v = s.volume;
@@ -138,7 +93,7 @@ fn control_plane_is_reported(v: &LedVolume, leader: usize) {
 
 #[test]
 fn a_primary_cut_from_etcd_stops_acknowledging_by_its_deadline_and_another_takes_over() {
-    let s = setup("failover-cut");
+    let s = LedSetup::start("failover-cut", LedShape::default(), &[]);
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let v = s.volume;
@@ -189,7 +144,7 @@ fn a_primary_cut_from_etcd_stops_acknowledging_by_its_deadline_and_another_takes
 
 #[test]
 fn a_primary_paused_past_its_lease_acknowledges_nothing_once_resumed() {
-    let s = setup("failover-sigstop");
+    let s = LedSetup::start("failover-sigstop", LedShape::default(), &[]);
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let mut v = s.volume;
@@ -219,7 +174,7 @@ fn a_primary_paused_past_its_lease_acknowledges_nothing_once_resumed() {
 
 #[test]
 fn a_switchover_under_a_write_load_loses_nothing() {
-    let s = setup("failover-switchover");
+    let s = LedSetup::start("failover-switchover", LedShape::default(), &[]);
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let v = s.volume;
@@ -258,7 +213,7 @@ fn a_switchover_under_a_write_load_loses_nothing() {
 /// acknowledged FLUSH, once etcd is back.
 #[test]
 fn with_etcd_down_nobody_acknowledges_and_leadership_resumes_when_it_returns() {
-    let s = setup("failover-etcd-down");
+    let s = LedSetup::start("failover-etcd-down", LedShape::default(), &[]);
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let mut v = s.volume;
@@ -296,7 +251,7 @@ fn with_etcd_down_nobody_acknowledges_and_leadership_resumes_when_it_returns() {
 #[test]
 fn sync_quorum_acknowledges_through_a_dead_replica_and_fails_over_holding_every_flush() {
     let extra = ["--commit", "sync-quorum"];
-    let s = setup_with("failover-quorum", &extra);
+    let s = LedSetup::start("failover-quorum", LedShape::default(), &extra);
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let mut v = s.volume;
@@ -337,29 +292,17 @@ fn losing_any_one_of_three_etcd_members_costs_no_failover() {
         ttl: 6,
         ..LedShape::default()
     };
-    let s = setup_shaped("failover-etcd-member", shape, &[]);
+    let s = LedSetup::start("failover-etcd-member", shape, &[]);
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let mut v = s.volume;
-    let writer = s.writer;
+    let mut writer = s.writer;
     let leader = v.wait_for_leader(Duration::from_secs(30));
     let uri = v.nodes[leader].uri();
     for member in 0..3 {
         let killed = wall();
         v.etcd.kill(member);
-        let got = common::poll_until(Duration::from_secs(30), || {
-            (writer.flushes_by(&uri, killed) >= FLUSHES).then_some(())
-        });
-        assert!(
-            got.is_some(),
-            "etcd member {member} down: {} FLUSHes in 30 s\n{}\nwriter:\n{}",
-            writer.flushes_by(&uri, killed),
-            v.logs(),
-            common::tail(
-                &std::fs::read_to_string(&writer.log).unwrap_or_default(),
-                20
-            )
-        );
+        writer.wait_flushes(&uri, killed, FLUSHES, Duration::from_secs(30));
         assert!(
             v.nodes[leader].leads(),
             "etcd member {member} down: the leader lost its term\n{}",
@@ -381,7 +324,7 @@ fn losing_any_one_of_three_etcd_members_costs_no_failover() {
 /// joins as soon as the port is free.
 #[test]
 fn a_node_whose_replication_port_is_taken_joins_once_it_is_free() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = one_at_a_time();
     let dir = tempfile::Builder::new()
         .prefix("failover-port-taken")
         .tempdir()
@@ -410,7 +353,7 @@ fn a_node_whose_replication_port_is_taken_joins_once_it_is_free() {
 #[test]
 fn sync_quorum_refuses_the_lone_survivor_of_two_failures() {
     let extra = ["--commit", "sync-quorum"];
-    let s = setup_with("failover-quorum-lone", &extra);
+    let s = LedSetup::start("failover-quorum-lone", LedShape::default(), &extra);
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let mut v = s.volume;

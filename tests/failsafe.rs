@@ -8,45 +8,11 @@ mod common;
 use std::time::Duration;
 
 use common::admin::Scrape;
-use common::led::{wall, LedVolume, Writer, TTL};
-
-/// How many FLUSHes the writer gets acknowledged before a fault, and after it.
-const FLUSHES: usize = 20;
+use common::led::{wall, LedSetup, LedShape, LedVolume, FLUSHES, TTL};
 
 /// The renew interval the nodes run with (TTL/3): a failsafe leader acknowledges at most
 /// this long after the send time of the last barrier every needed replica answered.
 const RENEW: f64 = TTL as f64 / 3.0;
-
-/// One volume at a time (see tests/failover.rs: several at once starve each other's
-/// keep-alives on a small machine).
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-struct Setup {
-    volume: LedVolume,
-    writer: Writer,
-    dir: tempfile::TempDir,
-    turn: std::sync::MutexGuard<'static, ()>,
-}
-
-fn setup(name: &str, extra: &[&str]) -> Setup {
-    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    common::require_python_nbd();
-    let dir = tempfile::Builder::new()
-        .prefix(name)
-        .tempdir()
-        .expect("tempdir");
-    let volume = LedVolume::start(dir.path(), 3, extra);
-    let mut writer = Writer::start(dir.path(), &volume.uris());
-    let leader = volume.wait_for_leader(Duration::from_secs(30));
-    let uri = volume.nodes[leader].uri();
-    writer.wait_flushes(&uri, 0.0, FLUSHES, Duration::from_secs(60));
-    Setup {
-        volume,
-        writer,
-        dir,
-        turn,
-    }
-}
 
 fn failsafe_gauge(v: &LedVolume, i: usize) -> f64 {
     Scrape::of(v.nodes[i].metrics).get("blockrep_failsafe_active", &[])
@@ -54,7 +20,7 @@ fn failsafe_gauge(v: &LedVolume, i: usize) -> f64 {
 
 #[test]
 fn with_etcd_down_a_failsafe_leader_serves_on_until_a_replica_stops_answering() {
-    let s = setup("failsafe-etcd-down", &["--failsafe"]);
+    let s = LedSetup::start("failsafe-etcd-down", LedShape::default(), &["--failsafe"]);
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let mut v = s.volume;
@@ -149,7 +115,11 @@ fn failsafe_under_best_effort_is_refused() {
 
 #[test]
 fn a_best_effort_takeover_reports_its_loss_window() {
-    let s = setup("failsafe-best-effort", &["--commit", "best-effort"]);
+    let s = LedSetup::start(
+        "failsafe-best-effort",
+        LedShape::default(),
+        &["--commit", "best-effort"],
+    );
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let mut v = s.volume;
@@ -194,7 +164,7 @@ fn a_best_effort_takeover_reports_its_loss_window() {
 
 #[test]
 fn a_failsafe_leader_cut_from_etcd_alone_stops_before_the_next_leader_acknowledges() {
-    let s = setup("failsafe-cut", &["--failsafe"]);
+    let s = LedSetup::start("failsafe-cut", LedShape::default(), &["--failsafe"]);
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let v = s.volume;
@@ -272,7 +242,11 @@ fn logged_at(log: &str, what: &str) -> Option<f64> {
 
 #[test]
 fn a_failsafe_leader_goes_on_leading_on_its_lease_when_etcd_returns() {
-    let s = setup("failsafe-etcd-returns", &["--failsafe"]);
+    let s = LedSetup::start(
+        "failsafe-etcd-returns",
+        LedShape::default(),
+        &["--failsafe"],
+    );
     // Dropped in reverse: the writer, the nodes and etcd, the directory, then the turn.
     let (_turn, _dir) = (s.turn, s.dir);
     let mut v = s.volume;

@@ -24,6 +24,53 @@ pub const WRITER_PY: &str = concat!(
 /// The lease TTL the tests run with, in seconds.
 pub const TTL: u64 = 3;
 
+/// How many FLUSHes the writer gets acknowledged before a fault, and after it.
+pub const FLUSHES: usize = 20;
+
+/// One volume at a time in a test process: each is an etcd and three nodes on a 3 s lease,
+/// and on a small shared machine several at once starve each other's keep-alives (a leader
+/// that misses its renewals loses its lease, which is right, but not what the tests are
+/// about).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// This test's turn to run a volume (see `ONE_AT_A_TIME`).
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A volume of three nodes running, its writer past its first `FLUSHES` on the leader, and
+/// the turn that keeps other volumes of this test process waiting.
+pub struct LedSetup {
+    pub volume: LedVolume,
+    pub writer: Writer,
+    pub dir: tempfile::TempDir,
+    pub turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl LedSetup {
+    /// Takes the turn, starts three nodes in `shape` (each with `extra` flags) and the
+    /// writer, and waits for its first `FLUSHES` on the leader.
+    pub fn start(name: &str, shape: LedShape, extra: &[&str]) -> LedSetup {
+        let turn = one_at_a_time();
+        super::require_python_nbd();
+        let dir = tempfile::Builder::new()
+            .prefix(name)
+            .tempdir()
+            .expect("tempdir");
+        let volume = LedVolume::start_shaped(dir.path(), 3, shape, extra);
+        let mut writer = Writer::start(dir.path(), &volume.uris());
+        let leader = volume.wait_for_leader(Duration::from_secs(30));
+        let uri = volume.nodes[leader].uri();
+        writer.wait_flushes(&uri, 0.0, FLUSHES, Duration::from_secs(60));
+        LedSetup {
+            volume,
+            writer,
+            dir,
+            turn,
+        }
+    }
+}
+
 /// What a volume runs on: how many etcd members, its size, the nodes' lease TTL.
 #[derive(Debug, Clone, Copy)]
 pub struct LedShape<'a> {

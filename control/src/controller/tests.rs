@@ -43,6 +43,15 @@ impl Cluster {
         Cluster::with_commit(names, "sync-all")
     }
 
+    /// A volume under `commit` that the first node leads and the others have joined.
+    fn led(names: &[&str], commit: &str) -> Cluster {
+        let mut c = Cluster::with_commit(names, commit);
+        c.advance(100, 3);
+        c.adopt_volume();
+        c.advance(100, 3);
+        c
+    }
+
     fn with_commit(names: &[&str], commit: &str) -> Cluster {
         let keys = Keys::new("/blockrep", "vol").unwrap();
         let mut etcd = MemEtcd::new();
@@ -232,10 +241,7 @@ fn the_first_node_makes_its_store_the_volume_and_leads_at_epoch_1() {
 
 #[test]
 fn two_candidates_never_get_the_same_epoch() {
-    let mut c = Cluster::new(&["a", "b"]);
-    c.advance(100, 3);
-    c.adopt_volume();
-    c.advance(100, 3);
+    let mut c = Cluster::led(&["a", "b"], "sync-all");
     // Both see no leader at the same view and both campaign from it: one compare-and-swap wins.
     let a = c.idx("a");
     let b = c.idx("b");
@@ -281,10 +287,7 @@ fn no_acknowledgement_after_the_lease_deadline() {
 
 #[test]
 fn a_primary_cut_from_etcd_is_replaced_only_after_it_stopped_acknowledging() {
-    let mut c = Cluster::new(&["a", "b", "c"]);
-    c.advance(100, 3);
-    c.adopt_volume();
-    c.advance(100, 3);
+    let mut c = Cluster::led(&["a", "b", "c"], "sync-all");
     let a = c.idx("a");
     c.nodes[a].reaches_etcd = false;
     let mut a_stopped_at = None;
@@ -411,10 +414,7 @@ fn a_switchover_hands_the_key_to_its_target_once_it_holds_the_leader_s_log() {
 
 #[test]
 fn a_replica_leaves_the_in_sync_set_in_etcd_before_the_leader_may_skip_it() {
-    let mut c = Cluster::new(&["a", "b", "c"]);
-    c.advance(100, 3);
-    c.adopt_volume();
-    c.advance(100, 3);
+    let mut c = Cluster::led(&["a", "b", "c"], "sync-all");
     let a = c.idx("a");
     let now = c.now;
     c.deliver(
@@ -453,10 +453,7 @@ fn a_replica_leaves_the_in_sync_set_in_etcd_before_the_leader_may_skip_it() {
 #[test]
 fn under_sync_quorum_the_most_complete_copy_may_lead_outside_the_in_sync_set() {
     for (commit, next) in [("sync-quorum", "c"), ("sync-all", "b")] {
-        let mut c = Cluster::with_commit(&["a", "b", "c"], commit);
-        c.advance(100, 3);
-        c.adopt_volume();
-        c.advance(100, 3);
+        let mut c = Cluster::led(&["a", "b", "c"], commit);
         let a = c.idx("a");
         let now = c.now;
         c.deliver(
@@ -494,10 +491,7 @@ fn a_nofailover_node_never_campaigns() {
 
 #[test]
 fn a_stopping_leader_hands_its_key_back_at_once() {
-    let mut c = Cluster::new(&["a", "b"]);
-    c.advance(100, 3);
-    c.adopt_volume();
-    c.advance(100, 3);
+    let mut c = Cluster::led(&["a", "b"], "sync-all");
     let a = c.idx("a");
     let now = c.now;
     c.deliver(a, Event::Shutdown { now });
@@ -508,10 +502,7 @@ fn a_stopping_leader_hands_its_key_back_at_once() {
 
 #[test]
 fn a_new_leader_may_skip_no_member_its_campaign_recorded_in_sync() {
-    let mut c = Cluster::new(&["a", "b", "c"]);
-    c.advance(100, 3);
-    c.adopt_volume();
-    c.advance(100, 3);
+    let mut c = Cluster::led(&["a", "b", "c"], "sync-all");
     let a = c.idx("a");
     let now = c.now;
     c.deliver(
@@ -556,10 +547,7 @@ fn a_new_leader_may_skip_no_member_its_campaign_recorded_in_sync() {
 
 #[test]
 fn no_campaign_for_a_ttl_once_etcd_went_back_in_time() {
-    let mut c = Cluster::new(&["a", "b"]);
-    c.advance(100, 3);
-    c.adopt_volume();
-    c.advance(100, 3);
+    let mut c = Cluster::led(&["a", "b"], "sync-all");
     let backup = c.etcd.snapshot();
     // a leads at epoch 1; cut from etcd, it is replaced by b at epoch 2.
     let (a, b) = (c.idx("a"), c.idx("b"));
@@ -665,10 +653,7 @@ fn a_node_that_cannot_serve_its_term_campaigns_again_only_after_a_growing_pause(
 
 #[test]
 fn the_pause_after_failed_terms_starts_afresh_once_another_node_led() {
-    let mut c = Cluster::new(&["a", "b"]);
-    c.advance(100, 3);
-    c.adopt_volume();
-    c.advance(100, 3);
+    let mut c = Cluster::led(&["a", "b"], "sync-all");
     assert_eq!(c.leaders(), ["a"]);
     for _ in 0..3 {
         c.fail_lead(0);
@@ -687,10 +672,8 @@ mod failsafe;
 
 #[test]
 fn a_lone_survivor_counts_the_previous_terms_copies() {
-    let mut c = Cluster::new(&["a", "b", "c"]);
-    c.advance(100, 3);
-    c.adopt_volume();
-    c.advance(100, 5);
+    let mut c = Cluster::led(&["a", "b", "c"], "sync-all");
+    c.advance(100, 2);
     assert_eq!(c.leaders(), ["a"]);
     let view = VolumeView::parse(&c.keys, &c.etcd.range(c.now, c.keys.dir())).unwrap();
     assert_eq!(view.insync.map(|s| s.value.members.len()), Some(3));

@@ -52,6 +52,18 @@ pub struct NodeSettings {
     pub nbd_memory_budget: u64,
 }
 
+impl NodeSettings {
+    /// How this node's primary replicates to `replicas`.
+    fn replication_plan<'a>(&self, replicas: &'a [(ReplicaId, String)]) -> ReplicationPlan<'a> {
+        ReplicationPlan {
+            replicas,
+            barrier_timeout_ms: self.barrier_timeout_ms,
+            rebuild_rate: self.rebuild_rate,
+            confirm_interval_ms: self.confirm_interval_ms,
+        }
+    }
+}
+
 /// The role a node is in, as the outside sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoleName {
@@ -309,12 +321,7 @@ impl NodeRuntime {
             return Ok(None);
         }
         let s = &self.settings;
-        let plan = ReplicationPlan {
-            replicas,
-            barrier_timeout_ms: s.barrier_timeout_ms,
-            rebuild_rate: s.rebuild_rate,
-            confirm_interval_ms: s.confirm_interval_ms,
-        };
+        let plan = s.replication_plan(replicas);
         let peer = s.peer_tls.clone();
         let handle = start_replication(&self.store, &plan, s.mode, epoch, peer, stop).await?;
         Ok(Some(handle))
@@ -356,12 +363,7 @@ impl NodeRuntime {
         // From no replica to some, or from some to none: a driver starts or stops.
         let stop = p.stop.child_token();
         let handle = (!replicas.is_empty()).then(|| {
-            let plan = ReplicationPlan {
-                replicas: &replicas,
-                barrier_timeout_ms: s.barrier_timeout_ms,
-                rebuild_rate: s.rebuild_rate,
-                confirm_interval_ms: s.confirm_interval_ms,
-            };
+            let plan = s.replication_plan(&replicas);
             spawn_replication(
                 &self.store,
                 &plan,

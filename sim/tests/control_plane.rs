@@ -11,23 +11,6 @@ use blockrep_storage::Epoch;
 
 use common::*;
 
-fn tail(c: &Cluster) -> String {
-    c.trace[c.trace.len().saturating_sub(80)..].join("\n")
-}
-
-/// The liveness phase under etcd: one leader, every member in sync, checker clean.
-fn converge_controlled(c: &mut Cluster) {
-    if let Err(v) = c.converge_controlled(20_000) {
-        panic!("{v}\n{}", tail(c));
-    }
-    clean(c);
-}
-
-fn leader(c: &Cluster) -> usize {
-    c.serving_leader()
-        .unwrap_or_else(|| panic!("no serving leader:{}", c.describe_controlled()))
-}
-
 #[test]
 fn an_etcd_led_cluster_elects_one_leader_and_acknowledges_through_it() {
     for mode in [SyncAll, SyncQuorum, CommitMode::BestEffort] {
@@ -66,23 +49,6 @@ fn takeover(c: &mut Cluster, old: usize) -> usize {
         tail(c)
     );
     leader(c)
-}
-
-/// Keeps writing to `p` (and flushing now and then) for `ms`, one write a millisecond; the
-/// last instant `p` acknowledged anything.
-fn keep_writing(c: &mut Cluster, p: usize, ms: u64) -> Option<u64> {
-    let mut last = None;
-    for i in 0..ms {
-        if c.write_on(p, i % 64).is_some() {
-            last = Some(c.now);
-        }
-        if i % 50 == 0 {
-            c.flush_on(p);
-        }
-        let _ = c.read_on(p, (i + 7) % 64);
-        c.settle(1);
-    }
-    last
 }
 
 #[test]

@@ -14,39 +14,6 @@ use common::*;
 const TTL: u64 = 600;
 const RENEW: u64 = 200;
 
-fn tail(c: &Cluster) -> String {
-    c.trace[c.trace.len().saturating_sub(80)..].join("\n")
-}
-
-fn converge_controlled(c: &mut Cluster) {
-    if let Err(v) = c.converge_controlled(20_000) {
-        panic!("{v}\n{}", tail(c));
-    }
-    clean(c);
-}
-
-fn leader(c: &Cluster) -> usize {
-    c.serving_leader()
-        .unwrap_or_else(|| panic!("no serving leader:{}", c.describe_controlled()))
-}
-
-/// Writes (a FLUSH every 50) and reads on `p` for `ms`, one a millisecond; the last instant
-/// `p` acknowledged a write.
-fn keep_writing(c: &mut Cluster, p: usize, ms: u64) -> Option<u64> {
-    let mut last = None;
-    for i in 0..ms {
-        if c.write_on(p, i % 64).is_some() {
-            last = Some(c.now);
-        }
-        if i % 50 == 0 {
-            c.flush_on(p);
-        }
-        let _ = c.read_on(p, (i + 7) % 64);
-        c.settle(1);
-    }
-    last
-}
-
 #[test]
 fn with_etcd_down_a_failsafe_leader_serves_on_until_a_replica_stops_answering() {
     let mut c = Cluster::scripted_controlled_with(SyncAll, true);

@@ -14,7 +14,7 @@ pub const N2: usize = 2;
 pub const WAIT: u64 = 2_000;
 
 /// The last lines of the trace, for a failure message.
-fn tail(c: &Cluster) -> String {
+pub fn tail(c: &Cluster) -> String {
     c.trace[c.trace.len().saturating_sub(60)..].join("\n")
 }
 
@@ -114,4 +114,35 @@ pub fn lands(c: &mut Cluster, n: usize, values: &[(u64, u64)]) {
         "n{n} never came to hold {want:?}:{}",
         c.describe()
     );
+}
+
+/// The liveness phase under etcd: one leader, every member in sync, checker clean.
+pub fn converge_controlled(c: &mut Cluster) {
+    if let Err(v) = c.converge_controlled(20_000) {
+        panic!("{v}\n{}", tail(c));
+    }
+    clean(c);
+}
+
+/// The node that leads and serves, etcd-led.
+pub fn leader(c: &Cluster) -> usize {
+    c.serving_leader()
+        .unwrap_or_else(|| panic!("no serving leader:{}", c.describe_controlled()))
+}
+
+/// Writes (a FLUSH every 50) and reads on `p` for `ms`, one a millisecond; the last instant
+/// `p` acknowledged a write.
+pub fn keep_writing(c: &mut Cluster, p: usize, ms: u64) -> Option<u64> {
+    let mut last = None;
+    for i in 0..ms {
+        if c.write_on(p, i % 64).is_some() {
+            last = Some(c.now);
+        }
+        if i % 50 == 0 {
+            c.flush_on(p);
+        }
+        let _ = c.read_on(p, (i + 7) % 64);
+        c.settle(1);
+    }
+    last
 }

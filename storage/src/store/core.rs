@@ -15,6 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::wal_direct::WAL_SLACK;
 use crate::dirty::{BlockState, DirtyMap, Piece, RangeSet};
 use crate::error::{Result, StorageError};
 use crate::types::{Epoch, Lsn, WalPos};
@@ -570,7 +571,8 @@ impl Core {
         let size = record.encoded_len();
         let room = layout.room(self.log.head);
         let pad = if room < size { room } else { 0 };
-        if self.log.wal_used() + pad + size > layout.capacity {
+        // WAL_SLACK stays free after the head for the WAL writer's direct-I/O padding.
+        if self.log.wal_used() + pad + size + WAL_SLACK > layout.capacity {
             return None;
         }
         let lsn = record.lsn;

@@ -24,6 +24,7 @@ mod rebuild_cursor;
 mod replica;
 mod reserved;
 mod shared;
+mod wal_direct;
 mod wal_writer;
 
 use std::fs::File;

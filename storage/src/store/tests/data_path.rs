@@ -174,3 +174,81 @@ fn out_of_range_requests_are_refused() {
     ));
     assert!(rt.block_on(store.read(MIB - 10, 10)).is_ok());
 }
+
+/// Invariant (*the padding never reaches a live record*): a direct WAL write ends with zeroes up
+/// to the next aligned boundary, and the ring keeps `WAL_SLACK` free after its head for them.
+/// Here the head laps the ring until it stands just behind a pinned tail that is not on an
+/// aligned boundary, with synced (direct) writes last; every retained entry must still read.
+#[test]
+fn the_padding_never_reaches_a_live_record() {
+    use crate::store::wal_direct::WAL_SLACK;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 64 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    let capacity = store.info().wal_capacity;
+    rt.block_on(async {
+        // Move the tail into the ring's middle, off any 512-byte boundary.
+        for i in 0..3u64 {
+            store
+                .write_zeroes(i * 4096, 4096, false, false)
+                .await
+                .unwrap();
+        }
+        for i in 0..100u64 {
+            store
+                .write(i * 4096, &pattern(i as u8, 4096), false)
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+    });
+    store.shared.checkpoint().unwrap();
+    let pin = store.head().next();
+    store.set_retention_pin(Some(pin));
+    rt.block_on(async {
+        let room = |record: u64| store.info().wal_used + record + WAL_SLACK <= capacity;
+        let mut i = 0u64;
+        while room(MIB + 64) {
+            store
+                .write((i % 63) * MIB, &pattern(i as u8, MIB as usize), false)
+                .await
+                .unwrap();
+            i += 1;
+        }
+        while room(4096 + 64) {
+            store
+                .write((i % 16000) * 4096, &pattern(i as u8, 4096), true)
+                .await
+                .unwrap();
+            i += 1;
+        }
+        // The last bytes as the store allows them, up to the entry it refuses.
+        loop {
+            let layout = store.shared.layout;
+            let mut core = store.shared.lock_core();
+            let zeroes = RecordKind::WriteZeroes { punch: false };
+            let off = (i % 16000) * 4096;
+            if core
+                .try_append(&layout, zeroes, off, 4096, Bytes::new(), 0)
+                .is_none()
+            {
+                break;
+            }
+            i += 1;
+        }
+        store.flush().await.unwrap();
+    });
+    assert!(
+        capacity - store.info().wal_used < 64 + WAL_SLACK,
+        "the ring is full to its slack"
+    );
+    let entries = rt.block_on(store.read_wal(pin, u64::MAX)).unwrap();
+    assert_eq!(entries.len() as u64, store.head().0 - pin.0 + 1);
+    assert_eq!(entries[0].lsn, pin);
+    store.set_retention_pin(None);
+    store.close().unwrap();
+    drop(store);
+    let store = open(&path);
+    assert_eq!(store.replay_outcome().torn_at, None);
+}

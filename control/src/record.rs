@@ -37,6 +37,9 @@ pub struct VolumeConfig {
     /// The commit mode's name (`sync-all`, `sync-quorum`, `best-effort`).
     pub commit: String,
     pub ttl_ms: u64,
+    /// Absent from the records of volumes created before it was recorded: off.
+    #[serde(default)]
+    pub failsafe: bool,
 }
 
 /// The leader key's value: who leads, and the epoch it took with the key.

@@ -108,6 +108,8 @@ struct State {
     keeper: Option<tokio::task::JoinHandle<()>>,
     /// Whether the loop's own requests reach etcd (the keep-alive task keeps its own).
     reach: Reachability,
+    /// Set when this node's settings are not its volume's: the loop ends with this error.
+    misconfigured: Option<String>,
 }
 
 /// Runs the node until `shutdown`; then it steps down, hands the leader key back and
@@ -150,6 +152,7 @@ pub async fn run(node: Loop, runtime: NodeRuntime, shutdown: CancellationToken) 
         renewals,
         keeper: None,
         reach: Reachability::default(),
+        misconfigured: None,
     };
     let mut watch: Option<Watch> = None;
     let mut tick = tokio::time::interval(TICK);
@@ -178,13 +181,19 @@ pub async fn run(node: Loop, runtime: NodeRuntime, shutdown: CancellationToken) 
                 st.tick().await;
             }
         }
+        if st.misconfigured.is_some() {
+            break;
+        }
     }
     st.stop().await;
     let (done, stopped) = oneshot::channel();
     let _ = st.roles.send(RoleCommand::Shutdown(done));
     let _ = stopped.await;
     let _ = worker.await;
-    Ok(())
+    match st.misconfigured {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }
 
 async fn next_watch(watch: &mut Option<Watch>) -> Option<WatchEvent> {
@@ -316,6 +325,16 @@ impl State {
                 let _ = self.roles.send(RoleCommand::Follow);
             }
             Action::StepDown { reason } => self.step_down(reason),
+            Action::Misconfigured { differences } => {
+                let listed: Vec<String> = differences.iter().map(|d| d.to_string()).collect();
+                self.misconfigured = Some(format!(
+                    "the volume at {} in etcd was created with other settings than this \
+                     node's: {}. Start every node of a volume with the settings the volume was \
+                     created with (docs/OPERATIONS.md, \"Changing a volume's settings\")",
+                    self.node.keys.config(),
+                    listed.join("; ")
+                ));
+            }
         }
     }
 

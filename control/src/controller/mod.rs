@@ -13,9 +13,7 @@ use blockrep_storage::{Epoch, Lsn};
 use crate::keys::Keys;
 use crate::lease::{LeaseClock, Timing};
 use crate::rank;
-use crate::record::{
-    encode, Identity, MemberRecord, MemberRole, MemberState, VolumeConfig, VolumeView,
-};
+use crate::record::{encode, Identity, MemberRecord, MemberRole, MemberState, VolumeView};
 use crate::txn::{Compare, Txn, TxnId};
 use crate::Millis;
 
@@ -144,6 +142,9 @@ pub enum Action {
     /// The in-sync set etcd now records at this node's epoch. A primary may acknowledge a
     /// write that skips a replica only once that replica is absent from it.
     InSyncRecorded { members: Vec<String> },
+    /// This node's settings are not its volume's (see `settings`): it takes no part, and
+    /// the binary stops with these differences named. Given once.
+    Misconfigured { differences: Vec<SettingDifference> },
 }
 
 /// Why a leader stopped acknowledging.
@@ -267,6 +268,8 @@ pub struct Controller {
     /// with its lease, typically when that node dies: remembered for [`LossWindow`]).
     last_leader_record: Option<MemberRecord>,
     loss_window: Option<LossWindow>,
+    /// [`Action::Misconfigured`] was given.
+    misconfigured: bool,
 }
 
 impl Controller {
@@ -292,6 +295,7 @@ impl Controller {
             lead_failures: 0,
             last_leader_record: None,
             loss_window: None,
+            misconfigured: false,
         }
     }
 
@@ -547,6 +551,9 @@ impl Controller {
             self.initialise(&local, out);
             return;
         }
+        if self.sits_out(&view, out) {
+            return;
+        }
         self.publish(now, &view, &local, out);
         if self.leading.is_some() {
             self.lead(now, &view, out);
@@ -566,10 +573,7 @@ impl Controller {
             size: local.size,
             created_by: self.cfg.name.clone(),
         };
-        let config = VolumeConfig {
-            commit: self.cfg.commit.clone(),
-            ttl_ms: self.cfg.timing.ttl,
-        };
+        let config = settings::volume_config(&self.cfg);
         let txn = Txn::default()
             .when(Compare::Absent(self.keys.identity()))
             .put(self.keys.identity(), encode(&identity))
@@ -683,6 +687,9 @@ mod campaign;
 mod insync;
 mod loss;
 mod restore;
+mod settings;
+
+pub use settings::{differences, SettingDifference};
 
 pub use loss::LossWindow;
 #[cfg(test)]

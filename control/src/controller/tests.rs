@@ -669,6 +669,7 @@ fn the_pause_after_failed_terms_starts_afresh_once_another_node_led() {
     assert_eq!(c.nodes[0].ctl.lead_failures, 0);
 }
 mod failsafe;
+mod settings;
 
 #[test]
 fn a_lone_survivor_counts_the_previous_terms_copies() {

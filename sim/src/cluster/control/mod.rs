@@ -492,6 +492,13 @@ impl Cluster {
             }
             // The simulated primary replicates to every other node already.
             Action::Replicas { .. } => {}
+            // Every simulated node has the volume's settings; were one not to, it would sit
+            // out and the liveness check would say so.
+            Action::Misconfigured { differences } => {
+                let name = self.nodes[n].name.clone();
+                let listed: Vec<String> = differences.iter().map(|d| d.to_string()).collect();
+                self.log(format!("etcd: {name} sits out: {}", listed.join("; ")));
+            }
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use blockrep_frontend::{Observer, Op};
 use blockrep_metrics::{
-    Metrics, OpHandles, RebuildCost, RebuildReport, ReplicaReport, StatusReport,
+    Metrics, OpHandles, RebuildCost, RebuildReport, ReplicaReport, StatusReport, WalHoldReport,
 };
 use blockrep_replication::core::primary::{PeerState, RebuildRestart};
 use blockrep_replication::core::CommitMode;
@@ -160,6 +160,11 @@ impl StatusSource {
             checkpoint_lsn: info.checkpoint_lsn.0,
             wal_used_bytes: info.wal_used,
             wal_capacity_bytes: info.wal_capacity,
+            wal_oldest_lsn: info.oldest_retained.0,
+            wal_hold: info.hold.map(|(from, why)| WalHoldReport {
+                from_lsn: from.0,
+                reason: why.name().to_string(),
+            }),
             rebuilding: sb.is_rebuilding(),
             ..StatusReport::default()
         };

@@ -176,10 +176,17 @@ pub fn render(r: &StatusReport) -> String {
         r.head_lsn, r.durable_lsn, r.committed_lsn, r.checkpoint_lsn
     ));
     out.push_str(&format!(
-        "WAL    {} of {} used\n",
+        "WAL    {} of {} used, from LSN {}\n",
         human(r.wal_used_bytes),
-        human(r.wal_capacity_bytes)
+        human(r.wal_capacity_bytes),
+        r.wal_oldest_lsn
     ));
+    if let Some(h) = &r.wal_hold {
+        out.push_str(&format!(
+            "       held from LSN {} ({})\n",
+            h.from_lsn, h.reason
+        ));
+    }
     if let Some(e) = r.fenced_by {
         out.push_str(&format!(
             "FENCED by epoch {e}: this primary refuses every write\n"

@@ -188,6 +188,14 @@ fn an_old_primary_behind_the_new_primarys_data_file_is_caught_up_not_rebuilt() {
             }
         },
     );
+    // b says what it keeps for a's rejoin: its WAL after the committed LSN it learned.
+    let hold = &status(&b)["wal_hold"];
+    assert_eq!(hold["reason"], "after-committed", "b's status: {hold:#}");
+    let from = hold["from_lsn"].as_u64().expect("from_lsn");
+    assert!(
+        from > 0 && from <= a_head,
+        "held from {from}, a's head {a_head}"
+    );
     // Power loss under a: its unsynced WAL is gone.
     mount.crash(None);
     a.kill9();

@@ -11,7 +11,9 @@ mod http;
 mod status;
 
 pub use http::{serve, Admin, AdminError};
-pub use status::{ControlReport, RebuildCost, RebuildReport, ReplicaReport, StatusReport};
+pub use status::{
+    ControlReport, RebuildCost, RebuildReport, ReplicaReport, StatusReport, WalHoldReport,
+};
 
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,

@@ -15,6 +15,12 @@ pub struct StatusReport {
     pub checkpoint_lsn: u64,
     pub wal_used_bytes: u64,
     pub wal_capacity_bytes: u64,
+    /// The oldest entry the WAL still holds.
+    #[serde(default)]
+    pub wal_oldest_lsn: u64,
+    /// What keeps entries already in the data file in the WAL, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_hold: Option<WalHoldReport>,
     pub commit_mode: Option<String>,
     /// The epoch that fenced this primary, if any.
     pub fenced_by: Option<u64>,
@@ -26,6 +32,17 @@ pub struct StatusReport {
     /// A node of an etcd-led volume (`blockrep node`): what the control plane says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlReport>,
+}
+
+/// A hold on the WAL: checkpoints keep the entries from `from_lsn` on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WalHoldReport {
+    pub from_lsn: u64,
+    /// `lagging-replica` (a replica's catch-up will read them), `after-committed` (a
+    /// replica's hold after the committed LSN, so that its old primary can rejoin by catch-up
+    /// if it is promoted; gives way when the WAL is full), `kept-from-last-run` (until
+    /// replication says what its replicas need; gives way when the WAL is full).
+    pub reason: String,
 }
 
 /// The control plane's part of a node's status.

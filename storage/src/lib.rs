@@ -22,7 +22,7 @@ pub use error::{Result, StorageError};
 pub use io::IoMode;
 pub use store::{
     create_dir_all_durable, Allocation, CreateOptions, OpenOptions, ReadSegment, ResumeRefusal,
-    Store, StoreInfo, StoreObserver, MAX_REQUEST,
+    Store, StoreInfo, StoreObserver, WalHold, MAX_REQUEST,
 };
 pub use superblock::{epoch_at, Role, Superblock};
 pub use types::{Epoch, Lsn, RebuildCursor, VolumeId, WalPos, BLOCK_SIZE};

@@ -464,9 +464,45 @@ impl Replication {
         Some(had)
     }
 
+    /// What holds the WAL back now, if anything.
+    pub fn hold(&self) -> Option<(Lsn, WalHold)> {
+        let why = if self.pin_from_open {
+            WalHold::KeptFromLastRun
+        } else if self.pin_yields {
+            WalHold::AfterCommitted
+        } else {
+            WalHold::LaggingReplica
+        };
+        self.retention_pin.map(|pin| (pin, why))
+    }
+
     /// Whether a checkpoint through `target` keeps WAL entries from before it.
     pub fn keeps_before(&self, target: Lsn) -> bool {
         self.retention_pin.is_some_and(|p| p <= target)
+    }
+}
+
+/// Why checkpoints keep WAL entries they have written to the data file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalHold {
+    /// A lagging replica will read them (its catch-up); holds until it has them.
+    LaggingReplica,
+    /// A replica keeps what follows the committed LSN it learned, so that if it is promoted
+    /// its old primary can rejoin by catch-up; gives way when the WAL is full.
+    AfterCommitted,
+    /// Kept from the last run until replication says what its replicas need; gives way when
+    /// the WAL is full.
+    KeptFromLastRun,
+}
+
+impl WalHold {
+    /// Its name in `/v1/status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WalHold::LaggingReplica => "lagging-replica",
+            WalHold::AfterCommitted => "after-committed",
+            WalHold::KeptFromLastRun => "kept-from-last-run",
+        }
     }
 }
 

@@ -42,6 +42,7 @@ use crate::superblock::Superblock;
 use crate::types::{Epoch, Lsn, VolumeId};
 use crate::wal::ReplayOutcome;
 
+pub use self::core::WalHold;
 pub use self::files::create_dir_all_durable;
 pub use self::rebuild_cursor::ResumeRefusal;
 pub use self::shared::StoreObserver;
@@ -131,6 +132,10 @@ pub struct StoreInfo {
     pub wal_used: u64,
     pub dirty_bytes: u64,
     pub io_engine: &'static str,
+    /// The oldest entry the WAL still holds.
+    pub oldest_retained: Lsn,
+    /// What keeps checkpointed entries in the WAL, and from which LSN.
+    pub hold: Option<(Lsn, WalHold)>,
 }
 
 /// An open volume store. All methods take `&self`; share it behind an `Arc`.
@@ -253,6 +258,8 @@ impl Store {
             wal_used: core.log.wal_used(),
             dirty_bytes: core.maps.data_bytes(),
             io_engine: self.shared.io.name(),
+            oldest_retained: core.log.tail_lsn,
+            hold: core.repl.hold(),
         }
     }
 

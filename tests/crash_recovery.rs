@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::files::{e2fsck_clean, sha256s, FileSet};
 use common::storm::{self, let_storm_run, Storm};
 use common::*;
 
@@ -394,54 +395,12 @@ fn sigterm_makes_acknowledged_writes_durable() {
 
 // --------------------------------------------------------------------- ext4 on nbdfuse
 
-/// ~20 files of random sizes (some in a subdirectory), written to `src`; returns their
-/// relative names.
-fn make_files(src: &Path) -> Vec<String> {
-    std::fs::create_dir_all(src.join("sub")).unwrap();
-    let mut names = Vec::new();
-    for i in 0..20u64 {
-        let sizes = random_bytes(1000 + i, 8);
-        let r = u64::from_le_bytes(sizes.try_into().unwrap());
-        // Mostly up to 1.5 MiB, a few tiny, one not a multiple of anything.
-        let len = match i % 5 {
-            0 => r % 3000 + 1,
-            _ => r % (3 * MIB / 2) + 1,
-        };
-        let name = if i % 4 == 3 {
-            format!("sub/file-{i:02}.bin")
-        } else {
-            format!("file-{i:02}.bin")
-        };
-        std::fs::write(src.join(&name), random_bytes(2000 + i, len as usize)).unwrap();
-        names.push(name);
-    }
-    names
-}
-
-/// `sha256sum NAMES` run inside `dir` (in a child process with a timeout, so a hung mount
-/// cannot hang the test).
-fn sha256s(dir: &Path, names: &[String]) -> String {
-    let out = run(timed(60, "sha256sum").args(names).current_dir(dir));
-    assert!(
-        out.status.success(),
-        "sha256sum in {}: {}",
-        dir.display(),
-        describe(&out)
-    );
-    let s = text(&out.stdout);
-    assert_eq!(s.lines().count(), names.len(), "{s}");
-    s
-}
-
-fn e2fsck_clean(dev: &Path) {
-    let out = run(timed(120, "e2fsck").arg("-fn").arg(dev));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "e2fsck -fn found problems:\n{}",
-        describe(&out)
-    );
-}
+/// ~20 files of random sizes, some up to 1.5 MiB.
+const FILES: FileSet = FileSet {
+    count: 20,
+    max_len: 3 * MIB / 2,
+    seed: 1000,
+};
 
 fn require_ext4_tools() {
     for t in [
@@ -493,7 +452,7 @@ fn ext4_on_nbdfuse_survives_kill9() {
     let tmp = tempfile::tempdir().unwrap();
     let store = create_store(tmp.path(), "vol", 512 * MIB);
     let src = tmp.path().join("src");
-    let names = make_files(&src);
+    let names = FILES.write(&src);
     let mut server = serve(&store, &[]);
     let (want, mut fuse) = ext4_with_files(&server, tmp.path(), &names, &src);
     fuse.unmount_loop();
@@ -531,7 +490,7 @@ fn ext4_on_nbdfuse_survives_kill9_without_unmount() {
     let tmp = tempfile::tempdir().unwrap();
     let store = create_store(tmp.path(), "vol", 512 * MIB);
     let src = tmp.path().join("src");
-    let names = make_files(&src);
+    let names = FILES.write(&src);
     let mut server = serve(&store, &[]);
     let (want, mut fuse) = ext4_with_files(&server, tmp.path(), &names, &src);
     server.kill9();

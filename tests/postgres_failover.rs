@@ -24,8 +24,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::files::e2fsck_clean;
 use common::fuse::Teardown;
-use common::postgres::{abandon, e2fsck_clean, PgSite};
+use common::postgres::{abandon, PgSite};
 use common::*;
 
 const VOLUME: u64 = 1 << 30;

@@ -10,9 +10,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::files::e2fsck_clean;
 use common::fuse::Teardown;
 use common::led::{LedVolume, TTL};
-use common::postgres::{abandon, e2fsck_clean, PgSite};
+use common::postgres::{abandon, PgSite};
 use common::*;
 
 #[test]

@@ -35,6 +35,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::files::{sha256s, FileSet, SMALL_SET};
 use common::lazyfs::{cargo_build, crash_all, lazyfs_bin, LazyMount};
 use common::node::serve_args;
 use common::storm::{self, log_counts, Storm};
@@ -716,38 +717,6 @@ fn replicated_sync_quorum_rack_power_loss() {
 
 // ============================================================================ ext4 on top
 
-fn make_files(src: &Path) -> Vec<String> {
-    std::fs::create_dir_all(src.join("sub")).unwrap();
-    let mut names = Vec::new();
-    for i in 0..16u64 {
-        let r = u64::from_le_bytes(random_bytes(3000 + i, 8).try_into().unwrap());
-        let len = if i % 4 == 0 {
-            r % 5000 + 1
-        } else {
-            r % MIB + 1
-        };
-        let name = if i % 3 == 2 {
-            format!("sub/file-{i:02}.bin")
-        } else {
-            format!("file-{i:02}.bin")
-        };
-        std::fs::write(src.join(&name), random_bytes(4000 + i, len as usize)).unwrap();
-        names.push(name);
-    }
-    names
-}
-
-fn sha256s(dir: &Path, names: &[String]) -> String {
-    let out = run(timed(60, "sha256sum").args(names).current_dir(dir));
-    assert!(
-        out.status.success(),
-        "sha256sum in {}: {}",
-        dir.display(),
-        describe(&out)
-    );
-    text(&out.stdout)
-}
-
 /// ext4 on the volume (nbdfuse + loop), files written and `sync`ed; then, while a writer
 /// keeps creating files and syncing them, the power fails under the store (torn). After a
 /// restart the journal replays, the synced files are intact and e2fsck finds nothing.
@@ -773,7 +742,11 @@ fn ext4_on_the_volume_survives_a_power_loss_under_the_store() {
     let store = fs.path("vol");
     create_store_with(real_blockrep(), &store, 256 * MIB);
     let src = tmp.path().join("src");
-    let names = make_files(&src);
+    let names = FileSet {
+        count: 16,
+        ..SMALL_SET
+    }
+    .write(&src);
     let want = sha256s(&src, &names);
 
     let mut node = serve_node(real_blockrep(), &store, tmp.path(), "serve", &[]);

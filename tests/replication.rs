@@ -24,6 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::client::{assert_eio, assert_ok, data};
+use common::files::{sha256s, SMALL_SET};
 use common::storm::{self, log_counts, Storm};
 use common::*;
 
@@ -1021,40 +1022,6 @@ fn replica_rejects_garbage_truncated_and_stale_epoch_frames() {
 
 // -------------------------------------------------------------- fio and ext4 (replicated)
 
-/// Files of random sizes (some in a subdirectory) under `src`; returns their relative names.
-fn make_files(src: &Path) -> Vec<String> {
-    std::fs::create_dir_all(src.join("sub")).unwrap();
-    let mut names = Vec::new();
-    for i in 0..12u64 {
-        let r = u64::from_le_bytes(random_bytes(3000 + i, 8).try_into().unwrap());
-        let len = match i % 4 {
-            0 => r % 3000 + 1,
-            _ => r % MIB + 1,
-        };
-        let name = if i % 3 == 2 {
-            format!("sub/file-{i:02}.bin")
-        } else {
-            format!("file-{i:02}.bin")
-        };
-        std::fs::write(src.join(&name), random_bytes(4000 + i, len as usize)).unwrap();
-        names.push(name);
-    }
-    names
-}
-
-fn sha256s(dir: &Path, names: &[String]) -> String {
-    let out = run(timed(60, "sha256sum").args(names).current_dir(dir));
-    assert!(
-        out.status.success(),
-        "sha256sum in {}: {}",
-        dir.display(),
-        describe(&out)
-    );
-    let s = text(&out.stdout);
-    assert_eq!(s.lines().count(), names.len(), "{s}");
-    s
-}
-
 /// The fio job: 4 KiB random writes over 200M..232M (past the 192 MiB file system), each
 /// block verified by CRC32C, flushed at the end.
 fn fio_args(verify_only: bool) -> Vec<String> {
@@ -1133,7 +1100,7 @@ fn replicated_volume_passes_fio_verify_and_ext4_fsck() {
 
     // ext4 (192 MiB, below fio's range) through nbdfuse and a loop mount.
     let src = tmp.path().join("src");
-    let names = make_files(&src);
+    let names = SMALL_SET.write(&src);
     let want = sha256s(&src, &names);
     let mut fuse = FuseMount::start(&p.uri(), tmp.path(), "p");
     run_ok(

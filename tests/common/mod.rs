@@ -4,7 +4,7 @@
 //!
 //! One room per concern: `process` (commands, `KillOnDrop`, `die_with_test`), `wait` (the
 //! one `wait_until`), `node` (a `blockrep` process with its ports and log), `fuse`
-//! (`FuseMount`), `lazyfs` (`LazyMount`, a filesystem that can lose power), `storm` (the write storm and its verifier), `client` (a libnbd `Client`),
+//! (`FuseMount`), `files` (files to copy onto ext4, their checksums, `e2fsck`), `lazyfs` (`LazyMount`, a filesystem that can lose power), `storm` (the write storm and its verifier), `client` (a libnbd `Client`),
 //! `admin` (HTTP, /metrics and /v1/status of a node's admin endpoint), `etcd` (a real etcd
 //! server or cluster on loopback), `relay` (a TCP relay a test can cut), `led` (an etcd-led
 //! volume of `blockrep node` processes and the writer that follows its primary), `postgres`
@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod client;
 pub mod etcd;
+pub mod files;
 pub mod fuse;
 pub mod lazyfs;
 pub mod led;

@@ -42,16 +42,6 @@ impl std::fmt::Display for LogText<'_> {
     }
 }
 
-pub fn e2fsck_clean(dev: &Path) {
-    let out = run(timed(120, "e2fsck").arg("-fn").arg(dev));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "e2fsck -fn found problems:\n{}",
-        describe(&out)
-    );
-}
-
 /// The newest PostgreSQL server installed the Debian way (/usr/lib/postgresql/VERSION/bin).
 pub fn postgres_bindir() -> PathBuf {
     let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")

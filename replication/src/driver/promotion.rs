@@ -134,6 +134,9 @@ pub struct Promotion {
     pub epoch: Option<Epoch>,
     /// Promote even if the rule refuses (logged loudly).
     pub force: bool,
+    /// The in-sync set, when etcd elected the candidate from outside it under sync-all or
+    /// best-effort: a member of it must vouch for the candidate ([`promotion::vouched`]).
+    pub vouchers: Vec<String>,
     /// Probe the members over mutual TLS (each must present its name's certificate).
     pub tls: Option<PeerTls>,
 }
@@ -204,7 +207,9 @@ impl Promotion {
     fn decide(&self, members: &[Facts]) -> Result<(), PromotionError> {
         let me = &self.candidate;
         let configured = self.replicas.len().max(self.copies.saturating_sub(1));
-        match promotion::check(me, members, configured, self.mode) {
+        let verdict = promotion::check(me, members, configured, self.mode)
+            .and_then(|()| promotion::vouched(me, members, &self.vouchers));
+        match verdict {
             Ok(()) => tracing::info!(
                 "promoting {} (head {}, committed {}) with {} of {} replica(s) consulted",
                 me.name,
@@ -249,6 +254,7 @@ mod tests {
             mode,
             epoch: None,
             force: false,
+            vouchers: Vec::new(),
             tls: None,
         }
     }

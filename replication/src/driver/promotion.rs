@@ -282,4 +282,22 @@ mod tests {
             Some(Epoch(2))
         );
     }
+
+    /// A candidate etcd elected from outside the in-sync set serves only if a member of the
+    /// set answers for it: with none reachable it is refused, even under sync-all, where a
+    /// lone candidate from the set is promoted.
+    #[test]
+    fn a_candidate_from_outside_the_in_sync_set_holds_what_a_member_of_it_holds() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut outside = lone(CommitMode::SyncAll, 3);
+        outside.vouchers = vec!["a".into(), "c".into()];
+        let refused = rt.block_on(outside.run());
+        assert!(
+            matches!(&refused, Err(PromotionError::Refused { why, .. }) if why.contains("outside the in-sync set")),
+            "{refused:?}"
+        );
+    }
 }

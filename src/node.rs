@@ -484,6 +484,7 @@ async fn choose_epoch(
         mode,
         epoch: args.epoch.map(Epoch),
         force: args.force,
+        vouchers: &[],
     };
     promote(store, &asked, tls).await
 }

@@ -30,6 +30,9 @@ pub(crate) struct Promote<'a> {
     /// Serve at this epoch (`serve --epoch`, or the one a node took in etcd).
     pub epoch: Option<Epoch>,
     pub force: bool,
+    /// The in-sync set, when etcd elected the candidate from outside it (`Action::Lead`'s
+    /// `vouchers`); empty otherwise.
+    pub vouchers: &'a [String],
 }
 
 /// The epoch to serve at, `asked.epoch` if given. A store that last served as a replica
@@ -60,6 +63,7 @@ pub(crate) async fn promote(
         mode: asked.mode,
         epoch: asked.epoch,
         force: asked.force,
+        vouchers: asked.vouchers.to_vec(),
         tls,
     };
     match promotion.run().await {

@@ -13,7 +13,12 @@
 //! and refuses anyone less complete than one of them, checks the claim against the stores
 //! themselves. Without it, the most complete copy, once it dropped out of the set, was the
 //! only one the promotion accepted and one etcd would not elect. Requiring a live member of
-//! the set keeps a lone survivor that lags from being elected. For a volume no one has led
+//! the set keeps a lone survivor that lags from being elected. Under sync-all and best-effort
+//! a member outside the set may lead if its log ends at a later epoch than the log of every
+//! live member of the set: the promotion refuses each of them while it answers (it holds a
+//! later primary's entries), and it holds every acknowledged write if one of them really
+//! ends at an earlier epoch, which the promotion checks on their answers
+//! (`promotion::vouched`, given the set by [`outside_the_set`]). For a volume no one has led
 //! yet, only the node whose store became the volume. Among those, the longest lineage first
 //! (the epoch of the last entry, then its LSN), then the higher `--priority`, then the name,
 //! so every node computes the same order from the same view, and the first is the most
@@ -76,7 +81,10 @@ pub fn eligibility(view: &VolumeView, member: &MemberRecord, rule: Rule) -> Resu
     let in_sync = match &view.insync {
         Some(set) => {
             set.value.contains(&member.name)
-                || (rule == Rule::Majority && holds_a_live_in_sync_log(view, member))
+                || match rule {
+                    Rule::Majority => holds_a_live_in_sync_log(view, member),
+                    Rule::InSyncSet => ends_past_every_live_in_sync_log(view, member),
+                }
         }
         None => identity.created_by == member.name,
     };
@@ -102,6 +110,34 @@ fn holds_a_live_in_sync_log(view: &VolumeView, member: &MemberRecord) -> bool {
         .values()
         .filter(|m| set.value.contains(&m.name) && m.volume_id == member.volume_id)
         .any(|m| member.position() >= m.position())
+}
+
+/// Whether `member`'s log ends at a later epoch than the log of every member of the in-sync
+/// set the view shows alive, and there is one. The promotion refuses each of those members
+/// while `member` answers (it holds a later primary's entries), so without this nobody
+/// electable could ever serve; the promotion checks the claim on what the members answer
+/// (`promotion::vouched`, told the set through [`outside_the_set`]).
+fn ends_past_every_live_in_sync_log(view: &VolumeView, member: &MemberRecord) -> bool {
+    let Some(set) = &view.insync else {
+        return false;
+    };
+    let mut live = view
+        .members
+        .values()
+        .filter(|m| set.value.contains(&m.name) && m.volume_id == member.volume_id)
+        .peekable();
+    live.peek().is_some() && live.all(|m| m.head_epoch < member.head_epoch)
+}
+
+/// The in-sync set a promotion of `member` under `rule` must hear a member of vouch for it
+/// (`promotion::vouched`): the set, when `member` is outside it under [`Rule::InSyncSet`];
+/// none otherwise (a member of the set holds every acknowledged write already, and under
+/// sync-quorum the promotion's read of a majority checks a member from outside it).
+pub fn outside_the_set(view: &VolumeView, member: &str, rule: Rule) -> Vec<String> {
+    match (&view.insync, rule) {
+        (Some(set), Rule::InSyncSet) if !set.value.contains(member) => set.value.members.clone(),
+        _ => Vec::new(),
+    }
 }
 
 /// Better candidates first.
@@ -270,6 +306,23 @@ mod tests {
             ["a"],
             "a volume never led is still its creator's"
         );
+    }
+
+    #[test]
+    fn a_member_outside_the_set_whose_log_ends_at_a_later_epoch_may_lead() {
+        // b took entries from the primary of epoch 3 and dropped out of the set; a, the only
+        // member in it, ends at epoch 2: the promotion refuses a while b answers.
+        let v = view(vec![member("a", 2, 58), member("b", 3, 40)], &["a"]);
+        assert_eq!(names(&v), ["b", "a"]);
+        assert_eq!(outside_the_set(&v, "b", Rule::InSyncSet), ["a"]);
+        assert!(outside_the_set(&v, "a", Rule::InSyncSet).is_empty());
+        assert!(outside_the_set(&v, "b", Rule::Majority).is_empty());
+        // At the same epoch a may hold acknowledged writes b lacks; with no live member of
+        // the set, nothing says what was acknowledged.
+        let same = view(vec![member("a", 3, 58), member("b", 3, 59)], &["a"]);
+        assert_eq!(names(&same), ["a"]);
+        let alone = view(vec![member("b", 3, 40)], &["a"]);
+        assert!(names(&alone).is_empty());
     }
 
     #[test]

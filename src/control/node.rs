@@ -211,20 +211,22 @@ impl NodeRuntime {
 
     /// Becomes primary at `epoch` (already taken in etcd), replicating to `replicas`
     /// (name, replication address), acknowledging while `gate` holds; a sync-quorum
-    /// promotion hears from a majority of at least `copies` copies. On failure the node is
-    /// left in `Standby`.
+    /// promotion hears from a majority of at least `copies` copies, and from a member of
+    /// `vouchers` vouching for this store when etcd elected it from outside the in-sync set.
+    /// On failure the node is left in `Standby`.
     pub async fn lead(
         &mut self,
         epoch: Epoch,
         replicas: &[(String, String)],
         force: bool,
         copies: usize,
+        vouchers: &[String],
         gate: Arc<AckGate>,
     ) -> Result<()> {
         self.stop_role().await;
         let replicas = replica_ids(replicas);
         let started = self
-            .start_primary(epoch, replicas, force, copies, gate)
+            .start_primary(epoch, replicas, force, copies, vouchers, gate)
             .await;
         match started {
             Ok(role) => {
@@ -256,6 +258,7 @@ impl NodeRuntime {
         replicas: Vec<(ReplicaId, String)>,
         force: bool,
         copies: usize,
+        vouchers: &[String],
         gate: Arc<AckGate>,
     ) -> Result<PrimaryRole> {
         let s = &self.settings;
@@ -267,6 +270,7 @@ impl NodeRuntime {
             mode,
             epoch: Some(epoch),
             force,
+            vouchers,
         };
         let epoch = promote(&self.store, &asked, s.peer_tls.clone()).await?;
         // A failsafe term's hold counts from here: this node stopped answering the previous

@@ -69,6 +69,8 @@ enum RoleCommand {
         force: bool,
         /// Sync-quorum's majority is taken over at least this many copies.
         copies: usize,
+        /// A member of this in-sync set must vouch for a candidate from outside it.
+        vouchers: Vec<String>,
         gate: Arc<AckGate>,
     },
     SetReplicas(Vec<(String, String)>),
@@ -274,6 +276,7 @@ impl State {
                 replicas,
                 force,
                 copies,
+                vouchers,
             } => {
                 let mut gate = AckGate::new(self.node.origin, self.node.on_lease_loss);
                 if self.node.cfg.failsafe {
@@ -309,6 +312,7 @@ impl State {
                     replicas,
                     force,
                     copies,
+                    vouchers,
                     gate,
                 });
             }
@@ -774,10 +778,12 @@ async fn role_worker(
                 replicas,
                 force,
                 copies,
+                vouchers,
                 gate,
             } => {
                 follow_failed = false;
-                if let Err(e) = runtime.lead(epoch, &replicas, force, copies, gate).await {
+                let led = runtime.lead(epoch, &replicas, force, copies, &vouchers, gate);
+                if let Err(e) = led.await {
                     tracing::error!("cannot lead at epoch {epoch}: {e:#}");
                     let _ = failed.send(epoch);
                     follow_failed = still_not_following(runtime.follow().await, false);

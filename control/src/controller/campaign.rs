@@ -102,6 +102,7 @@ impl Controller {
             name: self.cfg.name.clone(),
             epoch: epoch.0,
         };
+        let vouchers = rank::outside_the_set(view, &self.cfg.name, self.rule());
         let mut members = view
             .insync
             .as_ref()
@@ -148,6 +149,7 @@ impl Controller {
                 epoch,
                 force,
                 members,
+                vouchers,
             },
             txn,
             out,

@@ -127,11 +127,16 @@ pub enum Action {
     /// at least (its in-sync set, or the live members and this node if more): a
     /// sync-quorum promotion must hear from a majority of them, not of the members still
     /// alive.
+    ///
+    /// `vouchers`: the in-sync set when this node was elected from outside it under sync-all
+    /// or best-effort; the promotion must hear one of them vouch for it
+    /// (`promotion::vouched`). Empty otherwise.
     Lead {
         epoch: Epoch,
         replicas: Vec<(String, String)>,
         force: bool,
         copies: usize,
+        vouchers: Vec<String>,
     },
     /// As leader: the volume's other members changed; replicate to these now.
     Replicas { replicas: Vec<(String, String)> },
@@ -177,11 +182,13 @@ impl FenceReason {
 #[derive(Debug, Clone)]
 enum Purpose {
     Initialise,
-    /// `members`: the in-sync set the campaign writes at its epoch.
+    /// `members`: the in-sync set the campaign writes at its epoch; `vouchers`: as in
+    /// [`Action::Lead`].
     Campaign {
         epoch: Epoch,
         force: bool,
         members: Vec<String>,
+        vouchers: Vec<String>,
     },
     Register,
     InSync {
@@ -470,6 +477,7 @@ impl Controller {
                 epoch,
                 force,
                 members,
+                vouchers,
             } if succeeded => {
                 let replicas = self.other_members();
                 let copies = self.previous_copies(replicas.len() + 1);
@@ -490,6 +498,7 @@ impl Controller {
                     replicas,
                     force,
                     copies,
+                    vouchers,
                 });
                 // The record now says primary.
                 self.published = None;

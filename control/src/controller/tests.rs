@@ -476,6 +476,36 @@ fn under_sync_quorum_the_most_complete_copy_may_lead_outside_the_in_sync_set() {
 }
 
 #[test]
+fn a_member_outside_the_set_whose_log_ends_at_a_later_epoch_may_lead() {
+    let mut c = Cluster::led(&["a", "b", "c"], "sync-all");
+    let a = c.idx("a");
+    let now = c.now;
+    c.deliver(
+        a,
+        Event::Replication {
+            now,
+            in_sync: vec!["b".into()],
+        },
+    );
+    // c took entries of a's epoch that b never had, then dropped out of the set: the
+    // promotion refuses b while c answers, so c leads, and its promotion is told the set.
+    let (b, cc) = (c.idx("b"), c.idx("c"));
+    c.nodes[b].local.head_epoch = Epoch(0);
+    c.nodes[b].local.head = Lsn(40);
+    c.nodes[cc].local.head_epoch = Epoch(1);
+    c.nodes[cc].local.head = Lsn(30);
+    c.nodes[cc].actions.clear();
+    c.nodes[a].reaches_etcd = false;
+    c.advance(500, 20);
+    assert_eq!(c.leaders(), ["c"]);
+    let vouchers = c.nodes[cc].actions.iter().find_map(|a| match a {
+        Action::Lead { vouchers, .. } => Some(vouchers.clone()),
+        _ => None,
+    });
+    assert_eq!(vouchers, Some(vec!["a".to_string(), "b".to_string()]));
+}
+
+#[test]
 fn a_nofailover_node_never_campaigns() {
     let mut c = Cluster::new(&["a", "b"]);
     c.advance(100, 3);

@@ -108,6 +108,35 @@ pub fn check(
     Ok(())
 }
 
+/// For a candidate etcd elected from outside the in-sync set under sync-all or best-effort
+/// because its log ends at a later epoch than that of every live member of the set
+/// (`blockrep_control::rank`): whether one of the members it consulted, named in `in_sync`,
+/// vouches for it. Returns the reason for a refusal.
+///
+/// Invariant (*a candidate from outside the in-sync set holds what a member of it holds*):
+/// some consulted member of the set, not waiting for a rebuild, answered with a log that
+/// ends at an epoch before the candidate's. That member holds every acknowledged write (the
+/// leader removes a member from the set before it acknowledges anything that skips it), all
+/// of them from epochs up to its own head epoch, so acknowledged before the primary of the
+/// candidate's head epoch was promoted with every committed entry; the candidate's log
+/// matched that primary's before it took that epoch's entries, so it holds them all. etcd's
+/// records are only what the members last reported: this is checked on what they answer.
+pub fn vouched(candidate: &Facts, members: &[Facts], in_sync: &[String]) -> Result<(), String> {
+    if in_sync.is_empty()
+        || members.iter().any(|m| {
+            in_sync.contains(&m.name) && !m.needs_rebuild && m.head_epoch < candidate.head_epoch
+        })
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "{} is outside the in-sync set, and no member of it ({}) answered with a log ending          before epoch {}: nothing shows it holds every acknowledged write",
+        candidate.name,
+        in_sync.join(", "),
+        candidate.head_epoch
+    ))
+}
+
 /// The lowest epoch a promotion may use: above everything the candidate and the members have
 /// seen. It never wraps ([`Epoch::next`] saturates); [`check`] refuses a promotion when it
 /// comes out as an epoch nobody could follow.
@@ -212,6 +241,26 @@ mod tests {
         m.epoch = Epoch::MAX;
         assert_eq!(next_epoch(&f("r1", 1, 1), &[m.clone()]), Epoch::MAX);
         assert!(check(&f("r1", 1, 1), &[m], 1, CommitMode::SyncAll).is_err());
+    }
+
+    #[test]
+    fn a_candidate_from_outside_the_in_sync_set_holds_what_a_member_of_it_holds() {
+        let mut c = f("r1", 2, 0);
+        c.head_epoch = Epoch(2);
+        let set = ["r2".to_string(), "r3".to_string()];
+        // In the set (nothing to vouch for), or vouched for by r2's log ending at epoch 1.
+        assert!(vouched(&c, &[], &[]).is_ok());
+        assert!(vouched(&c, &[f("r2", 9, 0)], &set).is_ok());
+        // r4 is not in the set; r2 ends at the candidate's epoch and may hold more of it;
+        // r3 is rebuilding; and an unanswered set vouches for nothing.
+        let mut same = f("r2", 9, 0);
+        same.head_epoch = Epoch(2);
+        let mut rebuilding = f("r3", 1, 0);
+        rebuilding.needs_rebuild = true;
+        for members in [vec![f("r4", 1, 0)], vec![same], vec![rebuilding], vec![]] {
+            let err = vouched(&c, &members, &set).unwrap_err();
+            assert!(err.contains("outside the in-sync set"), "{err}");
+        }
     }
 
     #[test]

@@ -134,6 +134,9 @@ pub struct Promotion {
     pub epoch: Option<Epoch>,
     /// Promote even if the rule refuses (logged loudly).
     pub force: bool,
+    /// The in-sync set, when etcd elected the candidate from outside it under sync-all or
+    /// best-effort: a member of it must vouch for the candidate ([`promotion::vouched`]).
+    pub vouchers: Vec<String>,
     /// Probe the members over mutual TLS (each must present its name's certificate).
     pub tls: Option<PeerTls>,
 }
@@ -204,7 +207,9 @@ impl Promotion {
     fn decide(&self, members: &[Facts]) -> Result<(), PromotionError> {
         let me = &self.candidate;
         let configured = self.replicas.len().max(self.copies.saturating_sub(1));
-        match promotion::check(me, members, configured, self.mode) {
+        let verdict = promotion::check(me, members, configured, self.mode)
+            .and_then(|()| promotion::vouched(me, members, &self.vouchers));
+        match verdict {
             Ok(()) => tracing::info!(
                 "promoting {} (head {}, committed {}) with {} of {} replica(s) consulted",
                 me.name,
@@ -249,6 +254,7 @@ mod tests {
             mode,
             epoch: None,
             force: false,
+            vouchers: Vec::new(),
             tls: None,
         }
     }
@@ -274,6 +280,24 @@ mod tests {
         assert_eq!(
             rt.block_on(lone(CommitMode::SyncAll, 3).run()).ok(),
             Some(Epoch(2))
+        );
+    }
+
+    /// A candidate etcd elected from outside the in-sync set serves only if a member of the
+    /// set answers for it: with none reachable it is refused, even under sync-all, where a
+    /// lone candidate from the set is promoted.
+    #[test]
+    fn a_candidate_from_outside_the_in_sync_set_holds_what_a_member_of_it_holds() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut outside = lone(CommitMode::SyncAll, 3);
+        outside.vouchers = vec!["a".into(), "c".into()];
+        let refused = rt.block_on(outside.run());
+        assert!(
+            matches!(&refused, Err(PromotionError::Refused { why, .. }) if why.contains("outside the in-sync set")),
+            "{refused:?}"
         );
     }
 }

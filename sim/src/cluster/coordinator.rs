@@ -62,19 +62,28 @@ impl Cluster {
 
     /// `blockrep serve` on a replica's store: probe the reachable members, apply the rule.
     pub fn promote(&mut self, c: NodeId) -> bool {
-        self.promote_at(c, None, false)
+        self.promote_at(c, None, false, &[])
     }
 
     /// As [`Cluster::promote`], at exactly epoch `at` if given (the one an etcd campaign
     /// took): refused when a member has already seen that epoch or a later one. `force`: the
-    /// rule's refusals are overridden (an operator's `failover --force`).
-    pub(super) fn promote_at(&mut self, c: NodeId, at: Option<Epoch>, force: bool) -> bool {
+    /// rule's refusals are overridden (an operator's `failover --force`). `vouchers`: the
+    /// in-sync set a member of which must vouch for a candidate etcd elected from outside it
+    /// (`promotion::vouched`).
+    pub(super) fn promote_at(
+        &mut self,
+        c: NodeId,
+        at: Option<Epoch>,
+        force: bool,
+        vouchers: &[String],
+    ) -> bool {
         let me = self.facts(c);
         let name = self.nodes[c].name.clone();
         // First a look that disturbs nobody, as `serve` does.
         let members: Vec<promotion::Facts> =
             self.members(c).into_iter().map(|i| self.facts(i)).collect();
-        let verdict = promotion::check(&me, &members, self.nodes.len() - 1, self.cfg.mode);
+        let verdict = promotion::check(&me, &members, self.nodes.len() - 1, self.cfg.mode)
+            .and_then(|()| promotion::vouched(&me, &members, vouchers));
         if !self.rule_allows(&name, verdict, force, "") {
             return false;
         }
@@ -96,7 +105,8 @@ impl Cluster {
                 fenced.push(f);
             }
         }
-        let verdict = promotion::check(&me, &fenced, self.nodes.len() - 1, self.cfg.mode);
+        let verdict = promotion::check(&me, &fenced, self.nodes.len() - 1, self.cfg.mode)
+            .and_then(|()| promotion::vouched(&me, &fenced, vouchers));
         if !self.rule_allows(&name, verdict, force, " after fencing") {
             self.max_epoch = self.max_epoch.max(epoch);
             return false;

@@ -99,7 +99,7 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
         };
         // The first node of a volume leads alone; a member that joins is replicated to.
         let a_gate = gate(OnLeaseLoss::Suspend);
-        a.lead(Epoch(1), &[], false, 0, a_gate.clone())
+        a.lead(Epoch(1), &[], false, 0, &[], a_gate.clone())
             .await
             .expect("a leads");
         assert_eq!(a.role(), RoleName::Primary { epoch: Epoch(1) });
@@ -129,6 +129,7 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
             &[("a".into(), a_listen.clone())],
             false,
             0,
+            &[],
             b_gate.clone(),
         )
         .await

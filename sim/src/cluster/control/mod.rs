@@ -225,6 +225,9 @@ pub(crate) struct ControlNode {
     /// The leadership comes from an operator's forced failover: the rule's refusals are
     /// overridden, as `serve --force` does.
     forced: bool,
+    /// The in-sync set a member of which must vouch for the promotion (`Action::Lead`'s
+    /// `vouchers`).
+    vouchers: Vec<String>,
     /// Failsafe: promoted, acknowledging nothing before this time of its own clock (the
     /// node's `AckGate::hold`); its leadership begins, for the checker, once it has passed.
     hold_until: Option<u64>,
@@ -292,6 +295,7 @@ impl Cluster {
                     serving: false,
                     epoch_seen: Epoch(0),
                     forced: false,
+                    vouchers: Vec::new(),
                     hold_until: None,
                 }
             })
@@ -464,12 +468,18 @@ impl Cluster {
                 let d = self.true_delay(n, retry);
                 self.control_schedule(d, ControlEv::TxnTimeout { node: n, inc, id });
             }
-            Action::Lead { epoch, force, .. } => {
+            Action::Lead {
+                epoch,
+                force,
+                vouchers,
+                ..
+            } => {
                 let name = self.nodes[n].name.clone();
                 self.log(format!("etcd: {name} leads at epoch {epoch}"));
                 if let Some(cp) = self.cp() {
                     cp.nodes[n].leading = Some(epoch);
                     cp.nodes[n].forced = force;
+                    cp.nodes[n].vouchers = vouchers;
                 }
                 self.try_serve(n);
             }
@@ -514,7 +524,8 @@ impl Cluster {
         if !self.nodes[n].alive || self.is_paused(n) {
             return;
         }
-        if self.promote_at(n, Some(epoch), c.forced) {
+        let vouchers = c.vouchers.clone();
+        if self.promote_at(n, Some(epoch), c.forced, &vouchers) {
             self.stats.failovers += 1;
             let now = self.now;
             let local = self.local_now(n);

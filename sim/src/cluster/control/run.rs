@@ -150,11 +150,10 @@ impl Cluster {
     }
 
     /// What an operator does when no leader serves: `blockrep ctl failover --to NODE --force`
-    /// to the node the promotion rule would accept. Under sync-all and best-effort etcd's
-    /// candidate rule (in sync at the latest epoch) and the promotion rule can still disagree:
-    /// a member outside the in-sync set whose log ends at a later epoch than every member in
-    /// it makes the promotion refuse them all, and etcd elects no one who can serve
-    /// (docs/PROTOCOL.md, "The candidate rule and the promotion rule agree").
+    /// to the node the promotion rule would accept, should etcd's candidate rule and the
+    /// promotion rule disagree again (docs/PROTOCOL.md, "The candidate rule and the promotion
+    /// rule agree"; no sweep history needs it since a member outside the in-sync set whose log
+    /// ends at a later epoch may be elected).
     fn operator_forces_a_failover(&mut self) {
         let mut candidates: Vec<NodeId> = (0..self.nodes.len())
             .filter(|&i| self.nodes[i].alive)

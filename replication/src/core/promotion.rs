@@ -130,7 +130,8 @@ pub fn vouched(candidate: &Facts, members: &[Facts], in_sync: &[String]) -> Resu
         return Ok(());
     }
     Err(format!(
-        "{} is outside the in-sync set, and no member of it ({}) answered with a log ending          before epoch {}: nothing shows it holds every acknowledged write",
+        "{} is outside the in-sync set, and no member of it ({}) answered with a log ending \
+         before epoch {}: nothing shows it holds every acknowledged write",
         candidate.name,
         in_sync.join(", "),
         candidate.head_epoch

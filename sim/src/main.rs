@@ -160,8 +160,21 @@ fn print_failure(args: &Args, f: &Failure) {
         f.mode,
         args.faults,
         args.steps,
-        if args.control { " --control" } else { "" }
+        replay_flags(args)
     );
+}
+
+/// The flags besides seed, mode, faults and steps that shape a history, as typed.
+fn replay_flags(args: &Args) -> String {
+    [
+        (args.control, " --control"),
+        (args.failsafe, " --failsafe"),
+        (args.no_operator, " --no-operator"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, flag)| *flag)
+    .collect()
 }
 
 fn print_summary(seeds: u64, started: Instant, failures: u64, total: &Stats) {

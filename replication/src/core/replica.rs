@@ -632,11 +632,20 @@ impl ReplicaCore {
     /// Store `owner` claims `epoch` (a primary's hello, a candidate's fence): refused if the
     /// epoch is stale or another store owns it; otherwise adopted, persisted before we
     /// answer so the claim survives a crash. Returns whether the claim stands.
+    fn claim_epoch(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
+        if !self.may_claim(conn, epoch, owner) {
+            return false;
+        }
+        self.adopt_epoch(epoch, owner);
+        true
+    }
+
+    /// Whether `owner` may claim `epoch`; refuses `conn` otherwise. Changes nothing else.
     ///
     /// Invariant (*an epoch that cannot be followed is refused*): the last epoch there is
     /// would leave no epoch for any later primary, so the replica could never be promoted
     /// or follow anyone again; it is refused before anything is persisted.
-    fn claim_epoch(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
+    fn may_claim(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
         if !self.followable(conn, epoch) {
             return false;
         }
@@ -657,13 +666,17 @@ impl ReplicaCore {
             self.reject(conn, RejectReason::EpochOwned, msg);
             return false;
         }
+        true
+    }
+
+    /// Takes a claim [`Self::may_claim`] allowed.
+    fn adopt_epoch(&mut self, epoch: Epoch, owner: VolumeId) {
         if epoch > self.s.epoch || self.s.epoch_owner != owner {
             self.out.push(Action::AdoptEpoch { epoch, owner });
             self.s.epoch = epoch;
             self.s.epoch_owner = owner;
             self.s.was_primary = false;
         }
-        true
     }
 
     /// Whether some epoch can follow `epoch`; refuses `conn` otherwise.
@@ -683,6 +696,11 @@ impl ReplicaCore {
         }
     }
 
+    /// A primary opens a session.
+    ///
+    /// Invariant (*a refused hello leaves the store as it was*): every check that can refuse
+    /// the hello (epoch, size, volume, the epoch's owner) runs before anything is adopted, so
+    /// a blank store refused a hello stays blank and joinable by the volume's real primary.
     fn hello(
         &mut self,
         conn: ConnId,
@@ -692,10 +710,6 @@ impl ReplicaCore {
         primary: VolumeId,
         committed: Lsn,
     ) {
-        // Before the volume is adopted: a refused hello leaves the store as it was.
-        if !self.followable(conn, epoch) {
-            return;
-        }
         if volume_size != self.s.volume_size {
             let msg = format!(
                 "volume size {volume_size} differs from this store's {}",
@@ -704,21 +718,22 @@ impl ReplicaCore {
             self.reject(conn, RejectReason::WrongVolume, msg);
             return;
         }
+        if volume_id != self.s.volume_id && !self.s.blank {
+            let msg = format!(
+                "this store belongs to volume {}, not {volume_id}",
+                self.s.volume_id
+            );
+            self.reject(conn, RejectReason::WrongVolume, msg);
+            return;
+        }
+        if !self.may_claim(conn, epoch, primary) {
+            return;
+        }
         if volume_id != self.s.volume_id {
-            if !self.s.blank {
-                let msg = format!(
-                    "this store belongs to volume {}, not {volume_id}",
-                    self.s.volume_id
-                );
-                self.reject(conn, RejectReason::WrongVolume, msg);
-                return;
-            }
             self.out.push(Action::AdoptVolume { volume_id });
             self.s.volume_id = volume_id;
         }
-        if !self.claim_epoch(conn, epoch, primary) {
-            return;
-        }
+        self.adopt_epoch(epoch, primary);
         if let Some(old) = self.active.replace(conn) {
             if old != conn {
                 self.out.push(Action::Close {

@@ -33,6 +33,8 @@ pub const VOLUME: VolumeId = VolumeId([0x56; 16]);
 pub const STORE: VolumeId = VolumeId([0x52; 16]);
 pub const PRIMARY: VolumeId = VolumeId([0x50; 16]);
 pub const OTHER: VolumeId = VolumeId([0x4f; 16]);
+/// A volume that is not ours, offered by a stranger.
+pub const STRANGER_VOLUME: VolumeId = VolumeId([0x53; 16]);
 /// Steps per case at most (a long input is not a longer case beyond this).
 pub const MAX_STEPS: usize = 300;
 
@@ -101,18 +103,16 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// A replica in a state `u` picks (blank, or of our volume at a small epoch owned by
-    /// our primary, another or nobody), taken through a valid handshake with our primary.
+    /// A replica in a state `u` picks (blank or of our volume, at a small epoch owned by
+    /// our primary, another or nobody: a fence reaches blank stores too), perhaps first
+    /// refused a stranger's hello, then taken through a valid handshake with our primary.
     pub fn handshaken(u: &mut Unstructured) -> Harness {
         let blank = u.ratio(1, 3).unwrap_or(false);
         let epoch = Epoch(u.int_in_range(0..=3).unwrap_or(0));
         let owner = *u
             .choose(&[PRIMARY, OTHER, VolumeId([0; 16])])
             .unwrap_or(&PRIMARY);
-        let (volume_id, epoch, owner) = match blank {
-            true => (VolumeId([0; 16]), Epoch(0), VolumeId([0; 16])),
-            false => (VOLUME, epoch, owner),
-        };
+        let volume_id = if blank { VolumeId([0; 16]) } else { VOLUME };
         let state = ReplicaState {
             volume_id,
             volume_size: VOLUME_SIZE,
@@ -139,6 +139,9 @@ impl Harness {
             stats: ReplicaStats::default(),
             trace: std::env::var_os("BLOCKREP_FUZZ_TRACE").is_some(),
         };
+        if u.ratio(1, 2).unwrap_or(false) {
+            h.refuse_a_stranger(epoch, owner);
+        }
         // Our primary may reuse an epoch it owns (or nobody does); otherwise it needs a new one.
         let bump = owner == OTHER || u.ratio(1, 2).unwrap_or(false);
         let at = if bump { epoch.next() } else { epoch };
@@ -152,6 +155,31 @@ impl Harness {
         assert_eq!(h.core.state().epoch, at);
         h.stats.cases += 1;
         h
+    }
+
+    /// A stranger's hello for another volume that the store must refuse: at an epoch our
+    /// primary owns, or below the store's. The delivery checks it changed nothing (a blank
+    /// store stays blank and joinable).
+    fn refuse_a_stranger(&mut self, epoch: Epoch, owner: VolumeId) {
+        let at = match (owner == PRIMARY, epoch.0.checked_sub(1)) {
+            (true, _) => epoch,
+            (false, Some(below)) => Epoch(below),
+            (false, None) => return,
+        };
+        let mut frame = script::hello(at, Lsn::ZERO);
+        if let Body::Hello {
+            volume_id,
+            primary_store,
+            ..
+        } = &mut frame.body
+        {
+            *volume_id = STRANGER_VOLUME;
+            *primary_store = OTHER;
+        }
+        self.last_conn = 2;
+        self.send(ConnId(2), frame);
+        self.answer_all();
+        assert_eq!(self.core.active(), None, "a stranger's hello was accepted");
     }
 
     /// Runs the whole case: steps from `u` until it runs out, then every answer.

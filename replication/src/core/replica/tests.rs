@@ -920,3 +920,37 @@ fn a_sync_that_finishes_during_a_cut_acknowledges_only_what_the_cut_left() {
     });
     assert_eq!(acks(&a), vec![Lsn(7)], "{a:?}");
 }
+
+/// Found in issue 15's review: a blank store adopted the hello's volume before its epoch
+/// claim was checked, so a hello refused for its epoch still made the store part of that
+/// volume (and no longer blank to the real primary of another).
+#[test]
+fn a_refused_hello_leaves_the_store_as_it_was() {
+    let theirs = VolumeId([8; 16]);
+    // A blank store a candidate fenced at epoch 5 for P1 (blank stores answer probes too).
+    let mut blank = state(5, 0);
+    blank.blank = true;
+    blank.volume_id = theirs;
+    for (epoch, primary, reason) in [
+        (4, P1, RejectReason::StaleEpoch),
+        (5, P2, RejectReason::EpochOwned),
+        (u64::MAX, P1, RejectReason::UnfollowableEpoch),
+    ] {
+        let mut r = ReplicaCore::new(blank.clone());
+        let a = r.step(Event::Received {
+            conn: C,
+            frame: hello(epoch, primary),
+        });
+        assert_eq!(rejected(&a), Some(reason), "{a:?}");
+        assert!(!touches_store(&a), "{a:?}");
+        let s = r.state();
+        assert_eq!((s.volume_id, s.blank), (theirs, true));
+        assert_eq!((s.epoch, s.epoch_owner), (Epoch(5), P1));
+        assert_eq!(r.active(), None);
+        // The primary that owns the epoch still joins it.
+        let a = greet(&mut r, ConnId(2), 5, P1);
+        assert_eq!(rejected(&a), None, "{a:?}");
+        assert!(a.contains(&Action::AdoptVolume { volume_id: VOL }));
+        assert_eq!(r.state().volume_id, VOL);
+    }
+}

@@ -70,6 +70,15 @@ pub enum Event {
         conn: ConnId,
         durable: Lsn,
     },
+    /// The store refused an entry handed to it (`Append`): nothing of it, nor of the entries
+    /// after it in the same batch, was logged, and its log still ends at `head` (of
+    /// `head_epoch`). `no_space`: for lack of space, which passes once space is freed.
+    AppendRefused {
+        head: Lsn,
+        head_epoch: Epoch,
+        no_space: bool,
+        message: String,
+    },
     /// The answer to `Truncate`: the store's log now ends at `head` (of `head_epoch`), or
     /// the store refused the cut and says why.
     Truncated {
@@ -200,6 +209,12 @@ impl ReplicaCore {
                 refusal,
             } => self.store_truncated(conn, head, head_epoch, refusal),
             Event::Synced { conn, durable } => self.synced(conn, durable),
+            Event::AppendRefused {
+                head,
+                head_epoch,
+                no_space,
+                message,
+            } => self.append_refused(head, head_epoch, no_space, message),
         }
         std::mem::take(&mut self.out)
     }
@@ -250,6 +265,38 @@ impl ReplicaCore {
             };
             self.received(conn, frame);
         }
+    }
+
+    /// Invariant (*a refused append leaves the core on the store's head*): the core moves
+    /// its head as it hands entries to the store; when the store refuses one, the head goes
+    /// back to where the store's log ends and the session that sent it ends with a typed
+    /// reason (`NoSpace`, or `StorageFailed`), so the next hello reports only what the store
+    /// holds and the primary ships the rest again. The driver logs the cause, once; the core
+    /// does not log each session it refuses for it.
+    fn append_refused(&mut self, head: Lsn, head_epoch: Epoch, no_space: bool, message: String) {
+        self.s.head = head;
+        self.s.head_epoch = head_epoch;
+        self.s.durable = self.s.durable.min(head);
+        let Some(conn) = self.active.take() else {
+            return;
+        };
+        self.greeting = None;
+        let reason = if no_space {
+            RejectReason::NoSpace
+        } else {
+            RejectReason::StorageFailed
+        };
+        self.send(
+            conn,
+            Body::Reject {
+                reason,
+                message: message.clone(),
+            },
+        );
+        self.out.push(Action::Close {
+            conn,
+            reason: message,
+        });
     }
 
     fn synced(&mut self, conn: ConnId, durable: Lsn) {

@@ -954,3 +954,65 @@ fn a_refused_hello_leaves_the_store_as_it_was() {
         assert_eq!(r.state().volume_id, VOL);
     }
 }
+
+fn appended(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Append { record } => Some(record.lsn.0),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_refused_append_leaves_the_core_on_the_stores_head() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[11, 12, 13]),
+    });
+    assert_eq!(appended(&a), [11, 12, 13]);
+    // The store took 11 and refused 12 for lack of space (and so never saw 13).
+    let a = r.step(Event::AppendRefused {
+        head: Lsn(11),
+        head_epoch: Epoch(5),
+        no_space: true,
+        message: "no space left".into(),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::NoSpace), "{a:?}");
+    assert!(a.iter().any(|x| matches!(x, Action::Close { conn: C, .. })));
+    assert!(!touches_store(&a), "{a:?}");
+    assert_eq!(r.active(), None);
+    assert_eq!(r.state().head, Lsn(11));
+    // The next session hears of the store's head and is sent 12 and 13 again: they are
+    // appended, not skipped as duplicates.
+    let a = greet(&mut r, ConnId(2), 5, P1);
+    let reported = a.iter().find_map(|x| match x {
+        Action::Send {
+            frame:
+                Frame {
+                    body: Body::HelloOk { durable, .. },
+                    ..
+                },
+            ..
+        } => Some(*durable),
+        _ => None,
+    });
+    assert_eq!(reported, Some(Lsn(11)), "{a:?}");
+    let a = r.step(Event::Received {
+        conn: ConnId(2),
+        frame: entries(5, &[12, 13]),
+    });
+    assert_eq!(appended(&a), [12, 13]);
+    // Any other store failure is told as one.
+    let a = r.step(Event::AppendRefused {
+        head: Lsn(12),
+        head_epoch: Epoch(5),
+        no_space: false,
+        message: "I/O error".into(),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::StorageFailed), "{a:?}");
+    assert_eq!(r.state().head, Lsn(12));
+}

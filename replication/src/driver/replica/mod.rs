@@ -87,6 +87,8 @@ pub async fn serve(
         syncs: Vec::new(),
         status,
         rejected: Default::default(),
+        refused: None,
+        out_of_space: false,
     };
     let mut port = port::Port::new(listener, MAX_CONNECTIONS);
     let mut next_conn = 1u64;
@@ -121,6 +123,9 @@ pub async fn serve(
                 (Event::CursorSaved { cursor }, None)
             }
             Input::Event(e) => (e, None),
+            // A session this loop already ended (refused, or dropped for not reading): what
+            // it still had in flight is moot, and refusing each frame would log each.
+            Input::Received { conn, .. } if !node.conns.contains_key(&conn) => continue,
             Input::Received {
                 conn,
                 frame,
@@ -149,6 +154,12 @@ struct ReplicaLoop {
     status: Option<watch::Sender<ReplicaStatus>>,
     /// Sessions just sent a `Reject`: their close is already logged, as the refusal.
     rejected: std::collections::HashSet<ConnId>,
+    /// An append the store refused in the batch being carried out (the entry's LSN and
+    /// why): the rest of the batch's appends are skipped and the core told once it ends.
+    refused: Option<(Lsn, StorageError)>,
+    /// The store last refused an entry for lack of space: said once, and again only once
+    /// it has taken one since.
+    out_of_space: bool,
 }
 
 impl ReplicaLoop {
@@ -158,8 +169,15 @@ impl ReplicaLoop {
             self.conns.remove(conn);
             self.rejected.remove(conn);
         }
-        for action in self.core.step(event) {
-            self.execute(action).await;
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            for action in self.core.step(event) {
+                self.execute(action).await;
+            }
+            next = self
+                .refused
+                .take()
+                .map(|(lsn, e)| self.append_refused(lsn, e));
         }
         if let Some(tx) = &self.status {
             let s = self.core.state();
@@ -221,10 +239,18 @@ impl ReplicaLoop {
             }
             Action::AdoptVolume { volume_id } => self.adopt_volume(volume_id).await,
             Action::AdoptEpoch { epoch, owner } => self.adopt_epoch(epoch, owner).await,
+            // After a refused entry the store would see a gap: the rest waits for the
+            // primary to send it again.
+            Action::Append { .. } if self.refused.is_some() => {}
             Action::Append { record } => {
                 let lsn = record.lsn;
-                if let Err(e) = self.store.append_replicated(record).await {
-                    self.fail_storage(format!("cannot append entry {lsn}: {e}"));
+                match self.store.append_replicated(record).await {
+                    Ok(_) if self.out_of_space => {
+                        self.out_of_space = false;
+                        tracing::info!("the store has space again: took entry {lsn}");
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.refused = Some((lsn, e)),
                 }
             }
             Action::Sync { conn, lsn } => self.sync(conn, lsn),
@@ -387,6 +413,34 @@ impl ReplicaLoop {
             };
             let _ = in_tx.send(Input::Event(event));
         });
+    }
+
+    /// The store refused entry `lsn`: says why (a full filesystem once, until the store
+    /// takes an entry again) and gives the core the event that puts it back on the store's
+    /// head and refuses the session with the reason. Any other failure also ends every
+    /// other session, as a storage failure does.
+    fn append_refused(&mut self, lsn: Lsn, e: StorageError) -> Event {
+        let no_space = matches!(e, StorageError::NoSpace { .. });
+        let message = if no_space {
+            format!("the replica's filesystem is full: entry {lsn} was not stored ({e})")
+        } else {
+            format!("cannot append entry {lsn}: {e}")
+        };
+        if !no_space {
+            self.fail_storage(message.clone());
+        } else if !self.out_of_space {
+            self.out_of_space = true;
+            tracing::error!(
+                "{message}; refusing entries until space is freed, then the primary catches \
+                 this replica up"
+            );
+        }
+        Event::AppendRefused {
+            head: self.store.head(),
+            head_epoch: self.store.head_epoch(),
+            no_space,
+            message,
+        }
     }
 
     /// A storage failure ends every session; the primary will see the replica as gone.

@@ -2,8 +2,9 @@
 //! file): it stays up, says why in its log once, and refuses the entries it cannot store with
 //! a typed reason (`Reject(NoSpace)`), storing nothing of them. Under sync-all the primary's
 //! FLUSH fails (ENOSPC); under best-effort it succeeds and the replica is away as a lagging
-//! one. Once the ballast goes, the replica is caught up without a restart and holds exactly
-//! the primary's image: no acknowledged FLUSH is lost.
+//! one. A rebuild that meets the full filesystem is refused the same way and finishes once
+//! space is freed. Once the ballast goes, the replica is caught up without a restart and
+//! holds exactly the primary's image: no acknowledged FLUSH is lost.
 
 mod common;
 
@@ -24,21 +25,46 @@ const FULL: &str = "the replica's filesystem is full";
 /// A primary on an ordinary disk and one replica whose store is on a tmpfs with room left
 /// for a little more than two chunks (the rest held by the ballast), both running.
 struct Setup {
-    dir: tempfile::TempDir,
-    // Dropped after the nodes, which hold files on it.
-    fs: Tmpfs,
-    ballast: Option<Ballast>,
+    // Fields drop in this order: the nodes stop before their filesystems go.
     replica: Node,
     primary: Node,
+    ballast: Option<Ballast>,
+    fs: Tmpfs,
+    dir: tempfile::TempDir,
 }
 
+/// The sizes of a `Setup`, and what its primary's store holds before it starts.
+struct Shape {
+    volume: u64,
+    tmpfs: &'static str,
+    /// What the replica's filesystem has left once its store is made and the ballast in.
+    room: u64,
+    /// Bytes of data written through the primary's store alone before replication starts.
+    before: u64,
+}
+
+/// The chunk tests' shape: an empty volume, room for two and a half chunks.
+const CHUNKS: Shape = Shape {
+    volume: VOLUME,
+    tmpfs: "96m",
+    room: 2 * CHUNK + CHUNK / 2,
+    before: 0,
+};
+
 impl Setup {
+    /// The chunk tests' setup, the replica in sync.
     fn start(extra: &[&str]) -> Setup {
+        let s = Setup::shaped(&CHUNKS, extra);
+        wait_state(&s.primary, 0, "in_sync", 30);
+        s
+    }
+
+    fn shaped(shape: &Shape, extra: &[&str]) -> Setup {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let fs = Tmpfs::mount(&dir.path().join("mnt"), "96m");
-        let r_store = create_store(&fs.path, "r1", VOLUME);
-        let room = 2 * CHUNK + CHUNK / 2;
-        let ballast = Ballast::fill(&fs.path.join("ballast"), fs.free().saturating_sub(room));
+        let fs = Tmpfs::mount(&dir.path().join("mnt"), shape.tmpfs);
+        let r_store = create_store(&fs.path, "r1", shape.volume);
+        let left = fs.free().saturating_sub(shape.room);
+        let ballast = Ballast::fill(&fs.path.join("ballast"), left);
         let port = free_port();
         let args: Vec<OsString> = vec![
             "replica".into(),
@@ -50,7 +76,19 @@ impl Setup {
             .log(dir.path().join("r1.log"))
             .ready(Ready::Line("listening on"))
             .start();
-        let p_store = create_store(dir.path(), "p", VOLUME);
+        let p_store = create_store(dir.path(), "p", shape.volume);
+        if shape.before > 0 {
+            let mut alone = serve(&p_store, &[]);
+            let write = format!("write -P 0x33 0 {}", shape.before);
+            let out = run_ok(
+                timed(300, "qemu-io")
+                    .args(["-f", "raw"])
+                    .arg(alone.uri())
+                    .args(["-c", &write, "-c", "flush"]),
+            );
+            assert!(!out.contains("failed"), "{out}");
+            alone.stop_ok();
+        }
         let port = free_port();
         let mut args = node::serve_args(&p_store, port, &["--barrier-timeout-ms", "1500"]);
         args.push("--replica".into());
@@ -59,7 +97,6 @@ impl Setup {
         let primary = Node::builder("p", &p_store, port, args)
             .log(dir.path().join("p.log"))
             .start();
-        wait_state(&primary, 0, "in_sync", 30);
         Setup {
             dir,
             fs,
@@ -254,4 +291,37 @@ fn a_full_replica_under_best_effort_lags_without_failing_flushes_and_catches_up_
     assert_eq!(s.full_lines(), 1, "{}", s.replica.log());
     drop(c);
     s.stop_and_compare(&written);
+}
+
+#[test]
+fn a_full_replica_refuses_base_data_during_its_rebuild_and_finishes_it_once_space_is_freed() {
+    require("qemu-io");
+    // More data than the primary's 64 MiB WAL holds, so the blank replica is rebuilt; room
+    // on its filesystem for a fifth of it.
+    let shape = Shape {
+        volume: 128 * MIB,
+        tmpfs: "224m",
+        room: 16 * MIB,
+        before: 80 * MIB,
+    };
+    let mut s = Setup::shaped(&shape, &["--commit", "best-effort"]);
+    s.replica.wait_log(0, &[FULL, "base data"], 60);
+    s.primary.wait_log(0, &["replica=r1", "NoSpace"], 10);
+    assert!(s.replica.running(), "the replica died: {}", s.replica.log());
+
+    let mark = s.primary.mark();
+    s.free_space();
+    s.replica.wait_log(0, &["the store has space again"], 60);
+    s.primary.wait_log(mark, &["replica=r1", "rebuild"], 60);
+    s.replica.wait_log(0, &["rebuild finished"], 120);
+    let log = s.replica.log();
+    assert_eq!(s.full_lines(), 1, "{log}");
+    assert!(
+        !log.contains("accepts no more writes"),
+        "the store failed: {log}"
+    );
+    // Its image is the primary's once both stop (a clean stop makes it durable).
+    let p = s.primary.log();
+    assert!(!p.contains("fenced"), "{p}");
+    s.stop_and_compare(&[]);
 }

@@ -70,10 +70,11 @@ pub enum Event {
         conn: ConnId,
         durable: Lsn,
     },
-    /// The store refused an entry handed to it (`Append`): nothing of it, nor of the entries
-    /// after it in the same batch, was logged, and its log still ends at `head` (of
-    /// `head_epoch`). `no_space`: for lack of space, which passes once space is freed.
-    AppendRefused {
+    /// The store refused an entry (`Append`) or base data (`ApplyBase`) handed to it:
+    /// nothing of it, nor of what followed it in the same batch, was stored, and its log
+    /// still ends at `head` (of `head_epoch`). `no_space`: for lack of space, which passes
+    /// once space is freed.
+    StoreRefused {
         head: Lsn,
         head_epoch: Epoch,
         no_space: bool,
@@ -209,12 +210,12 @@ impl ReplicaCore {
                 refusal,
             } => self.store_truncated(conn, head, head_epoch, refusal),
             Event::Synced { conn, durable } => self.synced(conn, durable),
-            Event::AppendRefused {
+            Event::StoreRefused {
                 head,
                 head_epoch,
                 no_space,
                 message,
-            } => self.append_refused(head, head_epoch, no_space, message),
+            } => self.store_refused(head, head_epoch, no_space, message),
         }
         std::mem::take(&mut self.out)
     }
@@ -273,7 +274,7 @@ impl ReplicaCore {
     /// reason (`NoSpace`, or `StorageFailed`), so the next hello reports only what the store
     /// holds and the primary ships the rest again. The driver logs the cause, once; the core
     /// does not log each session it refuses for it.
-    fn append_refused(&mut self, head: Lsn, head_epoch: Epoch, no_space: bool, message: String) {
+    fn store_refused(&mut self, head: Lsn, head_epoch: Epoch, no_space: bool, message: String) {
         self.s.head = head;
         self.s.head_epoch = head_epoch;
         self.s.durable = self.s.durable.min(head);

@@ -234,6 +234,12 @@ impl Store {
             ));
         }
         let (first, end) = (offset / BLOCK_SIZE, (offset + len) / BLOCK_SIZE);
+        // Base data takes its blocks in the data file before it is taken in, as an entry
+        // does (see `append_replicated`): on a full filesystem the chunk is refused with
+        // `NoSpace` and counts as not received, instead of a checkpoint failing the store.
+        if data.is_some() && end > first {
+            self.reserve(first, end)?;
+        }
         loop {
             let mut space = pin!(self.shared.space.notified());
             space.as_mut().enable();

@@ -975,7 +975,7 @@ fn a_refused_append_leaves_the_core_on_the_stores_head() {
     });
     assert_eq!(appended(&a), [11, 12, 13]);
     // The store took 11 and refused 12 for lack of space (and so never saw 13).
-    let a = r.step(Event::AppendRefused {
+    let a = r.step(Event::StoreRefused {
         head: Lsn(11),
         head_epoch: Epoch(5),
         no_space: true,
@@ -1007,7 +1007,7 @@ fn a_refused_append_leaves_the_core_on_the_stores_head() {
     });
     assert_eq!(appended(&a), [12, 13]);
     // Any other store failure is told as one.
-    let a = r.step(Event::AppendRefused {
+    let a = r.step(Event::StoreRefused {
         head: Lsn(12),
         head_epoch: Epoch(5),
         no_space: false,

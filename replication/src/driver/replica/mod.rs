@@ -154,11 +154,12 @@ struct ReplicaLoop {
     status: Option<watch::Sender<ReplicaStatus>>,
     /// Sessions just sent a `Reject`: their close is already logged, as the refusal.
     rejected: std::collections::HashSet<ConnId>,
-    /// An append the store refused in the batch being carried out (the entry's LSN and
-    /// why): the rest of the batch's appends are skipped and the core told once it ends.
-    refused: Option<(Lsn, StorageError)>,
-    /// The store last refused an entry for lack of space: said once, and again only once
-    /// it has taken one since.
+    /// What the store refused in the batch being carried out (an entry or base data, and
+    /// why): the rest of the batch's appends and base data are skipped and the core told
+    /// once the batch ends.
+    refused: Option<(String, StorageError)>,
+    /// The store last refused something for lack of space: said once, and again only once
+    /// it has taken something since.
     out_of_space: bool,
 }
 
@@ -177,7 +178,7 @@ impl ReplicaLoop {
             next = self
                 .refused
                 .take()
-                .map(|(lsn, e)| self.append_refused(lsn, e));
+                .map(|(what, e)| self.store_refused(what, e));
         }
         if let Some(tx) = &self.status {
             let s = self.core.state();
@@ -241,17 +242,11 @@ impl ReplicaLoop {
             Action::AdoptEpoch { epoch, owner } => self.adopt_epoch(epoch, owner).await,
             // After a refused entry the store would see a gap: the rest waits for the
             // primary to send it again.
-            Action::Append { .. } if self.refused.is_some() => {}
+            Action::Append { .. } | Action::ApplyBase { .. } if self.refused.is_some() => {}
             Action::Append { record } => {
-                let lsn = record.lsn;
-                match self.store.append_replicated(record).await {
-                    Ok(_) if self.out_of_space => {
-                        self.out_of_space = false;
-                        tracing::info!("the store has space again: took entry {lsn}");
-                    }
-                    Ok(_) => {}
-                    Err(e) => self.refused = Some((lsn, e)),
-                }
+                let what = format!("entry {}", record.lsn);
+                let stored = self.store.append_replicated(record).await.map(|_| ());
+                self.stored(what, stored);
             }
             Action::Sync { conn, lsn } => self.sync(conn, lsn),
             Action::SetCommitted { lsn } => {
@@ -270,9 +265,9 @@ impl ReplicaLoop {
                 reflects,
                 data,
             } => {
-                if let Err(e) = self.store.apply_base(offset, length, data, reflects).await {
-                    self.fail_storage(format!("cannot apply base data: {e}"));
-                } else if self.store.rebuild_cursor_due() {
+                let what = format!("base data at byte {offset}");
+                let stored = self.store.apply_base(offset, length, data, reflects).await;
+                if self.stored(what, stored) && self.store.rebuild_cursor_due() {
                     self.save_cursor();
                 }
             }
@@ -415,27 +410,44 @@ impl ReplicaLoop {
         });
     }
 
-    /// The store refused entry `lsn`: says why (a full filesystem once, until the store
-    /// takes an entry again) and gives the core the event that puts it back on the store's
-    /// head and refuses the session with the reason. Any other failure also ends every
-    /// other session, as a storage failure does.
-    fn append_refused(&mut self, lsn: Lsn, e: StorageError) -> Event {
+    /// Notes whether the store took `what` (an entry or base data); returns whether it did.
+    fn stored(&mut self, what: String, result: Result<(), StorageError>) -> bool {
+        match result {
+            Ok(()) => {
+                if self.out_of_space {
+                    self.out_of_space = false;
+                    tracing::info!("the store has space again: took {what}");
+                }
+                true
+            }
+            Err(e) => {
+                self.refused = Some((what, e));
+                false
+            }
+        }
+    }
+
+    /// The store refused `what`: says why (a full filesystem once, until the store takes
+    /// something again) and gives the core the event that puts it back on the store's head
+    /// and refuses the session with the reason. Any other failure also ends every other
+    /// session, as a storage failure does.
+    fn store_refused(&mut self, what: String, e: StorageError) -> Event {
         let no_space = matches!(e, StorageError::NoSpace { .. });
         let message = if no_space {
-            format!("the replica's filesystem is full: entry {lsn} was not stored ({e})")
+            format!("the replica's filesystem is full: {what} was not stored ({e})")
         } else {
-            format!("cannot append entry {lsn}: {e}")
+            format!("cannot store {what}: {e}")
         };
         if !no_space {
             self.fail_storage(message.clone());
         } else if !self.out_of_space {
             self.out_of_space = true;
             tracing::error!(
-                "{message}; refusing entries until space is freed, then the primary catches \
-                 this replica up"
+                "{message}; refusing what needs space until space is freed, then the primary \
+                 catches this replica up"
             );
         }
-        Event::AppendRefused {
+        Event::StoreRefused {
             head: self.store.head(),
             head_epoch: self.store.head_epoch(),
             no_space,

@@ -52,6 +52,8 @@ pub struct ReplicaStats {
     pub base_chunks: u64,
     pub cuts: u64,
     pub new_epochs: u64,
+    /// Entries or base chunks the store refused for lack of space.
+    pub full: u64,
 }
 
 /// An answer of the store the core waits for.
@@ -97,6 +99,11 @@ pub struct Harness {
     cut: Option<Answer>,
     /// How many cuts the core has asked for (every other one is answered late).
     cuts_asked: u64,
+    /// The store is "full" for every this-many-th entry or base chunk it is handed (it
+    /// refuses it, and the rest of its batch, as a full filesystem would), if set.
+    full_every: Option<u64>,
+    /// Entries and base chunks handed to the store so far.
+    handed: u64,
     pub stats: ReplicaStats,
     /// `BLOCKREP_FUZZ_TRACE` set: every step and the actions it caused go to stderr.
     trace: bool,
@@ -136,6 +143,8 @@ impl Harness {
             answers: VecDeque::new(),
             cut: None,
             cuts_asked: 0,
+            full_every: None,
+            handed: 0,
             stats: ReplicaStats::default(),
             trace: std::env::var_os("BLOCKREP_FUZZ_TRACE").is_some(),
         };
@@ -153,6 +162,9 @@ impl Harness {
             "a valid hello was not accepted"
         );
         assert_eq!(h.core.state().epoch, at);
+        if u.ratio(1, 4).unwrap_or(false) {
+            h.full_every = Some(u.int_in_range(1..=6).unwrap_or(3));
+        }
         h.stats.cases += 1;
         h
     }
@@ -337,11 +349,27 @@ impl Harness {
         self.check_step(&before, &after, rewind);
     }
 
-    /// Carries out the core's actions as the driver does, checking what it sends.
+    /// Whether the store refuses the next entry or base chunk it is handed for lack of space.
+    fn full_now(&mut self) -> bool {
+        self.handed += 1;
+        self.full_every
+            .is_some_and(|n| self.handed.is_multiple_of(n))
+    }
+
+    /// Carries out the core's actions as the driver does, checking what it sends. A store
+    /// that is full refuses what it is handed, skips the rest of the batch's appends and
+    /// base chunks, and the core hears of it once the batch is done (`StoreRefused`); the
+    /// step's check then compares the core's head with the store's.
     fn perform(&mut self, actions: Vec<Action>, before: &Observed) {
+        let mut refused = false;
         for action in actions {
             if self.trace {
                 eprintln!("    {}", script::describe_action(&action));
+            }
+            let stores = matches!(action, Action::Append { .. } | Action::ApplyBase { .. });
+            if stores && (refused || self.full_now()) {
+                refused = true;
+                continue;
             }
             match action {
                 Action::Send { frame, .. } => self.check_sent(&frame, before),
@@ -373,6 +401,17 @@ impl Harness {
                 Action::FinishRebuild { conn, .. } => self.answers.push_back(Answer::Rebuilt(conn)),
                 Action::Truncate { conn, keep } => self.cut(conn, keep),
             }
+        }
+        if refused {
+            self.stats.full += 1;
+            let event = Event::StoreRefused {
+                head: self.store.head(),
+                head_epoch: self.store.head_epoch(),
+                no_space: true,
+                message: "the store is full".into(),
+            };
+            let actions = self.core.step(event);
+            self.perform(actions, before);
         }
     }
 

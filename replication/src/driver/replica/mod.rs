@@ -139,6 +139,23 @@ pub async fn serve(
     Ok(())
 }
 
+/// What the store was handed to take in, as the log names it.
+#[derive(Debug, Clone, Copy)]
+enum Taken {
+    Entry(Lsn),
+    /// Base data from this byte of the volume.
+    Base(u64),
+}
+
+impl std::fmt::Display for Taken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Taken::Entry(lsn) => write!(f, "entry {lsn}"),
+            Taken::Base(offset) => write!(f, "base data at byte {offset}"),
+        }
+    }
+}
+
 /// The replica's event loop state: the core, the store, and the sessions' transports.
 struct ReplicaLoop {
     store: Arc<Store>,
@@ -157,7 +174,7 @@ struct ReplicaLoop {
     /// What the store refused in the batch being carried out (an entry or base data, and
     /// why): the rest of the batch's appends and base data are skipped and the core told
     /// once the batch ends.
-    refused: Option<(String, StorageError)>,
+    refused: Option<(Taken, StorageError)>,
     /// The store last refused something for lack of space: said once, and again only once
     /// it has taken something since.
     out_of_space: bool,
@@ -240,11 +257,11 @@ impl ReplicaLoop {
             }
             Action::AdoptVolume { volume_id } => self.adopt_volume(volume_id).await,
             Action::AdoptEpoch { epoch, owner } => self.adopt_epoch(epoch, owner).await,
-            // After a refused entry the store would see a gap: the rest waits for the
-            // primary to send it again.
+            // After a refused entry the store would see a gap (and after refused base data,
+            // the primary resends from the rebuild's cursor): the rest waits to be sent again.
             Action::Append { .. } | Action::ApplyBase { .. } if self.refused.is_some() => {}
             Action::Append { record } => {
-                let what = format!("entry {}", record.lsn);
+                let what = Taken::Entry(record.lsn);
                 let stored = self.store.append_replicated(record).await.map(|_| ());
                 self.stored(what, stored);
             }
@@ -265,7 +282,7 @@ impl ReplicaLoop {
                 reflects,
                 data,
             } => {
-                let what = format!("base data at byte {offset}");
+                let what = Taken::Base(offset);
                 let stored = self.store.apply_base(offset, length, data, reflects).await;
                 if self.stored(what, stored) && self.store.rebuild_cursor_due() {
                     self.save_cursor();
@@ -411,7 +428,7 @@ impl ReplicaLoop {
     }
 
     /// Notes whether the store took `what` (an entry or base data); returns whether it did.
-    fn stored(&mut self, what: String, result: Result<(), StorageError>) -> bool {
+    fn stored(&mut self, what: Taken, result: Result<(), StorageError>) -> bool {
         match result {
             Ok(()) => {
                 if self.out_of_space {
@@ -431,7 +448,7 @@ impl ReplicaLoop {
     /// something again) and gives the core the event that puts it back on the store's head
     /// and refuses the session with the reason. Any other failure also ends every other
     /// session, as a storage failure does.
-    fn store_refused(&mut self, what: String, e: StorageError) -> Event {
+    fn store_refused(&mut self, what: Taken, e: StorageError) -> Event {
         let no_space = matches!(e, StorageError::NoSpace { .. });
         let message = if no_space {
             format!("the replica's filesystem is full: {what} was not stored ({e})")

@@ -279,8 +279,11 @@ impl Peer {
         self.out_of_space
     }
 
-    pub(super) fn set_out_of_space(&mut self, full: bool) {
-        self.out_of_space = full;
+    /// It refused entries for lack of space: redial only slowly (freeing space takes an
+    /// operator, not milliseconds), but keep its hold, as for any replica that is away.
+    pub(super) fn out_of_space_now(&mut self, backoff_max: Millis) {
+        self.out_of_space = true;
+        self.backoff = backoff_max;
     }
 
     pub(super) fn id(&self) -> &ReplicaId {

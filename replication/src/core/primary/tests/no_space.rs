@@ -33,6 +33,8 @@ fn a_replica_out_of_space_is_away_as_a_lagging_one_and_its_flushes_fail_as_no_sp
     let a = state_of(&c, "a");
     assert_eq!(a.state, PeerState::Disconnected, "{a:?}");
     assert!(a.recoverable, "{a:?}");
+    // Redialled only at the longest backoff: freeing space takes longer than a fast retry.
+    assert!(sessions(&tick(&mut c, 11 + 1999)).is_empty());
     let mut dialled = tick(&mut c, 5010);
     assert_eq!(failed(&dialled), vec![(1, BarrierFailure::ReplicaNoSpace)]);
     // Redialled: it catches up and acknowledges, and a later FLUSH that times out for

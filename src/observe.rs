@@ -8,7 +8,7 @@ use blockrep_frontend::{Observer, Op};
 use blockrep_metrics::{
     Metrics, OpHandles, RebuildCost, RebuildReport, ReplicaReport, StatusReport, WalHoldReport,
 };
-use blockrep_replication::core::primary::{PeerState, RebuildRestart};
+use blockrep_replication::core::primary::{BarrierFailure, PeerState, RebuildRestart};
 use blockrep_replication::core::CommitMode;
 use blockrep_replication::driver::primary::PrimaryHandle;
 use blockrep_replication::driver::replica::ReplicaStatus;
@@ -120,7 +120,8 @@ impl StatusSource {
         if let NodeKind::Primary { mode, .. } = &kind {
             let m = &metrics.metrics;
             let v = metrics.volume.as_str();
-            for reason in ["replica_missing", "quorum_lost", "fenced", "local"] {
+            let reasons = BarrierFailure::ALL.map(BarrierFailure::name);
+            for reason in reasons.into_iter().chain(["local"]) {
                 m.barrier_failures
                     .with_label_values(&[v, mode.name(), reason]);
             }

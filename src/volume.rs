@@ -3,6 +3,7 @@
 use std::sync::{Arc, RwLock};
 
 use blockrep_frontend::{BlockVolume, Extent, ReadChunk, VolumeError, VolumeResult};
+use blockrep_replication::core::primary::BarrierFailure;
 use blockrep_replication::driver::primary::{PrimaryHandle, ReplicationError};
 use blockrep_storage::{Epoch, Lsn, ReadSegment, StorageError, Store};
 use bytes::Bytes;
@@ -148,6 +149,10 @@ impl CommitError {
                 "this primary was fenced by epoch {epoch}; it accepts no more writes"
             )),
             CommitError::Local(e) => volume_error(e),
+            CommitError::Replication {
+                target,
+                source: source @ ReplicationError::Barrier(BarrierFailure::ReplicaNoSpace),
+            } => VolumeError::NoSpace(format!("flush through {target}: {source}")),
             CommitError::Replication { target, source } => {
                 VolumeError::Io(format!("flush through {target}: {source}"))
             }
@@ -291,10 +296,26 @@ mod tests {
                 replicated(ReplicationError::Barrier(BarrierFailure::Fenced)),
                 "fenced",
             ),
+            (
+                replicated(ReplicationError::Barrier(BarrierFailure::ReplicaNoSpace)),
+                "replica_no_space",
+            ),
         ];
         for (e, label) in cases {
             assert_eq!(e.label(), label, "{e:?}");
         }
+    }
+
+    #[test]
+    fn a_flush_a_full_replica_could_not_take_is_no_space_and_other_replica_failures_are_io() {
+        let replicated = |f| CommitError::Replication {
+            target: Lsn(7),
+            source: ReplicationError::Barrier(f),
+        };
+        let full = replicated(BarrierFailure::ReplicaNoSpace).into_volume_error();
+        assert!(matches!(full, VolumeError::NoSpace(_)), "{full:?}");
+        let missing = replicated(BarrierFailure::ReplicaMissing).into_volume_error();
+        assert!(matches!(missing, VolumeError::Io(_)), "{missing:?}");
     }
 
     /// Every acknowledging request of a volume behind an expired gate fails (io-error), and

@@ -3,42 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use common::tmpfs::Tmpfs;
 use common::*;
-
-/// A tmpfs of `size` mounted at `path`, unmounted on drop.
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(path).expect("create the mount point");
-        run_ok(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o"])
-                .arg(format!("size={size}"))
-                .arg("tmpfs")
-                .arg(path),
-        );
-        Tmpfs {
-            path: path.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount").arg(&self.path).status();
-        if !unmounted.is_ok_and(|s| s.success()) {
-            // Something still holds a file there: detach it so the test leaves nothing behind.
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
 
 /// Runs qemu-io with `cmds` against `uri`; returns what it printed.
 fn qemu_io(uri: &str, cmds: &[String]) -> String {

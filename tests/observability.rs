@@ -1180,7 +1180,13 @@ fn failure_and_recovery_counters_exist_at_zero_before_their_first_event() {
     p.wait_replica_state("r1", "in_sync", 30);
     let s = p.scrape();
     let mut missing = Vec::new();
-    for reason in ["replica_missing", "quorum_lost", "fenced", "local"] {
+    for reason in [
+        "replica_missing",
+        "quorum_lost",
+        "fenced",
+        "replica_no_space",
+        "local",
+    ] {
         let labels = [("volume", VOLUME), ("mode", "sync-all"), ("reason", reason)];
         if s.find("blockrep_barrier_failures_total", &labels) != Some(0.0) {
             missing.push(format!("blockrep_barrier_failures_total{labels:?}"));

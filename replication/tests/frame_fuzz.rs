@@ -126,7 +126,7 @@ fn frame_fuzz_replica_core_survives_random_sessions() {
         assert!(t.acks > cases, "{t:?}");
         assert!(t.refused_by_decoder > cases / 2, "{t:?}");
         assert!(t.refused_by_core > cases, "{t:?}");
-        for n in [t.rebuilds, t.base_chunks, t.cuts, t.new_epochs] {
+        for n in [t.rebuilds, t.base_chunks, t.cuts, t.new_epochs, t.full] {
             assert!(n > cases / 20, "{t:?}");
         }
         for reason in ["StaleEpoch", "Gap", "BadEntry", "Protocol", "WrongVolume"] {
@@ -152,6 +152,7 @@ fn add(total: &mut ReplicaStats, s: &ReplicaStats) {
     total.base_chunks += s.base_chunks;
     total.cuts += s.cuts;
     total.new_epochs += s.new_epochs;
+    total.full += s.full;
 }
 
 /// A target's input generator.

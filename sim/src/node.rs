@@ -35,6 +35,8 @@ pub struct SimNode {
     pub alive: bool,
     /// Bumped by every (re)start, so events of an earlier life are recognised and dropped.
     pub life: u64,
+    /// Its filesystem is full (a fault): as a replica it stores no entry or base data.
+    pub full: bool,
 }
 
 impl SimNode {

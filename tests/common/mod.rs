@@ -8,7 +8,8 @@
 //! `admin` (HTTP, /metrics and /v1/status of a node's admin endpoint), `etcd` (a real etcd
 //! server or cluster on loopback), `relay` (a TCP relay a test can cut), `led` (an etcd-led
 //! volume of `blockrep node` processes and the writer that follows its primary), `postgres`
-//! (PostgreSQL on ext4 on a volume, its insert client and the checks after a failover).
+//! (PostgreSQL on ext4 on a volume, its insert client and the checks after a failover),
+//! `tmpfs` (a size-limited tmpfs to fill, and a ballast file to free room with).
 #![allow(dead_code)]
 
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod postgres;
 pub mod process;
 pub mod relay;
 pub mod storm;
+pub mod tmpfs;
 pub mod wait;
 
 #[allow(unused_imports)]

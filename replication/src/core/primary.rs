@@ -114,14 +114,26 @@ pub enum BarrierFailure {
     QuorumLost,
     /// A newer primary exists; this one accepts nothing any more.
     Fenced,
+    /// sync-all: a replica that was not durable through the target in time had refused
+    /// entries because its filesystem is full (the client is told ENOSPC).
+    ReplicaNoSpace,
 }
 
 impl BarrierFailure {
+    /// Every kind, for the metrics that must exist at zero before the first failure.
+    pub const ALL: [BarrierFailure; 4] = [
+        BarrierFailure::ReplicaMissing,
+        BarrierFailure::QuorumLost,
+        BarrierFailure::Fenced,
+        BarrierFailure::ReplicaNoSpace,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             BarrierFailure::ReplicaMissing => "replica_missing",
             BarrierFailure::QuorumLost => "quorum_lost",
             BarrierFailure::Fenced => "fenced",
+            BarrierFailure::ReplicaNoSpace => "replica_no_space",
         }
     }
 }

@@ -70,6 +70,16 @@ pub enum Event {
         conn: ConnId,
         durable: Lsn,
     },
+    /// The store refused an entry (`Append`) or base data (`ApplyBase`) handed to it:
+    /// nothing of it, nor of what followed it in the same batch, was stored, and its log
+    /// still ends at `head` (of `head_epoch`). `no_space`: for lack of space, which passes
+    /// once space is freed.
+    StoreRefused {
+        head: Lsn,
+        head_epoch: Epoch,
+        no_space: bool,
+        message: String,
+    },
     /// The answer to `Truncate`: the store's log now ends at `head` (of `head_epoch`), or
     /// the store refused the cut and says why.
     Truncated {
@@ -200,6 +210,12 @@ impl ReplicaCore {
                 refusal,
             } => self.store_truncated(conn, head, head_epoch, refusal),
             Event::Synced { conn, durable } => self.synced(conn, durable),
+            Event::StoreRefused {
+                head,
+                head_epoch,
+                no_space,
+                message,
+            } => self.store_refused(head, head_epoch, no_space, message),
         }
         std::mem::take(&mut self.out)
     }
@@ -250,6 +266,38 @@ impl ReplicaCore {
             };
             self.received(conn, frame);
         }
+    }
+
+    /// Invariant (*a refused append leaves the core on the store's head*): the core moves
+    /// its head as it hands entries to the store; when the store refuses one, the head goes
+    /// back to where the store's log ends and the session that sent it ends with a typed
+    /// reason (`NoSpace`, or `StorageFailed`), so the next hello reports only what the store
+    /// holds and the primary ships the rest again. The driver logs the cause, once; the core
+    /// does not log each session it refuses for it.
+    fn store_refused(&mut self, head: Lsn, head_epoch: Epoch, no_space: bool, message: String) {
+        self.s.head = head;
+        self.s.head_epoch = head_epoch;
+        self.s.durable = self.s.durable.min(head);
+        let Some(conn) = self.active.take() else {
+            return;
+        };
+        self.greeting = None;
+        let reason = if no_space {
+            RejectReason::NoSpace
+        } else {
+            RejectReason::StorageFailed
+        };
+        self.send(
+            conn,
+            Body::Reject {
+                reason,
+                message: message.clone(),
+            },
+        );
+        self.out.push(Action::Close {
+            conn,
+            reason: message,
+        });
     }
 
     fn synced(&mut self, conn: ConnId, durable: Lsn) {
@@ -606,138 +654,14 @@ impl ReplicaCore {
         true
     }
 
-    /// A promotion candidate claims `epoch` for store `owner`.
-    ///
-    /// Invariant (*a fenced member stops following the old primary*): once the claim is
-    /// persisted, the session of the primary we followed is closed and its frames, at a lower
-    /// epoch, are refused. What we report after the fence can no longer grow, so the
-    /// candidate's promotion check decides on facts that stay true; under sync-quorum a
-    /// majority of fenced copies leaves the old primary no majority to commit with.
-    fn fence(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
-        if !self.claim_epoch(conn, epoch, owner) {
-            return false;
-        }
-        if let Some(old) = self.active.take() {
-            if old != conn {
-                self.greeting = None;
-                self.out.push(Action::Close {
-                    conn: old,
-                    reason: format!("fenced by a promotion at epoch {epoch}"),
-                });
-            }
-        }
-        true
-    }
-
-    /// Store `owner` claims `epoch` (a primary's hello, a candidate's fence): refused if the
-    /// epoch is stale or another store owns it; otherwise adopted, persisted before we
-    /// answer so the claim survives a crash. Returns whether the claim stands.
-    ///
-    /// Invariant (*an epoch that cannot be followed is refused*): the last epoch there is
-    /// would leave no epoch for any later primary, so the replica could never be promoted
-    /// or follow anyone again; it is refused before anything is persisted.
-    fn claim_epoch(&mut self, conn: ConnId, epoch: Epoch, owner: VolumeId) -> bool {
-        if !self.followable(conn, epoch) {
-            return false;
-        }
-        if epoch < self.s.epoch && !active(Mutant::SkipReplicaEpochCheck) {
-            let msg = format!(
-                "epoch {epoch} is stale; this replica is at {}",
-                self.s.epoch
-            );
-            self.reject(conn, RejectReason::StaleEpoch, msg);
-            return false;
-        }
-        let unclaimed = self.s.epoch_owner == VolumeId([0; 16]);
-        if epoch == self.s.epoch && !unclaimed && self.s.epoch_owner != owner {
-            let msg = format!(
-                "epoch {epoch} already belongs to primary store {}",
-                self.s.epoch_owner
-            );
-            self.reject(conn, RejectReason::EpochOwned, msg);
-            return false;
-        }
-        if epoch > self.s.epoch || self.s.epoch_owner != owner {
-            self.out.push(Action::AdoptEpoch { epoch, owner });
-            self.s.epoch = epoch;
-            self.s.epoch_owner = owner;
-            self.s.was_primary = false;
-        }
-        true
-    }
-
-    /// Whether some epoch can follow `epoch`; refuses `conn` otherwise.
-    fn followable(&mut self, conn: ConnId, epoch: Epoch) -> bool {
-        if epoch.can_be_followed() {
-            return true;
-        }
-        let msg = format!("epoch {epoch} is the last there is: no primary could follow it");
-        self.reject(conn, RejectReason::UnfollowableEpoch, msg);
-        false
-    }
-
     fn learn_committed(&mut self, committed: Lsn) {
         if committed > self.s.committed {
             self.s.committed = committed;
             self.out.push(Action::SetCommitted { lsn: committed });
         }
     }
-
-    fn hello(
-        &mut self,
-        conn: ConnId,
-        epoch: Epoch,
-        volume_id: VolumeId,
-        volume_size: u64,
-        primary: VolumeId,
-        committed: Lsn,
-    ) {
-        // Before the volume is adopted: a refused hello leaves the store as it was.
-        if !self.followable(conn, epoch) {
-            return;
-        }
-        if volume_size != self.s.volume_size {
-            let msg = format!(
-                "volume size {volume_size} differs from this store's {}",
-                self.s.volume_size
-            );
-            self.reject(conn, RejectReason::WrongVolume, msg);
-            return;
-        }
-        if volume_id != self.s.volume_id {
-            if !self.s.blank {
-                let msg = format!(
-                    "this store belongs to volume {}, not {volume_id}",
-                    self.s.volume_id
-                );
-                self.reject(conn, RejectReason::WrongVolume, msg);
-                return;
-            }
-            self.out.push(Action::AdoptVolume { volume_id });
-            self.s.volume_id = volume_id;
-        }
-        if !self.claim_epoch(conn, epoch, primary) {
-            return;
-        }
-        if let Some(old) = self.active.replace(conn) {
-            if old != conn {
-                self.out.push(Action::Close {
-                    conn: old,
-                    reason: "superseded by a new session".into(),
-                });
-            }
-        }
-        self.s.blank = false;
-        self.learn_committed(committed);
-        // Entries appended but not yet fsynced (from an earlier session) are made durable
-        // first, so the LSN we report is one we can stand by.
-        self.greeting = Some(conn);
-        self.out.push(Action::Sync {
-            conn,
-            lsn: self.s.head,
-        });
-    }
 }
 
+mod claims;
 #[cfg(test)]
 mod tests;

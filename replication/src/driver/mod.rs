@@ -18,6 +18,16 @@ use crate::wire::{self, Frame, WireError};
 /// Dialing a replica gives up after this.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The most a frame's header alone makes the decoder reserve ahead of what has arrived:
+/// enough for a live-shipping frame (1 MiB of entries and their headers) or a base chunk
+/// in one go, as before.
+///
+/// Past it the buffer grows with what arrives (each reserve at most what is there already,
+/// and never past the declared frame, itself capped at [`wire::MAX_BODY`]), so a peer
+/// that declares a large frame and sends no more of it holds about what it sent, not the
+/// frame's size: the connections under a replica's cap cannot reserve the frame cap each.
+pub const RESERVE_AHEAD: usize = (1 << 20) + (64 << 10);
+
 /// Frames over a byte stream.
 #[derive(Debug, Default)]
 pub struct FrameCodec;
@@ -40,7 +50,7 @@ impl Decoder for FrameCodec {
             return Ok(None);
         };
         if src.len() < len {
-            src.reserve(len - src.len());
+            src.reserve((len - src.len()).min(src.len().max(RESERVE_AHEAD)));
             return Ok(None);
         }
         let frame = src.split_to(len).freeze();
@@ -129,3 +139,6 @@ pub(crate) async fn write_parts(
 pub(crate) fn millis(start: tokio::time::Instant) -> u64 {
     start.elapsed().as_millis() as u64
 }
+
+#[cfg(test)]
+mod codec_tests;

@@ -39,6 +39,9 @@ pub enum RejectReason {
     BadEntry,
     /// The epoch is the last there is: no primary could ever take over from it.
     UnfollowableEpoch,
+    /// The receiver's filesystem is full: it took nothing of the refused entry and takes
+    /// entries again once space is freed (a new session catches it up).
+    NoSpace,
 }
 
 impl RejectReason {
@@ -53,6 +56,7 @@ impl RejectReason {
             RejectReason::StorageFailed => 7,
             RejectReason::BadEntry => 8,
             RejectReason::UnfollowableEpoch => 9,
+            RejectReason::NoSpace => 10,
         }
     }
     pub(super) fn from_code(c: u16) -> Option<RejectReason> {
@@ -66,6 +70,7 @@ impl RejectReason {
             7 => RejectReason::StorageFailed,
             8 => RejectReason::BadEntry,
             9 => RejectReason::UnfollowableEpoch,
+            10 => RejectReason::NoSpace,
             _ => return None,
         })
     }

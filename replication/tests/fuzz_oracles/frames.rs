@@ -2,7 +2,7 @@
 //! driver's `FrameCodec` (a stream, fed in pieces), checked against a small independent
 //! model of the 24-byte header.
 
-use blockrep_replication::driver::{CodecError, FrameCodec};
+use blockrep_replication::driver::{CodecError, FrameCodec, RESERVE_AHEAD};
 use blockrep_replication::wire::{
     self, validate, Body, Frame, WireError, HEADER_LEN, MAGIC, MAX_BODY, VERSION,
 };
@@ -38,11 +38,11 @@ pub fn decode_alloc_bound(len: usize) -> usize {
     4 * len + (32 << 10)
 }
 
-/// What the stream codec may reserve at most: the largest frame there may be (it reserves a
-/// declared frame before its bytes arrive, so this is the frame limit itself), or a few
-/// times what it was given. `BytesMut` may round a reservation up to twice its capacity.
+/// What the stream codec may reserve at most: `RESERVE_AHEAD` past what it was given
+/// (however large a frame its header declares), or a few times what it was given.
+/// `BytesMut` may round a reservation up to twice its capacity.
 pub fn codec_alloc_bound(len: usize) -> usize {
-    (2 * (HEADER_LEN + MAX_BODY)).max(decode_alloc_bound(len))
+    (2 * (HEADER_LEN + RESERVE_AHEAD + len)).max(decode_alloc_bound(len))
 }
 
 /// How often each outcome was reached (the stable driver checks its generator reaches all).

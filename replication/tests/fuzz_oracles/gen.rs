@@ -47,6 +47,7 @@ pub fn reason(u: &mut Unstructured) -> Result<RejectReason> {
         RejectReason::StorageFailed,
         RejectReason::BadEntry,
         RejectReason::UnfollowableEpoch,
+        RejectReason::NoSpace,
     ])
     .copied()
 }

@@ -33,6 +33,8 @@ pub const VOLUME: VolumeId = VolumeId([0x56; 16]);
 pub const STORE: VolumeId = VolumeId([0x52; 16]);
 pub const PRIMARY: VolumeId = VolumeId([0x50; 16]);
 pub const OTHER: VolumeId = VolumeId([0x4f; 16]);
+/// A volume that is not ours, offered by a stranger.
+pub const STRANGER_VOLUME: VolumeId = VolumeId([0x53; 16]);
 /// Steps per case at most (a long input is not a longer case beyond this).
 pub const MAX_STEPS: usize = 300;
 
@@ -50,6 +52,8 @@ pub struct ReplicaStats {
     pub base_chunks: u64,
     pub cuts: u64,
     pub new_epochs: u64,
+    /// Entries or base chunks the store refused for lack of space.
+    pub full: u64,
 }
 
 /// An answer of the store the core waits for.
@@ -95,24 +99,27 @@ pub struct Harness {
     cut: Option<Answer>,
     /// How many cuts the core has asked for (every other one is answered late).
     cuts_asked: u64,
+    /// The store is "full" for every this-many-th entry or base chunk it is handed (it
+    /// refuses it, and the rest of its batch, as a full filesystem would), if set.
+    full_every: Option<u64>,
+    /// Entries and base chunks handed to the store so far.
+    handed: u64,
     pub stats: ReplicaStats,
     /// `BLOCKREP_FUZZ_TRACE` set: every step and the actions it caused go to stderr.
     trace: bool,
 }
 
 impl Harness {
-    /// A replica in a state `u` picks (blank, or of our volume at a small epoch owned by
-    /// our primary, another or nobody), taken through a valid handshake with our primary.
+    /// A replica in a state `u` picks (blank or of our volume, at a small epoch owned by
+    /// our primary, another or nobody: a fence reaches blank stores too), perhaps first
+    /// refused a stranger's hello, then taken through a valid handshake with our primary.
     pub fn handshaken(u: &mut Unstructured) -> Harness {
         let blank = u.ratio(1, 3).unwrap_or(false);
         let epoch = Epoch(u.int_in_range(0..=3).unwrap_or(0));
         let owner = *u
             .choose(&[PRIMARY, OTHER, VolumeId([0; 16])])
             .unwrap_or(&PRIMARY);
-        let (volume_id, epoch, owner) = match blank {
-            true => (VolumeId([0; 16]), Epoch(0), VolumeId([0; 16])),
-            false => (VOLUME, epoch, owner),
-        };
+        let volume_id = if blank { VolumeId([0; 16]) } else { VOLUME };
         let state = ReplicaState {
             volume_id,
             volume_size: VOLUME_SIZE,
@@ -136,9 +143,14 @@ impl Harness {
             answers: VecDeque::new(),
             cut: None,
             cuts_asked: 0,
+            full_every: None,
+            handed: 0,
             stats: ReplicaStats::default(),
             trace: std::env::var_os("BLOCKREP_FUZZ_TRACE").is_some(),
         };
+        if u.ratio(1, 2).unwrap_or(false) {
+            h.refuse_a_stranger(epoch, owner);
+        }
         // Our primary may reuse an epoch it owns (or nobody does); otherwise it needs a new one.
         let bump = owner == OTHER || u.ratio(1, 2).unwrap_or(false);
         let at = if bump { epoch.next() } else { epoch };
@@ -150,8 +162,36 @@ impl Harness {
             "a valid hello was not accepted"
         );
         assert_eq!(h.core.state().epoch, at);
+        if u.ratio(1, 4).unwrap_or(false) {
+            h.full_every = Some(u.int_in_range(1..=6).unwrap_or(3));
+        }
         h.stats.cases += 1;
         h
+    }
+
+    /// A stranger's hello for another volume that the store must refuse: at an epoch our
+    /// primary owns, or below the store's. The delivery checks it changed nothing (a blank
+    /// store stays blank and joinable).
+    fn refuse_a_stranger(&mut self, epoch: Epoch, owner: VolumeId) {
+        let at = match (owner == PRIMARY, epoch.0.checked_sub(1)) {
+            (true, _) => epoch,
+            (false, Some(below)) => Epoch(below),
+            (false, None) => return,
+        };
+        let mut frame = script::hello(at, Lsn::ZERO);
+        if let Body::Hello {
+            volume_id,
+            primary_store,
+            ..
+        } = &mut frame.body
+        {
+            *volume_id = STRANGER_VOLUME;
+            *primary_store = OTHER;
+        }
+        self.last_conn = 2;
+        self.send(ConnId(2), frame);
+        self.answer_all();
+        assert_eq!(self.core.active(), None, "a stranger's hello was accepted");
     }
 
     /// Runs the whole case: steps from `u` until it runs out, then every answer.
@@ -309,11 +349,27 @@ impl Harness {
         self.check_step(&before, &after, rewind);
     }
 
-    /// Carries out the core's actions as the driver does, checking what it sends.
+    /// Whether the store refuses the next entry or base chunk it is handed for lack of space.
+    fn full_now(&mut self) -> bool {
+        self.handed += 1;
+        self.full_every
+            .is_some_and(|n| self.handed.is_multiple_of(n))
+    }
+
+    /// Carries out the core's actions as the driver does, checking what it sends. A store
+    /// that is full refuses what it is handed, skips the rest of the batch's appends and
+    /// base chunks, and the core hears of it once the batch is done (`StoreRefused`); the
+    /// step's check then compares the core's head with the store's.
     fn perform(&mut self, actions: Vec<Action>, before: &Observed) {
+        let mut refused = false;
         for action in actions {
             if self.trace {
                 eprintln!("    {}", script::describe_action(&action));
+            }
+            let stores = matches!(action, Action::Append { .. } | Action::ApplyBase { .. });
+            if stores && (refused || self.full_now()) {
+                refused = true;
+                continue;
             }
             match action {
                 Action::Send { frame, .. } => self.check_sent(&frame, before),
@@ -345,6 +401,17 @@ impl Harness {
                 Action::FinishRebuild { conn, .. } => self.answers.push_back(Answer::Rebuilt(conn)),
                 Action::Truncate { conn, keep } => self.cut(conn, keep),
             }
+        }
+        if refused {
+            self.stats.full += 1;
+            let event = Event::StoreRefused {
+                head: self.store.head(),
+                head_epoch: self.store.head_epoch(),
+                no_space: true,
+                message: "the store is full".into(),
+            };
+            let actions = self.core.step(event);
+            self.perform(actions, before);
         }
     }
 

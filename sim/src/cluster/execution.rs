@@ -231,16 +231,41 @@ impl Cluster {
 
     pub(super) fn replica_actions(&mut self, n: NodeId, actions: Vec<replica::Action>) {
         for a in actions {
-            if self.replica_action(n, a).is_break() {
+            if let ControlFlow::Break(refused) = self.replica_action(n, a) {
+                // As the driver does: the rest of the batch is skipped, then the core hears
+                // that the store refused it.
+                if let Some(event) = refused {
+                    self.step(n, event);
+                }
                 return;
             }
         }
     }
 
-    /// Performs one action; `Break` when the rest of the batch must not run.
-    fn replica_action(&mut self, n: NodeId, a: replica::Action) -> ControlFlow<()> {
+    /// A full store refuses what it is handed (as the driver tells its core).
+    fn refused_for_space(&mut self, n: NodeId) -> ControlFlow<Option<replica::Event>> {
+        self.stats.refused_for_space += 1;
+        let store = &self.nodes[n].store;
+        ControlFlow::Break(Some(replica::Event::StoreRefused {
+            head: store.head(),
+            head_epoch: store.head_epoch(),
+            no_space: true,
+            message: "the filesystem is full".into(),
+        }))
+    }
+
+    /// Performs one action; `Break` when the rest of the batch must not run, with the event
+    /// the core is to hear about it, if any.
+    fn replica_action(
+        &mut self,
+        n: NodeId,
+        a: replica::Action,
+    ) -> ControlFlow<Option<replica::Event>> {
         use replica::Action as A;
+        let full = self.nodes[n].full;
         match a {
+            A::Append { .. } if full => return self.refused_for_space(n),
+            A::ApplyBase { data: Some(_), .. } if full => return self.refused_for_space(n),
             A::Send { conn, frame } => {
                 if let Some(&k) = self.conn_keys.get(&conn.0) {
                     self.send(k, false, frame);
@@ -292,7 +317,7 @@ impl Cluster {
     }
 
     /// Appends on a replica store, which refuses an entry that does not follow its head.
-    fn replica_append(&mut self, n: NodeId, e: Entry) -> ControlFlow<()> {
+    fn replica_append(&mut self, n: NodeId, e: Entry) -> ControlFlow<Option<replica::Event>> {
         let node = &mut self.nodes[n];
         if e.lsn != node.store.head().next() {
             // Only a mutant accepting gaps gets here: the store would refuse it.
@@ -301,7 +326,7 @@ impl Cluster {
                 format!("{} got {} after {}", node.name, e.lsn, node.store.head()),
             );
             self.checker.violations.push(v);
-            return ControlFlow::Break(());
+            return ControlFlow::Break(None);
         }
         node.store.append(e);
         ControlFlow::Continue(())

@@ -46,9 +46,33 @@ impl Cluster {
                 self.restart(n);
             }
         }
+        // Drawn only when enabled, so the default mixes keep their histories.
+        if f.fill > 0.0 && self.rng.random_bool(f.fill) {
+            let n = self.rng.random_range(0..self.nodes.len());
+            if !self.nodes[n].full {
+                self.nodes[n].full = true;
+                self.log(format!(
+                    "fault: {}'s filesystem is full",
+                    self.nodes[n].name
+                ));
+            }
+        }
+        if f.free > 0.0 && self.rng.random_bool(f.free) {
+            self.free_space();
+        }
         // Under etcd, etcd decides failovers, never the coordinator.
         if self.rng.random_bool(f.failover) && self.control.is_none() {
             self.failover();
+        }
+    }
+
+    /// Every full filesystem has room again.
+    pub(super) fn free_space(&mut self) {
+        for n in 0..self.nodes.len() {
+            if std::mem::take(&mut self.nodes[n].full) {
+                let name = self.nodes[n].name.clone();
+                self.log(format!("fault ends: {name}'s filesystem has room"));
+            }
         }
     }
 

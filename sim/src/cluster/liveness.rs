@@ -12,6 +12,7 @@ impl Cluster {
     /// converges: every replica in sync and holding the primary's volume, after a flush.
     pub fn converge(&mut self, budget_ms: u64) -> Result<(), Violation> {
         self.net.heal();
+        self.free_space();
         self.replace_a_lost_primary();
         self.bring_everyone_back();
         let deadline = self.now + budget_ms;

@@ -46,6 +46,11 @@ pub struct Faults {
     pub restart: f64,
     /// A gated checkpoint goes ahead of its gate (the WAL filled up while it waited).
     pub gate_overrun: f64,
+    /// A node's filesystem fills: as a replica it refuses entries and base data for lack of
+    /// space (`StoreRefused`) until `free` empties every filesystem again. Off in the default
+    /// mixes (they keep their histories); `sim/tests/full_disks.rs` turns it on.
+    pub fill: f64,
+    pub free: f64,
 }
 
 impl Faults {
@@ -59,6 +64,8 @@ impl Faults {
             failover: 0.0,
             restart: 1.0,
             gate_overrun: 0.0,
+            fill: 0.0,
+            free: 0.0,
         }
     }
 
@@ -72,6 +79,8 @@ impl Faults {
             failover: 0.003,
             restart: 0.02,
             gate_overrun: 0.05,
+            fill: 0.0,
+            free: 0.0,
         }
     }
 }
@@ -119,6 +128,8 @@ pub struct Stats {
     pub partitions: u64,
     pub failovers: u64,
     pub refused_promotions: u64,
+    /// Entries or base chunks a replica refused because its filesystem was full.
+    pub refused_for_space: u64,
     pub catch_ups: u64,
     /// Replica logs cut back to the primary's instead of being rebuilt.
     pub truncations: u64,
@@ -210,6 +221,7 @@ impl Cluster {
                 role: None,
                 alive: true,
                 life: 0,
+                full: false,
             })
             .collect();
         let mut c = Cluster {

@@ -230,7 +230,7 @@ impl Store {
     /// (see [`reserve_data_range`]): lack of space is the request's [`StorageError::NoSpace`],
     /// never a failed checkpoint that stops the store.
     /// Blocks already reserved since the store opened cost nothing (see `reserved`).
-    fn reserve(&self, first: u64, end: u64) -> Result<()> {
+    pub(super) fn reserve(&self, first: u64, end: u64) -> Result<()> {
         let shared = &self.shared;
         if shared.reserved.covers(first, end) {
             return Ok(());

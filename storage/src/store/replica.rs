@@ -20,8 +20,22 @@ impl Store {
     /// Appends an entry received from the primary, with its own LSN and epoch. Its LSN must
     /// be exactly the next one; the caller (the replica's protocol core) has already dropped
     /// duplicates and refused gaps. Waits for WAL space like any write.
+    ///
+    /// Like a client's write, an entry that will take space in the data file has it
+    /// reserved first: on a full filesystem the entry is refused with
+    /// [`StorageError::NoSpace`] before anything of it is logged, and the store goes on (the
+    /// primary resends it once space is freed) instead of a later checkpoint failing it.
     pub async fn append_replicated(&self, record: crate::WalRecord) -> Result<Lsn> {
         self.check_range(record.offset, record.length)?;
+        let first = record.offset / BLOCK_SIZE;
+        let end = (record.offset + record.length).div_ceil(BLOCK_SIZE);
+        let takes_space = matches!(
+            record.kind,
+            crate::RecordKind::Write | crate::RecordKind::WriteZeroes { punch: false }
+        );
+        if takes_space && end > first {
+            self.reserve(first, end)?;
+        }
         loop {
             let mut space = pin!(self.shared.space.notified());
             space.as_mut().enable();
@@ -220,6 +234,12 @@ impl Store {
             ));
         }
         let (first, end) = (offset / BLOCK_SIZE, (offset + len) / BLOCK_SIZE);
+        // Base data takes its blocks in the data file before it is taken in, as an entry
+        // does (see `append_replicated`): on a full filesystem the chunk is refused with
+        // `NoSpace` and counts as not received, instead of a checkpoint failing the store.
+        if data.is_some() && end > first {
+            self.reserve(first, end)?;
+        }
         loop {
             let mut space = pin!(self.shared.space.notified());
             space.as_mut().enable();

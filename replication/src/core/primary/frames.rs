@@ -76,6 +76,14 @@ impl PrimaryCore {
             return;
         }
         let why = format!("refused: {reason:?}: {message}");
+        if reason == RejectReason::NoSpace {
+            // A full filesystem passes once space is freed: the replica is away as a lagging
+            // one would be (its WAL hold kept within the budgets, redialled), not parked as
+            // refused.
+            self.peers[i].out_of_space_now(self.cfg.reconnect_max);
+            self.drop_session(i, now, &why);
+            return;
+        }
         self.peers[i].refused(self.cfg.reconnect_max);
         self.set_state(i, PeerState::Refused, now, &why);
         self.drop_session(i, now, &why);

@@ -230,6 +230,10 @@ pub(super) struct Peer {
     /// The rebuild under way, across its interruptions (first start, bytes, tries).
     cost: Option<(Millis, RebuildReport)>,
     last_rebuild: Option<RebuildReport>,
+    /// Its last refusal said its filesystem is full (`Reject(NoSpace)`), and it has not
+    /// acknowledged a newer entry since: a sync-all FLUSH that times out for want of it
+    /// fails as ENOSPC.
+    out_of_space: bool,
 }
 
 impl Peer {
@@ -267,7 +271,19 @@ impl Peer {
             resume: None,
             cost: None,
             last_rebuild: None,
+            out_of_space: false,
         }
+    }
+
+    pub(super) fn out_of_space(&self) -> bool {
+        self.out_of_space
+    }
+
+    /// It refused entries for lack of space: redial only slowly (freeing space takes an
+    /// operator, not milliseconds), but keep its hold, as for any replica that is away.
+    pub(super) fn out_of_space_now(&mut self, backoff_max: Millis) {
+        self.out_of_space = true;
+        self.backoff = backoff_max;
     }
 
     pub(super) fn id(&self) -> &ReplicaId {
@@ -640,6 +656,8 @@ impl Peer {
         let durable = durable.min(self.shipped);
         if durable > self.durable {
             self.durable = durable;
+            // It stored entries it had not: it has space again.
+            self.out_of_space = false;
         }
         while self
             .unanswered

@@ -47,8 +47,10 @@ impl PrimaryCore {
             let Some(b) = self.barriers.pop_front() else {
                 break;
             };
+            let full = |p: &super::peer::Peer| p.out_of_space() && p.durable() < b.target;
             let reason = match self.cfg.mode {
                 CommitMode::SyncQuorum => BarrierFailure::QuorumLost,
+                _ if self.peers.iter().any(full) => BarrierFailure::ReplicaNoSpace,
                 _ => BarrierFailure::ReplicaMissing,
             };
             self.counters.barriers_failed += 1;

@@ -1543,3 +1543,4 @@ fn a_hello_ok_past_our_head_never_counts() {
 
 mod confirm;
 mod membership;
+mod no_space;

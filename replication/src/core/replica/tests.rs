@@ -920,3 +920,99 @@ fn a_sync_that_finishes_during_a_cut_acknowledges_only_what_the_cut_left() {
     });
     assert_eq!(acks(&a), vec![Lsn(7)], "{a:?}");
 }
+
+/// Found in issue 15's review: a blank store adopted the hello's volume before its epoch
+/// claim was checked, so a hello refused for its epoch still made the store part of that
+/// volume (and no longer blank to the real primary of another).
+#[test]
+fn a_refused_hello_leaves_the_store_as_it_was() {
+    let theirs = VolumeId([8; 16]);
+    // A blank store a candidate fenced at epoch 5 for P1 (blank stores answer probes too).
+    let mut blank = state(5, 0);
+    blank.blank = true;
+    blank.volume_id = theirs;
+    for (epoch, primary, reason) in [
+        (4, P1, RejectReason::StaleEpoch),
+        (5, P2, RejectReason::EpochOwned),
+        (u64::MAX, P1, RejectReason::UnfollowableEpoch),
+    ] {
+        let mut r = ReplicaCore::new(blank.clone());
+        let a = r.step(Event::Received {
+            conn: C,
+            frame: hello(epoch, primary),
+        });
+        assert_eq!(rejected(&a), Some(reason), "{a:?}");
+        assert!(!touches_store(&a), "{a:?}");
+        let s = r.state();
+        assert_eq!((s.volume_id, s.blank), (theirs, true));
+        assert_eq!((s.epoch, s.epoch_owner), (Epoch(5), P1));
+        assert_eq!(r.active(), None);
+        // The primary that owns the epoch still joins it.
+        let a = greet(&mut r, ConnId(2), 5, P1);
+        assert_eq!(rejected(&a), None, "{a:?}");
+        assert!(a.contains(&Action::AdoptVolume { volume_id: VOL }));
+        assert_eq!(r.state().volume_id, VOL);
+    }
+}
+
+fn appended(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Append { record } => Some(record.lsn.0),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_refused_append_leaves_the_core_on_the_stores_head() {
+    let mut r = ReplicaCore::new(state(5, 10));
+    greet(&mut r, C, 5, P1);
+    let a = r.step(Event::Received {
+        conn: C,
+        frame: entries(5, &[11, 12, 13]),
+    });
+    assert_eq!(appended(&a), [11, 12, 13]);
+    // The store took 11 and refused 12 for lack of space (and so never saw 13).
+    let a = r.step(Event::StoreRefused {
+        head: Lsn(11),
+        head_epoch: Epoch(5),
+        no_space: true,
+        message: "no space left".into(),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::NoSpace), "{a:?}");
+    assert!(a.iter().any(|x| matches!(x, Action::Close { conn: C, .. })));
+    assert!(!touches_store(&a), "{a:?}");
+    assert_eq!(r.active(), None);
+    assert_eq!(r.state().head, Lsn(11));
+    // The next session hears of the store's head and is sent 12 and 13 again: they are
+    // appended, not skipped as duplicates.
+    let a = greet(&mut r, ConnId(2), 5, P1);
+    let reported = a.iter().find_map(|x| match x {
+        Action::Send {
+            frame:
+                Frame {
+                    body: Body::HelloOk { durable, .. },
+                    ..
+                },
+            ..
+        } => Some(*durable),
+        _ => None,
+    });
+    assert_eq!(reported, Some(Lsn(11)), "{a:?}");
+    let a = r.step(Event::Received {
+        conn: ConnId(2),
+        frame: entries(5, &[12, 13]),
+    });
+    assert_eq!(appended(&a), [12, 13]);
+    // Any other store failure is told as one.
+    let a = r.step(Event::StoreRefused {
+        head: Lsn(12),
+        head_epoch: Epoch(5),
+        no_space: false,
+        message: "I/O error".into(),
+    });
+    assert_eq!(rejected(&a), Some(RejectReason::StorageFailed), "{a:?}");
+    assert_eq!(r.state().head, Lsn(12));
+}

@@ -87,6 +87,8 @@ pub async fn serve(
         syncs: Vec::new(),
         status,
         rejected: Default::default(),
+        refused: None,
+        out_of_space: false,
     };
     let mut port = port::Port::new(listener, MAX_CONNECTIONS);
     let mut next_conn = 1u64;
@@ -121,6 +123,9 @@ pub async fn serve(
                 (Event::CursorSaved { cursor }, None)
             }
             Input::Event(e) => (e, None),
+            // A session this loop already ended (refused, or dropped for not reading): what
+            // it still had in flight is moot, and refusing each frame would log each.
+            Input::Received { conn, .. } if !node.conns.contains_key(&conn) => continue,
             Input::Received {
                 conn,
                 frame,
@@ -132,6 +137,23 @@ pub async fn serve(
         node.answer_syncs().await;
     }
     Ok(())
+}
+
+/// What the store was handed to take in, as the log names it.
+#[derive(Debug, Clone, Copy)]
+enum Taken {
+    Entry(Lsn),
+    /// Base data from this byte of the volume.
+    Base(u64),
+}
+
+impl std::fmt::Display for Taken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Taken::Entry(lsn) => write!(f, "entry {lsn}"),
+            Taken::Base(offset) => write!(f, "base data at byte {offset}"),
+        }
+    }
 }
 
 /// The replica's event loop state: the core, the store, and the sessions' transports.
@@ -149,6 +171,13 @@ struct ReplicaLoop {
     status: Option<watch::Sender<ReplicaStatus>>,
     /// Sessions just sent a `Reject`: their close is already logged, as the refusal.
     rejected: std::collections::HashSet<ConnId>,
+    /// What the store refused in the batch being carried out (an entry or base data, and
+    /// why): the rest of the batch's appends and base data are skipped and the core told
+    /// once the batch ends.
+    refused: Option<(Taken, StorageError)>,
+    /// The store last refused something for lack of space: said once, and again only once
+    /// it has taken something since.
+    out_of_space: bool,
 }
 
 impl ReplicaLoop {
@@ -158,8 +187,15 @@ impl ReplicaLoop {
             self.conns.remove(conn);
             self.rejected.remove(conn);
         }
-        for action in self.core.step(event) {
-            self.execute(action).await;
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            for action in self.core.step(event) {
+                self.execute(action).await;
+            }
+            next = self
+                .refused
+                .take()
+                .map(|(what, e)| self.store_refused(what, e));
         }
         if let Some(tx) = &self.status {
             let s = self.core.state();
@@ -221,11 +257,13 @@ impl ReplicaLoop {
             }
             Action::AdoptVolume { volume_id } => self.adopt_volume(volume_id).await,
             Action::AdoptEpoch { epoch, owner } => self.adopt_epoch(epoch, owner).await,
+            // After a refused entry the store would see a gap (and after refused base data,
+            // the primary resends from the rebuild's cursor): the rest waits to be sent again.
+            Action::Append { .. } | Action::ApplyBase { .. } if self.refused.is_some() => {}
             Action::Append { record } => {
-                let lsn = record.lsn;
-                if let Err(e) = self.store.append_replicated(record).await {
-                    self.fail_storage(format!("cannot append entry {lsn}: {e}"));
-                }
+                let what = Taken::Entry(record.lsn);
+                let stored = self.store.append_replicated(record).await.map(|_| ());
+                self.stored(what, stored);
             }
             Action::Sync { conn, lsn } => self.sync(conn, lsn),
             Action::SetCommitted { lsn } => {
@@ -244,9 +282,9 @@ impl ReplicaLoop {
                 reflects,
                 data,
             } => {
-                if let Err(e) = self.store.apply_base(offset, length, data, reflects).await {
-                    self.fail_storage(format!("cannot apply base data: {e}"));
-                } else if self.store.rebuild_cursor_due() {
+                let what = Taken::Base(offset);
+                let stored = self.store.apply_base(offset, length, data, reflects).await;
+                if self.stored(what, stored) && self.store.rebuild_cursor_due() {
                     self.save_cursor();
                 }
             }
@@ -387,6 +425,51 @@ impl ReplicaLoop {
             };
             let _ = in_tx.send(Input::Event(event));
         });
+    }
+
+    /// Notes whether the store took `what` (an entry or base data); returns whether it did.
+    fn stored(&mut self, what: Taken, result: Result<(), StorageError>) -> bool {
+        match result {
+            Ok(()) => {
+                if self.out_of_space {
+                    self.out_of_space = false;
+                    tracing::info!("the store has space again: took {what}");
+                }
+                true
+            }
+            Err(e) => {
+                self.refused = Some((what, e));
+                false
+            }
+        }
+    }
+
+    /// The store refused `what`: says why (a full filesystem once, until the store takes
+    /// something again) and gives the core the event that puts it back on the store's head
+    /// and refuses the session with the reason. Any other failure also ends every other
+    /// session, as a storage failure does.
+    fn store_refused(&mut self, what: Taken, e: StorageError) -> Event {
+        let no_space = matches!(e, StorageError::NoSpace { .. });
+        let message = if no_space {
+            format!("the replica's filesystem is full: {what} was not stored ({e})")
+        } else {
+            format!("cannot store {what}: {e}")
+        };
+        if !no_space {
+            self.fail_storage(message.clone());
+        } else if !self.out_of_space {
+            self.out_of_space = true;
+            tracing::error!(
+                "{message}; refusing what needs space until space is freed, then the primary \
+                 catches this replica up"
+            );
+        }
+        Event::StoreRefused {
+            head: self.store.head(),
+            head_epoch: self.store.head_epoch(),
+            no_space,
+            message,
+        }
     }
 
     /// A storage failure ends every session; the primary will see the replica as gone.

@@ -98,6 +98,7 @@ impl Cluster {
     /// every other node its in-sync replica holding its volume.
     pub fn converge_controlled(&mut self, budget_ms: u64) -> Result<(), Violation> {
         self.net.heal();
+        self.free_space();
         self.reconnect_all_to_etcd();
         self.etcd_up();
         let now = self.now;

@@ -114,8 +114,9 @@ pub enum BarrierFailure {
     QuorumLost,
     /// A newer primary exists; this one accepts nothing any more.
     Fenced,
-    /// sync-all: a replica that was not durable through the target in time had refused
-    /// entries because its filesystem is full (the client is told ENOSPC).
+    /// A replica that was not durable through the target in time had refused entries
+    /// because its filesystem is full (the client is told ENOSPC), under sync-all or
+    /// sync-quorum (where it was one of the copies the quorum lacked).
     ReplicaNoSpace,
 }
 

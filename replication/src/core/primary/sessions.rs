@@ -48,9 +48,10 @@ impl PrimaryCore {
                 break;
             };
             let full = |p: &super::peer::Peer| p.out_of_space() && p.durable() < b.target;
+            // A full replica among the missing copies is the cause an operator can act on.
             let reason = match self.cfg.mode {
-                CommitMode::SyncQuorum => BarrierFailure::QuorumLost,
                 _ if self.peers.iter().any(full) => BarrierFailure::ReplicaNoSpace,
+                CommitMode::SyncQuorum => BarrierFailure::QuorumLost,
                 _ => BarrierFailure::ReplicaMissing,
             };
             self.counters.barriers_failed += 1;

@@ -79,3 +79,23 @@ fn a_replica_out_of_space_is_away_as_a_lagging_one_and_its_flushes_fail_as_no_sp
     let failure = failed(&tick(&mut c, 13_010));
     assert_eq!(failure, vec![(2, BarrierFailure::ReplicaMissing)]);
 }
+
+#[test]
+fn under_sync_quorum_a_flush_whose_missing_copies_are_full_fails_as_no_space() {
+    let mut c = core(CommitMode::SyncQuorum, &["a", "b"], 0);
+    let s = bring_up(&mut c, 0);
+    append(&mut c, 1, 1);
+    c.step(Event::Barrier {
+        id: 1,
+        target: Lsn(1),
+        now: 10,
+    });
+    c.step(Event::LocalDurable { lsn: Lsn(1) });
+    for (r, session) in &s {
+        refuse_for_space(&mut c, r, *session, 11);
+    }
+    assert_eq!(
+        failed(&tick(&mut c, 5010)),
+        vec![(1, BarrierFailure::ReplicaNoSpace)]
+    );
+}

@@ -83,6 +83,10 @@ impl Rebuild {
 pub(crate) struct Queued {
     pub pos: WalPos,
     pub record: WalRecord,
+    /// Less than `WAL_SLACK` was free after it when it was appended: the bytes that follow
+    /// it in the file may be live (the tail's), so a direct write keeps them instead of
+    /// padding with zeroes.
+    pub keep_after: bool,
 }
 
 pub(crate) struct DurableWaiter {
@@ -331,7 +335,7 @@ pub(crate) struct WriterQueue {
 }
 
 impl WriterQueue {
-    fn push(&mut self, pos: WalPos, record: WalRecord, bytes: u64) {
+    fn push(&mut self, pos: WalPos, record: WalRecord, bytes: u64, keep_after: bool) {
         debug_assert!(
             self.queue.last().is_none_or(|q| match q.record.kind {
                 RecordKind::Wrap => record.lsn == q.record.lsn && record.kind != RecordKind::Wrap,
@@ -341,7 +345,11 @@ impl WriterQueue {
             record.lsn,
             self.queue.last().map_or(Lsn::ZERO, |q| q.record.lsn)
         );
-        self.queue.push(Queued { pos, record });
+        self.queue.push(Queued {
+            pos,
+            record,
+            keep_after,
+        });
         self.queued_bytes += bytes;
     }
 
@@ -607,15 +615,17 @@ impl Core {
         let size = record.encoded_len();
         let room = layout.room(self.log.head);
         let pad = if room < size { room } else { 0 };
-        // WAL_SLACK stays free after the head for the WAL writer's direct-I/O padding.
-        if self.log.wal_used() + pad + size + WAL_SLACK > layout.capacity {
+        let used_after = self.log.wal_used() + pad + size;
+        if used_after > layout.capacity {
             return None;
         }
+        let keep_after = layout.capacity - used_after < WAL_SLACK;
         let lsn = record.lsn;
         if pad > 0 {
             let marker =
                 WalRecord::new(lsn, self.epochs.last, RecordKind::Wrap, 0, 0, Bytes::new());
-            self.writer.push(self.log.head, marker, HEADER_LEN as u64);
+            self.writer
+                .push(self.log.head, marker, HEADER_LEN as u64, false);
         }
         if let Some((first, end)) = self.maps.active.apply(&record) {
             if let Some(r) = &mut self.rebuild {
@@ -625,7 +635,7 @@ impl Core {
         self.repl.ship(&record);
         let at = self.log.append(lsn, pad, size);
         self.epochs.note(record.epoch, lsn);
-        self.writer.push(at, record, size);
+        self.writer.push(at, record, size, keep_after);
         Some(lsn)
     }
 

@@ -10,8 +10,10 @@
 //! Direct writes must start and end on the file's direct-I/O alignment, while records are only
 //! 64-byte aligned. So each write starts at the aligned block holding its first record (the
 //! bytes before it in that block, which earlier writes put there, are written again unchanged)
-//! and ends with zeroes up to the next aligned boundary. Those zeroes land in free ring space:
-//! the ring always keeps [`WAL_SLACK`] bytes free after its head (`Core::try_push`). Rewriting
+//! and ends with zeroes up to the next aligned boundary, which land in free ring space: unless
+//! less than [`WAL_SLACK`] was free after the record when it was appended (`Queued::keep_after`,
+//! a ring full to its tail), and the bytes after it are read back from the file and kept
+//! instead (the tail's first record may be there, or the wrap marker replay starts at). Rewriting
 //! the partial block is what the page cache did too (it writes back whole 4 KiB pages); a
 //! direct write rewrites no more than one alignment unit, often a 512-byte sector.
 
@@ -22,8 +24,8 @@ use std::path::Path;
 
 use bytes::Bytes;
 
-/// Free ring space kept after the head, so a direct write's zero padding never reaches a live
-/// record. Also the largest direct-I/O alignment this writer takes.
+/// With less free ring space than this after a record, a direct write keeps the bytes after
+/// it instead of padding with zeroes. Also the largest direct-I/O alignment this writer takes.
 pub(crate) const WAL_SLACK: u64 = 4096;
 /// The aligned buffer: larger writes go out in pieces of this size.
 const CHUNK: usize = 4 << 20;
@@ -35,6 +37,10 @@ pub(crate) struct DirectWal {
     buf: Vec<u8>,
     /// Offset of the first 4096-aligned byte of `buf`.
     start: usize,
+    /// One aligned block, for the bytes a write keeps after its end.
+    block: Vec<u8>,
+    /// Offset of the first 4096-aligned byte of `block`.
+    block_start: usize,
     /// The last write's final partial block: its file offset and the bytes written into it.
     /// The next write, which starts right there, begins with them.
     tail: Option<(u64, Vec<u8>)>,
@@ -65,11 +71,15 @@ impl DirectWal {
             .ok()?;
         let buf = vec![0u8; CHUNK + WAL_SLACK as usize];
         let start = buf.as_ptr().align_offset(WAL_SLACK as usize);
-        (start < WAL_SLACK as usize).then_some(DirectWal {
+        let block = vec![0u8; 2 * WAL_SLACK as usize];
+        let block_start = block.as_ptr().align_offset(WAL_SLACK as usize);
+        (start < WAL_SLACK as usize && block_start < WAL_SLACK as usize).then_some(DirectWal {
             file,
             align,
             buf,
             start,
+            block,
+            block_start,
             tail: None,
             wrote: false,
         })
@@ -80,15 +90,16 @@ impl DirectWal {
     }
 
     /// Writes `bufs` back to back at file offset `at`, as the page cache would have, with the
-    /// bytes after them up to the next aligned boundary zeroed.
-    pub(super) fn write(&mut self, at: u64, bufs: &[Bytes]) -> io::Result<()> {
+    /// bytes after them up to the next aligned boundary zeroed, or with `keep_after` as they
+    /// were.
+    pub(super) fn write(&mut self, at: u64, bufs: &[Bytes], keep_after: bool) -> io::Result<()> {
         let align = self.align as u64;
         let mut block_at = at - at % align;
         let mut fill = (at - block_at) as usize;
         if fill > 0 {
             self.load_prefix(block_at, fill)?;
         }
-        let result = self.copy_out(&mut block_at, &mut fill, bufs);
+        let result = self.copy_out(&mut block_at, &mut fill, bufs, keep_after);
         if result.is_err() {
             // What the file holds is unknown now: read it again before the next write.
             self.tail = None;
@@ -96,7 +107,13 @@ impl DirectWal {
         result
     }
 
-    fn copy_out(&mut self, block_at: &mut u64, fill: &mut usize, bufs: &[Bytes]) -> io::Result<()> {
+    fn copy_out(
+        &mut self,
+        block_at: &mut u64,
+        fill: &mut usize,
+        bufs: &[Bytes],
+        keep_after: bool,
+    ) -> io::Result<()> {
         for b in bufs {
             let mut src: &[u8] = b;
             while !src.is_empty() {
@@ -117,7 +134,15 @@ impl DirectWal {
         self.tail = None;
         if partial > 0 {
             let len = whole + self.align;
-            self.buf[self.start + *fill..self.start + len].fill(0);
+            let after = self.start + *fill..self.start + len;
+            if keep_after {
+                let (b, a) = (self.block_start, self.align);
+                let last = *block_at + whole as u64;
+                self.file.read_exact_at(&mut self.block[b..b + a], last)?;
+                self.buf[after].copy_from_slice(&self.block[b + partial..b + a]);
+            } else {
+                self.buf[after].fill(0);
+            }
             self.put(*block_at, len)?;
             let kept = self.start + whole;
             self.tail = Some((
@@ -225,7 +250,7 @@ mod tests {
         for (i, bufs) in pieces.iter().enumerate() {
             let direct = i % 3 != 2;
             if direct {
-                dw.write(pos, bufs).expect("direct write");
+                dw.write(pos, bufs, false).expect("direct write");
             } else {
                 crate::io::pwritev_all(file, pos, bufs).expect("buffered write");
                 dw.note_buffered(pos, bufs);
@@ -254,6 +279,37 @@ mod tests {
                 .map(|i| seed.wrapping_add(i as u8))
                 .collect::<Vec<u8>>(),
         )
+    }
+
+    #[test]
+    fn a_direct_write_told_to_keep_what_follows_it_changes_no_byte_past_its_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create");
+        let before = pattern(200, 1 << 16);
+        file.write_all_at(&before, 0).expect("fill");
+        let Some(mut dw) = DirectWal::open(&path) else {
+            eprintln!("no direct I/O under {}", dir.path().display());
+            return;
+        };
+        let at = 4096 + 64 * 3;
+        let bufs = [pattern(1, 64), pattern(2, 4096)];
+        dw.write(at, &bufs, true).expect("direct write");
+        let mut model = before.to_vec();
+        let mut pos = at as usize;
+        for b in &bufs {
+            model[pos..pos + b.len()].copy_from_slice(b);
+            pos += b.len();
+        }
+        let mut on_disk = vec![0u8; model.len()];
+        file.read_exact_at(&mut on_disk, 0).expect("read");
+        assert!(on_disk == model, "bytes outside the write changed");
     }
 
     #[test]

@@ -89,7 +89,9 @@ pub(crate) fn run(shared: Arc<Shared>) {
         let runs = batch_runs(&shared, &batch, hint);
         let result = runs
             .iter()
-            .try_for_each(|(at, bufs)| write_run(&shared, &mut direct, want_sync, *at, bufs))
+            .try_for_each(|(at, bufs, keep)| {
+                write_run(&shared, &mut direct, want_sync, *at, bufs, *keep)
+            })
             .and_then(|_| {
                 if want_sync {
                     crate::io::sync_data(&shared.wal)
@@ -137,6 +139,7 @@ fn write_run(
     want_sync: bool,
     at: u64,
     bufs: &[Bytes],
+    keep_after: bool,
 ) -> std::io::Result<()> {
     if let Some(d) = direct.as_mut().filter(|_| !want_sync) {
         crate::io::pwritev_all(&shared.wal, at, bufs)?;
@@ -144,7 +147,7 @@ fn write_run(
         return Ok(());
     }
     if let Some(d) = direct {
-        match d.write(at, bufs) {
+        match d.write(at, bufs, keep_after) {
             // Some filesystems open O_DIRECT but refuse the writes: use the page cache for
             // good (rewriting the run there is harmless).
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !d.wrote => {
@@ -157,12 +160,16 @@ fn write_run(
     crate::io::pwritev_all(&shared.wal, at, bufs)
 }
 
+/// A physically contiguous run of records: where it starts, its buffers, and whether the
+/// bytes after its last record must be kept (see `Queued::keep_after`).
+type Run = (u64, Vec<Bytes>, bool);
+
 /// The batch as file writes: one vectored write per physically contiguous run of records.
 fn batch_runs(
     shared: &Shared,
     batch: &[super::core::Queued],
     (durable_hint, commit_hint, generation): (Lsn, Lsn, u16),
-) -> Vec<(u64, Vec<Bytes>)> {
+) -> Vec<Run> {
     if batch.is_empty() {
         return Vec::new();
     }
@@ -178,11 +185,12 @@ fn batch_runs(
     let mut run: Vec<Bytes> = Vec::new();
     let mut run_at = 0u64;
     let mut run_end = 0u64;
+    let mut keep_after = false;
     for (i, q) in batch.iter().enumerate() {
         let at = shared.layout.file_offset(q.pos);
         let contiguous = !run.is_empty() && at == run_end && run.len() + 2 <= MAX_IOVECS;
         if !contiguous && !run.is_empty() {
-            pending.push((run_at, std::mem::take(&mut run)));
+            pending.push((run_at, std::mem::take(&mut run), keep_after));
         }
         if run.is_empty() {
             run_at = at;
@@ -194,9 +202,10 @@ fn batch_runs(
             run.push(q.record.payload.clone());
             run_end += q.record.payload.len() as u64;
         }
+        keep_after = q.keep_after;
     }
     if !run.is_empty() {
-        pending.push((run_at, run));
+        pending.push((run_at, run, keep_after));
     }
     pending
 }

@@ -94,14 +94,39 @@ impl Store {
         Ok(buf.freeze())
     }
 
-    /// Writes `data` at `offset` (any alignment). Returns the entry's LSN. With `fua`, returns
-    /// only once the entry is durable.
+    /// Writes `data` at `offset` (any alignment). Returns the last entry's LSN. With `fua`,
+    /// returns only once it is durable.
+    ///
+    /// A write longer than a quarter of the WAL becomes several entries, each of whole
+    /// blocks but the edges: an entry that must wrap needs its own size plus what was left of
+    /// the lap, and two halves of the ring may never be free at once (the contract promises
+    /// each block of an unflushed write old or new after a crash, not the whole write).
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<Lsn> {
         let len = data.len() as u64;
         self.check_request(offset, len)?;
         if len == 0 {
             return self.current_lsn(fua).await;
         }
+        let most = (self.shared.layout.capacity / 4 / BLOCK_SIZE).max(1) * BLOCK_SIZE;
+        let mut lsn = Lsn::ZERO;
+        let mut done = 0u64;
+        while done < len {
+            let at = offset + done;
+            let cut = (at - at % BLOCK_SIZE + most - offset).min(len);
+            lsn = self
+                .write_entry(at, &data[done as usize..cut as usize])
+                .await?;
+            done = cut;
+        }
+        if fua {
+            self.shared.wait_durable(lsn).await?;
+        }
+        Ok(lsn)
+    }
+
+    /// One entry of [`Store::write`]: `data` at `offset`, at most a quarter of the WAL.
+    async fn write_entry(&self, offset: u64, data: &[u8]) -> Result<Lsn> {
+        let len = data.len() as u64;
         let first = offset / BLOCK_SIZE;
         let end = (offset + len).div_ceil(BLOCK_SIZE);
         self.reserve(first, end)?;
@@ -128,9 +153,6 @@ impl Store {
             self.read_modify_write(offset, len, first, end, payload, &edges)
                 .await?
         };
-        if fua {
-            self.shared.wait_durable(lsn).await?;
-        }
         Ok(lsn)
     }
 

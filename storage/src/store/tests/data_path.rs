@@ -255,15 +255,30 @@ fn the_padding_never_reaches_a_live_record() {
 }
 
 /// The smallest WAL takes writes of the largest size one after another, whatever place in
-/// the ring the head has reached (one that must wrap fits once the ring is empty).
+/// the ring the head has reached; here first exactly half-way round, where one entry of
+/// 32 MiB would need the 32 MiB left of the lap and its own 32 MiB and 64 bytes.
 #[test]
 fn writes_of_the_largest_size_go_through_a_wal_of_the_smallest_size() {
     let tmp = tempfile::tempdir().unwrap();
-    let path = create(tmp.path(), 128 * MIB, crate::wal::MIN_WAL_CAPACITY);
+    let capacity = crate::wal::MIN_WAL_CAPACITY;
+    let path = create(tmp.path(), 128 * MIB, capacity);
     let rt = rt();
     let store = open(&path);
     let data = pattern(7, MAX_REQUEST as usize);
     rt.block_on(async {
+        // 64 entries of 8191 blocks in all, 32 MiB of payload and headers: 62 of a block,
+        // one of 16 MiB and one of the rest.
+        for i in 0..62u64 {
+            store
+                .write(i * 4096, &pattern(1, 4096), false)
+                .await
+                .unwrap();
+        }
+        store.write(MIB, &data[..16 << 20], false).await.unwrap();
+        let rest = (8191 - 62 - 4096) * 4096;
+        store.write(17 * MIB, &data[..rest], false).await.unwrap();
+        let head = store.shared.lock_core().log.head.0;
+        assert_eq!(head % capacity, capacity / 2, "the head is half-way round");
         for i in 0..5u64 {
             let write = store.write((i % 4) * MAX_REQUEST, &data, false);
             tokio::time::timeout(std::time::Duration::from_secs(60), write)

@@ -6,7 +6,7 @@
 #   REPS=1 RUNTIME=2 WORKLOADS="randwrite4k fsyncwrite4k" bench/nbd-peers.sh    smoke run
 #
 # Method: one 1 GiB export per server, pre-filled with the same random image (so reads read
-# real data); fio --ioengine=nbd, one job (one connection), --time_based --runtime=R
+# real data); fio --ioengine=nbd, one job (one connection; multiconn4: four), --time_based --runtime=R
 # --ramp_time=1 --norandommap --randrepeat=0; repetitions interleaved across servers (rep 1
 # of every server, then rep 2, ...); medians reported. Every server starts fresh for each
 # rep (new copy of the image / new blockrep store / new RAM disk), and every on-disk backing
@@ -18,6 +18,19 @@
 #   randread4k    --rw=randread  --bs=4k --iodepth=32
 #   seqwrite1m    --rw=write     --bs=1M --iodepth=8
 #   fsyncwrite4k  --rw=randwrite --bs=4k --iodepth=1 --fsync=1  (WRITE + FLUSH per I/O)
+#   fsyncwrite4k-qd32  the same at --iodepth=32: up to 32 writes in flight, a FLUSH after every
+#                 write; the server can commit many of them with one sync (group commit)
+#   multiconn4    --rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --group_reporting: four NBD
+#                 connections to the one export at once, QD32 each (blockrep and nbdkit-file
+#                 both advertise NBD_FLAG_CAN_MULTI_CONN); the figure is the sum of the four
+#
+# Histories (HISTORY, one per run):
+#   fresh (default)  file-backed servers (nbdkit-file, qemu-*) serve a fresh `cp` of the image,
+#                 written back before the server starts: their best case, nothing dirty
+#   filled        file-backed servers start on an empty sparse file that is filled through NBD
+#                 (`nbdcopy --flush IMAGE`) and synced before the run: what a user's disk looks
+#                 like after a large copy. blockrep and nbdkit-mem are filled through NBD in both
+#                 histories (blockrep then waits until its checkpoint has emptied the WAL)
 #
 # Servers (SERVERS, any subset):
 #   blockrep           target/release/blockrep create + serve --nbd 127.0.0.1:PORT
@@ -69,6 +82,7 @@ RAMP=${RAMP:-1}
 SETTLE=${SETTLE:-2}
 SIZE_MIB=${SIZE_MIB:-1024}
 WORKLOADS=${WORKLOADS:-randwrite4k randread4k seqwrite1m fsyncwrite4k}
+HISTORY=${HISTORY:-fresh}
 SERVERS=${SERVERS:-blockrep nbdkit-file qemu-wb-threads qemu-none-iouring nbdkit-mem}
 REFS=${REFS:-nbdkit-file nbdkit-mem}
 DATA_DIR=${BENCH_DATA_DIR:-$ROOT/target/bench-data}
@@ -93,10 +107,11 @@ for tool in fio nbdkit qemu-nbd nbdcopy nbdinfo python3 setsid ss; do
 done
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
 for w in $WORKLOADS; do
-    case $w in randwrite4k | randread4k | seqwrite1m | fsyncwrite4k) ;;
+    case $w in randwrite4k | randread4k | seqwrite1m | fsyncwrite4k | fsyncwrite4k-qd32 | multiconn4) ;;
     *) die "unknown workload $w" ;;
     esac
 done
+case $HISTORY in fresh | filled) ;; *) die "unknown HISTORY $HISTORY (fresh or filled)" ;; esac
 i=0
 declare -A PORT
 for s in $SERVERS; do
@@ -222,10 +237,16 @@ start_server() { # name rep
     local img_args=()
     case $name in
     nbdkit-file | nbdkit-file-tls | qemu-*)
-        # A fresh copy of the image on the shared disk, written back before the server
-        # starts.
-        cp --sparse=never "$IMAGE" "$WORK_IMG"
-        sync -f "$WORK_IMG" 2>/dev/null || sync
+        if [[ $HISTORY == fresh ]]; then
+            # A fresh copy of the image on the shared disk, written back before the server
+            # starts.
+            cp --sparse=never "$IMAGE" "$WORK_IMG"
+            sync -f "$WORK_IMG" 2>/dev/null || sync
+        else
+            # Empty and sparse: filled through NBD once the server is up (below).
+            rm -f "$WORK_IMG"
+            truncate -s "$SIZE_BYTES" "$WORK_IMG"
+        fi
         img_args=("$WORK_IMG")
         ;;
     esac
@@ -272,12 +293,20 @@ start_server() { # name rep
         ;;
     esac
     wait_ready "$port" "$pidf" "$name"
+    local fill=0
     case $name in
-    blockrep | blockrep-base | blockrep-tls | nbdkit-mem)
+    blockrep | blockrep-base | blockrep-tls | nbdkit-mem) fill=1 ;;
+    *) if [[ $HISTORY == filled ]]; then fill=1; fi ;;
+    esac
+    if [[ $fill == 1 ]]; then
+        [[ $name == *-tls && $HISTORY == filled ]] \
+            && die "HISTORY=filled is not supported for the TLS servers"
         nbdcopy --flush "$IMAGE" "$(uri "$name")" >>"$logf" 2>&1 \
             || die "pre-filling $name failed (log: $logf)"
-        ;;
-    esac
+        # The FLUSH made it durable; sync as well, so that what the file-backed servers
+        # wrote back is not still in flight when fio starts.
+        [[ $name == blockrep* || $name == nbdkit-mem ]] || sync -f "$WORK_IMG" 2>/dev/null || sync
+    fi
     if [[ $name == blockrep* ]]; then
         # The pre-fill sits in blockrep's WAL until a checkpoint writes it to the data file
         # (nbdkit-file did that write during its own pre-fill): wait until the WAL is empty
@@ -294,16 +323,18 @@ start_server() { # name rep
 
 fio_args() { # workload
     case $1 in
-    randwrite4k) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
-    randread4k) echo "--rw=randread --bs=4k --iodepth=32" ;;
-    seqwrite1m) echo "--rw=write --bs=1M --iodepth=8" ;;
-    fsyncwrite4k) echo "--rw=randwrite --bs=4k --iodepth=1 --fsync=1" ;;
+    randwrite4k) echo "--rw=randwrite --bs=4k --iodepth=32 --numjobs=1" ;;
+    randread4k) echo "--rw=randread --bs=4k --iodepth=32 --numjobs=1" ;;
+    seqwrite1m) echo "--rw=write --bs=1M --iodepth=8 --numjobs=1" ;;
+    fsyncwrite4k) echo "--rw=randwrite --bs=4k --iodepth=1 --fsync=1 --numjobs=1" ;;
+    fsyncwrite4k-qd32) echo "--rw=randwrite --bs=4k --iodepth=32 --fsync=1 --numjobs=1" ;;
+    multiconn4) echo "--rw=randwrite --bs=4k --iodepth=32 --numjobs=4" ;;
     esac
 }
 
 ERRORS=0
 echo "server,workload,rep,iops,mib_s,clat_p50_us,clat_p99_us,clat_p999_us,sync_p50_us,sync_p99_us,status" >"$CSV"
-log "results: $CSV, $MD; data: $DATA_DIR; $REPS reps x ${RUNTIME}s; servers: $SERVERS; workloads: $WORKLOADS"
+log "results: $CSV, $MD; data: $DATA_DIR; $REPS reps x ${RUNTIME}s; servers: $SERVERS; workloads: $WORKLOADS; history: $HISTORY"
 for rep in $(seq "$REPS"); do
     for server in $SERVERS; do
         log "rep $rep/$REPS: $server"
@@ -313,7 +344,7 @@ for rep in $(seq "$REPS"); do
             read -r -a wargs <<<"$(fio_args "$w")"
             read -r -a runner <<<"$(fio_runner "$server")"
             if "${runner[@]}" fio --name="$w" --ioengine=nbd --uri="$(fio_uri "$server")" \
-                "${wargs[@]}" --numjobs=1 --size="$SIZE_BYTES" \
+                "${wargs[@]}" --group_reporting --size="$SIZE_BYTES" \
                 --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
                 --norandommap --randrepeat=0 \
                 --output-format=json >"$json" 2>"$RUN_DIR/$server-$w-$rep.err"; then
@@ -322,7 +353,7 @@ import json, sys
 path, workload = sys.argv[1], sys.argv[2]
 with open(path) as f:
     text = f.read()
-# fio may print notes before the JSON document.
+# fio may print notes before the JSON document. --group_reporting: one entry for all jobs.
 job = json.loads(text[text.index("{"):])["jobs"][0]
 d = job["read"] if workload == "randread4k" else job["write"]
 if job.get("error"):
@@ -353,9 +384,9 @@ PY
 done
 
 # Medians and ratios.
-python3 - "$CSV" "$MD" "$REPS" "$RUNTIME" "$SERVERS" "$WORKLOADS" "$DATA_DIR" "$REFS" <<'PY'
+python3 - "$CSV" "$MD" "$REPS" "$RUNTIME" "$SERVERS" "$WORKLOADS" "$DATA_DIR" "$REFS" "$HISTORY" <<'PY'
 import csv, statistics, subprocess, sys, platform, os
-csv_path, md_path, reps, runtime, servers, workloads, data_dir, refs = sys.argv[1:]
+csv_path, md_path, reps, runtime, servers, workloads, data_dir, refs, history = sys.argv[1:]
 servers, workloads, refs = servers.split(), workloads.split(), refs.split()
 rows = list(csv.DictReader(open(csv_path)))
 
@@ -369,8 +400,11 @@ fs = cmd("sh", "-c", f"df -T {data_dir} | tail -1 | awk '{{print $1\" \"$2}}'")
 head = [
     f"# NBD peer benchmark {os.path.basename(md_path)[:-3]}",
     "",
-    f"- method: shared/design/nbd.md §6; fio --ioengine=nbd, 1 job, --time_based --runtime={runtime} "
+    f"- method: shared/design/nbd.md §6; fio --ioengine=nbd, 1 job (multiconn4: 4), --time_based --runtime={runtime} "
     f"--ramp_time=1 --norandommap --randrepeat=0; {reps} interleaved rep(s), medians",
+    f"- history: {history} ("
+    + ("file-backed servers serve a fresh copy of the image" if history == "fresh"
+       else "file-backed servers' files were filled through NBD and synced") + ")",
     f"- machine: {os.cpu_count()} cores, kernel {platform.release()}; data dir {data_dir} on {fs}",
     f"- tools: {cmd('fio', '--version')}, {cmd('nbdkit', '--version')}, {cmd('qemu-nbd', '--version')}",
     f"- blockrep: {cmd('git', 'rev-parse', '--short', 'HEAD')}"
@@ -379,10 +413,14 @@ head = [
     "",
 ]
 metric = {"randwrite4k": ("IOPS", "iops"), "randread4k": ("IOPS", "iops"),
-          "seqwrite1m": ("MiB/s", "mib_s"), "fsyncwrite4k": ("write+flush cycles/s", "iops")}
+          "seqwrite1m": ("MiB/s", "mib_s"), "fsyncwrite4k": ("write+flush cycles/s", "iops"),
+          "fsyncwrite4k-qd32": ("write+flush cycles/s", "iops"), "multiconn4": ("IOPS", "iops")}
+FLUSHING = ("fsyncwrite4k", "fsyncwrite4k-qd32")
 title = {"randwrite4k": "4 KiB random write, QD32", "randread4k": "4 KiB random read, QD32",
          "seqwrite1m": "1 MiB sequential write, QD8",
-         "fsyncwrite4k": "4 KiB random write + FLUSH after every write, QD1"}
+         "fsyncwrite4k": "4 KiB random write + FLUSH after every write, QD1",
+         "fsyncwrite4k-qd32": "4 KiB random write + FLUSH after every write, QD32",
+         "multiconn4": "4 KiB random write, 4 connections at QD32 each (sum)"}
 
 def med(vals):
     vals = [float(v) for v in vals if v not in ("", None)]
@@ -398,7 +436,7 @@ for w in workloads:
     name, key = metric[w]
     out += [f"## {title[w]} (`{w}`)", ""]
     cols = ["server", f"{name} (median)", "clat p50 µs", "p99 µs", "p99.9 µs"]
-    if w == "fsyncwrite4k":
+    if w in FLUSHING:
         cols += ["FLUSH p50 µs", "FLUSH p99 µs"]
     cols += [f"× {ref}" for ref in refs] + ["per run"]
     out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -413,7 +451,7 @@ for w in workloads:
         nd = 1 if key == "mib_s" else 0
         cells = [s, fmt(m, nd), fmt(med(r["clat_p50_us"] for r in ok)),
                  fmt(med(r["clat_p99_us"] for r in ok)), fmt(med(r["clat_p999_us"] for r in ok))]
-        if w == "fsyncwrite4k":
+        if w in FLUSHING:
             cells += [fmt(med(r["sync_p50_us"] for r in ok)), fmt(med(r["sync_p99_us"] for r in ok))]
         for ref in refs:
             r = medians.get(ref)

@@ -14,10 +14,15 @@ pub struct Reachability {
 }
 
 impl Reachability {
-    /// `what` failed with `e`. Failures that only say etcd could not be asked (or, with no
-    /// lease, could not be asked yet) are logged on the first of an outage; anything else
-    /// is news every time.
+    /// `what` failed with `e`. Failures that only say etcd could not be asked are logged on
+    /// the first of an outage; one that could not be asked *yet* (no lease: the node is
+    /// registering again on a new one, which it has said) counts within an outage and starts
+    /// none; anything else is news every time.
     pub fn failed(&mut self, what: &str, e: &EtcdError) {
+        if matches!(e, EtcdError::NoLease(_)) && self.out.is_none() {
+            tracing::debug!("{what}: {e}");
+            return;
+        }
         if !(e.is_unavailable() || matches!(e, EtcdError::NoLease(_))) {
             tracing::warn!("{what}: {e}");
             return;
@@ -72,6 +77,16 @@ mod tests {
         assert!(r.out.is_none());
         r.failed("reading the volume", &unreachable());
         assert_eq!(r.out.map(|(_, n)| n), Some(1), "a new outage counts afresh");
+    }
+
+    #[test]
+    fn waiting_for_a_new_lease_is_not_an_outage() {
+        let mut r = Reachability::default();
+        r.failed(
+            "a txn",
+            &EtcdError::NoLease("/blockrep/v/members/n1".into()),
+        );
+        assert!(r.out.is_none());
     }
 
     #[test]

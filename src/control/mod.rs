@@ -19,3 +19,4 @@ pub mod node;
 pub mod node_args;
 pub mod node_loop;
 pub mod reach;
+mod role_worker;

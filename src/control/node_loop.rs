@@ -28,13 +28,11 @@ use super::etcd::{Etcd, EtcdError, LeaseId, Watch, WatchEvent};
 use super::gate::{AckGate, OnLeaseLoss};
 use super::node::NodeRuntime;
 use super::reach::Reachability;
+use super::role_worker::{role_worker, RoleCommand};
 use crate::observe::VolumeMetrics;
 
 /// How often the loop looks at the clock and the store between etcd events.
 const TICK: Duration = Duration::from_millis(100);
-
-/// The pause before a node that could not become a replica tries again.
-const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 
 /// How often a failsafe term's confirmations are carried to its gate.
 const CONFIRM_POLL: Duration = Duration::from_millis(50);
@@ -59,23 +57,6 @@ pub struct Loop {
     pub leading: Arc<AtomicBool>,
     /// `/v1/status`'s control section.
     pub control: Arc<Mutex<ControlReport>>,
-}
-
-enum RoleCommand {
-    Follow,
-    Lead {
-        epoch: Epoch,
-        replicas: Vec<(String, String)>,
-        force: bool,
-        /// Sync-quorum's majority is taken over at least this many copies.
-        copies: usize,
-        /// A member of this in-sync set must vouch for a candidate from outside it.
-        vouchers: Vec<String>,
-        gate: Arc<AckGate>,
-    },
-    SetReplicas(Vec<(String, String)>),
-    StepDown,
-    Shutdown(oneshot::Sender<()>),
 }
 
 /// What the keep-alive task reports.
@@ -723,85 +704,5 @@ async fn keep_alive(
             }
         };
         tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
-    }
-}
-
-/// Whether the node is still not a replica after `result`, saying so once (`failed_before`:
-/// the last attempt had failed too).
-fn still_not_following(result: Result<()>, failed_before: bool) -> bool {
-    match result {
-        Ok(()) => {
-            if failed_before {
-                tracing::info!("a replica now, after all");
-            }
-            false
-        }
-        Err(e) => {
-            if !failed_before {
-                tracing::error!(
-                    "cannot become a replica: {e:#} (trying again every {FOLLOW_RETRY:?})"
-                );
-            }
-            true
-        }
-    }
-}
-
-/// Carries out role changes one at a time, each to its end. A node that could not become a
-/// replica (its `--listen` port taken) tries again every `FOLLOW_RETRY` until it can or is
-/// told otherwise, saying so once.
-async fn role_worker(
-    mut runtime: NodeRuntime,
-    mut commands: mpsc::UnboundedReceiver<RoleCommand>,
-    failed: mpsc::UnboundedSender<Epoch>,
-    primary: Arc<Mutex<Option<PrimaryHandle>>>,
-) {
-    let mut follow_failed = false;
-    loop {
-        let command = if follow_failed {
-            tokio::select! {
-                c = commands.recv() => c,
-                _ = tokio::time::sleep(FOLLOW_RETRY) => Some(RoleCommand::Follow),
-            }
-        } else {
-            commands.recv().await
-        };
-        let Some(command) = command else {
-            return;
-        };
-        match command {
-            RoleCommand::Follow => {
-                follow_failed = still_not_following(runtime.follow().await, follow_failed);
-            }
-            RoleCommand::Lead {
-                epoch,
-                replicas,
-                force,
-                copies,
-                vouchers,
-                gate,
-            } => {
-                follow_failed = false;
-                let led = runtime.lead(epoch, &replicas, force, copies, &vouchers, gate);
-                if let Err(e) = led.await {
-                    tracing::error!("cannot lead at epoch {epoch}: {e:#}");
-                    let _ = failed.send(epoch);
-                    follow_failed = still_not_following(runtime.follow().await, false);
-                }
-            }
-            RoleCommand::SetReplicas(replicas) => runtime.set_replicas(&replicas).await,
-            RoleCommand::StepDown => {
-                runtime.step_down().await;
-                follow_failed = still_not_following(runtime.follow().await, false);
-            }
-            RoleCommand::Shutdown(done) => {
-                runtime.shutdown().await;
-                *primary.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                let _ = done.send(());
-                return;
-            }
-        }
-        *primary.lock().unwrap_or_else(|p| p.into_inner()) = runtime.replication();
-        tracing::debug!(role = runtime.role().label(), "role applied");
     }
 }

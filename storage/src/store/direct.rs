@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::aligned::{open_direct, AlignedBuf};
 use super::files::zero_data_range;
 use super::reserved::ReservedBlocks;
 use crate::dirty::{BlockState, DirtyMap};
@@ -20,33 +21,20 @@ const MAX_IOVECS: usize = 1024;
 /// so a copy into it is cheap, unlike the fresh page-cache pages a buffered write fills.
 pub(crate) struct DirectWriter {
     file: std::fs::File,
-    buf: Vec<u8>,
-    /// Offset of the first `DIRECT_ALIGN`-aligned byte of `buf`.
-    start: usize,
+    buf: AlignedBuf,
     /// A write went through once: later errors are real errors, not "unsupported".
     pub(super) wrote: bool,
 }
 
-const DIRECT_ALIGN: usize = 4096;
 const DIRECT_BUF: usize = 4 << 20;
 /// Shorter runs are written through the page cache.
 const DIRECT_MIN: usize = 256 << 10;
 
 impl DirectWriter {
     pub(super) fn open(path: &Path) -> Option<DirectWriter> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::File::options()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| tracing::debug!("no direct I/O on {}: {e}", path.display()))
-            .ok()?;
-        let buf = vec![0u8; DIRECT_BUF + DIRECT_ALIGN];
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        (start < DIRECT_ALIGN).then_some(DirectWriter {
-            file,
-            buf,
-            start,
+        Some(DirectWriter {
+            file: open_direct(path)?,
+            buf: AlignedBuf::new(DIRECT_BUF)?,
             wrote: false,
         })
     }
@@ -107,8 +95,7 @@ impl DirectWriter {
             let mut src: &[u8] = b;
             while !src.is_empty() {
                 let n = src.len().min(DIRECT_BUF - fill);
-                let dst = self.start + fill;
-                self.buf[dst..dst + n].copy_from_slice(&src[..n]);
+                self.buf[fill..fill + n].copy_from_slice(&src[..n]);
                 fill += n;
                 src = &src[n..];
                 if fill == DIRECT_BUF {
@@ -127,8 +114,7 @@ impl DirectWriter {
     fn flush(&mut self, at: u64, len: usize) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         // Data extents are whole blocks, so `len` and `at` are multiples of 4096.
-        self.file
-            .write_all_at(&self.buf[self.start..self.start + len], at)?;
+        self.file.write_all_at(&self.buf[..len], at)?;
         self.wrote = true;
         Ok(())
     }

@@ -11,8 +11,10 @@
 //! who calls it: `lifecycle` (create, open and recovery, close), `data_path` (the client's
 //! reads and writes), `primary` (what replication ships from) and `replica` (what it applies
 //! on a follower). Below them: `shared` and `core` (the state), `wal_writer` and `flusher`
-//! (the threads), `direct`, `files` and `reserved` (file helpers).
+//! (the threads), `direct`, `wal_direct` and `aligned` (O_DIRECT), `files` and `reserved`
+//! (file helpers).
 
+mod aligned;
 mod core;
 mod data_path;
 mod direct;

@@ -24,9 +24,11 @@ use std::path::Path;
 
 use bytes::Bytes;
 
+use super::aligned::{open_direct, AlignedBuf};
+
 /// With less free ring space than this after a record, a direct write keeps the bytes after
 /// it instead of padding with zeroes. Also the largest direct-I/O alignment this writer takes.
-pub(crate) const WAL_SLACK: u64 = 4096;
+pub(crate) const WAL_SLACK: u64 = super::aligned::DIRECT_ALIGN as u64;
 /// The aligned buffer: larger writes go out in pieces of this size.
 const CHUNK: usize = 4 << 20;
 
@@ -34,13 +36,9 @@ const CHUNK: usize = 4 << 20;
 pub(crate) struct DirectWal {
     file: File,
     align: usize,
-    buf: Vec<u8>,
-    /// Offset of the first 4096-aligned byte of `buf`.
-    start: usize,
+    buf: AlignedBuf,
     /// One aligned block, for the bytes a write keeps after its end.
-    block: Vec<u8>,
-    /// Offset of the first 4096-aligned byte of `block`.
-    block_start: usize,
+    block: AlignedBuf,
     /// The last write's final partial block: its file offset and the bytes written into it.
     /// The next write, which starts right there, begins with them.
     tail: Option<(u64, Vec<u8>)>,
@@ -51,7 +49,6 @@ pub(crate) struct DirectWal {
 impl DirectWal {
     /// Opens `path` for direct writes, or `None` where the filesystem cannot take them.
     pub(super) fn open(path: &Path) -> Option<DirectWal> {
-        use std::os::unix::fs::OpenOptionsExt;
         let align = match dio_alignment(path) {
             Some(0) => return None,
             Some(a) => a,
@@ -62,24 +59,11 @@ impl DirectWal {
         if align > WAL_SLACK as usize || !align.is_power_of_two() {
             return None;
         }
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| tracing::debug!("no direct I/O on {}: {e}", path.display()))
-            .ok()?;
-        let buf = vec![0u8; CHUNK + WAL_SLACK as usize];
-        let start = buf.as_ptr().align_offset(WAL_SLACK as usize);
-        let block = vec![0u8; 2 * WAL_SLACK as usize];
-        let block_start = block.as_ptr().align_offset(WAL_SLACK as usize);
-        (start < WAL_SLACK as usize && block_start < WAL_SLACK as usize).then_some(DirectWal {
-            file,
+        Some(DirectWal {
+            file: open_direct(path)?,
             align,
-            buf,
-            start,
-            block,
-            block_start,
+            buf: AlignedBuf::new(CHUNK)?,
+            block: AlignedBuf::new(WAL_SLACK as usize)?,
             tail: None,
             wrote: false,
         })
@@ -118,8 +102,7 @@ impl DirectWal {
             let mut src: &[u8] = b;
             while !src.is_empty() {
                 let n = src.len().min(CHUNK - *fill);
-                let dst = self.start + *fill;
-                self.buf[dst..dst + n].copy_from_slice(&src[..n]);
+                self.buf[*fill..*fill + n].copy_from_slice(&src[..n]);
                 *fill += n;
                 src = &src[n..];
                 if *fill == CHUNK {
@@ -134,20 +117,19 @@ impl DirectWal {
         self.tail = None;
         if partial > 0 {
             let len = whole + self.align;
-            let after = self.start + *fill..self.start + len;
+            let after = *fill..len;
             if keep_after {
-                let (b, a) = (self.block_start, self.align);
+                let a = self.align;
                 let last = *block_at + whole as u64;
-                self.file.read_exact_at(&mut self.block[b..b + a], last)?;
-                self.buf[after].copy_from_slice(&self.block[b + partial..b + a]);
+                self.file.read_exact_at(&mut self.block[..a], last)?;
+                self.buf[after].copy_from_slice(&self.block[partial..a]);
             } else {
                 self.buf[after].fill(0);
             }
             self.put(*block_at, len)?;
-            let kept = self.start + whole;
             self.tail = Some((
                 *block_at + whole as u64,
-                self.buf[kept..kept + partial].to_vec(),
+                self.buf[whole..whole + partial].to_vec(),
             ));
         } else if whole > 0 {
             self.put(*block_at, whole)?;
@@ -188,22 +170,20 @@ impl DirectWal {
     /// Puts the first `len` bytes of the aligned block at `block_at` at the front of the buffer:
     /// from the last write's tail when the new write continues it, else from the file.
     fn load_prefix(&mut self, block_at: u64, len: usize) -> io::Result<()> {
-        let s = self.start;
         match &self.tail {
             Some((t, bytes)) if *t == block_at && bytes.len() == len => {
-                self.buf[s..s + len].copy_from_slice(bytes);
+                self.buf[..len].copy_from_slice(bytes);
             }
             _ => {
                 let a = self.align;
-                self.file.read_exact_at(&mut self.buf[s..s + a], block_at)?;
+                self.file.read_exact_at(&mut self.buf[..a], block_at)?;
             }
         }
         Ok(())
     }
 
     fn put(&mut self, at: u64, len: usize) -> io::Result<()> {
-        self.file
-            .write_all_at(&self.buf[self.start..self.start + len], at)?;
+        self.file.write_all_at(&self.buf[..len], at)?;
         self.wrote = true;
         Ok(())
     }
@@ -273,6 +253,20 @@ mod tests {
         }
     }
 
+    /// A directory with an empty file `wal` in it, open for buffered reads and writes.
+    fn scratch_wal() -> (tempfile::TempDir, std::path::PathBuf, File) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create");
+        (dir, path, file)
+    }
+
     fn pattern(seed: u8, n: usize) -> Bytes {
         Bytes::from(
             (0..n)
@@ -283,15 +277,7 @@ mod tests {
 
     #[test]
     fn a_direct_write_told_to_keep_what_follows_it_changes_no_byte_past_its_end() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("wal");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("create");
+        let (dir, path, file) = scratch_wal();
         let before = pattern(200, 1 << 16);
         file.write_all_at(&before, 0).expect("fill");
         let Some(mut dw) = DirectWal::open(&path) else {
@@ -315,15 +301,7 @@ mod tests {
     #[test]
     fn a_direct_write_keeps_the_bytes_before_it_and_pads_only_after_it_even_after_buffered_writes()
     {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("wal");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("create");
+        let (dir, path, file) = scratch_wal();
         file.set_len(8 << 20).expect("size");
         let Some(mut dw) = DirectWal::open(&path) else {
             // Only on a filesystem without direct I/O; the writer then uses the page cache.

@@ -311,13 +311,12 @@ impl State {
             }
             Action::StepDown { reason } => self.step_down(reason),
             Action::Misconfigured { differences } => {
-                let listed: Vec<String> = differences.iter().map(|d| d.to_string()).collect();
                 self.misconfigured = Some(format!(
                     "the volume at {} in etcd was created with other settings than this \
                      node's: {}. Start every node of a volume with the settings the volume was \
                      created with (docs/OPERATIONS.md, \"Changing a volume's settings\")",
                     self.node.keys.config(),
-                    listed.join("; ")
+                    blockrep_control::controller::describe(&differences)
                 ));
             }
         }

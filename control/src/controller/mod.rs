@@ -698,7 +698,7 @@ mod loss;
 mod restore;
 mod settings;
 
-pub use settings::{differences, SettingDifference};
+pub use settings::{describe, differences, SettingDifference};
 
 pub use loss::LossWindow;
 #[cfg(test)]

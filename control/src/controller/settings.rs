@@ -28,6 +28,12 @@ impl fmt::Display for SettingDifference {
     }
 }
 
+/// `differences` as one line, `; ` between them.
+pub fn describe(differences: &[SettingDifference]) -> String {
+    let listed: Vec<String> = differences.iter().map(|d| d.to_string()).collect();
+    listed.join("; ")
+}
+
 /// The settings a node creating a volume records for it.
 pub(super) fn volume_config(cfg: &NodeConfig) -> VolumeConfig {
     VolumeConfig {

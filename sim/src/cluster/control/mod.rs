@@ -506,8 +506,8 @@ impl Cluster {
             // out and the liveness check would say so.
             Action::Misconfigured { differences } => {
                 let name = self.nodes[n].name.clone();
-                let listed: Vec<String> = differences.iter().map(|d| d.to_string()).collect();
-                self.log(format!("etcd: {name} sits out: {}", listed.join("; ")));
+                let listed = blockrep_control::controller::describe(&differences);
+                self.log(format!("etcd: {name} sits out: {listed}"));
             }
         }
     }

@@ -49,3 +49,10 @@ pub(super) fn open_direct(path: &Path) -> Option<File> {
         .map_err(|e| tracing::debug!("no direct I/O on {}: {e}", path.display()))
         .ok()
 }
+
+/// Whether `e` from a direct write says only that this filesystem opens O_DIRECT but refuses
+/// the writes (EINVAL before any went through): the writer then uses the page cache for good,
+/// and writing the same bytes there again is harmless. After a first success it is a real error.
+pub(super) fn refused_here(e: &std::io::Error, wrote_before: bool) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL) && !wrote_before
+}

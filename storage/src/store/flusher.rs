@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::aligned::refused_here;
 use super::core::Core;
 use super::direct::DirectWriter;
 use super::files::zero_data_range;
@@ -332,9 +333,7 @@ impl Shared {
             frozen,
         ) {
             Ok(()) => Ok(true),
-            // Some filesystems open O_DIRECT but refuse the writes: fall back for good (the
-            // range is written again through the page cache, which is harmless).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !w.wrote => {
+            Err(e) if refused_here(&e, w.wrote) => {
                 tracing::debug!("direct I/O refused on {}: {e}", self.data_path.display());
                 *writer = None;
                 Ok(false)

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::aligned::refused_here;
 use super::shared::Shared;
 use super::wal_direct::DirectWal;
 use crate::types::Lsn;
@@ -148,9 +149,7 @@ fn write_run(
     }
     if let Some(d) = direct {
         match d.write(at, bufs, keep_after) {
-            // Some filesystems open O_DIRECT but refuse the writes: use the page cache for
-            // good (rewriting the run there is harmless).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !d.wrote => {
+            Err(e) if refused_here(&e, d.wrote) => {
                 tracing::debug!("direct I/O refused on {}: {e}", shared.wal_path.display());
                 *direct = None;
             }

@@ -27,4 +27,4 @@ pub use store::{
 pub use superblock::{epoch_at, Role, Superblock};
 pub use types::{Epoch, Lsn, RebuildCursor, VolumeId, WalPos, BLOCK_SIZE};
 pub use wal::record::{RecordKind, WalRecord};
-pub use wal::ReplayOutcome;
+pub use wal::{ReplayOutcome, MAX_ENTRY_PAYLOAD};

@@ -15,7 +15,9 @@
 //! (The simulator hands the core frames it never encodes, with payloads abbreviated to a token
 //! per block, so the payload length is the decoder's to check.)
 
-use blockrep_storage::{Epoch, Lsn, RebuildCursor, RecordKind, WalRecord, BLOCK_SIZE};
+use blockrep_storage::{
+    Epoch, Lsn, RebuildCursor, RecordKind, WalRecord, BLOCK_SIZE, MAX_ENTRY_PAYLOAD,
+};
 
 /// Why an entry (or a base chunk) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,6 +28,8 @@ pub enum EntryError {
     OutOfRange { offset: u64, length: u64, size: u64 },
     #[error("a write of {length} bytes carries {payload} payload bytes")]
     PayloadLength { length: u64, payload: u64 },
+    #[error("a write entry of {0} bytes is larger than the {MAX_ENTRY_PAYLOAD} bytes any store's WAL must take")]
+    TooLarge(u64),
     #[error("a {kind} entry carries {payload} payload bytes (it must carry none)")]
     UnexpectedPayload { kind: &'static str, payload: u64 },
     #[error("an epoch-start entry covers {offset}+{length} (it must cover nothing)")]
@@ -87,8 +91,9 @@ pub fn check_range(offset: u64, length: u64, size: u64) -> Result<(), EntryError
     }
 }
 
-/// The entry's payload fits its kind: a write's is exactly its length, nothing else carries
-/// one, an epoch start covers nothing, and a wrap marker (the ring's, never the stream's) is
+/// The entry's payload fits its kind: a write's is exactly its length and at most
+/// [`MAX_ENTRY_PAYLOAD`] (a larger one could never fit a replica with the smallest WAL: its
+/// log would stop there), nothing else carries one, an epoch start covers nothing, and a wrap marker (the ring's, never the stream's) is
 /// not an entry at all.
 pub fn check_payload(record: &WalRecord) -> Result<(), EntryError> {
     let payload = record.payload.len() as u64;
@@ -96,6 +101,9 @@ pub fn check_payload(record: &WalRecord) -> Result<(), EntryError> {
     let kind = match record.kind {
         RecordKind::Write if payload != length => {
             return Err(EntryError::PayloadLength { length, payload })
+        }
+        RecordKind::Write if length > MAX_ENTRY_PAYLOAD => {
+            return Err(EntryError::TooLarge(length))
         }
         RecordKind::Write => return Ok(()),
         RecordKind::Wrap => return Err(EntryError::WrapMarker),
@@ -209,6 +217,18 @@ mod tests {
             })
         );
         assert_eq!(check_entry(&write(0, 8192, 8192), MIB, Epoch(1)), Ok(()));
+    }
+
+    #[test]
+    fn a_write_entry_larger_than_the_smallest_wal_takes_is_invalid() {
+        let max = MAX_ENTRY_PAYLOAD;
+        let at_most = write(0, max, max as usize);
+        assert_eq!(check_entry(&at_most, 64 * MIB, Epoch(1)), Ok(()));
+        let over = write(0, max + 4096, (max + 4096) as usize);
+        assert_eq!(
+            check_entry(&over, 64 * MIB, Epoch(1)),
+            Err(EntryError::TooLarge(max + 4096))
+        );
     }
 
     #[test]

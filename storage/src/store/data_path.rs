@@ -97,17 +97,17 @@ impl Store {
     /// Writes `data` at `offset` (any alignment). Returns the last entry's LSN. With `fua`,
     /// returns only once it is durable.
     ///
-    /// A write longer than a quarter of the WAL becomes several entries, each of whole
-    /// blocks but the edges: an entry that must wrap needs its own size plus what was left of
-    /// the lap, and two halves of the ring may never be free at once (the contract promises
-    /// each block of an unflushed write old or new after a crash, not the whole write).
+    /// A write longer than [`MAX_ENTRY_PAYLOAD`](crate::wal::MAX_ENTRY_PAYLOAD) becomes
+    /// several entries, each of whole blocks but the edges (the contract promises each block
+    /// of an unflushed write old or new after a crash, not the whole write).
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<Lsn> {
         let len = data.len() as u64;
         self.check_request(offset, len)?;
         if len == 0 {
             return self.current_lsn(fua).await;
         }
-        let most = (self.shared.layout.capacity / 4 / BLOCK_SIZE).max(1) * BLOCK_SIZE;
+        let most = crate::wal::MAX_ENTRY_PAYLOAD;
+        debug_assert!(most <= self.shared.layout.capacity / 4 && most.is_multiple_of(BLOCK_SIZE));
         let mut lsn = Lsn::ZERO;
         let mut done = 0u64;
         while done < len {
@@ -124,7 +124,8 @@ impl Store {
         Ok(lsn)
     }
 
-    /// One entry of [`Store::write`]: `data` at `offset`, at most a quarter of the WAL.
+    /// One entry of [`Store::write`]: `data` at `offset`, at most
+    /// [`MAX_ENTRY_PAYLOAD`](crate::wal::MAX_ENTRY_PAYLOAD).
     async fn write_entry(&self, offset: u64, data: &[u8]) -> Result<Lsn> {
         let len = data.len() as u64;
         let first = offset / BLOCK_SIZE;

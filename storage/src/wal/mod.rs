@@ -23,8 +23,17 @@ const WAL_MAGIC: &[u8; 8] = b"BLKREPWL";
 const WAL_VERSION: u32 = 1;
 /// Records start on this alignment, which is also the step of the defensive scan.
 pub(crate) const RECORD_ALIGN: u64 = HEADER_LEN as u64;
-/// The smallest ring that holds one maximum-size write (32 MiB) plus slack.
+/// The smallest ring a store may have.
 pub const MIN_WAL_CAPACITY: u64 = 64 << 20;
+/// The most payload one write entry carries: a quarter of the smallest ring, whatever the
+/// writing store's own ring is.
+///
+/// Why a quarter: an entry that must wrap needs its own size plus what is left of the lap,
+/// so in a ring four times its size it always fits once the ring has drained. Why of the
+/// smallest ring: a replica appends the primary's entries as they are (it cannot split one
+/// without renumbering the log), so an entry sized by a larger WAL could never fit a
+/// replica with a smaller one, and its log would stop there for good.
+pub const MAX_ENTRY_PAYLOAD: u64 = MIN_WAL_CAPACITY / 4;
 
 /// Maps logical WAL positions to file offsets.
 #[derive(Debug, Clone, Copy)]

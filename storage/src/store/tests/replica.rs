@@ -402,3 +402,80 @@ fn a_primary_resumes_a_base_only_with_its_wal_and_a_data_file_as_new() {
         Err(crate::ResumeRefusal::WalRecycled)
     );
 }
+
+/// A replica with the smallest WAL takes every entry of a primary with a larger one, its
+/// head first exactly half-way round: before entries were sized by the smallest WAL, the
+/// primary's 256 MiB ring made one 32 MiB entry of a 32 MiB write, which needs the 32 MiB
+/// left of the replica's lap plus its own 32 MiB and 64 bytes, and the replica's log stopped.
+#[test]
+fn a_replica_with_the_smallest_wal_takes_the_entries_of_a_larger_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let size = 160 * MIB;
+    let primary_path = create(tmp.path(), size, 4 * crate::wal::MIN_WAL_CAPACITY);
+    let replica_path = tmp.path().join("replica");
+    let primary = open(&primary_path);
+    Store::create(
+        &replica_path,
+        &CreateOptions {
+            size,
+            wal_capacity: crate::wal::MIN_WAL_CAPACITY,
+            volume_id: Some(primary.volume_id()),
+        },
+    )
+    .unwrap();
+    let replica = open(&replica_path);
+    let epoch = primary.begin_epoch(None).unwrap();
+    replica.adopt_epoch(epoch, primary.store_id()).unwrap();
+    let mut tap = primary.subscribe();
+    let data = pattern(7, 32 << 20);
+    rt.block_on(async {
+        // The same prefix as `writes_of_the_largest_size_go_through_a_wal_of_the_smallest_size`:
+        // 32 MiB of payload and headers, which put the replica's head half-way round.
+        for i in 0..62u64 {
+            primary
+                .write(i * 4096, &pattern(1, 4096), false)
+                .await
+                .unwrap();
+        }
+        primary.write(MIB, &data[..16 << 20], false).await.unwrap();
+        let rest = (8191 - 62 - 4096) * 4096;
+        primary.write(17 * MIB, &data[..rest], false).await.unwrap();
+        for i in 0..4u64 {
+            primary.write(i * (32 << 20), &data, false).await.unwrap();
+        }
+        let mut halfway = None;
+        while let Ok(rec) = tap.try_recv() {
+            assert!(
+                rec.payload.len() as u64 <= crate::wal::MAX_ENTRY_PAYLOAD,
+                "entry {} carries {} bytes",
+                rec.lsn,
+                rec.payload.len()
+            );
+            let lsn = rec.lsn;
+            tokio::time::timeout(
+                std::time::Duration::from_secs(60),
+                replica.append_replicated(rec),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("entry {lsn} never fitted the replica's WAL"))
+            .unwrap();
+            if lsn == Lsn(64) {
+                halfway = Some(replica.shared.lock_core().log.head.0);
+            }
+        }
+        let capacity = crate::wal::MIN_WAL_CAPACITY;
+        assert_eq!(
+            halfway,
+            Some(capacity / 2),
+            "the replica's head was half-way round"
+        );
+        replica.flush().await.unwrap();
+        assert_eq!(replica.head(), primary.head());
+        for at in (0..128 * MIB).step_by(32 << 20) {
+            let a = primary.read_contiguous(at, 32 * MIB).await.unwrap();
+            let b = replica.read_contiguous(at, 32 * MIB).await.unwrap();
+            assert!(a == b, "the replica's copy differs at {at}");
+        }
+    });
+}

@@ -250,6 +250,12 @@ impl BlockVolume for StoreVolume {
         self.admit().await
     }
 
+    /// The gate again, as the reply goes to the socket: a reply admitted before the deadline
+    /// that waited past it (the process was paused) is not sent.
+    fn may_acknowledge(&self) -> bool {
+        self.gate.as_ref().is_none_or(|gate| gate.holds())
+    }
+
     async fn block_status(&self, offset: u64, len: u64) -> VolumeResult<Vec<Extent>> {
         self.admit().await?;
         let extents = self.store.block_status(offset, len).map_err(volume_error)?;

@@ -94,7 +94,7 @@ pub(crate) async fn serve<R, W, V>(
     });
     let budget = bounds.budget.connection();
     let (tx, rx) = mpsc::unbounded_channel::<(Reply, Units)>();
-    let mut writer_task = tokio::spawn(write_replies(writer, rx));
+    let mut writer_task = tokio::spawn(write_replies(writer, rx, ctx.volume.clone()));
     let mut intake = Intake::new(reader);
     let end = read_requests(
         &ctx,
@@ -161,6 +161,7 @@ where
         let next = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return End::Shutdown,
+            _ = tx.closed() => return End::Broken("no more replies can be sent".into()),
             after = idle(budget, idle_timeout, last_request) => return End::Idle(after),
             next = intake.next(budget) => next,
         };
@@ -229,28 +230,56 @@ where
     }
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(
+/// Writes replies as they come, batching what is ready into one flush. A success reply
+/// leaves only while the volume [`may_acknowledge`](BlockVolume::may_acknowledge), asked
+/// again just before the bytes go to the socket; when it may not, the replies not yet sent
+/// are dropped with the connection, so the client resends them to whoever serves next.
+async fn write_replies<W, V>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<(Reply, Units)>,
-) {
+    volume: Arc<V>,
+) where
+    W: AsyncWrite + Unpin,
+    V: BlockVolume,
+{
     let mut w = BufWriter::with_capacity(256 << 10, writer);
-    while let Some((reply, units)) = rx.recv().await {
-        if write_reply(&mut w, reply).await.is_err() {
-            return;
+    let may_send = |acknowledges: bool| {
+        let may = !acknowledges || volume.may_acknowledge();
+        if !may {
+            tracing::warn!(
+                "dropping the connection: the volume no longer acknowledges, so replies it \
+                 answered in time but had not sent yet are not sent"
+            );
         }
-        drop(units);
+        may
+    };
+    while let Some((reply, units)) = rx.recv().await {
         // Batch whatever else is ready before paying for a flush.
-        while let Ok((reply, units)) = rx.try_recv() {
+        let mut batch = Some((reply, units));
+        let mut acknowledges = false;
+        while let Some((reply, units)) = batch.take().or_else(|| rx.try_recv().ok()) {
+            acknowledges |= reply.acknowledges;
+            if !may_send(reply.acknowledges) {
+                return close_unsent(w).await;
+            }
             if write_reply(&mut w, reply).await.is_err() {
                 return;
             }
             drop(units);
+        }
+        if !may_send(acknowledges) {
+            return close_unsent(w).await;
         }
         if w.flush().await.is_err() {
             return;
         }
     }
     let _ = w.shutdown().await;
+}
+
+/// Closes the connection's sending side without what is still buffered.
+async fn close_unsent<W: AsyncWrite + Unpin>(w: BufWriter<W>) {
+    let _ = w.into_inner().shutdown().await;
 }
 
 async fn write_reply<W: AsyncWrite + Unpin>(
@@ -308,7 +337,7 @@ async fn handle<V: BlockVolume>(
     ctx.observer
         .request(&ctx.export, op, bytes, started.elapsed(), result.is_ok());
     match result {
-        Ok(reply) => reply,
+        Ok(reply) => reply.acknowledging(),
         Err(failure) => {
             tracing::debug!(
                 cmd = header.cmd,
@@ -528,6 +557,106 @@ mod tests {
                 (5, 0, None),
             ]
         );
+    }
+
+    /// [`Zeroes`] whose acknowledgements can be switched off, as a lease running out does.
+    struct Revocable {
+        may: std::sync::atomic::AtomicBool,
+    }
+
+    impl BlockVolume for Revocable {
+        fn size(&self) -> u64 {
+            Zeroes.size()
+        }
+        async fn read(&self, o: u64, len: u32) -> VolumeResult<Vec<ReadChunk>> {
+            Zeroes.read(o, len).await
+        }
+        async fn write(&self, o: u64, d: Bytes, fua: bool) -> VolumeResult<()> {
+            Zeroes.write(o, d, fua).await
+        }
+        async fn write_zeroes(
+            &self,
+            o: u64,
+            l: u64,
+            t: bool,
+            f: bool,
+            fua: bool,
+        ) -> VolumeResult<()> {
+            Zeroes.write_zeroes(o, l, t, f, fua).await
+        }
+        async fn trim(&self, o: u64, l: u64, fua: bool) -> VolumeResult<()> {
+            Zeroes.trim(o, l, fua).await
+        }
+        async fn flush(&self) -> VolumeResult<()> {
+            Zeroes.flush().await
+        }
+        fn may_acknowledge(&self) -> bool {
+            self.may.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        async fn block_status(&self, o: u64, l: u64) -> VolumeResult<Vec<Extent>> {
+            Zeroes.block_status(o, l).await
+        }
+    }
+
+    /// Invariant: no success reply reaches the socket while the volume may not acknowledge;
+    /// error replies still do, and the connection ends at the first success it holds back.
+    #[tokio::test]
+    async fn no_success_reply_leaves_once_the_volume_may_not_acknowledge() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(server);
+        let volume = Arc::new(Revocable { may: true.into() });
+        let neg = Negotiated {
+            volume: volume.clone(),
+            export: "t".into(),
+            structured: false,
+            base_allocation: false,
+        };
+        let served = tokio::spawn(async move {
+            let bounds = Bounds {
+                budget: Budget::new(crate::budget::DEFAULT_MEMORY_BUDGET),
+                idle_timeout: None,
+                shutdown_grace: SHUTDOWN_GRACE,
+            };
+            let token = CancellationToken::new();
+            serve(r, w, neg, token, Arc::new(NoObserver), &bounds, "test").await;
+        });
+        let send = |req: Request| {
+            let mut wire = BytesMut::new();
+            encode_request(&req, &mut wire);
+            wire
+        };
+        client
+            .write_all(&send(Request::sample(CMD_FLUSH, 0, 1, 0, 0)))
+            .await
+            .unwrap();
+        let mut first = [0u8; 16];
+        client.read_exact(&mut first).await.unwrap();
+        assert_eq!(replies(&first), vec![(1, 0, None)]);
+
+        volume.may.store(false, std::sync::atomic::Ordering::SeqCst);
+        client
+            .write_all(&send(Request::sample(CMD_READ, 0, 2, 8192, 1)))
+            .await
+            .unwrap();
+        let mut refused = [0u8; 16];
+        client.read_exact(&mut refused).await.unwrap();
+        assert_eq!(replies(&refused), vec![(2, EINVAL, None)]);
+        client
+            .write_all(&send(Request::sample(CMD_WRITE, 0, 3, 0, 512)))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut rest))
+            .await
+            .expect("the connection did not end at the held-back reply")
+            .unwrap();
+        assert_eq!(replies(&rest), vec![], "a success left while it may not");
+        // The server may wait for the client's end before it finishes.
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(30), served)
+            .await
+            .expect("the connection's server did not end")
+            .unwrap();
     }
 
     #[test]

@@ -21,9 +21,18 @@ fn zeroes(mut n: u64, parts: &mut Vec<Bytes>) {
 #[derive(Debug, Default)]
 pub(crate) struct Reply {
     pub parts: Vec<Bytes>,
+    /// A success: it acknowledges the request, so it leaves only while the volume
+    /// [`may_acknowledge`](crate::BlockVolume::may_acknowledge). Errors acknowledge nothing.
+    pub acknowledges: bool,
 }
 
 impl Reply {
+    /// Marks a success reply (see [`Reply::acknowledges`]).
+    pub fn acknowledging(mut self) -> Reply {
+        self.acknowledges = true;
+        self
+    }
+
     pub fn simple(cookie: u64, error: u32) -> Reply {
         let mut h = BytesMut::with_capacity(16);
         h.put_u32(SIMPLE_REPLY_MAGIC);
@@ -31,6 +40,7 @@ impl Reply {
         h.put_u64(cookie);
         Reply {
             parts: vec![h.freeze()],
+            acknowledges: false,
         }
     }
 
@@ -71,7 +81,10 @@ impl Reply {
         let total: u64 = chunks.iter().map(|c| c.len()).sum();
         if total == 0 {
             Self::chunk_header(&mut parts, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0, &[]);
-            return Reply { parts };
+            return Reply {
+                parts,
+                acknowledges: false,
+            };
         }
         if df {
             let len = 8 + total as u32;
@@ -89,7 +102,10 @@ impl Reply {
                     ReadChunk::Zeroes(n) => zeroes(n, &mut parts),
                 }
             }
-            return Reply { parts };
+            return Reply {
+                parts,
+                acknowledges: false,
+            };
         }
         // Group into runs of data and runs of zeroes.
         let mut at = offset;
@@ -134,7 +150,10 @@ impl Reply {
             at += run_len;
             i = j;
         }
-        Reply { parts }
+        Reply {
+            parts,
+            acknowledges: false,
+        }
     }
 
     /// A structured error chunk (the only way to fail a structured READ).
@@ -153,7 +172,10 @@ impl Reply {
             extra.len() as u32,
             &extra,
         );
-        Reply { parts }
+        Reply {
+            parts,
+            acknowledges: false,
+        }
     }
 
     /// A BLOCK_STATUS reply for one context: (length, flags) descriptors.
@@ -173,7 +195,10 @@ impl Reply {
             extra.len() as u32,
             &extra,
         );
-        Reply { parts }
+        Reply {
+            parts,
+            acknowledges: false,
+        }
     }
 }
 

@@ -108,6 +108,15 @@ pub trait BlockVolume: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// Whether a success reply may still leave now. The server asks just before it hands
+    /// replies to the socket and drops the connection instead of sending one when this says
+    /// no: a reply the volume answered in time but that waited (a paused process, a client
+    /// slow to read) must not reach the client after the volume stopped acknowledging, for
+    /// example after its lease ran out. The default always may.
+    fn may_acknowledge(&self) -> bool {
+        true
+    }
+
     /// Allocation of the range starting at `offset`; may cover less than `len` (never
     /// nothing), or run past it.
     fn block_status(

@@ -67,6 +67,8 @@ enum End {
     Shutdown,
     Idle(Duration),
     Broken(String),
+    /// The writer stopped (the socket failed, or it held back a reply; it said why).
+    WriterGone,
 }
 
 pub(crate) async fn serve<R, W, V>(
@@ -161,7 +163,7 @@ where
         let next = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return End::Shutdown,
-            _ = tx.closed() => return End::Broken("no more replies can be sent".into()),
+            _ = tx.closed() => return End::WriterGone,
             after = idle(budget, idle_timeout, last_request) => return End::Idle(after),
             next = intake.next(budget) => next,
         };

@@ -4,7 +4,10 @@
 //! keep-alive etcd answered, minus the margin) into an [`AckGate`]; [`StoreVolume`] asks it
 //! before every acknowledgement: a write, a FUA, a FLUSH, a TRIM, a WRITE_ZEROES, and a read
 //! reply too, because a read answered after another node may have taken over could return
-//! data older than a write that node has already acknowledged (linearizability).
+//! data older than a write that node has already acknowledged (linearizability). The NBD
+//! server asks once more ([`AckGate::holds`], through `BlockVolume::may_acknowledge`) just
+//! before a reply goes to the socket, so one admitted in time that then waited (the process
+//! was paused) is dropped with its connection instead of sent late.
 //!
 //! The deadline is an `AtomicU64` of milliseconds since the gate's own `Instant`, so the
 //! check on the request path is one load and one clock read; the controller loop uses the

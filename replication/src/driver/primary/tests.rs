@@ -55,17 +55,7 @@ impl tokio::io::AsyncWrite for Trickle {
 fn no_shipped_frame_outgrows_what_a_replica_accepts() {
     // The largest entry a store writes, alone and back to back.
     let max = blockrep_storage::MAX_ENTRY_PAYLOAD as usize;
-    let sizes = [
-        4096,
-        max,
-        4096,
-        4096,
-        max,
-        max,
-        512,
-        1 << 20,
-        4096,
-    ];
+    let sizes = [4096, max, 4096, 4096, max, max, 512, 1 << 20, 4096];
     let records: Vec<WalRecord> = sizes
         .iter()
         .enumerate()

@@ -12,6 +12,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
+use common::admin::Scrape;
 use common::client::{assert_ok, data, Data};
 use common::tmpfs::{Ballast, Tmpfs};
 use common::*;
@@ -94,8 +95,12 @@ impl Setup {
         args.push("--replica".into());
         args.push(format!("r1={}", replica.addr()).into());
         args.extend(extra.iter().map(OsString::from));
+        let metrics = free_port();
+        args.push("--metrics".into());
+        args.push(format!("127.0.0.1:{metrics}").into());
         let primary = Node::builder("p", &p_store, port, args)
             .log(dir.path().join("p.log"))
+            .ready(Ready::Readyz(metrics))
             .start();
         Setup {
             dir,
@@ -176,6 +181,14 @@ impl Setup {
     }
 }
 
+/// How often the primary's log said that r1 refused for a full filesystem.
+fn primary_full_lines(p: &Node) -> usize {
+    p.log()
+        .lines()
+        .filter(|l| l.contains("replica=r1") && l.contains("NoSpace"))
+        .count()
+}
+
 /// Waits for the primary's log to say r1 entered `state`, past `from`.
 fn wait_state(p: &Node, from: usize, state: &str, secs: u64) -> String {
     let s = format!("state=\"{state}\"");
@@ -199,9 +212,28 @@ fn a_full_replica_under_sync_all_fails_flushes_with_enospc_and_is_caught_up_once
     assert!(s.replica.running(), "the replica died: {}", s.replica.log());
     // The primary heard why, as a typed reason.
     s.primary.wait_log(0, &["replica=r1", "NoSpace"], 10);
-    // Still full: the primary redials, the replica refuses again, and says so only once.
-    let mark = s.primary.mark();
-    s.primary.wait_log(mark, &["replica=r1", "NoSpace"], 30);
+    // Still full: the primary redials (a catch-up each time) and the replica refuses again;
+    // each of them says so once, not at every retry.
+    let catch_ups = || {
+        Scrape::of(s.primary.metrics_port()).get(
+            "blockrep_recovery_sessions_total",
+            &[("outcome", "catch_up")],
+        )
+    };
+    let before = catch_ups();
+    wait_until(
+        Duration::from_secs(30),
+        "two more catch-ups of the full replica",
+        || {
+            let now = catch_ups();
+            if now >= before + 2.0 {
+                Ok(())
+            } else {
+                Err(format!("{now} catch-ups, {before} before"))
+            }
+        },
+    );
+    assert_eq!(primary_full_lines(&s.primary), 1, "{}", s.primary.log());
     let v = c.flush();
     assert_eq!(
         v["errno"], "ENOSPC",
@@ -230,6 +262,8 @@ fn a_full_replica_under_sync_all_fails_flushes_with_enospc_and_is_caught_up_once
         },
     );
     s.replica.wait_log(0, &["the store has space again"], 10);
+    s.primary
+        .wait_log(0, &["replica=r1", "it stores entries again"], 10);
     // And it keeps taking writes.
     let i = written.len() as u64;
     let d = s.chunk(i);
@@ -238,6 +272,7 @@ fn a_full_replica_under_sync_all_fails_flushes_with_enospc_and_is_caught_up_once
     written.push(d);
     assert!(s.replica.running());
     assert_eq!(s.full_lines(), 1, "{}", s.replica.log());
+    assert_eq!(primary_full_lines(&s.primary), 1, "{}", s.primary.log());
     drop(c);
     s.stop_and_compare(&written);
 }
@@ -246,8 +281,8 @@ fn a_full_replica_under_sync_all_fails_flushes_with_enospc_and_is_caught_up_once
 fn a_full_replica_under_best_effort_lags_without_failing_flushes_and_catches_up_once_space_is_freed(
 ) {
     require_python_nbd();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let mut s = Setup::start(&["--commit", "best-effort", "--metrics", &admin]);
+    let mut s = Setup::start(&["--commit", "best-effort"]);
+    let admin = format!("127.0.0.1:{}", s.primary.metrics_port());
     let mut c = s.client();
     // Best-effort FLUSHes never wait for the replica: four chunks are more than its room.
     let mut written = Vec::new();

@@ -271,6 +271,9 @@ pub enum Action {
         replica: ReplicaId,
         state: PeerState,
         why: String,
+        /// Its filesystem was full at its last refusal and it has stored nothing since: a
+        /// change within its retry cycle, which the log says once, not every cycle.
+        out_of_space: bool,
     },
     /// Choose a rebuild base (pinning the WAL after it); answer with `RebuildBase`. With
     /// `resume`, that base again if the WAL still holds every entry after it

@@ -158,6 +158,7 @@ impl Cluster {
                 replica,
                 state,
                 why,
+                out_of_space: _,
             } => {
                 if state == primary::PeerState::CatchingUp {
                     self.stats.catch_ups += 1;

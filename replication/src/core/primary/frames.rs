@@ -203,7 +203,14 @@ impl PrimaryCore {
     }
 
     fn barrier_ack(&mut self, i: usize, durable: Lsn) {
+        let was_full = self.peers[i].out_of_space();
         self.peers[i].acked(durable, self.cfg.reconnect_min);
+        if was_full && !self.peers[i].out_of_space() {
+            tracing::info!(
+                replica = %self.peers[i].id(),
+                "it stores entries again: its filesystem has room"
+            );
+        }
         self.update_pin();
         self.evaluate();
     }

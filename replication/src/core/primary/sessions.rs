@@ -17,6 +17,7 @@ impl PrimaryCore {
                 replica: p.id().clone(),
                 state,
                 why: why.to_string(),
+                out_of_space: p.out_of_space(),
             });
             // What the WAL must keep depends on the state: the pin follows every change.
             self.update_pin();

@@ -56,7 +56,8 @@ impl Driver {
                 replica,
                 state,
                 why,
-            } => self.log_state(replica, state, &why),
+                out_of_space,
+            } => self.log_state(replica, state, &why, out_of_space),
         }
     }
 
@@ -190,10 +191,30 @@ impl Driver {
         );
     }
 
-    fn log_state(&mut self, replica: ReplicaId, state: PeerState, why: &str) {
+    fn log_state(&mut self, replica: ReplicaId, state: PeerState, why: &str, out_of_space: bool) {
         // Retries cycle through connecting and disconnected; say each reason once.
         let line = format!("{}: {why}", state.name());
         if self.last_logged.get(&replica) == Some(&line) {
+            return;
+        }
+        // A full replica cycles through catching up, in sync and disconnected at every
+        // retry until space is freed: the first refusal is said, with what follows, and the
+        // cycle is quiet until it stores entries again (the core says that once).
+        let full_said = self.full_said.contains(&replica);
+        if !out_of_space {
+            self.full_said.remove(&replica);
+        } else if full_said {
+            tracing::debug!(%replica, state = state.name(), "{why}");
+            self.last_logged.insert(replica, line);
+            return;
+        } else if state == PeerState::Disconnected {
+            tracing::warn!(
+                %replica,
+                state = state.name(),
+                "{why}; its filesystem is full: retrying, quietly, until it stores entries again"
+            );
+            self.full_said.insert(replica.clone());
+            self.last_logged.insert(replica, line);
             return;
         }
         match state {

@@ -4,7 +4,7 @@
 //! (`actions`), a replica's connection (`conn`), the base image of a rebuild (`base`) and
 //! the lag clock (`lag`) each have their own file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -222,6 +222,7 @@ pub fn start_with_tls(
         status,
         start,
         last_logged: HashMap::new(),
+        full_said: HashSet::new(),
         appended_at: AppendTimes::default(),
         tls,
     };
@@ -249,6 +250,8 @@ struct Driver {
     status: Arc<Mutex<PrimaryStatus>>,
     start: tokio::time::Instant,
     last_logged: HashMap<ReplicaId, String>,
+    /// Replicas whose full filesystem was said; their retry cycle logs at debug.
+    full_said: HashSet<ReplicaId>,
     appended_at: AppendTimes,
     /// Mutual TLS to the replicas, when the node has it.
     tls: Option<crate::driver::tls::PeerTls>,
@@ -339,6 +342,7 @@ impl Driver {
             self.end_conn(id);
         }
         self.last_logged.retain(|id, _| self.addrs.contains_key(id));
+        self.full_said.retain(|id| self.addrs.contains_key(id));
         Event::SetReplicas {
             replicas: ids,
             kept_from: self.store.oldest_retained(),

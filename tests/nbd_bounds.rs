@@ -175,8 +175,8 @@ const FLOODERS: u64 = 8;
 const FLOOD_BUDGET: u64 = 64 * MIB;
 /// What the server may use on top of its resident size at rest and the budget: the store's
 /// own copies of what it has not checkpointed (about twice its 64 MiB WAL at the peak:
-/// docs/BENCHMARKS.md, "How cost grows"; writes of a quarter of the WAL or more are split, so
-/// the WAL holds several at once), one 256 KiB read-ahead window per connection, the WAL
+/// docs/BENCHMARKS.md, "How cost grows"; writes over 16 MiB, a quarter of this WAL, are split,
+/// so the WAL holds several at once), one 256 KiB read-ahead window per connection, the WAL
 /// writer's 4 MiB aligned buffer, and the allocator's slack (a loaded CI run peaked 18 MiB
 /// over the two WALs' worth). Without a global budget, 8 flooders hold 8 x (64 MiB + a
 /// 32 MiB payload being read) = 768 MiB.

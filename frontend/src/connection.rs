@@ -443,8 +443,12 @@ mod tests {
     use bytes::{Buf, Bytes, BytesMut};
     use tokio::io::AsyncReadExt;
 
-    /// 8 KiB of zeroes that accepts every write.
-    struct Zeroes;
+    /// 8 KiB of zeroes that accepts every write, and acknowledges until `revoked` (as a
+    /// lease running out does).
+    #[derive(Default)]
+    struct Zeroes {
+        revoked: std::sync::atomic::AtomicBool,
+    }
 
     impl BlockVolume for Zeroes {
         fn size(&self) -> u64 {
@@ -471,6 +475,9 @@ mod tests {
         }
         async fn flush(&self) -> VolumeResult<()> {
             Ok(())
+        }
+        fn may_acknowledge(&self) -> bool {
+            !self.revoked.load(std::sync::atomic::Ordering::SeqCst)
         }
         async fn block_status(&self, _: u64, len: u64) -> VolumeResult<Vec<Extent>> {
             Ok(vec![Extent {
@@ -514,7 +521,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let (r, w) = tokio::io::split(server);
         let neg = Negotiated {
-            volume: Arc::new(Zeroes),
+            volume: Arc::new(Zeroes::default()),
             export: "t".into(),
             structured: true,
             base_allocation: false,
@@ -561,52 +568,13 @@ mod tests {
         );
     }
 
-    /// [`Zeroes`] whose acknowledgements can be switched off, as a lease running out does.
-    struct Revocable {
-        may: std::sync::atomic::AtomicBool,
-    }
-
-    impl BlockVolume for Revocable {
-        fn size(&self) -> u64 {
-            Zeroes.size()
-        }
-        async fn read(&self, o: u64, len: u32) -> VolumeResult<Vec<ReadChunk>> {
-            Zeroes.read(o, len).await
-        }
-        async fn write(&self, o: u64, d: Bytes, fua: bool) -> VolumeResult<()> {
-            Zeroes.write(o, d, fua).await
-        }
-        async fn write_zeroes(
-            &self,
-            o: u64,
-            l: u64,
-            t: bool,
-            f: bool,
-            fua: bool,
-        ) -> VolumeResult<()> {
-            Zeroes.write_zeroes(o, l, t, f, fua).await
-        }
-        async fn trim(&self, o: u64, l: u64, fua: bool) -> VolumeResult<()> {
-            Zeroes.trim(o, l, fua).await
-        }
-        async fn flush(&self) -> VolumeResult<()> {
-            Zeroes.flush().await
-        }
-        fn may_acknowledge(&self) -> bool {
-            self.may.load(std::sync::atomic::Ordering::SeqCst)
-        }
-        async fn block_status(&self, o: u64, l: u64) -> VolumeResult<Vec<Extent>> {
-            Zeroes.block_status(o, l).await
-        }
-    }
-
     /// Invariant: no success reply reaches the socket while the volume may not acknowledge;
     /// error replies still do, and the connection ends at the first success it holds back.
     #[tokio::test]
     async fn no_success_reply_leaves_once_the_volume_may_not_acknowledge() {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let (r, w) = tokio::io::split(server);
-        let volume = Arc::new(Revocable { may: true.into() });
+        let volume = Arc::new(Zeroes::default());
         let neg = Negotiated {
             volume: volume.clone(),
             export: "t".into(),
@@ -635,7 +603,9 @@ mod tests {
         client.read_exact(&mut first).await.unwrap();
         assert_eq!(replies(&first), vec![(1, 0, None)]);
 
-        volume.may.store(false, std::sync::atomic::Ordering::SeqCst);
+        volume
+            .revoked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         client
             .write_all(&send(Request::sample(CMD_READ, 0, 2, 8192, 1)))
             .await

@@ -266,17 +266,7 @@ fn writes_of_the_largest_size_go_through_a_wal_of_the_smallest_size() {
     let store = open(&path);
     let data = pattern(7, MAX_REQUEST as usize);
     rt.block_on(async {
-        // 64 entries of 8191 blocks in all, 32 MiB of payload and headers: 62 of a block,
-        // one of 16 MiB and one of the rest.
-        for i in 0..62u64 {
-            store
-                .write(i * 4096, &pattern(1, 4096), false)
-                .await
-                .unwrap();
-        }
-        store.write(MIB, &data[..16 << 20], false).await.unwrap();
-        let rest = (8191 - 62 - 4096) * 4096;
-        store.write(17 * MIB, &data[..rest], false).await.unwrap();
+        write_to_half_way(&store, &data).await;
         let head = store.shared.lock_core().log.head.0;
         assert_eq!(head % capacity, capacity / 2, "the head is half-way round");
         for i in 0..5u64 {

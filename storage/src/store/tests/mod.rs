@@ -48,6 +48,23 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Writes 64 entries of 8191 blocks in all, 32 MiB of payload and headers (62 of a block,
+/// one of 16 MiB and one of the rest, from `data`): the head of a fresh store with the
+/// smallest WAL, or of any store that copies these entries, then stands exactly half-way
+/// round, where one entry of 32 MiB would need the 32 MiB left of the lap and its own
+/// 32 MiB and 64 bytes.
+async fn write_to_half_way(store: &Store, data: &[u8]) {
+    for i in 0..62u64 {
+        store
+            .write(i * 4096, &pattern(1, 4096), false)
+            .await
+            .unwrap();
+    }
+    store.write(MIB, &data[..16 << 20], false).await.unwrap();
+    let rest = (8191 - 62 - 4096) * 4096;
+    store.write(17 * MIB, &data[..rest], false).await.unwrap();
+}
+
 /// Reads `[offset, offset+len)` of a store's data file directly (what a primary streams as its
 /// base image).
 fn data_file(path: &Path, offset: u64, len: u64) -> Vec<u8> {

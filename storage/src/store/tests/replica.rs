@@ -430,17 +430,8 @@ fn a_replica_with_the_smallest_wal_takes_the_entries_of_a_larger_one() {
     let mut tap = primary.subscribe();
     let data = pattern(7, 32 << 20);
     rt.block_on(async {
-        // The same prefix as `writes_of_the_largest_size_go_through_a_wal_of_the_smallest_size`:
-        // 32 MiB of payload and headers, which put the replica's head half-way round.
-        for i in 0..62u64 {
-            primary
-                .write(i * 4096, &pattern(1, 4096), false)
-                .await
-                .unwrap();
-        }
-        primary.write(MIB, &data[..16 << 20], false).await.unwrap();
-        let rest = (8191 - 62 - 4096) * 4096;
-        primary.write(17 * MIB, &data[..rest], false).await.unwrap();
+        // The replica takes these entries as they are: its head is then half-way round.
+        write_to_half_way(&primary, &data).await;
         for i in 0..4u64 {
             primary.write(i * (32 << 20), &data, false).await.unwrap();
         }

@@ -93,8 +93,8 @@ pub fn check_range(offset: u64, length: u64, size: u64) -> Result<(), EntryError
 
 /// The entry's payload fits its kind: a write's is exactly its length and at most
 /// [`MAX_ENTRY_PAYLOAD`] (a larger one could never fit a replica with the smallest WAL: its
-/// log would stop there), nothing else carries one, an epoch start covers nothing, and a wrap marker (the ring's, never the stream's) is
-/// not an entry at all.
+/// log would stop there), nothing else carries one, an epoch start covers nothing, and a
+/// wrap marker (the ring's, never the stream's) is not an entry at all.
 pub fn check_payload(record: &WalRecord) -> Result<(), EntryError> {
     let payload = record.payload.len() as u64;
     let (offset, length) = (record.offset, record.length);

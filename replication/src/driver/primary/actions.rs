@@ -200,33 +200,31 @@ impl Driver {
         // A full replica cycles through catching up, in sync and disconnected at every
         // retry until space is freed: the first refusal is said, with what follows, and the
         // cycle is quiet until it stores entries again (the core says that once).
-        let full_said = self.full_said.contains(&replica);
+        let quiet = out_of_space && self.full_said.contains(&replica);
+        let says_full = out_of_space && !quiet && state == PeerState::Disconnected;
         if !out_of_space {
             self.full_said.remove(&replica);
-        } else if full_said {
-            tracing::debug!(%replica, state = state.name(), "{why}");
-            self.last_logged.insert(replica, line);
-            return;
-        } else if state == PeerState::Disconnected {
-            tracing::warn!(
-                %replica,
-                state = state.name(),
-                "{why}; its filesystem is full: retrying, quietly, until it stores entries again"
-            );
-            self.full_said.insert(replica.clone());
-            self.last_logged.insert(replica, line);
-            return;
         }
+        let name = state.name();
         match state {
+            _ if says_full => tracing::warn!(
+                %replica,
+                state = name,
+                "{why}; its filesystem is full: retrying, quietly, until it stores entries again"
+            ),
+            _ if quiet => tracing::debug!(%replica, state = name, "{why}"),
             PeerState::Connecting | PeerState::Handshake => {
-                tracing::debug!(%replica, state = state.name(), "{why}")
+                tracing::debug!(%replica, state = name, "{why}")
             }
             PeerState::NeedsRebuild | PeerState::Refused => {
-                tracing::warn!(%replica, state = state.name(), "{why}")
+                tracing::warn!(%replica, state = name, "{why}")
             }
-            _ => tracing::info!(%replica, state = state.name(), "{why}"),
+            _ => tracing::info!(%replica, state = name, "{why}"),
         }
-        if !matches!(state, PeerState::Connecting | PeerState::Handshake) {
+        if says_full {
+            self.full_said.insert(replica.clone());
+        }
+        if quiet || !matches!(state, PeerState::Connecting | PeerState::Handshake) {
             self.last_logged.insert(replica, line);
         }
     }

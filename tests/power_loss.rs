@@ -347,6 +347,7 @@ fn single_node_rounds(rounds: &[Round<'_>]) {
     let mut kept_and_dropped = 0;
     let started = Instant::now();
     let mut plan: Vec<Round<'_>> = rounds.to_vec();
+    let planned_torn = rounds.iter().filter(|r| r.0.is_some()).count();
     let mut extra_rounds = 0;
     let mut round = 0;
     while let Some(&(torn, flush_every, delay, extra)) = plan.get(round) {
@@ -409,7 +410,6 @@ fn single_node_rounds(rounds: &[Round<'_>]) {
         );
         // This round's own cut shows in the next one's log, so one more round may run than
         // was needed.
-        let planned_torn = rounds.iter().filter(|r| r.0.is_some()).count();
         if round + 1 == plan.len()
             && planned_torn >= 4
             && torn_cuts == 0

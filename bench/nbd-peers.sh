@@ -40,6 +40,10 @@
 #                      in the default set; nbd.md §6 has it)
 #   qemu-none-iouring  qemu-nbd -f raw --cache=none --aio=io_uring -t --shared=8 IMG
 #   nbdkit-mem         nbdkit memory 1G
+#   disk-direct        no server: fio --ioengine=io_uring --direct=1 on a fully written copy of the
+#                      image in the same directory (what the disk itself takes; issue 17 compares
+#                      1 MiB sequential writes with it). Not written back at a FLUSH-free
+#                      workload's end, like every server here; --fsync works as for the others
 #   blockrep-base      like blockrep, with the binary $BLOCKREP_BASE (e.g. a release build of
 #                      the commit before a change): an A/B of two builds in one interleaved run
 #   blockrep-tls       like blockrep, with --tls require --tls-certificates CERTS
@@ -115,7 +119,7 @@ case $HISTORY in fresh | filled) ;; *) die "unknown HISTORY $HISTORY (fresh or f
 i=0
 declare -A PORT
 for s in $SERVERS; do
-    case $s in blockrep | blockrep-base | blockrep-tls | nbdkit-file | nbdkit-file-tls | qemu-wb-threads | qemu-wb-iouring | qemu-none-iouring | nbdkit-mem) ;;
+    case $s in blockrep | blockrep-base | blockrep-tls | nbdkit-file | nbdkit-file-tls | qemu-wb-threads | qemu-wb-iouring | qemu-none-iouring | nbdkit-mem | disk-direct) ;;
     *) die "unknown server $s" ;;
     esac
     PORT[$s]=$((PORT_BASE + i))
@@ -236,6 +240,13 @@ start_server() { # name rep
     local name=$1 rep=$2 port=${PORT[$1]} pidf=$PID_DIR/$1.pid logf=$RUN_DIR/$1.log
     local img_args=()
     case $name in
+    disk-direct)
+        # Fully written (unwritten extents would slow O_DIRECT writes down), written back.
+        cp --sparse=never "$IMAGE" "$WORK_IMG"
+        sync -f "$WORK_IMG" 2>/dev/null || sync
+        sleep "$SETTLE"
+        return
+        ;;
     nbdkit-file | nbdkit-file-tls | qemu-*)
         if [[ $HISTORY == fresh ]]; then
             # A fresh copy of the image on the shared disk, written back before the server
@@ -343,7 +354,12 @@ for rep in $(seq "$REPS"); do
             json=$RUN_DIR/$server-$w-$rep.json
             read -r -a wargs <<<"$(fio_args "$w")"
             read -r -a runner <<<"$(fio_runner "$server")"
-            if "${runner[@]}" fio --name="$w" --ioengine=nbd --uri="$(fio_uri "$server")" \
+            if [[ $server == disk-direct ]]; then
+                target=(--ioengine=io_uring --direct=1 --filename="$WORK_IMG")
+            else
+                target=(--ioengine=nbd --uri="$(fio_uri "$server")")
+            fi
+            if "${runner[@]}" fio --name="$w" "${target[@]}" \
                 "${wargs[@]}" --group_reporting --size="$SIZE_BYTES" \
                 --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
                 --norandommap --randrepeat=0 \

@@ -257,6 +257,7 @@ pub(crate) fn open_store(
             flush_interval: Duration::from_millis(flush_interval_ms.max(1)),
             read_only: false,
             keep_retained_wal,
+            place_large_writes: true,
         },
     )?))
 }

@@ -23,6 +23,7 @@ pub struct VolumeMetrics {
     connections: IntGauge,
     wal_write: Histogram,
     wal_bytes: IntCounter,
+    placed_bytes: IntCounter,
     wal_sync: Histogram,
     checkpoint: Histogram,
 }
@@ -38,6 +39,7 @@ impl VolumeMetrics {
             connections: metrics.connections(volume),
             wal_write: metrics.wal_write_latency.with_label_values(&v),
             wal_bytes: metrics.wal_write_bytes.with_label_values(&v),
+            placed_bytes: metrics.placed_bytes.with_label_values(&v),
             wal_sync: metrics.wal_sync_latency.with_label_values(&v),
             checkpoint: metrics.checkpoint_latency.with_label_values(&v),
             volume: volume.to_string(),
@@ -90,6 +92,9 @@ impl StoreObserver for VolumeMetrics {
     }
     fn checkpoint(&self, latency: Duration) {
         self.checkpoint.observe(latency.as_secs_f64());
+    }
+    fn placed(&self, bytes: u64) {
+        self.placed_bytes.inc_by(bytes);
     }
 }
 

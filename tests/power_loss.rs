@@ -35,6 +35,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::admin::Scrape;
 use common::files::{sha256s, FileSet, SMALL_SET};
 use common::lazyfs::{cargo_build, crash_all, lazyfs_bin, LazyMount};
 use common::node::serve_args;
@@ -44,6 +45,8 @@ use common::*;
 const MAJORITY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/majority.py");
 const BLOCK: u64 = 4096;
 const VOLUME: u64 = 32 * MIB;
+/// Blocks of a storm's large writes: 320 KiB, above the size a store places in its data file.
+const LARGE_WRITE_BLOCKS: u32 = 80;
 const BARRIER: [&str; 2] = ["--barrier-timeout-ms", "3000"];
 
 // ------------------------------------------------------------------------------ helpers
@@ -353,7 +356,14 @@ fn single_node_rounds(rounds: &[Round<'_>]) {
     while let Some(&(torn, flush_every, delay, extra)) = plan.get(round) {
         fs.set_sync_delay(delay);
         let name = format!("serve-{round}");
-        let mut node = serve_node(real_blockrep(), &store, tmp.path(), &name, extra);
+        let metrics = free_port();
+        let metrics_addr = format!("127.0.0.1:{metrics}");
+        let args: Vec<&str> = extra
+            .iter()
+            .copied()
+            .chain(["--metrics", metrics_addr.as_str()])
+            .collect();
+        let mut node = serve_node(real_blockrep(), &store, tmp.path(), &name, &args);
         // The store's own I/O path reaches lazyfs through io_uring (the kernel turns its
         // requests into FUSE ones) unless the round asks for plain threads.
         let engine = if extra.contains(&"plain") {
@@ -385,9 +395,21 @@ fn single_node_rounds(rounds: &[Round<'_>]) {
         let log = tmp.path().join(format!("storm-{round}.log"));
         let mut storm = Storm::new(&node.uri(), &log)
             .seq_base((round as u64 + 1) << 40)
-            .flush_every(flush_every)
-            .spawn();
+            .flush_every(flush_every);
+        if round % 2 == 1 {
+            // Large writes among the small ones: the store places those in its data file
+            // (one synced write, then a record in the WAL), so the crash lands in that path too.
+            storm = storm.large_every(8, LARGE_WRITE_BLOCKS);
+        }
+        let mut storm = storm.spawn();
         let_storm_run(&mut storm, &log, 600, 8, Duration::from_millis(1200));
+        if round % 2 == 1 {
+            let placed = Scrape::of(metrics).get("blockrep_placed_written_bytes_total", &[]);
+            assert!(
+                placed > 0.0,
+                "round {round}: no write was placed in the data file, so the crash cannot land in that path"
+            );
+        }
         let report = fs.crash_when_dirty(torn);
         if torn.is_some() {
             torn_rounds += 1;

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub nbd_connections: IntGaugeVec,
     pub wal_write_latency: HistogramVec,
     pub wal_write_bytes: IntCounterVec,
+    pub placed_bytes: IntCounterVec,
     pub wal_sync_latency: HistogramVec,
     pub checkpoint_latency: HistogramVec,
     pub wal_bytes_used: IntGaugeVec,
@@ -132,6 +133,13 @@ impl Metrics {
             )?),
             wal_write_bytes: reg!(IntCounterVec::new(
                 opts("wal_written_bytes_total", "Bytes written to the WAL."),
+                v
+            )?),
+            placed_bytes: reg!(IntCounterVec::new(
+                opts(
+                    "placed_written_bytes_total",
+                    "Bytes of large writes written once, straight to the data file (only their record goes to the WAL)."
+                ),
                 v
             )?),
             wal_sync_latency: reg!(HistogramVec::new(

@@ -22,6 +22,10 @@ pub(crate) enum BlockState {
     /// Reads as zeroes. `punch` means the data file may deallocate it (TRIM, or WRITE_ZEROES
     /// without NO_HOLE).
     Zero { punch: bool },
+    /// The data file holds these blocks' newest contents already: a large write placed there
+    /// directly (see `store::placement`). It hides what older maps say about the blocks, and a
+    /// checkpoint has nothing to write for it.
+    Placed,
 }
 
 impl BlockState {
@@ -33,6 +37,7 @@ impl BlockState {
                 BlockState::Data(b.slice(start..start + (count * BLOCK_SIZE) as usize))
             }
             BlockState::Zero { punch } => BlockState::Zero { punch: *punch },
+            BlockState::Placed => BlockState::Placed,
         }
     }
 }
@@ -51,7 +56,7 @@ pub(crate) struct Extent {
 pub(crate) struct Piece {
     pub start: u64,
     pub end: u64,
-    /// `None`: the data file holds it.
+    /// `None`: the data file holds it. Never `Some(Placed)` out of [`resolve`].
     pub state: Option<BlockState>,
 }
 
@@ -82,6 +87,7 @@ impl DirtyMap {
             RecordKind::Write => BlockState::Data(rec.payload.clone()),
             RecordKind::Trim => BlockState::Zero { punch: true },
             RecordKind::WriteZeroes { punch } => BlockState::Zero { punch },
+            RecordKind::Placed => BlockState::Placed,
             RecordKind::Wrap | RecordKind::EpochStart => return None,
         };
         let first = rec.offset / BLOCK_SIZE;
@@ -128,6 +134,28 @@ impl DirtyMap {
                 },
             );
         }
+    }
+
+    /// Entry `lsn`'s blocks inside `[start, end)` that still hold its data are in the data file
+    /// now: they hold no memory from here on. Returns whether any did.
+    pub fn mark_placed(&mut self, start: u64, end: u64, lsn: Lsn) -> bool {
+        let owned: Vec<(u64, u64)> = self
+            .overlapping(start, end)
+            .into_iter()
+            .filter(|p| matches!(p.state, Some(BlockState::Data(_))))
+            .filter(|p| self.lsn_at(p.start) == Some(lsn))
+            .map(|p| (p.start, p.end))
+            .collect();
+        for &(s, e) in &owned {
+            self.insert(s, e, lsn, BlockState::Placed);
+        }
+        !owned.is_empty()
+    }
+
+    /// The LSN of the entry that wrote `block`, if the map holds it.
+    fn lsn_at(&self, block: u64) -> Option<Lsn> {
+        let (_, e) = self.extents.range(..=block).next_back()?;
+        (e.end > block).then_some(e.lsn)
     }
 
     /// Removes blocks `[start, end)` from the map, trimming the entries that straddle it.
@@ -258,7 +286,14 @@ pub(crate) fn resolve(layers: &[&DirtyMap], start: u64, end: u64) -> Vec<Piece> 
             out.extend(resolve(rest, at, piece.start));
         }
         at = piece.end;
-        out.push(piece);
+        out.push(match piece.state {
+            // Placed blocks are the data file's, whatever an older map says of them.
+            Some(BlockState::Placed) => Piece {
+                state: None,
+                ..piece
+            },
+            _ => piece,
+        });
     }
     if at < end {
         out.extend(resolve(rest, at, end));
@@ -285,7 +320,7 @@ mod tests {
     fn block_value(pieces: &[Piece], b: u64) -> Option<Option<u8>> {
         let p = pieces.iter().find(|p| p.start <= b && b < p.end)?;
         match &p.state {
-            None => Some(None),
+            None | Some(BlockState::Placed) => Some(None),
             Some(BlockState::Zero { .. }) => Some(Some(0)),
             Some(BlockState::Data(bytes)) => {
                 let off = ((b - p.start) * BLOCK_SIZE) as usize;
@@ -307,6 +342,9 @@ mod tests {
                 if *kind == 0 {
                     map.insert(*start, end, Lsn(i as u64 + 1), BlockState::Zero { punch: true });
                     model_apply(&mut model, *start, end, Some(0));
+                } else if *kind == 1 {
+                    map.insert(*start, end, Lsn(i as u64 + 1), BlockState::Placed);
+                    model_apply(&mut model, *start, end, None);
                 } else {
                     map.insert(*start, end, Lsn(i as u64 + 1), data(*len, fill));
                     model_apply(&mut model, *start, end, Some(fill));
@@ -372,5 +410,26 @@ mod tests {
         assert_eq!(block_value(&pieces, 3), Some(Some(2)));
         assert_eq!(block_value(&pieces, 5), Some(Some(1)));
         assert_eq!(block_value(&pieces, 11), Some(None));
+    }
+
+    #[test]
+    fn a_placed_run_hides_what_older_maps_say_of_its_blocks() {
+        let mut old = DirtyMap::default();
+        old.insert(0, 10, Lsn(1), data(10, 1));
+        let mut new = DirtyMap::default();
+        new.insert(2, 6, Lsn(2), data(4, 2));
+        new.insert(4, 5, Lsn(3), data(1, 3));
+        // Entry 2's blocks that entry 3 did not overwrite go to the data file.
+        assert!(new.mark_placed(2, 6, Lsn(2)));
+        assert_eq!(new.data_bytes(), BLOCK_SIZE);
+        let pieces = resolve(&[&new, &old], 0, 10);
+        assert_eq!(block_value(&pieces, 1), Some(Some(1)));
+        assert_eq!(block_value(&pieces, 2), Some(None));
+        assert_eq!(block_value(&pieces, 4), Some(Some(3)));
+        assert_eq!(block_value(&pieces, 5), Some(None));
+        assert_eq!(block_value(&pieces, 6), Some(Some(1)));
+        assert!(pieces.iter().all(|p| p.state != Some(BlockState::Placed)));
+        // An entry that owns nothing any more marks nothing.
+        assert!(!new.mark_placed(0, 10, Lsn(1)));
     }
 }

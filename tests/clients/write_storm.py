@@ -4,10 +4,12 @@
 Run with /usr/bin/python3 (the interpreter that has the libnbd binding `nbd`).
 
   storm URI LOG --blocks N --seq-base B [--seed S] [--depth 32] [--flush-every 64]
-                [--duration SECS]
+                [--duration SECS] [--large-every L --large-blocks K]
       Pipelined async 4 KiB writes to random blocks of [0, N). Never two writes to the same
-      block in flight at once, so a block's writes complete in issue (= seq) order. Appends
-      to LOG (line buffered, flushed after every batch of completions):
+      block in flight at once, so a block's writes complete in issue (= seq) order. With
+      --large-every, every L-th write is one request over K contiguous blocks instead (each
+      block carrying its own payload and seq, logged as K writes). Appends to LOG (line
+      buffered, flushed after every batch of completions):
         I block seq   a write was issued (it may or may not have reached the server)
         W block seq   that write was acknowledged
         F k           a FLUSH was acknowledged; it was sent when the log held k W-lines,
@@ -101,6 +103,13 @@ def storm(args):
     reason = "duration elapsed"
     lines = []  # W and F lines not yet written to the log
 
+    def pick_run(k):
+        """The first of k contiguous blocks none of which is in flight."""
+        while True:
+            b = rng.randrange(args.blocks - k + 1)
+            if not any(x in busy for x in range(b, b + k)):
+                return b
+
     def pick():
         while True:
             if rng.random() < 0.5:
@@ -125,6 +134,9 @@ def storm(args):
                 failure = failure or e  # not acknowledged: not logged
                 if what[0] == "W":
                     busy.discard(what[1])
+                elif what[0] == "L":
+                    for b, _ in what[1]:
+                        busy.discard(b)
                 else:
                     flush_inflight = False
                 continue
@@ -133,6 +145,11 @@ def storm(args):
                 busy.discard(b)
                 acked += 1
                 lines.append("W %d %d\n" % (b, seq))
+            elif what[0] == "L":
+                for b, seq in what[1]:
+                    busy.discard(b)
+                    acked += 1
+                    lines.append("W %d %d\n" % (b, seq))
             else:
                 flush_inflight = False
                 flushes += 1
@@ -148,6 +165,20 @@ def storm(args):
             if deadline is not None and time.monotonic() >= deadline:
                 break
             while len(inflight) < args.depth:
+                if args.large_every and (issued + 1) % args.large_every == 0:
+                    first = pick_run(args.large_blocks)
+                    run = []
+                    for b in range(first, first + args.large_blocks):
+                        counter += 1
+                        run.append((b, args.seq_base + counter))
+                    log.write("".join("I %d %d\n" % w for w in run))
+                    log.flush()
+                    cookie = h.aio_pwrite(b"".join(payload(b, q) for b, q in run), first * BLOCK)
+                    inflight[cookie] = ("L", run)
+                    busy.update(b for b, _ in run)
+                    issued += 1
+                    since_flush += 1
+                    continue
                 b = pick()
                 counter += 1
                 seq = args.seq_base + counter
@@ -398,6 +429,8 @@ def main():
     s.add_argument("--depth", type=int, default=32)
     s.add_argument("--flush-every", type=int, default=64)
     s.add_argument("--duration", type=float, default=0)
+    s.add_argument("--large-every", type=int, default=0)
+    s.add_argument("--large-blocks", type=int, default=80)
     v = sub.add_parser("verify")
     v.add_argument("image")
     v.add_argument("logs", nargs="+")

@@ -22,6 +22,7 @@ pub struct Storm {
     flush_every: u32,
     dir: Option<PathBuf>,
     rate: Option<u32>,
+    large: Option<(u32, u32)>,
 }
 
 impl Storm {
@@ -35,6 +36,7 @@ impl Storm {
             flush_every: 16,
             dir: None,
             rate: None,
+            large: None,
         }
     }
 
@@ -47,6 +49,13 @@ impl Storm {
     /// A FLUSH every `n` writes (0: never).
     pub fn flush_every(mut self, n: u32) -> Self {
         self.flush_every = n;
+        self
+    }
+
+    /// Every `every`-th write is one request over `blocks` contiguous blocks (large enough,
+    /// at 80 blocks, for the store to place it in its data file rather than log it).
+    pub fn large_every(mut self, every: u32, blocks: u32) -> Self {
+        self.large = Some((every, blocks));
         self
     }
 
@@ -81,6 +90,12 @@ impl Storm {
             .arg(self.seq_base.to_string())
             .arg("--flush-every")
             .arg(self.flush_every.to_string());
+        if let Some((every, blocks)) = self.large {
+            cmd.arg("--large-every")
+                .arg(every.to_string())
+                .arg("--large-blocks")
+                .arg(blocks.to_string());
+        }
         if let Some(dir) = &self.dir {
             cmd.current_dir(dir);
         }

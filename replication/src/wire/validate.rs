@@ -38,6 +38,8 @@ pub enum EntryError {
     FutureEpoch { entry: Epoch, session: Epoch },
     #[error("a wrap marker is not an entry")]
     WrapMarker,
+    #[error("a placed-write record is a store's own (its data stays in that store's data file): it is never shipped")]
+    PlacedRecord,
     #[error("entry at LSN {0}, the last there is: no entry could follow it")]
     LastLsn(u64),
 }
@@ -94,7 +96,8 @@ pub fn check_range(offset: u64, length: u64, size: u64) -> Result<(), EntryError
 /// The entry's payload fits its kind: a write's is exactly its length and at most
 /// [`MAX_ENTRY_PAYLOAD`] (a larger one could never fit a replica with the smallest WAL: its
 /// log would stop there), nothing else carries one, an epoch start covers nothing, and a
-/// wrap marker (the ring's, never the stream's) is not an entry at all.
+/// wrap marker (the ring's, never the stream's) is not an entry at all, nor is a placed-write
+/// record (a store ships the write itself, with its data).
 pub fn check_payload(record: &WalRecord) -> Result<(), EntryError> {
     let payload = record.payload.len() as u64;
     let (offset, length) = (record.offset, record.length);
@@ -107,6 +110,7 @@ pub fn check_payload(record: &WalRecord) -> Result<(), EntryError> {
         }
         RecordKind::Write => return Ok(()),
         RecordKind::Wrap => return Err(EntryError::WrapMarker),
+        RecordKind::Placed => return Err(EntryError::PlacedRecord),
         RecordKind::EpochStart if offset != 0 || length != 0 => {
             return Err(EntryError::EpochStartRange { offset, length })
         }
@@ -266,6 +270,17 @@ mod tests {
             check_entry(&start, MIB, Epoch(1)),
             Err(EntryError::EpochStartRange { .. })
         ));
+    }
+
+    #[test]
+    fn a_placed_write_record_from_a_peer_is_invalid() {
+        // A store's own record of a write it put in its data file: a peer that ships one
+        // asks the replica to trust blocks it never received.
+        let placed = WalRecord::placed(Lsn(1), Epoch(1), 0, 4096, 0);
+        assert_eq!(
+            check_entry(&placed, MIB, Epoch(1)),
+            Err(EntryError::PlacedRecord)
+        );
     }
 
     #[test]

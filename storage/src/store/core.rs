@@ -83,6 +83,9 @@ impl Rebuild {
 pub(crate) struct Queued {
     pub pos: WalPos,
     pub record: WalRecord,
+    /// For a placed write (`record` is its `Placed` record): the data the writer puts in the
+    /// data file, and syncs there, before it writes the record.
+    pub data: Option<Bytes>,
     /// Less than `WAL_SLACK` was free after it when it was appended: the bytes that follow
     /// it in the file may be live (the tail's), so a direct write keeps them instead of
     /// padding with zeroes.
@@ -278,13 +281,10 @@ pub(crate) struct DirtyMaps {
 impl DirtyMaps {
     /// The newest state of one block, if the WAL holds it.
     pub fn lookup_block(&self, block: u64) -> Option<BlockState> {
-        let from = |m: &DirtyMap| {
-            m.overlapping(block, block + 1)
-                .into_iter()
-                .next()
-                .and_then(|p| p.state)
-        };
-        from(&self.active).or_else(|| self.flushing.as_deref().and_then(from))
+        self.resolve(block, block + 1)
+            .into_iter()
+            .next()
+            .and_then(|p| p.state)
     }
 
     /// Where every block of `[start, end)` is.
@@ -327,15 +327,28 @@ impl DirtyMaps {
 /// entries `a, a+1, ..., b` with none missing (`read_wal` takes entries from it by counting).
 pub(crate) struct WriterQueue {
     pub queue: Vec<Queued>,
-    /// Bytes in `queue`.
+    /// Bytes in `queue` (a placed write's data included).
     pub queued_bytes: u64,
+    /// Data bytes of placed writes not yet in the data file (queued or in the writer's hands).
+    pub placing_bytes: u64,
+    /// The newest placed write appended (see `store::placement`).
+    pub placed_through: Lsn,
+    /// Large writes may be placed (`OpenOptions::place_large_writes`).
+    pub places: bool,
     /// The WAL writer is parked and needs a wake-up (waking it costs a syscall, so appends
     /// only do it when a batch is worth writing).
     pub waiting: bool,
 }
 
 impl WriterQueue {
-    fn push(&mut self, pos: WalPos, record: WalRecord, bytes: u64, keep_after: bool) {
+    fn push(
+        &mut self,
+        pos: WalPos,
+        record: WalRecord,
+        data: Option<Bytes>,
+        bytes: u64,
+        keep_after: bool,
+    ) {
         debug_assert!(
             self.queue.last().is_none_or(|q| match q.record.kind {
                 RecordKind::Wrap => record.lsn == q.record.lsn && record.kind != RecordKind::Wrap,
@@ -345,9 +358,14 @@ impl WriterQueue {
             record.lsn,
             self.queue.last().map_or(Lsn::ZERO, |q| q.record.lsn)
         );
+        if let Some(d) = &data {
+            self.placing_bytes += d.len() as u64;
+            self.placed_through = record.lsn;
+        }
         self.queue.push(Queued {
             pos,
             record,
+            data,
             keep_after,
         });
         self.queued_bytes += bytes;
@@ -360,7 +378,11 @@ impl WriterQueue {
     }
 
     fn clear(&mut self) {
-        self.queue.clear();
+        for q in self.queue.drain(..) {
+            if let Some(d) = q.data {
+                self.placing_bytes -= d.len() as u64;
+            }
+        }
         self.queued_bytes = 0;
     }
 }
@@ -580,7 +602,8 @@ impl Core {
     }
 
     /// Gives the next LSN to a new entry and queues it for the WAL writer, or returns `None`
-    /// when the ring has no room for it yet (the caller waits for the flusher).
+    /// when the ring has no room for it yet (the caller waits for the flusher). A large write
+    /// may be placed in the data file rather than logged (see `store::placement`).
     ///
     /// LSN order, WAL order and dirty-map order are the same because all three are decided
     /// here, under one lock.
@@ -602,17 +625,37 @@ impl Core {
             payload,
             payload_crc,
         };
-        self.try_push(layout, record)
+        let place = kind == RecordKind::Write && self.may_place(offset, length);
+        if place && !self.room_to_place(length) {
+            return None;
+        }
+        self.push(layout, record, place)
     }
 
     /// Appends `record` as the next entry; its LSN must be `next_lsn` (callers check).
     /// Returns `None` when the ring has no room for it yet.
     pub fn try_push(&mut self, layout: &WalLayout, record: WalRecord) -> Option<Lsn> {
+        self.push(layout, record, false)
+    }
+
+    /// Appends `record`; with `place`, the log gets its `Placed` record and the writer puts
+    /// its data in the data file. The dirty map and a replication subscriber see the write
+    /// with its data either way.
+    fn push(&mut self, layout: &WalLayout, record: WalRecord, place: bool) -> Option<Lsn> {
         assert!(
             record.kind != RecordKind::Wrap,
             "wrap markers are not appended by callers"
         );
-        let size = record.encoded_len();
+        let logged = place.then(|| {
+            WalRecord::placed(
+                record.lsn,
+                record.epoch,
+                record.offset,
+                record.length,
+                record.payload_crc,
+            )
+        });
+        let size = logged.as_ref().unwrap_or(&record).encoded_len();
         let room = layout.room(self.log.head);
         let pad = if room < size { room } else { 0 };
         let used_after = self.log.wal_used() + pad + size;
@@ -625,7 +668,7 @@ impl Core {
             let marker =
                 WalRecord::new(lsn, self.epochs.last, RecordKind::Wrap, 0, 0, Bytes::new());
             self.writer
-                .push(self.log.head, marker, HEADER_LEN as u64, false);
+                .push(self.log.head, marker, None, HEADER_LEN as u64, false);
         }
         if let Some((first, end)) = self.maps.active.apply(&record) {
             if let Some(r) = &mut self.rebuild {
@@ -635,7 +678,14 @@ impl Core {
         self.repl.ship(&record);
         let at = self.log.append(lsn, pad, size);
         self.epochs.note(record.epoch, lsn);
-        self.writer.push(at, record, size, keep_after);
+        match logged {
+            Some(placed) => {
+                let bytes = size + record.length;
+                self.writer
+                    .push(at, placed, Some(record.payload), bytes, keep_after)
+            }
+            None => self.writer.push(at, record, None, size, keep_after),
+        }
         Some(lsn)
     }
 

@@ -51,10 +51,14 @@ impl Store {
             let to = (p.end * BLOCK_SIZE).min(end);
             let n = to - from;
             parts.push(match p.state {
-                None => match crate::io::read_if_cached(&self.shared.data, from, n as usize) {
-                    Some(bytes) => Part::Ready(ReadSegment::Data(bytes)),
-                    None => Part::Reading(self.shared.io.read(&self.shared.data, from, n as usize)),
-                },
+                None | Some(BlockState::Placed) => {
+                    match crate::io::read_if_cached(&self.shared.data, from, n as usize) {
+                        Some(bytes) => Part::Ready(ReadSegment::Data(bytes)),
+                        None => {
+                            Part::Reading(self.shared.io.read(&self.shared.data, from, n as usize))
+                        }
+                    }
+                }
                 Some(BlockState::Zero { .. }) => Part::Ready(ReadSegment::Zeroes(n)),
                 Some(BlockState::Data(bytes)) => {
                     let skip = (from - p.start * BLOCK_SIZE) as usize;
@@ -195,11 +199,15 @@ impl Store {
                     let old = match core.maps.lookup_block(b) {
                         Some(BlockState::Data(d)) => Some(d),
                         Some(BlockState::Zero { .. }) => Some(Bytes::from_static(&[0; 4096])),
-                        None if fetched_gen == core.maps.checkpoint_gen => fetched
-                            .iter()
-                            .find(|(fb, _)| *fb == b)
-                            .map(|(_, d)| d.clone()),
-                        None => None,
+                        None | Some(BlockState::Placed)
+                            if fetched_gen == core.maps.checkpoint_gen =>
+                        {
+                            fetched
+                                .iter()
+                                .find(|(fb, _)| *fb == b)
+                                .map(|(_, d)| d.clone())
+                        }
+                        None | Some(BlockState::Placed) => None,
                     };
                     let Some(old) = old else {
                         missing = true;
@@ -424,7 +432,7 @@ impl Store {
             match p.state {
                 Some(BlockState::Data(_)) => push(to - from, false, false),
                 Some(BlockState::Zero { punch }) => push(to - from, punch, true),
-                None => {
+                None | Some(BlockState::Placed) => {
                     let mut at = from;
                     while at < to {
                         let (is_data, until) = data_file_extent(&self.shared.data, at, to);

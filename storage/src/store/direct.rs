@@ -67,6 +67,8 @@ impl DirectWriter {
                     run.push(bytes.clone());
                     run_len += bytes.len() as u64;
                 }
+                // Placed blocks are in the data file already.
+                BlockState::Placed => {}
                 BlockState::Zero { punch } => {
                     if !run.is_empty() {
                         self.write_run(data, run_at, &std::mem::take(&mut run))?;

@@ -125,6 +125,8 @@ impl Shared {
         let keeps_older = self.lock_core().repl.keeps_before(target);
         if keeps_older {
             self.wait_durable_blocking(target)?;
+        } else {
+            self.wait_for_placed_through(target)?;
         }
         // During a rebuild, a checkpoint that only moves base blocks (nothing new in the WAL
         // to release) needs no fdatasync: the store stays marked rebuilding until
@@ -379,6 +381,7 @@ impl Shared {
                     run_bytes += bytes.len() as u64;
                     run_end = extent.end;
                 }
+                BlockState::Placed => {}
                 BlockState::Zero { punch } => {
                     let (offset, len) = (start * BLOCK_SIZE, (extent.end - start) * BLOCK_SIZE);
                     zero_data_range(

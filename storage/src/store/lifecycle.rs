@@ -405,6 +405,9 @@ fn recovered_core(
         writer: WriterQueue {
             queue: Vec::new(),
             queued_bytes: 0,
+            placing_bytes: 0,
+            placed_through: Lsn::ZERO,
+            places: opts.place_large_writes,
             waiting: false,
         },
         waiters: Waiters {

@@ -11,7 +11,7 @@
 //! who calls it: `lifecycle` (create, open and recovery, close), `data_path` (the client's
 //! reads and writes), `primary` (what replication ships from) and `replica` (what it applies
 //! on a follower). Below them: `shared` and `core` (the state), `wal_writer` and `flusher`
-//! (the threads), `direct`, `wal_direct` and `aligned` (O_DIRECT), `files` and `reserved`
+//! (the threads), `placement` (large writes written once, to the data file), `direct`, `wal_direct` and `aligned` (O_DIRECT), `files` and `reserved`
 //! (file helpers).
 
 mod aligned;
@@ -21,6 +21,7 @@ mod direct;
 mod files;
 mod flusher;
 mod lifecycle;
+mod placement;
 mod primary;
 mod rebuild_cursor;
 mod replica;
@@ -77,6 +78,9 @@ pub struct OpenOptions {
     /// [`Store::set_retention_pin`] says otherwise. A primary with replicas opens this way: it
     /// does not know yet what they need, and its flusher must not recycle any of it first.
     pub keep_retained_wal: bool,
+    /// Large writes go straight to the data file, with only a record of them in the WAL
+    /// (see `placement`); off, every write is logged with its data.
+    pub place_large_writes: bool,
 }
 
 impl Default for OpenOptions {
@@ -86,6 +90,7 @@ impl Default for OpenOptions {
             flush_interval: Duration::from_secs(1),
             read_only: false,
             keep_retained_wal: false,
+            place_large_writes: true,
         }
     }
 }

@@ -160,7 +160,7 @@ impl Store {
                             break; // the batch in flight lies between the file and the queue
                         }
                         bytes += q.record.encoded_len();
-                        queued.push(q.record.clone());
+                        queued.push(super::placement::with_data(q));
                         next = next.next();
                     }
                 }
@@ -174,18 +174,20 @@ impl Store {
                 None => self.shared.wait_durable(from).await?,
             }
         };
-        let mut records = if positions.is_empty() {
-            Vec::new()
-        } else {
-            wal::read_entries(
+        let mut records = Vec::with_capacity(positions.len() + queued.len());
+        if !positions.is_empty() {
+            let logged = wal::read_entries(
                 &self.shared.io,
                 &self.shared.wal,
                 &self.shared.wal_path,
                 self.shared.layout,
                 &positions,
             )
-            .await?
-        };
+            .await?;
+            for record in logged {
+                records.push(self.shared.unplace(record).await?);
+            }
+        }
         // The ring may have been reused while it was read: trust only what is still retained.
         let oldest = self.oldest_retained();
         if oldest > from {

@@ -150,6 +150,7 @@ impl Store {
     /// no entry after it.
     pub fn data_may_hold(&self) -> Lsn {
         let sb = self.superblock();
-        sb.data_through.max(sb.checkpoint_lsn)
+        // Placed writes raise `data_through` ahead of the log; no entry past the head exists.
+        sb.data_through.min(self.head()).max(sb.checkpoint_lsn)
     }
 }

@@ -25,6 +25,10 @@ pub trait StoreObserver: Send + Sync + 'static {
     fn wal_write(&self, bytes: u64, latency: Duration);
     fn wal_sync(&self, latency: Duration);
     fn checkpoint(&self, latency: Duration);
+    /// `bytes` of large writes went to the data file directly (see `placement`).
+    fn placed(&self, bytes: u64) {
+        let _ = bytes;
+    }
 }
 
 pub(super) struct NoStoreObserver;

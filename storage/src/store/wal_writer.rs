@@ -87,21 +87,28 @@ pub(crate) fn run(shared: Arc<Shared>) {
             .map(|q| q.record.lsn);
         let observer = shared.observer();
         let started = std::time::Instant::now();
+        // Placed data first, synced: a record never reaches the disk before its data.
+        let placed = shared.place(&batch);
         let runs = batch_runs(&shared, &batch, hint);
-        let result = runs
-            .iter()
-            .try_for_each(|(at, bufs, keep)| {
-                write_run(&shared, &mut direct, want_sync, *at, bufs, *keep)
-            })
-            .and_then(|_| {
-                if want_sync {
-                    crate::io::sync_data(&shared.wal)
-                } else {
-                    Ok(())
-                }
-            })
-            .map_err(|e| format!("write or fdatasync {}: {e}", shared.wal_path.display()));
-        if result.is_ok() && !batch.is_empty() {
+        let result = placed.and_then(|placed| {
+            runs.iter()
+                .try_for_each(|(at, bufs, keep)| {
+                    write_run(&shared, &mut direct, want_sync, *at, bufs, *keep)
+                })
+                .and_then(|_| {
+                    if want_sync {
+                        crate::io::sync_data(&shared.wal)
+                    } else {
+                        Ok(())
+                    }
+                })
+                .map_err(|e| format!("write or fdatasync {}: {e}", shared.wal_path.display()))
+                .map(|_| placed)
+        });
+        if let (Ok(placed), false) = (&result, batch.is_empty()) {
+            if !placed.is_empty() {
+                observer.placed(placed.iter().map(|p| p.bytes).sum());
+            }
             let bytes = batch.iter().map(|q| q.record.encoded_len()).sum();
             observer.wal_write(bytes, started.elapsed());
             if want_sync {
@@ -110,9 +117,13 @@ pub(crate) fn run(shared: Arc<Shared>) {
         }
         let mut core = shared.lock_core();
         match result {
-            Ok(()) => {
+            Ok(placed) => {
                 if let Some(lsn) = last {
                     core.log.mark_written(lsn);
+                }
+                if !placed.is_empty() {
+                    core.placed(&placed, hint.2);
+                    shared.space.notify_waiters();
                 }
                 if want_sync {
                     // Everything handed to the writer so far is now on stable storage.

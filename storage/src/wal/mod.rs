@@ -246,6 +246,7 @@ fn plausible(rec: &WalRecord, volume_size: u64) -> bool {
         .is_some_and(|end| end <= volume_size);
     let payload_ok = match rec.kind {
         RecordKind::Write => rec.payload.len() as u64 == rec.length,
+        RecordKind::Placed => rec.payload.len() == record::PLACED_PAYLOAD_LEN,
         _ => rec.payload.is_empty(),
     };
     aligned && in_range && payload_ok

@@ -40,7 +40,16 @@ pub enum RecordKind {
     /// epoch, so that committing it (on a majority) commits every older entry before it
     /// with a log that ends at the current epoch (see `Store::append_epoch_start`).
     EpochStart,
+    /// Blocks `[offset, offset + length)` were written in place, straight to the data file,
+    /// and synced there before this record was written (see `store::placement`). The payload
+    /// is [`PLACED_PAYLOAD_LEN`] bytes: the CRC32C of the blocks' contents, then zeroes. Never
+    /// shipped as such: a replica gets the write with its data.
+    Placed,
 }
+
+/// Bytes of a [`RecordKind::Placed`] record's payload: its contents' CRC32C, padded so the next
+/// record starts on the records' alignment.
+pub const PLACED_PAYLOAD_LEN: usize = 64;
 
 impl RecordKind {
     /// The (kind, flags) bytes of the on-disk header; the replication wire uses the same.
@@ -51,6 +60,7 @@ impl RecordKind {
             RecordKind::WriteZeroes { punch } => (3, u8::from(punch)),
             RecordKind::Wrap => (0xfe, 0),
             RecordKind::EpochStart => (4, 0),
+            RecordKind::Placed => (5, 0),
         }
     }
 
@@ -64,6 +74,7 @@ impl RecordKind {
             }),
             0xfe => Some(RecordKind::Wrap),
             4 => Some(RecordKind::EpochStart),
+            5 => Some(RecordKind::Placed),
             _ => None,
         }
     }
@@ -103,6 +114,29 @@ impl WalRecord {
             length,
             payload,
             payload_crc,
+        }
+    }
+
+    /// The record of a write of `length` bytes at `offset` placed in the data file, whose
+    /// contents have CRC32C `data_crc`.
+    pub fn placed(lsn: Lsn, epoch: Epoch, offset: u64, length: u64, data_crc: u32) -> WalRecord {
+        let mut payload = [0u8; PLACED_PAYLOAD_LEN];
+        payload[..4].copy_from_slice(&data_crc.to_le_bytes());
+        WalRecord::new(
+            lsn,
+            epoch,
+            RecordKind::Placed,
+            offset,
+            length,
+            Bytes::copy_from_slice(&payload),
+        )
+    }
+
+    /// The CRC32C of a placed write's contents (`None` for any other kind).
+    pub fn placed_crc(&self) -> Option<u32> {
+        match self.kind {
+            RecordKind::Placed => Some(u32::from_le_bytes(self.payload.get(..4)?.try_into().ok()?)),
+            _ => None,
         }
     }
 
@@ -210,6 +244,7 @@ mod tests {
             any::<bool>().prop_map(|punch| RecordKind::WriteZeroes { punch }),
             Just(RecordKind::Wrap),
             Just(RecordKind::EpochStart),
+            Just(RecordKind::Placed),
         ]
     }
 

@@ -186,6 +186,7 @@ fn a_barrier_learns_the_local_fsync_from_the_store_alone() {
         flush_interval: Duration::from_secs(1),
         read_only: false,
         keep_retained_wal: false,
+        place_large_writes: true,
     };
     let store = Arc::new(Store::open(&dir, &open).unwrap());
     let epoch = store.begin_epoch(None).unwrap();

@@ -263,7 +263,7 @@ fn writes_of_the_largest_size_go_through_a_wal_of_the_smallest_size() {
     let capacity = crate::wal::MIN_WAL_CAPACITY;
     let path = create(tmp.path(), 128 * MIB, capacity);
     let rt = rt();
-    let store = open(&path);
+    let store = open_logging_every_write(&path);
     let data = pattern(7, MAX_REQUEST as usize);
     rt.block_on(async {
         write_to_half_way(&store, &data).await;

@@ -11,6 +11,7 @@ use crate::WalRecord;
 mod data_path;
 mod invariants;
 mod lifecycle;
+mod placement;
 mod primary;
 mod replica;
 
@@ -73,6 +74,18 @@ fn data_file(path: &Path, offset: u64, len: u64) -> Vec<u8> {
     let mut buf = vec![0u8; len as usize];
     f.read_exact_at(&mut buf, offset).unwrap();
     buf
+}
+
+/// A store that logs every write with its data, however large (tests of the ring itself).
+fn open_logging_every_write(path: &Path) -> Store {
+    Store::open(
+        path,
+        &OpenOptions {
+            place_large_writes: false,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap()
 }
 
 /// A store whose flusher never runs on its own (checkpoints happen only when a test asks).

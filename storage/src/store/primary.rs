@@ -121,7 +121,7 @@ impl Store {
     /// batch in flight is in neither of the places this reads, so a read that reaches it
     /// stops there, and a read that starts inside it waits for the writer first.
     pub async fn read_wal(&self, from: Lsn, max_bytes: u64) -> Result<Vec<crate::WalRecord>> {
-        let (positions, queued) = loop {
+        let (positions, mut queued) = loop {
             let found = {
                 let core = self.shared.lock_core();
                 if from < core.log.tail_lsn {
@@ -159,7 +159,11 @@ impl Store {
                         {
                             break; // the batch in flight lies between the file and the queue
                         }
-                        bytes += q.record.encoded_len();
+                        // A placed write ships with its data: that is what it weighs.
+                        bytes += q
+                            .data
+                            .as_ref()
+                            .map_or(q.record.encoded_len(), |d| d.len() as u64);
                         queued.push(super::placement::with_data(q));
                         next = next.next();
                     }
@@ -184,8 +188,18 @@ impl Store {
                 &positions,
             )
             .await?;
+            // A placed write's record is small and its data is read back here, so the limit
+            // is checked on the data: entries past it wait for the next read (the ones
+            // returned stay `from, from+1, ...`).
+            let mut read = 0u64;
             for record in logged {
-                records.push(self.shared.unplace(record).await?);
+                if read >= max_bytes && !records.is_empty() {
+                    queued.clear();
+                    break;
+                }
+                let record = self.shared.unplace(record).await?;
+                read += record.encoded_len();
+                records.push(record);
             }
         }
         // The ring may have been reused while it was read: trust only what is still retained.

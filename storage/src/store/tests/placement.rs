@@ -188,6 +188,41 @@ fn a_catch_up_gets_a_placed_write_with_its_data_or_a_rebuild() {
     }
 }
 
+/// A placed write's record takes 128 bytes of WAL but ships with its data: a catch-up read
+/// is bounded by the data it returns, not by the records it read.
+#[test]
+fn a_catch_up_read_of_placed_writes_is_bounded_by_their_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 64 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open_without_flusher(&path);
+    for i in 0..32u64 {
+        rt.block_on(store.write(i * MIB, &pattern(i as u8, MIB as usize), false))
+            .unwrap();
+    }
+    rt.block_on(store.flush()).unwrap();
+    let mut from = Lsn(1);
+    let mut reads = 0;
+    while from <= store.head() {
+        let read = rt.block_on(store.read_wal(from, 4 * MIB)).unwrap();
+        let payload: u64 = read.iter().map(|r| r.payload.len() as u64).sum();
+        assert!(
+            payload <= 5 * MIB,
+            "one read returned {payload} bytes for a 4 MiB limit"
+        );
+        for (i, r) in read.iter().enumerate() {
+            assert_eq!(r.lsn, Lsn(from.0 + i as u64), "a WAL read has no hole");
+            assert_eq!(r.payload, pattern((r.lsn.0 - 1) as u8, MIB as usize));
+        }
+        from = Lsn(from.0 + read.len() as u64);
+        reads += 1;
+    }
+    assert!(
+        reads >= 7,
+        "32 MiB came in {reads} reads of at most about 4 MiB"
+    );
+}
+
 #[test]
 fn a_replicating_store_logs_large_writes_with_their_data() {
     let tmp = tempfile::tempdir().unwrap();

@@ -150,7 +150,10 @@ impl Store {
     /// no entry after it.
     pub fn data_may_hold(&self) -> Lsn {
         let sb = self.superblock();
-        // Placed writes raise `data_through` ahead of the log; no entry past the head exists.
-        sb.data_through.min(self.head()).max(sb.checkpoint_lsn)
+        // Never clamped to the head: after a crash the data file may hold entries the WAL
+        // lost, at LSNs the log has handed out again since. (Placed writes raise
+        // `data_through` ahead of the log; overstating only makes a cursor harder to vouch
+        // for.)
+        sb.data_through.max(sb.checkpoint_lsn)
     }
 }

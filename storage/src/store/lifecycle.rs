@@ -178,6 +178,10 @@ impl Store {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
                 sb.flags |= FLAG_CLEAN;
+                // The data file holds the volume as of the checkpoint and nothing newer: placed
+                // writes raised `data_through` ahead of the log (`placement`), and a rebuild
+                // base read from here must not claim to reflect entries that never existed.
+                sb.data_through = sb.data_through.min(sb.checkpoint_lsn);
                 result = sb.persist(&self.shared.sb_file, &self.shared.sb_path);
             }
         }

@@ -261,6 +261,26 @@ fn a_catch_up_right_after_a_placed_write_gets_its_data() {
     }
 }
 
+/// `data_through` runs ahead of the log while writes are placed; a clean close brings it back
+/// to the checkpoint, so a rebuild base read after a restart reflects only entries that exist
+/// (a replica records a resumable cursor only with a proof its log can hold).
+#[test]
+fn a_clean_close_brings_data_through_back_to_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 8 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    let lsn = rt
+        .block_on(store.write(0, &pattern(3, MIB as usize), true))
+        .unwrap();
+    assert!(store.data_may_hold() > lsn, "ahead while placing");
+    store.close().unwrap();
+    drop(store);
+    let store = open(&path);
+    assert_eq!(store.data_may_hold(), lsn);
+    assert_eq!(store.superblock().data_through, lsn);
+}
+
 #[test]
 fn a_cut_below_a_placed_write_is_refused() {
     let tmp = tempfile::tempdir().unwrap();

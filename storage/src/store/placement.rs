@@ -101,18 +101,18 @@ impl Shared {
     /// and is synced there (see the module doc). Returns what it placed.
     pub(super) fn place(&self, batch: &[Queued]) -> std::result::Result<Vec<PlacedWrite>, String> {
         let mut placed = Vec::new();
-        let mut runs: Vec<(u64, Vec<Bytes>)> = Vec::new();
+        // Contiguous writes as one run each: (start, end, buffers). `pwritev_all` splits a run
+        // with more buffers than one call takes.
+        let mut runs: Vec<(u64, u64, Vec<Bytes>)> = Vec::new();
         for q in batch {
             let Some(data) = &q.data else { continue };
             let (at, len) = (q.record.offset, data.len() as u64);
             match runs.last_mut() {
-                Some((start, bufs))
-                    if *start + bufs.iter().map(|b| b.len() as u64).sum::<u64>() == at
-                        && bufs.len() < 1024 =>
-                {
-                    bufs.push(data.clone())
+                Some((_, end, bufs)) if *end == at => {
+                    bufs.push(data.clone());
+                    *end += len;
                 }
-                _ => runs.push((at, vec![data.clone()])),
+                _ => runs.push((at, at + len, vec![data.clone()])),
             }
             placed.push(PlacedWrite {
                 lsn: q.record.lsn,
@@ -126,7 +126,7 @@ impl Shared {
         };
         self.record_data_through_ahead(newest)?;
         let path = self.data_path.display();
-        for (at, bufs) in &runs {
+        for (at, _, bufs) in &runs {
             crate::io::pwritev_all(&self.data, *at, bufs)
                 .map_err(|e| format!("write {path}: {e}"))?;
         }
@@ -177,27 +177,30 @@ impl Shared {
                 oldest: record.lsn.next(),
             });
         }
-        Ok(WalRecord {
-            kind: RecordKind::Write,
-            payload: data,
-            payload_crc: crc,
-            ..record
-        })
+        Ok(write_of(record, data, crc))
+    }
+}
+
+/// The write a placed record stands for: `data` (with CRC32C `crc`) at its range.
+fn write_of(record: WalRecord, data: Bytes, crc: u32) -> WalRecord {
+    WalRecord {
+        kind: RecordKind::Write,
+        payload: data,
+        payload_crc: crc,
+        ..record
     }
 }
 
 /// A queued record as a replica must get it: a placed write with its data.
 pub(super) fn with_data(q: &Queued) -> WalRecord {
     match &q.data {
-        Some(data) => WalRecord {
-            kind: RecordKind::Write,
-            payload: data.clone(),
-            payload_crc: q
+        Some(data) => {
+            let crc = q
                 .record
                 .placed_crc()
-                .unwrap_or_else(|| crc32c::crc32c(data)),
-            ..q.record.clone()
-        },
+                .unwrap_or_else(|| crc32c::crc32c(data));
+            write_of(q.record.clone(), data.clone(), crc)
+        }
         None => q.record.clone(),
     }
 }

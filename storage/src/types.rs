@@ -135,8 +135,9 @@ mod tests {
 ///
 /// Invariant (*no partial base is trusted without proof of its lineage*): the data below
 /// `through` reflects no entry after `proof`, and the store's own log held the primary's
-/// entries through `proof` (an entry of `proof_epoch`) when the cursor was written. A primary
-/// whose log has the same entry at `proof` has every entry that data may reflect.
+/// entries through `proof` (an entry of `proof_epoch`) when the cursor was written; a later
+/// checkpoint that may write entries past `proof` raises it first. A primary whose log has
+/// the same entry at `proof` has every entry that data may reflect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebuildCursor {
     /// The primary's checkpoint the base was taken at.

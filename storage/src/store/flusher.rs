@@ -308,12 +308,23 @@ impl Shared {
     /// before a checkpoint writes any block, `data_through` is raised to its target and
     /// fsynced, even after a crash in the middle of the writes the superblock bounds what
     /// the data file may contain.
+    ///
+    /// A rebuild cursor's proof is raised with it: the checkpoint writes this store's entries
+    /// anywhere, below the cursor too, and a primary that lacks them (one restarted after
+    /// losing entries it had shipped) must not keep that base (*no partial base is trusted
+    /// without proof of its lineage*).
     pub(crate) fn record_data_through(&self, target: Lsn) -> Result<(), String> {
         let mut sb = self.superblock.lock().unwrap_or_else(|p| p.into_inner());
         if target <= sb.data_through {
             return Ok(());
         }
         sb.data_through = target;
+        if let Some(cursor) = sb.rebuild_cursor.as_mut().filter(|c| c.proof < target) {
+            let core = self.lock_core();
+            cursor.proof = target;
+            cursor.proof_epoch = crate::superblock::epoch_at(&core.epochs.history, target)
+                .unwrap_or(core.epochs.last);
+        }
         sb.persist(&self.sb_file, &self.sb_path)
             .map_err(|e| e.to_string())
     }

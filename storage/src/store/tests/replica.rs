@@ -370,6 +370,53 @@ fn no_partial_base_is_trusted_without_proof_of_its_lineage() {
     assert_eq!(store.rebuild_cursor(), None);
 }
 
+/// The same invariant once the cursor is written: a later checkpoint writes this store's own
+/// entries into the data file, below the cursor too, so the cursor's proof rises with it. A
+/// primary restarted without those entries (it had shipped them, then lost them to a crash)
+/// then cannot vouch for the base, and the rebuild starts over instead of keeping blocks of
+/// entries that exist nowhere else.
+#[test]
+fn a_checkpoint_past_a_cursor_raises_its_proof() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let store = open(&path);
+    let epoch = Epoch(2);
+    store.adopt_epoch(epoch, VolumeId([9; 16])).unwrap();
+    let history = vec![(epoch, Lsn(1))];
+    store.begin_rebuild(Lsn(10), history.clone(), None).unwrap();
+    let write = |lsn: u64, offset: u64, fill: u8| {
+        rt.block_on(store.append_replicated(WalRecord::new(
+            Lsn(lsn),
+            epoch,
+            RecordKind::Write,
+            offset,
+            4096,
+            Bytes::from(vec![fill; 4096]),
+        )))
+        .unwrap();
+    };
+    write(11, 3 * MIB, 0xee);
+    let data = Some(Bytes::from(vec![0x5a; MIB as usize]));
+    rt.block_on(store.apply_base(0, MIB, data, Lsn(11)))
+        .unwrap();
+    let cursor = store.save_rebuild_cursor().unwrap().expect("a cursor");
+    assert_eq!((cursor.through, cursor.proof), (MIB, Lsn(11)));
+    // Entry 12 lands below the cursor; the checkpoint writes it there.
+    write(12, 8192, 0x77);
+    store.shared.checkpoint().unwrap();
+    assert_eq!(data_file(&path, 8192, 4096), vec![0x77; 4096]);
+    let raised = store.rebuild_cursor().expect("still a cursor");
+    assert_eq!(
+        (raised.through, raised.proof, raised.proof_epoch),
+        (MIB, Lsn(12), epoch),
+        "the proof covers the entry the data file now holds below the cursor"
+    );
+    drop(store);
+    let store = open(&path);
+    assert_eq!(store.rebuild_cursor(), Some(raised), "and it is durable");
+}
+
 /// A primary resumes a base only while its data file is at least as new as the base and its
 /// WAL holds every entry after it, which it then pins; otherwise it says why.
 #[test]

@@ -100,8 +100,8 @@ pub(crate) struct DurableWaiter {
 /// Where the log is: its LSNs, and its positions in the ring.
 ///
 /// Invariant (*durable never passes the head*): `written` and `durable` are at most the
-/// newest entry's LSN. `durable` may pass `written`: a checkpoint makes entries durable
-/// through the data file before the WAL writer has written their records.
+/// newest entry's LSN. (A checkpoint makes entries durable through the data file, but only
+/// once the WAL writer has written their records: see `wait_for_records_through`.)
 ///
 /// Invariant (*the checkpoint is never ahead of durable*): `checkpoint_lsn <= durable`; what
 /// the data file holds is durable.

@@ -9,8 +9,11 @@
 //! through `target` durable, whether or not their WAL records ever reached the disk. The one
 //! exception is a retention pin at or below `target` (a lagging replica keeps WAL from before
 //! the checkpoint): the next open replays through those entries, so the WAL is synced through
-//! `target` first. A crash between the data file's writes and the superblock may leave blocks
-//! of entries the WAL has lost in the data file; `data_through` bounds how far that reaches.
+//! `target` first. It does wait until the WAL writer has *written* every record through
+//! `target`, so a killed process leaves nothing in the data file the WAL lacks (the page
+//! cache keeps both); a power loss between the data file's writes and the superblock may
+//! still leave blocks of entries the WAL has lost, and `data_through` bounds how far that
+//! reaches.
 //!
 //! During a rebuild, a checkpoint that only moves base blocks skips the fdatasync (see
 //! `checkpoint_with`); the one `finish_rebuild` runs does not.
@@ -144,6 +147,7 @@ impl Shared {
             if lazy == Lazy::DuringRebuild {
                 self.wait_for_gate_through(target);
             }
+            self.wait_for_records_through(target)?;
             self.record_data_through(target)?;
         }
         // During a rebuild, long runs (the base) go to the disk directly when they can:
@@ -302,6 +306,32 @@ impl Shared {
             && !core.life.closing
             && core.life.failed.is_none()
             && core.log.wal_used() < self.layout.capacity / GATE_PRESSURE_FRACTION
+    }
+
+    /// Invariant (*a process crash leaves no entry in the data file that the WAL lost*): a
+    /// checkpoint writes no block before the WAL file holds the record of every entry through
+    /// its target (written, not synced: the page cache outlives a killed process). Without
+    /// it a `kill -9` in the middle of a checkpoint could leave blocks of entries still in
+    /// the writer's queue, whose LSNs the restarted log hands out again; a replica that held
+    /// those entries is cut back to the restarted log and never gets the blocks. (A power
+    /// loss can still keep a data-file block whose record it lost: `data_through` says so.)
+    fn wait_for_records_through(&self, target: Lsn) -> Result<(), String> {
+        let mut core = self.lock_core();
+        loop {
+            if let Some(msg) = &core.life.failed {
+                return Err(msg.clone());
+            }
+            // A reset of the log (a cut, a rebuild) marks what it keeps as written.
+            if core.log.written >= target.min(core.log.last()) {
+                return Ok(());
+            }
+            self.wake_writer(&mut core);
+            core = self
+                .written_cv
+                .wait_timeout(core, GATE_POLL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Invariant (*the data file never holds an entry the superblock does not admit*):

@@ -461,6 +461,7 @@ fn share(io: IoEngine, files: OpenFiles, core: Core) -> Arc<Shared> {
         writer_cv: Condvar::new(),
         flusher_cv: Condvar::new(),
         gate_cv: Condvar::new(),
+        written_cv: Condvar::new(),
         space: Notify::new(),
         durable: DurableMark::new(durable),
         checkpoint_lock: Mutex::new(()),

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub(super) flusher_cv: Condvar,
     /// Wakes a gated checkpoint when the gate moves (or the store stops).
     pub(super) gate_cv: Condvar,
+    /// Signalled when the WAL writer has written a round (or failed).
+    pub(super) written_cv: Condvar,
     /// Signalled when the flusher frees WAL space (or the store fails).
     pub(super) space: Notify,
     /// `core.log.durable`, published for lock-free reads and for watchers.

@@ -139,6 +139,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 shared.space.notify_waiters();
             }
         }
+        shared.written_cv.notify_all();
     }
 }
 

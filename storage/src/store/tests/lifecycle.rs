@@ -322,3 +322,87 @@ fn committed_lsn_survives_a_crash() {
     drop(store);
     assert_eq!(Store::read_superblock(&path).unwrap().committed_lsn, Lsn(6));
 }
+
+/// Holds the WAL writer inside its round (its records written, not yet counted as written)
+/// while `held` is set.
+#[derive(Default)]
+struct HoldWriter {
+    held: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+    inside: std::sync::atomic::AtomicBool,
+}
+
+impl HoldWriter {
+    fn release(&self) {
+        *self.held.lock().unwrap() = false;
+        self.cv.notify_all();
+    }
+}
+
+impl StoreObserver for HoldWriter {
+    fn wal_write(&self, _: u64, _: Duration) {
+        let mut held = self.held.lock().unwrap();
+        self.inside
+            .store(*held, std::sync::atomic::Ordering::SeqCst);
+        while *held {
+            held = self.cv.wait(held).unwrap();
+        }
+    }
+    fn wal_sync(&self, _: Duration) {}
+    fn checkpoint(&self, _: Duration) {}
+}
+
+/// Lets the writer go when the test ends, passed or not (the store's drop joins it).
+struct Release(Arc<HoldWriter>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// Invariant (*a process crash leaves no entry in the data file that the WAL lost*): a
+/// checkpoint writes no block of an entry until the WAL writer has written its record, so
+/// what a `kill -9` leaves in the data file is always in the WAL's page cache too.
+#[test]
+fn a_process_crash_leaves_no_entry_in_the_data_file_that_the_wal_lost() {
+    use std::sync::atomic::Ordering;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 8 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = Arc::new(open_without_flusher(&path));
+    store.begin_epoch(None).unwrap();
+    let hold = Arc::new(HoldWriter::default());
+    *hold.held.lock().unwrap() = true;
+    store.set_observer(hold.clone());
+    let _release = Release(hold.clone());
+    let data = pattern(4, 4096);
+    let lsn = rt.block_on(store.write(MIB, &data, false)).unwrap();
+    // A FLUSH sends the writer into its round (a plain write does not wake it).
+    let flush = {
+        let store = store.clone();
+        rt.spawn(async move { store.flush().await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !hold.inside.load(Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "the writer never ran");
+        std::thread::yield_now();
+    }
+    let checkpoint = {
+        let store = store.clone();
+        std::thread::spawn(move || store.shared.checkpoint())
+    };
+    // The window a mutant without the wait fails in: its checkpoint is done in milliseconds.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !checkpoint.is_finished(),
+        "the checkpoint waits for the record"
+    );
+    assert!(store.superblock().data_through < lsn);
+    assert_eq!(data_file(&path, MIB, 4096), vec![0; 4096]);
+    hold.release();
+    checkpoint.join().unwrap().unwrap();
+    rt.block_on(flush).unwrap().unwrap();
+    assert_eq!(data_file(&path, MIB, 4096), data);
+    assert_eq!(store.info().checkpoint_lsn, lsn);
+}

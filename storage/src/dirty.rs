@@ -96,6 +96,13 @@ impl DirtyMap {
         Some((first, end))
     }
 
+    /// Lays `newer` (entries made after every one of ours) over this map.
+    pub fn overlay(&mut self, newer: DirtyMap) {
+        for (start, e) in newer.extents {
+            self.insert(start, e.end, e.lsn, e.state);
+        }
+    }
+
     /// Records that blocks `[start, end)` now have `state` (written by `lsn`).
     pub fn insert(&mut self, start: u64, end: u64, lsn: Lsn, state: BlockState) {
         debug_assert!(start < end);

@@ -307,6 +307,17 @@ impl DirtyMaps {
         frozen
     }
 
+    /// The checkpoint that froze the map wrote none of it: its entries go back under the
+    /// writes made since, as if it had never frozen.
+    pub fn thaw(&mut self) {
+        let Some(frozen) = self.flushing.take() else {
+            return;
+        };
+        let mut older = Arc::try_unwrap(frozen).unwrap_or_else(|shared| (*shared).clone());
+        older.overlay(std::mem::take(&mut self.active));
+        self.active = older;
+    }
+
     /// The frozen map is in the data file, which changed under anything read from it before.
     pub fn flushed(&mut self) {
         self.flushing = None;

@@ -38,7 +38,8 @@ const MAX_WRITE: u64 = 16 << 20;
 /// Runs gathered before they are written (one `pwritev` each).
 const MAX_OUTSTANDING: usize = 64;
 /// How long a gated checkpoint, once it has frozen its target, waits for the entries that
-/// arrived while it waited to start (it holds the checkpoint lock meanwhile).
+/// arrived while it waited to start (it holds the checkpoint lock meanwhile); then it gives
+/// the map back and tries again later.
 const GATE_WAIT: Duration = Duration::from_millis(100);
 /// A gated flusher stops waiting once the WAL is this full (1/2), before writers stall.
 const GATE_PRESSURE_FRACTION: u64 = 2;
@@ -55,6 +56,15 @@ pub(crate) enum Lazy {
     /// Every checkpoint that must leave the data file durable at once (close,
     /// finish_rebuild): no skipped fdatasync, no waiting for the gate.
     Never,
+}
+
+/// How a checkpoint that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Checkpoint {
+    /// It ran (or had nothing to do).
+    Ran,
+    /// Its gate did not pass in time: it gave the frozen map back and wrote nothing.
+    GaveBack,
 }
 
 /// What a checkpoint writes: the dirty map frozen at `target` (the newest entry then).
@@ -89,7 +99,7 @@ pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
         shared.wait_for_gate();
         let started = std::time::Instant::now();
         let result = shared.checkpoint_with(Lazy::DuringRebuild);
-        if result.is_ok() {
+        if result == Ok(Checkpoint::Ran) {
             shared.observer().checkpoint(started.elapsed());
         }
         if let Err(msg) = result {
@@ -102,12 +112,12 @@ pub(crate) fn run(shared: Arc<Shared>, interval: Duration) {
 impl Shared {
     /// One checkpoint that leaves the data file durable at once.
     pub(crate) fn checkpoint(&self) -> Result<(), String> {
-        self.checkpoint_with(Lazy::Never)
+        self.checkpoint_with(Lazy::Never).map(|_| ())
     }
 
     /// One checkpoint (see the module doc). Returns an error message on I/O failure.
     /// Serialized by `checkpoint_lock`, so `close` can run a last one safely.
-    pub(crate) fn checkpoint_with(&self, lazy: Lazy) -> Result<(), String> {
+    pub(crate) fn checkpoint_with(&self, lazy: Lazy) -> Result<Checkpoint, String> {
         let _one_at_a_time = self
             .checkpoint_lock
             .lock()
@@ -119,7 +129,7 @@ impl Shared {
             epoch: target_epoch,
         }) = self.freeze()?
         else {
-            return Ok(());
+            return Ok(Checkpoint::Ran);
         };
         // The data file's own fsync makes these entries durable; the WAL only has to be
         // durable first when entries before the checkpoint stay in it for a lagging replica
@@ -144,8 +154,14 @@ impl Shared {
             (rebuilding, base_only)
         };
         if !base_only {
-            if lazy == Lazy::DuringRebuild {
-                self.wait_for_gate_through(target);
+            if lazy == Lazy::DuringRebuild && !self.wait_for_gate_through(target) {
+                // Going ahead would put entries no other copy may hold in the data file,
+                // and a failover that discards them would then rebuild this copy instead of
+                // cutting its log: give the map back and try again once the gate moves.
+                drop(frozen);
+                self.lock_core().maps.thaw();
+                tracing::debug!(target = target.0, "checkpoint waits for its gate");
+                return Ok(Checkpoint::GaveBack);
             }
             self.wait_for_records_through(target)?;
             self.record_data_through(target)?;
@@ -160,11 +176,12 @@ impl Shared {
         }
         if base_only {
             self.base_written(&frozen, direct);
-            return Ok(());
+            return Ok(Checkpoint::Ran);
         }
         crate::io::sync_data(&self.data)
             .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
-        self.record_checkpoint(target, head, target_epoch)
+        self.record_checkpoint(target, head, target_epoch)?;
+        Ok(Checkpoint::Ran)
     }
 
     /// Freezes the dirty map for a checkpoint; `None` when there is nothing to write or
@@ -261,7 +278,8 @@ impl Shared {
     /// still be cut in place (`Store::truncate_after`). It waits as long as that takes,
     /// without the checkpoint lock (a cut or a rebuild may run meanwhile), and stops waiting
     /// when the WAL is half full: writers never stall on the gate. A checkpoint that goes
-    /// ahead of the commit point only means a later cut is refused and the copy is rebuilt.
+    /// ahead of the commit point (only under that pressure: otherwise it gives its map back,
+    /// see `checkpoint_with`) only means a later cut is refused and the copy is rebuilt.
     fn wait_for_gate(&self) {
         let mut core = self.lock_core();
         let began = core.log.last();
@@ -275,18 +293,14 @@ impl Shared {
     }
 
     /// The second half of the gate: the checkpoint froze its target, which may include
-    /// entries written while `wait_for_gate` waited; give the gate a moment to pass.
-    fn wait_for_gate_through(&self, target: Lsn) {
+    /// entries written while `wait_for_gate` waited; give the gate a moment to pass. Returns
+    /// whether it did (or stopped holding back).
+    fn wait_for_gate_through(&self, target: Lsn) -> bool {
         let deadline = Instant::now() + GATE_WAIT;
         let mut core = self.lock_core();
         while self.gate_holds_back(&core, target) {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                tracing::debug!(
-                    target = target.0,
-                    gate = core.repl.gate.map_or(0, |g| g.0),
-                    "checkpoint goes ahead of its gate"
-                );
-                break;
+                return false;
             };
             core = self
                 .gate_cv
@@ -294,6 +308,7 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        true
     }
 
     /// Whether the gate still keeps a checkpoint through `target` from the data file: it is

@@ -354,3 +354,82 @@ fn a_held_wal_with_only_an_epoch_start_past_the_checkpoint_closes_clean() {
     assert!(sb.is_clean(), "a clean close left the store unclean");
     assert_eq!(sb.checkpoint_lsn, store.head());
 }
+
+/// A gated checkpoint whose gate does not reach what it froze writes nothing and gives the
+/// map back: the entries stay readable and dirty under the writes made since, the data file
+/// and `data_through` stay behind the gate (so a failover that discards those entries can
+/// still cut this log in place), and the next checkpoint once the gate moves writes the
+/// newest contents. With the WAL half full it goes ahead: writers never stall on the gate.
+#[test]
+fn a_checkpoint_whose_gate_does_not_pass_writes_nothing_and_loses_nothing() {
+    use crate::store::flusher::{Checkpoint, Lazy};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 64 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = reopen(&path, false);
+    let mut model = vec![0u8; 16 * 4096];
+    let write = |store: &Store, model: &mut [u8], block: u64, seed: u8| {
+        let data = pattern(seed, 4096);
+        rt.block_on(store.write(block * 4096, &data, false))
+            .unwrap();
+        model[block as usize * 4096..(block as usize + 1) * 4096].copy_from_slice(&data);
+    };
+    for b in 0..8 {
+        write(&store, &mut model, b, b as u8);
+    }
+    let gate = store.head();
+    store.set_checkpoint_gate(Some(gate));
+    for b in 4..12 {
+        write(&store, &mut model, b, 100 + b as u8);
+    }
+    let through = store.superblock().data_through;
+    let dirty = store.info().dirty_bytes;
+    assert_eq!(
+        store.shared.checkpoint_with(Lazy::DuringRebuild),
+        Ok(Checkpoint::GaveBack)
+    );
+    assert_eq!(store.superblock().data_through, through);
+    assert_eq!(store.info().checkpoint_lsn, Lsn::ZERO);
+    assert_eq!(data_file(&path, 0, 12 * 4096), vec![0; 12 * 4096]);
+    assert_eq!(
+        store.info().dirty_bytes,
+        dirty,
+        "every entry is dirty again"
+    );
+    let read = |store: &Store| rt.block_on(store.read_contiguous(0, 16 * 4096)).unwrap();
+    assert!(read(&store) == model, "reads see the newest contents");
+    // Writes after the thaw land over the entries it gave back.
+    for b in 10..14 {
+        write(&store, &mut model, b, 200 + b as u8);
+    }
+    assert!(read(&store) == model);
+    store.set_checkpoint_gate(Some(store.head()));
+    assert_eq!(
+        store.shared.checkpoint_with(Lazy::DuringRebuild),
+        Ok(Checkpoint::Ran)
+    );
+    assert!(
+        data_file(&path, 0, 16 * 4096) == model,
+        "the newest contents"
+    );
+    assert_eq!(store.info().checkpoint_lsn, store.head());
+    // The gate stuck below, and more than half of the 64 MiB WAL in use: it goes ahead.
+    let gate = store.head();
+    store.set_checkpoint_gate(Some(gate));
+    for i in 0..36u64 {
+        let at = 16 * MIB + (i % 32) * MIB;
+        rt.block_on(store.write(at, &pattern(i as u8, MIB as usize), false))
+            .unwrap();
+    }
+    // The writers asked the flusher for room: it goes past the gate on its own.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.info().checkpoint_lsn <= gate {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint past the gate with the WAL half full: {:?}",
+            store.info()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(store.superblock().data_through > gate);
+}

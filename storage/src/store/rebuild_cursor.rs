@@ -60,26 +60,40 @@ impl Store {
     }
 
     fn write_cursor(&self) -> Result<Option<RebuildCursor>> {
-        let (base, generation, chunks, proof, proof_epoch) = {
+        // The chunks come first: only what the checkpoint below makes durable may be named.
+        let (base, generation, chunks) = {
             let core = self.shared.lock_core();
             let Some(r) = &core.rebuild else {
                 return Ok(None);
             };
-            let head = core.log.last();
-            let epoch =
-                crate::superblock::epoch_at(&core.epochs.history, head).unwrap_or(core.epochs.last);
-            (r.base, r.generation, r.chunks.clone(), head, epoch)
+            (r.base, r.generation, r.chunks.clone())
         };
-        // The proof is our head, not just what the base chunks may reflect: a block skipped
-        // for the WAL holds its pre-rebuild contents until the WAL line writes it again, and
-        // this checkpoint (like the flusher's) writes our WAL entries into the data file. A
-        // primary that lost entries it had shipped to us (a crash before its WAL had them)
-        // therefore cannot vouch, and the rebuild starts over.
         self.shared.checkpoint().map_err(StorageError::Failed)?;
         // The checkpoint skips its fdatasync when the flusher already wrote everything (its
         // base-only checkpoints sync nothing): the base below the cursor must be on disk.
         crate::io::sync_data(&self.shared.data)
             .map_err(|e| StorageError::io(&self.shared.data_path, e))?;
+        let mut sb = self
+            .shared
+            .superblock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // The proof is our head, taken after the checkpoint and under the superblock lock
+        // (which every raise of `data_through` holds), not just what the base chunks may
+        // reflect: a block skipped for the WAL holds its pre-rebuild contents until the WAL
+        // line writes it again, and checkpoints write our WAL entries into the data file,
+        // below the cursor too. A primary that lost entries it had shipped to us (a crash
+        // before its WAL had them) therefore cannot vouch, and the rebuild starts over.
+        let (proof, proof_epoch) = {
+            let core = self.shared.lock_core();
+            let head = core.log.last();
+            if sb.data_through > head {
+                return Ok(None);
+            }
+            let epoch =
+                crate::superblock::epoch_at(&core.epochs.history, head).unwrap_or(core.epochs.last);
+            (head, epoch)
+        };
         // Chunks arrive in order and `reflects` only grows along them.
         let Some(through) = chunks
             .iter()
@@ -89,11 +103,6 @@ impl Store {
         else {
             return Ok(None);
         };
-        let mut sb = self
-            .shared
-            .superblock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
         let same_rebuild = self.shared.lock_core().rebuild.as_ref().is_some_and(|r| {
             r.base == base && r.generation == generation && r.saved_through < through
         });

@@ -70,7 +70,7 @@ impl Store {
     pub fn keep_wal_after(&self, committed: Lsn) {
         // No checkpoint is asked for: a hold that moves up only lets the next one release
         // more, and an extra checkpoint at each commit would race the gate (one frozen just
-        // as an entry past the commit arrives goes ahead of it after a short wait).
+        // as an entry past the commit arrives waits for it, then gives its map back).
         self.shared
             .lock_core()
             .repl
@@ -200,6 +200,11 @@ impl Store {
         sb.flags &= !FLAG_CLEAN;
         if resume.is_none() {
             sb.rebuild_cursor = None;
+            // Nothing of the data file is trusted: base chunks and the WAL line write every
+            // block again. Lowered here so that a cursor's proof, raised with every
+            // checkpoint past it, starts from this log's own LSNs (a store rebuilt in place
+            // kept its old log's, maybe far past this one's head, and wrote no cursor).
+            sb.data_through = base;
         }
         sb.checkpoint_lsn = base;
         sb.checkpoint_epoch = base_epoch;

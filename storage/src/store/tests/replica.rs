@@ -374,7 +374,9 @@ fn no_partial_base_is_trusted_without_proof_of_its_lineage() {
 /// entries into the data file, below the cursor too, so the cursor's proof rises with it. A
 /// primary restarted without those entries (it had shipped them, then lost them to a crash)
 /// then cannot vouch for the base, and the rebuild starts over instead of keeping blocks of
-/// entries that exist nowhere else.
+/// entries that exist nowhere else. A store rebuilt in place starts the rebuild with
+/// `data_through` at the base, so its old log's figure neither blocks the cursor nor hides a
+/// checkpoint past it.
 #[test]
 fn a_checkpoint_past_a_cursor_raises_its_proof() {
     let tmp = tempfile::tempdir().unwrap();
@@ -384,6 +386,8 @@ fn a_checkpoint_past_a_cursor_raises_its_proof() {
     let epoch = Epoch(2);
     store.adopt_epoch(epoch, VolumeId([9; 16])).unwrap();
     let history = vec![(epoch, Lsn(1))];
+    // Rebuilt in place: its old log's checkpoints had gone far past the new one's head.
+    store.shared.record_data_through(Lsn(500)).unwrap();
     store.begin_rebuild(Lsn(10), history.clone(), None).unwrap();
     let write = |lsn: u64, offset: u64, fill: u8| {
         rt.block_on(store.append_replicated(WalRecord::new(

@@ -133,6 +133,10 @@ impl Shared {
         if core.log.durable >= target {
             return Ok(None);
         }
+        if core.life.writer_stop {
+            // The writer may have exited already: nobody would ever answer.
+            return Err(StorageError::Closed);
+        }
         let (done, rx) = oneshot::channel();
         core.waiters.add(target, done);
         self.wake_writer(&mut core);

@@ -15,6 +15,8 @@ struct Inspection {
     block_size: u32,
     epoch: u64,
     checkpoint_lsn: u64,
+    /// The newest entry the data file may hold (raised before a checkpoint writes a block).
+    data_through: u64,
     clean: bool,
     in_use: bool,
     wal_capacity: u64,
@@ -45,6 +47,7 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
         block_size: sb.block_size,
         epoch: sb.epoch.0,
         checkpoint_lsn: sb.checkpoint_lsn.0,
+        data_through: sb.data_through.0,
         clean: sb.is_clean(),
         in_use,
         wal_capacity: sb.wal_capacity,
@@ -62,6 +65,7 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
     println!("block size     {}", r.block_size);
     println!("epoch          {}", r.epoch);
     println!("checkpoint LSN {}", r.checkpoint_lsn);
+    println!("data through   {}", r.data_through);
     match (r.head_lsn, r.wal_used, r.wal_entries) {
         (Some(head), Some(used), Some(entries)) => {
             println!("head LSN       {head}");

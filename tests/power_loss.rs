@@ -24,6 +24,8 @@
 //! Every external command runs under `timeout`; every mount is unmounted by a Drop guard
 //! (`umount`, then `umount -l`, then the daemon killed), every long-lived child gets SIGKILL
 //! (SIGTERM for the filesystem daemons) when the test thread that started it ends.
+//! This file holds a single node's power losses and ext4 on top; a replicated volume's are
+//! in power_loss_replicated.rs, and the steps both take in tests/common/power.rs.
 //! Run with `cargo test --test power_loss -- --test-threads=1`.
 
 mod common;
@@ -37,67 +39,15 @@ use std::time::{Duration, Instant};
 
 use common::admin::Scrape;
 use common::files::{sha256s, FileSet, SMALL_SET};
-use common::lazyfs::{cargo_build, crash_all, lazyfs_bin, LazyMount};
-use common::node::serve_args;
+use common::lazyfs::{cargo_build, lazyfs_bin, LazyMount};
+use common::power::*;
 use common::storm::{self, log_counts, Storm};
 use common::*;
 
-const MAJORITY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/majority.py");
-const BLOCK: u64 = 4096;
-const VOLUME: u64 = 32 * MIB;
 /// Blocks of a storm's large writes: 320 KiB, above the size a store places in its data file.
 const LARGE_WRITE_BLOCKS: u32 = 80;
-const BARRIER: [&str; 2] = ["--barrier-timeout-ms", "3000"];
 
 // ------------------------------------------------------------------------------ helpers
-
-/// A temporary directory for one test, removed afterwards unless BLOCKREP_KEEP_TEST_DIRS is
-/// set (then its path is printed, for looking at the logs of a failure).
-struct TestDir {
-    path: PathBuf,
-    _remove: Option<tempfile::TempDir>,
-}
-
-impl TestDir {
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-fn test_dir() -> TestDir {
-    let dir = tempfile::Builder::new()
-        .prefix("power-loss-")
-        .tempdir()
-        .unwrap();
-    if std::env::var_os("BLOCKREP_KEEP_TEST_DIRS").is_some() {
-        let path = dir.keep();
-        eprintln!("keeping {}", path.display());
-        return TestDir {
-            path,
-            _remove: None,
-        };
-    }
-    TestDir {
-        path: dir.path().to_path_buf(),
-        _remove: Some(dir),
-    }
-}
-
-fn require_tools() {
-    for t in ["timeout", "umount", SYSTEM_PYTHON] {
-        require(t);
-    }
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: blockrep-lazyfs needs FUSE"
-    );
-    let out = run(timed(30, SYSTEM_PYTHON).args(["-c", "import nbd"]));
-    assert!(
-        out.status.success(),
-        "{SYSTEM_PYTHON} lacks the libnbd binding (python3-libnbd): {}",
-        describe(&out)
-    );
-}
 
 /// The store built with `--features no-fsync` (WAL, data file and superblock never synced),
 /// in target/no-fsync of this checkout.
@@ -121,10 +71,6 @@ fn no_fsync_blockrep() -> &'static Path {
     })
 }
 
-fn real_blockrep() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_blockrep"))
-}
-
 /// `key=N` out of a crash or stats line.
 fn field(line: &str, key: &str) -> u64 {
     let k = format!("{key}=");
@@ -132,102 +78,6 @@ fn field(line: &str, key: &str) -> u64 {
         .find_map(|w| w.strip_prefix(&k))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-}
-
-// -------------------------------------------------------------------------------- nodes
-
-/// A `blockrep serve`, `replica` or `up` process of binary `bin`, logging to
-/// `LOGDIR/NAME.log` across restarts, ready once its first stdout line contains `ready`.
-fn launch(
-    bin: &Path,
-    name: &str,
-    logdir: &Path,
-    port: u16,
-    args: Vec<OsString>,
-    ready: &'static str,
-) -> Node {
-    Node::builder(name, logdir, port, args)
-        .bin(bin)
-        .log(logdir.join(format!("{name}.log")))
-        .ready(Ready::Line(ready))
-        .start()
-}
-
-fn serve_node(bin: &Path, store: &Path, logdir: &Path, name: &str, extra: &[&str]) -> Node {
-    let port = free_port();
-    launch(
-        bin,
-        name,
-        logdir,
-        port,
-        serve_args(store, port, extra),
-        "serving",
-    )
-}
-
-fn create_store_with(bin: &Path, dir: &Path, size: u64) {
-    run_ok(
-        timed(120, bin)
-            .arg("create")
-            .arg(dir)
-            .arg("--size")
-            .arg(size.to_string())
-            .arg("--wal-size")
-            .arg("64MiB"),
-    );
-}
-
-fn export(store: &Path, image: &Path) {
-    let _ = std::fs::remove_file(image);
-    run_ok(
-        timed(180, real_blockrep())
-            .arg("export")
-            .arg(store)
-            .arg(image),
-    );
-}
-
-// -------------------------------------------------------------------------------- storm
-
-/// Waits until the storm logged `min_w` writes and `min_f` FLUSHes and ran `min_time`.
-fn let_storm_run(
-    storm: &mut KillOnDrop,
-    log: &Path,
-    min_w: usize,
-    min_f: usize,
-    min_time: Duration,
-) {
-    storm::let_storm_run(
-        storm,
-        log,
-        (min_w, min_f),
-        min_time,
-        Duration::from_secs(90),
-    );
-}
-
-/// The storm must end quietly (status 0) once its server is gone.
-fn storm_ends(storm: &mut KillOnDrop) {
-    let st = storm.wait(60);
-    assert!(
-        st.success(),
-        "the storm client should exit quietly when the server dies: {st}\n{}",
-        storm.stderr_text()
-    );
-    eprintln!("{}", storm.stderr_text().trim());
-}
-
-/// `write_storm.py verify`: the JSON summary, or the failure output.
-fn verify(image: &Path, logs: &[PathBuf]) -> Result<serde_json::Value, String> {
-    storm::verify(image, logs, &[], 180)
-}
-
-fn verify_ok(image: &Path, logs: &[PathBuf], what: &str) -> serde_json::Value {
-    let summary = verify(image, logs).unwrap_or_else(|e| {
-        panic!("{what}: the image breaks the durability contract after a power loss:\n{e}")
-    });
-    eprintln!("verify {what}: {summary}");
-    summary
 }
 
 fn compare_over_nbd(uri: &str, image: &Path, what: &str) {
@@ -573,193 +423,6 @@ fn blockrep_up_makes_its_data_directory_durable() {
     let image = tmp.path().join("up.img");
     export(&store, &image);
     verify_ok(&image, &[log], "blockrep up's store after the power loss");
-}
-
-// ========================================================================== replicated
-
-/// Primary and two replicas, each store on its own lazyfs; a storm with FLUSHes; every
-/// filesystem crashed (one right after the other), then every node killed: the whole rack
-/// lost power. The commit mode's promise must hold in what the disks kept, and again
-/// after the cluster restarts and settles.
-fn rack_power_loss(commit: &str, torn: Option<u64>) {
-    require_tools();
-    let tmp = test_dir();
-    let names = ["p", "r1", "r2"];
-    let mounts: Vec<LazyMount> = names
-        .iter()
-        .map(|n| LazyMount::start(tmp.path(), n))
-        .collect();
-    let stores: Vec<PathBuf> = mounts.iter().map(|m| m.path("vol")).collect();
-    for s in &stores {
-        create_store_with(real_blockrep(), s, VOLUME);
-    }
-    let replica_node = |i: usize| {
-        let port = free_port();
-        launch(
-            real_blockrep(),
-            names[i],
-            tmp.path(),
-            port,
-            vec![
-                "replica".into(),
-                stores[i].clone().into(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}").into(),
-            ],
-            "listening on",
-        )
-    };
-    for m in &mounts {
-        m.set_sync_delay(2);
-    }
-    let mut reps = vec![replica_node(1), replica_node(2)];
-    let mut extra: Vec<String> = BARRIER.iter().map(|s| s.to_string()).collect();
-    extra.extend(["--commit".to_string(), commit.to_string()]);
-    for r in &reps {
-        extra.push("--replica".into());
-        extra.push(format!("{}=127.0.0.1:{}", r.name, r.port));
-    }
-    let extra_refs: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let mut p = serve_node(real_blockrep(), &stores[0], tmp.path(), "p", &extra_refs);
-    for r in ["r1", "r2"] {
-        p.wait_log(0, &[&format!("replica={r}"), "state=\"in_sync\""], 30);
-    }
-
-    let log = tmp.path().join("storm.log");
-    let mut storm = Storm::new(&p.uri(), &log)
-        .seq_base(1 << 40)
-        .flush_every(128)
-        .spawn();
-    let_storm_run(&mut storm, &log, 800, 10, Duration::from_millis(2000));
-    // The power loss: the three filesystems crash one right after the other (microseconds
-    // apart) while the nodes run; the nodes only meet EIO after that, and are then killed.
-    let refs: Vec<&LazyMount> = mounts.iter().collect();
-    let reports = crash_all(&refs, torn, false);
-    p.kill9();
-    for r in &mut reps {
-        r.kill9();
-    }
-    storm_ends(&mut storm);
-    let logs = vec![log];
-
-    // What the disks kept.
-    let mut images = Vec::new();
-    for (i, s) in stores.iter().enumerate() {
-        let info = inspect_json(s);
-        assert_eq!(info["in_use"], false, "{}: {info:#}", names[i]);
-        let image = tmp.path().join(format!("{}-crashed.img", names[i]));
-        export(s, &image);
-        images.push(image);
-    }
-    let what = |i: usize| {
-        format!(
-            "{} after the power loss ({commit}, {})",
-            names[i], reports[i]
-        )
-    };
-    // The primary fsyncs its own WAL for every FLUSH in every mode.
-    let summary = verify_ok(&images[0], &logs, &what(0));
-    assert!(
-        summary["covered_writes"].as_u64().unwrap() >= 500,
-        "too few flushed writes to mean anything: {summary}"
-    );
-    match commit {
-        "sync-all" => {
-            for (i, image) in images.iter().enumerate().skip(1) {
-                verify_ok(image, &logs, &what(i));
-            }
-        }
-        "sync-quorum" => {
-            let out = run(timed(180, SYSTEM_PYTHON)
-                .arg(MAJORITY)
-                .args(&images)
-                .arg("--logs")
-                .args(&logs)
-                .arg("--blocks")
-                .arg(storm::REGION_BLOCKS.to_string())
-                .arg("--need")
-                .arg("2"));
-            assert!(
-                out.status.success(),
-                "sync-quorum: a flushed write is not on a majority of the copies after the \
-                 power loss:\n{}",
-                describe(&out)
-            );
-            eprintln!("majority: {}", text(&out.stdout).trim());
-        }
-        other => panic!("unknown commit mode {other}"),
-    }
-
-    // The rack comes back: replicas first, then the primary (a new epoch); the replicas
-    // rejoin (catch-up or rebuild), then everything stops cleanly.
-    for r in &mut reps {
-        r.restart();
-    }
-    let mark = p.log().len();
-    p.restart();
-    assert!(
-        !p.log()[mark..].contains("refus"),
-        "the primary refused its store after the power loss:\n{}",
-        p.log()
-    );
-    for r in ["r1", "r2"] {
-        p.wait_log(mark, &[&format!("replica={r}"), "state=\"in_sync\""], 90);
-    }
-    p.stop_ok();
-    for r in &mut reps {
-        r.stop_ok();
-    }
-    // A clean stop leaves nothing past the checkpoint (the log may still hold entries below
-    // it that a lagging replica pinned). Entries that replay finds past it are stale records
-    // of the old epoch that the power loss left intact beyond a torn tail (unsynced writes
-    // persisted out of order): catch-up rewrote the hole before them with the same LSNs and
-    // epoch, so they became contiguous with the log again, although the primary's history
-    // no longer has them.
-    for (i, s) in stores.iter().enumerate() {
-        let info = inspect_json(s);
-        assert!(
-            info["clean"] == true && info["head_lsn"] == info["checkpoint_lsn"],
-            "{}: after a clean stop the store still replays WAL entries up to LSN {}, past \
-             the checkpoint the clean stop wrote: stale pre-crash records resurrected (the \
-             primary's history ends at the checkpoint); {info:#}",
-            names[i],
-            info["head_lsn"]
-        );
-    }
-    let pimg = tmp.path().join("p-restarted.img");
-    export(&stores[0], &pimg);
-    verify_ok(&pimg, &logs, "the primary after the restart");
-    let pbytes = std::fs::read(&pimg).unwrap();
-    for i in 1..3 {
-        let img = tmp.path().join(format!("{}-restarted.img", names[i]));
-        export(&stores[i], &img);
-        verify_ok(&img, &logs, &format!("{} after the restart", names[i]));
-        let bytes = std::fs::read(&img).unwrap();
-        if bytes != pbytes {
-            let first = bytes.iter().zip(&pbytes).position(|(a, b)| a != b).unwrap();
-            panic!(
-                "{} differs from the primary after rejoining and a clean stop (first at byte \
-                 {first}, block {})\nthe primary's log:\n{}\n{}'s log:\n{}",
-                names[i],
-                first as u64 / BLOCK,
-                p.log(),
-                names[i],
-                reps[i - 1].log()
-            );
-        }
-    }
-}
-
-#[test]
-fn replicated_sync_all_rack_power_loss() {
-    rack_power_loss("sync-all", None);
-    rack_power_loss("sync-all", Some(21));
-}
-
-#[test]
-fn replicated_sync_quorum_rack_power_loss() {
-    rack_power_loss("sync-quorum", Some(31));
-    rack_power_loss("sync-quorum", Some(41));
 }
 
 // ============================================================================ ext4 on top

@@ -4,7 +4,7 @@
 //!
 //! One room per concern: `process` (commands, `KillOnDrop`, `die_with_test`), `wait` (the
 //! one `wait_until`), `node` (a `blockrep` process with its ports and log), `fuse`
-//! (`FuseMount`), `files` (files to copy onto ext4, their checksums, `e2fsck`), `lazyfs` (`LazyMount`, a filesystem that can lose power), `storm` (the write storm and its verifier), `client` (a libnbd `Client`),
+//! (`FuseMount`), `files` (files to copy onto ext4, their checksums, `e2fsck`), `lazyfs` (`LazyMount`, a filesystem that can lose power), `power` (the steps of a power-loss test), `storm` (the write storm and its verifier), `client` (a libnbd `Client`),
 //! `admin` (HTTP, /metrics and /v1/status of a node's admin endpoint), `etcd` (a real etcd
 //! server or cluster on loopback), `relay` (a TCP relay a test can cut), `led` (an etcd-led
 //! volume of `blockrep node` processes and the writer that follows its primary), `postgres`
@@ -21,6 +21,7 @@ pub mod lazyfs;
 pub mod led;
 pub mod node;
 pub mod postgres;
+pub mod power;
 pub mod process;
 pub mod relay;
 pub mod storm;

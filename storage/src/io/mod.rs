@@ -278,6 +278,9 @@ pub(crate) fn sync_data(file: &File) -> io::Result<()> {
     file.sync_data()
 }
 
+/// Linux refuses more iovecs than this in one call (`IOV_MAX`).
+pub(crate) const MAX_IOVECS: usize = 1024;
+
 /// Writes `bufs` back to back at `offset` with `pwritev` on the calling thread (for the
 /// dedicated I/O threads, which gain nothing from handing their own writes to another thread).
 pub(crate) fn pwritev_all(file: &File, offset: u64, bufs: &[Bytes]) -> io::Result<()> {
@@ -285,10 +288,10 @@ pub(crate) fn pwritev_all(file: &File, offset: u64, bufs: &[Bytes]) -> io::Resul
     let mut skip = 0usize; // bytes of `bufs` already written
     let total: usize = bufs.iter().map(|b| b.len()).sum();
     while skip < total {
-        let mut iov = Vec::with_capacity(bufs.len().min(1024));
+        let mut iov = Vec::with_capacity(bufs.len().min(MAX_IOVECS));
         let mut s = skip;
         for b in bufs {
-            if iov.len() == 1024 {
+            if iov.len() == MAX_IOVECS {
                 break;
             }
             if s >= b.len() {

@@ -521,6 +521,17 @@ impl Replication {
     pub fn keeps_before(&self, target: Lsn) -> bool {
         self.retention_pin.is_some_and(|p| p <= target)
     }
+
+    /// Whether other copies may hold this store's entries: it ships them (a primary's
+    /// subscriber), gates its checkpoints on them or keeps WAL for a replica.
+    ///
+    /// Invariant (*a replicated store's data file holds no entry its WAL could lose*): a
+    /// checkpoint of such a store makes its WAL durable through its target before it
+    /// writes a block. Otherwise a power loss could leave blocks of entries its log no
+    /// longer has, which the replicas then cut from theirs: the copies would differ there.
+    pub fn copies_elsewhere(&self) -> bool {
+        self.tap.is_some() || self.gate.is_some() || self.retention_pin.is_some()
+    }
 }
 
 /// Why checkpoints keep WAL entries they have written to the data file.

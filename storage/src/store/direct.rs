@@ -11,11 +11,8 @@ use super::aligned::{open_direct, AlignedBuf};
 use super::files::zero_data_range;
 use super::reserved::ReservedBlocks;
 use crate::dirty::{BlockState, DirtyMap};
-use crate::io::IoEngine;
+use crate::io::{IoEngine, MAX_IOVECS};
 use crate::types::BLOCK_SIZE;
-
-/// Linux refuses more iovecs than this in one call.
-const MAX_IOVECS: usize = 1024;
 
 /// The data file opened with O_DIRECT and a reusable aligned buffer. The buffer stays warm,
 /// so a copy into it is cheap, unlike the fresh page-cache pages a buffered write fills.

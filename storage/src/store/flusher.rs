@@ -5,15 +5,16 @@
 //! fdatasyncs it, and only then records `checkpoint_lsn = target` in the superblock, releases
 //! the WAL before it and raises `durable` to `target`.
 //!
-//! It does not sync the WAL: the data file's fdatasync and the superblock make the entries
-//! through `target` durable, whether or not their WAL records ever reached the disk. The one
-//! exception is a retention pin at or below `target` (a lagging replica keeps WAL from before
-//! the checkpoint): the next open replays through those entries, so the WAL is synced through
-//! `target` first. It does wait until the WAL writer has *written* every record through
-//! `target`, so a killed process leaves nothing in the data file the WAL lacks (the page
-//! cache keeps both); a power loss between the data file's writes and the superblock may
-//! still leave blocks of entries the WAL has lost, and `data_through` bounds how far that
-//! reaches.
+//! On a single node it does not sync the WAL: the data file's fdatasync and the superblock
+//! make the entries through `target` durable, whether or not their WAL records ever reached
+//! the disk. It does wait until the WAL writer has *written* every record through `target`,
+//! so a killed process leaves nothing in the data file the WAL lacks (the page cache keeps
+//! both); a power loss between the data file's writes and the superblock may still leave
+//! blocks of entries the WAL has lost, and `data_through` bounds how far that reaches. A
+//! store whose entries other copies hold syncs the WAL through `target` first, so that even
+//! a power loss leaves its log reaching everything its data file holds (the replicas would
+//! otherwise cut those entries when it came back); so does one with a retention pin at or
+//! below `target` (the next open replays through the entries the pin keeps).
 //!
 //! During a rebuild, a checkpoint that only moves base blocks skips the fdatasync (see
 //! `checkpoint_with`); the one `finish_rebuild` runs does not.
@@ -29,11 +30,11 @@ use super::direct::DirectWriter;
 use super::files::zero_data_range;
 use super::shared::Shared;
 use crate::dirty::{BlockState, DirtyMap};
+use crate::io::MAX_IOVECS;
 use crate::types::{Epoch, Lsn, WalPos, BLOCK_SIZE};
 
 /// Start a checkpoint once the WAL is this full, so writers rarely wait for space.
 pub(crate) const EAGER_FRACTION: u64 = 4;
-const MAX_IOVECS: usize = 1024;
 const MAX_WRITE: u64 = 16 << 20;
 /// Runs gathered before they are written (one `pwritev` each).
 const MAX_OUTSTANDING: usize = 64;
@@ -133,10 +134,15 @@ impl Shared {
         };
         // The data file's own fsync makes these entries durable; the WAL only has to be
         // durable first when entries before the checkpoint stay in it for a lagging replica
-        // (replay then reads through them, so they must be intact). Skipping that sync keeps
-        // flush-free workloads from writing every byte to disk twice.
-        let keeps_older = self.lock_core().repl.keeps_before(target);
-        if keeps_older {
+        // (replay then reads through them, so they must be intact), or when other copies
+        // hold them (*a replicated store's data file holds no entry its WAL could lose*).
+        // Skipping that sync keeps a single node's flush-free workloads from writing every
+        // byte to disk twice.
+        let must_sync = {
+            let core = self.lock_core();
+            core.repl.keeps_before(target) || core.repl.copies_elsewhere()
+        };
+        if must_sync {
             self.wait_durable_blocking(target)?;
         } else {
             self.wait_for_placed_through(target)?;

@@ -55,9 +55,7 @@ impl Core {
         let (first, end) = (offset / BLOCK_SIZE, (offset + length) / BLOCK_SIZE);
         length >= PLACE_MIN
             && self.writer.places
-            && self.repl.tap.is_none()
-            && self.repl.gate.is_none()
-            && self.repl.retention_pin.is_none()
+            && !self.repl.copies_elsewhere()
             && self.rebuild.is_none()
             && self
                 .maps

@@ -17,11 +17,10 @@ use bytes::{Bytes, BytesMut};
 use super::aligned::refused_here;
 use super::shared::Shared;
 use super::wal_direct::DirectWal;
+use crate::io::MAX_IOVECS;
 use crate::types::Lsn;
 use crate::wal::record::HEADER_LEN;
 
-/// Linux refuses more iovecs than this in one call.
-const MAX_IOVECS: usize = 1024;
 /// Queue this much and the writer is woken at once.
 pub(crate) const BATCH_BYTES: u64 = 1 << 20;
 /// How long queued records may wait for a batch to fill.

@@ -25,7 +25,9 @@ pub mod txn;
 /// Milliseconds on the driver's monotonic clock (or the simulator's).
 pub type Millis = u64;
 
-pub use controller::{Action, Controller, Event, FenceReason, LocalState, LossWindow, NodeConfig};
+pub use controller::{
+    Action, Controller, Election, Event, FenceReason, LocalState, LossWindow, NodeConfig,
+};
 pub use keys::Keys;
 pub use lease::Timing;
 pub use record::VolumeView;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use blockrep_control::Election;
 use blockrep_frontend::{Exports, ListenAddr, Server, ServerError, Tls};
 use blockrep_replication::core::{CommitMode, ReplicaId};
 use blockrep_replication::driver::primary::PrimaryHandle;
@@ -214,20 +215,9 @@ impl NodeRuntime {
     /// promotion hears from a majority of at least `copies` copies, and from a member of
     /// `vouchers` vouching for this store when etcd elected it from outside the in-sync set.
     /// On failure the node is left in `Standby`.
-    pub async fn lead(
-        &mut self,
-        epoch: Epoch,
-        replicas: &[(String, String)],
-        force: bool,
-        copies: usize,
-        vouchers: &[String],
-        gate: Arc<AckGate>,
-    ) -> Result<()> {
+    pub async fn lead(&mut self, election: &Election, gate: Arc<AckGate>) -> Result<()> {
         self.stop_role().await;
-        let replicas = replica_ids(replicas);
-        let started = self
-            .start_primary(epoch, replicas, force, copies, vouchers, gate)
-            .await;
+        let started = self.start_primary(election, gate).await;
         match started {
             Ok(role) => {
                 tracing::info!(
@@ -254,23 +244,20 @@ impl NodeRuntime {
 
     async fn start_primary(
         &mut self,
-        epoch: Epoch,
-        replicas: Vec<(ReplicaId, String)>,
-        force: bool,
-        copies: usize,
-        vouchers: &[String],
+        election: &Election,
         gate: Arc<AckGate>,
     ) -> Result<PrimaryRole> {
+        let replicas = replica_ids(&election.replicas);
         let s = &self.settings;
         let mode = s.mode;
         let asked = Promote {
             candidate: s.name.clone(),
             replicas: &replicas,
-            copies,
+            copies: election.copies,
             mode,
-            epoch: Some(epoch),
-            force,
-            vouchers,
+            epoch: Some(election.epoch),
+            force: election.force,
+            vouchers: &election.vouchers,
         };
         let epoch = promote(&self.store, &asked, s.peer_tls.clone()).await?;
         // A failsafe term's hold counts from here: this node stopped answering the previous

@@ -252,13 +252,8 @@ impl State {
                     events.push_back(Event::View { now, view });
                 }
             }
-            Action::Lead {
-                epoch,
-                replicas,
-                force,
-                copies,
-                vouchers,
-            } => {
+            Action::Lead(election) => {
+                let epoch = election.epoch;
                 let mut gate = AckGate::new(self.node.origin, self.node.on_lease_loss);
                 if self.node.cfg.failsafe {
                     let t = self.controller.timing();
@@ -276,7 +271,7 @@ impl State {
                     ));
                 }
                 self.gate = Some(gate.clone());
-                self.applied = replicas.iter().map(|(n, _)| n.clone()).collect();
+                self.applied = election.replicas.iter().map(|(n, _)| n.clone()).collect();
                 self.pending = None;
                 self.last_in_sync = None;
                 self.last_confirmed = None;
@@ -288,14 +283,7 @@ impl State {
                     .inc();
                 tracing::info!("leading the volume at epoch {epoch}");
                 self.log_loss_window();
-                let _ = self.roles.send(RoleCommand::Lead {
-                    epoch,
-                    replicas,
-                    force,
-                    copies,
-                    vouchers,
-                    gate,
-                });
+                let _ = self.roles.send(RoleCommand::Lead { election, gate });
             }
             Action::Replicas { replicas } => {
                 self.pending = Some(replicas);

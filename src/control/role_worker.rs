@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
+use blockrep_control::Election;
 use blockrep_replication::driver::primary::PrimaryHandle;
 use blockrep_storage::Epoch;
 use tokio::sync::{mpsc, oneshot};
@@ -18,13 +19,7 @@ const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 pub(super) enum RoleCommand {
     Follow,
     Lead {
-        epoch: Epoch,
-        replicas: Vec<(String, String)>,
-        force: bool,
-        /// Sync-quorum's majority is taken over at least this many copies.
-        copies: usize,
-        /// A member of this in-sync set must vouch for a candidate from outside it.
-        vouchers: Vec<String>,
+        election: Election,
         gate: Arc<AckGate>,
     },
     SetReplicas(Vec<(String, String)>),
@@ -79,16 +74,10 @@ pub(super) async fn role_worker(
             RoleCommand::Follow => {
                 follow_failed = still_not_following(runtime.follow().await, follow_failed);
             }
-            RoleCommand::Lead {
-                epoch,
-                replicas,
-                force,
-                copies,
-                vouchers,
-                gate,
-            } => {
+            RoleCommand::Lead { election, gate } => {
                 follow_failed = false;
-                let led = runtime.lead(epoch, &replicas, force, copies, &vouchers, gate);
+                let epoch = election.epoch;
+                let led = runtime.lead(&election, gate);
                 if let Err(e) = led.await {
                     tracing::error!("cannot lead at epoch {epoch}: {e:#}");
                     let _ = failed.send(epoch);

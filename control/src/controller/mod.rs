@@ -121,23 +121,8 @@ impl Event {
 pub enum Action {
     /// Run this transaction and answer with [`Event::TxnDone`].
     Txn { id: TxnId, txn: Txn },
-    /// Lead at `epoch` (taken in etcd), replicating to these members (name, replication
-    /// address). `force`: promote even if this store may lack acknowledged writes (an
-    /// operator's `failover --force`). `copies`: how many copies the previous term counted
-    /// at least (its in-sync set, or the live members and this node if more): a
-    /// sync-quorum promotion must hear from a majority of them, not of the members still
-    /// alive.
-    ///
-    /// `vouchers`: the in-sync set when this node was elected from outside it under sync-all
-    /// or best-effort; the promotion must hear one of them vouch for it
-    /// (`promotion::vouched`). Empty otherwise.
-    Lead {
-        epoch: Epoch,
-        replicas: Vec<(String, String)>,
-        force: bool,
-        copies: usize,
-        vouchers: Vec<String>,
-    },
+    /// Lead as etcd elected this node (see [`Election`]).
+    Lead(Election),
     /// As leader: the volume's other members changed; replicate to these now.
     Replicas { replicas: Vec<(String, String)> },
     /// Someone else leads: be its replica.
@@ -150,6 +135,26 @@ pub enum Action {
     /// This node's settings are not its volume's (see `settings`): it takes no part, and
     /// the binary stops with these differences named. Given once.
     Misconfigured { differences: Vec<SettingDifference> },
+}
+
+/// What a node elected in etcd needs to lead its term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Election {
+    /// The epoch it took in etcd.
+    pub epoch: Epoch,
+    /// The members to replicate to (name, replication address).
+    pub replicas: Vec<(String, String)>,
+    /// Promote even if this store may lack acknowledged writes (an operator's
+    /// `failover --force`).
+    pub force: bool,
+    /// How many copies the previous term counted at least (its in-sync set, or the live
+    /// members and this node if more): a sync-quorum promotion must hear from a majority of
+    /// them, not of the members still alive.
+    pub copies: usize,
+    /// The in-sync set when this node was elected from outside it under sync-all or
+    /// best-effort; the promotion must hear one of them vouch for it
+    /// (`promotion::vouched`). Empty otherwise.
+    pub vouchers: Vec<String>,
 }
 
 /// Why a leader stopped acknowledging.
@@ -493,13 +498,13 @@ impl Controller {
                     counted: None,
                     failsafe_until: None,
                 });
-                out.push(Action::Lead {
+                out.push(Action::Lead(Election {
                     epoch,
                     replicas,
                     force,
                     copies,
                     vouchers,
-                });
+                }));
                 // The record now says primary.
                 self.published = None;
             }

@@ -341,7 +341,7 @@ fn a_new_epoch_goes_above_every_epoch_a_member_reports() {
         .iter()
         .flat_map(|n| &n.actions)
         .filter_map(|a| match a {
-            Action::Lead { epoch, .. } => Some(*epoch),
+            Action::Lead(Election { epoch, .. }) => Some(*epoch),
             _ => None,
         })
         .collect();
@@ -499,7 +499,7 @@ fn a_member_outside_the_set_whose_log_ends_at_a_later_epoch_may_lead() {
     c.advance(500, 20);
     assert_eq!(c.leaders(), ["c"]);
     let vouchers = c.nodes[cc].actions.iter().find_map(|a| match a {
-        Action::Lead { vouchers, .. } => Some(vouchers.clone()),
+        Action::Lead(Election { vouchers, .. }) => Some(vouchers.clone()),
         _ => None,
     });
     assert_eq!(vouchers, Some(vec!["a".to_string(), "b".to_string()]));
@@ -644,7 +644,7 @@ impl Cluster {
 
     fn led_at(&self, i: usize) -> Option<Epoch> {
         self.nodes[i].actions.iter().find_map(|a| match a {
-            Action::Lead { epoch, .. } => Some(*epoch),
+            Action::Lead(Election { epoch, .. }) => Some(*epoch),
             _ => None,
         })
     }
@@ -718,9 +718,9 @@ fn a_lone_survivor_counts_the_previous_terms_copies() {
     c.advance(100, 60);
     assert_eq!(c.leaders(), ["b"]);
     let lead = c.nodes[b].actions.iter().find_map(|a| match a {
-        Action::Lead {
+        Action::Lead(Election {
             replicas, copies, ..
-        } => Some((replicas.len(), *copies)),
+        }) => Some((replicas.len(), *copies)),
         _ => None,
     });
     assert_eq!(

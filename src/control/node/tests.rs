@@ -5,6 +5,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
+use blockrep_control::Election;
 use blockrep_frontend::{ListenAddr, Tls};
 use blockrep_replication::core::CommitMode;
 use blockrep_storage::{CreateOptions, Epoch, OpenOptions, Store};
@@ -99,7 +100,7 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
         };
         // The first node of a volume leads alone; a member that joins is replicated to.
         let a_gate = gate(OnLeaseLoss::Suspend);
-        a.lead(Epoch(1), &[], false, 0, &[], a_gate.clone())
+        a.lead(&elected(1, &[]), a_gate.clone())
             .await
             .expect("a leads");
         assert_eq!(a.role(), RoleName::Primary { epoch: Epoch(1) });
@@ -124,16 +125,9 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
         assert!(!a_gate.holds(), "a stepped down with its gate open");
         a.follow().await.expect("a follows");
         let b_gate = gate(OnLeaseLoss::IoError);
-        b.lead(
-            Epoch(2),
-            &[("a".into(), a_listen.clone())],
-            false,
-            0,
-            &[],
-            b_gate.clone(),
-        )
-        .await
-        .expect("b leads");
+        b.lead(&elected(2, &[("a", &a_listen)]), b_gate.clone())
+            .await
+            .expect("b leads");
         assert_eq!(b.role(), RoleName::Primary { epoch: Epoch(2) });
         assert!(
             nbd_client(b_nbd, READ_BACK).await,
@@ -192,4 +186,18 @@ fn a_node_switches_roles_and_the_new_primary_holds_every_acknowledged_flush() {
     a.store().close().expect("close a");
     b.store().close().expect("close b");
     c.store().close().expect("close c");
+}
+
+/// An election at `epoch` with these replicas (name, address), nothing forced or vouched.
+fn elected(epoch: u64, replicas: &[(&str, &str)]) -> Election {
+    Election {
+        epoch: Epoch(epoch),
+        replicas: replicas
+            .iter()
+            .map(|(n, a)| (n.to_string(), a.to_string()))
+            .collect(),
+        force: false,
+        copies: 0,
+        vouchers: Vec::new(),
+    }
 }

@@ -26,7 +26,8 @@ use std::collections::BTreeSet;
 use blockrep_control::mem_etcd::MemEtcd;
 use blockrep_control::record::MemberState;
 use blockrep_control::{
-    Action, Controller, Event, Keys, LocalState, NodeConfig, Timing, Txn, TxnId, VolumeView,
+    Action, Controller, Election, Event, Keys, LocalState, NodeConfig, Timing, Txn, TxnId,
+    VolumeView,
 };
 use blockrep_replication::core::primary::PeerState;
 use blockrep_storage::Epoch;
@@ -468,12 +469,12 @@ impl Cluster {
                 let d = self.true_delay(n, retry);
                 self.control_schedule(d, ControlEv::TxnTimeout { node: n, inc, id });
             }
-            Action::Lead {
+            Action::Lead(Election {
                 epoch,
                 force,
                 vouchers,
                 ..
-            } => {
+            }) => {
                 let name = self.nodes[n].name.clone();
                 self.log(format!("etcd: {name} leads at epoch {epoch}"));
                 if let Some(cp) = self.cp() {

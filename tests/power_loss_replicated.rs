@@ -57,6 +57,29 @@ fn primary(store: &Path, logdir: &Path, reps: &[Node], mut extra: Vec<String>) -
     p
 }
 
+/// The replica `rep`'s exported `image` holds exactly the primary's bytes `primary`: the
+/// copies converged once everything rejoined and stopped cleanly.
+fn assert_same_as_primary(primary: &[u8], image: &Path, p: &Node, rep: &Node) {
+    let bytes = std::fs::read(image).unwrap();
+    if bytes == primary {
+        return;
+    }
+    let first = bytes
+        .iter()
+        .zip(primary)
+        .position(|(a, b)| a != b)
+        .unwrap_or(bytes.len().min(primary.len()));
+    panic!(
+        "{} differs from the primary after rejoining and a clean stop (first at byte {first}, \
+         block {})\nthe primary's log:\n{}\n{}'s log:\n{}",
+        rep.name,
+        first as u64 / BLOCK,
+        p.log(),
+        rep.name,
+        rep.log()
+    );
+}
+
 /// Primary and two replicas, each store on its own lazyfs; a storm with FLUSHes; every
 /// filesystem crashed (one right after the other), then every node killed: the whole rack
 /// lost power. The commit mode's promise must hold in what the disks kept, and again
@@ -193,19 +216,7 @@ fn rack_power_loss(commit: &str, torn: Option<u64>) {
         let img = tmp.path().join(format!("{}-restarted.img", names[i]));
         export(&stores[i], &img);
         verify_ok(&img, &logs, &format!("{} after the restart", names[i]));
-        let bytes = std::fs::read(&img).unwrap();
-        if bytes != pbytes {
-            let first = bytes.iter().zip(&pbytes).position(|(a, b)| a != b).unwrap();
-            panic!(
-                "{} differs from the primary after rejoining and a clean stop (first at byte \
-                 {first}, block {})\nthe primary's log:\n{}\n{}'s log:\n{}",
-                names[i],
-                first as u64 / BLOCK,
-                p.log(),
-                names[i],
-                reps[i - 1].log()
-            );
-        }
+        assert_same_as_primary(&pbytes, &img, &p, &reps[i - 1]);
     }
 }
 
@@ -298,23 +309,17 @@ fn a_replicated_store_s_data_file_holds_no_entry_its_wal_could_lose() {
     for r in &mut reps {
         r.stop_ok();
     }
-    let images: Vec<Vec<u8>> = stores
+    let images: Vec<PathBuf> = stores
         .iter()
         .enumerate()
         .map(|(i, s)| {
             let image = tmp.path().join(format!("{i}.img"));
             export(s, &image);
-            std::fs::read(&image).unwrap()
+            image
         })
         .collect();
+    let pbytes = std::fs::read(&images[0]).unwrap();
     for i in 1..3 {
-        if let Some(first) = images[i].iter().zip(&images[0]).position(|(a, b)| a != b) {
-            panic!(
-                "r{i} differs from the primary after it came back (first at block {}):\n\
-                 the primary's log:\n{}",
-                first as u64 / BLOCK,
-                p.log()
-            );
-        }
+        assert_same_as_primary(&pbytes, &images[i], &p, &reps[i - 1]);
     }
 }

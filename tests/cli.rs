@@ -528,7 +528,7 @@ fn assert_export_equals(store: &Path, image: &Path, expect: &[u8]) {
     assert!(out.contains("exported"), "{out}");
     let got = std::fs::read(image).unwrap();
     assert_eq!(got.len(), expect.len(), "exported image size");
-    if let Some(at) = got.iter().zip(expect).position(|(a, b)| a != b) {
+    if let Some(at) = first_difference(&got, expect) {
         panic!(
             "exported image differs from what was written over NBD at byte {at} \
              (got {:#x}, want {:#x})",

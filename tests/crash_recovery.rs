@@ -64,8 +64,7 @@ fn assert_closed_cleanly(store: &Path) {
 /// Compares two images and names the first differing block.
 fn assert_same_image(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: image size");
-    if got != want {
-        let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+    if let Some(first) = first_difference(got, want) {
         let differing = got
             .chunks(BLOCK as usize)
             .zip(want.chunks(BLOCK as usize))

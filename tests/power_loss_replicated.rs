@@ -61,14 +61,9 @@ fn primary(store: &Path, logdir: &Path, reps: &[Node], mut extra: Vec<String>) -
 /// copies converged once everything rejoined and stopped cleanly.
 fn assert_same_as_primary(primary: &[u8], image: &Path, p: &Node, rep: &Node) {
     let bytes = std::fs::read(image).unwrap();
-    if bytes == primary {
+    let Some(first) = first_difference(&bytes, primary) else {
         return;
-    }
-    let first = bytes
-        .iter()
-        .zip(primary)
-        .position(|(a, b)| a != b)
-        .unwrap_or(bytes.len().min(primary.len()));
+    };
     panic!(
         "{} differs from the primary after rejoining and a clean stop (first at byte {first}, \
          block {})\nthe primary's log:\n{}\n{}'s log:\n{}",

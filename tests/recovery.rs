@@ -134,8 +134,7 @@ fn assert_zero_range(image: &Path, off: u64, len: u64, what: &str) {
 
 fn assert_holds(image: &Path, off: u64, d: &Data, what: &str) {
     let got = read_range(image, off, d.bytes.len() as u64);
-    if got != d.bytes {
-        let first = got.iter().zip(&d.bytes).position(|(a, b)| a != b).unwrap();
+    if let Some(first) = first_difference(&got, &d.bytes) {
         panic!(
             "{what}: the {} bytes written at {off} are not there (first difference at byte {}; \
              the range is {})",

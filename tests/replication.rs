@@ -63,8 +63,7 @@ fn export_image(store: &Path, image: &Path) -> Vec<u8> {
 
 fn assert_holds(img: &[u8], off: u64, d: &Data, what: &str) {
     let got = &img[off as usize..off as usize + d.bytes.len()];
-    if got != d.bytes.as_slice() {
-        let first = got.iter().zip(&d.bytes).position(|(a, b)| a != b).unwrap();
+    if let Some(first) = first_difference(got, &d.bytes) {
         let zero = got.iter().all(|&b| b == 0);
         panic!(
             "{what}: the {} bytes written at {off} are not there (first difference at byte {}; \

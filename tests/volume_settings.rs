@@ -1,10 +1,13 @@
 //! A volume's settings (commit mode, lease TTL, failsafe) are recorded in etcd by the node
 //! that creates it; a node started with other settings says which and exits, and takes no
-//! part meanwhile. Real etcd, real `blockrep node` processes.
+//! part meanwhile; so does a node whose name gives a member's leader tag. Real etcd, real
+//! `blockrep node` processes.
 
 mod common;
 
 use std::time::Duration;
+
+use blockrep_control::LeaderTag;
 
 use common::led::{one_at_a_time, LedShape, LedVolume};
 use common::wait::wait_until;
@@ -12,6 +15,10 @@ use common::wait::wait_until;
 /// Starts a new node with `extra`, waits for it to exit and checks that it said `named`.
 fn exits_naming(v: &mut LedVolume, extra: &[&str], named: &str) {
     let i = v.new_node(LedShape::default());
+    exits_naming_as(v, i, extra, named);
+}
+
+fn exits_naming_as(v: &mut LedVolume, i: usize, extra: &[&str], named: &str) {
     let volume = v.volume.clone();
     v.nodes[i].start(&volume, extra);
     let status = wait_until(
@@ -61,4 +68,34 @@ fn a_node_started_with_other_settings_than_its_volumes_names_them_and_exits() {
     let volume = v.volume.clone();
     v.nodes[i].start(&volume, &[]);
     v.wait_in_sync(2);
+}
+
+#[test]
+fn a_node_whose_name_gives_a_members_leader_tag_says_so_and_exits() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::Builder::new()
+        .prefix("volume-name-clash")
+        .tempdir()
+        .expect("tempdir");
+    let mut v = LedVolume::start(dir.path(), 1, &[]);
+    let first = v.nodes[0].name.clone();
+    let tag = LeaderTag::of(&first);
+    let twin = (0..1_000_000)
+        .map(|i| format!("node-{i}"))
+        .find(|n| LeaderTag::of(n) == tag)
+        .expect("a clashing name among a million");
+    let i = v.new_node(LedShape::default());
+    v.nodes[i].name = twin.clone();
+    exits_naming_as(
+        &mut v,
+        i,
+        &[],
+        &format!("this node's name, {twin}, gives the same leader tag ({tag}) as {first}'s"),
+    );
+    let members = v.list();
+    assert_eq!(
+        members["members"].as_array().map(|m| m.len()),
+        Some(1),
+        "it never registered: {members}"
+    );
 }

@@ -3,7 +3,7 @@
 //! It owns who may lead a volume and when: the layout of the volume's keys in etcd
 //! ([`keys`]), the records stored under them ([`record`]), the transactions that change them
 //! ([`txn`]), the lease deadline a leader must stop acknowledging by ([`lease`]), the ranking
-//! of failover candidates ([`rank`]) and the state machine that ties them together
+//! of failover candidates ([`rank`]), the tag an elected epoch carries ([`leader_tag`]) and the state machine that ties them together
 //! ([`controller`]).
 //!
 //! It must never touch I/O: no tokio, no etcd client, no clock, no socket. Time arrives as
@@ -15,6 +15,7 @@
 
 pub mod controller;
 pub mod keys;
+pub mod leader_tag;
 pub mod lease;
 pub mod mem_etcd;
 pub mod mutants;
@@ -29,6 +30,7 @@ pub use controller::{
     Action, Controller, Election, Event, FenceReason, LocalState, LossWindow, NodeConfig,
 };
 pub use keys::Keys;
+pub use leader_tag::LeaderTag;
 pub use lease::Timing;
 pub use record::VolumeView;
 pub use txn::{Compare, Kv, Op, Txn, TxnId, View};

@@ -4,10 +4,10 @@
 
 mod common;
 
+use blockrep_control::LeaderTag;
 use blockrep_replication::core::primary::PeerState;
 use blockrep_replication::core::CommitMode::{self, SyncAll, SyncQuorum};
 use blockrep_sim::{Cluster, FlushOutcome};
-use blockrep_storage::Epoch;
 
 use common::*;
 
@@ -227,7 +227,8 @@ fn two_candidates_with_equal_positions() {
     // Both were eligible at the same position: one took the key (the rank falls to the
     // name), at one new epoch; the other follows it.
     assert_eq!(q, others[0]);
-    assert_eq!(c.leads_at(q), Some(Epoch(e.0 + 1)));
+    let tag = LeaderTag::of(&format!("n{q}"));
+    assert_eq!(c.leads_at(q), tag.first_epoch_above(e));
     assert_eq!(c.leads_at(others[1]), None);
     c.restart(p);
     reach(&mut c, q, p, PeerState::InSync, WAIT);

@@ -1,25 +1,33 @@
 //! Seed 6821 (`--control --seeds 20000`), placed by hand: etcd restored from an older
 //! snapshot while the only store that knew the newest epoch is down. Under best-effort a lone
-//! survivor leads and fences nobody, so nothing left knows its epoch; without the runbook's
-//! step the next leader takes that epoch again (the open case in docs/PROTOCOL.md, "No epoch
-//! is served by two leaderships"). With it, the epoch stays unique.
+//! survivor leads and fences nobody, so nothing left knows its epoch, and the next campaign
+//! takes the same count again. Epochs carry their leader's tag (`blockrep_control::leader_tag`),
+//! so the two leaderships still hold different epochs, and once every store is back one of
+//! the two lineages is kept whole and the other rebuilt from it, never merged
+//! (docs/PROTOCOL.md, "No epoch is served by two leaderships").
 
 mod common;
 
+use blockrep_control::LeaderTag;
 use blockrep_replication::core::CommitMode::BestEffort;
 use blockrep_sim::Cluster;
+use blockrep_storage::Epoch;
 
 use common::*;
 
-#[test]
-fn raising_the_epoch_counter_after_a_restore_keeps_epochs_unique() {
-    let mut c = Cluster::scripted_controlled(BestEffort);
+/// p leads and writes; etcd is snapshotted; p and r die and q leads alone at the next count
+/// and writes 5 blocks, FLUSHed; q dies and etcd comes back from the snapshot. Returns (q, r, q's
+/// epoch).
+fn forget_q_s_epoch(c: &mut Cluster) -> (usize, usize, Epoch) {
     let p = c.serving_leader().expect("a leader");
-    write(&mut c, p, 0, 10);
+    write(c, p, 0, 10);
     c.snapshot_etcd();
-    let others: Vec<usize> = (0..3).filter(|&n| n != p).collect();
+    // q is the one with the lower tag, so that r, at the same count, goes above q's epoch
+    // though q's leadership came later: the order in which the stores' epochs rank the two
+    // lineages is not the order they happened in.
+    let mut others: Vec<usize> = (0..3).filter(|&n| n != p).collect();
+    others.sort_by_key(|&n| LeaderTag::of(&format!("n{n}")));
     let (q, r) = (others[0], others[1]);
-    // p and r die: q takes over alone at the next epoch, which only q's store records.
     c.crash(p);
     c.crash(r);
     assert!(
@@ -28,19 +36,58 @@ fn raising_the_epoch_counter_after_a_restore_keeps_epochs_unique() {
         c.describe_controlled()
     );
     let eq = c.leads_at(q).expect("q leads");
-    write(&mut c, q, 10, 5);
-    // q dies too, and etcd comes back from the snapshot taken before q's epoch: its counter
-    // is below eq. The operator raises it (here by exactly what was handed out since).
+    write(c, q, 10, 5);
+    acked(c, q);
     c.crash(q);
     c.restore_etcd();
-    c.operator_sets_epoch_counter(eq.0);
+    (q, r, eq)
+}
+
+fn take_over_alone(c: &mut Cluster, r: usize) -> Epoch {
     c.restart(r);
     assert!(
         c.run_until_true(6_000, |c| c.serving_leader() == Some(r)),
         "r never took over:{}",
         c.describe_controlled()
     );
-    assert!(c.leads_at(r).expect("r leads") > eq);
+    c.leads_at(r).expect("r leads")
+}
+
+#[test]
+fn no_epoch_is_served_by_two_leaderships_after_a_restore() {
+    let mut c = Cluster::scripted_controlled(BestEffort);
+    let (q, r, eq) = forget_q_s_epoch(&mut c);
+    // Nothing alive knows eq: r takes the count etcd hands out again, under its own tag.
+    let er = take_over_alone(&mut c, r);
+    assert_ne!(er, eq, "two leaderships at one epoch");
+    assert_eq!(
+        er.0 >> LeaderTag::BITS,
+        eq.0 >> LeaderTag::BITS,
+        "the same count"
+    );
+    assert_eq!(LeaderTag::of_epoch(er), LeaderTag::of(&format!("n{r}")));
+    assert!(er > eq);
+    write(&mut c, r, 20, 2);
+    // r dies too, and both come back at once: q holds eq's entries, which r's log does not,
+    // and knows more of them committed than r's log holds. r's log ends at the higher epoch:
+    // it is kept and q's tail is rebuilt from it. The promotion rule must not hold r back
+    // for q's commits: with q refused for missing r's epoch, nobody could ever serve.
+    c.crash(r);
+    c.restart(q);
+    c.restart(r);
+    clean(&c);
+    converge_controlled_all(&mut c);
+}
+
+#[test]
+fn raising_the_epoch_counter_after_a_restore_puts_the_next_leader_above_the_forgotten_one() {
+    let mut c = Cluster::scripted_controlled(BestEffort);
+    let (q, r, eq) = forget_q_s_epoch(&mut c);
+    // The runbook's step: the operator raises the counter to what was handed out since.
+    c.operator_sets_epoch_counter(eq.0);
+    let er = take_over_alone(&mut c, r);
+    assert!(er > eq);
+    c.restart(q);
     clean(&c);
     converge_controlled_all(&mut c);
 }

@@ -91,7 +91,8 @@ struct State {
     keeper: Option<tokio::task::JoinHandle<()>>,
     /// Whether the loop's own requests reach etcd (the keep-alive task keeps its own).
     reach: Reachability,
-    /// Set when this node's settings are not its volume's: the loop ends with this error.
+    /// Set when this node's settings are not its volume's, or its name's leader tag is
+    /// another's: the loop ends with this error.
     misconfigured: Option<String>,
 }
 
@@ -305,6 +306,16 @@ impl State {
                      created with (docs/OPERATIONS.md, \"Changing a volume's settings\")",
                     self.node.keys.config(),
                     blockrep_control::controller::describe(&differences)
+                ));
+            }
+            Action::NameClash { other, tag } => {
+                self.misconfigured = Some(format!(
+                    "this node's name, {}, gives the same leader tag ({tag}) as {other}'s, \
+                     which the volume at {} in etcd already knows: two nodes with one tag could \
+                     be elected at the same epoch after an etcd restore. Start this node with \
+                     another --name (docs/OPERATIONS.md, \"Node names\")",
+                    self.node.cfg.name,
+                    self.node.keys.dir()
                 ));
             }
         }

@@ -9,6 +9,7 @@ use super::{Action, Controller, Kind, LocalState, Purpose};
 use crate::rank;
 use crate::record::{encode, HistoryEntry, InSync, LeaderRecord, VolumeView};
 use crate::txn::{Compare, Txn};
+use crate::LeaderTag;
 use crate::Millis;
 
 impl Controller {
@@ -95,7 +96,8 @@ impl Controller {
         let Some(force) = self.should_campaign(view) else {
             return;
         };
-        let Some(epoch) = view.highest_epoch().max(local.epoch).checked_next() else {
+        let above = view.highest_epoch().max(local.epoch);
+        let Some(epoch) = LeaderTag::of(&self.cfg.name).first_epoch_above(above) else {
             return;
         };
         let leader = LeaderRecord {

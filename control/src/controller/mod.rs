@@ -15,6 +15,7 @@ use crate::lease::{LeaseClock, Timing};
 use crate::rank;
 use crate::record::{encode, Identity, MemberRecord, MemberRole, MemberState, VolumeView};
 use crate::txn::{Compare, Txn, TxnId};
+use crate::LeaderTag;
 use crate::Millis;
 
 /// How this node takes part.
@@ -135,6 +136,10 @@ pub enum Action {
     /// This node's settings are not its volume's (see `settings`): it takes no part, and
     /// the binary stops with these differences named. Given once.
     Misconfigured { differences: Vec<SettingDifference> },
+    /// This node's name gives the same [`LeaderTag`] as `other`'s, a member or an earlier
+    /// leader of the volume: its epochs could equal theirs, so it takes no part, and the
+    /// binary stops asking for another name. Given once.
+    NameClash { other: String, tag: LeaderTag },
 }
 
 /// What a node elected in etcd needs to lead its term.
@@ -280,7 +285,7 @@ pub struct Controller {
     /// with its lease, typically when that node dies: remembered for [`LossWindow`]).
     last_leader_record: Option<MemberRecord>,
     loss_window: Option<LossWindow>,
-    /// [`Action::Misconfigured`] was given.
+    /// [`Action::Misconfigured`] or [`Action::NameClash`] was given.
     misconfigured: bool,
 }
 

@@ -23,6 +23,13 @@ struct Cluster {
     now: Millis,
 }
 
+/// The epoch `name` takes when it campaigns above `above`.
+fn elected(name: &str, above: Epoch) -> Epoch {
+    LeaderTag::of(name)
+        .first_epoch_above(above)
+        .expect("an epoch to take")
+}
+
 fn local(volume: &str, head: u64) -> LocalState {
     LocalState {
         volume_id: volume.into(),
@@ -217,23 +224,24 @@ impl Cluster {
 }
 
 #[test]
-fn the_first_node_makes_its_store_the_volume_and_leads_at_epoch_1() {
+fn the_first_node_makes_its_store_the_volume_and_leads_at_its_first_epoch() {
     let mut c = Cluster::new(&["a", "b"]);
     c.advance(100, 3);
     assert_eq!(c.leaders(), ["a"]);
-    assert_eq!(c.leads("a"), Some(Epoch(1)));
+    let first = elected("a", Epoch(0));
+    assert_eq!(c.leads("a"), Some(first));
     let view = VolumeView::parse(&c.keys, &c.etcd.range(c.now, c.keys.dir())).unwrap();
     let identity = view.identity.unwrap();
     assert_eq!(
         (identity.volume_id.as_str(), identity.created_by.as_str()),
         ("vol-of-a", "a")
     );
-    assert_eq!(view.epoch_counter.map(|e| e.value), Some(1));
+    assert_eq!(view.epoch_counter.map(|e| Epoch(e.value)), Some(first));
     assert_eq!(view.history.len(), 1);
     let b = &c.nodes[c.idx("b")];
     assert!(b.actions.contains(&Action::Follow {
         leader: "a".into(),
-        epoch: Epoch(1)
+        epoch: first
     }));
     assert!(!b.ctl.may_acknowledge(c.now));
     assert!(c.nodes[0].ctl.may_acknowledge(c.now));
@@ -245,6 +253,7 @@ fn two_candidates_never_get_the_same_epoch() {
     // Both see no leader at the same view and both campaign from it: one compare-and-swap wins.
     let a = c.idx("a");
     let b = c.idx("b");
+    let first = c.leads("a").expect("a leads");
     let stale = c.view_event();
     c.nodes[a].ctl.leading = None;
     c.etcd
@@ -258,7 +267,8 @@ fn two_candidates_never_get_the_same_epoch() {
     drop(stale);
     let epochs: Vec<Epoch> = c.nodes.iter().filter_map(|n| n.ctl.epoch()).collect();
     assert_eq!(epochs.len(), 1, "exactly one node took the key: {epochs:?}");
-    assert_eq!(epochs[0], Epoch(2));
+    let winner = c.leaders()[0].to_string();
+    assert_eq!(epochs[0], elected(&winner, first));
 }
 
 #[test]
@@ -289,6 +299,7 @@ fn no_acknowledgement_after_the_lease_deadline() {
 fn a_primary_cut_from_etcd_is_replaced_only_after_it_stopped_acknowledging() {
     let mut c = Cluster::led(&["a", "b", "c"], "sync-all");
     let a = c.idx("a");
+    let first = c.leads("a").expect("a leads");
     c.nodes[a].reaches_etcd = false;
     let mut a_stopped_at = None;
     let mut b_or_c_led_at = None;
@@ -307,9 +318,10 @@ fn a_primary_cut_from_etcd_is_replaced_only_after_it_stopped_acknowledging() {
         "a stopped at {stopped}, replaced at {replaced}"
     );
     assert_eq!(c.leaders().len(), 1);
+    let successor = c.leaders()[0].to_string();
     assert_eq!(
         c.nodes.iter().filter_map(|n| n.ctl.epoch()).next(),
-        Some(Epoch(2))
+        Some(elected(&successor, first))
     );
 }
 
@@ -319,10 +331,12 @@ fn a_new_epoch_goes_above_every_epoch_a_member_reports() {
     c.advance(100, 3);
     c.adopt_volume();
     let backup = c.etcd.snapshot();
-    // Later, b led at epoch 7 (its store says so); then etcd is restored from the backup.
+    // Later, b led at a later epoch (its store says so); then etcd is restored from the
+    // backup.
     let b = c.idx("b");
-    c.nodes[b].local.epoch = Epoch(7);
-    c.nodes[b].local.head_epoch = Epoch(7);
+    let later = elected("b", c.leads("a").expect("a leads"));
+    c.nodes[b].local.epoch = later;
+    c.nodes[b].local.head_epoch = later;
     c.nodes[b].local.head = Lsn(50);
     c.etcd.restore(c.now, &backup);
     for n in &mut c.nodes {
@@ -330,8 +344,8 @@ fn a_new_epoch_goes_above_every_epoch_a_member_reports() {
     }
     // (Past the TTL a campaign waits once etcd is seen behind a store's epoch.)
     c.advance(100, 40);
-    // a, still leading at epoch 1, sees b's store at 7 and steps down; every leadership
-    // taken after the restore is above 7.
+    // a, still leading at its first epoch, sees b's store at the later one and steps down;
+    // every leadership taken after the restore is above it.
     let a = c.idx("a");
     assert!(c.nodes[a].actions.contains(&Action::StepDown {
         reason: FenceReason::HigherEpoch
@@ -346,12 +360,12 @@ fn a_new_epoch_goes_above_every_epoch_a_member_reports() {
         })
         .collect();
     assert!(
-        !leads.is_empty() && leads.iter().all(|e| *e > Epoch(7)),
+        !leads.is_empty() && leads.iter().all(|e| *e > later),
         "{leads:?}"
     );
     let epochs: Vec<Epoch> = c.nodes.iter().filter_map(|n| n.ctl.epoch()).collect();
     assert_eq!(epochs.len(), 1);
-    assert!(epochs[0] > Epoch(7), "{epochs:?}");
+    assert!(epochs[0] > later, "{epochs:?}");
 }
 
 #[test]
@@ -359,6 +373,7 @@ fn a_leader_key_from_an_earlier_run_is_handed_back_not_led_on() {
     let mut c = Cluster::new(&["a", "b"]);
     c.advance(100, 3);
     let a = c.idx("a");
+    let again = elected("a", c.leads("a").expect("a leads"));
     // a restarts: a new incarnation with a new lease finds its old key.
     let timing = *c.nodes[a].ctl.timing();
     c.nodes[a].ctl = Controller::new(
@@ -374,12 +389,12 @@ fn a_leader_key_from_an_earlier_run_is_handed_back_not_led_on() {
     );
     c.nodes[a].lease = c.etcd.grant(c.now, timing.ttl);
     c.advance(100, 1);
-    assert!(!c.nodes[a].ctl.is_leader() || c.leads("a") == Some(Epoch(2)));
+    assert!(!c.nodes[a].ctl.is_leader() || c.leads("a") == Some(again));
     c.advance(100, 3);
     assert_eq!(c.leaders(), ["a"]);
     assert_eq!(
         c.leads("a"),
-        Some(Epoch(2)),
+        Some(again),
         "a new epoch, never the old key's"
     );
 }
@@ -579,17 +594,18 @@ fn a_new_leader_may_skip_no_member_its_campaign_recorded_in_sync() {
 fn no_campaign_for_a_ttl_once_etcd_went_back_in_time() {
     let mut c = Cluster::led(&["a", "b"], "sync-all");
     let backup = c.etcd.snapshot();
-    // a leads at epoch 1; cut from etcd, it is replaced by b at epoch 2.
+    // a leads at its first epoch; cut from etcd, it is replaced by b at the next.
     let (a, b) = (c.idx("a"), c.idx("b"));
+    let replaced_at = elected("b", c.leads("a").expect("a leads"));
     c.nodes[a].reaches_etcd = false;
     assert!((0..80).any(|_| {
         c.advance(100, 1);
         c.leads("b").is_some()
     }));
-    assert_eq!(c.leads("b"), Some(Epoch(2)));
+    assert_eq!(c.leads("b"), Some(replaced_at));
     c.adopt_volume();
     c.advance(100, 2);
-    // etcd comes back from the backup, whose counter says 1, and whose leader key is gone
+    // etcd comes back from the backup, whose counter says a's epoch, and whose leader key is gone
     // (a resigned in that past): b is cut off and may still be inside its deadline, and
     // etcd no longer knows it.
     c.nodes[b].reaches_etcd = false;
@@ -613,7 +629,7 @@ fn no_campaign_for_a_ttl_once_etcd_went_back_in_time() {
         "a campaigned {} ms after etcd went back, inside b's possible lease",
         led - restored_at
     );
-    assert!(c.leads("a").unwrap() > Epoch(2));
+    assert!(c.leads("a").unwrap() > replaced_at);
 }
 
 impl Cluster {
@@ -654,7 +670,8 @@ impl Cluster {
 fn a_node_that_cannot_serve_its_term_campaigns_again_only_after_a_growing_pause() {
     let mut c = Cluster::new(&["a"]);
     c.advance(100, 3);
-    assert_eq!(c.leads("a"), Some(Epoch(1)));
+    let mut last = elected("a", Epoch(0));
+    assert_eq!(c.leads("a"), Some(last));
     // TTL 3 s: pauses of 375 ms, then 750 ms, then 1.5 s, then 3 s (and no more).
     for (round, pause) in [375, 750, 1_500, 3_000, 3_000].into_iter().enumerate() {
         c.fail_lead(0);
@@ -673,11 +690,8 @@ fn a_node_that_cannot_serve_its_term_campaigns_again_only_after_a_growing_pause(
             (pause..pause + 250).contains(&waited),
             "round {round}: campaigned again after {waited} ms, not {pause}"
         );
-        assert_eq!(
-            c.led_at(0),
-            Some(Epoch(round as u64 + 2)),
-            "one epoch per attempt"
-        );
+        last = elected("a", last);
+        assert_eq!(c.led_at(0), Some(last), "one epoch per attempt");
     }
 }
 

@@ -26,7 +26,8 @@ pub struct Facts {
 ///
 /// Invariant (*a promoted node holds the committed prefix*): no reachable member's log ends
 /// at a later epoch than the candidate's (it followed a primary the candidate never did), the
-/// candidate's log reaches every LSN any reachable member knows to be committed, and under
+/// candidate's log reaches every LSN a reachable member whose log ends at the candidate's
+/// head epoch knows to be committed, and under
 /// sync-quorum it is at least as complete, by (head epoch, head), as every member of a set
 /// of `copies - copies / 2` copies, which meets every majority a commit was made on and so,
 /// by quorum intersection, holds every committed entry even when nobody has learnt the
@@ -66,8 +67,16 @@ pub fn check(
             m.name, m.head_epoch, candidate.name, candidate.head_epoch
         ));
     }
+    // Only a member whose log ends at the candidate's head epoch can know of a commit the
+    // candidate lacks: the primary of that epoch was promoted holding everything committed
+    // before it, and the candidate holds that primary's log up to its first entry. A
+    // member's knowledge from an older epoch is of entries the newer one already holds, or,
+    // where an earlier promotion lost writes (best-effort, forced, or two leaderships an
+    // etcd restored from an older snapshot could not order), of a tail the newer epoch
+    // replaced: refusing for it would refuse every node for good.
     let known = members
         .iter()
+        .filter(|m| m.head_epoch == candidate.head_epoch)
         .map(|m| (m.committed, m.name.as_str()))
         .chain(std::iter::once((candidate.committed, "itself")))
         .max_by_key(|(c, _)| *c)
@@ -164,6 +173,21 @@ mod tests {
             epoch: Epoch(1),
             needs_rebuild: false,
         }
+    }
+
+    #[test]
+    fn a_member_whose_log_ends_at_an_older_epoch_holds_no_commit_back() {
+        // r2's knowledge is of epoch 1's entries; r1's log holds epoch 2's, whose primary
+        // was promoted with everything committed before it (or replaced what it lost).
+        let mut r1 = f("r1", 10, 10);
+        r1.head_epoch = Epoch(2);
+        r1.epoch = Epoch(2);
+        check(&r1, &[f("r2", 12, 12)], 2, CommitMode::SyncAll).expect("promotable");
+        // At the same head epoch it still does.
+        let mut r2 = f("r2", 12, 12);
+        r2.head_epoch = Epoch(2);
+        let err = check(&r1, &[r2], 2, CommitMode::SyncAll).unwrap_err();
+        assert!(err.contains("r2 knows entries through 12"), "{err}");
     }
 
     #[test]

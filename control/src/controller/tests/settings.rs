@@ -55,3 +55,48 @@ fn a_volume_recorded_before_failsafe_was_reads_as_failsafe_off() {
     let config: crate::record::VolumeConfig = serde_json::from_slice(old).unwrap();
     assert!(!config.failsafe);
 }
+
+/// A name whose leader tag is `name`'s (found by search: tags are 16 bits).
+fn name_clashing_with(name: &str) -> String {
+    let tag = LeaderTag::of(name);
+    (0..1_000_000)
+        .map(|i| format!("node-{i}"))
+        .find(|n| LeaderTag::of(n) == tag)
+        .expect("a clashing name among a million")
+}
+
+#[test]
+fn members_leader_tags_differ() {
+    let twin = name_clashing_with("a");
+    let mut c = Cluster::new(&["a", &twin]);
+    c.advance(100, 3);
+    c.adopt_volume();
+    c.advance(100, 3);
+    assert_eq!(c.leaders(), ["a"]);
+    let t = c.idx(&twin);
+    let clashes: Vec<&Action> = c.nodes[t]
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::NameClash { .. }))
+        .collect();
+    assert_eq!(
+        clashes,
+        [&Action::NameClash {
+            other: "a".into(),
+            tag: LeaderTag::of("a")
+        }],
+        "said once"
+    );
+    // It sits out: with the leader gone it never leads, so its epochs never meet a's.
+    let view = VolumeView::parse(&c.keys, &c.etcd.range(c.now, c.keys.dir())).unwrap();
+    assert!(!view.members.contains_key(&twin), "it never registered");
+    let a = c.idx("a");
+    c.nodes[a].reaches_etcd = false;
+    c.advance(100, 100);
+    assert!(c.led_at(t).is_none());
+    // a, registered first, took no part in the clash.
+    assert!(!c.nodes[a]
+        .actions
+        .iter()
+        .any(|x| matches!(x, Action::NameClash { .. } | Action::Misconfigured { .. })));
+}

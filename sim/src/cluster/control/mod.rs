@@ -510,6 +510,14 @@ impl Cluster {
                 let listed = blockrep_control::controller::describe(&differences);
                 self.log(format!("etcd: {name} sits out: {listed}"));
             }
+            // The simulated nodes' names give distinct tags; were two not to, one would sit
+            // out and the liveness check would say so.
+            Action::NameClash { other, tag } => {
+                let name = self.nodes[n].name.clone();
+                self.log(format!(
+                    "etcd: {name} sits out: leader tag {tag} is {other}'s too"
+                ));
+            }
         }
     }
 

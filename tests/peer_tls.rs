@@ -617,3 +617,31 @@ fn up_makes_its_certificates_once_and_serves_nbds_with_them() {
     );
     up.stop_ok();
 }
+
+#[test]
+fn node_certificates_made_by_certtool_with_padded_ecdsa_keys_replicate() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let t = tmp.path();
+    let ca = common::certtool::Pki::new(t, "gnutls-ca");
+    let nodes = t.join("certtool-nodes");
+    let p_dir = ca.node_dir(&nodes, "primary", "ecdsa");
+    let r_dir = ca.node_dir(&nodes, "r1", "ecdsa");
+    let (p_store, r_store) = (create(t, "p"), create(t, "r1"));
+    let mut r1 = replica("r1", &r_store, tls_args(&r_dir, "r1"));
+    let mut p = primary(&p_store, &[("r1", &r1)], tls_args(&p_dir, "primary"));
+    p.wait_log(0, &["replica=r1", "state=\"in_sync\""], 30);
+    qemu_io(&p.uri(), &["write -P 0xcd 1M 64k", "flush"]).expect("qemu-io write + flush");
+    p.stop_ok();
+    r1.stop_ok();
+    let want = export(&p_store, t, "p");
+    assert!(
+        want[MIB as usize..MIB as usize + 65536]
+            .iter()
+            .all(|b| *b == 0xcd),
+        "the primary holds the write"
+    );
+    assert!(
+        export(&r_store, t, "r1") == want,
+        "r1 does not hold what the primary holds"
+    );
+}

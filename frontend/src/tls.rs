@@ -9,13 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use blockrep_pem::{PemError, Problem};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{
-    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivateSec1KeyDer,
-};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
 pub const CA_CERT: &str = "ca-cert.pem";
@@ -128,20 +125,10 @@ fn server_config(dir: &Path, verify_peer: bool) -> Result<ServerConfig, TlsError
     let cert_path = dir.join(SERVER_CERT);
     let key_path = dir.join(SERVER_KEY);
     let crl_path = dir.join(CA_CRL);
-    let ca = certificates(&ca_path)?;
-    let chain = certificates(&cert_path)?;
-    let key = private_key(&key_path)?;
-    let mut roots = RootCertStore::empty();
-    for cert in ca {
-        roots.add(cert).map_err(|e| TlsError::Invalid {
-            path: ca_path.clone(),
-            why: format!("not a usable CA certificate: {e}"),
-        })?;
-    }
-    let crls = match read(&crl_path) {
-        Err(TlsError::Missing(_)) => Vec::new(),
-        other => revocation_lists(&crl_path, &other?)?,
-    };
+    let roots = blockrep_pem::roots(&ca_path)?;
+    let chain = blockrep_pem::certificates(&cert_path)?;
+    let key = blockrep_pem::private_key(&key_path)?;
+    let crls = blockrep_pem::revocation_lists(&crl_path)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| invalid(dir, e))?;
@@ -182,51 +169,15 @@ fn invalid(path: &Path, e: impl std::fmt::Display) -> TlsError {
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => TlsError::Missing(path.to_path_buf()),
-        _ => TlsError::Unreadable {
-            path: path.to_path_buf(),
-            source,
-        },
-    })
-}
-
-/// Every PEM certificate in `path`; at least one.
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(path, format!("not a PEM certificate file: {e}")))?;
-    if certs.is_empty() {
-        return Err(invalid(path, "no PEM certificate in it"));
-    }
-    Ok(certs)
-}
-
-/// The PEM private key in `path` (PKCS#8, PKCS#1 RSA or SEC1 EC, as certtool and openssl
-/// write them).
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(path)?;
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => invalid(path, "no PEM private key in it"),
-        e => invalid(path, format!("not a PEM private key: {e}")),
-    })?;
-    if let PrivateKeyDer::Sec1(sec1) = &key {
-        if let Some(repaired) = sec1::strip_scalar_padding(sec1.secret_sec1_der()) {
-            return Ok(PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(repaired)));
+impl From<PemError> for TlsError {
+    fn from(e: PemError) -> TlsError {
+        match e.problem {
+            Problem::Missing => TlsError::Missing(e.path),
+            Problem::Unreadable(source) => TlsError::Unreadable {
+                path: e.path,
+                source,
+            },
+            Problem::Invalid(why) => TlsError::Invalid { path: e.path, why },
         }
     }
-    Ok(key)
 }
-
-fn revocation_lists(
-    path: &Path,
-    pem: &[u8],
-) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    CertificateRevocationListDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(path, format!("not a PEM certificate revocation list: {e}")))
-}
-
-mod sec1;

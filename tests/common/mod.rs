@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod certtool;
 pub mod client;
 pub mod etcd;
 pub mod files;

@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use blockrep_pem::{PemError, Problem};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::TcpStream;
@@ -259,9 +259,9 @@ impl PeerTls {
         let ca_path = dir.join(CA_CERT);
         let cert_path = dir.join(NODE_CERT);
         let key_path = dir.join(NODE_KEY);
-        let roots = Arc::new(roots(&ca_path)?);
-        let chain = certificates(&cert_path)?;
-        let key = private_key(&key_path)?;
+        let roots = Arc::new(blockrep_pem::roots(&ca_path)?);
+        let chain = blockrep_pem::certificates(&cert_path)?;
+        let key = blockrep_pem::private_key(&key_path)?;
         check_name(&roots, &chain, name, &cert_path)?;
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
@@ -460,39 +460,15 @@ fn file_error(path: &Path, problem: FileProblem) -> PeerTlsError {
     PeerTlsError::File { path, problem }
 }
 
-/// Every PEM item of type `T` (`what`, for messages) in `path`; at least one.
-fn pem_items<T: PemObject>(path: &Path, what: &str) -> Result<Vec<T>, PeerTlsError> {
-    let text = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => file_error(path, FileProblem::Missing),
-        _ => file_error(path, FileProblem::Unreadable(e)),
-    })?;
-    let items: Vec<T> = T::pem_slice_iter(&text)
-        .collect::<Result<_, _>>()
-        .map_err(|e| invalid(path, format!("not PEM ({what}): {e}")))?;
-    match items.is_empty() {
-        true => Err(invalid(path, format!("no PEM {what} in it"))),
-        false => Ok(items),
+impl From<PemError> for PeerTlsError {
+    fn from(e: PemError) -> PeerTlsError {
+        let problem = match e.problem {
+            Problem::Missing => FileProblem::Missing,
+            Problem::Unreadable(source) => FileProblem::Unreadable(source),
+            Problem::Invalid(why) => FileProblem::Invalid(why),
+        };
+        file_error(&e.path, problem)
     }
-}
-
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, PeerTlsError> {
-    pem_items(path, "certificate")
-}
-
-fn roots(path: &Path) -> Result<RootCertStore, PeerTlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in certificates(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| invalid(path, format!("not a usable CA certificate: {e}")))?;
-    }
-    Ok(roots)
-}
-
-/// The first private key in `path` (PKCS#8, PKCS#1 or SEC1).
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, PeerTlsError> {
-    let mut keys = pem_items::<PrivateKeyDer<'static>>(path, "private key")?;
-    Ok(keys.swap_remove(0))
 }
 
 #[cfg(test)]

@@ -219,7 +219,7 @@ async fn plaintext_silent_and_certificateless_peers_are_refused_by_the_replica()
 /// A client trusting the CA in `trusts`, presenting the node certificate in `identity`.
 fn client(trusts: &Path, identity: Option<&Path>) -> ClientConfig {
     let mut roots = RootCertStore::empty();
-    for c in certificates(&trusts.join(CA_CERT)).unwrap() {
+    for c in blockrep_pem::certificates(&trusts.join(CA_CERT)).unwrap() {
         roots.add(c).unwrap();
     }
     let builder = ClientConfig::builder_with_provider(provider())
@@ -230,8 +230,8 @@ fn client(trusts: &Path, identity: Option<&Path>) -> ClientConfig {
         None => builder.with_no_client_auth(),
         Some(dir) => builder
             .with_client_auth_cert(
-                certificates(&dir.join(NODE_CERT)).unwrap(),
-                private_key(&dir.join(NODE_KEY)).unwrap(),
+                blockrep_pem::certificates(&dir.join(NODE_CERT)).unwrap(),
+                blockrep_pem::private_key(&dir.join(NODE_KEY)).unwrap(),
             )
             .unwrap(),
     }

@@ -5,7 +5,7 @@
 
 /// The key with its scalar's leading zero removed, or `None` when there is nothing to
 /// repair (or it is not the SEC1 shape: the loader then reports what ring says).
-pub(super) fn strip_scalar_padding(der: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn strip_scalar_padding(der: &[u8]) -> Option<Vec<u8>> {
     let (tag, body, rest) = element(der)?;
     if tag != 0x30 || !rest.is_empty() {
         return None;

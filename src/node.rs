@@ -486,6 +486,7 @@ async fn choose_epoch(
         epoch: args.epoch.map(Epoch),
         force: args.force,
         vouchers: &[],
+        elected: false,
     };
     promote(store, &asked, tls).await
 }

@@ -37,3 +37,13 @@ fn under_sync_quorum_the_most_complete_copy_may_lead_outside_the_in_sync_set() {
         converges_on_its_own(seed);
     }
 }
+
+/// Seed 37499: the primary of the newest epoch crashed before any entry of that epoch was
+/// durable on it, while a replica it was rebuilding held one; the promotion refused the old
+/// primary for missing "a later primary's writes" (its own, never acknowledged) and the
+/// rebuilding copy for being incomplete, so only a forced failover, serving the incomplete
+/// copy, ended it (`a_member_at_the_epoch_the_candidate_served_at_does_not_hold_it_back`).
+#[test]
+fn a_primary_is_not_held_back_by_the_unacknowledged_tail_of_its_own_epoch() {
+    converges_on_its_own(37499);
+}

@@ -258,6 +258,7 @@ impl NodeRuntime {
             epoch: Some(election.epoch),
             force: election.force,
             vouchers: &election.vouchers,
+            elected: true,
         };
         let epoch = promote(&self.store, &asked, s.peer_tls.clone()).await?;
         // A failsafe term's hold counts from here: this node stopped answering the previous

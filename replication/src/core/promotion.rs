@@ -18,6 +18,11 @@ pub struct Facts {
     pub committed: Lsn,
     pub epoch: Epoch,
     pub needs_rebuild: bool,
+    /// Its epoch is one it served at as primary (its own store is the epoch's owner), not one
+    /// a primary fenced it at: everything acknowledged at that epoch is in its log, since a
+    /// primary makes an entry durable before it acknowledges it. Known of the candidate
+    /// itself only (a probe's answer does not say it): false for members.
+    pub owns_epoch: bool,
 }
 
 /// Decides promotion of `candidate`, given the members that answered a probe out of
@@ -25,7 +30,8 @@ pub struct Facts {
 /// for a refusal.
 ///
 /// Invariant (*a promoted node holds the committed prefix*): no reachable member's log ends
-/// at a later epoch than the candidate's (it followed a primary the candidate never did), the
+/// at a later epoch than the candidate's (it followed a primary the candidate never did:
+/// unless that epoch is the one the candidate served at itself), the
 /// candidate's log reaches every LSN a reachable member whose log ends at the candidate's
 /// head epoch knows to be committed, and under
 /// sync-quorum it is at least as complete, by (head epoch, head), as every member of a set
@@ -56,9 +62,12 @@ pub fn check(
             candidate.name
         ));
     }
+    // A member whose log ends at the epoch the candidate itself served at holds entries of
+    // that epoch the candidate shipped; those it lost were never acknowledged.
+    let served_by_candidate = |m: &Facts| candidate.owns_epoch && m.head_epoch == candidate.epoch;
     if let Some(m) = members
         .iter()
-        .filter(|m| m.head_epoch > candidate.head_epoch)
+        .filter(|m| m.head_epoch > candidate.head_epoch && !served_by_candidate(m))
         .max_by_key(|m| m.head_epoch)
     {
         return Err(format!(
@@ -172,7 +181,27 @@ mod tests {
             committed: Lsn(committed),
             epoch: Epoch(1),
             needs_rebuild: false,
+            owns_epoch: false,
         }
+    }
+
+    #[test]
+    fn a_member_at_the_epoch_the_candidate_served_at_does_not_hold_it_back() {
+        // r1 served at epoch 2 and crashed before any entry of 2 was durable on it; r2 was
+        // being rebuilt from it and holds one such entry, never acknowledged.
+        let mut r1 = f("r1", 10, 10);
+        r1.epoch = Epoch(2);
+        let mut r2 = f("r2", 11, 10);
+        r2.head_epoch = Epoch(2);
+        r2.epoch = Epoch(2);
+        r2.needs_rebuild = true;
+        let err = check(&r1, &[r2.clone()], 2, CommitMode::SyncAll).unwrap_err();
+        assert!(err.contains("missed a later primary's writes"), "{err}");
+        r1.owns_epoch = true;
+        check(&r1, &[r2.clone()], 2, CommitMode::SyncAll).expect("its own epoch's tail");
+        // A later epoch than its own still does.
+        r2.head_epoch = Epoch(3);
+        assert!(check(&r1, &[r2], 2, CommitMode::SyncAll).is_err());
     }
 
     #[test]

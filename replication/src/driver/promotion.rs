@@ -186,6 +186,7 @@ impl Promotion {
                     committed,
                     epoch,
                     needs_rebuild,
+                    owns_epoch: false,
                 }),
                 Ok((_, Body::ProbeReply { volume_id, .. })) => {
                     tracing::warn!(replica = %id, "belongs to volume {volume_id}, not ours; ignored")
@@ -246,6 +247,7 @@ mod tests {
                 committed: Lsn(10),
                 epoch: Epoch(1),
                 needs_rebuild: false,
+                owns_epoch: false,
             },
             store_id: VolumeId([2; 16]),
             volume_id: VolumeId([1; 16]),

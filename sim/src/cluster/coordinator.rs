@@ -151,6 +151,7 @@ impl Cluster {
             committed: s.committed,
             epoch: s.epoch,
             needs_rebuild: s.rebuilding,
+            owns_epoch: s.epoch > Epoch(0) && s.epoch_owner == s.store_id,
         }
     }
 
@@ -221,6 +222,7 @@ impl Cluster {
             committed,
             epoch: frame.epoch,
             needs_rebuild,
+            owns_epoch: false,
         })
     }
 }

@@ -134,19 +134,7 @@ fn assert_zero_range(image: &Path, off: u64, len: u64, what: &str) {
 
 fn assert_holds(image: &Path, off: u64, d: &Data, what: &str) {
     let got = read_range(image, off, d.bytes.len() as u64);
-    if let Some(first) = first_difference(&got, &d.bytes) {
-        panic!(
-            "{what}: the {} bytes written at {off} are not there (first difference at byte {}; \
-             the range is {})",
-            d.bytes.len(),
-            off + first as u64,
-            if got.iter().all(|&b| b == 0) {
-                "all zero"
-            } else {
-                "other data"
-            }
-        );
-    }
+    assert_range_holds(&got, off, &d.bytes, what);
 }
 
 // -------------------------------------------------------------------------------- nodes

@@ -63,16 +63,7 @@ fn export_image(store: &Path, image: &Path) -> Vec<u8> {
 
 fn assert_holds(img: &[u8], off: u64, d: &Data, what: &str) {
     let got = &img[off as usize..off as usize + d.bytes.len()];
-    if let Some(first) = first_difference(got, &d.bytes) {
-        let zero = got.iter().all(|&b| b == 0);
-        panic!(
-            "{what}: the {} bytes written at {off} are not there (first difference at byte {}; \
-             the range is {})",
-            d.bytes.len(),
-            off + first as u64,
-            if zero { "all zero" } else { "other data" }
-        );
-    }
+    assert_range_holds(got, off, &d.bytes, what);
 }
 
 fn assert_zero(img: &[u8], off: u64, len: u64, what: &str) {

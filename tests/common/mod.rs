@@ -200,6 +200,22 @@ pub fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
     )
 }
 
+/// Panics unless `got`, read back from offset `off`, is the `want` written there; the
+/// message says where they first differ and whether the range reads as all zero (the write
+/// never arrived) or as other data.
+pub fn assert_range_holds(got: &[u8], off: u64, want: &[u8], what: &str) {
+    if let Some(first) = first_difference(got, want) {
+        let zero = got.iter().all(|&b| b == 0);
+        panic!(
+            "{what}: the {} bytes written at {off} are not there (first difference at byte {}; \
+             the range is {})",
+            want.len(),
+            off + first as u64,
+            if zero { "all zero" } else { "other data" }
+        );
+    }
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

@@ -31,13 +31,12 @@ pub struct Facts {
 ///
 /// Invariant (*a promoted node holds the committed prefix*): no reachable member's log ends
 /// at a later epoch than the candidate's (it followed a primary the candidate never did:
-/// unless that epoch is the one the candidate served at itself), the
-/// candidate's log reaches every LSN a reachable member whose log ends at the candidate's
-/// head epoch knows to be committed, and under
-/// sync-quorum it is at least as complete, by (head epoch, head), as every member of a set
-/// of `copies - copies / 2` copies, which meets every majority a commit was made on and so,
-/// by quorum intersection, holds every committed entry even when nobody has learnt the
-/// newest commit yet.
+/// unless that epoch is the one the candidate served at itself), the candidate's log reaches
+/// every LSN a reachable member whose log ends at the candidate's head epoch knows to be
+/// committed, and under sync-quorum it is at least as complete, by (head epoch, head), as
+/// every member of a set of `copies - copies / 2` copies, which meets every majority a
+/// commit was made on and so, by quorum intersection, holds every committed entry even when
+/// nobody has learnt the newest commit yet.
 pub fn check(
     candidate: &Facts,
     members: &[Facts],

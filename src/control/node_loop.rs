@@ -17,9 +17,7 @@ use anyhow::Result;
 use blockrep_control::record::{MemberState, VolumeView};
 use blockrep_control::{Action, Controller, Event, FenceReason, Keys, LocalState, NodeConfig};
 use blockrep_metrics::ControlReport;
-use blockrep_replication::core::primary::PeerState;
 use blockrep_replication::core::{CommitMode, Millis};
-use blockrep_replication::driver::primary::PrimaryHandle;
 use blockrep_storage::{Epoch, Store};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +26,7 @@ use super::etcd::{Etcd, EtcdError, LeaseId, Watch, WatchEvent};
 use super::gate::{AckGate, OnLeaseLoss};
 use super::node::NodeRuntime;
 use super::reach::Reachability;
-use super::role_worker::{role_worker, RoleCommand};
+use super::role_worker::{counted_in_sync, role_worker, term_at, LedTerm, RoleCommand, TermSlot};
 use crate::observe::VolumeMetrics;
 
 /// How often the loop looks at the clock and the store between etcd events.
@@ -77,8 +75,8 @@ struct State {
     /// The running primary term's gate.
     gate: Option<Arc<AckGate>>,
     roles: mpsc::UnboundedSender<RoleCommand>,
-    /// The replication of the running primary term, as the role worker last set it.
-    primary: Arc<Mutex<Option<PrimaryHandle>>>,
+    /// The primary term the role worker runs, as it last set it.
+    term: TermSlot,
     /// The replicas the role worker was last told to replicate to.
     applied: BTreeSet<String>,
     /// A member change waiting until etcd's in-sync set allows it.
@@ -102,8 +100,8 @@ pub async fn run(node: Loop, runtime: NodeRuntime, shutdown: CancellationToken) 
     let store = runtime.store().clone();
     let (roles, role_rx) = mpsc::unbounded_channel();
     let (failed_tx, mut failed) = mpsc::unbounded_channel();
-    let primary = Arc::new(Mutex::new(None));
-    let worker = tokio::spawn(role_worker(runtime, role_rx, failed_tx, primary.clone()));
+    let term: TermSlot = Arc::new(Mutex::new(None));
+    let worker = tokio::spawn(role_worker(runtime, role_rx, failed_tx, term.clone()));
     let _ = roles.send(RoleCommand::Follow);
     for reason in [
         FenceReason::LeaseExpired,
@@ -127,7 +125,7 @@ pub async fn run(node: Loop, runtime: NodeRuntime, shutdown: CancellationToken) 
         lease: None,
         gate: None,
         roles,
-        primary,
+        term,
         applied: BTreeSet::new(),
         pending: None,
         last_local: None,
@@ -265,7 +263,7 @@ impl State {
                 if self.node.cfg.failsafe {
                     tokio::spawn(confirmer(
                         gate.clone(),
-                        self.primary.clone(),
+                        self.term.clone(),
                         epoch,
                         self.node.origin,
                         self.controller.timing().renew,
@@ -511,7 +509,7 @@ impl State {
         let Some(epoch) = self.controller.epoch() else {
             return;
         };
-        let Some(at) = confirmed_at(&self.primary, epoch, self.node.origin) else {
+        let Some(at) = confirmed_at(&self.term, epoch, self.node.origin) else {
             return;
         };
         if self.last_confirmed != Some(at) {
@@ -521,26 +519,11 @@ impl State {
         }
     }
 
-    /// The replicas the running term's replication counts in sync (None before it runs).
+    /// The replicas the running term's replication counts in sync (None before it runs, or
+    /// when the worker was refused it).
     fn counted_in_sync(&self) -> Option<Vec<String>> {
-        let primary = self
-            .primary
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let Some(primary) = primary else {
-            // A primary without replicas: nobody to count, once the worker has led.
-            return self.applied.is_empty().then(Vec::new);
-        };
-        let status = primary.status();
-        let mut names: Vec<String> = status
-            .peers
-            .iter()
-            .filter(|p| p.state == PeerState::InSync)
-            .map(|p| p.id.0.clone())
-            .collect();
-        names.sort();
-        Some(names)
+        let term = term_at(&self.term, self.controller.epoch()?);
+        counted_in_sync(term, self.applied.is_empty())
     }
 
     fn local_state(&self) -> LocalState {
@@ -625,16 +608,8 @@ impl State {
 
 /// The primary slot's `confirmed_at` for the term at `epoch`, on the loop's clock (rounded
 /// down: never later than the send it stands for).
-fn confirmed_at(
-    primary: &Mutex<Option<PrimaryHandle>>,
-    epoch: Epoch,
-    origin: Instant,
-) -> Option<Millis> {
-    let status = primary
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()?
-        .status();
+fn confirmed_at(term: &Mutex<Option<LedTerm>>, epoch: Epoch, origin: Instant) -> Option<Millis> {
+    let status = term_at(term, epoch)?.replication?.status();
     // Only this term's replication speaks for it (the worker may not have ended the
     // previous term's driver yet).
     if status.epoch != epoch {
@@ -651,7 +626,7 @@ fn confirmed_at(
 /// (`ReplicasConfirmed`: `at + renew`), which the loop also feeds it before every event.
 async fn confirmer(
     gate: Arc<AckGate>,
-    primary: Arc<Mutex<Option<PrimaryHandle>>>,
+    term: TermSlot,
     epoch: Epoch,
     origin: Instant,
     renew: Millis,
@@ -660,7 +635,7 @@ async fn confirmer(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !gate.is_closed() {
         poll.tick().await;
-        if let Some(at) = confirmed_at(&primary, epoch, origin) {
+        if let Some(at) = confirmed_at(&term, epoch, origin) {
             gate.confirm(at.saturating_add(renew));
         }
     }

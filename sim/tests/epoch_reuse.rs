@@ -99,3 +99,24 @@ fn converge_controlled_all(c: &mut Cluster) {
     }
     clean(c);
 }
+
+/// Seed 27512 (`--control --seeds 20000 --start 20000`), replayed: a leader cut from etcd
+/// was inside its deadline when etcd came back from an older snapshot, and the node that
+/// campaigned next had been down across the restore. The snapshot held that node's own
+/// leader key from an earlier term, which it handed back at once, and nothing else it saw
+/// was behind, so it led while the cut leader still acknowledged. A node that starts now
+/// campaigns only a TTL after it started unless it sees another node's leader key
+/// (`a_node_that_starts_after_an_etcd_restore_waits_a_ttl_before_it_campaigns` in
+/// `blockrep-control`).
+#[test]
+fn a_node_started_after_a_restore_does_not_lead_beside_a_cut_leader() {
+    let seed = 27512;
+    let mut cfg = blockrep_sim::Config::new(seed, blockrep_sim::mode_for(seed));
+    cfg.control = Some(blockrep_sim::ControlConfig::default());
+    if let Err(f) = blockrep_sim::run(cfg, false) {
+        panic!(
+            "seed {seed} ({}): {}\n    replay: cargo run --release -p blockrep-sim -- --control --seed {seed}",
+            f.mode, f.violation
+        );
+    }
+}

@@ -279,6 +279,10 @@ pub struct Controller {
     campaign_hold_until: Option<Millis>,
     /// etcd's last view was behind (see `campaign_hold_until`).
     etcd_behind: bool,
+    /// The time of the first event this node handled, and whether `notice_start` has
+    /// decided on the hold it may owe.
+    started_at: Option<Millis>,
+    start_noticed: bool,
     /// Terms won in a row that the node could not serve (reset once another node leads).
     lead_failures: u32,
     /// The member record of the other node that led last, as last seen (it goes from etcd
@@ -309,6 +313,8 @@ impl Controller {
             etcd_epoch_seen: Epoch(0),
             campaign_hold_until: None,
             etcd_behind: false,
+            started_at: None,
+            start_noticed: false,
             lead_failures: 0,
             last_leader_record: None,
             loss_window: None,
@@ -394,6 +400,7 @@ impl Controller {
         let mut out = Vec::new();
         if let Some(now) = event.now() {
             self.now = self.now.max(now);
+            self.started_at.get_or_insert(now);
         }
         let now = match event {
             Event::View { now, view } => {
@@ -455,6 +462,7 @@ impl Controller {
                 return out;
             }
         };
+        self.notice_start();
         self.evaluate(now, &mut out);
         out
     }

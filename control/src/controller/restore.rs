@@ -38,7 +38,44 @@ impl Controller {
         self.etcd_epoch_seen = self.etcd_epoch_seen.max(recorded);
     }
 
-    /// Whether a campaign is held back now (see `notice_etcd_going_back`).
+    /// Once this node knows both etcd's view and its store: if the volume has had a leader
+    /// and etcd names none, no campaign until a TTL after the node started.
+    ///
+    /// Invariant (*a node that just started campaigns only after a TTL, unless it saw a
+    /// leader*): a node that was down while etcd was restored sees nothing behind, since what
+    /// it saw of etcd went with its process, and the epochs that etcd forgot may be only on
+    /// nodes cut from etcd. One of them may still lead inside its deadline, which etcd no
+    /// longer bounds; only a TTL on this node's clock since the restore bounds it (seed
+    /// 27512: `a_node_that_starts_after_an_etcd_restore_waits_a_ttl_before_it_campaigns`).
+    /// No hold is owed when the first view shows another node's leader key: either it was
+    /// restored, and its lease runs a whole TTL from the restore, or it was taken after the
+    /// restore by a node that kept this rule. Nor on a volume nobody has led yet: a restore
+    /// after this first view is one this node sees going back.
+    pub(super) fn notice_start(&mut self) {
+        if self.start_noticed {
+            return;
+        }
+        let (Some(view), Some(local), Some(started)) = (&self.view, &self.local, self.started_at)
+        else {
+            return;
+        };
+        self.start_noticed = true;
+        let led_before = view.highest_epoch() > Epoch(0) || local.epoch > Epoch(0);
+        // This node's own key from before it started is no witness: it hands that key back
+        // at once, ending the restored lease early.
+        let witness = view
+            .leader
+            .as_ref()
+            .is_some_and(|l| l.value.name != self.cfg.name);
+        if led_before && !witness {
+            let until = started.saturating_add(self.cfg.timing.ttl);
+            self.campaign_hold_until =
+                Some(self.campaign_hold_until.map_or(until, |t| t.max(until)));
+        }
+    }
+
+    /// Whether a campaign is held back now (see `notice_etcd_going_back`, `notice_start`
+    /// and `lead_failed`).
     pub(super) fn campaign_held(&self, now: Millis) -> bool {
         self.campaign_hold_until.is_some_and(|t| now < t)
     }

@@ -388,8 +388,17 @@ fn a_leader_key_from_an_earlier_run_is_handed_back_not_led_on() {
         },
     );
     c.nodes[a].lease = c.etcd.grant(c.now, timing.ttl);
+    let restarted = c.now;
     c.advance(100, 1);
     assert!(!c.nodes[a].ctl.is_leader() || c.leads("a") == Some(again));
+    // Its own key is no witness that no leader etcd forgot is still acknowledging (a restore
+    // may have brought it back): it leads a TTL after it started.
+    c.advance(100, 29);
+    assert!(
+        c.leaders().is_empty(),
+        "led {} ms after it started",
+        c.now - restarted
+    );
     c.advance(100, 3);
     assert_eq!(c.leaders(), ["a"]);
     assert_eq!(
@@ -741,5 +750,58 @@ fn a_lone_survivor_counts_the_previous_terms_copies() {
         lead,
         Some((0, 3)),
         "b must count the previous term's three copies"
+    );
+}
+
+#[test]
+fn a_node_that_starts_after_an_etcd_restore_waits_a_ttl_before_it_campaigns() {
+    // Seed 27512's shape: c is down while b leads; etcd is restored to before b's term, while
+    // b, cut from etcd, still acknowledges inside its deadline; c restarts and sees nothing
+    // behind (b's epoch is only on b).
+    let mut c = Cluster::led(&["a", "b", "c"], "best-effort");
+    let (a, b, cn) = (c.idx("a"), c.idx("b"), c.idx("c"));
+    c.nodes[cn].reaches_etcd = false;
+    c.advance(500, 8);
+    let now = c.now;
+    c.deliver(a, Event::Shutdown { now });
+    c.nodes[a].reaches_etcd = false;
+    let before_b = c.etcd.snapshot();
+    c.advance(100, 3);
+    assert!(c.leads("b").is_some(), "b leads once a handed the key back");
+    c.nodes[b].reaches_etcd = false;
+    c.etcd.restore(c.now, &before_b);
+    let timing = *c.nodes[cn].ctl.timing();
+    c.nodes[cn].ctl = Controller::new(
+        c.keys.clone(),
+        NodeConfig {
+            name: "c".into(),
+            // Ranked above b, whose record the restore brought back.
+            priority: 10,
+            nofailover: false,
+            timing,
+            commit: "best-effort".into(),
+            failsafe: false,
+        },
+    );
+    c.nodes[cn].lease = c.etcd.grant(c.now, timing.ttl);
+    c.nodes[cn].reaches_etcd = true;
+    let restarted = c.now;
+    let mut c_led_at = None;
+    for _ in 0..100 {
+        c.advance(100, 1);
+        if c.nodes[cn].ctl.is_leader() {
+            assert!(
+                !c.nodes[b].ctl.may_acknowledge(c.now),
+                "c leads at {} while b still acknowledges",
+                c.now
+            );
+            c_led_at.get_or_insert(c.now);
+        }
+    }
+    let led = c_led_at.expect("c leads once the TTL since its start has passed");
+    assert!(
+        led >= restarted + timing.ttl,
+        "c led {} ms after it started",
+        led - restarted
     );
 }

@@ -31,6 +31,10 @@
 #                 (`nbdcopy --flush IMAGE`) and synced before the run: what a user's disk looks
 #                 like after a large copy. blockrep and nbdkit-mem are filled through NBD in both
 #                 histories (blockrep then waits until its checkpoint has emptied the WAL)
+#   empty         every server starts on an empty sparse volume and nothing fills it: each
+#                 block a write reaches is written for the first time (a new volume under
+#                 mkfs or a database's first load). Write workloads only (reads would read
+#                 holes)
 #
 # Servers (SERVERS, any subset):
 #   blockrep           target/release/blockrep create + serve --nbd 127.0.0.1:PORT
@@ -115,7 +119,17 @@ for w in $WORKLOADS; do
     *) die "unknown workload $w" ;;
     esac
 done
-case $HISTORY in fresh | filled) ;; *) die "unknown HISTORY $HISTORY (fresh or filled)" ;; esac
+case $HISTORY in fresh | filled | empty) ;; *) die "unknown HISTORY $HISTORY (fresh, filled or empty)" ;; esac
+if [[ $HISTORY == empty ]]; then
+    for w in $WORKLOADS; do
+        [[ $w == randread4k ]] && die "HISTORY=empty has nothing to read: drop randread4k"
+    done
+    for s in $SERVERS; do
+        case $s in blockrep | blockrep-base | nbdkit-file | qemu-*) ;;
+        *) die "HISTORY=empty is for blockrep, blockrep-base, nbdkit-file and qemu-* (not $s)" ;;
+        esac
+    done
+fi
 i=0
 declare -A PORT
 for s in $SERVERS; do
@@ -309,6 +323,7 @@ start_server() { # name rep
     blockrep | blockrep-base | blockrep-tls | nbdkit-mem) fill=1 ;;
     *) if [[ $HISTORY == filled ]]; then fill=1; fi ;;
     esac
+    [[ $HISTORY == empty ]] && fill=0
     if [[ $fill == 1 ]]; then
         [[ $name == *-tls && $HISTORY == filled ]] \
             && die "HISTORY=filled is not supported for the TLS servers"
@@ -419,8 +434,9 @@ head = [
     f"- method: shared/design/nbd.md §6; fio --ioengine=nbd, 1 job (multiconn4: 4), --time_based --runtime={runtime} "
     f"--ramp_time=1 --norandommap --randrepeat=0; {reps} interleaved rep(s), medians",
     f"- history: {history} ("
-    + ("file-backed servers serve a fresh copy of the image" if history == "fresh"
-       else "file-backed servers' files were filled through NBD and synced") + ")",
+    + {"fresh": "file-backed servers serve a fresh copy of the image",
+       "filled": "file-backed servers' files were filled through NBD and synced",
+       "empty": "every server starts on an empty sparse volume, nothing filled"}[history] + ")",
     f"- machine: {os.cpu_count()} cores, kernel {platform.release()}; data dir {data_dir} on {fs}",
     f"- tools: {cmd('fio', '--version')}, {cmd('nbdkit', '--version')}, {cmd('qemu-nbd', '--version')}",
     f"- blockrep: {cmd('git', 'rev-parse', '--short', 'HEAD')}"

@@ -14,6 +14,9 @@ use crate::error::{Result, StorageError};
 use crate::types::{Lsn, BLOCK_SIZE};
 use crate::wal::record::RecordKind;
 
+/// Blocks whose data-file space a first write takes at once (1 MiB).
+const RESERVE_GRANULE: u64 = 64;
+
 impl Store {
     /// A client request lies inside the volume and is no larger than [`MAX_REQUEST`].
     fn check_request(&self, offset: u64, len: u64) -> Result<()> {
@@ -264,6 +267,19 @@ impl Store {
     pub(super) fn reserve(&self, first: u64, end: u64) -> Result<()> {
         let shared = &self.shared;
         if shared.reserved.covers(first, end) {
+            return Ok(());
+        }
+        // Whole granules: one extent allocation for RESERVE_GRANULE blocks instead of one per
+        // block, under the inode lock the checkpoint's writes also take. Where the granule does
+        // not fit, the blocks asked for alone, so a full filesystem fails no write that fits.
+        let g_first = first - first % RESERVE_GRANULE;
+        let g_end = end
+            .div_ceil(RESERVE_GRANULE)
+            .saturating_mul(RESERVE_GRANULE)
+            .min(shared.reserved.blocks());
+        let granule = (g_first * BLOCK_SIZE, (g_end - g_first) * BLOCK_SIZE);
+        if reserve_data_range(&shared.data, &shared.data_path, granule.0, granule.1).is_ok() {
+            shared.reserved.mark(g_first, g_end);
             return Ok(());
         }
         let (at, len) = (first * BLOCK_SIZE, (end - first) * BLOCK_SIZE);

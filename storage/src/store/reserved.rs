@@ -35,6 +35,11 @@ impl ReservedBlocks {
         }
     }
 
+    /// Blocks in the volume.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
     /// True when every block of `[first, end)` is known to be allocated.
     pub fn covers(&self, first: u64, end: u64) -> bool {
         self.words(first, end).all(|(page, word, mask)| {

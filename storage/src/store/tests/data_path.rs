@@ -279,3 +279,24 @@ fn writes_of_the_largest_size_go_through_a_wal_of_the_smallest_size() {
         store.flush().await.unwrap();
     });
 }
+
+/// A first write takes the data file's space for the whole 256 KiB granule around it (one
+/// `fallocate`), so the blocks next to it write with no reservation of their own; the
+/// granule is clipped at the volume's end.
+#[test]
+fn a_first_write_reserves_its_granule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = open(&path);
+    let reserved = &store.shared.reserved;
+    assert!(!reserved.covers(64, 128));
+    rt.block_on(store.write(70 * 4096, &pattern(3, 4096), false))
+        .unwrap();
+    assert!(reserved.covers(64, 128), "the granule of block 70");
+    assert!(!reserved.covers(128, 129), "nothing past it");
+    let last = reserved.blocks() - 1;
+    rt.block_on(store.write(last * 4096, &pattern(4, 4096), false))
+        .unwrap();
+    assert!(reserved.covers(last - last % 64, last + 1));
+}

@@ -610,8 +610,8 @@ impl State {
 /// down: never later than the send it stands for).
 fn confirmed_at(term: &Mutex<Option<LedTerm>>, epoch: Epoch, origin: Instant) -> Option<Millis> {
     let status = term_at(term, epoch)?.replication?.status();
-    // Only this term's replication speaks for it (the worker may not have ended the
-    // previous term's driver yet).
+    // `term_at` picked the worker's term at `epoch`; its driver must say the same epoch
+    // (the check `counted_in_sync` makes too).
     if status.epoch != epoch {
         return None;
     }

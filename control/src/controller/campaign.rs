@@ -184,7 +184,6 @@ impl Controller {
         let ttl = self.cfg.timing.ttl;
         let doublings = (self.lead_failures - 1).min(3);
         let pause = ((ttl / 8).max(1) << doublings).min(ttl);
-        let until = now.saturating_add(pause);
-        self.campaign_hold_until = Some(self.campaign_hold_until.map_or(until, |t| t.max(until)));
+        self.hold_campaigns_until(now.saturating_add(pause));
     }
 }

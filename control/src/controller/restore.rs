@@ -68,10 +68,13 @@ impl Controller {
             .as_ref()
             .is_some_and(|l| l.value.name != self.cfg.name);
         if led_before && !witness {
-            let until = started.saturating_add(self.cfg.timing.ttl);
-            self.campaign_hold_until =
-                Some(self.campaign_hold_until.map_or(until, |t| t.max(until)));
+            self.hold_campaigns_until(started.saturating_add(self.cfg.timing.ttl));
         }
+    }
+
+    /// No campaign before `until`, nor before any hold already in force.
+    pub(super) fn hold_campaigns_until(&mut self, until: Millis) {
+        self.campaign_hold_until = Some(self.campaign_hold_until.map_or(until, |t| t.max(until)));
     }
 
     /// Whether a campaign is held back now (see `notice_etcd_going_back`, `notice_start`

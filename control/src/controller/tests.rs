@@ -201,6 +201,15 @@ impl Cluster {
         self.nodes[self.idx(name)].ctl.epoch()
     }
 
+    /// Node `i` restarts: a new controller with `cfg` (its settings by default), a new lease,
+    /// and etcd within reach.
+    fn restart(&mut self, i: usize, cfg: NodeConfig) {
+        let ttl = cfg.timing.ttl;
+        self.nodes[i].ctl = Controller::new(self.keys.clone(), cfg);
+        self.nodes[i].lease = self.etcd.grant(self.now, ttl);
+        self.nodes[i].reaches_etcd = true;
+    }
+
     /// Once a node leads, the others are made its replicas: their stores join the volume.
     fn adopt_volume(&mut self) {
         let id = self
@@ -375,19 +384,7 @@ fn a_leader_key_from_an_earlier_run_is_handed_back_not_led_on() {
     let a = c.idx("a");
     let again = elected("a", c.leads("a").expect("a leads"));
     // a restarts: a new incarnation with a new lease finds its old key.
-    let timing = *c.nodes[a].ctl.timing();
-    c.nodes[a].ctl = Controller::new(
-        c.keys.clone(),
-        NodeConfig {
-            name: "a".into(),
-            priority: 0,
-            nofailover: false,
-            timing,
-            commit: "sync-all".into(),
-            failsafe: false,
-        },
-    );
-    c.nodes[a].lease = c.etcd.grant(c.now, timing.ttl);
+    c.restart(a, c.nodes[a].ctl.cfg.clone());
     let restarted = c.now;
     c.advance(100, 1);
     assert!(!c.nodes[a].ctl.is_leader() || c.leads("a") == Some(again));
@@ -771,20 +768,12 @@ fn a_node_that_starts_after_an_etcd_restore_waits_a_ttl_before_it_campaigns() {
     c.nodes[b].reaches_etcd = false;
     c.etcd.restore(c.now, &before_b);
     let timing = *c.nodes[cn].ctl.timing();
-    c.nodes[cn].ctl = Controller::new(
-        c.keys.clone(),
-        NodeConfig {
-            name: "c".into(),
-            // Ranked above b, whose record the restore brought back.
-            priority: 10,
-            nofailover: false,
-            timing,
-            commit: "best-effort".into(),
-            failsafe: false,
-        },
-    );
-    c.nodes[cn].lease = c.etcd.grant(c.now, timing.ttl);
-    c.nodes[cn].reaches_etcd = true;
+    // Ranked above b, whose record the restore brought back.
+    let cfg = NodeConfig {
+        priority: 10,
+        ..c.nodes[cn].ctl.cfg.clone()
+    };
+    c.restart(cn, cfg);
     let restarted = c.now;
     let mut c_led_at = None;
     for _ in 0..100 {

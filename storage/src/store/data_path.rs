@@ -14,7 +14,7 @@ use crate::error::{Result, StorageError};
 use crate::types::{Lsn, BLOCK_SIZE};
 use crate::wal::record::RecordKind;
 
-/// Blocks whose data-file space a first write takes at once (1 MiB).
+/// Blocks whose data-file space a first write takes at once (256 KiB).
 const RESERVE_GRANULE: u64 = 64;
 
 impl Store {

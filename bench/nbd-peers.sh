@@ -75,6 +75,10 @@
 #   BLOCKREP_BASE             the binary the blockrep-base server runs
 #   BLOCKREP_BIN              the binary the blockrep servers run (default target/release/blockrep)
 #   REFS ("nbdkit-file nbdkit-mem")  the servers every row is also given as a ratio to
+#   CPU (0)                   1 = also sample the server process's CPU (bench/cpu-split.py)
+#                             over the run's middle (from RAMP+1 s, for RUNTIME-2 s) and report
+#                             CPU µs per I/O (per 1 MiB write for seqwrite1m; disk-direct has
+#                             no server, so only fio's own is given there)
 #
 # Output: target/bench-results/<timestamp>.csv (one row per server x workload x rep),
 # <timestamp>.md (medians, ratios to the REFS servers; also printed), and the raw
@@ -97,6 +101,7 @@ DATA_DIR=${BENCH_DATA_DIR:-$ROOT/target/bench-data}
 RESULTS_DIR=${BENCH_RESULTS_DIR:-$ROOT/target/bench-results}
 PORT_BASE=${PORT_BASE:-10950}
 BUILD=${BUILD:-1}
+CPU=${CPU:-0}
 read -r -a BLOCKREP_CREATE_ARGS <<<"${BLOCKREP_CREATE_ARGS:-}"
 read -r -a BLOCKREP_SERVE_ARGS <<<"${BLOCKREP_SERVE_ARGS:-}"
 SIZE_BYTES=$((SIZE_MIB * 1024 * 1024))
@@ -359,7 +364,8 @@ fio_args() { # workload
 }
 
 ERRORS=0
-echo "server,workload,rep,iops,mib_s,clat_p50_us,clat_p99_us,clat_p999_us,sync_p50_us,sync_p99_us,status" >"$CSV"
+echo "server,workload,rep,iops,mib_s,clat_p50_us,clat_p99_us,clat_p999_us,sync_p50_us,sync_p99_us,server_cpu_us,fio_cpu_us,status" >"$CSV"
+CPU_WINDOW=$((RUNTIME > 3 ? RUNTIME - 2 : 1))
 log "results: $CSV, $MD; data: $DATA_DIR; $REPS reps x ${RUNTIME}s; servers: $SERVERS; workloads: $WORKLOADS; history: $HISTORY"
 for rep in $(seq "$REPS"); do
     for server in $SERVERS; do
@@ -374,14 +380,22 @@ for rep in $(seq "$REPS"); do
             else
                 target=(--ioengine=nbd --uri="$(fio_uri "$server")")
             fi
+            cpu_json=$RUN_DIR/$server-$w-$rep.cpu.json
+            sampler=
+            if [[ $CPU == 1 && -s $PID_DIR/$server.pid ]]; then
+                (sleep $((RAMP + 1)); python3 bench/cpu-split.py "$CPU_WINDOW" \
+                    "server=$(cat "$PID_DIR/$server.pid")") >"$cpu_json" &
+                sampler=$!
+            fi
             if "${runner[@]}" fio --name="$w" "${target[@]}" \
                 "${wargs[@]}" --group_reporting --size="$SIZE_BYTES" \
                 --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
                 --norandommap --randrepeat=0 \
                 --output-format=json >"$json" 2>"$RUN_DIR/$server-$w-$rep.err"; then
-                row=$(python3 - "$json" "$w" <<'PY'
-import json, sys
-path, workload = sys.argv[1], sys.argv[2]
+                [[ -z $sampler ]] || wait "$sampler" || true
+                row=$(python3 - "$json" "$w" "$cpu_json" "$CPU" <<'PY'
+import json, os, sys
+path, workload, cpu_path, cpu_on = sys.argv[1:5]
 with open(path) as f:
     text = f.read()
 # fio may print notes before the JSON document. --group_reporting: one entry for all jobs.
@@ -394,13 +408,22 @@ us = lambda k: f"{pct[k] / 1000:.0f}" if k in pct else ""
 sync = job.get("sync", {}).get("lat_ns", {})
 spct = sync.get("percentile", {}) if sync.get("N", 0) else {}
 sus = lambda k: f"{spct[k] / 1000:.0f}" if k in spct else ""
+# CPU µs per I/O: the server's over the sampled window, fio's over the whole run.
+server_cpu = fio_cpu = ""
+if cpu_on == "1" and d["iops"] > 0:
+    if os.path.exists(cpu_path) and os.path.getsize(cpu_path):
+        cpu = json.load(open(cpu_path))
+        secs = sum(cpu["server"].values())
+        server_cpu = f"{secs / (d['iops'] * cpu['window']) * 1e6:.1f}"
+    fio_cpu = f"{(job['usr_cpu'] + job['sys_cpu']) / 100 / d['iops'] * 1e6:.1f}"
 print(",".join([f"{d['iops']:.0f}", f"{d['bw_bytes'] / 1048576:.1f}",
                 us("50.000000"), us("99.000000"), us("99.900000"),
-                sus("50.000000"), sus("99.000000"), "ok"]))
+                sus("50.000000"), sus("99.000000"), server_cpu, fio_cpu, "ok"]))
 PY
-                ) || row=",,,,,,,parse-error"
+                ) || row=",,,,,,,,,parse-error"
             else
-                row=",,,,,,,fio-failed"
+                [[ -z $sampler ]] || wait "$sampler" || true
+                row=",,,,,,,,,fio-failed"
             fi
             [[ $row == *,ok ]] || {
                 ERRORS=$((ERRORS + 1))
@@ -415,9 +438,9 @@ PY
 done
 
 # Medians and ratios.
-python3 - "$CSV" "$MD" "$REPS" "$RUNTIME" "$SERVERS" "$WORKLOADS" "$DATA_DIR" "$REFS" "$HISTORY" <<'PY'
+python3 - "$CSV" "$MD" "$REPS" "$RUNTIME" "$SERVERS" "$WORKLOADS" "$DATA_DIR" "$REFS" "$HISTORY" "$CPU" <<'PY'
 import csv, statistics, subprocess, sys, platform, os
-csv_path, md_path, reps, runtime, servers, workloads, data_dir, refs, history = sys.argv[1:]
+csv_path, md_path, reps, runtime, servers, workloads, data_dir, refs, history, cpu_on = sys.argv[1:]
 servers, workloads, refs = servers.split(), workloads.split(), refs.split()
 rows = list(csv.DictReader(open(csv_path)))
 
@@ -470,6 +493,8 @@ for w in workloads:
     cols = ["server", f"{name} (median)", "clat p50 µs", "p99 µs", "p99.9 µs"]
     if w in FLUSHING:
         cols += ["FLUSH p50 µs", "FLUSH p99 µs"]
+    if cpu_on == "1":
+        cols += ["server CPU µs/op", "fio CPU µs/op"]
     cols += [f"× {ref}" for ref in refs] + ["per run"]
     out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     medians = {}
@@ -485,6 +510,9 @@ for w in workloads:
                  fmt(med(r["clat_p99_us"] for r in ok)), fmt(med(r["clat_p999_us"] for r in ok))]
         if w in FLUSHING:
             cells += [fmt(med(r["sync_p50_us"] for r in ok)), fmt(med(r["sync_p99_us"] for r in ok))]
+        if cpu_on == "1":
+            cells += [fmt(med(r["server_cpu_us"] for r in ok), 1),
+                      fmt(med(r["fio_cpu_us"] for r in ok), 1)]
         for ref in refs:
             r = medians.get(ref)
             cells.append(f"{m / r:.2f}" if m is not None and r else "n/a")

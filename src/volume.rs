@@ -196,7 +196,7 @@ impl BlockVolume for StoreVolume {
         self.check_not_fenced()?;
         let lsn = self
             .store
-            .write(offset, &data, false)
+            .write_shared(offset, data, false)
             .await
             .map_err(volume_error)?;
         if fua {

@@ -17,6 +17,46 @@ use crate::wal::record::RecordKind;
 /// Blocks whose data-file space a first write takes at once (256 KiB).
 const RESERVE_GRANULE: u64 = 64;
 
+/// The smallest entry [`Store::write_shared`] keeps a slice of rather than copying. Below it
+/// the caller's buffer is likely a read-ahead window holding other requests too, which the
+/// dirty map would pin; at 1 MiB writes the copy cost as much CPU as the socket's.
+pub(crate) const KEEP_MIN: usize = 256 << 10;
+
+/// A write's bytes as the caller handed them.
+enum Payload<'a> {
+    Borrowed(&'a [u8]),
+    Shared(Bytes),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Borrowed(b) => b,
+            Payload::Shared(b) => b,
+        }
+    }
+
+    fn slice(&self, range: std::ops::Range<usize>) -> Payload<'_> {
+        match self {
+            Payload::Borrowed(b) => Payload::Borrowed(&b[range]),
+            Payload::Shared(b) => Payload::Shared(b.slice(range)),
+        }
+    }
+
+    /// The entry's payload: a slice of a large shared buffer, otherwise a copy (a small
+    /// caller's buffer may be part of a larger allocation that the dirty map would pin).
+    fn into_entry(self) -> Bytes {
+        match self {
+            Payload::Shared(b) if b.len() >= KEEP_MIN => b,
+            other => crate::arena::copy(&[other.bytes()]),
+        }
+    }
+}
+
 impl Store {
     /// A client request lies inside the volume and is no larger than [`MAX_REQUEST`].
     fn check_request(&self, offset: u64, len: u64) -> Result<()> {
@@ -108,6 +148,18 @@ impl Store {
     /// several entries, each of whole blocks but the edges (the contract promises each block
     /// of an unflushed write old or new after a crash, not the whole write).
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<Lsn> {
+        self.write_from(offset, Payload::Borrowed(data), fua).await
+    }
+
+    /// [`Store::write`] of a buffer the store may keep: a whole-block entry of at least
+    /// [`KEEP_MIN`] bytes holds a slice of `data` instead of a copy of it. The caller's
+    /// allocation is pinned until the entry's data is in the data file, so this suits buffers
+    /// that hold little beyond the write (an NBD WRITE's own buffer).
+    pub async fn write_shared(&self, offset: u64, data: Bytes, fua: bool) -> Result<Lsn> {
+        self.write_from(offset, Payload::Shared(data), fua).await
+    }
+
+    async fn write_from(&self, offset: u64, data: Payload<'_>, fua: bool) -> Result<Lsn> {
         let len = data.len() as u64;
         self.check_request(offset, len)?;
         if len == 0 {
@@ -121,7 +173,7 @@ impl Store {
             let at = offset + done;
             let cut = (at - at % BLOCK_SIZE + most - offset).min(len);
             lsn = self
-                .write_entry(at, &data[done as usize..cut as usize])
+                .write_entry(at, data.slice(done as usize..cut as usize))
                 .await?;
             done = cut;
         }
@@ -133,7 +185,7 @@ impl Store {
 
     /// One entry of [`Store::write`]: `data` at `offset`, at most
     /// [`MAX_ENTRY_PAYLOAD`](crate::wal::MAX_ENTRY_PAYLOAD).
-    async fn write_entry(&self, offset: u64, data: &[u8]) -> Result<Lsn> {
+    async fn write_entry(&self, offset: u64, data: Payload<'_>) -> Result<Lsn> {
         let len = data.len() as u64;
         let first = offset / BLOCK_SIZE;
         let end = (offset + len).div_ceil(BLOCK_SIZE);
@@ -147,9 +199,7 @@ impl Store {
             edges.push(end - 1);
         }
         let lsn = if edges.is_empty() {
-            // The payload is copied rather than kept: the caller's buffer may be part of a
-            // larger allocation that the dirty map would otherwise pin.
-            let payload = crate::arena::copy(&[data]);
+            let payload = data.into_entry();
             let crc = crc32c::crc32c(&payload);
             self.append(RecordKind::Write, first, end, payload, crc)
                 .await?
@@ -157,7 +207,7 @@ impl Store {
             // Whole blocks, with the client's bytes in the middle; the edges are filled in
             // under the lock.
             let mut payload = BytesMut::zeroed(((end - first) * BLOCK_SIZE) as usize);
-            payload[head_skip..head_skip + data.len()].copy_from_slice(data);
+            payload[head_skip..head_skip + data.len()].copy_from_slice(data.bytes());
             self.read_modify_write(offset, len, first, end, payload, &edges)
                 .await?
         };

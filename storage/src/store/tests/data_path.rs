@@ -300,3 +300,58 @@ fn a_first_write_reserves_its_granule() {
         .unwrap();
     assert!(reserved.covers(last - last % 64, last + 1));
 }
+
+/// `write_shared` keeps a large whole-block write's buffer as its entry (no second copy) and
+/// copies a small one (which may be a slice of a larger read-ahead buffer the map would
+/// pin); both read back and survive a reopen.
+#[test]
+fn a_large_shared_write_keeps_the_callers_buffer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = create(tmp.path(), 4 * MIB, 64 * MIB);
+    let rt = rt();
+    let store = Store::open(
+        &path,
+        &OpenOptions {
+            place_large_writes: false,
+            flush_interval: Duration::from_secs(3600),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let first_segment = |offset: u64, len: u64| match rt.block_on(store.read(offset, len)).unwrap()
+    {
+        segments if segments.len() == 1 => match &segments[0] {
+            ReadSegment::Data(b) => b.clone(),
+            ReadSegment::Zeroes(_) => panic!("zeroes where a write was"),
+        },
+        segments => panic!("{} segments", segments.len()),
+    };
+    let large = Bytes::from(pattern(5, super::super::data_path::KEEP_MIN));
+    rt.block_on(store.write_shared(0, large.clone(), false))
+        .unwrap();
+    let held = first_segment(0, large.len() as u64);
+    assert_eq!(
+        held.as_ptr(),
+        large.as_ptr(),
+        "the entry is the caller's buffer"
+    );
+    assert_eq!(held, large);
+
+    let small = Bytes::from(pattern(6, 64 << 10));
+    let at = 2 * MIB;
+    rt.block_on(store.write_shared(at, small.clone(), false))
+        .unwrap();
+    let copied = first_segment(at, small.len() as u64);
+    assert_ne!(copied.as_ptr(), small.as_ptr(), "a small write is copied");
+    assert_eq!(copied, small);
+
+    rt.block_on(store.flush()).unwrap();
+    drop(store);
+    let store = open(&path);
+    let read = |offset: u64, len: usize| {
+        rt.block_on(store.read_contiguous(offset, len as u64))
+            .unwrap()
+    };
+    assert_eq!(read(0, large.len()), large);
+    assert_eq!(read(at, small.len()), small);
+}

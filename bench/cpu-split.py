@@ -5,7 +5,7 @@
 
 Prints one JSON object: for each NAME, the CPU seconds (user + system) its threads used in
 the window, grouped by role from the thread name (blockrep-rt and the main thread: runtime;
-blockrep-flushe: flusher; blockrep-wal: wal; iou-wrk-*: io_uring workers; threads that
+blockrep-flushe: flusher; blockrep-wal: wal; blockrep-placer: placer; iou-wrk-*: io_uring workers; threads that
 exited in the window: exited), plus "machine": the busy and total CPU seconds of the whole
 machine (from /proc/stat), so that what no listed process used (fio, kernel threads) shows.
 """
@@ -20,6 +20,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 def role(comm):
     if comm.startswith("blockrep-flushe"):
         return "flusher"
+    if comm.startswith("blockrep-placer"):
+        return "placer"
     if comm.startswith("blockrep-wal"):
         return "wal"
     if comm.startswith("iou-wrk"):

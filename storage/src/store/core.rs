@@ -86,6 +86,8 @@ pub(crate) struct Queued {
     /// For a placed write (`record` is its `Placed` record): the data the writer puts in the
     /// data file, and syncs there, before it writes the record.
     pub data: Option<Bytes>,
+    /// For a placed write: its place among placed writes (see `WriterQueue::copied`).
+    pub copy_ticket: u64,
     /// Less than `WAL_SLACK` was free after it when it was appended: the bytes that follow
     /// it in the file may be live (the tail's), so a direct write keeps them instead of
     /// padding with zeroes.
@@ -344,6 +346,15 @@ pub(crate) struct WriterQueue {
     pub placing_bytes: u64,
     /// The newest placed write appended (see `store::placement`).
     pub placed_through: Lsn,
+    /// Placed writes' data, in LSN order, for the placer thread to write (see `placer`).
+    pub to_copy: Vec<ToCopy>,
+    /// Placed writes appended so far; each takes the next number as its ticket. Counted
+    /// rather than named by LSN, since a cut of the log hands out LSNs again.
+    pub copy_tickets: u64,
+    /// Every placed write with a ticket up to this has its data written by the placer.
+    pub copied: u64,
+    /// The placer is parked and needs a wake-up.
+    pub placer_waiting: bool,
     /// Large writes may be placed (`OpenOptions::place_large_writes`).
     pub places: bool,
     /// The WAL writer is parked and needs a wake-up (waking it costs a syscall, so appends
@@ -369,14 +380,24 @@ impl WriterQueue {
             record.lsn,
             self.queue.last().map_or(Lsn::ZERO, |q| q.record.lsn)
         );
+        let mut copy_ticket = 0;
         if let Some(d) = &data {
             self.placing_bytes += d.len() as u64;
             self.placed_through = record.lsn;
+            self.copy_tickets += 1;
+            copy_ticket = self.copy_tickets;
+            self.to_copy.push(ToCopy {
+                ticket: copy_ticket,
+                lsn: record.lsn,
+                offset: record.offset,
+                data: d.clone(),
+            });
         }
         self.queue.push(Queued {
             pos,
             record,
             data,
+            copy_ticket,
             keep_after,
         });
         self.queued_bytes += bytes;
@@ -394,8 +415,18 @@ impl WriterQueue {
                 self.placing_bytes -= d.len() as u64;
             }
         }
+        self.to_copy.clear();
+        self.copied = self.copy_tickets;
         self.queued_bytes = 0;
     }
+}
+
+/// A placed write's data waiting for the placer.
+pub(crate) struct ToCopy {
+    pub ticket: u64,
+    pub lsn: Lsn,
+    pub offset: u64,
+    pub data: Bytes,
 }
 
 /// Who waits for durability, and how far the writer must sync for them.

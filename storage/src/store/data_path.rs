@@ -372,6 +372,7 @@ impl Store {
     }
 
     pub(super) fn after_append(&self, core: &mut Core) {
+        self.shared.wake_placer(core);
         if core.writer.queued_bytes >= wal_writer::BATCH_BYTES {
             self.shared.wake_writer(core);
         }

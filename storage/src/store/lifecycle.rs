@@ -19,7 +19,7 @@ use super::files::{
 };
 use super::reserved::ReservedBlocks;
 use super::shared::{DurableMark, NoStoreObserver, Shared};
-use super::{flusher, wal_writer, CreateOptions, OpenOptions, Store};
+use super::{flusher, placer, wal_writer, CreateOptions, OpenOptions, Store};
 use crate::dirty::DirtyMap;
 use crate::error::{Result, StorageError};
 use crate::io::IoEngine;
@@ -195,6 +195,7 @@ impl Store {
             core.life.stop();
         }
         self.shared.writer_cv.notify_all();
+        self.shared.placer_cv.notify_all();
         self.shared.flusher_cv.notify_all();
         self.shared.gate_cv.notify_all();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
@@ -411,6 +412,10 @@ fn recovered_core(
             queued_bytes: 0,
             placing_bytes: 0,
             placed_through: Lsn::ZERO,
+            to_copy: Vec::new(),
+            copy_tickets: 0,
+            copied: 0,
+            placer_waiting: false,
             places: opts.place_large_writes,
             waiting: false,
         },
@@ -459,6 +464,8 @@ fn share(io: IoEngine, files: OpenFiles, core: Core) -> Arc<Shared> {
         superblock: Mutex::new(files.sb),
         core: Mutex::new(core),
         writer_cv: Condvar::new(),
+        placer_cv: Condvar::new(),
+        copied_cv: Condvar::new(),
         flusher_cv: Condvar::new(),
         gate_cv: Condvar::new(),
         written_cv: Condvar::new(),
@@ -485,6 +492,15 @@ fn start_threads(
             .spawn(move || wal_writer::run(s))
             .map_err(io_err(dir))?,
     );
+    if shared.lock_core().writer.places {
+        let s = shared.clone();
+        threads.push(
+            thread::Builder::new()
+                .name("blockrep-placer".into())
+                .spawn(move || placer::run(s))
+                .map_err(io_err(dir))?,
+        );
+    }
     let s = shared.clone();
     threads.push(
         thread::Builder::new()

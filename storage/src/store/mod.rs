@@ -22,6 +22,7 @@ mod files;
 mod flusher;
 mod lifecycle;
 mod placement;
+mod placer;
 mod primary;
 mod rebuild_cursor;
 mod replica;

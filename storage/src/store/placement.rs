@@ -95,23 +95,16 @@ pub(crate) struct PlacedWrite {
 }
 
 impl Shared {
-    /// The WAL writer's first step for a batch: its placed writes' data goes to the data file
-    /// and is synced there (see the module doc). Returns what it placed.
+    /// The WAL writer's first step for a batch: its placed writes' data is in the data file
+    /// (the placer wrote it, see `placer`) and synced there (see the module doc). Returns what
+    /// it placed.
     pub(super) fn place(&self, batch: &[Queued]) -> std::result::Result<Vec<PlacedWrite>, String> {
         let mut placed = Vec::new();
-        // Contiguous writes as one run each: (start, end, buffers). `pwritev_all` splits a run
-        // with more buffers than one call takes.
-        let mut runs: Vec<(u64, u64, Vec<Bytes>)> = Vec::new();
+        let mut newest_ticket = 0;
         for q in batch {
             let Some(data) = &q.data else { continue };
             let (at, len) = (q.record.offset, data.len() as u64);
-            match runs.last_mut() {
-                Some((_, end, bufs)) if *end == at => {
-                    bufs.push(data.clone());
-                    *end += len;
-                }
-                _ => runs.push((at, at + len, vec![data.clone()])),
-            }
+            newest_ticket = q.copy_ticket;
             placed.push(PlacedWrite {
                 lsn: q.record.lsn,
                 first: at / BLOCK_SIZE,
@@ -119,22 +112,18 @@ impl Shared {
                 bytes: len,
             });
         }
-        let Some(newest) = placed.last().map(|p| p.lsn) else {
+        if placed.is_empty() {
             return Ok(placed);
-        };
-        self.record_data_through_ahead(newest)?;
-        let path = self.data_path.display();
-        for (at, _, bufs) in &runs {
-            crate::io::pwritev_all(&self.data, *at, bufs)
-                .map_err(|e| format!("write {path}: {e}"))?;
         }
-        crate::io::sync_data(&self.data).map_err(|e| format!("fdatasync {path}: {e}"))?;
+        self.wait_copied(newest_ticket)?;
+        crate::io::sync_data(&self.data)
+            .map_err(|e| format!("fdatasync {}: {e}", self.data_path.display()))?;
         Ok(placed)
     }
 
     /// `data_through` covers `lsn`: raised [`DATA_THROUGH_STEP`] entries past it when it
     /// does not yet.
-    fn record_data_through_ahead(&self, lsn: Lsn) -> std::result::Result<(), String> {
+    pub(super) fn record_data_through_ahead(&self, lsn: Lsn) -> std::result::Result<(), String> {
         let covered = self
             .superblock
             .lock()

@@ -54,6 +54,10 @@ pub(crate) struct Shared {
     pub(super) core: Mutex<Core>,
     /// Wakes the WAL writer.
     pub(super) writer_cv: Condvar,
+    /// Wakes the placer (see `placer`).
+    pub(super) placer_cv: Condvar,
+    /// Signalled when the placer has written placed data (or the store failed).
+    pub(super) copied_cv: Condvar,
     /// Wakes the flusher.
     pub(super) flusher_cv: Condvar,
     /// Wakes a gated checkpoint when the gate moves (or the store stops).
@@ -160,6 +164,13 @@ impl Shared {
                 Ok(Err(msg)) => Err(StorageError::Failed(msg)),
                 Err(_) => Err(StorageError::Closed),
             },
+        }
+    }
+
+    pub(super) fn wake_placer(&self, core: &mut Core) {
+        if core.writer.placer_waiting && !core.writer.to_copy.is_empty() {
+            core.writer.placer_waiting = false;
+            self.placer_cv.notify_one();
         }
     }
 

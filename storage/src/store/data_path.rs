@@ -365,7 +365,16 @@ impl Store {
                     self.after_append(&mut core);
                     return Ok(lsn);
                 }
-                self.shared.wait_for_room(&mut core);
+                // A write held back only by the placement queue waits for the WAL writer
+                // (which wakes `space` as it places); a checkpoint would free nothing there,
+                // and would write again the queued data its frozen map still holds.
+                let (offset, length) = (first * BLOCK_SIZE, (end - first) * BLOCK_SIZE);
+                let placement_full = kind == RecordKind::Write
+                    && core.may_place(offset, length)
+                    && !core.room_to_place(length);
+                if !placement_full {
+                    self.shared.wait_for_room(&mut core);
+                }
             }
             space.await;
         }

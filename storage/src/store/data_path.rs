@@ -6,7 +6,7 @@ use std::pin::pin;
 
 use bytes::{Bytes, BytesMut};
 
-use super::core::Core;
+use super::core::{Backlog, Core};
 use super::files::{data_file_extent, io_err, reserve_data_range};
 use super::{flusher, wal_writer, Allocation, ReadSegment, Store, MAX_REQUEST};
 use crate::dirty::BlockState;
@@ -276,7 +276,7 @@ impl Store {
                 } else {
                     let frozen = crate::arena::copy(&[&payload]);
                     let crc = crc32c::crc32c(&frozen);
-                    if let Some(lsn) = core.try_append(
+                    match core.try_append(
                         &self.shared.layout,
                         RecordKind::Write,
                         start_byte,
@@ -284,10 +284,13 @@ impl Store {
                         frozen,
                         crc,
                     ) {
-                        self.after_append(&mut core);
-                        return Ok(lsn);
+                        Ok(lsn) => {
+                            self.after_append(&mut core);
+                            return Ok(lsn);
+                        }
+                        Err(Backlog::Wal) => self.shared.request_flush(&mut core),
+                        Err(Backlog::Placement) => {}
                     }
-                    self.shared.request_flush(&mut core);
                     None
                 }
             };
@@ -354,7 +357,7 @@ impl Store {
             {
                 let mut core = self.shared.lock_core();
                 core.check_writable()?;
-                if let Some(lsn) = core.try_append(
+                match core.try_append(
                     &self.shared.layout,
                     kind,
                     first * BLOCK_SIZE,
@@ -362,18 +365,13 @@ impl Store {
                     payload.clone(),
                     crc,
                 ) {
-                    self.after_append(&mut core);
-                    return Ok(lsn);
-                }
-                // A write held back only by the placement queue waits for the WAL writer
-                // (which wakes `space` as it places); a checkpoint would free nothing there,
-                // and would write again the queued data its frozen map still holds.
-                let (offset, length) = (first * BLOCK_SIZE, (end - first) * BLOCK_SIZE);
-                let placement_full = kind == RecordKind::Write
-                    && core.may_place(offset, length)
-                    && !core.room_to_place(length);
-                if !placement_full {
-                    self.shared.wait_for_room(&mut core);
+                    Ok(lsn) => {
+                        self.after_append(&mut core);
+                        return Ok(lsn);
+                    }
+                    Err(Backlog::Wal) => self.shared.wait_for_room(&mut core),
+                    // The WAL writer wakes `space` as it places.
+                    Err(Backlog::Placement) => {}
                 }
             }
             space.await;

@@ -12,13 +12,14 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::core::{
-    Core, DirtyMaps, Epochs, Lifecycle, LogPositions, Rebuild, Replication, Waiters, WriterQueue,
+    Core, DirtyMaps, Epochs, Lifecycle, LogPositions, Rebuild, Replication, Waiters,
 };
 use super::files::{
     create_dir_all_durable, io_err, sync_dir, zero_fill, DATA, LOCK, SUPERBLOCK, WAL,
 };
 use super::reserved::ReservedBlocks;
 use super::shared::{DurableMark, NoStoreObserver, Shared};
+use super::writer_queue::WriterQueue;
 use super::{flusher, placer, wal_writer, CreateOptions, OpenOptions, Store};
 use crate::dirty::DirtyMap;
 use crate::error::{Result, StorageError};
@@ -478,35 +479,23 @@ fn share(io: IoEngine, files: OpenFiles, core: Core) -> Arc<Shared> {
     })
 }
 
-/// Starts the WAL writer and the flusher.
+/// Starts the WAL writer, the placer (where large writes are placed) and the flusher.
 fn start_threads(
     shared: &Arc<Shared>,
     dir: &Path,
     interval: Duration,
 ) -> Result<Vec<thread::JoinHandle<()>>> {
-    let mut threads = Vec::new();
-    let s = shared.clone();
-    threads.push(
-        thread::Builder::new()
-            .name("blockrep-wal".into())
-            .spawn(move || wal_writer::run(s))
-            .map_err(io_err(dir))?,
-    );
-    if shared.lock_core().writer.places {
+    let spawn = |name: &str, run: fn(Arc<Shared>, Duration)| {
         let s = shared.clone();
-        threads.push(
-            thread::Builder::new()
-                .name("blockrep-placer".into())
-                .spawn(move || placer::run(s))
-                .map_err(io_err(dir))?,
-        );
-    }
-    let s = shared.clone();
-    threads.push(
         thread::Builder::new()
-            .name("blockrep-flusher".into())
-            .spawn(move || flusher::run(s, interval))
-            .map_err(io_err(dir))?,
-    );
+            .name(name.into())
+            .spawn(move || run(s, interval))
+            .map_err(io_err(dir))
+    };
+    let mut threads = vec![spawn("blockrep-wal", |s, _| wal_writer::run(s))?];
+    if shared.lock_core().writer.places {
+        threads.push(spawn("blockrep-placer", |s, _| placer::run(s))?);
+    }
+    threads.push(spawn("blockrep-flusher", flusher::run)?);
     Ok(threads)
 }

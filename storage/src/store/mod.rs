@@ -30,6 +30,7 @@ mod reserved;
 mod shared;
 mod wal_direct;
 mod wal_writer;
+mod writer_queue;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -33,8 +33,9 @@
 
 use bytes::Bytes;
 
-use super::core::{Core, Queued};
+use super::core::Core;
 use super::shared::Shared;
+use super::writer_queue::Queued;
 use crate::error::{Result, StorageError};
 use crate::types::{Lsn, BLOCK_SIZE};
 use crate::wal::record::{RecordKind, WalRecord};

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::core::ToCopy;
 use super::shared::Shared;
+use super::writer_queue::ToCopy;
 
 pub(crate) fn run(shared: Arc<Shared>) {
     loop {

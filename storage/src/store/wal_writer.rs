@@ -178,7 +178,7 @@ type Run = (u64, Vec<Bytes>, bool);
 /// The batch as file writes: one vectored write per physically contiguous run of records.
 fn batch_runs(
     shared: &Shared,
-    batch: &[super::core::Queued],
+    batch: &[super::writer_queue::Queued],
     (durable_hint, commit_hint, generation): (Lsn, Lsn, u16),
 ) -> Vec<Run> {
     if batch.is_empty() {

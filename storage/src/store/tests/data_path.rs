@@ -232,7 +232,7 @@ fn the_padding_never_reaches_a_live_record() {
             let off = (i % 16000) * 4096;
             if core
                 .try_append(&layout, zeroes, off, 4096, Bytes::new(), 0)
-                .is_none()
+                .is_err()
             {
                 break;
             }
@@ -309,15 +309,7 @@ fn a_large_shared_write_keeps_the_callers_buffer() {
     let tmp = tempfile::tempdir().unwrap();
     let path = create(tmp.path(), 4 * MIB, 64 * MIB);
     let rt = rt();
-    let store = Store::open(
-        &path,
-        &OpenOptions {
-            place_large_writes: false,
-            flush_interval: Duration::from_secs(3600),
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let store = open_logging_without_flusher(&path);
     let first_segment = |offset: u64, len: u64| match rt.block_on(store.read(offset, len)).unwrap()
     {
         segments if segments.len() == 1 => match &segments[0] {

@@ -70,14 +70,7 @@ fn store_with_log(n: u64) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let path = create(tmp.path(), 16 * MIB, 64 * MIB);
     let rt = rt();
-    let store = Store::open(
-        &path,
-        &OpenOptions {
-            flush_interval: Duration::from_secs(3600),
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let store = open_without_flusher(&path);
     for i in 0..n {
         rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))
             .unwrap();
@@ -149,14 +142,7 @@ fn wal_unsynced_batch_torn_in_the_middle_is_a_torn_tail() {
     let tmp = tempfile::tempdir().unwrap();
     let path = create(tmp.path(), 16 * MIB, 64 * MIB);
     let rt = rt();
-    let store = Store::open(
-        &path,
-        &OpenOptions {
-            flush_interval: Duration::from_secs(3600),
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let store = open_without_flusher(&path);
     for i in 0..8u64 {
         rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))
             .unwrap();
@@ -180,14 +166,7 @@ fn a_cut_log_never_grows_back() {
     let tmp = tempfile::tempdir().unwrap();
     let path = create(tmp.path(), 16 * MIB, 64 * MIB);
     let rt = rt();
-    let store = Store::open(
-        &path,
-        &OpenOptions {
-            flush_interval: Duration::from_secs(3600),
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let store = open_without_flusher(&path);
     // 1..=5 flushed; 6..=8 unsynced, then 6 torn by the crash while 7 and 8 reached the disk.
     for i in 0..8u64 {
         rt.block_on(store.write(i * 4096, &pattern(i as u8, 4096), false))

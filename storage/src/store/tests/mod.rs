@@ -88,6 +88,19 @@ fn open_logging_every_write(path: &Path) -> Store {
     .unwrap()
 }
 
+/// A store that logs every write with its data and whose flusher never runs on its own.
+fn open_logging_without_flusher(path: &Path) -> Store {
+    Store::open(
+        path,
+        &OpenOptions {
+            flush_interval: Duration::from_secs(3600),
+            place_large_writes: false,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A store whose flusher never runs on its own (checkpoints happen only when a test asks).
 fn open_without_flusher(path: &Path) -> Store {
     Store::open(
